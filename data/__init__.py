@@ -1,0 +1,1 @@
+"""Kettle's data: the store, import/export formats, text corpora."""

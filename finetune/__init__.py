@@ -1,0 +1,1 @@
+"""Fine-tuning: instruction (full and LoRA) and classification."""

@@ -1,0 +1,1 @@
+"""Kettle's GPT: model, tokenizers, checkpoints, generation."""

@@ -1,0 +1,166 @@
+"""Kettle's one checkpoint format: a model directory.
+
+    model.safetensors   the weights (the tied output head is not stored twice)
+    config.json         {"kettle_format": 1, "dtype": ..., "tokenizer": ..., "config": GPTConfig}
+    tokenizer.json      only when the model does not use GPT-2's encoding
+
+Saving goes through a temporary directory that is renamed into place, so a crash never leaves a
+half-written model. Loading reads the safetensors header first and checks every tensor's name,
+shape and dtype against the config before any weight is read. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from data.files import atomic_directory
+from gpt.config import GPTConfig
+from gpt.errors import KettleError
+from gpt.model import GPT
+from gpt.tokenizer import Tokenizer, load_tokenizer
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TIED = "lm_head.weight"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def expected_tensors(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every stored tensor's name and shape for `config`, derived from the model itself."""
+    with torch.device("meta"):
+        model = GPT(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name != TIED}
+
+
+def save_model(model: GPT, directory: str | Path, tokenizer: Tokenizer | None = None,
+               overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
+    """Write `model` (and its tokenizer, unless GPT-2's) as a model directory, atomically."""
+    directory = Path(directory)
+    if tokenizer is not None and tokenizer.n_vocab > model.config.vocab_size:
+        raise KettleError(f"tokenizer has {tokenizer.n_vocab} tokens but the model only "
+                          f"{model.config.vocab_size}")
+    state = {name: t.detach().contiguous().cpu()
+             for name, t in model.state_dict().items() if name != TIED}
+    dtypes = {t.dtype for t in state.values()}
+    if len(dtypes) != 1:
+        raise KettleError(f"model mixes dtypes {sorted(map(str, dtypes))}; cast it to one first")
+    meta = {
+        "kettle_format": FORMAT_VERSION,
+        "dtype": dtype_name(dtypes.pop()),
+        "tokenizer": "gpt2" if tokenizer is None or tokenizer.name == "gpt2" else "tokenizer.json",
+        "config": model.config.to_dict(),
+    }
+    try:
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text, encoding="utf-8")
+    except FileExistsError:
+        raise KettleError(f"{directory}: already exists (choose another directory)") from None
+    return directory
+
+
+def read_meta(directory: str | Path) -> tuple[dict, GPTConfig]:
+    """config.json of a model directory, checked: (metadata, GPTConfig)."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise KettleError(f"{directory}: no such model directory")
+    if not directory.is_dir():
+        raise KettleError(f"{directory}: not a directory (a model is a directory)")
+    path = directory / CONFIG_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KettleError(f"{path}: missing, so {directory} is not a Kettle model directory") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KettleError(f"{path}: cannot read ({exc})") from None
+    if not isinstance(meta, dict) or "kettle_format" not in meta:
+        if isinstance(meta, dict) and meta.get("model_type") == "gpt2":
+            raise KettleError(f"{directory}: a Hugging Face GPT-2 directory; convert it with "
+                              f"`kettle import-hf {directory} OUT_DIR`")
+        raise KettleError(f"{path}: not a Kettle model config (no kettle_format)")
+    if meta["kettle_format"] != FORMAT_VERSION:
+        raise KettleError(f"{path}: format version {meta['kettle_format']} is not supported "
+                          f"(this Kettle reads {FORMAT_VERSION})")
+    if meta.get("dtype") not in DTYPES:
+        raise KettleError(f"{path}: dtype must be one of {', '.join(DTYPES)}, got {meta.get('dtype')!r}")
+    config = GPTConfig.from_dict(meta.get("config"), source=str(path))
+    return meta, config
+
+
+def read_weights(path: Path, expected: dict[str, tuple[int, ...]], dtype: str) -> dict[str, torch.Tensor]:
+    """Load a safetensors file after checking names, shapes and dtypes against `expected`."""
+    if not path.exists():
+        raise KettleError(f"{path}: missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            missing = sorted(set(expected) - names)
+            unexpected = sorted(names - set(expected))
+            if missing:
+                raise KettleError(f"{path}: missing tensor {missing[0]}"
+                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            if unexpected:
+                raise KettleError(f"{path}: unexpected tensor {unexpected[0]}"
+                                  + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+            for name, shape in expected.items():
+                sl = f.get_slice(name)
+                got = tuple(sl.get_shape())
+                if got != shape:
+                    raise KettleError(f"{path}: tensor {name} has shape {list(got)}, "
+                                      f"the config expects {list(shape)}")
+                if sl.get_dtype() != _safetensors_dtype(dtype):
+                    raise KettleError(f"{path}: tensor {name} is {sl.get_dtype()}, config.json says {dtype}")
+            return {name: f.get_tensor(name) for name in expected}
+    except SafetensorError as exc:
+        raise KettleError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+    except OSError as exc:
+        raise KettleError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _safetensors_dtype(name: str) -> str:
+    return {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[name]
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
+    """Load a model directory: (model in eval mode on `device`, its tokenizer)."""
+    directory = Path(directory)
+    meta, config = read_meta(directory)
+    state = read_weights(directory / WEIGHTS_FILE, expected_tensors(config), meta["dtype"])
+    tokenizer = load_tokenizer(directory)
+    if tokenizer.n_vocab > config.vocab_size:
+        raise KettleError(f"{directory}: tokenizer has {tokenizer.n_vocab} tokens, the model "
+                          f"only {config.vocab_size}")
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.lm_head.weight = model.wte.weight
+    model.to(device=device, dtype=dtype or DTYPES[meta["dtype"]])
+    return model.eval(), tokenizer
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A model given as a directory path, or as the name of one under KETTLE_HOME/models."""
+    from data.paths import models_dir
+
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    if isinstance(name_or_path, str) and "/" not in name_or_path and name_or_path:
+        candidate = models_dir() / name_or_path
+        if candidate.exists():
+            return candidate
+    raise KettleError(f"{name_or_path}: no such model (not a directory, nor a model in {models_dir()})")

@@ -1,0 +1,85 @@
+"""Model configuration: one dataclass and the named presets."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpt.errors import KettleError
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50257
+    context_length: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    # GPT-2 has biases in its attention projections; they are needed to load its weights.
+    qkv_bias: bool = True
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise KettleError(f"config: {name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise KettleError(f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise KettleError(f"config: dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def replace(self, **changes) -> "GPTConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "GPTConfig":
+        if not isinstance(data, dict):
+            raise KettleError(f"{source}: expected a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise KettleError(f"{source}: unknown config keys {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise KettleError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "GPTConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise KettleError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise KettleError(f"{path}: cannot read config ({exc})") from None
+        return cls.from_dict(data, source=str(path))
+
+
+PRESETS: dict[str, GPTConfig] = {
+    # GPT-2's published shapes.
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
+    # Small shapes for CPU work. Their vocabulary is sized for a trained tokenizer; with GPT-2's
+    # vocabulary the embedding alone would dominate the parameter count.
+    "tiny": GPTConfig(vocab_size=4096, context_length=256, n_layer=4, n_head=4, n_embd=128),  # ~1.3M
+    "small": GPTConfig(vocab_size=8192, context_length=512, n_layer=6, n_head=6, n_embd=384),  # ~14M
+}
+
+
+def get_preset(name: str) -> GPTConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KettleError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})") from None

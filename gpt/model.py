@@ -1,0 +1,159 @@
+"""The GPT-2 model in one file: embeddings, pre-LayerNorm blocks, tied output head.
+
+Parameter names follow Hugging Face's GPT-2 (wte, wpe, h.N.attn.c_attn, ...) so that checkpoints
+map one to one; the only difference is that Kettle uses nn.Linear ([out, in]) where GPT-2 has
+Conv1D ([in, out]).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt.config import GPTConfig
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions.
+
+    `pos` is the number of positions already filled. The engine rewinds it (`truncate`) to reuse
+    a shared prefix between two prompts instead of prefilling it again.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int = 1, max_len: int | None = None,
+                 device=None, dtype=torch.float32):
+        max_len = max_len or config.context_length
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def truncate(self, pos: int) -> None:
+        if not 0 <= pos <= self.pos:
+            raise ValueError(f"cannot truncate a cache holding {self.pos} positions to {pos}")
+        self.pos = pos
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        mask, is_causal = None, T > 1
+        if cache is not None:
+            start, end = cache.pos, cache.pos + T
+            cache.k[layer, :B, :, start:end] = k
+            cache.v[layer, :B, :, start:end] = v
+            k, v = cache.k[layer, :B, :, :end], cache.v[layer, :B, :, :end]
+            if start > 0 and T > 1:
+                # New queries sit after the cached positions: SDPA's is_causal aligns the mask to
+                # the top-left corner, so the offset mask is built here.
+                mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                is_causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2 uses the tanh approximation of GELU; the exact form would not match its weights.
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.context_length, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layer):
+        # each block adds to it twice.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
+                      pos_offset: int = 0) -> torch.Tensor:
+        """The final-LayerNorm outputs, [B, T, n_embd]; classification heads start from here."""
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else pos_offset
+        if start + T > self.config.context_length:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context length "
+                             f"{self.config.context_length}")
+        if kv_cache is not None and start + T > kv_cache.max_len:
+            raise ValueError(f"KV cache holds {kv_cache.max_len} positions, {start + T} needed")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for i, block in enumerate(self.h):
+            x = block(x, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None, pos_offset: int = 0,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits for token ids `idx` [B, T].
+
+        With `kv_cache`, the tokens continue the cached sequence (positions start at cache.pos)
+        and the cache is extended. `last_only` computes logits for the last position only, which
+        is all decoding needs and saves the largest matrix product.
+        """
+        x = self.hidden_states(idx, kv_cache, pos_offset)
+        if last_only:
+            x = x[:, -1:, :]
+        return self.lm_head(x)

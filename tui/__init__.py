@@ -1,0 +1,1 @@
+"""The Kettle app and its command line."""

@@ -1,0 +1,47 @@
+"""The `kettle` command line. With no subcommand it opens the app.
+
+Each command group lives in a module of `tui.commands` that defines `register(subparsers)`;
+heavy imports (torch) happen inside the command functions so that `kettle --help` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from gpt.errors import KettleError
+
+COMMAND_MODULES = [
+    "tui.commands.models",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kettle",
+        description="Chat with, label and fine-tune a GPT trained on your own machine.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args) or 0
+    except KettleError as exc:
+        print(f"kettle: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kettle: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
