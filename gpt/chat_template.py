@@ -1,0 +1,110 @@
+"""The one chat format, shared by fine-tuning and generation.
+
+A conversation is a list of messages {"role": "system" | "user" | "assistant", "content": str}.
+Each message is rendered on its own as  header + content + end-of-turn:
+
+- With a tokenizer that carries Kettle's special tokens (a trained one), the header is the role's
+  special token and the end-of-turn marker is <|end|>:
+      <|system|>You are terse.<|end|><|user|>Hi<|end|><|assistant|>Hello.<|end|>
+- With GPT-2's vocabulary (no new tokens), the header is plain text and the end-of-turn marker is
+  <|endoftext|>, a token GPT-2 already knows as "the text ends here":
+      ### System:\\nYou are terse.<|endoftext|>### User:\\nHi<|endoftext|>### Assistant:\\nHello.<|endoftext|>
+
+Because every message is encoded separately, rendering a conversation is a prefix of rendering
+any continuation of it: the engine relies on that to reuse its KV cache across turns. A prompt ends
+with the assistant header, so the model writes the next answer; fine-tuning teaches the model the
+assistant content and the end-of-turn marker (the loss mask covers both), so generation stops.
+"""
+from __future__ import annotations
+
+from gpt.errors import KettleError
+from gpt.tokenizer import END_OF_TEXT, Tokenizer
+
+ROLES = ("system", "user", "assistant")
+END_OF_TURN = "<|end|>"
+SPECIAL_HEADERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+TEXT_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
+
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.")
+
+
+def uses_special_tokens(tokenizer: Tokenizer) -> bool:
+    """True when the tokenizer has all of the chat format's special tokens."""
+    return all(tokenizer.has_special(t) for t in (*SPECIAL_HEADERS.values(), END_OF_TURN))
+
+
+def end_of_turn_id(tokenizer: Tokenizer) -> int:
+    if uses_special_tokens(tokenizer):
+        return tokenizer.special_id(END_OF_TURN)
+    return tokenizer.eot_id
+
+
+def stop_token_ids(tokenizer: Tokenizer) -> set[int]:
+    """Tokens that end an answer: the end-of-turn marker and end-of-text."""
+    ids = {end_of_turn_id(tokenizer)}
+    if tokenizer.has_special(END_OF_TEXT):
+        ids.add(tokenizer.special_id(END_OF_TEXT))
+    return ids
+
+
+def header_ids(role: str, tokenizer: Tokenizer) -> list[int]:
+    if uses_special_tokens(tokenizer):
+        return [tokenizer.special_id(SPECIAL_HEADERS[role])]
+    return tokenizer.encode(TEXT_HEADERS[role])
+
+
+def render_message(message: dict, tokenizer: Tokenizer) -> list[int]:
+    """One message, complete with its end-of-turn marker."""
+    return (header_ids(message["role"], tokenizer) + tokenizer.encode(message["content"])
+            + [end_of_turn_id(tokenizer)])
+
+
+def validate_messages(messages) -> list[dict]:
+    """Check the shape of a conversation; returns it. Raises KettleError naming the bad message."""
+    if not isinstance(messages, list):
+        raise KettleError("messages must be a list of {role, content} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise KettleError(f"message {i}: must be an object with role and content")
+        if m.get("role") not in ROLES:
+            raise KettleError(f"message {i}: role must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise KettleError(f"message {i}: content must be a string")
+        if m["role"] == "system" and i != 0:
+            raise KettleError(f"message {i}: a system message may only come first")
+    return messages
+
+
+def render_prompt(messages: list[dict], tokenizer: Tokenizer) -> list[int]:
+    """The conversation's token ids, ending with the assistant header."""
+    validate_messages(messages)
+    ids: list[int] = []
+    for m in messages:
+        ids += render_message(m, tokenizer)
+    return ids + header_ids("assistant", tokenizer)
+
+
+def render_training(messages: list[dict], tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
+    """Token ids of a whole conversation and a loss mask, True exactly on the assistant content
+    tokens and each assistant turn's end-of-turn marker (without it the model never learns to stop)."""
+    validate_messages(messages)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise KettleError("a training conversation needs at least one assistant message")
+    ids: list[int] = []
+    mask: list[bool] = []
+    for m in messages:
+        header = header_ids(m["role"], tokenizer)
+        body = tokenizer.encode(m["content"]) + [end_of_turn_id(tokenizer)]
+        ids += header + body
+        mask += [False] * len(header) + [m["role"] == "assistant"] * len(body)
+    return ids, mask
+
+
+def render_alpaca(instruction: str, input: str = "", output: str | None = None) -> str:
+    """The Alpaca prompt used in the book's chapter 7; with `output`, the full training text."""
+    text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}"
+    if input:
+        text += f"\n\n### Input:\n{input}"
+    text += "\n\n### Response:\n"
+    return text if output is None else text + output
