@@ -1,0 +1,240 @@
+"""Hugging Face GPT-2 interop: import, export, download.
+
+GPT-2's published checkpoints store each linear layer as a Conv1D, weight [in, out]; Kettle uses
+nn.Linear, weight [out, in], so those weights are transposed on the way in and out. Names are
+otherwise the same, except that some files prefix them with `transformer.`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from data.files import atomic_directory
+from gpt.checkpoint import DTYPES, TIED, dtype_name, expected_tensors, load_model, save_model
+from gpt.config import GPTConfig
+from gpt.errors import KettleError
+from gpt.model import GPT
+
+HF_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+HF_ENDPOINT = "https://huggingface.co"
+HF_REPO = "openai-community/{size}"
+CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+# Buffers some GPT-2 files carry (the causal mask); Kettle builds its mask itself.
+IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+def config_from_hf(data: dict, source: str) -> GPTConfig:
+    if data.get("model_type") not in (None, "gpt2"):
+        raise KettleError(f"{source}: model_type is {data.get('model_type')!r}, only gpt2 is supported")
+    act = data.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise KettleError(f"{source}: activation {act!r} is not GPT-2's tanh GELU")
+    try:
+        return GPTConfig(
+            vocab_size=data["vocab_size"],
+            context_length=data.get("n_positions", data.get("n_ctx")),
+            n_layer=data["n_layer"], n_head=data["n_head"], n_embd=data["n_embd"],
+        )
+    except KeyError as exc:
+        raise KettleError(f"{source}: missing key {exc.args[0]}") from None
+
+
+def config_to_hf(config: GPTConfig, dtype: str) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.context_length,
+        "n_ctx": config.context_length,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
+        "bos_token_id": 50256, "eos_token_id": 50256,
+        "tie_word_embeddings": True,
+        "torch_dtype": dtype,
+    }
+
+
+def hf_state_to_kettle(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in state.items():
+        name = name.removeprefix("transformer.")
+        if name == TIED or IGNORED.match(name):
+            continue
+        out[name] = tensor.t().contiguous() if CONV1D.match(name) else tensor
+    return out
+
+
+def kettle_state_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {
+        f"transformer.{name}": (t.t() if CONV1D.match(name) else t).contiguous()
+        for name, t in state.items() if name != TIED
+    }
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Convert a Hugging Face GPT-2 directory (config.json + model.safetensors) to Kettle's format."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise KettleError(f"{hf_dir}: no such directory")
+    config_file = hf_dir / "config.json"
+    try:
+        config = config_from_hf(json.loads(config_file.read_text(encoding="utf-8")), str(config_file))
+    except FileNotFoundError:
+        raise KettleError(f"{config_file}: missing (a Hugging Face GPT-2 directory has config.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KettleError(f"{config_file}: cannot read ({exc})") from None
+    weights = hf_dir / "model.safetensors"
+    if not weights.exists():
+        hint = " (only pytorch_model.bin, which Kettle does not unpickle)" if (hf_dir / "pytorch_model.bin").exists() else ""
+        raise KettleError(f"{weights}: missing{hint}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            state = hf_state_to_kettle({name: f.get_tensor(name) for name in f.keys()})
+    except SafetensorError as exc:
+        raise KettleError(f"{weights}: corrupt or truncated safetensors file ({exc})") from None
+    expected = expected_tensors(config)
+    for name, shape in expected.items():
+        if name not in state:
+            raise KettleError(f"{weights}: missing tensor {name}")
+        if tuple(state[name].shape) != shape:
+            raise KettleError(f"{weights}: tensor {name} has shape {list(state[name].shape)}, "
+                              f"config.json implies {list(shape)}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise KettleError(f"{weights}: unexpected tensor {extra[0]}")
+    dtypes = {t.dtype for t in state.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 and state["wte.weight"].dtype in DTYPES.values() else torch.float32
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    model.lm_head.weight = model.wte.weight
+    return save_model(model, out_dir, tokenizer=None, overwrite=overwrite)
+
+
+def export_hf(model_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads."""
+    model, tokenizer = load_model(model_dir)
+    dtype = dtype_name(model.wte.weight.dtype)
+    state = kettle_state_to_hf(model.state_dict())
+    out_dir = Path(out_dir)
+    try:
+        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2) + "\n")
+            if tokenizer.name != "gpt2":
+                # Not GPT-2's vocabulary: keep Kettle's tokenizer beside the weights so it isn't lost.
+                tokenizer.save(tmp)
+    except FileExistsError:
+        raise KettleError(f"{out_dir}: already exists (choose another directory)") from None
+    return out_dir
+
+
+def download_file(url: str, dest: Path, progress=None, timeout: float = 30.0) -> Path:
+    """Fetch `url` to `dest`, resuming a partial `dest.part`, verifying size and sha256.
+
+    The expected size and hash come from the server's headers (Hugging Face sends the LFS sha256
+    as X-Linked-Etag / ETag and the size as X-Linked-Size / Content-Length).
+    """
+    import httpx
+
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with httpx.Client(follow_redirects=True, timeout=timeout) as client:
+            head = client.head(url)
+            if head.status_code != 200:
+                raise KettleError(f"{url}: server answered {head.status_code}")
+            size = _int_header(head, "x-linked-size") or _int_header(head, "content-length")
+            sha256 = _sha256_header(head)
+            have = part.stat().st_size if part.exists() else 0
+            if size is not None and have > size:
+                part.unlink()
+                have = 0
+            # identity encoding: the bytes on disk are the file's bytes, so a range resumes exactly.
+            headers = {"Accept-Encoding": "identity"} | ({"Range": f"bytes={have}-"} if have else {})
+            if not (size is not None and have == size):
+                with client.stream("GET", url, headers=headers) as response:
+                    if response.status_code == 200:
+                        have = 0  # the server ignored the range: start over
+                    elif response.status_code != 206:
+                        raise KettleError(f"{url}: server answered {response.status_code}")
+                    with open(part, "ab" if have else "wb") as f:
+                        if progress:
+                            progress(have, size)
+                        for chunk in response.iter_raw():
+                            f.write(chunk)
+                            have += len(chunk)
+                            if progress:
+                                progress(have, size)
+                        f.flush()
+                        os.fsync(f.fileno())
+    except httpx.HTTPError as exc:
+        raise KettleError(f"{url}: download failed ({exc}); run the command again to resume") from None
+    got = part.stat().st_size
+    if size is not None and got != size:
+        raise KettleError(f"{url}: got {got} bytes, expected {size}; run the command again to resume")
+    if sha256 is not None:
+        digest = _sha256_file(part)
+        if digest != sha256:
+            part.unlink()
+            raise KettleError(f"{url}: sha256 {digest} does not match the published {sha256}; "
+                              "the partial file was removed, run the command again")
+    os.replace(part, dest)
+    return dest
+
+
+def _int_header(response, name: str) -> int | None:
+    value = response.headers.get(name)
+    return int(value) if value and value.isdigit() else None
+
+
+def _sha256_header(response) -> str | None:
+    for name in ("x-linked-etag", "etag"):
+        value = (response.headers.get(name) or "").strip('W/"')
+        if re.fullmatch(r"[0-9a-f]{64}", value):
+            return value
+    return None
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download_gpt2(size: str, out_dir: str | Path, progress_factory=None, overwrite: bool = False) -> Path:
+    """Download a published GPT-2 checkpoint and convert it into a Kettle model directory.
+
+    Files go to `<out_dir>.download/` first so an interrupted download resumes on the next call.
+    `KETTLE_HF_ENDPOINT` replaces the Hugging Face address (a mirror, or a test server).
+    """
+    if size not in HF_SIZES:
+        raise KettleError(f"unknown GPT-2 size {size!r} (choose from {', '.join(HF_SIZES)})")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise KettleError(f"{out_dir}: already exists (choose another directory)")
+    endpoint = os.environ.get("KETTLE_HF_ENDPOINT", HF_ENDPOINT).rstrip("/")
+    staging = out_dir.with_name(out_dir.name + ".download")
+    for name in ("config.json", "model.safetensors"):
+        url = f"{endpoint}/{HF_REPO.format(size=size)}/resolve/main/{name}"
+        download_file(url, staging / name, progress=progress_factory(name) if progress_factory else None)
+    import_hf(staging, out_dir, overwrite=overwrite)
+    for name in ("config.json", "model.safetensors"):
+        (staging / name).unlink()
+    staging.rmdir()
+    return out_dir

@@ -1,0 +1,61 @@
+"""`kettle import-hf`, `kettle export-hf`, `kettle download`: getting models in and out."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import-hf", help="convert a Hugging Face GPT-2 directory into a Kettle model")
+    p.add_argument("hf_dir", metavar="HF_DIR")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(func=import_hf_command)
+
+    p = sub.add_parser("export-hf", help="write a Kettle model as a Hugging Face GPT-2 directory")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(func=export_hf_command)
+
+    p = sub.add_parser("download", help="download a published GPT-2 checkpoint and convert it")
+    p.add_argument("size", choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+    p.add_argument("--out", metavar="DIR", help="model directory (default: KETTLE_HOME/models/SIZE)")
+    p.add_argument("--force", action="store_true", help="replace the model directory if it exists")
+    p.set_defaults(func=download_command)
+
+
+def import_hf_command(args) -> int:
+    from gpt.hf import import_hf
+
+    out = import_hf(args.hf_dir, args.out_dir, overwrite=args.force)
+    print(f"imported {args.hf_dir} -> {out}")
+    return 0
+
+
+def export_hf_command(args) -> int:
+    from gpt.checkpoint import resolve_model_dir
+    from gpt.hf import export_hf
+
+    out = export_hf(resolve_model_dir(args.model_dir), args.out_dir, overwrite=args.force)
+    print(f"exported {args.model_dir} -> {out}")
+    return 0
+
+
+def download_command(args) -> int:
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+
+    from data.paths import models_dir
+    from gpt.hf import download_gpt2
+
+    out = Path(args.out) if args.out else models_dir() / args.size
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn()) as progress:
+        def progress_factory(name):
+            task = progress.add_task(name, total=None)
+            return lambda done, total: progress.update(task, completed=done, total=total)
+
+        download_gpt2(args.size, out, progress_factory=progress_factory, overwrite=args.force)
+    print(f"downloaded {args.size} -> {out}")
+    return 0
