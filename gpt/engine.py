@@ -1,0 +1,312 @@
+"""Generation: prefill the prompt, then decode one token at a time over a preallocated KV cache.
+
+    engine = Engine.load("path/to/model")
+    for item in engine.stream_chat(messages, SamplingParams(temperature=0)):
+        if isinstance(item, str): print(item, end="")   # text deltas
+        else: result = item                              # the final GenerationResult
+
+Prefix reuse: the engine remembers which token ids its cache holds. A new prompt that starts with
+the same tokens (the next turn of a conversation) rewinds the cache to the shared prefix and
+prefills only the rest, so time to first token does not grow with the conversation.
+
+Context window (one rule): the answer gets its budget first, `min(max_new_tokens, context // 2)`
+positions; the prompt must fit in the rest. A chat that is too long keeps its system prompt and
+as many of the newest messages as fit, dropping whole messages oldest first (and an assistant
+message left at the front, so the kept history starts with a user turn). If even the newest
+message does not fit, or for a raw text prompt, the prompt keeps its last tokens. The result's
+`dropped_tokens` says how many prompt tokens were left out. Generation stops with "length" at
+max_new_tokens or when the context window is full.
+"""
+from __future__ import annotations
+
+import codecs
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from gpt.chat_template import header_ids, render_message, stop_token_ids, validate_messages
+from gpt.errors import KettleError
+from gpt.model import GPT, KVCache
+from gpt.sampling import MAX_SEED, Sampler, SamplingParams
+from gpt.tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: str          # "stop" | "length" | "cancelled"
+    prompt_tokens: int          # tokens the model saw as the prompt (after trimming)
+    new_tokens: int             # tokens generated (an end-of-turn token is not counted)
+    dropped_tokens: int = 0     # prompt tokens left out to fit the context window
+    cached_tokens: int = 0      # prompt tokens reused from the previous request's KV cache
+    ttft_s: float = 0.0         # time to first token, from the call to the first sampled token
+    tokens_per_s: float = 0.0   # decode speed: tokens after the first / time after the first
+    seed: int = 0               # the seed actually used; pass it back to reproduce the text
+    token_ids: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """CUDA, else Apple's MPS, else the CPU; or the device asked for, if it exists."""
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except RuntimeError:
+            raise KettleError(f"unknown device {device!r} (use cpu, cuda, cuda:N or mps)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise KettleError("device cuda was asked for, but PyTorch sees no CUDA GPU")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise KettleError("device mps was asked for, but MPS is not available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it (half the memory traffic, same range as fp32), else fp32."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+class Engine:
+    """One model, one KV cache, one request at a time (a lock serialises concurrent callers)."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, device: str | torch.device | None = None,
+                 name: str = "model"):
+        if device is None:
+            self.device = next(model.parameters()).device
+        else:
+            self.device = pick_device(device)
+            model = model.to(self.device)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.stop_ids = stop_token_ids(tokenizer)
+        self._assistant_header = header_ids("assistant", tokenizer)
+        self._cache: KVCache | None = None
+        self._cached_ids: list[int] = []  # exactly the tokens whose keys/values the cache holds
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str | torch.device | None = None,
+             dtype: torch.dtype | None = None) -> "Engine":
+        from gpt.checkpoint import load_model
+
+        device = pick_device(device)
+        model, tokenizer = load_model(model_dir, device, dtype or pick_dtype(device))
+        return cls(model, tokenizer, name=Path(model_dir).name)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.context_length
+
+    def prompt_budget(self, params: SamplingParams) -> int:
+        """How many prompt tokens fit once the answer has its budget (see the module docstring)."""
+        return self.context_length - min(params.max_new_tokens, self.context_length // 2)
+
+    # --- chat ------------------------------------------------------------------------------------
+
+    def chat_prompt(self, messages: list[dict], params: SamplingParams) -> tuple[list[int], int]:
+        """The chat prompt's token ids trimmed to the window, and how many tokens were dropped."""
+        validate_messages(messages)
+        segments = [render_message(m, self.tokenizer) for m in messages]
+        full = sum(segments, []) + self._assistant_header
+        budget = self.prompt_budget(params)
+        if len(full) <= budget:
+            return full, 0
+        system = segments[0] if messages and messages[0]["role"] == "system" else []
+        first = 1 if system else 0
+        used = len(system) + len(self._assistant_header)
+        start = len(segments)
+        while start > first and used + len(segments[start - 1]) <= budget:
+            start -= 1
+            used += len(segments[start])
+        if start < len(segments) - 1 and messages[start]["role"] == "assistant":
+            start += 1
+        if start == len(segments):  # not even the newest message fits: keep the last tokens
+            kept = full[-budget:]
+        else:
+            kept = system + sum(segments[start:], []) + self._assistant_header
+        return kept, len(full) - len(kept)
+
+    def stream_chat(self, messages: list[dict], params: SamplingParams,
+                    cancel: threading.Event | None = None) -> Iterator[str | GenerationResult]:
+        """Answer the conversation as the assistant: text deltas, then a GenerationResult."""
+        params.validate()
+        ids, dropped = self.chat_prompt(messages, params)
+        return self._generate(ids, params, cancel, dropped)
+
+    # --- raw text completion ---------------------------------------------------------------------
+
+    def stream(self, prompt: list[int] | str, params: SamplingParams,
+               cancel: threading.Event | None = None) -> Iterator[str | GenerationResult]:
+        """Continue `prompt` (token ids or text): text deltas, then a GenerationResult."""
+        params.validate()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:  # GPT-2's convention: an unconditional sample starts at end-of-text
+            ids = [self.tokenizer.eot_id]
+        if max(ids) >= self.model.config.vocab_size or min(ids) < 0:
+            raise KettleError(f"prompt holds token ids outside the model's vocabulary "
+                              f"(0..{self.model.config.vocab_size - 1})")
+        budget = self.prompt_budget(params)
+        dropped = max(0, len(ids) - budget)
+        return self._generate(ids[dropped:], params, cancel, dropped)
+
+    def generate(self, prompt: list[int] | str, params: SamplingParams,
+                 cancel: threading.Event | None = None) -> GenerationResult:
+        """`stream` without the deltas."""
+        return _last(self.stream(prompt, params, cancel))
+
+    def generate_chat(self, messages: list[dict], params: SamplingParams,
+                      cancel: threading.Event | None = None) -> GenerationResult:
+        return _last(self.stream_chat(messages, params, cancel))
+
+    def reset(self) -> None:
+        """Forget the cached prefix (the next request prefills its whole prompt)."""
+        self._cached_ids = []
+        if self._cache is not None:
+            self._cache.truncate(0)
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+        """Bring the cache to hold `ids`, reusing the longest shared prefix; the last logits."""
+        if self._cache is None:
+            self._cache = KVCache(self.model.config, 1, self.context_length, self.device,
+                                  self.model.wte.weight.dtype)
+        # At least one token must be fed to get logits for the next one.
+        common = min(_common_prefix(self._cached_ids, ids), len(ids) - 1)
+        self._cache.truncate(common)
+        self._cached_ids = ids[:common]
+        x = torch.tensor([ids[common:]], dtype=torch.long, device=self.device)
+        logits = self.model(x, self._cache, last_only=True)
+        self._cached_ids = list(ids)
+        return logits[0, -1], common
+
+    def _generate(self, ids: list[int], params: SamplingParams, cancel: threading.Event | None,
+                  dropped: int) -> Iterator[str | GenerationResult]:
+        seed = params.seed if params.seed is not None else random.SystemRandom().randrange(MAX_SEED)
+        max_new = min(params.max_new_tokens, self.context_length - len(ids))
+        start = time.perf_counter()
+        with self._lock:
+            stops = StopMatcher(params.stop)
+            utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            tokens: list[int] = []
+            finish, cached, first_at = "length", 0, None
+            sampler = None
+            logits = None
+            for _ in range(max_new):
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
+                with torch.inference_mode():
+                    if logits is None:
+                        logits, cached = self._prefill(ids)
+                        sampler = Sampler(params, logits.size(-1), self.device, ids, seed)
+                    token = sampler(logits)
+                    # Queue the next forward pass before reading the token back: on a GPU it
+                    # then runs while the CPU decodes text and checks stop strings.
+                    if len(tokens) + 1 < max_new:
+                        logits = self.model(token.view(1, 1), self._cache, last_only=True)[0, -1]
+                    tid = int(token)
+                if len(tokens) + 1 < max_new:
+                    self._cached_ids.append(tid)
+                if first_at is None:
+                    first_at = time.perf_counter()
+                if tid in self.stop_ids:
+                    finish = "stop"
+                    break
+                tokens.append(tid)
+                delta = stops.feed(utf8.decode(self.tokenizer.decode_bytes([tid])))
+                if delta:
+                    yield delta
+                if stops.matched:
+                    finish = "stop"
+                    break
+            if finish != "stop" or not stops.matched:
+                tail = stops.flush(utf8.decode(b"", final=True))
+                if tail:
+                    yield tail
+        end = time.perf_counter()
+        decode_s = end - first_at if first_at is not None else 0.0
+        yield GenerationResult(
+            text=stops.text, finish_reason=finish, prompt_tokens=len(ids), new_tokens=len(tokens),
+            dropped_tokens=dropped, cached_tokens=cached,
+            ttft_s=(first_at - start) if first_at is not None else end - start,
+            tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
+            seed=seed, token_ids=tokens,
+        )
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, also across token boundaries.
+
+    Text that could still be the start of a stop string is held back until the next tokens
+    decide; a matched stop string and everything after it is never emitted.
+    """
+
+    def __init__(self, stop: list[str]):
+        self.stop = stop
+        self.longest = max((len(s) for s in stop), default=0)
+        self.text = ""
+        self.sent = 0
+        self.matched: str | None = None
+
+    def feed(self, piece: str) -> str:
+        """Add decoded text; returns what can be shown now."""
+        if self.matched is not None:
+            return ""
+        scan_from = max(0, len(self.text) - self.longest + 1)
+        self.text += piece
+        if not self.stop:
+            return self._emit(len(self.text))
+        hits = [(i, s) for s in self.stop if (i := self.text.find(s, scan_from)) != -1]
+        if hits:
+            cut, self.matched = min(hits)
+            self.text = self.text[:cut]
+            return self._emit(cut)
+        return self._emit(len(self.text) - self._partial_suffix())
+
+    def flush(self, piece: str = "") -> str:
+        """Generation ended without a match: everything held back is text after all."""
+        self.text += piece
+        return self._emit(len(self.text))
+
+    def _partial_suffix(self) -> int:
+        """Length of the longest end of the text that begins some stop string."""
+        for n in range(min(self.longest - 1, len(self.text) - self.sent), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.stop):
+                return n
+        return 0
+
+    def _emit(self, upto: int) -> str:
+        upto = max(upto, self.sent)
+        delta, self.sent = self.text[self.sent:upto], upto
+        return delta
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _last(items):
+    result = None
+    for result in items:
+        pass
+    return result

@@ -1,0 +1,189 @@
+"""Sampling controls: the parameters, their validation, and the logit filters.
+
+One decoding step turns the model's last logits into a token in this order:
+  1. penalties (repetition over prompt + answer, presence and frequency over the answer so far),
+  2. temperature (0 = greedy: the most likely token, no randomness),
+  3. top-k, 4. top-p (nucleus), 5. min-p, each removing candidates (their logits become -inf),
+  6. a draw from what is left, with the request's own torch.Generator so a seed reproduces.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from gpt.errors import KettleError
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.7
+    top_k: int = 0                      # 0 = off
+    top_p: float = 1.0                  # 1 = off
+    min_p: float = 0.0                  # 0 = off
+    repetition_penalty: float = 1.0     # 1 = off; > 1 discourages any token already seen
+    presence_penalty: float = 0.0       # subtracted once from a token present in the answer
+    frequency_penalty: float = 0.0      # subtracted per occurrence in the answer
+    max_new_tokens: int = 256
+    seed: int | None = None             # None = a fresh random seed (reported in the result)
+    stop: list[str] = field(default_factory=list)
+
+    def validate(self) -> "SamplingParams":
+        """Check every field; raises KettleError with the field's name and allowed range."""
+        _check_number("temperature", self.temperature, 0, 100)
+        _check_int("top_k", self.top_k, 0)
+        _check_number("top_p", self.top_p, 0, 1, low_open=True)
+        _check_number("min_p", self.min_p, 0, 1)
+        _check_number("repetition_penalty", self.repetition_penalty, 0, 10, low_open=True)
+        _check_number("presence_penalty", self.presence_penalty, -2, 2)
+        _check_number("frequency_penalty", self.frequency_penalty, -2, 2)
+        _check_int("max_new_tokens", self.max_new_tokens, 1)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, MAX_SEED)
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise KettleError("stop must be a list of non-empty strings")
+        if len(self.stop) > 16:
+            raise KettleError(f"stop takes at most 16 strings, got {len(self.stop)}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SamplingParams":
+        """Parameters from a JSON-like dict (missing keys keep their defaults), validated."""
+        if not isinstance(data, dict):
+            raise KettleError("sampling parameters must be an object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise KettleError(f"unknown sampling parameter {unknown[0]} (known: {', '.join(sorted(known))})")
+        data = dict(data)
+        if isinstance(data.get("stop"), str):
+            data["stop"] = [data["stop"]]
+        return cls(**data).validate()
+
+    def replace(self, **changes) -> "SamplingParams":
+        return dataclasses.replace(self, **changes).validate()
+
+
+PRESETS: dict[str, SamplingParams] = {
+    # Close to deterministic: good for facts, code and checking a fine-tune.
+    "precise": SamplingParams(temperature=0.2, top_k=40, top_p=0.9, repetition_penalty=1.1),
+    "balanced": SamplingParams(temperature=0.7, top_p=0.9, repetition_penalty=1.1),
+    # min-p keeps high temperatures coherent: it cuts the tail relative to the best token.
+    "creative": SamplingParams(temperature=1.0, top_p=0.98, min_p=0.05, repetition_penalty=1.05),
+}
+
+
+def get_preset(name: str) -> SamplingParams:
+    try:
+        return dataclasses.replace(PRESETS[name])
+    except KeyError:
+        raise KettleError(f"unknown sampling preset {name!r} (choose from {', '.join(PRESETS)})") from None
+
+
+def _check_number(name, value, low, high, low_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise KettleError(f"{name} must be a number, got {value!r}")
+    if (value <= low if low_open else value < low) or value > high:
+        raise KettleError(f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {value}")
+
+
+def _check_int(name, value, low, high=None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise KettleError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise KettleError(f"{name} must be {'>= ' + str(low) if high is None else f'in [{low}, {high}]'}, got {value}")
+
+
+# --- logit filters: [..., V] float logits in, same shape out, removed candidates at -inf ---------
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits (ties at the k-th value are kept too)."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probabilities add up to at least p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    # A token is dropped when the tokens ranked before it already reach p.
+    before = probs.cumsum(dim=-1) - probs
+    drop_sorted = before >= p
+    drop_sorted[..., 0] = False  # the best token always stays
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the best token's."""
+    if min_p <= 0.0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
+                    counts: torch.Tensor | None) -> torch.Tensor:
+    """Penalise repeats. `seen` [V] bool marks tokens in the prompt or answer (repetition penalty,
+    as in CTRL/Hugging Face: positive logits divided, negative multiplied); `counts` [V] holds how
+    often each token occurs in the answer (presence and frequency penalties, as in OpenAI's API)."""
+    if params.repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(logits > 0, logits / params.repetition_penalty,
+                                logits * params.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if counts is not None and (params.presence_penalty or params.frequency_penalty):
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+    return logits
+
+
+class Sampler:
+    """Picks each next token for one request; keeps the penalty state and the random generator."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, device, prompt_ids: list[int],
+                 seed: int):
+        self.params = params
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.seen = self.counts = None
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            if prompt_ids:
+                self.seen[torch.tensor(prompt_ids, device=device)] = True
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [V] -> the chosen token id as a 0-d tensor (still on the device)."""
+        p = self.params
+        logits = apply_penalties(logits.float(), p, self.seen, self.counts)
+        if p.greedy:
+            token = logits.argmax()
+        else:
+            logits = top_k_filter(logits / p.temperature, p.top_k)
+            logits = top_p_filter(logits, p.top_p)
+            logits = min_p_filter(logits, p.min_p)
+            token = torch.multinomial(logits.softmax(-1), 1, generator=self.generator)[0]
+        self.observe(token)
+        return token
+
+    def observe(self, token: torch.Tensor) -> None:
+        if self.seen is not None:
+            self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
