@@ -200,8 +200,7 @@ class Engine:
         max_new = min(params.max_new_tokens, self.context_length - len(ids))
         start = time.perf_counter()
         with self._lock:
-            stops = StopMatcher(params.stop)
-            utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            text = TextStream(self.tokenizer, params.stop)
             tokens: list[int] = []
             finish, cached, first_at = "length", 0, None
             sampler = None
@@ -228,20 +227,19 @@ class Engine:
                     finish = "stop"
                     break
                 tokens.append(tid)
-                delta = stops.feed(utf8.decode(self.tokenizer.decode_bytes([tid])))
+                delta = text.feed(tid)
                 if delta:
                     yield delta
-                if stops.matched:
+                if text.matched:
                     finish = "stop"
                     break
-            if finish != "stop" or not stops.matched:
-                tail = stops.flush(utf8.decode(b"", final=True))
-                if tail:
-                    yield tail
+            tail = text.finish()
+            if tail:
+                yield tail
         end = time.perf_counter()
         decode_s = end - first_at if first_at is not None else 0.0
         yield GenerationResult(
-            text=stops.text, finish_reason=finish, prompt_tokens=len(ids), new_tokens=len(tokens),
+            text=text.text, finish_reason=finish, prompt_tokens=len(ids), new_tokens=len(tokens),
             dropped_tokens=dropped, cached_tokens=cached,
             ttft_s=(first_at - start) if first_at is not None else end - start,
             tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
@@ -249,24 +247,29 @@ class Engine:
         )
 
 
-class StopMatcher:
-    """Finds stop strings in streamed text, also across token boundaries.
+class TextStream:
+    """Turns generated token ids into text deltas.
 
-    Text that could still be the start of a stop string is held back until the next tokens
-    decide; a matched stop string and everything after it is never emitted.
+    Bytes are decoded incrementally, so a character split over several tokens is shown once it
+    is complete. Stop strings are found in the decoded text, also across token boundaries: text
+    that could still be the start of a stop string is held back until the next tokens decide, and
+    a matched stop string and everything after it is never emitted.
     """
 
-    def __init__(self, stop: list[str]):
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stop = stop
         self.longest = max((len(s) for s in stop), default=0)
         self.text = ""
         self.sent = 0
         self.matched: str | None = None
 
-    def feed(self, piece: str) -> str:
-        """Add decoded text; returns what can be shown now."""
+    def feed(self, token_id: int) -> str:
+        """Add one token; returns the text that can be shown now."""
         if self.matched is not None:
             return ""
+        piece = self.utf8.decode(self.tokenizer.decode_bytes([token_id]))
         scan_from = max(0, len(self.text) - self.longest + 1)
         self.text += piece
         if not self.stop:
@@ -278,9 +281,11 @@ class StopMatcher:
             return self._emit(cut)
         return self._emit(len(self.text) - self._partial_suffix())
 
-    def flush(self, piece: str = "") -> str:
-        """Generation ended without a match: everything held back is text after all."""
-        self.text += piece
+    def finish(self) -> str:
+        """Generation ended: unless a stop string matched, everything held back is text."""
+        if self.matched is not None:
+            return ""
+        self.text += self.utf8.decode(b"", final=True)
         return self._emit(len(self.text))
 
     def _partial_suffix(self) -> int:

@@ -86,9 +86,10 @@ PRESETS: dict[str, SamplingParams] = {
 
 def get_preset(name: str) -> SamplingParams:
     try:
-        return dataclasses.replace(PRESETS[name])
+        preset = PRESETS[name]
     except KeyError:
         raise KettleError(f"unknown sampling preset {name!r} (choose from {', '.join(PRESETS)})") from None
+    return dataclasses.replace(preset, stop=list(preset.stop))
 
 
 def _check_number(name, value, low, high, low_open=False):

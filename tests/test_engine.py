@@ -1,0 +1,275 @@
+import threading
+
+import pytest
+import torch
+
+from gpt.chat_template import render_message, render_prompt
+from gpt.engine import Engine, GenerationResult, TextStream, pick_device
+from gpt.errors import KettleError
+from gpt.sampling import SamplingParams
+from gpt.tokenizer import gpt2_tokenizer
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=20)
+
+
+@pytest.fixture
+def engine(tiny_model_dir):
+    return Engine.load(tiny_model_dir, device="cpu")
+
+
+def run(stream):
+    """All deltas and the final result of a stream."""
+    items = list(stream)
+    assert isinstance(items[-1], GenerationResult)
+    assert all(isinstance(d, str) and d for d in items[:-1])
+    return items[:-1], items[-1]
+
+
+def greedy_without_cache(engine, ids, n):
+    """The reference: recompute the whole sequence for every new token."""
+    ids, out = list(ids), []
+    with torch.inference_mode():
+        for _ in range(n):
+            token = int(engine.model(torch.tensor([ids]))[0, -1].argmax())
+            if token in engine.stop_ids:
+                break
+            ids.append(token)
+            out.append(token)
+    return out
+
+
+def test_greedy_with_kv_cache_equals_full_recompute(engine, verdict_text):
+    tok = engine.tokenizer
+    prompts = [tok.encode(verdict_text[:1]), tok.encode(verdict_text[:40]),
+               tok.encode(verdict_text[500:900])[:70], tok.encode(verdict_text[:40]) + [5, 6]]
+    # One engine for all, so later prompts also run over a reused (rewound) cache.
+    for ids, n in zip(prompts, [30, 12, 40, 25]):
+        result = engine.generate(ids, GREEDY.replace(max_new_tokens=n))
+        assert result.token_ids == greedy_without_cache(engine, ids, n)
+        assert result.new_tokens == len(result.token_ids)
+        assert result.text == tok.decode(result.token_ids)
+
+
+def test_greedy_matches_on_gpt2_vocabulary(tiny_gpt2_vocab_model_dir):
+    engine = Engine.load(tiny_gpt2_vocab_model_dir)
+    ids = engine.tokenizer.encode("The kettle is boiling and")
+    result = engine.generate(ids, GREEDY.replace(max_new_tokens=15))
+    assert result.token_ids == greedy_without_cache(engine, ids, 15)
+
+
+def test_seeded_sampling_reproduces_exactly(engine, tiny_model_dir):
+    params = SamplingParams(temperature=1.2, top_p=0.95, min_p=0.01, repetition_penalty=1.2,
+                            presence_penalty=0.3, frequency_penalty=0.2, max_new_tokens=30, seed=1234)
+    first = engine.generate("It was", params)
+    again = Engine.load(tiny_model_dir).generate("It was", params)
+    assert again.token_ids == first.token_ids and again.text == first.text
+    assert first.seed == 1234
+    other = engine.generate("It was", params.replace(seed=99))
+    assert other.token_ids != first.token_ids
+    # An unseeded run reports the seed it drew; passing it back reproduces it.
+    free = engine.generate("It was", params.replace(seed=None))
+    assert engine.generate("It was", params.replace(seed=free.seed)).token_ids == free.token_ids
+
+
+def test_length_limit_and_result_figures(engine):
+    deltas, result = run(engine.stream("I had", GREEDY.replace(max_new_tokens=9)))
+    assert result.finish_reason == "length" and result.new_tokens == 9
+    assert "".join(deltas) == result.text
+    assert result.prompt_tokens == len(engine.tokenizer.encode("I had"))
+    assert result.ttft_s > 0 and result.tokens_per_s > 0
+
+
+def test_generation_stops_when_the_context_window_is_full(engine, verdict_text):
+    ids = engine.tokenizer.encode(verdict_text)[:60]
+    result = engine.generate(ids, GREEDY.replace(max_new_tokens=100))
+    assert result.prompt_tokens == 60 and result.dropped_tokens == 0
+    assert result.finish_reason == "length" and result.new_tokens == 128 - 60
+
+
+def test_stop_string_spanning_two_tokens_stops_with_it_removed(engine):
+    ids = engine.tokenizer.encode("the picture")
+    params = SamplingParams(temperature=1.0, seed=5, max_new_tokens=40)
+    full = engine.generate(ids, params)
+    pieces = [engine.tokenizer.decode([t]) for t in full.token_ids]
+    # A stop string made of the end of one token and the start of the next.
+    i = next(i for i in range(3, len(pieces) - 1)
+             if all(len(p) >= 2 and p.isascii() for p in pieces[i:i + 2]))
+    stop = pieces[i][-2:] + pieces[i + 1][:2]
+    cut = full.text.find(stop)
+    assert 0 <= cut <= len("".join(pieces[:i + 1]))
+    deltas, result = run(engine.stream(ids, params.replace(stop=["zzzz", stop])))
+    assert result.finish_reason == "stop"
+    assert result.text == full.text[:cut]
+    assert "".join(deltas) == result.text  # nothing of the stop string was ever streamed
+    assert result.token_ids == full.token_ids[:len(result.token_ids)]
+
+
+def test_text_stream_holds_back_a_possible_stop_string_until_resolved():
+    tok = gpt2_tokenizer()
+    stream = TextStream(tok, ["User:"])
+    out = [stream.feed(t) for t in tok.encode("Hi Us")]
+    assert "".join(out) == "Hi "  # "Us" might begin "User:"
+    assert stream.feed(tok.encode("ually")[0]) != ""  # it did not: released
+    stream = TextStream(tok, ["User:"])
+    deltas = [stream.feed(t) for t in tok.encode("Hi User: more")]
+    assert "".join(deltas) == "Hi " and stream.matched == "User:" and stream.text == "Hi "
+    assert stream.finish() == ""
+    stream = TextStream(tok, ["END"])
+    deltas = [stream.feed(t) for t in tok.encode("ok EN")] + [stream.finish()]
+    assert "".join(deltas) == "ok EN"  # held back, then flushed at the end
+
+
+def test_text_stream_never_splits_a_utf8_character():
+    tok = gpt2_tokenizer()
+    text = "tea 🍵 and 日本語 ☕"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # the emoji and kanji span several byte tokens
+    stream = TextStream(tok, [])
+    deltas = [stream.feed(t) for t in ids] + [stream.finish()]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_stops_at_end_of_turn_token(tiny_model_dir):
+    engine = Engine.load(tiny_model_dir)
+    model = engine.model
+    end = engine.tokenizer.special_id("<|end|>")
+    with torch.no_grad():  # make <|end|> the most likely token everywhere
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.copy_(torch.randn(model.config.n_embd))
+        model.wte.weight[end] = model.ln_f.bias * 100
+    deltas, result = run(engine.stream_chat([{"role": "user", "content": "Hi"}], GREEDY))
+    assert result.finish_reason == "stop" and result.new_tokens == 0 and result.text == ""
+    assert deltas == []
+
+
+def test_cancel_stops_within_one_token(engine):
+    full = engine.generate("She", GREEDY.replace(max_new_tokens=30))
+    cancel = threading.Event()
+    seen = []
+    for item in engine.stream("She", GREEDY.replace(max_new_tokens=30), cancel):
+        if isinstance(item, str):
+            seen.append(item)
+            cancel.set()
+        else:
+            result = item
+    assert len(seen) == 1 and result.finish_reason == "cancelled"
+    # Exactly the tokens up to the first visible text, not one more.
+    stream, n = TextStream(engine.tokenizer, []), 0
+    while not stream.feed(full.token_ids[n]):
+        n += 1
+    assert result.token_ids == full.token_ids[:n + 1]
+    cancel = threading.Event()
+    cancel.set()
+    deltas, result = run(engine.stream("She", GREEDY, cancel))
+    assert deltas == [] and result.finish_reason == "cancelled" and result.new_tokens == 0
+
+
+def count_prefill(engine):
+    """Records how many tokens each forward pass feeds the model."""
+    fed = []
+    engine.model.register_forward_pre_hook(lambda module, args: fed.append(args[0].shape[1]))
+    return fed
+
+
+def test_prefix_reuse_prefills_only_the_new_tokens(engine, tiny_model_dir):
+    fed = count_prefill(engine)
+    turn1 = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who painted it?"}]
+    r1 = engine.generate_chat(turn1, GREEDY)
+    assert r1.cached_tokens == 0 and fed[0] == r1.prompt_tokens
+    turn2 = turn1 + [{"role": "assistant", "content": r1.text},
+                     {"role": "user", "content": "And why did he stop?"}]
+    fed.clear()
+    r2 = engine.generate_chat(turn2, GREEDY)
+    prompt1 = render_prompt(turn1, engine.tokenizer)
+    assert r2.cached_tokens >= len(prompt1)
+    assert fed[0] == r2.prompt_tokens - r2.cached_tokens
+    assert fed[0] <= len(render_prompt(turn2, engine.tokenizer)) - len(prompt1)
+    assert all(n == 1 for n in fed[1:])  # then one token per step
+    # Reusing the cache changes nothing in the answer.
+    fresh = Engine.load(tiny_model_dir).generate_chat(turn2, GREEDY)
+    assert fresh.token_ids == r2.token_ids and fresh.cached_tokens == 0
+    # The same prompt again: everything but the last token is reused.
+    fed.clear()
+    again = engine.generate_chat(turn2, GREEDY)
+    assert again.cached_tokens == again.prompt_tokens - 1 and fed[0] == 1
+    assert again.token_ids == r2.token_ids
+    # A different conversation shares nothing useful and still answers correctly.
+    other = [{"role": "user", "content": "Something else entirely."}]
+    r3 = engine.generate_chat(other, GREEDY)
+    assert r3.token_ids == Engine.load(tiny_model_dir).generate_chat(other, GREEDY).token_ids
+
+
+def conversation(n_turns):
+    messages = [{"role": "system", "content": "You answer about the painting."}]
+    for i in range(n_turns):
+        messages.append({"role": "user", "content": f"Question {i}: what did Gisburn paint then?"})
+        messages.append({"role": "assistant", "content": f"Answer {i}: a portrait of his wife."})
+    messages.append({"role": "user", "content": "And finally?"})
+    return messages
+
+
+def test_over_long_conversation_keeps_system_prompt_and_newest_turns(engine):
+    tok = engine.tokenizer
+    messages = conversation(12)
+    params = GREEDY.replace(max_new_tokens=32)
+    budget = 128 - 32
+    seg = [render_message(m, tok) for m in messages]
+    header = render_prompt([], tok)
+    full = render_prompt(messages, tok)
+    assert len(full) > 128
+    # The documented rule, computed by hand: newest whole messages that fit, starting at a user turn.
+    start = len(seg)
+    while start > 1 and len(seg[0]) + sum(map(len, seg[start - 1:])) + len(header) <= budget:
+        start -= 1
+    if messages[start]["role"] == "assistant":
+        start += 1
+    expected = seg[0] + sum(seg[start:], []) + header
+    ids, dropped = engine.chat_prompt(messages, params)
+    assert ids == expected and dropped == len(full) - len(expected)
+    assert len(ids) <= budget and messages[start]["role"] == "user" and start > 2
+    result = engine.generate_chat(messages, params)
+    assert result.dropped_tokens == dropped and result.prompt_tokens == len(ids)
+    assert result.prompt_tokens + result.new_tokens <= 128
+    # A short conversation is not touched.
+    assert engine.chat_prompt(messages[:3], params) == (render_prompt(messages[:3], tok), 0)
+
+
+def test_answer_budget_is_capped_at_half_the_window(engine):
+    messages = conversation(12)
+    ids, _ = engine.chat_prompt(messages, GREEDY.replace(max_new_tokens=1000))
+    assert 50 < len(ids) <= 64
+    result = engine.generate_chat(messages, SamplingParams(temperature=0, max_new_tokens=1000))
+    assert result.prompt_tokens + result.new_tokens <= 128
+    assert result.finish_reason in ("length", "stop")
+
+
+def test_newest_message_longer_than_the_window_keeps_its_last_tokens(engine, verdict_text):
+    messages = [{"role": "system", "content": "Summarise."},
+                {"role": "user", "content": verdict_text[:3000]}]
+    full = render_prompt(messages, engine.tokenizer)
+    ids, dropped = engine.chat_prompt(messages, GREEDY.replace(max_new_tokens=28))
+    assert ids == full[-100:] and dropped == len(full) - 100
+
+
+def test_raw_prompt_trimming_empty_prompt_and_bad_ids(engine, verdict_text):
+    ids = engine.tokenizer.encode(verdict_text[:3000])
+    result = engine.generate(ids, GREEDY.replace(max_new_tokens=8))
+    assert result.prompt_tokens == 120 and result.dropped_tokens == len(ids) - 120
+    assert engine.generate("", GREEDY.replace(max_new_tokens=3)).prompt_tokens == 1
+    with pytest.raises(KettleError, match="outside the model's vocabulary"):
+        engine.generate([1, 99999], GREEDY)
+    with pytest.raises(KettleError, match="top_p must be in"):
+        engine.stream("x", SamplingParams(top_p=0))
+    with pytest.raises(KettleError, match="message 0: role"):
+        engine.stream_chat([{"role": "robot", "content": "x"}], GREEDY)
+
+
+def test_device_choice():
+    assert pick_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert pick_device() in (torch.device("cpu"), torch.device("mps"))
+        with pytest.raises(KettleError, match="no CUDA GPU"):
+            pick_device("cuda")
+    with pytest.raises(KettleError, match="unknown device"):
+        pick_device("toaster")

@@ -1,0 +1,144 @@
+import math
+
+import pytest
+import torch
+
+from gpt.errors import KettleError
+from gpt.sampling import (PRESETS, Sampler, SamplingParams, apply_penalties, get_preset,
+                          min_p_filter, top_k_filter, top_p_filter)
+
+
+def kept(logits: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(torch.isfinite(logits)).flatten().tolist())
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 99])
+def test_top_k_leaves_exactly_the_k_largest(k):
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(k))
+    out = top_k_filter(logits, k)
+    assert kept(out) == set(torch.topk(logits, k).indices.tolist())
+    assert torch.equal(out[torch.isfinite(out)], logits[torch.isfinite(out)])  # survivors unchanged
+
+
+def test_top_k_off_and_batched():
+    logits = torch.randn(2, 50)
+    assert torch.equal(top_k_filter(logits, 0), logits)
+    out = top_k_filter(logits, 4)
+    assert (torch.isfinite(out).sum(-1) == 4).all()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p_on_crafted_probabilities():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    assert kept(top_p_filter(logits, 0.45)) == {0}
+    assert kept(top_p_filter(logits, 0.75)) == {0, 1}
+    assert kept(top_p_filter(logits, 0.85)) == {0, 1, 2}
+    assert kept(top_p_filter(logits, 0.99)) == {0, 1, 2, 3}
+    assert kept(top_p_filter(logits, 1e-9)) == {0}  # the best token always stays
+    shuffled = logits[torch.tensor([2, 0, 3, 1])]
+    assert kept(top_p_filter(shuffled, 0.75)) == {1, 3}  # positions of 0.5 and 0.3
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.97])
+def test_top_p_is_minimal_and_sufficient_on_random_logits(p):
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(int(p * 100))) * 3
+    probs = logits.softmax(-1)
+    keep = kept(top_p_filter(logits, p))
+    ranked = probs.argsort(descending=True).tolist()
+    assert set(ranked[:len(keep)]) == keep  # the most likely tokens, no gaps
+    mass = probs[list(keep)].sum().item()
+    smallest = min(probs[i].item() for i in keep)
+    assert mass >= p - 1e-6
+    assert mass - smallest < p  # one token fewer would not reach p
+
+
+@pytest.mark.parametrize("min_p", [0.01, 0.1, 0.5])
+def test_min_p_drops_exactly_the_tokens_under_min_p_times_max(min_p):
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(7)) * 2
+    probs = logits.softmax(-1)
+    keep = kept(min_p_filter(logits, min_p))
+    threshold = min_p * probs.max().item()
+    assert keep == {i for i, q in enumerate(probs.tolist()) if q >= threshold}
+    assert 0 < len(keep) < 300
+
+
+def test_min_p_on_crafted_probabilities():
+    logits = torch.tensor([0.6, 0.25, 0.1, 0.05]).log()
+    assert kept(min_p_filter(logits, 0.2)) == {0, 1}      # 0.2 * 0.6 = 0.12
+    assert kept(min_p_filter(logits, 0.05)) == {0, 1, 2, 3}
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([2.0, -2.0, 2.0, -2.0])
+    seen = torch.tensor([True, True, False, False])
+    out = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), seen, None)
+    assert out.tolist() == [1.0, -4.0, 2.0, -2.0]
+
+
+def test_presence_and_frequency_penalties_use_answer_counts():
+    logits = torch.zeros(3)
+    counts = torch.tensor([0.0, 1.0, 3.0])
+    out = apply_penalties(logits, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), None, counts)
+    assert out.tolist() == [0.0, -0.75, -1.25]
+
+
+def test_sampler_seed_reproduces_and_respects_filters():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    params = SamplingParams(temperature=1.5, top_k=5)
+    draws = [[int(Sampler(params, 1000, "cpu", [], seed)(logits)) for _ in range(1)] for seed in range(200)]
+    allowed = set(torch.topk(logits, 5).indices.tolist())
+    assert {d[0] for d in draws} <= allowed
+    assert len({d[0] for d in draws}) > 1  # it does sample
+    a, b = Sampler(params, 1000, "cpu", [], 42), Sampler(params, 1000, "cpu", [], 42)
+    assert [int(a(logits)) for _ in range(50)] == [int(b(logits)) for _ in range(50)]
+
+
+def test_greedy_is_argmax_and_penalties_change_it():
+    logits = torch.tensor([1.0, 3.0, 2.9])
+    assert int(Sampler(SamplingParams(temperature=0), 3, "cpu", [], 0)(logits)) == 1
+    penalised = Sampler(SamplingParams(temperature=0, repetition_penalty=1.5), 3, "cpu", [1], 0)
+    assert int(penalised(logits)) == 2
+    freq = Sampler(SamplingParams(temperature=0, frequency_penalty=1.0), 3, "cpu", [], 0)
+    assert [int(freq(logits)) for _ in range(3)] == [1, 2, 1]  # 3.0 -> 2.0 after one use
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("top_p", 0.0, r"top_p must be in \(0, 1\], got 0.0"),
+    ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
+    ("temperature", -0.1, r"temperature must be in \[0, 100\]"),
+    ("temperature", math.nan, "temperature must be a number"),
+    ("temperature", "hot", "temperature must be a number"),
+    ("top_k", -1, "top_k must be >= 0"),
+    ("top_k", 2.5, "top_k must be an integer"),
+    ("min_p", 1.2, r"min_p must be in \[0, 1\]"),
+    ("repetition_penalty", 0, r"repetition_penalty must be in \(0, 10\]"),
+    ("presence_penalty", 3, r"presence_penalty must be in \[-2, 2\]"),
+    ("frequency_penalty", -3, r"frequency_penalty must be in \[-2, 2\]"),
+    ("max_new_tokens", 0, "max_new_tokens must be >= 1"),
+    ("max_new_tokens", True, "max_new_tokens must be an integer"),
+    ("seed", -1, "seed must be in"),
+    ("stop", [""], "stop must be a list of non-empty strings"),
+    ("stop", ["x"] * 17, "at most 16"),
+])
+def test_validation_names_the_field_and_range(field, value, message):
+    with pytest.raises(KettleError, match=message):
+        SamplingParams(**{field: value}).validate()
+
+
+def test_from_dict_round_trip_and_errors():
+    params = SamplingParams(temperature=0.3, top_k=7, seed=9, stop=["\n\n"])
+    assert SamplingParams.from_dict(params.to_dict()) == params
+    assert SamplingParams.from_dict({"stop": "END"}).stop == ["END"]
+    with pytest.raises(KettleError, match="unknown sampling parameter top_q"):
+        SamplingParams.from_dict({"top_q": 0.5})
+    with pytest.raises(KettleError, match="top_p must be in"):
+        SamplingParams.from_dict({"top_p": 2})
+
+
+def test_presets_are_valid_and_copies():
+    for name in PRESETS:
+        get_preset(name).validate()
+    p = get_preset("creative")
+    p.stop.append("x")
+    assert PRESETS["creative"].stop == []
+    with pytest.raises(KettleError, match="unknown sampling preset"):
+        get_preset("wild")
