@@ -1,0 +1,1193 @@
+"""Everything a user says, labels and trains, in one SQLite file (sqlite-utils, no ORM).
+
+What lives here:
+- conversations, and their messages as a tree: every message knows its parent, so regenerating
+  or editing an answer adds a sibling branch and never overwrites. Message content can never be
+  changed (a trigger refuses it); assistant messages record the model, sampling parameters, seed,
+  token counts and timings that produced them.
+- labels as an append-only history (thumb, 1-5 score, tags, note, corrected "ideal" answer,
+  excluded). Triggers refuse UPDATE and DELETE; changing or removing a label appends a row, and
+  the `current_labels` view is the newest row per message.
+- dataset snapshots: a `DataFilter` materialised into immutable, content-hashed examples in the one
+  chat format, plus preference pairs.
+- model versions with lineage and an activation history; training runs with per-step metrics.
+- full-text search over message content (FTS5, kept in sync by triggers).
+
+Durability: WAL, synchronous=FULL (a committed label survives a crash or power loss), foreign keys
+on, a 10 s busy timeout, and every write transaction starts with BEGIN IMMEDIATE, so two processes
+(the app and a training job) wait for each other instead of failing with "database is locked".
+
+Threads: one Store holds one connection, opened with check_same_thread=False; every public method
+takes the Store's lock, so a Store may be shared by the app's worker threads. Separate processes
+each open their own Store. `with store.transaction():` groups several calls into one atomic write.
+
+Times are Unix seconds (float). JSON columns are decoded into dicts/lists on the dataclasses.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import sqlite_utils
+
+from gpt.errors import KettleError
+
+ROLES = ("system", "user", "assistant")
+MODEL_KINDS = ("imported", "downloaded", "pretrained", "finetuned", "starter")
+RUN_STATUSES = ("queued", "running", "finished", "failed", "cancelled")
+FINISHED_RUN_STATUSES = ("finished", "failed", "cancelled")
+BUSY_TIMEOUT_S = 10.0
+# Fields of a generation result (gpt.engine.GenerationResult) recorded on an assistant message.
+GENERATION_FIELDS = ("finish_reason", "prompt_tokens", "new_tokens", "dropped_tokens", "ttft_s",
+                     "tokens_per_s", "seed")
+
+
+def canonical_json(value: Any) -> str:
+    """The one JSON spelling used for hashing: sorted keys, no spaces, UTF-8 kept as is."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def content_hash(value: Any) -> str:
+    return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else canonical_json(value)
+
+
+def _loads(text: str | None, default: Any = None) -> Any:
+    return default if text is None else json.loads(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema and migrations. Each migration runs once, in order, inside one BEGIN IMMEDIATE
+# transaction together with its schema_version row; append new ones, never edit old ones.
+
+SCHEMA_1 = """
+CREATE TABLE conversations (
+    id INTEGER PRIMARY KEY,
+    title TEXT NOT NULL DEFAULT '',
+    system_prompt TEXT NOT NULL DEFAULT '',
+    params TEXT,                      -- default sampling parameters (JSON) for new answers
+    model TEXT,                       -- preferred model name for new answers
+    leaf_id INTEGER,                  -- the message at the end of the branch being shown
+    source TEXT NOT NULL DEFAULT 'chat',
+    external_id TEXT,                 -- id in an imported file (ShareGPT "id")
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    deleted_at REAL                   -- deleting hides a conversation; its labels stay
+);
+CREATE INDEX idx_conversations_updated ON conversations(deleted_at, updated_at DESC, id DESC);
+
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id),
+    parent_id INTEGER REFERENCES messages(id),
+    role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+    content TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    model_version_id INTEGER REFERENCES model_versions(id),
+    model TEXT,                       -- model name or path that wrote an assistant message
+    params TEXT,                      -- sampling parameters (JSON)
+    seed INTEGER,
+    finish_reason TEXT,
+    prompt_tokens INTEGER,
+    new_tokens INTEGER,
+    dropped_tokens INTEGER,
+    ttft_s REAL,
+    tokens_per_s REAL,
+    meta TEXT                         -- source fields an import needs to export exactly (JSON)
+);
+CREATE INDEX idx_messages_conversation ON messages(conversation_id, id);
+CREATE INDEX idx_messages_parent ON messages(parent_id);
+CREATE TRIGGER messages_no_rewrite BEFORE UPDATE OF conversation_id, parent_id, role, content
+ON messages BEGIN
+    SELECT RAISE(ABORT, 'messages are never rewritten: add a sibling instead');
+END;
+CREATE TRIGGER messages_no_delete BEFORE DELETE ON messages BEGIN
+    SELECT RAISE(ABORT, 'messages are never deleted');
+END;
+
+CREATE TABLE labels (
+    id INTEGER PRIMARY KEY,
+    message_id INTEGER NOT NULL REFERENCES messages(id),
+    thumb INTEGER CHECK (thumb IN (-1, 1)),
+    score INTEGER CHECK (score BETWEEN 1 AND 5),
+    tags TEXT NOT NULL DEFAULT '[]',   -- JSON list of strings
+    note TEXT NOT NULL DEFAULT '',
+    ideal TEXT,                        -- the user's corrected answer
+    excluded INTEGER NOT NULL DEFAULT 0 CHECK (excluded IN (0, 1)),
+    created_at REAL NOT NULL
+);
+CREATE INDEX idx_labels_message ON labels(message_id, id);
+CREATE TRIGGER labels_no_update BEFORE UPDATE ON labels BEGIN
+    SELECT RAISE(ABORT, 'labels are append-only: add a new label row');
+END;
+CREATE TRIGGER labels_no_delete BEFORE DELETE ON labels BEGIN
+    SELECT RAISE(ABORT, 'labels are append-only: add a clearing label row');
+END;
+CREATE VIEW current_labels AS
+    SELECT l.* FROM labels l
+    JOIN (SELECT message_id, MAX(id) AS id FROM labels GROUP BY message_id) newest
+    ON l.id = newest.id;
+
+CREATE TABLE snapshots (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL DEFAULT '',
+    filter TEXT NOT NULL,              -- the DataFilter (JSON) it was made from
+    content_hash TEXT NOT NULL,        -- sha256 of the canonical JSON of examples and pairs
+    n_examples INTEGER NOT NULL,
+    n_pairs INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE snapshot_rows (
+    id INTEGER PRIMARY KEY,
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id),
+    kind TEXT NOT NULL CHECK (kind IN ('example', 'pair')),
+    position INTEGER NOT NULL,
+    message_id INTEGER REFERENCES messages(id),   -- the answer it was rendered from
+    data TEXT NOT NULL                            -- canonical JSON
+);
+CREATE INDEX idx_snapshot_rows ON snapshot_rows(snapshot_id, kind, position);
+CREATE TRIGGER snapshots_frozen BEFORE UPDATE OF filter, content_hash, n_examples, n_pairs, created_at
+ON snapshots BEGIN
+    SELECT RAISE(ABORT, 'snapshots are immutable');
+END;
+CREATE TRIGGER snapshots_no_delete BEFORE DELETE ON snapshots BEGIN
+    SELECT RAISE(ABORT, 'snapshots are immutable');
+END;
+CREATE TRIGGER snapshot_rows_no_update BEFORE UPDATE ON snapshot_rows BEGIN
+    SELECT RAISE(ABORT, 'snapshots are immutable');
+END;
+CREATE TRIGGER snapshot_rows_no_delete BEFORE DELETE ON snapshot_rows BEGIN
+    SELECT RAISE(ABORT, 'snapshots are immutable');
+END;
+
+CREATE TABLE model_versions (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    path TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('imported', 'downloaded', 'pretrained', 'finetuned', 'starter')),
+    parent_id INTEGER REFERENCES model_versions(id),
+    snapshot_id INTEGER REFERENCES snapshots(id),
+    run_id INTEGER REFERENCES runs(id),
+    hparams TEXT NOT NULL DEFAULT '{}',
+    metrics TEXT NOT NULL DEFAULT '{}',
+    status TEXT NOT NULL DEFAULT 'ok',            -- e.g. ok | regressed | failed
+    note TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL
+);
+CREATE TABLE activations (
+    id INTEGER PRIMARY KEY,
+    model_version_id INTEGER NOT NULL REFERENCES model_versions(id),
+    activated_at REAL NOT NULL
+);
+
+CREATE TABLE runs (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,                           -- e.g. finetune | lora | pretrain | classify
+    status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'finished', 'failed', 'cancelled')),
+    model_version_id INTEGER REFERENCES model_versions(id),   -- the base model
+    snapshot_id INTEGER REFERENCES snapshots(id),
+    output_model_id INTEGER REFERENCES model_versions(id),
+    config TEXT NOT NULL DEFAULT '{}',
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER,
+    log_path TEXT,
+    error TEXT,
+    pid INTEGER,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX idx_runs_status ON runs(status, id);
+CREATE TABLE run_metrics (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    step INTEGER NOT NULL,
+    metrics TEXT NOT NULL,                        -- JSON {"loss": 1.23, ...}
+    created_at REAL NOT NULL
+);
+CREATE INDEX idx_run_metrics ON run_metrics(run_id, step);
+"""
+
+
+def _migration_1_core(db: sqlite_utils.Database) -> None:
+    db.executescript(SCHEMA_1)
+
+
+def _migration_2_search(db: sqlite_utils.Database) -> None:
+    # Message content never changes, but sqlite-utils' triggers also keep the index right if a
+    # future migration ever rewrites rows.
+    db["messages"].enable_fts(["content"], create_triggers=True, tokenize="porter unicode61")
+
+
+MIGRATIONS = [_migration_1_core, _migration_2_search]
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: int
+    title: str
+    system_prompt: str
+    params: dict | None
+    model: str | None
+    leaf_id: int | None
+    source: str
+    external_id: str | None
+    created_at: float
+    updated_at: float
+    deleted_at: float | None
+    message_count: int = 0
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Conversation":
+        return cls(**{**row, "params": _loads(row["params"])})
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int
+    conversation_id: int
+    parent_id: int | None
+    role: str
+    content: str
+    created_at: float
+    model_version_id: int | None = None
+    model: str | None = None
+    params: dict | None = None
+    seed: int | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    new_tokens: int | None = None
+    dropped_tokens: int | None = None
+    ttft_s: float | None = None
+    tokens_per_s: float | None = None
+    meta: dict | None = None
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Message":
+        return cls(**{**row, "params": _loads(row["params"]), "meta": _loads(row["meta"])})
+
+    def chat(self) -> dict:
+        """This message in the one chat format."""
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True)
+class Label:
+    """One row of a message's label history; the newest row is the current label."""
+    id: int
+    message_id: int
+    thumb: int | None
+    score: int | None
+    tags: list[str]
+    note: str
+    ideal: str | None
+    excluded: bool
+    created_at: float
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Label":
+        return cls(**{**row, "tags": _loads(row["tags"], []), "excluded": bool(row["excluded"])})
+
+    @property
+    def is_empty(self) -> bool:
+        """True for a cleared label (a "remove label" row)."""
+        return (self.thumb is None and self.score is None and not self.tags and not self.note
+                and self.ideal is None and not self.excluded)
+
+
+@dataclass(frozen=True)
+class DataFilter:
+    """Which assistant answers would train now.
+
+    An answer is chosen when it passes any of: thumbs up (`thumbs_up`), has a corrected answer
+    (`ideal`), score >= `min_score`, or `all_answers` (every answer not voted down); and then its
+    tags contain one of `tags_include` (when given) and none of `tags_exclude`. An example is
+    never made from a conversation the user deleted, nor through a message the user excluded.
+    """
+    thumbs_up: bool = True
+    ideal: bool = True
+    min_score: int | None = None
+    all_answers: bool = False
+    tags_include: tuple[str, ...] = ()
+    tags_exclude: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.min_score is not None and not 1 <= self.min_score <= 5:
+            raise KettleError(f"min score must be between 1 and 5, got {self.min_score}")
+        object.__setattr__(self, "tags_include", tuple(_clean_tags(self.tags_include)))
+        object.__setattr__(self, "tags_exclude", tuple(_clean_tags(self.tags_exclude)))
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "tags_include": list(self.tags_include),
+                "tags_exclude": list(self.tags_exclude)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataFilter":
+        return cls(**d)
+
+    def chooses(self, label: Label | None) -> bool:
+        if label is None or label.excluded:
+            return self.all_answers and label is None
+        tags = set(label.tags)
+        if self.tags_include and not tags & set(self.tags_include):
+            return False
+        if tags & set(self.tags_exclude):
+            return False
+        return bool((self.ideal and label.ideal is not None)
+                    or (self.thumbs_up and label.thumb == 1)
+                    or (self.min_score is not None and label.score is not None
+                        and label.score >= self.min_score)
+                    or (self.all_answers and label.thumb != -1))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: int
+    name: str
+    filter: DataFilter
+    content_hash: str
+    n_examples: int
+    n_pairs: int
+    created_at: float
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Snapshot":
+        return cls(**{**row, "filter": DataFilter.from_dict(_loads(row["filter"]))})
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    id: int
+    name: str
+    path: str
+    kind: str
+    parent_id: int | None
+    snapshot_id: int | None
+    run_id: int | None
+    hparams: dict
+    metrics: dict
+    status: str
+    note: str
+    created_at: float
+
+    @classmethod
+    def from_row(cls, row: dict) -> "ModelVersion":
+        return cls(**{**row, "hparams": _loads(row["hparams"], {}),
+                      "metrics": _loads(row["metrics"], {})})
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    kind: str
+    status: str
+    model_version_id: int | None
+    snapshot_id: int | None
+    output_model_id: int | None
+    config: dict
+    step: int
+    total_steps: int | None
+    log_path: str | None
+    error: str | None
+    pid: int | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Run":
+        return cls(**{**row, "config": _loads(row["config"], {})})
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    message_id: int
+    conversation_id: int
+    conversation_title: str
+    role: str
+    snippet: str
+    created_at: float
+
+
+_UNSET: Any = object()
+
+
+def _clean_tags(tags: Iterable[str]) -> list[str]:
+    if isinstance(tags, str):
+        raise KettleError("tags must be a list of strings, not one string")
+    out: list[str] = []
+    for tag in tags:
+        if not isinstance(tag, str):
+            raise KettleError(f"a tag must be a string, got {tag!r}")
+        tag = tag.strip()
+        if tag and tag not in out:
+            out.append(tag)
+    return out
+
+
+def _fts_query(text: str) -> str:
+    """Plain words -> an FTS5 query that matches all of them; user text is never FTS syntax."""
+    words = text.split()
+    return " ".join('"' + w.replace('"', '""') + '"' for w in words)
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+
+
+class Store:
+    """One SQLite database. Use `Store.open()`; close with `close()` or a `with` block."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection):
+        self.path = path
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        self._lock = threading.RLock()
+        self._depth = 0
+
+    @classmethod
+    def open(cls, path: str | Path | None = None) -> "Store":
+        """Open (creating if needed) the database at `path`, default data.paths.db_path(),
+        and run any pending migrations."""
+        if path is None:
+            from data.paths import db_path
+
+            path = db_path()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: no implicit transactions; writes use explicit BEGIN IMMEDIATE.
+        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                               check_same_thread=False)
+        store = cls(path, conn)
+        try:
+            store._configure()
+            store._migrate()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise KettleError(f"{path}: cannot open the Kettle database: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    def _configure(self) -> None:
+        self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise KettleError(f"{self.path}: could not switch the database to WAL mode ({mode})")
+        self.conn.execute("PRAGMA synchronous = FULL")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+
+    def _migrate(self) -> None:
+        with self.transaction():
+            self.conn.execute("CREATE TABLE IF NOT EXISTS schema_version "
+                              "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+            version = self.schema_version()
+            if version > len(MIGRATIONS):
+                raise KettleError(f"{self.path}: the database has schema version {version}, "
+                                  f"newer than this Kettle understands ({len(MIGRATIONS)}); "
+                                  "upgrade Kettle")
+            for number in range(version + 1, len(MIGRATIONS) + 1):
+                MIGRATIONS[number - 1](self.db)
+                self.conn.execute("INSERT INTO schema_version VALUES (?, ?)", (number, time.time()))
+
+    def schema_version(self) -> int:
+        return self.conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator["Store"]:
+        """One atomic write: everything inside commits together or not at all. Nestable; holds
+        the Store's lock, and the database's write lock from the start (BEGIN IMMEDIATE)."""
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self
+                finally:
+                    self._depth -= 1
+                return
+            self.conn.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield self
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+            else:
+                self.conn.execute("COMMIT")
+            finally:
+                self._depth = 0
+
+    def _rows(self, sql: str, params: Iterable = ()) -> list[dict]:
+        with self._lock:
+            return list(self.db.query(sql, tuple(params)))
+
+    def _row(self, sql: str, params: Iterable = ()) -> dict | None:
+        rows = self._rows(sql, params)
+        return rows[0] if rows else None
+
+    def _insert(self, sql: str, params: Iterable) -> int:
+        with self.transaction():
+            return self.conn.execute(sql, tuple(params)).lastrowid
+
+    # -- conversations ------------------------------------------------------------------------
+
+    def create_conversation(self, title: str = "", system_prompt: str = "",
+                            params: dict | None = None, model: str | None = None,
+                            source: str = "chat", external_id: str | None = None) -> Conversation:
+        now = time.time()
+        cid = self._insert(
+            "INSERT INTO conversations (title, system_prompt, params, model, source, external_id,"
+            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (title, system_prompt, _dumps(params), model, source, external_id, now, now))
+        return self.conversation(cid)
+
+    def conversation(self, conversation_id: int) -> Conversation:
+        """The conversation with this id (deleted ones included); KettleError if there is none."""
+        row = self._row("SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id)"
+                        " AS message_count FROM conversations c WHERE c.id = ?", (conversation_id,))
+        if row is None:
+            raise KettleError(f"no conversation with id {conversation_id}")
+        return Conversation.from_row(row)
+
+    def list_conversations(self, limit: int = 50, offset: int = 0,
+                           include_deleted: bool = False) -> list[Conversation]:
+        """Newest (most recently updated) first."""
+        where = "" if include_deleted else "WHERE c.deleted_at IS NULL"
+        rows = self._rows(
+            "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id)"
+            f" AS message_count FROM conversations c {where}"
+            " ORDER BY c.deleted_at, c.updated_at DESC, c.id DESC LIMIT ? OFFSET ?",
+            (limit, offset))
+        return [Conversation.from_row(r) for r in rows]
+
+    def update_conversation(self, conversation_id: int, *, title: str = _UNSET,
+                            system_prompt: str = _UNSET, params: dict | None = _UNSET,
+                            model: str | None = _UNSET) -> Conversation:
+        """Change a conversation's settings; arguments left out keep their value."""
+        changes = {k: v for k, v in (("title", title), ("system_prompt", system_prompt),
+                                     ("params", _UNSET if params is _UNSET else _dumps(params)),
+                                     ("model", model)) if v is not _UNSET}
+        self.conversation(conversation_id)
+        if changes:
+            sets = ", ".join(f"{k} = ?" for k in changes)
+            with self.transaction():
+                self.conn.execute(f"UPDATE conversations SET {sets}, updated_at = ? WHERE id = ?",
+                                  (*changes.values(), time.time(), conversation_id))
+        return self.conversation(conversation_id)
+
+    def delete_conversation(self, conversation_id: int) -> None:
+        """Hide a conversation from lists, searches and new snapshots. Nothing is erased (its
+        labels are history, and snapshots may hold it); `restore_conversation` undoes it."""
+        self.conversation(conversation_id)
+        with self.transaction():
+            self.conn.execute("UPDATE conversations SET deleted_at = ? WHERE id = ?",
+                              (time.time(), conversation_id))
+
+    def restore_conversation(self, conversation_id: int) -> None:
+        self.conversation(conversation_id)
+        with self.transaction():
+            self.conn.execute("UPDATE conversations SET deleted_at = NULL WHERE id = ?",
+                              (conversation_id,))
+
+    # -- messages -----------------------------------------------------------------------------
+
+    def add_message(self, conversation_id: int, role: str, content: str,
+                    parent_id: int | None = None, *, model_version_id: int | None = None,
+                    model: str | None = None, params: dict | None = None,
+                    generation: Any = None, meta: dict | None = None) -> Message:
+        """Append a message under `parent_id` (None: a root). A parent that already has children
+        gets a sibling branch; nothing is overwritten. The new message becomes the conversation's
+        shown leaf.
+
+        `generation` is a gpt.engine.GenerationResult (or a dict with the same fields): its
+        finish_reason, token counts, timings and seed are recorded. `params` is the sampling
+        parameters dict (SamplingParams.to_dict()).
+        """
+        if role not in ROLES:
+            raise KettleError(f"message role must be one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise KettleError(f"message content must be a string, got {type(content).__name__}")
+        gen = {}
+        if generation is not None:
+            source = generation if isinstance(generation, dict) else vars(generation)
+            gen = {k: source.get(k) for k in GENERATION_FIELDS}
+        with self.transaction():
+            if self._row("SELECT id FROM conversations WHERE id = ?", (conversation_id,)) is None:
+                raise KettleError(f"no conversation with id {conversation_id}")
+            if parent_id is not None:
+                parent = self._row("SELECT conversation_id FROM messages WHERE id = ?", (parent_id,))
+                if parent is None or parent["conversation_id"] != conversation_id:
+                    raise KettleError(f"message {parent_id} is not in conversation {conversation_id}")
+            now = time.time()
+            try:  # an unknown model_version_id
+                mid = self.conn.execute(
+                    "INSERT INTO messages (conversation_id, parent_id, role, content, created_at,"
+                    " model_version_id, model, params, meta, finish_reason, prompt_tokens,"
+                    " new_tokens, dropped_tokens, ttft_s, tokens_per_s, seed)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (conversation_id, parent_id, role, content, now, model_version_id, model,
+                     _dumps(params), _dumps(meta), *(gen.get(k) for k in GENERATION_FIELDS)),
+                ).lastrowid
+            except sqlite3.IntegrityError as exc:
+                raise KettleError(f"cannot add the message to conversation {conversation_id}: "
+                                  f"{exc}") from exc
+            self.conn.execute("UPDATE conversations SET leaf_id = ?, updated_at = ? WHERE id = ?",
+                              (mid, now, conversation_id))
+        return self.message(mid)
+
+    def message(self, message_id: int) -> Message:
+        row = self._row("SELECT * FROM messages WHERE id = ?", (message_id,))
+        if row is None:
+            raise KettleError(f"no message with id {message_id}")
+        return Message.from_row(row)
+
+    def messages(self, conversation_id: int) -> list[Message]:
+        """Every message of a conversation, all branches, oldest first."""
+        return [Message.from_row(r) for r in self._rows(
+            "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))]
+
+    def thread(self, leaf_id: int) -> list[Message]:
+        """The branch from the root down to `leaf_id`, in order."""
+        rows = self._rows(
+            "WITH RECURSIVE up(id, depth) AS (SELECT ?, 0 UNION ALL"
+            " SELECT m.parent_id, up.depth + 1 FROM messages m JOIN up ON m.id = up.id"
+            " WHERE m.parent_id IS NOT NULL)"
+            " SELECT m.* FROM up JOIN messages m ON m.id = up.id ORDER BY up.depth DESC",
+            (leaf_id,))
+        if not rows:
+            raise KettleError(f"no message with id {leaf_id}")
+        return [Message.from_row(r) for r in rows]
+
+    def current_thread(self, conversation_id: int) -> list[Message]:
+        """The branch the conversation shows (ending at its leaf); [] for an empty one."""
+        conv = self.conversation(conversation_id)
+        return self.thread(conv.leaf_id) if conv.leaf_id is not None else []
+
+    def children(self, message_id: int | None, conversation_id: int | None = None) -> list[Message]:
+        """Replies to a message, oldest first (message_id None: the roots of `conversation_id`)."""
+        if message_id is None:
+            rows = self._rows("SELECT * FROM messages WHERE conversation_id = ? AND parent_id IS NULL"
+                              " ORDER BY id", (conversation_id,))
+        else:
+            rows = self._rows("SELECT * FROM messages WHERE parent_id = ? ORDER BY id", (message_id,))
+        return [Message.from_row(r) for r in rows]
+
+    def siblings(self, message_id: int) -> list[Message]:
+        """The message and its alternatives (same parent), oldest first."""
+        msg = self.message(message_id)
+        return self.children(msg.parent_id, msg.conversation_id)
+
+    def set_leaf(self, conversation_id: int, message_id: int) -> None:
+        """Show the branch ending at `message_id` (for example after picking a sibling). A message
+        in the middle of a branch is followed down its newest replies to a leaf."""
+        msg = self.message(message_id)
+        if msg.conversation_id != conversation_id:
+            raise KettleError(f"message {message_id} is not in conversation {conversation_id}")
+        leaf = message_id
+        while (child := self._row("SELECT MAX(id) AS id FROM messages WHERE parent_id = ?",
+                                  (leaf,)))["id"] is not None:
+            leaf = child["id"]
+        with self.transaction():
+            self.conn.execute("UPDATE conversations SET leaf_id = ? WHERE id = ?",
+                              (leaf, conversation_id))
+
+    def chat_messages(self, leaf_id: int) -> list[dict]:
+        """The branch ending at `leaf_id` in the one chat format, with the conversation's system
+        prompt first (when it has one) — what a model should see."""
+        thread = self.thread(leaf_id)
+        conv = self.conversation(thread[0].conversation_id)
+        prefix = [{"role": "system", "content": conv.system_prompt}] if conv.system_prompt else []
+        return prefix + [m.chat() for m in thread]
+
+    # -- labels -------------------------------------------------------------------------------
+
+    def label(self, message_id: int) -> Label | None:
+        """The current label of a message, or None when it never had one or it was cleared."""
+        row = self._row("SELECT * FROM labels WHERE message_id = ? ORDER BY id DESC LIMIT 1",
+                        (message_id,))
+        label = Label.from_row(row) if row else None
+        return None if label is None or label.is_empty else label
+
+    def labels(self, message_ids: Iterable[int]) -> dict[int, Label]:
+        """Current labels of many messages at once (cleared and missing ones left out)."""
+        ids = list(message_ids)
+        out: dict[int, Label] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self._rows(f"SELECT * FROM current_labels WHERE message_id IN ({marks})",
+                                  chunk):
+                label = Label.from_row(row)
+                if not label.is_empty:
+                    out[label.message_id] = label
+        return out
+
+    def label_history(self, message_id: int) -> list[Label]:
+        """Every label row of a message, oldest first."""
+        return [Label.from_row(r) for r in self._rows(
+            "SELECT * FROM labels WHERE message_id = ? ORDER BY id", (message_id,))]
+
+    def set_label(self, message_id: int, *, thumb: int | None = _UNSET, score: int | None = _UNSET,
+                  tags: Iterable[str] = _UNSET, note: str = _UNSET, ideal: str | None = _UNSET,
+                  excluded: bool = _UNSET) -> Label:
+        """Change a message's label by appending a history row. Fields left out keep their
+        current value; pass None (or [] / "" / False) to clear one field.
+
+        thumb: 1 (up), -1 (down) or None; score: 1-5 or None; ideal: the corrected answer
+        (assistant messages only); excluded: keep this message out of every dataset.
+        """
+        if thumb is not _UNSET and thumb not in (None, 1, -1):
+            raise KettleError(f"thumb must be 1 (up), -1 (down) or None, got {thumb!r}")
+        if score is not _UNSET and score is not None and (
+                isinstance(score, bool) or not isinstance(score, int) or not 1 <= score <= 5):
+            raise KettleError(f"score must be a whole number from 1 to 5, got {score!r}")
+        if ideal is not _UNSET and ideal is not None and not isinstance(ideal, str):
+            raise KettleError("the corrected answer must be text")
+        if note is not _UNSET and not isinstance(note, str):
+            raise KettleError("a note must be text")
+        with self.transaction():
+            msg = self.message(message_id)
+            if ideal not in (_UNSET, None) and msg.role != "assistant":
+                raise KettleError(f"message {message_id} is a {msg.role} message; only assistant "
+                                  "answers take a corrected answer")
+            old = self.label(message_id)
+            row = {
+                "thumb": old.thumb if old else None, "score": old.score if old else None,
+                "tags": old.tags if old else [], "note": old.note if old else "",
+                "ideal": old.ideal if old else None, "excluded": old.excluded if old else False,
+            }
+            for key, value in (("thumb", thumb), ("score", score), ("note", note),
+                               ("ideal", ideal), ("excluded", excluded)):
+                if value is not _UNSET:
+                    row[key] = value
+            if tags is not _UNSET:
+                row["tags"] = _clean_tags(tags)
+            return self._append_label(message_id, row)
+
+    def clear_label(self, message_id: int) -> Label:
+        """Remove a message's label: appends an empty row, so the history keeps the old one."""
+        with self.transaction():
+            self.message(message_id)
+            return self._append_label(message_id, {"thumb": None, "score": None, "tags": [],
+                                                   "note": "", "ideal": None, "excluded": False})
+
+    def _append_label(self, message_id: int, row: dict) -> Label:
+        lid = self.conn.execute(
+            "INSERT INTO labels (message_id, thumb, score, tags, note, ideal, excluded, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (message_id, row["thumb"], row["score"], canonical_json(row["tags"]), row["note"],
+             row["ideal"], int(bool(row["excluded"])), time.time())).lastrowid
+        return Label.from_row(self._row("SELECT * FROM labels WHERE id = ?", (lid,)))
+
+    # -- datasets -----------------------------------------------------------------------------
+
+    def _answer_candidates(self) -> tuple[dict[int, dict], dict[int, Label]]:
+        """Every message of every live conversation (by id) and the current labels."""
+        rows = self._rows(
+            "SELECT m.id, m.conversation_id, m.parent_id, m.role, m.content, m.meta,"
+            " c.system_prompt, c.external_id FROM messages m"
+            " JOIN conversations c ON c.id = m.conversation_id WHERE c.deleted_at IS NULL"
+            " ORDER BY m.id")
+        msgs = {r["id"]: r for r in rows}
+        labels = {}
+        for row in self._rows("SELECT * FROM current_labels"):
+            label = Label.from_row(row)
+            if not label.is_empty and label.message_id in msgs:
+                labels[label.message_id] = label
+        return msgs, labels
+
+    @staticmethod
+    def _path(msgs: dict[int, dict], mid: int) -> list[dict]:
+        path = []
+        while mid is not None:
+            path.append(msgs[mid])
+            mid = msgs[mid]["parent_id"]
+        return path[::-1]
+
+    @staticmethod
+    def _render(path: list[dict], labels: dict[int, Label], chosen: set[int]) -> list[dict]:
+        """Chat messages for a branch: assistant turns use the corrected answer where there is
+        one; assistant turns that were not chosen carry "weight": 0 (context, not to be learned —
+        the OpenAI fine-tuning convention)."""
+        first = path[0]
+        out = [{"role": "system", "content": first["system_prompt"]}] if first["system_prompt"] else []
+        for m in path:
+            msg = {"role": m["role"], "content": m["content"]}
+            label = labels.get(m["id"])
+            if m["role"] == "assistant":
+                if label is not None and label.ideal is not None:
+                    msg["content"] = label.ideal
+                if m["id"] not in chosen:
+                    msg["weight"] = 0
+            out.append(msg)
+        return out
+
+    def dataset(self, filt: DataFilter | None = None) -> tuple[list[dict], list[dict]]:
+        """What would train now: (examples, preference pairs), each with the id of the answer it
+        came from under "message_id" (not part of the example).
+
+        An example is {"messages": [...]} ending at a chosen answer that has no chosen answer
+        below it on its branch (a branch of several chosen turns makes one example), plus "meta"
+        when the import it came from needs it to export exactly (Alpaca fields, ShareGPT id).
+        A pair is {"prompt": [...], "chosen": [assistant msg], "rejected": [assistant msg]}: a
+        corrected answer against its original, and an up-voted against a down-voted sibling.
+        """
+        filt = filt or DataFilter()
+        msgs, labels = self._answer_candidates()
+        excluded = {mid for mid, lab in labels.items() if lab.excluded}
+        paths = {}
+        chosen = set()
+        for mid, m in msgs.items():
+            if m["role"] != "assistant" or not filt.chooses(labels.get(mid)):
+                continue
+            path = self._path(msgs, mid)
+            if any(p["id"] in excluded for p in path):
+                continue
+            paths[mid] = path
+            chosen.add(mid)
+        inner = {p["id"] for path in paths.values() for p in path[:-1]}
+        examples = []
+        for mid in sorted(chosen - inner):
+            path = paths[mid]
+            example = {"messages": self._render(path, labels, chosen)}
+            meta = self._example_meta(path)
+            if meta:
+                example["meta"] = meta
+            examples.append({"message_id": mid, "example": example})
+        pairs = self._pairs(msgs, labels, excluded, filt)
+        return examples, pairs
+
+    @staticmethod
+    def _example_meta(path: list[dict]) -> dict:
+        meta = {}
+        if path[0]["external_id"] is not None:
+            meta["id"] = path[0]["external_id"]
+        users = [p for p in path if p["role"] == "user"]
+        if len(users) == 1 and users[0]["meta"]:
+            meta.update(_loads(users[0]["meta"]))
+        return meta
+
+    def _pairs(self, msgs: dict[int, dict], labels: dict[int, Label], excluded: set[int],
+               filt: DataFilter) -> list[dict]:
+        def passes_tags(label: Label) -> bool:
+            tags = set(label.tags)
+            return (not filt.tags_include or bool(tags & set(filt.tags_include))) and \
+                not tags & set(filt.tags_exclude)
+
+        def prompt_of(mid: int) -> list[dict] | None:
+            path = self._path(msgs, mid)
+            if any(p["id"] in excluded for p in path):
+                return None
+            return self._render(path[:-1], labels, {p["id"] for p in path})
+
+        pairs = []
+        siblings: dict[tuple, list[int]] = {}
+        for mid, m in msgs.items():
+            if m["role"] != "assistant":
+                continue
+            siblings.setdefault((m["conversation_id"], m["parent_id"]), []).append(mid)
+            label = labels.get(mid)
+            if label is None or label.ideal is None or label.ideal == m["content"]:
+                continue
+            if not passes_tags(label) or (prompt := prompt_of(mid)) is None:
+                continue
+            pairs.append({"message_id": mid, "pair": {
+                "prompt": prompt, "chosen": [{"role": "assistant", "content": label.ideal}],
+                "rejected": [{"role": "assistant", "content": m["content"]}]}})
+        for group in siblings.values():
+            ups = [i for i in group if labels.get(i) and labels[i].thumb == 1
+                   and passes_tags(labels[i])]
+            downs = [i for i in group if labels.get(i) and labels[i].thumb == -1]
+            for up in ups:
+                prompt = prompt_of(up)
+                for down in downs:
+                    if prompt is None or down in excluded:
+                        continue
+                    chosen_text = labels[up].ideal or msgs[up]["content"]
+                    pairs.append({"message_id": up, "pair": {
+                        "prompt": prompt, "chosen": [{"role": "assistant", "content": chosen_text}],
+                        "rejected": [{"role": "assistant", "content": msgs[down]["content"]}]}})
+        pairs.sort(key=lambda p: p["message_id"])
+        return pairs
+
+    def create_snapshot(self, filt: DataFilter | None = None, name: str = "") -> Snapshot:
+        """Freeze what would train now under `filt` into an immutable, content-hashed snapshot."""
+        filt = filt or DataFilter()
+        with self.transaction():
+            examples, pairs = self.dataset(filt)
+            digest = content_hash({"examples": [e["example"] for e in examples],
+                                   "pairs": [p["pair"] for p in pairs]})
+            sid = self.conn.execute(
+                "INSERT INTO snapshots (name, filter, content_hash, n_examples, n_pairs, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (name, canonical_json(filt.to_dict()), digest, len(examples), len(pairs),
+                 time.time())).lastrowid
+            rows = [(sid, "example", i, e["message_id"], canonical_json(e["example"]))
+                    for i, e in enumerate(examples)]
+            rows += [(sid, "pair", i, p["message_id"], canonical_json(p["pair"]))
+                     for i, p in enumerate(pairs)]
+            self.conn.executemany("INSERT INTO snapshot_rows (snapshot_id, kind, position,"
+                                  " message_id, data) VALUES (?, ?, ?, ?, ?)", rows)
+        return self.snapshot(sid)
+
+    def snapshot(self, snapshot_id: int) -> Snapshot:
+        row = self._row("SELECT * FROM snapshots WHERE id = ?", (snapshot_id,))
+        if row is None:
+            raise KettleError(f"no dataset snapshot with id {snapshot_id}")
+        return Snapshot.from_row(row)
+
+    def snapshots(self) -> list[Snapshot]:
+        """Newest first."""
+        return [Snapshot.from_row(r) for r in self._rows("SELECT * FROM snapshots ORDER BY id DESC")]
+
+    def snapshot_examples(self, snapshot_id: int) -> list[dict]:
+        """The snapshot's examples, {"messages": [...]} (+ "meta"), in order."""
+        return self._snapshot_rows(snapshot_id, "example")
+
+    def snapshot_pairs(self, snapshot_id: int) -> list[dict]:
+        """The snapshot's preference pairs, {"prompt", "chosen", "rejected"}, in order."""
+        return self._snapshot_rows(snapshot_id, "pair")
+
+    def _snapshot_rows(self, snapshot_id: int, kind: str) -> list[dict]:
+        self.snapshot(snapshot_id)
+        return [json.loads(r["data"]) for r in self._rows(
+            "SELECT data FROM snapshot_rows WHERE snapshot_id = ? AND kind = ? ORDER BY position",
+            (snapshot_id, kind))]
+
+    def verify_snapshot(self, snapshot_id: int) -> bool:
+        """True when the stored rows still hash to the snapshot's content hash."""
+        snap = self.snapshot(snapshot_id)
+        return snap.content_hash == content_hash({"examples": self.snapshot_examples(snapshot_id),
+                                                  "pairs": self.snapshot_pairs(snapshot_id)})
+
+    def rename_snapshot(self, snapshot_id: int, name: str) -> None:
+        self.snapshot(snapshot_id)
+        with self.transaction():
+            self.conn.execute("UPDATE snapshots SET name = ? WHERE id = ?", (name, snapshot_id))
+
+    # -- model versions -----------------------------------------------------------------------
+
+    def add_model_version(self, name: str, path: str | Path, kind: str, *,
+                          parent_id: int | None = None, snapshot_id: int | None = None,
+                          run_id: int | None = None, hparams: dict | None = None,
+                          metrics: dict | None = None, status: str = "ok",
+                          note: str = "") -> ModelVersion:
+        """Record a model directory. `name` is unique (KettleError if taken)."""
+        if kind not in MODEL_KINDS:
+            raise KettleError(f"model kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
+        with self.transaction():
+            if self._row("SELECT id FROM model_versions WHERE name = ?", (name,)):
+                raise KettleError(f"a model version named {name!r} already exists")
+            try:
+                vid = self.conn.execute(
+                    "INSERT INTO model_versions (name, path, kind, parent_id, snapshot_id, run_id,"
+                    " hparams, metrics, status, note, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (name, str(path), kind, parent_id, snapshot_id, run_id,
+                     canonical_json(hparams or {}), canonical_json(metrics or {}), status, note,
+                     time.time())).lastrowid
+            except sqlite3.IntegrityError as exc:
+                raise KettleError(f"cannot record model version {name!r}: unknown parent, "
+                                  f"snapshot or run ({exc})") from exc
+        return self.model_version(vid)
+
+    def model_version(self, id_or_name: int | str) -> ModelVersion:
+        """A model version by id or by name."""
+        column = "id" if isinstance(id_or_name, int) else "name"
+        row = self._row(f"SELECT * FROM model_versions WHERE {column} = ?", (id_or_name,))
+        if row is None:
+            raise KettleError(f"no model version {id_or_name!r}")
+        return ModelVersion.from_row(row)
+
+    def find_model_version(self, id_or_name: int | str) -> ModelVersion | None:
+        """Like `model_version`, but None when there is none."""
+        try:
+            return self.model_version(id_or_name)
+        except KettleError:
+            return None
+
+    def model_versions(self) -> list[ModelVersion]:
+        """Newest first."""
+        return [ModelVersion.from_row(r)
+                for r in self._rows("SELECT * FROM model_versions ORDER BY id DESC")]
+
+    def update_model_version(self, version_id: int, *, metrics: dict | None = None,
+                             status: str | None = None, note: str | None = None) -> ModelVersion:
+        """Record evaluation results: `metrics` are merged into the stored ones."""
+        old = self.model_version(version_id)
+        with self.transaction():
+            self.conn.execute(
+                "UPDATE model_versions SET metrics = ?, status = ?, note = ? WHERE id = ?",
+                (canonical_json({**old.metrics, **(metrics or {})}), status or old.status,
+                 old.note if note is None else note, version_id))
+        return self.model_version(version_id)
+
+    def lineage(self, version_id: int) -> list[ModelVersion]:
+        """The version and its ancestors, newest first."""
+        out = [self.model_version(version_id)]
+        while out[-1].parent_id is not None:
+            out.append(self.model_version(out[-1].parent_id))
+        return out
+
+    def activate_model(self, version_id: int) -> None:
+        """Make a version the one the app chats with (recorded in the activation history)."""
+        self.model_version(version_id)
+        self._insert("INSERT INTO activations (model_version_id, activated_at) VALUES (?, ?)",
+                     (version_id, time.time()))
+
+    def active_model(self) -> ModelVersion | None:
+        row = self._row("SELECT model_version_id FROM activations ORDER BY id DESC LIMIT 1")
+        return None if row is None else self.model_version(row["model_version_id"])
+
+    def activations(self) -> list[tuple[ModelVersion, float]]:
+        """(version, activated_at), newest first."""
+        return [(self.model_version(r["model_version_id"]), r["activated_at"]) for r in
+                self._rows("SELECT * FROM activations ORDER BY id DESC")]
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    def create_run(self, kind: str, *, model_version_id: int | None = None,
+                   snapshot_id: int | None = None, config: dict | None = None,
+                   total_steps: int | None = None, log_path: str | Path | None = None) -> Run:
+        """A new training run, status "queued"."""
+        now = time.time()
+        try:
+            rid = self._insert(
+                "INSERT INTO runs (kind, status, model_version_id, snapshot_id, config, total_steps,"
+                " log_path, created_at, updated_at) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                (kind, model_version_id, snapshot_id, canonical_json(config or {}), total_steps,
+                 None if log_path is None else str(log_path), now, now))
+        except sqlite3.IntegrityError as exc:
+            raise KettleError(f"cannot create the run: unknown model version or snapshot ({exc})") \
+                from exc
+        return self.run(rid)
+
+    def run(self, run_id: int) -> Run:
+        row = self._row("SELECT * FROM runs WHERE id = ?", (run_id,))
+        if row is None:
+            raise KettleError(f"no training run with id {run_id}")
+        return Run.from_row(row)
+
+    def runs(self, status: str | None = None, limit: int = 100) -> list[Run]:
+        """Newest first, optionally only those with `status`."""
+        if status is None:
+            rows = self._rows("SELECT * FROM runs ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            rows = self._rows("SELECT * FROM runs WHERE status = ? ORDER BY id DESC LIMIT ?",
+                              (status, limit))
+        return [Run.from_row(r) for r in rows]
+
+    def update_run(self, run_id: int, *, status: str | None = None, step: int | None = None,
+                   total_steps: int | None = None, error: str | None = None,
+                   pid: int | None = None, log_path: str | Path | None = None,
+                   output_model_id: int | None = None) -> Run:
+        """Progress and status changes. Entering "running" stamps started_at; entering finished,
+        failed or cancelled stamps finished_at."""
+        if status is not None and status not in RUN_STATUSES:
+            raise KettleError(f"run status must be one of {', '.join(RUN_STATUSES)}, got {status!r}")
+        changes = {k: v for k, v in (("status", status), ("step", step),
+                                     ("total_steps", total_steps), ("error", error), ("pid", pid),
+                                     ("log_path", None if log_path is None else str(log_path)),
+                                     ("output_model_id", output_model_id)) if v is not None}
+        now = time.time()
+        if status == "running":
+            changes["started_at"] = now
+        if status in FINISHED_RUN_STATUSES:
+            changes["finished_at"] = now
+        with self.transaction():
+            self.run(run_id)
+            sets = ", ".join(f"{k} = ?" for k in changes)
+            self.conn.execute(f"UPDATE runs SET {sets}{', ' if sets else ''}updated_at = ?"
+                              " WHERE id = ?", (*changes.values(), now, run_id))
+        return self.run(run_id)
+
+    def log_metrics(self, run_id: int, step: int, metrics: dict[str, float]) -> None:
+        """Record one step's metrics (e.g. {"loss": 1.2, "lr": 3e-4}) and advance the run's step."""
+        now = time.time()
+        with self.transaction():
+            try:
+                self.conn.execute("INSERT INTO run_metrics (run_id, step, metrics, created_at)"
+                                  " VALUES (?, ?, ?, ?)", (run_id, step, canonical_json(metrics), now))
+            except sqlite3.IntegrityError as exc:
+                raise KettleError(f"no training run with id {run_id}") from exc
+            self.conn.execute("UPDATE runs SET step = MAX(step, ?), updated_at = ? WHERE id = ?",
+                              (step, now, run_id))
+
+    def run_metrics(self, run_id: int) -> list[tuple[int, dict]]:
+        """(step, metrics) in step order."""
+        return [(r["step"], json.loads(r["metrics"])) for r in self._rows(
+            "SELECT step, metrics FROM run_metrics WHERE run_id = ? ORDER BY step, id", (run_id,))]
+
+    # -- search and statistics ----------------------------------------------------------------
+
+    def search(self, query: str, limit: int = 20) -> list[SearchHit]:
+        """Messages containing all the words of `query` (plain words, stemmed; no FTS syntax),
+        best matches first; deleted conversations are left out."""
+        fts = _fts_query(query)
+        if not fts:
+            return []
+        rows = self._rows(
+            "SELECT m.id, m.conversation_id, c.title, m.role, m.created_at,"
+            " snippet(messages_fts, 0, '[', ']', '…', 12) AS snippet"
+            " FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid"
+            " JOIN conversations c ON c.id = m.conversation_id"
+            " WHERE messages_fts MATCH ? AND c.deleted_at IS NULL ORDER BY rank LIMIT ?",
+            (fts, limit))
+        return [SearchHit(message_id=r["id"], conversation_id=r["conversation_id"],
+                          conversation_title=r["title"], role=r["role"], snippet=r["snippet"],
+                          created_at=r["created_at"]) for r in rows]
+
+    def stats(self) -> dict[str, int]:
+        """Counts for `kettle data stats`."""
+        def one(sql: str) -> int:
+            return self._row(sql)["n"]
+
+        return {
+            "conversations": one("SELECT COUNT(*) AS n FROM conversations WHERE deleted_at IS NULL"),
+            "deleted_conversations": one("SELECT COUNT(*) AS n FROM conversations"
+                                         " WHERE deleted_at IS NOT NULL"),
+            "messages": one("SELECT COUNT(*) AS n FROM messages"),
+            "assistant_messages": one("SELECT COUNT(*) AS n FROM messages WHERE role = 'assistant'"),
+            "thumbs_up": one("SELECT COUNT(*) AS n FROM current_labels WHERE thumb = 1"),
+            "thumbs_down": one("SELECT COUNT(*) AS n FROM current_labels WHERE thumb = -1"),
+            "scored": one("SELECT COUNT(*) AS n FROM current_labels WHERE score IS NOT NULL"),
+            "corrected": one("SELECT COUNT(*) AS n FROM current_labels WHERE ideal IS NOT NULL"),
+            "excluded": one("SELECT COUNT(*) AS n FROM current_labels WHERE excluded = 1"),
+            "label_rows": one("SELECT COUNT(*) AS n FROM labels"),
+            "snapshots": one("SELECT COUNT(*) AS n FROM snapshots"),
+            "model_versions": one("SELECT COUNT(*) AS n FROM model_versions"),
+            "runs": one("SELECT COUNT(*) AS n FROM runs"),
+        }
+
+    def integrity_check(self) -> str:
+        """"ok" when SQLite finds the file sound."""
+        return self._row("PRAGMA integrity_check")["integrity_check"]

@@ -1,0 +1,326 @@
+"""The store on a real SQLite file: tree, append-only labels, snapshots, models, runs, search."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+
+from data.store import DataFilter, Store
+from gpt.errors import KettleError
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store.open(tmp_path / "kettle.db") as s:
+        yield s
+
+
+def chat(store, system="", answer="Paris, I think."):
+    conv = store.create_conversation("capitals", system_prompt=system)
+    user = store.add_message(conv.id, "user", "Capital of France?")
+    bot = store.add_message(conv.id, "assistant", answer, user.id)
+    return conv, user, bot
+
+
+def test_open_sets_wal_foreign_keys_and_schema_version(tmp_path):
+    with Store.open(tmp_path / "k.db") as s:
+        assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert s.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert s.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 10000
+        version = s.schema_version()
+    with Store.open(tmp_path / "k.db") as s:  # reopening runs no migration twice
+        assert s.schema_version() == version
+        assert s.conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == version
+
+
+def test_default_path_is_under_kettle_home(kettle_home):
+    with Store.open() as s:
+        assert s.path == kettle_home / "kettle.db"
+
+
+def test_not_a_database_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(KettleError, match="bad.db"):
+        Store.open(bad)
+
+
+def test_newer_schema_is_refused(tmp_path):
+    with Store.open(tmp_path / "k.db") as s:
+        s.conn.execute("INSERT INTO schema_version VALUES (99, 0)")
+    with pytest.raises(KettleError, match="newer"):
+        Store.open(tmp_path / "k.db")
+
+
+def test_regenerating_makes_a_sibling_and_threads_follow_the_branch(store):
+    conv, user, first = chat(store)
+    second = store.add_message(conv.id, "assistant", "Paris.", user.id)
+    assert [m.id for m in store.siblings(first.id)] == [first.id, second.id]
+    assert store.conversation(conv.id).leaf_id == second.id
+    follow = store.add_message(conv.id, "user", "And Italy?", first.id)
+    store.set_leaf(conv.id, first.id)  # a mid-branch message: followed down to its reply
+    assert [m.id for m in store.current_thread(conv.id)] == [user.id, first.id, follow.id]
+    assert store.message(first.id).content == "Paris, I think."
+    with pytest.raises(sqlite3.IntegrityError, match="never rewritten"):
+        store.conn.execute("UPDATE messages SET content = 'changed' WHERE id = ?", (first.id,))
+
+
+def test_message_records_generation_details(store):
+    conv = store.create_conversation()
+    user = store.add_message(conv.id, "user", "hi")
+    result = {"text": "hello", "finish_reason": "stop", "prompt_tokens": 5, "new_tokens": 2,
+              "dropped_tokens": 0, "ttft_s": 0.01, "tokens_per_s": 50.0, "seed": 42}
+    version = store.add_model_version("base", "/models/base", "imported")
+    msg = store.add_message(conv.id, "assistant", "hello", user.id, model_version_id=version.id,
+                            model="base", params={"temperature": 0.7}, generation=result)
+    assert (msg.seed, msg.new_tokens, msg.finish_reason, msg.params) == \
+        (42, 2, "stop", {"temperature": 0.7})
+    assert msg.model_version_id == version.id
+
+
+def test_bad_messages_are_refused(store):
+    conv = store.create_conversation()
+    other = store.create_conversation()
+    foreign = store.add_message(other.id, "user", "elsewhere")
+    with pytest.raises(KettleError, match="role"):
+        store.add_message(conv.id, "robot", "x")
+    with pytest.raises(KettleError, match="not in conversation"):
+        store.add_message(conv.id, "assistant", "x", foreign.id)
+    with pytest.raises(KettleError, match="no conversation"):
+        store.add_message(12345, "user", "x")
+
+
+def test_label_edited_three_times_has_three_rows_and_one_current(store):
+    _, _, bot = chat(store)
+    store.set_label(bot.id, thumb=1, tags=["geo"])
+    store.set_label(bot.id, score=4)
+    store.set_label(bot.id, ideal="Paris.", note="too unsure")
+    history = store.label_history(bot.id)
+    assert len(history) == 3
+    current = store.label(bot.id)
+    assert (current.thumb, current.score, current.tags, current.ideal, current.note) == \
+        (1, 4, ["geo"], "Paris.", "too unsure")
+    assert store.conn.execute("SELECT COUNT(*) FROM current_labels WHERE message_id = ?",
+                              (bot.id,)).fetchone()[0] == 1
+    assert store.message(bot.id).content == "Paris, I think."  # the original is kept
+
+
+def test_removing_a_label_appends_a_row_and_history_cannot_be_rewritten(store):
+    _, _, bot = chat(store)
+    store.set_label(bot.id, thumb=-1)
+    store.clear_label(bot.id)
+    assert store.label(bot.id) is None
+    assert [h.thumb for h in store.label_history(bot.id)] == [-1, None]
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        store.conn.execute("UPDATE labels SET thumb = 1")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        store.conn.execute("DELETE FROM labels")
+
+
+def test_label_validation(store):
+    _, user, bot = chat(store)
+    for kwargs in ({"thumb": 2}, {"score": 6}, {"score": True}, {"tags": "geo"}):
+        with pytest.raises(KettleError):
+            store.set_label(bot.id, **kwargs)
+    with pytest.raises(KettleError, match="only assistant"):
+        store.set_label(user.id, ideal="x")
+    assert store.label_history(bot.id) == []
+
+
+def test_snapshot_is_unchanged_by_a_later_label_edit(store):
+    _, _, bot = chat(store, system="Be terse.")
+    store.set_label(bot.id, ideal="Paris.")
+    snap = store.create_snapshot(name="v1")
+    before = store.snapshot_examples(snap.id)
+    assert before == [{"messages": [{"role": "system", "content": "Be terse."},
+                                    {"role": "user", "content": "Capital of France?"},
+                                    {"role": "assistant", "content": "Paris."}]}]
+    store.set_label(bot.id, ideal="It is Paris.")
+    store.set_label(bot.id, excluded=True)
+    assert store.snapshot_examples(snap.id) == before
+    assert store.snapshot(snap.id).content_hash == snap.content_hash
+    assert store.verify_snapshot(snap.id)
+    assert store.create_snapshot().n_examples == 0  # excluded now
+    with pytest.raises(sqlite3.IntegrityError, match="immutable"):
+        store.conn.execute("UPDATE snapshot_rows SET data = '{}'")
+    with pytest.raises(sqlite3.IntegrityError, match="immutable"):
+        store.conn.execute("DELETE FROM snapshots")
+
+
+def test_same_data_gives_same_content_hash(store):
+    _, _, bot = chat(store)
+    store.set_label(bot.id, thumb=1)
+    assert store.create_snapshot().content_hash == store.create_snapshot().content_hash
+
+
+def test_filter_thumbs_scores_tags_and_exclusions(store):
+    conv = store.create_conversation()
+    answers = {}
+    for name in ("up", "down", "scored", "tagged", "private", "plain"):
+        user = store.add_message(conv.id, "user", f"q {name}")
+        answers[name] = store.add_message(conv.id, "assistant", f"a {name}", user.id)
+    store.set_label(answers["up"].id, thumb=1, tags=["geo"])
+    store.set_label(answers["down"].id, thumb=-1)
+    store.set_label(answers["scored"].id, score=4)
+    store.set_label(answers["tagged"].id, thumb=1, tags=["skip"])
+    store.set_label(answers["private"].id, thumb=1, excluded=True)
+
+    def chosen(**kw):
+        return [e["example"]["messages"][-1]["content"] for e in store.dataset(DataFilter(**kw))[0]]
+
+    assert chosen() == ["a up", "a tagged"]
+    assert chosen(min_score=4) == ["a up", "a scored", "a tagged"]
+    assert chosen(tags_exclude=["skip"]) == ["a up"]
+    assert chosen(tags_include=["skip"]) == ["a tagged"]
+    assert chosen(all_answers=True) == ["a up", "a scored", "a tagged", "a plain"]
+    with pytest.raises(KettleError):
+        DataFilter(min_score=9)
+
+
+def test_multi_turn_branch_makes_one_example_and_unchosen_turns_get_weight_zero(store):
+    conv = store.create_conversation()
+    u1 = store.add_message(conv.id, "user", "one")
+    a1 = store.add_message(conv.id, "assistant", "bad one", u1.id)
+    u2 = store.add_message(conv.id, "user", "two", a1.id)
+    a2 = store.add_message(conv.id, "assistant", "good two", u2.id)
+    store.set_label(a2.id, thumb=1)
+    examples, _ = store.dataset()
+    assert [e["example"] for e in examples] == [{"messages": [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "bad one", "weight": 0},
+        {"role": "user", "content": "two"},
+        {"role": "assistant", "content": "good two"}]}]
+    store.set_label(a1.id, ideal="good one")
+    examples, _ = store.dataset()
+    assert len(examples) == 1 and examples[0]["example"]["messages"][1] == \
+        {"role": "assistant", "content": "good one"}
+    store.set_label(u1.id, excluded=True)  # excluding a message drops every example through it
+    assert store.dataset()[0] == []
+
+
+def test_preference_pairs_from_corrections_and_sibling_votes(store):
+    conv, user, bot = chat(store)
+    other = store.add_message(conv.id, "assistant", "London.", user.id)
+    store.set_label(bot.id, thumb=1)
+    store.set_label(other.id, thumb=-1)
+    _, pairs = store.dataset()
+    assert [p["pair"] for p in pairs] == [{
+        "prompt": [{"role": "user", "content": "Capital of France?"}],
+        "chosen": [{"role": "assistant", "content": "Paris, I think."}],
+        "rejected": [{"role": "assistant", "content": "London."}]}]
+    store.set_label(bot.id, ideal="Paris.")
+    _, pairs = store.dataset()
+    assert [(p["pair"]["chosen"][0]["content"], p["pair"]["rejected"][0]["content"])
+            for p in pairs] == [("Paris.", "Paris, I think."), ("Paris.", "London.")]
+
+
+def test_deleted_conversations_leave_lists_search_and_datasets(store):
+    conv, _, bot = chat(store)
+    store.set_label(bot.id, thumb=1)
+    store.delete_conversation(conv.id)
+    assert store.list_conversations() == []
+    assert store.search("France") == []
+    assert store.dataset()[0] == []
+    assert store.label(bot.id).thumb == 1
+    store.restore_conversation(conv.id)
+    assert [c.id for c in store.list_conversations()] == [conv.id]
+
+
+def test_list_conversations_newest_first_with_counts(store):
+    first, _, _ = chat(store)
+    second = store.create_conversation("later")
+    assert [c.id for c in store.list_conversations()] == [second.id, first.id]
+    store.add_message(first.id, "user", "bump")  # new activity moves it to the top
+    listed = store.list_conversations()
+    assert [c.id for c in listed] == [first.id, second.id]
+    assert listed[0].message_count == 3
+    updated = store.update_conversation(second.id, title="renamed", params={"temperature": 0})
+    assert (updated.title, updated.params) == ("renamed", {"temperature": 0})
+
+
+def test_search_matches_words_and_ignores_fts_syntax(store):
+    chat(store, answer="The capital is Paris.")
+    assert sorted(h.role for h in store.search("capitals")) == ["assistant", "user"]  # stemmed
+    hits = store.search("capital paris")  # every word required
+    assert [h.role for h in hits] == ["assistant"]
+    assert "[Paris]" in hits[0].snippet
+    assert store.search('paris" OR -(') == []
+    assert store.search("   ") == []
+
+
+def test_model_versions_lineage_and_activation(store):
+    assert store.active_model() is None
+    base = store.add_model_version("gpt2", "/m/gpt2", "downloaded")
+    _, _, bot = chat(store)
+    store.set_label(bot.id, thumb=1)
+    snap = store.create_snapshot()
+    run = store.create_run("finetune", model_version_id=base.id, snapshot_id=snap.id)
+    tuned = store.add_model_version("gpt2-ft1", "/m/ft1", "finetuned", parent_id=base.id,
+                                    snapshot_id=snap.id, run_id=run.id, hparams={"lr": 5e-5})
+    store.activate_model(base.id)
+    store.activate_model(tuned.id)
+    assert store.active_model().name == "gpt2-ft1"
+    assert [v.name for v, _ in store.activations()] == ["gpt2-ft1", "gpt2"]
+    assert [v.name for v in store.lineage(tuned.id)] == ["gpt2-ft1", "gpt2"]
+    updated = store.update_model_version(tuned.id, metrics={"val_loss": 2.5}, status="regressed")
+    assert (updated.status, updated.metrics, updated.hparams) == \
+        ("regressed", {"val_loss": 2.5}, {"lr": 5e-5})
+    assert store.model_version("gpt2").id == base.id
+    with pytest.raises(KettleError, match="already exists"):
+        store.add_model_version("gpt2", "/elsewhere", "imported")
+    with pytest.raises(KettleError, match="kind"):
+        store.add_model_version("x", "/x", "magic")
+    with pytest.raises(KettleError, match="unknown parent"):
+        store.add_model_version("orphan", "/x", "finetuned", parent_id=999)
+
+
+def test_run_lifecycle_and_metrics(store, tmp_path):
+    run = store.create_run("lora", config={"r": 8}, total_steps=3, log_path=tmp_path / "log")
+    assert run.status == "queued" and run.started_at is None
+    run = store.update_run(run.id, status="running", pid=1234)
+    assert run.started_at is not None and run.pid == 1234
+    for step, loss in enumerate([3.0, 2.5, 2.0], start=1):
+        store.log_metrics(run.id, step, {"loss": loss})
+    assert store.run(run.id).step == 3
+    assert store.run_metrics(run.id) == [(1, {"loss": 3.0}), (2, {"loss": 2.5}), (3, {"loss": 2.0})]
+    run = store.update_run(run.id, status="failed", error="out of memory")
+    assert (run.status, run.error, run.finished_at is not None) == ("failed", "out of memory", True)
+    assert [r.id for r in store.runs(status="failed")] == [run.id]
+    with pytest.raises(KettleError, match="status"):
+        store.update_run(run.id, status="exploded")
+    with pytest.raises(KettleError, match="no training run"):
+        store.log_metrics(999, 1, {"loss": 1.0})
+
+
+def test_transaction_rolls_back_everything(store):
+    conv = store.create_conversation()
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            store.add_message(conv.id, "user", "lost")
+            store.add_message(conv.id, "user", "lost too")
+            raise RuntimeError
+    assert store.messages(conv.id) == []
+
+
+def test_store_is_shared_safely_by_threads(store):
+    conv = store.create_conversation()
+    errors = []
+
+    def writer(n):
+        try:
+            for i in range(50):
+                msg = store.add_message(conv.id, "user", f"{n}-{i}")
+                store.set_label(msg.id, score=1 + i % 5)
+                store.list_conversations()
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(store.messages(conv.id)) == 200
+    assert store.stats()["scored"] == 200
