@@ -273,3 +273,46 @@ def test_device_choice():
             pick_device("cuda")
     with pytest.raises(KettleError, match="unknown device"):
         pick_device("toaster")
+
+
+def test_kettle_generate_command(tiny_model_dir, capsys):
+    from tui.cli import main
+
+    argv = ["generate", str(tiny_model_dir), "It was", "--temperature", "0.9", "--top-k", "20",
+            "--top-p", "0.9", "--min-p", "0.02", "--repetition-penalty", "1.1", "--seed", "7",
+            "--max-new-tokens", "12"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    expected = Engine.load(tiny_model_dir).generate("It was", SamplingParams(
+        temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, repetition_penalty=1.1, seed=7,
+        max_new_tokens=12))
+    assert out == expected.text + "\n"
+    assert "seed 7" in err and "tokens/s" in err
+    assert main(argv + ["--stream"]) == 0
+    assert capsys.readouterr().out == out  # streamed deltas add up to the same text
+    assert main(["generate", str(tiny_model_dir), "Hi", "--chat", "--system", "Be brief.",
+                 "--temperature", "0", "--max-new-tokens", "5", "--stop", "e"]) == 0
+    chat = Engine.load(tiny_model_dir).generate_chat(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        SamplingParams(temperature=0, max_new_tokens=5, stop=["e"]))
+    assert capsys.readouterr().out == chat.text + "\n"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--system", "x"], "--system needs --chat"),
+    (["--device", "toaster"], "unknown device"),
+])
+def test_kettle_generate_rejects_bad_flags(tiny_model_dir, capsys, extra, message):
+    from tui.cli import main
+
+    assert main(["generate", str(tiny_model_dir), "x", *extra]) == 1
+    assert f"kettle: error: {message}" in capsys.readouterr().err
+
+
+def test_kettle_generate_unknown_model(capsys):
+    from tui.cli import main
+
+    assert main(["generate", "no-such-model", "x"]) == 1
+    assert "no-such-model: no such model" in capsys.readouterr().err

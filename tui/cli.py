@@ -13,6 +13,7 @@ from gpt.errors import KettleError
 
 COMMAND_MODULES = [
     "tui.commands.models",
+    "tui.commands.generate",
 ]
 
 
