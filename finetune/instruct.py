@@ -1,0 +1,399 @@
+"""Supervised fine-tuning on conversations in the one chat format (full or LoRA).
+
+Each conversation is rendered with `gpt.chat_template.render_training`; the loss is taken only on
+the assistant's tokens and each assistant turn's end-of-turn marker (so the model learns to stop).
+Every other target, and all padding, is IGNORE (-100).
+
+Over-long conversations (more than `max_length` + 1 tokens, by default the model's context): the
+oldest exchanges are dropped, keeping a system message and the newest turns, until it fits; a
+conversation whose last user turn and answer alone do not fit is skipped and counted in the
+preparation stats (cutting an answer short would teach the model to stop mid-sentence).
+
+Batches are length-bucketed: each epoch the examples are shuffled, sorted by length and cut into
+batches under a token budget, and the batches are shuffled. Padding then wastes a few per cent of
+the tokens (`padding_waste`), where random batches waste half.
+
+Defaults derive from the dataset size (`resolve`): the batch holds at most n/8 examples, so 20
+examples still give several steps an epoch; epochs are enough for ~100 optimizer steps, from 2
+(large data) up to 30 (tiny data); the learning rate is doubled under 2,000 examples; warm-up is
+5% of the steps. Early stopping on validation loss (and restoring the best weights) guards the
+many-epoch small cases against over-fitting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from finetune.lora import LoRAConfig, adapter_state, apply_lora, lora_layers
+from gpt.chat_template import render_training
+from gpt.errors import KettleError
+from gpt.model import GPT
+from gpt.tokenizer import Tokenizer
+
+IGNORE = -100
+MIN_STEPS = 100
+
+
+@dataclass
+class SFTConfig:
+    """Settings of a fine-tuning run; None means "derive from the dataset size" (see `resolve`)."""
+    epochs: int | None = None
+    lr: float | None = None
+    warmup_steps: int | None = None
+    batch_tokens: int = 8192  # padded tokens per batch
+    max_batch_size: int | None = None
+    max_length: int | None = None  # default: the model's context length
+    val_fraction: float | None = None
+    patience: int = 3  # evaluations without a better validation loss before stopping
+    eval_every: int | None = None  # optimizer steps between validations
+    weight_decay: float | None = None
+    grad_clip: float = 1.0
+    seed: int = 1337
+    lora: LoRAConfig | None = None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["lora"] = self.lora.to_dict() if self.lora else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SFTConfig":
+        d = dict(d)
+        d["lora"] = LoRAConfig.from_dict(d["lora"]) if d.get("lora") else None
+        return cls(**d)
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # the next token where the loss counts, IGNORE elsewhere
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+# --- data --------------------------------------------------------------------------------------
+
+def encode_conversation(messages: list[dict], tokenizer: Tokenizer, max_length: int) -> Example | None:
+    """One training example, or None when even its last exchange is longer than `max_length`."""
+    system = messages[:1] if messages and messages[0].get("role") == "system" else []
+    rest = messages[len(system):]
+    while True:
+        ids, mask = render_training(system + rest, tokenizer)
+        if len(ids) <= max_length + 1:
+            labels = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
+            return Example(ids[:-1], labels)
+        # Drop the oldest exchange: everything up to the next user turn after the first message.
+        nxt = next((i for i in range(1, len(rest)) if rest[i]["role"] == "user"), None)
+        if nxt is None or not any(m["role"] == "assistant" for m in rest[nxt:]):
+            return None
+        rest = rest[nxt:]
+
+
+def prepare(conversations: list[list[dict]], tokenizer: Tokenizer, max_length: int,
+            vocab_size: int) -> tuple[list[Example], dict]:
+    """Encode every conversation; returns (examples, stats). Raises KettleError on bad data."""
+    if not conversations:
+        raise KettleError("the dataset is empty: there is nothing to fine-tune on")
+    examples, skipped = [], 0
+    for i, messages in enumerate(conversations):
+        try:
+            example = encode_conversation(messages, tokenizer, max_length)
+        except KettleError as exc:
+            raise KettleError(f"example {i + 1}: {exc}") from None
+        if example is None:
+            skipped += 1
+            continue
+        examples.append(example)
+    if not examples:
+        raise KettleError(f"all {len(conversations)} examples are longer than the context of "
+                          f"{max_length} tokens, even their last exchange")
+    check_vocabulary(examples, vocab_size)
+    stats = {"examples": len(examples), "skipped_too_long": skipped,
+             "tokens": sum(len(e) for e in examples),
+             "loss_tokens": sum(sum(t != IGNORE for t in e.labels) for e in examples)}
+    return examples, stats
+
+
+def check_vocabulary(examples: list[Example], vocab_size: int) -> None:
+    top = max(max(e.input_ids + [t for t in e.labels if t != IGNORE]) for e in examples)
+    if top >= vocab_size:
+        raise KettleError(f"the data holds token id {top} but the model's vocabulary has "
+                          f"{vocab_size} tokens: it was tokenised for another vocabulary")
+
+
+def holdout(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded split into (train, held out): held-out examples guide early stopping and the gate."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = round(len(examples) * fraction)
+    held = set(order[:n_val])
+    return ([e for i, e in enumerate(examples) if i not in held],
+            [e for i, e in enumerate(examples) if i in held])
+
+
+def default_val_fraction(n: int) -> float:
+    """10% held out, at least one example from 10 examples on, at most 500; none below 10."""
+    if n < 10:
+        return 0.0
+    return min(max(1, round(0.1 * n)), 500) / n
+
+
+def make_batches(examples: list[Example], batch_tokens: int, max_batch_size: int,
+                 seed: int | None = None) -> list[list[Example]]:
+    """Length-bucketed batches: examples of similar length together, under `batch_tokens`."""
+    order = list(examples)
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    order.sort(key=len)  # stable: equal lengths keep their shuffled order
+    batches, current = [], []
+    for ex in order:
+        if current and ((len(current) + 1) * len(ex) > batch_tokens or len(current) >= max_batch_size):
+            batches.append(current)
+            current = []
+        current.append(ex)
+    if current:
+        batches.append(current)
+    if seed is not None:
+        random.Random(seed + 1).shuffle(batches)
+    return batches
+
+
+def collate(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(e) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    for row, e in enumerate(batch):
+        ids[row, :len(e)] = torch.tensor(e.input_ids)
+        labels[row, :len(e)] = torch.tensor(e.labels)
+    return ids, labels
+
+
+def padding_waste(batches: list[list[Example]]) -> float:
+    """Share of the positions in padded batches that are padding."""
+    real = sum(len(e) for b in batches for e in b)
+    padded = sum(len(b) * max(len(e) for e in b) for b in batches)
+    return 1 - real / padded if padded else 0.0
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+def resolve(config: SFTConfig, n_train: int, context_length: int) -> SFTConfig:
+    """A copy of `config` with every None filled in from the dataset size (module docstring)."""
+    c = dataclasses.replace(config)
+    c.max_length = c.max_length or context_length
+    if c.max_length > context_length:
+        raise KettleError(f"--max-length {c.max_length} exceeds the model's context length {context_length}")
+    c.max_batch_size = c.max_batch_size or max(1, min(32, n_train // 8))
+    steps_per_epoch = max(1, math.ceil(n_train / c.max_batch_size))
+    if c.epochs is None:
+        c.epochs = min(30, max(2, math.ceil(MIN_STEPS / steps_per_epoch)))
+    if c.lr is None:
+        c.lr = (3e-4 if c.lora else 5e-5) * (2 if n_train < 2000 else 1)
+    if c.warmup_steps is None:
+        c.warmup_steps = max(1, min(100, round(0.05 * steps_per_epoch * c.epochs)))
+    if c.eval_every is None:
+        c.eval_every = max(1, min(steps_per_epoch, steps_per_epoch * c.epochs // 20))
+    if c.weight_decay is None:
+        c.weight_decay = 0.0 if c.lora else 0.1
+    if c.val_fraction is None:
+        c.val_fraction = 0.0  # resolved by the caller before splitting; recorded for the card
+    for name in ("epochs", "batch_tokens", "max_batch_size", "patience", "eval_every"):
+        if getattr(c, name) <= 0:
+            raise KettleError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
+    if not c.lr > 0:
+        raise KettleError(f"--lr must be positive, got {c.lr}")
+    return c
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def token_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(sum of the cross-entropy over the loss tokens, how many there are)."""
+    logits = model(ids)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss, int((labels != IGNORE).sum())
+
+
+@torch.no_grad()
+def evaluate_loss(model: GPT, examples: list[Example], pad_id: int, device, batch_tokens: int = 8192) -> float:
+    """Mean loss per loss token over `examples` (nan when there are none)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in make_batches(examples, batch_tokens, 64):
+        ids, labels = collate(batch, pad_id)
+        loss, n = token_loss(model, ids.to(device), labels.to(device))
+        total, count = total + loss.item(), count + n
+    model.train(was_training)
+    return total / count if count else float("nan")
+
+
+def trainable_state(model: GPT) -> dict[str, torch.Tensor]:
+    """What training changes: the adapter under LoRA, else every weight."""
+    if lora_layers(model):
+        return {k: v.clone() for k, v in adapter_state(model).items()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def load_trainable_state(model: GPT, state: dict[str, torch.Tensor]) -> None:
+    if lora_layers(model):
+        for name, layer in lora_layers(model).items():
+            layer.lora_A.data.copy_(state[f"{name}.lora_A"])
+            layer.lora_B.data.copy_(state[f"{name}.lora_B"])
+    else:
+        model.load_state_dict(state, strict=False)
+
+
+@dataclass
+class Progress:
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    val_loss: float | None
+    tokens_per_s: float
+    eta_s: float
+    lr: float
+
+
+class SFTTrainer:
+    """One fine-tuning run over prepared examples; its state can be saved and resumed exactly.
+
+    Under torch.distributed (torchrun), the model is wrapped in DistributedDataParallel and each
+    rank takes every world_size-th batch; only rank 0 should report and save.
+    """
+
+    def __init__(self, model: GPT, train: list[Example], val: list[Example], config: SFTConfig,
+                 pad_id: int, device="cpu", dist=None):
+        from gpt.pretrain import Dist, TrainConfig, make_optimizer
+
+        self.config, self.pad_id, self.device = config, pad_id, torch.device(device)
+        if config.lora and not lora_layers(model):
+            apply_lora(model, config.lora)
+        self.model = model.to(self.device)
+        self.train_examples, self.val_examples = train, val
+        self.dist = dist or Dist()
+        self.net = model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self._batches: tuple[int, list] = (-1, [])
+        self.steps_per_epoch = len(self._epoch_batches(0))
+        self.total_steps = self.steps_per_epoch * config.epochs
+        # Pretraining's optimizer and warm-up + cosine schedule, with this run's settings.
+        self.schedule = TrainConfig(lr=config.lr, warmup_steps=config.warmup_steps,
+                                    max_steps=self.total_steps, weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(model, self.schedule, self.device)
+        self.step = 0
+        self.history: list[dict] = []  # {"step", "loss"} and {"step", "val_loss"} rows
+        self.best_val, self.best_state, self.bad_evals = math.inf, None, 0
+        self.stopped_early = False
+        self.tokens = 0
+        self.elapsed = 0.0
+
+    def _epoch_batches(self, epoch: int) -> list[list[Example]]:
+        """This rank's batches of `epoch` (a pure function of the seed and the epoch)."""
+        if self._batches[0] != epoch:
+            batches = make_batches(self.train_examples, self.config.batch_tokens,
+                                   self.config.max_batch_size, seed=self.config.seed + epoch)
+            # Every rank needs a batch at every step (DDP averages gradients): repeat a few.
+            batches += batches[:-len(batches) % self.dist.world_size]
+            self._batches = (epoch, batches[self.dist.rank::self.dist.world_size])
+        return self._batches[1]
+
+    def lr(self, step: int) -> float:
+        from gpt.pretrain import lr_at
+
+        return lr_at(step, self.schedule)
+
+    def run(self, should_stop: Callable[[], bool] = lambda: False,
+            on_progress: Callable[[Progress], None] | None = None) -> bool:
+        """Train until done, early-stopped, or `should_stop()` turns true between two steps.
+
+        Returns True when the run finished (then the best weights are loaded), False when stopped.
+        """
+        self.model.train()
+        started, tokens_at_start, step_at_start = time.perf_counter(), self.tokens, self.step
+        while self.step < self.total_steps and not self.stopped_early:
+            epoch, index = divmod(self.step, self.steps_per_epoch)
+            loss = self._train_step(self._epoch_batches(epoch)[index])
+            self.step += 1
+            val_loss = None
+            if self.val_examples and (self.step % self.config.eval_every == 0
+                                      or self.step == self.total_steps):
+                val_loss = self._validate()
+            now = time.perf_counter()
+            speed = (self.tokens - tokens_at_start) / max(now - started, 1e-9)
+            if on_progress:
+                per_step = (now - started) / max(1, self.step - step_at_start)
+                on_progress(Progress(self.step, self.total_steps, epoch + 1, loss, val_loss,
+                                     speed * self.dist.world_size, per_step * (self.total_steps - self.step),
+                                     self.lr(self.step)))
+            if self.dist.any(should_stop(), self.device) and self.step < self.total_steps:
+                self.elapsed += time.perf_counter() - started
+                return False
+        self.elapsed += time.perf_counter() - started
+        if self.best_state is not None:
+            load_trainable_state(self.model, self.best_state)
+        return True
+
+    def _train_step(self, batch: list[Example]) -> float:
+        ids, labels = collate(batch, self.pad_id)
+        ids, labels = ids.to(self.device), labels.to(self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr(self.step)
+        loss_sum, n = token_loss(self.net, ids, labels)
+        loss = loss_sum / max(n, 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                           self.config.grad_clip)
+        self.optimizer.step()
+        self.tokens += sum(len(e) for e in batch)
+        value = loss.item()
+        self.history.append({"step": self.step + 1, "loss": value})
+        return value
+
+    def _validate(self) -> float:
+        val_loss = evaluate_loss(self.model, self.val_examples, self.pad_id, self.device,
+                                 self.config.batch_tokens)
+        self.history.append({"step": self.step, "val_loss": val_loss})
+        if val_loss < self.best_val:
+            self.best_val, self.bad_evals = val_loss, 0
+            self.best_state = trainable_state(self.model)
+        else:
+            self.bad_evals += 1
+            self.stopped_early = self.bad_evals >= self.config.patience
+        return val_loss
+
+    # Everything needed to continue exactly where the run stopped.
+    def state_dict(self) -> dict:
+        return {
+            "model": trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
+            "step": self.step, "history": self.history, "best_val": self.best_val,
+            "best_state": self.best_state, "bad_evals": self.bad_evals,
+            "stopped_early": self.stopped_early, "tokens": self.tokens, "elapsed": self.elapsed,
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        load_trainable_state(self.model, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.history = state["step"], state["history"]
+        self.best_val, self.best_state = state["best_val"], state["best_state"]
+        self.bad_evals, self.stopped_early = state["bad_evals"], state["stopped_early"]
+        self.tokens, self.elapsed = state["tokens"], state["elapsed"]
+        torch.set_rng_state(state["rng"])
+

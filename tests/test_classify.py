@@ -1,0 +1,106 @@
+"""Classification fine-tuning: reading CSV/TSV, balancing, training, saving, predicting."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from finetune.classify import (ClassifyConfig, balance, class_counts, format_confusion,
+                               load_classifier, make_classifier, predict, read_labeled,
+                               save_classifier, train_classifier)
+from gpt.checkpoint import load_model
+from gpt.errors import KettleError
+
+
+def test_tsv_keeps_stray_quotes_and_finds_the_label_column(tmp_path):
+    # The SMS Spam Collection's shape: label first, a tab, raw text with unbalanced quotes.
+    path = tmp_path / "sms"
+    path.write_text('ham\t"Hi there\nspam\tWIN a "prize now\nham\tok "fine" then\n', encoding="utf-8")
+    assert read_labeled(path) == [('"Hi there', "ham"), ('WIN a "prize now', "spam"),
+                                  ('ok "fine" then', "ham")]
+
+
+def test_csv_with_header_and_quoted_commas(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text('label,text\npos,"good, really good"\nneg,bad\n', encoding="utf-8")
+    assert read_labeled(path) == [("good, really good", "pos"), ("bad", "neg")]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "empty file"),
+    ("a,x\nb\n", "line 2 has 1 columns"),
+    ("only,one\nmore,one\n", "only one label"),
+    ("text,label\n,pos\nfine,neg\n", "line 2 has an empty text"),
+])
+def test_bad_label_files(tmp_path, content, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(KettleError, match=message):
+        read_labeled(path)
+    with pytest.raises(KettleError, match="no such file"):
+        read_labeled(tmp_path / "missing.csv")
+
+
+def test_balance_downsamples_to_the_smallest_class():
+    data = [(f"t{i}", "ham") for i in range(30)] + [(f"s{i}", "spam") for i in range(7)]
+    assert class_counts(balance(data, seed=1)) == {"ham": 7, "spam": 7}
+
+
+def _toy_examples(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    words = "the a of painter house light wall picture morning".split()
+    out = []
+    for i in range(n):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 8)))
+        if i % 2:
+            out.append((text + " WIN a cash prize now", "spam"))
+        else:
+            out.append((text, "ham"))
+    return out
+
+
+@pytest.mark.parametrize("trainable", ["head", "last-1", "all", "lora"])
+def test_trainable_layers(tiny_model_dir, trainable):
+    model, _ = load_model(tiny_model_dir)
+    clf = make_classifier(model, 2, ClassifyConfig(trainable=trainable))
+    names = {n for n, p in clf.named_parameters() if p.requires_grad}
+    assert {"head.weight", "head.bias"} <= names
+    if trainable == "head":
+        assert names == {"head.weight", "head.bias"}
+    elif trainable == "last-1":
+        assert any(n.startswith("gpt.h.1.") for n in names) and "gpt.ln_f.weight" in names
+        assert not any(n.startswith("gpt.h.0.") for n in names)
+    elif trainable == "all":
+        assert "gpt.wte.weight" in names
+    else:
+        assert all("lora_" in n or n.startswith("head.") for n in names)
+    with pytest.raises(KettleError, match="--trainable"):
+        make_classifier(load_model(tiny_model_dir)[0], 2, ClassifyConfig(trainable="last-9"))
+
+
+def test_train_save_load_predict(tiny_model_dir, tmp_path):
+    model, tokenizer = load_model(tiny_model_dir)
+    torch.manual_seed(0)
+    config = ClassifyConfig(trainable="all", epochs=3, lr=1e-3, batch_size=8)
+    steps = []
+    clf, labels, max_length, metrics = train_classifier(
+        model, tokenizer, _toy_examples(200), config, on_step=lambda s, t, loss: steps.append(s))
+    assert labels == ["ham", "spam"] and steps[-1] == len(steps)
+    assert metrics["counts"] == {"train": 140, "val": 20, "test": 40}
+    test = metrics["test"]
+    assert test["n"] == 40 and sum(map(sum, test["confusion"])) == 40
+    assert test["accuracy"] >= 0.9
+    assert "true \\ pred" in format_confusion(test["confusion"], labels)
+
+    out = save_classifier(clf, tokenizer, labels, max_length, tmp_path / "clf", config, metrics)
+    loaded, tok2, meta = load_classifier(out)
+    texts = ["the painter wall WIN a cash prize now", "the morning light"]
+    before = predict(clf, tokenizer, meta, texts)
+    after = predict(loaded, tok2, meta, texts)
+    assert [label for label, _ in after] == ["spam", "ham"]
+    assert after == pytest.approx(before)
+    with pytest.raises(KettleError, match="already exists"):
+        save_classifier(clf, tokenizer, labels, max_length, out)
+    with pytest.raises(KettleError, match="not a classifier"):
+        load_classifier(tiny_model_dir)

@@ -1,0 +1,115 @@
+"""Instruction data: the loss mask, the over-long rule, length-bucketed batches, bad data."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from finetune.instruct import (IGNORE, Example, collate, default_val_fraction, encode_conversation,
+                               holdout, make_batches, padding_waste, prepare, resolve, SFTConfig)
+from gpt.errors import KettleError
+from gpt.tokenizer import gpt2_tokenizer
+
+CONVERSATION = [
+    {"role": "system", "content": "You answer briefly."},
+    {"role": "user", "content": "What is a kettle?"},
+    {"role": "assistant", "content": "A pot that boils water."},
+    {"role": "user", "content": "And a teapot?"},
+    {"role": "assistant", "content": "A pot that brews tea: it never boils."},
+]
+
+
+def _labelled_runs(example: Example) -> list[list[int]]:
+    """Contiguous runs of the targets that count in the loss."""
+    runs, current = [], []
+    for t in example.labels:
+        if t == IGNORE:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            current.append(t)
+    return runs + ([current] if current else [])
+
+
+@pytest.mark.parametrize("which", ["trained", "gpt2"])
+def test_loss_mask_covers_exactly_assistant_text_and_end_of_turn(which, trained_tokenizer):
+    tokenizer = trained_tokenizer if which == "trained" else gpt2_tokenizer()
+    end = "<|end|>" if which == "trained" else "<|endoftext|>"
+    example = encode_conversation(CONVERSATION, tokenizer, max_length=1000)
+    # Targets are the inputs shifted by one.
+    full = example.input_ids + [example.labels[-1]]
+    assert all(t == IGNORE or t == full[i + 1] for i, t in enumerate(example.labels))
+    runs = [tokenizer.decode(run) for run in _labelled_runs(example)]
+    assert runs == [m["content"] + end for m in CONVERSATION if m["role"] == "assistant"]
+    # Nothing of the system or user text, nor any header, is learned.
+    learned = "".join(runs)
+    for m in CONVERSATION:
+        if m["role"] != "assistant":
+            assert m["content"] not in learned
+    assert "Assistant" not in learned and "<|assistant|>" not in learned
+
+
+def test_over_long_conversations_drop_oldest_exchanges_then_skip(trained_tokenizer):
+    full = encode_conversation(CONVERSATION, trained_tokenizer, max_length=1000)
+    cut = encode_conversation(CONVERSATION, trained_tokenizer, max_length=len(full) - 1)
+    runs = [trained_tokenizer.decode(r) for r in _labelled_runs(cut)]
+    assert runs == ["A pot that brews tea: it never boils.<|end|>"]
+    assert trained_tokenizer.decode(cut.input_ids).startswith("<|system|>You answer briefly.<|end|><|user|>And")
+    assert encode_conversation(CONVERSATION, trained_tokenizer, max_length=8) is None
+
+    short = encode_conversation(CONVERSATION[:3], trained_tokenizer, max_length=1000)
+    assert len(short) < len(cut)
+    examples, stats = prepare([CONVERSATION, CONVERSATION[:3]], trained_tokenizer, len(short), 512)
+    assert stats["skipped_too_long"] == 1 and stats["examples"] == 1
+
+
+def test_bad_data_is_refused_with_a_clear_message(trained_tokenizer):
+    with pytest.raises(KettleError, match="empty"):
+        prepare([], trained_tokenizer, 100, 512)
+    no_answer = [{"role": "user", "content": "hello?"}]
+    with pytest.raises(KettleError, match="example 2: .*assistant"):
+        prepare([CONVERSATION, no_answer], trained_tokenizer, 1000, 512)
+    # Text tokenised with GPT-2's vocabulary does not fit a 512-token model.
+    with pytest.raises(KettleError, match="another vocabulary"):
+        prepare([CONVERSATION], gpt2_tokenizer(), 1000, 512)
+    with pytest.raises(KettleError, match="longer than the context"):
+        prepare([CONVERSATION], trained_tokenizer, 5, 512)
+
+
+def test_length_bucketing_wastes_little_padding(trained_tokenizer):
+    from conftest import SHARED_DATA
+
+    entries = json.loads((SHARED_DATA / "instruction-data.json").read_text())
+    conversations = [[{"role": "user", "content": e["instruction"] + "\n" + e["input"]},
+                      {"role": "assistant", "content": e["output"]}] for e in entries]
+    examples, _ = prepare(conversations, trained_tokenizer, 512, 512)
+    batches = make_batches(examples, batch_tokens=4096, max_batch_size=32, seed=1)
+    assert sorted(id(e) for b in batches for e in b) == sorted(id(e) for e in examples)
+    assert padding_waste(batches) < 0.15
+    shuffled = list(examples)
+    random.Random(0).shuffle(shuffled)
+    random_batches = [shuffled[i:i + 32] for i in range(0, len(shuffled), 32)]
+    assert padding_waste(random_batches) > 0.3  # what bucketing saves
+    ids, labels = collate(batches[0], pad_id=0)
+    assert ids.shape == labels.shape and ids.shape[1] == max(len(e) for e in batches[0])
+    assert max(b_len * max(len(e) for e in b) for b, b_len in ((b, len(b)) for b in batches)) <= 4096 \
+        or any(len(b) == 1 for b in batches)
+
+
+def test_defaults_follow_the_dataset_size():
+    small = resolve(SFTConfig(), n_train=20, context_length=256)
+    large = resolve(SFTConfig(), n_train=20_000, context_length=256)
+    assert small.epochs > large.epochs >= 2
+    assert small.max_batch_size < large.max_batch_size
+    assert small.lr > large.lr
+    assert 1 <= small.warmup_steps < large.warmup_steps <= 100
+    assert resolve(SFTConfig(lora=None), 20, 256).lr < resolve(
+        SFTConfig(lora=__import__("finetune.lora").lora.LoRAConfig()), 20, 256).lr
+    assert default_val_fraction(5) == 0 and round(default_val_fraction(20) * 20) == 2
+    assert round(default_val_fraction(20_000) * 20_000) == 500
+    train, val = holdout(list(range(20)), default_val_fraction(20), seed=3)
+    assert len(val) == 2 and sorted(train + val) == list(range(20))
+    with pytest.raises(KettleError, match="context length"):
+        resolve(SFTConfig(max_length=999), 20, 256)
