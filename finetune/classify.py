@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from data.files import atomic_directory
+from finetune import read_manifest
 from finetune.lora import LoRAConfig, apply_lora, merge_lora
 from gpt.errors import KettleError
 from gpt.model import GPT
@@ -308,14 +309,7 @@ def load_classifier(directory: str | Path, device="cpu") -> tuple[Classifier, To
 
     directory = Path(directory)
     path = directory / CLASSIFIER_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise KettleError(f"{directory}: not a classifier directory (no {CLASSIFIER_FILE})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KettleError(f"{path}: cannot read ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("kettle_classifier") != FORMAT_VERSION:
-        raise KettleError(f"{path}: not a Kettle classifier (format {FORMAT_VERSION})")
+    meta = read_manifest(path, "kettle_classifier", FORMAT_VERSION, "a Kettle classifier")
     labels = meta.get("labels")
     if not isinstance(labels, list) or len(labels) < 2 or not isinstance(meta.get("max_length"), int):
         raise KettleError(f"{path}: labels (two or more) and max_length are required")

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from data.files import atomic_directory
+from finetune import read_manifest
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
 from gpt.model import GPT
@@ -158,16 +159,8 @@ def save_adapter(model: GPT, directory: str | Path, overwrite: bool = False,
 
 
 def read_adapter_meta(directory: str | Path) -> dict:
-    path = Path(directory) / ADAPTER_CONFIG
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise KettleError(f"{path}: missing, so {directory} is not a LoRA adapter") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KettleError(f"{path}: cannot read ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("kettle_adapter") != ADAPTER_FORMAT:
-        raise KettleError(f"{path}: not a Kettle LoRA adapter (format {ADAPTER_FORMAT})")
-    return meta
+    return read_manifest(Path(directory) / ADAPTER_CONFIG, "kettle_adapter", ADAPTER_FORMAT,
+                         "a Kettle LoRA adapter")
 
 
 def load_adapter(model: GPT, directory: str | Path) -> GPT:

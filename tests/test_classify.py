@@ -102,5 +102,5 @@ def test_train_save_load_predict(tiny_model_dir, tmp_path):
     assert after == pytest.approx(before)
     with pytest.raises(KettleError, match="already exists"):
         save_classifier(clf, tokenizer, labels, max_length, out)
-    with pytest.raises(KettleError, match="not a classifier"):
+    with pytest.raises(KettleError, match="not a Kettle classifier"):
         load_classifier(tiny_model_dir)

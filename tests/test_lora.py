@@ -62,7 +62,7 @@ def test_adapter_for_another_shape_is_refused(tiny_model_dir, tiny_gpt2_vocab_mo
     other, _ = load_model(tiny_gpt2_vocab_model_dir)
     with pytest.raises(KettleError, match="another shape"):
         load_adapter(other, tmp_path / "adapter")
-    with pytest.raises(KettleError, match="not a LoRA adapter"):
+    with pytest.raises(KettleError, match="not a Kettle LoRA adapter"):
         load_adapter(other, tmp_path)
 
 
