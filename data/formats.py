@@ -1,0 +1,454 @@
+"""Dataset files in and out of the store: Alpaca, ShareGPT, OpenAI chat JSONL, preference pairs.
+
+Exact fields (see the README):
+- alpaca    JSON list (or JSONL) of {"instruction": str, "input": str (may be ""), "output": str}
+- sharegpt  JSON list (or JSONL) of {"id": str, "conversations": [{"from": "system"|"human"|"gpt",
+            "value": str}, ...]}
+- openai    JSONL of {"messages": [{"role": "system"|"user"|"assistant", "content": str,
+            "weight": 0|1 (optional, assistant only)}, ...]}
+- dpo       JSONL of TRL preference pairs {"prompt": [messages], "chosen": [assistant message],
+            "rejected": [assistant message]}; importing also takes the plain-text form (strings)
+            and OpenAI's {"input": {"messages"}, "preferred_output", "non_preferred_output"}.
+
+Importing creates one conversation per record, in one transaction: a malformed record stops the
+import with one error naming the file and line, and the database is left as it was. Imported
+assistant answers are labelled with themselves as the ideal answer (so they train); an OpenAI turn
+with "weight": 0 stays unlabelled context; a preference pair becomes two sibling answers, the
+chosen one up-voted and the rejected one down-voted.
+
+Exporting reads a snapshot or a live filter. What a format cannot express (a system prompt or
+several turns in Alpaca, ...) is skipped and reported with a count and a reason.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data.files import atomic_write_text
+from data.store import DataFilter, Store, content_hash
+from gpt.errors import KettleError
+
+FORMATS = ("alpaca", "sharegpt", "openai", "dpo")
+MAX_LINE_BYTES = 16 * 1024 * 1024  # one JSONL record (or one JSON list entry)
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant"}
+SHAREGPT_FROM = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+@dataclass
+class Node:
+    """One message to import; `parent` indexes an earlier node of the same record."""
+    role: str
+    content: str
+    parent: int | None
+    label: dict | None = None
+    meta: dict | None = None
+
+
+@dataclass
+class Record:
+    line: int
+    system_prompt: str
+    nodes: list[Node]
+    external_id: str | None = None
+
+
+@dataclass
+class ImportReport:
+    path: Path
+    format: str
+    conversations: int = 0
+    messages: int = 0
+    ignored: Counter = field(default_factory=Counter)   # unknown field -> records having it
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    format: str
+    written: int = 0
+    skipped: Counter = field(default_factory=Counter)   # reason -> examples not written
+
+
+class _Bad(Exception):
+    """A record problem; turned into a KettleError naming the file and line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+def read_json_records(path: Path) -> list[tuple[int, Any]]:
+    """(line, value) for every entry of a JSON list, or every line of a JSONL file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as exc:
+        raise KettleError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        return _read_json_list(path)
+    return _read_jsonl(path)
+
+
+def _decode(path: Path, data: bytes, first_line: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = first_line + data[:exc.start].count(b"\n")
+        raise KettleError(f"{path}, line {line}: not valid UTF-8 text "
+                          f"(byte 0x{data[exc.start]:02x})") from None
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
+    records = []
+    with open(path, "rb") as f:
+        number = 0
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                break
+            number += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise KettleError(f"{path}, line {number}: longer than "
+                                  f"{MAX_LINE_BYTES // (1024 * 1024)} MiB; is this a JSONL file?")
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            text = _decode(path, raw, number).strip()
+            if not text:
+                continue
+            try:
+                records.append((number, json.loads(text)))
+            except json.JSONDecodeError as exc:
+                raise KettleError(f"{path}, line {number}: invalid JSON: {exc.msg} "
+                                  f"(column {exc.colno})") from None
+    return records
+
+
+def _read_json_list(path: Path) -> list[tuple[int, Any]]:
+    text = _decode(path, path.read_bytes(), 1).removeprefix("\ufeff")
+    decoder = json.JSONDecoder()
+
+    def line_of(pos: int) -> int:
+        return text.count("\n", 0, pos) + 1
+
+    def skip_ws(pos: int) -> int:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        return pos
+
+    pos = skip_ws(0) + 1  # past "["
+    records = []
+    try:
+        pos = skip_ws(pos)
+        if pos < len(text) and text[pos] == "]":
+            pos += 1
+        else:
+            while True:
+                start = pos
+                value, pos = decoder.raw_decode(text, pos)
+                if pos - start > MAX_LINE_BYTES:
+                    raise KettleError(f"{path}, line {line_of(start)}: one entry is longer than "
+                                      f"{MAX_LINE_BYTES // (1024 * 1024)} MiB")
+                records.append((line_of(start), value))
+                pos = skip_ws(pos)
+                if pos < len(text) and text[pos] == ",":
+                    pos = skip_ws(pos + 1)
+                    continue
+                if pos < len(text) and text[pos] == "]":
+                    pos += 1
+                    break
+                raise json.JSONDecodeError("expected ',' or ']'", text, pos)
+    except json.JSONDecodeError as exc:
+        raise KettleError(f"{path}, line {exc.lineno}: invalid JSON: {exc.msg} "
+                          f"(column {exc.colno})") from None
+    if (extra := skip_ws(pos)) != len(text):
+        raise KettleError(f"{path}, line {line_of(extra)}: invalid JSON: extra data after the list")
+    return records
+
+
+def detect_format(path: Path, records: list[tuple[int, Any]]) -> str:
+    """The format the first record looks like."""
+    if not records:
+        raise KettleError(f"{path}: no records to import")
+    line, first = records[0]
+    keys = set(first) if isinstance(first, dict) else set()
+    if "messages" in keys:
+        return "openai"
+    if "conversations" in keys:
+        return "sharegpt"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"prompt", "chosen", "rejected"} <= keys or "preferred_output" in keys:
+        return "dpo"
+    shown = ", ".join(sorted(keys)) or type(first).__name__
+    raise KettleError(f"{path}, line {line}: cannot tell the format from the first record "
+                      f"({shown}); pass --format {'|'.join(FORMATS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> message trees
+
+
+def _string(obj: dict, key: str, where: str = "") -> str:
+    if key not in obj:
+        raise _Bad(f"missing field {where}{key!r}")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise _Bad(f"field {where}{key!r} must be a string, got {_type(value)}")
+    return value
+
+
+def _type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false",
+            type(None): "null", int: "a number", float: "a number"}.get(type(value), "a value")
+
+
+def _object(value: Any, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise _Bad(f"{what} must be a JSON object, got {_type(value)}")
+    return value
+
+
+def _list(obj: dict, key: str) -> list:
+    if key not in obj:
+        raise _Bad(f"missing field {key!r}")
+    if not isinstance(obj[key], list):
+        raise _Bad(f"field {key!r} must be a list, got {_type(obj[key])}")
+    return obj[key]
+
+
+def _chain(messages: list[dict], ideal: bool = True) -> tuple[str, list[Node]]:
+    """A linear conversation: a leading system message becomes the system prompt; assistant
+    answers are labelled ideal unless they carry weight 0."""
+    system = ""
+    if messages and messages[0]["role"] == "system":
+        system = messages[0]["content"]
+        messages = messages[1:]
+    nodes = []
+    for m in messages:
+        label = None
+        if m["role"] == "assistant" and ideal and m.get("weight", 1) == 1:
+            label = {"ideal": m["content"]}
+        nodes.append(Node(m["role"], m["content"], len(nodes) - 1 if nodes else None, label))
+    return system, nodes
+
+
+def _chat_messages(items: list, where: str) -> list[dict]:
+    out = []
+    for i, m in enumerate(items):
+        m = _object(m, f"{where}[{i}]")
+        role = _string(m, "role", f"{where}[{i}].")
+        if role not in ("system", "user", "assistant"):
+            raise _Bad(f"{where}[{i}]: role {role!r} is not supported (system, user, assistant)")
+        msg = {"role": role, "content": _string(m, "content", f"{where}[{i}].")}
+        if "weight" in m:
+            if m["weight"] not in (0, 1) or isinstance(m["weight"], bool) or role != "assistant":
+                raise _Bad(f"{where}[{i}]: weight must be 0 or 1, on an assistant message")
+            msg["weight"] = m["weight"]
+        out.append(msg)
+    return out
+
+
+def _alpaca(obj: dict) -> tuple[str, list[Node]]:
+    instruction = _string(obj, "instruction")
+    output = _string(obj, "output")
+    meta = {"instruction": instruction}
+    text = instruction
+    if "input" in obj:
+        meta["input"] = _string(obj, "input")
+        if meta["input"]:
+            text = f"{instruction}\n\n{meta['input']}"
+    return "", [Node("user", text, None, meta=meta), Node("assistant", output, 0, {"ideal": output})]
+
+
+def _sharegpt(obj: dict) -> tuple[str, list[Node]]:
+    messages = []
+    for i, turn in enumerate(_list(obj, "conversations")):
+        turn = _object(turn, f"conversations[{i}]")
+        who = _string(turn, "from", f"conversations[{i}].")
+        if who not in SHAREGPT_ROLES:
+            raise _Bad(f"conversations[{i}]: 'from' must be system, human or gpt, got {who!r}")
+        messages.append({"role": SHAREGPT_ROLES[who],
+                         "content": _string(turn, "value", f"conversations[{i}].")})
+    return _chain(messages)
+
+
+def _openai(obj: dict) -> tuple[str, list[Node]]:
+    messages = _chat_messages(_list(obj, "messages"), "messages")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _Bad("'messages' has no assistant message")
+    return _chain(messages)
+
+
+def _dpo(obj: dict) -> tuple[str, list[Node]]:
+    if "preferred_output" in obj:  # OpenAI's preference form
+        source = _object(obj.get("input"), "field 'input'")
+        prompt = _chat_messages(_list(source, "messages"), "input.messages")
+        chosen = _chat_messages(_list(obj, "preferred_output"), "preferred_output")
+        rejected = _chat_messages(_list(obj, "non_preferred_output"), "non_preferred_output")
+    elif isinstance(obj.get("prompt"), str):  # TRL's plain-text form
+        prompt = [{"role": "user", "content": obj["prompt"]}]
+        chosen = [{"role": "assistant", "content": _string(obj, "chosen")}]
+        rejected = [{"role": "assistant", "content": _string(obj, "rejected")}]
+    else:
+        prompt = _chat_messages(_list(obj, "prompt"), "prompt")
+        chosen = _chat_messages(_list(obj, "chosen"), "chosen")
+        rejected = _chat_messages(_list(obj, "rejected"), "rejected")
+    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        if len(answer) != 1 or answer[0]["role"] != "assistant":
+            raise _Bad(f"{name!r} must hold exactly one assistant message")
+    system, nodes = _chain(prompt)
+    parent = len(nodes) - 1 if nodes else None
+    nodes.append(Node("assistant", chosen[0]["content"], parent,
+                      {"thumb": 1, "ideal": chosen[0]["content"]}))
+    nodes.append(Node("assistant", rejected[0]["content"], parent, {"thumb": -1}))
+    return system, nodes
+
+
+PARSERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _openai, "dpo": _dpo}
+KNOWN_FIELDS = {"alpaca": {"instruction", "input", "output"}, "sharegpt": {"id", "conversations"},
+                "openai": {"messages"},
+                "dpo": {"prompt", "chosen", "rejected", "input", "preferred_output",
+                        "non_preferred_output"}}
+
+
+def parse_file(path: str | Path, fmt: str | None = None) -> tuple[str, list[Record], Counter]:
+    """Read and validate a whole file: (format, records, ignored fields). Raises KettleError
+    naming the file and line of the first problem."""
+    path = Path(path)
+    if fmt is not None and fmt not in FORMATS:
+        raise KettleError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise KettleError(f"{path}: no such file")
+    raw = read_json_records(path)
+    fmt = fmt or detect_format(path, raw)
+    records, ignored = [], Counter()
+    for line, obj in raw:
+        try:
+            obj = _object(obj, "a record")
+            system, nodes = PARSERS[fmt](obj)
+            external_id = None
+            if fmt == "sharegpt" and "id" in obj:
+                external_id = _string(obj, "id")
+        except _Bad as exc:
+            raise KettleError(f"{path}, line {line}: {exc} ({fmt} format)") from None
+        for key in set(obj) - KNOWN_FIELDS[fmt]:
+            ignored[key] += 1
+        records.append(Record(line, system, nodes, external_id))
+    return fmt, records, ignored
+
+
+def import_file(store: Store, path: str | Path, fmt: str | None = None) -> ImportReport:
+    """Import a dataset file as conversations, all or nothing."""
+    path = Path(path)
+    fmt, records, ignored = parse_file(path, fmt)
+    report = ImportReport(path=path, format=fmt, ignored=ignored)
+    with store.transaction():
+        for record in records:
+            first_user = next((n.content for n in record.nodes if n.role == "user"), "")
+            title = (first_user.strip().splitlines() or [""])[0][:80]
+            conv = store.create_conversation(title, system_prompt=record.system_prompt,
+                                             source=f"import:{fmt}:{path.name}",
+                                             external_id=record.external_id)
+            ids: list[int] = []
+            for node in record.nodes:
+                parent = None if node.parent is None else ids[node.parent]
+                msg = store.add_message(conv.id, node.role, node.content, parent, meta=node.meta)
+                ids.append(msg.id)
+                if node.label:
+                    store.set_label(msg.id, **node.label)
+            report.conversations += 1
+            report.messages += len(ids)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples -> files
+
+SKIP_SYSTEM = "has a system prompt (Alpaca has no place for one; use --format openai)"
+SKIP_MULTI = "has several turns (Alpaca holds one instruction and one answer; use --format openai)"
+SKIP_WEIGHT = ("has earlier answers not chosen for training (ShareGPT cannot mark them; "
+               "use --format openai)")
+SKIP_NOT_PAIR = "is an example, not a preference pair (export it with --format openai)"
+
+
+def _to_alpaca(example: dict) -> dict | str:
+    messages = example["messages"]
+    if messages[0]["role"] == "system":
+        return SKIP_SYSTEM
+    if [m["role"] for m in messages] != ["user", "assistant"]:
+        return SKIP_MULTI
+    user, answer = messages[0]["content"], messages[1]["content"]
+    meta = example.get("meta", {})
+    instruction, given = meta.get("instruction"), meta.get("input", "")
+    if instruction is None or user != (f"{instruction}\n\n{given}" if given else instruction):
+        instruction, given = user, ""
+    return {"instruction": instruction, "input": given, "output": answer}
+
+
+def _to_sharegpt(example: dict) -> dict | str:
+    if any("weight" in m for m in example["messages"]):
+        return SKIP_WEIGHT
+    ident = example.get("meta", {}).get("id") or f"kettle-{content_hash(example)[:12]}"
+    return {"id": ident, "conversations": [{"from": SHAREGPT_FROM[m["role"]], "value": m["content"]}
+                                           for m in example["messages"]]}
+
+
+def _to_openai(example: dict) -> dict:
+    return {"messages": [{"role": m["role"], "content": m["content"],
+                          **({"weight": m["weight"]} if "weight" in m else {})}
+                         for m in example["messages"]]}
+
+
+def _to_dpo(pair: dict) -> dict:
+    def msgs(items):
+        return [{"role": m["role"], "content": m["content"]} for m in items]
+
+    return {"prompt": msgs(pair["prompt"]), "chosen": msgs(pair["chosen"]),
+            "rejected": msgs(pair["rejected"])}
+
+
+def convert(examples: list[dict], pairs: list[dict], fmt: str) -> tuple[list[dict], Counter]:
+    """Examples (and pairs) in the one chat format -> records of `fmt`, and skip reasons."""
+    skipped: Counter = Counter()
+    if fmt == "dpo":
+        if examples and not pairs:
+            skipped[SKIP_NOT_PAIR] = len(examples)
+        return [_to_dpo(p) for p in pairs], skipped
+    to_record = {"alpaca": _to_alpaca, "sharegpt": _to_sharegpt, "openai": _to_openai}[fmt]
+    out = []
+    for example in examples:
+        record = to_record(example)
+        if isinstance(record, str):
+            skipped[record] += 1
+        else:
+            out.append(record)
+    return out, skipped
+
+
+def export_file(store: Store, out: str | Path, fmt: str, snapshot_id: int | None = None,
+                filt: DataFilter | None = None) -> ExportReport:
+    """Write a snapshot's examples, or what `filt` chooses now, as a `fmt` file (atomically)."""
+    if fmt not in FORMATS:
+        raise KettleError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if snapshot_id is not None:
+        examples = store.snapshot_examples(snapshot_id)
+        pairs = store.snapshot_pairs(snapshot_id)
+    else:
+        rows, pair_rows = store.dataset(filt)
+        examples = [r["example"] for r in rows]
+        pairs = [p["pair"] for p in pair_rows]
+    records, skipped = convert(examples, pairs, fmt)
+    if fmt in ("alpaca", "sharegpt"):
+        text = json.dumps(records, ensure_ascii=False, indent=2) + "\n"
+    else:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    try:
+        atomic_write_text(out, text)
+    except OSError as exc:
+        raise KettleError(f"{out}: cannot write: {exc.strerror or exc}") from exc
+    return ExportReport(path=out, format=fmt, written=len(records), skipped=skipped)

@@ -1,0 +1,218 @@
+"""Dataset import/export on a real SQLite file: round trips, skips, malformed files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data.formats import MAX_LINE_BYTES, export_file, import_file
+from data.store import DataFilter, Store
+from gpt.errors import KettleError
+from tests.conftest import SHARED_DATA
+
+ALPACA = [
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Say hi.", "input": "", "output": "Hi! 👋"},
+]
+SHAREGPT = [
+    {"id": "a1", "conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hi."},
+        {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Bye."}]},
+    {"id": "a2", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
+]
+OPENAI = [
+    {"messages": [{"role": "system", "content": "You are terse."},
+                  {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
+    {"messages": [{"role": "user", "content": "one"},
+                  {"role": "assistant", "content": "not this", "weight": 0},
+                  {"role": "user", "content": "two"}, {"role": "assistant", "content": "this"}]},
+]
+DPO = [
+    {"prompt": [{"role": "user", "content": "Capital of France?"}],
+     "chosen": [{"role": "assistant", "content": "Paris."}],
+     "rejected": [{"role": "assistant", "content": "London."}]},
+    {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Joke?"}],
+     "chosen": [{"role": "assistant", "content": "Why did the kettle whistle?"}],
+     "rejected": [{"role": "assistant", "content": "No."}]},
+]
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store.open(tmp_path / "kettle.db") as s:
+        yield s
+
+
+def write(path, fmt, records):
+    if fmt in ("alpaca", "sharegpt"):
+        path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
+    else:
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                        encoding="utf-8")
+    return path
+
+
+def read(path, fmt):
+    if fmt in ("alpaca", "sharegpt"):
+        return json.loads(path.read_text(encoding="utf-8"))
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.parametrize("fmt,records", [("alpaca", ALPACA), ("sharegpt", SHAREGPT),
+                                         ("openai", OPENAI), ("dpo", DPO)])
+def test_each_format_round_trips(store, tmp_path, fmt, records):
+    source = write(tmp_path / f"in.{fmt}", fmt, records)
+    report = import_file(store, source)  # the format is detected
+    assert (report.format, report.conversations) == (fmt, len(records))
+    out = export_file(store, tmp_path / f"out.{fmt}", fmt)
+    assert out.skipped == {}
+    assert read(tmp_path / f"out.{fmt}", fmt) == records
+    # and the same from a frozen snapshot
+    snap = store.create_snapshot()
+    export_file(store, tmp_path / f"snap.{fmt}", fmt, snapshot_id=snap.id)
+    assert read(tmp_path / f"snap.{fmt}", fmt) == records
+
+
+def test_instruction_data_imports_fully_and_exports_equal(store, tmp_path):
+    source = SHARED_DATA / "instruction-data.json"
+    report = import_file(store, source, "alpaca")
+    assert (report.conversations, report.messages) == (1100, 2200)
+    out = export_file(store, tmp_path / "out.json", "alpaca")
+    assert out.written == 1100 and out.skipped == {}
+    assert json.loads((tmp_path / "out.json").read_text(encoding="utf-8")) == \
+        json.loads(source.read_text(encoding="utf-8"))
+
+
+def test_imported_answers_are_marked_ideal_and_weight_zero_stays_context(store, tmp_path):
+    import_file(store, write(tmp_path / "chat.jsonl", "openai", OPENAI[1:]))
+    conv = store.list_conversations()[0]
+    answers = [m for m in store.messages(conv.id) if m.role == "assistant"]
+    assert store.label(answers[0].id) is None
+    assert store.label(answers[1].id).ideal == "this"
+
+
+def test_what_a_format_cannot_express_is_skipped_with_reasons(store, tmp_path):
+    import_file(store, write(tmp_path / "s.json", "sharegpt", SHAREGPT))
+    import_file(store, write(tmp_path / "o.jsonl", "openai", OPENAI[1:]))
+    report = export_file(store, tmp_path / "out.json", "alpaca")
+    assert report.written == 1  # only "2+2?" is one plain instruction and answer
+    reasons = {reason.split(" (")[0]: n for reason, n in report.skipped.items()}
+    assert reasons == {"has a system prompt": 1, "has several turns": 1}
+    report = export_file(store, tmp_path / "out.sharegpt", "sharegpt")
+    assert report.written == 2 and sum(report.skipped.values()) == 1
+    report = export_file(store, tmp_path / "out.dpo", "dpo")
+    assert report.written == 0 and sum(report.skipped.values()) == 3
+
+
+def test_export_from_a_filter_and_labels_made_in_the_app(store, tmp_path):
+    conv = store.create_conversation()
+    user = store.add_message(conv.id, "user", "Capital of France?")
+    good = store.add_message(conv.id, "assistant", "Paris, I think.", user.id)
+    bad = store.add_message(conv.id, "assistant", "London.", user.id)
+    store.set_label(good.id, thumb=1, ideal="Paris.", tags=["geo"])
+    store.set_label(bad.id, thumb=-1)
+    export_file(store, tmp_path / "p.jsonl", "dpo", filt=DataFilter(tags_include=("geo",)))
+    pairs = read(tmp_path / "p.jsonl", "dpo")
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == \
+        [("Paris.", "Paris, I think."), ("Paris.", "London.")]
+    report = export_file(store, tmp_path / "none.jsonl", "openai",
+                         filt=DataFilter(tags_include=("cooking",)))
+    assert report.written == 0 and (tmp_path / "none.jsonl").read_text() == ""
+
+
+def test_dpo_plain_text_and_openai_preference_forms_import(store, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."}) + "\n"
+                    + json.dumps({"input": {"messages": [{"role": "user", "content": "2+2?"}]},
+                                  "preferred_output": [{"role": "assistant", "content": "4"}],
+                                  "non_preferred_output": [{"role": "assistant", "content": "5"}]})
+                    + "\n", encoding="utf-8")
+    assert import_file(store, path).conversations == 2
+    export_file(store, tmp_path / "out.jsonl", "dpo")
+    assert [(p["prompt"][-1]["content"], p["chosen"][0]["content"], p["rejected"][0]["content"])
+            for p in read(tmp_path / "out.jsonl", "dpo")] == \
+        [("Hi?", "Hello!", "Go away."), ("2+2?", "4", "5")]
+
+
+def test_unknown_fields_are_reported(store, tmp_path):
+    records = [{**ALPACA[0], "source": "web"}, ALPACA[1]]
+    report = import_file(store, write(tmp_path / "a.json", "alpaca", records))
+    assert report.ignored == {"source": 1}
+
+
+BAD_INPUTS = [
+    ("invalid.json", b'[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output"}\n]',
+     "alpaca", r"invalid\.json, line 3: invalid JSON"),
+    ("trailing.json", b'[{"instruction": "a", "output": "b"}]\n]', "alpaca", "line 2: invalid JSON"),
+    ("missing.jsonl", b'{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", '
+                      b'"content": "y"}]}\n{"messages": [{"role": "user"}]}\n', "openai",
+     r"missing\.jsonl, line 2: missing field messages\[0\]\.'content'"),
+    ("wrongtype.jsonl", b'{"messages": [{"role": "user", "content": 5}]}\n', "openai",
+     r"line 1: field messages\[0\]\.'content' must be a string, got a number"),
+    ("noanswer.jsonl", b'{"messages": [{"role": "user", "content": "x"}]}\n', "openai",
+     "no assistant message"),
+    ("badrole.json", b'[{"conversations": [{"from": "robot", "value": "x"}]}]', "sharegpt",
+     "'from' must be system, human or gpt"),
+    ("alpaca-type.json", b'[{"instruction": "a", "input": null, "output": "b"}]', "alpaca",
+     r"field 'input' must be a string, got null"),
+    ("pair.jsonl", b'{"prompt": [], "chosen": [], "rejected": []}\n', "dpo",
+     "'chosen' must hold exactly one assistant message"),
+    ("notobject.jsonl", b'[1, 2]\n', "openai", "must be a JSON object"),
+    ("utf8.jsonl", b'{"messages": []}\n{"messages": "caf\xe9"}\n', "openai",
+     r"utf8\.jsonl, line 2: not valid UTF-8"),
+    ("utf8list.json", b'[\n{"instruction": "caf\xc3", "output": "x"}]', "alpaca",
+     "line 2: not valid UTF-8"),
+    ("unknown.jsonl", b'{"text": "hello"}\n', None, "cannot tell the format"),
+    ("empty.jsonl", b"\n\n", None, "no records"),
+]
+
+
+@pytest.mark.parametrize("name,data,fmt,error", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_malformed_input_is_one_clear_error_and_changes_nothing(store, tmp_path, name, data, fmt,
+                                                                 error):
+    import_file(store, write(tmp_path / "good.json", "alpaca", ALPACA))
+    before = store.stats()
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(KettleError, match=error):
+        import_file(store, path, fmt)
+    assert store.stats() == before
+
+
+def test_huge_line_is_refused(store, tmp_path):
+    path = tmp_path / "huge.jsonl"
+    with open(path, "wb") as f:
+        f.write(b'{"messages": [{"role": "user", "content": "ok"}, '
+                b'{"role": "assistant", "content": "ok"}]}\n')
+        f.write(b'{"messages": [{"role": "user", "content": "' + b"x" * (MAX_LINE_BYTES + 10)
+                + b'"}]}\n')
+    with pytest.raises(KettleError, match=r"huge\.jsonl, line 2: longer than 16 MiB"):
+        import_file(store, path)
+    assert store.stats()["messages"] == 0
+
+
+def test_a_failure_midway_rolls_back_the_whole_import(store, tmp_path, monkeypatch):
+    import data.formats as formats
+
+    calls = {"n": 0}
+    real = Store.set_label
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "set_label", flaky)
+    with pytest.raises(OSError):
+        formats.import_file(store, write(tmp_path / "a.json", "alpaca", ALPACA * 3))
+    assert store.stats()["conversations"] == 0 and store.stats()["messages"] == 0
+
+
+def test_unwritable_output_is_a_clear_error(store, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(KettleError, match="cannot write"):
+        export_file(store, blocker / "out.json", "alpaca")
