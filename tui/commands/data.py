@@ -1,0 +1,151 @@
+"""`kettle data ...`: statistics, dataset import/export, snapshots and search over the store."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="conversations, labels and datasets in the store")
+    data = p.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+
+    p = data.add_parser("stats", help="counts of conversations, messages, labels, snapshots")
+    p.add_argument("--json", action="store_true", help="print the counts as JSON")
+    p.set_defaults(func=stats_command)
+
+    p = data.add_parser("import", help="import a dataset file as conversations (all or nothing)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--format", choices=FORMAT_CHOICES, help="the file's format (default: detected)")
+    p.set_defaults(func=import_command)
+
+    p = data.add_parser("export", help="write a snapshot, or what the filter chooses now, to a file")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--format", choices=FORMAT_CHOICES, required=True)
+    p.add_argument("--snapshot", type=int, metavar="ID", help="export this snapshot")
+    add_filter_options(p)
+    p.set_defaults(func=export_command)
+
+    p = data.add_parser("snapshot", help="freeze what would train now")
+    snap = p.add_subparsers(dest="snapshot_command", metavar="COMMAND", required=True)
+    p = snap.add_parser("create", help="materialise the filter into an immutable snapshot")
+    p.add_argument("--name", default="", help="a name to remember it by")
+    add_filter_options(p)
+    p.set_defaults(func=snapshot_create_command)
+    p = snap.add_parser("list", help="list snapshots, newest first")
+    p.set_defaults(func=snapshot_list_command)
+
+    p = data.add_parser("search", help="full-text search over messages")
+    p.add_argument("query", metavar="QUERY", nargs="+")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(func=search_command)
+
+
+FORMAT_CHOICES = ["alpaca", "sharegpt", "openai", "dpo"]
+
+
+def add_filter_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("filter (which answers are chosen)")
+    g.add_argument("--thumbs-up", action=argparse.BooleanOptionalAction, default=True,
+                   help="answers voted up (default: yes)")
+    g.add_argument("--ideal", action=argparse.BooleanOptionalAction, default=True,
+                   help="answers with a corrected answer (default: yes)")
+    g.add_argument("--min-score", type=int, metavar="N", help="answers scored N (1-5) or more")
+    g.add_argument("--all-answers", action="store_true", help="every answer not voted down")
+    g.add_argument("--tag", action="append", default=[], metavar="TAG",
+                   help="only answers with one of these tags (repeatable)")
+    g.add_argument("--exclude-tag", action="append", default=[], metavar="TAG",
+                   help="leave out answers with this tag (repeatable)")
+
+
+def data_filter(args):
+    from data.store import DataFilter
+
+    return DataFilter(thumbs_up=args.thumbs_up, ideal=args.ideal, min_score=args.min_score,
+                      all_answers=args.all_answers, tags_include=tuple(args.tag),
+                      tags_exclude=tuple(args.exclude_tag))
+
+
+def print_skipped(skipped) -> None:
+    for reason, count in sorted(skipped.items()):
+        print(f"  skipped {count}: {reason}")
+
+
+def stats_command(args) -> int:
+    from data.store import Store
+
+    with Store.open() as store:
+        counts = store.stats()
+        path = store.path
+    if args.json:
+        print(json.dumps({"database": str(path), **counts}, indent=2))
+        return 0
+    print(f"database: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    width = max(map(len, counts))
+    for name, value in counts.items():
+        print(f"  {name.replace('_', ' '):<{width}}  {value:>8,}")
+    return 0
+
+
+def import_command(args) -> int:
+    from data.formats import import_file
+    from data.store import Store
+
+    with Store.open() as store:
+        report = import_file(store, args.file, args.format)
+    print(f"imported {report.conversations:,} conversations ({report.messages:,} messages) "
+          f"from {report.path} as {report.format}")
+    for name, count in sorted(report.ignored.items()):
+        print(f"  ignored field {name!r} in {count:,} records (Kettle does not keep it)")
+    return 0
+
+
+def export_command(args) -> int:
+    from data.formats import export_file
+    from data.store import Store
+
+    with Store.open() as store:
+        filt = None if args.snapshot is not None else data_filter(args)
+        report = export_file(store, args.out, args.format, snapshot_id=args.snapshot, filt=filt)
+    source = f"snapshot {args.snapshot}" if args.snapshot is not None else "the filter"
+    print(f"wrote {report.written:,} {args.format} records from {source} to {report.path}")
+    print_skipped(report.skipped)
+    return 0
+
+
+def snapshot_create_command(args) -> int:
+    from data.store import Store
+
+    with Store.open() as store:
+        snap = store.create_snapshot(data_filter(args), name=args.name)
+    print(f"snapshot {snap.id}{f' ({snap.name})' if snap.name else ''}: {snap.n_examples:,} "
+          f"examples, {snap.n_pairs:,} preference pairs, sha256 {snap.content_hash[:16]}")
+    return 0
+
+
+def snapshot_list_command(args) -> int:
+    import time
+
+    from data.store import Store
+
+    with Store.open() as store:
+        snaps = store.snapshots()
+    if not snaps:
+        print("no snapshots yet: `kettle data snapshot create`")
+    for s in snaps:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s.created_at))
+        print(f"{s.id:>5}  {when}  {s.n_examples:>7,} examples  {s.n_pairs:>6,} pairs  "
+              f"{s.content_hash[:12]}  {s.name}")
+    return 0
+
+
+def search_command(args) -> int:
+    from data.store import Store
+
+    with Store.open() as store:
+        hits = store.search(" ".join(args.query), limit=args.limit)
+    if not hits:
+        print("no matches")
+    for h in hits:
+        snippet = " ".join(h.snippet.split())
+        print(f"conversation {h.conversation_id} · message {h.message_id} · {h.role}: {snippet}")
+    return 0
