@@ -380,20 +380,24 @@ class SFTTrainer:
 
     # Everything needed to continue exactly where the run stopped.
     def state_dict(self) -> dict:
+        from gpt.pretrain import _rng_state
+
         return {
             "model": trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
             "step": self.step, "history": self.history, "best_val": self.best_val,
             "best_state": self.best_state, "bad_evals": self.bad_evals,
             "stopped_early": self.stopped_early, "tokens": self.tokens, "elapsed": self.elapsed,
-            "rng": torch.get_rng_state(),
+            "rng": _rng_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        from gpt.pretrain import _set_rng_state
+
         load_trainable_state(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.history = state["step"], state["history"]
         self.best_val, self.best_state = state["best_val"], state["best_state"]
         self.bad_evals, self.stopped_early = state["bad_evals"], state["stopped_early"]
         self.tokens, self.elapsed = state["tokens"], state["elapsed"]
-        torch.set_rng_state(state["rng"])
+        _set_rng_state(state["rng"])
 

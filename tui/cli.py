@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "tui.commands.models",
     "tui.commands.generate",
     "tui.commands.data",
+    "tui.commands.finetune",
 ]
 
 

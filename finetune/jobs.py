@@ -1,0 +1,428 @@
+"""Fine-tuning runs as their own processes, recorded in the store's runs table.
+
+    run = create_run(store, JobSpec(model="starter", snapshot_id=3))   # status "queued"
+    execute(run.id)                 # in this process (`kettle finetune run`), or:
+    run_id = start_finetune(JobSpec(...))   # a detached `kettle finetune run --run-id N`
+
+What a run writes while it goes (the app polls `store.run(id)` and `store.run_metrics(id)`):
+- runs.status: queued -> running -> finished | failed | cancelled; runs.pid; started_at,
+  finished_at, updated_at; runs.step / runs.total_steps; runs.error (one line, when failed);
+  runs.log_path (the process's output); runs.output_model_id (the registered model version).
+- run_metrics rows: {"loss", "lr", "tokens_per_s", "eta_s", "epoch"} at most about once a second
+  and at the last step, with "val_loss" added at each validation; at the end
+  {"gate_parent_loss", "gate_new_loss"}.
+- The run directory KETTLE_HOME/runs/finetune-<id>/: data.json (the tokenised examples, so a
+  resume never depends on the data file still being there), checkpoint.pt (after SIGTERM/SIGINT),
+  metrics.jsonl, log.txt.
+
+SIGTERM or Ctrl-C saves a checkpoint after the current step and marks the run "cancelled";
+`resume` continues it exactly (same batches, optimizer moments, RNG). Any error marks the run
+"failed" with the reason; out-of-memory is reported as such with what to change.
+
+On success the model directory (models/<name>: the weights, card.md, loss.png, training.json,
+and adapter/ for LoRA runs) is written atomically, then registered as a model version with its
+lineage in one transaction. The regression gate compares the parent's and the new model's loss on
+the held-out examples: a model that got worse is registered with status "regressed" and is never
+activated automatically; one that is at least as good is activated (unless `activate` is off).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from data.files import atomic_directory, atomic_write_text
+from data.paths import models_dir, runs_dir
+from data.store import Run, Store
+from finetune.instruct import (Example, Progress, SFTConfig, SFTTrainer, check_vocabulary,
+                               default_val_fraction, evaluate_loss, holdout, prepare, resolve)
+from gpt.errors import KettleError
+
+RUN_KIND = "finetune"
+LOG_EVERY_S = 1.0
+
+
+@dataclass
+class JobSpec:
+    """What a run was asked to do (stored as the run's config)."""
+    model: str  # base: a model version name or id, a model directory, or a name under models/
+    snapshot_id: int | None = None
+    data: str | None = None  # a dataset file (Alpaca, ShareGPT, OpenAI JSONL, DPO pairs)
+    sft: dict = field(default_factory=dict)  # SFTConfig fields
+    name: str | None = None  # the new model's name (default: <base>-ft<run id>)
+    device: str = "auto"
+    activate: bool = True
+
+    def validate(self) -> None:
+        if (self.snapshot_id is None) == (self.data is None):
+            raise KettleError("give exactly one of --snapshot ID or --data FILE")
+        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
+            raise KettleError(f"--name {self.name!r}: use a plain name without slashes")
+        SFTConfig.from_dict(self.sft)  # unknown or bad fields fail now, not in the process
+
+
+def run_dir(run_id: int) -> Path:
+    return runs_dir() / f"finetune-{run_id}"
+
+
+def create_run(store: Store, spec: JobSpec) -> Run:
+    """Record a queued run for `spec` (checked for shape; the model and data are checked when
+    the run starts, so that their problems are recorded on the run)."""
+    spec.validate()
+    if spec.data is not None:
+        spec.data = str(Path(spec.data).expanduser().resolve())
+    base = store.find_model_version(int(spec.model) if spec.model.isdigit() else spec.model)
+    run = store.create_run(RUN_KIND, snapshot_id=spec.snapshot_id,
+                           model_version_id=base.id if base else None,
+                           config={"spec": dataclasses.asdict(spec)})
+    path = run_dir(run.id)
+    path.mkdir(parents=True, exist_ok=True)
+    return store.update_run(run.id, log_path=path / "log.txt")
+
+
+def start_finetune(spec: JobSpec, store: Store | None = None) -> int:
+    """Create a run and start it as a detached `kettle finetune run --run-id N`; returns its id.
+
+    The process records itself in the runs table (see the module docstring); its output goes to
+    the run's log_path. Cancel it with `cancel_run`.
+    """
+    own = store is None
+    store = store or Store.open()
+    try:
+        run = create_run(store, spec)
+        with open(run.log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tui.cli", "finetune", "run", "--run-id", str(run.id),
+                 "--no-progress"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
+        store.update_run(run.id, pid=proc.pid)
+        return run.id
+    finally:
+        if own:
+            store.close()
+
+
+def cancel_run(store: Store, run_id: int) -> bool:
+    """Ask a running run's process to checkpoint and stop (SIGTERM); False if it is not running."""
+    import signal
+
+    run = store.run(run_id)
+    if run.status not in ("queued", "running") or not run.pid:
+        return False
+    try:
+        os.kill(run.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        store.update_run(run_id, status="failed", error="the run's process had disappeared")
+        return False
+    return True
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+
+def resolve_base(store: Store, model: str) -> tuple[Path, int | None, str]:
+    """(model directory, model version id or None, display name) of a base model."""
+    from gpt.checkpoint import resolve_model_dir
+
+    version = store.find_model_version(int(model) if model.isdigit() else model)
+    if version is not None:
+        path = Path(version.path)
+        if not path.exists():
+            raise KettleError(f"model version {version.name!r}: its directory {path} is missing")
+        return path, version.id, version.name
+    path = resolve_model_dir(model)
+    for v in store.model_versions():  # a directory the store knows keeps its lineage
+        if Path(v.path).resolve() == path.resolve():
+            return path, v.id, v.name
+    return path, None, path.name
+
+
+def load_conversations(store: Store, spec: JobSpec) -> tuple[list[list[dict]], dict]:
+    """The training conversations and a description of where they came from (for the card)."""
+    if spec.snapshot_id is not None:
+        snap = store.snapshot(spec.snapshot_id)
+        examples = store.snapshot_examples(snap.id)
+        source = {"snapshot_id": snap.id, "snapshot_name": snap.name, "hash": snap.content_hash}
+        return [e["messages"] for e in examples], source
+    from data.formats import parse_file
+
+    path = Path(spec.data)
+    fmt, records, _ = parse_file(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return [_record_conversation(r) for r in records], {"file": str(path), "format": fmt,
+                                                        "hash": digest}
+
+
+def _record_conversation(record) -> list[dict]:
+    """A parsed record as one conversation: the path to its last ideal (chosen) answer."""
+    nodes = record.nodes
+    last = max((i for i, n in enumerate(nodes) if n.label and "ideal" in n.label), default=len(nodes) - 1)
+    path = []
+    while last is not None:
+        path.append(nodes[last])
+        last = nodes[last].parent
+    messages = [{"role": "system", "content": record.system_prompt}] if record.system_prompt else []
+    return messages + [{"role": n.role, "content": n.content} for n in reversed(path)]
+
+
+def _save_examples(path: Path, tokenizer, train: list[Example], val: list[Example], stats: dict,
+                   source: dict) -> None:
+    data = {"tokenizer": tokenizer.name, "n_vocab": tokenizer.n_vocab, "stats": stats, "source": source,
+            "train": [[e.input_ids, e.labels] for e in train],
+            "val": [[e.input_ids, e.labels] for e in val]}
+    atomic_write_text(path, json.dumps(data, separators=(",", ":")))
+
+
+def _load_examples(path: Path, tokenizer, vocab_size: int):
+    """(train, held out, stats, source) from the run's data.json, checked against the model."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        train = [Example(ids, labels) for ids, labels in data["train"]]
+        val = [Example(ids, labels) for ids, labels in data["val"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise KettleError(f"{path}: the run's tokenised data cannot be read ({exc})") from None
+    if data.get("tokenizer") != tokenizer.name or data.get("n_vocab") != tokenizer.n_vocab:
+        raise KettleError(f"{path}: the data was tokenised for another vocabulary "
+                          f"({data.get('tokenizer')}, {data.get('n_vocab')} tokens); the model "
+                          f"uses {tokenizer.name} ({tokenizer.n_vocab} tokens)")
+    check_vocabulary(train + val, vocab_size)
+    return train, val, data.get("stats", {}), data.get("source", {})
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+def execute(run_id: int, resume: bool = False, progress: bool = True,
+            on_step: Callable[[Progress], None] | None = None) -> Run:
+    """Run (or resume) fine-tuning run `run_id` in this process; returns the final Run row.
+
+    Raises KettleError when the run fails (after marking it failed with the reason).
+    `on_step` is called after every step (a hook for tests and embedding).
+    """
+    from gpt.pretrain import init_distributed
+
+    store = Store.open()
+    try:
+        run = store.run(run_id)
+        if run.kind != RUN_KIND:
+            raise KettleError(f"run {run_id} is a {run.kind} run, not a fine-tuning run")
+        spec = JobSpec(**run.config["spec"])
+        if resume and run.status not in ("cancelled", "failed"):
+            raise KettleError(f"run {run_id} is {run.status}; only cancelled or failed runs resume")
+        if not resume and run.status != "queued":
+            raise KettleError(f"run {run_id} is {run.status} (resume it with "
+                              f"`kettle finetune resume {run_id}`)")
+        dist, device = init_distributed(spec.device)
+        if dist.main:
+            store.update_run(run_id, status="running", pid=os.getpid(), error="")
+        try:
+            _run(store, run_id, spec, resume, progress, on_step, dist, device)
+        except KettleError as exc:
+            _fail(store, run_id, str(exc), dist)
+            raise
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in str(exc):
+                _fail(store, run_id, f"{type(exc).__name__}: {exc}", dist)
+                raise
+            message = ("out of memory while training; try --lora, a smaller --batch-tokens or "
+                       "--max-length, or a smaller model")
+            _fail(store, run_id, message, dist)
+            raise KettleError(message) from None
+        except KeyboardInterrupt:  # a second Ctrl-C: stopped before a checkpoint could be saved
+            if dist.main:
+                store.update_run(run_id, status="cancelled", error="interrupted without a checkpoint")
+            raise
+        except BaseException as exc:
+            _fail(store, run_id, f"{type(exc).__name__}: {exc}".strip(": "), dist)
+            raise
+        return store.run(run_id)
+    finally:
+        store.close()
+
+
+def _fail(store: Store, run_id: int, reason: str, dist) -> None:
+    if dist.main:
+        store.update_run(run_id, status="failed", error=reason.splitlines()[0] if reason else "failed")
+
+
+def _run(store: Store, run_id: int, spec: JobSpec, resume: bool, progress: bool, on_step, dist, device):
+    from gpt.checkpoint import load_model
+    from gpt.pretrain import Display, StopFlag, _truncate_metrics, read_metrics
+
+    rdir = run_dir(run_id)
+    rdir.mkdir(parents=True, exist_ok=True)
+    base_path, parent_id, base_name = resolve_base(store, spec.model)
+    name = spec.name or f"{base_name}-ft{run_id}"
+    out = models_dir() / name
+    if store.find_model_version(name) is not None or out.exists():
+        raise KettleError(f"a model named {name!r} already exists; choose another --name")
+    model, tokenizer = load_model(base_path, device=device, dtype=torch.float32)
+    sft = SFTConfig.from_dict(spec.sft)
+    max_length = sft.max_length or model.config.context_length
+    data_path = rdir / "data.json"
+    if resume and data_path.exists():
+        train, val, stats, source = _load_examples(data_path, tokenizer, model.config.vocab_size)
+    else:
+        conversations, source = load_conversations(store, spec)
+        examples, stats = prepare(conversations, tokenizer, max_length, model.config.vocab_size)
+        fraction = sft.val_fraction if sft.val_fraction is not None else default_val_fraction(len(examples))
+        train, val = holdout(examples, fraction, sft.seed)
+        if not train:
+            raise KettleError(f"no training examples left after holding out {len(val)}")
+        if dist.main:
+            _save_examples(data_path, tokenizer, train, val, stats, source)
+    stats = {**stats, "train": len(train), "held_out": len(val)}
+    config = resolve(sft, len(train), model.config.context_length)
+    config.val_fraction = len(val) / (len(train) + len(val))
+
+    parent_loss = evaluate_loss(model, val, tokenizer.eot_id, device) if val else None
+    trainer = SFTTrainer(model, train, val, config, tokenizer.eot_id, device, dist)
+    checkpoint_path = rdir / "checkpoint.pt"
+    metrics_path = rdir / "metrics.jsonl"
+    if resume and checkpoint_path.exists():
+        trainer.load_state_dict(torch.load(checkpoint_path, map_location=device, weights_only=True))
+        _truncate_metrics(metrics_path, trainer.step)
+    elif dist.main:
+        metrics_path.unlink(missing_ok=True)
+    if dist.main:
+        store.update_run(run_id, total_steps=trainer.total_steps, step=trainer.step)
+
+    display = Display(progress and dist.main, trainer.total_steps, trainer.step, "fine-tuning")
+    last_log = [0.0]
+
+    def report(p: Progress) -> None:
+        if on_step:
+            on_step(p)
+        if not dist.main:
+            return
+        record = {"step": p.step, "loss": p.loss, "lr": p.lr, "tokens_per_s": p.tokens_per_s,
+                  "eta_s": p.eta_s, "epoch": p.epoch}
+        if p.val_loss is not None:
+            record["val_loss"] = p.val_loss
+            display.print(f"step {p.step}: validation loss {p.val_loss:.4f}")
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        display.step(p.step, p.loss, p.tokens_per_s, None)
+        now = time.monotonic()
+        if now - last_log[0] >= LOG_EVERY_S or p.val_loss is not None or p.step == p.total_steps:
+            last_log[0] = now
+            store.log_metrics(run_id, p.step, {k: v for k, v in record.items() if k != "step"})
+        if not math.isfinite(p.loss):
+            raise KettleError(f"the loss became {p.loss} at step {p.step}; lower --lr and start again")
+
+    try:
+        with StopFlag() as stop:
+            finished = trainer.run(should_stop=lambda: stop.requested, on_progress=report)
+    finally:
+        display.close()
+    if not finished:
+        if dist.main:
+            tmp = checkpoint_path.with_suffix(".tmp")
+            torch.save(trainer.state_dict(), tmp)
+            os.replace(tmp, checkpoint_path)
+            store.update_run(run_id, status="cancelled", step=trainer.step)
+        dist.barrier()
+        return
+
+    new_loss = evaluate_loss(model, val, tokenizer.eot_id, device) if val else None
+    if not dist.main:
+        return
+    if parent_loss is None:
+        verdict = "not checked (no held-out examples)"
+    elif new_loss <= parent_loss:
+        verdict = "passed"
+    else:
+        verdict = "regressed"
+    losses = [r["loss"] for r in read_metrics(metrics_path) if "loss" in r]
+    metrics = {"gate": verdict, "gate_parent_loss": parent_loss, "gate_new_loss": new_loss,
+               "best_val_loss": None if math.isinf(trainer.best_val) else trainer.best_val,
+               "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+               "steps": trainer.step, "stopped_early": trainer.stopped_early,
+               "tokens": trainer.tokens, "train_seconds": round(trainer.elapsed, 2),
+               "tokens_per_s": trainer.tokens / trainer.elapsed if trainer.elapsed else None, **stats}
+    store.log_metrics(run_id, trainer.step, {"gate_parent_loss": parent_loss, "gate_new_loss": new_loss})
+    hparams = {**config.to_dict(), "base": str(base_path), "base_name": base_name,
+               "source": source, "mode": "lora" if config.lora else "full"}
+    _write_model(out, model, tokenizer, trainer, name, base_name, run_id, hparams, metrics, metrics_path)
+    try:
+        with store.transaction():
+            version = store.add_model_version(
+                name, out, "finetuned", parent_id=parent_id, snapshot_id=spec.snapshot_id,
+                run_id=run_id, hparams=hparams, metrics=metrics,
+                status="regressed" if verdict == "regressed" else "ok")
+            store.update_run(run_id, status="finished", step=trainer.step, output_model_id=version.id)
+            if spec.activate and verdict == "passed":
+                store.activate_model(version.id)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # nothing half-registered
+        raise
+    checkpoint_path.unlink(missing_ok=True)
+
+
+def _write_model(out: Path, model, tokenizer, trainer, name, base_name, run_id, hparams, metrics,
+                 metrics_path: Path) -> None:
+    """The model directory with its card, loss curve and (LoRA) adapter, in one atomic rename."""
+    from finetune.lora import lora_layers, merge_lora, save_adapter
+    from gpt.checkpoint import save_model
+    from gpt.pretrain import plot_losses
+
+    with atomic_directory(out) as tmp:
+        if lora_layers(model):
+            save_adapter(model, tmp / "adapter", extra={"base": hparams["base"]})
+            merge_lora(model)
+        weights = tmp / "weights"
+        save_model(model, weights, tokenizer)
+        for item in weights.iterdir():
+            os.replace(item, tmp / item.name)
+        weights.rmdir()
+        plot_losses(metrics_path, tmp / "loss.png")
+        (tmp / "training.json").write_text(json.dumps({"run_id": run_id, "hparams": hparams,
+                                                       "metrics": metrics}, indent=2) + "\n",
+                                           encoding="utf-8")
+        (tmp / "card.md").write_text(model_card(name, base_name, run_id, hparams, metrics),
+                                     encoding="utf-8")
+
+
+def model_card(name: str, base_name: str, run_id: int, hparams: dict, metrics: dict) -> str:
+    source = hparams["source"]
+    data = (f"snapshot #{source['snapshot_id']} {source.get('snapshot_name') or ''}".rstrip()
+            if "snapshot_id" in source else f"{source['file']} ({source['format']})")
+
+    def num(x, fmt=".4f"):
+        return "—" if x is None else format(x, fmt)
+
+    lora = hparams.get("lora")
+    mode = (f"LoRA (rank {lora['rank']}, alpha {lora['alpha']}, dropout {lora['dropout']}, "
+            f"on {', '.join(lora['targets'])})" if lora else "full fine-tuning")
+    rows = [
+        ("Base model", f"{base_name} (`{hparams['base']}`)"),
+        ("Data", f"{data}, content hash `{source['hash'][:16]}`"),
+        ("Examples", f"{metrics['train']} trained on, {metrics['held_out']} held out, "
+                     f"{metrics.get('skipped_too_long', 0)} skipped as too long"),
+        ("Method", mode),
+        ("Settings", f"{hparams['epochs']} epochs max, lr {hparams['lr']:g}, warm-up "
+                     f"{hparams['warmup_steps']} steps, weight decay {hparams['weight_decay']}, "
+                     f"≤{hparams['max_batch_size']} examples / {hparams['batch_tokens']} tokens a "
+                     f"batch, max length {hparams['max_length']}, seed {hparams['seed']}"),
+        ("Steps", f"{metrics['steps']}" + (" (early-stopped)" if metrics["stopped_early"] else "")),
+        ("Time", f"{metrics['train_seconds']:.1f} s, {num(metrics['tokens_per_s'], ',.0f')} tokens/s"),
+        ("Training loss", f"{num(metrics['first_loss'])} → {num(metrics['last_loss'])}"),
+        ("Held-out loss", f"{num(metrics['gate_parent_loss'])} (base) → "
+                          f"{num(metrics['gate_new_loss'])} (this model)"),
+        ("Regression gate", metrics["gate"]),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return (f"# {name}\n\nFine-tuned by Kettle run {run_id} on "
+            f"{time.strftime('%Y-%m-%d %H:%M', time.localtime())}.\n\n| | |\n|---|---|\n{table}\n\n"
+            f"![loss curve](loss.png)\n")
+

@@ -1,0 +1,203 @@
+"""Fine-tuning runs: store records, lineage, gate, card, cancel/resume, failures."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+
+import pytest
+import torch
+
+from data.paths import models_dir
+from data.store import Store
+from finetune.jobs import JobSpec, cancel_run, create_run, execute, run_dir, start_finetune
+from gpt.checkpoint import load_model, save_model
+from gpt.config import GPTConfig
+from gpt.errors import KettleError
+from gpt.model import GPT
+
+TOPICS = ["kettle", "teapot", "mug", "stove", "spoon", "sugar", "milk", "lemon", "honey", "biscuit",
+          "saucer", "tray", "napkin", "oven", "pan", "whisk", "ladle", "sieve", "grater", "jar"]
+FAST = {"lr": 3e-3, "epochs": 5, "eval_every": 5}
+
+
+@pytest.fixture
+def store():
+    with Store.open() as s:
+        yield s
+
+
+@pytest.fixture
+def base(tmp_path, trained_tokenizer, store):
+    """A tiny random model, registered as the store's model version "base"."""
+    torch.manual_seed(0)
+    path = tmp_path / "base"
+    save_model(GPT(GPTConfig(vocab_size=512, context_length=64, n_layer=2, n_head=2, n_embd=64)),
+               path, trained_tokenizer)
+    store.add_model_version("base", path, "pretrained")
+    return path
+
+
+def _snapshot(store, n=20) -> int:
+    """n conversations whose answers the user corrected (the ideal answer is what trains)."""
+    for i, topic in enumerate(TOPICS[:n]):
+        conv = store.create_conversation()
+        q = store.add_message(conv.id, "user", f"What is a {topic}?")
+        a = store.add_message(conv.id, "assistant", "I do not know.", q.id)
+        store.set_label(a.id, ideal=f"A {topic} is item number {i} in my kitchen.")
+    return store.create_snapshot(name="corrections").id
+
+
+def _run(store, spec: JobSpec, **kwargs):
+    run = create_run(store, spec)
+    return execute(run.id, progress=False, **kwargs)
+
+
+def test_finished_run_registers_a_model_with_lineage_card_and_gate(store, base):
+    snap = _snapshot(store)
+    run = _run(store, JobSpec(model="base", snapshot_id=snap, sft=FAST))
+    assert run.status == "finished" and run.step == run.total_steps > 0 and not run.error
+    version = store.model_version(run.output_model_id)
+    assert version.name == f"base-ft{run.id}" and version.kind == "finetuned"
+    assert version.parent_id == store.model_version("base").id
+    assert version.snapshot_id == snap and version.run_id == run.id
+    assert version.hparams["mode"] == "full" and version.hparams["lr"] == 3e-3
+    assert version.hparams["source"]["hash"] == store.snapshot(snap).content_hash
+    m = version.metrics
+    assert m["held_out"] == 2 and m["train"] == 18
+    assert m["gate_new_loss"] < m["gate_parent_loss"] and m["gate"] == "passed"
+    assert version.status == "ok" and store.active_model().id == version.id
+
+    # What the app polls: progress rows with loss, speed and ETA, validation losses, the gate.
+    rows = store.run_metrics(run.id)
+    assert any({"loss", "tokens_per_s", "eta_s"} <= set(r) for _, r in rows)
+    assert any("val_loss" in r for _, r in rows) and any("gate_new_loss" in r for _, r in rows)
+
+    out = models_dir() / version.name
+    assert str(out) == version.path
+    card = (out / "card.md").read_text()
+    assert "Regression gate | passed" in card and store.snapshot(snap).content_hash[:16] in card
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    model, _ = load_model(out)  # a complete model directory
+    assert not (run_dir(run.id) / "checkpoint.pt").exists()
+
+
+def test_lora_run_keeps_its_adapter_beside_the_merged_model(store, base):
+    from finetune.lora import load_adapter
+
+    spec = JobSpec(model=str(base), snapshot_id=_snapshot(store), name="with-lora",
+                   sft={**FAST, "lr": 1e-2, "lora": {"rank": 4, "alpha": 8, "dropout": 0.0,
+                                                     "targets": ["attn.c_attn", "mlp.c_fc"]}})
+    run = _run(store, spec)
+    version = store.model_version("with-lora")
+    assert version.hparams["mode"] == "lora" and version.parent_id == store.model_version("base").id
+    adapter = models_dir() / "with-lora" / "adapter"
+    assert (adapter / "adapter.safetensors").stat().st_size < (base / "model.safetensors").stat().st_size / 4
+    merged, _ = load_model(models_dir() / "with-lora")
+    wrapped, _ = load_model(base)
+    load_adapter(wrapped, adapter)
+    ids = torch.randint(0, 512, (1, 16))
+    torch.testing.assert_close(merged(ids), wrapped(ids), atol=1e-5, rtol=1e-5)
+    assert run.status == "finished"
+
+
+def test_a_worse_model_is_marked_and_not_activated(store, base):
+    store.activate_model(store.model_version("base").id)
+    # One huge step wrecks the model: it must be recorded, but never served automatically.
+    spec = JobSpec(model="base", snapshot_id=_snapshot(store),
+                   sft={"lr": 0.5, "epochs": 1, "warmup_steps": 1, "eval_every": 1, "grad_clip": 0.0})
+    run = _run(store, spec)
+    version = store.model_version(run.output_model_id)
+    assert version.metrics["gate"] == "regressed" and version.status == "regressed"
+    assert version.metrics["gate_new_loss"] > version.metrics["gate_parent_loss"]
+    assert store.active_model().name == "base"
+
+
+def test_sigterm_then_resume_reaches_the_uninterrupted_loss(store, base):
+    snap = _snapshot(store)
+    spec = dict(model="base", snapshot_id=snap, sft={**FAST, "epochs": 4})
+    straight = _run(store, JobSpec(**spec))
+
+    def terminate_at_step_7(p):
+        if p.step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = _run(store, JobSpec(**spec), on_step=terminate_at_step_7)
+    assert stopped.status == "cancelled" and stopped.step == 7
+    assert (run_dir(stopped.id) / "checkpoint.pt").exists() and stopped.output_model_id is None
+    with pytest.raises(KettleError, match="resume it"):
+        execute(stopped.id, progress=False)
+    resumed = execute(stopped.id, resume=True, progress=False)
+    assert resumed.status == "finished" and resumed.step == straight.step
+    a = store.model_version(straight.output_model_id).metrics
+    b = store.model_version(resumed.output_model_id).metrics
+    assert b["last_loss"] == pytest.approx(a["last_loss"], rel=1e-6)
+    assert b["gate_new_loss"] == pytest.approx(a["gate_new_loss"], rel=1e-6)
+    losses_a = [r["loss"] for _, r in store.run_metrics(straight.id) if "loss" in r]
+    assert losses_a  # the progress rows exist for both runs
+
+
+def _assert_failed(store, run_id, reason):
+    run = store.run(run_id)
+    assert run.status == "failed" and reason in run.error
+    assert run.output_model_id is None
+    assert [v.name for v in store.model_versions()] == ["base"]  # nothing half-registered
+    assert not [p for p in models_dir().iterdir()]
+
+
+def test_bad_inputs_fail_the_run_with_the_reason(store, base, tmp_path):
+    empty = store.create_snapshot(name="empty").id
+    cases = [
+        (JobSpec(model="base", snapshot_id=empty), "dataset is empty"),
+        (JobSpec(model="no-such-model", snapshot_id=empty), "no such model"),
+    ]
+    only_questions = tmp_path / "questions.jsonl"
+    only_questions.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi?"}]}) + "\n")
+    cases.append((JobSpec(model="base", data=str(only_questions)), "at least one assistant message"))
+    for spec, reason in cases:
+        run = create_run(store, spec)
+        with pytest.raises(KettleError, match=reason):
+            execute(run.id, progress=False)
+        _assert_failed(store, run.id, reason)
+
+
+def test_out_of_memory_fails_cleanly_and_resume_checks_the_vocabulary(store, base,
+                                                                      tiny_gpt2_vocab_model_dir):
+    spec = JobSpec(model=str(base), snapshot_id=_snapshot(store), sft=FAST)
+    run = create_run(store, spec)
+
+    def out_of_memory(p):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(KettleError, match="out of memory"):
+        execute(run.id, progress=False, on_step=out_of_memory)
+    _assert_failed(store, run.id, "out of memory")
+    # The base directory now holds a model with GPT-2's vocabulary: the run's tokenised data no
+    # longer fits it, and resuming says so instead of training on garbage.
+    shutil.rmtree(base)
+    shutil.copytree(tiny_gpt2_vocab_model_dir, base)
+    with pytest.raises(KettleError, match="another vocabulary"):
+        execute(run.id, resume=True, progress=False)
+    _assert_failed(store, run.id, "another vocabulary")
+
+
+def test_separate_process_records_progress_and_stops_on_cancel(store, base):
+    spec = JobSpec(model="base", snapshot_id=_snapshot(store), device="cpu",
+                   sft={"lr": 3e-3, "epochs": 400, "val_fraction": 0.0})
+    run_id = start_finetune(spec, store)
+    deadline = time.monotonic() + 60
+    while store.run(run_id).step < 3:
+        assert time.monotonic() < deadline, open(store.run(run_id).log_path).read()
+        assert store.run(run_id).status in ("queued", "running"), open(store.run(run_id).log_path).read()
+        time.sleep(0.1)
+    run = store.run(run_id)
+    assert run.status == "running" and run.pid and run.total_steps == 400 * 10  # 20 examples, 2 a batch
+    assert cancel_run(store, run_id)
+    while store.run(run_id).status == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    run = store.run(run_id)
+    assert run.status == "cancelled" and 3 <= run.step < run.total_steps
+    assert (run_dir(run_id) / "checkpoint.pt").exists()
