@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import random
 import sqlite3
 import threading
 import time
@@ -533,7 +534,7 @@ class Store:
                 finally:
                     self._depth -= 1
                 return
-            self.conn.execute("BEGIN IMMEDIATE")
+            self._begin_immediate()
             self._depth = 1
             try:
                 yield self
@@ -545,6 +546,28 @@ class Store:
                 self.conn.execute("COMMIT")
             finally:
                 self._depth = 0
+
+    def _begin_immediate(self) -> None:
+        """Take the database's write lock, waiting up to BUSY_TIMEOUT_S. SQLite's own busy handler
+        backs off to 100 ms sleeps, so a process that writes back to back (a fast training loop)
+        could starve another for longer than the timeout; polling every millisecond or so gets a
+        turn in the short gaps between its transactions."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        self.conn.execute("PRAGMA busy_timeout = 1")
+        try:
+            while True:
+                try:
+                    self.conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) and "busy" not in str(exc):
+                        raise
+                    if time.monotonic() > deadline:
+                        raise KettleError(f"{self.path}: the database stayed locked by another "
+                                          f"process for {BUSY_TIMEOUT_S:.0f} s") from exc
+                    time.sleep(random.uniform(0.0002, 0.002))
+        finally:
+            self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
 
     def _rows(self, sql: str, params: Iterable = ()) -> list[dict]:
         with self._lock:
