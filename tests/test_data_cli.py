@@ -1,0 +1,53 @@
+"""`kettle data ...` end to end on the KETTLE_HOME database."""
+from __future__ import annotations
+
+import json
+
+from data.store import Store
+from tests.conftest import SHARED_DATA
+from tui.cli import main
+
+
+def test_import_snapshot_export_search_and_stats(tmp_path, capsys):
+    source = SHARED_DATA / "instruction-data.json"
+    assert main(["data", "import", str(source)]) == 0
+    assert "imported 1,100 conversations (2,200 messages)" in capsys.readouterr().out
+
+    with Store.open() as store:  # a label made in the app before freezing
+        conv = store.list_conversations(limit=1)[0]
+        answer = store.current_thread(conv.id)[-1]
+        store.set_label(answer.id, tags=["skip"])
+
+    assert main(["data", "snapshot", "create", "--name", "first", "--exclude-tag", "skip"]) == 0
+    assert "snapshot 1 (first): 1,099 examples" in capsys.readouterr().out
+    assert main(["data", "snapshot", "list"]) == 0
+    assert "first" in capsys.readouterr().out
+
+    out = tmp_path / "out.jsonl"
+    assert main(["data", "export", "--format", "openai", "--snapshot", "1", str(out)]) == 0
+    assert "wrote 1,099 openai records from snapshot 1" in capsys.readouterr().out
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 1099 and json.loads(lines[0])["messages"][0]["role"] == "user"
+
+    assert main(["data", "export", "--format", "dpo", str(tmp_path / "p.jsonl")]) == 0
+    assert "skipped 1100: is an example, not a preference pair" in capsys.readouterr().out
+
+    assert main(["data", "search", "spelling", "friend"]) == 0
+    assert "[friend]" in capsys.readouterr().out
+
+    assert main(["data", "stats", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["conversations"], stats["corrected"], stats["snapshots"]) == (1100, 1100, 1)
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": 3}]}\n', encoding="utf-8")
+    assert main(["data", "import", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kettle: error: ") and "bad.jsonl, line 1" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["data", "export", "--format", "alpaca", "--snapshot", "7",
+                 str(tmp_path / "x.json")]) == 1
+    assert "no dataset snapshot with id 7" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
