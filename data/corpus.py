@@ -49,6 +49,17 @@ def corpus_files(path: str | Path) -> list[Path]:
     return files
 
 
+def check_corpus(path: str | Path) -> list[Path]:
+    """The corpus files, after the checks that need no tokenizer: it exists, is not empty, and
+    holds no binary file."""
+    files = corpus_files(path)
+    if sum(f.stat().st_size for f in files) == 0:
+        raise KettleError(f"{path}: the corpus is empty")
+    for file in files:
+        _check_text(file)
+    return files
+
+
 def _check_text(path: Path) -> None:
     with open(path, "rb") as f:
         head = f.read(8192)
@@ -184,10 +195,8 @@ def build_shards(path: str | Path, tokenizer: Tokenizer, out_dir: str | Path,
     """
     if not 0.0 <= val_fraction < 1.0:
         raise KettleError(f"validation fraction must be in [0, 1), got {val_fraction}")
-    files = corpus_files(path)
+    files = check_corpus(path)
     total = sum(f.stat().st_size for f in files)
-    if total == 0:
-        raise KettleError(f"{path}: the corpus is empty")
     split_at = total * (1.0 - val_fraction) if val_fraction > 0 else float("inf")
     dtype = token_dtype(tokenizer.n_vocab)
     eot = tokenizer.eot_id

@@ -14,6 +14,8 @@ from gpt.errors import KettleError
 COMMAND_MODULES = [
     "tui.commands.models",
     "tui.commands.generate",
+    "tui.commands.pretrain",
+    "tui.commands.brew",
     "tui.commands.data",
     "tui.commands.finetune",
 ]

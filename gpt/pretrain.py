@@ -1,0 +1,742 @@
+"""Pretraining: next-token prediction on raw text, on one device or many (torchrun + DDP).
+
+    kettle pretrain --data corpus/ --preset small --out my-model
+
+A run keeps its state in a run directory (by default under KETTLE_HOME/runs):
+
+    run.json          what was asked: corpus, model config, training config
+    tokenizer.json    the tokenizer the shards were made with
+    shards/           the corpus as token shards (data.corpus)
+    checkpoint/       model/ (a model directory), trainer.pt (optimizer, RNG states), state.json
+    metrics.jsonl     one JSON object per step, evaluation and sample
+    loss.png          the loss curve, drawn at the end
+
+Resuming restores weights, optimizer moments, the step (which fixes the learning rate and the
+data position: batches are a pure function of the step) and the RNG states, so a resumed run
+logs the same losses at the same steps as one that was never stopped.
+
+Under `torchrun --nproc_per_node N` every rank trains on its own part of each batch; gradients
+are averaged by DistributedDataParallel; only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data import corpus
+from data.files import atomic_directory, atomic_write_text
+from gpt.checkpoint import load_model, save_model
+from gpt.config import GPTConfig
+from gpt.errors import KettleError
+from gpt.model import GPT, KVCache
+from gpt.tokenizer import TOKENIZER_FILE, Tokenizer, gpt2_tokenizer, load_tokenizer_file, train_tokenizer
+
+GPT2_VOCAB = 50257
+
+# Dense peak TFLOPS of tensor-core bf16 (fp16 where there is no bf16), by device-name substring;
+# the first match wins, so more specific names come first. MFU is measured against these.
+PEAK_TFLOPS = (
+    ("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0),
+    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("A6000", 154.8), ("A10G", 70.0),
+    ("A10", 125.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("4090", 165.2),
+    ("3090", 71.0), ("V100", 125.0), ("T4", 65.0),
+)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_tokens: int = 32768       # target tokens per optimizer step, all ranks together
+    micro_batch_size: int = 8       # windows per forward pass on one device
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1       # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0          # 0 = off
+    loader: str = "random"          # random windows, or the book's sliding windows
+    stride: int | None = None       # sliding windows: distance between starts (default: context)
+    val_fraction: float = 0.1
+    text_field: str = "text"        # JSONL corpora: the field holding the text
+    eval_every: int = 100
+    eval_batches: int = 10
+    sample_every: int = 200         # 0 = no samples
+    sample_tokens: int = 48
+    sample_prompt: str = ""         # default: the start of the validation text
+    checkpoint_every: int = 200
+    max_time: float | None = None   # seconds; stop early (with a model) once spent
+    seed: int = 1337
+    compile: bool = False
+    device: str = "auto"
+
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_tokens", "micro_batch_size", "eval_every", "eval_batches",
+                     "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise KettleError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise KettleError(f"learning rate must be positive, got {self.lr}")
+        if self.loader not in ("random", "sliding"):
+            raise KettleError(f"unknown loader {self.loader!r} (choose random or sliding)")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise KettleError(f"val-fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class PretrainResult:
+    out: Path | None                 # the model directory (None when interrupted)
+    run_dir: Path
+    step: int
+    tokens: int
+    train_loss: float | None
+    val_loss: float | None
+    initial_val_loss: float | None   # the untrained model's
+    interrupted: bool = False
+    elapsed: float = 0.0
+    samples: list[str] = field(default_factory=list)
+    rank: int = 0                    # under torchrun, only rank 0 should report
+
+
+# --- devices and distribution -------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.SUM)
+            value = value / self.world_size
+        return value
+
+    def any(self, flag: bool, device) -> bool:
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def pick_device(name: str = "auto", dist: Dist | None = None) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise KettleError("--device cuda: no CUDA GPU is available")
+        return torch.device("cuda", dist.local_rank if dist else 0)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise KettleError(f"unknown device {name!r} (cpu, cuda, mps or auto)") from None
+
+
+def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """Join the process group torchrun describes in the environment (a no-op without torchrun)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dist = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = pick_device(device_name, dist)
+    if dist.enabled and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist, device
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the GPU supports it; fp32 elsewhere (CPU bf16 is slower than fp32)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS:
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def flops_per_token(config: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per matrix weight plus attention's (PaLM appendix B)."""
+    n = sum(p.numel() for name, p in _params_for_flops(config))
+    return 6 * n + 12 * config.n_layer * config.n_embd * seq_len
+
+
+def _params_for_flops(config: GPTConfig):
+    with torch.device("meta"):
+        model = GPT(config)
+    return [(name, p) for name, p in model.named_parameters() if name != "wpe.weight"]
+
+
+# --- optimisation -------------------------------------------------------------------------------
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (and embeddings) only; biases and norms are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at max_steps.
+
+    With a time budget (max_time) the decay follows whichever runs out first, steps or time, so
+    a run cut short by the clock still ends on a low learning rate.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.max_time:
+        progress = max(progress, min(1.0, elapsed / cfg.max_time))
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+def accumulation_steps(cfg: TrainConfig, context: int, world_size: int) -> int:
+    per_pass = cfg.micro_batch_size * context * world_size
+    return max(1, math.ceil(cfg.batch_tokens / per_pass))
+
+
+# --- the run directory --------------------------------------------------------------------------
+
+def default_run_dir(out: Path) -> Path:
+    from data.paths import runs_dir
+
+    key = hashlib.sha256(str(out.expanduser().resolve()).encode()).hexdigest()[:8]
+    return runs_dir() / f"pretrain-{out.name}-{key}"
+
+
+def _rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [int(x) for x in np.random.get_state()[1]] + [int(np.random.get_state()[2])],
+        "python": list(random.getstate()[1]),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(("MT19937", np.array(state["numpy"][:-1], dtype=np.uint32), state["numpy"][-1]))
+    random.setstate((3, tuple(state["python"]), None))
+
+
+def save_checkpoint(path: Path, model: GPT, tokenizer: Tokenizer, optimizer, state: dict,
+                    rng_states: list[dict]) -> None:
+    """Model directory + optimizer and RNG states + step, replaced in one atomic rename."""
+    with atomic_directory(path, overwrite=True) as tmp:
+        save_model(model, tmp / "model", tokenizer)
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_states}, tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+
+
+def load_checkpoint(path: Path, device: torch.device) -> tuple[GPT, dict, dict]:
+    """(model, trainer state {optimizer, rng}, state.json) of a checkpoint; never unpickles."""
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        trainer = torch.load(path / "trainer.pt", map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise KettleError(f"{path}: no checkpoint to resume from") from None
+    except Exception as exc:  # torch.load raises several types for damaged files
+        raise KettleError(f"{path}: the checkpoint cannot be read ({exc})") from None
+    model, _ = load_model(path / "model", device=device, dtype=torch.float32)
+    return model, trainer, state
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log records past the checkpoint (steps trained after it but lost in a crash)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+# --- evaluation and samples ---------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, stream: corpus.TokenStream, context: int, batch_size: int, n_batches: int,
+             device: torch.device, dist: Dist, amp: torch.dtype | None) -> float | None:
+    """Mean next-token loss over the first windows of the validation split (same every time)."""
+    length = min(context, len(stream) - 1)
+    if length < 1:
+        return None
+    n_windows = min(n_batches * batch_size, (len(stream) - 1) // length)
+    mine = list(range(dist.rank, n_windows, dist.world_size))
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    model.eval()
+    for i in range(0, len(mine), batch_size):
+        rows = np.stack([stream.read(w * length, length + 1) for w in mine[i:i + batch_size]])
+        t = torch.from_numpy(rows).to(device)
+        with _autocast(device, amp):
+            logits = model(t[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), t[:, 1:].flatten(), reduction="sum")
+        total += torch.stack([loss.double(), torch.tensor(t[:, 1:].numel(), device=device,
+                                                           dtype=torch.float64)])
+    model.train()
+    if dist.enabled:
+        torch.distributed.all_reduce(total)
+    return float(total[0] / total[1]) if total[1] > 0 else None
+
+
+@torch.no_grad()
+def sample(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new_tokens: int,
+           device: torch.device, seed: int, temperature: float = 0.8, top_k: int = 40) -> str:
+    """A short continuation for watching training progress (the app uses gpt.engine)."""
+    ctx = model.config.context_length
+    prompt_ids = prompt_ids[-(ctx // 2):] or [tokenizer.eot_id]
+    max_new_tokens = min(max_new_tokens, ctx - len(prompt_ids))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, device,
+                    dtype=next(model.parameters()).dtype)
+    was_training = model.training
+    model.eval()
+    logits = model(torch.tensor([prompt_ids], device=device), kv_cache=cache, last_only=True)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = logits[0, -1].float() / temperature
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
+        token = int(torch.multinomial(probs, 1, generator=gen))
+        if token == tokenizer.eot_id:
+            break
+        out.append(token)
+        logits = model(torch.tensor([[token]], device=device), kv_cache=cache, last_only=True)
+    model.train(was_training)
+    return tokenizer.decode_bytes(prompt_ids + out).decode("utf-8", errors="replace")
+
+
+def _autocast(device: torch.device, amp: torch.dtype | None):
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp)
+
+
+# --- progress display ---------------------------------------------------------------------------
+
+class Display:
+    """A rich progress bar with loss, tokens/s, MFU and ETA; lines for evaluations and samples."""
+
+    def __init__(self, enabled: bool, total: int, start: int, label: str = "pretraining"):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        )
+        self.task = self.progress.add_task(label, total=total, completed=start, loss="-", speed="")
+        self.progress.start()
+
+    def step(self, step: int, loss: float, tokens_per_s: float, mfu: float | None) -> None:
+        if self.enabled:
+            speed = f"{tokens_per_s:,.0f} tok/s" + (f" MFU {mfu:.0%}" if mfu is not None else "")
+            self.progress.update(self.task, completed=step, loss=f"{loss:.3f}", speed=speed)
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            self.progress.console.print(text, highlight=False, markup=False)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+
+class StopFlag:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to save a checkpoint and stop after this step;
+    a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: the caller stops us another way
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+def _prepare_data(data: Path, run_dir: Path, config: GPTConfig, cfg: TrainConfig,
+                  tokenizer: Tokenizer | None, resume: bool, display: Display) -> Tokenizer:
+    """Rank 0: the run's tokenizer (given, GPT-2's, or trained on the corpus) and its shards."""
+    tok_path = run_dir / TOKENIZER_FILE
+    if resume:
+        tokenizer = load_tokenizer_file(tok_path) if tok_path.exists() else gpt2_tokenizer()
+    elif tokenizer is None:
+        if config.vocab_size >= GPT2_VOCAB:
+            tokenizer = gpt2_tokenizer()
+        else:
+            display.print(f"training a {config.vocab_size}-token tokenizer on {data}")
+            tokenizer = train_tokenizer(corpus.iter_texts(data, cfg.text_field), config.vocab_size)
+    if tokenizer.n_vocab > config.vocab_size:
+        raise KettleError(f"the tokenizer has {tokenizer.n_vocab} tokens but the model's vocabulary "
+                          f"only {config.vocab_size}; use a larger vocab_size or a smaller tokenizer")
+    if tokenizer.name != "gpt2" and not resume:
+        tokenizer.save(run_dir)
+    shards = run_dir / "shards"
+    fresh = (shards / corpus.META_FILE).exists() and \
+        corpus.read_meta(shards).get("fingerprint") == corpus.fingerprint(data)
+    if resume and not fresh:
+        raise KettleError(f"{data}: the corpus changed since the run started; start a new run")
+    if not fresh:
+        with _progress_bar(display, f"tokenizing {data.name}") as update:
+            corpus.build_shards(data, tokenizer, shards, cfg.val_fraction, cfg.text_field,
+                                on_progress=update)
+    return tokenizer
+
+
+@contextlib.contextmanager
+def _progress_bar(display: Display, label: str):
+    if not display.enabled:
+        yield None
+        return
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+
+    with Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), transient=True) as progress:
+        task = progress.add_task(label, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+def pretrain(data: str | Path | None, out: str | Path, config: GPTConfig | None = None,
+             cfg: TrainConfig | None = None, tokenizer: Tokenizer | None = None,
+             resume: bool = False, run_dir: str | Path | None = None, progress: bool = True,
+             on_step: Callable[[int, float], None] | None = None,
+             display_label: str = "pretraining", register: bool = True) -> PretrainResult:
+    """Train a GPT on the corpus at `data` and save it as the model directory `out`.
+
+    With `resume`, the run recorded in the run directory continues from its checkpoint (`data`,
+    `config` may be None: the recorded ones are used; `cfg.max_steps` may extend the run).
+    `on_step(step, loss)` is called after every optimizer step (rank 0). With `register`, the
+    model is recorded in the store as a "pretrained" model version.
+    """
+    out = Path(out).expanduser()
+    run_dir = Path(run_dir) if run_dir else default_run_dir(out)
+    cfg = cfg or TrainConfig()
+    cfg.validate()
+    dist, device = init_distributed(cfg.device)
+    ckpt_dir = run_dir / "checkpoint"
+    if resume:
+        if not (ckpt_dir / "state.json").exists():
+            raise KettleError(f"--resume: no checkpoint in {run_dir} (nothing to resume; "
+                              "start without --resume)")
+        recorded = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        config = GPTConfig.from_dict(recorded["model_config"], source=str(run_dir / "run.json"))
+        saved_cfg = TrainConfig(**recorded["train_config"])
+        cfg = dataclasses.replace(saved_cfg, max_steps=cfg.max_steps, device=cfg.device,
+                                  max_time=cfg.max_time)
+        data = Path(recorded["data"])
+    else:
+        if config is None or data is None:
+            raise KettleError("pretrain needs a corpus and a model config (or --resume)")
+        data = Path(data).expanduser()
+        if out.exists():
+            raise KettleError(f"{out}: already exists (choose another --out)")
+        if ckpt_dir.exists():
+            raise KettleError(f"{run_dir} already holds a checkpoint for {out}: continue it with "
+                              "--resume, or delete that folder to start over")
+    corpus.check_corpus(data)  # a missing, empty or binary corpus fails before any work
+    display = Display(progress and dist.main, cfg.max_steps, 0, display_label)
+    try:
+        if dist.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            tokenizer = _prepare_data(data, run_dir, config, cfg, tokenizer, resume, display)
+            if not resume:
+                atomic_write_text(run_dir / "run.json", json.dumps({
+                    "data": str(data.resolve()), "out": str(out.resolve()),
+                    "model_config": config.to_dict(), "train_config": dataclasses.asdict(cfg),
+                }, indent=2) + "\n")
+        dist.barrier()
+        if not dist.main:
+            tok_path = run_dir / TOKENIZER_FILE
+            tokenizer = load_tokenizer_file(tok_path) if tok_path.exists() else gpt2_tokenizer()
+        return _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, display,
+                      on_step, register)
+    finally:
+        display.close()
+
+
+def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, display, on_step,
+           register):
+    ckpt_dir = run_dir / "checkpoint"
+    metrics_path = run_dir / "metrics.jsonl"
+    train_stream = corpus.TokenStream(run_dir / "shards", "train")
+    val_stream = corpus.TokenStream(run_dir / "shards", "val")
+    context = config.context_length
+    accum = accumulation_steps(cfg, context, dist.world_size)
+    loader = corpus.WindowLoader(train_stream, cfg.micro_batch_size, context, cfg.stride,
+                                 mode=cfg.loader, seed=cfg.seed, rank=dist.rank,
+                                 world_size=dist.world_size, accum_steps=accum)
+    tokens_per_step = loader.step_batch * context
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores on Ampere and later
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed + dist.rank)
+    step, initial_val, elapsed_before = 0, None, 0.0
+    if resume:
+        model, trainer, state = load_checkpoint(ckpt_dir, device)
+        if state["world_size"] != dist.world_size or state["step_batch"] != loader.step_batch:
+            display.print(f"note: resuming with {dist.world_size} process(es) and {loader.step_batch} "
+                          "windows per step; the data order follows the new layout")
+        step, initial_val = state["step"], state.get("initial_val_loss")
+        elapsed_before = state.get("elapsed", 0.0)
+    else:
+        model = GPT(config).to(device)
+    model.train()
+    raw_model = model
+    optimizer = make_optimizer(raw_model, cfg, device)
+    if resume:
+        optimizer.load_state_dict(trainer["optimizer"])
+        rng = trainer["rng"]
+        _set_rng_state(rng[dist.rank] if dist.rank < len(rng) else rng[0])
+        if dist.main:
+            _truncate_metrics(metrics_path, step)
+    if cfg.compile:
+        model = torch.compile(model)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    amp = autocast_dtype(device)
+    peak = peak_flops(device)
+    fpt = flops_per_token(config, context)
+    prompt_ids = (tokenizer.encode(cfg.sample_prompt) if cfg.sample_prompt
+                  else val_stream.read(0, min(8, len(val_stream))).tolist() if len(val_stream)
+                  else train_stream.read(0, 8).tolist())
+
+    def log(record: dict) -> None:
+        if dist.main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def run_eval(at: int) -> float | None:
+        val = evaluate(model, val_stream, context, cfg.micro_batch_size, cfg.eval_batches, device,
+                       dist, amp)
+        if val is not None:
+            log({"step": at, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+            display.print(f"step {at}: val loss {val:.3f}, perplexity {math.exp(min(val, 50)):,.1f}")
+        return val
+
+    def checkpoint(at: int) -> None:
+        rng = [_rng_state()]
+        if dist.enabled:
+            rng = [None] * dist.world_size
+            torch.distributed.all_gather_object(rng, _rng_state())
+        if dist.main:
+            save_checkpoint(ckpt_dir, raw_model, tokenizer, optimizer, {
+                "step": at, "tokens": at * tokens_per_step, "world_size": dist.world_size,
+                "step_batch": loader.step_batch, "initial_val_loss": initial_val,
+                "elapsed": elapsed_before + time.perf_counter() - started,
+                "scheduler": {"kind": "warmup-cosine", "step": at,
+                              "lr": optimizer.param_groups[0]["lr"]},
+                "data": {"loader": cfg.loader, "next_step": at, "seed": cfg.seed},
+            }, rng)
+        dist.barrier()
+
+    started = time.perf_counter()
+    val_loss = None
+    if not resume:
+        initial_val = val_loss = run_eval(0)
+    display.progress.update(display.task, completed=step) if display.enabled else None
+    samples: list[str] = []
+    train_loss = None
+    interrupted = False
+    with StopFlag() as stop:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg, elapsed_before + t0 - started)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                x, y = loader.batch(step, micro)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = dist.enabled and micro < accum - 1
+                with (model.no_sync() if sync else contextlib.nullcontext()), _autocast(device, amp):
+                    logits = model(x)
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                (loss / accum).backward()
+                loss_sum += loss.detach()
+            grad_norm = (torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                         if cfg.grad_clip > 0 else None)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            train_loss = float(dist.mean(loss_sum / accum))
+            step += 1
+            dt = time.perf_counter() - t0
+            tps = tokens_per_step / dt
+            mfu = fpt * tps / (peak * dist.world_size) if peak else None
+            log({"step": step, "loss": train_loss, "lr": lr, "tokens": step * tokens_per_step,
+                 "tokens_per_s": tps, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                 **({"mfu": mfu} if mfu is not None else {})})
+            display.step(step, train_loss, tps, mfu)
+            if on_step and dist.main:
+                on_step(step, train_loss)
+            if not math.isfinite(train_loss):
+                raise KettleError(f"the loss became {train_loss} at step {step}; lower the "
+                                  "learning rate (--lr) and start again")
+            out_of_time = dist.any(cfg.max_time is not None and
+                                   elapsed_before + time.perf_counter() - started > cfg.max_time, device)
+            last = step == cfg.max_steps or out_of_time
+            if step % cfg.eval_every == 0 or last:
+                val_loss = run_eval(step)
+            if dist.main and cfg.sample_every and (step % cfg.sample_every == 0 or last):
+                text = sample(raw_model, tokenizer, prompt_ids, cfg.sample_tokens, device, cfg.seed + step)
+                samples.append(text)
+                log({"step": step, "sample": text})
+                display.print(f"step {step} sample: {text!r}")
+            if dist.any(stop.requested, device):
+                checkpoint(step)
+                interrupted = True
+                break
+            if out_of_time:
+                display.print(f"time budget of {cfg.max_time:.0f}s spent at step {step}")
+                break
+            if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                checkpoint(step)
+    elapsed = elapsed_before + time.perf_counter() - started
+    result = PretrainResult(None, run_dir, step, step * tokens_per_step, train_loss, val_loss,
+                            initial_val, interrupted, elapsed, samples, dist.rank)
+    if interrupted:
+        return result
+    checkpoint(step)  # a finished run can still be extended with --resume --max-steps
+    if dist.main:
+        summary = {"data": str(data), "steps": step, "tokens": result.tokens,
+                   "train_loss": train_loss, "val_loss": val_loss,
+                   "initial_val_loss": initial_val, "elapsed_s": round(elapsed, 1),
+                   "run_dir": str(run_dir), "train_config": dataclasses.asdict(cfg)}
+        save_model(raw_model, out, tokenizer, overwrite=resume,
+                   extra_files={"training.json": json.dumps(summary, indent=2) + "\n"})
+        plot_losses(metrics_path, run_dir / "loss.png")
+        result.out = out
+        if register:
+            register_model(out, "pretrained", hparams={"config": config.to_dict(),
+                                                       "train": dataclasses.asdict(cfg)},
+                           metrics={"train_loss": train_loss, "val_loss": val_loss,
+                                    "steps": step, "tokens": result.tokens})
+    dist.barrier()
+    return result
+
+
+def register_model(path: str | Path, kind: str, hparams: dict | None = None,
+                   metrics: dict | None = None, activate_if_none: bool = False) -> tuple[object, bool]:
+    """Record a model directory in the store as a model version (named after the directory,
+    made unique), or update the metrics of the version already recorded for that path.
+
+    Returns (the ModelVersion, whether it became the active model).
+    """
+    from data.store import Store
+
+    path = Path(path).expanduser().resolve()
+    with Store.open() as store:
+        version = next((v for v in store.model_versions() if Path(v.path) == path), None)
+        if version is not None:
+            version = store.update_model_version(version.id, metrics=metrics)
+        else:
+            taken = {v.name for v in store.model_versions()}
+            name = path.name
+            for n in range(2, 10_000):
+                if name not in taken:
+                    break
+                name = f"{path.name}-{n}"
+            version = store.add_model_version(name, path, kind, hparams=hparams, metrics=metrics)
+        activated = activate_if_none and store.active_model() is None
+        if activated:
+            store.activate_model(version.id)
+    return version, activated
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def plot_losses(metrics_path: Path, png: Path) -> None:
+    """The training and validation loss against steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="training loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png)

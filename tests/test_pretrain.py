@@ -1,0 +1,205 @@
+"""Pretraining end to end with tiny real models: loss, exact resume, Ctrl-C, torchrun, errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt.checkpoint import load_model
+from gpt.config import GPTConfig
+from gpt.pretrain import TrainConfig, lr_at, make_optimizer, pretrain, read_metrics
+from tui.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = GPTConfig(vocab_size=512, context_length=32, n_layer=2, n_head=2, n_embd=32)
+
+
+def train_cfg(**changes) -> TrainConfig:
+    base = dict(max_steps=8, batch_tokens=128, micro_batch_size=4, lr=3e-3, warmup_steps=2,
+                eval_every=4, eval_batches=2, sample_every=4, sample_tokens=8,
+                checkpoint_every=100, seed=7)
+    return TrainConfig(**{**base, **changes})
+
+
+@pytest.fixture()
+def verdict_file(tmp_path, verdict_text) -> Path:
+    path = tmp_path / "verdict.txt"
+    path.write_text(verdict_text, encoding="utf-8")
+    return path
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def test_loss_falls_and_the_result_is_a_model(tmp_path, verdict_file, trained_tokenizer):
+    result = pretrain(verdict_file, tmp_path / "model", TINY, train_cfg(max_steps=40, eval_every=20, lr=1e-2),
+                      tokenizer=trained_tokenizer, progress=False)
+    curve = losses(result.run_dir)
+    assert sorted(curve) == list(range(1, 41))
+    assert curve[40] < curve[1] - 0.6
+    assert result.val_loss < result.initial_val_loss - 0.5
+    model, tokenizer = load_model(result.out)
+    assert model.config == TINY and tokenizer.n_vocab == trained_tokenizer.n_vocab
+    training = json.loads((result.out / "training.json").read_text())
+    assert training["steps"] == 40
+    assert (result.run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert result.samples and all(isinstance(s, str) for s in result.samples)
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, verdict_file, trained_tokenizer):
+    """Ctrl-C at step 4 saves a checkpoint; --resume then logs the same losses at the same steps
+    as a run that was never interrupted."""
+    cfg = train_cfg(loader="sliding", stride=16)
+    full = pretrain(verdict_file, tmp_path / "full", TINY, cfg, tokenizer=trained_tokenizer,
+                    progress=False)
+
+    def ctrl_c_at_step_4(step, loss):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # a real signal through the real handler
+
+    stopped = pretrain(verdict_file, tmp_path / "resumed", TINY, cfg, tokenizer=trained_tokenizer,
+                       progress=False, on_step=ctrl_c_at_step_4)
+    assert stopped.interrupted and stopped.step == 4 and stopped.out is None
+    assert not (tmp_path / "resumed").exists()
+    assert json.loads((stopped.run_dir / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    resumed = pretrain(None, tmp_path / "resumed", None, train_cfg(), resume=True, progress=False)
+    assert resumed.step == 8 and resumed.out == tmp_path / "resumed"
+    expected, got = losses(full.run_dir), losses(resumed.run_dir)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
+    a, _ = load_model(full.out)
+    b, _ = load_model(resumed.out)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-6), name
+
+
+def test_resume_extends_a_finished_run(tmp_path, verdict_file, trained_tokenizer):
+    first = pretrain(verdict_file, tmp_path / "m", TINY, train_cfg(max_steps=4),
+                     tokenizer=trained_tokenizer, progress=False)
+    more = pretrain(None, tmp_path / "m", None, train_cfg(max_steps=6), resume=True, progress=False)
+    assert more.step == 6 and sorted(losses(first.run_dir)) == list(range(1, 7))
+    assert json.loads((tmp_path / "m" / "training.json").read_text())["steps"] == 6
+
+
+def test_schedule_and_weight_decay_groups():
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(55, cfg) == pytest.approx(0.55e-3)
+    assert lr_at(100, cfg) == pytest.approx(1e-4)
+    timed = TrainConfig(max_steps=1000, warmup_steps=0, lr=1e-3, max_time=60.0)
+    assert lr_at(10, timed, elapsed=60.0) == pytest.approx(1e-4)  # the clock ran out first
+    from gpt.model import GPT
+
+    optimizer = make_optimizer(GPT(TINY), TrainConfig(), torch.device("cpu"))
+    decayed, plain = optimizer.param_groups
+    assert all(p.dim() >= 2 for p in decayed["params"]) and decayed["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in plain["params"]) and plain["weight_decay"] == 0.0
+
+
+def test_checkpoint_loads_without_unpickling(tmp_path, verdict_file, trained_tokenizer):
+    result = pretrain(verdict_file, tmp_path / "m", TINY, train_cfg(max_steps=2),
+                      tokenizer=trained_tokenizer, progress=False)
+    trainer = torch.load(result.run_dir / "checkpoint" / "trainer.pt", weights_only=True)
+    assert trainer["optimizer"]["state"] and trainer["rng"][0]["torch"].dtype == torch.uint8
+    leftovers = [p.name for p in result.run_dir.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty"),
+    (b"\x7fELF\x02\x01\x01\x00\x00binary", "binary file"),
+    (b"Too short for one window.", "fewer than one context window"),
+])
+def test_cli_bad_corpus(tmp_path, capsys, content, message):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(content)
+    code, err = run_cli(capsys, "pretrain", "--data", str(path), "--preset", "tiny",
+                        "--out", str(tmp_path / "m"), "--max-steps", "1")
+    assert code == 1
+    assert err.startswith("kettle: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "m").exists()
+
+
+def test_cli_bad_preset_and_resume(tmp_path, capsys, verdict_file):
+    code, err = run_cli(capsys, "pretrain", "--data", str(verdict_file), "--preset", "gpt5",
+                        "--out", str(tmp_path / "m"))
+    assert code == 1 and "unknown preset 'gpt5'" in err and err.count("\n") == 1
+    code, err = run_cli(capsys, "pretrain", "--out", str(tmp_path / "m"), "--resume")
+    assert code == 1 and "no checkpoint" in err and err.count("\n") == 1
+
+
+def test_cli_pretrain_and_tokenizer_train(tmp_path, capsys, verdict_file):
+    code = main(["tokenizer", "train", "--data", str(verdict_file), "--vocab-size", "400",
+                 "--out", str(tmp_path / "tok")])
+    out = capsys.readouterr().out
+    assert code == 0 and "bytes/token" in out and "GPT-2" in out
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY.replace(vocab_size=400).to_dict()))
+    code = main(["pretrain", "--data", str(verdict_file), "--config", str(config),
+                 "--out", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "tok"),
+                 "--max-steps", "3", "--batch-tokens", "64", "--micro-batch", "2",
+                 "--eval-every", "3", "--sample-every", "0"])
+    out = capsys.readouterr().out
+    assert code == 0 and "trained 3 steps" in out
+    _, tokenizer = load_model(tmp_path / "m")
+    assert tokenizer.n_vocab == 400
+
+
+def test_torchrun_two_processes_match_one(tmp_path, verdict_file, trained_tokenizer):
+    """2 gloo ranks x 4 windows give the same loss curve as 1 process accumulating 2 x 4."""
+    trained_tokenizer.save(tmp_path)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY.to_dict()))
+    common = ["pretrain", "--data", str(verdict_file), "--config", str(config),
+              "--tokenizer", str(tmp_path / "tokenizer.json"), "--max-steps", "5",
+              "--batch-tokens", str(2 * 4 * 32), "--micro-batch", "4", "--eval-every", "5",
+              "--sample-every", "0", "--checkpoint-every", "2", "--seed", "3", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-m", "tui.cli", *common, "--out", str(tmp_path / "one"),
+                    "--run-dir", str(tmp_path / "run-one")], check=True, cwd=ROOT, env=env,
+                   capture_output=True)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", "-m", "tui.cli", *common,
+                          "--out", str(tmp_path / "two"), "--run-dir", str(tmp_path / "run-two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    one, two = losses(tmp_path / "run-one"), losses(tmp_path / "run-two")
+    assert sorted(two) == list(range(1, 6))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-4), step
+    assert [p.name for p in (tmp_path / "run-two").iterdir() if "checkpoint" in p.name] == ["checkpoint"]
+    assert (tmp_path / "two" / "model.safetensors").exists()
+    assert ddp.stdout.count("trained 5 steps") == 1  # only rank 0 reports
+
+
+@pytest.mark.slow
+def test_verdict_124m_overfits_like_the_book(tmp_path, verdict_file):
+    """The book's chapter 5: GPT-2 124M shape, context 256, AdamW 4e-4, batch 2, 10 epochs on
+    the-verdict.txt: the training loss falls below 1 (it memorises)."""
+    config = GPTConfig(context_length=256, qkv_bias=False)
+    cfg = TrainConfig(max_steps=90, batch_tokens=512, micro_batch_size=2, lr=4e-4, warmup_steps=5,
+                      min_lr_ratio=0.5, weight_decay=0.1, loader="sliding", eval_every=30,
+                      sample_every=0, checkpoint_every=1000, seed=123)
+    from gpt.tokenizer import gpt2_tokenizer
+
+    result = pretrain(verdict_file, tmp_path / "m", config, cfg, tokenizer=gpt2_tokenizer(),
+                      progress=False)
+    curve = losses(result.run_dir)
+    assert min(curve[s] for s in range(80, 91)) < 1.0
+    assert result.val_loss > 5.0  # memorised, not generalised, as the book shows
