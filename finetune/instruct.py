@@ -344,9 +344,13 @@ class SFTTrainer:
                 self.elapsed += time.perf_counter() - started
                 return False
         self.elapsed += time.perf_counter() - started
+        self.restore_best()
+        return True
+
+    def restore_best(self) -> None:
+        """Load the weights of the best validation so far (a no-op without validation)."""
         if self.best_state is not None:
             load_trainable_state(self.model, self.best_state)
-        return True
 
     def _train_step(self, batch: list[Example]) -> float:
         ids, labels = collate(batch, self.pad_id)

@@ -1,0 +1,27 @@
+"""The starter's instruction data: Python questions answered by their docstrings' first sentence."""
+from __future__ import annotations
+
+from finetune.starter import first_sentence, python_qa_pairs
+
+
+def test_first_sentence_skips_signatures_and_keeps_prose():
+    assert first_sentence("Return a copy of the string converted to uppercase.") == \
+        "Return a copy of the string converted to uppercase."
+    assert first_sentence("S.count(sub[, start[, end]]) -> int\n\nReturn the number of non-overlapping "
+                          "occurrences of substring sub.  More text.") == \
+        "Return the number of non-overlapping occurrences of substring sub."
+    assert first_sentence("max(iterable, *[, key=func]) -> value\nmax(a, b)\n\nWith a single "
+                          "iterable argument, return its biggest item. The default...") == \
+        "With a single iterable argument, return its biggest item."
+    assert first_sentence("Return\n   the value\n   for key.") == "Return the value for key."
+    assert first_sentence(None) is None and first_sentence("todo") is None
+
+
+def test_python_qa_pairs_cover_builtins_and_the_stdlib():
+    pairs = python_qa_pairs()
+    by_question = {p[0]["content"]: p[1]["content"] for p in pairs}
+    assert len(pairs) > 500 and len(by_question) == len(pairs)
+    upper = [a for q, a in by_question.items() if "str.upper " in q + " "]
+    assert upper == ["Return a copy of the string converted to uppercase."]
+    assert any("json.dumps" in q for q in by_question) and any("os.path." in q for q in by_question)
+    assert all(p[0]["role"] == "user" and p[1]["role"] == "assistant" for p in pairs)
