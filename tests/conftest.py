@@ -67,3 +67,19 @@ def tiny_gpt2_vocab_model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny-gpt2"
     save_model(GPT(config), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def long_context_model_dir(tmp_path_factory, trained_tokenizer) -> Path:
+    """Like tiny_model_dir with a 2048-token context: generations long enough to cancel midway."""
+    import torch
+
+    from gpt.checkpoint import save_model
+    from gpt.config import GPTConfig
+    from gpt.model import GPT
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=512, context_length=2048, n_layer=2, n_head=2, n_embd=32)
+    path = tmp_path_factory.mktemp("models") / "long"
+    save_model(GPT(config), path, trained_tokenizer)
+    return path

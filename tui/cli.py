@@ -14,6 +14,7 @@ from gpt.errors import KettleError
 COMMAND_MODULES = [
     "tui.commands.models",
     "tui.commands.generate",
+    "tui.commands.serve",
     "tui.commands.pretrain",
     "tui.commands.brew",
     "tui.commands.data",

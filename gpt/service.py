@@ -1,0 +1,566 @@
+"""How the app and the command line talk to a model: one interface, two implementations.
+
+    service = InProcessService("my-model")          # or RemoteService("http://127.0.0.1:8000")
+    async for event in service.stream_chat(messages, SamplingParams(temperature=0)):
+        if isinstance(event, Delta): show(event.text)
+        elif isinstance(event, Done): record(event.result, event.model)   # a GenerationResult
+        else: complain(event.message)                                     # an Error
+
+Every request ends with exactly one Done (finish_reason "stop", "length" or "cancelled") or one
+Error. `cancel(request_id)` stops a request within one token (a queued one never starts); leaving
+the `async for` early (break, task cancelled) cancels it too.
+
+InProcessService runs the model on ONE worker thread and takes requests one at a time, in the order
+they came (a model switch waits its turn too, so a request sent before the switch is answered by the
+old model). Events reach the caller's asyncio loop through `loop.call_soon_threadsafe`, so it is
+safe to use from the Textual app's event loop; nothing blocks the loop.
+
+Model names: a store model version's name, a model directory path, or the name of a directory
+under KETTLE_HOME/models. `InProcessService()` with no model serves the store's active model and
+follows the store: switching it to a store version records the activation there, so the app and
+the next start agree. A service given a model (`kettle serve MODEL`) leaves the store alone.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import queue
+import threading
+import traceback
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+from gpt.engine import Engine, GenerationResult
+from gpt.errors import KettleError
+from gpt.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    result: GenerationResult
+    model: str                  # the model that generated the answer
+
+
+@dataclass(frozen=True)
+class Error:
+    message: str
+    code: str = "invalid_request"   # "invalid_request" (the request or model is at fault) | "internal"
+
+
+Event = Delta | Done | Error
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: str = ""              # empty when a remote server does not say
+    source: str = "directory"   # "store" (a model version) | "directory"
+    kind: str = ""              # the store's kind (finetuned, imported, ...); "" for a plain directory
+    status: str = ""
+    created: float = 0.0
+    version_id: int | None = None
+    active: bool = False        # the model this service answers with now
+
+
+class GenerationService(ABC):
+    """The one way the app and the command line generate text (see the module docstring)."""
+
+    @abstractmethod
+    def stream_chat(self, messages: list[dict], params: SamplingParams,
+                    request_id: str | None = None) -> AsyncIterator[Event]:
+        """Answer a conversation as the assistant: Delta events, then one Done or Error."""
+
+    @abstractmethod
+    def complete(self, prompt: str, params: SamplingParams,
+                 request_id: str | None = None) -> AsyncIterator[Event]:
+        """Continue raw text: the same events as stream_chat."""
+
+    @abstractmethod
+    def cancel(self, request_id: str | None = None) -> None:
+        """Stop one request (None: every request in flight or queued). Safe from any thread."""
+
+    @abstractmethod
+    async def list_models(self) -> list[ModelInfo]:
+        """Every model this service can switch to; the one in use has active=True."""
+
+    @abstractmethod
+    async def switch_model(self, name_or_path: str) -> ModelInfo:
+        """Answer the following requests with another model. On failure (KettleError) the old
+        model stays in use."""
+
+    @property
+    @abstractmethod
+    def active_model(self) -> ModelInfo | None:
+        """The model in use (None before the first one is loaded or seen)."""
+
+    def close(self) -> None:
+        """Release the model and the worker thread; the service cannot be used afterwards."""
+
+
+# --- model names -----------------------------------------------------------------------------------
+
+def _open_store():
+    """The store, or None when data.store is not importable (a stripped-down install)."""
+    try:
+        from data.store import Store
+    except ImportError:
+        return None
+    return Store.open()
+
+
+def resolve_model(name_or_path: str) -> ModelInfo:
+    """A model by directory path, store version name, or directory name under models_dir()."""
+    from data.paths import models_dir
+    from gpt.checkpoint import read_meta
+
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise KettleError("a model name or path is needed")
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        read_meta(path)
+        return ModelInfo(name=path.resolve().name, path=str(path.resolve()))
+    store = _open_store()
+    if store is not None:
+        with store:
+            version = store.find_model_version(name_or_path)
+        if version is not None:
+            return _version_info(version)
+    if "/" not in name_or_path and (models_dir() / name_or_path).is_dir():
+        path = models_dir() / name_or_path
+        read_meta(path)
+        return ModelInfo(name=name_or_path, path=str(path))
+    raise KettleError(f"{name_or_path}: no such model (not a directory, nor a store model version, "
+                      f"nor a model in {models_dir()})")
+
+
+def store_active_model() -> ModelInfo:
+    """The model the store marks active; KettleError when there is none."""
+    store = _open_store()
+    version = None
+    if store is not None:
+        with store:
+            version = store.active_model()
+    if version is None:
+        raise KettleError("no model is active yet: name one (for example `kettle serve MODEL`) "
+                          "or activate one in the app")
+    return _version_info(version)
+
+
+def available_models() -> list[ModelInfo]:
+    """Store model versions (newest first), then model directories under models_dir() that no
+    version already points at."""
+    from data.paths import models_dir
+
+    found: list[ModelInfo] = []
+    store = _open_store()
+    if store is not None:
+        with store:
+            found = [_version_info(v) for v in store.model_versions()]
+    known = {str(Path(m.path).resolve()) for m in found}
+    for path in sorted(models_dir().iterdir()):
+        if (path / "config.json").is_file() and str(path.resolve()) not in known:
+            found.append(ModelInfo(name=path.name, path=str(path), created=path.stat().st_mtime))
+    return found
+
+
+def _version_info(version) -> ModelInfo:
+    return ModelInfo(name=version.name, path=version.path, source="store", kind=version.kind,
+                     status=version.status, created=version.created_at, version_id=version.id)
+
+
+def _same_model(a: ModelInfo, b: ModelInfo) -> bool:
+    if a.version_id is not None or b.version_id is not None:
+        return a.version_id == b.version_id
+    return Path(a.path).resolve() == Path(b.path).resolve()
+
+
+# --- in process ------------------------------------------------------------------------------------
+
+@dataclass
+class _Job:
+    kind: str                   # "chat" | "complete"
+    payload: object             # messages or prompt
+    params: SamplingParams
+    cancel: threading.Event
+    emit: Callable[[Event], None]
+
+
+@dataclass
+class _Call:
+    fn: Callable
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+class InProcessService(GenerationService):
+    """The model in this process, driven by one worker thread (see the module docstring)."""
+
+    def __init__(self, model: str | None = None, device: str | None = None):
+        self.follows_store = model is None
+        # Resolve now, so a bad name fails where it was given; the weights load on the worker.
+        self._wanted = store_active_model() if model is None else resolve_model(model)
+        self._device = device
+        self._engine: Engine | None = None
+        self._active: ModelInfo | None = None
+        self._served: list[ModelInfo] = []  # listed even when not found elsewhere: switch back
+        self._jobs: queue.Queue = queue.Queue()
+        self._cancels: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._worker = threading.Thread(target=self._work, name="kettle-generation", daemon=True)
+        self._worker.start()
+
+    # -- the interface ----------------------------------------------------------------------------
+
+    def stream_chat(self, messages, params, request_id=None):
+        return self._events("chat", messages, params, request_id)
+
+    def complete(self, prompt, params, request_id=None):
+        return self._events("complete", prompt, params, request_id)
+
+    def cancel(self, request_id: str | None = None) -> None:
+        with self._lock:
+            events = list(self._cancels.values()) if request_id is None else \
+                [e for rid, e in self._cancels.items() if rid == request_id]
+        for event in events:
+            event.set()
+
+    async def list_models(self) -> list[ModelInfo]:
+        models = await asyncio.to_thread(available_models)
+        active = self._active or self._wanted
+        for served in [active, *self._served]:
+            if not any(_same_model(m, served) for m in models):
+                models.insert(0, served)
+        return [_with_active(m, _same_model(m, active)) for m in models]
+
+    async def switch_model(self, name_or_path: str) -> ModelInfo:
+        info = await asyncio.to_thread(resolve_model, name_or_path)
+        return await asyncio.wrap_future(self._call(lambda: self._load(info)))
+
+    @property
+    def active_model(self) -> ModelInfo | None:
+        return self._active
+
+    def load(self) -> ModelInfo:
+        """Load the model now and wait for it (the first request would otherwise do it)."""
+        return self._call(self._ensure_loaded).result()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.cancel()
+        self._jobs.put(None)
+        self._worker.join(timeout=30)
+        self._engine = None
+
+    # -- the caller's side ------------------------------------------------------------------------
+
+    async def _events(self, kind, payload, params, request_id) -> AsyncIterator[Event]:
+        if self._closed:
+            yield Error("the generation service is closed", "internal")
+            return
+        try:
+            params = SamplingParams.from_dict(params) if isinstance(params, dict) else params.validate()
+        except KettleError as exc:
+            yield Error(str(exc))
+            return
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Event] = asyncio.Queue()
+
+        def emit(event: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(inbox.put_nowait, event)
+            except RuntimeError:  # the caller's loop is gone; the request is cancelled anyway
+                cancel.set()
+
+        cancel = threading.Event()
+        request_id = request_id or uuid.uuid4().hex
+        with self._lock:
+            self._cancels[request_id] = cancel
+        try:
+            self._jobs.put(_Job(kind, payload, params, cancel, emit))
+            while True:
+                event = await inbox.get()
+                yield event
+                if not isinstance(event, Delta):
+                    return
+        finally:
+            # Reached early when the caller stops listening (break, aclose, task cancelled):
+            # the generation must not run on for nobody.
+            cancel.set()
+            with self._lock:
+                if self._cancels.get(request_id) is cancel:
+                    del self._cancels[request_id]
+
+    def _call(self, fn: Callable) -> concurrent.futures.Future:
+        """Run fn on the worker thread, after the requests queued before it."""
+        if self._closed:
+            raise KettleError("the generation service is closed")
+        call = _Call(fn)
+        self._jobs.put(call)
+        return call.future
+
+    # -- the worker thread ------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if isinstance(job, _Call):
+                if job.future.set_running_or_notify_cancel():
+                    try:
+                        job.future.set_result(job.fn())
+                    except BaseException as exc:  # handed to the caller, never kills the worker
+                        job.future.set_exception(exc)
+            else:
+                self._generate(job)
+
+    def _generate(self, job: _Job) -> None:
+        if job.cancel.is_set():  # cancelled while queued: answer without touching the model
+            name = (self._active or self._wanted).name
+            job.emit(Done(GenerationResult(text="", finish_reason="cancelled", prompt_tokens=0,
+                                           new_tokens=0, seed=job.params.seed or 0), name))
+            return
+        try:
+            self._ensure_loaded()
+            engine, name = self._engine, self._active.name
+            if job.kind == "chat":
+                items = engine.stream_chat(job.payload, job.params, job.cancel)
+            else:
+                if not isinstance(job.payload, (str, list)):
+                    raise KettleError("prompt must be a string or a list of token ids")
+                items = engine.stream(job.payload, job.params, job.cancel)
+            for item in items:
+                job.emit(Done(item, name) if isinstance(item, GenerationResult) else Delta(item))
+        except KettleError as exc:
+            job.emit(Error(str(exc)))
+        except Exception as exc:  # a bug must not take the worker (and every later request) down
+            traceback.print_exc()
+            job.emit(Error(f"internal error: {type(exc).__name__}: {exc}", "internal"))
+
+    def _ensure_loaded(self) -> ModelInfo:
+        if self._engine is None:
+            self._load(self._wanted)
+        return self._active
+
+    def _load(self, info: ModelInfo) -> ModelInfo:
+        # The new model loads before the old one is let go: a broken one leaves the old in use.
+        engine = Engine.load(info.path, device=self._device)
+        engine.name = info.name
+        self._engine, self._wanted = engine, info
+        self._active = _with_active(info, True)
+        if not any(_same_model(m, info) for m in self._served):
+            self._served.append(info)
+        if self.follows_store and info.version_id is not None:
+            store = _open_store()
+            with store:
+                active = store.active_model()
+                if active is None or active.id != info.version_id:
+                    store.activate_model(info.version_id)
+        return self._active
+
+
+def _with_active(info: ModelInfo, active: bool) -> ModelInfo:
+    return replace(info, active=active)
+
+
+# --- remote ------------------------------------------------------------------------------------------
+
+_STREAM_TIMEOUT_S = 600.0   # the server may queue a request behind others for a while
+
+
+class RemoteService(GenerationService):
+    """An HTTP client of `kettle serve` (or any server with Kettle's extensions of OpenAI's API).
+
+    Streams with server-sent events; cancelling closes the stream, which makes the server stop
+    generating. One httpx client per request keeps the service usable from any event loop.
+    """
+
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 10.0):
+        base = base_url.rstrip("/")
+        self.base_url = base[:-3] if base.endswith("/v1") else base
+        self.api_key = api_key
+        self.timeout = timeout
+        self._active: ModelInfo | None = None
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Task]] = {}
+        self._lock = threading.Lock()
+
+    def stream_chat(self, messages, params, request_id=None):
+        return self._stream("/v1/chat/completions", {"messages": messages}, params, request_id)
+
+    def complete(self, prompt, params, request_id=None):
+        return self._stream("/v1/completions", {"prompt": prompt}, params, request_id)
+
+    def cancel(self, request_id: str | None = None) -> None:
+        with self._lock:
+            streams = [s for rid, s in self._streams.items() if request_id in (None, rid)]
+        for loop, task in streams:
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # that loop has closed; so has its stream
+                pass
+
+    async def list_models(self) -> list[ModelInfo]:
+        data = await self._request("GET", "/v1/models")
+        models = [_remote_model(m) for m in data.get("data", [])]
+        self._active = next((m for m in models if m.active), self._active)
+        return models
+
+    async def switch_model(self, name_or_path: str) -> ModelInfo:
+        self._active = _remote_model(await self._request("POST", "/v1/models/switch",
+                                                         {"model": name_or_path}))
+        return self._active
+
+    @property
+    def active_model(self) -> ModelInfo | None:
+        return self._active
+
+    # -- HTTP -------------------------------------------------------------------------------------
+
+    def _client(self, timeout):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    async def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+        import httpx
+
+        try:
+            async with self._client(self.timeout) as client:
+                response = await client.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise KettleError(f"cannot reach the Kettle server at {self.base_url}: {exc}") from None
+        if response.status_code >= 400:
+            raise KettleError(_error_message(response.status_code, response.content))
+        return response.json()
+
+    async def _stream(self, path, body, params, request_id) -> AsyncIterator[Event]:
+        try:
+            params = SamplingParams.from_dict(params) if isinstance(params, dict) else params.validate()
+        except KettleError as exc:
+            yield Error(str(exc))
+            return
+        body = {**body, **params_to_openai(params), "stream": True,
+                "stream_options": {"include_usage": True}}
+        inbox: asyncio.Queue = asyncio.Queue()
+        task = asyncio.ensure_future(self._read_stream(path, body, inbox))
+        task.add_done_callback(lambda t: _stream_ended(t, inbox))
+        request_id = request_id or uuid.uuid4().hex
+        with self._lock:
+            self._streams[request_id] = (asyncio.get_running_loop(), task)
+        text: list[str] = []
+        try:
+            while True:
+                event = await inbox.get()
+                if event is None:  # the stream was closed by cancel()
+                    yield Done(GenerationResult(text="".join(text), finish_reason="cancelled",
+                                                prompt_tokens=0, new_tokens=0,
+                                                seed=params.seed or 0),
+                               self._active.name if self._active else "")
+                    return
+                if isinstance(event, Delta):
+                    text.append(event.text)
+                elif isinstance(event, Done) and (self._active is None
+                                                  or self._active.name != event.model):
+                    self._active = ModelInfo(name=event.model, active=True)
+                yield event
+                if not isinstance(event, Delta):
+                    return
+        finally:
+            task.cancel()  # closes the HTTP stream: the server cancels the generation
+            with self._lock:
+                if self._streams.get(request_id, (None, task))[1] is task:
+                    self._streams.pop(request_id, None)
+
+    async def _read_stream(self, path: str, body: dict, inbox: asyncio.Queue) -> None:
+        import httpx
+
+        try:
+            async with self._client(httpx.Timeout(self.timeout, read=_STREAM_TIMEOUT_S)) as client:
+                async with client.stream("POST", path, json=body) as response:
+                    if response.status_code >= 400:
+                        inbox.put_nowait(Error(_error_message(response.status_code,
+                                                              await response.aread())))
+                        return
+                    inbox.put_nowait(await _parse_events(response, inbox, path))
+        except httpx.HTTPError as exc:
+            inbox.put_nowait(Error(f"lost the Kettle server at {self.base_url}: {exc}", "internal"))
+        except ValueError as exc:
+            inbox.put_nowait(Error(f"the server at {self.base_url} sent a malformed event: {exc}",
+                                   "internal"))
+
+
+def _stream_ended(task: asyncio.Task, inbox: asyncio.Queue) -> None:
+    """A cancelled stream (None: the caller reports "cancelled"), or one that failed oddly."""
+    if task.cancelled():
+        inbox.put_nowait(None)
+    elif task.exception() is not None:
+        inbox.put_nowait(Error(f"internal error: {task.exception()!r}", "internal"))
+
+
+async def _parse_events(response, inbox: asyncio.Queue, path: str) -> Event:
+    """Put each text delta of an SSE stream into inbox; returns the closing Done or Error."""
+    text: list[str] = []
+    model, finish, extra, usage = "", None, {}, {}
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            break
+        chunk = json.loads(data)
+        if "error" in chunk:
+            error = chunk["error"]
+            return Error(error.get("message", str(error)), "internal" if error.get("type") ==
+                         "server_error" else "invalid_request")
+        model = chunk.get("model", model)
+        usage = chunk.get("usage") or usage
+        extra = chunk.get("kettle") or extra
+        for choice in chunk.get("choices", []):
+            piece = choice["delta"].get("content") if "delta" in choice else choice.get("text")
+            if piece:
+                text.append(piece)
+                inbox.put_nowait(Delta(piece))
+            finish = choice.get("finish_reason") or finish
+    if finish is None:
+        return Error(f"the server ended the stream of {path} without finishing the answer", "internal")
+    return Done(GenerationResult(
+        text="".join(text), finish_reason=finish, prompt_tokens=usage.get("prompt_tokens", 0),
+        new_tokens=usage.get("completion_tokens", 0),
+        **{k: extra[k] for k in ("dropped_tokens", "cached_tokens", "ttft_s", "tokens_per_s", "seed")
+           if k in extra}), model)
+
+
+def _error_message(status: int, body: bytes) -> str:
+    try:
+        return json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
+
+
+def _remote_model(data: dict) -> ModelInfo:
+    return ModelInfo(name=data["id"], source=data.get("source", "directory"),
+                     kind=data.get("kind", ""), status=data.get("status", ""),
+                     created=float(data.get("created", 0)), active=bool(data.get("active")))
+
+
+def params_to_openai(params: SamplingParams) -> dict:
+    """SamplingParams as OpenAI-style request fields (plus Kettle's top_k, min_p,
+    repetition_penalty), the inverse of the server's parsing."""
+    body = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+            "min_p": params.min_p, "repetition_penalty": params.repetition_penalty,
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty, "max_tokens": params.max_new_tokens}
+    if params.seed is not None:
+        body["seed"] = params.seed
+    if params.stop:
+        body["stop"] = list(params.stop)
+    return body

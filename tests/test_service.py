@@ -1,0 +1,171 @@
+"""InProcessService from an asyncio loop: streaming, one-at-a-time queueing, cancel, models."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import pytest
+
+from gpt.engine import Engine
+from gpt.errors import KettleError
+from gpt.sampling import SamplingParams
+from gpt.service import Delta, Done, Error, InProcessService
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story."}]
+
+
+@pytest.fixture
+def service(long_context_model_dir):
+    svc = InProcessService(str(long_context_model_dir))
+    yield svc
+    svc.close()
+
+
+def count_forward_calls(service) -> list[int]:
+    """Counts the model's forward passes (one per decoded token) by observing the real model."""
+    service.load()
+    calls = [0]
+
+    def hook(module, args):
+        calls[0] += 1
+
+    service._engine.model.register_forward_pre_hook(hook)
+    return calls
+
+
+async def collect(events):
+    out = []
+    async for event in events:
+        out.append(event)
+    return out
+
+
+async def test_streams_deltas_that_add_up_to_the_engines_answer(service, long_context_model_dir):
+    params = SamplingParams(temperature=0.8, top_k=50, seed=1234, max_new_tokens=12)
+    events = await collect(service.stream_chat(CHAT, params))
+    deltas, done = events[:-1], events[-1]
+    assert isinstance(done, Done) and all(isinstance(e, Delta) for e in deltas) and deltas
+    assert "".join(d.text for d in deltas) == done.result.text
+    assert done.model == "long" and service.active_model.name == "long"
+    assert done.result.new_tokens == 12 and done.result.finish_reason == "length"
+    assert done.result.prompt_tokens > 0 and done.result.seed == 1234
+    # The same request straight on a fresh engine gives the same text: the service adds no noise.
+    direct = Engine.load(long_context_model_dir).generate_chat(CHAT, params)
+    assert direct.text == done.result.text
+
+    raw = await collect(service.complete("I had always", params))
+    assert isinstance(raw[-1], Done) and raw[-1].result.new_tokens == 12
+    assert "".join(e.text for e in raw[:-1]) == raw[-1].result.text
+
+
+async def test_cancel_stops_within_one_token(service):
+    calls = count_forward_calls(service)
+    params = SamplingParams(temperature=0, max_new_tokens=1000)
+    seen, done = 0, None
+    async for event in service.stream_chat(CHAT, params, request_id="r1"):
+        if isinstance(event, Delta):
+            seen += 1
+            if seen == 3:
+                at_cancel = calls[0]
+                service.cancel("r1")
+        else:
+            done = event
+    assert isinstance(done, Done) and done.result.finish_reason == "cancelled"
+    assert calls[0] - at_cancel <= 1  # at most the forward pass already under way
+    assert done.result.new_tokens < 1000
+
+
+async def test_leaving_the_loop_early_cancels(service):
+    calls = count_forward_calls(service)
+    events = service.stream_chat(CHAT, SamplingParams(temperature=0, max_new_tokens=1000))
+    async for event in events:
+        break
+    await events.aclose()
+    before = calls[0]
+    # The worker is free again at once: the next request runs, and the old one made no progress.
+    done = (await collect(service.complete("Hello", SamplingParams(temperature=0, max_new_tokens=2))))[-1]
+    assert done.result.new_tokens == 2
+    assert calls[0] - before <= 1 + 2  # at most one stray step of the old request, plus the new
+
+
+async def test_requests_run_one_at_a_time_in_order_and_queued_ones_can_be_cancelled(service):
+    order: list[tuple[str, object]] = []
+
+    async def run(rid, params, events_of=service.stream_chat):
+        async for event in events_of(CHAT, params, request_id=rid):
+            order.append((rid, event))
+            if rid == "a" and isinstance(event, Delta) and sum(r == "a" for r, _ in order) == 2:
+                service.cancel("b")  # b is queued behind a: it must never start
+                service.cancel("a")
+
+    long = SamplingParams(temperature=0, max_new_tokens=1000)
+    short = SamplingParams(temperature=0, max_new_tokens=3)
+    await asyncio.gather(run("a", long), run("b", long), run("c", short))
+    done = {rid: e for rid, e in order if isinstance(e, Done)}
+    assert done["a"].result.finish_reason == "cancelled"
+    assert done["b"].result.finish_reason == "cancelled" and done["b"].result.new_tokens == 0
+    assert done["c"].result.new_tokens == 3
+    # Nothing of c arrives before a has finished: one request at a time, in the order given.
+    first_c = next(i for i, (rid, _) in enumerate(order) if rid == "c")
+    last_a = max(i for i, (rid, _) in enumerate(order) if rid == "a")
+    assert last_a < first_c
+
+
+async def test_bad_parameters_and_messages_give_an_error_event(service):
+    events = await collect(service.stream_chat(CHAT, SamplingParams(top_p=1.5)))
+    assert events == [Error("top_p must be in (0, 1], got 1.5")]
+    events = await collect(service.stream_chat([{"role": "robot", "content": "hi"}], SamplingParams()))
+    assert len(events) == 1 and isinstance(events[0], Error) and "role" in events[0].message
+    # ...and the worker is still there for the next request.
+    events = await collect(service.complete("Hi", SamplingParams(max_new_tokens=2)))
+    assert isinstance(events[-1], Done)
+
+
+def test_bad_model_names_fail_where_given(tmp_path):
+    with pytest.raises(KettleError, match="no such model"):
+        InProcessService("no-such-model")
+    with pytest.raises(KettleError, match="no model is active"):
+        InProcessService()  # the store has no active model yet
+
+
+async def test_follows_the_store_lists_models_and_switches_without_restart(
+        tiny_model_dir, tiny_gpt2_vocab_model_dir, tmp_path):
+    from data.paths import models_dir
+    from data.store import Store
+
+    with Store.open() as store:
+        v1 = store.add_model_version("base-v1", tiny_model_dir, "pretrained")
+        v2 = store.add_model_version("ft-v2", tiny_gpt2_vocab_model_dir, "finetuned", parent_id=v1.id)
+        store.activate_model(v1.id)
+    shutil.copytree(tiny_model_dir, models_dir() / "local-copy")
+    broken = models_dir() / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+
+    service = InProcessService()  # no model: the store's active one
+    try:
+        events = await collect(service.stream_chat(CHAT, SamplingParams(max_new_tokens=2)))
+        assert events[-1].model == "base-v1"
+        models = {m.name: m for m in await service.list_models()}
+        assert set(models) == {"base-v1", "ft-v2", "local-copy", "broken"}
+        assert models["base-v1"].active and not models["ft-v2"].active
+        assert models["ft-v2"].source == "store" and models["ft-v2"].kind == "finetuned"
+        assert models["local-copy"].source == "directory"
+
+        info = await service.switch_model("ft-v2")
+        assert info.name == "ft-v2" and service.active_model.name == "ft-v2"
+        events = await collect(service.stream_chat(CHAT, SamplingParams(max_new_tokens=2)))
+        assert events[-1].model == "ft-v2"
+        with Store.open() as store:  # the store agrees, so the next start serves ft-v2 too
+            assert store.active_model().id == v2.id
+
+        with pytest.raises(KettleError, match="config.json"):
+            await service.switch_model("broken")
+        assert service.active_model.name == "ft-v2"  # a failed switch keeps the old model
+        events = await collect(service.stream_chat(CHAT, SamplingParams(max_new_tokens=2)))
+        assert events[-1].model == "ft-v2"
+
+        await service.switch_model("local-copy")
+        assert [m.name for m in await service.list_models() if m.active] == ["local-copy"]
+    finally:
+        service.close()
