@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kettle",
         description="Chat with, label and fine-tune a GPT trained on your own machine.",
     )
+    parser.add_argument("--server", metavar="URL",
+                        help="with no command: chat through a running `kettle serve` at URL")
+    parser.add_argument("--api-key", metavar="KEY", help="the API key that server asks for")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -37,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 0
+        from tui.app import run_app
+
+        return run_app(server=args.server, api_key=args.api_key)
     try:
         return args.func(args) or 0
     except KettleError as exc:

@@ -1,0 +1,311 @@
+"""The Kettle app: chat with the active model, label answers, curate a dataset, fine-tune, switch.
+
+    kettle                                  # in-process model (the store's active one)
+    kettle --server URL [--api-key KEY]     # a running `kettle serve`
+
+Structure: one Screen per area (tui/screens/), switched as Textual "modes" so each keeps its state
+(a fine-tune keeps being followed while the user chats). Widgets (tui/widgets/) only draw and post
+Messages; screens handle those messages and do every piece of I/O in workers — database calls go
+through `App.db` (a thread), generation through the async `GenerationService`.
+
+Settings live in config.json under kettle_home(): "theme" (remembered when changed) and "keys", a
+map from binding id to keys that replaces the default keys, e.g. {"keys": {"chat.stop": "escape,ctrl+c"}}.
+The help screen (F1) lists every binding id with its current keys.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from textual import work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.signal import Signal
+from textual.screen import Screen
+from textual.widgets import LoadingIndicator, Static
+
+from data.files import atomic_write_text
+from data.paths import config_path, kettle_home
+from gpt.errors import KettleError
+
+log = logging.getLogger("kettle.app")
+
+
+# --- errors: a notification, never a traceback ---------------------------------------------------
+
+def error_text(exc: BaseException) -> str:
+    """What the user reads: KettleError messages as they are, anything else with its type (the
+    traceback goes to app.log under kettle_home())."""
+    if isinstance(exc, KettleError):
+        return str(exc)
+    log.error("unexpected error", exc_info=exc)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def guarded(method: Callable) -> Callable:
+    """Wrap an async screen/app method so that any failure becomes an error notification."""
+    @functools.wraps(method)
+    async def wrapper(self, *args, **kwargs):
+        try:
+            return await method(self, *args, **kwargs)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user sees it as a notification
+            self.app.notify(error_text(exc), title="Error", severity="error", timeout=8)
+            return None
+    return wrapper
+
+
+# --- settings --------------------------------------------------------------------------------
+
+def load_config(path: Path | None = None) -> tuple[dict, str | None]:
+    """(settings, problem): a missing file is empty settings; an unreadable one is reported and
+    never overwritten (so a typo in a hand-edited file loses nothing)."""
+    path = path or config_path()
+    if not path.exists():
+        return {}, None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return {}, f"{path}: not valid JSON ({exc}); using default settings"
+    if not isinstance(data, dict):
+        return {}, f"{path}: expected a JSON object; using default settings"
+    return data, None
+
+
+def keymap_from(config: dict, known: set[str]) -> tuple[dict[str, str], list[str]]:
+    """The "keys" setting as a Textual keymap, and one problem line per entry that is unusable."""
+    keys = config.get("keys", {})
+    if not isinstance(keys, dict):
+        return {}, ['"keys" in config.json must be an object of binding id -> keys']
+    keymap, problems = {}, []
+    for binding_id, value in keys.items():
+        if binding_id not in known:
+            problems.append(f"config.json keys: unknown binding id {binding_id!r} (see the help screen)")
+        elif not isinstance(value, str) or not value.strip():
+            problems.append(f"config.json keys: {binding_id} needs keys like \"ctrl+k\" or \"f9,ctrl+k\"")
+        else:
+            keymap[binding_id] = value.replace(" ", "")
+    return keymap, problems
+
+
+def _screen(module: str, name: str) -> Screen:
+    """A screen, imported when first shown (start-up stays fast)."""
+    return getattr(importlib.import_module(f"tui.screens.{module}"), name)()
+
+
+class StartingScreen(Screen):
+    """Shown for the moment between launch and the first real screen."""
+
+    def compose(self) -> ComposeResult:
+        yield Static("Kettle is starting…", id="starting-text")
+        yield LoadingIndicator()
+
+
+class KettleApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "Kettle"
+    ENABLE_COMMAND_PALETTE = True
+    MODES = {
+        "chat": lambda: _screen("chat", "ChatScreen"),
+        "dataset": lambda: _screen("dataset", "DatasetScreen"),
+        "finetune": lambda: _screen("finetune", "FinetuneScreen"),
+        "models": lambda: _screen("models", "ModelsScreen"),
+        "compare": lambda: _screen("compare", "CompareScreen"),
+        "welcome": lambda: _screen("welcome", "WelcomeScreen"),
+    }
+    BINDINGS = [
+        Binding("f1", "help", "Help", id="app.help"),
+        Binding("f2", "go('chat')", "Chat", id="app.chat"),
+        Binding("f3", "go('dataset')", "Dataset", id="app.dataset"),
+        Binding("f5", "go('finetune')", "Fine-tune", id="app.finetune"),
+        Binding("f6", "go('compare')", "Compare", id="app.compare"),
+        Binding("f4", "go('models')", "Models", id="app.models"),
+        Binding("ctrl+q", "quit", "Quit", id="app.quit", priority=True),
+    ]
+
+    def __init__(self, server: str | None = None, api_key: str | None = None,
+                 store=None, service=None, clock: Callable[[], float] = time.time):
+        super().__init__()
+        self.server = server
+        self.api_key = api_key
+        self.store = store
+        self.service = service
+        self.clock = clock          # "now" for relative times (fixed in snapshot tests)
+        self.config, config_problem = load_config()
+        self._startup_problems = [config_problem] if config_problem else []
+        self.ready = asyncio.Event()   # set once the store and service are up
+        # Published (with the model's name) when the service loads or switches a model.
+        self.model_changed: Signal[str] = Signal(self, "model-changed")
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def get_default_screen(self) -> Screen:
+        return StartingScreen()
+
+    def on_mount(self) -> None:
+        self._setup_logging()
+        theme = self.config.get("theme")
+        if isinstance(theme, str) and theme in self.available_themes:
+            self.theme = theme
+        self.theme_changed_signal.subscribe(self, self._remember_theme)
+        self._apply_keymap()
+        for problem in self._startup_problems:
+            self.notify(problem, severity="warning", timeout=10)
+        self.start()
+
+    def _setup_logging(self) -> None:
+        handler = logging.FileHandler(kettle_home() / "app.log", encoding="utf-8", delay=True)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+    def _apply_keymap(self) -> None:
+        known = {b.id for b in self._all_bindings() if b.id}
+        keymap, problems = keymap_from(self.config, known)
+        for problem in problems:
+            self.notify(problem, severity="warning", timeout=10)
+        if keymap:
+            self.set_keymap(keymap)
+
+    def _all_bindings(self) -> list[Binding]:
+        """Every binding the app declares, on the app, its screens and widgets (for the keymap
+        check and the help screen)."""
+        from tui.screens.help import declared_bindings
+
+        return [b for _, b in declared_bindings(self)]
+
+    @work(exclusive=True, group="startup")
+    async def start(self) -> None:
+        try:
+            await self._open()
+        except Exception as exc:  # noqa: BLE001
+            self.notify(error_text(exc), title="Kettle could not start", severity="error",
+                        timeout=30)
+            return
+        self.ready.set()
+
+    async def _open(self) -> None:
+        from data.store import Store
+
+        if self.store is None:
+            self.store = await asyncio.to_thread(Store.open)
+        if self.service is None and self.server:
+            from gpt.service import RemoteService
+
+            self.service = RemoteService(self.server, api_key=self.api_key)
+        if self.service is None:
+            if await self.db(self.store.active_model) is None:
+                await self.switch_mode("welcome")
+                return
+            await self.load_service()
+        await self.switch_mode("chat")
+
+    async def load_service(self) -> None:
+        """Start the in-process service on the store's active model; its weights load in the
+        background so the chat is usable at once (a first message waits for them)."""
+        from gpt.service import InProcessService
+
+        self.service = await asyncio.to_thread(InProcessService)
+        self.preload()
+
+    @work(group="preload")
+    async def preload(self) -> None:
+        load = getattr(self.service, "load", None)
+        if load is None:
+            return
+        try:
+            await asyncio.to_thread(load)
+        except Exception as exc:  # noqa: BLE001
+            self.notify(error_text(exc), title="The model did not load", severity="error", timeout=15)
+        self.model_changed.publish(self.model_name())
+
+    def model_name(self) -> str:
+        info = self.service.active_model if self.service is not None else None
+        if info is not None:
+            return info.name
+        return "loading the model…" if self.service is not None else "no model"
+
+    async def db(self, fn: Callable, *args, **kwargs):
+        """Run a blocking call (the store, the file system) off the UI thread."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    # -- settings ---------------------------------------------------------------------------
+
+    def _remember_theme(self, theme) -> None:
+        self.save_setting("theme", theme.name)
+
+    def save_setting(self, key: str, value: Any) -> None:
+        """Change one setting in config.json (atomically), keeping every other key as it was."""
+        config, problem = load_config()
+        if problem:  # never overwrite a file the user must fix by hand
+            return
+        config[key] = value
+        self.config[key] = value
+        try:
+            atomic_write_text(config_path(), json.dumps(config, indent=2) + "\n")
+        except OSError as exc:
+            self.notify(f"could not save settings: {exc}", severity="warning")
+
+    # -- navigation and commands ------------------------------------------------------------
+
+    async def action_go(self, mode: str) -> None:
+        if not self.ready.is_set() and mode != "welcome":
+            self.notify("Kettle is still starting…")
+            return
+        if mode != "welcome" and self.service is None:
+            self.notify("There is no model yet: brew the starter, download GPT-2 or import one.",
+                        severity="warning")
+            mode = "welcome"
+        if self.current_mode != mode:
+            await self.switch_mode(mode)
+
+    def action_help(self) -> None:
+        from tui.screens.help import HelpScreen
+
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def get_system_commands(self, screen: Screen):
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Chat", "Go to the chat (F2)", lambda: self.run_action("go('chat')"))
+        yield SystemCommand("Dataset", "What would train now: counts, filters, snapshots, export (F3)",
+                            lambda: self.run_action("go('dataset')"))
+        yield SystemCommand("Fine-tune", "Fine-tune the active model on your labels (F5)",
+                            lambda: self.run_action("go('finetune')"))
+        yield SystemCommand("Compare models", "One prompt, two models, side by side (F6)",
+                            lambda: self.run_action("go('compare')"))
+        yield SystemCommand("Models", "Versions, lineage, metrics; activate, import, download (F4)",
+                            lambda: self.run_action("go('models')"))
+        yield SystemCommand("Help: keys", "Every key binding and how to change it (F1)",
+                            self.action_help)
+        from tui.screens.models import model_commands
+
+        yield from model_commands(self)
+        if hasattr(screen, "commands"):
+            yield from screen.commands()
+
+    async def action_quit(self) -> None:
+        if self.service is not None:
+            close = getattr(self.service, "close", None)
+            if close is not None:
+                try:
+                    result = close()
+                    if asyncio.iscoroutine(result):
+                        await result
+                except Exception as exc:  # noqa: BLE001 - quitting anyway
+                    log.warning("closing the service failed: %s", exc)
+        if self.store is not None:
+            self.store.close()
+        self.exit()
+
+
+def run_app(server: str | None = None, api_key: str | None = None) -> int:
+    KettleApp(server=server, api_key=api_key).run()
+    return 0

@@ -1,0 +1,440 @@
+"""The chat screen: conversations, streamed answers, branches, labels, sampling settings."""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from textual import on, work
+from textual.app import SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Input, Static
+
+from data.store import Conversation, Label, Message, Store
+from gpt.errors import KettleError
+from gpt.sampling import SamplingParams, get_preset
+from gpt.service import Delta, Done
+from tui.app import guarded
+from tui.screens.modals import ConfirmModal, EditorModal, TextModal
+from tui.widgets.chat import MessageList, MessageView, PromptArea
+from tui.widgets.sampling import SamplingPanel
+from tui.widgets.sidebar import ConversationList
+
+TITLE_CHARS = 48
+STATUS_EVERY_S = 0.1  # the live token counter redraws at most this often
+
+
+@dataclass
+class ThreadData:
+    """What the screen shows of one conversation, read in one go off the UI thread."""
+    conversation: Conversation
+    thread: list[Message]
+    labels: dict[int, Label]
+    positions: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+def read_thread(store: Store, conversation_id: int) -> ThreadData:
+    conv = store.conversation(conversation_id)
+    thread = store.current_thread(conversation_id)
+    by_parent: dict[int | None, list[int]] = {}
+    for m in store.messages(conversation_id):
+        by_parent.setdefault(m.parent_id, []).append(m.id)
+    positions = {}
+    for m in thread:
+        group = by_parent.get(m.parent_id, [m.id])
+        positions[m.id] = (group.index(m.id) + 1, len(group))
+    return ThreadData(conv, thread, store.labels([m.id for m in thread]), positions)
+
+
+def title_from(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= TITLE_CHARS else line[:TITLE_CHARS - 1] + "…"
+
+
+def conversation_params(conv: Conversation | None) -> SamplingParams:
+    """The conversation's saved settings; the balanced preset for a new one (or unusable ones)."""
+    if conv is not None and conv.params:
+        try:
+            return SamplingParams.from_dict(conv.params)
+        except KettleError:
+            pass
+    return get_preset("balanced")
+
+
+class ChatScreen(Screen):
+    BINDINGS = [
+        Binding("ctrl+n", "new_chat", "New chat", id="chat.new"),
+        Binding("ctrl+s", "toggle_sampling", "Sampling", id="chat.sampling"),
+        Binding("ctrl+f", "search", "Search", id="chat.search"),
+        Binding("ctrl+b", "toggle_sidebar", "Chats", show=False, id="chat.sidebar"),
+        Binding("escape", "stop", "Stop", priority=True, id="chat.stop"),
+        Binding("ctrl+l", "focus_messages", "Messages", show=False, id="chat.messages"),
+        Binding("ctrl+o", "focus_prompt", "Prompt", show=False, id="chat.prompt"),
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self.conversation: Conversation | None = None
+        self.params: SamplingParams = get_preset("balanced")
+        self.system_prompt = ""
+        self.request_id: str | None = None
+        self.streamed_tokens = 0
+
+    @property
+    def store(self) -> Store:
+        return self.app.store
+
+    def compose(self):
+        with Horizontal(id="chat-body"):
+            yield ConversationList(id="sidebar")
+            with Vertical(id="chat-main"):
+                yield MessageList(id="messages")
+                yield Static("", id="chat-status")
+                yield PromptArea(id="prompt", placeholder="Message Kettle…  (Enter sends, Ctrl+J new line)")
+            yield SamplingPanel(id="sampling")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#sampling").display = False
+        self.query_one("#prompt").focus()
+        self.refresh_list()
+        self.show_status()
+        self.app.model_changed.subscribe(self, lambda _name: self.show_status())
+
+    def on_screen_resume(self) -> None:
+        self.show_status()
+
+    @property
+    def generating(self) -> bool:
+        return self.request_id is not None
+
+    def show_status(self, text: str | None = None) -> None:
+        if text is None:
+            model = self.app.model_name() if hasattr(self.app, "model_name") else ""
+            text = f"[b]{model}[/]  [dim]Esc stops · Tab/↑↓ focus a message to label it · F1 keys[/]"
+        self.query_one("#chat-status", Static).update(text)
+
+    # -- the conversation list --------------------------------------------------------------
+
+    @work(exclusive=True, group="chat-list")
+    @guarded
+    async def refresh_list(self, query: str = "") -> None:
+        sidebar = self.query_one(ConversationList)
+        if query:
+            sidebar.show_hits(await self.app.db(self.store.search, query, 50))
+        else:
+            conversations = await self.app.db(self.store.list_conversations, 200)
+            sidebar.show_conversations(conversations, self.conversation.id if self.conversation else None,
+                                       self.app.clock())
+
+    @on(ConversationList.SearchChanged)
+    def _search(self, event: ConversationList.SearchChanged) -> None:
+        self.refresh_list(event.query)
+
+    @on(ConversationList.Selected)
+    def _selected(self, event: ConversationList.Selected) -> None:
+        self.open_conversation(event.conversation_id, event.message_id)
+
+    @on(ConversationList.RenameRequested)
+    @work(group="chat-edit")
+    @guarded
+    async def _rename(self, event: ConversationList.RenameRequested) -> None:
+        conv = await self.app.db(self.store.conversation, event.conversation_id)
+        title = await self.app.push_screen_wait(TextModal("Rename chat", conv.title))
+        if title is None or not title.strip():
+            return
+        await self.app.db(self.store.update_conversation, conv.id, title=title.strip())
+        if self.conversation and self.conversation.id == conv.id:
+            self.conversation = await self.app.db(self.store.conversation, conv.id)
+        self.refresh_list()
+
+    @on(ConversationList.DeleteRequested)
+    @work(group="chat-edit")
+    @guarded
+    async def _delete(self, event: ConversationList.DeleteRequested) -> None:
+        conv = await self.app.db(self.store.conversation, event.conversation_id)
+        question = (f"Delete the chat [b]{conv.title or 'New chat'}[/] ({conv.message_count} messages)?\n"
+                    "[dim]It leaves the list, search and new datasets; labels and snapshots "
+                    "keep their history.[/]")
+        if not await self.app.push_screen_wait(ConfirmModal(question, yes="Delete")):
+            return
+        await self.app.db(self.store.delete_conversation, conv.id)
+        if self.conversation and self.conversation.id == conv.id:
+            self._clear()
+        self.refresh_list()
+        self.notify(f"Deleted {conv.title or 'the chat'}.")
+
+    def _clear(self) -> None:
+        self.conversation = None
+        self.query_one(MessageList).remove_children()
+        self.params = get_preset("balanced")
+        self.system_prompt = ""
+        self.query_one(SamplingPanel).show(self.params, "")
+
+    # -- showing a conversation -------------------------------------------------------------
+
+    @work(exclusive=True, group="chat-open")
+    @guarded
+    async def open_conversation(self, conversation_id: int, message_id: int | None = None) -> None:
+        if message_id is not None:
+            await self.app.db(self.store.set_leaf, conversation_id, message_id)
+        data = await self.app.db(read_thread, self.store, conversation_id)
+        if self.conversation is None or self.conversation.id != conversation_id:
+            self.params = conversation_params(data.conversation)
+            self.system_prompt = data.conversation.system_prompt
+            self.query_one(SamplingPanel).show(self.params, self.system_prompt)
+        self.conversation = data.conversation
+        await self.show_thread(data)
+        if message_id is not None:
+            for view in self.query_one(MessageList).views():
+                if view.message_id == message_id:
+                    view.focus()
+                    view.scroll_visible()
+
+    async def reload(self) -> None:
+        if self.conversation is not None:
+            await self.show_thread(await self.app.db(read_thread, self.store, self.conversation.id))
+
+    async def show_thread(self, data: ThreadData) -> None:
+        """Make the message list show `data.thread`: views of messages still on the branch are
+        updated in place, the rest replaced (so a long chat is not re-rendered for one label)."""
+        self.conversation = data.conversation
+        messages = self.query_one(MessageList)
+        views = messages.views()
+        keep = 0
+        while (keep < len(views) and keep < len(data.thread)
+               and views[keep].message_id == data.thread[keep].id):
+            m = data.thread[keep]
+            views[keep].update(m, data.labels.get(m.id), data.positions[m.id])
+            keep += 1
+        for view in views[keep:]:
+            await view.remove()
+        new = [MessageView(m.role, m.content, m, data.labels.get(m.id), data.positions[m.id])
+               for m in data.thread[keep:]]
+        if new:
+            await messages.mount_all(new)
+            messages.anchor()
+
+    # -- sending and generating -------------------------------------------------------------
+
+    @on(PromptArea.Submitted)
+    def _submitted(self, event: PromptArea.Submitted) -> None:
+        if self.generating:
+            self.notify("Kettle is still answering: Esc stops it.", severity="warning")
+            return
+        problems = self.query_one(SamplingPanel).errors()
+        if problems:
+            self.notify("Fix the sampling settings first: " + "; ".join(problems), severity="error")
+            return
+        self.query_one(PromptArea).clear()
+        self.send(event.text)
+
+    @work(group="chat-send")
+    @guarded
+    async def send(self, text: str) -> None:
+        if self.app.service is None:
+            raise KettleError("there is no model to answer yet (F4 opens the models screen)")
+        if self.conversation is None:
+            self.conversation = await self.app.db(
+                self.store.create_conversation, title_from(text), self.system_prompt,
+                self.params.to_dict(), None)
+        shown = self.query_one(MessageList).views()
+        parent = shown[-1].message_id if shown else None
+        user = await self.app.db(self.store.add_message, self.conversation.id, "user", text, parent)
+        await self.reload()
+        self.refresh_list()
+        await self.generate(user.id)
+
+    async def generate(self, parent_id: int) -> None:
+        """Stream an answer to the branch ending at `parent_id` into a new message view, then
+        store it (a cancelled answer is kept with what was written so far)."""
+        service = self.app.service
+        chat = await self.app.db(self.store.chat_messages, parent_id)
+        params = self.params
+        view = MessageView("assistant")
+        messages = self.query_one(MessageList)
+        await messages.mount(view)
+        messages.anchor()
+        stream = view.body.get_stream(view.body)
+        self.request_id = uuid.uuid4().hex
+        self.streamed_tokens = 0
+        self.refresh_bindings()
+        parts: list[str] = []
+        result = model = None
+        started = last_status = time.monotonic()
+        try:
+            async for event in service.stream_chat(chat, params, request_id=self.request_id):
+                if isinstance(event, Delta):
+                    parts.append(event.text)
+                    self.streamed_tokens += 1
+                    await stream.write(event.text)
+                    now = time.monotonic()
+                    if now - last_status >= STATUS_EVERY_S:
+                        last_status = now
+                        self.show_status(f"[b]writing…[/] {self.streamed_tokens} pieces · "
+                                         f"{self.streamed_tokens / (now - started):.0f}/s  "
+                                         "[dim]Esc stops[/]")
+                elif isinstance(event, Done):
+                    result, model = event.result, event.model
+                else:
+                    raise KettleError(event.message)
+        finally:
+            await stream.stop()
+            request_id, self.request_id = self.request_id, None
+            if result is None:
+                service.cancel(request_id)
+            self.refresh_bindings()
+            self.show_status()
+        text = "".join(parts)
+        if result is not None:
+            text = result.text
+        view.content = text
+        await view.body.update(text)
+        if result is None:
+            return
+        saved = await self.app.db(self._save_answer, parent_id, text, params, result, model)
+        view.message = saved
+        await self.reload()
+
+    def _save_answer(self, parent_id: int, text: str, params: SamplingParams, result, model) -> Message:
+        version = self.store.find_model_version(model) if model else None
+        return self.store.add_message(self.conversation.id, "assistant", text, parent_id,
+                                      model_version_id=version.id if version else None,
+                                      model=model, params=params.to_dict(), generation=result)
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action == "stop":
+            return self.generating  # otherwise Esc keeps its usual meaning
+        return True
+
+    def action_stop(self) -> None:
+        if self.request_id is not None:
+            self.app.service.cancel(self.request_id)
+
+    # -- message actions ----------------------------------------------------------------------
+
+    @on(MessageView.LabelChange)
+    @work(group="chat-label")
+    @guarded
+    async def _label(self, event: MessageView.LabelChange) -> None:
+        label = await self.app.db(self.store.set_label, event.view.message_id, **event.changes)
+        event.view.update(label=None if label.is_empty else label)
+
+    @on(MessageView.Requested)
+    @work(group="chat-request")
+    @guarded
+    async def _requested(self, event: MessageView.Requested) -> None:
+        view, what = event.view, event.what
+        message = view.message
+        if message is None:
+            return
+        if what == "sibling":
+            siblings = await self.app.db(self.store.siblings, message.id)
+            ids = [s.id for s in siblings]
+            target = ids[(ids.index(message.id) + event.step) % len(ids)]
+            await self.app.db(self.store.set_leaf, message.conversation_id, target)
+            await self.reload()
+            self._focus_message(target)
+        elif what in ("regenerate", "edit") and self.generating:
+            self.notify("Kettle is still answering: Esc stops it.", severity="warning")
+        elif what == "regenerate":
+            await self.generate_from(message.parent_id)
+        elif what == "edit":
+            text = await self.app.push_screen_wait(EditorModal(
+                "Edit your message and ask again (the old branch stays)", message.content))
+            if text is None:
+                return
+            user = await self.app.db(self.store.add_message, message.conversation_id, "user",
+                                     text, message.parent_id)
+            await self.reload()
+            await self.generate(user.id)
+        elif what == "correct":
+            current = view.label.ideal if view.label and view.label.ideal is not None else message.content
+            text = await self.app.push_screen_wait(EditorModal(
+                "Correct the answer: what should Kettle have said? (the original stays)", current))
+            if text is not None:
+                await self._set_label(view, ideal=text)
+        elif what == "tags":
+            tags = ", ".join(view.label.tags) if view.label else ""
+            text = await self.app.push_screen_wait(TextModal("Tags", tags, "tone, facts, code",
+                                                             "Comma-separated · Enter saves · Esc cancels"))
+            if text is not None:
+                await self._set_label(view, tags=[t for t in text.split(",") if t.strip()])
+        elif what == "note":
+            note = view.label.note if view.label else ""
+            text = await self.app.push_screen_wait(TextModal("Note", note, "why this answer is good or bad"))
+            if text is not None:
+                await self._set_label(view, note=text.strip())
+
+    async def generate_from(self, parent_id: int | None) -> None:
+        if parent_id is None:
+            raise KettleError("this answer has no question to regenerate from")
+        await self.app.db(self.store.set_leaf, self.conversation.id, parent_id)
+        await self.reload()
+        await self.generate(parent_id)
+
+    async def _set_label(self, view: MessageView, **changes) -> None:
+        label = await self.app.db(self.store.set_label, view.message_id, **changes)
+        view.update(label=None if label.is_empty else label)
+
+    def _focus_message(self, message_id: int) -> None:
+        for view in self.query_one(MessageList).views():
+            if view.message_id == message_id:
+                view.focus()
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    @on(SamplingPanel.Changed)
+    @work(exclusive=True, group="chat-params")
+    @guarded
+    async def _params_changed(self, event: SamplingPanel.Changed) -> None:
+        self.params = event.params
+        self.system_prompt = event.system_prompt
+        if self.conversation is not None:
+            self.conversation = await self.app.db(
+                self.store.update_conversation, self.conversation.id,
+                params=event.params.to_dict(), system_prompt=event.system_prompt)
+
+    # -- keys -------------------------------------------------------------------------------------
+
+    def action_new_chat(self) -> None:
+        if self.generating:
+            self.notify("Kettle is still answering: Esc stops it.", severity="warning")
+            return
+        self._clear()
+        self.refresh_list()
+        self.query_one(PromptArea).focus()
+
+    def action_toggle_sampling(self) -> None:
+        panel = self.query_one(SamplingPanel)
+        panel.display = not panel.display
+        if panel.display:
+            panel.query_one("#param-temperature", Input).focus()
+        else:
+            self.query_one(PromptArea).focus()
+
+    def action_toggle_sidebar(self) -> None:
+        sidebar = self.query_one(ConversationList)
+        sidebar.display = not sidebar.display
+
+    def action_search(self) -> None:
+        sidebar = self.query_one(ConversationList)
+        sidebar.display = True
+        sidebar.query_one("#chat-search", Input).focus()
+
+    def action_focus_messages(self) -> None:
+        views = self.query_one(MessageList).views()
+        if views:
+            views[-1].focus()
+
+    def action_focus_prompt(self) -> None:
+        self.query_one(PromptArea).focus()
+
+    def commands(self):
+        yield SystemCommand("New chat", "Start a new conversation (ctrl+n)", self.action_new_chat)
+        yield SystemCommand("Sampling settings", "Temperature, top-k/p, min-p, seed, system prompt "
+                            "(ctrl+s)", self.action_toggle_sampling)
+        yield SystemCommand("Search chats", "Full-text search over every chat (ctrl+f)", self.action_search)
+

@@ -1,0 +1,242 @@
+"""The dataset screen: what would train now, by label and tag; filters; exclude / include;
+snapshots; export to any supported format."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from textual import on, work
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Checkbox, DataTable, Footer, Input, Label, Markdown, Select, Static
+
+from data.formats import FORMATS, export_file
+from data.store import DataFilter, Store
+from tui.app import guarded
+from tui.screens.modals import ChoiceModal, TextModal
+from tui.widgets.chat import label_text
+from tui.widgets.sidebar import when
+
+PREVIEW_CHARS = 60
+FORMAT_HELP = {"openai": "OpenAI chat JSONL (every turn, system prompts)",
+               "sharegpt": "ShareGPT JSON", "alpaca": "Alpaca JSON (single-turn only)",
+               "dpo": "preference pairs JSONL (corrections and up/down siblings)"}
+
+
+@dataclass
+class DatasetView:
+    """Everything the screen shows, read in one go off the UI thread."""
+    rows: list[dict]          # {"message_id", "example", "label", "excluded"}
+    pairs: int
+    stats: dict
+    tags: Counter
+    snapshots: list
+
+
+def read_dataset(store: Store, filt: DataFilter, shown_excluded: set[int]) -> DatasetView:
+    examples, pairs = store.dataset(filt)
+    ids = [e["message_id"] for e in examples] + sorted(shown_excluded)
+    labels = store.labels(ids)
+    rows = [{"message_id": e["message_id"], "example": e["example"],
+             "label": labels.get(e["message_id"]), "excluded": False} for e in examples]
+    # Answers excluded here stay listed (marked) so that one key brings them back.
+    for mid in sorted(shown_excluded - {e["message_id"] for e in examples}):
+        label = labels.get(mid)
+        if label is not None and label.excluded:
+            rows.append({"message_id": mid, "example": {"messages": store.chat_messages(mid)},
+                         "label": label, "excluded": True})
+    tags = Counter(t for r in rows if r["label"] and not r["excluded"] for t in r["label"].tags)
+    return DatasetView(rows, len(pairs), store.stats(), tags, store.snapshots())
+
+
+def preview(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= PREVIEW_CHARS else line[:PREVIEW_CHARS - 1] + "…"
+
+
+def example_markdown(example: dict) -> str:
+    parts = []
+    for m in example["messages"]:
+        note = " *(context, not learned)*" if m.get("weight") == 0 else ""
+        parts.append(f"**{m['role']}**{note}\n\n{m['content']}")
+    return "\n\n---\n\n".join(parts)
+
+
+class ExampleModal(ModalScreen):
+    BINDINGS = [Binding("escape,q,enter", "dismiss", "Close", id="example.close")]
+
+    def __init__(self, example: dict):
+        super().__init__()
+        self.example = example
+
+    def compose(self):
+        with VerticalScroll(classes="dialog help-dialog"):
+            yield Static("[b]Training example[/]  [dim]Esc closes[/]", classes="dialog-title")
+            yield Markdown(example_markdown(self.example))
+
+
+class DatasetScreen(Screen):
+    BINDINGS = [
+        Binding("enter,o", "open", "Open", id="dataset.open"),
+        Binding("x", "exclude", "Exclude/include", id="dataset.exclude"),
+        Binding("s", "snapshot", "Snapshot", id="dataset.snapshot"),
+        Binding("e", "export", "Export", id="dataset.export"),
+        Binding("ctrl+r", "reload", "Reload", show=False, id="dataset.reload"),
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self.view: DatasetView | None = None
+        self.shown_excluded: set[int] = set()
+
+    def compose(self):
+        yield Static("[b]Dataset[/]  [dim]what would train now · Enter open · x exclude/include · "
+                     "s snapshot · e export[/]", classes="screen-title")
+        with Horizontal(id="dataset-body"):
+            with VerticalScroll(id="dataset-filters"):
+                yield Static("[b]Train on answers that…[/]")
+                yield Checkbox("are voted up", True, id="f-thumbs")
+                yield Checkbox("were corrected", True, id="f-ideal")
+                yield Checkbox("any not voted down", False, id="f-all")
+                yield Label("or scored at least")
+                yield Select([(str(n), n) for n in range(1, 6)], prompt="no score filter",
+                             id="f-score")
+                yield Label("with a tag (comma-separated)")
+                yield Input(placeholder="any tag", id="f-tags-in")
+                yield Label("without the tags")
+                yield Input(placeholder="none", id="f-tags-out")
+            with Vertical(id="dataset-main"):
+                yield Static("", id="dataset-counts")
+                yield DataTable(id="dataset-table", cursor_type="row", zebra_stripes=True)
+                yield Static("[b]Snapshots[/] [dim](frozen, content-hashed; fine-tuning uses one)[/]")
+                yield DataTable(id="snapshots-table", cursor_type="row", zebra_stripes=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#dataset-table", DataTable).add_columns(
+            "Answer", "Prompt", "Answer (as trained)", "Label", "Turns")
+        self.query_one("#snapshots-table", DataTable).add_columns(
+            "#", "Name", "Examples", "Pairs", "Hash", "Made")
+        self.load()
+
+    def on_screen_resume(self) -> None:
+        self.load()
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def current_filter(self) -> DataFilter:
+        score = self.query_one("#f-score", Select).value
+        return DataFilter(
+            thumbs_up=self.query_one("#f-thumbs", Checkbox).value,
+            ideal=self.query_one("#f-ideal", Checkbox).value,
+            all_answers=self.query_one("#f-all", Checkbox).value,
+            min_score=None if score is Select.BLANK else int(score),
+            tags_include=tuple(t for t in self.query_one("#f-tags-in", Input).value.split(",") if t.strip()),
+            tags_exclude=tuple(t for t in self.query_one("#f-tags-out", Input).value.split(",") if t.strip()),
+        )
+
+    @on(Checkbox.Changed)
+    @on(Select.Changed)
+    @on(Input.Changed)
+    def _filter_changed(self) -> None:
+        self.load()
+
+    @work(exclusive=True, group="dataset-load")
+    @guarded
+    async def load(self) -> None:
+        view = await self.app.db(read_dataset, self.app.store, self.current_filter(),
+                                 set(self.shown_excluded))
+        self.view = view
+        s = view.stats
+        active = [r for r in view.rows if not r["excluded"]]
+        tags = "  ".join(f"#{t} {n}" for t, n in view.tags.most_common(8)) or "no tags"
+        self.query_one("#dataset-counts", Static).update(
+            f"[b]{len(active)} examples[/] and [b]{view.pairs} preference pairs[/] would train now.\n"
+            f"[dim]labels:[/] ▲ {s['thumbs_up']} up · ▼ {s['thumbs_down']} down · ★ {s['scored']} scored · "
+            f"✎ {s['corrected']} corrected · ⊘ {s['excluded']} excluded   [dim]tags:[/] {tags}")
+        table = self.query_one("#dataset-table", DataTable)
+        row = table.cursor_row
+        table.clear()
+        for r in view.rows:
+            messages = r["example"]["messages"]
+            prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+            answer = messages[-1]["content"] if messages else ""
+            label = "⊘ excluded" if r["excluded"] else label_text(r["label"])
+            table.add_row(str(r["message_id"]), preview(prompt), preview(answer), label,
+                          str(sum(m["role"] == "assistant" for m in messages)), key=str(r["message_id"]))
+        if view.rows:
+            table.move_cursor(row=min(row, len(view.rows) - 1))
+        snaps = self.query_one("#snapshots-table", DataTable)
+        snaps.clear()
+        now = self.app.clock()
+        for snap in view.snapshots:
+            snaps.add_row(str(snap.id), snap.name, str(snap.n_examples), str(snap.n_pairs),
+                          snap.content_hash[:12], when(snap.created_at, now))
+
+    def selected_row(self) -> dict | None:
+        table = self.query_one("#dataset-table", DataTable)
+        if self.view is None or not self.view.rows or table.cursor_row >= len(self.view.rows):
+            return None
+        return self.view.rows[table.cursor_row]
+
+    # -- actions --------------------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action in ("open", "exclude"):
+            return self.query_one("#dataset-table", DataTable).has_focus
+        return True
+
+    def action_open(self) -> None:
+        row = self.selected_row()
+        if row is not None:
+            self.app.push_screen(ExampleModal(row["example"]))
+
+    @work(group="dataset-edit")
+    @guarded
+    async def action_exclude(self) -> None:
+        row = self.selected_row()
+        if row is None:
+            return
+        excluded = not row["excluded"]
+        await self.app.db(self.app.store.set_label, row["message_id"], excluded=excluded)
+        self.shown_excluded.add(row["message_id"])
+        self.notify(f"Answer {row['message_id']} " + ("excluded from every dataset."
+                                                       if excluded else "included again."))
+        self.load()
+
+    @work(group="dataset-edit")
+    @guarded
+    async def action_snapshot(self) -> None:
+        name = await self.app.push_screen_wait(TextModal("Name the snapshot", "", "e.g. first 50 labels"))
+        if name is None:
+            return
+        snap = await self.app.db(self.app.store.create_snapshot, self.current_filter(), name.strip())
+        self.notify(f"Snapshot #{snap.id}: {snap.n_examples} examples, {snap.n_pairs} pairs "
+                    f"(hash {snap.content_hash[:12]}).")
+        self.load()
+
+    @work(group="dataset-edit")
+    @guarded
+    async def action_export(self) -> None:
+        fmt = await self.app.push_screen_wait(ChoiceModal(
+            "Export what would train now as…", [(f, f"{f}: {FORMAT_HELP[f]}") for f in FORMATS]))
+        if fmt is None:
+            return
+        suffix = ".json" if fmt in ("alpaca", "sharegpt") else ".jsonl"
+        default = str(Path.cwd() / f"kettle-{fmt}{suffix}")
+        out = await self.app.push_screen_wait(TextModal("Export to file", default))
+        if not out:
+            return
+        report = await self.app.db(export_file, self.app.store, Path(out).expanduser(), fmt,
+                                   None, self.current_filter())
+        skipped = sum(report.skipped.values())
+        self.notify(f"Wrote {report.written} records to {report.path}"
+                    + (f"; {skipped} skipped ({', '.join(report.skipped)})" if skipped else "."),
+                    timeout=10)
+
+    def action_reload(self) -> None:
+        self.load()
+
+

@@ -1,0 +1,404 @@
+"""Fine-tune in one key: a sheet (base model, examples, method, estimated time) -> Start; then the
+run's progress, ETA, live loss chart, tokens/s and Cancel; at the end the held-out losses, the
+regression gate's verdict and an offer to switch to the new model.
+
+The run is the separate process of finetune.jobs; this screen only follows the runs table."""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+
+from textual import on, work
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Input, Label, ProgressBar, Select, Sparkline, Static
+
+from data.store import DataFilter, ModelVersion, Run, Store
+from gpt.errors import KettleError
+from tui.app import guarded
+
+POLL_S = 0.5
+# Rough sustained training throughput (FLOP/s) for the time estimate; the run reports the truth.
+TRAIN_FLOPS = {"cpu": 2e10, "mps": 2e12, "cuda": 3e13}
+# Full fine-tuning keeps weights, gradients and two Adam moments: above these sizes LoRA is the
+# default (it trains ~1% of the weights and saves a small adapter).
+FULL_MAX_PARAMS = {"cpu": 200e6, "mps": 400e6, "cuda": 1.5e9}
+
+
+@dataclass
+class Plan:
+    """What the sheet shows before Start."""
+    base: ModelVersion
+    versions: list[ModelVersion]
+    n_examples: int
+    n_params: int
+    device: str
+    method: str            # "lora" | "full"
+    train_tokens: int      # tokens in one pass over the examples
+
+
+def device_kind() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def default_method(n_params: int, device: str) -> str:
+    return "lora" if n_params > FULL_MAX_PARAMS[device] else "full"
+
+
+def estimate_seconds(plan: Plan, method: str, epochs: int | None) -> tuple[float, int]:
+    """(seconds, optimizer steps) for the run the sheet would start, from the fine-tuning
+    defaults (finetune.instruct.resolve) and a rough device speed."""
+    from finetune.instruct import SFTConfig, resolve
+    from finetune.lora import LoRAConfig
+
+    n = max(1, plan.n_examples)
+    config = resolve(SFTConfig(epochs=epochs, lora=LoRAConfig() if method == "lora" else None),
+                     n, 1 << 30)
+    steps = config.epochs * math.ceil(n / config.max_batch_size)
+    # forward + backward = 6 FLOPs per parameter per token (LoRA still runs the full backward
+    # through the activations, so it saves memory more than time: count it as 2/3).
+    flops = 6 * plan.n_params * plan.train_tokens * config.epochs * (2 / 3 if method == "lora" else 1)
+    return flops / TRAIN_FLOPS[plan.device] + 10.0, steps  # + start-up and evaluation
+
+
+def make_plan(store: Store, base_name: str | None) -> Plan:
+    from gpt.chat_template import render_training
+    from gpt.checkpoint import expected_tensors, read_meta
+    from gpt.tokenizer import load_tokenizer
+
+    versions = store.model_versions()
+    if not versions:
+        raise KettleError("there is no model to fine-tune yet (F4: models)")
+    active = store.active_model()
+    base = next((v for v in versions if v.name == base_name), None) or active or versions[0]
+    _, config = read_meta(base.path)
+    n_params = sum(math.prod(shape) for shape in expected_tensors(config).values())
+    examples, _ = store.dataset(DataFilter())
+    tokenizer = load_tokenizer(base.path)
+    tokens = sum(min(len(render_training(e["example"]["messages"], tokenizer)[0]),
+                     config.context_length) for e in examples)
+    device = device_kind()
+    return Plan(base, versions, len(examples), n_params, device,
+                default_method(n_params, device), tokens)
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "—"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def start_run(store: Store, base: ModelVersion, method: str, epochs: int | None) -> int:
+    """Freeze what would train now into a snapshot and start the run process on it."""
+    from finetune.jobs import JobSpec, start_finetune
+    from finetune.lora import LoRAConfig
+
+    snap = store.create_snapshot(DataFilter(), name=f"fine-tune of {base.name} "
+                                                    f"{time.strftime('%Y-%m-%d %H:%M')}")
+    if snap.n_examples == 0:
+        raise KettleError("nothing to train on: vote answers up (u) or correct them (c) in the chat")
+    sft: dict = {"lora": LoRAConfig().to_dict()} if method == "lora" else {}
+    if epochs is not None:
+        sft["epochs"] = epochs
+    # activate=False: the user decides on the result screen whether to switch.
+    return start_finetune(JobSpec(model=base.name, snapshot_id=snap.id, sft=sft, activate=False),
+                          store)
+
+
+class RunUpdate(Message):
+    """The run's latest state; a newer one replaces one not yet handled (no backlog)."""
+
+    def __init__(self, run: Run, metrics: list[tuple[int, dict]], output: ModelVersion | None):
+        super().__init__()
+        self.run = run
+        self.metrics = metrics
+        self.output = output
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, RunUpdate)
+
+
+def read_run(store: Store, run_id: int) -> tuple[Run, list[tuple[int, dict]], ModelVersion | None]:
+    run = store.run(run_id)
+    output = store.model_version(run.output_model_id) if run.output_model_id else None
+    return run, store.run_metrics(run_id), output
+
+
+class FinetuneScreen(Screen):
+    BINDINGS = [
+        Binding("ctrl+g", "start", "Start", id="finetune.start"),
+        Binding("ctrl+x", "cancel_run", "Cancel run", id="finetune.cancel"),
+        Binding("ctrl+w", "switch", "Switch to new model", id="finetune.switch"),
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self.plan: Plan | None = None
+        self.run_id: int | None = None
+        self.run: Run | None = None
+        self.output: ModelVersion | None = None
+
+    def compose(self):
+        yield Static("[b]Fine-tune[/]  [dim]teach the model your labelled answers[/]",
+                     classes="screen-title")
+        with VerticalScroll(id="finetune-body"):
+            with Vertical(id="finetune-sheet"):
+                yield Static("Reading your labels…", id="sheet-summary")
+                yield Label("Base model")
+                yield Select([], id="ft-base", allow_blank=True, prompt="…")
+                yield Label("Method")
+                yield Select([("LoRA adapters (small, light on memory)", "lora"),
+                              ("Full fine-tuning (every weight)", "full")],
+                             id="ft-method", allow_blank=False, value="full")
+                yield Label("Epochs (blank = chosen from the number of examples)")
+                yield Input(id="ft-epochs", placeholder="auto", compact=True)
+                yield Static("", id="sheet-estimate")
+                with Horizontal(id="finetune-buttons"):
+                    yield Button("Start  ctrl+g", id="ft-start", variant="primary")
+            with Vertical(id="finetune-progress-box"):
+                yield Static("", id="run-title")
+                yield ProgressBar(id="run-progress", show_eta=True)
+                yield Static("", id="run-stats")
+                yield Sparkline([], id="loss-chart")
+                yield Static("", id="finetune-result")
+                with Horizontal(id="finetune-done-buttons"):
+                    yield Button("Cancel run  ctrl+x", id="ft-cancel", variant="error")
+                    yield Button("Switch to the new model  ctrl+w", id="ft-switch", variant="success")
+                    yield Button("Compare with the base  F6", id="ft-compare")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#finetune-progress-box").display = False
+        self.load_plan()
+        self.attach_running()
+
+    def on_screen_resume(self) -> None:
+        if self.run_id is None or (self.run and self.run.status in ("finished", "failed", "cancelled")):
+            self.load_plan()
+
+    # -- the sheet ----------------------------------------------------------------------------
+
+    @work(exclusive=True, group="finetune-plan")
+    @guarded
+    async def load_plan(self, base_name: str | None = None) -> None:
+        plan = await self.app.db(make_plan, self.app.store, base_name)
+        self.plan = plan
+        base = self.query_one("#ft-base", Select)
+        options = [(f"{v.name}  ({v.kind})", v.name) for v in plan.versions]
+        if [o[1] for o in options] != [o[1] for o in getattr(self, "_base_options", [])]:
+            base.set_options(options)
+            self._base_options = options
+        base.value = plan.base.name
+        self.query_one("#ft-method", Select).value = plan.method
+        self.show_estimate()
+
+    def show_estimate(self) -> None:
+        plan = self.plan
+        if plan is None:
+            return
+        params = f"{plan.n_params / 1e6:.1f}M parameters"
+        self.query_one("#sheet-summary", Static).update(
+            f"[b]{plan.n_examples} examples[/] from your labels (up-voted and corrected answers), "
+            f"{plan.train_tokens:,} tokens.  Base: [b]{plan.base.name}[/], {params}, on {plan.device}.")
+        method = self.query_one("#ft-method", Select).value
+        epochs = self._epochs()
+        estimate = self.query_one("#sheet-estimate", Static)
+        if epochs is False:
+            estimate.update("[$error]Epochs must be a whole number from 1 to 1000, or blank.[/]")
+            return
+        if plan.n_examples == 0:
+            estimate.update("[$warning]Nothing to train on yet: in the chat, vote answers up (u) "
+                            "or correct them (c).[/]")
+            return
+        seconds, steps = estimate_seconds(plan, str(method), epochs)
+        default = " (the default for this size and device)" if method == plan.method else ""
+        estimate.update(f"Method: [b]{'LoRA' if method == 'lora' else 'full'}[/]{default}.  "
+                        f"About [b]{steps} steps, {duration(seconds)}[/].  The model you chat with "
+                        "stays until you switch.")
+
+    def _epochs(self) -> int | None | bool:
+        """The typed epochs; None for automatic, False when the text is not usable."""
+        text = self.query_one("#ft-epochs", Input).value.strip()
+        if not text:
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            return False
+        return value if 1 <= value <= 1000 else False
+
+    @on(Select.Changed, "#ft-method")
+    @on(Input.Changed, "#ft-epochs")
+    def _sheet_changed(self) -> None:
+        self.show_estimate()
+
+    @on(Select.Changed, "#ft-base")
+    def _base_changed(self, event: Select.Changed) -> None:
+        if self.plan is not None and event.value != self.plan.base.name and event.value is not Select.BLANK:
+            self.load_plan(str(event.value))
+
+    @on(Button.Pressed, "#ft-start")
+    def _start_pressed(self) -> None:
+        self.action_start()
+
+    @work(exclusive=True, group="finetune-start")
+    @guarded
+    async def action_start(self) -> None:
+        if self.run is not None and self.run.status in ("queued", "running"):
+            self.notify("A fine-tune is already running.", severity="warning")
+            return
+        if self.plan is None:
+            return
+        epochs = self._epochs()
+        if epochs is False:
+            raise KettleError("epochs must be a whole number from 1 to 1000, or blank")
+        method = str(self.query_one("#ft-method", Select).value)
+        run_id = await self.app.db(start_run, self.app.store, self.plan.base, method, epochs)
+        self.notify(f"Fine-tuning started (run {run_id}). Keep chatting; F5 shows progress.")
+        self.follow(run_id)
+
+    # -- following a run ------------------------------------------------------------------------
+
+    @work(exclusive=True, group="finetune-attach")
+    @guarded
+    async def attach_running(self) -> None:
+        runs = await self.app.db(self.app.store.runs, "running", 1)
+        if runs and runs[0].kind == "finetune" and self.run_id is None:
+            self.follow(runs[0].id)
+
+    def follow(self, run_id: int) -> None:
+        self.run_id = run_id
+        self.run = self.output = None
+        self.query_one("#finetune-progress-box").display = True
+        self.query_one("#finetune-sheet").display = False
+        self.query_one("#loss-chart", Sparkline).data = []
+        self.query_one("#finetune-result", Static).update("")
+        self.poll(run_id)
+
+    @work(exclusive=True, group="finetune-poll")
+    async def poll(self, run_id: int) -> None:
+        """Read the run every POLL_S until it ends; each read is posted as a RunUpdate."""
+        while True:
+            try:
+                run, metrics, output = await self.app.db(read_run, self.app.store, run_id)
+            except Exception as exc:  # noqa: BLE001 - a busy database: try again next time
+                self.log.warning(f"reading run {run_id}: {exc}")
+                await asyncio.sleep(POLL_S)
+                continue
+            self.post_message(RunUpdate(run, metrics, output))
+            if run.status in ("finished", "failed", "cancelled"):
+                return
+            await asyncio.sleep(POLL_S)
+
+    @on(RunUpdate)
+    def _update(self, event: RunUpdate) -> None:
+        run, metrics = event.run, event.metrics
+        self.run, self.output = run, event.output
+        losses = [m["loss"] for _, m in metrics if isinstance(m.get("loss"), (int, float))]
+        last = next((m for _, m in reversed(metrics) if "loss" in m), {})
+        val = next((m["val_loss"] for _, m in reversed(metrics) if "val_loss" in m), None)
+        bar = self.query_one("#run-progress", ProgressBar)
+        if run.total_steps:
+            bar.update(total=run.total_steps, progress=run.step)
+        self.query_one("#loss-chart", Sparkline).data = losses[-200:] or [0.0]
+        self.query_one("#run-title", Static).update(
+            f"[b]Run {run.id}[/]: {run.status}  [dim]log: {run.log_path}[/]")
+        stats = [f"step {run.step}/{run.total_steps or '?'}"]
+        if losses:
+            stats.append(f"loss {losses[-1]:.3f} (from {losses[0]:.3f})")
+        if val is not None:
+            stats.append(f"held-out {val:.3f}")
+        if last.get("tokens_per_s"):
+            stats.append(f"{last['tokens_per_s']:,.0f} tokens/s")
+        if last.get("eta_s") is not None and run.status == "running":
+            stats.append(f"about {duration(last['eta_s'])} left")
+        self.query_one("#run-stats", Static).update(" · ".join(stats))
+        running = run.status in ("queued", "running")
+        self.query_one("#ft-cancel").display = running
+        self.query_one("#ft-switch").display = event.output is not None
+        self.query_one("#ft-compare").display = event.output is not None
+        if not running:
+            self._finished(run, event.output)
+        self.refresh_bindings()
+
+    def _finished(self, run: Run, output: ModelVersion | None) -> None:
+        result = self.query_one("#finetune-result", Static)
+        if run.status == "failed":
+            result.update(f"[b $error]The run failed:[/] {run.error or 'see the log'}")
+            self.notify(f"Fine-tuning failed: {run.error}", severity="error", timeout=10)
+        elif run.status == "cancelled":
+            result.update(f"Stopped at step {run.step}. Continue it with "
+                          f"[b]kettle finetune resume {run.id}[/].")
+        elif output is not None:
+            m = output.metrics
+            before, after = m.get("gate_parent_loss"), m.get("gate_new_loss")
+            losses = (f"held-out loss [b]{before:.3f}[/] (base) → [b]{after:.3f}[/] (new)"
+                      if before is not None and after is not None else "no held-out examples to compare")
+            verdict = m.get("gate", output.status)
+            colour = "$error" if output.status == "regressed" else "$success"
+            result.update(f"[b]{output.name}[/] is ready: {losses}.\n"
+                          f"Regression gate: [b {colour}]{verdict}[/]"
+                          + ("  (it did worse than its base: think twice before switching)"
+                             if output.status == "regressed" else "")
+                          + "\nSwitch to it now, or compare the two first.")
+            self.query_one("#ft-switch", Button).focus()
+            self.notify(f"Fine-tune finished: {output.name} ({verdict}).", timeout=8)
+        self.query_one("#finetune-sheet").display = True
+        self.load_plan()
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action == "cancel_run":
+            return self.run is not None and self.run.status in ("queued", "running")
+        if action == "switch":
+            return self.output is not None
+        return True
+
+    @on(Button.Pressed, "#ft-cancel")
+    @work(group="finetune-cancel")
+    @guarded
+    async def action_cancel_run(self) -> None:
+        from finetune.jobs import cancel_run
+
+        if self.run_id is not None and await self.app.db(cancel_run, self.app.store, self.run_id):
+            self.notify("Stopping after the current step (a checkpoint is kept)…")
+
+    @on(Button.Pressed, "#ft-switch")
+    @work(group="finetune-switch")
+    @guarded
+    async def action_switch(self) -> None:
+        from tui.screens.models import activate
+
+        if self.output is not None:
+            await activate(self.app, self.output)
+
+    @on(Button.Pressed, "#ft-compare")
+    async def _compare(self) -> None:
+        if self.output is None:
+            return
+        await self.app.run_action("go('compare')")
+        base = self.output.parent_id
+        self.app.screen.post_message(CompareRequest(self.output.name, base))
+
+
+class CompareRequest(Message):
+    """Ask the compare screen to preselect two models (by name, and parent id)."""
+
+    def __init__(self, name: str, parent_id: int | None):
+        super().__init__()
+        self.name = name
+        self.parent_id = parent_id

@@ -1,0 +1,186 @@
+"""Small dialogs: confirm, one line of text, a multi-line editor, a choice."""
+from __future__ import annotations
+
+from textual import on, work
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, OptionList, Static, TextArea
+from textual.widgets.option_list import Option
+
+
+class ConfirmModal(ModalScreen[bool]):
+    BINDINGS = [Binding("escape", "dismiss(False)", "Cancel", id="modal.cancel"),
+                Binding("y", "dismiss(True)", "Yes", show=False, id="modal.yes")]
+
+    def __init__(self, question: str, yes: str = "Yes", no: str = "Cancel"):
+        super().__init__()
+        self.question, self.yes, self.no = question, yes, no
+
+    def compose(self):
+        with Vertical(classes="dialog"):
+            yield Static(self.question, classes="dialog-text")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button(self.yes, variant="error", id="yes")
+                yield Button(self.no, id="no")
+
+    def on_mount(self) -> None:
+        self.query_one("#no", Button).focus()
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+
+class TextModal(ModalScreen[str | None]):
+    """One line of text; Enter accepts, Esc cancels."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="modal.cancel")]
+
+    def __init__(self, title: str, value: str = "", placeholder: str = "", hint: str = ""):
+        super().__init__()
+        self.title_text, self.value, self.placeholder, self.hint = title, value, placeholder, hint
+
+    def compose(self):
+        with Vertical(classes="dialog"):
+            yield Static(f"[b]{self.title_text}[/]", classes="dialog-title")
+            yield Input(self.value, placeholder=self.placeholder, id="text")
+            yield Static(f"[dim]{self.hint or 'Enter saves · Esc cancels'}[/]", classes="dialog-hint")
+
+    @on(Input.Submitted)
+    def _submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value)
+
+
+class EditorModal(ModalScreen[str | None]):
+    """A multi-line editor; Ctrl+S saves, Esc cancels."""
+
+    BINDINGS = [Binding("ctrl+s", "save", "Save", priority=True, id="editor.save"),
+                Binding("escape", "dismiss(None)", "Cancel", id="modal.cancel")]
+
+    def __init__(self, title: str, text: str, hint: str = ""):
+        super().__init__()
+        self.title_text, self.text, self.hint = title, text, hint
+
+    def compose(self):
+        with Vertical(classes="dialog editor-dialog"):
+            yield Static(f"[b]{self.title_text}[/]", classes="dialog-title")
+            yield TextArea(self.text, soft_wrap=True, id="editor", tab_behavior="indent")
+            yield Static(f"[dim]{self.hint}Ctrl+S saves · Esc cancels[/]", classes="dialog-hint")
+
+    def on_mount(self) -> None:
+        editor = self.query_one("#editor", TextArea)
+        editor.focus()
+        editor.move_cursor(editor.document.end)
+
+    def action_save(self) -> None:
+        text = self.query_one("#editor", TextArea).text
+        if not text.strip():
+            self.notify("Nothing to save: the text is empty.", severity="warning")
+            return
+        self.dismiss(text)
+
+
+class ChoiceModal(ModalScreen[str | None]):
+    """Pick one of a few options (id, text)."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="modal.cancel")]
+
+    def __init__(self, title: str, options: list[tuple[str, str]]):
+        super().__init__()
+        self.title_text, self.options = title, options
+
+    def compose(self):
+        with Vertical(classes="dialog"):
+            yield Static(f"[b]{self.title_text}[/]", classes="dialog-title")
+            yield OptionList(*[Option(text, id=oid) for oid, text in self.options], id="choices")
+            yield Static("[dim]Enter chooses · Esc cancels[/]", classes="dialog-hint")
+
+    @on(OptionList.OptionSelected)
+    def _chosen(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+
+class TaskModal(ModalScreen[bool]):
+    """Runs one `kettle ...` command as a child process and shows its output as it comes; the
+    app stays responsive, and Cancel stops the process. Dismisses with True on success."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel", id="task.cancel")]
+
+    def __init__(self, title: str, args: list[str]):
+        super().__init__()
+        self.title_text, self.args = title, args
+        self.process = None
+        self.started = 0.0
+
+    def compose(self):
+        from textual.widgets import Log, ProgressBar
+
+        with Vertical(classes="dialog task-dialog"):
+            yield Static(f"[b]{self.title_text}[/]", classes="dialog-title")
+            yield ProgressBar(total=None, show_eta=False, id="task-progress")
+            yield Static("", id="task-elapsed")
+            yield Log(id="task-log", max_lines=2000)
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Cancel", variant="error", id="task-cancel")
+
+    def on_mount(self) -> None:
+        import time
+
+        self.started = time.monotonic()
+        self.set_interval(1.0, self._tick)
+        self.run_command()
+
+    def _tick(self) -> None:
+        import time
+
+        seconds = int(time.monotonic() - self.started)
+        self.query_one("#task-elapsed", Static).update(f"[dim]{seconds // 60}:{seconds % 60:02d} elapsed[/]")
+
+    @work(exclusive=True)
+    async def run_command(self) -> None:
+        import asyncio
+        import os
+        import sys
+        from pathlib import Path
+
+        log = self.query_one("#task-log")
+        root = Path(__file__).resolve().parent.parent.parent
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "100"}
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tui.cli", *self.args, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL, cwd=str(root),
+                env=env)
+        except OSError as exc:
+            self.notify(f"could not start kettle {' '.join(self.args)}: {exc}", severity="error")
+            self.dismiss(False)
+            return
+        last = ""
+        while True:
+            line = await self.process.stdout.readline()
+            if not line:
+                break
+            # Progress bars redraw with carriage returns: show the newest state of the line.
+            text = line.decode("utf-8", "replace").rstrip("\n").split("\r")[-1]
+            if text.strip():
+                log.write_line(text)
+                last = text
+        code = await self.process.wait()
+        if code == 0:
+            self.dismiss(True)
+        else:
+            if code > 0:
+                self.notify(last.removeprefix("kettle: error: ") or f"kettle {self.args[0]} failed",
+                            title="Failed", severity="error", timeout=10)
+            self.dismiss(False)
+
+    def action_cancel(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+        else:
+            self.dismiss(False)
+
+    @on(Button.Pressed, "#task-cancel")
+    def _cancel_pressed(self) -> None:
+        self.action_cancel()

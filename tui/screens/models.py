@@ -1,0 +1,281 @@
+"""The models screen: every model version with its lineage and metrics; activate, import,
+download GPT-2, brew the starter. The actions are shared with the welcome screen and the palette."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import on, work
+from textual.app import SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Static
+
+from data.paths import kettle_home, models_dir
+from data.store import ModelVersion, Store
+from gpt.errors import KettleError
+from tui.app import error_text, guarded
+from tui.screens.modals import ChoiceModal, TaskModal, TextModal
+from tui.widgets.sidebar import when
+
+GPT2_SIZES = [("gpt2", "GPT-2 124M (≈500 MB download)"), ("gpt2-medium", "GPT-2 355M (≈1.5 GB)"),
+              ("gpt2-large", "GPT-2 774M (≈3.2 GB)"), ("gpt2-xl", "GPT-2 1558M (≈6.4 GB)")]
+
+
+def shown_path(path: str) -> str:
+    """A model's directory, relative to KETTLE_HOME when it lives there."""
+    try:
+        return str(Path(path).relative_to(kettle_home()))
+    except ValueError:
+        return path
+
+
+def loss_of(version: ModelVersion) -> float | None:
+    """The held-out loss a version was measured at, whichever step recorded it."""
+    for key in ("gate_new_loss", "val_loss", "best_val_loss"):
+        value = version.metrics.get(key)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+def describe(store: Store, version: ModelVersion, active_id: int | None) -> str:
+    """The detail pane: lineage, metrics, where it lives."""
+    chain = " → ".join(v.name for v in reversed(store.lineage(version.id)))
+    lines = [f"[b]{version.name}[/]" + ("  [b $success]● active[/]" if version.id == active_id else ""),
+             f"[dim]kind[/] {version.kind}   [dim]status[/] {version.status}",
+             f"[dim]lineage[/] {chain}",
+             f"[dim]directory[/] {shown_path(version.path)}"]
+    if version.snapshot_id is not None:
+        lines.append(f"[dim]trained on snapshot[/] #{version.snapshot_id}")
+    for key in ("gate", "gate_parent_loss", "gate_new_loss", "val_loss", "first_loss", "last_loss",
+                "steps", "train", "held_out", "train_seconds", "seconds"):
+        value = version.metrics.get(key)
+        if value is not None:
+            lines.append(f"[dim]{key.replace('_', ' ')}[/] {value:.4g}" if isinstance(value, float)
+                         else f"[dim]{key.replace('_', ' ')}[/] {value}")
+    if version.note:
+        lines.append(version.note)
+    return "\n".join(lines)
+
+
+def unique_name(store: Store, wanted: str) -> str:
+    name, n = wanted, 2
+    while store.find_model_version(name) is not None or (models_dir() / name).exists():
+        name, n = f"{wanted}-{n}", n + 1
+    return name
+
+
+def register(store: Store, path: Path, kind: str, name: str | None = None) -> tuple[ModelVersion, bool]:
+    """Record a model directory unless the store already knows it; make it active when no model
+    is. Returns (version, activated)."""
+    for v in store.model_versions():
+        if Path(v.path).resolve() == path.resolve():
+            version = v
+            break
+    else:
+        version = store.add_model_version(unique_name(store, name or path.name), path, kind)
+    activated = store.active_model() is None
+    if activated:
+        store.activate_model(version.id)
+    return version, activated
+
+
+def import_model(store: Store, source: str) -> tuple[ModelVersion, bool]:
+    """A Kettle model directory is registered where it is; a Hugging Face GPT-2 directory is
+    converted into KETTLE_HOME/models first."""
+    from gpt.checkpoint import read_meta
+    from gpt.hf import import_hf
+
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        raise KettleError(f"{path}: not a directory")
+    try:
+        read_meta(path)
+        return register(store, path.resolve(), "imported")
+    except KettleError as kettle_problem:
+        if not (path / "config.json").exists():
+            raise kettle_problem
+    out = models_dir() / unique_name(store, path.resolve().name)
+    import_hf(path, out)
+    return register(store, out, "imported")
+
+
+async def after_new_model(app, version: ModelVersion | None, activated: bool) -> None:
+    """Tell the user, and start chatting when this was the first model."""
+    if version is None:
+        return
+    app.notify(f"Model {version.name} is ready" + (" and active." if activated else
+                                                   " (activate it on the models screen, F4)."))
+    if app.service is None:
+        await app.load_service()
+        await app.switch_mode("chat")
+    elif activated:
+        await app.service.switch_model(version.name)
+        app.model_changed.publish(app.model_name())
+
+
+async def brew_starter(app) -> None:
+    if not await app.push_screen_wait(TaskModal("Brewing the starter model (offline, about 10 minutes)",
+                                                ["brew", "starter"])):
+        return
+    path = models_dir() / "starter"
+    version, activated = await app.db(register, app.store, path, "pretrained", "starter")
+    await after_new_model(app, version, activated)
+
+
+async def download_gpt2(app) -> None:
+    size = await app.push_screen_wait(ChoiceModal("Download which GPT-2?", GPT2_SIZES))
+    if size is None:
+        return
+    out = models_dir() / size
+    if not out.exists() and not await app.push_screen_wait(
+            TaskModal(f"Downloading {size} from Hugging Face", ["download", size, "--out", str(out)])):
+        return
+    version, activated = await app.db(register, app.store, out, "downloaded", size)
+    await after_new_model(app, version, activated)
+
+
+async def import_dir(app) -> None:
+    source = await app.push_screen_wait(TextModal(
+        "Import a model directory", "", "/path/to/model",
+        "A Kettle model directory, or a Hugging Face GPT-2 one (config.json + weights)"))
+    if not source:
+        return
+    app.notify("Importing…", timeout=2)
+    version, activated = await app.db(import_model, app.store, source)
+    await after_new_model(app, version, activated)
+
+
+def model_commands(app):
+    """Palette entries that work from any screen."""
+    def run(action):
+        async def task() -> None:
+            try:
+                await action(app)
+            except Exception as exc:  # noqa: BLE001 - shown, not raised
+                app.notify(error_text(exc), title="Error", severity="error", timeout=8)
+
+        return lambda: app.run_worker(task(), group="model-task", exclusive=True)
+
+    yield SystemCommand("Brew the starter model", "Train a small model offline on Python's docs",
+                        run(brew_starter))
+    yield SystemCommand("Download GPT-2", "124M to 1558M, from Hugging Face", run(download_gpt2))
+    yield SystemCommand("Import a model", "A Kettle or Hugging Face GPT-2 directory", run(import_dir))
+
+
+class ModelsScreen(Screen):
+    BINDINGS = [
+        Binding("a", "activate", "Activate", id="models.activate"),
+        Binding("i", "import", "Import", id="models.import"),
+        Binding("g", "download", "Download GPT-2", id="models.download"),
+        Binding("b", "brew", "Brew starter", id="models.brew"),
+        Binding("ctrl+r", "reload", "Reload", show=False, id="models.reload"),
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self.versions: list[ModelVersion] = []
+        self.active_id: int | None = None
+
+    def compose(self):
+        yield Static("[b]Models[/]  [dim]a activate · i import · g download GPT-2 · b brew starter[/]",
+                     classes="screen-title")
+        with Horizontal(id="models-body"):
+            yield DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
+            with Vertical(id="models-detail-box"):
+                yield Static("", id="models-detail")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(DataTable).add_columns("", "Name", "Kind", "From", "Held-out loss", "Status", "Added")
+        self.load()
+
+    def on_screen_resume(self) -> None:
+        self.load()
+
+    @work(exclusive=True, group="models-load")
+    @guarded
+    async def load(self) -> None:
+        store = self.app.store
+        self.versions = await self.app.db(store.model_versions)
+        active = await self.app.db(store.active_model)
+        self.active_id = active.id if active else None
+        names = {v.id: v.name for v in self.versions}
+        table = self.query_one(DataTable)
+        row = table.cursor_row
+        table.clear()
+        now = self.app.clock()
+        for v in self.versions:
+            loss = loss_of(v)
+            table.add_row("●" if v.id == self.active_id else "", v.name, v.kind,
+                          names.get(v.parent_id, "") if v.parent_id else "",
+                          "" if loss is None else f"{loss:.3f}", v.status, when(v.created_at, now),
+                          key=str(v.id))
+        if self.versions:
+            table.move_cursor(row=min(row, len(self.versions) - 1))
+        await self.show_detail()
+
+    @on(DataTable.RowHighlighted)
+    async def _highlighted(self) -> None:
+        await self.show_detail()
+
+    def selected(self) -> ModelVersion | None:
+        table = self.query_one(DataTable)
+        if not self.versions or table.cursor_row is None or table.cursor_row >= len(self.versions):
+            return None
+        return self.versions[table.cursor_row]
+
+    async def show_detail(self) -> None:
+        version = self.selected()
+        detail = self.query_one("#models-detail", Static)
+        if version is None:
+            detail.update("No models yet: b brews the starter, g downloads GPT-2, i imports one.")
+            return
+        detail.update(await self.app.db(describe, self.app.store, version, self.active_id))
+
+    @work(exclusive=True, group="models-activate")
+    @guarded
+    async def action_activate(self) -> None:
+        version = self.selected()
+        if version is None:
+            return
+        await activate(self.app, version)
+        await self.load()
+
+    @work(group="model-task", exclusive=True)
+    @guarded
+    async def action_import(self) -> None:
+        await import_dir(self.app)
+        await self.load()
+
+    @work(group="model-task", exclusive=True)
+    @guarded
+    async def action_download(self) -> None:
+        await download_gpt2(self.app)
+        await self.load()
+
+    @work(group="model-task", exclusive=True)
+    @guarded
+    async def action_brew(self) -> None:
+        await brew_starter(self.app)
+        await self.load()
+
+    def action_reload(self) -> None:
+        self.load()
+
+
+async def activate(app, version: ModelVersion) -> None:
+    """Chat with `version` from now on: the service swaps the model without a restart and
+    records the activation in the store (a model that fails to load changes nothing)."""
+    if version.status == "regressed":
+        app.notify(f"{version.name} did worse than its parent on held-out data; activating it anyway.",
+                   severity="warning")
+    app.notify(f"Loading {version.name}…", timeout=2)
+    if app.service is None:
+        await app.db(app.store.activate_model, version.id)
+        await app.load_service()
+    else:
+        await app.service.switch_model(version.name)  # the service records the activation
+        app.model_changed.publish(app.model_name())
+    app.notify(f"Now chatting with {version.name}.")

@@ -1,0 +1,268 @@
+"""Chat widgets: one message (with its label and branch position), the message list, the prompt.
+
+They only draw and post Messages; the chat screen does the work (store, service)."""
+from __future__ import annotations
+
+from textual import on
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
+from textual.widgets import Markdown, Static, TextArea
+
+from data.store import Label
+from data.store import Message as StoredMessage
+
+
+def label_text(label: Label | None) -> str:
+    """A label as one short line of markup, e.g. "▲ up  ★4  #tone  ✎ corrected  ✉ note"."""
+    if label is None:
+        return ""
+    parts = []
+    if label.thumb == 1:
+        parts.append("[b $success]▲ up[/]")
+    elif label.thumb == -1:
+        parts.append("[b $error]▼ down[/]")
+    if label.score is not None:
+        parts.append(f"[b $warning]★{label.score}[/]")
+    parts += [f"[$accent]#{tag}[/]" for tag in label.tags]
+    if label.ideal is not None:
+        parts.append("[b $primary]✎ corrected[/]")
+    if label.note:
+        parts.append("✉ note")
+    if label.excluded:
+        parts.append("[$text-muted]⊘ excluded[/]")
+    return "  ".join(parts)
+
+
+def usage_text(message: StoredMessage) -> str:
+    """The figures of a finished answer: model, tokens, speed, why it stopped."""
+    parts = []
+    if message.model:
+        parts.append(message.model)
+    if message.new_tokens is not None:
+        parts.append(f"{message.new_tokens} tokens")
+    if message.tokens_per_s:
+        parts.append(f"{message.tokens_per_s:.1f} tok/s")
+    if message.prompt_tokens is not None:
+        parts.append(f"prompt {message.prompt_tokens}")
+    if message.dropped_tokens:
+        parts.append(f"{message.dropped_tokens} dropped to fit")
+    if message.finish_reason and message.finish_reason != "stop":
+        parts.append({"length": "stopped at the token limit",
+                      "cancelled": "stopped by you"}.get(message.finish_reason, message.finish_reason))
+    return " · ".join(parts)
+
+
+class MessageView(Vertical, can_focus=True):
+    """One message. Focus it (Tab / Up / Down in the list) and press a key to label it."""
+
+    BINDINGS = [
+        Binding("u", "thumb(1)", "Up", id="message.up"),
+        Binding("d", "thumb(-1)", "Down", id="message.down"),
+        *[Binding(str(n), f"score({n})", f"Score {n}", show=False, id=f"message.score{n}")
+          for n in range(1, 6)],
+        Binding("c", "request('correct')", "Correct", id="message.correct"),
+        Binding("t", "request('tags')", "Tags", id="message.tags"),
+        Binding("n", "request('note')", "Note", id="message.note"),
+        Binding("x", "exclude", "Exclude", show=False, id="message.exclude"),
+        Binding("r", "request('regenerate')", "Regenerate", id="message.regenerate"),
+        Binding("e", "request('edit')", "Edit & re-ask", id="message.edit"),
+        Binding("y", "copy", "Copy", id="message.copy"),
+        Binding("left,[", "sibling(-1)", "◀ branch", id="message.previous"),
+        Binding("right,]", "sibling(1)", "branch ▶", id="message.next"),
+        Binding("up,k", "move(-1)", "Previous", show=False, id="message.focus_previous"),
+        Binding("down,j", "move(1)", "Next", show=False, id="message.focus_next"),
+    ]
+
+    class LabelChange(Message):
+        """The user labelled the message; `changes` are Store.set_label keyword arguments."""
+
+        def __init__(self, view: "MessageView", changes: dict):
+            super().__init__()
+            self.view = view
+            self.changes = changes
+
+    class Requested(Message):
+        """The user asked for something that needs the screen: regenerate, edit, correct, tags,
+        note, or a sibling (`step` -1 / +1)."""
+
+        def __init__(self, view: "MessageView", what: str, step: int = 0):
+            super().__init__()
+            self.view = view
+            self.what = what
+            self.step = step
+
+    def __init__(self, role: str, content: str = "", message: StoredMessage | None = None,
+                 label: Label | None = None, position: tuple[int, int] = (1, 1)):
+        super().__init__(classes=f"message {role}")
+        self.role = role
+        self.content = content
+        self.message = message
+        self.label = label
+        self.position = position      # (index among siblings from 1, number of siblings)
+
+    @property
+    def message_id(self) -> int | None:
+        return self.message.id if self.message else None
+
+    def compose(self):
+        yield Static(self._header(), classes="message-header")
+        yield Markdown(self.content, classes="message-body")
+        yield Static(self._corrected(), classes="message-ideal")
+        yield Static(self._footer(), classes="message-footer")
+
+    # -- drawing ----------------------------------------------------------------------------
+
+    def _header(self) -> str:
+        who = "You" if self.role == "user" else ("System" if self.role == "system" else "Kettle")
+        parts = [f"[b]{who}[/]"]
+        index, count = self.position
+        if count > 1:
+            parts.append(f"[$accent]◀ {index}/{count} ▶[/]")
+        if self.message is None and self.role == "assistant":
+            parts.append("[$text-muted]writing…[/]")
+        lab = label_text(self.label)
+        if lab:
+            parts.append(lab)
+        return "  ".join(parts)
+
+    def _footer(self) -> str:
+        return usage_text(self.message) if self.message and self.role == "assistant" else ""
+
+    def _corrected(self) -> str:
+        if self.label is None or self.label.ideal is None:
+            return ""
+        return f"[b]Corrected answer:[/]\n{self.label.ideal}"
+
+    def refresh_parts(self) -> None:
+        self.query_one(".message-header", Static).update(self._header())
+        ideal = self._corrected()
+        self.query_one(".message-ideal", Static).update(ideal)
+        self.query_one(".message-ideal").display = bool(ideal)
+        footer = self._footer()
+        self.query_one(".message-footer", Static).update(footer)
+        self.query_one(".message-footer").display = bool(footer)
+
+    def on_mount(self) -> None:
+        self.refresh_parts()
+
+    def update(self, message: StoredMessage | None = None, label: Label | None = None,
+               position: tuple[int, int] | None = None) -> None:
+        """New facts about the same message (finished, labelled, a sibling added)."""
+        if message is not None:
+            self.message = message
+        self.label = label
+        if position is not None:
+            self.position = position
+        self.refresh_parts()
+
+    @property
+    def body(self) -> Markdown:
+        return self.query_one(".message-body", Markdown)
+
+    # -- actions ----------------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action in ("thumb", "score", "exclude") or (action == "request" and parameters
+                                                       and parameters[0] in ("correct", "tags", "note")):
+            return self.role == "assistant" and self.message is not None
+        if action == "request" and parameters and parameters[0] == "edit":
+            return self.role == "user" and self.message is not None
+        if action == "request" and parameters and parameters[0] == "regenerate":
+            return self.role == "assistant" and self.message is not None
+        if action == "sibling":
+            return self.position[1] > 1
+        return True
+
+    def action_thumb(self, value: int) -> None:
+        current = self.label.thumb if self.label else None
+        self.post_message(self.LabelChange(self, {"thumb": None if current == value else value}))
+
+    def action_score(self, value: int) -> None:
+        current = self.label.score if self.label else None
+        self.post_message(self.LabelChange(self, {"score": None if current == value else value}))
+
+    def action_exclude(self) -> None:
+        excluded = bool(self.label and self.label.excluded)
+        self.post_message(self.LabelChange(self, {"excluded": not excluded}))
+
+    def action_request(self, what: str) -> None:
+        self.post_message(self.Requested(self, what))
+
+    def action_sibling(self, step: int) -> None:
+        self.post_message(self.Requested(self, "sibling", step))
+
+    def action_copy(self) -> None:
+        self.app.copy_to_clipboard(self.content)
+        self.notify("Copied the message (your terminal must allow clipboard access, OSC 52).",
+                    timeout=3)
+
+    def action_move(self, step: int) -> None:
+        views = list(self.parent.query_children(MessageView)) if self.parent else []
+        index = views.index(self) + step
+        if 0 <= index < len(views):
+            views[index].focus()
+            views[index].scroll_visible()
+        elif step > 0:
+            self.screen.focus_next()  # past the last message: the prompt
+
+
+class MessageList(VerticalScroll):
+    """The shown branch of a conversation. Sticks to the bottom while an answer streams, until
+    the user scrolls up."""
+
+    def views(self) -> list[MessageView]:
+        return list(self.query_children(MessageView))
+
+
+class PromptArea(TextArea):
+    """The multi-line prompt: Enter sends; Ctrl+J (every terminal) or Shift+Enter / Alt+Enter
+    (terminals that report them) insert a new line.
+
+    The keys are handled in the widget's own key handler, in the order they arrive: a priority
+    binding would run before the characters typed just ahead of it were inserted (a fast typist
+    or a paste-like burst would send half a line). The bindings below declare the keys for the
+    help screen and the keymap; a remapped key is honoured here."""
+
+    BINDINGS = [
+        Binding("enter", "submit", "Send", id="prompt.send"),
+        Binding("ctrl+j,shift+enter,alt+enter", "newline", "New line", id="prompt.newline"),
+    ]
+
+    class Submitted(Message):
+        def __init__(self, text: str):
+            super().__init__()
+            self.text = text
+
+    def __init__(self, **kwargs):
+        super().__init__(soft_wrap=True, tab_behavior="focus", show_line_numbers=False, **kwargs)
+
+    def _keys(self, binding_id: str) -> set[str]:
+        binding = next(b for b in self.BINDINGS if b.id == binding_id)
+        keymap = getattr(self.app, "_keymap", {}) or {}
+        return set(keymap.get(binding_id, binding.key).split(","))
+
+    async def _on_key(self, event) -> None:
+        if event.key in self._keys("prompt.send"):
+            event.stop()
+            event.prevent_default()
+            self.action_submit()
+        elif event.key in self._keys("prompt.newline"):
+            event.stop()
+            event.prevent_default()
+            self.action_newline()
+        else:
+            await super()._on_key(event)
+
+    def action_submit(self) -> None:
+        text = self.text.strip()
+        if text:
+            self.post_message(self.Submitted(text))
+
+    def action_newline(self) -> None:
+        self.insert("\n")
+
+    @on(TextArea.Changed)
+    def _grow(self) -> None:
+        # Grow with the text up to a third of the screen, so a long prompt stays readable.
+        self.styles.height = min(max(3, self.document.line_count + 2), max(3, self.app.size.height // 3))
