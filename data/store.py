@@ -664,11 +664,14 @@ class Store:
             source = generation if isinstance(generation, dict) else vars(generation)
             gen = {k: source.get(k) for k in GENERATION_FIELDS}
         with self.transaction():
-            if self._row("SELECT id FROM conversations WHERE id = ?", (conversation_id,)) is None:
+            # plain cursor reads on this hot path: sqlite-utils' query() adds a savepoint each
+            if self.conn.execute("SELECT 1 FROM conversations WHERE id = ?",
+                                 (conversation_id,)).fetchone() is None:
                 raise KettleError(f"no conversation with id {conversation_id}")
             if parent_id is not None:
-                parent = self._row("SELECT conversation_id FROM messages WHERE id = ?", (parent_id,))
-                if parent is None or parent["conversation_id"] != conversation_id:
+                parent = self.conn.execute("SELECT conversation_id FROM messages WHERE id = ?",
+                                           (parent_id,)).fetchone()
+                if parent is None or parent[0] != conversation_id:
                     raise KettleError(f"message {parent_id} is not in conversation {conversation_id}")
             now = time.time()
             try:  # an unknown model_version_id
@@ -685,7 +688,10 @@ class Store:
                                   f"{exc}") from exc
             self.conn.execute("UPDATE conversations SET leaf_id = ?, updated_at = ? WHERE id = ?",
                               (mid, now, conversation_id))
-        return self.message(mid)
+        return Message(id=mid, conversation_id=conversation_id, parent_id=parent_id, role=role,
+                       content=content, created_at=now, model_version_id=model_version_id,
+                       model=model, params=params, meta=meta,
+                       **{k: gen.get(k) for k in GENERATION_FIELDS})
 
     def message(self, message_id: int) -> Message:
         row = self._row("SELECT * FROM messages WHERE id = ?", (message_id,))
@@ -833,20 +839,29 @@ class Store:
 
     # -- datasets -----------------------------------------------------------------------------
 
-    def _answer_candidates(self) -> tuple[dict[int, dict], dict[int, Label]]:
-        """Every message of every live conversation (by id) and the current labels."""
-        rows = self._rows(
-            "SELECT m.id, m.conversation_id, m.parent_id, m.role, m.content, m.meta,"
-            " c.system_prompt, c.external_id FROM messages m"
-            " JOIN conversations c ON c.id = m.conversation_id WHERE c.deleted_at IS NULL"
-            " ORDER BY m.id")
-        msgs = {r["id"]: r for r in rows}
+    def _dataset_messages(self, filt: DataFilter) -> tuple[dict[int, dict], dict[int, Label]]:
+        """The current labels, and by id the messages of live conversations that examples can be
+        made of: every message on the branch of a labelled one (with `all_answers`, all)."""
         labels = {}
         for row in self._rows("SELECT * FROM current_labels"):
             label = Label.from_row(row)
-            if not label.is_empty and label.message_id in msgs:
+            if not label.is_empty:
                 labels[label.message_id] = label
-        return msgs, labels
+        columns = ("m.id, m.conversation_id, m.parent_id, m.role, m.content, m.meta,"
+                   " c.system_prompt, c.external_id")
+        live = "JOIN conversations c ON c.id = m.conversation_id WHERE c.deleted_at IS NULL"
+        if filt.all_answers:
+            sql, params = f"SELECT {columns} FROM messages m {live} ORDER BY m.id", ()
+        else:
+            sql = ("WITH RECURSIVE up(id) AS (SELECT value FROM json_each(?) UNION SELECT"
+                   " m.parent_id FROM messages m JOIN up ON m.id = up.id WHERE m.parent_id IS NOT NULL)"
+                   f" SELECT {columns} FROM up JOIN messages m ON m.id = up.id {live} ORDER BY m.id")
+            params = (json.dumps(list(labels)),)
+        with self._lock:
+            cursor = self.conn.execute(sql, params)
+            names = [d[0] for d in cursor.description]
+            msgs = {row[0]: dict(zip(names, row)) for row in cursor}
+        return msgs, {mid: label for mid, label in labels.items() if mid in msgs}
 
     @staticmethod
     def _path(msgs: dict[int, dict], mid: int) -> list[dict]:
@@ -885,7 +900,7 @@ class Store:
         corrected answer against its original, and an up-voted against a down-voted sibling.
         """
         filt = filt or DataFilter()
-        msgs, labels = self._answer_candidates()
+        msgs, labels = self._dataset_messages(filt)
         excluded = {mid for mid, lab in labels.items() if lab.excluded}
         paths = {}
         chosen = set()
@@ -950,11 +965,11 @@ class Store:
             ups = [i for i in group if labels.get(i) and labels[i].thumb == 1
                    and passes_tags(labels[i])]
             downs = [i for i in group if labels.get(i) and labels[i].thumb == -1]
-            for up in ups:
-                prompt = prompt_of(up)
+            downs = [i for i in downs if i not in excluded]
+            for up in ups if downs else ():
+                if (prompt := prompt_of(up)) is None:
+                    continue
                 for down in downs:
-                    if prompt is None or down in excluded:
-                        continue
                     chosen_text = labels[up].ideal or msgs[up]["content"]
                     pairs.append({"message_id": up, "pair": {
                         "prompt": prompt, "chosen": [{"role": "assistant", "content": chosen_text}],
@@ -967,17 +982,20 @@ class Store:
         filt = filt or DataFilter()
         with self.transaction():
             examples, pairs = self.dataset(filt)
-            digest = content_hash({"examples": [e["example"] for e in examples],
-                                   "pairs": [p["pair"] for p in pairs]})
+            example_rows = [canonical_json(e["example"]) for e in examples]
+            pair_rows = [canonical_json(p["pair"]) for p in pairs]
+            # == content_hash({"examples": [...], "pairs": [...]}) without encoding twice
+            digest = hashlib.sha256(('{"examples":[' + ",".join(example_rows) + '],"pairs":['
+                                     + ",".join(pair_rows) + "]}").encode("utf-8")).hexdigest()
             sid = self.conn.execute(
                 "INSERT INTO snapshots (name, filter, content_hash, n_examples, n_pairs, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (name, canonical_json(filt.to_dict()), digest, len(examples), len(pairs),
                  time.time())).lastrowid
-            rows = [(sid, "example", i, e["message_id"], canonical_json(e["example"]))
-                    for i, e in enumerate(examples)]
-            rows += [(sid, "pair", i, p["message_id"], canonical_json(p["pair"]))
-                     for i, p in enumerate(pairs)]
+            rows = [(sid, "example", i, e["message_id"], text)
+                    for i, (e, text) in enumerate(zip(examples, example_rows))]
+            rows += [(sid, "pair", i, p["message_id"], text)
+                     for i, (p, text) in enumerate(zip(pairs, pair_rows))]
             self.conn.executemany("INSERT INTO snapshot_rows (snapshot_id, kind, position,"
                                   " message_id, data) VALUES (?, ?, ?, ?, ?)", rows)
         return self.snapshot(sid)
@@ -1174,7 +1192,8 @@ class Store:
 
     def search(self, query: str, limit: int = 20) -> list[SearchHit]:
         """Messages containing all the words of `query` (plain words, stemmed; no FTS syntax),
-        best matches first; deleted conversations are left out."""
+        newest first (as chat apps do, and it stays fast however many messages match); deleted
+        conversations are left out."""
         fts = _fts_query(query)
         if not fts:
             return []
@@ -1183,7 +1202,8 @@ class Store:
             " snippet(messages_fts, 0, '[', ']', '…', 12) AS snippet"
             " FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid"
             " JOIN conversations c ON c.id = m.conversation_id"
-            " WHERE messages_fts MATCH ? AND c.deleted_at IS NULL ORDER BY rank LIMIT ?",
+            " WHERE messages_fts MATCH ? AND c.deleted_at IS NULL"
+            " ORDER BY messages_fts.rowid DESC LIMIT ?",
             (fts, limit))
         return [SearchHit(message_id=r["id"], conversation_id=r["conversation_id"],
                           conversation_title=r["title"], role=r["role"], snippet=r["snippet"],
@@ -1191,25 +1211,23 @@ class Store:
 
     def stats(self) -> dict[str, int]:
         """Counts for `kettle data stats`."""
-        def one(sql: str) -> int:
-            return self._row(sql)["n"]
-
-        return {
-            "conversations": one("SELECT COUNT(*) AS n FROM conversations WHERE deleted_at IS NULL"),
-            "deleted_conversations": one("SELECT COUNT(*) AS n FROM conversations"
-                                         " WHERE deleted_at IS NOT NULL"),
-            "messages": one("SELECT COUNT(*) AS n FROM messages"),
-            "assistant_messages": one("SELECT COUNT(*) AS n FROM messages WHERE role = 'assistant'"),
-            "thumbs_up": one("SELECT COUNT(*) AS n FROM current_labels WHERE thumb = 1"),
-            "thumbs_down": one("SELECT COUNT(*) AS n FROM current_labels WHERE thumb = -1"),
-            "scored": one("SELECT COUNT(*) AS n FROM current_labels WHERE score IS NOT NULL"),
-            "corrected": one("SELECT COUNT(*) AS n FROM current_labels WHERE ideal IS NOT NULL"),
-            "excluded": one("SELECT COUNT(*) AS n FROM current_labels WHERE excluded = 1"),
-            "label_rows": one("SELECT COUNT(*) AS n FROM labels"),
-            "snapshots": one("SELECT COUNT(*) AS n FROM snapshots"),
-            "model_versions": one("SELECT COUNT(*) AS n FROM model_versions"),
-            "runs": one("SELECT COUNT(*) AS n FROM runs"),
-        }
+        return self._row(
+            "SELECT"
+            " (SELECT COUNT(*) FROM conversations WHERE deleted_at IS NULL) AS conversations,"
+            " (SELECT COUNT(*) FROM conversations WHERE deleted_at IS NOT NULL)"
+            "   AS deleted_conversations,"
+            " (SELECT COUNT(*) FROM messages) AS messages,"
+            " (SELECT COUNT(*) FROM messages WHERE role = 'assistant') AS assistant_messages,"
+            " COALESCE(SUM(l.thumb = 1), 0) AS thumbs_up,"
+            " COALESCE(SUM(l.thumb = -1), 0) AS thumbs_down,"
+            " COUNT(l.score) AS scored,"
+            " COUNT(l.ideal) AS corrected,"
+            " COALESCE(SUM(l.excluded), 0) AS excluded,"
+            " (SELECT COUNT(*) FROM labels) AS label_rows,"
+            " (SELECT COUNT(*) FROM snapshots) AS snapshots,"
+            " (SELECT COUNT(*) FROM model_versions) AS model_versions,"
+            " (SELECT COUNT(*) FROM runs) AS runs"
+            " FROM current_labels l")
 
     def integrity_check(self) -> str:
         """"ok" when SQLite finds the file sound."""
