@@ -389,50 +389,77 @@ async def _respond(request: Request, service: GenerationService, kind: str, payl
                    req: _GenerationRequest, model: str):
     request_id = uuid.uuid4().hex
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
-    reply = _Reply(prefix + request_id, model, kind, req.stream_options and req.stream_options.include_usage)
-    events = (service.stream_chat if kind == "chat" else service.complete)(payload, params, request_id)
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, service, request_id))
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    reply = _Reply(prefix + request_id, model, kind, include_usage)
+    run = _Run(service, request, kind, request_id,
+               (service.stream_chat if kind == "chat" else service.complete)(payload, params, request_id))
     if req.stream:
-        return StreamingResponse(_sse(reply, events, watcher), media_type="text/event-stream",
+        return StreamingResponse(_sse(reply, run), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        async for event in events:
+        while True:
+            event = await run.next()
             if isinstance(event, Error):
                 raise APIError(400 if event.code == "invalid_request" else 500, event.message)
-            elif isinstance(event, Done):
-                _log_done(kind, event)
+            if isinstance(event, Done):
                 return reply.whole(event)
     finally:
-        watcher.cancel()
-        await events.aclose()
+        run.stop()
 
 
-async def _cancel_on_disconnect(request: Request, service: GenerationService, request_id: str):
-    """Wait for the client to go away; then stop its generation (queued or running)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    log.info("client went away: cancelling %s", request_id)
-    service.cancel(request_id)
+class _Run:
+    """One request's generation, consumed by a task of its own: when the response ends early (the
+    client went away) the generation is cancelled, and its outcome is still logged."""
+
+    def __init__(self, service: GenerationService, request: Request, kind: str, request_id: str,
+                 events: AsyncIterator):
+        self.service, self.request_id = service, request_id
+        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.pump = asyncio.create_task(self._pump(kind, events))
+        self.watcher = asyncio.create_task(self._watch(request))
+
+    async def _pump(self, kind: str, events: AsyncIterator) -> None:
+        async for event in events:
+            if isinstance(event, Done):
+                _log_done(kind, event)
+            self.inbox.put_nowait(event)
+
+    async def _watch(self, request: Request) -> None:
+        # Also covers a request still queued, which sends nothing that could fail.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        log.info("client went away: cancelling %s", self.request_id)
+        self.service.cancel(self.request_id)
+
+    async def next(self):
+        return await self.inbox.get()
+
+    def stop(self) -> None:
+        """The response is over: stop watching, and stop generating if it has not finished."""
+        self.watcher.cancel()
+        if not self.pump.done():
+            self.service.cancel(self.request_id)
 
 
-async def _sse(reply: "_Reply", events: AsyncIterator, watcher: asyncio.Task) -> AsyncIterator[str]:
+async def _sse(reply: "_Reply", run: _Run) -> AsyncIterator[str]:
     try:
         yield _data(reply.chunk(role=True))
-        async for event in events:
+        while True:
+            event = await run.next()
             if isinstance(event, Delta):
                 yield _data(reply.chunk(text=event.text))
-            elif isinstance(event, Error):
+                continue
+            if isinstance(event, Error):
                 err = APIError(400 if event.code == "invalid_request" else 500, event.message)
                 yield _data({"error": _error_body(err)})
             else:
-                _log_done(reply.kind, event)
                 yield _data(reply.chunk(done=event))
                 if reply.include_usage:
                     yield _data({**reply.chunk(), "choices": [], "usage": _usage(event)})
+            break
         yield "data: [DONE]\n\n"
     finally:
-        watcher.cancel()
-        await events.aclose()
+        run.stop()
 
 
 def _data(obj: dict) -> str:

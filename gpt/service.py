@@ -242,12 +242,15 @@ class InProcessService(GenerationService):
         return [_with_active(m, _same_model(m, active)) for m in models]
 
     async def switch_model(self, name_or_path: str) -> ModelInfo:
-        info = await asyncio.to_thread(resolve_model, name_or_path)
+        # A model served before is found by its name, also one given by path at the start.
+        info = next((m for m in self._served if m.name == name_or_path), None) \
+            or await asyncio.to_thread(resolve_model, name_or_path)
         return await asyncio.wrap_future(self._call(lambda: self._load(info)))
 
     @property
-    def active_model(self) -> ModelInfo | None:
-        return self._active
+    def active_model(self) -> ModelInfo:
+        """The model answering requests (resolved at once, loaded on first use or `load()`)."""
+        return self._active or _with_active(self._wanted, True)
 
     def load(self) -> ModelInfo:
         """Load the model now and wait for it (the first request would otherwise do it)."""

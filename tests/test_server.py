@@ -1,0 +1,298 @@
+"""`kettle serve` against the official openai client, raw HTTP and RemoteService, on a real
+uvicorn server on 127.0.0.1 with a tiny real model."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from gpt.engine import Engine
+from gpt.errors import KettleError
+from gpt.sampling import SamplingParams
+from gpt.server import build_server, listen
+from gpt.service import Delta, Done, Error, InProcessService, RemoteService
+
+KEY = "sk-test-kettle"
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story."}]
+
+
+class RunningServer:
+    def __init__(self, service, api_key):
+        self.service = service
+        self.server = build_server(service, api_key, log_level="warning")
+        sock = listen("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.01)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.service.close()
+
+
+@pytest.fixture(scope="module")
+def server(long_context_model_dir):
+    running = RunningServer(InProcessService(str(long_context_model_dir)), KEY)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+
+
+def http(server, method, path, **kw):
+    headers = {"Authorization": f"Bearer {KEY}", **kw.pop("headers", {})}
+    return httpx.request(method, server.url + path, headers=headers, timeout=30, **kw)
+
+
+def test_openai_client_chat_and_completions_streaming_and_not(client, long_context_model_dir):
+    engine = Engine.load(long_context_model_dir)
+    args = dict(temperature=0.9, top_p=0.95, seed=7, max_tokens=10)
+    expected = engine.generate_chat(CHAT, SamplingParams(temperature=0.9, top_p=0.95, seed=7,
+                                                         max_new_tokens=10))
+
+    whole = client.chat.completions.create(model="long", messages=CHAT, **args)
+    assert whole.choices[0].message.content == expected.text
+    assert whole.choices[0].finish_reason == "length" and whole.model == "long"
+    assert whole.usage.prompt_tokens == expected.prompt_tokens and whole.usage.completion_tokens == 10
+    assert whole.usage.total_tokens == expected.prompt_tokens + 10
+
+    chunks = list(client.chat.completions.create(messages=CHAT, stream=True, model="long",
+                                                 stream_options={"include_usage": True}, **args))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.text and len([c for c in chunks if c.choices]) > 3
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 10  # the include_usage chunk comes last
+
+    expected = engine.generate("Once upon a time", SamplingParams(temperature=0, max_new_tokens=8,
+                                                                  stop=["zz"]))
+    plain = client.completions.create(model="long", prompt="Once upon a time", temperature=0,
+                                      max_tokens=8, stop="zz")
+    assert plain.choices[0].text == expected.text and plain.usage.completion_tokens == 8
+    streamed = list(client.completions.create(model="long", prompt="Once upon a time", temperature=0,
+                                              max_tokens=8, stop=["zz"], stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == expected.text
+
+    models = client.models.list().data
+    assert models[0].id == "long" and models[0].active
+    assert client.models.retrieve("long").id == "long"
+
+
+def test_kettle_sampling_extensions_and_the_seed_reproduce(client):
+    args = dict(model="long", messages=CHAT, temperature=1.2, max_tokens=12,
+                extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.3})
+    first = client.chat.completions.create(**args)
+    seed = first.model_extra["kettle"]["seed"]  # the seed a request without one got
+    again = client.chat.completions.create(seed=seed, **args)
+    assert again.choices[0].message.content == first.choices[0].message.content
+
+
+def test_api_key_is_enforced(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.get(server.url + "/v1/models", headers=headers)
+        assert r.status_code == 401
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_api_key"
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": CHAT})
+    assert r.status_code == 401
+    no_key = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        no_key.chat.completions.create(model="long", messages=CHAT, max_tokens=2)
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}  # readiness: no key
+
+
+@pytest.mark.parametrize("body, status, param, message", [
+    (b"{not json", 400, None, "not valid JSON"),
+    (b"[]", 400, None, "must be a JSON object"),
+    (b"{}", 400, "messages", "missing required argument: messages"),
+    ({"messages": "hi"}, 400, "messages", "valid list"),
+    ({"messages": CHAT, "temperature": "hot"}, 400, "temperature", "valid number"),
+    ({"messages": CHAT, "top_p": 1.5}, 400, "top_p", "top_p must be in (0, 1], got 1.5"),
+    ({"messages": CHAT, "max_tokens": 0}, 400, "max_tokens", "max_tokens must be >= 1"),
+    ({"messages": CHAT, "temperature": -1}, 400, "temperature", "temperature must be in"),
+    ({"messages": CHAT, "seed": -5}, 400, "seed", "seed must be in"),
+    ({"messages": CHAT, "stop": 5}, 400, "stop", "string or a valid list"),
+    ({"messages": CHAT, "n": 2}, 400, "n", "n must be 1"),
+    ({"messages": CHAT, "temprature": 0.5}, 400, "temprature", "unrecognized request argument"),
+    ({"messages": CHAT, "logprobs": True}, 400, "logprobs", "not supported"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role", "system, user or assistant"),
+    ({"messages": [{"role": "user", "content": 3}]}, 400, "messages[0].content", "valid string"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}, 400,
+     "messages[1].role", "may only come first"),
+    ({"messages": CHAT, "model": "gpt-4"}, 404, "model", "not being served"),
+])
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, body, status, param,
+                                                                     message):
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    for stream in (False, True):
+        if stream and not isinstance(body, bytes):
+            kw = {"json": {**body, "stream": True}}
+        r = http(server, "POST", "/v1/chat/completions", **kw)
+        assert r.status_code == status, r.text
+        error = r.json()["error"]
+        assert message in error["message"] and error["param"] == param
+        assert error["type"] == "invalid_request_error"
+    ok = http(server, "POST", "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_other_bad_requests(server, client):
+    assert http(server, "GET", "/v1/nothing-here").json()["error"]["message"].startswith("no such endpoint")
+    r = http(server, "POST", "/v1/completions", json={"prompt": ["a", "b"]})
+    assert r.status_code == 400 and "one prompt per request" in r.json()["error"]["message"]
+    r = http(server, "POST", "/v1/completions", json={"prompt": "a", "echo": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
+        client.chat.completions.create(model="long", messages=CHAT, frequency_penalty=5)
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    # Token ids as a prompt work; ids outside the vocabulary are an error, not a crash.
+    assert client.completions.create(model="long", prompt=[5, 6, 7], max_tokens=2).usage.prompt_tokens == 3
+    with pytest.raises(openai.BadRequestError, match="vocabulary"):
+        client.completions.create(model="long", prompt=[999999], max_tokens=2)
+
+
+def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server, caplog):
+    caplog.set_level(logging.INFO, logger="kettle.server")
+    body = {"messages": CHAT, "temperature": 0, "max_tokens": 1500, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        data = []
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                data.append(line)
+            if len(data) == 4:
+                break
+    # The connection is closed: the server notices and stops the generation within a token.
+    deadline = time.monotonic() + 15
+    while not any("finish cancelled" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the generation was not cancelled"
+        time.sleep(0.05)
+    line = next(r.getMessage() for r in caplog.records if "finish cancelled" in r.getMessage())
+    new_tokens = int(line.split(" + ")[1].split()[0])
+    assert new_tokens < 1000, line  # of the 1500 asked for
+    ok = http(server, "POST", "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_switching_the_served_model_without_restart(server, client, tiny_gpt2_vocab_model_dir):
+    from data.paths import models_dir
+
+    shutil.copytree(tiny_gpt2_vocab_model_dir, models_dir() / "finetuned-v2")
+    broken = models_dir() / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == "long" and {"finetuned-v2", "broken"} <= set(ids)
+
+    r = http(server, "POST", "/v1/models/switch", json={"model": "finetuned-v2"})
+    assert r.status_code == 200 and r.json()["id"] == "finetuned-v2" and r.json()["active"]
+    answer = client.chat.completions.create(messages=CHAT, max_tokens=3, model="finetuned-v2")
+    assert answer.model == "finetuned-v2"
+    with pytest.raises(openai.NotFoundError, match="not being served"):
+        client.chat.completions.create(messages=CHAT, max_tokens=3, model="long")
+
+    r = http(server, "POST", "/v1/models/switch", json={"model": "broken"})
+    assert r.status_code == 400 and "still serving 'finetuned-v2'" in r.json()["error"]["message"]
+    r = http(server, "POST", "/v1/models/switch", json={"model": "/etc"})  # never arbitrary paths
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(server.url + "/v1/models/switch", json={"model": "long"})
+    assert r.status_code == 401
+
+    r = http(server, "POST", "/v1/models/switch", json={"model": "long"})  # and back again
+    assert r.status_code == 200
+    assert client.chat.completions.create(messages=CHAT, max_tokens=2, model="long").model == "long"
+
+
+async def test_remote_service_matches_in_process(server, long_context_model_dir):
+    remote = RemoteService(server.url + "/v1", api_key=KEY)
+    local = InProcessService(str(long_context_model_dir))
+    try:
+        params = SamplingParams(temperature=0.8, top_k=40, seed=99, max_new_tokens=10, stop=["qq"])
+        for run in (lambda s: s.stream_chat(CHAT, params), lambda s: s.complete("I had", params)):
+            results = []
+            for service in (local, remote):
+                events = [e async for e in run(service)]
+                assert isinstance(events[-1], Done) and all(isinstance(e, Delta) for e in events[:-1])
+                assert "".join(e.text for e in events[:-1]) == events[-1].result.text
+                results.append(events[-1])
+            assert results[0].result.text == results[1].result.text
+            for field in ("finish_reason", "prompt_tokens", "new_tokens", "seed"):
+                assert getattr(results[0].result, field) == getattr(results[1].result, field)
+            assert results[1].model == "long"
+
+        assert [m.name for m in await remote.list_models() if m.active] == ["long"]
+        bad = [e async for e in remote.stream_chat(CHAT, {"top_p": 3})]
+        assert isinstance(bad[0], Error) and "top_p" in bad[0].message
+        wrong_key = RemoteService(server.url, api_key="nope")
+        events = [e async for e in wrong_key.stream_chat(CHAT, params)]
+        assert isinstance(events[0], Error) and "API key" in events[0].message
+
+        # Cancelling a remote request closes its stream; the server stops generating.
+        long = SamplingParams(temperature=0, max_new_tokens=1500)
+        seen, done = 0, None
+        async for event in remote.stream_chat(CHAT, long, request_id="x"):
+            if isinstance(event, Delta):
+                seen += 1
+                if seen == 3:
+                    remote.cancel("x")
+            else:
+                done = event
+        assert done.result.finish_reason == "cancelled" and done.result.text
+        started = time.monotonic()
+        quick = [e async for e in remote.complete("Hi", SamplingParams(max_new_tokens=2))]
+        assert quick[-1].result.new_tokens == 2 and time.monotonic() - started < 5
+    finally:
+        local.close()
+
+
+async def test_remote_service_without_a_server():
+    remote = RemoteService("http://127.0.0.1:9")  # nothing listens on the discard port
+    events = [e async for e in remote.stream_chat(CHAT, SamplingParams())]
+    assert len(events) == 1 and isinstance(events[0], Error)
+    assert "http://127.0.0.1:9" in events[0].message
+    with pytest.raises(KettleError, match="cannot reach the Kettle server"):
+        await remote.list_models()
+
+
+def test_kettle_serve_command(tiny_model_dir, kettle_home, capsys):
+    from tui.cli import main
+
+    assert main(["serve", "/no/such/model"]) == 1
+    assert "kettle: error: /no/such/model: no such model" in capsys.readouterr().err
+    taken = listen("127.0.0.1", 0)
+    try:
+        assert main(["serve", str(tiny_model_dir), "--port", str(taken.getsockname()[1])]) == 1
+        assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+    finally:
+        taken.close()
+
+    env = {**os.environ, "KETTLE_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tui.cli", "serve", str(tiny_model_dir), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("kettle: serving tiny at http://127.0.0.1:"), first + proc.stderr.read()
+        url = first.split(" at ")[1].split()[0]
+        assert httpx.get(url + "/models").status_code == 401  # the key from the environment
+        client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+        assert client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3).usage.completion_tokens <= 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
