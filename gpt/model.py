@@ -57,16 +57,23 @@ class CausalSelfAttention(nn.Module):
             start, end = cache.pos, cache.pos + T
             cache.k[layer, :B, :, start:end] = k
             cache.v[layer, :B, :, start:end] = v
-            k, v = cache.k[layer, :B, :, :end], cache.v[layer, :B, :, :end]
+            if start > 0:  # with nothing cached before, the new keys and values are all there is
+                k, v = cache.k[layer, :B, :, :end], cache.v[layer, :B, :, :end]
             if start > 0 and T > 1:
                 # New queries sit after the cached positions: SDPA's is_causal aligns the mask to
                 # the top-left corner, so the offset mask is built here.
                 mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
                 is_causal = False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        if cache is not None and T == 1 and x.device.type == "cpu":
+            # One query (a decoding step): on the CPU a plain matmul-softmax is many times faster
+            # than SDPA's flash kernel, whose threading overhead dominates at this size.
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            y = att.softmax(dim=-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal,
+                dropout_p=self.dropout if self.training else 0.0,
+            )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -1,0 +1,239 @@
+"""Generation speed: Kettle's engine against Hugging Face transformers' generate(), same weights.
+
+    .venv/bin/python benchmarks/generate.py [--new-tokens 64] [--prompt-tokens 64] [--shapes gpt2 small]
+                                            [--device cpu] [--dtype float32] [--repeats 3]
+
+For each shape (random weights, nothing downloaded) at batch 1: time to first token, decode
+tokens/s (tokens after the first / time after the first) and peak memory, greedy, a fixed number
+of new tokens (end-of-text does not stop either side). Each measurement runs in a fresh process so
+peak memory is its own (on CPU: the process's peak RSS, which includes PyTorch itself). Then time
+to first token at turn 1 vs turn 10 of a growing chat on the gpt2 shape, with prefix reuse, with
+the cache reset every turn, and transformers re-reading the whole conversation.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+# Developer convenience: GPT-2's tokenizer files from the shared folder when it exists.
+if (ROOT.parent / "shared" / "tiktoken_cache").is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken_cache"))
+
+TURN_USER = "Tell me one more thing about the portrait and the painter who stopped painting."
+
+
+def build_model(shape: str, dtype_name: str, device: str):
+    import torch
+
+    from gpt.config import get_preset
+    from gpt.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(get_preset(shape)).eval()
+    return model.to(device=device, dtype=getattr(torch, dtype_name))
+
+
+def to_hf(model):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gpt.checkpoint import dtype_name
+    from gpt.hf import config_to_hf, kettle_state_to_hf
+
+    dtype = model.wte.weight.dtype
+    config = config_to_hf(model.config, dtype_name(dtype))
+    if model.config.vocab_size <= config["eos_token_id"]:  # a small shape's vocabulary
+        config.update(bos_token_id=None, eos_token_id=None)
+    hf = GPT2LMHeadModel(GPT2Config(**config))
+    missing, unexpected = hf.load_state_dict(kettle_state_to_hf(model.state_dict()), strict=False)
+    assert not unexpected and all(m == "lm_head.weight" or m.endswith("attn.bias") for m in missing), (missing, unexpected)
+    hf.tie_weights()
+    return hf.to(device=model.wte.weight.device, dtype=dtype).eval()
+
+
+def peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def prompt_ids(vocab_size: int, n: int) -> list[int]:
+    import torch
+
+    return torch.randint(0, min(vocab_size, 50000), (n,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+def kettle_runner(model, n_prompt, n_new):
+    """A function doing one timed generation with Kettle's engine: (ttft_s, tokens/s, tokens)."""
+    from gpt.engine import Engine
+    from gpt.sampling import SamplingParams
+    from gpt.tokenizer import gpt2_tokenizer
+
+    engine = Engine(model, gpt2_tokenizer(), name="bench")
+    engine.stop_ids = set()  # fixed length: end-of-text does not stop the benchmark
+    ids = prompt_ids(model.config.vocab_size, n_prompt)
+    params = SamplingParams(temperature=0, max_new_tokens=n_new)
+
+    def run():
+        engine.reset()  # every run prefills the whole prompt
+        r = engine.generate(ids, params)
+        assert r.new_tokens == n_new
+        return r.ttft_s, r.tokens_per_s, r.token_ids
+
+    return run
+
+
+def hf_runner(model, n_prompt, n_new):
+    """The same with transformers' generate() on the same weights."""
+    import torch
+    from transformers import GenerationConfig
+    from transformers.generation.streamers import BaseStreamer
+
+    hf = to_hf(model)
+    ids = torch.tensor([prompt_ids(model.config.vocab_size, n_prompt)], device=model.wte.weight.device)
+    mask = torch.ones_like(ids)
+    config = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    class Clock(BaseStreamer):
+        """Times each token as generate() hands it over (the first call hands over the prompt)."""
+
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def run():
+        clock = Clock()
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = hf.generate(ids, attention_mask=mask, generation_config=config, streamer=clock)
+        new = out[0, ids.shape[1]:].tolist()
+        assert len(new) == n_new, len(new)
+        return clock.times[1] - start, (n_new - 1) / (clock.times[-1] - clock.times[1]), new
+
+    return run
+
+
+RUNNERS = {"kettle": kettle_runner, "transformers": hf_runner}
+
+
+def measure_speed(shape, dtype, device, n_prompt, n_new, repeats, threads):
+    """Both sides in one process, runs interleaved, so a busy machine slows both alike."""
+    import torch
+
+    torch.set_num_threads(threads)
+    model = build_model(shape, dtype, device)
+    runs = {name: make(model, n_prompt, n_new) for name, make in RUNNERS.items()}
+    best = {}
+    for i in range(repeats + 1):
+        for name, run in runs.items():
+            ttft, tps, tokens = run()
+            if i > 0 and (name not in best or tps > best[name]["tokens_per_s"]):  # run 0 warms up
+                best[name] = {"ttft_s": ttft, "tokens_per_s": tps, "tokens": tokens}
+    return best
+
+
+def measure_memory(name, shape, dtype, device, n_prompt, n_new):
+    """Peak memory of one generation by one side alone, in its own process."""
+    run = RUNNERS[name](build_model(shape, dtype, device), n_prompt, n_new)
+    run()
+    return peak_memory_mb(device)
+
+
+def measure_turns(dtype, device, n_turns, threads, answer_tokens=24):
+    """TTFT per turn of a growing chat: prefix reuse, cache reset each turn, transformers."""
+    import torch
+
+    from gpt.chat_template import render_prompt
+    from gpt.engine import Engine
+    from gpt.sampling import SamplingParams
+
+    from gpt.tokenizer import gpt2_tokenizer
+
+    torch.set_num_threads(threads)
+    model = build_model("gpt2", dtype, device)
+    engine = Engine(model, gpt2_tokenizer(), name="gpt2")
+    cold = Engine(model, gpt2_tokenizer(), name="gpt2")  # same weights, its own cache
+    hf = to_hf(model)
+    params = SamplingParams(temperature=0, max_new_tokens=answer_tokens)
+    engine.generate("warm up", params.replace(max_new_tokens=2))
+    messages = [{"role": "system", "content": "You are a helpful assistant who knows about art."}]
+    rows = []
+    for turn in range(1, n_turns + 1):
+        messages.append({"role": "user", "content": f"{turn}. {TURN_USER}"})
+        result = engine.generate_chat(messages, params)
+        cold.reset()
+        cold_result = cold.generate_chat(messages, params.replace(max_new_tokens=1))
+        ids = torch.tensor([render_prompt(messages, engine.tokenizer)], device=device)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            hf(ids, use_cache=True)
+            hf_prefill = time.perf_counter() - start
+        rows.append({"turn": turn, "prompt": result.prompt_tokens,
+                     "prefilled": result.prompt_tokens - result.cached_tokens,
+                     "reuse_ttft_s": result.ttft_s, "cold_ttft_s": cold_result.ttft_s,
+                     "hf_prefill_s": hf_prefill})
+        messages.append({"role": "assistant", "content": result.text})
+    return rows
+
+
+def in_child(fn, *args):
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=["gpt2", "small"])
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--turns", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args(argv)
+
+    print(f"device {args.device}, {args.dtype}, {args.threads} threads, batch 1, greedy, "
+          f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, best of {args.repeats}")
+    print(f"{'shape':8} {'engine':13} {'TTFT ms':>8} {'decode tok/s':>13} {'peak MB':>8}")
+    for shape in args.shapes:
+        common = (shape, args.dtype, args.device, args.prompt_tokens, args.new_tokens)
+        speed = in_child(measure_speed, *common, args.repeats, args.threads)
+        for name, r in speed.items():
+            peak = in_child(measure_memory, name, *common)
+            print(f"{shape:8} {name:13} {r['ttft_s'] * 1000:8.1f} {r['tokens_per_s']:13.1f} {peak:8.0f}")
+        ours, theirs = speed["kettle"], speed["transformers"]
+        same = next((i for i, (a, b) in enumerate(zip(ours["tokens"], theirs["tokens"])) if a != b), len(ours["tokens"]))
+        print(f"{shape:8} ratio kettle/transformers: decode {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "
+              f"TTFT {theirs['ttft_s'] / ours['ttft_s']:.2f}x faster; "
+              f"greedy tokens identical for {same}/{args.new_tokens}")
+
+    if args.turns:
+        rows = in_child(measure_turns, args.dtype, args.device, args.turns, args.threads)
+        print(f"\ngpt2 shape, growing chat (answers of up to 24 tokens): time to first token per turn")
+        print(f"{'turn':>4} {'prompt':>7} {'prefilled':>9} {'reuse ms':>9} {'no reuse ms':>12} "
+              f"{'transformers prefill ms':>24}")
+        for r in rows:
+            print(f"{r['turn']:4} {r['prompt']:7} {r['prefilled']:9} {r['reuse_ttft_s'] * 1000:9.1f} "
+                  f"{r['cold_ttft_s'] * 1000:12.1f} {r['hf_prefill_s'] * 1000:24.1f}")
+        first, last = rows[0], rows[-1]
+        print(f"turn {last['turn']} / turn 1 time to first token: {last['reuse_ttft_s'] / first['reuse_ttft_s']:.2f}x "
+              f"with prefix reuse (target <= 1.5x), {last['cold_ttft_s'] / first['cold_ttft_s']:.2f}x without")
+
+
+if __name__ == "__main__":
+    main()
