@@ -25,9 +25,9 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from data.files import atomic_write_text
+from data.files import atomic_write_text, sha256_file
 from data.store import DataFilter, Store, content_hash
 from gpt.errors import KettleError
 
@@ -341,18 +341,23 @@ def parse_file(path: str | Path, fmt: str | None = None) -> tuple[str, list[Reco
     return fmt, records, ignored
 
 
-def import_file(store: Store, path: str | Path, fmt: str | None = None) -> ImportReport:
-    """Import a dataset file as conversations, all or nothing."""
+def import_file(store: Store, path: str | Path, fmt: str | None = None, again: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> ImportReport:
+    """Import a dataset file as conversations, all or nothing. The same file (by content)
+    is refused a second time unless `again`. `progress(done, total)` is called as it goes."""
     path = Path(path)
     fmt, records, ignored = parse_file(path, fmt)
+    source = f"import:{fmt}:{path.name}:{sha256_file(path)[:16]}"
     report = ImportReport(path=path, format=fmt, ignored=ignored)
     with store.transaction():
-        for record in records:
+        if not again and (seen := store.conversations_from(source)):
+            raise KettleError(f"{path}: this file was imported before ({seen:,} conversations); "
+                              "pass --again to import a second copy")
+        for done, record in enumerate(records, start=1):
             first_user = next((n.content for n in record.nodes if n.role == "user"), "")
             title = (first_user.strip().splitlines() or [""])[0][:80]
             conv = store.create_conversation(title, system_prompt=record.system_prompt,
-                                             source=f"import:{fmt}:{path.name}",
-                                             external_id=record.external_id)
+                                             source=source, external_id=record.external_id)
             ids: list[int] = []
             for node in record.nodes:
                 parent = None if node.parent is None else ids[node.parent]
@@ -362,6 +367,8 @@ def import_file(store: Store, path: str | Path, fmt: str | None = None) -> Impor
                     store.set_label(msg.id, **node.label)
             report.conversations += 1
             report.messages += len(ids)
+            if progress is not None and (done % 200 == 0 or done == len(records)):
+                progress(done, len(records))
     return report
 
 

@@ -29,11 +29,12 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import random
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -343,18 +344,23 @@ class DataFilter:
         return cls(**d)
 
     def chooses(self, label: Label | None) -> bool:
-        if label is None or label.excluded:
-            return self.all_answers and label is None
+        """Whether an answer with this current label is chosen (exclusion is checked by the
+        caller over the whole branch). A down-voted answer is chosen only for its correction."""
+        if label is None:
+            return self.all_answers and not self.tags_include
         tags = set(label.tags)
         if self.tags_include and not tags & set(self.tags_include):
             return False
         if tags & set(self.tags_exclude):
             return False
-        return bool((self.ideal and label.ideal is not None)
-                    or (self.thumbs_up and label.thumb == 1)
+        if self.ideal and label.ideal is not None:
+            return True
+        if label.thumb == -1:
+            return False
+        return bool((self.thumbs_up and label.thumb == 1)
                     or (self.min_score is not None and label.score is not None
                         and label.score >= self.min_score)
-                    or (self.all_answers and label.thumb != -1))
+                    or self.all_answers)
 
 
 @dataclass(frozen=True)
@@ -443,6 +449,18 @@ def _clean_tags(tags: Iterable[str]) -> list[str]:
     return out
 
 
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def _fts_query(text: str) -> str:
     """Plain words -> an FTS5 query that matches all of them; user text is never FTS syntax."""
     words = text.split()
@@ -472,10 +490,13 @@ class Store:
 
             path = db_path()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: no implicit transactions; writes use explicit BEGIN IMMEDIATE.
-        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                               check_same_thread=False)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: no implicit transactions; writes use BEGIN IMMEDIATE.
+            conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                   check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise KettleError(f"{path}: cannot open the Kettle database: {exc}") from exc
         store = cls(path, conn)
         try:
             store._configure()
@@ -611,6 +632,11 @@ class Store:
             " ORDER BY c.deleted_at, c.updated_at DESC, c.id DESC LIMIT ? OFFSET ?",
             (limit, offset))
         return [Conversation.from_row(r) for r in rows]
+
+    def conversations_from(self, source: str) -> int:
+        """How many live conversations came from `source` (e.g. one imported file)."""
+        return self._row("SELECT COUNT(*) AS n FROM conversations WHERE source = ?"
+                         " AND deleted_at IS NULL", (source,))["n"]
 
     def update_conversation(self, conversation_id: int, *, title: str = _UNSET,
                             system_prompt: str = _UNSET, params: dict | None = _UNSET,
@@ -801,6 +827,8 @@ class Store:
             raise KettleError(f"score must be a whole number from 1 to 5, got {score!r}")
         if ideal is not _UNSET and ideal is not None and not isinstance(ideal, str):
             raise KettleError("the corrected answer must be text")
+        if excluded is not _UNSET and not isinstance(excluded, bool):
+            raise KettleError(f"excluded must be true or false, got {excluded!r}")
         if note is not _UNSET and not isinstance(note, str):
             raise KettleError("a note must be text")
         with self.transaction():
@@ -1170,6 +1198,18 @@ class Store:
             self.conn.execute(f"UPDATE runs SET {sets}{', ' if sets else ''}updated_at = ?"
                               " WHERE id = ?", (*changes.values(), now, run_id))
         return self.run(run_id)
+
+    def fail_orphaned_runs(self) -> list[Run]:
+        """Mark "running" runs whose process is gone (killed, machine restarted) as failed, so
+        nothing shows a run as live forever. Returns the runs it changed."""
+        changed = []
+        for run in self.runs(status="running", limit=1_000_000):
+            if run.pid is not None and _process_alive(run.pid):
+                continue
+            changed.append(self.update_run(run.id, status="failed",
+                                           error="the training process ended without reporting "
+                                                 "(killed or crashed)"))
+        return changed
 
     def log_metrics(self, run_id: int, step: int, metrics: dict[str, float]) -> None:
         """Record one step's metrics (e.g. {"loss": 1.2, "lr": 3e-4}) and advance the run's step."""

@@ -51,3 +51,28 @@ def test_errors_are_one_line(tmp_path, capsys):
                  str(tmp_path / "x.json")]) == 1
     assert "no dataset snapshot with id 7" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_export_guards(tmp_path, capsys):
+    out = tmp_path / "out.json"
+    out.write_text("keep me")
+    assert main(["data", "export", "--format", "alpaca", str(out)]) == 1
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert out.read_text() == "keep me"
+    assert main(["data", "export", "--format", "alpaca", "--force", str(out)]) == 0
+    assert json.loads(out.read_text()) == []
+    assert main(["data", "snapshot", "create"]) == 0
+    assert "nothing chosen" in capsys.readouterr().out
+    assert main(["data", "export", "--format", "alpaca", "--snapshot", "1", "--tag", "x",
+                 "--force", str(out)]) == 1
+    assert "drop the filter options" in capsys.readouterr().err
+
+
+def test_importing_twice_needs_again(tmp_path, capsys):
+    source = tmp_path / "chat.jsonl"
+    source.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": "hello"}]}) + "\n")
+    assert main(["data", "import", str(source)]) == 0
+    assert main(["data", "import", str(source)]) == 1
+    assert "--again" in capsys.readouterr().err
+    assert main(["data", "import", "--again", str(source)]) == 0

@@ -216,3 +216,19 @@ def test_unwritable_output_is_a_clear_error(store, tmp_path):
     blocker.write_text("x")
     with pytest.raises(KettleError, match="cannot write"):
         export_file(store, blocker / "out.json", "alpaca")
+
+
+def test_the_same_file_is_not_imported_twice_by_accident(store, tmp_path):
+    path = write(tmp_path / "a.json", "alpaca", ALPACA)
+    import_file(store, path)
+    with pytest.raises(KettleError, match="imported before .2 conversations.*--again"):
+        import_file(store, path)
+    assert import_file(store, path, again=True).conversations == 2
+    assert store.stats()["conversations"] == 4
+
+
+def test_import_reports_progress(store, tmp_path):
+    seen = []
+    import_file(store, write(tmp_path / "a.json", "alpaca", ALPACA * 150),
+                progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(200, 300), (300, 300)]

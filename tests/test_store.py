@@ -1,6 +1,7 @@
 """The store on a real SQLite file: tree, append-only labels, snapshots, models, runs, search."""
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 
@@ -324,3 +325,45 @@ def test_store_is_shared_safely_by_threads(store):
     assert errors == []
     assert len(store.messages(conv.id)) == 200
     assert store.stats()["scored"] == 200
+
+
+def test_forward_migrations_run_on_open(tmp_path, monkeypatch):
+    import data.store as store_module
+
+    path = tmp_path / "old.db"
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
+    with Store.open(path) as old:  # a database from before full-text search existed
+        assert old.schema_version() == 1
+        conv = old.create_conversation()
+        old.add_message(conv.id, "user", "an old kettle message")
+    monkeypatch.undo()
+    with Store.open(path) as new:
+        assert new.schema_version() == len(store_module.MIGRATIONS)
+        assert [h.snippet for h in new.search("kettle")] == ["an old [kettle] message"]
+
+
+def test_orphaned_running_runs_are_marked_failed(store):
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = store.update_run(store.create_run("finetune").id, status="running", pid=gone.pid)
+    live = store.update_run(store.create_run("finetune").id, status="running", pid=os.getpid())
+    assert [r.id for r in store.fail_orphaned_runs()] == [dead.id]
+    assert store.run(dead.id).status == "failed" and "ended without reporting" in \
+        store.run(dead.id).error
+    assert store.run(live.id).status == "running"
+
+
+def test_down_votes_only_train_through_a_correction(store):
+    conv, user, bot = chat(store)
+    store.set_label(bot.id, thumb=-1, score=5)
+    assert store.dataset(DataFilter(min_score=3, all_answers=True))[0] == []
+    store.set_label(bot.id, ideal="Paris.")
+    assert [e["message_id"] for e in store.dataset()[0]] == [bot.id]
+    other = store.add_message(conv.id, "assistant", "unlabelled", user.id)
+    assert other.id not in [e["message_id"] for e in
+                            store.dataset(DataFilter(all_answers=True, tags_include=("x",)))[0]]
+    with pytest.raises(KettleError, match="excluded"):
+        store.set_label(bot.id, excluded="yes")

@@ -16,12 +16,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = data.add_parser("import", help="import a dataset file as conversations (all or nothing)")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--format", choices=FORMAT_CHOICES, help="the file's format (default: detected)")
+    p.add_argument("--again", action="store_true",
+                   help="import a file that was imported before as a second copy")
     p.set_defaults(func=import_command)
 
     p = data.add_parser("export", help="write a snapshot, or what the filter chooses now, to a file")
     p.add_argument("out", metavar="OUT")
     p.add_argument("--format", choices=FORMAT_CHOICES, required=True)
-    p.add_argument("--snapshot", type=int, metavar="ID", help="export this snapshot")
+    p.add_argument("--snapshot", type=int, metavar="ID",
+                   help="export this snapshot (default: what the filter chooses now)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     add_filter_options(p)
     p.set_defaults(func=export_command)
 
@@ -87,11 +91,18 @@ def stats_command(args) -> int:
 
 
 def import_command(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
     from data.formats import import_file
     from data.store import Store
 
-    with Store.open() as store:
-        report = import_file(store, args.file, args.format)
+    with Store.open() as store, Progress(
+            "{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            transient=True) as bar:
+        task = bar.add_task("importing", total=None)
+        report = import_file(store, args.file, args.format, again=args.again,
+                             progress=lambda done, total: bar.update(task, completed=done,
+                                                                     total=total))
     print(f"imported {report.conversations:,} conversations ({report.messages:,} messages) "
           f"from {report.path} as {report.format}")
     for name, count in sorted(report.ignored.items()):
@@ -100,12 +111,20 @@ def import_command(args) -> int:
 
 
 def export_command(args) -> int:
-    from data.formats import export_file
-    from data.store import Store
+    from pathlib import Path
 
+    from data.formats import export_file
+    from data.store import DataFilter, Store
+    from gpt.errors import KettleError
+
+    filt = data_filter(args)
+    if args.snapshot is not None and filt != DataFilter():
+        raise KettleError("--snapshot exports the snapshot as it was made; drop the filter options")
+    if Path(args.out).exists() and not args.force:
+        raise KettleError(f"{args.out} exists; pass --force to replace it")
     with Store.open() as store:
-        filt = None if args.snapshot is not None else data_filter(args)
-        report = export_file(store, args.out, args.format, snapshot_id=args.snapshot, filt=filt)
+        report = export_file(store, args.out, args.format, snapshot_id=args.snapshot,
+                             filt=None if args.snapshot is not None else filt)
     source = f"snapshot {args.snapshot}" if args.snapshot is not None else "the filter"
     print(f"wrote {report.written:,} {args.format} records from {source} to {report.path}")
     print_skipped(report.skipped)
@@ -119,6 +138,8 @@ def snapshot_create_command(args) -> int:
         snap = store.create_snapshot(data_filter(args), name=args.name)
     print(f"snapshot {snap.id}{f' ({snap.name})' if snap.name else ''}: {snap.n_examples:,} "
           f"examples, {snap.n_pairs:,} preference pairs, sha256 {snap.content_hash[:16]}")
+    if not snap.n_examples and not snap.n_pairs:
+        print("  nothing chosen: vote answers up, write corrected answers, or widen the filter")
     return 0
 
 
