@@ -545,26 +545,38 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator["Store"]:
-        """One atomic write: everything inside commits together or not at all. Nestable; holds
-        the Store's lock, and the database's write lock from the start (BEGIN IMMEDIATE)."""
+        """One atomic write: everything inside commits together or not at all. Holds the Store's
+        lock, and the database's write lock from the start (BEGIN IMMEDIATE). Nested blocks are
+        savepoints: an error caught inside the outer block undoes only the inner one. SQLite
+        failures such as a full disk become a KettleError after the rollback."""
         with self._lock:
             if self._depth:
+                name = f"nested_{self._depth}"
+                self.conn.execute(f"SAVEPOINT {name}")
                 self._depth += 1
                 try:
                     yield self
+                except BaseException:
+                    if self.conn.in_transaction:
+                        self.conn.execute(f"ROLLBACK TO {name}")
+                        self.conn.execute(f"RELEASE {name}")
+                    raise
+                else:
+                    self.conn.execute(f"RELEASE {name}")
                 finally:
                     self._depth -= 1
                 return
-            self._begin_immediate()
-            self._depth = 1
             try:
+                self._begin_immediate()
+                self._depth = 1
                 yield self
-            except BaseException:
+                self.conn.execute("COMMIT")
+            except BaseException as exc:
                 if self.conn.in_transaction:
                     self.conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise KettleError(f"{self.path}: the database refused a write: {exc}") from exc
                 raise
-            else:
-                self.conn.execute("COMMIT")
             finally:
                 self._depth = 0
 

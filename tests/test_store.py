@@ -367,3 +367,23 @@ def test_down_votes_only_train_through_a_correction(store):
                             store.dataset(DataFilter(all_answers=True, tags_include=("x",)))[0]]
     with pytest.raises(KettleError, match="excluded"):
         store.set_label(bot.id, excluded="yes")
+
+
+def test_an_error_caught_inside_a_transaction_undoes_only_the_inner_block(store):
+    conv = store.create_conversation()
+    with store.transaction():
+        store.add_message(conv.id, "user", "kept")
+        with pytest.raises(KettleError):
+            with store.transaction():
+                store.add_message(conv.id, "user", "undone")
+                store.add_message(conv.id, "robot", "bad role")
+    assert [m.content for m in store.messages(conv.id)] == ["kept"]
+
+
+def test_a_refused_write_is_a_clear_error(store, tmp_path):
+    conv = store.create_conversation()
+    store.conn.execute("PRAGMA query_only = ON")  # stands in for a read-only or full disk
+    with pytest.raises(KettleError, match="refused a write"):
+        store.add_message(conv.id, "user", "x")
+    store.conn.execute("PRAGMA query_only = OFF")
+    store.add_message(conv.id, "user", "x")
