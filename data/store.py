@@ -881,7 +881,7 @@ class Store:
 
     def _dataset_messages(self, filt: DataFilter) -> tuple[dict[int, dict], dict[int, Label]]:
         """The current labels, and by id the messages of live conversations that examples can be
-        made of: every message on the branch of a labelled one (with `all_answers`, all)."""
+        made of: the conversations holding a labelled message (with `all_answers`, all)."""
         labels = {}
         for row in self._rows("SELECT * FROM current_labels"):
             label = Label.from_row(row)
@@ -893,9 +893,10 @@ class Store:
         if filt.all_answers:
             sql, params = f"SELECT {columns} FROM messages m {live} ORDER BY m.id", ()
         else:
-            sql = ("WITH RECURSIVE up(id) AS (SELECT value FROM json_each(?) UNION SELECT"
-                   " m.parent_id FROM messages m JOIN up ON m.id = up.id WHERE m.parent_id IS NOT NULL)"
-                   f" SELECT {columns} FROM up JOIN messages m ON m.id = up.id {live} ORDER BY m.id")
+            # whole conversations by index: a few times faster than a recursive walk up branches
+            sql = (f"SELECT {columns} FROM messages m {live} AND m.conversation_id IN"
+                   " (SELECT conversation_id FROM messages WHERE id IN (SELECT value FROM json_each(?)))"
+                   " ORDER BY m.id")
             params = (json.dumps(list(labels)),)
         with self._lock:
             cursor = self.conn.execute(sql, params)
