@@ -518,17 +518,23 @@ class Store:
         self.conn.execute("PRAGMA foreign_keys = ON")
 
     def _migrate(self) -> None:
-        with self.transaction():
+        """Run pending migrations. An up-to-date database is only read, so opening never waits
+        for another process's write (a long import, say)."""
+        if self.db["schema_version"].exists() and self._check_version() == len(MIGRATIONS):
+            return
+        with self.transaction():  # re-checked under the write lock: another process may have won
             self.conn.execute("CREATE TABLE IF NOT EXISTS schema_version "
                               "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
-            version = self.schema_version()
-            if version > len(MIGRATIONS):
-                raise KettleError(f"{self.path}: the database has schema version {version}, "
-                                  f"newer than this Kettle understands ({len(MIGRATIONS)}); "
-                                  "upgrade Kettle")
-            for number in range(version + 1, len(MIGRATIONS) + 1):
+            for number in range(self._check_version() + 1, len(MIGRATIONS) + 1):
                 MIGRATIONS[number - 1](self.db)
                 self.conn.execute("INSERT INTO schema_version VALUES (?, ?)", (number, time.time()))
+
+    def _check_version(self) -> int:
+        version = self.schema_version()
+        if version > len(MIGRATIONS):
+            raise KettleError(f"{self.path}: the database has schema version {version}, newer "
+                              f"than this Kettle understands ({len(MIGRATIONS)}); upgrade Kettle")
+        return version
 
     def schema_version(self) -> int:
         return self.conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]

@@ -101,3 +101,14 @@ def test_two_processes_read_and_write_at_once(tmp_path):
                  for c in store.list_conversations()}
         mine, other = times["this process"], times["from the other process"]
         assert min(other) < max(mine) and min(mine) < max(other)
+
+
+def test_opening_does_not_wait_for_another_process_writing(tmp_path):
+    path = tmp_path / "kettle.db"
+    with Store.open(path) as writer:
+        with writer.transaction():  # e.g. a long import holds the write lock
+            writer.create_conversation("in flight")
+            start = time.monotonic()
+            with Store.open(path) as reader:
+                assert reader.list_conversations() == []
+            assert time.monotonic() - start < 1.0
