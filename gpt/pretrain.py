@@ -42,7 +42,7 @@ from data.files import atomic_directory, atomic_write_text
 from gpt.checkpoint import load_model, save_model
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
-from gpt.model import GPT, KVCache
+from gpt.model import GPT
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer, gpt2_tokenizer, load_tokenizer_file, train_tokenizer
 
 GPT2_VOCAB = 50257
@@ -307,47 +307,37 @@ def evaluate(model, stream: corpus.TokenStream, context: int, batch_size: int, n
         return None
     n_windows = min(n_batches * batch_size, (len(stream) - 1) // length)
     mine = list(range(dist.rank, n_windows, dist.world_size))
-    total = torch.zeros(2, device=device, dtype=torch.float64)
+    loss_sum, count = 0.0, 0
     model.eval()
     for i in range(0, len(mine), batch_size):
         rows = np.stack([stream.read(w * length, length + 1) for w in mine[i:i + batch_size]])
         t = torch.from_numpy(rows).to(device)
         with _autocast(device, amp):
             logits = model(t[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), t[:, 1:].flatten(), reduction="sum")
-        total += torch.stack([loss.double(), torch.tensor(t[:, 1:].numel(), device=device,
-                                                           dtype=torch.float64)])
+        loss_sum += float(F.cross_entropy(logits.flatten(0, 1).float(), t[:, 1:].flatten(),
+                                          reduction="sum"))
+        count += t[:, 1:].numel()
     model.train()
     if dist.enabled:
+        total = torch.tensor([loss_sum, count], device=device, dtype=torch.float64)
         torch.distributed.all_reduce(total)
-    return float(total[0] / total[1]) if total[1] > 0 else None
+        loss_sum, count = float(total[0]), int(total[1])
+    return loss_sum / count if count else None
 
 
-@torch.no_grad()
 def sample(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new_tokens: int,
-           device: torch.device, seed: int, temperature: float = 0.8, top_k: int = 40) -> str:
-    """A short continuation for watching training progress (the app uses gpt.engine)."""
-    ctx = model.config.context_length
-    prompt_ids = prompt_ids[-(ctx // 2):] or [tokenizer.eot_id]
-    max_new_tokens = min(max_new_tokens, ctx - len(prompt_ids))
-    gen = torch.Generator(device=device).manual_seed(seed)
-    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, device,
-                    dtype=next(model.parameters()).dtype)
-    was_training = model.training
-    model.eval()
-    logits = model(torch.tensor([prompt_ids], device=device), kv_cache=cache, last_only=True)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = logits[0, -1].float() / temperature
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
-        token = int(torch.multinomial(probs, 1, generator=gen))
-        if token == tokenizer.eot_id:
-            break
-        out.append(token)
-        logits = model(torch.tensor([[token]], device=device), kv_cache=cache, last_only=True)
-    model.train(was_training)
-    return tokenizer.decode_bytes(prompt_ids + out).decode("utf-8", errors="replace")
+           seed: int) -> str:
+    """A short continuation of the prompt, to watch what the model has learnt so far."""
+    from gpt.engine import Engine
+    from gpt.sampling import SamplingParams
+
+    prompt_ids = prompt_ids[-(model.config.context_length // 2):] or [tokenizer.eot_id]
+    params = SamplingParams(temperature=0.8, top_k=40, max_new_tokens=max_new_tokens, seed=seed)
+    try:
+        result = Engine(model, tokenizer).generate(prompt_ids, params)
+    finally:
+        model.train()  # the engine puts the model in eval mode
+    return tokenizer.decode(prompt_ids) + result.text
 
 
 def _autocast(device: torch.device, amp: torch.dtype | None):
@@ -376,10 +366,16 @@ class Display:
         self.task = self.progress.add_task(label, total=total, completed=start, loss="-", speed="")
         self.progress.start()
 
-    def step(self, step: int, loss: float, tokens_per_s: float, mfu: float | None) -> None:
-        if self.enabled:
-            speed = f"{tokens_per_s:,.0f} tok/s" + (f" MFU {mfu:.0%}" if mfu is not None else "")
-            self.progress.update(self.task, completed=step, loss=f"{loss:.3f}", speed=speed)
+    def step(self, step: int, loss: float | None, tokens_per_s: float | None,
+             mfu: float | None) -> None:
+        if not self.enabled:
+            return
+        fields = {}
+        if loss is not None:
+            fields["loss"] = f"{loss:.3f}"
+        if tokens_per_s is not None:
+            fields["speed"] = f"{tokens_per_s:,.0f} tok/s" + (f" MFU {mfu:.0%}" if mfu is not None else "")
+        self.progress.update(self.task, completed=step, **fields)
 
     def print(self, text: str) -> None:
         if self.enabled:
@@ -433,18 +429,28 @@ def _prepare_data(data: Path, run_dir: Path, config: GPTConfig, cfg: TrainConfig
     if tokenizer.n_vocab > config.vocab_size:
         raise KettleError(f"the tokenizer has {tokenizer.n_vocab} tokens but the model's vocabulary "
                           f"only {config.vocab_size}; use a larger vocab_size or a smaller tokenizer")
-    if tokenizer.name != "gpt2" and not resume:
-        tokenizer.save(run_dir)
+    if not resume:
+        _clear_run_files(run_dir)
+        tokenizer.save(run_dir)  # a no-op for GPT-2's, which is fetched by name
     shards = run_dir / "shards"
-    fresh = (shards / corpus.META_FILE).exists() and \
-        corpus.read_meta(shards).get("fingerprint") == corpus.fingerprint(data)
-    if resume and not fresh:
-        raise KettleError(f"{data}: the corpus changed since the run started; start a new run")
-    if not fresh:
+    if resume:
+        if corpus.read_meta(shards).get("fingerprint") != corpus.fingerprint(data):
+            raise KettleError(f"{data}: the corpus changed since the run started; start a new run")
+    else:
         with _progress_bar(display, f"tokenizing {data.name}") as update:
             corpus.build_shards(data, tokenizer, shards, cfg.val_fraction, cfg.text_field,
                                 on_progress=update)
     return tokenizer
+
+
+def _clear_run_files(run_dir: Path) -> None:
+    """Remove what an earlier attempt that never reached a checkpoint left (only Kettle's own
+    files: the run directory may be a folder the user named)."""
+    import shutil
+
+    for name in (TOKENIZER_FILE, "metrics.jsonl", "loss.png", "run.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "shards", ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -601,7 +607,7 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
     val_loss = None
     if not resume:
         initial_val = val_loss = run_eval(0)
-    display.progress.update(display.task, completed=step) if display.enabled else None
+    display.step(step, None, None, None)
     samples: list[str] = []
     train_loss = None
     interrupted = False
@@ -645,7 +651,7 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
             if step % cfg.eval_every == 0 or last:
                 val_loss = run_eval(step)
             if dist.main and cfg.sample_every and (step % cfg.sample_every == 0 or last):
-                text = sample(raw_model, tokenizer, prompt_ids, cfg.sample_tokens, device, cfg.seed + step)
+                text = sample(raw_model, tokenizer, prompt_ids, cfg.sample_tokens, cfg.seed + step)
                 samples.append(text)
                 log({"step": step, "sample": text})
                 display.print(f"step {step} sample: {text!r}")

@@ -38,6 +38,7 @@ MODEL_SHAPES = {
 # Small batches on CPU: in a few minutes, more updates beat less noisy ones.
 BATCH_TOKENS = {"cpu": 4096, "mps": 16384, "cuda": 65536}
 SAMPLE_PROMPT = "Return the"
+SETUP_SECONDS = 20
 
 
 @dataclass
@@ -83,7 +84,9 @@ def pretrain_stage(brew: Brew) -> None:
 
     kind = pick_device(brew.device).type
     config = MODEL_SHAPES.get(kind, MODEL_SHAPES["cpu"])
-    seconds = brew.stage_seconds
+    # The clock in pretrain() starts after the tokenizer and the shards, and the final
+    # evaluation and save come after it: keep time for them inside the stage's share.
+    seconds = max(10.0, brew.stage_seconds - SETUP_SECONDS)
     cfg = TrainConfig(
         max_steps=_steps_for(seconds, kind), batch_tokens=BATCH_TOKENS.get(kind, 8192),
         micro_batch_size=16, lr=3e-3, warmup_steps=20, min_lr_ratio=0.05, eval_every=100,

@@ -39,16 +39,16 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_loss_falls_and_the_result_is_a_model(tmp_path, verdict_file, trained_tokenizer):
-    result = pretrain(verdict_file, tmp_path / "model", TINY, train_cfg(max_steps=40, eval_every=20, lr=1e-2),
+    result = pretrain(verdict_file, tmp_path / "model", TINY, train_cfg(max_steps=30, eval_every=15, lr=1e-2),
                       tokenizer=trained_tokenizer, progress=False)
     curve = losses(result.run_dir)
-    assert sorted(curve) == list(range(1, 41))
-    assert curve[40] < curve[1] - 0.6
+    assert sorted(curve) == list(range(1, 31))
+    assert curve[30] < curve[1] - 0.6
     assert result.val_loss < result.initial_val_loss - 0.5
     model, tokenizer = load_model(result.out)
     assert model.config == TINY and tokenizer.n_vocab == trained_tokenizer.n_vocab
     training = json.loads((result.out / "training.json").read_text())
-    assert training["steps"] == 40
+    assert training["steps"] == 30
     assert (result.run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert result.samples and all(isinstance(s, str) for s in result.samples)
 

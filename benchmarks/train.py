@@ -1,0 +1,162 @@
+"""Training throughput: Kettle's GPT against Hugging Face transformers' GPT2LMHeadModel.
+
+    .venv/bin/python benchmarks/train.py              # CPU fp32 (GPU: bf16 autocast) both shapes
+    .venv/bin/python benchmarks/train.py --compile    # also Kettle with torch.compile
+    .venv/bin/python benchmarks/train.py --steps 3 --shapes small
+
+Both models get the same shape, the same batch, dropout off, AdamW with the same settings, and a
+full training step each (forward, cross-entropy loss, backward, optimizer step). Each measurement
+runs in its own process so that peak memory is its own. Prints tokens/s, peak memory above the
+process's baseline, the Kettle/transformers ratio, and MFU on GPUs with a known peak.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {  # name -> (preset, batch size, sequence length)
+    "gpt2": ("gpt2", 4, 256),
+    "small": ("small", 8, 256),
+}
+
+
+def measure(impl: str, shape: str, steps: int, warmup: int, device_name: str) -> dict:
+    """One implementation on one shape, in this process: tokens/s and peak memory."""
+    import torch
+    import torch.nn.functional as F
+
+    from gpt.config import get_preset
+    from gpt.pretrain import autocast_dtype, flops_per_token, peak_flops, pick_device
+
+    device = pick_device(device_name)
+    preset, batch, seq = SHAPES[shape]
+    config = get_preset(preset).replace(dropout=0.0)
+    base_rss = _rss_mb()
+    torch.manual_seed(0)
+    if impl == "transformers":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=config.vocab_size, n_positions=config.context_length, n_embd=config.n_embd,
+            n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0)).to(device)
+
+        def loss_fn(x, y):
+            return model(input_ids=x, labels=x).loss
+    else:
+        from gpt.model import GPT
+
+        model = GPT(config).to(device)
+        net = torch.compile(model) if impl == "kettle+compile" else model
+
+        def loss_fn(x, y):
+            logits = net(x)
+            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
+                                  fused=device.type == "cuda")
+    amp = autocast_dtype(device)
+    data = torch.randint(0, config.vocab_size, (steps + warmup, batch, seq + 1), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step(i):
+        x, y = data[i, :, :-1], data[i, :, 1:]
+        with torch.autocast(device.type, dtype=amp) if amp else _null():
+            loss = loss_fn(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(warmup):
+        step(i)
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        step(i)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    tps = steps * batch * seq / seconds
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+            else _peak_rss_mb() - base_rss)
+    flops = peak_flops(device)
+    return {"impl": impl, "shape": shape, "batch": f"{batch}x{seq}", "tokens_per_s": tps,
+            "peak_mb": peak, "device": str(device),
+            "mfu": flops_per_token(config, seq) * tps / flops if flops else None}
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="measurements per model, alternating; the best is reported")
+    parser.add_argument("--compile", action="store_true", help="also measure Kettle + torch.compile")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--one", nargs=2, metavar=("IMPL", "SHAPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one[0], args.one[1], args.steps, args.warmup, args.device)))
+        return
+    impls = ["kettle", "transformers"] + (["kettle+compile"] if args.compile else [])
+    for shape in args.shapes:
+        best: dict[str, dict] = {}
+        for _ in range(args.repeats):  # alternate, so a busy moment does not favour one side
+            for impl in impls:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--one", impl, shape, "--steps", str(args.steps),
+                     "--warmup", str(args.warmup), "--device", args.device],
+                    capture_output=True, text=True, cwd=ROOT)
+                if out.returncode:
+                    sys.exit(f"{impl} on {shape} failed:\n{out.stderr[-3000:]}")
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                if impl not in best or r["tokens_per_s"] > best[impl]["tokens_per_s"]:
+                    best[impl] = r
+        print(_table([best[i] for i in impls], best["transformers"]["tokens_per_s"]), flush=True)
+
+
+def _table(rows: list[dict], reference: float) -> str:
+    lines = [f"{'shape':6} {'batch':7} {'model':15} {'tokens/s':>10} {'peak MB':>9} "
+             f"{'vs HF':>6} {'MFU':>6}  device"]
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        lines.append(f"{r['shape']:6} {r['batch']:7} {r['impl']:15} {r['tokens_per_s']:10,.0f} "
+                     f"{r['peak_mb']:9,.0f} {r['tokens_per_s'] / reference:5.2f}x {mfu:>6}  {r['device']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
