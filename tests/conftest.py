@@ -83,3 +83,36 @@ def long_context_model_dir(tmp_path_factory, trained_tokenizer) -> Path:
     path = tmp_path_factory.mktemp("models") / "long"
     save_model(GPT(config), path, trained_tokenizer)
     return path
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory, trained_tokenizer) -> Path:
+    """A tiny random chat model with a long context (1024), so an answer can run long enough
+    to be stopped; the app tests cap answers through config.json instead."""
+    import torch
+
+    from gpt.checkpoint import save_model
+    from gpt.config import GPTConfig
+    from gpt.model import GPT
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=512, context_length=1024, n_layer=2, n_head=2, n_embd=32)
+    path = tmp_path_factory.mktemp("models") / "chat"
+    save_model(GPT(config), path, trained_tokenizer)
+    return path
+
+
+@pytest.fixture
+def app_model(chat_model_dir, kettle_home) -> str:
+    """The chat model copied into this test's KETTLE_HOME/models/tiny, registered in the store
+    and active; returns its name."""
+    import shutil
+
+    from data.paths import models_dir
+    from data.store import Store
+
+    path = models_dir() / "tiny"
+    shutil.copytree(chat_model_dir, path)
+    with Store.open() as store:
+        store.activate_model(store.add_model_version("tiny", path, "imported").id)
+    return "tiny"

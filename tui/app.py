@@ -291,19 +291,15 @@ class KettleApp(App):
         if hasattr(screen, "commands"):
             yield from screen.commands()
 
-    async def action_quit(self) -> None:
+    def on_unmount(self) -> None:
+        """Release the model thread and the database however the app ends."""
         if self.service is not None:
-            close = getattr(self.service, "close", None)
-            if close is not None:
-                try:
-                    result = close()
-                    if asyncio.iscoroutine(result):
-                        await result
-                except Exception as exc:  # noqa: BLE001 - quitting anyway
-                    log.warning("closing the service failed: %s", exc)
+            try:
+                self.service.close()
+            except Exception as exc:  # noqa: BLE001 - exiting anyway
+                log.warning("closing the service failed: %s", exc)
         if self.store is not None:
             self.store.close()
-        self.exit()
 
 
 def run_app(server: str | None = None, api_key: str | None = None) -> int:

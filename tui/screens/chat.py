@@ -53,14 +53,24 @@ def title_from(text: str) -> str:
     return line if len(line) <= TITLE_CHARS else line[:TITLE_CHARS - 1] + "…"
 
 
-def conversation_params(conv: Conversation | None) -> SamplingParams:
-    """The conversation's saved settings; the balanced preset for a new one (or unusable ones)."""
+def default_params(config: dict) -> SamplingParams:
+    """Settings for a new chat: the balanced preset, changed by config.json's "sampling" object
+    (e.g. {"sampling": {"temperature": 0.2, "max_new_tokens": 512}})."""
+    try:
+        return SamplingParams.from_dict({**get_preset("balanced").to_dict(),
+                                         **(config.get("sampling") or {})})
+    except (KettleError, TypeError) as exc:
+        raise KettleError(f"config.json \"sampling\": {exc}") from None
+
+
+def conversation_params(conv: Conversation | None, default: SamplingParams) -> SamplingParams:
+    """The conversation's saved settings; `default` for a new one (or unusable ones)."""
     if conv is not None and conv.params:
         try:
             return SamplingParams.from_dict(conv.params)
         except KettleError:
             pass
-    return get_preset("balanced")
+    return default
 
 
 class ChatScreen(Screen):
@@ -77,7 +87,8 @@ class ChatScreen(Screen):
     def __init__(self):
         super().__init__()
         self.conversation: Conversation | None = None
-        self.params: SamplingParams = get_preset("balanced")
+        self.default_params = get_preset("balanced")
+        self.params = self.default_params
         self.system_prompt = ""
         self.request_id: str | None = None
         self.streamed_tokens = 0
@@ -97,6 +108,12 @@ class ChatScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
+        try:
+            self.default_params = default_params(self.app.config)
+        except KettleError as exc:
+            self.notify(f"{exc}; using the balanced preset", severity="warning", timeout=10)
+        self.params = self.default_params
+        self.query_one(SamplingPanel).show(self.params, "")
         self.query_one("#sampling").display = False
         self.query_one("#prompt").focus()
         self.refresh_list()
@@ -169,7 +186,7 @@ class ChatScreen(Screen):
     def _clear(self) -> None:
         self.conversation = None
         self.query_one(MessageList).remove_children()
-        self.params = get_preset("balanced")
+        self.params = self.default_params
         self.system_prompt = ""
         self.query_one(SamplingPanel).show(self.params, "")
 
@@ -182,7 +199,7 @@ class ChatScreen(Screen):
             await self.app.db(self.store.set_leaf, conversation_id, message_id)
         data = await self.app.db(read_thread, self.store, conversation_id)
         if self.conversation is None or self.conversation.id != conversation_id:
-            self.params = conversation_params(data.conversation)
+            self.params = conversation_params(data.conversation, self.default_params)
             self.system_prompt = data.conversation.system_prompt
             self.query_one(SamplingPanel).show(self.params, self.system_prompt)
         self.conversation = data.conversation
@@ -295,7 +312,7 @@ class ChatScreen(Screen):
         if result is None:
             return
         saved = await self.app.db(self._save_answer, parent_id, text, params, result, model)
-        view.message = saved
+        view.update(message=saved)
         await self.reload()
 
     def _save_answer(self, parent_id: int, text: str, params: SamplingParams, result, model) -> Message:

@@ -118,6 +118,8 @@ class ConversationList(Vertical):
 
     @on(Input.Submitted, "#chat-search")
     def _to_results(self) -> None:
+        if self.options.option_count:
+            self.options.highlighted = 0
         self.options.focus()
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:

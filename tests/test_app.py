@@ -1,0 +1,351 @@
+"""The app driven by Textual's Pilot, with a tiny real model and a temporary store (KETTLE_HOME).
+
+Answers are capped (config.json "sampling") and seeded so every run sees the same text."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from data.paths import config_path
+from tui.app import KettleApp
+from tui.widgets.chat import MessageView
+
+SIZE = (140, 44)
+# seed 2 makes this model write 305 tokens to "hello": long enough to stop it with Esc.
+LONG_SEED = 2
+
+
+def write_config(**settings) -> None:
+    config_path().write_text(json.dumps(settings), encoding="utf-8")
+
+
+async def wait_until(pilot, condition, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.02)
+
+
+async def type_text(pilot, text: str) -> None:
+    await pilot.press(*["space" if ch == " " else ch for ch in text])
+
+
+async def open_chat(pilot, app) -> None:
+    await wait_until(pilot, lambda: app.current_mode == "chat" and app.focused is not None
+                     and app.focused.id == "prompt", "the chat screen")
+
+
+def views(app) -> list[MessageView]:
+    return list(app.screen.query(MessageView))
+
+
+async def ask(pilot, app, text: str) -> MessageView:
+    """Type a message, press Enter, wait for the stored answer; returns its view."""
+    before = len([v for v in views(app) if v.role == "assistant" and v.message])
+    await type_text(pilot, text)
+    await pilot.press("enter")
+    await wait_until(pilot, lambda: not app.screen.generating and len(
+        [v for v in views(app) if v.role == "assistant" and v.message]) > before, "the answer")
+    return views(app)[-1]
+
+
+async def focus_answer(pilot, app) -> MessageView:
+    view = [v for v in views(app) if v.role == "assistant"][-1]
+    view.focus()
+    await pilot.pause()
+    return view
+
+
+@pytest.fixture
+def short_answers(app_model):
+    write_config(sampling={"max_new_tokens": 12, "seed": 7})
+    return app_model
+
+
+async def test_welcome_screen_when_there_is_no_model():
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.current_mode == "welcome" and app.screen.query("Button"),
+                         "the welcome screen")
+        text = " ".join(str(b.label) for b in app.screen.query("Button"))
+        assert "starter" in text and "GPT-2" in text and "Import" in text
+        await pilot.press("f2")  # the chat needs a model: the app says so and stays
+        await pilot.pause()
+        assert app.current_mode == "welcome"
+        assert any("no model" in n.message for n in app._notifications)
+
+
+async def test_send_a_message_and_see_the_streamed_answer_stored(app_model):
+    write_config(sampling={"max_new_tokens": 80, "seed": LONG_SEED})
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await type_text(pilot, "hello")
+        await pilot.press("enter")
+        partial = []  # pieces counted on screen while the answer was still being written
+        while not (views(app) and views(app)[-1].role == "assistant" and views(app)[-1].message):
+            if app.screen.generating and app.screen.streamed_tokens:
+                partial.append(app.screen.streamed_tokens)
+            await pilot.pause(0.005)
+        await wait_until(pilot, lambda: not app.screen.generating, "the end of the answer")
+        answer = views(app)[-1]
+        stored = app.store.message(answer.message_id)
+        assert partial and min(partial) < stored.new_tokens, "the answer should appear as it is written"
+        assert stored.role == "assistant" and stored.content == answer.content
+        assert stored.finish_reason == "length" and stored.new_tokens == 80
+        assert stored.model == "tiny" and stored.model_version_id is not None
+        assert stored.params["seed"] == LONG_SEED and stored.params["max_new_tokens"] == 80
+        assert stored.seed == LONG_SEED
+        user = app.store.message(stored.parent_id)
+        assert user.content == "hello"
+        assert app.store.conversation(stored.conversation_id).title == "hello"
+        footer = str(answer.query_one(".message-footer").render())
+        assert "tiny" in footer and "tok/s" in footer and "80 tokens" in footer
+
+
+async def test_label_an_answer_up_and_score_it(short_answers):
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await ask(pilot, app, "hi")
+        view = await focus_answer(pilot, app)
+        await pilot.press("u", "4")
+        await wait_until(pilot, lambda: view.label is not None and view.label.score == 4, "the label")
+        label = app.store.label(view.message_id)
+        assert label.thumb == 1 and label.score == 4
+        assert "▲ up" in str(view.query_one(".message-header").render())
+        await pilot.press("u")  # the same key again takes the vote back
+        await wait_until(pilot, lambda: view.label.thumb is None, "the vote removed")
+        assert app.store.label(view.message_id).thumb is None
+        assert app.store.label(view.message_id).score == 4
+
+
+async def test_correct_an_answer_keeps_the_original(short_answers):
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await ask(pilot, app, "hi")
+        view = await focus_answer(pilot, app)
+        original = view.content
+        await pilot.press("c")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "EditorModal", "the editor")
+        editor = app.screen.query_one("#editor")
+        assert editor.text == original  # prefilled with the answer
+        editor.text = ""
+        await type_text(pilot, "the better answer")
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: view.label is not None and view.label.ideal is not None,
+                         "the correction")
+        assert app.store.label(view.message_id).ideal == "the better answer"
+        assert app.store.message(view.message_id).content == original
+        assert "✎ corrected" in str(view.query_one(".message-header").render())
+        assert "the better answer" in str(view.query_one(".message-ideal").render())
+
+
+async def test_regenerate_makes_a_sibling_and_arrows_step_between_them(app_model):
+    write_config(sampling={"max_new_tokens": 12})  # no seed: the two answers differ
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        first = await ask(pilot, app, "hi")
+        first_id, first_text = first.message_id, first.content
+        view = await focus_answer(pilot, app)
+        await pilot.press("r")
+        await wait_until(pilot, lambda: views(app)[-1].message is not None
+                         and views(app)[-1].message_id != first_id and not app.screen.generating,
+                         "the regenerated answer")
+        second = views(app)[-1]
+        assert second.position == (2, 2)
+        assert [m.id for m in app.store.siblings(first_id)] == [first_id, second.message_id]
+        assert len(views(app)) == 2  # the question and the shown answer only
+        second.focus()
+        await pilot.press("left")
+        await wait_until(pilot, lambda: views(app)[-1].message_id == first_id, "the first sibling")
+        assert views(app)[-1].position == (1, 2) and views(app)[-1].content == first_text
+        assert app.store.conversation(second.message.conversation_id).leaf_id == first_id
+        views(app)[-1].focus()
+        await pilot.press("right")
+        await wait_until(pilot, lambda: views(app)[-1].message_id == second.message_id, "back")
+        del view
+
+
+async def test_edit_an_earlier_message_and_ask_again(short_answers):
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        answer = await ask(pilot, app, "hi")
+        question = views(app)[0]
+        question.focus()
+        await pilot.press("e")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "EditorModal", "the editor")
+        app.screen.query_one("#editor").text = "hello instead"
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: len(views(app)) == 2 and views(app)[0].content == "hello instead"
+                         and views(app)[1].message is not None and not app.screen.generating,
+                         "the new branch")
+        new_question = views(app)[0]
+        assert new_question.position == (2, 2)
+        assert app.store.message(views(app)[1].message_id).parent_id == new_question.message_id
+        assert app.store.message(answer.message_id).content == answer.content  # old branch kept
+
+
+async def test_stop_a_generation_with_escape(app_model):
+    write_config(sampling={"max_new_tokens": 500, "seed": LONG_SEED})
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await type_text(pilot, "hello")
+        await pilot.press("enter")
+        try:
+            await wait_until(pilot, lambda: app.screen.generating and app.screen.streamed_tokens > 0,
+                         "the answer to start")
+        except AssertionError:
+            print([(v.role, v.content, v.message) for v in views(app)], app.screen.generating, app.screen.streamed_tokens, [n.message for n in app._notifications])
+            raise
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not app.screen.generating and views(app)[-1].message is not None,
+                         "the stopped answer")
+        stored = app.store.message(views(app)[-1].message_id)
+        assert stored.finish_reason == "cancelled"
+        assert stored.new_tokens < 305
+        assert "stopped by you" in str(views(app)[-1].query_one(".message-footer").render())
+
+
+async def test_bad_sampling_values_are_refused_with_a_message(short_answers):
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await pilot.press("ctrl+s")
+        temperature = app.screen.query_one("#param-temperature")
+        assert app.focused is temperature
+        temperature.value = ""
+        await type_text(pilot, "hot")
+        await pilot.pause()
+        error = str(app.screen.query_one("#error-temperature").render())
+        assert "temperature must be a number" in error
+        assert temperature.has_class("-invalid")
+        top_p = app.screen.query_one("#param-top_p")
+        top_p.value = "5"
+        await pilot.pause()
+        assert "top_p must be in (0, 1]" in str(app.screen.query_one("#error-top_p").render())
+        app.screen.query_one("#prompt").focus()
+        await type_text(pilot, "hi")
+        await pilot.press("enter")
+        await pilot.pause()
+        assert any("Fix the sampling settings" in n.message for n in app._notifications)
+        assert views(app) == [] and app.store.list_conversations() == []
+        # fixed values are accepted, used for the answer and saved with the conversation
+        temperature.value = "0.3"
+        top_p.value = "0.8"
+        await pilot.pause()
+        app.screen.query_one("#prompt").focus()
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: views(app) and views(app)[-1].message is not None
+                         and views(app)[-1].role == "assistant", "the answer")
+        answer = app.store.message(views(app)[-1].message_id)
+        assert answer.params["temperature"] == 0.3 and answer.params["top_p"] == 0.8
+        conv = app.store.conversation(answer.conversation_id)
+        assert conv.params["temperature"] == 0.3
+
+
+async def test_presets_and_system_prompt_are_saved_per_conversation(short_answers):
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        answer = await ask(pilot, app, "hi")
+        conv_id = answer.message.conversation_id
+        await pilot.press("ctrl+s")
+        app.screen.query_one("#preset").value = "precise"
+        app.screen.query_one("#system-prompt").text = "Be brief."
+        await wait_until(pilot, lambda: (app.store.conversation(conv_id).params or {}).get("temperature") == 0.2
+                         and app.store.conversation(conv_id).system_prompt == "Be brief.",
+                         "the settings saved")
+        assert str(app.screen.query_one("#param-top_k").value) == "40"
+        # a new chat starts from the defaults; going back restores the conversation's settings
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert app.screen.query_one("#param-temperature").value == "0.7"
+        app.screen.open_conversation(conv_id)
+        await wait_until(pilot, lambda: app.screen.query_one("#param-temperature").value == "0.2",
+                         "the conversation's settings")
+        assert app.screen.query_one("#system-prompt").text == "Be brief."
+
+
+async def test_chat_list_search_rename_and_delete_with_confirmation(short_answers):
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await ask(pilot, app, "apples")
+        await pilot.press("ctrl+n")
+        await ask(pilot, app, "bananas")
+        options = app.screen.query_one("#chat-options")
+        await wait_until(pilot, lambda: options.option_count == 2, "two chats")
+        assert "bananas" in str(options.get_option_at_index(0).prompt)  # newest first
+        await pilot.press("ctrl+f")
+        await type_text(pilot, "apples")
+        await wait_until(pilot, lambda: options.option_count == 1
+                         and "apples" in str(options.get_option_at_index(0).prompt), "the hit")
+        await pilot.press("enter")  # from the search box to the results
+        await pilot.press("enter")  # open the hit
+        await wait_until(pilot, lambda: views(app) and views(app)[0].content == "apples", "the chat")
+        app.screen.query_one("#chat-search").value = ""
+        await wait_until(pilot, lambda: options.option_count == 2, "the list back")
+        options.focus()
+        options.highlighted = 1
+        await pilot.press("r")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "TextModal", "rename")
+        app.screen.query_one("#text").value = "Fruit"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: any(c.title == "Fruit" for c in app.store.list_conversations()),
+                         "the new title")
+        await wait_until(pilot, lambda: "Fruit" in str(options.get_option_at_index(0).prompt)
+                         or "Fruit" in str(options.get_option_at_index(1).prompt), "the list")
+        options.focus()
+        options.highlighted = next(i for i in range(2) if "bananas" in str(options.get_option_at_index(i).prompt))
+        await pilot.press("delete")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "ConfirmModal", "the question")
+        await pilot.press("escape")  # no: nothing is deleted
+        await pilot.pause()
+        assert len(app.store.list_conversations()) == 2
+        await pilot.press("delete")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "ConfirmModal", "the question")
+        await pilot.press("y")
+        await wait_until(pilot, lambda: len(app.store.list_conversations()) == 1, "the deletion")
+        assert [c.title for c in app.store.list_conversations()] == ["Fruit"]
+
+
+async def test_keys_can_be_remapped_and_the_theme_is_remembered(short_answers):
+    write_config(sampling={"max_new_tokens": 12, "seed": 7}, keys={"chat.sampling": "f9"})
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await pilot.press("f9")
+        await pilot.pause()
+        assert app.screen.query_one("#sampling").display
+        app.theme = "nord"
+        await pilot.pause()
+        await pilot.press("f1")
+        await pilot.pause()
+        table = app.screen.query_one("#keys")
+        rows = [table.get_row_at(i) for i in range(table.row_count)]
+        assert any(r[3] == "chat.sampling" and "f9" in r[1].lower() for r in rows)
+    saved = json.loads(config_path().read_text())
+    assert saved["theme"] == "nord" and saved["keys"] == {"chat.sampling": "f9"}
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        assert app.theme == "nord"
+
+
+async def test_a_broken_config_file_is_reported_and_left_alone(app_model):
+    config_path().write_text("{not json", encoding="utf-8")
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        assert any("not valid JSON" in n.message for n in app._notifications)
+        app.theme = "nord"
+        await pilot.pause()
+    assert config_path().read_text() == "{not json"
