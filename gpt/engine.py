@@ -174,9 +174,10 @@ class Engine:
 
     def reset(self) -> None:
         """Forget the cached prefix (the next request prefills its whole prompt)."""
-        self._cached_ids = []
-        if self._cache is not None:
-            self._cache.truncate(0)
+        with self._lock:
+            self._cached_ids = []
+            if self._cache is not None:
+                self._cache.truncate(0)
 
     # --- the loop --------------------------------------------------------------------------------
 
