@@ -57,11 +57,23 @@ def to_hf(model):
     return hf.to(device=model.wte.weight.device, dtype=dtype).eval()
 
 
+def reset_peak_memory(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak-RSS count
+
+
 def peak_memory_mb(device: str) -> float:
     import torch
 
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -146,8 +158,13 @@ def measure_speed(shape, dtype, device, n_prompt, n_new, repeats, threads):
 
 
 def measure_memory(name, shape, dtype, device, n_prompt, n_new):
-    """Peak memory of one generation by one side alone, in its own process."""
+    """Peak memory while one side generates, alone in its own process. The model it was
+    converted from is freed first, so each side counts its own weights, cache and work."""
+    import gc
+
     run = RUNNERS[name](build_model(shape, dtype, device), n_prompt, n_new)
+    gc.collect()
+    reset_peak_memory(device)
     run()
     return peak_memory_mb(device)
 
