@@ -471,29 +471,32 @@ def pretrain(data: str | Path | None, out: str | Path, config: GPTConfig | None 
              cfg: TrainConfig | None = None, tokenizer: Tokenizer | None = None,
              resume: bool = False, run_dir: str | Path | None = None, progress: bool = True,
              on_step: Callable[[int, float], None] | None = None,
-             display_label: str = "pretraining", register: bool = True) -> PretrainResult:
+             display_label: str = "pretraining", register: bool = True,
+             max_steps: int | None = None) -> PretrainResult:
     """Train a GPT on the corpus at `data` and save it as the model directory `out`.
 
-    With `resume`, the run recorded in the run directory continues from its checkpoint (`data`,
-    `config` may be None: the recorded ones are used; `cfg.max_steps` may extend the run).
+    With `resume`, the run recorded in the run directory continues from its checkpoint with its
+    recorded corpus, config and settings (`data`, `config`, `cfg` are ignored); `max_steps` may
+    extend it.
     `on_step(step, loss)` is called after every optimizer step (rank 0). With `register`, the
     model is recorded in the store as a "pretrained" model version.
     """
     out = Path(out).expanduser()
     run_dir = Path(run_dir) if run_dir else default_run_dir(out)
     cfg = cfg or TrainConfig()
-    cfg.validate()
-    dist, device = init_distributed(cfg.device)
     ckpt_dir = run_dir / "checkpoint"
     if resume:
         if not (ckpt_dir / "state.json").exists():
             raise KettleError(f"--resume: no checkpoint in {run_dir} (nothing to resume; "
                               "start without --resume)")
-        recorded = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-        config = GPTConfig.from_dict(recorded["model_config"], source=str(run_dir / "run.json"))
-        saved_cfg = TrainConfig(**recorded["train_config"])
-        cfg = dataclasses.replace(saved_cfg, max_steps=cfg.max_steps, device=cfg.device,
-                                  max_time=cfg.max_time)
+        try:
+            recorded = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+            config = GPTConfig.from_dict(recorded["model_config"], source=str(run_dir / "run.json"))
+            cfg = TrainConfig(**recorded["train_config"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KettleError(f"{run_dir / 'run.json'}: cannot read the run's settings ({exc})") from None
+        if max_steps is not None:
+            cfg = dataclasses.replace(cfg, max_steps=max_steps)
         data = Path(recorded["data"])
     else:
         if config is None or data is None:
@@ -504,7 +507,9 @@ def pretrain(data: str | Path | None, out: str | Path, config: GPTConfig | None 
         if ckpt_dir.exists():
             raise KettleError(f"{run_dir} already holds a checkpoint for {out}: continue it with "
                               "--resume, or delete that folder to start over")
+    cfg.validate()
     corpus.check_corpus(data)  # a missing, empty or binary corpus fails before any work
+    dist, device = init_distributed(cfg.device)
     display = Display(progress and dist.main, cfg.max_steps, 0, display_label)
     try:
         if dist.main:

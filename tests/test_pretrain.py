@@ -71,7 +71,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, verdict_file, trained_tokeniz
     assert json.loads((stopped.run_dir / "checkpoint" / "state.json").read_text())["step"] == 4
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
-    resumed = pretrain(None, tmp_path / "resumed", None, train_cfg(), resume=True, progress=False)
+    resumed = pretrain(None, tmp_path / "resumed", resume=True, progress=False)
     assert resumed.step == 8 and resumed.out == tmp_path / "resumed"
     expected, got = losses(full.run_dir), losses(resumed.run_dir)
     assert sorted(got) == list(range(1, 9))
@@ -86,7 +86,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, verdict_file, trained_tokeniz
 def test_resume_extends_a_finished_run(tmp_path, verdict_file, trained_tokenizer):
     first = pretrain(verdict_file, tmp_path / "m", TINY, train_cfg(max_steps=4),
                      tokenizer=trained_tokenizer, progress=False)
-    more = pretrain(None, tmp_path / "m", None, train_cfg(max_steps=6), resume=True, progress=False)
+    more = pretrain(None, tmp_path / "m", resume=True, max_steps=6, progress=False)
     assert more.step == 6 and sorted(losses(first.run_dir)) == list(range(1, 7))
     assert json.loads((tmp_path / "m" / "training.json").read_text())["steps"] == 6
 

@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     shape.add_argument("--config", metavar="FILE", help="model config JSON (GPTConfig fields)")
     p.add_argument("--out", metavar="DIR", required=True, help="the model directory to write")
     p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default 1000)")
-    p.add_argument("--resume", action="store_true", help="continue the run for --out from its checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run for --out from its checkpoint, with its recorded settings "
+                        "(--max-steps may extend it)")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="'gpt2', or a tokenizer.json / model directory (default: GPT-2's for "
                         "GPT-2-sized vocabularies, else one trained on the corpus)")
@@ -86,7 +88,7 @@ def pretrain_command(args) -> int:
                    if v is not None}
         config = config.replace(**changes) if changes else config
     result = pretrain(args.data, args.out, config, cfg, tokenizer=_tokenizer(args.tokenizer),
-                      resume=args.resume, run_dir=args.run_dir)
+                      resume=args.resume, run_dir=args.run_dir, max_steps=args.max_steps)
     if result.rank != 0:
         return 130 if result.interrupted else 0
     if result.interrupted:
