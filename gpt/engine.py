@@ -215,6 +215,9 @@ class Engine:
                         logits, cached = self._prefill(ids)
                         sampler = Sampler(params, logits.size(-1), self.device, ids, seed)
                     token = sampler(logits)
+                    if first_at is None:  # the first token itself, not the step queued after it
+                        int(token)
+                        first_at = time.perf_counter()
                     # Queue the next forward pass before reading the token back: on a GPU it
                     # then runs while the CPU decodes text and checks stop strings.
                     if len(tokens) + 1 < max_new:
@@ -222,8 +225,6 @@ class Engine:
                     tid = int(token)
                 if len(tokens) + 1 < max_new:
                     self._cached_ids.append(tid)
-                if first_at is None:
-                    first_at = time.perf_counter()
                 if tid in self.stop_ids:
                     finish = "stop"
                     break
