@@ -120,13 +120,14 @@ class KettleApp(App):
         "compare": lambda: _screen("compare", "CompareScreen"),
         "welcome": lambda: _screen("welcome", "WelcomeScreen"),
     }
+    # Priority: the prompt's TextArea has its own use for some function keys (F6 selects a line).
     BINDINGS = [
-        Binding("f1", "help", "Help", id="app.help"),
-        Binding("f2", "go('chat')", "Chat", id="app.chat"),
-        Binding("f3", "go('dataset')", "Dataset", id="app.dataset"),
-        Binding("f5", "go('finetune')", "Fine-tune", id="app.finetune"),
-        Binding("f6", "go('compare')", "Compare", id="app.compare"),
-        Binding("f4", "go('models')", "Models", id="app.models"),
+        Binding("f1", "help", "Help", id="app.help", priority=True),
+        Binding("f2", "go('chat')", "Chat", id="app.chat", priority=True),
+        Binding("f3", "go('dataset')", "Dataset", id="app.dataset", priority=True),
+        Binding("f4", "go('models')", "Models", id="app.models", priority=True),
+        Binding("f5", "go('finetune')", "Fine-tune", id="app.finetune", priority=True),
+        Binding("f6", "go('compare')", "Compare", id="app.compare", priority=True),
         Binding("ctrl+q", "quit", "Quit", id="app.quit", priority=True),
     ]
 
@@ -235,6 +236,12 @@ class KettleApp(App):
     async def db(self, fn: Callable, *args, **kwargs):
         """Run a blocking call (the store, the file system) off the UI thread."""
         return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def notify(self, message: str, *, title: str = "", severity="information",
+               timeout: float | None = None, markup: bool = False) -> None:
+        """Notifications carry user text (titles, paths, error messages with brackets), so
+        they are plain text unless a caller asks for markup."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
 
     # -- settings ---------------------------------------------------------------------------
 

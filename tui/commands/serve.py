@@ -32,9 +32,9 @@ def serve_command(args) -> int:
     from gpt.server import build_server, listen
     from gpt.service import InProcessService
 
-    api_key = args.api_key or os.environ.get("KETTLE_API_KEY") or None
-    if api_key is not None and not api_key.strip():
-        raise KettleError("--api-key must not be empty")
+    if args.api_key is not None and not args.api_key.strip():
+        raise KettleError("--api-key must not be empty")  # never silently serve without a key
+    api_key = args.api_key or os.environ.get("KETTLE_API_KEY", "").strip() or None
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     logging.getLogger("kettle").addHandler(handler)  # one line per answer: tokens, speed

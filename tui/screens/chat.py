@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from textual import on, work
 from textual.app import SystemCommand
 from textual.binding import Binding
+from textual.markup import escape
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Static
@@ -130,7 +131,7 @@ class ChatScreen(Screen):
     def show_status(self, text: str | None = None) -> None:
         if text is None:
             model = self.app.model_name() if hasattr(self.app, "model_name") else ""
-            text = f"[b]{model}[/]  [dim]Esc stops · Tab/↑↓ focus a message to label it · F1 keys[/]"
+            text = f"[b]{escape(model)}[/]  [dim]Esc stops · Tab/↑↓ focus a message to label it · F1 keys[/]"
         self.query_one("#chat-status", Static).update(text)
 
     # -- the conversation list --------------------------------------------------------------
@@ -172,7 +173,7 @@ class ChatScreen(Screen):
     @guarded
     async def _delete(self, event: ConversationList.DeleteRequested) -> None:
         conv = await self.app.db(self.store.conversation, event.conversation_id)
-        question = (f"Delete the chat [b]{conv.title or 'New chat'}[/] ({conv.message_count} messages)?\n"
+        question = (f"Delete the chat [b]{escape(conv.title or 'New chat')}[/] ({conv.message_count} messages)?\n"
                     "[dim]It leaves the list, search and new datasets; labels and snapshots "
                     "keep their history.[/]")
         if not await self.app.push_screen_wait(ConfirmModal(question, yes="Delete")):

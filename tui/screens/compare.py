@@ -5,6 +5,7 @@ import asyncio
 
 from textual import on, work
 from textual.binding import Binding
+from textual.markup import escape
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Markdown, Select, Static
@@ -64,10 +65,10 @@ class CompareScreen(Screen):
             elif current in names:
                 select.value = current
         left_sel, right_sel = self.query_one("#left-model", Select), self.query_one("#right-model", Select)
-        if left_sel.value is Select.BLANK and self.models:
+        if left_sel.value is Select.NULL and self.models:
             active = next((m for m in self.models if m.active), self.models[0])
             left_sel.value = active.name
-        if right_sel.value is Select.BLANK:
+        if right_sel.value is Select.NULL:
             other = next((m for m in self.models if m.name != left_sel.value), None)
             if other is not None:
                 right_sel.value = other.name
@@ -121,7 +122,7 @@ class CompareScreen(Screen):
                                for (side, info), service in zip(chosen, services)])
 
     async def _answer(self, side: str, info: ModelInfo, service, messages, params) -> None:
-        self.query_one(f"#{side}-title", Static).update(f"[b]{info.name}[/]")
+        self.query_one(f"#{side}-title", Static).update(f"[b]{escape(info.name)}[/]")
         md = self.query_one(f"#{side}-answer", Markdown)
         await md.update("")
         stats = self.query_one(f"#{side}-stats", Static)
@@ -139,7 +140,7 @@ class CompareScreen(Screen):
                     await md.update(r.text)
                     stats.update(f"{r.new_tokens} tokens · {r.tokens_per_s:.1f} tok/s · {r.finish_reason}")
                 else:
-                    stats.update(f"[$error]{event.message}[/]")
+                    stats.update(f"[$error]{escape(event.message)}[/]")
         finally:
             await stream.stop()
 

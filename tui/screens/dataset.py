@@ -6,8 +6,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.text import Text
 from textual import on, work
 from textual.binding import Binding
+from textual.markup import escape
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Checkbox, DataTable, Footer, Input, Label, Markdown, Select, Static
@@ -132,7 +134,7 @@ class DatasetScreen(Screen):
             thumbs_up=self.query_one("#f-thumbs", Checkbox).value,
             ideal=self.query_one("#f-ideal", Checkbox).value,
             all_answers=self.query_one("#f-all", Checkbox).value,
-            min_score=None if score is Select.BLANK else int(score),
+            min_score=None if score is Select.NULL else int(score),
             tags_include=tuple(t for t in self.query_one("#f-tags-in", Input).value.split(",") if t.strip()),
             tags_exclude=tuple(t for t in self.query_one("#f-tags-out", Input).value.split(",") if t.strip()),
         )
@@ -151,7 +153,7 @@ class DatasetScreen(Screen):
         self.view = view
         s = view.stats
         active = [r for r in view.rows if not r["excluded"]]
-        tags = "  ".join(f"#{t} {n}" for t, n in view.tags.most_common(8)) or "no tags"
+        tags = escape("  ".join(f"#{t} {n}" for t, n in view.tags.most_common(8)) or "no tags")
         self.query_one("#dataset-counts", Static).update(
             f"[b]{len(active)} examples[/] and [b]{view.pairs} preference pairs[/] would train now.\n"
             f"[dim]labels:[/] ▲ {s['thumbs_up']} up · ▼ {s['thumbs_down']} down · ★ {s['scored']} scored · "
@@ -163,8 +165,9 @@ class DatasetScreen(Screen):
             messages = r["example"]["messages"]
             prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
             answer = messages[-1]["content"] if messages else ""
-            label = "⊘ excluded" if r["excluded"] else label_text(r["label"])
-            table.add_row(str(r["message_id"]), preview(prompt), preview(answer), label,
+            label = "⊘ excluded" if r["excluded"] else label_text(r["label"], markup=False)
+            # user text goes in as Text: a DataTable reads plain strings as markup
+            table.add_row(str(r["message_id"]), Text(preview(prompt)), Text(preview(answer)), Text(label),
                           str(sum(m["role"] == "assistant" for m in messages)), key=str(r["message_id"]))
         if view.rows:
             table.move_cursor(row=min(row, len(view.rows) - 1))
@@ -172,7 +175,7 @@ class DatasetScreen(Screen):
         snaps.clear()
         now = self.app.clock()
         for snap in view.snapshots:
-            snaps.add_row(str(snap.id), snap.name, str(snap.n_examples), str(snap.n_pairs),
+            snaps.add_row(str(snap.id), Text(snap.name), str(snap.n_examples), str(snap.n_pairs),
                           snap.content_hash[:12], when(snap.created_at, now))
 
     def selected_row(self) -> dict | None:
@@ -187,6 +190,10 @@ class DatasetScreen(Screen):
         if action in ("open", "exclude"):
             return self.query_one("#dataset-table", DataTable).has_focus
         return True
+
+    @on(DataTable.RowSelected, "#dataset-table")
+    def _row_chosen(self) -> None:
+        self.action_open()
 
     def action_open(self) -> None:
         row = self.selected_row()

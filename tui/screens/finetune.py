@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from textual import on, work
 from textual.binding import Binding
+from textual.markup import escape
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
@@ -214,7 +215,7 @@ class FinetuneScreen(Screen):
         params = f"{plan.n_params / 1e6:.1f}M parameters"
         self.query_one("#sheet-summary", Static).update(
             f"[b]{plan.n_examples} examples[/] from your labels (up-voted and corrected answers), "
-            f"{plan.train_tokens:,} tokens.  Base: [b]{plan.base.name}[/], {params}, on {plan.device}.")
+            f"{plan.train_tokens:,} tokens.  Base: [b]{escape(plan.base.name)}[/], {params}, on {plan.device}.")
         method = self.query_one("#ft-method", Select).value
         epochs = self._epochs()
         estimate = self.query_one("#sheet-estimate", Static)
@@ -249,7 +250,7 @@ class FinetuneScreen(Screen):
 
     @on(Select.Changed, "#ft-base")
     def _base_changed(self, event: Select.Changed) -> None:
-        if self.plan is not None and event.value != self.plan.base.name and event.value is not Select.BLANK:
+        if self.plan is not None and event.value != self.plan.base.name and event.value is not Select.NULL:
             self.load_plan(str(event.value))
 
     @on(Button.Pressed, "#ft-start")
@@ -317,7 +318,7 @@ class FinetuneScreen(Screen):
             bar.update(total=run.total_steps, progress=run.step)
         self.query_one("#loss-chart", Sparkline).data = losses[-200:] or [0.0]
         self.query_one("#run-title", Static).update(
-            f"[b]Run {run.id}[/]: {run.status}  [dim]log: {run.log_path}[/]")
+            f"[b]Run {run.id}[/]: {run.status}  [dim]log: {escape(str(run.log_path))}[/]")
         stats = [f"step {run.step}/{run.total_steps or '?'}"]
         if losses:
             stats.append(f"loss {losses[-1]:.3f} (from {losses[0]:.3f})")
@@ -339,7 +340,7 @@ class FinetuneScreen(Screen):
     def _finished(self, run: Run, output: ModelVersion | None) -> None:
         result = self.query_one("#finetune-result", Static)
         if run.status == "failed":
-            result.update(f"[b $error]The run failed:[/] {run.error or 'see the log'}")
+            result.update(f"[b $error]The run failed:[/] {escape(run.error or 'see the log')}")
             self.notify(f"Fine-tuning failed: {run.error}", severity="error", timeout=10)
         elif run.status == "cancelled":
             result.update(f"Stopped at step {run.step}. Continue it with "
@@ -351,7 +352,7 @@ class FinetuneScreen(Screen):
                       if before is not None and after is not None else "no held-out examples to compare")
             verdict = m.get("gate", output.status)
             colour = "$error" if output.status == "regressed" else "$success"
-            result.update(f"[b]{output.name}[/] is ready: {losses}.\n"
+            result.update(f"[b]{escape(output.name)}[/] is ready: {losses}.\n"
                           f"Regression gate: [b {colour}]{verdict}[/]"
                           + ("  (it did worse than its base: think twice before switching)"
                              if output.status == "regressed" else "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 
 from textual.binding import Binding
+from textual.markup import escape
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
@@ -57,7 +58,7 @@ class HelpScreen(ModalScreen):
     def compose(self):
         with VerticalScroll(classes="dialog help-dialog"):
             yield Static("[b]Kettle keys[/]  [dim]Esc closes[/]", classes="dialog-title")
-            yield Static(TIPS.format(config=config_path()), classes="help-tips")
+            yield Static(TIPS.format(config=escape(str(config_path()))), classes="help-tips")
             yield DataTable(id="keys", cursor_type="row", zebra_stripes=True)
 
     def on_mount(self) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.text import Text
 from textual import on, work
 from textual.app import SystemCommand
 from textual.binding import Binding
+from textual.markup import escape
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
@@ -41,11 +43,11 @@ def loss_of(version: ModelVersion) -> float | None:
 
 def describe(store: Store, version: ModelVersion, active_id: int | None) -> str:
     """The detail pane: lineage, metrics, where it lives."""
-    chain = " → ".join(v.name for v in reversed(store.lineage(version.id)))
-    lines = [f"[b]{version.name}[/]" + ("  [b $success]● active[/]" if version.id == active_id else ""),
+    chain = escape(" → ".join(v.name for v in reversed(store.lineage(version.id))))
+    lines = [f"[b]{escape(version.name)}[/]" + ("  [b $success]● active[/]" if version.id == active_id else ""),
              f"[dim]kind[/] {version.kind}   [dim]status[/] {version.status}",
              f"[dim]lineage[/] {chain}",
-             f"[dim]directory[/] {shown_path(version.path)}"]
+             f"[dim]directory[/] {escape(shown_path(version.path))}"]
     if version.snapshot_id is not None:
         lines.append(f"[dim]trained on snapshot[/] #{version.snapshot_id}")
     for key in ("gate", "gate_parent_loss", "gate_new_loss", "val_loss", "first_loss", "last_loss",
@@ -55,7 +57,7 @@ def describe(store: Store, version: ModelVersion, active_id: int | None) -> str:
             lines.append(f"[dim]{key.replace('_', ' ')}[/] {value:.4g}" if isinstance(value, float)
                          else f"[dim]{key.replace('_', ' ')}[/] {value}")
     if version.note:
-        lines.append(version.note)
+        lines.append(escape(version.note))
     return "\n".join(lines)
 
 
@@ -208,8 +210,8 @@ class ModelsScreen(Screen):
         now = self.app.clock()
         for v in self.versions:
             loss = loss_of(v)
-            table.add_row("●" if v.id == self.active_id else "", v.name, v.kind,
-                          names.get(v.parent_id, "") if v.parent_id else "",
+            table.add_row("●" if v.id == self.active_id else "", Text(v.name), v.kind,
+                          Text(names.get(v.parent_id, "") if v.parent_id else ""),
                           "" if loss is None else f"{loss:.3f}", v.status, when(v.created_at, now),
                           key=str(v.id))
         if self.versions:

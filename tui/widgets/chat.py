@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from textual import on
 from textual.binding import Binding
+from textual.markup import escape
 from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Markdown, Static, TextArea
@@ -13,25 +14,28 @@ from data.store import Label
 from data.store import Message as StoredMessage
 
 
-def label_text(label: Label | None) -> str:
-    """A label as one short line of markup, e.g. "▲ up  ★4  #tone  ✎ corrected  ✉ note"."""
+def label_text(label: Label | None, markup: bool = True) -> str:
+    """A label as one short line, e.g. "▲ up  ★4  #tone  ✎ corrected  ✉ note" (Textual markup,
+    user text escaped; plain text with markup=False)."""
     if label is None:
         return ""
-    parts = []
+    parts: list[tuple[str, str]] = []
     if label.thumb == 1:
-        parts.append("[b $success]▲ up[/]")
+        parts.append(("▲ up", "b $success"))
     elif label.thumb == -1:
-        parts.append("[b $error]▼ down[/]")
+        parts.append(("▼ down", "b $error"))
     if label.score is not None:
-        parts.append(f"[b $warning]★{label.score}[/]")
-    parts += [f"[$accent]#{tag}[/]" for tag in label.tags]
+        parts.append((f"★{label.score}", "b $warning"))
+    parts += [(f"#{tag}", "$accent") for tag in label.tags]
     if label.ideal is not None:
-        parts.append("[b $primary]✎ corrected[/]")
+        parts.append(("✎ corrected", "b $primary"))
     if label.note:
-        parts.append("✉ note")
+        parts.append(("✉ note", ""))
     if label.excluded:
-        parts.append("[$text-muted]⊘ excluded[/]")
-    return "  ".join(parts)
+        parts.append(("⊘ excluded", "$text-muted"))
+    if not markup:
+        return "  ".join(text for text, _ in parts)
+    return "  ".join(f"[{style}]{escape(text)}[/]" if style else escape(text) for text, style in parts)
 
 
 def usage_text(message: StoredMessage) -> str:
@@ -50,7 +54,7 @@ def usage_text(message: StoredMessage) -> str:
     if message.finish_reason and message.finish_reason != "stop":
         parts.append({"length": "stopped at the token limit",
                       "cancelled": "stopped by you"}.get(message.finish_reason, message.finish_reason))
-    return " · ".join(parts)
+    return escape(" · ".join(parts))
 
 
 class MessageView(Vertical, can_focus=True):
@@ -132,7 +136,7 @@ class MessageView(Vertical, can_focus=True):
     def _corrected(self) -> str:
         if self.label is None or self.label.ideal is None:
             return ""
-        return f"[b]Corrected answer:[/]\n{self.label.ideal}"
+        return f"[b]Corrected answer:[/]\n{escape(self.label.ideal)}"
 
     def refresh_parts(self) -> None:
         self.query_one(".message-header", Static).update(self._header())

@@ -1,0 +1,203 @@
+"""The app's other screens with Pilot: fine-tune (a real run process on a tiny model), models
+(switching without a restart), dataset (counts, exclude/include, snapshot, export), compare."""
+from __future__ import annotations
+
+import json
+
+from data.store import Store
+from test_app import SIZE, open_chat, type_text, views, wait_until, write_config
+from tui.app import KettleApp
+
+PAIRS = [("What is a kettle?", "A pot for boiling water."),
+         ("Say hi.", "Hi!"),
+         ("Name a colour.", "Blue."),
+         ("Two plus two?", "Four."),
+         ("Capital of France?", "Paris."),
+         ("Is ice cold?", "Yes."),
+         ("Opposite of up?", "Down."),
+         ("A fruit?", "An apple."),
+         ("Sky colour?", "Blue, by day."),
+         ("Three minus one?", "Two.")]
+
+
+def labelled_chats(store: Store, tag: str = "") -> list[int]:
+    """One conversation per pair, the answer voted up; returns the answers' ids."""
+    ids = []
+    for question, answer in PAIRS:
+        conv = store.create_conversation(title=question)
+        q = store.add_message(conv.id, "user", question)
+        a = store.add_message(conv.id, "assistant", answer, q.id, model="tiny")
+        store.set_label(a.id, thumb=1, tags=[tag] if tag else [])
+        ids.append(a.id)
+    return ids
+
+
+async def test_finetune_shows_progress_to_the_end_and_offers_the_new_model(app_model):
+    write_config(sampling={"max_new_tokens": 8, "seed": 1})
+    with Store.open() as store:
+        labelled_chats(store)
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await pilot.press("f5")
+        await wait_until(pilot, lambda: app.current_mode == "finetune"
+                         and "10 examples" in str(app.screen.query_one("#sheet-summary").render()),
+                         "the fine-tune sheet")
+        screen = app.screen
+        assert screen.query_one("#ft-base").value == "tiny"
+        assert screen.query_one("#ft-method").value == "full"  # a tiny model on the CPU
+        assert "steps" in str(screen.query_one("#sheet-estimate").render())
+        screen.query_one("#ft-epochs").value = "1"
+        await pilot.press("ctrl+g")
+        await wait_until(pilot, lambda: screen.run is not None, "the run to start")
+        seen = set()
+        await wait_until(pilot, lambda: seen.add(screen.run.status) or screen.run.status in
+                         ("finished", "failed", "cancelled"), "the run to end", timeout=120)
+        run = screen.run
+        assert run.status == "finished", run.error
+        assert run.step == run.total_steps and run.total_steps > 0
+        bar = screen.query_one("#run-progress")
+        assert bar.progress == bar.total == run.total_steps
+        assert len(screen.query_one("#loss-chart").data) >= 1
+        result = str(screen.query_one("#finetune-result").render())
+        assert "held-out loss" in result and "Regression gate" in result
+        assert screen.query_one("#ft-switch").display
+        new = screen.output
+        assert new.parent_id is not None and new.name.startswith("tiny-ft")
+        assert app.store.active_model().name == "tiny"  # nothing switches until the user says so
+        await pilot.press("ctrl+w")
+        await wait_until(pilot, lambda: app.service.active_model is not None
+                         and app.service.active_model.name == new.name, "the switch")
+        assert app.store.active_model().name == new.name
+        # the chat now answers with the new model, without a restart
+        await pilot.press("f2")
+        await open_chat(pilot, app)
+        await type_text(pilot, "hi")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: views(app) and views(app)[-1].message is not None
+                         and views(app)[-1].role == "assistant", "the answer")
+        assert views(app)[-1].message.model == new.name
+
+
+async def test_models_screen_switches_models_without_a_restart(app_model, tiny_model_dir):
+    with Store.open() as store:
+        other = store.add_model_version("other", tiny_model_dir, "imported")
+        store.update_model_version(other.id, metrics={"val_loss": 4.25})
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await pilot.press("f4")
+        await wait_until(pilot, lambda: app.current_mode == "models"
+                         and app.screen.query_one("#models-table").row_count == 2, "the models")
+        table = app.screen.query_one("#models-table")
+        assert str(table.get_row_at(0)[1]) == "other" and table.get_row_at(0)[4] == "4.250"
+        assert table.get_row_at(1)[0] == "●"  # tiny is active
+        table.focus()
+        table.move_cursor(row=0)
+        await pilot.pause()
+        detail = str(app.screen.query_one("#models-detail").render())
+        assert "lineage" in detail and "other" in detail
+        await pilot.press("a")
+        await wait_until(pilot, lambda: app.service.active_model is not None
+                         and app.service.active_model.name == "other", "the switch")
+        await wait_until(pilot, lambda: table.get_row_at(0)[0] == "●", "the active mark")
+        assert app.store.active_model().name == "other"
+
+
+async def test_import_a_kettle_model_directory(app_model, tiny_model_dir):
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await pilot.press("f4")
+        await wait_until(pilot, lambda: app.current_mode == "models", "the models screen")
+        await pilot.press("i")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "TextModal", "the path box")
+        app.screen.query_one("#text").value = str(tiny_model_dir.parent / "nowhere")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: any("not a directory" in n.message for n in app._notifications),
+                         "the error")
+        await pilot.press("i")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "TextModal", "the path box")
+        app.screen.query_one("#text").value = str(tiny_model_dir)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.store.find_model_version("tiny-2") is not None, "the import")
+        assert app.store.model_version("tiny-2").kind == "imported"
+        assert app.store.active_model().name == "tiny"  # importing does not switch
+
+
+async def test_dataset_counts_exclude_include_snapshot_and_export(app_model, tmp_path):
+    with Store.open() as store:
+        ids = labelled_chats(store, tag="facts")
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await pilot.press("f3")
+        table = None
+        await wait_until(pilot, lambda: app.current_mode == "dataset"
+                         and app.screen.query_one("#dataset-table").row_count == 10, "the examples")
+        screen = app.screen
+        counts = str(screen.query_one("#dataset-counts").render())
+        assert "10 examples" in counts and "#facts 10" in counts and "▲ 10 up" in counts
+        table = screen.query_one("#dataset-table")
+        table.focus()
+        table.move_cursor(row=0)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "ExampleModal", "the example")
+        await pilot.press("escape")
+        await pilot.press("x")
+        await wait_until(pilot, lambda: "9 examples" in str(screen.query_one("#dataset-counts").render()),
+                         "the exclusion")
+        assert app.store.label(ids[0]).excluded
+        assert table.row_count == 10  # still listed, marked, so it can come back
+        table.move_cursor(row=9)
+        await pilot.pause()
+        await pilot.press("x")
+        await wait_until(pilot, lambda: "10 examples" in str(screen.query_one("#dataset-counts").render()),
+                         "the inclusion")
+        assert not app.store.label(ids[0]).excluded
+        # a filter on a tag nobody used leaves nothing
+        screen.query_one("#f-tags-in").value = "tone"
+        await wait_until(pilot, lambda: table.row_count == 0, "the filter")
+        screen.query_one("#f-tags-in").value = ""
+        await wait_until(pilot, lambda: table.row_count == 10, "the filter cleared")
+        await pilot.press("s")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "TextModal", "the name box")
+        await type_text(pilot, "first")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.store.snapshots(), "the snapshot")
+        assert app.store.snapshots()[0].n_examples == 10
+        await wait_until(pilot, lambda: screen.query_one("#snapshots-table").row_count == 1, "listed")
+        await pilot.press("e")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "ChoiceModal", "the formats")
+        options = app.screen.query_one("#choices")
+        options.highlighted = [o.id for o in options._options].index("alpaca")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "TextModal", "the file box")
+        out = tmp_path / "out.json"
+        app.screen.query_one("#text").value = str(out)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: out.exists(), "the export")
+        records = json.loads(out.read_text())
+        assert {r["instruction"] for r in records} == {q for q, _ in PAIRS}
+        assert {r["output"] for r in records} == {a for _, a in PAIRS}
+
+
+async def test_compare_sends_one_prompt_to_two_models(app_model, tiny_model_dir):
+    with Store.open() as store:
+        store.add_model_version("other", tiny_model_dir, "imported")
+    write_config(sampling={"max_new_tokens": 8})
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await pilot.press("f6")
+        await wait_until(pilot, lambda: app.current_mode == "compare"
+                         and app.screen.query_one("#right-model").value == "other", "the models")
+        screen = app.screen
+        assert screen.query_one("#left-model").value == "tiny"
+        screen.query_one("#compare-prompt").focus()
+        await type_text(pilot, "hello")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: "tok/s" in str(screen.query_one("#left-stats").render())
+                         and "tok/s" in str(screen.query_one("#right-stats").render()), "two answers")
+        assert "tiny" in str(screen.query_one("#left-title").render())
+        assert "other" in str(screen.query_one("#right-title").render())
