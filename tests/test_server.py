@@ -57,7 +57,7 @@ def client(server):
 
 def http(server, method, path, **kw):
     headers = {"Authorization": f"Bearer {KEY}", **kw.pop("headers", {})}
-    return httpx.request(method, server.url + path, headers=headers, timeout=30, **kw)
+    return httpx.request(method, server.url + path, headers=headers, **{"timeout": 30, **kw})
 
 
 def test_openai_client_chat_and_completions_streaming_and_not(client, long_context_model_dir):
@@ -186,6 +186,16 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server, cap
     line = next(r.getMessage() for r in caplog.records if "finish cancelled" in r.getMessage())
     new_tokens = int(line.split(" + ")[1].split()[0])
     assert new_tokens < 1000, line  # of the 1500 asked for
+
+    # Without streaming too: a client that gives up waiting cancels its generation.
+    caplog.clear()
+    with pytest.raises(httpx.ReadTimeout):
+        http(server, "POST", "/v1/completions", json={"prompt": "Hi", "max_tokens": 1500,
+                                                      "temperature": 0}, timeout=0.5)
+    deadline = time.monotonic() + 15
+    while not any("finish cancelled" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the generation was not cancelled"
+        time.sleep(0.05)
     ok = http(server, "POST", "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
     assert ok.status_code == 200
 
@@ -275,6 +285,8 @@ def test_kettle_serve_command(tiny_model_dir, kettle_home, capsys):
 
     assert main(["serve", "/no/such/model"]) == 1
     assert "kettle: error: /no/such/model: no such model" in capsys.readouterr().err
+    assert main(["serve", str(tiny_model_dir), "--api-key", " "]) == 1
+    assert "--api-key must not be empty" in capsys.readouterr().err
     taken = listen("127.0.0.1", 0)
     try:
         assert main(["serve", str(tiny_model_dir), "--port", str(taken.getsockname()[1])]) == 1
