@@ -77,7 +77,9 @@ class GenerationService(ABC):
     @abstractmethod
     def stream_chat(self, messages: list[dict], params: SamplingParams,
                     request_id: str | None = None) -> AsyncIterator[Event]:
-        """Answer a conversation as the assistant: Delta events, then one Done or Error."""
+        """Answer a conversation as the assistant: Delta events, then one Done or Error.
+        `params` is a SamplingParams or a dict of its fields; `request_id` (unique among the
+        requests in flight) is what `cancel` takes."""
 
     @abstractmethod
     def complete(self, prompt: str, params: SamplingParams,
@@ -272,7 +274,7 @@ class InProcessService(GenerationService):
             yield Error("the generation service is closed", "internal")
             return
         try:
-            params = SamplingParams.from_dict(params) if isinstance(params, dict) else params.validate()
+            params = _checked(params)
         except KettleError as exc:
             yield Error(str(exc))
             return
@@ -327,7 +329,7 @@ class InProcessService(GenerationService):
 
     def _generate(self, job: _Job) -> None:
         if job.cancel.is_set():  # cancelled while queued: answer without touching the model
-            name = (self._active or self._wanted).name
+            name = self.active_model.name
             job.emit(Done(GenerationResult(text="", finish_reason="cancelled", prompt_tokens=0,
                                            new_tokens=0, seed=job.params.seed or 0), name))
             return
@@ -368,6 +370,11 @@ class InProcessService(GenerationService):
                 if active is None or active.id != info.version_id:
                     store.activate_model(info.version_id)
         return self._active
+
+
+def _checked(params: SamplingParams | dict) -> SamplingParams:
+    """A validated copy: the caller may change its own object while the request waits."""
+    return SamplingParams.from_dict(params if isinstance(params, dict) else params.to_dict())
 
 
 def _with_active(info: ModelInfo, active: bool) -> ModelInfo:
@@ -447,7 +454,7 @@ class RemoteService(GenerationService):
 
     async def _stream(self, path, body, params, request_id) -> AsyncIterator[Event]:
         try:
-            params = SamplingParams.from_dict(params) if isinstance(params, dict) else params.validate()
+            params = _checked(params)
         except KettleError as exc:
             yield Error(str(exc))
             return

@@ -165,6 +165,8 @@ def test_other_bad_requests(server, client):
     assert client.completions.create(model="long", prompt=[5, 6, 7], max_tokens=2).usage.prompt_tokens == 3
     with pytest.raises(openai.BadRequestError, match="vocabulary"):
         client.completions.create(model="long", prompt=[999999], max_tokens=2)
+    with pytest.raises(openai.APIError, match="vocabulary"):  # found after the stream started
+        list(client.completions.create(model="long", prompt=[999999], max_tokens=2, stream=True))
 
 
 def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server, caplog):
