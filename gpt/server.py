@@ -54,6 +54,7 @@ from gpt.service import Delta, Done, Error, GenerationService, ModelInfo
 
 log = logging.getLogger("kettle.server")
 
+MAX_BODY_BYTES = 8 << 20
 # OpenAI's name for each SamplingParams field, where it differs.
 OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
 
@@ -298,7 +299,8 @@ def create_app(service: GenerationService, api_key: str | None = None) -> FastAP
     async def chat_completions(request: Request):
         req = await parse_body(request, ChatRequest)
         _reject_unsupported(req)
-        params = sampling_params(req, req.max_completion_tokens or req.max_tokens)
+        params = sampling_params(req, req.max_tokens if req.max_completion_tokens is None
+                                 else req.max_completion_tokens)
         messages = chat_messages(req)
         model = _check_model(service, req.model)
         return await _respond(request, service, "chat", messages, params, req, model)
@@ -317,7 +319,11 @@ def create_app(service: GenerationService, api_key: str | None = None) -> FastAP
 
 async def parse_body(request: Request, model: type[BaseModel]):
     """The JSON body as `model` (whatever the Content-Type says: curl -d sends form's), or a 400."""
-    body = await request.body()
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > MAX_BODY_BYTES:  # far beyond any context window: refuse, don't buffer
+            raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB")
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:

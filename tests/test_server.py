@@ -155,6 +155,8 @@ def test_other_bad_requests(server, client):
     assert http(server, "GET", "/v1/nothing-here").json()["error"]["message"].startswith("no such endpoint")
     r = http(server, "POST", "/v1/completions", json={"prompt": ["a", "b"]})
     assert r.status_code == 400 and "one prompt per request" in r.json()["error"]["message"]
+    r = http(server, "POST", "/v1/completions", content=b" " * (9 << 20))
+    assert r.status_code == 413 and "over 8 MiB" in r.json()["error"]["message"]
     r = http(server, "POST", "/v1/completions", json={"prompt": "a", "echo": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
     with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
