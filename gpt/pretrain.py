@@ -214,8 +214,11 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    # The fused kernel runs on CUDA and, since torch 2.4, on CPU, where it is several times
+    # faster than the default for-each version: for GPT-2 124M the optimizer step would
+    # otherwise take longer than the forward and backward passes.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
