@@ -104,6 +104,11 @@ class GenerationService(ABC):
     def active_model(self) -> ModelInfo | None:
         """The model in use (None before the first one is loaded or seen)."""
 
+    @abstractmethod
+    def load(self) -> ModelInfo:
+        """Get ready now, blocking (run it off the event loop): the in-process service loads
+        the weights, the remote one asks the server which model it serves. KettleError if not."""
+
     def close(self) -> None:
         """Release the model and the worker thread; the service cannot be used afterwards."""
 
@@ -432,13 +437,21 @@ class RemoteService(GenerationService):
     def active_model(self) -> ModelInfo | None:
         return self._active
 
+    def load(self) -> ModelInfo:
+        asyncio.run(self.list_models())  # off the caller's loop: this blocks, by contract
+        if self._active is None:
+            raise KettleError(f"the server at {self.base_url} says it serves no model")
+        return self._active
+
     # -- HTTP -------------------------------------------------------------------------------------
 
     def _client(self, timeout):
         import httpx
 
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout)
+        return httpx.AsyncClient(base_url=self.base_url, headers=self._headers(), timeout=timeout)
+
+    def _headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     async def _request(self, method: str, path: str, body: dict | None = None) -> dict:
         import httpx

@@ -2,6 +2,7 @@
 uvicorn server on 127.0.0.1 with a tiny real model."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -251,6 +252,9 @@ async def test_remote_service_matches_in_process(server, long_context_model_dir)
             assert results[1].model == "long"
 
         assert [m.name for m in await remote.list_models() if m.active] == ["long"]
+        assert (await asyncio.to_thread(RemoteService(server.url, KEY).load)).name == "long"
+        with pytest.raises(KettleError, match="API key"):
+            await asyncio.to_thread(RemoteService(server.url, "wrong").load)
         bad = [e async for e in remote.stream_chat(CHAT, {"top_p": 3})]
         assert isinstance(bad[0], Error) and "top_p" in bad[0].message
         wrong_key = RemoteService(server.url, api_key="nope")
@@ -282,6 +286,8 @@ async def test_remote_service_without_a_server():
     assert "http://127.0.0.1:9" in events[0].message
     with pytest.raises(KettleError, match="cannot reach the Kettle server"):
         await remote.list_models()
+    with pytest.raises(KettleError, match="cannot reach the Kettle server"):
+        await asyncio.to_thread(remote.load)
 
 
 def test_kettle_serve_command(tiny_model_dir, kettle_home, capsys):
