@@ -395,7 +395,9 @@ class RemoteService(GenerationService):
     """An HTTP client of `kettle serve` (or any server with Kettle's extensions of OpenAI's API).
 
     Streams with server-sent events; cancelling closes the stream, which makes the server stop
-    generating. One httpx client per request keeps the service usable from any event loop.
+    generating. The Done of a cancelled request holds the text received so far, but no token
+    counts (the server never got to send them). One httpx client per request keeps the service
+    usable from any event loop.
     """
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 10.0):
