@@ -236,7 +236,7 @@ def main(argv=None):
         ours, theirs = speed["kettle"], speed["transformers"]
         same = next((i for i, (a, b) in enumerate(zip(ours["tokens"], theirs["tokens"])) if a != b), len(ours["tokens"]))
         print(f"{shape:8} ratio kettle/transformers: decode {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "
-              f"TTFT {theirs['ttft_s'] / ours['ttft_s']:.2f}x faster; "
+              f"TTFT {ours['ttft_s'] / theirs['ttft_s']:.2f}x (lower is better); "
               f"greedy tokens identical for {same}/{args.new_tokens}")
 
     if args.turns:
