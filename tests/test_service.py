@@ -75,6 +75,25 @@ async def test_cancel_stops_within_one_token(service):
     assert done.result.new_tokens < 1000
 
 
+async def test_the_event_loop_keeps_running_while_the_model_generates(service):
+    events = []
+
+    async def consume():
+        params = SamplingParams(temperature=0, max_new_tokens=1000)
+        async for event in service.stream_chat(CHAT, params, request_id="ui"):
+            events.append(event)
+
+    task = asyncio.create_task(consume())
+    while not events:  # other coroutines (a UI's key presses, redraws) run meanwhile
+        await asyncio.sleep(0.001)
+    for _ in range(3):
+        await asyncio.sleep(0.001)
+    service.cancel("ui")
+    await task
+    # Had generation blocked the loop, all 1000 tokens would be done before cancel() could run.
+    assert events[-1].result.finish_reason == "cancelled" and events[-1].result.new_tokens < 1000
+
+
 async def test_leaving_the_loop_early_cancels(service):
     calls = count_forward_calls(service)
     events = service.stream_chat(CHAT, SamplingParams(temperature=0, max_new_tokens=1000))
