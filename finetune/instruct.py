@@ -2,7 +2,8 @@
 
 Each conversation is rendered with `gpt.chat_template.render_training`; the loss is taken only on
 the assistant's tokens and each assistant turn's end-of-turn marker (so the model learns to stop).
-Every other target, and all padding, is IGNORE (-100).
+Every other target, and all padding, is IGNORE (-100); so are assistant turns marked
+"weight": 0, which are context only.
 
 Over-long conversations (more than `max_length` + 1 tokens, by default the model's context): the
 oldest exchanges are dropped, keeping a system message and the newest turns, until it fits; a
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.lora import LoRAConfig, adapter_state, apply_lora, lora_layers
-from gpt.chat_template import render_training
+from gpt.chat_template import render_message, render_training
 from gpt.errors import KettleError
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
@@ -86,7 +87,7 @@ def encode_conversation(messages: list[dict], tokenizer: Tokenizer, max_length: 
     system = messages[:1] if messages and messages[0].get("role") == "system" else []
     rest = messages[len(system):]
     while True:
-        ids, mask = render_training(system + rest, tokenizer)
+        ids, mask = _training_tokens(system + rest, tokenizer)
         if len(ids) <= max_length + 1:
             labels = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
             return Example(ids[:-1], labels)
@@ -95,6 +96,21 @@ def encode_conversation(messages: list[dict], tokenizer: Tokenizer, max_length: 
         if nxt is None or not any(m["role"] == "assistant" for m in rest[nxt:]):
             return None
         rest = rest[nxt:]
+
+
+def _training_tokens(messages: list[dict], tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
+    """`render_training`, except that assistant turns with "weight": 0 (OpenAI's convention; a
+    snapshot marks earlier answers that were not chosen so) are context, not targets."""
+    ids, mask = render_training(messages, tokenizer)
+    start = 0
+    for m in messages:
+        end = start + len(render_message(m, tokenizer))  # a conversation renders message by message
+        if m.get("weight") == 0:
+            mask[start:end] = [False] * (end - start)
+        start = end
+    if not any(mask):
+        raise KettleError("every assistant answer has weight 0: there is nothing to learn")
+    return ids, mask
 
 
 def prepare(conversations: list[list[dict]], tokenizer: Tokenizer, max_length: int,

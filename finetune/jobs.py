@@ -173,7 +173,11 @@ def _record_conversation(record) -> list[dict]:
         path.append(nodes[last])
         last = nodes[last].parent
     messages = [{"role": "system", "content": record.system_prompt}] if record.system_prompt else []
-    return messages + [{"role": n.role, "content": n.content} for n in reversed(path)]
+    for n in reversed(path):
+        messages.append({"role": n.role, "content": n.content})
+        if n.role == "assistant" and not (n.label and "ideal" in n.label):
+            messages[-1]["weight"] = 0  # context the file did not mark as an answer to learn
+    return messages
 
 
 def _save_examples(path: Path, tokenizer, train: list[Example], val: list[Example], stats: dict,

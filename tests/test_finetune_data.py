@@ -113,3 +113,14 @@ def test_defaults_follow_the_dataset_size():
     assert len(val) == 2 and sorted(train + val) == list(range(20))
     with pytest.raises(KettleError, match="context length"):
         resolve(SFTConfig(max_length=999), 20, 256)
+
+
+def test_weight_zero_answers_are_context_only(trained_tokenizer):
+    weighted = [dict(m) for m in CONVERSATION]
+    weighted[2]["weight"] = 0  # an earlier answer that was not chosen
+    example = encode_conversation(weighted, trained_tokenizer, max_length=1000)
+    runs = [trained_tokenizer.decode(r) for r in _labelled_runs(example)]
+    assert runs == ["A pot that brews tea: it never boils.<|end|>"]
+    weighted[4]["weight"] = 0
+    with pytest.raises(KettleError, match="weight 0"):
+        encode_conversation(weighted, trained_tokenizer, max_length=1000)
