@@ -103,7 +103,8 @@ def instruct_stage(brew) -> None:
     from gpt.pretrain import Display, pick_device
     from gpt.sampling import SamplingParams
 
-    deadline = time.monotonic() + brew.stage_seconds
+    # Training stops early enough to leave time for the evaluation, saving and sample after it.
+    deadline = time.monotonic() + brew.stage_seconds * 0.9 - 5
     device = pick_device(brew.device)
     model, tokenizer = load_model(brew.model_dir, device=device, dtype=torch.float32)
     examples, stats = prepare(python_qa_pairs(), tokenizer, model.config.context_length,
