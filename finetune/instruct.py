@@ -66,6 +66,9 @@ class SFTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SFTConfig":
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise KettleError(f"unknown fine-tuning settings: {', '.join(unknown)}")
         d = dict(d)
         d["lora"] = LoRAConfig.from_dict(d["lora"]) if d.get("lora") else None
         return cls(**d)

@@ -221,12 +221,13 @@ def execute(run_id: int, resume: bool = False, progress: bool = True,
         if run.kind != RUN_KIND:
             raise KettleError(f"run {run_id} is a {run.kind} run, not a fine-tuning run")
         spec = JobSpec(**run.config["spec"])
-        if resume and run.status not in ("cancelled", "failed"):
+        dist, device = init_distributed(spec.device)
+        # Under torchrun only rank 0 checks: it marks the run running before the others read it.
+        if dist.main and resume and run.status not in ("cancelled", "failed"):
             raise KettleError(f"run {run_id} is {run.status}; only cancelled or failed runs resume")
-        if not resume and run.status != "queued":
+        if dist.main and not resume and run.status != "queued":
             raise KettleError(f"run {run_id} is {run.status} (resume it with "
                               f"`kettle finetune resume {run_id}`)")
-        dist, device = init_distributed(spec.device)
         if dist.main:
             store.update_run(run_id, status="running", pid=os.getpid(), error="")
         try:
