@@ -352,25 +352,32 @@ def _autocast(device: torch.device, amp: torch.dtype | None):
 # --- progress display ---------------------------------------------------------------------------
 
 class Display:
-    """A rich progress bar with loss, tokens/s, MFU and ETA; lines for evaluations and samples."""
+    """A rich progress bar with loss, tokens/s, MFU and ETA; lines for evaluations and samples.
 
-    def __init__(self, enabled: bool, total: int, start: int, label: str = "pretraining"):
-        self.enabled = enabled
+    The bar measures steps, or time where a time budget runs out first, so that the ETA of a
+    time-limited run is its real end.
+    """
+
+    def __init__(self, enabled: bool, max_steps: int, max_time: float | None = None,
+                 label: str = "pretraining"):
+        self.enabled, self.max_steps, self.max_time = enabled, max_steps, max_time
         if not enabled:
             return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+        from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
 
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+            TextColumn("step {task.fields[step]}/{task.fields[max_steps]}"),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]}"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
         )
-        self.task = self.progress.add_task(label, total=total, completed=start, loss="-", speed="")
+        self.task = self.progress.add_task(label, total=1.0, step=0, max_steps=max_steps,
+                                           loss="-", speed="")
         self.progress.start()
 
     def step(self, step: int, loss: float | None, tokens_per_s: float | None,
-             mfu: float | None) -> None:
+             mfu: float | None, elapsed: float = 0.0) -> None:
         if not self.enabled:
             return
         fields = {}
@@ -378,7 +385,10 @@ class Display:
             fields["loss"] = f"{loss:.3f}"
         if tokens_per_s is not None:
             fields["speed"] = f"{tokens_per_s:,.0f} tok/s" + (f" MFU {mfu:.0%}" if mfu is not None else "")
-        self.progress.update(self.task, completed=step, **fields)
+        done = step / self.max_steps
+        if self.max_time:
+            done = max(done, elapsed / self.max_time)
+        self.progress.update(self.task, completed=min(1.0, done), step=step, **fields)
 
     def print(self, text: str) -> None:
         if self.enabled:
@@ -513,7 +523,7 @@ def pretrain(data: str | Path | None, out: str | Path, config: GPTConfig | None 
     cfg.validate()
     corpus.check_corpus(data)  # a missing, empty or binary corpus fails before any work
     dist, device = init_distributed(cfg.device)
-    display = Display(progress and dist.main, cfg.max_steps, 0, display_label)
+    display = Display(progress and dist.main, cfg.max_steps, cfg.max_time, display_label)
     try:
         if dist.main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -615,7 +625,7 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
     val_loss = None
     if not resume:
         initial_val = val_loss = run_eval(0)
-    display.step(step, None, None, None)
+    display.step(step, None, None, None, elapsed_before)
     samples: list[str] = []
     train_loss = None
     interrupted = False
@@ -647,7 +657,7 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
             log({"step": step, "loss": train_loss, "lr": lr, "tokens": step * tokens_per_step,
                  "tokens_per_s": tps, "grad_norm": float(grad_norm) if grad_norm is not None else None,
                  **({"mfu": mfu} if mfu is not None else {})})
-            display.step(step, train_loss, tps, mfu)
+            display.step(step, train_loss, tps, mfu, elapsed_before + time.perf_counter() - started)
             if on_step and dist.main:
                 on_step(step, train_loss)
             if not math.isfinite(train_loss):
