@@ -20,6 +20,12 @@ def test_top_k_leaves_exactly_the_k_largest(k):
     assert torch.equal(out[torch.isfinite(out)], logits[torch.isfinite(out)])  # survivors unchanged
 
 
+def test_top_k_keeps_at_most_k_even_with_ties():
+    logits = torch.tensor([1.0, 3.0, 3.0, 3.0, 0.5])
+    out = top_k_filter(logits, 2)
+    assert len(kept(out)) == 2 and kept(out) <= {1, 2, 3}
+
+
 def test_top_k_off_and_batched():
     logits = torch.randn(2, 50)
     assert torch.equal(top_k_filter(logits, 0), logits)
@@ -90,6 +96,33 @@ def test_sampler_seed_reproduces_and_respects_filters():
     assert len({d[0] for d in draws}) > 1  # it does sample
     a, b = Sampler(params, 1000, "cpu", [], 42), Sampler(params, 1000, "cpu", [], 42)
     assert [int(a(logits)) for _ in range(50)] == [int(b(logits)) for _ in range(50)]
+
+
+def reference_distribution(logits, params):
+    """The documented pipeline, written with the filter functions."""
+    x = top_k_filter(logits / params.temperature, params.top_k)
+    x = min_p_filter(top_p_filter(x, params.top_p), params.min_p)
+    return x.softmax(-1)
+
+
+@pytest.mark.parametrize("scale, params", [
+    (3.0, SamplingParams(temperature=0.8, top_k=6)),
+    (3.0, SamplingParams(temperature=0.8, top_p=0.7)),               # nucleus inside the candidates
+    (0.3, SamplingParams(temperature=1.0, top_p=0.9)),               # flat: nucleus of > 512 tokens
+    (0.3, SamplingParams(temperature=1.0, top_p=0.9, min_p=0.9)),    # flat, min_p decides
+    (3.0, SamplingParams(temperature=1.0, top_k=50, top_p=0.8, min_p=0.1)),
+    (3.0, SamplingParams(temperature=1.3, min_p=0.2)),
+    (2.0, SamplingParams(temperature=1.0)),
+])
+def test_sampler_draws_follow_the_filtered_distribution(scale, params):
+    logits = torch.randn(2000, generator=torch.Generator().manual_seed(3)) * scale
+    expected = reference_distribution(logits, params)
+    sampler = Sampler(params, 2000, "cpu", [], seed=11)
+    draws = torch.tensor([int(sampler(logits)) for _ in range(3000)])
+    counts = torch.bincount(draws, minlength=2000).float() / len(draws)
+    support = set(torch.nonzero(expected).flatten().tolist())
+    assert set(draws.tolist()) <= support  # never a token the filters remove
+    assert (counts - expected).abs().max() < 0.04  # and in the right proportions
 
 
 def test_greedy_is_argmax_and_penalties_change_it():
