@@ -1,14 +1,17 @@
 """Generation speed: Kettle's engine against Hugging Face transformers' generate(), same weights.
 
-    .venv/bin/python benchmarks/generate.py [--new-tokens 64] [--prompt-tokens 64] [--shapes gpt2 small]
-                                            [--device cpu] [--dtype float32] [--repeats 3]
+    .venv/bin/python benchmarks/generate.py [--shapes gpt2 small] [--sampling greedy top-p]
+        [--prompt-tokens 64] [--new-tokens 64] [--repeats 3] [--turns 10] [--threads N]
+        [--device cpu] [--dtype float32]
 
 For each shape (random weights, nothing downloaded) at batch 1: time to first token, decode
-tokens/s (tokens after the first / time after the first) and peak memory, greedy, a fixed number
-of new tokens (end-of-text does not stop either side). Each measurement runs in a fresh process so
-peak memory is its own (on CPU: the process's peak RSS, which includes PyTorch itself). Then time
-to first token at turn 1 vs turn 10 of a growing chat on the gpt2 shape, with prefix reuse, with
-the cache reset every turn, and transformers re-reading the whole conversation.
+tokens/s (tokens after the first / time after the first) and peak memory, greedy and with top-p
+sampling (temperature 0.7, top_p 0.9), a fixed number of new tokens (end-of-text stops neither
+side). The two sides' timed runs alternate in one process, so a busy machine slows both alike;
+peak memory is measured in a fresh process per side (on CPU: peak RSS during the generation,
+which includes PyTorch itself). Then time to first token per turn of a growing chat on the gpt2
+shape: with prefix reuse, with the cache reset every turn, and transformers' prefill of the
+whole conversation.
 """
 from __future__ import annotations
 
@@ -83,7 +86,7 @@ def prompt_ids(vocab_size: int, n: int) -> list[int]:
     return torch.randint(0, min(vocab_size, 50000), (n,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
-def kettle_runner(model, n_prompt, n_new):
+def kettle_runner(model, n_prompt, n_new, sampling):
     """A function doing one timed generation with Kettle's engine: (ttft_s, tokens/s, tokens)."""
     from gpt.engine import Engine
     from gpt.sampling import SamplingParams
@@ -92,7 +95,7 @@ def kettle_runner(model, n_prompt, n_new):
     engine = Engine(model, gpt2_tokenizer(), name="bench")
     engine.stop_ids = set()  # fixed length: end-of-text does not stop the benchmark
     ids = prompt_ids(model.config.vocab_size, n_prompt)
-    params = SamplingParams(temperature=0, max_new_tokens=n_new)
+    params = SamplingParams(max_new_tokens=n_new, **SAMPLING[sampling])
 
     def run():
         engine.reset()  # every run prefills the whole prompt
@@ -103,7 +106,7 @@ def kettle_runner(model, n_prompt, n_new):
     return run
 
 
-def hf_runner(model, n_prompt, n_new):
+def hf_runner(model, n_prompt, n_new, sampling):
     """The same with transformers' generate() on the same weights."""
     import torch
     from transformers import GenerationConfig
@@ -112,7 +115,8 @@ def hf_runner(model, n_prompt, n_new):
     hf = to_hf(model)
     ids = torch.tensor([prompt_ids(model.config.vocab_size, n_prompt)], device=model.wte.weight.device)
     mask = torch.ones_like(ids)
-    config = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    options = {"do_sample": True, "top_k": 0, **SAMPLING[sampling]} if sampling != "greedy" else {"do_sample": False}
+    config = GenerationConfig(max_new_tokens=n_new, eos_token_id=None, pad_token_id=0, **options)
 
     class Clock(BaseStreamer):
         """Times each token as generate() hands it over (the first call hands over the prompt)."""
@@ -138,16 +142,18 @@ def hf_runner(model, n_prompt, n_new):
     return run
 
 
+# greedy, and what a chat uses (top_p sorts the vocabulary in transformers, not in Kettle).
+SAMPLING = {"greedy": {"temperature": 0.0}, "top-p": {"temperature": 0.7, "top_p": 0.9}}
 RUNNERS = {"kettle": kettle_runner, "transformers": hf_runner}
 
 
-def measure_speed(shape, dtype, device, n_prompt, n_new, repeats, threads):
+def measure_speed(shape, dtype, device, n_prompt, n_new, sampling, repeats, threads):
     """Both sides in one process, runs interleaved, so a busy machine slows both alike."""
     import torch
 
     torch.set_num_threads(threads)
     model = build_model(shape, dtype, device)
-    runs = {name: make(model, n_prompt, n_new) for name, make in RUNNERS.items()}
+    runs = {name: make(model, n_prompt, n_new, sampling) for name, make in RUNNERS.items()}
     best = {}
     for i in range(repeats + 1):
         for name, run in runs.items():
@@ -157,12 +163,12 @@ def measure_speed(shape, dtype, device, n_prompt, n_new, repeats, threads):
     return best
 
 
-def measure_memory(name, shape, dtype, device, n_prompt, n_new):
+def measure_memory(name, shape, dtype, device, n_prompt, n_new, sampling):
     """Peak memory while one side generates, alone in its own process. The model it was
     converted from is freed first, so each side counts its own weights, cache and work."""
     import gc
 
-    run = RUNNERS[name](build_model(shape, dtype, device), n_prompt, n_new)
+    run = RUNNERS[name](build_model(shape, dtype, device), n_prompt, n_new, sampling)
     gc.collect()
     reset_peak_memory(device)
     run()
@@ -218,26 +224,33 @@ def main(argv=None):
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sampling", nargs="+", choices=list(SAMPLING), default=list(SAMPLING))
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
 
-    print(f"device {args.device}, {args.dtype}, {args.threads} threads, batch 1, greedy, "
+    print(f"device {args.device}, {args.dtype}, {args.threads} threads, batch 1, "
           f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, best of {args.repeats}")
-    print(f"{'shape':8} {'engine':13} {'TTFT ms':>8} {'decode tok/s':>13} {'peak MB':>8}")
+    print(f"{'shape':8} {'sampling':8} {'engine':13} {'TTFT ms':>8} {'decode tok/s':>13} {'peak MB':>8}")
     for shape in args.shapes:
-        common = (shape, args.dtype, args.device, args.prompt_tokens, args.new_tokens)
-        speed = in_child(measure_speed, *common, args.repeats, args.threads)
-        for name, r in speed.items():
-            peak = in_child(measure_memory, name, *common)
-            print(f"{shape:8} {name:13} {r['ttft_s'] * 1000:8.1f} {r['tokens_per_s']:13.1f} {peak:8.0f}")
-        ours, theirs = speed["kettle"], speed["transformers"]
-        same = next((i for i, (a, b) in enumerate(zip(ours["tokens"], theirs["tokens"])) if a != b), len(ours["tokens"]))
-        print(f"{shape:8} ratio kettle/transformers: decode {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "
-              f"TTFT {ours['ttft_s'] / theirs['ttft_s']:.2f}x (lower is better); "
-              f"greedy tokens identical for {same}/{args.new_tokens}")
+        for sampling in args.sampling:
+            common = (shape, args.dtype, args.device, args.prompt_tokens, args.new_tokens, sampling)
+            speed = in_child(measure_speed, *common, args.repeats, args.threads)
+            for name, r in speed.items():
+                peak = in_child(measure_memory, name, *common)
+                print(f"{shape:8} {sampling:8} {name:13} {r['ttft_s'] * 1000:8.1f} "
+                      f"{r['tokens_per_s']:13.1f} {peak:8.0f}")
+            ours, theirs = speed["kettle"], speed["transformers"]
+            line = (f"{shape:8} {sampling:8} kettle/transformers: decode "
+                    f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "
+                    f"TTFT {ours['ttft_s'] / theirs['ttft_s']:.2f}x (lower is better)")
+            if sampling == "greedy":  # same weights, same greedy choices: checks the conversion too
+                same = next((i for i, (a, b) in enumerate(zip(ours["tokens"], theirs["tokens"])) if a != b),
+                            len(ours["tokens"]))
+                line += f"; greedy tokens identical for {same}/{args.new_tokens}"
+            print(line)
 
     if args.turns:
         rows = in_child(measure_turns, args.dtype, args.device, args.turns, args.threads)
