@@ -87,8 +87,9 @@ def long_context_model_dir(tmp_path_factory, trained_tokenizer) -> Path:
 
 @pytest.fixture(scope="session")
 def chat_model_dir(tmp_path_factory, trained_tokenizer) -> Path:
-    """A tiny random chat model with a long context (1024), so an answer can run long enough
-    to be stopped; the app tests cap answers through config.json instead."""
+    """A tiny random chat model with a long context (4096), so an answer can run long enough
+    to be stopped (greedy decoding runs to the token limit); the app tests cap answers through
+    config.json."""
     import torch
 
     from gpt.checkpoint import save_model
@@ -96,7 +97,7 @@ def chat_model_dir(tmp_path_factory, trained_tokenizer) -> Path:
     from gpt.model import GPT
 
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=512, context_length=1024, n_layer=2, n_head=2, n_embd=32)
+    config = GPTConfig(vocab_size=512, context_length=4096, n_layer=2, n_head=2, n_embd=32)
     path = tmp_path_factory.mktemp("models") / "chat"
     save_model(GPT(config), path, trained_tokenizer)
     return path

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+
+import pytest
 
 from data.store import Store
 from test_app import SIZE, open_chat, type_text, views, wait_until, write_config
@@ -201,3 +205,54 @@ async def test_compare_sends_one_prompt_to_two_models(app_model, tiny_model_dir)
                          and "tok/s" in str(screen.query_one("#right-stats").render()), "two answers")
         assert "tiny" in str(screen.query_one("#left-title").render())
         assert "other" in str(screen.query_one("#right-title").render())
+
+
+@pytest.fixture
+def remote(chat_model_dir):
+    """`kettle serve` in this process: uvicorn on a free 127.0.0.1 port with an API key."""
+    from gpt.server import build_server, listen
+    from gpt.service import InProcessService
+
+    service = InProcessService(str(chat_model_dir))
+    server = build_server(service, "sk-test", log_level="warning")
+    sock = listen("127.0.0.1", 0)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    service.close()
+
+
+async def test_the_app_chats_through_a_server(remote):
+    write_config(sampling={"max_new_tokens": 8, "seed": 3})
+    app = KettleApp(server=remote, api_key="sk-test")
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)  # no local model needed: no welcome screen
+        await type_text(pilot, "hello")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: views(app) and views(app)[-1].message is not None
+                         and views(app)[-1].role == "assistant", "the answer")
+        stored = app.store.message(views(app)[-1].message_id)
+        assert stored.model == "chat" and 0 < stored.new_tokens <= 8
+        assert stored.content == views(app)[-1].content
+
+
+async def test_a_wrong_api_key_is_a_notification_not_a_traceback(remote):
+    write_config(sampling={"max_new_tokens": 8})
+    app = KettleApp(server=remote, api_key="wrong")
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await type_text(pilot, "hello")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: any(n.severity == "error" for n in app._notifications),
+                         "the error")
+        message = next(n.message for n in app._notifications if n.severity == "error")
+        assert "key" in message.lower() and "Traceback" not in message
+        assert not app.screen.generating
+        assert all(v.role != "assistant" for v in views(app))  # no empty answer left behind
+        await wait_until(pilot, lambda: app.store.stats()["assistant_messages"] == 0, "nothing stored")

@@ -229,8 +229,11 @@ class KettleApp(App):
 
     def model_name(self) -> str:
         info = self.service.active_model if self.service is not None else None
+        where = f" @ {self.server}" if self.server else ""
         if info is not None:
-            return info.name
+            return info.name + where
+        if self.server:
+            return f"server {self.server}"
         return "loading the model…" if self.service is not None else "no model"
 
     async def db(self, fn: Callable, *args, **kwargs):

@@ -1,6 +1,7 @@
 """The chat screen: conversations, streamed answers, branches, labels, sampling settings."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ from tui.widgets.sampling import SamplingPanel
 from tui.widgets.sidebar import ConversationList
 
 TITLE_CHARS = 48
-STATUS_EVERY_S = 0.1  # the live token counter redraws at most this often
+# While an answer streams, the Markdown and the live counter redraw at most this often: the
+# deltas in between are batched, so the UI thread leaves the CPU (and the GIL) to the model.
+FRAME_S = 1 / 20
 
 
 @dataclass
@@ -280,17 +283,22 @@ class ChatScreen(Screen):
         self.streamed_tokens = 0
         self.refresh_bindings()
         parts: list[str] = []
+        shown = 0  # how many of the parts are on screen
         result = model = None
-        started = last_status = time.monotonic()
+        started = last_frame = time.monotonic()
         try:
             async for event in service.stream_chat(chat, params, request_id=self.request_id):
                 if isinstance(event, Delta):
                     parts.append(event.text)
                     self.streamed_tokens += 1
-                    await stream.write(event.text)
+                    # Getting from a non-empty queue never yields: when the model outruns the
+                    # screen, let key presses and redraws in between every delta.
+                    await asyncio.sleep(0)
                     now = time.monotonic()
-                    if now - last_status >= STATUS_EVERY_S:
-                        last_status = now
+                    if now - last_frame >= FRAME_S:
+                        last_frame = now
+                        await stream.write("".join(parts[shown:]))
+                        shown = len(parts)
                         self.show_status(f"[b]writing…[/] {self.streamed_tokens} pieces · "
                                          f"{self.streamed_tokens / (now - started):.0f}/s  "
                                          "[dim]Esc stops[/]")
@@ -305,6 +313,8 @@ class ChatScreen(Screen):
                 service.cancel(request_id)
             self.refresh_bindings()
             self.show_status()
+            if result is None and not parts:
+                await view.remove()  # nothing was written: no empty answer left behind
         text = "".join(parts)
         if result is not None:
             text = result.text
@@ -357,6 +367,8 @@ class ChatScreen(Screen):
             self._focus_message(target)
         elif what in ("regenerate", "edit") and self.generating:
             self.notify("Kettle is still answering: Esc stops it.", severity="warning")
+        elif what == "regenerate" and message.role == "user":
+            await self.generate_from(message.id)  # e.g. after a failed answer
         elif what == "regenerate":
             await self.generate_from(message.parent_id)
         elif what == "edit":

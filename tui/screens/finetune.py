@@ -93,6 +93,14 @@ def make_plan(store: Store, base_name: str | None) -> Plan:
                 default_method(n_params, device), tokens)
 
 
+def count(n: int) -> str:
+    """1234 -> "1.2K", 124_439_808 -> "124.4M"."""
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.1f}{suffix}"
+    return str(n)
+
+
 def duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "—"
@@ -212,7 +220,7 @@ class FinetuneScreen(Screen):
         plan = self.plan
         if plan is None:
             return
-        params = f"{plan.n_params / 1e6:.1f}M parameters"
+        params = f"{count(plan.n_params)} parameters"
         self.query_one("#sheet-summary", Static).update(
             f"[b]{plan.n_examples} examples[/] from your labels (up-voted and corrected answers), "
             f"{plan.train_tokens:,} tokens.  Base: [b]{escape(plan.base.name)}[/], {params}, on {plan.device}.")

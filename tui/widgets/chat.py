@@ -173,7 +173,7 @@ class MessageView(Vertical, can_focus=True):
         if action == "request" and parameters and parameters[0] == "edit":
             return self.role == "user" and self.message is not None
         if action == "request" and parameters and parameters[0] == "regenerate":
-            return self.role == "assistant" and self.message is not None
+            return self.role in ("assistant", "user") and self.message is not None
         if action == "sibling":
             return self.position[1] > 1
         return True
