@@ -190,30 +190,40 @@ class Sampler:
         self.observe(token)
         return token
 
-    def _draw(self, logits: torch.Tensor) -> torch.Tensor:
-        """The filters above, computed on the few candidates that can survive them.
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """The probabilities [V] the next draw uses (penalties and filters applied)."""
+        probs, ids = self._candidates(apply_penalties(logits.float(), self.params, self.seen, self.counts))
+        probs = probs / probs.sum()
+        return probs if ids is None else torch.zeros_like(logits, dtype=probs.dtype).scatter(0, ids, probs)
 
-        Equivalent to top_k_filter, top_p_filter and min_p_filter in turn, then a draw: sorting
-        the whole vocabulary (what top_p_filter does) and torch.multinomial cost milliseconds a
-        token on a CPU, a top-k of a few hundred candidates and an inverse-CDF draw do not.
-        """
-        p = self.params
-        probs = (logits / p.temperature).softmax(-1)
-        ids = None  # None: probs is the whole vocabulary in token order
-        if 0 < p.top_k < probs.numel():
-            probs, ids = probs.topk(p.top_k)  # sorted, most likely first
-        if p.top_p < 1.0:
-            if ids is None:
-                probs, ids = _nucleus_candidates(probs, p.top_p, p.min_p)
-            # Drop a token when the tokens ranked before it already reach top_p of the mass.
-            probs = probs * ((probs.cumsum(0) - probs) < p.top_p * probs.sum())
-            probs[0] = probs[0].clamp(min=torch.finfo(probs.dtype).tiny)  # the best one stays
-        if p.min_p > 0.0:
-            probs = probs * (probs >= p.min_p * probs.max())
+    def _draw(self, logits: torch.Tensor) -> torch.Tensor:
+        probs, ids = self._candidates(logits)
         cdf = probs.double().cumsum(0)
         u = torch.rand(1, generator=self.generator, dtype=torch.float64, device=cdf.device) * cdf[-1]
         i = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.numel() - 1)[0]
         return i if ids is None else ids[i]
+
+    def _candidates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unnormalised probabilities of the tokens that can be drawn, and their ids (None: the
+        whole vocabulary in order). The same as top_k_filter, top_p_filter and min_p_filter in
+        turn, computed on the few candidates that can survive them: sorting the whole vocabulary
+        (as top_p_filter does) and torch.multinomial cost milliseconds a token on a CPU, a top-k
+        of a few hundred candidates and an inverse-CDF draw do not."""
+        p = self.params
+        probs = (logits / p.temperature).softmax(-1)
+        ids = None
+        if 0 < p.top_k < probs.numel():
+            probs, ids = probs.topk(p.top_k)  # sorted, most likely first
+        if p.top_p < 1.0:
+            total = probs.sum()  # the nucleus is a share of all the mass, not of the candidates'
+            if ids is None:
+                probs, ids = _nucleus_candidates(probs, p.top_p, p.min_p)
+            # Drop a token when the tokens ranked before it already reach top_p of the mass.
+            probs = probs * ((probs.cumsum(0) - probs) < p.top_p * total)
+            probs[0] = probs[0].clamp(min=torch.finfo(probs.dtype).tiny)  # the best one stays
+        if p.min_p > 0.0:
+            probs = probs * (probs >= p.min_p * probs.max())
+        return probs, ids
 
     def observe(self, token: torch.Tensor) -> None:
         if self.seen is not None:

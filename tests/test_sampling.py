@@ -108,6 +108,7 @@ def reference_distribution(logits, params):
 @pytest.mark.parametrize("scale, params", [
     (3.0, SamplingParams(temperature=0.8, top_k=6)),
     (3.0, SamplingParams(temperature=0.8, top_p=0.7)),               # nucleus inside the candidates
+    (1.2, SamplingParams(temperature=1.0, top_p=0.6)),               # candidates hold < all the mass
     (0.3, SamplingParams(temperature=1.0, top_p=0.9)),               # flat: nucleus of > 512 tokens
     (0.3, SamplingParams(temperature=1.0, top_p=0.9, min_p=0.9)),    # flat, min_p decides
     (3.0, SamplingParams(temperature=1.0, top_k=50, top_p=0.8, min_p=0.1)),
@@ -118,6 +119,7 @@ def test_sampler_draws_follow_the_filtered_distribution(scale, params):
     logits = torch.randn(2000, generator=torch.Generator().manual_seed(3)) * scale
     expected = reference_distribution(logits, params)
     sampler = Sampler(params, 2000, "cpu", [], seed=11)
+    assert torch.allclose(sampler.distribution(logits), expected, atol=1e-6)
     draws = torch.tensor([int(sampler(logits)) for _ in range(3000)])
     counts = torch.bincount(draws, minlength=2000).float() / len(draws)
     support = set(torch.nonzero(expected).flatten().tolist())
