@@ -9,6 +9,7 @@ import time
 import pytest
 
 from data.store import Store
+from test_download import hub  # noqa: F401 - the local stand-in for Hugging Face
 from test_app import SIZE, open_chat, type_text, views, wait_until, write_config
 from tui.app import KettleApp
 
@@ -256,3 +257,24 @@ async def test_a_wrong_api_key_is_a_notification_not_a_traceback(remote):
         assert not app.screen.generating
         assert all(v.role != "assistant" for v in views(app))  # no empty answer left behind
         await wait_until(pilot, lambda: app.store.stats()["assistant_messages"] == 0, "nothing stored")
+
+
+async def test_first_run_download_gpt2_then_chat(hub):
+    """A new user: no model, press g, pick GPT-2, and end up chatting with it (the download
+    comes from a local server standing in for Hugging Face)."""
+    write_config(sampling={"max_new_tokens": 4, "seed": 1})
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.current_mode == "welcome" and app.screen.query("Button"),
+                         "the welcome screen")
+        await pilot.press("g")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "ChoiceModal", "the sizes")
+        await pilot.press("enter")  # the first: gpt2
+        await open_chat(pilot, app)
+        assert app.store.active_model().name == "gpt2"
+        assert app.store.active_model().kind == "downloaded"
+        await type_text(pilot, "hi")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: views(app) and views(app)[-1].message is not None
+                         and views(app)[-1].role == "assistant", "the answer")
+        assert views(app)[-1].message.model == "gpt2"

@@ -1,11 +1,19 @@
 """Small dialogs: confirm, one line of text, a multi-line editor, a choice."""
 from __future__ import annotations
 
+import asyncio
+import codecs
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
 from textual import on, work
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, OptionList, Static, TextArea
+from textual.widgets import Button, Input, Log, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
 
 
@@ -101,9 +109,13 @@ class ChoiceModal(ModalScreen[str | None]):
         self.dismiss(event.option.id)
 
 
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
+
+
 class TaskModal(ModalScreen[bool]):
-    """Runs one `kettle ...` command as a child process and shows its output as it comes; the
-    app stays responsive, and Cancel stops the process. Dismisses with True on success."""
+    """Runs one `kettle ...` command as a child process and shows its output as it comes (its
+    progress bar live, on the line above the log); the app stays responsive, and Cancel stops
+    the process. Dismisses with True on success."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel", id="task.cancel")]
 
@@ -114,39 +126,31 @@ class TaskModal(ModalScreen[bool]):
         self.started = 0.0
 
     def compose(self):
-        from textual.widgets import Log, ProgressBar
-
         with Vertical(classes="dialog task-dialog"):
             yield Static(f"[b]{self.title_text}[/]", classes="dialog-title")
-            yield ProgressBar(total=None, show_eta=False, id="task-progress")
             yield Static("", id="task-elapsed")
+            yield Static("starting…", id="task-live", markup=False)
             yield Log(id="task-log", max_lines=2000)
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Cancel", variant="error", id="task-cancel")
 
     def on_mount(self) -> None:
-        import time
-
         self.started = time.monotonic()
         self.set_interval(1.0, self._tick)
         self.run_command()
 
     def _tick(self) -> None:
-        import time
-
         seconds = int(time.monotonic() - self.started)
         self.query_one("#task-elapsed", Static).update(f"[dim]{seconds // 60}:{seconds % 60:02d} elapsed[/]")
 
     @work(exclusive=True)
     async def run_command(self) -> None:
-        import asyncio
-        import os
-        import sys
-        from pathlib import Path
-
-        log = self.query_one("#task-log")
+        log = self.query_one("#task-log", Log)
+        live = self.query_one("#task-live", Static)
         root = Path(__file__).resolve().parent.parent.parent
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "100"}
+        # The child's rich progress bars draw as in a terminal (no colour), 100 columns wide.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "100", "TTY_INTERACTIVE": "1",
+               "TTY_COMPATIBLE": "1", "NO_COLOR": "1"}
         try:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "tui.cli", *self.args, stdout=asyncio.subprocess.PIPE,
@@ -156,16 +160,19 @@ class TaskModal(ModalScreen[bool]):
             self.notify(f"could not start kettle {' '.join(self.args)}: {exc}", severity="error")
             self.dismiss(False)
             return
-        last = ""
-        while True:
-            line = await self.process.stdout.readline()
-            if not line:
-                break
-            # Progress bars redraw with carriage returns: show the newest state of the line.
-            text = line.decode("utf-8", "replace").rstrip("\n").split("\r")[-1]
-            if text.strip():
-                log.write_line(text)
-                last = text
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        pending, last = "", ""
+        while chunk := await self.process.stdout.read(65536):
+            *lines, pending = (pending + decoder.decode(chunk)).split("\n")
+            for line in lines:
+                # A redrawn line keeps only its last state (after the last carriage return).
+                text = ANSI.sub("", line).split("\r")[-1].rstrip()
+                if text.strip():
+                    log.write_line(text)
+                    last = text
+            current = ANSI.sub("", pending).split("\r")[-1].strip()
+            if current:
+                live.update(current)
         code = await self.process.wait()
         if code == 0:
             self.dismiss(True)

@@ -61,26 +61,34 @@ def describe(store: Store, version: ModelVersion, active_id: int | None) -> str:
     return "\n".join(lines)
 
 
-def unique_name(store: Store, wanted: str) -> str:
+def unique_name(store: Store, wanted: str, own: Path | None = None) -> str:
+    """`wanted`, or `wanted-2`, ... : a name no version has and no other model directory uses
+    (`own` is the directory being named, which may already carry the name)."""
+    def taken(name: str) -> bool:
+        folder = models_dir() / name
+        return store.find_model_version(name) is not None or (
+            folder.exists() and (own is None or folder.resolve() != own.resolve()))
+
     name, n = wanted, 2
-    while store.find_model_version(name) is not None or (models_dir() / name).exists():
+    while taken(name):
         name, n = f"{wanted}-{n}", n + 1
     return name
 
 
 def register(store: Store, path: Path, kind: str, name: str | None = None) -> tuple[ModelVersion, bool]:
-    """Record a model directory unless the store already knows it; make it active when no model
-    is. Returns (version, activated)."""
+    """Record a model directory unless the store already knows it (the brew and download
+    commands may have), and make it active when no model is. Returns (version, is it active)."""
     for v in store.model_versions():
         if Path(v.path).resolve() == path.resolve():
             version = v
             break
     else:
-        version = store.add_model_version(unique_name(store, name or path.name), path, kind)
-    activated = store.active_model() is None
-    if activated:
+        version = store.add_model_version(unique_name(store, name or path.name, path), path, kind)
+    active = store.active_model()
+    if active is None:
         store.activate_model(version.id)
-    return version, activated
+        return version, True
+    return version, active.id == version.id
 
 
 def import_model(store: Store, source: str) -> tuple[ModelVersion, bool]:
@@ -122,7 +130,7 @@ async def brew_starter(app) -> None:
                                                 ["brew", "starter"])):
         return
     path = models_dir() / "starter"
-    version, activated = await app.db(register, app.store, path, "pretrained", "starter")
+    version, activated = await app.db(register, app.store, path, "starter", "starter")
     await after_new_model(app, version, activated)
 
 

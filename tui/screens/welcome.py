@@ -13,7 +13,7 @@ from tui.screens.models import brew_starter, download_gpt2, import_dir
 WELCOME = """\
 [b]Welcome to Kettle[/]
 
-Chat with a GPT that lives on this machine, label its answers with single keys,
+Chat with a GPT that lives on this machine, label its answers with single keys, \
 and fine-tune it on your labels with one more.
 
 There is no model yet. Pick one way to get one:"""
