@@ -126,7 +126,7 @@ def instruct_stage(brew: Brew) -> None:
 STAGES: list[Stage] = [
     Stage("corpus", build_corpus, 0.2),
     Stage("pretrain", pretrain_stage, 6.0),
-    Stage("instruct", instruct_stage, 1.5),
+    Stage("instruct", instruct_stage, 2.0),
 ]
 
 
