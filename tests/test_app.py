@@ -69,7 +69,7 @@ async def focus_answer(pilot, app) -> MessageView:
 
 @pytest.fixture
 def short_answers(app_model):
-    write_config(sampling={"max_new_tokens": 12, "seed": 7})
+    write_config(sampling={"max_new_tokens": 6, "seed": 7})
     return app_model
 
 
@@ -87,7 +87,7 @@ async def test_welcome_screen_when_there_is_no_model():
 
 
 async def test_send_a_message_and_see_the_streamed_answer_stored(app_model):
-    write_config(sampling={"max_new_tokens": 300, **LONG})
+    write_config(sampling={"max_new_tokens": 60, **LONG})
     app = KettleApp()
     async with app.run_test(size=SIZE) as pilot:
         await open_chat(pilot, app)
@@ -103,14 +103,14 @@ async def test_send_a_message_and_see_the_streamed_answer_stored(app_model):
         stored = app.store.message(answer.message_id)
         assert partial and min(partial) < stored.new_tokens, "the answer should appear as it is written"
         assert stored.role == "assistant" and stored.content == answer.content
-        assert stored.finish_reason == "length" and stored.new_tokens == 300
+        assert stored.finish_reason == "length" and stored.new_tokens == 60
         assert stored.model == "tiny" and stored.model_version_id is not None
-        assert stored.params["temperature"] == 0 and stored.params["max_new_tokens"] == 300
+        assert stored.params["temperature"] == 0 and stored.params["max_new_tokens"] == 60
         user = app.store.message(stored.parent_id)
         assert user.content == "hello"
         assert app.store.conversation(stored.conversation_id).title == "hello"
         footer = str(answer.query_one(".message-footer").render())
-        assert "tiny" in footer and "tok/s" in footer and "300 tokens" in footer
+        assert "tiny" in footer and "tok/s" in footer and "60 tokens" in footer
 
 
 async def test_label_an_answer_up_and_score_it(short_answers):
@@ -128,6 +128,20 @@ async def test_label_an_answer_up_and_score_it(short_answers):
         await wait_until(pilot, lambda: view.label.thumb is None, "the vote removed")
         assert app.store.label(view.message_id).thumb is None
         assert app.store.label(view.message_id).score == 4
+        await pilot.press("t")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "TextModal", "the tags box")
+        await type_text(pilot, "tone, facts")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: view.label.tags == ["tone", "facts"], "the tags")
+        await pilot.press("n")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "TextModal", "the note box")
+        await type_text(pilot, "too short")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: view.label.note == "too short", "the note")
+        label = app.store.label(view.message_id)
+        assert label.tags == ["tone", "facts"] and label.note == "too short" and label.score == 4
+        header = str(view.query_one(".message-header").render())
+        assert "#tone" in header and "✉ note" in header
 
 
 async def test_correct_an_answer_keeps_the_original(short_answers):

@@ -246,6 +246,16 @@ class KettleApp(App):
         they are plain text unless a caller asks for markup."""
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
 
+    def _handle_exception(self, error: Exception) -> None:
+        """A bug past start-up becomes a notification and a traceback in app.log, not the end
+        of the user's session. Headless runs (tests) keep Textual's behaviour, so bugs fail
+        loudly there."""
+        if self.is_headless or not self.ready.is_set():
+            super()._handle_exception(error)
+            return
+        self.notify(f"Something went wrong: {error_text(error)}. Details are in "
+                    f"{kettle_home() / 'app.log'}.", title="Error", severity="error", timeout=15)
+
     # -- settings ---------------------------------------------------------------------------
 
     def _remember_theme(self, theme) -> None:
