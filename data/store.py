@@ -1156,6 +1156,29 @@ class Store:
         row = self._row("SELECT model_version_id FROM activations ORDER BY id DESC LIMIT 1")
         return None if row is None else self.model_version(row["model_version_id"])
 
+    def register_model(self, path: str | Path, kind: str, *, name: str | None = None,
+                       hparams: dict | None = None, metrics: dict | None = None,
+                       activate_if_none: bool = True) -> tuple[ModelVersion, bool]:
+        """Record a model directory as a version, or merge `metrics` into the version already
+        recorded for that path. The name is the directory's (or `name`), made unique with -2, -3...
+        Returns (version, whether it became the active model because none was)."""
+        path = Path(path).expanduser().resolve()
+        with self.transaction():
+            version = next((v for v in self.model_versions() if Path(v.path).resolve() == path), None)
+            if version is not None:
+                if metrics:
+                    version = self.update_model_version(version.id, metrics=metrics)
+            else:
+                wanted = name or path.name
+                unique, n = wanted, 2
+                while self.find_model_version(unique) is not None:
+                    unique, n = f"{wanted}-{n}", n + 1
+                version = self.add_model_version(unique, path, kind, hparams=hparams, metrics=metrics)
+            activated = activate_if_none and self.active_model() is None
+            if activated:
+                self.activate_model(version.id)
+        return version, activated
+
     def activations(self) -> list[tuple[ModelVersion, float]]:
         """(version, activated_at), newest first."""
         return [(self.model_version(r["model_version_id"]), r["activated_at"]) for r in

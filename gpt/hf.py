@@ -6,7 +6,6 @@ otherwise the same, except that some files prefix them with `transformer.`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -16,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data.files import atomic_directory
+from data.files import atomic_directory, sha256_file
 from gpt.checkpoint import DTYPES, TIED, dtype_name, expected_tensors, load_model, save_model
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
@@ -187,7 +186,7 @@ def download_file(url: str, dest: Path, progress=None, timeout: float = 30.0) ->
     if size is not None and got != size:
         raise KettleError(f"{url}: got {got} bytes, expected {size}; run the command again to resume")
     if sha256 is not None:
-        digest = _sha256_file(part)
+        digest = sha256_file(part)
         if digest != sha256:
             part.unlink()
             raise KettleError(f"{url}: sha256 {digest} does not match the published {sha256}; "
@@ -207,14 +206,6 @@ def _sha256_header(response) -> str | None:
         if re.fullmatch(r"[0-9a-f]{64}", value):
             return value
     return None
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def download_gpt2(size: str, out_dir: str | Path, progress_factory=None, overwrite: bool = False) -> Path:

@@ -135,3 +135,17 @@ def test_hash_mismatch_is_refused_and_nothing_is_installed(hub, tmp_path):
 def test_unknown_size_is_refused(tmp_path):
     with pytest.raises(KettleError, match="unknown GPT-2 size"):
         download_gpt2("gpt3", tmp_path / "m")
+
+
+def test_downloaded_and_imported_models_are_registered(hub, tmp_path, kettle_home, capsys):
+    from data.store import Store
+
+    assert main(["download", "gpt2"]) == 0
+    assert main(["export-hf", str(kettle_home / "models" / "gpt2"), str(tmp_path / "exported")]) == 0
+    assert main(["import-hf", str(tmp_path / "exported"), str(tmp_path / "gpt2")]) == 0
+    with Store.open() as store:
+        versions = {v.name: v for v in store.model_versions()}
+        assert set(versions) == {"gpt2", "gpt2-2"}
+        assert versions["gpt2"].kind == "downloaded" and versions["gpt2-2"].kind == "imported"
+        assert store.active_model().name == "gpt2"
+    assert "now the active model" in capsys.readouterr().out

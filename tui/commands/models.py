@@ -30,6 +30,7 @@ def import_hf_command(args) -> int:
 
     out = import_hf(args.hf_dir, args.out_dir, overwrite=args.force)
     print(f"imported {args.hf_dir} -> {out}")
+    announce_registration(out, "imported")
     return 0
 
 
@@ -58,4 +59,14 @@ def download_command(args) -> int:
 
         download_gpt2(args.size, out, progress_factory=progress_factory, overwrite=args.force)
     print(f"downloaded {args.size} -> {out}")
+    announce_registration(out, "downloaded")
     return 0
+
+
+def announce_registration(path: Path, kind: str) -> None:
+    """Record the new model in the store, so the app lists it (and uses it when it has none)."""
+    from data.store import Store
+
+    with Store.open() as store:
+        version, activated = store.register_model(path, kind)
+    print(f"registered as model {version.name!r}" + (" (now the active model)" if activated else ""))
