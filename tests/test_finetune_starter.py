@@ -25,3 +25,31 @@ def test_python_qa_pairs_cover_builtins_and_the_stdlib():
     assert upper == ["Return a copy of the string converted to uppercase."]
     assert any("json.dumps" in q for q in by_question) and any("os.path." in q for q in by_question)
     assert all(p[0]["role"] == "user" and p[1]["role"] == "assistant" for p in pairs)
+
+
+def test_instruct_stage_fine_tunes_the_brewed_model(tmp_path, trained_tokenizer):
+    import time
+
+    import torch
+    from rich.console import Console
+
+    from finetune.starter import instruct_stage
+    from gpt.checkpoint import load_model, save_model
+    from gpt.config import GPTConfig
+    from gpt.model import GPT
+    from gpt.starter import Brew
+
+    torch.manual_seed(0)
+    save_model(GPT(GPTConfig(vocab_size=512, context_length=128, n_layer=2, n_head=2, n_embd=32)),
+               tmp_path / "pretrained", trained_tokenizer)
+    brew = Brew(tmp_path, "cpu", time.monotonic() + 60, Console(file=open(tmp_path / "log", "w")),
+                model_dir=tmp_path / "pretrained", stage_seconds=8.0)
+    started = time.monotonic()
+    instruct_stage(brew)
+    assert time.monotonic() - started < 8.0 + 5  # its share, give or take the set-up
+    assert brew.model_dir == tmp_path / "instruct"
+    load_model(brew.model_dir)
+    n = brew.notes
+    assert n["instruct_pairs"] > 500 and n["instruct_steps"] > 0
+    assert n["instruct_val_loss"] < n["instruct_val_loss_before"]
+    assert isinstance(n["answer_sample"], str)
