@@ -173,7 +173,7 @@ def main() -> None:
         env["KETTLE_HOME"] = str(home)
         term = Terminal(env)
         interactive = term.wait_for(b"Message Kettle", term.started)
-        loaded = term.wait_for(b"bench  Esc stops", term.started)
+        loaded = term.wait_for(b"bench  Shift+Tab", term.started)
         print(f"start-up: interactive (prompt on screen) {interactive:.2f} s; "
               f"model loaded {loaded:.2f} s  (cold process, imports included)")
         time.sleep(0.5)

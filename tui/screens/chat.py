@@ -134,7 +134,7 @@ class ChatScreen(Screen):
     def show_status(self, text: str | None = None) -> None:
         if text is None:
             model = self.app.model_name() if hasattr(self.app, "model_name") else ""
-            text = f"[b]{escape(model)}[/]  [dim]Esc stops · Tab/↑↓ focus a message to label it · F1 keys[/]"
+            text = f"[b]{escape(model)}[/]  [dim]Shift+Tab: to the messages (↑↓ move, u/d/1-5/c/t/n label) · F1 keys[/]"
         self.query_one("#chat-status", Static).update(text)
 
     # -- the conversation list --------------------------------------------------------------

@@ -25,6 +25,8 @@ from tui.app import guarded
 POLL_S = 0.5
 # Rough sustained training throughput (FLOP/s) for the time estimate; the run reports the truth.
 TRAIN_FLOPS = {"cpu": 2e10, "mps": 2e12, "cuda": 3e13}
+START_S = 15.0          # a new process: imports, loading the model, the first evaluation
+STEP_OVERHEAD_S = 0.2   # optimizer step, logging, evaluations, spread over the steps
 # Full fine-tuning keeps weights, gradients and two Adam moments: above these sizes LoRA is the
 # default (it trains ~1% of the weights and saves a small adapter).
 FULL_MAX_PARAMS = {"cpu": 200e6, "mps": 400e6, "cuda": 1.5e9}
@@ -67,9 +69,10 @@ def estimate_seconds(plan: Plan, method: str, epochs: int | None) -> tuple[float
                      n, 1 << 30)
     steps = config.epochs * math.ceil(n / config.max_batch_size)
     # forward + backward = 6 FLOPs per parameter per token (LoRA still runs the full backward
-    # through the activations, so it saves memory more than time: count it as 2/3).
+    # through the activations, so it saves memory more than time: count it as 2/3); small
+    # models are bound by the per-step overhead instead; plus starting the process.
     flops = 6 * plan.n_params * plan.train_tokens * config.epochs * (2 / 3 if method == "lora" else 1)
-    return flops / TRAIN_FLOPS[plan.device] + 10.0, steps  # + start-up and evaluation
+    return START_S + steps * STEP_OVERHEAD_S + flops / TRAIN_FLOPS[plan.device], steps
 
 
 def make_plan(store: Store, base_name: str | None) -> Plan:
@@ -166,6 +169,17 @@ class FinetuneScreen(Screen):
         yield Static("[b]Fine-tune[/]  [dim]teach the model your labelled answers[/]",
                      classes="screen-title")
         with VerticalScroll(id="finetune-body"):
+            with Vertical(id="finetune-progress-box"):
+                yield Static("", id="run-title")
+                yield ProgressBar(id="run-progress", show_eta=True)
+                yield Static("", id="run-stats")
+                yield Static("", id="loss-caption")
+                yield Sparkline([], id="loss-chart")
+                yield Static("", id="finetune-result")
+                with Horizontal(id="finetune-done-buttons"):
+                    yield Button("Cancel run  ctrl+x", id="ft-cancel", variant="error")
+                    yield Button("Switch to the new model  ctrl+w", id="ft-switch", variant="success")
+                    yield Button("Compare with the base  F6", id="ft-compare")
             with Vertical(id="finetune-sheet"):
                 yield Static("Reading your labels…", id="sheet-summary")
                 yield Label("Base model")
@@ -179,16 +193,6 @@ class FinetuneScreen(Screen):
                 yield Static("", id="sheet-estimate")
                 with Horizontal(id="finetune-buttons"):
                     yield Button("Start  ctrl+g", id="ft-start", variant="primary")
-            with Vertical(id="finetune-progress-box"):
-                yield Static("", id="run-title")
-                yield ProgressBar(id="run-progress", show_eta=True)
-                yield Static("", id="run-stats")
-                yield Sparkline([], id="loss-chart")
-                yield Static("", id="finetune-result")
-                with Horizontal(id="finetune-done-buttons"):
-                    yield Button("Cancel run  ctrl+x", id="ft-cancel", variant="error")
-                    yield Button("Switch to the new model  ctrl+w", id="ft-switch", variant="success")
-                    yield Button("Compare with the base  F6", id="ft-compare")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -222,7 +226,7 @@ class FinetuneScreen(Screen):
             return
         params = f"{count(plan.n_params)} parameters"
         self.query_one("#sheet-summary", Static).update(
-            f"[b]{plan.n_examples} examples[/] from your labels (up-voted and corrected answers), "
+            f"[b]{plan.n_examples} example{'s' if plan.n_examples != 1 else ''}[/] from your labels (up-voted and corrected answers), "
             f"{plan.train_tokens:,} tokens.  Base: [b]{escape(plan.base.name)}[/], {params}, on {plan.device}.")
         method = self.query_one("#ft-method", Select).value
         epochs = self._epochs()
@@ -237,7 +241,7 @@ class FinetuneScreen(Screen):
         seconds, steps = estimate_seconds(plan, str(method), epochs)
         default = " (the default for this size and device)" if method == plan.method else ""
         estimate.update(f"Method: [b]{'LoRA' if method == 'lora' else 'full'}[/]{default}.  "
-                        f"About [b]{steps} steps, {duration(seconds)}[/].  The model you chat with "
+                        f"Roughly [b]{steps} steps, {duration(seconds)}[/].  The model you chat with "
                         "stays until you switch.")
 
     def _epochs(self) -> int | None | bool:
@@ -296,6 +300,7 @@ class FinetuneScreen(Screen):
         self.query_one("#finetune-progress-box").display = True
         self.query_one("#finetune-sheet").display = False
         self.query_one("#loss-chart", Sparkline).data = []
+        self.query_one("#loss-caption", Static).update("")
         self.query_one("#finetune-result", Static).update("")
         self.poll(run_id)
 
@@ -324,7 +329,13 @@ class FinetuneScreen(Screen):
         bar = self.query_one("#run-progress", ProgressBar)
         if run.total_steps:
             bar.update(total=run.total_steps, progress=run.step)
-        self.query_one("#loss-chart", Sparkline).data = losses[-200:] or [0.0]
+        chart = self.query_one("#loss-chart", Sparkline)
+        chart.display = len(losses) >= 2  # one point would fill the whole chart
+        chart.data = losses[-200:]
+        if len(losses) >= 2:
+            self.query_one("#loss-caption", Static).update(
+                f"[dim]training loss, {len(losses)} readings: {max(losses):.3f} (high) … "
+                f"{min(losses):.3f} (low), now {losses[-1]:.3f}[/]")
         self.query_one("#run-title", Static).update(
             f"[b]Run {run.id}[/]: {run.status}  [dim]log: {escape(str(run.log_path))}[/]")
         stats = [f"step {run.step}/{run.total_steps or '?'}"]

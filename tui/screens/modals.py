@@ -74,7 +74,8 @@ class EditorModal(ModalScreen[str | None]):
         with Vertical(classes="dialog editor-dialog"):
             yield Static(f"[b]{self.title_text}[/]", classes="dialog-title")
             yield TextArea(self.text, soft_wrap=True, id="editor", tab_behavior="indent")
-            yield Static(f"[dim]{self.hint}Ctrl+S saves · Esc cancels[/]", classes="dialog-hint")
+            yield Static(f"[dim]{self.hint}Ctrl+S saves · Esc cancels · F7 selects all (type to replace)[/]",
+                         classes="dialog-hint")
 
     def on_mount(self) -> None:
         editor = self.query_one("#editor", TextArea)

@@ -76,6 +76,8 @@ class MessageView(Vertical, can_focus=True):
         Binding("right,]", "sibling(1)", "branch ▶", id="message.next"),
         Binding("up,k", "move(-1)", "Previous", show=False, id="message.focus_previous"),
         Binding("down,j", "move(1)", "Next", show=False, id="message.focus_next"),
+        Binding("pageup", "page(-1)", "Page up", show=False, id="message.page_up"),
+        Binding("pagedown", "page(1)", "Page down", show=False, id="message.page_down"),
     ]
 
     class LabelChange(Message):
@@ -201,6 +203,10 @@ class MessageView(Vertical, can_focus=True):
         self.notify("Copied the message (your terminal must allow clipboard access, OSC 52).",
                     timeout=3)
 
+    def action_page(self, step: int) -> None:
+        if self.parent is not None:
+            (self.parent.scroll_page_down if step > 0 else self.parent.scroll_page_up)()
+
     def action_move(self, step: int) -> None:
         views = list(self.parent.query_children(MessageView)) if self.parent else []
         index = views.index(self) + step
@@ -211,9 +217,9 @@ class MessageView(Vertical, can_focus=True):
             self.screen.focus_next()  # past the last message: the prompt
 
 
-class MessageList(VerticalScroll):
+class MessageList(VerticalScroll, can_focus=False):
     """The shown branch of a conversation. Sticks to the bottom while an answer streams, until
-    the user scrolls up."""
+    the user scrolls up. Not a Tab stop itself: Tab goes to the messages (which scroll it)."""
 
     def views(self) -> list[MessageView]:
         return list(self.query_children(MessageView))

@@ -64,8 +64,10 @@ class ConversationList(Vertical):
     def show_conversations(self, conversations, current_id: int | None, now: float) -> None:
         """Fill the list with conversations (store records), keeping the highlight on the
         current one."""
-        self._fill([Option(self._row(c.title or "New chat", when(c.updated_at, now)), id=f"c{c.id}")
-                    for c in conversations], f"c{current_id}" if current_id else None)
+        options = [Option(self._row(c.title or "New chat", when(c.updated_at, now)), id=f"c{c.id}")
+                   for c in conversations]
+        first = options[0].id if options else None  # Enter opens the newest at once
+        self._fill(options, f"c{current_id}" if current_id else first)
 
     def show_hits(self, hits) -> None:
         """Fill the list with search results (store SearchHit records)."""
