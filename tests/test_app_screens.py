@@ -278,3 +278,15 @@ async def test_first_run_download_gpt2_then_chat(hub):
         await wait_until(pilot, lambda: views(app) and views(app)[-1].message is not None
                          and views(app)[-1].role == "assistant", "the answer")
         assert views(app)[-1].message.model == "gpt2"
+
+
+def test_server_options_belong_to_the_app(capsys):
+    from tui.cli import build_parser, main
+
+    args = build_parser().parse_args(["--server", "http://127.0.0.1:8000", "--api-key", "k"])
+    assert (args.command, args.app_server, args.app_api_key) == (None, "http://127.0.0.1:8000", "k")
+    assert build_parser().parse_args(["serve", "--api-key", "k"]).app_api_key is None
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--server", "http://127.0.0.1:8000", "data", "stats"])
+    assert exit_info.value.code == 2
+    assert "use them without a command" in capsys.readouterr().err

@@ -27,9 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kettle",
         description="Chat with, label and fine-tune a GPT trained on your own machine.",
     )
-    parser.add_argument("--server", metavar="URL",
+    # Own dests: `kettle serve` has an --api-key of its own.
+    parser.add_argument("--server", metavar="URL", dest="app_server",
                         help="with no command: chat through a running `kettle serve` at URL")
-    parser.add_argument("--api-key", metavar="KEY", help="the API key that server asks for")
+    parser.add_argument("--api-key", metavar="KEY", dest="app_api_key",
+                        help="the API key that server asks for")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -39,10 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is not None and (args.app_server or args.app_api_key):
+        parser.error("--server and --api-key are for the app: use them without a command")
     if args.command is None:
         from tui.app import run_app
 
-        return run_app(server=args.server, api_key=args.api_key)
+        return run_app(server=args.app_server, api_key=args.app_api_key)
     try:
         return args.func(args) or 0
     except KettleError as exc:

@@ -175,9 +175,10 @@ def list_command(args) -> int:
     from rich.table import Table
 
     from data.store import Store
-    from finetune.jobs import RUN_KIND
+    from finetune.jobs import RUN_KIND, reap_dead_runs
 
     with Store.open() as store:
+        reap_dead_runs(store)
         runs = [r for r in store.runs() if r.kind == RUN_KIND]
         table = Table("run", "status", "base", "step", "loss", "val loss", "model", "error")
         for r in runs:
