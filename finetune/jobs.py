@@ -15,6 +15,7 @@ What a run writes while it goes (the app polls `store.run(id)` and `store.run_me
   resume never depends on the data file still being there), checkpoint.pt (after SIGTERM/SIGINT),
   metrics.jsonl, log.txt.
 
+`reap_dead_runs` marks a "running" run whose process is gone (killed, crashed) as failed.
 SIGTERM or Ctrl-C saves a checkpoint after the current step and marks the run "cancelled";
 `resume` continues it exactly (same batches, optimizer moments, RNG). Any error marks the run
 "failed" with the reason; out-of-memory is reported as such with what to change.
@@ -118,15 +119,29 @@ def cancel_run(store: Store, run_id: int) -> bool:
     """Ask a running run's process to checkpoint and stop (SIGTERM); False if it is not running."""
     import signal
 
+    reap_dead_runs(store)
     run = store.run(run_id)
     if run.status not in ("queued", "running") or not run.pid:
         return False
-    try:
-        os.kill(run.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        store.update_run(run_id, status="failed", error="the run's process had disappeared")
-        return False
+    os.kill(run.pid, signal.SIGTERM)
     return True
+
+
+def reap_dead_runs(store: Store) -> list[int]:
+    """Mark running fine-tuning runs whose process is gone (killed, crashed) as failed; their ids."""
+    dead = []
+    for run in store.runs(status="running"):
+        if run.kind != RUN_KIND or not run.pid:
+            continue
+        try:
+            os.kill(run.pid, 0)
+        except ProcessLookupError:
+            store.update_run(run.id, status="failed", error="the run's process ended without "
+                             "reporting (killed?); `kettle finetune resume` starts it again")
+            dead.append(run.id)
+        except PermissionError:  # alive, someone else's
+            pass
+    return dead
 
 
 # --- inputs ----------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import torch
 
 from data.paths import models_dir
 from data.store import Store
-from finetune.jobs import JobSpec, cancel_run, create_run, execute, run_dir, start_finetune
+from finetune.jobs import (JobSpec, cancel_run, create_run, execute, reap_dead_runs, run_dir,
+                          start_finetune)
 from gpt.checkpoint import load_model, save_model
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
@@ -203,3 +204,16 @@ def test_separate_process_records_progress_and_stops_on_cancel(store, base):
     run = store.run(run_id)
     assert run.status == "cancelled" and 3 <= run.step < run.total_steps
     assert (run_dir(run_id) / "checkpoint.pt").exists()
+
+
+def test_a_run_whose_process_died_is_marked_failed(store, base):
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    run = create_run(store, JobSpec(model="base", snapshot_id=_snapshot(store, 3)))
+    store.update_run(run.id, status="running", pid=gone.pid)
+    assert reap_dead_runs(store) == [run.id]
+    assert store.run(run.id).status == "failed" and "killed" in store.run(run.id).error
+    assert not cancel_run(store, run.id)
