@@ -51,7 +51,7 @@ class SFTConfig:
     batch_tokens: int = 8192  # padded tokens per batch
     max_batch_size: int | None = None
     max_length: int | None = None  # default: the model's context length
-    val_fraction: float | None = None
+    val_fraction: float | None = None  # held out; None: `default_val_fraction` (callers split)
     patience: int = 3  # evaluations without a better validation loss before stopping
     eval_every: int | None = None  # optimizer steps between validations
     weight_decay: float | None = None
@@ -222,8 +222,6 @@ def resolve(config: SFTConfig, n_train: int, context_length: int) -> SFTConfig:
         c.eval_every = max(1, min(steps_per_epoch, steps_per_epoch * c.epochs // 20))
     if c.weight_decay is None:
         c.weight_decay = 0.0 if c.lora else 0.1
-    if c.val_fraction is None:
-        c.val_fraction = 0.0  # resolved by the caller before splitting; recorded for the card
     for name in ("epochs", "batch_tokens", "max_batch_size", "patience", "eval_every"):
         if getattr(c, name) <= 0:
             raise KettleError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
