@@ -142,6 +142,11 @@ async def test_label_an_answer_up_and_score_it(short_answers):
         assert label.tags == ["tone", "facts"] and label.note == "too short" and label.score == 4
         header = str(view.query_one(".message-header").render())
         assert "#tone" in header and "✉ note" in header
+        # every key is also a command in the palette (Ctrl+P)
+        view.focus()
+        down = next(c for c in app.get_system_commands(app.screen) if c.title == "Message: Down")
+        down.callback()
+        await wait_until(pilot, lambda: view.label.thumb == -1, "the palette's vote")
 
 
 async def test_correct_an_answer_keeps_the_original(short_answers):

@@ -467,4 +467,11 @@ class ChatScreen(Screen):
         yield SystemCommand("Sampling settings", "Temperature, top-k/p, min-p, seed, system prompt "
                             "(ctrl+s)", self.action_toggle_sampling)
         yield SystemCommand("Search chats", "Full-text search over every chat (ctrl+f)", self.action_search)
+        view = self.focused if isinstance(self.focused, MessageView) else None
+        if view is not None:  # the focused message's keys, by name
+            for binding in MessageView.BINDINGS:
+                action, _, args = binding.action.partition("(")
+                if view.check_action(action, tuple(a.strip("'\"") for a in args.rstrip(")").split(",") if a)):
+                    yield SystemCommand(f"Message: {binding.description}", f"key {binding.key}",
+                                        lambda b=binding: view.call_later(view.run_action, b.action))
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.text import Text
 from textual import on, work
+from textual.app import SystemCommand
 from textual.binding import Binding
 from textual.markup import escape
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -245,5 +246,11 @@ class DatasetScreen(Screen):
 
     def action_reload(self) -> None:
         self.load()
+
+    def commands(self):
+        yield SystemCommand("Dataset: create a snapshot", "Freeze what would train now (s)",
+                            self.action_snapshot)
+        yield SystemCommand("Dataset: export", "Write what would train now to a file (e)",
+                            self.action_export)
 
 

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 from textual import on, work
+from textual.app import SystemCommand
 from textual.binding import Binding
 from textual.markup import escape
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -387,6 +388,14 @@ class FinetuneScreen(Screen):
         if action == "switch":
             return self.output is not None
         return True
+
+    def commands(self):
+        yield SystemCommand("Fine-tune: start", "Train on your labels now (ctrl+g)", self.action_start)
+        if self.check_action("cancel_run", ()):
+            yield SystemCommand("Fine-tune: cancel the run", "Stop after this step (ctrl+x)",
+                                self.action_cancel_run)
+        if self.check_action("switch", ()):
+            yield SystemCommand("Fine-tune: switch to the new model", "ctrl+w", self.action_switch)
 
     @on(Button.Pressed, "#ft-cancel")
     @work(group="finetune-cancel")

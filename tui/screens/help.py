@@ -69,4 +69,6 @@ class HelpScreen(ModalScreen):
             keys = keymap.get(binding.id, binding.key)
             shown = ", ".join(self.app.get_key_display(Binding(k, "")) for k in keys.split(","))
             table.add_row(place, shown, binding.description or binding.action, binding.id)
-        table.focus()
+        scroll = self.query_one(VerticalScroll)
+        scroll.focus()  # the tips first; arrows and PageDown scroll down to the table
+        scroll.scroll_home(animate=False)

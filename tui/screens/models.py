@@ -274,6 +274,12 @@ class ModelsScreen(Screen):
     def action_reload(self) -> None:
         self.load()
 
+    def commands(self):
+        version = self.selected()
+        if version is not None:
+            yield SystemCommand(f"Models: activate {version.name}", "Chat with it from now on (a)",
+                                self.action_activate)
+
 
 async def activate(app, version: ModelVersion) -> None:
     """Chat with `version` from now on: the service swaps the model without a restart and
