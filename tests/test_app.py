@@ -205,6 +205,8 @@ async def test_edit_an_earlier_message_and_ask_again(short_answers):
         answer = await ask(pilot, app, "hi")
         question = views(app)[0]
         question.focus()
+        await pilot.press("y")
+        assert app.clipboard == "hi"
         await pilot.press("e")
         await wait_until(pilot, lambda: app.screen.__class__.__name__ == "EditorModal", "the editor")
         app.screen.query_one("#editor").text = "hello instead"

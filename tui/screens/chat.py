@@ -156,6 +156,9 @@ class ChatScreen(Screen):
 
     @on(ConversationList.Selected)
     def _selected(self, event: ConversationList.Selected) -> None:
+        if self.generating:
+            self.notify("Kettle is still answering: Esc stops it.", severity="warning")
+            return
         self.open_conversation(event.conversation_id, event.message_id)
 
     @on(ConversationList.RenameRequested)
@@ -272,6 +275,7 @@ class ChatScreen(Screen):
         """Stream an answer to the branch ending at `parent_id` into a new message view, then
         store it (a cancelled answer is kept with what was written so far)."""
         service = self.app.service
+        conversation_id = self.conversation.id
         chat = await self.app.db(self.store.chat_messages, parent_id)
         params = self.params
         view = MessageView("assistant")
@@ -322,13 +326,15 @@ class ChatScreen(Screen):
         await view.body.update(text)
         if result is None:
             return
-        saved = await self.app.db(self._save_answer, parent_id, text, params, result, model)
+        saved = await self.app.db(self._save_answer, conversation_id, parent_id, text, params,
+                                  result, model)
         view.update(message=saved)
         await self.reload()
 
-    def _save_answer(self, parent_id: int, text: str, params: SamplingParams, result, model) -> Message:
+    def _save_answer(self, conversation_id: int, parent_id: int, text: str, params: SamplingParams,
+                     result, model) -> Message:
         version = self.store.find_model_version(model) if model else None
-        return self.store.add_message(self.conversation.id, "assistant", text, parent_id,
+        return self.store.add_message(conversation_id, "assistant", text, parent_id,
                                       model_version_id=version.id if version else None,
                                       model=model, params=params.to_dict(), generation=result)
 

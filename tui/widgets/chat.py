@@ -3,15 +3,20 @@
 They only draw and post Messages; the chat screen does the work (store, service)."""
 from __future__ import annotations
 
+import re
+
 from textual import on
 from textual.binding import Binding
-from textual.markup import escape
 from textual.containers import Vertical, VerticalScroll
+from textual.markup import escape
 from textual.message import Message
 from textual.widgets import Markdown, Static, TextArea
 
 from data.store import Label
 from data.store import Message as StoredMessage
+
+
+CODE_BLOCK = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
 def label_text(label: Label | None, markup: bool = True) -> str:
@@ -72,6 +77,7 @@ class MessageView(Vertical, can_focus=True):
         Binding("r", "request('regenerate')", "Regenerate", id="message.regenerate"),
         Binding("e", "request('edit')", "Edit & re-ask", id="message.edit"),
         Binding("y", "copy", "Copy", id="message.copy"),
+        Binding("Y", "copy_code", "Copy code", show=False, id="message.copy_code"),
         Binding("left,[", "sibling(-1)", "◀ branch", id="message.previous"),
         Binding("right,]", "sibling(1)", "branch ▶", id="message.next"),
         Binding("up,k", "move(-1)", "Previous", show=False, id="message.focus_previous"),
@@ -202,6 +208,14 @@ class MessageView(Vertical, can_focus=True):
         self.app.copy_to_clipboard(self.content)
         self.notify("Copied the message (your terminal must allow clipboard access, OSC 52).",
                     timeout=3)
+
+    def action_copy_code(self) -> None:
+        blocks = CODE_BLOCK.findall(self.content)
+        if not blocks:
+            self.notify("This message has no code block (y copies the whole message).", timeout=3)
+            return
+        self.app.copy_to_clipboard(blocks[-1])
+        self.notify(f"Copied the last code block ({len(blocks[-1].splitlines())} lines).", timeout=3)
 
     def action_page(self, step: int) -> None:
         if self.parent is not None:
