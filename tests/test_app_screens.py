@@ -84,6 +84,29 @@ async def test_finetune_shows_progress_to_the_end_and_offers_the_new_model(app_m
         assert views(app)[-1].message.model == new.name
 
 
+async def test_cancel_a_running_fine_tune(app_model):
+    with Store.open() as store:
+        labelled_chats(store)
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await pilot.press("f5")
+        await wait_until(pilot, lambda: app.current_mode == "finetune"
+                         and "10 examples" in str(app.screen.query_one("#sheet-summary").render()),
+                         "the fine-tune sheet")
+        screen = app.screen
+        screen.query_one("#ft-epochs").value = "1000"  # far more than the test will wait for
+        await pilot.press("ctrl+g")
+        await wait_until(pilot, lambda: screen.run is not None and screen.run.status == "running"
+                         and screen.run.step >= 1, "the first steps", timeout=60)
+        await pilot.press("ctrl+x")
+        await wait_until(pilot, lambda: screen.run.status == "cancelled", "the cancellation", timeout=60)
+        assert screen.run.step < screen.run.total_steps
+        assert "kettle finetune resume" in str(screen.query_one("#finetune-result").render())
+        assert not screen.query_one("#ft-switch").display
+        assert app.store.model_versions()[0].name == "tiny"  # no half model registered
+
+
 async def test_models_screen_switches_models_without_a_restart(app_model, tiny_model_dir):
     with Store.open() as store:
         other = store.add_model_version("other", tiny_model_dir, "imported")
