@@ -25,9 +25,13 @@ from tui.widgets.sampling import SamplingPanel
 from tui.widgets.sidebar import ConversationList
 
 TITLE_CHARS = 48
-# While an answer streams, the Markdown and the live counter redraw at most this often: the
-# deltas in between are batched, so the UI thread leaves the CPU (and the GIL) to the model.
+# While an answer streams, the Markdown and the live counter redraw at most every FRAME_S, plus
+# FRAME_S_PER_CHAR for every character already shown: the deltas in between are batched, and a
+# long answer (whose re-layout costs more each time) redraws less often, so key presses stay
+# quick and the UI thread leaves the CPU (and the GIL) to the model.
 FRAME_S = 1 / 20
+FRAME_S_PER_CHAR = 1 / 40_000
+MAX_FRAME_S = 0.5
 
 
 @dataclass
@@ -287,7 +291,7 @@ class ChatScreen(Screen):
         self.streamed_tokens = 0
         self.refresh_bindings()
         parts: list[str] = []
-        shown = 0  # how many of the parts are on screen
+        shown = chars = 0  # how many of the parts (and characters) are on screen
         result = model = None
         started = last_frame = time.monotonic()
         try:
@@ -299,10 +303,11 @@ class ChatScreen(Screen):
                     # screen, let key presses and redraws in between every delta.
                     await asyncio.sleep(0)
                     now = time.monotonic()
-                    if now - last_frame >= FRAME_S:
+                    if now - last_frame >= min(MAX_FRAME_S, FRAME_S + chars * FRAME_S_PER_CHAR):
                         last_frame = now
-                        await stream.write("".join(parts[shown:]))
-                        shown = len(parts)
+                        fresh = "".join(parts[shown:])
+                        await stream.write(fresh)
+                        shown, chars = len(parts), chars + len(fresh)
                         self.show_status(f"[b]writing…[/] {self.streamed_tokens} pieces · "
                                          f"{self.streamed_tokens / (now - started):.0f}/s  "
                                          "[dim]Esc stops[/]")
