@@ -8,7 +8,9 @@ import time
 
 import pytest
 
+from data.paths import models_dir
 from data.store import Store
+from gpt.hf import export_hf
 from test_download import hub  # noqa: F401 - the local stand-in for Hugging Face
 from test_app import SIZE, open_chat, type_text, views, wait_until, write_config
 from tui.app import KettleApp
@@ -132,7 +134,7 @@ async def test_models_screen_switches_models_without_a_restart(app_model, tiny_m
         assert app.store.active_model().name == "other"
 
 
-async def test_import_a_kettle_model_directory(app_model, tiny_model_dir):
+async def test_import_a_kettle_or_hugging_face_model_directory(app_model, tiny_model_dir, tmp_path):
     app = KettleApp()
     async with app.run_test(size=SIZE) as pilot:
         await open_chat(pilot, app)
@@ -151,6 +153,16 @@ async def test_import_a_kettle_model_directory(app_model, tiny_model_dir):
         await wait_until(pilot, lambda: app.store.find_model_version("tiny-2") is not None, "the import")
         assert app.store.model_version("tiny-2").kind == "imported"
         assert app.store.active_model().name == "tiny"  # importing does not switch
+        # a Hugging Face directory is converted into KETTLE_HOME/models first
+        export_hf(tiny_model_dir, tmp_path / "hf-tiny")
+        await pilot.press("i")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "TextModal", "the path box")
+        app.screen.query_one("#text").value = str(tmp_path / "hf-tiny")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.store.find_model_version("hf-tiny") is not None, "the HF import")
+        converted = app.store.model_version("hf-tiny")
+        assert converted.path == str(models_dir() / "hf-tiny") and (models_dir() / "hf-tiny").is_dir()
+        await wait_until(pilot, lambda: app.screen.query_one("#models-table").row_count == 3, "listed")
 
 
 async def test_dataset_counts_exclude_include_snapshot_and_export(app_model, tmp_path):
