@@ -79,6 +79,15 @@ def load_config(path: Path | None = None) -> tuple[dict, str | None]:
     return data, None
 
 
+def write_setting(key: str, value: Any) -> None:
+    """Set one key of config.json; a file the user must fix by hand is never overwritten."""
+    config, problem = load_config()
+    if problem:
+        return
+    config[key] = value
+    atomic_write_text(config_path(), json.dumps(config, indent=2) + "\n")
+
+
 def keymap_from(config: dict, known: set[str]) -> tuple[dict[str, str], list[str]]:
     """The "keys" setting as a Textual keymap, and one problem line per entry that is unusable."""
     keys = config.get("keys", {})
@@ -259,17 +268,15 @@ class KettleApp(App):
     # -- settings ---------------------------------------------------------------------------
 
     def _remember_theme(self, theme) -> None:
+        self.config["theme"] = theme.name
         self.save_setting("theme", theme.name)
 
-    def save_setting(self, key: str, value: Any) -> None:
-        """Change one setting in config.json (atomically), keeping every other key as it was."""
-        config, problem = load_config()
-        if problem:  # never overwrite a file the user must fix by hand
-            return
-        config[key] = value
-        self.config[key] = value
+    @work(group="settings", exclusive=True)
+    async def save_setting(self, key: str, value: Any) -> None:
+        """Change one setting in config.json (atomically, off the UI thread), keeping every
+        other key as it was."""
         try:
-            atomic_write_text(config_path(), json.dumps(config, indent=2) + "\n")
+            await asyncio.to_thread(write_setting, key, value)
         except OSError as exc:
             self.notify(f"could not save settings: {exc}", severity="warning")
 
