@@ -127,6 +127,7 @@ class ChatScreen(Screen):
         self.refresh_list()
         self.show_status()
         self.app.model_changed.subscribe(self, lambda _name: self.show_status())
+        self.mention_running_jobs()
 
     def on_screen_resume(self) -> None:
         self.show_status()
@@ -153,6 +154,14 @@ class ChatScreen(Screen):
             conversations = await self.app.db(self.store.list_conversations, 200)
             sidebar.show_conversations(conversations, self.conversation.id if self.conversation else None,
                                        self.app.clock())
+
+    @work(group="chat-jobs")
+    @guarded
+    async def mention_running_jobs(self) -> None:
+        """A fine-tune started before the app was closed keeps running: say so."""
+        runs = await self.app.db(self.store.runs, "running", 5)
+        if any(r.kind == "finetune" for r in runs):
+            self.notify("A fine-tune is running: F5 shows its progress.", timeout=8)
 
     @on(ConversationList.SearchChanged)
     def _search(self, event: ConversationList.SearchChanged) -> None:
