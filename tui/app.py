@@ -151,6 +151,7 @@ class KettleApp(App):
         self.config, config_problem = load_config()
         self._startup_problems = [config_problem] if config_problem else []
         self.ready = asyncio.Event()   # set once the store and service are up
+        self.load_failed = False
         # Published (with the model's name) when the service loads or switches a model.
         self.model_changed: Signal[str] = Signal(self, "model-changed")
 
@@ -230,9 +231,11 @@ class KettleApp(App):
         load = getattr(self.service, "load", None)
         if load is None:
             return
+        self.load_failed = False
         try:
             await asyncio.to_thread(load)
         except Exception as exc:  # noqa: BLE001
+            self.load_failed = True
             self.notify(error_text(exc), title="The model did not load", severity="error", timeout=15)
         self.model_changed.publish(self.model_name())
 
@@ -243,6 +246,8 @@ class KettleApp(App):
             return info.name + where
         if self.server:
             return f"server {self.server}"
+        if self.service is not None and self.load_failed:
+            return "the model did not load (F4: models)"
         return "loading the model…" if self.service is not None else "no model"
 
     async def db(self, fn: Callable, *args, **kwargs):
