@@ -373,3 +373,19 @@ async def test_a_broken_config_file_is_reported_and_left_alone(app_model):
         app.theme = "nord"
         await pilot.pause()
     assert config_path().read_text() == "{not json"
+
+
+async def test_a_missing_model_directory_is_a_notification(app_model):
+    import shutil
+
+    from data.paths import models_dir
+
+    shutil.rmtree(models_dir() / "tiny")
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await wait_until(pilot, lambda: app.load_failed, "the failed load")
+        await pilot.pause()
+        assert any("no such model directory" in n.message and n.severity == "error"
+                   for n in app._notifications)
+        assert "did not load" in str(app.screen.query_one("#chat-status").render())

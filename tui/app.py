@@ -240,15 +240,15 @@ class KettleApp(App):
         self.model_changed.publish(self.model_name())
 
     def model_name(self) -> str:
-        info = self.service.active_model if self.service is not None else None
+        if self.service is None:
+            return "no model"
+        if self.load_failed:
+            return "the model did not load (F4: models)"
+        info = self.service.active_model
         where = f" @ {self.server}" if self.server else ""
         if info is not None:
             return info.name + where
-        if self.server:
-            return f"server {self.server}"
-        if self.service is not None and self.load_failed:
-            return "the model did not load (F4: models)"
-        return "loading the model…" if self.service is not None else "no model"
+        return f"server {self.server}" if self.server else "loading the model…"
 
     async def db(self, fn: Callable, *args, **kwargs):
         """Run a blocking call (the store, the file system) off the UI thread."""

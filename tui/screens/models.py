@@ -293,5 +293,6 @@ async def activate(app, version: ModelVersion) -> None:
         await app.load_service()
     else:
         await app.service.switch_model(version.name)  # the service records the activation
+        app.load_failed = False
         app.model_changed.publish(app.model_name())
     app.notify(f"Now chatting with {version.name}.")
