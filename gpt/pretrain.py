@@ -698,40 +698,16 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
         plot_losses(metrics_path, run_dir / "loss.png")
         result.out = out
         if register:
-            register_model(out, "pretrained", hparams={"config": config.to_dict(),
-                                                       "train": dataclasses.asdict(cfg)},
-                           metrics={"train_loss": train_loss, "val_loss": val_loss,
-                                    "steps": step, "tokens": result.tokens})
+            from data.store import Store
+
+            with Store.open() as store:
+                store.register_model(
+                    out, "pretrained", activate_if_none=False,
+                    hparams={"config": config.to_dict(), "train": dataclasses.asdict(cfg)},
+                    metrics={"train_loss": train_loss, "val_loss": val_loss, "steps": step,
+                             "tokens": result.tokens})
     dist.barrier()
     return result
-
-
-def register_model(path: str | Path, kind: str, hparams: dict | None = None,
-                   metrics: dict | None = None, activate_if_none: bool = False) -> tuple[object, bool]:
-    """Record a model directory in the store as a model version (named after the directory,
-    made unique), or update the metrics of the version already recorded for that path.
-
-    Returns (the ModelVersion, whether it became the active model).
-    """
-    from data.store import Store
-
-    path = Path(path).expanduser().resolve()
-    with Store.open() as store:
-        version = next((v for v in store.model_versions() if Path(v.path) == path), None)
-        if version is not None:
-            version = store.update_model_version(version.id, metrics=metrics)
-        else:
-            taken = {v.name for v in store.model_versions()}
-            name = path.name
-            for n in range(2, 10_000):
-                if name not in taken:
-                    break
-                name = f"{path.name}-{n}"
-            version = store.add_model_version(name, path, kind, hparams=hparams, metrics=metrics)
-        activated = activate_if_none and store.active_model() is None
-        if activated:
-            store.activate_model(version.id)
-    return version, activated
 
 
 def read_metrics(path: str | Path) -> list[dict]:

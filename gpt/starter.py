@@ -181,10 +181,11 @@ def brew_starter(out: str | Path | None = None, minutes: float | None = None,
         shutil.copytree(brew.model_dir, tmp, dirs_exist_ok=True)
     seconds = time.monotonic() - started
     brew.notes["seconds"] = round(seconds, 1)
-    from gpt.pretrain import register_model
+    from data.store import Store
 
-    _, activated = register_model(out, "starter", hparams={"stages": [s.name for s in stages]},
-                                  metrics=brew.notes, activate_if_none=True)
+    with Store.open() as store:
+        _, activated = store.register_model(out, "starter", metrics=brew.notes,
+                                            hparams={"stages": [s.name for s in stages]})
     return StarterResult(out, seconds, brew.notes, activated)
 
 

@@ -78,17 +78,8 @@ def unique_name(store: Store, wanted: str, own: Path | None = None) -> str:
 def register(store: Store, path: Path, kind: str, name: str | None = None) -> tuple[ModelVersion, bool]:
     """Record a model directory unless the store already knows it (the brew and download
     commands may have), and make it active when no model is. Returns (version, is it active)."""
-    for v in store.model_versions():
-        if Path(v.path).resolve() == path.resolve():
-            version = v
-            break
-    else:
-        version = store.add_model_version(unique_name(store, name or path.name, path), path, kind)
-    active = store.active_model()
-    if active is None:
-        store.activate_model(version.id)
-        return version, True
-    return version, active.id == version.id
+    version, _ = store.register_model(path, kind, name=unique_name(store, name or path.name, path))
+    return version, store.active_model().id == version.id
 
 
 def import_model(store: Store, source: str) -> tuple[ModelVersion, bool]:
