@@ -39,17 +39,22 @@ def labelled_chats(store: Store, tag: str = "") -> list[int]:
     return ids
 
 
+async def open_finetune_sheet(pilot, app) -> None:
+    """From the chat, F5 to the fine-tune sheet once it has counted the 10 labelled examples."""
+    await open_chat(pilot, app)
+    await pilot.press("f5")
+    await wait_until(pilot, lambda: app.current_mode == "finetune"
+                     and "10 examples" in str(app.screen.query_one("#sheet-summary").render()),
+                     "the fine-tune sheet")
+
+
 async def test_finetune_shows_progress_to_the_end_and_offers_the_new_model(app_model):
     write_config(sampling={"max_new_tokens": 8, "seed": 1})
     with Store.open() as store:
         labelled_chats(store)
     app = KettleApp()
     async with app.run_test(size=SIZE) as pilot:
-        await open_chat(pilot, app)
-        await pilot.press("f5")
-        await wait_until(pilot, lambda: app.current_mode == "finetune"
-                         and "10 examples" in str(app.screen.query_one("#sheet-summary").render()),
-                         "the fine-tune sheet")
+        await open_finetune_sheet(pilot, app)
         screen = app.screen
         assert screen.query_one("#ft-base").value == "tiny"
         assert screen.query_one("#ft-method").value == "full"  # a tiny model on the CPU
@@ -91,11 +96,7 @@ async def test_cancel_a_running_fine_tune(app_model):
         labelled_chats(store)
     app = KettleApp()
     async with app.run_test(size=SIZE) as pilot:
-        await open_chat(pilot, app)
-        await pilot.press("f5")
-        await wait_until(pilot, lambda: app.current_mode == "finetune"
-                         and "10 examples" in str(app.screen.query_one("#sheet-summary").render()),
-                         "the fine-tune sheet")
+        await open_finetune_sheet(pilot, app)
         screen = app.screen
         screen.query_one("#ft-epochs").value = "1000"  # far more than the test will wait for
         await pilot.press("ctrl+g")
