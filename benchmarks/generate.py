@@ -54,7 +54,7 @@ def to_hf(model):
     if model.config.vocab_size <= config["eos_token_id"]:  # a small shape's vocabulary
         config.update(bos_token_id=None, eos_token_id=None)
     hf = GPT2LMHeadModel(GPT2Config(**config))
-    missing, unexpected = hf.load_state_dict(kettle_state_to_hf(model.state_dict()), strict=False)
+    missing, unexpected = hf.load_state_dict(kettle_state_to_hf(model.weights()), strict=False)
     assert not unexpected and all(m == "lm_head.weight" or m.endswith("attn.bias") for m in missing), (missing, unexpected)
     hf.tie_weights()
     return hf.to(device=model.wte.weight.device, dtype=dtype).eval()

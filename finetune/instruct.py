@@ -258,7 +258,7 @@ def trainable_state(model: GPT) -> dict[str, torch.Tensor]:
     """What training changes: the adapter under LoRA, else every weight."""
     if lora_layers(model):
         return {k: v.clone() for k, v in adapter_state(model).items()}
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    return {k: v.detach().cpu().clone() for k, v in model.weights().items()}
 
 
 def load_trainable_state(model: GPT, state: dict[str, torch.Tensor]) -> None:

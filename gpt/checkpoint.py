@@ -1,6 +1,6 @@
 """Kettle's one checkpoint format: a model directory.
 
-    model.safetensors   the weights (the tied output head is not stored twice)
+    model.safetensors   the weights (a tied output head is not stored twice)
     config.json         {"kettle_format": 1, "dtype": ..., "tokenizer": ..., "config": GPTConfig}
     tokenizer.json      only when the model does not use GPT-2's encoding
 
@@ -27,7 +27,6 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TIED = "lm_head.weight"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -38,7 +37,7 @@ def expected_tensors(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     """Every stored tensor's name and shape for `config`, derived from the model itself."""
     with torch.device("meta"):
         model = GPT(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name != TIED}
+    return {name: tuple(t.shape) for name, t in model.weights().items()}
 
 
 def save_model(model: GPT, directory: str | Path, tokenizer: Tokenizer | None = None,
@@ -48,8 +47,7 @@ def save_model(model: GPT, directory: str | Path, tokenizer: Tokenizer | None = 
     if tokenizer is not None and tokenizer.n_vocab > model.config.vocab_size:
         raise KettleError(f"tokenizer has {tokenizer.n_vocab} tokens but the model only "
                           f"{model.config.vocab_size}")
-    state = {name: t.detach().contiguous().cpu()
-             for name, t in model.state_dict().items() if name != TIED}
+    state = {name: t.detach().contiguous().cpu() for name, t in model.weights().items()}
     dtypes = {t.dtype for t in state.values()}
     if len(dtypes) != 1:
         raise KettleError(f"model mixes dtypes {sorted(map(str, dtypes))}; cast it to one first")
@@ -147,7 +145,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict(state, strict=False, assign=True)
-    model.lm_head.weight = model.wte.weight
+    model.tie_weights()
     model.to(device=device, dtype=dtype or DTYPES[meta["dtype"]])
     return model.eval(), tokenizer
 

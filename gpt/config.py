@@ -19,6 +19,10 @@ class GPTConfig:
     dropout: float = 0.0
     # GPT-2 has biases in its attention projections; they are needed to load its weights.
     qkv_bias: bool = True
+    # GPT-2 ties the output head to the token embedding. An untied head is the book's GPTModel:
+    # its own output matrix, and embeddings initialised N(0, 1) as PyTorch does by default, which
+    # lets a model trained from scratch on a small text memorise it far sooner (chapter 5).
+    tie_embeddings: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
@@ -27,6 +31,9 @@ class GPTConfig:
                 raise KettleError(f"config: {name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise KettleError(f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        for name in ("qkv_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise KettleError(f"config: {name} must be true or false, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise KettleError(f"config: dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -75,6 +82,9 @@ PRESETS: dict[str, GPTConfig] = {
     # vocabulary the embedding alone would dominate the parameter count.
     "tiny": GPTConfig(vocab_size=4096, context_length=256, n_layer=4, n_head=4, n_embd=128),  # ~1.3M
     "small": GPTConfig(vocab_size=8192, context_length=512, n_layer=6, n_head=6, n_embd=384),  # ~14M
+    # The book's GPT_CONFIG_124M: GPT-2's shape with context 256, no attention biases, dropout 0.1
+    # and an untied output head (162M parameters with it).
+    "book-124m": GPTConfig(context_length=256, dropout=0.1, qkv_bias=False, tie_embeddings=False),
 }
 
 

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from data.files import atomic_directory, sha256_file
-from gpt.checkpoint import DTYPES, TIED, dtype_name, expected_tensors, load_model, save_model
+from gpt.checkpoint import DTYPES, dtype_name, expected_tensors, load_model, save_model
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
 from gpt.model import GPT
@@ -40,6 +40,7 @@ def config_from_hf(data: dict, source: str) -> GPTConfig:
             vocab_size=data["vocab_size"],
             context_length=data.get("n_positions", data.get("n_ctx")),
             n_layer=data["n_layer"], n_head=data["n_head"], n_embd=data["n_embd"],
+            tie_embeddings=data.get("tie_word_embeddings", True),
         )
     except KeyError as exc:
         raise KettleError(f"{source}: missing key {exc.args[0]}") from None
@@ -61,25 +62,28 @@ def config_to_hf(config: GPTConfig, dtype: str) -> dict:
         "initializer_range": 0.02,
         "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
         "bos_token_id": 50256, "eos_token_id": 50256,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": config.tie_embeddings,
         "torch_dtype": dtype,
     }
 
 
-def hf_state_to_kettle(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def hf_state_to_kettle(state: dict[str, torch.Tensor], tied: bool = True) -> dict[str, torch.Tensor]:
+    """Kettle's names and layout; a tied head, if the file stores it anyway, is dropped."""
     out = {}
     for name, tensor in state.items():
         name = name.removeprefix("transformer.")
-        if name == TIED or IGNORED.match(name):
+        if (tied and name == "lm_head.weight") or IGNORED.match(name):
             continue
         out[name] = tensor.t().contiguous() if CONV1D.match(name) else tensor
     return out
 
 
 def kettle_state_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel's names and layout for a state without the tied head (GPT.weights())."""
     return {
-        f"transformer.{name}": (t.t() if CONV1D.match(name) else t).contiguous()
-        for name, t in state.items() if name != TIED
+        name if name == "lm_head.weight" else f"transformer.{name}":
+            (t.t() if CONV1D.match(name) else t).contiguous()
+        for name, t in state.items()
     }
 
 
@@ -101,7 +105,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = False) 
         raise KettleError(f"{weights}: missing{hint}")
     try:
         with safe_open(str(weights), framework="pt") as f:
-            state = hf_state_to_kettle({name: f.get_tensor(name) for name in f.keys()})
+            state = hf_state_to_kettle({name: f.get_tensor(name) for name in f.keys()},
+                                       tied=config.tie_embeddings)
     except SafetensorError as exc:
         raise KettleError(f"{weights}: corrupt or truncated safetensors file ({exc})") from None
     expected = expected_tensors(config)
@@ -119,7 +124,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = False) 
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-    model.lm_head.weight = model.wte.weight
+    model.tie_weights()
     return save_model(model, out_dir, tokenizer=None, overwrite=overwrite)
 
 
@@ -127,7 +132,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
     """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads."""
     model, tokenizer = load_model(model_dir)
     dtype = dtype_name(model.wte.weight.dtype)
-    state = kettle_state_to_hf(model.state_dict())
+    state = kettle_state_to_hf(model.weights())
     out_dir = Path(out_dir)
     try:
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:

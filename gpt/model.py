@@ -1,4 +1,4 @@
-"""The GPT-2 model in one file: embeddings, pre-LayerNorm blocks, tied output head.
+"""The GPT-2 model in one file: embeddings, pre-LayerNorm blocks, (usually tied) output head.
 
 Parameter names follow Hugging Face's GPT-2 (wte, wpe, h.N.attn.c_attn, ...) so that checkpoints
 map one to one; the only difference is that Kettle uses nn.Linear ([out, in]) where GPT-2 has
@@ -113,8 +113,11 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+        self.tie_weights()
         self.apply(self._init_weights)
+        if not config.tie_embeddings:  # the book's (PyTorch's default) embedding init
+            nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
+            nn.init.normal_(self.wpe.weight, mean=0.0, std=1.0)
         # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layer):
         # each block adds to it twice.
         for name, p in self.named_parameters():
@@ -129,6 +132,20 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def tie_weights(self) -> None:
+        """Share the token embedding with the output head, as GPT-2 does (when the config ties them).
+        Loading with assign=True replaces parameters, so loaders call this again afterwards."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The state dict without the tied head, which is the embedding stored a second time:
+        what checkpoints hold."""
+        state = self.state_dict()
+        if self.config.tie_embeddings:
+            del state["lm_head.weight"]
+        return state
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

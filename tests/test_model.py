@@ -136,8 +136,43 @@ def test_output_head_is_tied_and_residual_projections_scaled():
     assert fc == pytest.approx(0.02, rel=0.05)
 
 
+def test_an_untied_head_is_its_own_matrix_and_survives_save_load_and_hf(tmp_path):
+    config = CONFIG.replace(tie_embeddings=False)
+    torch.manual_seed(4)
+    model = GPT(config).eval()
+    assert model.lm_head.weight is not model.wte.weight
+    # The book's init: N(0, 1) embeddings, while the head keeps GPT-2's small init.
+    assert model.wte.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    assert model.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    idx = torch.randint(0, CONFIG.vocab_size, (1, 30))
+    with torch.no_grad():
+        expected = model(idx)
+    save_model(model, tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")
+    assert loaded.lm_head.weight is not loaded.wte.weight
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), expected)
+        export_hf(tmp_path / "m", tmp_path / "hf")
+        reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+        assert not reloaded.config.tie_word_embeddings
+        assert (reloaded(idx).logits - expected).abs().max().item() < 1e-4
+        import_hf(tmp_path / "hf", tmp_path / "back")
+        back, _ = load_model(tmp_path / "back")
+        assert not back.config.tie_embeddings
+        assert torch.equal(back(idx), expected)
+
+
+def test_a_tied_checkpoint_does_not_load_as_untied(tmp_path):
+    save_model(GPT(CONFIG), tmp_path / "m")
+    meta = (tmp_path / "m" / "config.json").read_text().replace('"tie_embeddings": true',
+                                                                 '"tie_embeddings": false')
+    (tmp_path / "m" / "config.json").write_text(meta)
+    with pytest.raises(KettleError, match="missing tensor lm_head.weight"):
+        load_model(tmp_path / "m")
+
+
 @pytest.mark.parametrize("name,millions", [("gpt2", 124), ("gpt2-medium", 355), ("gpt2-large", 774),
-                                           ("gpt2-xl", 1558)])
+                                           ("gpt2-xl", 1558), ("book-124m", 162)])
 def test_presets_have_gpt2_sizes(name, millions):
     config = get_preset(name)
     with torch.device("meta"):
@@ -161,3 +196,5 @@ def test_config_rejects_bad_values():
         get_preset("gpt5")
     with pytest.raises(KettleError, match="unknown config keys"):
         GPTConfig.from_dict({"n_layers": 3})
+    with pytest.raises(KettleError, match="tie_embeddings must be true or false"):
+        GPTConfig.from_dict({"tie_embeddings": "no"})
