@@ -4,7 +4,8 @@
         [--prompt-tokens 64] [--new-tokens 64] [--repeats 3] [--turns 10] [--threads N]
         [--device cpu] [--dtype float32]
 
-For each shape (random weights, nothing downloaded) at batch 1: time to first token, decode
+For each shape (random weights, nothing downloaded; gpt2 is GPT-2 124M, small and tiny the presets
+of 14M and 1.3M parameters) at batch 1: time to first token, decode
 tokens/s (see measure_speed) and peak memory, greedy and with top-p
 sampling (temperature 0.7, top_p 0.9), a fixed number of new tokens (end-of-text stops neither
 side). The two sides' timed runs alternate in one process, so a busy machine slows both alike;
@@ -160,6 +161,28 @@ def measure_speed(shape, dtype, device, n_prompt, n_new, sampling, repeats, thre
                 ttft, total = t1[c] - t0[c], t2[c] - t1[c]
                 b[f"ttft_{c}"] = min(b.get(f"ttft_{c}", ttft), ttft)
                 b[f"tps_{c}"] = max(b.get(f"tps_{c}", 0.0), (n_new - 1) / max(total - ttft, 1e-9))
+    best["floor"] = weights_floor(model)
+    return best
+
+
+def weights_floor(model, repeats=10):
+    """Seconds per token that no batch-1 decoder can beat on this machine: the matrix-vector
+    products with every weight matrix of the model (each read from memory once), and nothing
+    else. The best of `repeats` passes."""
+    import torch
+    import torch.nn.functional as F
+
+    matrices = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device) for w in matrices}
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            for w in matrices:
+                F.linear(inputs[w.shape[1]], w)
+            if w.device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
     return best
 
 
@@ -220,7 +243,7 @@ def in_child(fn, *args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=["gpt2", "small"])
+    parser.add_argument("--shapes", nargs="+", default=["gpt2", "small", "tiny"])
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -239,6 +262,7 @@ def main(argv=None):
         for sampling in args.sampling:
             common = (shape, args.dtype, args.device, args.prompt_tokens, args.new_tokens, sampling)
             speed = in_child(measure_speed, *common, args.repeats, args.threads)
+            floor = speed.pop("floor")
             for name, r in speed.items():
                 peak = in_child(measure_memory, name, *common)
                 print(f"{shape:8} {sampling:8} {name:13} {r['ttft_wall'] * 1000:8.1f} {r['tps_wall']:13.1f} "
@@ -252,6 +276,10 @@ def main(argv=None):
                             len(ours["tokens"]))
                 line += f"; greedy tokens identical for {same}/{args.new_tokens}"
             print(line)
+            print(f"{shape:8} {sampling:8} weights-only floor (each weight matrix times one vector, nothing "
+                  f"else): {1 / floor:.1f} tok/s; kettle reaches {ours['tps_wall'] * floor:.0%} of it, "
+                  f"transformers {theirs['tps_wall'] * floor:.0%}, so at most "
+                  f"{1 / (floor * theirs['tps_wall']):.2f}x transformers is possible here")
 
     if args.turns:
         rows = in_child(measure_turns, args.dtype, args.device, args.turns, args.threads)

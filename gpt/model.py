@@ -30,6 +30,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
+        self.scale = 1.0 / math.sqrt(config.head_dim)  # attention's, kept here to be computed once
 
     def truncate(self, pos: int) -> None:
         if not 0 <= pos <= self.pos:
@@ -44,38 +45,50 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x is [B, T, C]; or [B, C] for a decoding step (one new token per sequence, cached)."""
+        y = self._decode_step(x, cache, layer) if x.dim() == 2 else self._attend(x, cache, layer)
+        return _dropout(self.c_proj(y), self.dropout, self.training)
+
+    def _attend(self, x, cache, layer):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        mask, is_causal = None, T > 1
+        mask, is_causal = None, True
         if cache is not None:
             start, end = cache.pos, cache.pos + T
             cache.k[layer, :B, :, start:end] = k
             cache.v[layer, :B, :, start:end] = v
             if start > 0:  # with nothing cached before, the new keys and values are all there is
                 k, v = cache.k[layer, :B, :, :end], cache.v[layer, :B, :, :end]
-            if start > 0 and T > 1:
                 # New queries sit after the cached positions: SDPA's is_causal aligns the mask to
                 # the top-left corner, so the offset mask is built here.
                 mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
                 is_causal = False
-        if cache is not None and T == 1 and x.device.type == "cpu":
-            # One query (a decoding step): on the CPU a plain matmul-softmax is many times faster
-            # than SDPA's flash kernel, whose threading overhead dominates at this size.
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-            y = att.softmax(dim=-1) @ v
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal,
-                dropout_p=self.dropout if self.training else 0.0,
-            )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return y.transpose(1, 2).contiguous().view(B, T, C)
+
+    def _decode_step(self, x, cache, layer):
+        """Attention for one new query per sequence. Every decoded token pays for each op here,
+        and at batch 1 the ops are tiny, so there are few of them: 2-D activations, batched
+        matmuls over (sequence, head) and no transposes. SDPA's kernels cost more than the work
+        itself at this size."""
+        B, C = x.shape
+        H, pos = self.n_head, cache.pos
+        q, k, v = self.c_attn(x).view(B, 3, H, C // H).unbind(1)  # each [B, H, head_dim]
+        cache.k[layer, :B, :, pos] = k
+        cache.v[layer, :B, :, pos] = v
+        keys = cache.k[layer, :B, :, :pos + 1].reshape(B * H, pos + 1, C // H)  # views, no copy
+        values = cache.v[layer, :B, :, :pos + 1].reshape(B * H, pos + 1, C // H)
+        att = torch.bmm(q.reshape(B * H, 1, C // H), keys.transpose(1, 2)) * cache.scale
+        # [B * H, 1, head_dim] has the memory layout of [B, C].
+        return torch.bmm(att.softmax(dim=-1), values).view(B, C)
 
 
 class MLP(nn.Module):
@@ -83,11 +96,16 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GPT-2 uses the tanh approximation of GELU; the exact form would not match its weights.
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return _dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), self.dropout, self.training)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    # A function rather than nn.Dropout modules: in inference it costs nothing per call.
+    return F.dropout(x, p, training=True) if training and p else x
 
 
 class Block(nn.Module):
@@ -109,7 +127,6 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.context_length, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -161,13 +178,16 @@ class GPT(nn.Module):
                              f"{self.config.context_length}")
         if kv_cache is not None and start + T > kv_cache.max_len:
             raise ValueError(f"KV cache holds {kv_cache.max_len} positions, {start + T} needed")
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = _dropout(self.wte(idx) + self.wpe.weight[start:start + T], self.config.dropout, self.training)
+        decoding = kv_cache is not None and T == 1
+        if decoding:
+            x = x.view(B, -1)  # the blocks' decoding-step path (see CausalSelfAttention.forward)
         for i, block in enumerate(self.h):
             x = block(x, kv_cache, i)
         if kv_cache is not None:
             kv_cache.pos += T
-        return self.ln_f(x)
+        x = self.ln_f(x)
+        return x.view(B, 1, -1) if decoding else x
 
     def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None, pos_offset: int = 0,
                 last_only: bool = False) -> torch.Tensor:
