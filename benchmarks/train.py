@@ -39,7 +39,7 @@ def measure(impl: str, shape: str, steps: int, warmup: int, device_name: str) ->
 
     from gpt.config import get_preset
     from gpt.pretrain import (TrainConfig, autocast_dtype, flops_per_token, make_optimizer,
-                              peak_flops, pick_device)
+                              peak_flops, pick_device, prepare_training)
 
     device = pick_device(device_name)
     preset, batch, seq = SHAPES[shape]
@@ -59,6 +59,7 @@ def measure(impl: str, shape: str, steps: int, warmup: int, device_name: str) ->
     else:
         from gpt.model import GPT
 
+        prepare_training(device)  # what Kettle's trainers set up for the process
         model = GPT(config).to(device)
         net = torch.compile(model) if impl == "kettle+compile" else model
 

@@ -229,8 +229,9 @@ def train_classifier(gpt: GPT, tokenizer: Tokenizer, examples: list[tuple[str, s
     metrics holds per-epoch validation results and the final test evaluation.
     `on_step(step, total_steps, loss)` reports progress.
     """
-    from gpt.pretrain import TrainConfig, make_optimizer
+    from gpt.pretrain import TrainConfig, make_optimizer, prepare_training
 
+    prepare_training(torch.device(device))
     torch.manual_seed(config.seed)
     labels = sorted({label for _, label in examples})
     if config.balance:

@@ -228,7 +228,7 @@ def execute(run_id: int, resume: bool = False, progress: bool = True,
     Raises KettleError when the run fails (after marking it failed with the reason).
     `on_step` is called after every step (a hook for tests and embedding).
     """
-    from gpt.pretrain import init_distributed
+    from gpt.pretrain import init_distributed, prepare_training
 
     store = Store.open()
     try:
@@ -237,6 +237,7 @@ def execute(run_id: int, resume: bool = False, progress: bool = True,
             raise KettleError(f"run {run_id} is a {run.kind} run, not a fine-tuning run")
         spec = JobSpec(**run.config["spec"])
         dist, device = init_distributed(spec.device)
+        prepare_training(device)
         # Under torchrun only rank 0 checks: it marks the run running before the others read it.
         if dist.main and resume and run.status not in ("cancelled", "failed"):
             raise KettleError(f"run {run_id} is {run.status}; only cancelled or failed runs resume")

@@ -21,7 +21,9 @@ are averaged by DistributedDataParallel; only rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -174,6 +176,32 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
             torch.cuda.set_device(device)
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return dist, device
+
+
+def prepare_training(device: torch.device) -> None:
+    """Process-wide settings for training on `device`: TF32 tensor cores on Ampere and later
+    GPUs; on Linux CPUs, memory that is freed stays with the process to be reused."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif device.type == "cpu":
+        _keep_freed_memory()
+
+
+@functools.cache
+def _keep_freed_memory() -> None:
+    # glibc serves every allocation over 32 MB with its own mmap and unmaps it when it is freed.
+    # A training step allocates and frees GBs in such blocks (the logits, the embedding's
+    # gradient), so each step takes a page fault per fresh 4 KB page: ~375k faults, 11% of a
+    # GPT-2 124M step on 2 cores. Allocating from the heap and keeping up to 1 GiB of freed
+    # memory there makes the next step reuse it, as tcmalloc or jemalloc would.
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not Linux with glibc: its allocator is left as it is
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -556,9 +584,7 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
                                  world_size=dist.world_size, accum_steps=accum)
     tokens_per_step = loader.step_batch * context
 
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores on Ampere and later
-        torch.backends.cudnn.allow_tf32 = True
+    prepare_training(device)
     torch.manual_seed(cfg.seed + dist.rank)
     step, initial_val, elapsed_before = 0, None, 0.0
     if resume:
