@@ -39,7 +39,8 @@ def measure(impl: str, shape: str, steps: int, warmup: int, device_name: str) ->
 
     from gpt.config import get_preset
     from gpt.pretrain import (TrainConfig, autocast_dtype, flops_per_token, make_optimizer,
-                              peak_flops, pick_device, prepare_training)
+                              peak_flops, prepare_training)
+    from gpt.engine import pick_device
 
     device = pick_device(device_name)
     preset, batch, seq = SHAPES[shape]

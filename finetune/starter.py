@@ -99,8 +99,8 @@ def instruct_stage(brew) -> None:
 
     from finetune.instruct import SFTConfig, SFTTrainer, evaluate_loss, holdout, prepare, resolve
     from gpt.checkpoint import load_model, save_model
-    from gpt.engine import Engine
-    from gpt.pretrain import Display, pick_device
+    from gpt.engine import Engine, pick_device
+    from gpt.pretrain import Display
     from gpt.sampling import SamplingParams
 
     # Training stops early enough to leave time for the evaluation, saving and sample after it.

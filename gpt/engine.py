@@ -54,8 +54,8 @@ class GenerationResult:
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """CUDA, else Apple's MPS, else the CPU; or the device asked for, if it exists."""
-    if device is not None:
+    """CUDA, else Apple's MPS, else the CPU (None or "auto"); or the device asked for, if it exists."""
+    if device is not None and device != "auto":
         try:
             device = torch.device(device)
         except RuntimeError:

@@ -43,6 +43,7 @@ from data import corpus
 from data.files import atomic_directory, atomic_write_text
 from gpt.checkpoint import load_model, save_model
 from gpt.config import GPTConfig
+from gpt.engine import pick_device
 from gpt.errors import KettleError
 from gpt.model import GPT
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer, gpt2_tokenizer, load_tokenizer_file, train_tokenizer
@@ -148,29 +149,13 @@ class Dist:
         return bool(t.item())
 
 
-def pick_device(name: str = "auto", dist: Dist | None = None) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise KettleError("--device cuda: no CUDA GPU is available")
-        return torch.device("cuda", dist.local_rank if dist else 0)
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise KettleError(f"unknown device {name!r} (cpu, cuda, mps or auto)") from None
-
-
 def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     """Join the process group torchrun describes in the environment (a no-op without torchrun)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dist = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    device = pick_device(device_name, dist)
+    device = pick_device(device_name)
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
     if dist.enabled and not torch.distributed.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

@@ -82,7 +82,8 @@ def build_corpus(brew: Brew) -> None:
 
 def pretrain_stage(brew: Brew) -> None:
     """Train a tokenizer and a small GPT on the corpus until the stage's time is spent."""
-    from gpt.pretrain import TrainConfig, pick_device, pretrain
+    from gpt.engine import pick_device
+    from gpt.pretrain import TrainConfig, pretrain
 
     kind = pick_device(brew.device).type
     config = MODEL_SHAPES.get(kind, MODEL_SHAPES["cpu"])

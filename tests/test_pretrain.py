@@ -208,24 +208,27 @@ def test_verdict_124m_overfits_like_the_book(tmp_path, verdict_file):
     assert result.val_loss > 5.0  # memorised, not generalised, as the book shows
 
 
-FAULTS_AFTER_REALLOCATING = """
+FAULTS_PER_ALLOCATION = """
 import resource, sys, torch
 from gpt.pretrain import prepare_training
 if sys.argv[1] == "prepared":
     prepare_training(torch.device("cpu"))
-torch.ones(64 << 20, dtype=torch.uint8)  # 64 MB written, then freed
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-torch.ones(64 << 20, dtype=torch.uint8)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = []
+for _ in range(4):  # like training steps: the same big blocks allocated, written and freed again
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(64 << 20, dtype=torch.uint8)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*faults)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_a_training_process_reuses_freed_memory_instead_of_faulting_it_in_again():
     def faults(mode):
-        out = subprocess.run([sys.executable, "-c", FAULTS_AFTER_REALLOCATING, mode], check=True,
+        out = subprocess.run([sys.executable, "-c", FAULTS_PER_ALLOCATION, mode], check=True,
                              capture_output=True, text=True, cwd=ROOT)
-        return int(out.stdout)
+        return [int(n) for n in out.stdout.split()]
 
-    assert faults("default") > 10_000  # 64 MB of fresh 4 KB pages: ~16k faults
-    assert faults("prepared") < 1_000
+    assert min(faults("default")) > 10_000  # 64 MB of fresh 4 KB pages each time: ~16k faults
+    # Once the heap has grown to the working set (as after a training step or two), no more.
+    assert min(faults("prepared")[2:]) < 1_000
