@@ -177,3 +177,23 @@ def test_presets_are_valid_and_copies():
     assert PRESETS["creative"].stop == []
     with pytest.raises(KettleError, match="unknown sampling preset"):
         get_preset("wild")
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "ties", "one token dominates a flat tail"])
+def test_the_nucleus_of_a_flat_vocabulary_is_exact_without_a_full_sort(kind):
+    """A flat distribution over GPT-2's 50k tokens takes the bucketed path; it must keep the
+    same tokens as the sorted rule computed in float64 (with ties, as many tied tokens)."""
+    g = torch.Generator().manual_seed(5)
+    logits = {
+        "gaussian": torch.randn(50257, generator=g) * 0.5,
+        "ties": torch.randint(0, 6, (50257,), generator=g).float() * 0.2,
+        "one token dominates a flat tail": torch.cat([torch.tensor([9.0]), torch.randn(50256, generator=g) * 0.1]),
+    }[kind]
+    for top_p in (0.3, 0.9, 0.999):
+        params = SamplingParams(temperature=0.7, top_p=top_p)
+        got = Sampler(params, 50257, "cpu", [], seed=0).distribution(logits)
+        expected = reference_distribution(logits.double(), params).float()
+        assert int((got > 0).sum()) == int((expected > 0).sum())
+        assert torch.allclose(got.sort().values, expected.sort().values, atol=1e-7)
+        if kind == "gaussian":  # no ties: the very same tokens
+            assert torch.equal(got > 0, expected > 0)
