@@ -1241,6 +1241,11 @@ class Store:
                               " WHERE id = ?", (*changes.values(), now, run_id))
         return self.run(run_id)
 
+    def training_in_progress(self) -> bool:
+        """Whether some run's training process is alive now (it keeps the CPU busy)."""
+        return any(run.pid is not None and _process_alive(run.pid)
+                   for run in self.runs(status="running"))
+
     def fail_orphaned_runs(self) -> list[Run]:
         """Mark "running" runs whose process is gone (killed, machine restarted) as failed, so
         nothing shows a run as live forever. Returns the runs it changed."""

@@ -20,6 +20,7 @@ max_new_tokens or when the context window is full.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import random
 import threading
 import time
@@ -47,6 +48,7 @@ class GenerationResult:
     ttft_s: float = 0.0         # time to first token, from the call to the first sampled token
     tokens_per_s: float = 0.0   # decode speed: tokens after the first / time after the first
     seed: int = 0               # the seed actually used; pass it back to reproduce the text
+    threads: int = 0            # CPU threads the model ran on (0: a GPU)
     token_ids: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -97,6 +99,11 @@ class Engine:
         self._cache: KVCache | None = None
         self._cached_ids: list[int] = []  # exactly the tokens whose keys/values the cache holds
         self._lock = threading.Lock()
+        # CPU threads for generating (None: PyTorch's default, one per core). Set to 1 while
+        # other work keeps the cores busy: then every parallel step of 2+ threads waits for a
+        # thread the OS has parked, and decoding gets slower and erratic (0.7 ms a token on one
+        # thread, 2-60 ms on two, for a 1M-parameter model beside a training job on 2 cores).
+        self.threads: int | None = None
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device | None = None,
@@ -200,7 +207,8 @@ class Engine:
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(MAX_SEED)
         max_new = min(params.max_new_tokens, self.context_length - len(ids))
         start = time.perf_counter()
-        with self._lock:
+        with self._lock, _torch_threads(self.threads if self.device.type == "cpu" else None):
+            threads = torch.get_num_threads() if self.device.type == "cpu" else 0
             text = TextStream(self.tokenizer, params.stop)
             tokens: list[int] = []
             finish, cached, first_at = "length", 0, None
@@ -245,7 +253,7 @@ class Engine:
             dropped_tokens=dropped, cached_tokens=cached,
             ttft_s=(first_at - start) if first_at is not None else end - start,
             tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
-            seed=seed, token_ids=tokens,
+            seed=seed, threads=threads, token_ids=tokens,
         )
 
 
@@ -302,6 +310,20 @@ class TextStream:
         upto = max(upto, self.sent)
         delta, self.sent = self.text[self.sent:upto], upto
         return delta
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """PyTorch's intra-op thread count set to n for the block (a process-wide setting)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -124,6 +124,20 @@ def _open_store():
     return Store.open()
 
 
+def _training_in_progress() -> bool:
+    """Whether a Kettle training job (fine-tuning, started from the app or the command line)
+    is running: it takes every core, so generation had better use one (see Engine.threads)."""
+    from data.paths import db_path
+
+    if not db_path().exists():  # no store yet: nothing is training, and none is created here
+        return False
+    store = _open_store()
+    if store is None:
+        return False
+    with store:
+        return store.training_in_progress()
+
+
 def resolve_model(name_or_path: str) -> ModelInfo:
     """A model by directory path, store version name, or directory name under models_dir()."""
     from data.paths import models_dir
@@ -341,6 +355,8 @@ class InProcessService(GenerationService):
         try:
             self._ensure_loaded()
             engine, name = self._engine, self._active.name
+            if engine.device.type == "cpu":
+                engine.threads = 1 if _training_in_progress() else None
             if job.kind == "chat":
                 items = engine.stream_chat(job.payload, job.params, job.cancel)
             else:
