@@ -193,23 +193,30 @@ async def test_follows_the_store_lists_models_and_switches_without_restart(
         service.close()
 
 
-@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one core: one thread either way")
-async def test_generation_uses_one_cpu_thread_while_a_training_job_runs(service):
+@pytest.fixture
+def two_threads():
+    """PyTorch on two threads for the test (the test workers otherwise run on one each)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield 2
+    torch.set_num_threads(before)
+
+
+async def test_generation_uses_one_cpu_thread_while_a_training_job_runs(service, two_threads):
     """A fine-tuning job takes every core; decoding beside it on several threads waits on parked
     threads, so the service decodes on one until the job's process is gone."""
     from data.store import Store
 
-    default = torch.get_num_threads()
     params = SamplingParams(temperature=0, max_new_tokens=3)
-    assert (await collect(service.stream_chat(CHAT, params)))[-1].result.threads == default
+    assert (await collect(service.stream_chat(CHAT, params)))[-1].result.threads == two_threads
     job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         with Store.open() as store:
             run = store.create_run("finetune")
             store.update_run(run.id, status="running", pid=job.pid)
         assert (await collect(service.stream_chat(CHAT, params)))[-1].result.threads == 1
-        assert torch.get_num_threads() == default  # restored after the request
+        assert torch.get_num_threads() == two_threads  # restored after the request
     finally:
         job.kill()
         job.wait()
-    assert (await collect(service.stream_chat(CHAT, params)))[-1].result.threads == default
+    assert (await collect(service.stream_chat(CHAT, params)))[-1].result.threads == two_threads
