@@ -449,7 +449,8 @@ def _clean_tags(tags: Iterable[str]) -> list[str]:
     return out
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists (on Windows, where it cannot be asked safely: assumed so)."""
     if os.name == "nt":  # os.kill(pid, 0) would terminate it there
         return True
     try:
@@ -1243,7 +1244,7 @@ class Store:
 
     def training_in_progress(self) -> bool:
         """Whether some run's training process is alive now (it keeps the CPU busy)."""
-        return any(run.pid is not None and _process_alive(run.pid)
+        return any(run.pid is not None and process_alive(run.pid)
                    for run in self.runs(status="running"))
 
     def fail_orphaned_runs(self) -> list[Run]:
@@ -1251,7 +1252,7 @@ class Store:
         nothing shows a run as live forever. Returns the runs it changed."""
         changed = []
         for run in self.runs(status="running", limit=1_000_000):
-            if run.pid is not None and _process_alive(run.pid):
+            if run.pid is not None and process_alive(run.pid):
                 continue
             changed.append(self.update_run(run.id, status="failed",
                                            error="the training process ended without reporting "

@@ -45,7 +45,7 @@ import torch
 
 from data.files import atomic_directory, atomic_write_text
 from data.paths import models_dir, runs_dir
-from data.store import Run, Store
+from data.store import Run, Store, process_alive
 from finetune.instruct import (Example, Progress, SFTConfig, SFTTrainer, check_vocabulary,
                                default_val_fraction, evaluate_loss, holdout, prepare, resolve)
 from gpt.errors import KettleError
@@ -131,16 +131,11 @@ def reap_dead_runs(store: Store) -> list[int]:
     """Mark running fine-tuning runs whose process is gone (killed, crashed) as failed; their ids."""
     dead = []
     for run in store.runs(status="running"):
-        if run.kind != RUN_KIND or not run.pid:
+        if run.kind != RUN_KIND or not run.pid or process_alive(run.pid):
             continue
-        try:
-            os.kill(run.pid, 0)
-        except ProcessLookupError:
-            store.update_run(run.id, status="failed", error="the run's process ended without "
-                             "reporting (killed?); `kettle finetune resume` starts it again")
-            dead.append(run.id)
-        except PermissionError:  # alive, someone else's
-            pass
+        store.update_run(run.id, status="failed", error="the run's process ended without "
+                         "reporting (killed?); `kettle finetune resume` starts it again")
+        dead.append(run.id)
     return dead
 
 

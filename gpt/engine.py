@@ -207,8 +207,9 @@ class Engine:
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(MAX_SEED)
         max_new = min(params.max_new_tokens, self.context_length - len(ids))
         start = time.perf_counter()
-        with self._lock, _torch_threads(self.threads if self.device.type == "cpu" else None):
-            threads = torch.get_num_threads() if self.device.type == "cpu" else 0
+        on_cpu = self.device.type == "cpu"
+        with self._lock, _torch_threads(self.threads if on_cpu else None):
+            threads = torch.get_num_threads() if on_cpu else 0
             text = TextStream(self.tokenizer, params.stop)
             tokens: list[int] = []
             finish, cached, first_at = "length", 0, None

@@ -30,7 +30,6 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
-        self.scale = 1.0 / math.sqrt(config.head_dim)  # attention's, kept here to be computed once
 
     def truncate(self, pos: int) -> None:
         if not 0 <= pos <= self.pos:
@@ -45,6 +44,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.dropout = config.dropout
+        self.scale = 1.0 / math.sqrt(config.head_dim)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         """x is [B, T, C]; or [B, C] for a decoding step (one new token per sequence, cached)."""
@@ -86,7 +86,7 @@ class CausalSelfAttention(nn.Module):
         cache.v[layer, :B, :, pos] = v
         keys = cache.k[layer, :B, :, :pos + 1].reshape(B * H, pos + 1, C // H)  # views, no copy
         values = cache.v[layer, :B, :, :pos + 1].reshape(B * H, pos + 1, C // H)
-        att = torch.bmm(q.reshape(B * H, 1, C // H), keys.transpose(1, 2)) * cache.scale
+        att = torch.bmm(q.reshape(B * H, 1, C // H), keys.transpose(1, 2)) * self.scale
         # [B * H, 1, head_dim] has the memory layout of [B, C].
         return torch.bmm(att.softmax(dim=-1), values).view(B, C)
 

@@ -248,8 +248,8 @@ class Sampler:
                 probs, ids = _nucleus_candidates(probs, p.top_p, p.min_p)
             # Drop a token when the tokens ranked before it already reach top_p of the mass
             # (summed in float64: over tens of thousands of tokens float32 sums drift by several).
-            before = probs.double().cumsum(0) - probs.double()
-            probs = probs * (before < p.top_p * total)
+            exact = probs.double()
+            probs = probs * ((exact.cumsum(0) - exact) < p.top_p * total)
             probs[0] = probs[0].clamp(min=torch.finfo(probs.dtype).tiny)  # the best one stays
         if p.min_p > 0.0:
             probs = probs * (probs >= p.min_p * probs.max())
