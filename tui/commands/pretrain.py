@@ -9,13 +9,15 @@ REPORT_CHARS = 20_000_000
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from gpt.config import PRESETS  # a dataclass module: no torch at start-up
+
     p = sub.add_parser(
         "pretrain", help="train a GPT on a text corpus (runs under torchrun for many devices)",
         description="Next-token pretraining on text files, a folder of them, or JSONL. "
                     "Ctrl-C saves a checkpoint; --resume continues it exactly.")
     p.add_argument("--data", metavar="PATH", help="text file, folder of .txt/.md/.rst/.jsonl, or JSONL")
     shape = p.add_mutually_exclusive_group()
-    shape.add_argument("--preset", metavar="NAME", help="model shape: gpt2, gpt2-medium, ..., tiny, small")
+    shape.add_argument("--preset", metavar="NAME", help=f"model shape: {', '.join(PRESETS)}")
     shape.add_argument("--config", metavar="FILE", help="model config JSON (GPTConfig fields)")
     p.add_argument("--out", metavar="DIR", required=True, help="the model directory to write")
     p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default 1000)")
