@@ -34,6 +34,7 @@ from gpt.chat_template import header_ids, render_message, stop_token_ids, valida
 from gpt.errors import KettleError
 from gpt.model import GPT, KVCache
 from gpt.sampling import MAX_SEED, Sampler, SamplingParams
+from gpt.threads import fit_threads
 from gpt.tokenizer import Tokenizer
 
 
@@ -99,10 +100,11 @@ class Engine:
         self._cache: KVCache | None = None
         self._cached_ids: list[int] = []  # exactly the tokens whose keys/values the cache holds
         self._lock = threading.Lock()
-        # CPU threads for generating (None: PyTorch's default, one per core). Set to 1 while
-        # other work keeps the cores busy: then every parallel step of 2+ threads waits for a
-        # thread the OS has parked, and decoding gets slower and erratic (0.7 ms a token on one
-        # thread, 2-60 ms on two, for a 1M-parameter model beside a training job on 2 cores).
+        # CPU threads for generating (None: fitted to the machine's load at each request, see
+        # gpt.threads). Set to 1 while other work keeps the cores busy: then every parallel step
+        # of 2+ threads waits for a thread the OS has parked, and decoding gets slower and
+        # erratic (0.7 ms a token on one thread, 2-60 ms on two, for a 1M-parameter model beside
+        # a training job on 2 cores).
         self.threads: int | None = None
 
     @classmethod
@@ -208,7 +210,7 @@ class Engine:
         max_new = min(params.max_new_tokens, self.context_length - len(ids))
         start = time.perf_counter()
         on_cpu = self.device.type == "cpu"
-        with self._lock, _torch_threads(self.threads if on_cpu else None):
+        with self._lock, _torch_threads((self.threads or fit_threads()) if on_cpu else None):
             threads = torch.get_num_threads() if on_cpu else 0
             text = TextStream(self.tokenizer, params.stop)
             tokens: list[int] = []

@@ -46,6 +46,7 @@ from gpt.config import GPTConfig
 from gpt.engine import pick_device
 from gpt.errors import KettleError
 from gpt.model import GPT
+from gpt.threads import ThreadFitter
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer, gpt2_tokenizer, load_tokenizer_file, train_tokenizer
 
 GPT2_VOCAB = 50257
@@ -640,8 +641,9 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
     samples: list[str] = []
     train_loss = None
     interrupted = False
-    with StopFlag() as stop:
+    with StopFlag() as stop, ThreadFitter(device.type == "cpu") as threads:
         while step < cfg.max_steps:
+            threads.update()
             t0 = time.perf_counter()
             lr = lr_at(step, cfg, elapsed_before + t0 - started)
             for group in optimizer.param_groups:
