@@ -1,9 +1,13 @@
 """`kettle brew starter`: a working model on a fresh machine with no internet.
 
-The corpus is English that ships with every Python: the language reference (`pydoc_data.topics`)
-and the docstrings of the standard library, read from the source files with `ast` (nothing is
-imported, so no module's side effects run). A tokenizer and a small GPT are trained on it within a
-time budget, and the result is registered as a model (the active one if none is).
+The corpus is what ships with every Python: the standard library's source (code, comments,
+docstrings, tests), the language reference (`pydoc_data.topics`) and the `help()` text of the
+builtins, deduplicated, ~30 MB. Files are read, never imported, so no module's side effects run.
+Whole modules are held out (with their tests) as the validation split, on which the brew reports
+bits per byte. A tokenizer and a small GPT are trained on it for a fixed amount of work chosen by
+the device kind, from a fixed seed: the same seed on the same kind of device gives the same model,
+however busy the machine is (it only takes longer, and the ETA says how much). The result is
+registered as a model (the active one if none is).
 
 The work is a list of stages, each a function of the shared `Brew` state that may replace
 `brew.model_dir` with the model it produced. A later stage (e.g. instruction tuning) is added by
@@ -13,7 +17,9 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 import json
+import random
 import shutil
 import sysconfig
 import time
@@ -25,9 +31,24 @@ from data.files import atomic_directory
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
 
-# Parts of the standard library that are not documentation: tests, GUI demos, vendored tools.
-SKIP_PARTS = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip",
-              "site-packages", "dist-packages", "__pycache__", "venv", "pydoc_data", "msilib"}
+# The standard library's source is read whole, less what is not Python's own (installed
+# packages) or not text: compiled caches, codec tables, the pydoc topics (read from pydoc_data).
+SKIP_PARTS = {"site-packages", "dist-packages", "__pycache__", "pydoc_data", "encodings"}
+# For the instruction data's docstrings: only the library people call, no tests, GUIs or tools.
+DOC_SKIP_PARTS = SKIP_PARTS | {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3",
+                               "ensurepip", "venv", "msilib"}
+# Modules whose functions people ask about most (the instruction data's questions): never held out.
+COMMON_MODULES = ("os", "posixpath", "json", "re", "math", "random", "itertools", "functools",
+                  "collections", "pathlib", "datetime", "shutil", "subprocess", "string",
+                  "textwrap", "statistics", "heapq", "bisect", "copy", "glob", "csv", "typing",
+                  "dataclasses", "enum", "argparse", "logging", "urllib.parse", "base64", "uuid",
+                  "tempfile", "zipfile", "gzip", "threading", "queue", "fractions", "decimal",
+                  "difflib", "fnmatch", "inspect", "operator", "pprint", "secrets", "calendar")
+HELD_IN = {m.split(".")[0] for m in COMMON_MODULES} | {"builtins"}
+MAX_FILE_BYTES = 400_000
+MAX_LINE_CHARS = 400
+HELD_OUT_SHARE = 0.03   # of the text: whole modules, the validation split
+CORPUS_SEED = 0
 
 # Model shapes per device kind: what trains to a useful loss within the pretraining budget. A
 # few CPU minutes are ~1e13-5e13 FLOPs, for which a model of about a million parameters learns
@@ -37,10 +58,18 @@ MODEL_SHAPES = {
     "mps": GPTConfig(vocab_size=4096, context_length=256, n_layer=6, n_head=6, n_embd=384, qkv_bias=False),
     "cuda": GPTConfig(vocab_size=8192, context_length=512, n_layer=8, n_head=8, n_embd=512, qkv_bias=False),
 }
-# Small batches on CPU: in a few minutes, more updates beat less noisy ones.
+# Small batches on CPU: more updates beat less noisy ones at this scale.
 BATCH_TOKENS = {"cpu": 4096, "mps": 16384, "cuda": 65536}
+# The pretraining work, fixed per device kind, so that the starter is the same model on a busy
+# machine (which takes longer, and says so) as on an idle one: on CPU, 900 steps of 4,096
+# tokens (3.7M tokens, ~half a pass over the corpus) take ~6.5 minutes on 2 idle cores.
+PRETRAIN_STEPS = {"cpu": 900, "mps": 3000, "cuda": 4000}
+SEED = 1337
 SAMPLE_PROMPT = "Return the"
-SETUP_SECONDS = 20
+# What the stages after pretraining cost, in pretraining steps (measured on 2 CPU cores): the
+# ETA printed once the pretraining speed is known covers the whole brew.
+LATER_STAGES_STEPS = 150
+ETA_AFTER_STEPS = 40
 
 
 @dataclass
@@ -49,73 +78,116 @@ class Brew:
 
     work: Path                      # scratch folder for this brew
     device: str
-    deadline: float                 # time.monotonic() by which every stage should be done
     console: object                 # a rich Console for stage headings and results
+    seed: int = SEED
     model_dir: Path | None = None   # the newest model a stage produced
     corpus: Path | None = None
-    stage_seconds: float = 0.0      # the running stage's time: its share plus what earlier ones left
+    val_fraction: float = 0.05      # the corpus's share that is held out (build_corpus sets it)
     notes: dict = field(default_factory=dict)  # figures for the summary and the store
-
-    def seconds_left(self) -> float:
-        return self.deadline - time.monotonic()
 
 
 @dataclass
 class Stage:
     name: str
     run: Callable[[Brew], None]
-    cpu_minutes: float   # its share of the budget on 2 CPU cores; shares scale with --minutes
 
 
 def build_corpus(brew: Brew) -> None:
-    """Python's language reference and stdlib docstrings as a JSONL corpus (one document each)."""
-    docs = documentation_texts()
-    brew.corpus = brew.work / "python-docs.jsonl"
+    """The Python corpus as JSONL (one document a line): the training documents in a seeded
+    order, then the held-out modules' documents, whose share of the file is the validation split."""
+    docs = python_corpus()
+    heldout = held_out_groups(docs)
+    train = [d for d in docs if d.group not in heldout]
+    val = [d for d in docs if d.group in heldout]
+    random.Random(CORPUS_SEED).shuffle(train)
+    brew.corpus = brew.work / "python.jsonl"
+    sizes = {"train": 0, "val": 0}
     with open(brew.corpus, "w", encoding="utf-8") as f:
-        for text in docs:
-            f.write(json.dumps({"text": text}) + "\n")
-    size = sum(len(t.encode("utf-8")) for t in docs)
-    brew.notes["corpus_documents"] = len(docs)
-    brew.notes["corpus_bytes"] = size
-    brew.console.print(f"corpus: {len(docs):,} documents, {size / 1e6:.1f} MB of Python documentation")
+        for split, part in (("train", train), ("val", val)):
+            for doc in part:
+                line = json.dumps({"text": doc.text}) + "\n"
+                f.write(line)
+                sizes[split] += len(line.encode("utf-8"))
+    brew.val_fraction = sizes["val"] / (sizes["train"] + sizes["val"])
+    text_bytes = {split: sum(len(d.text.encode("utf-8")) for d in part)
+                  for split, part in (("train", train), ("val", val))}
+    brew.notes.update(corpus_documents=len(docs), corpus_bytes=sum(text_bytes.values()),
+                      heldout_groups=sorted({d.group for d in val}),
+                      val_text_bytes=text_bytes["val"])
+    brew.console.print(f"corpus: {len(docs):,} documents, {sum(text_bytes.values()) / 1e6:.1f} MB of "
+                       f"Python's own code and documentation; held out: {len(val):,} documents "
+                       f"({text_bytes['val'] / 1e6:.2f} MB) of {len({d.group for d in val})} modules")
 
 
 def pretrain_stage(brew: Brew) -> None:
-    """Train a tokenizer and a small GPT on the corpus until the stage's time is spent."""
+    """Train a tokenizer and a small GPT on the corpus for the device kind's fixed work."""
     from gpt.engine import pick_device
     from gpt.pretrain import TrainConfig, pretrain
 
     kind = pick_device(brew.device).type
     config = MODEL_SHAPES.get(kind, MODEL_SHAPES["cpu"])
-    # The clock in pretrain() starts after the tokenizer and the shards, and the final
-    # evaluation and save come after it: keep time for them inside the stage's share.
-    seconds = max(10.0, brew.stage_seconds - SETUP_SECONDS)
+    steps = PRETRAIN_STEPS.get(kind, PRETRAIN_STEPS["cpu"])
     cfg = TrainConfig(
-        max_steps=_steps_for(seconds, kind), batch_tokens=BATCH_TOKENS.get(kind, 8192),
-        micro_batch_size=16, lr=3e-3, warmup_steps=20, min_lr_ratio=0.05, eval_every=100,
-        eval_batches=8, sample_every=200, sample_tokens=40, sample_prompt=SAMPLE_PROMPT,
-        checkpoint_every=100, max_time=seconds, device=brew.device, val_fraction=0.05,
+        max_steps=steps, batch_tokens=BATCH_TOKENS.get(kind, 8192), micro_batch_size=16, lr=3e-3,
+        warmup_steps=20, min_lr_ratio=0.05, eval_every=200, eval_batches=8, sample_every=400,
+        sample_tokens=40, sample_prompt=SAMPLE_PROMPT, checkpoint_every=200, device=brew.device,
+        val_fraction=brew.val_fraction, seed=brew.seed,
     )
     out = brew.work / "pretrained"
+    eta = BrewETA(brew, steps)
     result = pretrain(brew.corpus, out, config, cfg, run_dir=brew.work / "pretrain-run",
-                      display_label="starter: pretraining", register=False)
+                      display_label="starter: pretraining", register=False, on_step=eta.step)
     if result.interrupted:
         raise KeyboardInterrupt
     brew.model_dir = out
+    bpb = heldout_bits_per_byte(out, brew.work / "pretrain-run" / "shards",
+                                brew.notes["val_text_bytes"], brew.device)
     brew.notes.update(pretrain_steps=result.step, pretrain_tokens=result.tokens,
                       val_loss=result.val_loss, untrained_val_loss=result.initial_val_loss,
-                      sample=result.samples[-1] if result.samples else "")
+                      val_bits_per_byte=bpb, sample=result.samples[-1] if result.samples else "")
+    brew.console.print(f"held-out modules: {bpb:.3f} bits per byte")
 
 
-# Steps per second to plan the schedule with: above what the shapes reach (2 idle CPU cores: 4.4
-# steps/s, 18k tokens/s), so that the time limit (max_time) ends the run and the cosine decay
-# follows the clock. Planned at the measured rate, the run ended at its last step with a
-# quarter of the stage's time unused.
-STEPS_PER_SECOND = {"cpu": 6.0, "mps": 3.0, "cuda": 8.0}
+class BrewETA:
+    """Once the pretraining speed on this machine is known, says how long the whole brew will
+    take from here (a busy machine is slower: the work, and so the model, stays the same)."""
+
+    def __init__(self, brew: Brew, steps: int):
+        self.brew, self.steps = brew, steps
+        self.start: tuple[int, float] | None = None
+
+    def step(self, step: int, loss: float) -> None:
+        if step == 5:  # after the first steps' one-off costs
+            self.start = (step, time.monotonic())
+        elif step == ETA_AFTER_STEPS and self.start:
+            per_step = (time.monotonic() - self.start[1]) / (step - self.start[0])
+            left = per_step * (self.steps - step + LATER_STAGES_STEPS)
+            self.brew.notes["eta_s"] = round(left, 1)
+            self.brew.notes["eta_at"] = time.monotonic()
+            self.brew.console.print(f"starter: about {_minutes(left)} to go on this machine "
+                                    f"({1 / per_step:.1f} steps/s)")
 
 
-def _steps_for(seconds: float, kind: str) -> int:
-    return max(50, int(seconds * STEPS_PER_SECOND.get(kind, 1.0)))
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} minutes" if seconds >= 90 else f"{seconds:.0f} seconds"
+
+
+def heldout_bits_per_byte(model_dir: Path, shards: Path, val_bytes: int, device: str) -> float:
+    """Bits per byte of text over the whole held-out split (tokenizer-independent): the summed
+    next-token loss in bits divided by the split's UTF-8 bytes."""
+    import math
+
+    from data import corpus
+    from gpt.checkpoint import load_model
+    from gpt.engine import pick_device
+    from gpt.pretrain import Dist, evaluate
+
+    device = pick_device(device)
+    model, _ = load_model(model_dir, device=device)
+    stream = corpus.TokenStream(shards, "val")
+    context = model.config.context_length
+    loss = evaluate(model, stream, context, 16, len(stream) // (16 * context) + 1, device, Dist(), None)
+    return loss / math.log(2) * len(stream) / val_bytes
 
 
 def instruct_stage(brew: Brew) -> None:
@@ -126,9 +198,9 @@ def instruct_stage(brew: Brew) -> None:
 
 
 STAGES: list[Stage] = [
-    Stage("corpus", build_corpus, 0.2),
-    Stage("pretrain", pretrain_stage, 6.0),
-    Stage("instruct", instruct_stage, 2.0),
+    Stage("corpus", build_corpus),
+    Stage("pretrain", pretrain_stage),
+    Stage("instruct", instruct_stage),
 ]
 
 
@@ -143,7 +215,9 @@ class StarterResult:
         n = self.notes
         lines = [f"starter model: {self.out} ({self.seconds / 60:.1f} minutes)"]
         if n.get("val_loss") is not None and n.get("untrained_val_loss") is not None:
-            lines.append(f"validation loss {n['val_loss']:.2f} (untrained: {n['untrained_val_loss']:.2f})")
+            lines.append(f"validation loss {n['val_loss']:.2f} (untrained: {n['untrained_val_loss']:.2f})"
+                         + (f", {n['val_bits_per_byte']:.3f} bits per byte on the held-out modules"
+                            if n.get("val_bits_per_byte") is not None else ""))
         if n.get("sample"):
             lines.append(f"sample: {n['sample']!r}")
         if self.activated:
@@ -151,9 +225,8 @@ class StarterResult:
         return "\n".join(lines)
 
 
-def brew_starter(out: str | Path | None = None, minutes: float | None = None,
-                 device: str = "auto", force: bool = False, stages: list[Stage] | None = None,
-                 console=None) -> StarterResult:
+def brew_starter(out: str | Path | None = None, device: str = "auto", force: bool = False,
+                 stages: list[Stage] | None = None, console=None, seed: int = SEED) -> StarterResult:
     """Run the stages, then save the last model to `out` and register it."""
     from rich.console import Console
 
@@ -163,18 +236,13 @@ def brew_starter(out: str | Path | None = None, minutes: float | None = None,
     out = Path(out).expanduser() if out else models_dir() / "starter"
     if out.exists() and not force:
         raise KettleError(f"{out}: a starter model already exists (--force replaces it)")
-    total = sum(s.cpu_minutes for s in stages)
-    scale = (minutes / total) if minutes else 1.0
     started = time.monotonic()
     work = runs_dir() / f"starter-{time.strftime('%Y%m%d-%H%M%S')}"
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    brew = Brew(work, device, started + total * scale * 60, console or Console(stderr=True))
-    stage_end = started
+    brew = Brew(work, device, console or Console(stderr=True), seed=seed)
     for stage in stages:
-        stage_end += stage.cpu_minutes * scale * 60
-        brew.stage_seconds = max(10.0, stage_end - time.monotonic())
         brew.console.rule(f"starter: {stage.name}")
         stage.run(brew)
     if brew.model_dir is None:
@@ -183,33 +251,117 @@ def brew_starter(out: str | Path | None = None, minutes: float | None = None,
         shutil.copytree(brew.model_dir, tmp, dirs_exist_ok=True)
     seconds = time.monotonic() - started
     brew.notes["seconds"] = round(seconds, 1)
+    if "eta_at" in brew.notes:  # how far off the estimate was, for the record
+        brew.notes["eta_actual_s"] = round(time.monotonic() - brew.notes.pop("eta_at"), 1)
     from data.store import Store
 
     with Store.open() as store:
         _, activated = store.register_model(out, "starter", metrics=brew.notes,
-                                            hparams={"stages": [s.name for s in stages]})
+                                            hparams={"stages": [s.name for s in stages],
+                                                     "seed": seed})
     return StarterResult(out, seconds, brew.notes, activated)
 
 
 # --- the corpus ---------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Document:
+    group: str   # what is held out together: a top-level module with its tests, a topic, ...
+    text: str
+
+
+def held_out_groups(docs) -> set[str]:
+    """The validation split's groups: taken in the order of a hash of their names (the same on
+    every machine) until they hold HELD_OUT_SHARE of the text; never a group larger than a fifth
+    of that (one big package would be the whole split), nor one the instruction data asks about."""
+    sizes: dict[str, int] = {}
+    for doc in docs:
+        sizes[doc.group] = sizes.get(doc.group, 0) + len(doc.text)
+    target = HELD_OUT_SHARE * sum(sizes.values())
+    chosen, held = set(), 0
+    for group in sorted(sizes, key=lambda g: hashlib.sha256(g.encode()).hexdigest()):
+        if held >= target:
+            break
+        if group in HELD_IN or sizes[group] > target / 5:
+            continue
+        chosen.add(group)
+        held += sizes[group]
+    return chosen
+
+
 @functools.lru_cache(maxsize=1)
-def documentation_texts() -> tuple[str, ...]:
-    """The language reference topics, then every public docstring of the stdlib, deduplicated."""
+def python_corpus() -> tuple[Document, ...]:
+    """What ships with every Python: the language reference, the `help()` text of the builtins,
+    and the standard library's source (code, comments and docstrings; tests and demos too),
+    deduplicated by content."""
     from pydoc_data.topics import topics
 
-    texts = [topics[name].strip() for name in sorted(topics)] + stdlib_docstrings()
-    return tuple(dict.fromkeys(texts))
+    docs = [Document(f"topic:{name}", topics[name].strip()) for name in sorted(topics)]
+    docs += builtin_help()
+    docs += stdlib_sources()
+    seen, unique = set(), []
+    for doc in docs:
+        key = hashlib.sha256(doc.text.encode("utf-8", "surrogatepass")).digest()
+        if doc.text and key not in seen:
+            seen.add(key)
+            unique.append(doc)
+    return tuple(unique)
+
+
+def builtin_help() -> list[Document]:
+    """`help()`'s plain text for each builtin function and type."""
+    import builtins
+    import pydoc
+
+    out = []
+    for name in sorted(dir(builtins)):
+        obj = getattr(builtins, name)
+        if name.startswith("_") or not callable(obj):
+            continue
+        text = pydoc.render_doc(obj, title="Help on %s:", renderer=pydoc.plaintext)
+        out.append(Document("builtins", text.strip()))
+    return out
+
+
+def stdlib_sources(root: str | Path | None = None) -> list[Document]:
+    """Every source file of the standard library that reads as code: UTF-8, no line longer than
+    MAX_LINE_CHARS (data tables and generated files have them), at most MAX_FILE_BYTES. Each is
+    headed by its path; its group is the module it belongs to (a test file: the module it tests)."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    out: list[Document] = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if SKIP_PARTS.intersection(rel.parts):
+            continue
+        try:
+            if path.stat().st_size > MAX_FILE_BYTES:
+                continue
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if not text.strip() or max(map(len, text.splitlines()), default=0) > MAX_LINE_CHARS:
+            continue
+        out.append(Document(source_group(rel), f"# {rel.as_posix()}\n{text.strip()}"))
+    return out
+
+
+def source_group(rel: Path) -> str:
+    """`json/decoder.py` -> json; `test/test_json/test_fail.py` and `test/test_json.py` -> json."""
+    parts = [p.removesuffix(".py") for p in rel.parts]
+    if parts[0] in ("test", "tests") and len(parts) > 1:
+        parts = parts[1:]
+    top = parts[0].lstrip("_")
+    return top.removeprefix("test_") or top
 
 
 def stdlib_docstrings(root: str | Path | None = None) -> list[str]:
     """Public module, class and function docstrings of the standard library's source files,
-    each headed by the name (and signature) it documents."""
+    each headed by the name (and signature) it documents (the instruction data asks about them)."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
     out: list[str] = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
-        if SKIP_PARTS.intersection(rel.parts) or any(p.startswith(("_", ".")) for p in rel.parts[:-1]):
+        if DOC_SKIP_PARTS.intersection(rel.parts) or any(p.startswith(("_", ".")) for p in rel.parts[:-1]):
             continue
         module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
         if module.split(".")[-1].startswith("_") and not rel.name == "__init__.py":

@@ -1,7 +1,8 @@
 """The starter's instruction data: Python questions answered by their docstrings' first sentence."""
 from __future__ import annotations
 
-from finetune.starter import first_sentence, python_qa_pairs
+from finetune.starter import (example_pairs, first_sentence, howto_pairs, instruction_pairs,
+                              python_qa_pairs)
 
 
 def test_first_sentence_skips_signatures_and_keeps_prose():
@@ -27,29 +28,40 @@ def test_python_qa_pairs_cover_builtins_and_the_stdlib():
     assert all(p[0]["role"] == "user" and p[1]["role"] == "assistant" for p in pairs)
 
 
-def test_instruct_stage_fine_tunes_the_brewed_model(tmp_path, trained_tokenizer):
-    import time
+def test_howto_and_example_pairs_teach_short_answers_with_code():
+    howto = {p[0]["content"]: p[1]["content"] for p in howto_pairs()}
+    assert howto["How do I get a copy of the string converted to uppercase?"] == \
+        "Call str.upper(): return a copy of the string converted to uppercase."
+    examples = {p[0]["content"].split()[-1].rstrip(".?"): p[1]["content"] for p in example_pairs()}
+    assert "```python\n>>> bin(2796202)\n'0b1010101010101010101010'\n```" in examples["bin"]
+    assert len(instruction_pairs()) > len(python_qa_pairs()) + 300
 
+
+def test_instruct_stage_fine_tunes_the_brewed_model(tmp_path, trained_tokenizer, monkeypatch):
     import torch
     from rich.console import Console
 
+    import finetune.starter
+    from finetune.replay import read_replay
     from finetune.starter import instruct_stage
     from gpt.checkpoint import load_model, save_model
     from gpt.config import GPTConfig
     from gpt.model import GPT
     from gpt.starter import Brew
 
+    monkeypatch.setattr(finetune.starter, "INSTRUCT_EPOCHS", 1)  # the mechanics, not the quality
     torch.manual_seed(0)
     save_model(GPT(GPTConfig(vocab_size=512, context_length=128, n_layer=2, n_head=2, n_embd=32)),
                tmp_path / "pretrained", trained_tokenizer)
-    brew = Brew(tmp_path, "cpu", time.monotonic() + 60, Console(file=open(tmp_path / "log", "w")),
-                model_dir=tmp_path / "pretrained", stage_seconds=8.0)
-    started = time.monotonic()
+    brew = Brew(tmp_path, "cpu", Console(file=open(tmp_path / "log", "w")),
+                model_dir=tmp_path / "pretrained")
     instruct_stage(brew)
-    assert time.monotonic() - started < 8.0 + 5  # its share, give or take the set-up
     assert brew.model_dir == tmp_path / "instruct"
     load_model(brew.model_dir)
     n = brew.notes
-    assert n["instruct_pairs"] > 500 and n["instruct_steps"] > 0
+    assert n["instruct_pairs"] > 1000 and n["instruct_steps"] > 0
     assert n["instruct_val_loss"] < n["instruct_val_loss_before"]
     assert isinstance(n["answer_sample"], str)
+    replay = read_replay(brew.model_dir)  # the model ships its instruction data for replay
+    assert len(replay["train"]) + len(replay["heldout"]) == len(instruction_pairs())
+    assert 0.03 < len(replay["heldout"]) / len(instruction_pairs()) < 0.07

@@ -3,18 +3,22 @@ from __future__ import annotations
 
 import argparse
 
+from gpt.starter import SEED
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("brew", help="make a model from scratch, offline")
     brew_sub = p.add_subparsers(dest="brew_command", metavar="COMMAND", required=True)
     s = brew_sub.add_parser(
         "starter", help="train a small model on Python's own documentation (minutes, offline)",
-        description="Builds a corpus from Python's language reference and standard-library "
-                    "docstrings, trains a tokenizer and a small GPT on it, and registers the "
-                    "result as a model (the active one if none is active).")
+        description="Builds a corpus from what ships with Python (the standard library's source, "
+                    "the language reference, the builtins' help), trains a tokenizer and a small "
+                    "GPT on it, teaches it to answer Python questions, and registers the result "
+                    "as a model (the active one if none is active). The work is fixed: a busy "
+                    "machine takes longer, the model is the same.")
     s.add_argument("--out", metavar="DIR", help="model directory (default KETTLE_HOME/models/starter)")
-    s.add_argument("--minutes", type=float, help="time budget for training (default: fits 10 minutes "
-                                                  "in all on 2 CPU cores)")
+    s.add_argument("--seed", type=int, default=SEED,
+                   help=f"random seed (default {SEED}): the same seed gives the same model")
     s.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     s.add_argument("--force", action="store_true", help="replace an existing starter model")
     s.set_defaults(func=starter_command)
@@ -23,6 +27,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def starter_command(args) -> int:
     from gpt.starter import brew_starter
 
-    result = brew_starter(out=args.out, minutes=args.minutes, device=args.device, force=args.force)
+    result = brew_starter(out=args.out, device=args.device, force=args.force, seed=args.seed)
     print(result.summary())
     return 0
