@@ -14,11 +14,14 @@ Batches are length-bucketed: each epoch the examples are shuffled, sorted by len
 batches under a token budget, and the batches are shuffled. Padding then wastes a few per cent of
 the tokens (`padding_waste`), where random batches waste half.
 
-Defaults derive from the dataset size (`resolve`): the batch holds at most n/8 examples, so 20
-examples still give several steps an epoch; epochs are enough for ~100 optimizer steps, from 2
-(large data) up to 30 (tiny data); the learning rate is doubled under 2,000 examples; warm-up is
-5% of the steps. Early stopping on validation loss (and restoring the best weights) guards the
-many-epoch small cases against over-fitting.
+Defaults derive from the model's size and the dataset's (`resolve`). The learning rate scales
+inversely with the model's width (a 128-wide starter takes a rate ~6x GPT-2's); LoRA takes a
+larger one than full fine-tuning. A few examples get many passes: the run stops once every
+training example comes back exactly under greedy decoding (`recalled`), plus a margin, or at the
+epoch cap. With the base's own instruction data (finetune.replay), each epoch mixes in a fresh
+slice of it (REPLAY_RATIO times the user's examples, spread over the batches), so the model keeps
+what it knew. Early stopping on a
+held-out share of the user's examples (only with many of them) restores the best weights.
 """
 from __future__ import annotations
 
@@ -34,12 +37,13 @@ import torch.nn.functional as F
 
 from finetune.lora import LoRAConfig, adapter_state, apply_lora, lora_layers
 from gpt.chat_template import render_message, render_training
+from gpt.config import GPTConfig
 from gpt.errors import KettleError
 from gpt.model import GPT
+from gpt.threads import ThreadFitter
 from gpt.tokenizer import Tokenizer
 
 IGNORE = -100
-MIN_STEPS = 100
 
 
 @dataclass
@@ -58,6 +62,8 @@ class SFTConfig:
     grad_clip: float = 1.0
     seed: int = 1337
     lora: LoRAConfig | None = None
+    replay: int | None = None  # replay examples mixed into each epoch (None: REPLAY_RATIO per example)
+    until_learned: bool = True  # stop once every training example comes back (plus a margin)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -158,9 +164,13 @@ def holdout(examples: list, fraction: float, seed: int) -> tuple[list, list]:
             [e for i, e in enumerate(examples) if i in held])
 
 
+HOLD_OUT_FROM = 100
+
+
 def default_val_fraction(n: int) -> float:
-    """10% held out, at least one example from 10 examples on, at most 500; none below 10."""
-    if n < 10:
+    """10% held out from HOLD_OUT_FROM examples on, at most 500. Fewer are all trained on: each
+    is a correction the user wants back, and the verdict checks them and the replay data instead."""
+    if n < HOLD_OUT_FROM:
         return 0.0
     return min(max(1, round(0.1 * n)), 500) / n
 
@@ -204,18 +214,43 @@ def padding_waste(batches: list[list[Example]]) -> float:
 
 # --- settings ------------------------------------------------------------------------------------
 
-def resolve(config: SFTConfig, n_train: int, context_length: int) -> SFTConfig:
-    """A copy of `config` with every None filled in from the dataset size (module docstring)."""
+# Rates at GPT-2's width (768), scaled by 768 / n_embd for other widths (measured on the starter,
+# 128 wide: 20 corrections come back after ~28 epochs of full fine-tuning at 1.5e-3, and its
+# skills stay; LoRA moves the weights less per step and takes 6e-3).
+FULL_LR_AT_768 = 2.5e-4
+LORA_LR_AT_768 = 1e-3
+# Epochs: enough for STEP_BUDGET optimizer steps, within [MIN_EPOCHS, MAX_EPOCHS]. A few examples
+# need many passes each (memorising an answer takes ~20-30 of them); `until_learned` ends the
+# run once they come back, so the cap is rarely reached.
+STEP_BUDGET = 600
+MAX_EPOCHS = 60
+MIN_EPOCHS = 2
+LEARNED_MARGIN = 0.25
+# Replay examples per user example, each epoch. Full fine-tuning moves every weight and needs
+# more of the base's examples to keep its skills; a low-rank adapter on a frozen base forgets
+# less, and more replay only slows its learning (4 replayed: 9 of 20 corrections back, 1: 18).
+REPLAY_RATIO = {"full": 4, "lora": 1}  # after every example comes back, train this share of the epochs so far again
+
+
+def resolve(config: SFTConfig, n_train: int, model: GPTConfig, n_replay: int = 0) -> SFTConfig:
+    """A copy of `config` with every None filled in from the model's and the dataset's sizes
+    (module docstring). `n_train` counts the user's training examples, `n_replay` the replay
+    examples available."""
     c = dataclasses.replace(config)
+    context_length = model.context_length
     c.max_length = c.max_length or context_length
     if c.max_length > context_length:
         raise KettleError(f"--max-length {c.max_length} exceeds the model's context length {context_length}")
-    c.max_batch_size = c.max_batch_size or max(1, min(32, n_train // 8))
+    if c.replay is None:
+        c.replay = min(n_replay, REPLAY_RATIO["lora" if c.lora else "full"] * n_train)
+    # The batch counts the user's examples (two at least: one alone pulls each update its own
+    # way, and the base's skills suffer); replay examples ride along in proportion.
+    c.max_batch_size = c.max_batch_size or max(1, min(n_train, 32, max(2, n_train // 8)))
     steps_per_epoch = max(1, math.ceil(n_train / c.max_batch_size))
     if c.epochs is None:
-        c.epochs = min(30, max(2, math.ceil(MIN_STEPS / steps_per_epoch)))
+        c.epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(STEP_BUDGET / steps_per_epoch)))
     if c.lr is None:
-        c.lr = (3e-4 if c.lora else 5e-5) * (2 if n_train < 2000 else 1)
+        c.lr = (LORA_LR_AT_768 if c.lora else FULL_LR_AT_768) * 768 / model.n_embd
     if c.warmup_steps is None:
         c.warmup_steps = max(1, min(100, round(0.05 * steps_per_epoch * c.epochs)))
     if c.eval_every is None:
@@ -227,6 +262,8 @@ def resolve(config: SFTConfig, n_train: int, context_length: int) -> SFTConfig:
             raise KettleError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
     if not c.lr > 0:
         raise KettleError(f"--lr must be positive, got {c.lr}")
+    if c.replay < 0:
+        raise KettleError(f"--replay must be 0 or more, got {c.replay}")
     return c
 
 
@@ -252,6 +289,26 @@ def evaluate_loss(model: GPT, examples: list[Example], pad_id: int, device, batc
         total, count = total + loss.item(), count + n
     model.train(was_training)
     return total / count if count else float("nan")
+
+
+@torch.no_grad()
+def recalled(model: GPT, examples: list[Example], pad_id: int, device, batch_tokens: int = 8192) -> list[bool]:
+    """Per example: whether greedy decoding gives its answers back exactly. With the true prefix,
+    the most likely next token is the target at every loss position (the end-of-turn marker
+    included): that is the condition for greedy decoding to reproduce the answer token for token,
+    checked in one forward pass instead of a generation per example."""
+    was_training = model.training
+    model.eval()
+    index = {id(e): i for i, e in enumerate(examples)}
+    result = [False] * len(examples)
+    for batch in make_batches(examples, batch_tokens, 64):
+        ids, labels = collate(batch, pad_id)
+        labels = labels.to(device)
+        hit = (model(ids.to(device)).argmax(-1) == labels) | (labels == IGNORE)
+        for row, ok in zip(batch, hit.all(dim=1).tolist()):
+            result[index[id(row)]] = ok
+    model.train(was_training)
+    return result
 
 
 def trainable_state(model: GPT) -> dict[str, torch.Tensor]:
@@ -290,14 +347,14 @@ class SFTTrainer:
     """
 
     def __init__(self, model: GPT, train: list[Example], val: list[Example], config: SFTConfig,
-                 pad_id: int, device="cpu", dist=None):
+                 pad_id: int, device="cpu", dist=None, replay: list[Example] = ()):
         from gpt.pretrain import Dist, TrainConfig, make_optimizer
 
         self.config, self.pad_id, self.device = config, pad_id, torch.device(device)
         if config.lora and not lora_layers(model):
             apply_lora(model, config.lora)
         self.model = model.to(self.device)
-        self.train_examples, self.val_examples = train, val
+        self.train_examples, self.val_examples, self.replay_examples = train, val, list(replay)
         self.dist = dist or Dist()
         self.net = model
         if self.dist.enabled:
@@ -316,6 +373,8 @@ class SFTTrainer:
         self.history: list[dict] = []  # {"step", "loss"} and {"step", "val_loss"} rows
         self.best_val, self.best_state, self.bad_evals = math.inf, None, 0
         self.stopped_early = False
+        self.learned_epoch: int | None = None  # the first epoch after which every example came back
+        self.anneal: tuple[int, int, float] | None = None  # (from step, to step, from lr) once learned
         self.tokens = 0
         self.elapsed = 0.0
 
@@ -324,14 +383,31 @@ class SFTTrainer:
         if self._batches[0] != epoch:
             batches = make_batches(self.train_examples, self.config.batch_tokens,
                                    self.config.max_batch_size, seed=self.config.seed + epoch)
+            if self.replay_examples and self.config.replay:
+                batches = self._with_replay(batches, epoch)
             # Every rank needs a batch at every step (DDP averages gradients): repeat a few.
             batches += batches[:-len(batches) % self.dist.world_size]
             self._batches = (epoch, batches[self.dist.rank::self.dist.world_size])
         return self._batches[1]
 
+    def _with_replay(self, batches: list[list[Example]], epoch: int) -> list[list[Example]]:
+        """Each batch with its share of this epoch's replay slice (a fresh one every epoch), so
+        that every update both teaches the user's examples and recalls the base's."""
+        k = min(self.config.replay, len(self.replay_examples))
+        pool = random.Random(self.config.seed + epoch).sample(self.replay_examples, k)
+        per_example = k / len(self.train_examples)
+        out, done = [], 0
+        for batch in batches:
+            start, done = round(done * per_example), done + len(batch)
+            out.append(batch + pool[start:round(done * per_example)])
+        return out
+
     def lr(self, step: int) -> float:
         from gpt.pretrain import lr_at
 
+        if self.anneal is not None:  # learned: down to zero by the end of the margin
+            start, end, start_lr = self.anneal
+            return start_lr * max(0.0, end - step) / max(1, end - start)
         return lr_at(step, self.schedule)
 
     def run(self, should_stop: Callable[[], bool] = lambda: False,
@@ -342,27 +418,48 @@ class SFTTrainer:
         """
         self.model.train()
         started, tokens_at_start, step_at_start = time.perf_counter(), self.tokens, self.step
-        while self.step < self.total_steps and not self.stopped_early:
-            epoch, index = divmod(self.step, self.steps_per_epoch)
-            loss = self._train_step(self._epoch_batches(epoch)[index])
-            self.step += 1
-            val_loss = None
-            if self.val_examples and (self.step % self.config.eval_every == 0
-                                      or self.step == self.total_steps):
-                val_loss = self._validate()
-            now = time.perf_counter()
-            speed = (self.tokens - tokens_at_start) / max(now - started, 1e-9)
-            if on_progress:
-                per_step = (now - started) / max(1, self.step - step_at_start)
-                on_progress(Progress(self.step, self.total_steps, epoch + 1, loss, val_loss,
-                                     speed * self.dist.world_size, per_step * (self.total_steps - self.step),
-                                     self.lr(self.step)))
-            if self.dist.any(should_stop(), self.device) and self.step < self.total_steps:
-                self.elapsed += time.perf_counter() - started
-                return False
+        with ThreadFitter(self.device.type == "cpu") as threads:
+            while self.step < self.total_steps and not self.stopped_early:
+                threads.update()
+                epoch, index = divmod(self.step, self.steps_per_epoch)
+                batches = self._epoch_batches(epoch)  # a replay slice may bucket into fewer batches
+                loss = self._train_step(batches[index % len(batches)])
+                self.step += 1
+                if index == self.steps_per_epoch - 1:
+                    self._end_of_epoch(epoch + 1)
+                val_loss = None
+                if self.val_examples and (self.step % self.config.eval_every == 0
+                                          or self.step == self.total_steps):
+                    val_loss = self._validate()
+                now = time.perf_counter()
+                speed = (self.tokens - tokens_at_start) / max(now - started, 1e-9)
+                if on_progress:
+                    per_step = (now - started) / max(1, self.step - step_at_start)
+                    on_progress(Progress(self.step, self.total_steps, epoch + 1, loss, val_loss,
+                                         speed * self.dist.world_size, per_step * (self.total_steps - self.step),
+                                         self.lr(self.step)))
+                if self.dist.any(should_stop(), self.device) and self.step < self.total_steps:
+                    self.elapsed += time.perf_counter() - started
+                    return False
         self.elapsed += time.perf_counter() - started
         self.restore_best()
         return True
+
+    def _end_of_epoch(self, epoch: int) -> None:
+        """With `until_learned`: once every training example comes back, train LEARNED_MARGIN of
+        the epochs so far again with the rate falling linearly to zero (so the answers settle
+        instead of being pushed about by the last large updates), then stop."""
+        if not self.config.until_learned:
+            return
+        if self.anneal is not None:
+            self.stopped_early = self.step >= self.anneal[1]
+        elif all(recalled(self.model, self.train_examples, self.pad_id, self.device,
+                          self.config.batch_tokens)):
+            self.learned_epoch = epoch
+            margin = max(1, math.ceil(epoch * LEARNED_MARGIN))
+            end = min(self.total_steps, self.step + margin * self.steps_per_epoch)
+            self.anneal = (self.step, end, self.lr(self.step))
+            self.stopped_early = self.step >= end
 
     def restore_best(self) -> None:
         """Load the weights of the best validation so far (a no-op without validation)."""
@@ -407,7 +504,9 @@ class SFTTrainer:
             "model": trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
             "step": self.step, "history": self.history, "best_val": self.best_val,
             "best_state": self.best_state, "bad_evals": self.bad_evals,
-            "stopped_early": self.stopped_early, "tokens": self.tokens, "elapsed": self.elapsed,
+            "stopped_early": self.stopped_early, "learned_epoch": self.learned_epoch,
+            "anneal": self.anneal,
+            "tokens": self.tokens, "elapsed": self.elapsed,
             "rng": _rng_state(),
         }
 
@@ -419,6 +518,8 @@ class SFTTrainer:
         self.step, self.history = state["step"], state["history"]
         self.best_val, self.best_state = state["best_val"], state["best_state"]
         self.bad_evals, self.stopped_early = state["bad_evals"], state["stopped_early"]
+        self.learned_epoch = state.get("learned_epoch")
+        self.anneal = tuple(state["anneal"]) if state.get("anneal") else None
         self.tokens, self.elapsed = state["tokens"], state["elapsed"]
         _set_rng_state(state["rng"])
 

@@ -10,9 +10,9 @@ What a run writes while it goes (the app polls `store.run(id)` and `store.run_me
   runs.log_path (the process's output); runs.output_model_id (the registered model version).
 - run_metrics rows: {"loss", "lr", "tokens_per_s", "eta_s", "epoch"} at most about once a second
   and at the last step, with "val_loss" added at each validation; at the end
-  {"gate_parent_loss", "gate_new_loss"}.
-- The run directory KETTLE_HOME/runs/finetune-<id>/: data.json (the tokenised examples, so a
-  resume never depends on the data file still being there), checkpoint.pt (after SIGTERM/SIGINT),
+  the verdict's figures (gate losses, corrections recalled, replay losses).
+- The run directory KETTLE_HOME/runs/finetune-<id>/: data.json (the tokenised examples and the
+  base's replay data, so a resume never depends on the data file still being there), checkpoint.pt (after SIGTERM/SIGINT),
   metrics.jsonl, log.txt.
 
 `reap_dead_runs` marks a "running" run whose process is gone (killed, crashed) as failed.
@@ -21,10 +21,11 @@ SIGTERM or Ctrl-C saves a checkpoint after the current step and marks the run "c
 "failed" with the reason; out-of-memory is reported as such with what to change.
 
 On success the model directory (models/<name>: the weights, card.md, loss.png, training.json,
-and adapter/ for LoRA runs) is written atomically, then registered as a model version with its
-lineage in one transaction. The regression gate compares the parent's and the new model's loss on
-the held-out examples: a model that got worse is registered with status "regressed" and is never
-activated automatically; one that is at least as good is activated (unless `activate` is off).
+the base's replay.jsonl, and adapter/ for LoRA runs) is written atomically, then registered as a
+model version with its lineage in one transaction. The verdict (finetune.verdict) says how many of
+the user's corrections now come back and whether the base's skills survived; a model that
+regressed is registered with status "regressed" and is never activated automatically; one that
+passed is activated (unless `activate` is off).
 """
 from __future__ import annotations
 
@@ -47,7 +48,9 @@ from data.files import atomic_directory, atomic_write_text
 from data.paths import models_dir, runs_dir
 from data.store import Run, Store, process_alive
 from finetune.instruct import (Example, Progress, SFTConfig, SFTTrainer, check_vocabulary,
-                               default_val_fraction, evaluate_loss, holdout, prepare, resolve)
+                               default_val_fraction, evaluate_loss, holdout, prepare, recalled,
+                               resolve)
+from finetune.verdict import judge, summary_lines
 from gpt.errors import KettleError
 
 RUN_KIND = "finetune"
@@ -190,28 +193,47 @@ def _record_conversation(record) -> list[dict]:
     return messages
 
 
-def _save_examples(path: Path, tokenizer, train: list[Example], val: list[Example], stats: dict,
+# The tokenised parts of a run's data.json: the user's examples (trained on, held out) and the
+# base's replay data (mixed in, held out to measure what the base knew).
+PARTS = ("train", "val", "replay", "replay_heldout")
+
+
+def _save_examples(path: Path, tokenizer, parts: dict[str, list[Example]], stats: dict,
                    source: dict) -> None:
     data = {"tokenizer": tokenizer.name, "n_vocab": tokenizer.n_vocab, "stats": stats, "source": source,
-            "train": [[e.input_ids, e.labels] for e in train],
-            "val": [[e.input_ids, e.labels] for e in val]}
+            **{name: [[e.input_ids, e.labels] for e in parts[name]] for name in PARTS}}
     atomic_write_text(path, json.dumps(data, separators=(",", ":")))
 
 
 def _load_examples(path: Path, tokenizer, vocab_size: int):
-    """(train, held out, stats, source) from the run's data.json, checked against the model."""
+    """({part: examples}, stats, source) from the run's data.json, checked against the model."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        train = [Example(ids, labels) for ids, labels in data["train"]]
-        val = [Example(ids, labels) for ids, labels in data["val"]]
+        parts = {name: [Example(ids, labels) for ids, labels in data.get(name, [])] for name in PARTS}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise KettleError(f"{path}: the run's tokenised data cannot be read ({exc})") from None
     if data.get("tokenizer") != tokenizer.name or data.get("n_vocab") != tokenizer.n_vocab:
         raise KettleError(f"{path}: the data was tokenised for another vocabulary "
                           f"({data.get('tokenizer')}, {data.get('n_vocab')} tokens); the model "
                           f"uses {tokenizer.name} ({tokenizer.n_vocab} tokens)")
-    check_vocabulary(train + val, vocab_size)
-    return train, val, data.get("stats", {}), data.get("source", {})
+    check_vocabulary([e for part in parts.values() for e in part], vocab_size)
+    return parts, data.get("stats", {}), data.get("source", {})
+
+
+def _replay_examples(base_path: Path, tokenizer, max_length: int, vocab_size: int) -> dict[str, list[Example]]:
+    """The base's own instruction data (finetune.replay) as examples; none when it has none."""
+    from finetune.replay import read_replay
+
+    replay = read_replay(base_path)
+    if replay is None:
+        return {"replay": [], "replay_heldout": []}
+    out = {}
+    for part, split in (("replay", "train"), ("replay_heldout", "heldout")):
+        try:
+            out[part] = prepare(replay[split], tokenizer, max_length, vocab_size)[0] if replay[split] else []
+        except KettleError:  # replay data that does not fit this model: train without it
+            return {"replay": [], "replay_heldout": []}
+    return out
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -287,7 +309,7 @@ def _run(store: Store, run_id: int, spec: JobSpec, resume: bool, progress: bool,
     max_length = sft.max_length or model.config.context_length
     data_path = rdir / "data.json"
     if resume and data_path.exists():
-        train, val, stats, source = _load_examples(data_path, tokenizer, model.config.vocab_size)
+        parts, stats, source = _load_examples(data_path, tokenizer, model.config.vocab_size)
     else:
         conversations, source = load_conversations(store, spec)
         examples, stats = prepare(conversations, tokenizer, max_length, model.config.vocab_size)
@@ -295,14 +317,22 @@ def _run(store: Store, run_id: int, spec: JobSpec, resume: bool, progress: bool,
         train, val = holdout(examples, fraction, sft.seed)
         if not train:
             raise KettleError(f"no training examples left after holding out {len(val)}")
+        parts = {"train": train, "val": val,
+                 **_replay_examples(base_path, tokenizer, max_length, model.config.vocab_size)}
         if dist.main:
-            _save_examples(data_path, tokenizer, train, val, stats, source)
+            _save_examples(data_path, tokenizer, parts, stats, source)
+    train, val, replay, replay_heldout = (parts[name] for name in PARTS)
     stats = {**stats, "train": len(train), "held_out": len(val)}
-    config = resolve(sft, len(train), model.config.context_length)
+    config = resolve(sft, len(train), model.config, n_replay=len(replay))
     config.val_fraction = len(val) / (len(train) + len(val))
 
-    parent_loss = evaluate_loss(model, val, tokenizer.eot_id, device) if val else None
-    trainer = SFTTrainer(model, train, val, config, tokenizer.eot_id, device, dist)
+    # The base's figures, before any training (a resumed run's model is still the base here).
+    pad = tokenizer.eot_id
+    parent_loss = evaluate_loss(model, val, pad, device) if val else None
+    replay_before = evaluate_loss(model, replay_heldout, pad, device) if replay_heldout else None
+    recall_base = sum(recalled(model, train, pad, device))
+    train_before = evaluate_loss(model, train, pad, device)
+    trainer = SFTTrainer(model, train, val, config, pad, device, dist, replay=replay)
     checkpoint_path = rdir / "checkpoint.pt"
     metrics_path = rdir / "metrics.jsonl"
     if resume and checkpoint_path.exists():
@@ -350,23 +380,29 @@ def _run(store: Store, run_id: int, spec: JobSpec, resume: bool, progress: bool,
         dist.barrier()
         return
 
-    new_loss = evaluate_loss(model, val, tokenizer.eot_id, device) if val else None
+    new_loss = evaluate_loss(model, val, pad, device) if val else None
+    replay_after = evaluate_loss(model, replay_heldout, pad, device) if replay_heldout else None
+    recall = sum(recalled(model, train, pad, device))
+    train_after = evaluate_loss(model, train, pad, device)
     if not dist.main:
         return
-    if parent_loss is None:
-        verdict = "not checked (no held-out examples)"
-    elif new_loss <= parent_loss:
-        verdict = "passed"
-    else:
-        verdict = "regressed"
     losses = [r["loss"] for r in read_metrics(metrics_path) if "loss" in r]
-    metrics = {"gate": verdict, "gate_parent_loss": parent_loss, "gate_new_loss": new_loss,
+    metrics = {"gate_parent_loss": parent_loss, "gate_new_loss": new_loss,
+               "recall_base": recall_base, "recall": recall, "recall_of": len(train),
+               "train_loss_before": train_before, "train_loss_after": train_after,
+               "learned_epoch": trainer.learned_epoch,
+               "replay_examples": config.replay, "replay_loss_before": replay_before,
+               "replay_loss_after": replay_after,
                "best_val_loss": None if math.isinf(trainer.best_val) else trainer.best_val,
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "steps": trainer.step, "stopped_early": trainer.stopped_early,
                "tokens": trainer.tokens, "train_seconds": round(trainer.elapsed, 2),
                "tokens_per_s": trainer.tokens / trainer.elapsed if trainer.elapsed else None, **stats}
-    store.log_metrics(run_id, trainer.step, {"gate_parent_loss": parent_loss, "gate_new_loss": new_loss})
+    verdict, reasons = judge(metrics)
+    metrics.update(gate=verdict, gate_reasons=reasons)
+    store.log_metrics(run_id, trainer.step, {k: metrics[k] for k in (
+        "gate_parent_loss", "gate_new_loss", "recall_base", "recall", "replay_loss_before",
+        "replay_loss_after")})
     hparams = {**config.to_dict(), "base": str(base_path), "base_name": base_name,
                "source": source, "mode": "lora" if config.lora else "full"}
     _write_model(out, model, tokenizer, trainer, name, base_name, run_id, hparams, metrics, metrics_path)
@@ -392,7 +428,12 @@ def _write_model(out: Path, model, tokenizer, trainer, name, base_name, run_id, 
     from gpt.checkpoint import save_model
     from gpt.pretrain import plot_losses
 
+    from finetune.replay import REPLAY_FILE
+
     with atomic_directory(out) as tmp:
+        base_replay = Path(hparams["base"], REPLAY_FILE)
+        if base_replay.is_file():  # the base's skills stay replayable for the next fine-tune
+            shutil.copyfile(base_replay, tmp / REPLAY_FILE)
         if lora_layers(model):
             save_adapter(model, tmp / "adapter", extra={"base": hparams["base"]})
             merge_lora(model)
@@ -433,10 +474,8 @@ def model_card(name: str, base_name: str, run_id: int, hparams: dict, metrics: d
         ("Steps", f"{metrics['steps']}" + (" (early-stopped)" if metrics["stopped_early"] else "")),
         ("Time", f"{metrics['train_seconds']:.1f} s, {num(metrics['tokens_per_s'], ',.0f')} tokens/s"),
         ("Training loss", f"{num(metrics['first_loss'])} → {num(metrics['last_loss'])}"),
-        ("Held-out loss", f"{num(metrics['gate_parent_loss'])} (base) → "
-                          f"{num(metrics['gate_new_loss'])} (this model)"),
-        ("Regression gate", metrics["gate"]),
     ]
+    rows += [("Verdict", line) for line in summary_lines(metrics)]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return (f"# {name}\n\nFine-tuned by Kettle run {run_id} on "
             f"{time.strftime('%Y-%m-%d %H:%M', time.localtime())}.\n\n| | |\n|---|---|\n{table}\n\n"

@@ -40,7 +40,9 @@ TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 class LoRAConfig:
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.05
+    # No dropout by default: the user wants their corrections back word for word, and dropout on
+    # the adapter's input slowed that most (on the starter: 3 of 20 back after 60 epochs, 9 without).
+    dropout: float = 0.0
     targets: tuple[str, ...] = TARGETS
 
     def __post_init__(self):

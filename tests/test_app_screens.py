@@ -72,7 +72,8 @@ async def test_finetune_shows_progress_to_the_end_and_offers_the_new_model(app_m
         assert bar.progress == bar.total == run.total_steps
         assert len(screen.query_one("#loss-chart").data) >= 1
         result = str(screen.query_one("#finetune-result").render())
-        assert "held-out loss" in result and "Regression gate" in result
+        assert "your corrections: " in result and " of 10 now come back" in result
+        assert "regression gate: " in result
         assert screen.query_one("#ft-switch").display
         new = screen.output
         assert new.parent_id is not None and new.name.startswith("tiny-ft")

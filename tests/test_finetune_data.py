@@ -8,6 +8,7 @@ import pytest
 
 from finetune.instruct import (IGNORE, Example, collate, default_val_fraction, encode_conversation,
                                holdout, make_batches, padding_waste, prepare, resolve, SFTConfig)
+from gpt.config import GPTConfig
 from gpt.errors import KettleError
 from gpt.tokenizer import gpt2_tokenizer
 
@@ -98,21 +99,34 @@ def test_length_bucketing_wastes_little_padding(trained_tokenizer):
         or any(len(b) == 1 for b in batches)
 
 
-def test_defaults_follow_the_dataset_size():
-    small = resolve(SFTConfig(), n_train=20, context_length=256)
-    large = resolve(SFTConfig(), n_train=20_000, context_length=256)
+def test_defaults_follow_the_model_and_the_dataset():
+    from finetune.lora import LoRAConfig
+    from gpt.config import get_preset
+
+    starter = GPTConfig(vocab_size=4096, context_length=256, n_layer=4, n_head=4, n_embd=128)
+    gpt2 = get_preset("gpt2")
+    small = resolve(SFTConfig(), n_train=20, model=starter)
+    large = resolve(SFTConfig(), n_train=20_000, model=starter)
     assert small.epochs > large.epochs >= 2
     assert small.max_batch_size < large.max_batch_size
-    assert small.lr > large.lr
     assert 1 <= small.warmup_steps < large.warmup_steps <= 100
-    assert resolve(SFTConfig(lora=None), 20, 256).lr < resolve(
-        SFTConfig(lora=__import__("finetune.lora").lora.LoRAConfig()), 20, 256).lr
-    assert default_val_fraction(5) == 0 and round(default_val_fraction(20) * 20) == 2
+    # Small models take much larger rates; LoRA a larger one than full fine-tuning.
+    assert resolve(SFTConfig(), 20, starter).lr == pytest.approx(6 * resolve(SFTConfig(), 20, gpt2).lr)
+    assert resolve(SFTConfig(), 20, gpt2).lr < resolve(SFTConfig(lora=LoRAConfig()), 20, gpt2).lr
+    # Replay each epoch: 4 of the base's examples per user example (1 under LoRA); none without.
+    assert resolve(SFTConfig(), 20, starter, n_replay=1500).replay == 80
+    assert resolve(SFTConfig(lora=LoRAConfig()), 20, starter, n_replay=1500).replay == 20
+    assert resolve(SFTConfig(), 20, starter, n_replay=5).replay == 5
+    assert resolve(SFTConfig(), 20, starter).replay == 0
+    assert resolve(SFTConfig(replay=0), 20, starter, n_replay=1500).replay == 0
+    # Few examples are all trained on (each is a correction the user wants back).
+    assert default_val_fraction(5) == 0 == default_val_fraction(99)
+    assert round(default_val_fraction(200) * 200) == 20
     assert round(default_val_fraction(20_000) * 20_000) == 500
-    train, val = holdout(list(range(20)), default_val_fraction(20), seed=3)
-    assert len(val) == 2 and sorted(train + val) == list(range(20))
+    train, val = holdout(list(range(200)), default_val_fraction(200), seed=3)
+    assert len(val) == 20 and sorted(train + val) == list(range(200))
     with pytest.raises(KettleError, match="context length"):
-        resolve(SFTConfig(max_length=999), 20, 256)
+        resolve(SFTConfig(max_length=999), 20, starter)
 
 
 def test_weight_zero_answers_are_context_only(trained_tokenizer):

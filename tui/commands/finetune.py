@@ -14,16 +14,20 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
     p.add_argument("--lora-rank", type=int, metavar="R", help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA alpha (default 16)")
-    p.add_argument("--lora-dropout", type=float, metavar="P", help="LoRA dropout (default 0.05)")
+    p.add_argument("--lora-dropout", type=float, metavar="P", help="LoRA dropout (default 0)")
     p.add_argument("--lora-targets", metavar="LIST",
                    help="comma-separated layers: attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj (default all)")
     p.add_argument("--epochs", type=int, metavar="N", help="at most N epochs (default: from the data size)")
-    p.add_argument("--lr", type=float, metavar="X", help="peak learning rate (default: from the data size)")
+    p.add_argument("--lr", type=float, metavar="X", help="peak learning rate (default: from the model's width and the method)")
     p.add_argument("--warmup", type=int, metavar="N", help="warm-up steps (default: 5%% of the steps)")
     p.add_argument("--batch-tokens", type=int, metavar="N", help="padded tokens per batch (default 8192)")
     p.add_argument("--max-batch-size", type=int, metavar="N", help="examples per batch (default: n/8, at most 32)")
     p.add_argument("--max-length", type=int, metavar="N", help="tokens per example (default: the context)")
-    p.add_argument("--val-fraction", type=float, metavar="F", help="held-out share (default 10%%)")
+    p.add_argument("--val-fraction", type=float, metavar="F",
+                   help="held-out share of your examples (default 10%% from 100 examples on, none below)")
+    p.add_argument("--replay", type=int, metavar="N",
+                   help="examples of the base's own instruction data mixed into each epoch "
+                        "(default: 4 for each of yours; 0: none)")
     p.add_argument("--patience", type=int, metavar="N", help="validations without improvement before stopping (default 3)")
     p.add_argument("--seed", type=int)
     p.add_argument("--name", help="the new model's name (default <base>-ft<run id>)")
@@ -34,7 +38,8 @@ def _train_options(p: argparse.ArgumentParser) -> None:
 
 SFT_FLAGS = {"epochs": "epochs", "lr": "lr", "warmup": "warmup_steps", "batch_tokens": "batch_tokens",
              "max_batch_size": "max_batch_size", "max_length": "max_length",
-             "val_fraction": "val_fraction", "patience": "patience", "seed": "seed"}
+             "val_fraction": "val_fraction", "patience": "patience", "seed": "seed",
+             "replay": "replay"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -148,6 +153,7 @@ def resume_command(args) -> int:
 
 def _report(run) -> int:
     from data.store import Store
+    from finetune.verdict import summary_lines
 
     if run.status == "cancelled":
         print(f"run {run.id} stopped at step {run.step}/{run.total_steps}; "
@@ -158,13 +164,11 @@ def _report(run) -> int:
     with Store.open() as store:
         version = store.model_version(run.output_model_id)
         active = store.active_model()
-    m = version.metrics
     print(f"run {run.id} finished: model {version.name} at {version.path}")
-    if m.get("gate_parent_loss") is not None:
-        print(f"held-out loss {m['gate_parent_loss']:.4f} (base) -> {m['gate_new_loss']:.4f}; "
-              f"gate {m['gate']}")
+    for line in summary_lines(version.metrics):
+        print(line)
     if version.status == "regressed":
-        print("the new model is worse than its base on held-out data: it was NOT made active")
+        print("the new model regressed against its base: it was NOT made active")
     elif active is not None and active.id == version.id:
         print("it is now the active model")
     return 0

@@ -20,6 +20,8 @@ from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Label, ProgressBar, Select, Sparkline, Static
 
 from data.store import DataFilter, ModelVersion, Run, Store
+from finetune.verdict import summary_lines
+from gpt.config import GPTConfig
 from gpt.errors import KettleError
 from tui.app import guarded
 
@@ -43,6 +45,8 @@ class Plan:
     device: str
     method: str            # "lora" | "full"
     train_tokens: int      # tokens in one pass over the examples
+    config: GPTConfig      # the base's shape (the fine-tuning defaults follow it)
+    n_replay: int          # the base's own instruction examples that can be mixed in (replay)
 
 
 def device_kind() -> str:
@@ -67,16 +71,19 @@ def estimate_seconds(plan: Plan, method: str, epochs: int | None) -> tuple[float
 
     n = max(1, plan.n_examples)
     config = resolve(SFTConfig(epochs=epochs, lora=LoRAConfig() if method == "lora" else None),
-                     n, 1 << 30)
-    steps = config.epochs * math.ceil(n / config.max_batch_size)
+                     n, plan.config, n_replay=plan.n_replay)
+    steps = config.epochs * math.ceil((n + config.replay) / config.max_batch_size)
     # forward + backward = 6 FLOPs per parameter per token (LoRA still runs the full backward
     # through the activations, so it saves memory more than time: count it as 2/3); small
-    # models are bound by the per-step overhead instead; plus starting the process.
-    flops = 6 * plan.n_params * plan.train_tokens * config.epochs * (2 / 3 if method == "lora" else 1)
+    # models are bound by the per-step overhead instead; plus starting the process. Replay
+    # examples are counted as long as the user's.
+    tokens = plan.train_tokens * (n + config.replay) / n
+    flops = 6 * plan.n_params * tokens * config.epochs * (2 / 3 if method == "lora" else 1)
     return START_S + steps * STEP_OVERHEAD_S + flops / TRAIN_FLOPS[plan.device], steps
 
 
 def make_plan(store: Store, base_name: str | None) -> Plan:
+    from finetune.replay import read_replay
     from gpt.chat_template import render_training
     from gpt.checkpoint import expected_tensors, read_meta
     from gpt.tokenizer import load_tokenizer
@@ -93,8 +100,10 @@ def make_plan(store: Store, base_name: str | None) -> Plan:
     tokens = sum(min(len(render_training(e["example"]["messages"], tokenizer)[0]),
                      config.context_length) for e in examples)
     device = device_kind()
+    replay = read_replay(base.path)
     return Plan(base, versions, len(examples), n_params, device,
-                default_method(n_params, device), tokens)
+                default_method(n_params, device), tokens, config,
+                len(replay["train"]) if replay else 0)
 
 
 def count(n: int) -> str:
@@ -241,8 +250,11 @@ class FinetuneScreen(Screen):
             return
         seconds, steps = estimate_seconds(plan, str(method), epochs)
         default = " (the default for this size and device)" if method == plan.method else ""
+        replay = (f"{plan.n_replay:,} of its own examples to replay, so it keeps its skills"
+                  if plan.n_replay else "no instruction data of its own to replay")
         estimate.update(f"Method: [b]{'LoRA' if method == 'lora' else 'full'}[/]{default}.  "
-                        f"Roughly [b]{steps} steps, {duration(seconds)}[/].  The model you chat with "
+                        f"At most [b]{steps} steps, {duration(seconds)}[/] (it stops once your "
+                        f"answers come back).  The base has {replay}.  The model you chat with "
                         "stays until you switch.")
 
     def _epochs(self) -> int | None | bool:
@@ -367,18 +379,19 @@ class FinetuneScreen(Screen):
                           f"[b]kettle finetune resume {run.id}[/].")
         elif output is not None:
             m = output.metrics
-            before, after = m.get("gate_parent_loss"), m.get("gate_new_loss")
-            losses = (f"held-out loss [b]{before:.3f}[/] (base) → [b]{after:.3f}[/] (new)"
-                      if before is not None and after is not None else "no held-out examples to compare")
             verdict = m.get("gate", output.status)
             colour = "$error" if output.status == "regressed" else "$success"
-            result.update(f"[b]{escape(output.name)}[/] is ready: {losses}.\n"
-                          f"Regression gate: [b {colour}]{verdict}[/]"
-                          + ("  (it did worse than its base: think twice before switching)"
-                             if output.status == "regressed" else "")
+            lines = [escape(line) for line in summary_lines(m)]
+            lines[-1] = f"[b {colour}]{lines[-1]}[/]" + (
+                "  (think twice before switching)" if output.status == "regressed" else "")
+            if m.get("recall_of"):
+                lines[0] = f"[b]{lines[0]}[/]"
+            result.update(f"[b]{escape(output.name)}[/] is ready.\n" + "\n".join(lines)
                           + "\nSwitch to it now, or compare the two first.")
             self.query_one("#ft-switch", Button).focus()
-            self.notify(f"Fine-tune finished: {output.name} ({verdict}).", timeout=8)
+            recall = (f"{m['recall']} of {m['recall_of']} corrections come back, "
+                      if m.get("recall_of") else "")
+            self.notify(f"Fine-tune finished: {output.name} ({recall}{verdict}).", timeout=8)
         self.query_one("#finetune-sheet").display = True
         self.load_plan()
 

@@ -1,0 +1,56 @@
+"""What a fine-tuning run tells the user: did their corrections come back, and did the model keep
+what it knew? One judgement, one wording, for the command line, the model card and the app.
+
+- "your corrections: k of n now come back": of the examples trained on, how many the model gives
+  back exactly under greedy decoding (finetune.instruct.recalled), before (the base) and after.
+- the base's skills: the loss on the held-out part of the base's own instruction data (replay),
+  before and after; up by more than FORGET_TOLERANCE means it forgot them.
+- held-out loss: on a held-out share of the user's examples, when there are enough of them.
+
+The gate regresses a model that forgot its base's skills, gives back fewer corrections than its
+base did, does worse on the held-out examples, or fits its own training examples worse than the
+base did (training that went wrong); a regressed model is never activated on its own.
+"""
+from __future__ import annotations
+
+FORGET_TOLERANCE = 0.10
+
+
+def judge(metrics: dict) -> tuple[str, list[str]]:
+    """("passed" | "regressed", the reasons it regressed) from a run's metrics."""
+    m = metrics
+    reasons = []
+    if m.get("recall_of") and m["recall"] < m["recall_base"]:
+        reasons.append(f"it gives back fewer of your corrections than its base "
+                       f"({m['recall']} vs {m['recall_base']} of {m['recall_of']})")
+    before, after = m.get("replay_loss_before"), m.get("replay_loss_after")
+    if before is not None and after is not None and after > before * (1 + FORGET_TOLERANCE):
+        reasons.append(f"it forgot part of its base's skills (their loss rose {after / before - 1:.0%})")
+    if m.get("gate_parent_loss") is not None and m["gate_new_loss"] > m["gate_parent_loss"]:
+        reasons.append("it does worse than its base on your held-out examples")
+    if m.get("train_loss_before") is not None and m["train_loss_after"] > m["train_loss_before"]:
+        reasons.append("it fits the very examples it was trained on worse than its base did")
+    return ("regressed" if reasons else "passed"), reasons
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """The verdict as plain lines of text (the model card and the app add their own markup)."""
+    m = metrics
+    lines = []
+    if m.get("recall_of"):
+        lines.append(f"your corrections: {m['recall']} of {m['recall_of']} now come back "
+                     f"(greedy, exact; the base gave back {m['recall_base']})")
+    if m.get("replay_loss_before") is not None:
+        change = m["replay_loss_after"] / m["replay_loss_before"] - 1
+        lines.append(f"the base's skills: held-out loss {m['replay_loss_before']:.3f} -> "
+                     f"{m['replay_loss_after']:.3f} ({change:+.0%}; {m['replay_examples']} of its "
+                     f"own examples mixed into each epoch)")
+    elif "replay_examples" in m:
+        lines.append("the base's skills: not checked, it has no instruction data of its own to "
+                     "replay (replay.jsonl)")
+    if m.get("gate_parent_loss") is not None:
+        lines.append(f"held-out loss on your examples: {m['gate_parent_loss']:.3f} (base) -> "
+                     f"{m['gate_new_loss']:.3f}")
+    gate, reasons = judge(m)
+    lines.append(f"regression gate: {gate}" + (f": {'; '.join(reasons)}" if reasons else ""))
+    return lines
