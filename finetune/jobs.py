@@ -12,8 +12,8 @@ What a run writes while it goes (the app polls `store.run(id)` and `store.run_me
   and at the last step, with "val_loss" added at each validation; at the end
   the verdict's figures (gate losses, corrections recalled, replay losses).
 - The run directory KETTLE_HOME/runs/finetune-<id>/: data.json (the tokenised examples and the
-  base's replay data, so a resume never depends on the data file still being there), checkpoint.pt (after SIGTERM/SIGINT),
-  metrics.jsonl, log.txt.
+  base's replay data, so a resume never depends on the data file still being there),
+  checkpoint.pt (after SIGTERM/SIGINT), metrics.jsonl, log.txt.
 
 `reap_dead_runs` marks a "running" run whose process is gone (killed, crashed) as failed.
 SIGTERM or Ctrl-C saves a checkpoint after the current step and marks the run "cancelled";

@@ -4,7 +4,10 @@ Question/answer pairs are made offline from the documentation the starter was pr
 "What does str.upper do?" is answered with the first sentence of `str.upper`'s docstring. The
 builtins come first (their docstrings are in the interpreter), then the functions and classes of
 commonly used standard-library modules (from `gpt.starter.stdlib_docstrings`, the pretraining
-corpus). The pretrained model is fine-tuned on them in the chat format within the stage's time.
+corpus), with how-to questions made from the same first sentences ("How do I get a copy of the
+string converted to uppercase?") and examples with code from the docstrings' doctests. The
+pretrained model is fine-tuned on them in the chat format for a fixed number of epochs; the pairs
+go with the model (replay.jsonl) so that fine-tuning it later can replay them.
 """
 from __future__ import annotations
 

@@ -25,7 +25,8 @@ def test_instruction_data_validation_loss_falls_steadily(tmp_path):
     model = GPT(GPTConfig(vocab_size=2048, context_length=256, n_layer=4, n_head=4, n_embd=128))
     examples, stats = prepare(conversations, tokenizer, 256, 2048)
     train, val = holdout(examples, 0.1, seed=0)
-    config = resolve(SFTConfig(lr=1e-3, epochs=4, eval_every=20, patience=3), len(train), 256)
+    config = resolve(SFTConfig(lr=1e-3, epochs=4, eval_every=20, patience=3, until_learned=False),
+                     len(train), model.config)
     trainer = SFTTrainer(model, train, val, config, tokenizer.eot_id)
     trainer.run()
     vals = [h["val_loss"] for h in trainer.history if "val_loss" in h]
