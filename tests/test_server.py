@@ -149,8 +149,8 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, body
         assert message in error["message"] and error["param"] == param
         assert error["type"] == "invalid_request_error"
     ok = http(server, "POST", "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2})
-    # Still serving (unseeded sampling may end the turn after one token).
-    assert ok.status_code == 200 and 1 <= ok.json()["usage"]["completion_tokens"] <= 2
+    # Still serving (unseeded sampling on a random model may end the turn at once: ~5% of runs).
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
 
 
 def test_other_bad_requests(server, client):
