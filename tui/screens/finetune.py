@@ -72,7 +72,7 @@ def estimate_seconds(plan: Plan, method: str, epochs: int | None) -> tuple[float
     n = max(1, plan.n_examples)
     config = resolve(SFTConfig(epochs=epochs, lora=LoRAConfig() if method == "lora" else None),
                      n, plan.config, n_replay=plan.n_replay)
-    steps = config.epochs * math.ceil((n + config.replay) / config.max_batch_size)
+    steps = config.epochs * math.ceil(n / config.max_batch_size)  # replay rides in the batches
     # forward + backward = 6 FLOPs per parameter per token (LoRA still runs the full backward
     # through the activations, so it saves memory more than time: count it as 2/3); small
     # models are bound by the per-step overhead instead; plus starting the process. Replay
@@ -198,7 +198,7 @@ class FinetuneScreen(Screen):
                 yield Select([("LoRA adapters (small, light on memory)", "lora"),
                               ("Full fine-tuning (every weight)", "full")],
                              id="ft-method", allow_blank=False, value="full")
-                yield Label("Epochs (blank = chosen from the number of examples)")
+                yield Label("Epochs at most (blank = automatic: it stops once your answers come back)")
                 yield Input(id="ft-epochs", placeholder="auto", compact=True)
                 yield Static("", id="sheet-estimate")
                 with Horizontal(id="finetune-buttons"):
