@@ -122,8 +122,8 @@ class ThreadFitter:
             self.torch.set_num_threads(self.before)
 
     def update(self) -> int:
-        if not self.enabled:
-            return self.threads
+        if not self.enabled or time.monotonic() - self._since.wall < REFIT_S:
+            return self.threads  # the training step's hot path: no /proc read between refits
         now = LoadSample()
         if now.wall - self._since.wall >= REFIT_S:
             threads = threads_for(usable_cores(), now.busy_elsewhere(self._since))
