@@ -100,6 +100,8 @@ class ThreadFitter:
                 threads.update()   # every REFIT_S seconds: re-decided from the load since then
                 ...
 
+    It never uses more threads than torch was set to on entry (OMP_NUM_THREADS, or an embedder's
+    set_num_threads: a cap the user chose, which also keeps a run's float sums in one order).
     On leaving, the thread count it found is restored."""
 
     def __init__(self, enabled: bool = True):
@@ -112,7 +114,7 @@ class ThreadFitter:
 
     def __enter__(self) -> "ThreadFitter":
         if self.enabled:
-            self.threads = fit_threads()
+            self.threads = min(fit_threads(), self.before)
             self.torch.set_num_threads(self.threads)
             self._since = LoadSample()
         return self
@@ -126,7 +128,7 @@ class ThreadFitter:
             return self.threads  # the training step's hot path: no /proc read between refits
         now = LoadSample()
         if now.wall - self._since.wall >= REFIT_S:
-            threads = threads_for(usable_cores(), now.busy_elsewhere(self._since))
+            threads = threads_for(min(usable_cores(), self.before), now.busy_elsewhere(self._since))
             self._since = now
             if threads != self.threads:
                 self.threads = threads

@@ -47,6 +47,7 @@ def test_the_fitter_applies_its_choice_to_torch_and_restores_it(monkeypatch):
     import torch
 
     before = torch.get_num_threads()
+    torch.set_num_threads(4)  # the cap the fitter stays under
     monkeypatch.setattr(threads, "fit_threads", lambda: 3)
     monkeypatch.setattr(threads, "threads_for", lambda cores, busy: 2)
     monkeypatch.setattr(threads, "REFIT_S", 0.0)
@@ -54,6 +55,10 @@ def test_the_fitter_applies_its_choice_to_torch_and_restores_it(monkeypatch):
         assert torch.get_num_threads() == 3 == fitter.threads
         time.sleep(0.06)
         assert fitter.update() == 2 == torch.get_num_threads()
-    assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == 4
+    torch.set_num_threads(1)
+    with threads.ThreadFitter() as fitter:  # fitted to 3, capped at the 1 the process was set to
+        assert fitter.threads == 1 == torch.get_num_threads()
     with threads.ThreadFitter(enabled=False) as fitter:
-        assert fitter.update() == before == torch.get_num_threads()
+        assert fitter.update() == 1 == torch.get_num_threads()
+    torch.set_num_threads(before)
