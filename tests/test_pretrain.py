@@ -208,27 +208,33 @@ def test_verdict_124m_overfits_like_the_book(tmp_path, verdict_file):
     assert result.val_loss > 5.0  # memorised, not generalised, as the book shows
 
 
-FAULTS_PER_ALLOCATION = """
-import resource, sys, torch
+KEPT_AFTER_FREE = """
+import os, sys, torch
 from gpt.pretrain import prepare_training
 if sys.argv[1] == "prepared":
     prepare_training(torch.device("cpu"))
-faults = []
-for _ in range(4):  # like training steps: the same big blocks allocated, written and freed again
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(64 << 20, dtype=torch.uint8)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(*faults)
+def resident_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+before = resident_mb()
+block = torch.ones(64 << 20, dtype=torch.uint8)  # a big block, as a training step's logits
+held = resident_mb()
+del block
+print(held - before, resident_mb() - before)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_a_training_process_reuses_freed_memory_instead_of_faulting_it_in_again():
-    def faults(mode):
-        out = subprocess.run([sys.executable, "-c", FAULTS_PER_ALLOCATION, mode], check=True,
+def test_a_training_process_keeps_freed_memory_to_reuse_instead_of_returning_it():
+    # Counting page faults over repeated allocations depends on where small allocations land
+    # between them (a CI run saw every block faulted in afresh); what prepare_training controls
+    # is whether a freed big block goes back to the kernel (and must be faulted in again).
+    def resident_mb(mode):
+        out = subprocess.run([sys.executable, "-c", KEPT_AFTER_FREE, mode], check=True,
                              capture_output=True, text=True, cwd=ROOT)
-        return [int(n) for n in out.stdout.split()]
+        return [float(n) for n in out.stdout.split()]
 
-    assert min(faults("default")) > 10_000  # 64 MB of fresh 4 KB pages each time: ~16k faults
-    # Once the heap has grown to the working set (as after a training step or two), no more.
-    assert min(faults("prepared")[2:]) < 1_000
+    held, after_free = resident_mb("default")
+    assert held > 60 and after_free < 16  # glibc mmaps a 64 MB block and unmaps it on free
+    held, after_free = resident_mb("prepared")
+    assert held > 60 and after_free > 60  # kept in the heap for the next step
