@@ -117,11 +117,26 @@ async def after_new_model(app, version: ModelVersion | None, activated: bool) ->
 
 
 async def brew_starter(app) -> None:
-    if not await app.push_screen_wait(TaskModal("Brewing the starter model (offline, about 8 minutes on 2 idle cores)",
-                                                ["brew", "starter"])):
+    """Brew into models/starter; when one is there, the user picks a new name or replacing it."""
+    path, args = models_dir() / "starter", ["brew", "starter"]
+    if path.exists():
+        other = await app.db(unique_name, app.store, "starter")
+        choice = await app.push_screen_wait(ChoiceModal("A starter model already exists", [
+            ("new", f"Brew another one as {other} (the first one stays)"),
+            ("replace", "Replace the starter: its weights are deleted (models fine-tuned from it "
+                        "keep theirs)")]))
+        if choice is None:
+            return
+        if choice == "new":
+            path = models_dir() / other
+            args += ["--out", str(path)]
+        else:
+            args.append("--force")
+    if not await app.push_screen_wait(TaskModal(
+            f"Brewing {path.name} (offline, about 8 minutes on 2 idle cores)", args)):
         return
-    path = models_dir() / "starter"
-    version, activated = await app.db(register, app.store, path, "starter", "starter")
+    # A replaced starter that is active counts as activated: the service reloads its weights.
+    version, activated = await app.db(register, app.store, path, "starter", path.name)
     await after_new_model(app, version, activated)
 
 
@@ -242,25 +257,25 @@ class ModelsScreen(Screen):
         if version is None:
             return
         await activate(self.app, version)
-        await self.load()
+        self.load()
 
     @work(group="model-task", exclusive=True)
     @guarded
     async def action_import(self) -> None:
         await import_dir(self.app)
-        await self.load()
+        self.load()
 
     @work(group="model-task", exclusive=True)
     @guarded
     async def action_download(self) -> None:
         await download_gpt2(self.app)
-        await self.load()
+        self.load()
 
     @work(group="model-task", exclusive=True)
     @guarded
     async def action_brew(self) -> None:
         await brew_starter(self.app)
-        await self.load()
+        self.load()
 
     def action_reload(self) -> None:
         self.load()

@@ -1,0 +1,83 @@
+"""Holes a new user found in the app (issue 12), each driven by Textual's Pilot with a tiny real
+model and a temporary store."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from data.paths import models_dir
+from data.store import Store
+from test_app import SIZE, open_chat, wait_until
+from tui.app import KettleApp
+from tui.screens.modals import ChoiceModal, TaskModal
+
+
+def errors(app) -> list[str]:
+    return [n.message for n in app._notifications if n.severity == "error"]
+
+
+async def test_activating_a_model_reports_no_error(app_model, tiny_model_dir):
+    with Store.open() as store:
+        store.add_model_version("other", tiny_model_dir, "imported")
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await pilot.press("f4")
+        table = app.screen.query_one("#models-table")
+        await wait_until(pilot, lambda: table.row_count == 2, "the models")
+        table.focus()
+        table.move_cursor(row=0)
+        await pilot.press("a")
+        await wait_until(pilot, lambda: any("Now chatting with other" in n.message
+                                            for n in app._notifications), "the switch")
+        await wait_until(pilot, lambda: table.get_row_at(0)[0] == "●", "the active mark")
+        await pilot.pause()
+        assert errors(app) == []
+
+
+@pytest.fixture
+def starter(chat_model_dir) -> None:
+    """A brewed starter: the tiny chat model in KETTLE_HOME/models/starter, registered, active."""
+    path = models_dir() / "starter"
+    shutil.copytree(chat_model_dir, path)
+    with Store.open() as store:
+        store.activate_model(store.add_model_version("starter", path, "starter").id)
+
+
+async def brew_again(pilot, app, choice: str) -> list[str]:
+    """On the models screen, b with a starter already there, pick `choice` in the question the
+    app asks; returns the brew command it starts (which is then cancelled: it takes minutes)."""
+    await open_chat(pilot, app)
+    await pilot.press("f4")
+    await wait_until(pilot, lambda: app.current_mode == "models", "the models screen")
+    await pilot.press("b")
+    await wait_until(pilot, lambda: isinstance(app.screen, ChoiceModal), "the question")
+    options = app.screen.query_one("#choices")
+    options.highlighted = [o.id for o in options._options].index(choice)
+    await pilot.press("enter")
+    await wait_until(pilot, lambda: isinstance(app.screen, TaskModal), "the brew")
+    args = app.screen.args
+    await pilot.press("escape")  # stops the brew's process
+    await wait_until(pilot, lambda: app.current_mode == "models" and not isinstance(app.screen, TaskModal)
+                     and not [w for w in app.workers if w.group == "model-task" and w.is_running],
+                     "the models screen again", timeout=60)
+    await pilot.pause()
+    return args
+
+
+async def test_a_second_starter_can_be_brewed_under_a_new_name(starter):
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        args = await brew_again(pilot, app, "new")
+        assert args == ["brew", "starter", "--out", str(models_dir() / "starter-2")]
+        assert errors(app) == []  # cancelled by the user: no error, no TypeError after it
+        assert not (models_dir() / "starter-2").exists()
+
+
+async def test_the_starter_can_be_replaced(starter):
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        args = await brew_again(pilot, app, "replace")
+        assert args == ["brew", "starter", "--force"]
+        assert errors(app) == []
