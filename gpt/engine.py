@@ -165,9 +165,9 @@ class Engine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:  # GPT-2's convention: an unconditional sample starts at end-of-text
             ids = [self.tokenizer.eot_id]
-        if max(ids) >= self.model.config.vocab_size or min(ids) < 0:
+        if max(ids) >= self.tokenizer.n_vocab or min(ids) < 0:
             raise KettleError(f"prompt holds token ids outside the model's vocabulary "
-                              f"(0..{self.model.config.vocab_size - 1})")
+                              f"(0..{self.tokenizer.n_vocab - 1})")
         budget = self.prompt_budget(params)
         dropped = max(0, len(ids) - budget)
         return self._generate(ids[dropped:], params, cancel, dropped)
@@ -200,9 +200,15 @@ class Engine:
         self._cache.truncate(common)
         self._cached_ids = ids[:common]
         x = torch.tensor([ids[common:]], dtype=torch.long, device=self.device)
-        logits = self.model(x, self._cache, last_only=True)
+        logits = self._next_logits(x)
         self._cached_ids = list(ids)
-        return logits[0, -1], common
+        return logits, common
+
+    def _next_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits [V] for the token after `x` (fed through the cache). Only the tokenizer's
+        ids: a model's vocabulary may be larger (padded for speed, or a small corpus gave the
+        tokenizer fewer merges than asked), and an id it cannot decode must never be drawn."""
+        return self.model(x, self._cache, last_only=True)[0, -1, :self.tokenizer.n_vocab]
 
     def _generate(self, ids: list[int], params: SamplingParams, cancel: threading.Event | None,
                   dropped: int) -> Iterator[str | GenerationResult]:
@@ -232,7 +238,7 @@ class Engine:
                     # Queue the next forward pass before reading the token back: on a GPU it
                     # then runs while the CPU decodes text and checks stop strings.
                     if len(tokens) + 1 < max_new:
-                        logits = self.model(token.view(1, 1), self._cache, last_only=True)[0, -1]
+                        logits = self._next_logits(token.view(1, 1))
                     tid = int(token)
                 if len(tokens) + 1 < max_new:
                     self._cached_ids.append(tid)

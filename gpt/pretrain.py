@@ -64,7 +64,7 @@ PEAK_TFLOPS = (
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
-    batch_tokens: int = 32768       # target tokens per optimizer step, all ranks together
+    batch_tokens: int | None = None  # tokens per optimizer step, all ranks together (None: see step_tokens)
     micro_batch_size: int = 8       # windows per forward pass on one device
     lr: float = 6e-4
     min_lr_ratio: float = 0.1       # cosine decay ends at lr * min_lr_ratio
@@ -91,7 +91,7 @@ class TrainConfig:
     def validate(self) -> None:
         for name in ("max_steps", "batch_tokens", "micro_batch_size", "eval_every", "eval_batches",
                      "checkpoint_every"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise KettleError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise KettleError(f"learning rate must be positive, got {self.lr}")
@@ -251,9 +251,21 @@ def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
-def accumulation_steps(cfg: TrainConfig, context: int, world_size: int) -> int:
+DEFAULT_BATCH_TOKENS = 32768
+
+
+def step_tokens(cfg: TrainConfig, train_tokens: int) -> int:
+    """The tokens an optimizer step aims for: as set, else 32k (nanoGPT's small-scale figure)
+    but never more than the training split: on a small corpus, a bigger batch only repeats its
+    text within one step, at the full cost of each repeat."""
+    if cfg.batch_tokens is not None:
+        return cfg.batch_tokens
+    return max(1, min(DEFAULT_BATCH_TOKENS, train_tokens))
+
+
+def accumulation_steps(cfg: TrainConfig, context: int, world_size: int, train_tokens: int) -> int:
     per_pass = cfg.micro_batch_size * context * world_size
-    return max(1, math.ceil(cfg.batch_tokens / per_pass))
+    return max(1, math.ceil(step_tokens(cfg, train_tokens) / per_pass))
 
 
 # --- the run directory --------------------------------------------------------------------------
@@ -456,6 +468,10 @@ def _prepare_data(data: Path, run_dir: Path, config: GPTConfig, cfg: TrainConfig
     if tokenizer.n_vocab > config.vocab_size:
         raise KettleError(f"the tokenizer has {tokenizer.n_vocab} tokens but the model's vocabulary "
                           f"only {config.vocab_size}; use a larger vocab_size or a smaller tokenizer")
+    if tokenizer.n_vocab < config.vocab_size and not resume:
+        display.print(f"note: the tokenizer has {tokenizer.n_vocab:,} tokens (the corpus gave no more "
+                      f"merges); the model's other {config.vocab_size - tokenizer.n_vocab:,} ids are "
+                      "never generated")
     if not resume:
         _clear_run_files(run_dir)
         tokenizer.save(run_dir)  # a no-op for GPT-2's, which is fetched by name
@@ -564,7 +580,7 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
     train_stream = corpus.TokenStream(run_dir / "shards", "train")
     val_stream = corpus.TokenStream(run_dir / "shards", "val")
     context = config.context_length
-    accum = accumulation_steps(cfg, context, dist.world_size)
+    accum = accumulation_steps(cfg, context, dist.world_size, len(train_stream))
     loader = corpus.WindowLoader(train_stream, cfg.micro_batch_size, context, cfg.stride,
                                  mode=cfg.loader, seed=cfg.seed, rank=dist.rank,
                                  world_size=dist.world_size, accum_steps=accum)
@@ -682,10 +698,15 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
             if step % cfg.eval_every == 0 or last:
                 val_loss = run_eval(step)
             if dist.main and cfg.sample_every and (step % cfg.sample_every == 0 or last):
-                text = sample(raw_model, tokenizer, prompt_ids, cfg.sample_tokens, cfg.seed + step)
-                samples.append(text)
-                log({"step": step, "sample": text})
-                display.print(f"step {step} sample: {text!r}")
+                try:
+                    text = sample(raw_model, tokenizer, prompt_ids, cfg.sample_tokens, cfg.seed + step)
+                except Exception as exc:  # a look at the model must never cost the run its result
+                    log({"step": step, "sample_error": f"{type(exc).__name__}: {exc}"})
+                    display.print(f"step {step}: no sample ({type(exc).__name__}: {exc})")
+                else:
+                    samples.append(text)
+                    log({"step": step, "sample": text})
+                    display.print(f"step {step} sample: {text!r}")
             if dist.any(stop.requested, device):
                 checkpoint(step)
                 interrupted = True

@@ -71,6 +71,23 @@ def test_seeded_sampling_reproduces_exactly(engine, tiny_model_dir):
     assert engine.generate("It was", params.replace(seed=free.seed)).token_ids == free.token_ids
 
 
+def test_ids_past_the_tokenizer_are_never_drawn(trained_tokenizer):
+    """A model whose vocabulary is larger than its tokenizer's (a preset asked for more tokens
+    than a small corpus gave), even when those ids get the highest logits."""
+    from gpt.config import GPTConfig
+    from gpt.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=trained_tokenizer.n_vocab + 100, context_length=64,
+                          n_layer=1, n_head=2, n_embd=16))
+    with torch.no_grad():
+        model.lm_head.weight[trained_tokenizer.n_vocab:] = model.lm_head.weight[:100] * 50
+    engine = Engine(model, trained_tokenizer)
+    for seed in range(3):
+        result = engine.generate("The", SamplingParams(temperature=1.0, max_new_tokens=20, seed=seed))
+        assert max(result.token_ids) < trained_tokenizer.n_vocab and result.text
+
+
 def test_length_limit_and_result_figures(engine):
     deltas, result = run(engine.stream("I had", GREEDY.replace(max_new_tokens=9)))
     assert result.finish_reason == "length" and result.new_tokens == 9

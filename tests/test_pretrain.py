@@ -161,6 +161,37 @@ def test_cli_pretrain_and_tokenizer_train(tmp_path, capsys, verdict_file):
     assert tokenizer.n_vocab == 400
 
 
+def test_tiny_preset_on_a_small_text_sizes_its_batch_and_never_samples_an_undecodable_id(
+        tmp_path, capsys, verdict_text):
+    """The tiny preset asks for 4,096 tokens; a 20 KB text gives its tokenizer ~2,800. The
+    end-of-run sample (top-k over all 4,096 logits of a barely trained model) used to draw ids
+    the tokenizer cannot decode, and failed the run before its model was saved; and each step
+    took 32k tokens of a corpus of ~5k."""
+    text = tmp_path / "small.txt"
+    text.write_text(verdict_text[:20_000], encoding="utf-8")
+    code = main(["pretrain", "--data", str(text), "--preset", "tiny", "--max-steps", "3",
+                 "--out", str(tmp_path / "m")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "never generated" in captured.out
+    model, tokenizer = load_model(tmp_path / "m")
+    assert tokenizer.n_vocab < model.config.vocab_size == 4096
+    records = [json.loads(line) for line in (next((tmp_path / "kettle-home" / "runs").iterdir())
+                                             / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if "sample" in r] == [3]
+    train_tokens = len(tokenizer.encode(verdict_text[:20_000])) * 0.9
+    per_step = [r["tokens"] for r in records if "loss" in r][0]
+    assert per_step < 2 * train_tokens  # whole micro-batches of the split, not 32k
+
+
+def test_tokenizer_train_says_when_the_corpus_gives_fewer_tokens_than_asked(tmp_path, capsys,
+                                                                            verdict_file):
+    code = main(["tokenizer", "train", "--data", str(verdict_file), "--vocab-size", "8192",
+                 "--out", str(tmp_path / "tok")])
+    assert code == 0
+    assert "not 8,192" in capsys.readouterr().err
+
+
 def test_torchrun_two_processes_match_one(tmp_path, verdict_file, trained_tokenizer):
     """2 gloo ranks x 4 windows give the same loss curve as 1 process accumulating 2 x 4."""
     trained_tokenizer.save(tmp_path)

@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="'gpt2', or a tokenizer.json / model directory (default: GPT-2's for "
                         "GPT-2-sized vocabularies, else one trained on the corpus)")
     p.add_argument("--context", type=int, metavar="N", help="context length (overrides the preset)")
-    p.add_argument("--batch-tokens", type=int, metavar="N", help="tokens per optimizer step (default 32768)")
+    p.add_argument("--batch-tokens", type=int, metavar="N",
+                   help="tokens per optimizer step (default 32768, or the training split if smaller)")
     p.add_argument("--micro-batch", type=int, metavar="N", help="windows per forward pass (default 8)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 6e-4)")
     p.add_argument("--warmup", type=int, metavar="N", help="warm-up steps (default 20)")
@@ -132,6 +133,9 @@ def tokenizer_train_command(args) -> int:
     console = Console(stderr=True)
     with console.status(f"training a {args.vocab_size}-token BPE on {args.data}"):
         tokenizer = train_tokenizer(iter_texts(args.data, args.text_field), args.vocab_size)
+    if tokenizer.n_vocab < args.vocab_size:
+        console.print(f"note: {tokenizer.n_vocab:,} tokens, not {args.vocab_size:,}: the corpus gave "
+                      "no more merges (more text gives more)")
     with atomic_directory(out, overwrite=args.force) as tmp:
         tokenizer.save(tmp)
     sample = _corpus_sample(args.data, args.text_field)
