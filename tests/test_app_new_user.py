@@ -8,7 +8,7 @@ import pytest
 
 from data.paths import models_dir
 from data.store import Store
-from test_app import SIZE, open_chat, wait_until
+from test_app import SIZE, open_chat, press_nowait, type_text, views, wait_until, write_config
 from tui.app import KettleApp
 from tui.screens.modals import ChoiceModal, TaskModal
 
@@ -80,4 +80,45 @@ async def test_the_starter_can_be_replaced(starter):
     async with app.run_test(size=SIZE) as pilot:
         args = await brew_again(pilot, app, "replace")
         assert args == ["brew", "starter", "--force"]
+        assert errors(app) == []
+
+
+def answers_to(store, question: str) -> list:
+    """The stored answers to the (one) user message `question`."""
+    [asked] = [m for c in store.list_conversations() for m in store.messages(c.id)
+               if m.role == "user" and m.content == question]
+    return [m for m in store.messages(asked.conversation_id) if m.parent_id == asked.id]
+
+
+async def test_new_chat_right_after_sending_keeps_the_answer(app_model):
+    write_config(sampling={"max_new_tokens": 6, "seed": 7})
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await type_text(pilot, "hello")
+        press_nowait(app, "enter", "\r")
+        # Ctrl+N once the question's chat exists, before its answer has started
+        await wait_until(pilot, lambda: app.screen.conversation is not None, "the new chat")
+        await pilot.press("ctrl+n")
+        await wait_until(pilot, lambda: not app.screen.generating, "the answer")
+        [answer] = answers_to(app.store, "hello")
+        assert answer.finish_reason == "length" and answer.content
+        assert views(app)[-1].message_id == answer.id  # still shown in its own conversation
+        assert any("still answering" in n.message for n in app._notifications)
+        assert errors(app) == []
+
+
+async def test_stop_pressed_before_the_first_token_stores_a_cancelled_answer(app_model):
+    write_config(sampling={"max_new_tokens": 2000, "temperature": 0})
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await type_text(pilot, "hello")
+        press_nowait(app, "enter", "\r")
+        # Esc while the question is being stored, before the model has it
+        await wait_until(pilot, lambda: app.screen.conversation is not None, "the new chat")
+        press_nowait(app, "escape", "\x1b")
+        await wait_until(pilot, lambda: not app.screen.generating, "the stopped answer")
+        [answer] = answers_to(app.store, "hello")
+        assert answer.finish_reason == "cancelled" and answer.new_tokens < 2000
         assert errors(app) == []

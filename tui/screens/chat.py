@@ -98,7 +98,8 @@ class ChatScreen(Screen):
         self.default_params = get_preset("balanced")
         self.params = self.default_params
         self.system_prompt = ""
-        self.request_id: str | None = None
+        self.request_id: str | None = None  # set from the moment an answer is asked for
+        self.stop_requested = False          # Esc before the request reached the service
         self.streamed_tokens = 0
 
     @property
@@ -136,6 +137,27 @@ class ChatScreen(Screen):
     def generating(self) -> bool:
         return self.request_id is not None
 
+    def refuse_if_generating(self) -> bool:
+        if self.generating:
+            self.notify("Kettle is still answering: Esc stops it.", severity="warning")
+        return self.generating
+
+    def claim(self) -> bool:
+        """Reserve the screen for one answer, before any await: a Ctrl+N, another chat or a
+        second Enter pressed before the first token is refused like one pressed later, instead
+        of pulling the conversation from under the answer. `release` ends the claim."""
+        if self.refuse_if_generating():
+            return False
+        self.request_id = uuid.uuid4().hex
+        self.stop_requested = False
+        self.refresh_bindings()
+        return True
+
+    def release(self) -> None:
+        self.request_id = None
+        self.refresh_bindings()
+        self.show_status()
+
     def show_status(self, text: str | None = None) -> None:
         if text is None:
             model = self.app.model_name() if hasattr(self.app, "model_name") else ""
@@ -169,8 +191,7 @@ class ChatScreen(Screen):
 
     @on(ConversationList.Selected)
     def _selected(self, event: ConversationList.Selected) -> None:
-        if self.generating:
-            self.notify("Kettle is still answering: Esc stops it.", severity="warning")
+        if self.refuse_if_generating():
             return
         self.open_conversation(event.conversation_id, event.message_id)
 
@@ -258,12 +279,11 @@ class ChatScreen(Screen):
 
     @on(PromptArea.Submitted)
     def _submitted(self, event: PromptArea.Submitted) -> None:
-        if self.generating:
-            self.notify("Kettle is still answering: Esc stops it.", severity="warning")
-            return
         problems = self.query_one(SamplingPanel).errors()
         if problems:
             self.notify("Fix the sampling settings first: " + "; ".join(problems), severity="error")
+            return
+        if not self.claim():
             return
         self.query_one(PromptArea).clear()
         self.send(event.text)
@@ -271,22 +291,27 @@ class ChatScreen(Screen):
     @work(group="chat-send")
     @guarded
     async def send(self, text: str) -> None:
-        if self.app.service is None:
-            raise KettleError("there is no model to answer yet (F4 opens the models screen)")
-        if self.conversation is None:
-            self.conversation = await self.app.db(
-                self.store.create_conversation, title_from(text), self.system_prompt,
-                self.params.to_dict(), None)
-        shown = self.query_one(MessageList).views()
-        parent = shown[-1].message_id if shown else None
-        user = await self.app.db(self.store.add_message, self.conversation.id, "user", text, parent)
-        await self.reload()
-        self.refresh_list()
-        await self.generate(user.id)
+        """Store the question and answer it (the screen is claimed)."""
+        try:
+            if self.app.service is None:
+                raise KettleError("there is no model to answer yet (F4 opens the models screen)")
+            if self.conversation is None:
+                self.conversation = await self.app.db(
+                    self.store.create_conversation, title_from(text), self.system_prompt,
+                    self.params.to_dict(), None)
+            shown = self.query_one(MessageList).views()
+            parent = shown[-1].message_id if shown else None
+            user = await self.app.db(self.store.add_message, self.conversation.id, "user", text, parent)
+            await self.reload()
+            self.refresh_list()
+            await self.generate(user.id)
+        finally:
+            self.release()
 
     async def generate(self, parent_id: int) -> None:
         """Stream an answer to the branch ending at `parent_id` into a new message view, then
-        store it (a cancelled answer is kept with what was written so far)."""
+        store it (a cancelled answer is kept with what was written so far). The caller has
+        claimed the screen, so the shown conversation is the question's until it releases."""
         service = self.app.service
         conversation_id = self.conversation.id
         chat = await self.app.db(self.store.chat_messages, parent_id)
@@ -296,15 +321,16 @@ class ChatScreen(Screen):
         await messages.mount(view)
         messages.anchor()
         stream = view.body.get_stream(view.body)
-        self.request_id = uuid.uuid4().hex
+        request_id = self.request_id
         self.streamed_tokens = 0
-        self.refresh_bindings()
         parts: list[str] = []
         shown = chars = 0  # how many of the parts (and characters) are on screen
         result = model = None
         started = last_frame = time.monotonic()
         try:
-            async for event in service.stream_chat(chat, params, request_id=self.request_id):
+            async for event in service.stream_chat(chat, params, request_id=request_id):
+                if self.stop_requested:  # also an Esc from before the service knew the request
+                    service.cancel(request_id)
                 if isinstance(event, Delta):
                     parts.append(event.text)
                     self.streamed_tokens += 1
@@ -326,10 +352,8 @@ class ChatScreen(Screen):
                     raise KettleError(event.message)
         finally:
             await stream.stop()
-            request_id, self.request_id = self.request_id, None
             if result is None:
                 service.cancel(request_id)
-            self.refresh_bindings()
             self.show_status()
             if result is None and not parts:
                 await view.remove()  # nothing was written: no empty answer left behind
@@ -359,6 +383,7 @@ class ChatScreen(Screen):
 
     def action_stop(self) -> None:
         if self.request_id is not None:
+            self.stop_requested = True
             self.app.service.cancel(self.request_id)
 
     # -- message actions ----------------------------------------------------------------------
@@ -385,21 +410,27 @@ class ChatScreen(Screen):
             await self.app.db(self.store.set_leaf, message.conversation_id, target)
             await self.reload()
             self._focus_message(target)
-        elif what in ("regenerate", "edit") and self.generating:
-            self.notify("Kettle is still answering: Esc stops it.", severity="warning")
-        elif what == "regenerate" and message.role == "user":
-            await self.generate_from(message.id)  # e.g. after a failed answer
         elif what == "regenerate":
-            await self.generate_from(message.parent_id)
+            if not self.claim():
+                return
+            try:  # a question (e.g. after a failed answer) is answered again; an answer replaced
+                await self.generate_from(message.id if message.role == "user" else message.parent_id)
+            finally:
+                self.release()
         elif what == "edit":
+            if self.refuse_if_generating():  # before the editor opens
+                return
             text = await self.app.push_screen_wait(EditorModal(
                 "Edit your message and ask again (the old branch stays)", message.content))
-            if text is None:
+            if text is None or not self.claim():
                 return
-            user = await self.app.db(self.store.add_message, message.conversation_id, "user",
-                                     text, message.parent_id)
-            await self.reload()
-            await self.generate(user.id)
+            try:
+                user = await self.app.db(self.store.add_message, message.conversation_id, "user",
+                                         text, message.parent_id)
+                await self.reload()
+                await self.generate(user.id)
+            finally:
+                self.release()
         elif what == "correct":
             current = view.label.ideal if view.label and view.label.ideal is not None else message.content
             text = await self.app.push_screen_wait(EditorModal(
@@ -450,8 +481,7 @@ class ChatScreen(Screen):
     # -- keys -------------------------------------------------------------------------------------
 
     def action_new_chat(self) -> None:
-        if self.generating:
-            self.notify("Kettle is still answering: Esc stops it.", severity="warning")
+        if self.refuse_if_generating():
             return
         self._clear()
         self.refresh_list()
