@@ -11,7 +11,7 @@ What lives here:
 - dataset snapshots: a `DataFilter` materialised into immutable, content-hashed examples in the one
   chat format, plus preference pairs.
 - model versions with lineage and an activation history; training runs with per-step metrics.
-- full-text search over message content (FTS5, kept in sync by triggers).
+- full-text search over message content and corrected answers (FTS5, kept in sync by triggers).
 
 Durability: WAL, synchronous=FULL (a committed label survives a crash or power loss), foreign keys
 on, a 10 s busy timeout, and every write transaction starts with BEGIN IMMEDIATE, so two processes
@@ -233,7 +233,12 @@ def _migration_2_search(db: sqlite_utils.Database) -> None:
     db["messages"].enable_fts(["content"], create_triggers=True, tokenize="porter unicode61")
 
 
-MIGRATIONS = [_migration_1_core, _migration_2_search]
+def _migration_3_search_corrections(db: sqlite_utils.Database) -> None:
+    # The chat shows a corrected answer under the original, so search finds it too.
+    db["labels"].enable_fts(["ideal"], create_triggers=True, tokenize="porter unicode61")
+
+
+MIGRATIONS = [_migration_1_core, _migration_2_search, _migration_3_search_corrections]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1280,12 +1285,23 @@ class Store:
 
     def search(self, query: str, limit: int = 20) -> list[SearchHit]:
         """Messages containing all the words of `query` (plain words, stemmed; no FTS syntax),
-        newest first (as chat apps do, and it stays fast however many messages match); deleted
-        conversations are left out."""
+        or whose current corrected answer does (its snippet starts with "✎ "), newest first (as
+        chat apps do, and it stays fast however many messages match); deleted conversations are
+        left out."""
         fts = _fts_query(query)
         if not fts:
             return []
-        rows = self._rows(
+        corrected = self._rows(
+            "SELECT m.id, m.conversation_id, c.title, m.role, m.created_at,"
+            " '✎ ' || snippet(labels_fts, 0, '[', ']', '…', 12) AS snippet"
+            " FROM labels_fts JOIN labels l ON l.id = labels_fts.rowid"
+            " JOIN messages m ON m.id = l.message_id"
+            " JOIN conversations c ON c.id = m.conversation_id"
+            " WHERE labels_fts MATCH ? AND c.deleted_at IS NULL"
+            " AND l.id = (SELECT MAX(id) FROM labels WHERE message_id = l.message_id)"
+            " ORDER BY m.id DESC LIMIT ?",
+            (fts, limit))
+        said = self._rows(
             "SELECT m.id, m.conversation_id, c.title, m.role, m.created_at,"
             " snippet(messages_fts, 0, '[', ']', '…', 12) AS snippet"
             " FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid"
@@ -1293,6 +1309,8 @@ class Store:
             " WHERE messages_fts MATCH ? AND c.deleted_at IS NULL"
             " ORDER BY messages_fts.rowid DESC LIMIT ?",
             (fts, limit))
+        by_id = {r["id"]: r for r in said} | {r["id"]: r for r in corrected}  # the correction wins
+        rows = sorted(by_id.values(), key=lambda r: r["id"], reverse=True)[:limit]
         return [SearchHit(message_id=r["id"], conversation_id=r["conversation_id"],
                           conversation_title=r["title"], role=r["role"], snippet=r["snippet"],
                           created_at=r["created_at"]) for r in rows]

@@ -8,9 +8,10 @@ import pytest
 
 from data.paths import models_dir
 from data.store import Store
-from test_app import SIZE, open_chat, press_nowait, type_text, views, wait_until, write_config
+from test_app import (SIZE, ask, focus_answer, open_chat, press_nowait, short_answers,  # noqa: F401
+                      type_text, views, wait_until, write_config)
 from tui.app import KettleApp
-from tui.screens.modals import ChoiceModal, TaskModal
+from tui.screens.modals import ChoiceModal, EditorModal, TaskModal
 
 
 def errors(app) -> list[str]:
@@ -122,3 +123,28 @@ async def test_stop_pressed_before_the_first_token_stores_a_cancelled_answer(app
         [answer] = answers_to(app.store, "hello")
         assert answer.finish_reason == "cancelled" and answer.new_tokens < 2000
         assert errors(app) == []
+
+
+async def test_search_finds_corrections_esc_leaves_it_and_y_copies_the_correction(short_answers):
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await ask(pilot, app, "hi")
+        view = await focus_answer(pilot, app)
+        await pilot.press("c")
+        await wait_until(pilot, lambda: isinstance(app.screen, EditorModal), "the editor")
+        app.screen.query_one("#editor").text = "The kettle whistles."
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: view.label is not None and view.label.ideal, "the correction")
+        view.focus()
+        await pilot.press("y")
+        assert app.clipboard == "The kettle whistles."  # what is shown, not the original
+        await pilot.press("ctrl+f")
+        await type_text(pilot, "whistles")
+        options = app.screen.query_one("#chat-options")
+        await wait_until(pilot, lambda: "whistles" in str(options.get_option_at_index(0).prompt),
+                         "the correction found")
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.focused is app.screen.query_one("#prompt"), "the prompt")
+        assert app.screen.query_one("#chat-search").value == ""
+        await wait_until(pilot, lambda: "hi" in str(options.get_option_at_index(0).prompt), "the chats")

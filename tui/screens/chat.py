@@ -189,6 +189,10 @@ class ChatScreen(Screen):
     def _search(self, event: ConversationList.SearchChanged) -> None:
         self.refresh_list(event.query)
 
+    @on(ConversationList.Left)
+    def _left_list(self) -> None:
+        self.query_one(PromptArea).focus()
+
     @on(ConversationList.Selected)
     def _selected(self, event: ConversationList.Selected) -> None:
         if self.refuse_if_generating():
@@ -432,9 +436,9 @@ class ChatScreen(Screen):
             finally:
                 self.release()
         elif what == "correct":
-            current = view.label.ideal if view.label and view.label.ideal is not None else message.content
             text = await self.app.push_screen_wait(EditorModal(
-                "Correct the answer: what should Kettle have said? (the original stays)", current))
+                "Correct the answer: what should Kettle have said? (the original stays)",
+                view.shown_text))
             if text is not None:
                 await self._set_label(view, ideal=text)
         elif what == "tags":

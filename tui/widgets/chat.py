@@ -142,7 +142,7 @@ class MessageView(Vertical, can_focus=True):
         return usage_text(self.message) if self.message and self.role == "assistant" else ""
 
     def _corrected(self) -> str:
-        if self.label is None or self.label.ideal is None:
+        if not self.corrected:
             return ""
         return f"[b]Corrected answer:[/]\n{escape(self.label.ideal)}"
 
@@ -171,6 +171,15 @@ class MessageView(Vertical, can_focus=True):
     @property
     def body(self) -> Markdown:
         return self.query_one(".message-body", Markdown)
+
+    @property
+    def corrected(self) -> bool:
+        return self.label is not None and self.label.ideal is not None
+
+    @property
+    def shown_text(self) -> str:
+        """What the message says now: the correction when there is one (what y copies)."""
+        return self.label.ideal if self.corrected else self.content
 
     # -- actions ----------------------------------------------------------------------------
 
@@ -205,12 +214,13 @@ class MessageView(Vertical, can_focus=True):
         self.post_message(self.Requested(self, "sibling", step))
 
     def action_copy(self) -> None:
-        self.app.copy_to_clipboard(self.content)
-        self.notify("Copied the message (your terminal must allow clipboard access, OSC 52).",
+        self.app.copy_to_clipboard(self.shown_text)
+        what = "the corrected answer" if self.corrected else "the message"
+        self.notify(f"Copied {what} (your terminal must allow clipboard access, OSC 52).",
                     timeout=3)
 
     def action_copy_code(self) -> None:
-        blocks = CODE_BLOCK.findall(self.content)
+        blocks = CODE_BLOCK.findall(self.shown_text)
         if not blocks:
             self.notify("This message has no code block (y copies the whole message).", timeout=3)
             return

@@ -27,6 +27,7 @@ class ConversationList(Vertical):
     BINDINGS = [
         Binding("r", "rename", "Rename", id="chats.rename"),
         Binding("delete,x", "delete", "Delete", id="chats.delete"),
+        Binding("escape", "leave", "Back to the prompt", id="chats.leave"),
     ]
 
     class Selected(Message):
@@ -51,6 +52,9 @@ class ConversationList(Vertical):
         def __init__(self, query: str):
             super().__init__()
             self.query = query
+
+    class Left(Message):
+        """The user is done with the list (Esc): the search is cleared, the prompt wanted."""
 
     def compose(self):
         yield Static("[b]Chats[/]  [dim]ctrl+n new[/]", id="chats-title")
@@ -138,3 +142,7 @@ class ConversationList(Vertical):
         cid = self._highlighted_conversation()
         if cid is not None:
             self.post_message(self.DeleteRequested(cid))
+
+    def action_leave(self) -> None:
+        self.query_one("#chat-search", Input).value = ""  # the list shows the chats again
+        self.post_message(self.Left())
