@@ -1,12 +1,23 @@
-"""Atomic writes: a crash leaves either the old file or the new one, never half of one."""
+"""Atomic writes: a crash leaves either the old file or the new one, never half of one.
+
+A write in progress is a hidden temporary beside its target (`.NAME.XXXX.tmp`), locked (flock)
+by the process writing it for as long as it writes. What a killed process leaves behind is
+unlocked: `remove_stale_temporaries` clears it on the next start of whatever owns the folder.
+"""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+
+TEMP_SUFFIX = ".tmp"
+# What atomic_directory moves aside while it swaps a directory in: .NAME.old-PID
+MOVED_ASIDE = re.compile(r"^\.(?P<name>.+)\.old-(?P<pid>\d+)$")
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -32,21 +43,42 @@ def fsync_tree(path: str | Path) -> None:
         fsync_dir(root)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def is_temporary(name: str) -> bool:
+    """A name only Kettle's atomic writes use for work in progress (never a result)."""
+    return name.startswith(".") and (name.endswith(TEMP_SUFFIX) or bool(MOVED_ASIDE.match(name)))
+
+
+@contextlib.contextmanager
+def _locked(fd: int):
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path):
+    """Yield a temporary path beside `path` to write; on success it is fsynced and becomes
+    `path` in one rename (for writers that want a file name, like torch.save)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _locked(fd):
+            yield Path(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    finally:
+        os.close(fd)
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -64,21 +96,92 @@ def atomic_directory(path: str | Path, overwrite: bool = False):
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
         raise FileExistsError(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
+    lock = os.open(tmp, os.O_RDONLY)
     try:
-        yield tmp
-        fsync_tree(tmp)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with _locked(lock):
+            yield tmp
+            fsync_tree(tmp)
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[str]:
+    """Remove the temporaries in `folder` that no live process is writing (a killed write's
+    leftovers); a directory that was moved aside to be replaced, and whose replacement never
+    arrived, is put back. Returns the names removed or restored."""
+    folder = Path(folder)
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:  # missing or unreadable: nothing to clear
+        return []
+    cleared = []
+    for name in names:
+        if not is_temporary(name):
+            continue
+        path = folder / name
+        aside = MOVED_ASIDE.match(name)
+        if aside:
+            if process_alive(int(aside["pid"])):
+                continue
+            target = folder / aside["name"]
+            with contextlib.suppress(OSError):
+                if target.exists():
+                    shutil.rmtree(path)
+                else:
+                    os.replace(path, target)
+                cleared.append(name)
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # locked: a live writer's
+            os.close(fd)
+            continue
+        try:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            cleared.append(name)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return cleared
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` is running: not gone, and not a zombie that has ended and waits
+    for its parent to collect it (on Windows, where it cannot be asked safely: assumed so)."""
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no /proc (macOS): kill's answer stands
+        return True
+    return state not in (b"Z", b"X")
 
 
 def sha256_file(path: str | Path) -> str:

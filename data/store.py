@@ -40,6 +40,7 @@ from typing import Any, Iterable, Iterator
 
 import sqlite_utils
 
+from data.files import process_alive, remove_stale_temporaries
 from gpt.errors import KettleError
 
 ROLES = ("system", "user", "assistant")
@@ -454,19 +455,6 @@ def _clean_tags(tags: Iterable[str]) -> list[str]:
     return out
 
 
-def process_alive(pid: int) -> bool:
-    """Whether process `pid` exists (on Windows, where it cannot be asked safely: assumed so)."""
-    if os.name == "nt":  # os.kill(pid, 0) would terminate it there
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def _fts_query(text: str) -> str:
     """Plain words -> an FTS5 query that matches all of them; user text is never FTS syntax."""
     words = text.split()
@@ -492,9 +480,10 @@ class Store:
         """Open (creating if needed) the database at `path`, default data.paths.db_path(),
         and run any pending migrations."""
         if path is None:
-            from data.paths import db_path
+            from data.paths import db_path, models_dir
 
             path = db_path()
+            remove_stale_temporaries(models_dir())  # half-written models of killed processes
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -1030,8 +1019,10 @@ class Store:
         pairs.sort(key=lambda p: p["message_id"])
         return pairs
 
-    def create_snapshot(self, filt: DataFilter | None = None, name: str = "") -> Snapshot:
-        """Freeze what would train now under `filt` into an immutable, content-hashed snapshot."""
+    def create_snapshot(self, filt: DataFilter | None = None, name: str = "",
+                        reuse: bool = False) -> Snapshot:
+        """Freeze what would train now under `filt` into an immutable, content-hashed snapshot;
+        with `reuse`, an existing snapshot of the same content is returned instead of a copy."""
         filt = filt or DataFilter()
         with self.transaction():
             examples, pairs = self.dataset(filt)
@@ -1040,6 +1031,10 @@ class Store:
             # == content_hash({"examples": [...], "pairs": [...]}) without encoding twice
             digest = hashlib.sha256(('{"examples":[' + ",".join(example_rows) + '],"pairs":['
                                      + ",".join(pair_rows) + "]}").encode("utf-8")).hexdigest()
+            same = self._row("SELECT id FROM snapshots WHERE content_hash = ? ORDER BY id LIMIT 1",
+                             (digest,)) if reuse else None
+            if same is not None:
+                return self.snapshot(same["id"])
             sid = self.conn.execute(
                 "INSERT INTO snapshots (name, filter, content_hash, n_examples, n_pairs, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -1252,17 +1247,26 @@ class Store:
         return any(run.pid is not None and process_alive(run.pid)
                    for run in self.runs(status="running"))
 
-    def fail_orphaned_runs(self) -> list[Run]:
-        """Mark "running" runs whose process is gone (killed, machine restarted) as failed, so
-        nothing shows a run as live forever. Returns the runs it changed."""
+    def fail_orphaned_runs(self, kind: str | None = None,
+                           error: str = "the training process ended without reporting "
+                                        "(killed or crashed)") -> list[Run]:
+        """Mark "running" runs (of `kind`) whose process is gone (killed, machine restarted) as
+        failed with `error`, so nothing shows a run as live forever. Returns the runs it changed."""
         changed = []
         for run in self.runs(status="running", limit=1_000_000):
-            if run.pid is not None and process_alive(run.pid):
+            if (kind is not None and run.kind != kind) or (run.pid is not None
+                                                          and process_alive(run.pid)):
                 continue
-            changed.append(self.update_run(run.id, status="failed",
-                                           error="the training process ended without reporting "
-                                                 "(killed or crashed)"))
+            changed.append(self.update_run(run.id, status="failed", error=error))
         return changed
+
+    def truncate_run_metrics(self, run_id: int, step: int) -> None:
+        """Forget the metrics logged after `step` (a run resumed from a checkpoint at `step`
+        logs those steps again)."""
+        with self.transaction():
+            self.conn.execute("DELETE FROM run_metrics WHERE run_id = ? AND step > ?", (run_id, step))
+            self.conn.execute("UPDATE runs SET step = ?, updated_at = ? WHERE id = ?",
+                              (step, time.time(), run_id))
 
     def log_metrics(self, run_id: int, step: int, metrics: dict[str, float]) -> None:
         """Record one step's metrics (e.g. {"loss": 1.2, "lr": 3e-4}) and advance the run's step."""

@@ -13,12 +13,17 @@ What a run writes while it goes (the app polls `store.run(id)` and `store.run_me
   the verdict's figures (gate losses, corrections recalled, replay losses).
 - The run directory KETTLE_HOME/runs/finetune-<id>/: data.json (the tokenised examples and the
   base's replay data, so a resume never depends on the data file still being there),
-  checkpoint.pt (after SIGTERM/SIGINT), metrics.jsonl, log.txt.
+  checkpoint.pt, metrics.jsonl, log.txt.
 
-`reap_dead_runs` marks a "running" run whose process is gone (killed, crashed) as failed.
-SIGTERM or Ctrl-C saves a checkpoint after the current step and marks the run "cancelled";
-`resume` continues it exactly (same batches, optimizer moments, RNG). Any error marks the run
-"failed" with the reason; out-of-memory is reported as such with what to change.
+The checkpoint is written atomically after the first step, then whenever CHECKPOINT_EVERY_S
+have passed (longer for a model slow to save, so that saving costs under CHECKPOINT_SHARE of
+the time), on SIGTERM/SIGINT, and once training ends, before the model is written: a SIGKILL,
+an out-of-memory kill or a power cut loses at most the work since the last one, and a model
+write that fails (a full disk) loses no training. `reap_dead_runs` marks a "running" run whose
+process is gone as failed; every command that checks a run's status reaps first. SIGTERM or
+Ctrl-C marks the run "cancelled"; `resume` continues a cancelled or failed run exactly (same
+batches, optimizer moments, RNG) from its checkpoint. Any error marks the run "failed" with
+the reason; out-of-memory and a full disk are reported as such with what to do.
 
 On success the model directory (models/<name>: the weights, card.md, loss.png, training.json,
 the base's replay.jsonl, and adapter/ for LoRA runs) is written atomically, then registered as a
@@ -35,6 +40,7 @@ import json
 import math
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -44,9 +50,9 @@ from typing import Callable
 
 import torch
 
-from data.files import atomic_directory, atomic_write_text
+from data.files import atomic_directory, atomic_file, atomic_write_text, remove_stale_temporaries
 from data.paths import models_dir, runs_dir
-from data.store import Run, Store, process_alive
+from data.store import Run, Store
 from finetune.instruct import (Example, Progress, SFTConfig, SFTTrainer, check_vocabulary,
                                default_val_fraction, evaluate_loss, holdout, prepare, recalled,
                                resolve)
@@ -55,6 +61,9 @@ from gpt.errors import KettleError
 
 RUN_KIND = "finetune"
 LOG_EVERY_S = 1.0
+CHECKPOINT_EVERY_S = 30.0
+CHECKPOINT_SHARE = 0.05
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 @dataclass
@@ -132,14 +141,9 @@ def cancel_run(store: Store, run_id: int) -> bool:
 
 def reap_dead_runs(store: Store) -> list[int]:
     """Mark running fine-tuning runs whose process is gone (killed, crashed) as failed; their ids."""
-    dead = []
-    for run in store.runs(status="running"):
-        if run.kind != RUN_KIND or not run.pid or process_alive(run.pid):
-            continue
-        store.update_run(run.id, status="failed", error="the run's process ended without "
-                         "reporting (killed?); `kettle finetune resume` starts it again")
-        dead.append(run.id)
-    return dead
+    return [run.id for run in store.fail_orphaned_runs(
+        kind=RUN_KIND, error="the run's process ended without reporting (killed?); "
+                             "`kettle finetune resume` continues it from its last checkpoint")]
 
 
 # --- inputs ----------------------------------------------------------------------------------------
@@ -256,6 +260,8 @@ def execute(run_id: int, resume: bool = False, progress: bool = True,
         dist, device = init_distributed(spec.device)
         prepare_training(device)
         # Under torchrun only rank 0 checks: it marks the run running before the others read it.
+        if dist.main and run.status == "running" and run_id in reap_dead_runs(store):
+            run = store.run(run_id)
         if dist.main and resume and run.status not in ("cancelled", "failed"):
             raise KettleError(f"run {run_id} is {run.status}; only cancelled or failed runs resume")
         if dist.main and not resume and run.status != "queued":
@@ -276,6 +282,11 @@ def execute(run_id: int, resume: bool = False, progress: bool = True,
                        "--max-length, or a smaller model")
             _fail(store, run_id, message, dist)
             raise KettleError(message) from None
+        except OSError as exc:  # a full disk, a folder made read-only: what, where, what to do
+            message = f"{_os_error(exc)}; fix that, then `kettle finetune resume {run_id}` " \
+                      "continues from the last checkpoint"
+            _fail(store, run_id, message, dist)
+            raise KettleError(message) from None
         except KeyboardInterrupt:  # a second Ctrl-C: stopped before a checkpoint could be saved
             if dist.main:
                 store.update_run(run_id, status="cancelled", error="interrupted without a checkpoint")
@@ -288,9 +299,18 @@ def execute(run_id: int, resume: bool = False, progress: bool = True,
         store.close()
 
 
+def _os_error(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
 def _fail(store: Store, run_id: int, reason: str, dist) -> None:
-    if dist.main:
+    if not dist.main:
+        return
+    try:
         store.update_run(run_id, status="failed", error=reason.splitlines()[0] if reason else "failed")
+    except (KettleError, OSError, sqlite3.Error) as exc:  # e.g. the disk is full for the store too
+        print(f"could not record the run as failed ({exc}): {reason}", file=sys.stderr)
 
 
 def _run(store: Store, run_id: int, spec: JobSpec, resume: bool, progress: bool, on_step, dist, device):
@@ -299,6 +319,8 @@ def _run(store: Store, run_id: int, spec: JobSpec, resume: bool, progress: bool,
 
     rdir = run_dir(run_id)
     rdir.mkdir(parents=True, exist_ok=True)
+    if dist.main:
+        remove_stale_temporaries(rdir)  # what a killed checkpoint write left
     base_path, parent_id, base_name = resolve_base(store, spec.model)
     name = spec.name or f"{base_name}-ft{run_id}"
     out = models_dir() / name
@@ -333,18 +355,20 @@ def _run(store: Store, run_id: int, spec: JobSpec, resume: bool, progress: bool,
     recall_base = sum(recalled(model, train, pad, device))
     train_before = evaluate_loss(model, train, pad, device)
     trainer = SFTTrainer(model, train, val, config, pad, device, dist, replay=replay)
-    checkpoint_path = rdir / "checkpoint.pt"
+    checkpoint_path = rdir / CHECKPOINT_FILE
     metrics_path = rdir / "metrics.jsonl"
     if resume and checkpoint_path.exists():
-        trainer.load_state_dict(torch.load(checkpoint_path, map_location=device, weights_only=True))
-        _truncate_metrics(metrics_path, trainer.step)
+        trainer.load_state_dict(_read_checkpoint(checkpoint_path, device))
     elif dist.main:
-        metrics_path.unlink(missing_ok=True)
+        checkpoint_path.unlink(missing_ok=True)  # a fresh start (or a resume before any step)
     if dist.main:
+        _truncate_metrics(metrics_path, trainer.step)
+        store.truncate_run_metrics(run_id, trainer.step)
         store.update_run(run_id, total_steps=trainer.total_steps, step=trainer.step)
 
     display = Display(progress and dist.main, trainer.total_steps, trainer.step, "fine-tuning")
     last_log = [0.0]
+    checkpoints = _Checkpoints(checkpoint_path, trainer)
 
     def report(p: Progress) -> None:
         if on_step:
@@ -365,17 +389,18 @@ def _run(store: Store, run_id: int, spec: JobSpec, resume: bool, progress: bool,
             store.log_metrics(run_id, p.step, {k: v for k, v in record.items() if k != "step"})
         if not math.isfinite(p.loss):
             raise KettleError(f"the loss became {p.loss} at step {p.step}; lower --lr and start again")
+        if p.step < p.total_steps:
+            checkpoints.maybe_save()
 
     try:
         with StopFlag() as stop:
             finished = trainer.run(should_stop=lambda: stop.requested, on_progress=report)
     finally:
         display.close()
+    if dist.main:
+        checkpoints.save()  # stopped: to resume; finished: so a failed model write costs no training
     if not finished:
         if dist.main:
-            tmp = checkpoint_path.with_suffix(".tmp")
-            torch.save(trainer.state_dict(), tmp)
-            os.replace(tmp, checkpoint_path)
             store.update_run(run_id, status="cancelled", step=trainer.step)
         dist.barrier()
         return
@@ -419,6 +444,37 @@ def _run(store: Store, run_id: int, spec: JobSpec, resume: bool, progress: bool,
         shutil.rmtree(out, ignore_errors=True)  # nothing half-registered
         raise
     checkpoint_path.unlink(missing_ok=True)
+
+
+def _read_checkpoint(path: Path, device) -> dict:
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated or foreign: say so rather than train from a wrong state
+        raise KettleError(f"{path}: the checkpoint cannot be read ({type(exc).__name__}); delete "
+                          "it to start the run over") from None
+
+
+class _Checkpoints:
+    """Writes the trainer's state atomically: after the first step, then when enough time has
+    passed (CHECKPOINT_EVERY_S, or long enough that saving takes under CHECKPOINT_SHARE of it)."""
+
+    def __init__(self, path: Path, trainer: SFTTrainer):
+        self.path, self.trainer = path, trainer
+        self.saved_at: float | None = None
+        self.interval = CHECKPOINT_EVERY_S
+
+    def maybe_save(self) -> None:
+        if self.saved_at is None or time.monotonic() - self.saved_at >= self.interval:
+            self.save()
+
+    def save(self) -> None:
+        from gpt.pretrain import save_state
+
+        started = time.monotonic()
+        with atomic_file(self.path) as tmp:
+            save_state(self.trainer.state_dict(), tmp)
+        self.saved_at = time.monotonic()
+        self.interval = max(CHECKPOINT_EVERY_S, (self.saved_at - started) / CHECKPOINT_SHARE)
 
 
 def _write_model(out: Path, model, tokenizer, trainer, name, base_name, run_id, hparams, metrics,

@@ -23,12 +23,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from data import corpus
-from data.files import atomic_directory, atomic_write_text
+from data.files import atomic_directory, atomic_file, atomic_write_text, remove_stale_temporaries
 from gpt.checkpoint import load_model, save_model
 from gpt.config import GPTConfig
 from gpt.engine import pick_device
@@ -64,7 +66,7 @@ PEAK_TFLOPS = (
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
-    batch_tokens: int | None = None  # tokens per optimizer step, all ranks together (None: see step_tokens)
+    batch_tokens: int | None = None  # tokens a step, all ranks together (None: step_tokens)
     micro_batch_size: int = 8       # windows per forward pass on one device
     lr: float = 6e-4
     min_lr_ratio: float = 0.1       # cosine decay ends at lr * min_lr_ratio
@@ -294,12 +296,27 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(state["python"]), None))
 
 
+# torch.save reports a failed write as an enforce failure ("unexpected pos 576 vs 534"); with
+# less than this free beside the file, the disk was full.
+FULL_DISK_BYTES = 16 << 20
+
+
+def save_state(obj, path: Path) -> None:
+    """torch.save `obj` to `path`, a failed write raised as the OSError it was (a full disk)."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        if shutil.disk_usage(path.parent).free < FULL_DISK_BYTES:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise OSError(errno.EIO, f"cannot write ({exc})", str(path)) from None
+
+
 def save_checkpoint(path: Path, model: GPT, tokenizer: Tokenizer, optimizer, state: dict,
                     rng_states: list[dict]) -> None:
     """Model directory + optimizer and RNG states + step, replaced in one atomic rename."""
     with atomic_directory(path, overwrite=True) as tmp:
         save_model(model, tmp / "model", tokenizer)
-        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_states}, tmp / "trainer.pt")
+        save_state({"optimizer": optimizer.state_dict(), "rng": rng_states}, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
 
 
@@ -489,8 +506,6 @@ def _prepare_data(data: Path, run_dir: Path, config: GPTConfig, cfg: TrainConfig
 def _clear_run_files(run_dir: Path) -> None:
     """Remove what an earlier attempt that never reached a checkpoint left (only Kettle's own
     files: the run directory may be a folder the user named)."""
-    import shutil
-
     for name in (TOKENIZER_FILE, "metrics.jsonl", "loss.png", "run.json"):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "shards", ignore_errors=True)
@@ -557,6 +572,7 @@ def pretrain(data: str | Path | None, out: str | Path, config: GPTConfig | None 
     try:
         if dist.main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(run_dir)  # a killed checkpoint write's leftovers
             tokenizer = _prepare_data(data, run_dir, config, cfg, tokenizer, resume, display)
             if not resume:
                 atomic_write_text(run_dir / "run.json", json.dumps({
@@ -770,7 +786,6 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     ax.legend()
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, png)

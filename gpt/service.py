@@ -15,10 +15,13 @@ they came (a model switch waits its turn too, so a request sent before the switc
 old model). Events reach the caller's asyncio loop through `loop.call_soon_threadsafe`, so it is
 safe to use from the Textual app's event loop; nothing blocks the loop.
 
-Model names: a store model version's name, a model directory path, or the name of a directory
-under KETTLE_HOME/models. `InProcessService()` with no model serves the store's active model and
-follows the store: switching it to a store version records the activation there, so the app and
-the next start agree. A service given a model (`kettle serve MODEL`) leaves the store alone.
+Model names: a store model version's name or the name of a directory under KETTLE_HOME/models,
+looked up in that order; `InProcessService(MODEL)` (a command-line argument) also takes a model
+directory path, and a bare name that is neither. `switch_model` takes only names `list_models`
+lists, never a path: a name may come from an HTTP client. `InProcessService()` with no model
+serves the store's active model and follows the store: switching it to a store version records
+the activation there, so the app and the next start agree. A service given a model
+(`kettle serve MODEL`) leaves the store alone.
 """
 from __future__ import annotations
 
@@ -95,9 +98,9 @@ class GenerationService(ABC):
         """Every model this service can switch to; the one in use has active=True."""
 
     @abstractmethod
-    async def switch_model(self, name_or_path: str) -> ModelInfo:
-        """Answer the following requests with another model. On failure (KettleError) the old
-        model stays in use."""
+    async def switch_model(self, name: str) -> ModelInfo:
+        """Answer the following requests with the model `list_models` lists as `name`. On
+        failure (KettleError) the old model stays in use."""
 
     @property
     @abstractmethod
@@ -139,28 +142,27 @@ def _training_in_progress() -> bool:
 
 
 def resolve_model(name_or_path: str) -> ModelInfo:
-    """A model by directory path, store version name, or directory name under models_dir()."""
+    """A model by store version name, directory name under models_dir() or, given as a
+    command-line argument, directory path (see the module docstring)."""
     from data.paths import models_dir
-    from gpt.checkpoint import read_meta
+    from gpt.checkpoint import is_model_name, read_meta, resolve_model_dir
 
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise KettleError("a model name or path is needed")
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        read_meta(path)
-        return ModelInfo(name=path.resolve().name, path=str(path.resolve()))
-    store = _open_store()
+    store = _open_store() if is_model_name(name_or_path) else None
     if store is not None:
         with store:
             version = store.find_model_version(name_or_path)
         if version is not None:
             return _version_info(version)
-    if "/" not in name_or_path and (models_dir() / name_or_path).is_dir():
-        path = models_dir() / name_or_path
-        read_meta(path)
-        return ModelInfo(name=name_or_path, path=str(path))
-    raise KettleError(f"{name_or_path}: no such model (not a directory, nor a store model version, "
-                      f"nor a model in {models_dir()})")
+    try:
+        path = resolve_model_dir(name_or_path)
+    except KettleError:
+        raise KettleError(f"{name_or_path}: no such model (not a store model version, nor a model "
+                          f"in {models_dir()}, nor a directory)") from None
+    read_meta(path)
+    return ModelInfo(name=name_or_path if is_model_name(name_or_path) else path.resolve().name,
+                     path=str(path.resolve()))
 
 
 def store_active_model() -> ModelInfo:
@@ -262,10 +264,13 @@ class InProcessService(GenerationService):
                 models.insert(0, served)
         return [_with_active(m, _same_model(m, active)) for m in models]
 
-    async def switch_model(self, name_or_path: str) -> ModelInfo:
-        # A model served before is found by its name, also one given by path at the start.
-        info = next((m for m in self._served if m.name == name_or_path), None) \
-            or await asyncio.to_thread(resolve_model, name_or_path)
+    async def switch_model(self, name: str) -> ModelInfo:
+        # Listed names only (the list holds every model served before, also one given by path
+        # at the start): never a path, nor a folder of that name in the working directory.
+        info = next((m for m in await self.list_models() if m.name == name), None)
+        if info is None:
+            raise KettleError(f"{name}: no such model to switch to (not a store model version, "
+                              "nor a model in the models folder)")
         return await asyncio.wrap_future(self._call(lambda: self._load(info)))
 
     @property
@@ -446,9 +451,9 @@ class RemoteService(GenerationService):
         self._active = next((m for m in models if m.active), self._active)
         return models
 
-    async def switch_model(self, name_or_path: str) -> ModelInfo:
+    async def switch_model(self, name: str) -> ModelInfo:
         self._active = _remote_model(await self._request("POST", "/v1/models/switch",
-                                                         {"model": name_or_path}))
+                                                         {"model": name}))
         return self._active
 
     @property

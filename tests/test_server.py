@@ -235,6 +235,33 @@ def test_switching_the_served_model_without_restart(server, client, tiny_gpt2_vo
     assert client.chat.completions.create(messages=CHAT, max_tokens=2, model="long").model == "long"
 
 
+def test_model_names_never_resolve_to_the_working_directory(server, client, tiny_gpt2_vocab_model_dir,
+                                                            tmp_path, monkeypatch):
+    from data.paths import models_dir
+    from gpt.checkpoint import resolve_model_dir
+    from gpt.service import resolve_model
+
+    shutil.copytree(tiny_gpt2_vocab_model_dir, models_dir() / "tests")
+    (tmp_path / "tests").mkdir()  # a folder that happens to share the model's name
+    (tmp_path / "tests" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    r = http(server, "POST", "/v1/models/switch", json={"model": "tests"})
+    try:
+        assert r.status_code == 200, r.text
+        # The models folder's model: GPT-2's vocabulary, which the long model does not have.
+        assert client.completions.create(model="tests", prompt=[50000], max_tokens=1).usage.prompt_tokens == 1
+    finally:
+        assert http(server, "POST", "/v1/models/switch", json={"model": "long"}).status_code == 200
+    # A body's path is never opened, not even one to a real model.
+    r = http(server, "POST", "/v1/models/switch", json={"model": str(tiny_gpt2_vocab_model_dir)})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    # On the command line a name is the models folder's too; a path is still a path.
+    assert resolve_model_dir("tests") == models_dir() / "tests"
+    assert resolve_model("tests").path == str((models_dir() / "tests").resolve())
+    with pytest.raises(KettleError, match="config.json"):
+        resolve_model("./tests")
+
+
 async def test_remote_service_matches_in_process(server, long_context_model_dir):
     remote = RemoteService(server.url + "/v1", api_key=KEY)
     local = InProcessService(str(long_context_model_dir))
