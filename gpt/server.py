@@ -1,13 +1,14 @@
 """`kettle serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over a GenerationService.
 
-Endpoints (all under /v1; with an API key each needs `Authorization: Bearer KEY`):
+Endpoints (all under /v1; with an API key every /v1 path, known or not, needs
+`Authorization: Bearer KEY`, so a client without it learns nothing, not even which paths exist):
     GET  /v1/models                 every model the server can switch to; the served one first,
                                     with "active": true
     GET  /v1/models/{id}            one of them
     POST /v1/models/switch          {"model": NAME} serves another model from now on, without a
                                     restart (requests already queued finish on the old one); NAME
-                                    must be one GET /v1/models lists. A model that fails to load
-                                    leaves the old one served.
+                                    must be one GET /v1/models lists, never a path. A model that
+                                    fails to load leaves the old one served.
     POST /v1/chat/completions       OpenAI's chat API, "stream": true for server-sent events
     POST /v1/completions            OpenAI's legacy completions API (raw text continuation)
     GET  /health                    {"status": "ok"}, no key needed (for readiness checks)
@@ -21,8 +22,22 @@ tools, logit_bias, JSON mode, echo, best_of > 1, suffix) get a 400, not a silent
 any field OpenAI does not define.
 
 Every error is OpenAI's shape: {"error": {"message", "type", "param", "code"}}, 400 for a bad
-request (malformed JSON, wrong type, out-of-range value), 401 for a missing or wrong key, 404 for
-an unknown model or path. A failing request never stops the server.
+request (malformed or too deeply nested JSON, wrong type, out-of-range value), 401 for a missing
+or wrong key, 403 for a refused Origin or Host, 404 for an unknown model or path, 415 for a POST
+body that is not sent as application/json. A failing request never stops the server.
+
+Web pages: any page the user visits can send requests to 127.0.0.1, and without a key nothing
+else would stop it. So a POST body must be declared application/json (which a page cannot send
+cross-origin without a CORS preflight), a request with an Origin header must come from this
+server's own address or one allowed with `allow_origins` (--allow-origin), and the Host header
+must name this server (localhost, 127.0.0.1, [::1] or the address the client connected to, with
+the server's port) or one of `allow_hosts` (--allow-host): a page on a domain that resolves to
+127.0.0.1 (DNS rebinding) sends its own name there. Programs (OpenAI clients, curl) send no
+Origin and Host: 127.0.0.1:PORT, so they are unaffected. Allowed origins get CORS headers, and
+their preflight requests are answered without a key (browsers send none with them).
+
+The access log never holds a key sent in the query string (?api_key=...; keys are only read
+from the Authorization header).
 
 Responses carry a "kettle" object with what OpenAI has no field for: the seed used (send it back
 to reproduce an answer), time to first token, tokens/s, and prompt tokens dropped or reused from
@@ -33,6 +48,7 @@ A client that disconnects cancels its generation, streaming or not, also while i
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import re
@@ -40,13 +56,15 @@ import secrets
 import socket
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, Iterable
+from urllib.parse import urlsplit
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from gpt.errors import KettleError
 from gpt.sampling import SamplingParams
@@ -68,8 +86,12 @@ class APIError(Exception):
 
 
 def error_response(status: int, message: str, param=None, code=None, type=None) -> JSONResponse:
-    err = APIError(status, message, param, code, type)
-    return JSONResponse({"error": _error_body(err)}, status_code=status)
+    return _error_json(APIError(status, message, param, code, type))
+
+
+def _error_json(err: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse({"error": _error_body(err)}, status_code=err.status, headers=headers)
 
 
 def _error_body(err: APIError) -> dict:
@@ -225,28 +247,150 @@ def completion_prompt(req: CompletionRequest) -> str | list[int]:
     return prompt
 
 
+# --- who may ask ---------------------------------------------------------------------------------
+
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+DEFAULT_PORTS = {"http": 80, "https": 443}
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?")
+
+
+def parse_origin(text: str, where: str) -> str:
+    """An origin to allow (scheme://host[:port]) spelled as requests' origins are compared, or
+    a KettleError naming `where` (the flag or setting it came from)."""
+    origin = _origin(text)
+    if origin is None:
+        raise KettleError(f"{where}: {text!r} is not an origin like http://localhost:3000 "
+                          "(http or https, a host, an optional port, no path)")
+    return _origin_text(*origin)
+
+
+def parse_host(text: str, where: str) -> str:
+    """A host name to allow in Host headers (on any port: a proxy in front may use its own),
+    spelled as they are compared, or a KettleError naming `where`."""
+    bare = text.strip().removeprefix("[").removesuffix("]")
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        if not _HOST_NAME.fullmatch(bare.lower()):
+            raise KettleError(f"{where}: {text!r} is not a host name like kettle.lan (no scheme, "
+                              "no port)") from None
+    return _name(bare)
+
+
+def _name(host: str) -> str:
+    """A host name or address in one spelling (lower case; IPv6 compressed; IPv4-mapped IPv6
+    as IPv4, which is how a dual-stack socket reports an IPv4 client's connection)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower()
+    return str(getattr(ip, "ipv4_mapped", None) or ip)
+
+
+def _split_host(value: str) -> tuple[str, int | None]:
+    """A Host header's (name, port); ("", None) when it is not host[:port]."""
+    if "@" in value or "/" in value:
+        return "", None
+    try:
+        split = urlsplit("//" + value)
+        return _name(split.hostname or ""), split.port or DEFAULT_PORTS["http"]
+    except ValueError:  # a port that is not a number
+        return "", None
+
+
+def _origin(text: str) -> tuple[str, str, int] | None:
+    """An Origin's (scheme, name, port), or None when it is not one ("null" included)."""
+    try:
+        split = urlsplit(text.strip())
+        port = split.port
+    except ValueError:
+        return None
+    if (split.scheme not in DEFAULT_PORTS or not split.hostname or split.path not in ("", "/")
+            or split.query or split.fragment or "@" in split.netloc):
+        return None
+    return split.scheme, _name(split.hostname), port or DEFAULT_PORTS[split.scheme]
+
+
+def _origin_text(scheme: str, name: str, port: int) -> str:
+    return f"{scheme}://{f'[{name}]' if ':' in name else name}:{port}"
+
+
+def _is_own(name: str, port: int | None, scope: dict) -> bool:
+    """Whether (name, port) is this server: a local name, or the address the client connected
+    to, on the port it connected to."""
+    address, server_port = scope.get("server") or (None, None)
+    return port == server_port and name in {*LOCAL_NAMES, _name(address or "")}
+
+
+class _Gate:
+    """ASGI middleware: an HTTP request that `check` refuses (an APIError) is answered with
+    that error and goes no further."""
+
+    def __init__(self, app, check: Callable[[Request], None]):
+        self.app, self.check = app, check
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            try:
+                self.check(Request(scope))
+            except APIError as exc:
+                await _error_json(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 # --- the app -------------------------------------------------------------------------------------
 
-def create_app(service: GenerationService, api_key: str | None = None) -> FastAPI:
-    """The HTTP API over `service`. With `api_key`, every /v1 request must present it."""
+def create_app(service: GenerationService, api_key: str | None = None,
+               allow_origins: Iterable[str] = (), allow_hosts: Iterable[str] = ()) -> FastAPI:
+    """The HTTP API over `service`. With `api_key`, every /v1 request must present it.
+    `allow_origins` and `allow_hosts` (as parse_origin and parse_host return them) are let in
+    beside this server's own addresses (see the module docstring)."""
     app = FastAPI(title="Kettle", description="OpenAI-compatible API of a Kettle model",
                   docs_url=None, redoc_url=None, openapi_url=None)
+    origins, hosts = frozenset(allow_origins), frozenset(allow_hosts)
 
-    async def check_key(request: Request) -> None:
-        if api_key is None:
+    def check_access(request: Request) -> None:
+        host = request.headers.get("host")
+        if host is not None:
+            name, port = _split_host(host)
+            if name not in hosts and not _is_own(name, port, request.scope):
+                raise APIError(403, f"Host {host!r} does not name this server (a web page on a "
+                                    f"domain that resolves here sends its own): use 127.0.0.1, or "
+                                    f"start kettle serve with --allow-host {name or host}",
+                               code="host_not_allowed")
+        origin = request.headers.get("origin")
+        if origin is not None:
+            parsed = _origin(origin)
+            if parsed is None or (_origin_text(*parsed) not in origins
+                                  and not (parsed[0] == "http" and _is_own(*parsed[1:], request.scope))):
+                raise APIError(403, f"Origin {origin!r} is refused: a web page may only use this "
+                                    f"server when kettle serve is started with --allow-origin {origin}",
+                               code="origin_not_allowed")
+
+    def check_key(request: Request) -> None:
+        path = request.scope["path"]
+        if api_key is None or not (path == "/v1" or path.startswith("/v1/")):
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
                                                                      api_key.encode()):
             raise APIError(401, "missing or wrong API key: send `Authorization: Bearer KEY` "
-                                "with the key given to kettle serve --api-key",
+                                "with the key given to kettle serve (--api-key or $KETTLE_API_KEY)",
                            code="invalid_api_key")
+
+    # The last added runs first: who may ask at all, then CORS (a browser's preflight carries
+    # no key), then the key, for every /v1 path before routing (an unknown one is a 401 too).
+    app.add_middleware(_Gate, check=check_key)
+    # Every origin that gets this far is allowed: check_access has refused the others.
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST"],
+                       allow_headers=["*"])
+    app.add_middleware(_Gate, check=check_access)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse({"error": _error_body(exc)}, status_code=exc.status, headers=headers)
+        return _error_json(exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
@@ -268,11 +412,11 @@ def create_app(service: GenerationService, api_key: str | None = None) -> FastAP
     async def health():
         return {"status": "ok"}
 
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    @app.get("/v1/models")
     async def list_models():
         return {"object": "list", "data": [_model_json(m) for m in await _models(service)]}
 
-    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(check_key)])
+    @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
         for m in await _models(service):
             if m.name == model_id:
@@ -280,10 +424,11 @@ def create_app(service: GenerationService, api_key: str | None = None) -> FastAP
         raise APIError(404, f"no model {model_id!r} (GET /v1/models lists them)", param="model",
                        code="model_not_found")
 
-    @app.post("/v1/models/switch", dependencies=[Depends(check_key)])
+    @app.post("/v1/models/switch")
     async def switch_model(request: Request):
         req = await parse_body(request, SwitchRequest)
-        # Only models the server lists: a client must not make the server open arbitrary paths.
+        # A name the server does not list is unknown here (the service itself resolves listed
+        # names only, never a path: a client must not make the server open arbitrary folders).
         if not any(m.name == req.model for m in await _models(service)):
             raise APIError(404, f"no model {req.model!r} to switch to (GET /v1/models lists them)",
                            param="model", code="model_not_found")
@@ -295,7 +440,7 @@ def create_app(service: GenerationService, api_key: str | None = None) -> FastAP
         log.info("now serving %s (%s)", info.name, info.path)
         return _model_json(info)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await parse_body(request, ChatRequest)
         _reject_unsupported(req)
@@ -305,7 +450,7 @@ def create_app(service: GenerationService, api_key: str | None = None) -> FastAP
         model = _check_model(service, req.model)
         return await _respond(request, service, "chat", messages, params, req, model)
 
-    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    @app.post("/v1/completions")
     async def completions(request: Request):
         req = await parse_body(request, CompletionRequest)
         _reject_unsupported(req)
@@ -318,7 +463,12 @@ def create_app(service: GenerationService, api_key: str | None = None) -> FastAP
 
 
 async def parse_body(request: Request, model: type[BaseModel]):
-    """The JSON body as `model` (whatever the Content-Type says: curl -d sends form's), or a 400."""
+    """The JSON body as `model`, or an APIError: 415 unless it is declared application/json (a
+    web page can send text/plain to any server without asking; see the module docstring)."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, "the request body must be JSON sent with `Content-Type: "
+                            f"application/json`, got {media_type or 'no Content-Type'}")
     body = bytearray()
     async for piece in request.stream():
         body += piece
@@ -328,6 +478,8 @@ async def parse_body(request: Request, model: type[BaseModel]):
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply to read") from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -540,12 +692,32 @@ def listen(host: str, port: int) -> socket.socket:
         raise KettleError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
+class _RedactSecrets(logging.Filter):
+    """uvicorn's access log writes each URL whole: a key a client put in the query string
+    (which Kettle never reads) must not end up in a terminal's scrollback or a log file."""
+
+    PARAM = re.compile(r"(?<=[?&])(api[_-]?key|key|access_token|token)=[^&\s]*", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.PARAM.sub(r"\1=REDACTED", a) if isinstance(a, str) else a
+                                for a in record.args)
+        return True
+
+
+_REDACT_SECRETS = _RedactSecrets()
+
+
 def build_server(service: GenerationService, api_key: str | None = None,
-                 log_level: str = "info"):
-    """A uvicorn server for the API; run it with `server.run(sockets=[listen(host, port)])`
-    (blocking) and stop it with `server.should_exit = True`."""
+                 log_level: str = "info", allow_origins: Iterable[str] = (),
+                 allow_hosts: Iterable[str] = ()):
+    """A uvicorn server for the API (create_app's arguments); run it with
+    `server.run(sockets=[listen(host, port)])` (blocking) and stop it with
+    `server.should_exit = True`."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(service, api_key), log_level=log_level,
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(create_app(service, api_key, allow_origins, allow_hosts),
+                            log_level=log_level, timeout_graceful_shutdown=5)
+    # After uvicorn.Config, which sets up its loggers; adding the one filter again is a no-op.
+    logging.getLogger("uvicorn.access").addFilter(_REDACT_SECRETS)
     return uvicorn.Server(config)

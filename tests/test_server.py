@@ -26,9 +26,9 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 
 class RunningServer:
-    def __init__(self, service, api_key):
+    def __init__(self, service, api_key, **options):
         self.service = service
-        self.server = build_server(service, api_key, log_level="warning")
+        self.server = build_server(service, api_key, log_level="warning", **options)
         sock = listen("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -47,6 +47,15 @@ class RunningServer:
 @pytest.fixture(scope="module")
 def server(long_context_model_dir):
     running = RunningServer(InProcessService(str(long_context_model_dir)), KEY)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def open_server(tiny_model_dir):
+    """Without a key, as `kettle serve` runs by default, with one more origin and host allowed."""
+    running = RunningServer(InProcessService(str(tiny_model_dir)), None,
+                            allow_origins=["http://localhost:3000"], allow_hosts=["kettle.lan"])
     yield running
     running.stop()
 
@@ -117,6 +126,102 @@ def test_api_key_is_enforced(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}  # readiness: no key
 
 
+def test_every_v1_path_asks_for_the_key_first(server):
+    for method, path in (("GET", "/v1/nothing-here"), ("GET", "/v1"), ("POST", "/v1/models/switch"),
+                         ("DELETE", "/v1/models")):
+        r = httpx.request(method, server.url + path)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (method, path)
+    assert httpx.get(server.url + "/nothing-here").status_code == 404  # outside /v1: no key
+    # A browser's CORS preflight carries no key: it is answered for an allowed origin.
+    r = httpx.options(server.url + "/v1/chat/completions",
+                      headers={"Origin": server.url, "Access-Control-Request-Method": "POST",
+                               "Access-Control-Request-Headers": "authorization, content-type"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_a_key_in_the_query_string_never_reaches_the_access_log(server):
+    access = logging.getLogger("uvicorn.access")
+    level, lines = access.level, _Lines()
+    access.setLevel(logging.INFO)
+    access.addHandler(lines)
+    try:
+        r = httpx.get(server.url + f"/v1/models?api_key={KEY}&limit=2")
+    finally:
+        access.removeHandler(lines)
+        access.setLevel(level)
+    assert r.status_code == 401  # only the Authorization header counts
+    assert len(lines.lines) == 1 and "/v1/models?api_key=REDACTED&limit=2" in lines.lines[0]
+    assert KEY not in lines.lines[0]
+
+
+def test_the_app_takes_its_key_from_the_environment(server, monkeypatch, capsys):
+    from tui.cli import build_parser, main
+    from tui.commands.serve import api_key
+
+    assert "$KETTLE_API_KEY" in build_parser().format_help()
+    monkeypatch.setenv("KETTLE_API_KEY", KEY)
+    assert RemoteService(server.url, api_key(None)).load().name == "long"
+    assert api_key("given") == "given"  # the flag wins
+    assert main(["--server", server.url, "--api-key", " "]) == 1  # never "no key"
+    assert capsys.readouterr().err == "kettle: error: --api-key must not be empty\n"
+
+
+def test_web_pages_cannot_drive_a_keyless_server(open_server, tiny_gpt2_vocab_model_dir):
+    from data.paths import models_dir
+
+    shutil.copytree(tiny_gpt2_vocab_model_dir, models_dir() / "other")
+    url, port = open_server.url, open_server.url.rsplit(":", 1)[1]
+    switch = url + "/v1/models/switch"
+    # What a page sends without a preflight: text/plain, a form's encoding, no type at all.
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        r = httpx.post(switch, content=b'{"model": "other"}',
+                       headers={"Content-Type": content_type} if content_type else {})
+        assert r.status_code == 415 and "Content-Type: application/json" in r.json()["error"]["message"]
+    # A page from another origin, JSON or not, and its preflight.
+    r = httpx.post(switch, json={"model": "other"}, headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+    assert "--allow-origin http://evil.example" in r.json()["error"]["message"]
+    r = httpx.options(switch, headers={"Origin": "null", "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+    # DNS rebinding: evil.example resolves to 127.0.0.1, so to the browser it is the page's own.
+    for host in (f"evil.example:{port}", "evil.example", "127.0.0.1:1", f"localhost.evil.example:{port}",
+                 f"evil.example@127.0.0.1:{port}"):
+        r = httpx.post(switch, json={"model": "other"}, headers={"Host": host})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed", host
+    assert httpx.get(url + "/health", headers={"Host": f"evil.example:{port}"}).status_code == 403
+    assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "tiny"  # nothing switched
+
+    # This machine's names, the allowed ones and programs (no Origin, Host 127.0.0.1:PORT) pass.
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "kettle.lan",
+                 "KETTLE.lan:9999"):
+        assert httpx.get(url + "/v1/models", headers={"Host": host}).status_code == 200, host
+    for origin in (url, f"http://localhost:{port}", "http://localhost:3000"):
+        r = httpx.get(url + "/v1/models", headers={"Origin": origin})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*", origin
+    r = httpx.options(url + "/v1/chat/completions",
+                      headers={"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+                               "Access-Control-Request-Headers": "content-type"})
+    assert r.status_code == 200 and "POST" in r.headers["access-control-allow-methods"]
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2},
+                   headers={"Origin": "http://localhost:3000"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
+    assert client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2).model == "tiny"
+    remote = RemoteService(url)
+    assert remote.load().name == "tiny"
+    assert asyncio.run(remote.switch_model("other")).name == "other"
+    assert asyncio.run(remote.switch_model("tiny")).name == "tiny"
+
+
 @pytest.mark.parametrize("body, status, param, message", [
     (b"{not json", 400, None, "not valid JSON"),
     (b"[]", 400, None, "must be a JSON object"),
@@ -136,10 +241,13 @@ def test_api_key_is_enforced(server):
     ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}, 400,
      "messages[1].role", "may only come first"),
     ({"messages": CHAT, "model": "gpt-4"}, 404, "model", "not being served"),
+    pytest.param(b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None,
+                 "nested too deeply", id="deeply-nested"),
 ])
 def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, body, status, param,
                                                                      message):
-    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    kw = {"content": body, "headers": {"Content-Type": "application/json"}} \
+        if isinstance(body, bytes) else {"json": body}
     for stream in (False, True):
         if stream and not isinstance(body, bytes):
             kw = {"json": {**body, "stream": True}}
@@ -157,7 +265,8 @@ def test_other_bad_requests(server, client):
     assert http(server, "GET", "/v1/nothing-here").json()["error"]["message"].startswith("no such endpoint")
     r = http(server, "POST", "/v1/completions", json={"prompt": ["a", "b"]})
     assert r.status_code == 400 and "one prompt per request" in r.json()["error"]["message"]
-    r = http(server, "POST", "/v1/completions", content=b" " * (9 << 20))
+    r = http(server, "POST", "/v1/completions", content=b" " * (9 << 20),
+             headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and "over 8 MiB" in r.json()["error"]["message"]
     r = http(server, "POST", "/v1/completions", json={"prompt": "a", "echo": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
@@ -332,8 +441,19 @@ def test_kettle_serve_command(tiny_model_dir, kettle_home, capsys):
     finally:
         taken.close()
 
+    assert main(["serve", str(tiny_model_dir), "--allow-origin", "localhost:3000"]) == 1
+    assert "--allow-origin: 'localhost:3000' is not an origin like http://localhost:3000" in \
+        capsys.readouterr().err
+    config = kettle_home / "config.json"
+    config.write_text('{"serve": {"allow_hosts": "kettle.lan"}}')
+    assert main(["serve", str(tiny_model_dir)]) == 1
+    assert capsys.readouterr().err == \
+        f'kettle: error: {config}: "serve" "allow_hosts" must be a list of strings\n'
+
+    config.write_text('{"serve": {"allow_hosts": ["kettle.lan"]}}')
     env = {**os.environ, "KETTLE_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tui.cli", "serve", str(tiny_model_dir), "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "tui.cli", "serve", str(tiny_model_dir), "--port", "0",
+                             "--allow-origin", "http://localhost:3000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(__file__)))
     try:
@@ -343,6 +463,10 @@ def test_kettle_serve_command(tiny_model_dir, kettle_home, capsys):
         assert httpx.get(url + "/models").status_code == 401  # the key from the environment
         client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
         assert client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3).usage.completion_tokens <= 3
+        key = {"Authorization": f"Bearer {KEY}"}
+        for headers, status in (({"Host": "kettle.lan"}, 200), ({"Origin": "http://localhost:3000"}, 200),
+                                ({"Host": "evil.example"}, 403), ({"Origin": "http://evil.example"}, 403)):
+            assert httpx.get(url + "/models", headers={**key, **headers}).status_code == status, headers
     finally:
         proc.terminate()
         proc.wait(timeout=20)

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server", metavar="URL", dest="app_server",
                         help="with no command: chat through a running `kettle serve` at URL")
     parser.add_argument("--api-key", metavar="KEY", dest="app_api_key",
-                        help="the API key that server asks for")
+                        help="the API key that server asks for (default: $KETTLE_API_KEY, which "
+                             "keeps the key out of the process list)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -43,11 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is not None and (args.app_server or args.app_api_key):
         parser.error("--server and --api-key are for the app: use them without a command")
-    if args.command is None:
-        from tui.app import run_app
-
-        return run_app(server=args.app_server, api_key=args.app_api_key)
     try:
+        if args.command is None:
+            from tui.app import run_app
+            from tui.commands.serve import api_key
+
+            return run_app(server=args.app_server, api_key=api_key(args.app_api_key))
         return args.func(args) or 0
     except KettleError as exc:
         print(f"kettle: error: {exc}", file=sys.stderr)

@@ -13,28 +13,76 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "streaming with server-sent events). Switch the served model without a "
                     "restart with POST /v1/models/switch {\"model\": NAME}.")
     p.add_argument("model", metavar="MODEL", nargs="?",
-                   help="model directory, model name under KETTLE_HOME/models, or store model "
-                        "version (default: the active model)")
+                   help="a store model version or a model under KETTLE_HOME/models, by name "
+                        "(looked up before a folder of that name here), or a model directory "
+                        "path (default: the active model)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--api-key", metavar="KEY",
-                   help="require `Authorization: Bearer KEY` (default: $KETTLE_API_KEY, which "
+                   help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV}, which "
                         "keeps the key out of the process list)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--allow-origin", metavar="ORIGIN", action="append", default=[],
+                   help="let web pages from ORIGIN (like http://localhost:3000) use the server; "
+                        "repeatable; config.json: {\"serve\": {\"allow_origins\": [...]}} "
+                        "(default: none, only programs and this server's own address)")
+    p.add_argument("--allow-host", metavar="NAME", action="append", default=[],
+                   help="accept requests whose Host header is NAME (a name of this machine or a "
+                        "proxy in front); repeatable; config.json: {\"serve\": {\"allow_hosts\": "
+                        "[...]}} (default: localhost, 127.0.0.1, [::1] and the address listened on)")
     p.set_defaults(func=serve_command)
+
+
+API_KEY_ENV = "KETTLE_API_KEY"
+
+
+def api_key(given: str | None, flag: str = "--api-key") -> str | None:
+    """The key given with `flag`, else ${API_KEY_ENV} (a flag's value is in the process list for
+    anyone on the machine to read), else None. An empty flag is an error, never "no key"."""
+    from gpt.errors import KettleError
+
+    if given is not None and not given.strip():
+        raise KettleError(f"{flag} must not be empty")
+    return given or os.environ.get(API_KEY_ENV, "").strip() or None
+
+
+def allowed(args) -> tuple[list[str], list[str]]:
+    """(origins, hosts) to let in, from the flags and config.json's "serve" settings; a bad
+    entry is a KettleError naming where it came from."""
+    from data.paths import config_path
+    from gpt.errors import KettleError
+    from gpt.server import parse_host, parse_origin
+    from tui.app import load_config
+
+    origins = [parse_origin(v, "--allow-origin") for v in args.allow_origin]
+    # The name listened on is one clients use in URLs (an address is allowed anyway).
+    hosts = [parse_host(v, "--allow-host") for v in args.allow_host] + [parse_host(args.host, "--host")]
+    config, problem = load_config()
+    if problem:
+        print(f"kettle: warning: {problem}", file=sys.stderr)
+    settings = config.get("serve", {})
+    if not isinstance(settings, dict):
+        raise KettleError(f'{config_path()}: "serve" must be an object like '
+                          '{"allow_origins": [...], "allow_hosts": [...]}')
+    for key, parse, found in (("allow_origins", parse_origin, origins),
+                              ("allow_hosts", parse_host, hosts)):
+        listed = settings.get(key, [])
+        where = f'{config_path()}: "serve" "{key}"'
+        if not isinstance(listed, list) or not all(isinstance(v, str) for v in listed):
+            raise KettleError(f"{where} must be a list of strings")
+        found += [parse(v, where) for v in listed]
+    return origins, hosts
 
 
 def serve_command(args) -> int:
     import logging
 
-    from gpt.errors import KettleError
-    from gpt.server import build_server, listen
+    from gpt.server import LOCAL_NAMES, build_server, listen
     from gpt.service import InProcessService
 
-    if args.api_key is not None and not args.api_key.strip():
-        raise KettleError("--api-key must not be empty")  # never silently serve without a key
-    api_key = args.api_key or os.environ.get("KETTLE_API_KEY", "").strip() or None
+    key = api_key(args.api_key)
+    allow_origins, allow_hosts = allowed(args)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     logging.getLogger("kettle").addHandler(handler)  # one line per answer: tokens, speed
@@ -46,11 +94,12 @@ def serve_command(args) -> int:
         host, port = sock.getsockname()[:2]
         url_host = f"[{host}]" if ":" in host else host
         print(f"kettle: serving {info.name} at http://{url_host}:{port}/v1"
-              f"{' (API key required)' if api_key else ''}", flush=True)
-        if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+              f"{' (API key required)' if key else ''}", flush=True)
+        if key is None and args.host not in LOCAL_NAMES:
             print(f"kettle: warning: listening on {args.host} without --api-key: anyone who can "
                   "reach this machine can use the model", file=sys.stderr, flush=True)
-        build_server(service, api_key).run(sockets=[sock])
+        build_server(service, key, allow_origins=allow_origins,
+                     allow_hosts=allow_hosts).run(sockets=[sock])
     finally:
         service.close()
         sock.close()
