@@ -43,6 +43,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,9 @@ def start_finetune(spec: JobSpec, store: Store | None = None) -> int:
                  "--no-progress"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
+        # Collect its exit status when it ends: a child nobody waits for stays a zombie
+        # (<defunct>) for as long as this process (the app) runs.
+        threading.Thread(target=proc.wait, name=f"finetune-{run.id}-reaper", daemon=True).start()
         store.update_run(run.id, pid=proc.pid)
         return run.id
     finally:

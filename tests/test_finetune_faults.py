@@ -219,3 +219,30 @@ def test_twenty_kills_at_random_points_lose_nothing_committed(store, snapshot):
         assert steps[:1] in ([], [before + 1]), (point, n)
         assert temporaries() == [], (point, n)
     assert json.dumps(store.run(run.id).config)  # the runs table is still readable
+
+
+def test_the_app_sees_a_killed_run_as_failed_not_running(store, snapshot):
+    from tui.screens.finetune import read_run
+
+    run = create_run(store, JobSpec(model="base", snapshot_id=snapshot))
+    killed(run.id, "step", 3)
+    shown, _, _ = read_run(store, run.id)
+    assert shown.status == "failed" and "finetune resume" in shown.error
+
+
+def test_a_finished_background_run_leaves_no_zombie_process(store, snapshot):
+    import time
+
+    from finetune.jobs import start_finetune
+
+    run_id = start_finetune(JobSpec(model="base", snapshot_id=snapshot), store)
+    pid = store.run(run_id).pid
+    deadline = time.monotonic() + 120
+    while store.run(run_id).status in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert store.run(run_id).status == "finished", store.run(run_id).error
+    gone_by = time.monotonic() + 5  # the process exits right after recording the result
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < gone_by:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}"), "the finished run's process stays a zombie"

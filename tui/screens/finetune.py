@@ -19,7 +19,9 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Label, ProgressBar, Select, Sparkline, Static
 
-from data.store import DataFilter, ModelVersion, Run, Store
+from rich.text import Text
+
+from data.store import DataFilter, ModelVersion, Run, Snapshot, Store
 from finetune.verdict import summary_lines
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
@@ -33,6 +35,7 @@ STEP_OVERHEAD_S = 0.2   # optimizer step, logging, evaluations, spread over the 
 # Full fine-tuning keeps weights, gradients and two Adam moments: above these sizes LoRA is the
 # default (it trains ~1% of the weights and saves a small adapter).
 FULL_MAX_PARAMS = {"cpu": 200e6, "mps": 400e6, "cuda": 1.5e9}
+CURRENT = "current"  # the data choice "what would train now" (a snapshot of it is made at Start)
 
 
 @dataclass
@@ -40,6 +43,8 @@ class Plan:
     """What the sheet shows before Start."""
     base: ModelVersion
     versions: list[ModelVersion]
+    snapshots: list[Snapshot]
+    snapshot: Snapshot | None  # the data: a snapshot, or None for the current labels
     n_examples: int
     n_params: int
     device: str
@@ -82,7 +87,7 @@ def estimate_seconds(plan: Plan, method: str, epochs: int | None) -> tuple[float
     return START_S + steps * STEP_OVERHEAD_S + flops / TRAIN_FLOPS[plan.device], steps
 
 
-def make_plan(store: Store, base_name: str | None) -> Plan:
+def make_plan(store: Store, base_name: str | None, snapshot_id: int | None = None) -> Plan:
     from finetune.replay import read_replay
     from gpt.chat_template import render_training
     from gpt.checkpoint import expected_tensors, read_meta
@@ -95,13 +100,17 @@ def make_plan(store: Store, base_name: str | None) -> Plan:
     base = next((v for v in versions if v.name == base_name), None) or active or versions[0]
     _, config = read_meta(base.path)
     n_params = sum(math.prod(shape) for shape in expected_tensors(config).values())
-    examples, _ = store.dataset(DataFilter())
+    snapshot = store.snapshot(snapshot_id) if snapshot_id is not None else None
+    if snapshot is None:
+        conversations = [e["example"]["messages"] for e in store.dataset(DataFilter())[0]]
+    else:
+        conversations = [e["messages"] for e in store.snapshot_examples(snapshot.id)]
     tokenizer = load_tokenizer(base.path)
-    tokens = sum(min(len(render_training(e["example"]["messages"], tokenizer)[0]),
-                     config.context_length) for e in examples)
+    tokens = sum(min(len(render_training(messages, tokenizer)[0]), config.context_length)
+                 for messages in conversations)
     device = device_kind()
     replay = read_replay(base.path)
-    return Plan(base, versions, len(examples), n_params, device,
+    return Plan(base, versions, store.snapshots(), snapshot, len(conversations), n_params, device,
                 default_method(n_params, device), tokens, config,
                 len(replay["train"]) if replay else 0)
 
@@ -125,13 +134,15 @@ def duration(seconds: float | None) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-def start_run(store: Store, base: ModelVersion, method: str, epochs: int | None) -> int:
-    """Freeze what would train now into a snapshot and start the run process on it."""
+def start_run(store: Store, base: ModelVersion, method: str, epochs: int | None,
+              snapshot_id: int | None) -> int:
+    """Start the run process on snapshot `snapshot_id`, or on what would train now (frozen into
+    a snapshot, or the existing one with the same content)."""
     from finetune.jobs import JobSpec, start_finetune
     from finetune.lora import LoRAConfig
 
-    snap = store.create_snapshot(DataFilter(), name=f"fine-tune of {base.name} "
-                                                    f"{time.strftime('%Y-%m-%d %H:%M')}")
+    snap = store.snapshot(snapshot_id) if snapshot_id is not None else store.create_snapshot(
+        DataFilter(), name=f"fine-tune of {base.name} {time.strftime('%Y-%m-%d %H:%M')}", reuse=True)
     if snap.n_examples == 0:
         raise KettleError("nothing to train on: vote answers up (u) or correct them (c) in the chat")
     sft: dict = {"lora": LoRAConfig().to_dict()} if method == "lora" else {}
@@ -156,7 +167,11 @@ class RunUpdate(Message):
 
 
 def read_run(store: Store, run_id: int) -> tuple[Run, list[tuple[int, dict]], ModelVersion | None]:
+    from finetune.jobs import reap_dead_runs
+
     run = store.run(run_id)
+    if run.status == "running" and run_id in reap_dead_runs(store):  # killed: say so, not "running"
+        run = store.run(run_id)
     output = store.model_version(run.output_model_id) if run.output_model_id else None
     return run, store.run_metrics(run_id), output
 
@@ -194,6 +209,9 @@ class FinetuneScreen(Screen):
                 yield Static("Reading your labels…", id="sheet-summary")
                 yield Label("Base model")
                 yield Select([], id="ft-base", allow_blank=True, prompt="…")
+                yield Label("Train on")
+                yield Select([("Current labels", CURRENT)], id="ft-data", allow_blank=False,
+                             value=CURRENT)
                 yield Label("Method")
                 yield Select([("LoRA adapters (small, light on memory)", "lora"),
                               ("Full fine-tuning (every weight)", "full")],
@@ -212,14 +230,18 @@ class FinetuneScreen(Screen):
 
     def on_screen_resume(self) -> None:
         if self.run_id is None or (self.run and self.run.status in ("finished", "failed", "cancelled")):
-            self.load_plan()
+            self.load_plan(snapshot_id=self.chosen_snapshot())
 
     # -- the sheet ----------------------------------------------------------------------------
 
+    def chosen_snapshot(self) -> int | None:
+        value = self.query_one("#ft-data", Select).value
+        return None if value == CURRENT else int(value)
+
     @work(exclusive=True, group="finetune-plan")
     @guarded
-    async def load_plan(self, base_name: str | None = None) -> None:
-        plan = await self.app.db(make_plan, self.app.store, base_name)
+    async def load_plan(self, base_name: str | None = None, snapshot_id: int | None = None) -> None:
+        plan = await self.app.db(make_plan, self.app.store, base_name, snapshot_id)
         self.plan = plan
         base = self.query_one("#ft-base", Select)
         options = [(f"{v.name}  ({v.kind})", v.name) for v in plan.versions]
@@ -227,6 +249,13 @@ class FinetuneScreen(Screen):
             base.set_options(options)
             self._base_options = options
         base.value = plan.base.name
+        data = self.query_one("#ft-data", Select)
+        snapshots = [(Text(f"snapshot #{s.id} {s.name}  ({s.n_examples} examples, "
+                           f"{s.content_hash[:8]})"), s.id) for s in plan.snapshots]
+        if [o[1] for o in snapshots] != [o[1] for o in getattr(self, "_data_options", [])]:
+            data.set_options([("Current labels", CURRENT), *snapshots])
+            self._data_options = snapshots
+        data.value = plan.snapshot.id if plan.snapshot else CURRENT
         self.query_one("#ft-method", Select).value = plan.method
         self.show_estimate()
 
@@ -235,8 +264,10 @@ class FinetuneScreen(Screen):
         if plan is None:
             return
         params = f"{count(plan.n_params)} parameters"
+        source = (f"snapshot #{plan.snapshot.id} {escape(plan.snapshot.name)}" if plan.snapshot
+                  else "your labels (up-voted and corrected answers)")
         self.query_one("#sheet-summary", Static).update(
-            f"[b]{plan.n_examples} example{'s' if plan.n_examples != 1 else ''}[/] from your labels (up-voted and corrected answers), "
+            f"[b]{plan.n_examples} example{'s' if plan.n_examples != 1 else ''}[/] from {source}, "
             f"{plan.train_tokens:,} tokens.  Base: [b]{escape(plan.base.name)}[/], {params}, on {plan.device}.")
         method = self.query_one("#ft-method", Select).value
         epochs = self._epochs()
@@ -276,7 +307,12 @@ class FinetuneScreen(Screen):
     @on(Select.Changed, "#ft-base")
     def _base_changed(self, event: Select.Changed) -> None:
         if self.plan is not None and event.value != self.plan.base.name and event.value is not Select.NULL:
-            self.load_plan(str(event.value))
+            self.load_plan(str(event.value), self.chosen_snapshot())
+
+    @on(Select.Changed, "#ft-data")
+    def _data_changed(self) -> None:
+        if self.plan is not None and self.chosen_snapshot() != (self.plan.snapshot and self.plan.snapshot.id):
+            self.load_plan(self.plan.base.name, self.chosen_snapshot())
 
     @on(Button.Pressed, "#ft-start")
     def _start_pressed(self) -> None:
@@ -294,7 +330,8 @@ class FinetuneScreen(Screen):
         if epochs is False:
             raise KettleError("epochs must be a whole number from 1 to 1000, or blank")
         method = str(self.query_one("#ft-method", Select).value)
-        run_id = await self.app.db(start_run, self.app.store, self.plan.base, method, epochs)
+        run_id = await self.app.db(start_run, self.app.store, self.plan.base, method, epochs,
+                                   self.plan.snapshot.id if self.plan.snapshot else None)
         self.notify(f"Fine-tuning started (run {run_id}). Keep chatting; F5 shows progress.")
         self.follow(run_id)
 
@@ -393,7 +430,7 @@ class FinetuneScreen(Screen):
                       if m.get("recall_of") else "")
             self.notify(f"Fine-tune finished: {output.name} ({recall}{verdict}).", timeout=8)
         self.query_one("#finetune-sheet").display = True
-        self.load_plan()
+        self.load_plan(snapshot_id=self.chosen_snapshot())
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         if action == "cancel_run":
