@@ -319,7 +319,8 @@ def _is_own(name: str, port: int | None, scope: dict) -> bool:
     """Whether (name, port) is this server: a local name, or the address the client connected
     to, on the port it connected to."""
     address, server_port = scope.get("server") or (None, None)
-    return port == server_port and name in {*LOCAL_NAMES, _name(address or "")}
+    return (server_port is not None and port == server_port
+            and (name in LOCAL_NAMES or address is not None and name == _name(address)))
 
 
 class _Gate:
