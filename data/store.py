@@ -455,6 +455,27 @@ def _clean_tags(tags: Iterable[str]) -> list[str]:
     return out
 
 
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection. SQLite reads a WAL database through its -shm index, which it
+    must create when the last writer removed it; where the folder is read-only too, the file
+    is read as immutable (no locks, no index), which is exact when no -wal file holds changes."""
+    if not path.is_file():
+        raise FileNotFoundError("no database yet (nothing has been stored)")
+    uri = path.resolve().as_uri()
+    try:
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
+                               isolation_level=None, check_same_thread=False)
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        wal = path.with_name(path.name + "-wal")
+        if wal.exists() and wal.stat().st_size:
+            raise sqlite3.OperationalError(f"{wal.name} holds changes not yet in the database, "
+                                           "and they cannot be read where nothing can be written") from None
+    return sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None,
+                           check_same_thread=False)
+
+
 def _fts_query(text: str) -> str:
     """Plain words -> an FTS5 query that matches all of them; user text is never FTS syntax."""
     words = text.split()
@@ -476,26 +497,34 @@ class Store:
         self._depth = 0
 
     @classmethod
-    def open(cls, path: str | Path | None = None) -> "Store":
+    def open(cls, path: str | Path | None = None, read_only: bool = False) -> "Store":
         """Open (creating if needed) the database at `path`, default data.paths.db_path(),
-        and run any pending migrations."""
+        and run any pending migrations. With `read_only` (for commands that only read), nothing
+        is created or changed, so a KETTLE_HOME that cannot be written to can still be read."""
         if path is None:
             from data.paths import db_path, models_dir
 
             path = db_path()
-            remove_stale_temporaries(models_dir())  # half-written models of killed processes
+            if not read_only:
+                remove_stale_temporaries(models_dir())  # half-written models of killed processes
         path = Path(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: no implicit transactions; writes use BEGIN IMMEDIATE.
-            conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)
+            if read_only:
+                conn = _connect_read_only(path)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # isolation_level=None: no implicit transactions; writes use BEGIN IMMEDIATE.
+                conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                       check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
             raise KettleError(f"{path}: cannot open the Kettle database: {exc}") from exc
         store = cls(path, conn)
         try:
-            store._configure()
-            store._migrate()
+            store._configure(read_only)
+            if read_only:
+                store._check_current()
+            else:
+                store._migrate()
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise KettleError(f"{path}: cannot open the Kettle database: {exc}") from exc
@@ -504,13 +533,22 @@ class Store:
             raise
         return store
 
-    def _configure(self) -> None:
+    def _configure(self, read_only: bool = False) -> None:
         self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        if read_only:
+            return
         mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise KettleError(f"{self.path}: could not switch the database to WAL mode ({mode})")
         self.conn.execute("PRAGMA synchronous = FULL")
         self.conn.execute("PRAGMA foreign_keys = ON")
+
+    def _check_current(self) -> None:
+        """A database opened read-only cannot be migrated: it must be current already."""
+        version = self._check_version() if self.db["schema_version"].exists() else 0
+        if version < len(MIGRATIONS):
+            raise KettleError(f"{self.path}: the database needs upgrading (schema {version} of "
+                              f"{len(MIGRATIONS)}); run Kettle once where it can write there")
 
     def _migrate(self) -> None:
         """Run pending migrations. An up-to-date database is only read, so opening never waits

@@ -387,3 +387,48 @@ def test_a_refused_write_is_a_clear_error(store, tmp_path):
         store.add_message(conv.id, "user", "x")
     store.conn.execute("PRAGMA query_only = OFF")
     store.add_message(conv.id, "user", "x")
+
+
+@pytest.fixture
+def read_only_home(kettle_home, tmp_path):
+    """KETTLE_HOME with a store in it, then made read-only: a read-only bind mount when
+    running as root (which file modes do not stop), else the folders' and files' modes."""
+    import subprocess
+
+    with Store.open() as store:
+        conv = store.create_conversation()
+        store.add_message(conv.id, "user", "How do I brew tea in a kettle?")
+    if os.geteuid() != 0:
+        for path in [kettle_home, *kettle_home.rglob("*")]:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        yield kettle_home
+        for path in [kettle_home, *kettle_home.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        return
+    mount = tmp_path / "read-only-home"
+    mount.mkdir()
+    if subprocess.run(["mount", "--bind", str(kettle_home), str(mount)]).returncode:
+        pytest.skip("cannot make a read-only folder here (root without mount)")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(mount)], check=True)
+        os.environ["KETTLE_HOME"] = str(mount)
+        yield mount
+    finally:
+        os.environ["KETTLE_HOME"] = str(kettle_home)
+        subprocess.run(["umount", str(mount)])
+
+
+def test_a_read_only_home_can_still_be_read(read_only_home, capsys):
+    from tui.cli import main
+
+    with pytest.raises(OSError):
+        (read_only_home / "probe").write_text("x")  # it really is read-only
+    assert main(["data", "stats"]) == 0
+    assert main(["data", "search", "kettle"]) == 0
+    assert "brew tea" in capsys.readouterr().out
+    with Store.open(read_only=True) as store:
+        assert store.search("kettle")
+    assert sorted(p.name for p in read_only_home.iterdir()) == ["kettle.db", "models"]
+    with pytest.raises(KettleError, match="cannot|read-only|readonly"):
+        with Store.open() as store:
+            store.create_conversation()

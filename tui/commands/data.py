@@ -77,7 +77,7 @@ def print_skipped(skipped) -> None:
 def stats_command(args) -> int:
     from data.store import Store
 
-    with Store.open() as store:
+    with Store.open(read_only=True) as store:
         counts = store.stats()
         path = store.path
     if args.json:
@@ -122,7 +122,7 @@ def export_command(args) -> int:
         raise KettleError("--snapshot exports the snapshot as it was made; drop the filter options")
     if Path(args.out).exists() and not args.force:
         raise KettleError(f"{args.out} exists; pass --force to replace it")
-    with Store.open() as store:
+    with Store.open(read_only=True) as store:
         report = export_file(store, args.out, args.format, snapshot_id=args.snapshot,
                              filt=None if args.snapshot is not None else filt)
     source = f"snapshot {args.snapshot}" if args.snapshot is not None else "the filter"
@@ -148,7 +148,7 @@ def snapshot_list_command(args) -> int:
 
     from data.store import Store
 
-    with Store.open() as store:
+    with Store.open(read_only=True) as store:
         snaps = store.snapshots()
     if not snaps:
         print("no snapshots yet: `kettle data snapshot create`")
@@ -162,7 +162,7 @@ def snapshot_list_command(args) -> int:
 def search_command(args) -> int:
     from data.store import Store
 
-    with Store.open() as store:
+    with Store.open(read_only=True) as store:
         hits = store.search(" ".join(args.query), limit=args.limit)
     if not hits:
         print("no matches")
