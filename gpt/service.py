@@ -190,7 +190,8 @@ def available_models() -> list[ModelInfo]:
             found = [_version_info(v) for v in store.model_versions()]
     known = {str(Path(m.path).resolve()) for m in found}
     for path in sorted(models_dir().iterdir()):
-        if (path / "config.json").is_file() and str(path.resolve()) not in known:
+        if (not path.name.startswith(".") and (path / "config.json").is_file()  # not a temporary
+                and str(path.resolve()) not in known):
             found.append(ModelInfo(name=path.name, path=str(path), created=path.stat().st_mtime))
     return found
 
