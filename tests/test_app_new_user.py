@@ -7,9 +7,10 @@ import shutil
 import pytest
 
 from data.paths import models_dir
-from data.store import Store
+from data.store import Run, Store
 from test_app import (SIZE, ask, focus_answer, open_chat, press_nowait, short_answers,  # noqa: F401
                       type_text, views, wait_until, write_config)
+from test_app_screens import labelled_chats, open_finetune_sheet
 from tui.app import KettleApp
 from tui.screens.modals import ChoiceModal, EditorModal, TaskModal
 
@@ -148,3 +149,42 @@ async def test_search_finds_corrections_esc_leaves_it_and_y_copies_the_correctio
         await wait_until(pilot, lambda: app.focused is app.screen.query_one("#prompt"), "the prompt")
         assert app.screen.query_one("#chat-search").value == ""
         await wait_until(pilot, lambda: "hi" in str(options.get_option_at_index(0).prompt), "the chats")
+
+
+async def start_and_cancel(pilot, app) -> Run:
+    """Ctrl+G on the sheet, then Ctrl+X once the run has taken a step; returns the run."""
+    screen = app.screen
+    screen.query_one("#ft-epochs").value = "1000"  # far more than the test waits for
+    await pilot.press("ctrl+g")
+    await wait_until(pilot, lambda: screen.run is not None and screen.run.status == "running"
+                     and screen.run.step >= 1, "the first steps", timeout=60)
+    await pilot.press("ctrl+x")
+    await wait_until(pilot, lambda: screen.run.status == "cancelled", "the cancellation", timeout=60)
+    return screen.run
+
+
+async def test_finetune_reuses_an_identical_snapshot_and_can_pick_a_named_one(app_model):
+    with Store.open() as store:
+        labelled_chats(store)
+        first = store.create_snapshot(name="first ten")
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_finetune_sheet(pilot, app)
+        data = app.screen.query_one("#ft-data")
+        assert data.value == "current"
+        run = await start_and_cancel(pilot, app)
+        assert run.snapshot_id == first.id  # the same content: no second copy
+        assert [s.id for s in app.store.snapshots()] == [first.id]
+        # a new label: the current labels differ from the snapshot, which can still be picked
+        conv = app.store.create_conversation(title="More")
+        q = app.store.add_message(conv.id, "user", "One more?")
+        app.store.set_label(app.store.add_message(conv.id, "assistant", "Yes.", q.id).id, thumb=1)
+        app.screen.load_plan()
+        summary = app.screen.query_one("#sheet-summary")
+        await wait_until(pilot, lambda: "11 examples" in str(summary.render()), "the new count")
+        data.value = first.id
+        await wait_until(pilot, lambda: "10 examples from snapshot #1 first ten" in str(summary.render()),
+                         "the snapshot's count")
+        run = await start_and_cancel(pilot, app)
+        assert run.snapshot_id == first.id
+        assert [s.id for s in app.store.snapshots()] == [first.id]

@@ -250,8 +250,8 @@ class FinetuneScreen(Screen):
             self._base_options = options
         base.value = plan.base.name
         data = self.query_one("#ft-data", Select)
-        snapshots = [(Text(f"snapshot #{s.id} {s.name}  ({s.n_examples} examples, "
-                           f"{s.content_hash[:8]})"), s.id) for s in plan.snapshots]
+        snapshots = [(Text(f"snapshot #{s.id} {s.name} ({s.n_examples} examples)"), s.id)
+                     for s in plan.snapshots]
         if [o[1] for o in snapshots] != [o[1] for o in getattr(self, "_data_options", [])]:
             data.set_options([("Current labels", CURRENT), *snapshots])
             self._data_options = snapshots
