@@ -462,12 +462,13 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
     if not path.is_file():
         raise FileNotFoundError("no database yet (nothing has been stored)")
     uri = path.resolve().as_uri()
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
+                           isolation_level=None, check_same_thread=False)
     try:
-        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
-                               isolation_level=None, check_same_thread=False)
         conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
         return conn
     except sqlite3.OperationalError:
+        conn.close()
         wal = path.with_name(path.name + "-wal")
         if wal.exists() and wal.stat().st_size:
             raise sqlite3.OperationalError(f"{wal.name} holds changes not yet in the database, "

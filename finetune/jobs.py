@@ -370,7 +370,7 @@ def _run(store: Store, run_id: int, spec: JobSpec, resume: bool, progress: bool,
         store.truncate_run_metrics(run_id, trainer.step)
         store.update_run(run_id, total_steps=trainer.total_steps, step=trainer.step)
 
-    display = Display(progress and dist.main, trainer.total_steps, trainer.step, "fine-tuning")
+    display = Display(progress and dist.main, trainer.total_steps, None, "fine-tuning")
     last_log = [0.0]
     checkpoints = _Checkpoints(checkpoint_path, trainer)
 

@@ -180,7 +180,7 @@ def instruct_stage(brew) -> None:
     torch.manual_seed(brew.seed)
     trainer = SFTTrainer(model, train, val, config, tokenizer.eot_id, device)
     before = evaluate_loss(model, val, tokenizer.eot_id, device)
-    display = Display(True, trainer.total_steps, None, "starter: instruction tuning")
+    display = Display(True, trainer.total_steps, None, "starter: instruction tuning", brew.console)
     try:
         trainer.run(on_progress=lambda p: display.step(p.step, p.loss, p.tokens_per_s, None))
     finally:

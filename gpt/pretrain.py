@@ -402,18 +402,20 @@ class Display:
     """
 
     def __init__(self, enabled: bool, max_steps: int, max_time: float | None = None,
-                 label: str = "pretraining"):
+                 label: str = "pretraining", console=None):
         self.enabled, self.max_steps, self.max_time = enabled, max_steps, max_time
         if not enabled:
             return
         from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
 
+        # `console`: the caller's, when it prints lines of its own while the bar runs (a line
+        # printed through another console breaks the bar, and leaves a copy of it each time).
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
             TextColumn("step {task.fields[step]}/{task.fields[max_steps]}"),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
         )
         self.task = self.progress.add_task(label, total=1.0, step=0, max_steps=max_steps,
                                            loss="-", speed="")
@@ -530,14 +532,15 @@ def pretrain(data: str | Path | None, out: str | Path, config: GPTConfig | None 
              resume: bool = False, run_dir: str | Path | None = None, progress: bool = True,
              on_step: Callable[[int, float], None] | None = None,
              display_label: str = "pretraining", register: bool = True,
-             max_steps: int | None = None) -> PretrainResult:
+             max_steps: int | None = None, console=None) -> PretrainResult:
     """Train a GPT on the corpus at `data` and save it as the model directory `out`.
 
     With `resume`, the run recorded in the run directory continues from its checkpoint with its
     recorded corpus, config and settings (`data`, `config`, `cfg` are ignored); `max_steps` may
     extend it.
     `on_step(step, loss)` is called after every optimizer step (rank 0). With `register`, the
-    model is recorded in the store as a "pretrained" model version.
+    model is recorded in the store as a "pretrained" model version. `console` (rich): where the
+    progress goes, for a caller that prints its own lines meanwhile.
     """
     out = Path(out).expanduser()
     run_dir = Path(run_dir) if run_dir else default_run_dir(out)
@@ -568,7 +571,7 @@ def pretrain(data: str | Path | None, out: str | Path, config: GPTConfig | None 
     cfg.validate()
     corpus.check_corpus(data)  # a missing, empty or binary corpus fails before any work
     dist, device = init_distributed(cfg.device)
-    display = Display(progress and dist.main, cfg.max_steps, cfg.max_time, display_label)
+    display = Display(progress and dist.main, cfg.max_steps, cfg.max_time, display_label, console)
     try:
         if dist.main:
             run_dir.mkdir(parents=True, exist_ok=True)

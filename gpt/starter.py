@@ -136,7 +136,8 @@ def pretrain_stage(brew: Brew) -> None:
     out = brew.work / "pretrained"
     eta = BrewETA(brew, steps)
     result = pretrain(brew.corpus, out, config, cfg, run_dir=brew.work / "pretrain-run",
-                      display_label="starter: pretraining", register=False, on_step=eta.step)
+                      display_label="starter: pretraining", register=False, on_step=eta.step,
+                      console=brew.console)
     if result.interrupted:
         raise KeyboardInterrupt
     brew.model_dir = out

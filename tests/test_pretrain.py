@@ -269,3 +269,26 @@ def test_a_training_process_keeps_freed_memory_to_reuse_instead_of_returning_it(
     assert held > 60 and after_free < 16  # glibc mmaps a 64 MB block and unmaps it on free
     held, after_free = resident_mb("prepared")
     assert held > 60 and after_free > 60  # kept in the heap for the next step
+
+
+def test_lines_printed_during_training_leave_one_progress_bar_not_a_copy_each(tmp_path, verdict_text):
+    """What the app's task window shows of a brew (a pipe read as a terminal, each line's last
+    carriage-return state): lines the caller prints while the bar runs, and the bar once."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    text = tmp_path / "small.txt"
+    text.write_text(verdict_text[:20_000], encoding="utf-8")
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=100, color_system=None)
+    pretrain(text, tmp_path / "m", get_preset("tiny"), TrainConfig(max_steps=6, sample_every=0),
+             console=console, display_label="brewing",
+             on_step=lambda step, loss: step % 2 or console.print(f"note at step {step}"))
+    ansi = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+    lines = [ansi.sub("", line).split("\r")[-1].strip() for line in out.getvalue().split("\n")]
+    assert [line for line in lines if line.startswith("note at")] == [
+        "note at step 2", "note at step 4", "note at step 6"]
+    bars = [line for line in lines if line.startswith("brewing")]
+    assert len(bars) == 1 and "step 6/6" in bars[0]

@@ -415,7 +415,7 @@ def read_only_home(kettle_home, tmp_path):
         yield mount
     finally:
         os.environ["KETTLE_HOME"] = str(kettle_home)
-        subprocess.run(["umount", str(mount)])
+        subprocess.run(["umount", str(mount)], check=True)  # fails while a file stays open
 
 
 def test_a_read_only_home_can_still_be_read(read_only_home, capsys):
