@@ -188,3 +188,73 @@ async def test_finetune_reuses_an_identical_snapshot_and_can_pick_a_named_one(ap
         run = await start_and_cancel(pilot, app)
         assert run.snapshot_id == first.id
         assert [s.id for s in app.store.snapshots()] == [first.id]
+
+
+SMALL = (80, 24)
+
+
+async def test_a_multi_line_message_keeps_its_line_breaks(short_answers):
+    app = KettleApp()
+    async with app.run_test(size=SMALL) as pilot:
+        await open_chat(pilot, app)
+        await type_text(pilot, "first line")
+        await pilot.press("ctrl+j")
+        await type_text(pilot, "second line")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: views(app) and views(app)[0].message is not None, "the question")
+        await pilot.pause()
+        assert views(app)[0].body.size.height == 2
+
+
+async def test_the_chat_stays_readable_at_80_columns_with_the_sampling_panel(short_answers):
+    app = KettleApp()
+    async with app.run_test(size=SMALL) as pilot:
+        await open_chat(pilot, app)
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        screen = app.screen
+        assert screen.query_one("#sampling").display and app.focused.id == "param-temperature"
+        assert screen.query_one("#chat-main").size.width >= 45
+        assert not screen.query_one("#sidebar").display  # the panel took the list's place
+        await pilot.press("ctrl+f")  # the list takes it back
+        await pilot.pause()
+        assert screen.query_one("#sidebar").display and not screen.query_one("#sampling").display
+        assert app.focused.id == "chat-search"
+        await pilot.press("escape", "ctrl+s", "ctrl+s")  # the panel open and closed: the list stays
+        await pilot.pause()
+        assert screen.query_one("#sidebar").display and app.focused.id == "prompt"
+
+
+async def test_every_dataset_column_is_in_view_at_80_columns(app_model):
+    with Store.open() as store:
+        labelled_chats(store, tag="facts")
+    app = KettleApp()
+    async with app.run_test(size=SMALL) as pilot:
+        await open_chat(pilot, app)
+        await pilot.press("f3")
+        await wait_until(pilot, lambda: app.current_mode == "dataset"
+                         and app.screen.query_one("#dataset-table").row_count == 10, "the examples")
+        await pilot.pause()
+        table = app.screen.query_one("#dataset-table")
+        assert table.virtual_size.width <= table.size.width  # nothing to scroll sideways to
+        assert [str(c.label) for c in table.columns.values()] == ["#", "Prompt", "Answer", "Label", "Turns"]
+        assert str(table.get_row_at(0)[3]).startswith("▲ up")
+
+
+async def test_the_loss_chart_is_smoothed_and_the_last_loss_shown_as_it_is(app_model):
+    with Store.open() as store:
+        labelled_chats(store)
+        run = store.create_run("finetune", total_steps=60)
+        for step in range(1, 61):  # batch to batch the loss jumps around a falling trend
+            store.log_metrics(run.id, step, {"loss": 3 - step / 30 + (0.8 if step % 2 else -0.8)})
+        store.update_run(run.id, status="cancelled", step=60)
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_finetune_sheet(pilot, app)
+        app.screen.follow(run.id)
+        chart = app.screen.query_one("#loss-chart")
+        await wait_until(pilot, lambda: len(chart.data) == 60, "the chart")
+        steps = [b - a for a, b in zip(chart.data, chart.data[1:])]
+        assert max(abs(s) for s in steps[10:]) < 0.25  # the raw losses jump by 1.6 every step
+        assert chart.data[-1] < chart.data[0]  # the trend stays
+        assert "now 0.200" in str(app.screen.query_one("#loss-caption").render())  # the raw last loss

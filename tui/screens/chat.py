@@ -32,6 +32,9 @@ TITLE_CHARS = 48
 FRAME_S = 1 / 20
 FRAME_S_PER_CHAR = 1 / 40_000
 MAX_FRAME_S = 0.5
+# Below this many columns the chat list and the sampling panel do not both fit beside the chat
+# (at 80 they left it 18 wide): they take turns, and the panel is narrower.
+WIDE_COLUMNS = 120
 
 
 @dataclass
@@ -82,6 +85,7 @@ def conversation_params(conv: Conversation | None, default: SamplingParams) -> S
 
 
 class ChatScreen(Screen):
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (WIDE_COLUMNS, "-wide")]
     BINDINGS = [
         Binding("ctrl+n", "new_chat", "New chat", id="chat.new"),
         Binding("ctrl+s", "toggle_sampling", "Sampling", id="chat.sampling"),
@@ -101,6 +105,7 @@ class ChatScreen(Screen):
         self.request_id: str | None = None  # set from the moment an answer is asked for
         self.stop_requested = False          # Esc before the request reached the service
         self.streamed_tokens = 0
+        self.sidebar_wanted = True  # the chat list, unless Ctrl+B hid it
 
     @property
     def store(self) -> Store:
@@ -493,20 +498,35 @@ class ChatScreen(Screen):
 
     def action_toggle_sampling(self) -> None:
         panel = self.query_one(SamplingPanel)
-        panel.display = not panel.display
+        self.show_side(sampling=not panel.display)
         if panel.display:
             panel.query_one("#param-temperature", Input).focus()
-        else:
-            self.query_one(PromptArea).focus()
 
     def action_toggle_sidebar(self) -> None:
-        sidebar = self.query_one(ConversationList)
-        sidebar.display = not sidebar.display
+        self.show_side(sidebar=not self.query_one(ConversationList).display)
 
     def action_search(self) -> None:
-        sidebar = self.query_one(ConversationList)
-        sidebar.display = True
-        sidebar.query_one("#chat-search", Input).focus()
+        self.show_side(sidebar=True)
+        self.query_one("#chat-search", Input).focus()
+
+    def on_resize(self) -> None:
+        self.show_side()
+
+    def show_side(self, sidebar: bool | None = None, sampling: bool | None = None) -> None:
+        """Show or hide the chat list and the sampling panel. On a narrow screen (below
+        WIDE_COLUMNS) the one shown last takes the place of the other, and the list comes
+        back when the panel closes; focus in a part that hides goes to the prompt."""
+        narrow = self.app.size.width < WIDE_COLUMNS
+        panel, chats = self.query_one(SamplingPanel), self.query_one(ConversationList)
+        if sidebar is not None:
+            self.sidebar_wanted = sidebar
+        if sampling is not None:
+            panel.display = sampling
+        elif sidebar and narrow:
+            panel.display = False
+        chats.display = self.sidebar_wanted and not (narrow and panel.display)
+        if any(not part.display and part.has_focus_within for part in (panel, chats)):
+            self.query_one(PromptArea).focus()
 
     def action_focus_messages(self) -> None:
         views = self.query_one(MessageList).views()

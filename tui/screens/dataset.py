@@ -22,7 +22,9 @@ from tui.screens.modals import ChoiceModal, TextModal
 from tui.widgets.chat import label_text
 from tui.widgets.sidebar import when
 
-PREVIEW_CHARS = 60
+# The examples table: the id and turns columns are this wide; prompt, answer and label share
+# the rest (each column also has a cell of padding either side, and the scrollbar takes 2).
+ID_WIDTH, TURNS_WIDTH = 5, 5
 FORMAT_HELP = {"openai": "OpenAI chat JSONL (every turn, system prompts)",
                "sharegpt": "ShareGPT JSON", "alpaca": "Alpaca JSON (single-turn only)",
                "dpo": "preference pairs JSONL (corrections and up/down siblings)"}
@@ -54,9 +56,19 @@ def read_dataset(store: Store, filt: DataFilter, shown_excluded: set[int]) -> Da
     return DatasetView(rows, len(pairs), store.stats(), tags, store.snapshots())
 
 
-def preview(text: str) -> str:
+def preview(text: str, width: int) -> str:
     line = " ".join(text.split())
-    return line if len(line) <= PREVIEW_CHARS else line[:PREVIEW_CHARS - 1] + "…"
+    return line if len(line) <= width else line[:width - 1] + "…"
+
+
+def column_widths(table_width: int) -> tuple[int, int, int]:
+    """(prompt, answer, label) widths that fill a table `table_width` wide, so that every
+    column stays in view however narrow the terminal (at 80 columns, preview-wide columns
+    pushed the label and turns out of sight)."""
+    free = max(30, table_width - ID_WIDTH - TURNS_WIDTH - 2 * 5 - 2)
+    label = max(8, free // 4)
+    prompt = (free - label) // 2
+    return prompt, free - label - prompt, label
 
 
 def example_markdown(example: dict) -> str:
@@ -104,7 +116,7 @@ class DatasetScreen(Screen):
                 yield Checkbox("were corrected", True, id="f-ideal")
                 yield Checkbox("any not voted down", False, id="f-all")
                 yield Label("or scored at least")
-                yield Select([(str(n), n) for n in range(1, 6)], prompt="no score filter",
+                yield Select([(str(n), n) for n in range(1, 6)], prompt="any score",
                              id="f-score")
                 yield Label("with a tag (comma-separated)")
                 yield Input(placeholder="any tag", id="f-tags-in")
@@ -118,14 +130,15 @@ class DatasetScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#dataset-table", DataTable).add_columns(
-            "Answer", "Prompt", "Answer (as trained)", "Label", "Turns")
         self.query_one("#snapshots-table", DataTable).add_columns(
             "#", "Name", "Examples", "Pairs", "Hash", "Made")
         self.load()
 
     def on_screen_resume(self) -> None:
         self.load()
+
+    def on_resize(self) -> None:
+        self.load()  # the columns follow the table's width
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -161,14 +174,19 @@ class DatasetScreen(Screen):
             f"✎ {s['corrected']} corrected · ⊘ {s['excluded']} excluded   [dim]tags:[/] {tags}")
         table = self.query_one("#dataset-table", DataTable)
         row = table.cursor_row
-        table.clear()
+        widths = column_widths(table.size.width)
+        table.clear(columns=True)
+        for title, width in zip(("#", "Prompt", "Answer", "Label", "Turns"),
+                                (ID_WIDTH, *widths, TURNS_WIDTH)):
+            table.add_column(title, width=width)
         for r in view.rows:
             messages = r["example"]["messages"]
             prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
             answer = messages[-1]["content"] if messages else ""
             label = "⊘ excluded" if r["excluded"] else label_text(r["label"], markup=False)
             # user text goes in as Text: a DataTable reads plain strings as markup
-            table.add_row(str(r["message_id"]), Text(preview(prompt)), Text(preview(answer)), Text(label),
+            table.add_row(str(r["message_id"]), *(Text(preview(text, width)) for text, width
+                                                  in zip((prompt, answer, label), widths)),
                           str(sum(m["role"] == "assistant" for m in messages)), key=str(r["message_id"]))
         if view.rows:
             table.move_cursor(row=min(row, len(view.rows) - 1))

@@ -35,6 +35,9 @@ STEP_OVERHEAD_S = 0.2   # optimizer step, logging, evaluations, spread over the 
 # Full fine-tuning keeps weights, gradients and two Adam moments: above these sizes LoRA is the
 # default (it trains ~1% of the weights and saves a small adapter).
 FULL_MAX_PARAMS = {"cpu": 200e6, "mps": 400e6, "cuda": 1.5e9}
+# The loss chart draws an exponential moving average with this weight on the past: one batch's
+# loss jumps with what is in it, which drowned the trend.
+LOSS_SMOOTHING = 0.9
 CURRENT = "current"  # the data choice "what would train now" (a snapshot of it is made at Start)
 
 
@@ -113,6 +116,14 @@ def make_plan(store: Store, base_name: str | None, snapshot_id: int | None = Non
     return Plan(base, versions, store.snapshots(), snapshot, len(conversations), n_params, device,
                 default_method(n_params, device), tokens, config,
                 len(replay["train"]) if replay else 0)
+
+
+def smoothed(values: list[float], keep: float = LOSS_SMOOTHING) -> list[float]:
+    """The exponential moving average of `values`, starting at the first."""
+    out: list[float] = []
+    for value in values:
+        out.append(value if not out else keep * out[-1] + (1 - keep) * value)
+    return out
 
 
 def count(n: int) -> str:
@@ -381,10 +392,10 @@ class FinetuneScreen(Screen):
             bar.update(total=run.total_steps, progress=run.step)
         chart = self.query_one("#loss-chart", Sparkline)
         chart.display = len(losses) >= 2  # one point would fill the whole chart
-        chart.data = losses[-200:]
+        chart.data = smoothed(losses)[-200:]
         if len(losses) >= 2:
             self.query_one("#loss-caption", Static).update(
-                f"[dim]training loss, {len(losses)} readings: {max(losses):.3f} (high) … "
+                f"[dim]training loss (smoothed), {len(losses)} readings: {max(losses):.3f} (high) … "
                 f"{min(losses):.3f} (low), now {losses[-1]:.3f}[/]")
         self.query_one("#run-title", Static).update(
             f"[b]Run {run.id}[/]: {run.status}  [dim]log: {escape(str(run.log_path))}[/]")

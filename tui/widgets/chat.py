@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+from markdown_it import MarkdownIt
 from textual import on
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
@@ -17,6 +18,22 @@ from data.store import Message as StoredMessage
 
 
 CODE_BLOCK = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def keeping_line_breaks() -> MarkdownIt:
+    """Markdown where a single line break stays one (a chat message's lines are meant as
+    typed, not joined into one paragraph line as in a document)."""
+    def hard_breaks(state) -> None:
+        # Textual draws the tokens itself, so markdown-it's "breaks" option (an HTML renderer
+        # setting) does nothing here: the soft breaks are made hard ones.
+        for token in state.tokens:
+            for child in token.children or ():
+                if child.type == "softbreak":
+                    child.type = "hardbreak"
+
+    parser = MarkdownIt("gfm-like")
+    parser.core.ruler.push("hard_breaks", hard_breaks)
+    return parser
 
 
 def label_text(label: Label | None, markup: bool = True) -> str:
@@ -119,7 +136,7 @@ class MessageView(Vertical, can_focus=True):
 
     def compose(self):
         yield Static(self._header(), classes="message-header")
-        yield Markdown(self.content, classes="message-body")
+        yield Markdown(self.content, classes="message-body", parser_factory=keeping_line_breaks)
         yield Static(self._corrected(), classes="message-ideal")
         yield Static(self._footer(), classes="message-footer")
 
