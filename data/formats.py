@@ -124,7 +124,17 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
             except json.JSONDecodeError as exc:
                 raise KettleError(f"{path}, line {number}: invalid JSON: {exc.msg} "
                                   f"(column {exc.colno})") from None
+            except (RecursionError, ValueError) as exc:
+                raise KettleError(f"{path}, line {number}: {_unreadable(exc)}") from None
     return records
+
+
+def _unreadable(exc: RecursionError | ValueError) -> str:
+    """What Python's JSON reader refuses beyond syntax: nesting deeper than its recursion
+    limit, an integer with more digits than int() converts."""
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deeply to read (no dataset record nests like that)"
+    return f"a number too long to read ({str(exc).split(';')[0]})"
 
 
 def _read_json_list(path: Path) -> list[tuple[int, Any]]:
@@ -148,7 +158,12 @@ def _read_json_list(path: Path) -> list[tuple[int, Any]]:
         else:
             while True:
                 start = pos
-                value, pos = decoder.raw_decode(text, pos)
+                try:
+                    value, pos = decoder.raw_decode(text, pos)
+                except json.JSONDecodeError:
+                    raise
+                except (RecursionError, ValueError) as exc:
+                    raise KettleError(f"{path}, line {line_of(start)}: {_unreadable(exc)}") from None
                 if pos - start > MAX_LINE_BYTES:
                     raise KettleError(f"{path}, line {line_of(start)}: one entry is longer than "
                                       f"{MAX_LINE_BYTES // (1024 * 1024)} MiB")
@@ -198,6 +213,11 @@ def _string(obj: dict, key: str, where: str = "") -> str:
     value = obj[key]
     if not isinstance(value, str):
         raise _Bad(f"field {where}{key!r} must be a string, got {_type(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON's "\ud800" escape: no character, SQLite refuses it
+        raise _Bad(f"field {where}{key!r} holds a lone surrogate "
+                   f"{value[exc.start]!a} (not a character)") from None
     return value
 
 
@@ -290,7 +310,7 @@ def _dpo(obj: dict) -> tuple[str, list[Node]]:
         chosen = _chat_messages(_list(obj, "preferred_output"), "preferred_output")
         rejected = _chat_messages(_list(obj, "non_preferred_output"), "non_preferred_output")
     elif isinstance(obj.get("prompt"), str):  # TRL's plain-text form
-        prompt = [{"role": "user", "content": obj["prompt"]}]
+        prompt = [{"role": "user", "content": _string(obj, "prompt")}]
         chosen = [{"role": "assistant", "content": _string(obj, "chosen")}]
         rejected = [{"role": "assistant", "content": _string(obj, "rejected")}]
     else:
