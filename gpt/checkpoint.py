@@ -11,6 +11,7 @@ shape and dtype against the config before any weight is read. Nothing is ever un
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from data.files import atomic_directory
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
 from gpt.model import GPT
-from gpt.tokenizer import Tokenizer, load_tokenizer
+from gpt.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -82,7 +83,7 @@ def read_meta(directory: str | Path) -> tuple[dict, GPTConfig]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise KettleError(f"{path}: missing, so {directory} is not a Kettle model directory") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
         raise KettleError(f"{path}: cannot read ({exc})") from None
     if not isinstance(meta, dict) or "kettle_format" not in meta:
         if isinstance(meta, dict) and meta.get("model_type") == "gpt2":
@@ -92,19 +93,56 @@ def read_meta(directory: str | Path) -> tuple[dict, GPTConfig]:
     if meta["kettle_format"] != FORMAT_VERSION:
         raise KettleError(f"{path}: format version {meta['kettle_format']} is not supported "
                           f"(this Kettle reads {FORMAT_VERSION})")
-    if meta.get("dtype") not in DTYPES:
+    if not isinstance(meta.get("dtype"), str) or meta["dtype"] not in DTYPES:
         raise KettleError(f"{path}: dtype must be one of {', '.join(DTYPES)}, got {meta.get('dtype')!r}")
     config = GPTConfig.from_dict(meta.get("config"), source=str(path))
     return meta, config
 
 
-def read_weights(path: Path, expected: dict[str, tuple[int, ...]], dtype: str) -> dict[str, torch.Tensor]:
-    """Load a safetensors file after checking names, shapes and dtypes against `expected`."""
-    if not path.exists():
+def check_model_dir(directory: str | Path) -> tuple[dict, GPTConfig, Tokenizer]:
+    """Everything load_model checks, without reading a weight: config.json, every tensor's
+    name, shape and dtype in the safetensors header, the tokenizer and that it fits the model.
+    Every importer calls it before a directory is registered: (metadata, config, tokenizer)."""
+    directory = Path(directory)
+    meta, config = read_meta(directory)
+    with _checked_weights(directory / WEIGHTS_FILE, config, meta["dtype"]):
+        pass
+    if meta.get("tokenizer") == TOKENIZER_FILE and not (directory / TOKENIZER_FILE).exists():
+        raise KettleError(f"{directory / TOKENIZER_FILE}: missing (config.json says the model uses it)")
+    tokenizer = load_tokenizer(directory)
+    if tokenizer.n_vocab > config.vocab_size:
+        raise KettleError(f"{directory}: tokenizer has {tokenizer.n_vocab} tokens, the model "
+                          f"only {config.vocab_size}")
+    return meta, config, tokenizer
+
+
+def read_weights(path: Path, config: GPTConfig, dtype: str) -> dict[str, torch.Tensor]:
+    """Load a safetensors file after checking names, shapes and dtypes against `config`."""
+    with _checked_weights(path, config, dtype) as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def check_block_count(path: Path, names: set[str], config: GPTConfig) -> None:
+    """The blocks a weights file holds (h.<i>.* tensors) against the config's n_layer, before a
+    model of that many is built to list the tensors it expects: a config.json claiming 200,000
+    layers would take minutes to tell that it lies."""
+    blocks = len({name.split(".")[1] for name in names if name.startswith("h.")})
+    if blocks != config.n_layer:
+        raise KettleError(f"{path}: holds {blocks} transformer blocks, config.json says "
+                          f"n_layer {config.n_layer}")
+
+
+@contextmanager
+def _checked_weights(path: Path, config: GPTConfig, dtype: str):
+    """The open safetensors file, once its header matches `config` and `dtype`; problems with
+    the file, also while reading it, are KettleErrors naming it."""
+    if not path.is_file():
         raise KettleError(f"{path}: missing")
     try:
         with safe_open(str(path), framework="pt") as f:
             names = set(f.keys())
+            check_block_count(path, names, config)
+            expected = expected_tensors(config)
             missing = sorted(set(expected) - names)
             unexpected = sorted(names - set(expected))
             if missing:
@@ -121,7 +159,7 @@ def read_weights(path: Path, expected: dict[str, tuple[int, ...]], dtype: str) -
                                       f"the config expects {list(shape)}")
                 if sl.get_dtype() != _safetensors_dtype(dtype):
                     raise KettleError(f"{path}: tensor {name} is {sl.get_dtype()}, config.json says {dtype}")
-            return {name: f.get_tensor(name) for name in expected}
+            yield f
     except SafetensorError as exc:
         raise KettleError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
     except OSError as exc:
@@ -136,12 +174,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
     """Load a model directory: (model in eval mode on `device`, its tokenizer)."""
     directory = Path(directory)
-    meta, config = read_meta(directory)
-    state = read_weights(directory / WEIGHTS_FILE, expected_tensors(config), meta["dtype"])
-    tokenizer = load_tokenizer(directory)
-    if tokenizer.n_vocab > config.vocab_size:
-        raise KettleError(f"{directory}: tokenizer has {tokenizer.n_vocab} tokens, the model "
-                          f"only {config.vocab_size}")
+    meta, config, tokenizer = check_model_dir(directory)
+    state = read_weights(directory / WEIGHTS_FILE, config, meta["dtype"])
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict(state, strict=False, assign=True)

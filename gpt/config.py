@@ -34,7 +34,8 @@ class GPTConfig:
         for name in ("qkv_bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise KettleError(f"config: {name} must be true or false, got {getattr(self, name)!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
+                or not 0.0 <= self.dropout < 1.0):
             raise KettleError(f"config: dropout must be in [0, 1), got {self.dropout!r}")
 
     @property
@@ -59,6 +60,8 @@ class GPTConfig:
             return cls(**data)
         except TypeError as exc:
             raise KettleError(f"{source}: {exc}") from None
+        except KettleError as exc:  # "config: n_layer must be ...": name the file instead
+            raise KettleError(f"{source}: {str(exc).removeprefix('config: ')}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "GPTConfig":

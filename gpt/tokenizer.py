@@ -6,10 +6,12 @@ special tokens); `load_tokenizer` picks whichever the directory says.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import regex  # tiktoken's own dependency: it reads the pattern syntax tiktoken's engine does
 import tiktoken
 
 from gpt.errors import KettleError
@@ -90,21 +92,65 @@ def gpt2_tokenizer() -> Tokenizer:
 
 
 def load_tokenizer_file(path: str | Path) -> Tokenizer:
+    """A tokenizer.json as Tokenizer.save writes it, checked: a file that loads is one that
+    encodes any text and decodes every id (tiktoken itself accepts much that fails later)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        ranks = {base64.b64decode(token): rank for rank, token in enumerate(data["merges"])}
-        special = {str(k): int(v) for k, v in data["special_tokens"].items()}
-        encoding = tiktoken.Encoding(
-            name=str(data["name"]), pat_str=str(data["pattern"]),
-            mergeable_ranks=ranks, special_tokens=special,
-        )
     except FileNotFoundError:
         raise KettleError(f"{path}: tokenizer file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
-            ValueError, AttributeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
         raise KettleError(f"{path}: not a valid Kettle tokenizer file ({exc})") from None
-    return Tokenizer(encoding, str(data["name"]))
+    try:
+        name, pattern, ranks, special = _checked_fields(data)
+        encoding = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks,
+                                     special_tokens=special)
+    except ValueError as exc:  # ours, or tiktoken's for a pattern its regex engine refuses
+        raise KettleError(f"{path}: not a valid Kettle tokenizer file ({exc})") from None
+    return Tokenizer(encoding, name)
+
+
+# Text with letters, digits, punctuation and spaces, for checking how a pattern splits.
+PATTERN_PROBE = "Hello, world! It's 2024.\n\tÀ la carte: x=1;  ok?"
+
+
+def _checked_fields(data) -> tuple[str, str, dict[bytes, int], dict[str, int]]:
+    """(name, pattern, merge ranks, special tokens) of a tokenizer.json, or ValueError."""
+    if not isinstance(data, dict):
+        raise ValueError("expected a JSON object")
+    for key, kind, what in (("name", str, "a string"), ("pattern", str, "a string"),
+                            ("merges", list, "a list"), ("special_tokens", dict, "an object")):
+        if not isinstance(data.get(key), kind):
+            raise ValueError(f"{key!r} must be {what}")
+    try:
+        pieces = list(regex.finditer(data["pattern"], PATTERN_PROBE))
+    except regex.error as exc:
+        raise ValueError(f"the pattern is not a regular expression ({exc})") from None
+    if any(m.group() == "" for m in pieces):  # tiktoken's encoder panics on an empty piece
+        raise ValueError("the pattern matches empty text")
+    ranks: dict[bytes, int] = {}
+    for rank, token in enumerate(data["merges"]):
+        try:
+            piece = base64.b64decode(token, validate=True) if isinstance(token, str) else None
+        except binascii.Error:
+            piece = None
+        if not piece:
+            raise ValueError(f"merges[{rank}] is not a base64 token")
+        if piece in ranks:
+            raise ValueError(f"merges[{rank}] repeats merges[{ranks[piece]}]")
+        ranks[piece] = rank
+    missing = next((b for b in range(256) if bytes([b]) not in ranks), None)
+    if missing is not None:  # byte-level BPE: every byte must have a token of its own
+        raise ValueError(f"no token for the byte 0x{missing:02x}")
+    special = data["special_tokens"]
+    if END_OF_TEXT not in special:
+        raise ValueError(f"no {END_OF_TEXT} special token")
+    ids = list(special.values())
+    if (any(not isinstance(i, int) or isinstance(i, bool) for i in ids)
+            or sorted(ids) != list(range(len(ranks), len(ranks) + len(ids)))):
+        raise ValueError(f"special token ids must be distinct integers following the "
+                         f"{len(ranks)} merges ({len(ranks)}..{len(ranks) + len(ids) - 1})")
+    return data["name"], data["pattern"], ranks, special
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:

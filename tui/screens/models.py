@@ -83,20 +83,18 @@ def register(store: Store, path: Path, kind: str, name: str | None = None) -> tu
 
 
 def import_model(store: Store, source: str) -> tuple[ModelVersion, bool]:
-    """A Kettle model directory is registered where it is; a Hugging Face GPT-2 directory is
-    converted into KETTLE_HOME/models first."""
-    from gpt.checkpoint import read_meta
-    from gpt.hf import import_hf
+    """A Kettle model directory is registered where it is, once it passes every check loading
+    it makes (a broken one registered would become the active model); a Hugging Face GPT-2
+    directory is converted into KETTLE_HOME/models first, checked as `kettle import-hf` does."""
+    from gpt.checkpoint import check_model_dir
+    from gpt.hf import import_hf, is_hf_dir
 
     path = Path(source).expanduser()
     if not path.is_dir():
         raise KettleError(f"{path}: not a directory")
-    try:
-        read_meta(path)
+    if not is_hf_dir(path):
+        check_model_dir(path)
         return register(store, path.resolve(), "imported")
-    except KettleError as kettle_problem:
-        if not (path / "config.json").exists():
-            raise kettle_problem
     out = models_dir() / unique_name(store, path.resolve().name)
     import_hf(path, out)
     return register(store, out, "imported")
