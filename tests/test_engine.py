@@ -315,17 +315,20 @@ def test_kettle_generate_command(tiny_model_dir, capsys):
     assert capsys.readouterr().out == chat.text + "\n"
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--top-p", "0"], "--top-p must be in (0, 1]"),
-    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-    (["--system", "x"], "--system needs --chat"),
-    (["--device", "toaster"], "unknown device"),
+@pytest.mark.parametrize("extra, code, message", [  # 2: argparse checks the flag's own range
+    (["--top-p", "0"], 2, "kettle generate: error: argument --top-p: must be in (0, 1]"),
+    (["--max-new-tokens", "0"], 2, "argument --max-new-tokens: must be >= 1"),
+    (["--system", "x"], 1, "kettle: error: --system needs --chat"),
+    (["--device", "toaster"], 2, "argument --device: unknown device"),
 ])
-def test_kettle_generate_rejects_bad_flags(tiny_model_dir, capsys, extra, message):
+def test_kettle_generate_rejects_bad_flags(tiny_model_dir, capsys, extra, code, message):
     from tui.cli import main
 
-    assert main(["generate", str(tiny_model_dir), "x", *extra]) == 1
-    assert f"kettle: error: {message}" in capsys.readouterr().err
+    try:
+        status = main(["generate", str(tiny_model_dir), "x", *extra])
+    except SystemExit as exc:
+        status = exc.code
+    assert status == code and message in capsys.readouterr().err
 
 
 def test_kettle_generate_unknown_model(capsys):

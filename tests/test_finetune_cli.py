@@ -34,10 +34,10 @@ def test_finetune_command_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
         (["finetune", "--data", str(data)], "--model is required"),
         (["finetune", "--model", str(tiny_model_dir)], "exactly one of --snapshot ID or --data FILE"),
         (["finetune", "--model", str(tiny_model_dir), "--data", str(data), "--lora-rank", "4"], "need --lora"),
-        (["finetune", "--model", str(tiny_model_dir), "--snapshot", "99"], "unknown model version or snapshot"),
+        (["finetune", "--model", str(tiny_model_dir), "--snapshot", "99"], "no dataset snapshot with id 99"),
         (["finetune", "--model", "nope", "--data", str(data)], "nope: no such model"),
         (["finetune", "resume", "7"], "no training run with id 7"),
-        (["finetune", "cancel", "1"], "not running"),
+        (["finetune", "cancel", "1"], "no training run with id 1"),  # the cases above left none
     ]
     for argv, message in cases:
         assert main(argv) == 1, argv

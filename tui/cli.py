@@ -22,8 +22,16 @@ COMMAND_MODULES = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as every Kettle error is: the usage block it would
+    print first is what --help shows. Subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="kettle",
         description="Chat with, label and fine-tune a GPT trained on your own machine.",
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from gpt.starter import SEED
+from tui.commands import flags
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,9 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "as a model (the active one if none is active). The work is fixed: a busy "
                     "machine takes longer, the model is the same.")
     s.add_argument("--out", metavar="DIR", help="model directory (default KETTLE_HOME/models/starter)")
-    s.add_argument("--seed", type=int, default=SEED,
+    s.add_argument("--seed", type=flags.seed, default=SEED,
                    help=f"random seed (default {SEED}): the same seed gives the same model")
-    s.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    s.add_argument("--device", type=flags.device, default="auto", help="auto (default), cpu, cuda or mps")
     s.add_argument("--force", action="store_true", help="replace an existing starter model")
     s.set_defaults(func=starter_command)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from tui.commands import flags
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="conversations, labels and datasets in the store")
@@ -23,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = data.add_parser("export", help="write a snapshot, or what the filter chooses now, to a file")
     p.add_argument("out", metavar="OUT")
     p.add_argument("--format", choices=FORMAT_CHOICES, required=True)
-    p.add_argument("--snapshot", type=int, metavar="ID",
+    p.add_argument("--snapshot", type=flags.record_id, metavar="ID",
                    help="export this snapshot (default: what the filter chooses now)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     add_filter_options(p)
@@ -40,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = data.add_parser("search", help="full-text search over messages")
     p.add_argument("query", metavar="QUERY", nargs="+")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=flags.positive_int, default=20)
     p.set_defaults(func=search_command)
 
 
@@ -53,7 +55,7 @@ def add_filter_options(p: argparse.ArgumentParser) -> None:
                    help="answers voted up (default: yes)")
     g.add_argument("--ideal", action=argparse.BooleanOptionalAction, default=True,
                    help="answers with a corrected answer (default: yes)")
-    g.add_argument("--min-score", type=int, metavar="N", help="answers scored N (1-5) or more")
+    g.add_argument("--min-score", type=flags.integer(1, 5), metavar="N", help="answers scored N (1-5) or more")
     g.add_argument("--all-answers", action="store_true", help="every answer not voted down")
     g.add_argument("--tag", action="append", default=[], metavar="TAG",
                    help="only answers with one of these tags (repeatable)")

@@ -3,35 +3,38 @@ from __future__ import annotations
 
 import argparse
 
+from tui.commands import flags
+
 
 def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="M", help="base model: a model version name or id, a model "
                                                 "directory, or a name under KETTLE_HOME/models")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--snapshot", type=int, metavar="ID", help="a dataset snapshot of the store")
+    src.add_argument("--snapshot", type=flags.record_id, metavar="ID", help="a dataset snapshot of the store")
     src.add_argument("--data", metavar="FILE", help="a dataset file: Alpaca JSON, ShareGPT, OpenAI "
                                                     "chat JSONL or DPO pairs")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
-    p.add_argument("--lora-rank", type=int, metavar="R", help="LoRA rank (default 8)")
-    p.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA alpha (default 16)")
-    p.add_argument("--lora-dropout", type=float, metavar="P", help="LoRA dropout (default 0)")
+    p.add_argument("--lora-rank", type=flags.positive_int, metavar="R", help="LoRA rank (default 8)")
+    p.add_argument("--lora-alpha", type=flags.positive, metavar="A", help="LoRA alpha (default 16)")
+    p.add_argument("--lora-dropout", type=flags.share, metavar="P", help="LoRA dropout (default 0)")
     p.add_argument("--lora-targets", metavar="LIST",
                    help="comma-separated layers: attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj (default all)")
-    p.add_argument("--epochs", type=int, metavar="N", help="at most N epochs (default: from the data size)")
-    p.add_argument("--lr", type=float, metavar="X", help="peak learning rate (default: from the model's width and the method)")
-    p.add_argument("--warmup", type=int, metavar="N", help="warm-up steps (default: 5%% of the steps)")
-    p.add_argument("--batch-tokens", type=int, metavar="N", help="padded tokens per batch (default 8192)")
-    p.add_argument("--max-batch-size", type=int, metavar="N", help="examples per batch (default: n/8, at most 32)")
-    p.add_argument("--max-length", type=int, metavar="N", help="tokens per example (default: the context)")
-    p.add_argument("--val-fraction", type=float, metavar="F",
+    p.add_argument("--epochs", type=flags.positive_int, metavar="N", help="at most N epochs (default: from the data size)")
+    p.add_argument("--lr", type=flags.positive, metavar="X", help="peak learning rate (default: from the model's width and the method)")
+    p.add_argument("--warmup", type=flags.count, metavar="N", help="warm-up steps (default: 5%% of the steps)")
+    p.add_argument("--batch-tokens", type=flags.positive_int, metavar="N", help="padded tokens per batch (default 8192)")
+    p.add_argument("--max-batch-size", type=flags.positive_int, metavar="N", help="examples per batch (default: n/8, at most 32)")
+    p.add_argument("--max-length", type=flags.positive_int, metavar="N", help="tokens per example (default: the context)")
+    p.add_argument("--val-fraction", type=flags.share, metavar="F",
                    help="held-out share of your examples (default 10%% from 100 examples on, none below)")
-    p.add_argument("--replay", type=int, metavar="N",
+    p.add_argument("--replay", type=flags.count, metavar="N",
                    help="examples of the base's own instruction data mixed into each epoch "
                         "(default: 4 for each of yours; 0: none)")
-    p.add_argument("--patience", type=int, metavar="N", help="validations without improvement before stopping (default 3)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--patience", type=flags.positive_int, metavar="N", help="validations without improvement before stopping (default 3)")
+    p.add_argument("--seed", type=flags.seed)
     p.add_argument("--name", help="the new model's name (default <base>-ft<run id>)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    p.add_argument("--device", type=flags.device, default="auto",
+                   help="auto (default), cpu, cuda or mps")
     p.add_argument("--no-activate", action="store_true", help="do not make the new model active")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
 
@@ -53,16 +56,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="finetune_action", metavar="ACTION")
     run = actions.add_parser("run", help="start a run (the same as `kettle finetune OPTIONS`)")
     _train_options(run)
-    run.add_argument("--run-id", type=int, metavar="N", help="execute an already created, queued run")
+    run.add_argument("--run-id", type=flags.record_id, metavar="N", help="execute an already created, queued run")
     run.set_defaults(func=finetune_command)
     resume = actions.add_parser("resume", help="continue a cancelled or failed run")
-    resume.add_argument("run", type=int, metavar="RUN")
+    resume.add_argument("run", type=flags.record_id, metavar="RUN")
     resume.add_argument("--no-progress", action="store_true")
     resume.set_defaults(func=resume_command)
     ls = actions.add_parser("list", help="fine-tuning runs, newest first")
     ls.set_defaults(func=list_command)
     cancel = actions.add_parser("cancel", help="stop a running run (it saves a checkpoint)")
-    cancel.add_argument("run", type=int, metavar="RUN")
+    cancel.add_argument("run", type=flags.record_id, metavar="RUN")
     cancel.set_defaults(func=cancel_command)
     merge = actions.add_parser("merge", help="merge a LoRA adapter into a full model directory")
     merge.add_argument("--base", required=True, metavar="M", help="the base model the adapter was trained on")
@@ -79,23 +82,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--trainable", default="last-1", metavar="WHICH",
                    help="head, last-N (last N blocks + final norm + head), all, or lora (default last-1)")
     t.add_argument("--balance", action="store_true", help="downsample classes to the smallest")
-    t.add_argument("--epochs", type=int, default=5)
-    t.add_argument("--lr", type=float, default=5e-5)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--max-length", type=int, metavar="N", help="tokens per text (default: the longest)")
-    t.add_argument("--seed", type=int, default=123)
-    t.add_argument("--device", default="auto")
+    t.add_argument("--epochs", type=flags.positive_int, default=5)
+    t.add_argument("--lr", type=flags.positive, default=5e-5)
+    t.add_argument("--batch-size", type=flags.positive_int, default=8)
+    t.add_argument("--max-length", type=flags.positive_int, metavar="N", help="tokens per text (default: the longest)")
+    t.add_argument("--seed", type=flags.seed, default=123)
+    t.add_argument("--device", type=flags.device, default="auto")
     t.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     t.set_defaults(func=classify_train_command)
     e = cs.add_parser("eval", help="accuracy and confusion matrix of a classifier on a labelled file")
     e.add_argument("classifier", metavar="DIR")
     e.add_argument("--data", required=True, metavar="FILE")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--device", type=flags.device, default="auto")
     e.set_defaults(func=classify_eval_command)
     pr = cs.add_parser("predict", help="label texts (arguments, or one per line on stdin)")
     pr.add_argument("classifier", metavar="DIR")
     pr.add_argument("texts", nargs="*", metavar="TEXT")
-    pr.add_argument("--device", default="auto")
+    pr.add_argument("--device", type=flags.device, default="auto")
     pr.set_defaults(func=classify_predict_command)
 
 
@@ -122,6 +125,23 @@ def _spec(args):
                    name=args.name, device=args.device, activate=not args.no_activate)
 
 
+def _check(spec) -> None:
+    """Refuse now what the run would refuse as it starts, before its run row and directory
+    exist: the base model (checked as an imported one is), the data, and the settings against
+    them (--max-length and the model's context)."""
+    from data.store import Store
+    from finetune.instruct import SFTConfig, resolve
+    from finetune.jobs import load_conversations, resolve_base
+    from gpt.checkpoint import check_model_dir
+
+    spec.validate()
+    with Store.open() as store:
+        base, _, _ = resolve_base(store, spec.model)
+        conversations, _ = load_conversations(store, spec)
+    _, config, _ = check_model_dir(base)
+    resolve(SFTConfig.from_dict(spec.sft), len(conversations), config)
+
+
 def finetune_command(args) -> int:
     import torch
 
@@ -133,6 +153,7 @@ def finetune_command(args) -> int:
         run_id = args.run_id
     else:
         spec = _spec(args)
+        _check(spec)  # on every rank: each one exits with the same one line
         dist, _ = init_distributed(spec.device)
         run_id = None
         if dist.main:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tui.commands import flags
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -17,19 +19,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", metavar="TEXT", help="system prompt (with --chat)")
     p.add_argument("--preset", choices=["precise", "balanced", "creative"],
                    help="start from these sampling settings; the flags below override them")
-    p.add_argument("--max-new-tokens", type=int, metavar="N")
-    p.add_argument("--temperature", type=float, metavar="T", help="0 = greedy (deterministic)")
-    p.add_argument("--top-k", type=int, metavar="K", help="keep the K most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, metavar="P", help="keep the most likely tokens up to mass P")
-    p.add_argument("--min-p", type=float, metavar="P", help="drop tokens under P x the best one's probability")
-    p.add_argument("--repetition-penalty", type=float, metavar="R", help="> 1 discourages repeats (1 = off)")
-    p.add_argument("--presence-penalty", type=float, metavar="X")
-    p.add_argument("--frequency-penalty", type=float, metavar="X")
+    p.add_argument("--max-new-tokens", type=flags.sampling("max_new_tokens", int), metavar="N")
+    p.add_argument("--temperature", type=flags.sampling("temperature", float), metavar="T",
+                   help="0 = greedy (deterministic)")
+    p.add_argument("--top-k", type=flags.sampling("top_k", int), metavar="K",
+                   help="keep the K most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=flags.sampling("top_p", float), metavar="P",
+                   help="keep the most likely tokens up to mass P")
+    p.add_argument("--min-p", type=flags.sampling("min_p", float), metavar="P",
+                   help="drop tokens under P x the best one's probability")
+    p.add_argument("--repetition-penalty", type=flags.sampling("repetition_penalty", float),
+                   metavar="R", help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--presence-penalty", type=flags.sampling("presence_penalty", float), metavar="X")
+    p.add_argument("--frequency-penalty", type=flags.sampling("frequency_penalty", float), metavar="X")
     p.add_argument("--stop", action="append", metavar="TEXT",
                    help="stop when TEXT is generated (not included); repeatable")
-    p.add_argument("--seed", type=int, help="same seed + settings + model = same text")
+    p.add_argument("--seed", type=flags.sampling("seed", int),
+                   help="same seed + settings + model = same text")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--device", type=flags.device,
+                   help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.set_defaults(func=generate_command)
 
 
@@ -46,7 +55,7 @@ def sampling_params(args):
     changes = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
     try:
         return params.replace(**changes)
-    except KettleError as exc:  # "top_p must be ..." -> "--top-p must be ..."
+    except KettleError as exc:  # --stop's ("stop must be ..."): the others are checked as parsed
         raise KettleError("--" + str(exc).replace("_", "-", 2)) from None
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tui.commands import flags
+
 # How much of the corpus the compression report reads: enough for a stable figure, quick to encode.
 REPORT_CHARS = 20_000_000
 
@@ -17,35 +19,36 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Ctrl-C saves a checkpoint; --resume continues it exactly.")
     p.add_argument("--data", metavar="PATH", help="text file, folder of .txt/.md/.rst/.jsonl, or JSONL")
     shape = p.add_mutually_exclusive_group()
-    shape.add_argument("--preset", metavar="NAME", help=f"model shape: {', '.join(PRESETS)}")
+    shape.add_argument("--preset", metavar="NAME", choices=list(PRESETS),
+                       help=f"model shape: {', '.join(PRESETS)}")
     shape.add_argument("--config", metavar="FILE", help="model config JSON (GPTConfig fields)")
     p.add_argument("--out", metavar="DIR", required=True, help="the model directory to write")
-    p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default 1000)")
+    p.add_argument("--max-steps", type=flags.positive_int, metavar="N", help="optimizer steps (default 1000)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run for --out from its checkpoint, with its recorded settings "
                         "(--max-steps may extend it)")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="'gpt2', or a tokenizer.json / model directory (default: GPT-2's for "
                         "GPT-2-sized vocabularies, else one trained on the corpus)")
-    p.add_argument("--context", type=int, metavar="N", help="context length (overrides the preset)")
-    p.add_argument("--batch-tokens", type=int, metavar="N",
+    p.add_argument("--context", type=flags.positive_int, metavar="N", help="context length (overrides the preset)")
+    p.add_argument("--batch-tokens", type=flags.positive_int, metavar="N",
                    help="tokens per optimizer step (default 32768, or the training split if smaller)")
-    p.add_argument("--micro-batch", type=int, metavar="N", help="windows per forward pass (default 8)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 6e-4)")
-    p.add_argument("--warmup", type=int, metavar="N", help="warm-up steps (default 20)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
-    p.add_argument("--dropout", type=float, help="dropout (overrides the preset)")
+    p.add_argument("--micro-batch", type=flags.positive_int, metavar="N", help="windows per forward pass (default 8)")
+    p.add_argument("--lr", type=flags.positive, help="peak learning rate (default 6e-4)")
+    p.add_argument("--warmup", type=flags.count, metavar="N", help="warm-up steps (default 20)")
+    p.add_argument("--weight-decay", type=flags.number(0), help="AdamW weight decay on matrices (default 0.1)")
+    p.add_argument("--dropout", type=flags.share, help="dropout (overrides the preset)")
     p.add_argument("--loader", choices=["random", "sliding"], help="random windows (default) or the book's sliding windows")
-    p.add_argument("--stride", type=int, metavar="N", help="sliding windows: distance between starts")
-    p.add_argument("--val-fraction", type=float, help="share of the corpus held out (default 0.1)")
+    p.add_argument("--stride", type=flags.positive_int, metavar="N", help="sliding windows: distance between starts")
+    p.add_argument("--val-fraction", type=flags.share, help="share of the corpus held out (default 0.1)")
     p.add_argument("--text-field", metavar="NAME", help="JSONL field holding the text (default text)")
-    p.add_argument("--eval-every", type=int, metavar="N")
-    p.add_argument("--sample-every", type=int, metavar="N", help="0 = no samples")
-    p.add_argument("--checkpoint-every", type=int, metavar="N")
-    p.add_argument("--max-time", type=float, metavar="SECONDS", help="stop early once this much time is spent")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-every", type=flags.positive_int, metavar="N")
+    p.add_argument("--sample-every", type=flags.count, metavar="N", help="0 = no samples")
+    p.add_argument("--checkpoint-every", type=flags.positive_int, metavar="N")
+    p.add_argument("--max-time", type=flags.positive, metavar="SECONDS", help="stop early once this much time is spent")
+    p.add_argument("--seed", type=flags.seed)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--device", help="auto (default), cpu, cuda or mps")
+    p.add_argument("--device", type=flags.device, help="auto (default), cpu, cuda or mps")
     p.add_argument("--run-dir", metavar="DIR", help="where checkpoints and logs go (default KETTLE_HOME/runs/...)")
     p.set_defaults(func=pretrain_command)
 

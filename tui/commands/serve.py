@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from tui.commands import flags
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -18,11 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "path (default: the active model)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--port", type=flags.port, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--api-key", metavar="KEY",
                    help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV}, which "
                         "keeps the key out of the process list)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--device", type=flags.device,
+                   help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--allow-origin", metavar="ORIGIN", action="append", default=[],
                    help="let web pages from ORIGIN (like http://localhost:3000) use the server; "
                         "repeatable; config.json: {\"serve\": {\"allow_origins\": [...]}} "
