@@ -88,19 +88,61 @@ def write_setting(key: str, value: Any) -> None:
     atomic_write_text(config_path(), json.dumps(config, indent=2) + "\n")
 
 
-def keymap_from(config: dict, known: set[str]) -> tuple[dict[str, str], list[str]]:
-    """The "keys" setting as a Textual keymap, and one problem line per entry that is unusable."""
+QUIT = "app.quit"
+MODIFIERS = {"ctrl", "shift", "alt", "meta", "super", "hyper"}
+
+
+def is_key(key: str) -> bool:
+    """Whether Textual can ever match `key` (one of a binding's comma-separated keys): known
+    modifiers, then a key name, or a character; a character other than a letter or digit only
+    alone, or by its name ("ctrl+comma": Textual never reports "ctrl+,")."""
+    from textual.keys import KEY_NAME_REPLACEMENTS, Keys, _character_to_key, key_to_character
+
+    *modifiers, name = key.split("+")
+    if not name or not set(modifiers) <= MODIFIERS or len(set(modifiers)) < len(modifiers):
+        return False
+    if len(name) == 1:
+        return name.isprintable() and not name.isspace() and (name.isalnum() or not modifiers)
+    named = {k.value.rpartition("+")[2] for k in Keys} | set(KEY_NAME_REPLACEMENTS.values())
+    character = key_to_character(name)
+    return name in named or (character is not None and _character_to_key(character) == name)
+
+
+def keymap_from(config: dict, defaults: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The "keys" setting as a Textual keymap over `defaults` (binding id -> its own keys), and
+    one problem line per entry that is unusable, which keeps its binding's default keys. The
+    quit key is never given away: the app must always be able to quit."""
     keys = config.get("keys", {})
     if not isinstance(keys, dict):
         return {}, ['"keys" in config.json must be an object of binding id -> keys']
     keymap, problems = {}, []
     for binding_id, value in keys.items():
-        if binding_id not in known:
+        if binding_id not in defaults:
             problems.append(f"config.json keys: unknown binding id {binding_id!r} (see the help screen)")
         elif not isinstance(value, str) or not value.strip():
             problems.append(f"config.json keys: {binding_id} needs keys like \"ctrl+k\" or \"f9,ctrl+k\"")
         else:
-            keymap[binding_id] = value.replace(" ", "")
+            value = value.replace(" ", "")
+            bad = [k for k in value.split(",") if not is_key(k)]
+            if bad:
+                problems.append(f"config.json keys: {binding_id}: {bad[0]!r} in {value!r} is not a "
+                                f"key (like \"ctrl+k\", \"f9\" or \"question_mark\"); it keeps "
+                                f"{defaults[binding_id]}")
+            else:
+                keymap[binding_id] = value
+
+    def owners(key: str) -> list[str]:
+        return [b for b, k in (defaults | keymap).items() if b != QUIT and key in k.split(",")]
+
+    if QUIT in keymap and (shared := [k for k in keymap[QUIT].split(",") if owners(k)]):
+        problems.append(f"config.json keys: {QUIT}: {shared[0]} is also {owners(shared[0])[0]}'s "
+                        f"key; quit keeps {defaults[QUIT]}")
+        del keymap[QUIT]
+    quit_keys = set(keymap.get(QUIT, defaults[QUIT]).split(","))
+    for binding_id in [b for b in keymap if b != QUIT and quit_keys & set(keymap[b].split(","))]:
+        problems.append(f"config.json keys: {binding_id}: {keymap[binding_id]} takes the quit "
+                        f"key ({QUIT}); it keeps {defaults[binding_id]}")
+        del keymap[binding_id]
     return keymap, problems
 
 
@@ -178,8 +220,8 @@ class KettleApp(App):
         log.setLevel(logging.INFO)
 
     def _apply_keymap(self) -> None:
-        known = {b.id for b in self._all_bindings() if b.id}
-        keymap, problems = keymap_from(self.config, known)
+        defaults = {b.id: b.key for b in self._all_bindings() if b.id}
+        keymap, problems = keymap_from(self.config, defaults)
         for problem in problems:
             self.notify(problem, severity="warning", timeout=10)
         if keymap:
