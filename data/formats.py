@@ -22,6 +22,7 @@ several turns in Alpaca, ...) is skipped and reported with a count and a reason.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -361,13 +362,19 @@ def parse_file(path: str | Path, fmt: str | None = None) -> tuple[str, list[Reco
     return fmt, records, ignored
 
 
+def shown(path: str | Path) -> str:
+    """`path` as text SQLite and any output can hold: a file name that is not UTF-8 reaches
+    Python as lone surrogates, which become \\x escapes here."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def import_file(store: Store, path: str | Path, fmt: str | None = None, again: bool = False,
                 progress: Callable[[int, int], None] | None = None) -> ImportReport:
     """Import a dataset file as conversations, all or nothing. The same file (by content)
     is refused a second time unless `again`. `progress(done, total)` is called as it goes."""
     path = Path(path)
     fmt, records, ignored = parse_file(path, fmt)
-    source = f"import:{fmt}:{path.name}:{sha256_file(path)[:16]}"
+    source = f"import:{fmt}:{shown(path.name)}:{sha256_file(path)[:16]}"
     report = ImportReport(path=path, format=fmt, ignored=ignored)
     with store.transaction():
         if not again and (seen := store.conversations_from(source)):

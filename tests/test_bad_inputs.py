@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from data.files import sha256_file
 from data.paths import config_path, kettle_home
 from data.store import Store
 from gpt.errors import KettleError
@@ -148,6 +149,19 @@ def test_a_real_process_prints_the_line_alone(seeded, tmp_path):
                               text=True, env=env, timeout=120)
         assert done.returncode == code and done.stdout.strip() == "", (argv, done.stdout)
         one_line(done.stderr)
+
+
+def test_a_file_name_that_is_not_utf8_still_imports(seeded, tmp_path, capsys):
+    """The name reaches Python as a lone surrogate ("caf\\udce9.jsonl"), which SQLite refused."""
+    path = tmp_path / os.fsdecode(b"caf\xe9.jsonl")
+    try:
+        path.write_text(json.dumps(GOOD) + "\n", encoding="utf-8")
+    except OSError:  # a file system that holds UTF-8 names only
+        pytest.skip("this file system refuses a name that is not UTF-8")
+    code, err = cli(["data", "import", str(path)], capsys)
+    assert code == 0, err
+    with Store.open() as store:
+        assert store.conversations_from(f"import:openai:caf\\xe9.jsonl:{sha256_file(path)[:16]}") == 1
 
 
 def test_import_hf_keeps_a_kettle_tokenizer_beside_the_weights(tiny_model_dir, tmp_path):

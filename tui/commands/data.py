@@ -95,7 +95,7 @@ def stats_command(args) -> int:
 def import_command(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from data.formats import import_file
+    from data.formats import import_file, shown
     from data.store import Store
 
     with Store.open() as store, Progress(
@@ -106,7 +106,7 @@ def import_command(args) -> int:
                              progress=lambda done, total: bar.update(task, completed=done,
                                                                      total=total))
     print(f"imported {report.conversations:,} conversations ({report.messages:,} messages) "
-          f"from {report.path} as {report.format}")
+          f"from {shown(report.path)} as {report.format}")
     for name, count in sorted(report.ignored.items()):
         print(f"  ignored field {name!r} in {count:,} records (Kettle does not keep it)")
     return 0
