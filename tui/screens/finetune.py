@@ -388,7 +388,9 @@ class FinetuneScreen(Screen):
         last = next((m for _, m in reversed(metrics) if "loss" in m), {})
         val = next((m["val_loss"] for _, m in reversed(metrics) if "val_loss" in m), None)
         bar = self.query_one("#run-progress", ProgressBar)
-        if run.total_steps:
+        if run.status == "finished" and run.step:  # early-stopped runs end before their cap
+            bar.update(total=run.step, progress=run.step)
+        elif run.total_steps:
             bar.update(total=run.total_steps, progress=run.step)
         chart = self.query_one("#loss-chart", Sparkline)
         chart.display = len(losses) >= 2  # one point would fill the whole chart
@@ -399,7 +401,8 @@ class FinetuneScreen(Screen):
                 f"{min(losses):.3f} (low), now {losses[-1]:.3f}[/]")
         self.query_one("#run-title", Static).update(
             f"[b]Run {run.id}[/]: {run.status}  [dim]log: {escape(str(run.log_path))}[/]")
-        stats = [f"step {run.step}/{run.total_steps or '?'}"]
+        stats = [f"step {run.step}" if run.status == "finished"
+                 else f"step {run.step}/{run.total_steps or '?'}"]
         if losses:
             stats.append(f"loss {losses[-1]:.3f} (from {losses[0]:.3f})")
         if val is not None:
@@ -407,7 +410,8 @@ class FinetuneScreen(Screen):
         if last.get("tokens_per_s"):
             stats.append(f"{last['tokens_per_s']:,.0f} tokens/s")
         if last.get("eta_s") is not None and run.status == "running":
-            stats.append(f"about {duration(last['eta_s'])} left")
+            # The steps are a cap: a run stops sooner once every correction comes back.
+            stats.append(f"at most {duration(last['eta_s'])} left")
         self.query_one("#run-stats", Static).update(" · ".join(stats))
         running = run.status in ("queued", "running")
         self.query_one("#ft-cancel").display = running
