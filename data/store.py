@@ -459,8 +459,6 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
     """A read-only connection. SQLite reads a WAL database through its -shm index, which it
     must create when the last writer removed it; where the folder is read-only too, the file
     is read as immutable (no locks, no index), which is exact when no -wal file holds changes."""
-    if not path.is_file():
-        raise FileNotFoundError("no database yet (nothing has been stored)")
     uri = path.resolve().as_uri()
     conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
                            isolation_level=None, check_same_thread=False)
@@ -509,6 +507,11 @@ class Store:
             if not read_only:
                 remove_stale_temporaries(models_dir())  # half-written models of killed processes
         path = Path(path)
+        if read_only and not path.exists():  # nothing stored yet: an empty store, in memory
+            store = cls(path, sqlite3.connect(":memory:", isolation_level=None,
+                                              check_same_thread=False))
+            store._migrate()
+            return store
         try:
             if read_only:
                 conn = _connect_read_only(path)

@@ -432,3 +432,11 @@ def test_a_read_only_home_can_still_be_read(read_only_home, capsys):
     with pytest.raises(KettleError, match="cannot|read-only|readonly"):
         with Store.open() as store:
             store.create_conversation()
+
+
+def test_reading_a_home_with_nothing_stored_yet_creates_nothing(kettle_home, capsys):
+    from tui.cli import main
+
+    assert main(["data", "stats"]) == 0 and main(["data", "search", "tea"]) == 0
+    assert "no matches" in capsys.readouterr().out
+    assert not (kettle_home / "kettle.db").exists()

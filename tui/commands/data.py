@@ -85,7 +85,8 @@ def stats_command(args) -> int:
     if args.json:
         print(json.dumps({"database": str(path), **counts}, indent=2))
         return 0
-    print(f"database: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    print(f"database: {path} ({path.stat().st_size / 1e6:.1f} MB)" if path.exists()
+          else f"database: {path} (nothing stored yet)")
     width = max(map(len, counts))
     for name, value in counts.items():
         print(f"  {name.replace('_', ' '):<{width}}  {value:>8,}")
