@@ -67,9 +67,10 @@ def atomic_file(path: str | Path):
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _name_the_target(exc, tmp, path)
         raise
     finally:
         os.close(fd)
@@ -110,11 +111,18 @@ def atomic_directory(path: str | Path, overwrite: bool = False):
             fsync_dir(path.parent)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _name_the_target(exc, tmp, path)
         raise
     finally:
         os.close(lock)
+
+
+def _name_the_target(exc: BaseException, tmp: Path | str, path: Path) -> None:
+    """A failed write names what was being written, not the temporary that is gone now."""
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename).startswith(str(tmp)):
+        exc.filename = str(path)
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[str]:

@@ -31,11 +31,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from data.files import atomic_directory
 from finetune import read_manifest
 from finetune.lora import LoRAConfig, apply_lora, merge_lora
+from gpt.checkpoint import save_weights
 from gpt.errors import KettleError
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
@@ -289,7 +290,7 @@ def save_classifier(model: Classifier, tokenizer: Tokenizer, labels: list[str], 
         with atomic_directory(directory, overwrite=overwrite) as tmp:
             save_model(model.gpt, tmp / BODY_DIR, tokenizer)
             head = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
-            save_file(head, str(tmp / HEAD_FILE), metadata={"format": "pt"})
+            save_weights(head, tmp / HEAD_FILE)
             (tmp / CLASSIFIER_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     except FileExistsError:
         raise KettleError(f"{directory}: already exists (choose another directory, or --overwrite)") from None

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from data.files import atomic_directory
 from finetune import read_manifest
+from gpt.checkpoint import save_weights
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
 from gpt.model import GPT
@@ -153,7 +153,7 @@ def save_adapter(model: GPT, directory: str | Path, overwrite: bool = False,
             "base_config": model.config.to_dict(), **(extra or {})}
     try:
         with atomic_directory(directory, overwrite=overwrite) as tmp:
-            save_file(adapter_state(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            save_weights(adapter_state(model), tmp / ADAPTER_WEIGHTS)
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     except FileExistsError:
         raise KettleError(f"{directory}: already exists (choose another directory)") from None

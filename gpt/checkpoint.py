@@ -10,7 +10,9 @@ shape and dtype against the config before any weight is read. Nothing is ever un
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,6 +34,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write tensors as safetensors; a write that fails (a full disk) is raised as the OSError
+    it was, not as safetensors' own error."""
+    try:
+        save_file(state, str(path), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        code = errno.ENOSPC if "No space left" in str(exc) else errno.EIO
+        raise OSError(code, os.strerror(code) if code == errno.ENOSPC else str(exc), str(path)) from None
 
 
 def expected_tensors(config: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -60,7 +72,7 @@ def save_model(model: GPT, directory: str | Path, tokenizer: Tokenizer | None = 
     }
     try:
         with atomic_directory(directory, overwrite=overwrite) as tmp:
-            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            save_weights(state, tmp / WEIGHTS_FILE)
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
             if tokenizer is not None:
                 tokenizer.save(tmp)

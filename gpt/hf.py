@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from data.files import atomic_directory, sha256_file
 from gpt.checkpoint import (DTYPES, check_block_count, dtype_name, expected_tensors, load_model,
-                            save_model)
+                            save_model, save_weights)
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
 from gpt.model import GPT
@@ -190,7 +189,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
     out_dir = Path(out_dir)
     try:
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_weights(state, tmp / "model.safetensors")
             (tmp / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2) + "\n")
             if tokenizer.name != "gpt2":
                 # Not GPT-2's vocabulary: keep Kettle's tokenizer beside the weights so it isn't lost.

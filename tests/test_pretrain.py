@@ -292,3 +292,27 @@ def test_lines_printed_during_training_leave_one_progress_bar_not_a_copy_each(tm
         "note at step 2", "note at step 4", "note at step 6"]
     bars = [line for line in lines if line.startswith("brewing")]
     assert len(bars) == 1 and "step 6/6" in bars[0]
+
+
+def test_a_full_disk_at_the_model_save_is_one_line_and_resume_writes_it(tmp_path, capsys,
+                                                                        verdict_file, monkeypatch):
+    from safetensors import SafetensorError
+
+    import gpt.checkpoint
+
+    argv = ["pretrain", "--data", str(verdict_file), "--preset", "tiny", "--max-steps", "2",
+            "--sample-every", "0", "--out", str(tmp_path / "m")]
+    save_file = gpt.checkpoint.save_file
+    with monkeypatch.context() as patch:
+        def full(state, path, metadata=None):  # --out on a full disk, as safetensors reports it
+            if "checkpoint" in path:
+                return save_file(state, path, metadata)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                                  "(os error 28)")
+        patch.setattr(gpt.checkpoint, "save_file", full)
+        code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 1 and err == f"kettle: error: No space left on device: {tmp_path / 'm'}\n"
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.*"))
+    assert main(["pretrain", "--out", str(tmp_path / "m"), "--resume"]) == 0  # nothing retrained
+    assert (tmp_path / "m" / "model.safetensors").exists()

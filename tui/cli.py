@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     except KettleError as exc:
         print(f"kettle: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a full disk, a folder that cannot be written: what and where
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"kettle: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("kettle: interrupted", file=sys.stderr)
         return 130

@@ -103,8 +103,11 @@ def pretrain_command(args) -> int:
         return 130
     val = (f", val loss {result.val_loss:.3f} (untrained {result.initial_val_loss:.3f})"
            if result.val_loss is not None and result.initial_val_loss is not None else "")
-    print(f"trained {result.step} steps, {result.tokens:,} tokens in {result.elapsed:.0f}s: "
-          f"loss {result.train_loss:.3f}{val}")
+    if result.train_loss is None:  # a resumed run that had its steps: only the model was written
+        print(f"nothing left to train at step {result.step}: the model was written from its checkpoint")
+    else:
+        print(f"trained {result.step} steps, {result.tokens:,} tokens in {result.elapsed:.0f}s: "
+              f"loss {result.train_loss:.3f}{val}")
     print(f"model: {result.out}\nloss curve: {result.run_dir / 'loss.png'}\n"
           f"metrics: {result.run_dir / 'metrics.jsonl'}")
     return 0
