@@ -64,6 +64,9 @@ BATCH_TOKENS = {"cpu": 4096, "mps": 16384, "cuda": 65536}
 # machine (which takes longer, and says so) as on an idle one: on CPU, 900 steps of 4,096
 # tokens (3.7M tokens, ~half a pass over the corpus) take ~6.5 minutes on 2 idle cores.
 PRETRAIN_STEPS = {"cpu": 900, "mps": 3000, "cuda": 4000}
+# The whole brew as every screen and --help states it (measured 7.2-8.3 minutes; a machine busy
+# with other work takes longer, 14 minutes beside three test runs, and the brew says so).
+BREW_TIME = "about 8 minutes on 2 idle cores"
 SEED = 1337
 SAMPLE_PROMPT = "Return the"
 # What the stages after pretraining cost, in pretraining steps (measured on 2 CPU cores): the

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from gpt.starter import SEED
+from gpt.starter import BREW_TIME, SEED
 from tui.commands import flags
 
 
@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("brew", help="make a model from scratch, offline")
     brew_sub = p.add_subparsers(dest="brew_command", metavar="COMMAND", required=True)
     s = brew_sub.add_parser(
-        "starter", help="train a small model on what ships with Python (about 8 minutes on 2 idle cores, offline)",
+        "starter", help=f"train a small model on what ships with Python ({BREW_TIME}, offline)",
         description="Builds a corpus from what ships with Python (the standard library's source, "
                     "the language reference, the builtins' help), trains a tokenizer and a small "
                     "GPT on it, teaches it to answer Python questions, and registers the result "

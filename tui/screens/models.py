@@ -16,6 +16,7 @@ from textual.widgets import DataTable, Footer, Static
 from data.paths import kettle_home, models_dir
 from data.store import ModelVersion, Store
 from gpt.errors import KettleError
+from gpt.starter import BREW_TIME
 from tui.app import error_text, guarded
 from tui.screens.modals import ChoiceModal, TaskModal, TextModal
 from tui.widgets.sidebar import when
@@ -131,7 +132,7 @@ async def brew_starter(app) -> None:
         else:
             args.append("--force")
     if not await app.push_screen_wait(TaskModal(
-            f"Brewing {path.name} (offline, about 8 minutes on 2 idle cores)", args)):
+            f"Brewing {path.name} (offline, {BREW_TIME})", args)):
         return
     # A replaced starter that is active counts as activated: the service reloads its weights.
     version, activated = await app.db(register, app.store, path, "starter", path.name)

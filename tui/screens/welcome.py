@@ -7,6 +7,7 @@ from textual.containers import Center, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Static
 
+from gpt.starter import BREW_TIME
 from tui.app import guarded
 from tui.screens.models import brew_starter, download_gpt2, import_dir
 
@@ -30,7 +31,7 @@ class WelcomeScreen(Screen):
         with Center(id="welcome-box"):
             with Vertical(id="welcome"):
                 yield Static(WELCOME, id="welcome-text")
-                yield Button("b  Brew the starter model — offline, about 8 minutes on 2 idle cores",
+                yield Button(f"b  Brew the starter model — offline, {BREW_TIME}",
                              id="brew", variant="primary")
                 yield Button("g  Download GPT-2 from Hugging Face — 124M to 1.5B parameters",
                              id="download")
