@@ -11,7 +11,8 @@ import torch
 from gpt.checkpoint import load_model
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
-from gpt.hf import download_gpt2, export_hf
+from gpt.download import download_gpt2
+from gpt.hf import export_hf
 from gpt.checkpoint import save_model
 from gpt.model import GPT
 from tui.cli import main

@@ -48,7 +48,7 @@ def download_command(args) -> int:
                                TimeRemainingColumn, TransferSpeedColumn)
 
     from data.paths import models_dir
-    from gpt.hf import download_gpt2
+    from gpt.download import download_gpt2
 
     out = Path(args.out) if args.out else models_dir() / args.size
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
