@@ -1,14 +1,20 @@
 """Dataset files in and out of the store: Alpaca, ShareGPT, OpenAI chat JSONL, preference pairs.
 
 Exact fields (see the README):
-- alpaca    JSON list (or JSONL) of {"instruction": str, "input": str (may be ""), "output": str}
+- alpaca    JSON list (or JSONL) of {"instruction": str, "input": str (may be ""), "output": str,
+            "system": str (optional), "history": [[instruction, answer], ...] (optional, the
+            earlier turns, as LLaMA-Factory writes them)}
 - sharegpt  JSON list (or JSONL) of {"id": str, "conversations": [{"from": "system"|"human"|"gpt",
-            "value": str}, ...]}
+            "value": str}, ...]}; importing also takes turns keyed "role"/"content"
 - openai    JSONL of {"messages": [{"role": "system"|"user"|"assistant", "content": str,
             "weight": 0|1 (optional, assistant only)}, ...]}
 - dpo       JSONL of TRL preference pairs {"prompt": [messages], "chosen": [assistant message],
-            "rejected": [assistant message]}; importing also takes the plain-text form (strings)
-            and OpenAI's {"input": {"messages"}, "preferred_output", "non_preferred_output"}.
+            "rejected": [assistant message]}; importing also takes the plain-text form (strings),
+            TRL's implicit prompt (no "prompt": "chosen" and "rejected" are whole conversations
+            that differ only in their last answer) and OpenAI's {"input": {"messages"},
+            "preferred_output", "non_preferred_output"}.
+Wherever a message's text is read, a list of content parts ([{"type": "text", "text": str}],
+as OpenAI and ShareGPT-style tools write it) is taken too; a part of any other type is refused.
 
 Importing creates one conversation per record, in one transaction: a malformed record stops the
 import with one error naming the file and line, and the database is left as it was. Imported
@@ -16,8 +22,10 @@ assistant answers are labelled with themselves as the ideal answer (so they trai
 with "weight": 0 stays unlabelled context; a preference pair becomes two sibling answers, the
 chosen one up-voted and the rejected one down-voted.
 
-Exporting reads a snapshot or a live filter. What a format cannot express (a system prompt or
-several turns in Alpaca, ...) is skipped and reported with a count and a reason.
+Exporting reads a snapshot or a live filter. What a format cannot express (an answer kept as
+context, "weight": 0, in ShareGPT or Alpaca, ...) is skipped and reported with a count and a
+reason; without weights (`without_context`) such answers are left out instead, for the tools that
+ignore the key and would train on them.
 """
 from __future__ import annotations
 
@@ -72,6 +80,7 @@ class ExportReport:
     format: str
     written: int = 0
     skipped: Counter = field(default_factory=Counter)   # reason -> examples not written
+    context_dropped: int = 0                            # weight-0 answers left out (no weights)
 
 
 class _Bad(Exception):
@@ -197,7 +206,7 @@ def detect_format(path: Path, records: list[tuple[int, Any]]) -> str:
         return "sharegpt"
     if {"instruction", "output"} <= keys:
         return "alpaca"
-    if {"prompt", "chosen", "rejected"} <= keys or "preferred_output" in keys:
+    if {"chosen", "rejected"} <= keys or "preferred_output" in keys:
         return "dpo"
     shown = ", ".join(sorted(keys)) or type(first).__name__
     raise KettleError(f"{path}, line {line}: cannot tell the format from the first record "
@@ -211,15 +220,36 @@ def detect_format(path: Path, records: list[tuple[int, Any]]) -> str:
 def _string(obj: dict, key: str, where: str = "") -> str:
     if key not in obj:
         raise _Bad(f"missing field {where}{key!r}")
-    value = obj[key]
+    return _as_string(obj[key], f"field {where}{key!r}")
+
+
+def _as_string(value: Any, name: str, also: str = "") -> str:
+    """`value` if it is a string SQLite can hold; `also` names what else the field takes."""
     if not isinstance(value, str):
-        raise _Bad(f"field {where}{key!r} must be a string, got {_type(value)}")
+        raise _Bad(f"{name} must be a string, got {_type(value)}{also}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:  # JSON's "\ud800" escape: no character, SQLite refuses it
-        raise _Bad(f"field {where}{key!r} holds a lone surrogate "
-                   f"{value[exc.start]!a} (not a character)") from None
+        raise _Bad(f"{name} holds a lone surrogate {value[exc.start]!a} (not a character)") from None
     return value
+
+
+def _text(obj: dict, key: str, where: str = "") -> str:
+    """A message's text: a string, or a list of content parts whose texts are joined as they
+    are (as Kettle's server joins them)."""
+    if key not in obj:
+        raise _Bad(f"missing field {where}{key!r}")
+    value = obj[key]
+    if not isinstance(value, list):
+        return _as_string(value, f"field {where}{key!r}", " (or a list of text parts)")
+    texts = []
+    for i, part in enumerate(value):
+        part = _object(part, f"{where}{key}[{i}]")
+        if part.get("type") != "text":
+            raise _Bad(f"{where}{key}[{i}] is a part of type {part.get('type')!r}: "
+                       "Kettle imports text only (type 'text')")
+        texts.append(_string(part, "text", f"{where}{key}[{i}]."))
+    return "".join(texts)
 
 
 def _type(value: Any) -> str:
@@ -264,7 +294,7 @@ def _chat_messages(items: list, where: str) -> list[dict]:
         role = _string(m, "role", f"{where}[{i}].")
         if role not in ("system", "user", "assistant"):
             raise _Bad(f"{where}[{i}]: role {role!r} is not supported (system, user, assistant)")
-        msg = {"role": role, "content": _string(m, "content", f"{where}[{i}].")}
+        msg = {"role": role, "content": _text(m, "content", f"{where}[{i}].")}
         if "weight" in m:
             if m["weight"] not in (0, 1) or isinstance(m["weight"], bool) or role != "assistant":
                 raise _Bad(f"{where}[{i}]: weight must be 0 or 1, on an assistant message")
@@ -276,24 +306,40 @@ def _chat_messages(items: list, where: str) -> list[dict]:
 def _alpaca(obj: dict) -> tuple[str, list[Node]]:
     instruction = _string(obj, "instruction")
     output = _string(obj, "output")
+    system = _string(obj, "system") if "system" in obj else ""
+    messages = []
+    for i, turn in enumerate(_list(obj, "history") if "history" in obj else []):
+        if not isinstance(turn, list) or len(turn) != 2:
+            raise _Bad(f"history[{i}] must be a pair [instruction, answer], got {_type(turn)}"
+                       + (f" of {len(turn)}" if isinstance(turn, list) else ""))
+        messages += [{"role": "user", "content": _as_string(turn[0], f"history[{i}][0]")},
+                     {"role": "assistant", "content": _as_string(turn[1], f"history[{i}][1]")}]
+    _, nodes = _chain(messages)  # earlier answers train too, as in a ShareGPT conversation
     meta = {"instruction": instruction}
     text = instruction
     if "input" in obj:
         meta["input"] = _string(obj, "input")
         if meta["input"]:
             text = f"{instruction}\n\n{meta['input']}"
-    return "", [Node("user", text, None, meta=meta), Node("assistant", output, 0, {"ideal": output})]
+    parent = len(nodes) - 1 if nodes else None
+    nodes.append(Node("user", text, parent, meta=meta))
+    nodes.append(Node("assistant", output, len(nodes) - 1, {"ideal": output}))
+    return system, nodes
 
 
 def _sharegpt(obj: dict) -> tuple[str, list[Node]]:
     messages = []
     for i, turn in enumerate(_list(obj, "conversations")):
-        turn = _object(turn, f"conversations[{i}]")
-        who = _string(turn, "from", f"conversations[{i}].")
+        where = f"conversations[{i}]"
+        turn = _object(turn, where)
+        # ShareGPT's own keys, or the role/content that OpenAI-style converters write
+        who_key, text_key = ("role", "content") if "role" in turn and "from" not in turn \
+            else ("from", "value")
+        who = _string(turn, who_key, f"{where}.")
         if who not in SHAREGPT_ROLES:
-            raise _Bad(f"conversations[{i}]: 'from' must be system, human or gpt, got {who!r}")
-        messages.append({"role": SHAREGPT_ROLES[who],
-                         "content": _string(turn, "value", f"conversations[{i}].")})
+            names = "system, human or gpt" if who_key == "from" else "system, user or assistant"
+            raise _Bad(f"{where}: {who_key!r} must be {names}, got {who!r}")
+        messages.append({"role": SHAREGPT_ROLES[who], "content": _text(turn, text_key, f"{where}.")})
     return _chain(messages)
 
 
@@ -314,6 +360,20 @@ def _dpo(obj: dict) -> tuple[str, list[Node]]:
         prompt = [{"role": "user", "content": _string(obj, "prompt")}]
         chosen = [{"role": "assistant", "content": _string(obj, "chosen")}]
         rejected = [{"role": "assistant", "content": _string(obj, "rejected")}]
+    elif "prompt" not in obj:  # TRL's implicit prompt: the turns both conversations share
+        if isinstance(obj.get("chosen"), str):
+            raise _Bad("without a 'prompt', 'chosen' and 'rejected' must be conversations "
+                       "(lists of messages); a text pair needs its 'prompt'")
+        chosen = _chat_messages(_list(obj, "chosen"), "chosen")
+        rejected = _chat_messages(_list(obj, "rejected"), "rejected")
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        if [m["role"] for m in chosen + rejected] != ["assistant", "assistant"]:
+            raise _Bad("without a 'prompt', 'chosen' and 'rejected' must be one conversation "
+                       f"but for a last assistant answer each (they share {shared} messages, "
+                       f"then hold {len(chosen)} and {len(rejected)} more)")
     else:
         prompt = _chat_messages(_list(obj, "prompt"), "prompt")
         chosen = _chat_messages(_list(obj, "chosen"), "chosen")
@@ -330,7 +390,8 @@ def _dpo(obj: dict) -> tuple[str, list[Node]]:
 
 
 PARSERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _openai, "dpo": _dpo}
-KNOWN_FIELDS = {"alpaca": {"instruction", "input", "output"}, "sharegpt": {"id", "conversations"},
+KNOWN_FIELDS = {"alpaca": {"instruction", "input", "output", "system", "history"},
+                "sharegpt": {"id", "conversations"},
                 "openai": {"messages"},
                 "dpo": {"prompt", "chosen", "rejected", "input", "preferred_output",
                         "non_preferred_output"}}
@@ -402,30 +463,37 @@ def import_file(store: Store, path: str | Path, fmt: str | None = None, again: b
 # ---------------------------------------------------------------------------------------------
 # Examples -> files
 
-SKIP_SYSTEM = "has a system prompt (Alpaca has no place for one; use --format openai)"
-SKIP_MULTI = "has several turns (Alpaca holds one instruction and one answer; use --format openai)"
-SKIP_WEIGHT = ("has earlier answers not chosen for training (ShareGPT cannot mark them; "
-               "use --format openai)")
+SKIP_TURNS = ("has turns that are not question-answer pairs (Alpaca's history holds pairs; "
+              "use --format openai)")
+SKIP_WEIGHT = ("has earlier answers not chosen for training ({} cannot mark them; use --format "
+               "openai, or --no-weights to leave them out)")
 SKIP_NOT_PAIR = "is an example, not a preference pair (export it with --format openai)"
 
 
 def _to_alpaca(example: dict) -> dict | str:
     messages = example["messages"]
-    if messages[0]["role"] == "system":
-        return SKIP_SYSTEM
-    if [m["role"] for m in messages] != ["user", "assistant"]:
-        return SKIP_MULTI
-    user, answer = messages[0]["content"], messages[1]["content"]
+    system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+    turns = messages[1:] if system else messages
+    if [m["role"] for m in turns] != ["user", "assistant"] * (len(turns) // 2) or not turns:
+        return SKIP_TURNS
+    if any("weight" in m for m in turns):
+        return SKIP_WEIGHT.format("Alpaca")
+    user, answer = turns[-2]["content"], turns[-1]["content"]
     meta = example.get("meta", {})
     instruction, given = meta.get("instruction"), meta.get("input", "")
     if instruction is None or user != (f"{instruction}\n\n{given}" if given else instruction):
         instruction, given = user, ""
-    return {"instruction": instruction, "input": given, "output": answer}
+    record = {"instruction": instruction, "input": given, "output": answer}
+    if system:
+        record["system"] = system
+    if len(turns) > 2:
+        record["history"] = [[q["content"], a["content"]] for q, a in zip(turns[:-2:2], turns[1:-2:2])]
+    return record
 
 
 def _to_sharegpt(example: dict) -> dict | str:
     if any("weight" in m for m in example["messages"]):
-        return SKIP_WEIGHT
+        return SKIP_WEIGHT.format("ShareGPT")
     ident = example.get("meta", {}).get("id") or f"kettle-{content_hash(example)[:12]}"
     return {"id": ident, "conversations": [{"from": SHAREGPT_FROM[m["role"]], "value": m["content"]}
                                            for m in example["messages"]]}
@@ -443,6 +511,23 @@ def _to_dpo(pair: dict) -> dict:
 
     return {"prompt": msgs(pair["prompt"]), "chosen": msgs(pair["chosen"]),
             "rejected": msgs(pair["rejected"])}
+
+
+def without_context(example: dict) -> dict:
+    """`example` less its weight-0 answers, each with the question it answered, for tools that
+    train on every assistant message they are given (TRL ignores "weight"). The question goes
+    too so that roles keep alternating, as many chat templates require."""
+    kept: list[dict] = []
+    asked: list[dict] = []  # user messages waiting for the answer that decides their fate
+    for m in example["messages"]:
+        if m["role"] == "user":
+            asked.append(m)
+        elif m.get("weight", 1) == 0:
+            asked = []
+        else:
+            kept += asked + [m]
+            asked = []
+    return {**example, "messages": kept}
 
 
 def convert(examples: list[dict], pairs: list[dict], fmt: str) -> tuple[list[dict], Counter]:
@@ -464,10 +549,14 @@ def convert(examples: list[dict], pairs: list[dict], fmt: str) -> tuple[list[dic
 
 
 def export_file(store: Store, out: str | Path, fmt: str, snapshot_id: int | None = None,
-                filt: DataFilter | None = None) -> ExportReport:
-    """Write a snapshot's examples, or what `filt` chooses now, as a `fmt` file (atomically)."""
+                filt: DataFilter | None = None, weights: bool = True) -> ExportReport:
+    """Write a snapshot's examples, or what `filt` chooses now, as a `fmt` file (atomically).
+    Without `weights`, answers marked weight 0 are left out (`without_context`)."""
     if fmt not in FORMATS:
         raise KettleError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if not weights and fmt == "dpo":
+        raise KettleError("--no-weights leaves context-only answers out of examples; preference "
+                          "pairs (--format dpo) hold none")
     out = Path(out)
     if snapshot_id is not None:
         examples = store.snapshot_examples(snapshot_id)
@@ -476,6 +565,10 @@ def export_file(store: Store, out: str | Path, fmt: str, snapshot_id: int | None
         rows, pair_rows = store.dataset(filt)
         examples = [r["example"] for r in rows]
         pairs = [p["pair"] for p in pair_rows]
+    dropped = 0
+    if not weights:
+        dropped = sum(m.get("weight", 1) == 0 for e in examples for m in e["messages"])
+        examples = [without_context(e) for e in examples]
     records, skipped = convert(examples, pairs, fmt)
     if fmt in ("alpaca", "sharegpt"):
         text = json.dumps(records, ensure_ascii=False, indent=2) + "\n"
@@ -485,4 +578,5 @@ def export_file(store: Store, out: str | Path, fmt: str, snapshot_id: int | None
         atomic_write_text(out, text)
     except OSError as exc:
         raise KettleError(f"{out}: cannot write: {exc.strerror or exc}") from exc
-    return ExportReport(path=out, format=fmt, written=len(records), skipped=skipped)
+    return ExportReport(path=out, format=fmt, written=len(records), skipped=skipped,
+                        context_dropped=dropped)

@@ -1014,8 +1014,8 @@ class Store:
         if path[0]["external_id"] is not None:
             meta["id"] = path[0]["external_id"]
         users = [p for p in path if p["role"] == "user"]
-        if len(users) == 1 and users[0]["meta"]:
-            meta.update(_loads(users[0]["meta"]))
+        if users and users[-1]["meta"]:  # Alpaca fields: the last question (earlier: history)
+            meta.update(_loads(users[-1]["meta"]))
         return meta
 
     def _pairs(self, msgs: dict[int, dict], labels: dict[int, Label], excluded: set[int],

@@ -8,11 +8,17 @@ import pytest
 from data.formats import MAX_LINE_BYTES, export_file, import_file
 from data.store import DataFilter, Store
 from gpt.errors import KettleError
+from tui.cli import main
 from tests.conftest import SHARED_DATA
 
 ALPACA = [
     {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
     {"instruction": "Say hi.", "input": "", "output": "Hi! 👋"},
+]
+ALPACA_TURNS = [  # LLaMA-Factory's Alpaca: a system prompt and the earlier turns
+    {"instruction": "And times 4?", "input": "", "output": "20", "system": "Answer with a number.",
+     "history": [["2 + 3?", "5"], ["Double it?", "10"]]},
+    {"instruction": "Translate.", "input": "chat", "output": "cat", "history": [["Hi", "Hello."]]},
 ]
 SHAREGPT = [
     {"id": "a1", "conversations": [
@@ -60,7 +66,7 @@ def read(path, fmt):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.mark.parametrize("fmt,records", [("alpaca", ALPACA), ("sharegpt", SHAREGPT),
+@pytest.mark.parametrize("fmt,records", [("alpaca", ALPACA + ALPACA_TURNS), ("sharegpt", SHAREGPT),
                                          ("openai", OPENAI), ("dpo", DPO)])
 def test_each_format_round_trips(store, tmp_path, fmt, records):
     source = write(tmp_path / f"in.{fmt}", fmt, records)
@@ -95,15 +101,18 @@ def test_imported_answers_are_marked_ideal_and_weight_zero_stays_context(store, 
 
 def test_what_a_format_cannot_express_is_skipped_with_reasons(store, tmp_path):
     import_file(store, write(tmp_path / "s.json", "sharegpt", SHAREGPT))
-    import_file(store, write(tmp_path / "o.jsonl", "openai", OPENAI[1:]))
+    import_file(store, write(tmp_path / "o.jsonl", "openai", OPENAI[1:] + [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                      {"role": "assistant", "content": "ab"}]}]))
     report = export_file(store, tmp_path / "out.json", "alpaca")
-    assert report.written == 1  # only "2+2?" is one plain instruction and answer
+    assert report.written == 2  # ShareGPT's system prompt and earlier turns: system, history
     reasons = {reason.split(" (")[0]: n for reason, n in report.skipped.items()}
-    assert reasons == {"has a system prompt": 1, "has several turns": 1}
+    assert reasons == {"has earlier answers not chosen for training": 1,
+                       "has turns that are not question-answer pairs": 1}
     report = export_file(store, tmp_path / "out.sharegpt", "sharegpt")
-    assert report.written == 2 and sum(report.skipped.values()) == 1
+    assert report.written == 3 and sum(report.skipped.values()) == 1
     report = export_file(store, tmp_path / "out.dpo", "dpo")
-    assert report.written == 0 and sum(report.skipped.values()) == 3
+    assert report.written == 0 and sum(report.skipped.values()) == 4
 
 
 def test_export_from_a_filter_and_labels_made_in_the_app(store, tmp_path):
@@ -232,3 +241,150 @@ def test_import_reports_progress(store, tmp_path):
     import_file(store, write(tmp_path / "a.json", "alpaca", ALPACA * 150),
                 progress=lambda done, total: seen.append((done, total)))
     assert seen == [(200, 300), (300, 300)]
+
+
+def test_alpaca_system_and_history_become_the_conversation(store, tmp_path):
+    import_file(store, write(tmp_path / "turns.json", "alpaca", ALPACA_TURNS[:1]))
+    conv = store.list_conversations()[0]
+    assert conv.system_prompt == "Answer with a number."
+    thread = store.current_thread(conv.id)
+    assert [(m.role, m.content) for m in thread] == [
+        ("user", "2 + 3?"), ("assistant", "5"), ("user", "Double it?"), ("assistant", "10"),
+        ("user", "And times 4?"), ("assistant", "20")]
+    # the earlier answers train too, as in a ShareGPT conversation
+    assert [store.label(m.id).ideal for m in thread if m.role == "assistant"] == ["5", "10", "20"]
+
+
+PARTS = [  # content as lists of parts, the way OpenAI and ShareGPT-style tools write it
+    {"messages": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                  {"role": "user", "content": [{"type": "text", "text": "Name a "},
+                                               {"type": "text", "text": "colour."}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}]},
+]
+
+
+def test_content_part_lists_import_as_their_text(store, tmp_path):
+    import_file(store, write(tmp_path / "parts.jsonl", "openai", PARTS))
+    sharegpt = [{"conversations": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                                   {"role": "assistant", "content": "Hello."}]}]
+    import_file(store, write(tmp_path / "parts.json", "sharegpt", sharegpt))
+    pair = {"prompt": [{"role": "user", "content": [{"type": "text", "text": "2+2?"}]}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "4"}]}],
+            "rejected": [{"role": "assistant", "content": "5"}]}
+    import_file(store, write(tmp_path / "pair.jsonl", "dpo", [pair]))
+    export_file(store, tmp_path / "out.jsonl", "openai")
+    assert read(tmp_path / "out.jsonl", "openai")[:2] == [
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Name a colour."},
+                      {"role": "assistant", "content": "Blue."}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]
+    export_file(store, tmp_path / "out.dpo", "dpo")
+    assert read(tmp_path / "out.dpo", "dpo") == [
+        {"prompt": [{"role": "user", "content": "2+2?"}],
+         "chosen": [{"role": "assistant", "content": "4"}],
+         "rejected": [{"role": "assistant", "content": "5"}]}]
+
+
+def test_sharegpt_with_role_and_content_keys_imports_like_from_and_value(store, tmp_path):
+    keyed = [{"id": c["id"], "conversations": [
+        {"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]), "content": t["value"]}
+        for t in c["conversations"]]} for c in SHAREGPT]
+    assert import_file(store, write(tmp_path / "keyed.json", "sharegpt", keyed)).format == "sharegpt"
+    export_file(store, tmp_path / "out.json", "sharegpt")
+    assert read(tmp_path / "out.json", "sharegpt") == SHAREGPT  # written back with ShareGPT's keys
+
+
+def test_trl_pairs_without_a_prompt_share_it_implicitly(store, tmp_path):
+    implicit = [{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]}
+                for p in DPO]
+    report = import_file(store, write(tmp_path / "implicit.jsonl", "dpo", implicit))
+    assert (report.format, report.conversations) == ("dpo", 2)  # detected without 'prompt'
+    export_file(store, tmp_path / "out.jsonl", "dpo")
+    assert read(tmp_path / "out.jsonl", "dpo") == DPO  # written with its explicit prompt
+
+
+# what the new forms still refuse: one line naming the file and line, nothing imported
+NEW_FORM_INPUTS = [
+    ("image.jsonl", b'{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", '
+                    b'"content": "y"}]}\n{"messages": [{"role": "user", "content": [{"type": "text", '
+                    b'"text": "What is it?"}, {"type": "image_url", "image_url": {"url": "a.png"}}]}, '
+                    b'{"role": "assistant", "content": "A cat."}]}\n', "openai",
+     r"image\.jsonl, line 2: messages\[0\]\.content\[1\] is a part of type 'image_url': "
+     r"Kettle imports text only"),
+    ("notype.json", b'[{"conversations": [{"role": "user", "content": [{"text": "x"}]}]}]',
+     "sharegpt", r"notype\.json, line 1: conversations\[0\]\.content\[0\] is a part of type None"),
+    ("parttext.jsonl", b'{"messages": [{"role": "assistant", "content": [{"type": "text", '
+                       b'"text": 7}]}]}\n', "openai",
+     r"field messages\[0\]\.content\[0\]\.'text' must be a string, got a number"),
+    ("roleless.json", b'[{"conversations": [{"role": "robot", "content": "x"}]}]', "sharegpt",
+     "'role' must be system, user or assistant, got 'robot'"),
+    ("same.jsonl", json.dumps({"chosen": DPO[0]["prompt"] + DPO[0]["chosen"],
+                               "rejected": DPO[0]["prompt"] + DPO[0]["chosen"]}).encode(), "dpo",
+     r"same\.jsonl, line 1: without a 'prompt', 'chosen' and 'rejected' must be one conversation "
+     r"but for a last assistant answer each \(they share 2 messages, then hold 0 and 0 more\)"),
+    ("forked.jsonl", json.dumps({"chosen": DPO[0]["prompt"] + DPO[0]["chosen"],
+                                 "rejected": [{"role": "user", "content": "?"}]}).encode(), None,
+     r"they share 0 messages, then hold 2 and 1 more"),
+    ("text-pair.jsonl", b'{"chosen": "Hi! Paris.", "rejected": "Hi! London."}\n', "dpo",
+     "a text pair needs its 'prompt'"),
+    ("history-string.json", json.dumps([ALPACA[0] | {"history": "a"}]).encode(), "alpaca",
+     "field 'history' must be a list, got a string"),
+    ("history-single.json", json.dumps([ALPACA[0] | {"history": [["a"]]}]).encode(), "alpaca",
+     r"history\[0\] must be a pair \[instruction, answer\], got a list of 1"),
+    ("history-number.json", json.dumps([ALPACA[0] | {"history": [["a", 1]]}]).encode(), "alpaca",
+     r"history\[0\]\[1\] must be a string, got a number"),
+    ("system-null.json", json.dumps([ALPACA[0] | {"system": None}]).encode(), "alpaca",
+     "field 'system' must be a string, got null"),
+]
+
+
+@pytest.mark.parametrize("name,data,fmt,error", NEW_FORM_INPUTS, ids=[b[0] for b in NEW_FORM_INPUTS])
+def test_what_the_new_forms_still_refuse(store, tmp_path, name, data, fmt, error):
+    test_malformed_input_is_one_clear_error_and_changes_nothing(store, tmp_path, name, data, fmt, error)
+
+
+CONTEXT = [  # an answer kept as context ("weight": 0) before the one chosen, as Kettle exports it
+    {"messages": [{"role": "system", "content": "Be kind."},
+                  {"role": "user", "content": "one"},
+                  {"role": "assistant", "content": "not this", "weight": 0},
+                  {"role": "user", "content": "two"}, {"role": "assistant", "content": "this"},
+                  {"role": "user", "content": "three"}, {"role": "assistant", "content": "and this"}]},
+]
+WITHOUT_CONTEXT = [
+    {"messages": [{"role": "system", "content": "Be kind."},
+                  {"role": "user", "content": "two"}, {"role": "assistant", "content": "this"},
+                  {"role": "user", "content": "three"}, {"role": "assistant", "content": "and this"}]},
+]
+
+
+def test_no_weights_leaves_context_only_answers_out_for_tools_that_ignore_weight(store, tmp_path):
+    import_file(store, write(tmp_path / "ctx.jsonl", "openai", CONTEXT))
+    report = export_file(store, tmp_path / "out.jsonl", "openai", weights=False)
+    assert (report.written, report.context_dropped) == (1, 1)
+    assert read(tmp_path / "out.jsonl", "openai") == WITHOUT_CONTEXT
+    # ShareGPT and Alpaca cannot mark weights: without them the example fits
+    assert export_file(store, tmp_path / "s.json", "sharegpt").written == 0
+    assert export_file(store, tmp_path / "s.json", "sharegpt", weights=False).written == 1
+    export_file(store, tmp_path / "a.json", "alpaca", weights=False)
+    assert read(tmp_path / "a.json", "alpaca") == [
+        {"instruction": "three", "input": "", "output": "and this", "system": "Be kind.",
+         "history": [["two", "this"]]}]
+    # what was written is all to learn: imported again, it exports as it is
+    with Store.open(tmp_path / "again.db") as again:
+        import_file(again, tmp_path / "out.jsonl")
+        export_file(again, tmp_path / "again.jsonl", "openai")
+    assert read(tmp_path / "again.jsonl", "openai") == WITHOUT_CONTEXT
+
+
+def test_data_export_no_weights_flag(tmp_path, capsys):
+    write(tmp_path / "ctx.jsonl", "openai", CONTEXT)
+    assert main(["data", "import", str(tmp_path / "ctx.jsonl")]) == 0
+    out = tmp_path / "trl.jsonl"
+    assert main(["data", "export", "--format", "openai", "--no-weights", str(out)]) == 0
+    assert "left out 1 answers marked weight 0" in capsys.readouterr().out
+    assert read(out, "openai") == WITHOUT_CONTEXT
+    pairs = tmp_path / "pairs.jsonl"
+    assert main(["data", "export", "--format", "dpo", "--no-weights", str(pairs)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--no-weights" in err[0] and "--format dpo" in err[0]
+    assert not pairs.exists()

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--snapshot", type=flags.record_id, metavar="ID",
                    help="export this snapshot (default: what the filter chooses now)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-weights", dest="weights", action="store_false",
+                   help='leave out answers marked "weight": 0 (context only) with the question '
+                        "each answers, for tools that train on every answer (TRL ignores weight)")
     add_filter_options(p)
     p.set_defaults(func=export_command)
 
@@ -127,9 +130,13 @@ def export_command(args) -> int:
         raise KettleError(f"{args.out} exists; pass --force to replace it")
     with Store.open(read_only=True) as store:
         report = export_file(store, args.out, args.format, snapshot_id=args.snapshot,
-                             filt=None if args.snapshot is not None else filt)
+                             filt=None if args.snapshot is not None else filt,
+                             weights=args.weights)
     source = f"snapshot {args.snapshot}" if args.snapshot is not None else "the filter"
     print(f"wrote {report.written:,} {args.format} records from {source} to {report.path}")
+    if report.context_dropped:
+        print(f"  left out {report.context_dropped:,} answers marked weight 0 (context only), "
+              "with the questions they answer")
     print_skipped(report.skipped)
     return 0
 
