@@ -14,8 +14,14 @@ positions; the prompt must fit in the rest. A chat that is too long keeps its sy
 as many of the newest messages as fit, dropping whole messages oldest first (and an assistant
 message left at the front, so the kept history starts with a user turn). If even the newest
 message does not fit, or for a raw text prompt, the prompt keeps its last tokens. The result's
-`dropped_tokens` says how many prompt tokens were left out. Generation stops with "length" at
-max_new_tokens or when the context window is full.
+`dropped_tokens` says how many prompt tokens were left out. With `truncate=False` a prompt that
+does not fit is refused instead (ContextLengthExceeded), which is what an API client expects.
+Generation stops with "length" at max_new_tokens or when the context window is full.
+
+Log-probabilities (`logprobs=N`): each answer token's, with the N most likely at its step, are
+log_softmax of the logits after the request's penalties, temperature and filters (see
+Sampler.log_probs); `echo=True` also scores the prompt, each token under the raw logits of the
+tokens before it (nothing was sampled there), the first token having none.
 """
 from __future__ import annotations
 
@@ -38,6 +44,19 @@ from gpt.threads import fit_threads
 from gpt.tokenizer import Tokenizer
 
 
+class ContextLengthExceeded(KettleError):
+    """A prompt too long for the context window, where trimming it was not wanted."""
+
+    code = "context_length_exceeded"
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float | None                       # None for a prompt's first token
+    top: list[tuple[int, float]] = field(default_factory=list)  # most likely first
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -51,6 +70,8 @@ class GenerationResult:
     seed: int = 0               # the seed actually used; pass it back to reproduce the text
     threads: int = 0            # CPU threads the model ran on (0: a GPU)
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None          # one per token_ids entry, when asked
+    prompt_logprobs: list[TokenLogprob] | None = None   # one per prompt token, with echo
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,16 +171,20 @@ class Engine:
         return kept, len(full) - len(kept)
 
     def stream_chat(self, messages: list[dict], params: SamplingParams,
-                    cancel: threading.Event | None = None) -> Iterator[str | GenerationResult]:
+                    cancel: threading.Event | None = None, *, logprobs: int | None = None,
+                    truncate: bool = True) -> Iterator[str | GenerationResult]:
         """Answer the conversation as the assistant: text deltas, then a GenerationResult."""
         params.validate()
         ids, dropped = self.chat_prompt(messages, params)
-        return self._generate(ids, params, cancel, dropped)
+        if dropped and not truncate:
+            self._too_long(len(ids) + dropped, params)
+        return self._generate(ids, params, cancel, dropped, logprobs)
 
     # --- raw text completion ---------------------------------------------------------------------
 
     def stream(self, prompt: list[int] | str, params: SamplingParams,
-               cancel: threading.Event | None = None) -> Iterator[str | GenerationResult]:
+               cancel: threading.Event | None = None, *, logprobs: int | None = None,
+               echo: bool = False, truncate: bool = True) -> Iterator[str | GenerationResult]:
         """Continue `prompt` (token ids or text): text deltas, then a GenerationResult."""
         params.validate()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -168,9 +193,22 @@ class Engine:
         if max(ids) >= self.tokenizer.n_vocab or min(ids) < 0:
             raise KettleError(f"prompt holds token ids outside the model's vocabulary "
                               f"(0..{self.tokenizer.n_vocab - 1})")
-        budget = self.prompt_budget(params)
-        dropped = max(0, len(ids) - budget)
-        return self._generate(ids[dropped:], params, cancel, dropped)
+        dropped = max(0, len(ids) - self.prompt_budget(params))
+        if dropped and not truncate:
+            self._too_long(len(ids), params)
+        return self._generate(ids[dropped:], params, cancel, dropped, logprobs, echo)
+
+    def _too_long(self, prompt_tokens: int, params: SamplingParams):
+        answer = self.context_length - self.prompt_budget(params)
+        raise ContextLengthExceeded(
+            f"the prompt is {prompt_tokens} tokens, but this model's context of "
+            f"{self.context_length} tokens holds at most {self.context_length - answer} once the "
+            f"answer has its {answer}")
+
+    def tokenize(self, text: str) -> list[int]:
+        """`text`'s token ids with special-token strings as the special tokens (as Hugging Face
+        tokenizers read them: what evaluation harnesses count with)."""
+        return self.tokenizer.encoding.encode(text, allowed_special="all")
 
     def generate(self, prompt: list[int] | str, params: SamplingParams,
                  cancel: threading.Event | None = None) -> GenerationResult:
@@ -190,17 +228,21 @@ class Engine:
 
     # --- the loop --------------------------------------------------------------------------------
 
-    def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
-        """Bring the cache to hold `ids`, reusing the longest shared prefix; the last logits."""
+    def _prefill(self, ids: list[int], every: bool = False) -> tuple[torch.Tensor, int]:
+        """Bring the cache to hold `ids`, reusing the longest shared prefix; the last logits, or
+        with `every` the logits [T, V] after each of `ids` (the whole prompt is fed then)."""
         if self._cache is None:
             self._cache = KVCache(self.model.config, 1, self.context_length, self.device,
                                   self.model.wte.weight.dtype)
         # At least one token must be fed to get logits for the next one.
-        common = min(_common_prefix(self._cached_ids, ids), len(ids) - 1)
+        common = 0 if every else min(_common_prefix(self._cached_ids, ids), len(ids) - 1)
         self._cache.truncate(common)
         self._cached_ids = ids[:common]
         x = torch.tensor([ids[common:]], dtype=torch.long, device=self.device)
-        logits = self._next_logits(x)
+        if every:
+            logits = self.model(x, self._cache)[0, :, :self.tokenizer.n_vocab]
+        else:
+            logits = self._next_logits(x)
         self._cached_ids = list(ids)
         return logits, common
 
@@ -211,7 +253,8 @@ class Engine:
         return self.model(x, self._cache, last_only=True)[0, -1, :self.tokenizer.n_vocab]
 
     def _generate(self, ids: list[int], params: SamplingParams, cancel: threading.Event | None,
-                  dropped: int) -> Iterator[str | GenerationResult]:
+                  dropped: int, logprobs: int | None = None,
+                  echo: bool = False) -> Iterator[str | GenerationResult]:
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(MAX_SEED)
         max_new = min(params.max_new_tokens, self.context_length - len(ids))
         start = time.perf_counter()
@@ -223,14 +266,21 @@ class Engine:
             finish, cached, first_at = "length", 0, None
             sampler = None
             logits = None
+            scored: list[TokenLogprob] | None = None if logprobs is None else []
+            prompt_scored = None
             for _ in range(max_new):
                 if cancel is not None and cancel.is_set():
                     finish = "cancelled"
                     break
                 with torch.inference_mode():
                     if logits is None:
-                        logits, cached = self._prefill(ids)
+                        logits, cached = self._prefill(ids, every=echo)
+                        if echo:
+                            prompt_scored = _score_prompt(ids, logits, logprobs or 0)
+                            logits = logits[-1]
                         sampler = Sampler(params, logits.size(-1), self.device, ids, seed)
+                    if scored is not None:
+                        log_probs = sampler.log_probs(logits)
                     token = sampler(logits)
                     if first_at is None:  # the first token itself, not the step queued after it
                         int(token)
@@ -246,6 +296,8 @@ class Engine:
                     finish = "stop"
                     break
                 tokens.append(tid)
+                if scored is not None:
+                    scored.append(_entry(tid, log_probs, logprobs))
                 delta = text.feed(tid)
                 if delta:
                     yield delta
@@ -262,7 +314,8 @@ class Engine:
             dropped_tokens=dropped, cached_tokens=cached,
             ttft_s=(first_at - start) if first_at is not None else end - start,
             tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
-            seed=seed, threads=threads, token_ids=tokens,
+            seed=seed, threads=threads, token_ids=tokens, logprobs=scored,
+            prompt_logprobs=prompt_scored,
         )
 
 
@@ -333,6 +386,20 @@ def _torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _entry(token: int, log_probs: torch.Tensor, top: int) -> TokenLogprob:
+    """`token`'s log-probability in `log_probs` [V] and the `top` most likely (none removed)."""
+    values, ids = log_probs.topk(min(top, log_probs.numel()))
+    return TokenLogprob(token, float(log_probs[token]),
+                        [(int(i), float(v)) for v, i in zip(values, ids) if v > float("-inf")])
+
+
+def _score_prompt(ids: list[int], logits: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Each prompt token under the raw logits [T, V] after the tokens before it."""
+    log_probs = logits.float().log_softmax(-1)
+    return [TokenLogprob(ids[0], None)] + [_entry(t, log_probs[i], top)
+                                           for i, t in enumerate(ids[1:])]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -218,6 +218,15 @@ class Sampler:
         self.observe(token)
         return token
 
+    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """log_softmax [V] of the logits after the penalties, the temperature and the filters this
+        request asked for (OpenAI's logprobs); a removed candidate is -inf. Greedy decoding reads
+        them at temperature 1: its choice is their most likely token."""
+        p = self.params
+        logits = apply_penalties(logits.float(), p, self.seen, self.counts) / (p.temperature or 1.0)
+        logits = min_p_filter(top_p_filter(top_k_filter(logits, p.top_k), p.top_p), p.min_p)
+        return logits.log_softmax(-1)
+
     def distribution(self, logits: torch.Tensor) -> torch.Tensor:
         """The probabilities [V] the next draw uses (penalties and filters applied)."""
         probs, ids = self._candidates(apply_penalties(logits.float(), self.params, self.seen, self.counts))

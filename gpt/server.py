@@ -51,6 +51,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import random
 import re
 import secrets
 import socket
@@ -67,7 +68,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from gpt.errors import KettleError
-from gpt.sampling import SamplingParams
+from gpt.sampling import MAX_SEED, SamplingParams
 from gpt.service import Delta, Done, Error, GenerationService, ModelInfo
 
 log = logging.getLogger("kettle.server")
@@ -132,7 +133,14 @@ class _GenerationRequest(_Strict):
     stop: str | list[str] | None = None
     n: int | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None             # accepted for compatibility; not used
+    # Kettle's extension: a prompt too long for the context loses its oldest part (as in the app)
+    # instead of a 400 context_length_exceeded.
+    truncate: bool = False
+    # Accepted and ignored (clients send them; they change nothing here): see IGNORED_FIELDS.
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
 
 
 class ChatRequest(_GenerationRequest):
@@ -145,13 +153,12 @@ class ChatRequest(_GenerationRequest):
     functions: list[Any] | None = None
     function_call: Any = None
     response_format: dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    metadata: dict[str, Any] | None = None
-    store: bool | None = None
+    parallel_tool_calls: bool | None = None     # ignored: without tools it means nothing
+    chat_template_kwargs: dict[str, Any] | None = None  # ignored: Kettle has one chat format
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
     echo: bool | None = None
     best_of: int | None = None
@@ -162,12 +169,33 @@ class SwitchRequest(_Strict):
     model: str
 
 
+class TokenizeRequest(_Strict):
+    prompt: str
+    add_special_tokens: bool = False    # Kettle's models have no beginning-of-text token
+    model: str | None = None
+
+
+class DetokenizeRequest(_Strict):
+    tokens: list[int]
+    model: str | None = None
+
+
+# What clients send that changes nothing for Kettle: accepted, never acted on (the README's list).
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls",
+                  "chat_template_kwargs")
+# OpenAI's ranges where they are narrower than Kettle's own (SamplingParams checks the rest).
+OPENAI_RANGES = {"temperature": (0, 2), "n": (1, 128), "top_logprobs": (0, 20)}
+COMPLETION_LOGPROBS = (0, 5)
+
+
 def sampling_params(req: _GenerationRequest, max_tokens: int | None) -> SamplingParams:
     """The request's SamplingParams, validated; a bad value is a 400 naming OpenAI's field."""
     fields = {"max_new_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
               "top_k": req.top_k, "min_p": req.min_p, "repetition_penalty": req.repetition_penalty,
               "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
               "seed": req.seed, "stop": req.stop}
+    for name in ("temperature", "n", "top_logprobs"):
+        _in_range(name, getattr(req, name, None), *OPENAI_RANGES[name])
     try:
         return SamplingParams.from_dict({k: v for k, v in fields.items() if v is not None})
     except KettleError as exc:
@@ -178,28 +206,27 @@ def sampling_params(req: _GenerationRequest, max_tokens: int | None) -> Sampling
         raise APIError(400, message, param=OPENAI_NAMES.get(field, field)) from None
 
 
+def _in_range(name: str, value, low, high) -> None:
+    if value is not None and not low <= value <= high:
+        raise APIError(400, f"{name} must be in [{low}, {high}], got {value}", param=name)
+
+
 def _reject_unsupported(req: _GenerationRequest) -> None:
     def no(param: str, what: str):
         raise APIError(400, f"{param}: {what} is not supported by Kettle", param=param)
 
-    if req.n not in (None, 1):
-        raise APIError(400, f"n must be 1 (Kettle generates one answer per request), got {req.n}",
-                       param="n")
     if req.logit_bias:
         no("logit_bias", "biasing tokens")
     if isinstance(req, ChatRequest):
-        if req.logprobs or req.top_logprobs:
-            no("logprobs", "returning log probabilities")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         for name in ("tools", "tool_choice", "functions", "function_call"):
             if getattr(req, name):
                 no(name, "tool and function calling")
         if req.response_format and req.response_format.get("type", "text") != "text":
             no("response_format", "a response format other than text")
     else:
-        if req.logprobs:
-            no("logprobs", "returning log probabilities")
-        if req.echo:
-            no("echo", "echoing the prompt")
+        _in_range("logprobs", req.logprobs, *COMPLETION_LOGPROBS)
         if req.best_of not in (None, 1):
             no("best_of", "best_of other than 1")
         if req.suffix:
@@ -236,19 +263,22 @@ def chat_messages(req: ChatRequest) -> list[dict]:
     return out
 
 
-def completion_prompt(req: CompletionRequest) -> str | list[int]:
+def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """The request's prompts: a text, a list of token ids, or a list of either (one choice each,
+    in order)."""
     prompt = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        if len(prompt) != 1:
-            raise APIError(400, f"prompt: one prompt per request, got {len(prompt)}", param="prompt")
-        prompt = prompt[0]
-    if isinstance(prompt, list) and any(t < 0 for t in prompt):
-        raise APIError(400, "prompt: token ids must be >= 0", param="prompt")
-    return prompt
+    if not prompt:
+        raise APIError(400, "prompt: must hold at least one prompt or token id", param="prompt")
+    prompts = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+    for i, p in enumerate(prompts):
+        if isinstance(p, list) and any(t < 0 for t in p):
+            raise APIError(400, f"prompt[{i}]: token ids must be >= 0", param="prompt")
+    return prompts
 
 
 # --- who may ask ---------------------------------------------------------------------------------
 
+TOKENIZER_PATHS = ("/tokenizer_info", "/tokenize", "/detokenize")
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?")
@@ -371,7 +401,7 @@ def create_app(service: GenerationService, api_key: str | None = None,
 
     def check_key(request: Request) -> None:
         path = request.scope["path"]
-        if api_key is None or not (path == "/v1" or path.startswith("/v1/")):
+        if api_key is None or not (path == "/v1" or path.startswith("/v1/") or path in TOKENIZER_PATHS):
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -449,16 +479,45 @@ def create_app(service: GenerationService, api_key: str | None = None,
                                  else req.max_completion_tokens)
         messages = chat_messages(req)
         model = _check_model(service, req.model)
-        return await _respond(request, service, "chat", messages, params, req, model)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        return await _respond(request, service, "chat", [messages], params, req, model,
+                              {"truncate": req.truncate, "logprobs": top})
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await parse_body(request, CompletionRequest)
         _reject_unsupported(req)
         params = sampling_params(req, req.max_tokens)
-        prompt = completion_prompt(req)
+        prompts = completion_prompts(req)
         model = _check_model(service, req.model)
-        return await _respond(request, service, "complete", prompt, params, req, model)
+        return await _respond(request, service, "complete", prompts, params, req, model,
+                              {"truncate": req.truncate, "logprobs": req.logprobs,
+                               "echo": bool(req.echo)})
+
+    # vLLM's tokenizer endpoints, which evaluation harnesses (lm-evaluation-harness) look for to
+    # count tokens with the served model's own tokenizer.
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        tokenizer, engine = await _tokenizer(service)
+        return {"tokenizer_class": "kettle", "eos_token": "<|endoftext|>",
+                "model_max_length": engine.context_length, "vocab_size": tokenizer.n_vocab}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req = await parse_body(request, TokenizeRequest)
+        _check_model(service, req.model)
+        tokenizer, engine = await _tokenizer(service)
+        tokens = engine.tokenize(req.prompt)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.context_length}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = await parse_body(request, DetokenizeRequest)
+        _check_model(service, req.model)
+        tokenizer, _ = await _tokenizer(service)
+        if any(not 0 <= t < tokenizer.n_vocab for t in req.tokens):
+            raise APIError(400, f"tokens: ids must be in 0..{tokenizer.n_vocab - 1}", param="tokens")
+        return {"prompt": tokenizer.decode(req.tokens)}
 
     return app
 
@@ -544,26 +603,67 @@ def _check_model(service: GenerationService, requested: str | None) -> str:
     return served
 
 
-async def _respond(request: Request, service: GenerationService, kind: str, payload, params,
-                   req: _GenerationRequest, model: str):
+async def _tokenizer(service: GenerationService):
+    try:
+        return await service.tokenizer()
+    except KettleError as exc:
+        raise APIError(400, str(exc)) from None
+
+
+def _event_error(event: Error, kind: str) -> APIError:
+    if event.code == "context_length_exceeded":
+        return APIError(400, f"{event.message}: shorten the prompt, lower max_tokens, or send "
+                             '"truncate": true to drop its oldest part',
+                        param="messages" if kind == "chat" else "prompt", code=event.code)
+    return APIError(400 if event.code == "invalid_request" else 500, event.message)
+
+
+async def _respond(request: Request, service: GenerationService, kind: str, payloads: list, params,
+                   req: _GenerationRequest, model: str, options: dict):
+    """One choice per payload and per n (OpenAI's index order: prompt by prompt, n each), one
+    after another: each starts from the KV cache the one before left, so a prompt is prefilled
+    once. With a seed, choice j of a prompt uses seed + j (without one, with n > 1, the server
+    picks one), so the reported seed reproduces them all."""
+    n = req.n or 1
+    if n > 1 and params.seed is None:
+        params = params.replace(seed=random.SystemRandom().randrange(MAX_SEED))
+    rows = [(payload, params if j == 0 else params.replace(seed=(params.seed + j) % MAX_SEED))
+            for payload in payloads for j in range(n)]
     request_id = uuid.uuid4().hex
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    reply = _Reply(prefix + request_id, model, kind, include_usage)
-    run = _Run(service, request, kind, request_id,
-               (service.stream_chat if kind == "chat" else service.complete)(payload, params, request_id))
+    tokenizer = (await _tokenizer(service))[0] if options.get("logprobs") is not None \
+        or options.get("echo") else None
+    reply = _Reply(prefix + request_id, model, kind, include_usage, options, tokenizer, n)
+    go = service.stream_chat if kind == "chat" else service.complete
+
+    def start(i: int) -> _Run:
+        payload, row_params = rows[i]
+        return _Run(service, request, kind, f"{request_id}-{i}",
+                    go(payload, row_params, f"{request_id}-{i}", **options))
+
+    first = start(0)
+    head = await first.next()  # an error before anything was generated is a plain 400
+    if isinstance(head, Error):
+        first.stop()
+        raise _event_error(head, kind)
     if req.stream:
-        return StreamingResponse(_sse(reply, run), media_type="text/event-stream",
+        return StreamingResponse(_sse(reply, rows, first, head, start),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    try:
-        while True:
-            event = await run.next()
-            if isinstance(event, Error):
-                raise APIError(400 if event.code == "invalid_request" else 500, event.message)
-            if isinstance(event, Done):
-                return reply.whole(event)
-    finally:
-        run.stop()
+    dones = []
+    for i in range(len(rows)):
+        run = first if i == 0 else start(i)
+        try:
+            event = head if i == 0 else await run.next()
+            while not isinstance(event, (Done, Error)):
+                event = await run.next()
+        finally:
+            run.stop()
+        if isinstance(event, Error):
+            raise _event_error(event, kind)
+        dones.append(event)
+    return reply.whole(dones, rows)
 
 
 class _Run:
@@ -600,35 +700,40 @@ class _Run:
             self.service.cancel(self.request_id)
 
 
-async def _sse(reply: "_Reply", run: _Run) -> AsyncIterator[str]:
-    try:
-        yield _data(reply.chunk(role=True))
-        while True:
-            event = await run.next()
-            if isinstance(event, Delta):
-                yield _data(reply.chunk(text=event.text))
-                continue
+async def _sse(reply: "_Reply", rows: list, first: _Run, head, start) -> AsyncIterator[str]:
+    """The choices' chunks, one choice after another; logprobs come with each choice's last
+    chunk."""
+    dones = []
+    for i in range(len(rows)):
+        run = first if i == 0 else start(i)
+        try:
+            yield _data(reply.chunk(i, role=True, echo=rows[i][0]))
+            event = head if i == 0 else await run.next()
+            while isinstance(event, Delta):
+                yield _data(reply.chunk(i, text=event.text))
+                event = await run.next()
             if isinstance(event, Error):
-                err = APIError(400 if event.code == "invalid_request" else 500, event.message)
-                yield _data({"error": _error_body(err)})
-            else:
-                yield _data(reply.chunk(done=event))
-                if reply.include_usage:
-                    yield _data({**reply.chunk(), "choices": [], "usage": _usage(event)})
-            break
-        yield "data: [DONE]\n\n"
-    finally:
-        run.stop()
+                yield _data({"error": _error_body(_event_error(event, reply.kind))})
+                break
+            dones.append(event)
+            yield _data(reply.chunk(i, done=event))
+        finally:
+            run.stop()
+    else:
+        if reply.include_usage:
+            yield _data({**reply.chunk(0), "choices": [], "usage": _usage(dones, reply.n)})
+    yield "data: [DONE]\n\n"
 
 
 def _data(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _usage(done: Done) -> dict:
-    r = done.result
-    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.new_tokens,
-            "total_tokens": r.prompt_tokens + r.new_tokens}
+def _usage(dones: list[Done], n: int) -> dict:
+    """OpenAI's count: each prompt's tokens once (not once per choice), every choice's answer."""
+    prompt = sum(d.result.prompt_tokens for d in dones[::n])
+    answer = sum(d.result.new_tokens for d in dones)
+    return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer}
 
 
 def _kettle_extra(done: Done) -> dict:
@@ -644,38 +749,92 @@ def _log_done(kind: str, done: Done) -> None:
              r.tokens_per_s)
 
 
+def _finite(logprob: float) -> float:
+    # JSON has no -Infinity; OpenAI writes -9999 for a token that cannot be drawn.
+    return max(logprob, -9999.0)
+
+
 class _Reply:
     """Builds one request's response objects, whole or as stream chunks."""
 
-    def __init__(self, id: str, model: str, kind: str, include_usage: bool):
+    def __init__(self, id: str, model: str, kind: str, include_usage: bool, options: dict,
+                 tokenizer, n: int):
         self.id, self.model, self.kind, self.include_usage = id, model, kind, include_usage
+        self.options, self.tokenizer, self.n = options, tokenizer, n
         self.created = int(time.time())
         self.object = "chat.completion" if kind == "chat" else "text_completion"
 
-    def whole(self, done: Done) -> dict:
-        r = done.result
-        if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": r.text},
-                      "logprobs": None, "finish_reason": r.finish_reason}
-        else:
-            choice = {"index": 0, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
-        return {"id": self.id, "object": self.object, "created": self.created, "model": done.model,
-                "choices": [choice], "usage": _usage(done), "kettle": _kettle_extra(done)}
+    def whole(self, dones: list[Done], rows: list) -> dict:
+        choices = []
+        for i, (done, (payload, _)) in enumerate(zip(dones, rows)):
+            r = done.result
+            if self.kind == "chat":
+                choices.append({"index": i, "message": {"role": "assistant", "content": r.text},
+                                "logprobs": self._logprobs(r), "finish_reason": r.finish_reason})
+            else:
+                choices.append({"index": i, "text": self._echo(payload) + r.text,
+                                "logprobs": self._logprobs(r), "finish_reason": r.finish_reason})
+        return {"id": self.id, "object": self.object, "created": self.created,
+                "model": dones[0].model, "choices": choices, "usage": _usage(dones, self.n),
+                "kettle": _kettle_extra(dones[0])}
 
-    def chunk(self, text: str = "", role: bool = False, done: Done | None = None) -> dict:
+    def chunk(self, index: int, text: str = "", role: bool = False, done: Done | None = None,
+              echo=None) -> dict:
         finish = done.result.finish_reason if done else None
+        logprobs = self._logprobs(done.result) if done else None
         if self.kind == "chat":
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            if role:
+                text = self._echo(echo)
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
             obj = "text_completion"
         chunk = {"id": self.id, "object": obj, "created": self.created,
                  "model": done.model if done else self.model, "choices": [choice]}
         if done:
             chunk["kettle"] = _kettle_extra(done)
         return chunk
+
+    def _echo(self, prompt) -> str:
+        """The prompt as sent, when echo asks for it."""
+        if not self.options.get("echo"):
+            return ""
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+
+    def _token(self, token: int) -> bytes:
+        return self.tokenizer.decode_bytes([token])
+
+    def _logprobs(self, r) -> dict | None:
+        if self.options.get("logprobs") is None:
+            return None
+        if self.kind == "chat":
+            def one(token, logprob):
+                b = self._token(token)
+                return {"token": b.decode("utf-8", "replace"), "logprob": _finite(logprob),
+                        "bytes": list(b)}
+            return {"content": [{**one(e.token, e.logprob),
+                                 "top_logprobs": [one(t, v) for t, v in e.top]}
+                                for e in r.logprobs], "refusal": None}
+        entries = (r.prompt_logprobs or []) + r.logprobs
+        tokens = [self._token(e.token).decode("utf-8", "replace") for e in entries]
+        offsets, at = [], 0
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        top = []
+        for e, t in zip(entries, tokens):
+            if e.logprob is None:  # a prompt's first token: nothing came before it
+                top.append(None)
+                continue
+            # OpenAI's legacy shape: the top N, and always the chosen token's own.
+            alternatives = {self._token(i).decode("utf-8", "replace"): _finite(v) for i, v in e.top}
+            top.append({**alternatives, t: _finite(e.logprob)})
+        return {"tokens": tokens,
+                "token_logprobs": [None if e.logprob is None else _finite(e.logprob)
+                                   for e in entries],
+                "top_logprobs": top, "text_offset": offsets}
 
 
 # --- running it ----------------------------------------------------------------------------------

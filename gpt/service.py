@@ -56,7 +56,9 @@ class Done:
 @dataclass(frozen=True)
 class Error:
     message: str
-    code: str = "invalid_request"   # "invalid_request" (the request or model is at fault) | "internal"
+    # "invalid_request" (the request or model is at fault) | "context_length_exceeded" (the
+    # prompt does not fit and was not to be trimmed) | "internal"
+    code: str = "invalid_request"
 
 
 Event = Delta | Done | Error
@@ -79,15 +81,17 @@ class GenerationService(ABC):
 
     @abstractmethod
     def stream_chat(self, messages: list[dict], params: SamplingParams,
-                    request_id: str | None = None) -> AsyncIterator[Event]:
+                    request_id: str | None = None, truncate: bool = True) -> AsyncIterator[Event]:
         """Answer a conversation as the assistant: Delta events, then one Done or Error.
         `params` is a SamplingParams or a dict of its fields; `request_id` (unique among the
-        requests in flight) is what `cancel` takes."""
+        requests in flight) is what `cancel` takes. A conversation too long for the context
+        loses its oldest messages (gpt.engine), or with truncate=False is an Error with code
+        "context_length_exceeded"."""
 
     @abstractmethod
-    def complete(self, prompt: str, params: SamplingParams,
-                 request_id: str | None = None) -> AsyncIterator[Event]:
-        """Continue raw text: the same events as stream_chat."""
+    def complete(self, prompt: str | list[int], params: SamplingParams,
+                 request_id: str | None = None, truncate: bool = True) -> AsyncIterator[Event]:
+        """Continue raw text (or token ids): the same events as stream_chat."""
 
     @abstractmethod
     def cancel(self, request_id: str | None = None) -> None:
@@ -114,6 +118,11 @@ class GenerationService(ABC):
 
     def close(self) -> None:
         """Release the model and the worker thread; the service cannot be used afterwards."""
+
+    async def tokenizer(self):
+        """The served model's gpt.tokenizer.Tokenizer and its Engine (for `tokenize`), loaded if
+        need be; only a service with the model in this process has them."""
+        raise KettleError("tokenizing needs the model in this process")
 
 
 # --- model names -----------------------------------------------------------------------------------
@@ -202,7 +211,9 @@ def _version_info(version) -> ModelInfo:
 
 
 def _same_model(a: ModelInfo, b: ModelInfo) -> bool:
-    if a.version_id is not None or b.version_id is not None:
+    # A version and the directory it points at are one model (served by path, it would be
+    # listed twice otherwise).
+    if a.version_id is not None and b.version_id is not None:
         return a.version_id == b.version_id
     return Path(a.path).resolve() == Path(b.path).resolve()
 
@@ -216,6 +227,7 @@ class _Job:
     params: SamplingParams
     cancel: threading.Event
     emit: Callable[[Event], None]
+    options: dict               # the engine's keyword arguments: truncate, logprobs, echo
 
 
 @dataclass
@@ -244,11 +256,23 @@ class InProcessService(GenerationService):
 
     # -- the interface ----------------------------------------------------------------------------
 
-    def stream_chat(self, messages, params, request_id=None):
-        return self._events("chat", messages, params, request_id)
+    def stream_chat(self, messages, params, request_id=None, truncate=True, logprobs=None):
+        """Also `logprobs`: each answer token's log-probability and the N most likely
+        (GenerationResult.logprobs), which only the in-process service returns."""
+        return self._events("chat", messages, params, request_id,
+                            {"truncate": truncate, "logprobs": logprobs})
 
-    def complete(self, prompt, params, request_id=None):
-        return self._events("complete", prompt, params, request_id)
+    def complete(self, prompt, params, request_id=None, truncate=True, logprobs=None, echo=False):
+        """Also `logprobs` (as in stream_chat) and `echo`: score the prompt's tokens too
+        (GenerationResult.prompt_logprobs)."""
+        return self._events("complete", prompt, params, request_id,
+                            {"truncate": truncate, "logprobs": logprobs, "echo": echo})
+
+    async def tokenizer(self):
+        def loaded():
+            self._ensure_loaded()
+            return self._engine.tokenizer, self._engine
+        return await asyncio.wrap_future(self._call(loaded))
 
     def cancel(self, request_id: str | None = None) -> None:
         with self._lock:
@@ -294,7 +318,7 @@ class InProcessService(GenerationService):
 
     # -- the caller's side ------------------------------------------------------------------------
 
-    async def _events(self, kind, payload, params, request_id) -> AsyncIterator[Event]:
+    async def _events(self, kind, payload, params, request_id, options) -> AsyncIterator[Event]:
         if self._closed:
             yield Error("the generation service is closed", "internal")
             return
@@ -317,7 +341,7 @@ class InProcessService(GenerationService):
         with self._lock:
             self._cancels[request_id] = cancel
         try:
-            self._jobs.put(_Job(kind, payload, params, cancel, emit))
+            self._jobs.put(_Job(kind, payload, params, cancel, emit, options))
             while True:
                 event = await inbox.get()
                 yield event
@@ -364,15 +388,15 @@ class InProcessService(GenerationService):
             if engine.device.type == "cpu":
                 engine.threads = 1 if _training_in_progress() else None
             if job.kind == "chat":
-                items = engine.stream_chat(job.payload, job.params, job.cancel)
+                items = engine.stream_chat(job.payload, job.params, job.cancel, **job.options)
             else:
                 if not isinstance(job.payload, (str, list)):
                     raise KettleError("prompt must be a string or a list of token ids")
-                items = engine.stream(job.payload, job.params, job.cancel)
+                items = engine.stream(job.payload, job.params, job.cancel, **job.options)
             for item in items:
                 job.emit(Done(item, name) if isinstance(item, GenerationResult) else Delta(item))
         except KettleError as exc:
-            job.emit(Error(str(exc)))
+            job.emit(Error(str(exc), getattr(exc, "code", "invalid_request")))
         except Exception as exc:  # a bug must not take the worker (and every later request) down
             traceback.print_exc()
             job.emit(Error(f"internal error: {type(exc).__name__}: {exc}", "internal"))
@@ -431,11 +455,13 @@ class RemoteService(GenerationService):
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Task]] = {}
         self._lock = threading.Lock()
 
-    def stream_chat(self, messages, params, request_id=None):
-        return self._stream("/v1/chat/completions", {"messages": messages}, params, request_id)
+    def stream_chat(self, messages, params, request_id=None, truncate=True):
+        return self._stream("/v1/chat/completions", {"messages": messages, "truncate": truncate},
+                            params, request_id)
 
-    def complete(self, prompt, params, request_id=None):
-        return self._stream("/v1/completions", {"prompt": prompt}, params, request_id)
+    def complete(self, prompt, params, request_id=None, truncate=True):
+        return self._stream("/v1/completions", {"prompt": prompt, "truncate": truncate}, params,
+                            request_id)
 
     def cancel(self, request_id: str | None = None) -> None:
         with self._lock:
@@ -567,7 +593,7 @@ async def _parse_events(response, inbox: asyncio.Queue, path: str) -> Event:
         if "error" in chunk:
             error = chunk["error"]
             return Error(error.get("message", str(error)), "internal" if error.get("type") ==
-                         "server_error" else "invalid_request")
+                         "server_error" else error.get("code") or "invalid_request")
         model = chunk.get("model", model)
         usage = chunk.get("usage") or usage
         extra = chunk.get("kettle") or extra
