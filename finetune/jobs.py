@@ -495,7 +495,7 @@ def _write_model(out: Path, model, tokenizer, trainer, name, base_name, run_id, 
         if base_replay.is_file():  # the base's skills stay replayable for the next fine-tune
             shutil.copyfile(base_replay, tmp / REPLAY_FILE)
         if lora_layers(model):
-            save_adapter(model, tmp / "adapter", extra={"base": hparams["base"]})
+            save_adapter(model, tmp / "adapter", base=hparams["base"])
             merge_lora(model)
         weights = tmp / "weights"
         save_model(model, weights, tokenizer)

@@ -67,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     cancel = actions.add_parser("cancel", help="stop a running run (it saves a checkpoint)")
     cancel.add_argument("run", type=flags.record_id, metavar="RUN")
     cancel.set_defaults(func=cancel_command)
-    merge = actions.add_parser("merge", help="merge a LoRA adapter into a full model directory")
+    merge = actions.add_parser("merge", help="merge a LoRA adapter (Kettle's or PEFT's) into a full "
+                                             "model directory")
     merge.add_argument("--base", required=True, metavar="M", help="the base model the adapter was trained on")
     merge.add_argument("--adapter", required=True, metavar="DIR")
     merge.add_argument("--out", required=True, metavar="DIR")
