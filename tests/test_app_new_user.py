@@ -157,9 +157,9 @@ async def start_and_cancel(pilot, app) -> Run:
     screen.query_one("#ft-epochs").value = "1000"  # far more than the test waits for
     await pilot.press("ctrl+g")
     await wait_until(pilot, lambda: screen.run is not None and screen.run.status == "running"
-                     and screen.run.step >= 1, "the first steps", timeout=60)
+                     and screen.run.step >= 1, "the first steps", timeout=120)
     await pilot.press("ctrl+x")
-    await wait_until(pilot, lambda: screen.run.status == "cancelled", "the cancellation", timeout=60)
+    await wait_until(pilot, lambda: screen.run.status == "cancelled", "the cancellation", timeout=120)
     return screen.run
 
 

@@ -38,9 +38,11 @@ def test_a_busy_process_beside_us_is_seen_and_our_own_work_is_not():
         with_busy = threads.LoadSample().busy_elsewhere(before)
     finally:
         busy.kill()
-    # Another test worker may run beside this one; the busy loop adds a whole core to it.
+    # Another test worker (or anything else) may run beside this one; the busy loop adds a
+    # whole core to it where a core is free, and fills what is left where none is.
     assert with_busy >= 0.8
-    assert with_busy - own_only >= 0.5
+    spare = max(0.0, (os.cpu_count() or 1) - own_only)
+    assert with_busy - own_only >= 0.5 * min(1.0, spare)
 
 
 def test_the_fitter_applies_its_choice_to_torch_and_restores_it(monkeypatch):
