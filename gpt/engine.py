@@ -211,13 +211,13 @@ class Engine:
         return self.tokenizer.encoding.encode(text, allowed_special="all")
 
     def generate(self, prompt: list[int] | str, params: SamplingParams,
-                 cancel: threading.Event | None = None) -> GenerationResult:
+                 cancel: threading.Event | None = None, **options) -> GenerationResult:
         """`stream` without the deltas."""
-        return _last(self.stream(prompt, params, cancel))
+        return _last(self.stream(prompt, params, cancel, **options))
 
     def generate_chat(self, messages: list[dict], params: SamplingParams,
-                      cancel: threading.Event | None = None) -> GenerationResult:
-        return _last(self.stream_chat(messages, params, cancel))
+                      cancel: threading.Event | None = None, **options) -> GenerationResult:
+        return _last(self.stream_chat(messages, params, cancel, **options))
 
     def reset(self) -> None:
         """Forget the cached prefix (the next request prefills its whole prompt)."""

@@ -336,3 +336,58 @@ def test_kettle_generate_unknown_model(capsys):
 
     assert main(["generate", "no-such-model", "x"]) == 1
     assert "no-such-model: no such model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0, max_new_tokens=6),
+    SamplingParams(temperature=0.7, top_k=20, top_p=0.9, min_p=0.02, repetition_penalty=1.3,
+                   presence_penalty=0.5, frequency_penalty=0.4, seed=3, max_new_tokens=6),
+])
+def test_logprobs_are_log_softmax_of_a_direct_forward_pass_after_the_filters(engine, params):
+    from gpt.sampling import apply_penalties, min_p_filter, top_k_filter, top_p_filter
+
+    prompt = engine.tokenizer.encode("She had always thought")
+    result = engine.generate(prompt, params, logprobs=4, echo=True)
+    ids = prompt + result.token_ids
+    with torch.inference_mode():
+        logits = engine.model(torch.tensor([ids]))[0, :, :engine.tokenizer.n_vocab].float()
+    # The prompt: raw log_softmax; its first token has none.
+    raw = logits.log_softmax(-1)
+    assert [e.token for e in result.prompt_logprobs] == prompt and result.prompt_logprobs[0].logprob is None
+    for i, entry in enumerate(result.prompt_logprobs[1:]):
+        assert entry.logprob == pytest.approx(float(raw[i, prompt[i + 1]]), abs=1e-4)
+        assert [t for t, _ in entry.top] == raw[i].topk(4).indices.tolist()
+    # The answer: penalties, temperature, top-k, top-p, min-p, then log_softmax (OpenAI's definition).
+    assert len(result.logprobs) == len(result.token_ids) > 0
+    counts = torch.zeros(engine.tokenizer.n_vocab)
+    for step, entry in enumerate(result.logprobs):
+        at = len(prompt) + step - 1
+        seen = torch.zeros(engine.tokenizer.n_vocab, dtype=torch.bool)
+        seen[ids[:at + 1]] = True
+        x = apply_penalties(logits[at], params, seen, counts) / (params.temperature or 1.0)
+        x = min_p_filter(top_p_filter(top_k_filter(x, params.top_k), params.top_p), params.min_p)
+        expected = x.log_softmax(-1)
+        assert entry.token == result.token_ids[step]
+        assert entry.logprob == pytest.approx(float(expected[entry.token]), abs=1e-4)
+        assert len(entry.top) <= 4 and all(v > float("-inf") for _, v in entry.top)
+        for token, value in entry.top:
+            assert value == pytest.approx(float(expected[token]), abs=1e-4)
+        if params.greedy:  # the greedy choice is the most likely token
+            assert entry.top[0][0] == entry.token
+        counts[entry.token] += 1
+
+
+def test_a_prompt_too_long_is_refused_unless_it_may_be_trimmed(engine):
+    from gpt.engine import ContextLengthExceeded
+
+    params = SamplingParams(temperature=0, max_new_tokens=10)
+    ids = list(range(5, 5 + engine.prompt_budget(params) + 1))
+    with pytest.raises(ContextLengthExceeded, match=r"the prompt is 119 tokens, but this model's "
+                                                    r"context of 128 tokens holds at most 118"):
+        engine.stream(ids, params, truncate=False)
+    assert engine.generate(ids, params).dropped_tokens == 1  # the app's default: trimmed
+    assert engine.generate(ids[1:], params).dropped_tokens == 0
+    long_chat = [{"role": "user", "content": "word " * 200}]
+    with pytest.raises(ContextLengthExceeded):
+        engine.stream_chat(long_chat, params, truncate=False)
+    assert engine.generate_chat(long_chat, params).dropped_tokens > 0

@@ -474,3 +474,127 @@ def test_kettle_serve_command(tiny_model_dir, kettle_home, capsys):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_completions_score_prompts_as_evaluation_harnesses_ask(server, long_context_model_dir):
+    engine = Engine.load(long_context_model_dir)
+    prompts = [engine.tokenizer.encode("I had always thought"), engine.tokenizer.encode("She said")]
+    # lm-evaluation-harness's loglikelihood request: a batch of token-id prompts, echoed, scored.
+    body = {"prompt": prompts, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+            "echo": True}
+    r = http(server, "POST", "/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    for prompt, choice in zip(prompts, choices):
+        expected = engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=1),
+                                   logprobs=1, echo=True)
+        lp = choice["logprobs"]
+        assert choice["text"] == engine.tokenizer.decode(prompt) + expected.text
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        want = [e.logprob for e in expected.prompt_logprobs[1:] + expected.logprobs]
+        assert lp["token_logprobs"][1:] == pytest.approx(want, abs=1e-5)
+        assert len(lp["tokens"]) == len(prompt) + 1 == len(lp["text_offset"])
+        for top, token, value in zip(lp["top_logprobs"][1:], lp["tokens"][1:], lp["token_logprobs"][1:]):
+            assert top[token] == value and 1 <= len(top) <= 2  # the top one and the chosen one
+    # A list of texts: one choice per prompt, in order; a plain answer carries no logprobs.
+    r = http(server, "POST", "/v1/completions", json={"prompt": ["I had", "She"], "max_tokens": 3,
+                                                      "temperature": 0})
+    texts = [c["text"] for c in r.json()["choices"]]
+    assert texts == [engine.generate(p, SamplingParams(temperature=0, max_new_tokens=3)).text
+                     for p in ("I had", "She")]
+    assert r.json()["choices"][0]["logprobs"] is None
+    assert r.json()["usage"]["completion_tokens"] == 6
+
+
+def test_n_choices_and_chat_logprobs(server, client, long_context_model_dir):
+    engine = Engine.load(long_context_model_dir)
+    params = dict(temperature=1.0, top_k=30, max_new_tokens=6)
+    answer = client.chat.completions.create(model="long", messages=CHAT, n=3, seed=11, max_tokens=6,
+                                            temperature=1.0, logprobs=True, top_logprobs=2,
+                                            extra_body={"top_k": 30})
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    for j, choice in enumerate(answer.choices):  # choice j: seed + j, the same as asked alone
+        alone = engine.generate_chat(CHAT, SamplingParams(seed=11 + j, **params), logprobs=2)
+        assert choice.message.content == alone.text
+        assert [t.logprob for t in choice.logprobs.content] == pytest.approx(
+            [e.logprob for e in alone.logprobs], abs=1e-5)
+        assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
+    assert len({c.message.content for c in answer.choices}) > 1
+    assert answer.usage.prompt_tokens == alone.prompt_tokens  # the prompt once, not per choice
+    assert answer.model_extra["kettle"]["seed"] == 11
+    # Streamed: each choice's chunks carry its index; its logprobs come with its last chunk.
+    chunks = list(client.chat.completions.create(model="long", messages=CHAT, n=2, seed=11, stream=True,
+                                                 max_tokens=6, temperature=1.0, logprobs=True,
+                                                 extra_body={"top_k": 30}))
+    for j in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == j]
+        assert "".join(c.delta.content or "" for c in mine) == answer.choices[j].message.content
+        assert [t.token for t in mine[-1].logprobs.content] == \
+            [t.token for t in answer.choices[j].logprobs.content]
+
+
+def test_a_prompt_too_long_is_a_400_unless_the_client_asks_to_truncate(server, client):
+    long_chat = [{"role": "user", "content": "word " * 3000}]
+    for stream in (False, True):
+        r = http(server, "POST", "/v1/chat/completions",
+                 json={"messages": long_chat, "max_tokens": 10, "stream": stream})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+        assert "context of 2048 tokens" in error["message"] and '"truncate": true' in error["message"]
+    with pytest.raises(openai.BadRequestError, match="holds at most 2047") as caught:
+        client.completions.create(model="long", prompt=[5] * 2048, max_tokens=1)
+    assert caught.value.code == "context_length_exceeded"
+    r = http(server, "POST", "/v1/chat/completions",
+             json={"messages": long_chat, "max_tokens": 2, "truncate": True})
+    assert r.status_code == 200 and r.json()["kettle"]["dropped_tokens"] > 0
+
+
+# Request bodies as these clients send them (recorded from their HTTP traffic), replayed.
+OTERM_BODY = {  # oterm 0.x through pydantic-ai's OpenAIChatModel, an "openai-compat" provider
+    "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                 {"role": "user", "content": "Hello"}],
+    "model": "tiny", "stream": True, "stream_options": {"include_usage": True},
+    "temperature": 0.7, "top_p": 0.9, "chat_template_kwargs": {"enable_thinking": False},
+    "parallel_tool_calls": False,
+}
+LLM_CHAT_BODY = {  # `llm -m kettle "Hello"` (extra-openai-models.yaml, api_base to the server)
+    "model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "stream": True,
+    "stream_options": {"include_usage": True},
+}
+LLM_COMPLETION_BODY = {  # a completion model of llm's (completion: true), with -o logprobs 2
+    "model": "tiny", "prompt": "Hello", "stream": True, "logprobs": 2,
+    "stream_options": {"include_usage": True},
+}
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", OTERM_BODY),
+    ("/v1/chat/completions", LLM_CHAT_BODY),
+    ("/v1/completions", LLM_COMPLETION_BODY),
+    ("/v1/chat/completions", {"messages": CHAT, "user": "u-1", "store": False,
+                              "metadata": {"app": "x"}, "service_tier": "auto", "max_tokens": 2}),
+])
+def test_recorded_client_requests_are_answered(open_server, path, body):
+    r = httpx.post(open_server.url + path, json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    if body.get("stream"):
+        lines = [l for l in r.text.splitlines() if l.startswith("data:")]
+        assert lines[-1] == "data: [DONE]" and '"usage"' in lines[-2]
+
+
+def test_each_model_is_listed_once(tiny_gpt2_vocab_model_dir):
+    from data.paths import models_dir
+    from data.store import Store
+
+    path = models_dir() / "mine"
+    shutil.copytree(tiny_gpt2_vocab_model_dir, path)
+    with Store.open() as store:
+        store.add_model_version("mine", path, "imported")
+    running = RunningServer(InProcessService(str(path)), None)  # served by path: the same model
+    try:
+        ids = [m["id"] for m in httpx.get(running.url + "/v1/models").json()["data"]]
+        assert ids == ["mine"]
+    finally:
+        running.stop()
