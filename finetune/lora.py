@@ -218,6 +218,19 @@ def is_adapter_dir(directory: Path) -> bool:
     return (directory / ADAPTER_CONFIG).is_file() or (directory / PEFT_CONFIG).is_file()
 
 
+def recorded_base(directory: Path) -> str | None:
+    """The base model an adapter says it was trained on (Kettle's "base", PEFT's
+    base_model_name_or_path), unchecked: a hint for finding it."""
+    for name, key in ((ADAPTER_CONFIG, "base"), (PEFT_CONFIG, "base_model_name_or_path")):
+        try:
+            value = json.loads((directory / name).read_text(encoding="utf-8")).get(key)
+        except (OSError, ValueError, RecursionError, AttributeError):
+            continue  # loading the adapter says what is wrong with it
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def load_adapter(model: GPT, directory: str | Path) -> GPT:
     """Wrap `model` with the adapter saved in `directory` (Kettle's, or else PEFT's), after
     checking it fits the model."""

@@ -175,3 +175,60 @@ def test_bad_peft_adapter_is_one_line_and_writes_nothing(tiny_model_dir, export,
     assert err.startswith("kettle: error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "merged").exists()
 
+
+
+async def test_the_app_imports_a_peft_adapter_merged_into_its_base(app_model, tmp_path):
+    from test_app import SIZE, open_chat, wait_until
+    from tui.app import KettleApp
+
+    export = export_hf(models_dir() / "tiny", tmp_path / "tiny-hf")
+    theirs = _peft_adapter(export, tmp_path / "my-lora")  # it names the export: tiny, active, is used
+    _peft_adapter(export, tmp_path / "dora")
+    _edit_config(tmp_path / "dora", use_dora=True)
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await pilot.press("f4")
+        await wait_until(pilot, lambda: app.current_mode == "models", "the models screen")
+        for adapter in ("dora", "my-lora"):
+            await pilot.press("i")
+            await wait_until(pilot, lambda: app.screen.__class__.__name__ == "TextModal", "the path box")
+            app.screen.query_one("#text").value = str(tmp_path / adapter)
+            await pilot.press("enter")
+            if adapter == "dora":
+                await wait_until(pilot, lambda: any("use_dora is true" in n.message
+                                                    for n in app._notifications), "the refusal")
+                assert sorted(p.name for p in models_dir().iterdir()) == ["tiny"]
+        await wait_until(pilot, lambda: app.store.find_model_version("tiny-my-lora") is not None,
+                         "the merged import")
+        version = app.store.model_version("tiny-my-lora")
+        assert version.kind == "imported" and version.path == str(models_dir() / "tiny-my-lora")
+    assert (theirs - _kettle_logits(version.path)).abs().max() <= 1e-5
+
+
+def test_an_adapter_merges_into_the_model_it_names_else_the_active_one(tiny_model_dir, export,
+                                                                        tmp_path):
+    import shutil
+
+    from data.store import Store
+    from gpt.errors import KettleError
+    from tui.screens.models import adapter_base
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    shutil.copytree(tiny_model_dir, models_dir() / "tiny")
+
+    def named(base):
+        (adapter / PEFT_CONFIG).write_text(json.dumps({"peft_type": "LORA",
+                                                       "base_model_name_or_path": base}))
+        return adapter_base(store, adapter)
+
+    with Store.open() as store:
+        with pytest.raises(KettleError, match="its base model nowhere is not one of yours and no "
+                                              "model is active"):
+            named("nowhere")
+        store.activate_model(store.add_model_version("other", tiny_model_dir, "imported").id)
+        assert named("someone/tiny") == models_dir() / "tiny"  # a hub id, by its last part
+        assert named(str(models_dir() / "tiny")) == models_dir() / "tiny"
+        assert named(str(export)) == tiny_model_dir  # an export: not a Kettle model, the active one
+        assert named("nowhere") == tiny_model_dir

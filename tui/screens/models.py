@@ -86,19 +86,48 @@ def register(store: Store, path: Path, kind: str, name: str | None = None) -> tu
 def import_model(store: Store, source: str) -> tuple[ModelVersion, bool]:
     """A Kettle model directory is registered where it is, once it passes every check loading
     it makes (a broken one registered would become the active model); a Hugging Face GPT-2
-    directory is converted into KETTLE_HOME/models first, checked as `kettle import-hf` does."""
+    directory is converted into KETTLE_HOME/models first, checked as `kettle import-hf` does;
+    a LoRA adapter (Kettle's or PEFT's) is merged into its base there, as `finetune merge` does."""
+    from finetune.lora import is_adapter_dir, merge_adapter
     from gpt.checkpoint import check_model_dir
     from gpt.hf import import_hf, is_hf_dir
 
     path = Path(source).expanduser()
     if not path.is_dir():
         raise KettleError(f"{path}: not a directory")
+    if is_adapter_dir(path):
+        base = adapter_base(store, path)
+        out = models_dir() / unique_name(store, f"{base.resolve().name}-{path.resolve().name}")
+        merge_adapter(base, path, out)
+        return register(store, out, "imported")
     if not is_hf_dir(path):
         check_model_dir(path)
         return register(store, path.resolve(), "imported")
     out = models_dir() / unique_name(store, path.resolve().name)
     import_hf(path, out)
     return register(store, out, "imported")
+
+
+def adapter_base(store: Store, adapter: Path) -> Path:
+    """The Kettle model an adapter is merged into: the one it names (a model's name or
+    directory; a hub id "org/gpt2" by its last part), else the active model."""
+    from finetune.lora import recorded_base
+    from gpt.checkpoint import resolve_model_dir
+    from gpt.hf import is_hf_dir
+
+    named = recorded_base(adapter)
+    for candidate in ([named, named.rstrip("/").rpartition("/")[2]] if named else []):
+        try:
+            found = resolve_model_dir(candidate)
+        except KettleError:
+            continue
+        if found.is_dir() and not is_hf_dir(found):  # an export's adapter: its Kettle model instead
+            return found
+    active = store.active_model()
+    if active is None:
+        raise KettleError(f"{adapter}: its base model {named or '(not named)'} is not one of "
+                          "yours and no model is active to merge it into")
+    return Path(active.path)
 
 
 async def after_new_model(app, version: ModelVersion | None, activated: bool) -> None:
@@ -154,7 +183,8 @@ async def download_gpt2(app) -> None:
 async def import_dir(app) -> None:
     source = await app.push_screen_wait(TextModal(
         "Import a model directory", "", "/path/to/model",
-        "A Kettle model directory, or a Hugging Face GPT-2 one (config.json + weights)"))
+        "A Kettle model directory, a Hugging Face GPT-2 one (config.json + weights), or a LoRA "
+        "adapter (Kettle's or PEFT's) to merge into its base"))
     if not source:
         return
     app.notify("Importing…", timeout=2)
@@ -176,7 +206,8 @@ def model_commands(app):
     yield SystemCommand("Brew the starter model", "Train a small model offline on Python's docs",
                         run(brew_starter))
     yield SystemCommand("Download GPT-2", "124M to 1558M, from Hugging Face", run(download_gpt2))
-    yield SystemCommand("Import a model", "A Kettle or Hugging Face GPT-2 directory", run(import_dir))
+    yield SystemCommand("Import a model", "A Kettle or Hugging Face GPT-2 directory, or a LoRA adapter",
+                        run(import_dir))
 
 
 class ModelsScreen(Screen):
