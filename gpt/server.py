@@ -13,13 +13,17 @@ Endpoints (all under /v1; with an API key every /v1 path, known or not, needs
     POST /v1/completions            OpenAI's legacy completions API (raw text continuation)
     GET  /health                    {"status": "ok"}, no key needed (for readiness checks)
 
-Parameters: OpenAI's names (model, messages / prompt, stream, stream_options.include_usage,
-max_tokens or max_completion_tokens, temperature, top_p, seed, stop (a string or a list),
-presence_penalty, frequency_penalty, n (must be 1), user) plus top_k, min_p and
-repetition_penalty. A field left out keeps Kettle's default (gpt.sampling.SamplingParams). "model"
-may be left out; if given it must be the served model. Features Kettle does not have (logprobs,
-tools, logit_bias, JSON mode, echo, best_of > 1, suffix) get a 400, not a silent no, and so does
-any field OpenAI does not define.
+Parameters: OpenAI's names and ranges (model, messages / prompt, stream,
+stream_options.include_usage, max_tokens or max_completion_tokens, temperature 0-2, top_p, seed,
+stop (a string or a list), presence_penalty, frequency_penalty, n 1-128, logprobs (chat: true and
+top_logprobs 0-20; completions: 0-5), echo) plus top_k, min_p, repetition_penalty and `truncate`
+(true: a prompt too long for the context loses its oldest part instead of a 400 with code
+context_length_exceeded). A completions prompt is a text, token ids, or a list of either: one
+choice per prompt and per n, in OpenAI's index order. A field left out keeps Kettle's default
+(gpt.sampling.SamplingParams). "model" may be left out; if given it must be the served model.
+IGNORED_FIELDS are accepted and change nothing. Features Kettle does not have (tools, logit_bias,
+JSON mode, best_of > 1, suffix) get a 400, not a silent no, and so does any field OpenAI does not
+define. GET /tokenizer_info, POST /tokenize and /detokenize are vLLM's, for evaluation harnesses.
 
 Every error is OpenAI's shape: {"error": {"message", "type", "param", "code"}}, 400 for a bad
 request (malformed or too deeply nested JSON, wrong type, out-of-range value), 401 for a missing
