@@ -51,9 +51,7 @@ def to_hf(model):
     from gpt.hf import config_to_hf, kettle_state_to_hf
 
     dtype = model.wte.weight.dtype
-    config = config_to_hf(model.config, dtype_name(dtype))
-    if model.config.vocab_size <= config["eos_token_id"]:  # a small shape's vocabulary
-        config.update(bos_token_id=None, eos_token_id=None)
+    config = config_to_hf(model.config, dtype_name(dtype), eot_id=None)  # no tokenizer here
     hf = GPT2LMHeadModel(GPT2Config(**config))
     missing, unexpected = hf.load_state_dict(kettle_state_to_hf(model.weights()), strict=False)
     assert not unexpected and all(m == "lm_head.weight" or m.endswith("attn.bias") for m in missing), (missing, unexpected)

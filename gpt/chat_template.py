@@ -17,6 +17,8 @@ assistant content and the end-of-turn marker (the loss mask covers both), so gen
 """
 from __future__ import annotations
 
+import json
+
 from gpt.errors import KettleError
 from gpt.tokenizer import END_OF_TEXT, Tokenizer
 
@@ -108,3 +110,24 @@ def render_alpaca(instruction: str, input: str = "", output: str | None = None) 
         text += f"\n\n### Input:\n{input}"
     text += "\n\n### Response:\n"
     return text if output is None else text + output
+
+
+def jinja_chat_template(tokenizer: Tokenizer) -> str:
+    """This format as a Jinja chat template (Hugging Face's `chat_template`), for a tokenizer
+    converted by gpt.tokenizer.hf_tokenizer_json: rendered and encoded, it gives render_prompt's
+    ids (and, with add_generation_prompt false, a whole conversation's render_training ids)."""
+    special = uses_special_tokens(tokenizer)
+    headers = SPECIAL_HEADERS if special else TEXT_HEADERS
+    end = END_OF_TURN if special else END_OF_TEXT
+    return (
+        "{%- set headers = " + json.dumps(headers) + " -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] not in headers -%}"
+        "{{ raise_exception('role must be one of " + ", ".join(ROLES) + "') }}"
+        "{%- elif message['role'] == 'system' and not loop.first -%}"
+        "{{ raise_exception('a system message may only come first') }}"
+        "{%- endif -%}"
+        "{{ headers[message['role']] }}{{ message['content'] }}" + end +
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ headers['assistant'] }}{%- endif -%}"
+    )

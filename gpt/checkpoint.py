@@ -2,7 +2,8 @@
 
     model.safetensors   the weights (a tied output head is not stored twice)
     config.json         {"kettle_format": 1, "dtype": ..., "tokenizer": ..., "config": GPTConfig}
-    tokenizer.json      only when the model does not use GPT-2's encoding
+    kettle-tokenizer.json  only when the model does not use GPT-2's encoding (tokenizer.json in
+                        directories older Kettles wrote, still read)
 
 Saving goes through a temporary directory that is renamed into place, so a crash never leaves a
 half-written model. Loading reads the safetensors header first and checks every tensor's name,
@@ -24,7 +25,7 @@ from data.files import atomic_directory
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
 from gpt.model import GPT
-from gpt.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from gpt.tokenizer import LEGACY_TOKENIZER_FILE, TOKENIZER_FILE, Tokenizer, load_tokenizer, tokenizer_path
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -67,7 +68,7 @@ def save_model(model: GPT, directory: str | Path, tokenizer: Tokenizer | None = 
     meta = {
         "kettle_format": FORMAT_VERSION,
         "dtype": dtype_name(dtypes.pop()),
-        "tokenizer": "gpt2" if tokenizer is None or tokenizer.name == "gpt2" else "tokenizer.json",
+        "tokenizer": "gpt2" if tokenizer is None or tokenizer.name == "gpt2" else TOKENIZER_FILE,
         "config": model.config.to_dict(),
     }
     try:
@@ -119,8 +120,8 @@ def check_model_dir(directory: str | Path) -> tuple[dict, GPTConfig, Tokenizer]:
     meta, config = read_meta(directory)
     with _checked_weights(directory / WEIGHTS_FILE, config, meta["dtype"]):
         pass
-    if meta.get("tokenizer") == TOKENIZER_FILE and not (directory / TOKENIZER_FILE).exists():
-        raise KettleError(f"{directory / TOKENIZER_FILE}: missing (config.json says the model uses it)")
+    if meta.get("tokenizer") in (TOKENIZER_FILE, LEGACY_TOKENIZER_FILE) and tokenizer_path(directory) is None:
+        raise KettleError(f"{directory / meta['tokenizer']}: missing (config.json says the model uses it)")
     tokenizer = load_tokenizer(directory)
     if tokenizer.n_vocab > config.vocab_size:
         raise KettleError(f"{directory}: tokenizer has {tokenizer.n_vocab} tokens, the model "

@@ -23,6 +23,8 @@ class GPTConfig:
     # its own output matrix, and embeddings initialised N(0, 1) as PyTorch does by default, which
     # lets a model trained from scratch on a small text memorise it far sooner (chapter 5).
     tie_embeddings: bool = True
+    # The MLP's hidden width (Hugging Face's n_inner); None is GPT-2's 4 * n_embd.
+    n_inner: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
@@ -31,6 +33,9 @@ class GPTConfig:
                 raise KettleError(f"config: {name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise KettleError(f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or isinstance(self.n_inner, bool)
+                                         or self.n_inner <= 0):
+            raise KettleError(f"config: n_inner must be a positive integer or null, got {self.n_inner!r}")
         for name in ("qkv_bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise KettleError(f"config: {name} must be true or false, got {getattr(self, name)!r}")
@@ -41,6 +46,10 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        return self.n_inner or 4 * self.n_embd
 
     def replace(self, **changes) -> "GPTConfig":
         return dataclasses.replace(self, **changes)

@@ -5,7 +5,7 @@
 A run keeps its state in a run directory (by default under KETTLE_HOME/runs):
 
     run.json          what was asked: corpus, model config, training config
-    tokenizer.json    the tokenizer the shards were made with
+    kettle-tokenizer.json  the tokenizer the shards were made with (none for GPT-2's)
     shards/           the corpus as token shards (data.corpus)
     checkpoint/       model/ (a model directory), trainer.pt (optimizer, RNG states), state.json
     metrics.jsonl     one JSON object per step, evaluation and sample
@@ -49,7 +49,8 @@ from gpt.engine import pick_device
 from gpt.errors import KettleError
 from gpt.model import GPT
 from gpt.threads import ThreadFitter
-from gpt.tokenizer import TOKENIZER_FILE, Tokenizer, gpt2_tokenizer, load_tokenizer_file, train_tokenizer
+from gpt.tokenizer import (LEGACY_TOKENIZER_FILE, TOKENIZER_FILE, Tokenizer, gpt2_tokenizer, load_tokenizer,
+                           train_tokenizer)
 
 GPT2_VOCAB = 50257
 
@@ -475,9 +476,8 @@ class StopFlag:
 def _prepare_data(data: Path, run_dir: Path, config: GPTConfig, cfg: TrainConfig,
                   tokenizer: Tokenizer | None, resume: bool, display: Display) -> Tokenizer:
     """Rank 0: the run's tokenizer (given, GPT-2's, or trained on the corpus) and its shards."""
-    tok_path = run_dir / TOKENIZER_FILE
     if resume:
-        tokenizer = load_tokenizer_file(tok_path) if tok_path.exists() else gpt2_tokenizer()
+        tokenizer = load_tokenizer(run_dir)
     elif tokenizer is None:
         if config.vocab_size >= GPT2_VOCAB:
             tokenizer = gpt2_tokenizer()
@@ -508,7 +508,7 @@ def _prepare_data(data: Path, run_dir: Path, config: GPTConfig, cfg: TrainConfig
 def _clear_run_files(run_dir: Path) -> None:
     """Remove what an earlier attempt that never reached a checkpoint left (only Kettle's own
     files: the run directory may be a folder the user named)."""
-    for name in (TOKENIZER_FILE, "metrics.jsonl", "loss.png", "run.json"):
+    for name in (TOKENIZER_FILE, LEGACY_TOKENIZER_FILE, "metrics.jsonl", "loss.png", "run.json"):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "shards", ignore_errors=True)
 
@@ -584,8 +584,7 @@ def pretrain(data: str | Path | None, out: str | Path, config: GPTConfig | None 
                 }, indent=2) + "\n")
         dist.barrier()
         if not dist.main:
-            tok_path = run_dir / TOKENIZER_FILE
-            tokenizer = load_tokenizer_file(tok_path) if tok_path.exists() else gpt2_tokenizer()
+            tokenizer = load_tokenizer(run_dir)
         return _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, display,
                       on_step, register)
     finally:

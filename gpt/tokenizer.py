@@ -1,7 +1,10 @@
 """Tokenizers on tiktoken: GPT-2's encoding, or a byte-level BPE trained on the user's corpus.
 
-A model directory that does not use GPT-2's encoding holds `tokenizer.json` (pattern, merges,
-special tokens); `load_tokenizer` picks whichever the directory says.
+A model directory that does not use GPT-2's encoding holds `kettle-tokenizer.json` (pattern,
+merges, special tokens); `load_tokenizer` picks whichever the directory says. `hf_tokenizer_json`
+and `from_hf_tokenizer` convert to and from the Hugging Face `tokenizers` library's format, exactly:
+tiktoken's byte-level BPE merges the adjacent pair whose concatenation has the lowest rank, so each
+token's merge is the split of it that this very procedure reaches one step before the token.
 """
 from __future__ import annotations
 
@@ -9,14 +12,16 @@ import base64
 import binascii
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Collection, Iterable, Iterator, Sequence
 
 import regex  # tiktoken's own dependency: it reads the pattern syntax tiktoken's engine does
 import tiktoken
 
 from gpt.errors import KettleError
 
-TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILE = "kettle-tokenizer.json"
+# Kettle's earlier name for that file, which is Hugging Face's: still read, never written.
+LEGACY_TOKENIZER_FILE = "tokenizer.json"
 END_OF_TEXT = "<|endoftext|>"
 # Special tokens a trained tokenizer carries: end of text, and the chat format's markers.
 SPECIAL_TOKENS = (END_OF_TEXT, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -66,16 +71,21 @@ class Tokenizer:
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.encoding.decode_bytes(list(ids))
 
+    def ranked_tokens(self) -> list[bytes]:
+        """The mergeable tokens' bytes, in rank (= id) order."""
+        ranks = self.encoding._mergeable_ranks
+        return sorted(ranks, key=ranks.__getitem__)
+
     def save(self, directory: str | Path) -> None:
-        """Write `tokenizer.json` into `directory` (not for GPT-2's encoding, which is fetched)."""
+        """Write `kettle-tokenizer.json` into `directory` (not for GPT-2's encoding, which is
+        fetched). The special tokens in id order: the same tokenizer writes the same bytes."""
         if self.name == "gpt2":
             return
-        ranks = sorted(self.encoding._mergeable_ranks.items(), key=lambda kv: kv[1])
         data = {
             "name": self.name,
             "pattern": self.encoding._pat_str,
-            "special_tokens": self.special_tokens,
-            "merges": [base64.b64encode(token).decode("ascii") for token, _ in ranks],
+            "special_tokens": dict(sorted(self.special_tokens.items(), key=lambda kv: kv[1])),
+            "merges": [base64.b64encode(token).decode("ascii") for token in self.ranked_tokens()],
         }
         Path(directory, TOKENIZER_FILE).write_text(json.dumps(data), encoding="utf-8")
 
@@ -153,10 +163,174 @@ def _checked_fields(data) -> tuple[str, str, dict[bytes, int], dict[str, int]]:
     return data["name"], data["pattern"], ranks, special
 
 
+def tokenizer_path(directory: str | Path) -> Path | None:
+    """The Kettle tokenizer file in a directory Kettle wrote (a model, a run, `tokenizer
+    train`'s output), under its name or the one older Kettles gave it; None when there is none."""
+    for name in (TOKENIZER_FILE, LEGACY_TOKENIZER_FILE):
+        if (path := Path(directory, name)).exists():
+            return path
+    return None
+
+
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    """The tokenizer a model directory uses: its own `tokenizer.json`, else GPT-2's."""
-    path = Path(model_dir, TOKENIZER_FILE)
-    return load_tokenizer_file(path) if path.exists() else gpt2_tokenizer()
+    """The tokenizer a model directory uses: its own tokenizer file, else GPT-2's."""
+    path = tokenizer_path(model_dir)
+    return load_tokenizer_file(path) if path else gpt2_tokenizer()
+
+
+# --- Hugging Face's tokenizers format ----------------------------------------------------------
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, which byte-level BPE vocabularies are written in."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    # ByteLevel.alphabet() is the set of the 256 characters; their order is GPT-2's
+    # bytes_to_unicode: the printable Latin-1 bytes stand for themselves, the rest follow from 256.
+    printable = [b for b in range(256) if chr(b) in ByteLevel.alphabet()]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def _merge_pairs(tokenizer: Tokenizer) -> list[tuple[bytes, bytes]]:
+    """Each multi-byte token's merge, in rank order: the two parts tiktoken's procedure (merge
+    the adjacent pair of lowest rank) has made of its bytes when only lower ranks may merge."""
+    ranks = tokenizer.encoding._mergeable_ranks
+    pairs = []
+    for token in tokenizer.ranked_tokens():
+        if len(token) == 1:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            rank, i = min((ranks.get(a + b, len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+            if rank >= ranks[token]:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise KettleError(f"tokenizer {tokenizer.name}: token {token!r} is no merge of two "
+                              "lower-ranked tokens, so byte-level BPE cannot express it")
+        pairs.append((parts[0], parts[1]))
+    return pairs
+
+
+def _prefix_split(prefixes: Sequence[str]) -> str:
+    """A regex for any of `prefixes` at the start of a piece of text (the text between special
+    tokens, which the tokenizers library pre-tokenizes one by one), every character escaped."""
+    return r"\A(?:" + "|".join("".join(f"\\x{{{ord(c):x}}}" for c in p) for p in prefixes) + ")"
+
+
+def hf_tokenizer_json(tokenizer: Tokenizer, prefixes: Sequence[str] = (),
+                      stop_tokens: Collection[str] = ()) -> str:
+    """The tokenizer in the `tokenizers` library's format (a Hugging Face `tokenizer.json`) that
+    encodes every text to tiktoken's ids: the same split pattern, the same byte-level BPE (a
+    piece that is a whole token is that token, as in tiktoken: ignore_merges), the special tokens
+    at their ids. Text that starts with one of `prefixes` (right after a special token) is split
+    after it first: a chat template's headers, which Kettle encodes apart from the message.
+    Only `stop_tokens` are marked special, which decoding skips by default: an answer never holds
+    them, and it shows any other special token as its text, as Kettle's decoding does."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    chars = _byte_chars()
+
+    def text(token: bytes) -> str:
+        return "".join(chars[b] for b in token)
+
+    ranks = tokenizer.encoding._mergeable_ranks
+    merges = [(text(a), text(b)) for a, b in _merge_pairs(tokenizer)]
+    hf = HFTokenizer(models.BPE({text(t): r for t, r in ranks.items()}, merges, ignore_merges=True))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        *([pre_tokenizers.Split(Regex(_prefix_split(prefixes)), behavior="isolated")] if prefixes else []),
+        pre_tokenizers.Split(Regex(tokenizer.encoding._pat_str), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    special = sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])
+    for token, _ in special:  # one by one, in id order: add_special_tokens marks all it adds special
+        added = AddedToken(token, special=token in stop_tokens, normalized=False)
+        (hf.add_special_tokens if token in stop_tokens else hf.add_tokens)([added])
+    if [hf.token_to_id(t) for t, _ in special] != [i for _, i in special]:  # ids follow the merges
+        raise KettleError(f"tokenizer {tokenizer.name}: its special tokens do not follow its merges")
+    return hf.to_str(pretty=True)
+
+
+def from_hf_tokenizer(path: str | Path, prefixes: Sequence[str] = ()) -> Tokenizer:
+    """A Hugging Face `tokenizer.json` as a Kettle tokenizer, when it is a byte-level BPE that
+    tiktoken runs exactly (what `hf_tokenizer_json(_, prefixes)` writes, and GPT-2's own); GPT-2's
+    tokenizer when that is what it holds. Anything else is refused, naming what Kettle cannot run."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
+        raise KettleError(f"{path}: cannot read ({exc})") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        raise KettleError(f"{path}: not a BPE tokenizer (Kettle runs byte-level BPE only)")
+    pattern = _hf_split_pattern(data.get("pre_tokenizer"), prefixes)
+    if pattern is None:
+        raise KettleError(f"{path}: pre_tokenizer is not a byte-level split Kettle can run "
+                          "(ByteLevel, or Split by a regex then ByteLevel without its own)")
+    for key, wanted in (("normalizer", None), ("decoder", "ByteLevel")):
+        got = data.get(key)
+        if (got.get("type") if isinstance(got, dict) else got) != wanted:
+            raise KettleError(f"{path}: {key} {got!r} is not {wanted!r} (byte-level BPE)")
+    vocab, added = model.get("vocab"), data.get("added_tokens", [])
+    if not isinstance(vocab, dict) or not isinstance(added, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("content"), str) for t in added):
+        raise KettleError(f"{path}: model.vocab must be an object and added_tokens a list of tokens")
+    special = {t["content"]: t.get("id") for t in added}
+    bytes_of = {c: b for b, c in _byte_chars().items()}
+    by_id = sorted((i, t) for t, i in vocab.items() if t not in special and isinstance(i, int))
+    if [i for i, _ in by_id] != list(range(len(by_id))) or len(by_id) + len(special) < len(vocab):
+        raise KettleError(f"{path}: the vocabulary's ids are not 0..{len(by_id) - 1} followed by "
+                          "the added tokens")
+    try:
+        merged = [bytes(bytes_of[c] for c in t) for _, t in by_id]
+    except KeyError as exc:
+        raise KettleError(f"{path}: vocabulary character {exc.args[0]!r} is not a byte-level one") from None
+    fields = {"name": "hf-bpe", "pattern": pattern, "special_tokens": special,
+              "merges": [base64.b64encode(t).decode("ascii") for t in merged]}
+    try:
+        name, pattern, ranks, special = _checked_fields(fields)
+    except ValueError as exc:
+        raise KettleError(f"{path}: not a tokenizer Kettle can run ({exc})") from None
+    tokenizer = Tokenizer(tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks,
+                                            special_tokens=special), name)
+    stored = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    chars = _byte_chars()
+    implied = [("".join(chars[x] for x in a), "".join(chars[x] for x in b)) for a, b in _merge_pairs(tokenizer)]
+    if stored != implied:
+        at = next(i for i, (s, m) in enumerate(zip(stored + [None], implied + [None])) if s != m)
+        raise KettleError(f"{path}: model.merges[{at}] is not the merge its vocabulary's ranks make "
+                          "(Kettle merges by rank, as tiktoken does), so Kettle would encode differently")
+    if special == {END_OF_TEXT: len(ranks)}:  # GPT-2's one special token: is it GPT-2's?
+        gpt2 = gpt2_tokenizer()
+        if ranks == gpt2.encoding._mergeable_ranks:
+            return gpt2
+    return tokenizer
+
+
+def _hf_split_pattern(pre, prefixes: Sequence[str]) -> str | None:
+    """The regex a `tokenizers` pre-tokenizer splits text by before byte-level BPE, if it is one
+    Kettle runs: ByteLevel with its built-in regex (GPT-2's), or Split(regex) then ByteLevel
+    (after the split of `prefixes` that hf_tokenizer_json puts first)."""
+    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pattern, as tiktoken runs it
+
+    if not isinstance(pre, dict):
+        return None
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+        return r50k_pat_str
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+        return None
+    splits = [s.get("pattern", {}).get("Regex") if isinstance(s.get("pattern"), dict)
+              and s.get("type") == "Split" and s.get("behavior") == "Isolated" and not s.get("invert")
+              else None for s in steps[:-1]]
+    if prefixes and splits[:1] == [_prefix_split(prefixes)]:
+        splits = splits[1:]
+    byte_level = steps[-1]
+    if (len(splits) == 1 and isinstance(splits[0], str) and byte_level.get("type") == "ByteLevel"
+            and byte_level.get("use_regex") is False and not byte_level.get("add_prefix_space")):
+        return splits[0]
+    return None
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, name: str = "kettle-bpe") -> Tokenizer:

@@ -38,7 +38,7 @@ def test_save_and_load_round_trip(model_dir, trained_tokenizer):
     with torch.no_grad():
         assert torch.equal(model(idx), original(idx))
     assert tok.encode("hello there") == trained_tokenizer.encode("hello there")
-    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "kettle-tokenizer.json", "model.safetensors"]
 
 
 def test_save_refuses_to_overwrite_and_leaves_no_temporary(model_dir):

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="continue the run for --out from its checkpoint, with its recorded settings "
                         "(--max-steps may extend it)")
     p.add_argument("--tokenizer", metavar="PATH",
-                   help="'gpt2', or a tokenizer.json / model directory (default: GPT-2's for "
+                   help="'gpt2', or a tokenizer file / model directory (default: GPT-2's for "
                         "GPT-2-sized vocabularies, else one trained on the corpus)")
     p.add_argument("--context", type=flags.positive_int, metavar="N", help="context length (overrides the preset)")
     p.add_argument("--batch-tokens", type=flags.positive_int, metavar="N",
@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = tok_sub.add_parser("train", help="train a byte-level BPE tokenizer on a corpus")
     t.add_argument("--data", metavar="PATH", required=True)
     t.add_argument("--vocab-size", type=int, metavar="N", required=True)
-    t.add_argument("--out", metavar="DIR", required=True, help="folder to write tokenizer.json into")
+    t.add_argument("--out", metavar="DIR", required=True, help="folder to write kettle-tokenizer.json into")
     t.add_argument("--text-field", metavar="NAME", default="text")
     t.add_argument("--force", action="store_true", help="replace DIR if it exists")
     t.set_defaults(func=tokenizer_train_command)
@@ -116,12 +116,14 @@ def pretrain_command(args) -> int:
 def _tokenizer(spec: str | None):
     if spec is None:
         return None
-    from gpt.tokenizer import TOKENIZER_FILE, gpt2_tokenizer, load_tokenizer_file
+    from gpt.tokenizer import TOKENIZER_FILE, gpt2_tokenizer, load_tokenizer_file, tokenizer_path
 
     if spec == "gpt2":
         return gpt2_tokenizer()
     path = Path(spec).expanduser()
-    return load_tokenizer_file(path / TOKENIZER_FILE if path.is_dir() else path)
+    if path.is_dir():  # a model or `tokenizer train` directory, of this Kettle or an older one
+        path = tokenizer_path(path) or path / TOKENIZER_FILE  # the latter: "not found", named
+    return load_tokenizer_file(path)
 
 
 def tokenizer_train_command(args) -> int:
@@ -131,7 +133,7 @@ def tokenizer_train_command(args) -> int:
     from data.corpus import iter_texts
     from data.files import atomic_directory
     from gpt.errors import KettleError
-    from gpt.tokenizer import gpt2_tokenizer, train_tokenizer
+    from gpt.tokenizer import TOKENIZER_FILE, gpt2_tokenizer, train_tokenizer
 
     out = Path(args.out).expanduser()
     if out.exists() and not args.force:
@@ -158,7 +160,7 @@ def tokenizer_train_command(args) -> int:
         n = max(1, len(tok.encode(sample)))
         table.add_row(name, f"{tok.n_vocab:,}", f"{n:,}", f"{n_bytes / n:.2f}")
     Console().print(table)
-    print(f"tokenizer: {out / 'tokenizer.json'}")
+    print(f"tokenizer: {out / TOKENIZER_FILE}")
     return 0
 
 
