@@ -11,7 +11,7 @@ import pytest
 from data.paths import models_dir
 from data.store import Store
 from gpt.hf import export_hf
-from test_download import hub  # noqa: F401 - the local stand-in for Hugging Face
+from test_download import checkpoint, hub  # noqa: F401 - the local stand-in for Hugging Face
 from test_app import SIZE, open_chat, type_text, views, wait_until, write_config
 from tui.app import KettleApp
 

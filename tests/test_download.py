@@ -1,21 +1,29 @@
-"""`kettle download` against a real HTTP server on 127.0.0.1 serving a checkpoint made here."""
+"""`kettle download` through huggingface_hub, against a real HTTP server on 127.0.0.1 that speaks
+enough of the hub's API (HEAD/GET /{repo}/resolve/main/{file}) and serves a checkpoint made here."""
 from __future__ import annotations
 
 import hashlib
+import logging
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
-from gpt.checkpoint import load_model
+from gpt.checkpoint import load_model, save_model
 from gpt.config import GPTConfig
-from gpt.errors import KettleError
 from gpt.download import download_gpt2
+from gpt.errors import KettleError
 from gpt.hf import export_hf
-from gpt.checkpoint import save_model
 from gpt.model import GPT
 from tui.cli import main
+
+REPO = "openai-community/gpt2"
+COMMIT = "607a30d783dfa663caf39e06633721c8d4cfcd7e"
+CHUNK = 64 * 1024  # the hub's write size in these tests
+CUT = 16 * CHUNK  # where a connection is cut: a whole number of chunks, all written
+LFS = {"model.safetensors"}  # served as the hub serves LFS files: X-Linked-Etag = sha256
 
 
 class Files:
@@ -23,9 +31,19 @@ class Files:
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
+        self.gets: list[str] = []
         self.ranges: list[str | None] = []
         self.cut: dict[str, int] = {}  # drop the connection once after this many bytes of a file
+        self.down_after_cut = False  # then answer 503 to every request: the download gives up
         self.bad_hash = False
+
+    def etag(self, name: str) -> str:
+        data = self.files[name]
+        if self.bad_hash:
+            return "0" * (64 if name in LFS else 40)
+        if name in LFS:
+            return hashlib.sha256(data).hexdigest()
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # git's blob hash
 
 
 def make_server(files: Files):
@@ -34,35 +52,45 @@ def make_server(files: Files):
             pass
 
         def _find(self):
-            name = self.path.removeprefix("/openai-community/gpt2/resolve/main/")
+            name = self.path.removeprefix(f"/{REPO}/resolve/main/")
             return name, files.files.get(name)
 
-        def _headers(self, data, status=200, start=0):
+        def _refuse(self, data) -> bool:
+            if files.down_after_cut and not files.cut:
+                self.send_error(503)
+                return True
+            if data is None:
+                self.send_error(404)
+                return True
+            return False
+
+        def _headers(self, name, data, status=200, start=0):
             self.send_response(status)
             self.send_header("Content-Length", str(len(data) - start))
-            digest = "0" * 64 if files.bad_hash else hashlib.sha256(data).hexdigest()
-            self.send_header("X-Linked-Etag", f'"{digest}"')
-            self.send_header("X-Linked-Size", str(len(data)))
+            self.send_header("X-Repo-Commit", COMMIT)
+            if name in LFS:
+                self.send_header("X-Linked-Etag", f'"{files.etag(name)}"')
+                self.send_header("X-Linked-Size", str(len(data)))
+            else:
+                self.send_header("ETag", f'"{files.etag(name)}"')
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
             self.end_headers()
 
         def do_HEAD(self):
-            _, data = self._find()
-            if data is None:
-                self.send_error(404)
-                return
-            self._headers(data)
+            name, data = self._find()
+            if not self._refuse(data):
+                self._headers(name, data)
 
         def do_GET(self):
             name, data = self._find()
-            if data is None:
-                self.send_error(404)
+            if self._refuse(data):
                 return
+            files.gets.append(name)
             rng = self.headers.get("Range")
             files.ranges.append(rng)
             start = int(rng.removeprefix("bytes=").rstrip("-")) if rng else 0
-            self._headers(data, 206 if rng else 200, start)
+            self._headers(name, data, 206 if rng else 200, start)
             body = data[start:]
             if name in files.cut:
                 self.wfile.write(body[:files.cut.pop(name)])
@@ -76,22 +104,48 @@ def make_server(files: Files):
     return server
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny GPT-2-vocabulary model, and its Hugging Face files as the hub would serve them."""
+    root = tmp_path_factory.mktemp("checkpoint")
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=50257, context_length=32, n_layer=2, n_head=2, n_embd=16)
-    save_model(GPT(config), tmp_path / "src")
-    export_hf(tmp_path / "src", tmp_path / "hf")
+    save_model(GPT(config), root / "src")
+    export_hf(root / "src", root / "hf")
+    return root / "src", {name: (root / "hf" / name).read_bytes() for name in ("config.json", "model.safetensors")}
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch, checkpoint):
+    """The fake hub, reached through HF_ENDPOINT, with HF_HOME in tmp_path. huggingface_hub reads
+    both once, when imported: subprocesses (the app's download) get them from the environment,
+    this process from the constants set here."""
+    from huggingface_hub import constants
+
+    source, served = checkpoint
     files = Files()
-    for name in ("config.json", "model.safetensors"):
-        files.files[name] = (tmp_path / "hf" / name).read_bytes()
+    files.files.update(served)
     server = make_server(files)
-    monkeypatch.setenv("KETTLE_HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-    yield files, tmp_path / "src"
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    cache = tmp_path / "hf-home" / "hub"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    # The hub writes in 10 MB chunks, more than this whole checkpoint: a cut mid-file would then
+    # leave nothing written to resume from.
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", CHUNK)
+    yield files, source
     server.shutdown()
 
 
-def test_download_converts_to_a_working_model(hub, tmp_path, kettle_home):
+def blob(tmp_path, files: Files, name: str):
+    return tmp_path / "hf-home" / "hub" / "models--openai-community--gpt2" / "blobs" / files.etag(name)
+
+
+def test_download_converts_to_a_working_model(hub, tmp_path, kettle_home, capsys):
     files, source = hub
     assert main(["download", "gpt2"]) == 0
     model, _ = load_model(kettle_home / "models" / "gpt2")
@@ -99,38 +153,88 @@ def test_download_converts_to_a_working_model(hub, tmp_path, kettle_home):
     idx = torch.randint(0, 50257, (1, 8))
     with torch.no_grad():
         assert torch.allclose(model(idx), original(idx), atol=1e-5)
-    assert not (kettle_home / "models" / "gpt2.download").exists()
+    assert sorted(p.name for p in (kettle_home / "models").iterdir()) == ["gpt2"]
+    assert "model.safetensors" in capsys.readouterr().out  # the rich bar names each file
+
+
+def test_the_download_is_in_the_shared_cache_for_other_tools(hub, tmp_path):
+    """transformers and the rest find Kettle's download in HF_HOME without asking the server."""
+    from huggingface_hub import hf_hub_download
+
+    files, _ = hub
+    download_gpt2("gpt2", tmp_path / "m")
+    for name in ("config.json", "model.safetensors"):
+        path = hf_hub_download(REPO, name, local_files_only=True)
+        assert open(path, "rb").read() == files.files[name]
+        assert f"/snapshots/{COMMIT}/" in path
+
+
+def test_a_file_another_tool_downloaded_is_not_fetched_again(hub, tmp_path):
+    from huggingface_hub import hf_hub_download
+
+    files, _ = hub
+    for name in ("config.json", "model.safetensors"):
+        hf_hub_download(REPO, name)
+    files.gets.clear()
+    download_gpt2("gpt2", tmp_path / "m")
+    assert files.gets == []
+    load_model(tmp_path / "m")
 
 
 def test_partial_file_resumes_where_it_stopped(hub, tmp_path):
+    """A partial blob left by an interrupted run (killed, Ctrl-C) is continued, not restarted."""
     files, _ = hub
     weights = files.files["model.safetensors"]
-    part = tmp_path / "m.download" / "model.safetensors.part"
-    part.parent.mkdir()
+    part = blob(tmp_path, files, "model.safetensors").with_suffix(".incomplete")
+    part.parent.mkdir(parents=True)
     part.write_bytes(weights[: len(weights) // 2])
     download_gpt2("gpt2", tmp_path / "m")
     assert f"bytes={len(weights) // 2}-" in files.ranges
+    assert not part.exists()
     load_model(tmp_path / "m")
 
 
-def test_connection_dropped_mid_file_then_resumed(hub, tmp_path):
+def test_connection_dropped_once_resumes_in_the_same_run(hub, tmp_path):
     files, _ = hub
-    weights = files.files["model.safetensors"]
-    files.cut = {"model.safetensors": len(weights) // 3}
-    with pytest.raises(KettleError, match="run the command again to resume"):
-        download_gpt2("gpt2", tmp_path / "m")
-    assert not (tmp_path / "m").exists()
+    files.cut = {"model.safetensors": CUT}
     download_gpt2("gpt2", tmp_path / "m")
-    assert f"bytes={len(weights) // 3}-" in files.ranges
+    assert files.ranges[-2:] == [None, f"bytes={CUT}-"]
     load_model(tmp_path / "m")
 
 
-def test_hash_mismatch_is_refused_and_nothing_is_installed(hub, tmp_path):
+def test_connection_lost_then_resumed_by_the_next_run(hub, tmp_path, capsys, monkeypatch):
+    files, _ = hub
+    # huggingface_hub's handler writes to the stderr it found when imported: make it this test's.
+    for handler in logging.getLogger("huggingface_hub").handlers:
+        monkeypatch.setattr(handler, "stream", sys.stderr)
+    files.cut = {"model.safetensors": CUT}
+    files.down_after_cut = True
+    assert main(["download", "gpt2", "--out", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("kettle: error: ") and err[-1].endswith("run the command again to resume")
+    assert "Traceback" not in "\n".join(err), "\n".join(err)
+    assert "Trying to resume download" in "\n".join(err[:-1])  # the hub retried before giving up
+    assert not (tmp_path / "m").exists()
+    files.down_after_cut = False
+    download_gpt2("gpt2", tmp_path / "m")
+    assert files.ranges[-1] == f"bytes={CUT}-"
+    load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_hash_mismatch_is_refused_and_nothing_is_installed(hub, tmp_path, name):
+    """The LFS file's sha256 and the small file's git hash are both checked; the bad bytes are
+    removed, so the next run fetches them afresh."""
     files, _ = hub
     files.bad_hash = True
-    with pytest.raises(KettleError, match="does not match"):
+    if name == "model.safetensors":  # so that config.json passes and the weights are checked
+        (cache := blob(tmp_path, files, "config.json").parent).mkdir(parents=True)
+        (cache / files.etag("config.json")).write_bytes(files.files["config.json"])
+    with pytest.raises(KettleError, match=f"{name}: .* does not match the published"):
         download_gpt2("gpt2", tmp_path / "m")
     assert not (tmp_path / "m").exists()
+    assert not blob(tmp_path, files, name).exists()
+    assert not blob(tmp_path, files, name).with_suffix(".incomplete").exists()
 
 
 def test_unknown_size_is_refused(tmp_path):
