@@ -174,7 +174,7 @@ def _bases(work: Path) -> tuple[dict[str, bytes], dict[str, bytes], object]:
     from gpt.config import GPTConfig
     from gpt.hf import export_hf
     from gpt.model import GPT
-    from gpt.tokenizer import load_tokenizer_file
+    from gpt.tokenizer import TOKENIZER_FILE, load_tokenizer_file
 
     config = GPTConfig(vocab_size=261, context_length=8, n_layer=2, n_head=1, n_embd=4)
     (work / "tokenizer.json").write_bytes(_tokenizer_json())
@@ -183,20 +183,23 @@ def _bases(work: Path) -> tuple[dict[str, bytes], dict[str, bytes], object]:
     model.load_state_dict(_state(config), strict=False, assign=True)
     model.tie_weights()
     save_model(model, work / "kettle", load_tokenizer_file(work / "tokenizer.json"))
-    (work / "kettle" / "tokenizer.json").write_bytes(_tokenizer_json())  # Tokenizer.save's order varies
+    (work / "kettle" / TOKENIZER_FILE).write_bytes(_tokenizer_json())  # sorted keys, as the rest
+    # An export made before export-hf wrote Hugging Face's tokenizer: Kettle's own format under
+    # Hugging Face's name, which import-hf still reads (and checks).
     export_hf(work / "kettle", work / "hf")
     (work / "hf" / "tokenizer.json").write_bytes(_tokenizer_json())
     return files_under(work / "kettle"), files_under(work / "hf"), config
 
 
-FILES = {"conf": "config.json", "weights": "model.safetensors", "tok": "tokenizer.json"}
+FILES = {"conf": "config.json", "weights": "model.safetensors"}
 
 
-def _replaced(files: dict[str, bytes], changes: dict[str, bytes | None]) -> dict[str, bytes]:
-    """`files` with conf=/weights=/tok= (or other names) replaced, or removed where None."""
+def _replaced(files: dict[str, bytes], changes: dict[str, bytes | None], tokenizer: str) -> dict[str, bytes]:
+    """`files` with conf=/weights=/tok= (the file named `tokenizer`) or other names replaced, or
+    removed where None."""
     out = dict(files)
     for key, content in changes.items():
-        name = FILES.get(key, key)
+        name = tokenizer if key == "tok" else FILES.get(key, key)
         if content is None:
             out.pop(name)
         else:
@@ -213,6 +216,7 @@ def model_dirs() -> list[tuple[str, dict[str, bytes] | bytes, str]]:
     import torch
 
     from gpt.hf import kettle_state_to_hf
+    from gpt.tokenizer import LEGACY_TOKENIZER_FILE, TOKENIZER_FILE
 
     with tempfile.TemporaryDirectory() as work:
         kettle, hf, config = _bases(Path(work))
@@ -220,10 +224,10 @@ def model_dirs() -> list[tuple[str, dict[str, bytes] | bytes, str]]:
     weights, hf_config = kettle["model.safetensors"], json.loads(hf["config.json"])
 
     def k(**files) -> dict[str, bytes]:  # the good Kettle directory, some files replaced
-        return _replaced(kettle, files)
+        return _replaced(kettle, files, TOKENIZER_FILE)
 
     def h(**files) -> dict[str, bytes]:  # the good Hugging Face directory, some files replaced
-        return _replaced(hf, files)
+        return _replaced(hf, files, LEGACY_TOKENIZER_FILE)
 
     def meta_with(**changes) -> bytes:
         return json.dumps({**meta, **changes}).encode()
@@ -282,7 +286,7 @@ def model_dirs() -> list[tuple[str, dict[str, bytes] | bytes, str]]:
         ("weights-one-float64", k(weights=_weights(state | {"ln_f.bias": state["ln_f.bias"].double()})),
          "tensor ln_f.bias is F64"),
         ("weights-a-directory", {"config.json": kettle["config.json"], "model.safetensors/" + KEEP: b"",
-                                 "tokenizer.json": kettle["tokenizer.json"]}, "model.safetensors: missing"),
+                                 TOKENIZER_FILE: kettle[TOKENIZER_FILE]}, "model.safetensors: missing"),
         ("weights-one-block", k(weights=_weights({n: t for n, t in state.items() if not n.startswith("h.1.")})),
          "holds 1 transformer blocks, config.json says n_layer 2"),
         ("tokenizer-missing", k(tok=None), "tokenizer.json: missing (config.json says the model uses it)"),
@@ -316,7 +320,8 @@ def model_dirs() -> list[tuple[str, dict[str, bytes] | bytes, str]]:
          "missing key n_layer"),
         ("hf-n-layer-200000", h(conf=hf_with(n_layer=200_000)), "holds 2 transformer blocks, config.json says n_layer 200000"),
         ("hf-model-type-bert", h(conf=hf_with(model_type="bert")), "model_type is 'bert'"),
-        ("hf-activation-relu", h(conf=hf_with(activation_function="relu")), "activation 'relu' is not GPT-2's"),
+        ("hf-layer-norm-epsilon", h(conf=hf_with(layer_norm_epsilon=0.1)), "layer_norm_epsilon 0.1 is not implemented"),
+        ("hf-activation-relu", h(conf=hf_with(activation_function="relu")), "activation_function 'relu' is not GPT-2's"),
         ("hf-vocab-size-string", h(conf=hf_with(vocab_size="261")), "vocab_size must be a positive integer"),
         ("hf-n-embd-not-divisible", h(conf=hf_with(n_head=3)), "must be divisible by n_head"),
         ("hf-tie-yes", h(conf=hf_with(tie_word_embeddings="yes")), "tie_embeddings must be true or false"),
