@@ -34,8 +34,13 @@ def download_gpt2(size: str, out_dir: str | Path, progress_factory=None, overwri
     if out_dir.exists() and not overwrite:
         raise KettleError(f"{out_dir}: already exists (choose another directory)")
     repo = HF_REPO.format(size=size)
-    paths = {name: fetch(repo, name, progress_factory(name) if progress_factory else None)
-             for name in FILES}
+    paths = {}
+    for name in FILES:
+        progress = progress_factory(name) if progress_factory else None
+        paths[name] = fetch(repo, name, progress)
+        if progress:  # also when the cache had it: the bar ends full, not waiting
+            size = paths[name].stat().st_size
+            progress(size, size)
     # The snapshot may hold other tools' files (HF's tokenizer.json, pytorch_model.bin): import
     # exactly the two fetched here.
     with tempfile.TemporaryDirectory(prefix="kettle-download-") as staging:
@@ -48,13 +53,22 @@ def download_gpt2(size: str, out_dir: str | Path, progress_factory=None, overwri
 def fetch(repo: str, name: str, progress=None) -> Path:
     """`name` from `repo` at main, through the shared cache; its path in the cache's snapshot."""
     import httpx2
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub import (constants, get_hf_file_metadata, hf_hub_download, hf_hub_url,
+                                 try_to_load_from_cache)
     from huggingface_hub.file_download import http_get, repo_folder_name
     from huggingface_hub.utils import WeakFileLock
 
     url = hf_hub_url(repo, name)
     try:
-        meta = get_hf_file_metadata(url)
+        try:
+            meta = get_hf_file_metadata(url)
+        except (httpx2.HTTPError, OSError):
+            # Offline (HF_HUB_OFFLINE, no network, the hub down): main as last fetched, as
+            # hf_hub_download answers then; otherwise the error is the answer.
+            cached = try_to_load_from_cache(repo, name)
+            if isinstance(cached, str):
+                return Path(cached)
+            raise
         if meta.etag is None or meta.commit_hash is None:
             raise KettleError(f"{url}: the server sent no ETag or X-Repo-Commit (not a Hugging Face hub?)")
         folder = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model")
@@ -78,8 +92,6 @@ def fetch(repo: str, name: str, progress=None) -> Path:
                     os.fsync(f.fileno())
                 _check_hash(part, meta.etag, url)
                 os.replace(part, blob)
-        if progress:  # also when the cache had it: the bar ends full, not waiting
-            progress(blob.stat().st_size, blob.stat().st_size)
         # The blob is in place: this writes refs/main and the snapshot's link, and downloads nothing.
         return Path(hf_hub_download(repo, name))
     except (httpx2.HTTPError, OSError) as exc:  # the hub's HfHubHTTPError is both

@@ -254,3 +254,15 @@ def test_downloaded_and_imported_models_are_registered(hub, tmp_path, kettle_hom
         assert versions["gpt2"].kind == "downloaded" and versions["gpt2-2"].kind == "imported"
         assert store.active_model().name == "gpt2"
     assert "now the active model" in capsys.readouterr().out
+
+
+def test_offline_a_cached_gpt2_is_converted_without_the_server(hub, tmp_path):
+    files, _ = hub
+    download_gpt2("gpt2", tmp_path / "first")
+    files.down_after_cut = True  # nothing is being cut: every request is a 503 now
+    last = {}
+    download_gpt2("gpt2", tmp_path / "second",
+                  progress_factory=lambda name: lambda done, total: last.__setitem__(name, (done, total)))
+    load_model(tmp_path / "second")
+    # The progress bars end full rather than waiting for bytes that will not come.
+    assert last == {name: (len(data), len(data)) for name, data in files.files.items()}
