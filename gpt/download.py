@@ -39,8 +39,8 @@ def download_gpt2(size: str, out_dir: str | Path, progress_factory=None, overwri
         progress = progress_factory(name) if progress_factory else None
         paths[name] = fetch(repo, name, progress)
         if progress:  # also when the cache had it: the bar ends full, not waiting
-            size = paths[name].stat().st_size
-            progress(size, size)
+            nbytes = paths[name].stat().st_size
+            progress(nbytes, nbytes)
     # The snapshot may hold other tools' files (HF's tokenizer.json, pytorch_model.bin): import
     # exactly the two fetched here.
     with tempfile.TemporaryDirectory(prefix="kettle-download-") as staging:
