@@ -116,19 +116,39 @@ def start_finetune(spec: JobSpec, store: Store | None = None) -> int:
     try:
         run = create_run(store, spec)
         with open(run.log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tui.cli", "finetune", "run", "--run-id", str(run.id),
-                 "--no-progress"],
+            proc = subprocess.Popen(  # -X faulthandler: a hard crash leaves its trace in the log
+                [sys.executable, "-X", "faulthandler", "-m", "tui.cli", "finetune", "run",
+                 "--run-id", str(run.id), "--no-progress"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
         # Collect its exit status when it ends: a child nobody waits for stays a zombie
         # (<defunct>) for as long as this process (the app) runs.
-        threading.Thread(target=proc.wait, name=f"finetune-{run.id}-reaper", daemon=True).start()
+        threading.Thread(target=_watch, args=(proc, run.id, store.path),
+                         name=f"finetune-{run.id}-reaper", daemon=True).start()
         store.update_run(run.id, pid=proc.pid)
         return run.id
     finally:
         if own:
             store.close()
+
+
+def _watch(proc: subprocess.Popen, run_id: int, db: Path) -> None:
+    """Wait for a run's process; if a signal ended it before it could report, say which."""
+    import signal
+
+    code = proc.wait()
+    if code >= 0:
+        return
+    try:
+        with Store.open(db) as store:
+            if store.run(run_id).status == "running":
+                name = signal.Signals(-code).name
+                why = f"{name}, out of memory?" if name == "SIGKILL" else name
+                store.update_run(run_id, status="failed", error=(
+                    f"the run's process was killed ({why}); `kettle finetune resume {run_id}` "
+                    "continues it from its last checkpoint"))
+    except (KettleError, ValueError, sqlite3.Error):  # the store is gone (a test's home, say)
+        pass
 
 
 def cancel_run(store: Store, run_id: int) -> bool:

@@ -159,7 +159,13 @@ async def start_and_cancel(pilot, app) -> Run:
     await wait_until(pilot, lambda: screen.run is not None and screen.run.status == "running"
                      and screen.run.step >= 1, "the first steps", timeout=120)
     await pilot.press("ctrl+x")
-    await wait_until(pilot, lambda: screen.run.status == "cancelled", "the cancellation", timeout=120)
+    try:
+        await wait_until(pilot, lambda: screen.run.status == "cancelled", "the cancellation", timeout=120)
+    except AssertionError:
+        from pathlib import Path
+        run = app.store.run(screen.run.id)
+        raise AssertionError(f"run {run.id} {run.status} pid {run.pid} step {run.step}/{run.total_steps} "
+                             f"error {run.error!r}; log: {Path(run.log_path).read_text()[-1500:]}")
     return screen.run
 
 

@@ -246,3 +246,22 @@ def test_a_finished_background_run_leaves_no_zombie_process(store, snapshot):
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < gone_by:
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{pid}"), "the finished run's process stays a zombie"
+
+
+def test_a_background_run_killed_by_a_signal_says_so(store, snapshot):
+    import time
+
+    from finetune.jobs import start_finetune
+
+    run_id = start_finetune(JobSpec(model="base", snapshot_id=snapshot, sft={"epochs": 1000,
+                                                                           "until_learned": False}),
+                            store)
+    deadline = time.monotonic() + 120
+    while store.run(run_id).step < 1:
+        assert time.monotonic() < deadline and store.run(run_id).status in ("queued", "running")
+        time.sleep(0.1)
+    os.kill(store.run(run_id).pid, signal.SIGKILL)
+    while store.run(run_id).status == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert "killed (SIGKILL, out of memory?)" in store.run(run_id).error

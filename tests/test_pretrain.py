@@ -14,6 +14,7 @@ import torch
 from gpt.checkpoint import load_model
 from gpt.config import GPTConfig, get_preset
 from gpt.pretrain import TrainConfig, lr_at, make_optimizer, pretrain, read_metrics
+from gpt.tokenizer import TOKENIZER_FILE
 from tui.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,7 +201,7 @@ def test_torchrun_two_processes_match_one(tmp_path, verdict_file, trained_tokeni
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY.to_dict()))
     common = ["pretrain", "--data", str(verdict_file), "--config", str(config),
-              "--tokenizer", str(tmp_path / "tokenizer.json"), "--max-steps", "5",
+              "--tokenizer", str(tmp_path / TOKENIZER_FILE), "--max-steps", "5",
               "--batch-tokens", str(2 * 4 * 32), "--micro-batch", "4", "--eval-every", "5",
               "--sample-every", "0", "--checkpoint-every", "2", "--seed", "3", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
