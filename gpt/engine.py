@@ -174,11 +174,18 @@ class Engine:
                     cancel: threading.Event | None = None, *, logprobs: int | None = None,
                     truncate: bool = True) -> Iterator[str | GenerationResult]:
         """Answer the conversation as the assistant: text deltas, then a GenerationResult."""
+        ids, dropped = self.chat_ids(messages, params, truncate)
+        return self._generate(ids, params, cancel, dropped, logprobs)
+
+    def chat_ids(self, messages: list[dict], params: SamplingParams,
+                 truncate: bool = True) -> tuple[list[int], int]:
+        """stream_chat's prompt ids and how many tokens were dropped (ContextLengthExceeded when
+        some had to be and `truncate` is False); gpt.batching starts from here too."""
         params.validate()
         ids, dropped = self.chat_prompt(messages, params)
         if dropped and not truncate:
             self._too_long(len(ids) + dropped, params)
-        return self._generate(ids, params, cancel, dropped, logprobs)
+        return ids, dropped
 
     # --- raw text completion ---------------------------------------------------------------------
 
@@ -186,6 +193,12 @@ class Engine:
                cancel: threading.Event | None = None, *, logprobs: int | None = None,
                echo: bool = False, truncate: bool = True) -> Iterator[str | GenerationResult]:
         """Continue `prompt` (token ids or text): text deltas, then a GenerationResult."""
+        ids, dropped = self.completion_ids(prompt, params, truncate)
+        return self._generate(ids, params, cancel, dropped, logprobs, echo)
+
+    def completion_ids(self, prompt: list[int] | str, params: SamplingParams,
+                       truncate: bool = True) -> tuple[list[int], int]:
+        """stream's prompt ids (trimmed to the window) and how many were dropped, as chat_ids."""
         params.validate()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:  # GPT-2's convention: an unconditional sample starts at end-of-text
@@ -196,7 +209,7 @@ class Engine:
         dropped = max(0, len(ids) - self.prompt_budget(params))
         if dropped and not truncate:
             self._too_long(len(ids), params)
-        return self._generate(ids[dropped:], params, cancel, dropped, logprobs, echo)
+        return ids[dropped:], dropped
 
     def _too_long(self, prompt_tokens: int, params: SamplingParams):
         answer = self.context_length - self.prompt_budget(params)

@@ -82,11 +82,20 @@ class CausalSelfAttention(nn.Module):
         B, C = x.shape
         H, pos = self.n_head, cache.pos
         q, k, v = self.c_attn(x).view(B, 3, H, C // H).unbind(1)  # each [B, H, head_dim]
-        cache.k[layer, :B, :, pos] = k
-        cache.v[layer, :B, :, pos] = v
-        keys = cache.k[layer, :B, :, :pos + 1].reshape(B * H, pos + 1, C // H)  # views, no copy
-        values = cache.v[layer, :B, :, :pos + 1].reshape(B * H, pos + 1, C // H)
+        per_row = isinstance(pos, torch.Tensor)  # gpt.batching: each row at its own position
+        if per_row:
+            cache.k[layer, cache.rows, :, pos] = k
+            cache.v[layer, cache.rows, :, pos] = v
+            span = cache.span  # the longest row's keys; the others' are masked past their end
+        else:
+            cache.k[layer, :B, :, pos] = k
+            cache.v[layer, :B, :, pos] = v
+            span = pos + 1
+        keys = cache.k[layer, :B, :, :span].reshape(B * H, span, C // H)  # views, no copy
+        values = cache.v[layer, :B, :, :span].reshape(B * H, span, C // H)
         att = torch.bmm(q.reshape(B * H, 1, C // H), keys.transpose(1, 2)) * self.scale
+        if per_row:  # a shorter row's slots past its position hold stale keys, never its own
+            att = att.view(B, H, span).masked_fill(cache.hidden, float("-inf")).view(B * H, 1, span)
         # [B * H, 1, head_dim] has the memory layout of [B, C].
         return torch.bmm(att.softmax(dim=-1), values).view(B, C)
 
@@ -173,15 +182,21 @@ class GPT(nn.Module):
         """The final-LayerNorm outputs, [B, T, n_embd]; classification heads start from here."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else pos_offset
-        if start + T > self.config.context_length:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context length "
-                             f"{self.config.context_length}")
-        if kv_cache is not None and start + T > kv_cache.max_len:
-            raise ValueError(f"KV cache holds {kv_cache.max_len} positions, {start + T} needed")
-        x = _dropout(self.wte(idx) + self.wpe.weight[start:start + T], self.config.dropout, self.training)
-        decoding = kv_cache is not None and T == 1
-        if decoding:
-            x = x.view(B, -1)  # the blocks' decoding-step path (see CausalSelfAttention.forward)
+        if isinstance(start, torch.Tensor):
+            # gpt.batching's step: one token per row at the row's own position (kept in range
+            # there), on the blocks' decoding-step path; no dropout, it only serves.
+            x, decoding = self.wte(idx.view(B)) + self.wpe(start), True
+        else:
+            if start + T > self.config.context_length:
+                raise ValueError(f"sequence of {start + T} tokens exceeds the context length "
+                                 f"{self.config.context_length}")
+            if kv_cache is not None and start + T > kv_cache.max_len:
+                raise ValueError(f"KV cache holds {kv_cache.max_len} positions, {start + T} needed")
+            x = _dropout(self.wte(idx) + self.wpe.weight[start:start + T], self.config.dropout,
+                         self.training)
+            decoding = kv_cache is not None and T == 1
+            if decoding:
+                x = x.view(B, -1)  # the blocks' decoding-step path (see CausalSelfAttention.forward)
         for i, block in enumerate(self.h):
             x = block(x, kv_cache, i)
         if kv_cache is not None:

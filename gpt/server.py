@@ -624,10 +624,10 @@ def _event_error(event: Error, kind: str) -> APIError:
 
 async def _respond(request: Request, service: GenerationService, kind: str, payloads: list, params,
                    req: _GenerationRequest, model: str, options: dict):
-    """One choice per payload and per n (OpenAI's index order: prompt by prompt, n each), one
-    after another: each starts from the KV cache the one before left, so a prompt is prefilled
-    once. With a seed, choice j of a prompt uses seed + j (without one, with n > 1, the server
-    picks one), so the reported seed reproduces them all."""
+    """One choice per payload and per n (OpenAI's index order: prompt by prompt, n each), all
+    sent at once: the service decodes them together as rows of one batch, the later rows of a
+    prompt copying the first one's prefill. With a seed, choice j of a prompt uses seed + j
+    (without one, with n > 1, the server picks one), so the reported seed reproduces them all."""
     n = req.n or 1
     if n > 1 and params.seed is None:
         params = params.replace(seed=random.SystemRandom().randrange(MAX_SEED))
@@ -646,28 +646,32 @@ async def _respond(request: Request, service: GenerationService, kind: str, payl
         return _Run(service, request, kind, f"{request_id}-{i}",
                     go(payload, row_params, f"{request_id}-{i}", **options))
 
-    first = start(0)
-    head = await first.next()  # an error before anything was generated is a plain 400
+    runs = [start(i) for i in range(len(rows))]
+    head = await runs[0].next()  # an error before anything was generated is a plain 400
     if isinstance(head, Error):
-        first.stop()
+        _stop(runs)
         raise _event_error(head, kind)
     if req.stream:
-        return StreamingResponse(_sse(reply, rows, first, head, start),
+        return StreamingResponse(_sse(reply, rows, runs, head),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     dones = []
-    for i in range(len(rows)):
-        run = first if i == 0 else start(i)
-        try:
+    try:
+        for i, run in enumerate(runs):
             event = head if i == 0 else await run.next()
             while not isinstance(event, (Done, Error)):
                 event = await run.next()
-        finally:
-            run.stop()
-        if isinstance(event, Error):
-            raise _event_error(event, kind)
-        dones.append(event)
+            if isinstance(event, Error):
+                raise _event_error(event, kind)
+            dones.append(event)
+    finally:
+        _stop(runs)
     return reply.whole(dones, rows)
+
+
+def _stop(runs: list["_Run"]) -> None:
+    for run in runs:
+        run.stop()
 
 
 class _Run:
@@ -704,13 +708,12 @@ class _Run:
             self.service.cancel(self.request_id)
 
 
-async def _sse(reply: "_Reply", rows: list, first: _Run, head, start) -> AsyncIterator[str]:
-    """The choices' chunks, one choice after another; logprobs come with each choice's last
-    chunk."""
+async def _sse(reply: "_Reply", rows: list, runs: list[_Run], head) -> AsyncIterator[str]:
+    """The choices' chunks, one choice after another (the later ones generate meanwhile, their
+    events wait in their runs); logprobs come with each choice's last chunk."""
     dones = []
-    for i in range(len(rows)):
-        run = first if i == 0 else start(i)
-        try:
+    try:
+        for i, run in enumerate(runs):
             yield _data(reply.chunk(i, role=True, echo=rows[i][0]))
             event = head if i == 0 else await run.next()
             while isinstance(event, Delta):
@@ -721,12 +724,13 @@ async def _sse(reply: "_Reply", rows: list, first: _Run, head, start) -> AsyncIt
                 break
             dones.append(event)
             yield _data(reply.chunk(i, done=event))
-        finally:
             run.stop()
-    else:
-        if reply.include_usage:
-            yield _data({**reply.chunk(0), "choices": [], "usage": _usage(dones, reply.n)})
-    yield "data: [DONE]\n\n"
+        else:
+            if reply.include_usage:
+                yield _data({**reply.chunk(0), "choices": [], "usage": _usage(dones, reply.n)})
+        yield "data: [DONE]\n\n"
+    finally:
+        _stop(runs)
 
 
 def _data(obj: dict) -> str:

@@ -10,10 +10,13 @@ Every request ends with exactly one Done (finish_reason "stop", "length" or "can
 Error. `cancel(request_id)` stops a request within one token (a queued one never starts); leaving
 the `async for` early (break, task cancelled) cancels it too.
 
-InProcessService runs the model on ONE worker thread and takes requests one at a time, in the order
-they came (a model switch waits its turn too, so a request sent before the switch is answered by the
-old model). Events reach the caller's asyncio loop through `loop.call_soon_threadsafe`, so it is
-safe to use from the Textual app's event loop; nothing blocks the loop.
+InProcessService runs the model on ONE worker thread that decodes every request in flight together,
+one batched step at a time (gpt.batching): a new request is prefilled and joins at the next step, a
+finished or cancelled one leaves at once. Beyond the batch's room (`max_batch` rows, and the KV
+budget) requests wait, in the order they came; a model switch waits for every request sent before
+it, so those are answered by the old model. Events reach the caller's asyncio loop through
+`loop.call_soon_threadsafe`, so it is safe to use from the Textual app's event loop; nothing blocks
+the loop.
 
 Model names: a store model version's name or the name of a directory under KETTLE_HOME/models,
 looked up in that order; `InProcessService(MODEL)` (a command-line argument) also takes a model
@@ -26,6 +29,7 @@ the activation there, so the app and the next start agree. A service given a mod
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import json
 import queue
@@ -37,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
+from gpt.batching import KV_BUDGET_BYTES, MAX_BATCH, Batch, Request
 from gpt.engine import Engine, GenerationResult
 from gpt.errors import KettleError
 from gpt.sampling import SamplingParams
@@ -233,18 +238,24 @@ class _Job:
 @dataclass
 class _Call:
     fn: Callable
+    # A barrier (a model switch) runs once every request sent before it has finished; other
+    # calls only need the model loaded and run at once.
+    barrier: bool = False
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
 class InProcessService(GenerationService):
     """The model in this process, driven by one worker thread (see the module docstring)."""
 
-    def __init__(self, model: str | None = None, device: str | None = None):
+    def __init__(self, model: str | None = None, device: str | None = None,
+                 max_batch: int = MAX_BATCH, kv_budget: int = KV_BUDGET_BYTES):
         self.follows_store = model is None
         # Resolve now, so a bad name fails where it was given; the weights load on the worker.
         self._wanted = store_active_model() if model is None else resolve_model(model)
         self._device = device
         self._engine: Engine | None = None
+        self._batch: Batch | None = None    # the requests in flight on self._engine
+        self._max_batch, self._kv_budget = max_batch, kv_budget
         self._active: ModelInfo | None = None
         self._served: list[ModelInfo] = []  # listed even when not found elsewhere: switch back
         self._jobs: queue.Queue = queue.Queue()
@@ -296,7 +307,7 @@ class InProcessService(GenerationService):
         if info is None:
             raise KettleError(f"{name}: no such model to switch to (not a store model version, "
                               "nor a model in the models folder)")
-        return await asyncio.wrap_future(self._call(lambda: self._load(info)))
+        return await asyncio.wrap_future(self._call(lambda: self._load(info), barrier=True))
 
     @property
     def active_model(self) -> ModelInfo:
@@ -355,51 +366,92 @@ class InProcessService(GenerationService):
                 if self._cancels.get(request_id) is cancel:
                     del self._cancels[request_id]
 
-    def _call(self, fn: Callable) -> concurrent.futures.Future:
-        """Run fn on the worker thread, after the requests queued before it."""
+    def _call(self, fn: Callable, barrier: bool = False) -> concurrent.futures.Future:
+        """Run fn on the worker thread (a barrier: after the requests queued before it)."""
         if self._closed:
             raise KettleError("the generation service is closed")
-        call = _Call(fn)
+        call = _Call(fn, barrier)
         self._jobs.put(call)
         return call.future
 
     # -- the worker thread ------------------------------------------------------------------------
 
     def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if isinstance(job, _Call):
-                if job.future.set_running_or_notify_cancel():
-                    try:
-                        job.future.set_result(job.fn())
-                    except BaseException as exc:  # handed to the caller, never kills the worker
-                        job.future.set_exception(exc)
-            else:
-                self._generate(job)
+        waiting: collections.deque = collections.deque()  # jobs and barriers not started yet
+        closing = False
+        while not closing or self._running():
+            idle = not waiting and not self._running()
+            items = [self._jobs.get()] if idle else []  # nothing to do: sleep until asked
+            while True:
+                try:
+                    items.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            for item in items:
+                if item is None:
+                    closing = True  # close() cancelled everything: the rows leave at the next step
+                elif isinstance(item, _Call) and not item.barrier:
+                    _run_call(item)
+                else:
+                    waiting.append(item)
+            self._admit(waiting)
+            if self._running():
+                self._step()
 
-    def _generate(self, job: _Job) -> None:
-        if job.cancel.is_set():  # cancelled while queued: answer without touching the model
-            name = self.active_model.name
+    def _running(self) -> bool:
+        return self._batch is not None and bool(self._batch.rows)
+
+    def _admit(self, waiting: collections.deque) -> None:
+        """Start what waits, in order, while the batch has room; a request cancelled while it
+        waits is answered at once and never starts."""
+        for job in [j for j in waiting if isinstance(j, _Job) and j.cancel.is_set()]:
+            waiting.remove(job)
             job.emit(Done(GenerationResult(text="", finish_reason="cancelled", prompt_tokens=0,
-                                           new_tokens=0, seed=job.params.seed or 0), name))
-            return
+                                           new_tokens=0, seed=job.params.seed or 0),
+                          self.active_model.name))
+        while waiting:
+            head = waiting[0]
+            if isinstance(head, _Call):
+                if self._running():
+                    return
+                _run_call(waiting.popleft())
+            elif self._batch is not None and self._batch.full:
+                return
+            else:
+                self._start(waiting.popleft())
+
+    def _start(self, job: _Job) -> None:
         try:
             self._ensure_loaded()
             engine, name = self._engine, self._active.name
+            if self._batch is None:
+                self._batch = Batch(engine, self._max_batch, self._kv_budget)
             if engine.device.type == "cpu":
                 engine.threads = 1 if _training_in_progress() else None
+            options = dict(job.options)
+            truncate = options.pop("truncate", True)
             if job.kind == "chat":
-                items = engine.stream_chat(job.payload, job.params, job.cancel, **job.options)
+                ids, dropped = engine.chat_ids(job.payload, job.params, truncate)
             else:
                 if not isinstance(job.payload, (str, list)):
                     raise KettleError("prompt must be a string or a list of token ids")
-                items = engine.stream(job.payload, job.params, job.cancel, **job.options)
-            for item in items:
-                job.emit(Done(item, name) if isinstance(item, GenerationResult) else Delta(item))
+                ids, dropped = engine.completion_ids(job.payload, job.params, truncate)
+            self._batch.add(Request(
+                ids, dropped, job.params, job.cancel, lambda text: job.emit(Delta(text)),
+                lambda result: job.emit(Done(result, name)),
+                lambda message: job.emit(Error(message, "internal")), **options))
         except KettleError as exc:
             job.emit(Error(str(exc), getattr(exc, "code", "invalid_request")))
         except Exception as exc:  # a bug must not take the worker (and every later request) down
             traceback.print_exc()
             job.emit(Error(f"internal error: {type(exc).__name__}: {exc}", "internal"))
+
+    def _step(self) -> None:
+        try:
+            self._batch.step()
+        except Exception as exc:  # as in _start: every request in flight is told, the worker stays
+            traceback.print_exc()
+            self._batch.fail(f"internal error: {type(exc).__name__}: {exc}")
 
     def _ensure_loaded(self) -> ModelInfo:
         if self._engine is None:
@@ -410,7 +462,7 @@ class InProcessService(GenerationService):
         # The new model loads before the old one is let go: a broken one leaves the old in use.
         engine = Engine.load(info.path, device=self._device)
         engine.name = info.name
-        self._engine, self._wanted = engine, info
+        self._engine, self._wanted, self._batch = engine, info, None
         self._active = _with_active(info, True)
         if not any(_same_model(m, info) for m in self._served):
             self._served.append(info)
@@ -421,6 +473,14 @@ class InProcessService(GenerationService):
                 if active is None or active.id != info.version_id:
                     store.activate_model(info.version_id)
         return self._active
+
+
+def _run_call(call: _Call) -> None:
+    if call.future.set_running_or_notify_cancel():
+        try:
+            call.future.set_result(call.fn())
+        except BaseException as exc:  # handed to the caller, never kills the worker
+            call.future.set_exception(exc)
 
 
 def _checked(params: SamplingParams | dict) -> SamplingParams:

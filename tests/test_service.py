@@ -1,4 +1,4 @@
-"""InProcessService from an asyncio loop: streaming, one-at-a-time queueing, cancel, models."""
+"""InProcessService from an asyncio loop: streaming, queueing beyond the batch, cancel, models."""
 from __future__ import annotations
 
 import asyncio
@@ -110,7 +110,16 @@ async def test_leaving_the_loop_early_cancels(service):
     assert calls[0] - before <= 1 + 2  # at most one stray step of the old request, plus the new
 
 
-async def test_requests_run_one_at_a_time_in_order_and_queued_ones_can_be_cancelled(service):
+async def test_requests_beyond_the_batch_wait_in_order_and_queued_ones_can_be_cancelled(
+        long_context_model_dir):
+    service = InProcessService(str(long_context_model_dir), max_batch=1)  # room for one row
+    try:
+        await _wait_in_order(service)
+    finally:
+        service.close()
+
+
+async def _wait_in_order(service):
     order: list[tuple[str, object]] = []
 
     async def run(rid, params, events_of=service.stream_chat):
@@ -127,7 +136,7 @@ async def test_requests_run_one_at_a_time_in_order_and_queued_ones_can_be_cancel
     assert done["a"].result.finish_reason == "cancelled"
     assert done["b"].result.finish_reason == "cancelled" and done["b"].result.new_tokens == 0
     assert done["c"].result.new_tokens == 3
-    # Nothing of c arrives before a has finished: one request at a time, in the order given.
+    # Nothing of c arrives before a has finished: a full batch, then the queue in order.
     first_c = next(i for i, (rid, _) in enumerate(order) if rid == "c")
     last_a = max(i for i, (rid, _) in enumerate(order) if rid == "a")
     assert last_a < first_c
