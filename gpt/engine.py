@@ -40,6 +40,7 @@ from gpt.chat_template import header_ids, render_message, stop_token_ids, valida
 from gpt.errors import KettleError
 from gpt.model import GPT, KVCache
 from gpt.sampling import MAX_SEED, Sampler, SamplingParams
+from gpt.speculative import DraftModel, PromptLookup, Speculator
 from gpt.threads import fit_threads
 from gpt.tokenizer import Tokenizer
 
@@ -70,11 +71,17 @@ class GenerationResult:
     seed: int = 0               # the seed actually used; pass it back to reproduce the text
     threads: int = 0            # CPU threads the model ran on (0: a GPU)
     token_ids: list[int] = field(default_factory=list)
+    drafted_tokens: int = 0     # tokens speculative decoding proposed (see gpt.speculative)
+    accepted_tokens: int = 0    # of those, the ones the model kept
     logprobs: list[TokenLogprob] | None = None          # one per token_ids entry, when asked
     prompt_logprobs: list[TokenLogprob] | None = None   # one per prompt token, with echo
 
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"acceptance_rate": self.acceptance_rate}
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -127,6 +134,11 @@ class Engine:
         # erratic (0.7 ms a token on one thread, 2-60 ms on two, for a 1M-parameter model beside
         # a training job on 2 cores).
         self.threads: int | None = None
+        # Speculative decoding (gpt.speculative), or None for one token per forward pass.
+        # Greedy requests use it by default: their tokens are the same and, with nothing to
+        # copy, a round drafts nothing and is a plain step (benchmarks/speculative.py).
+        self.speculation: PromptLookup | DraftModel | None = PromptLookup()
+        self.speculate_sampled = False
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device | None = None,
@@ -281,6 +293,7 @@ class Engine:
             logits = None
             scored: list[TokenLogprob] | None = None if logprobs is None else []
             prompt_scored = None
+            speculator, decided = None, []  # decided: tokens a speculative round chose ahead
             for _ in range(max_new):
                 if cancel is not None and cancel.is_set():
                     finish = "cancelled"
@@ -292,18 +305,28 @@ class Engine:
                             prompt_scored = _score_prompt(ids, logits, logprobs or 0)
                             logits = logits[-1]
                         sampler = Sampler(params, logits.size(-1), self.device, ids, seed)
-                    if scored is not None:
-                        log_probs = sampler.log_probs(logits)
-                    token = sampler(logits)
-                    if first_at is None:  # the first token itself, not the step queued after it
-                        int(token)
-                        first_at = time.perf_counter()
-                    # Queue the next forward pass before reading the token back: on a GPU it
-                    # then runs while the CPU decodes text and checks stop strings.
-                    if len(tokens) + 1 < max_new:
-                        logits = self._next_logits(token.view(1, 1))
-                    tid = int(token)
-                if len(tokens) + 1 < max_new:
+                        if self.speculation is not None and (params.greedy or self.speculate_sampled):
+                            speculator = Speculator(
+                                self, self.speculation.begin(self, ids, params, sampler), sampler,
+                                params, scored is not None)
+                    more = len(tokens) + 1 < max_new
+                    if decided:
+                        tid, log_probs = decided.pop(0)
+                    else:
+                        if scored is not None:
+                            log_probs = sampler.log_probs(logits)
+                        token = sampler(logits)
+                        if first_at is None:  # the first token itself, not the step queued after it
+                            int(token)
+                            first_at = time.perf_counter()
+                        # Queue the next forward pass before reading the token back: on a GPU it
+                        # then runs while the CPU decodes text and checks stop strings.
+                        if more and speculator is None:
+                            logits = self._next_logits(token.view(1, 1))
+                        tid = int(token)
+                    if more and speculator is not None and not decided:  # it caches what it keeps
+                        decided = speculator.round(tid, max_new - len(tokens) - 1)
+                if more and speculator is None:
                     self._cached_ids.append(tid)
                 if tid in self.stop_ids:
                     finish = "stop"
@@ -328,6 +351,8 @@ class Engine:
             ttft_s=(first_at - start) if first_at is not None else end - start,
             tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
             seed=seed, threads=threads, token_ids=tokens, logprobs=scored,
+            drafted_tokens=speculator.drafted if speculator else 0,
+            accepted_tokens=speculator.accepted if speculator else 0,
             prompt_logprobs=prompt_scored,
         )
 

@@ -1,0 +1,148 @@
+"""Speculative decoding is lossless: greedy tokens are the plain loop's, sampled tokens follow
+the plain sampler's distribution (checked against the exact probabilities over many seeds)."""
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from gpt.config import GPTConfig
+from gpt.engine import Engine
+from gpt.errors import KettleError
+from gpt.model import GPT
+from gpt.sampling import Sampler, SamplingParams
+from gpt.speculative import DraftModel, PromptLookup, _Lookup
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=40)
+
+
+@pytest.fixture
+def engine(long_context_model_dir):
+    engine = Engine.load(long_context_model_dir, device="cpu")
+    engine.stop_ids = set()  # random weights: run to the token limit
+    return engine
+
+
+def draft_model(engine, seed=1, **changes):
+    torch.manual_seed(seed)
+    return GPT(engine.model.config.replace(**changes)).eval()
+
+
+def plain(engine, prompt, params, **options):
+    speculation, engine.speculation = engine.speculation, None
+    try:
+        return engine.generate(prompt, params, **options)
+    finally:
+        engine.speculation = speculation
+
+
+def test_lookup_drafts_what_followed_the_longest_latest_match():
+    lookup = _Lookup(PromptLookup(max_draft=3, max_ngram=3, min_ngram=2), [5, 1, 2, 3, 9, 1, 2, 4, 8, 0])
+    lookup.extend([7, 1, 2])
+    assert lookup.propose(8) == ([4, 8, 0], None)  # (1, 2) last seen before 4 8 0; capped at 3
+    lookup.extend([4])
+    assert lookup.propose(2) == ([8, 0], None)  # the 3-gram (1, 2, 4)
+    lookup.extend([6])
+    assert lookup.propose(8) == ([], None)  # (4, 6) never seen: no draft, a plain step
+
+
+@pytest.mark.parametrize("changes", [{}, {"repetition_penalty": 1.3, "frequency_penalty": 0.5},
+                                     {"stop": ["e"]}])
+def test_greedy_tokens_identical_to_plain_decoding(engine, verdict_text, changes):
+    text = verdict_text[:300]
+    prompt = engine.tokenizer.encode(text + "\n" + text[:60])  # an answer that copies the prompt
+    params = GREEDY.replace(**changes)
+    fast = engine.generate(prompt, params)
+    slow = plain(engine, prompt, params)
+    assert fast.token_ids == slow.token_ids and fast.text == slow.text
+    assert fast.finish_reason == slow.finish_reason
+    if not changes:
+        assert fast.accepted_tokens > 0 and fast.to_dict()["acceptance_rate"] == fast.acceptance_rate
+    # The cache holds exactly what the engine believes: the next turn reuses it correctly.
+    more = prompt + fast.token_ids + engine.tokenizer.encode(" and then")
+    assert engine.generate(more, params).token_ids == plain(engine, more, params).token_ids
+    engine.reset()
+    assert engine.generate(more, params).token_ids == plain(engine, more, params).token_ids
+
+
+def test_greedy_with_a_draft_model_and_logprobs(engine, verdict_text):
+    prompt = engine.tokenizer.encode(verdict_text[:200])
+    engine.speculation = DraftModel(draft_model(engine), max_draft=3)
+    fast = engine.generate(prompt, GREEDY, logprobs=2)
+    slow = plain(engine, prompt, GREEDY)
+    assert fast.token_ids == slow.token_ids
+    assert fast.drafted_tokens > 0
+    engine.speculation = DraftModel(engine.model)  # the model as its own draft: all accepted
+    same = engine.generate(prompt, GREEDY, logprobs=2)
+    assert same.token_ids == slow.token_ids and same.acceptance_rate == 1.0
+    reference = plain(engine, prompt, GREEDY.replace(), logprobs=2)
+    for a, b in zip(same.logprobs, reference.logprobs):
+        assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=1e-4)
+
+
+def test_a_draft_model_for_another_tokenizer_is_refused(engine):
+    engine.speculation = DraftModel(draft_model(engine, vocab_size=100))
+    with pytest.raises(KettleError, match=r"^the draft model's vocabulary \(100 tokens\) is smaller"):
+        engine.generate([1, 2, 3], GREEDY)
+
+
+def exact_distribution(engine, prompt, params, n):
+    """P(first n answer tokens) for every sequence the plain sampler can draw, by recomputing."""
+    probs = {(): 1.0}
+    with torch.inference_mode():
+        for _ in range(n):
+            nxt = {}
+            for seq, p in probs.items():
+                logits = engine.model(torch.tensor([prompt + list(seq)]))[0, -1, :engine.tokenizer.n_vocab]
+                dist = Sampler(params, logits.numel(), "cpu", [], 0).distribution(logits)
+                for t in torch.nonzero(dist).flatten().tolist():
+                    nxt[seq + (t,)] = p * float(dist[t])
+            probs = nxt
+    return probs
+
+
+def sharp(seed, config):
+    """A random model with its embeddings scaled up: peaked next-token distributions, which
+    accept some drafts and reject others (at the usual init they are nearly uniform)."""
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        model.wte.weight.mul_(4.0)
+    return model
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "draft model"])
+def test_sampled_tokens_follow_the_plain_distribution(trained_tokenizer, drafter):
+    config = GPTConfig(vocab_size=512, context_length=128, n_layer=2, n_head=2, n_embd=32)
+    engine = Engine(sharp(0, config), trained_tokenizer)
+    engine.stop_ids = set()
+    params = SamplingParams(temperature=1.0, top_k=3, max_new_tokens=3)
+    base = [7, 19, 42]
+    # The model's own greedy path, then the start again: lookup drafts the path.
+    prompt = base + plain(engine, base, GREEDY.replace(max_new_tokens=6)).token_ids + base
+    if drafter == "lookup":
+        engine.speculation = PromptLookup(min_ngram=1)
+    else:
+        engine.speculation = DraftModel(sharp(3, config), max_draft=2)
+    engine.speculate_sampled = True
+    exact = exact_distribution(engine, prompt, params, 3)
+    runs = 600
+    counts = dict.fromkeys(exact, 0)
+    drafted = accepted = 0
+    for seed in range(runs):
+        r = engine.generate(prompt, params.replace(seed=seed))
+        counts[tuple(r.token_ids)] += 1  # a sequence the plain sampler cannot draw: KeyError
+        drafted, accepted = drafted + r.drafted_tokens, accepted + r.accepted_tokens
+    assert 0 < accepted < drafted  # both the accept and the reject rule were exercised
+    total = sum(exact.values())
+    total_variation = sum(abs(counts[k] / runs - p / total) for k, p in exact.items()) / 2
+    assert total_variation < 0.08, total_variation
+    # Chi-square over the sequences expected 5+ times, the rarer ones pooled into one bin.
+    common = [k for k, p in exact.items() if p / total * runs >= 5]
+    observed = [counts[k] for k in common] + [runs - sum(counts[k] for k in common)]
+    expected = [exact[k] / total * runs for k in common]
+    expected.append(runs - sum(expected))
+    assert chisquare(observed, expected).pvalue > 1e-3
+    # Sampled output is reproducible from its seed, as without speculation.
+    assert engine.generate(prompt, params.replace(seed=5)).token_ids == \
+        engine.generate(prompt, params.replace(seed=5)).token_ids
