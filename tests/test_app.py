@@ -41,9 +41,9 @@ async def type_text(pilot, text: str) -> None:
     await pilot.press(*["space" if ch == " " else ch for ch in text])
 
 
-async def open_chat(pilot, app) -> None:
+async def open_chat(pilot, app, timeout: float = 20.0) -> None:
     await wait_until(pilot, lambda: app.current_mode == "chat" and app.focused is not None
-                     and app.focused.id == "prompt", "the chat screen")
+                     and app.focused.id == "prompt", "the chat screen", timeout)
 
 
 def views(app) -> list[MessageView]:

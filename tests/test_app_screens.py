@@ -306,7 +306,7 @@ async def test_first_run_download_gpt2_then_chat(hub):
         await pilot.press("g")
         await wait_until(pilot, lambda: app.screen.__class__.__name__ == "ChoiceModal", "the sizes")
         await pilot.press("enter")  # the first: gpt2
-        await open_chat(pilot, app)
+        await open_chat(pilot, app, timeout=90)  # a child process downloads and converts it
         assert app.store.active_model().name == "gpt2"
         assert app.store.active_model().kind == "downloaded"
         await type_text(pilot, "hi")
