@@ -4,7 +4,9 @@
 
 1. Start-up: `kettle` is spawned in a pty; we time until the prompt is on screen (interactive),
    then send a message at once and time until its answer starts (the model loads meanwhile).
-2. Key-press -> screen-update latency: a character is written to the terminal and we time until
+2. Idle CPU: with the chat open and nothing streaming or typed, the share of a core the app's
+   process uses over --idle seconds (/proc/PID/stat). Target: <= 0.5%.
+3. Key-press -> screen-update latency: a character is written to the terminal and we time until
    the app has written a frame that shows it in the prompt. Measured twice in ONE run, side by
    side: while idle (the baseline), and while an answer streams at full speed (a random model
    decoding greedily, so it never stops early, with a long context). The ratio is the cost of
@@ -155,6 +157,19 @@ def key_latencies(term: Terminal, n: int, prefix: str, generating: bool) -> list
     return out
 
 
+def idle_cpu(pid: int, seconds: float) -> float:
+    """The share of one core the process used (all its threads, user + system time) over
+    `seconds` in which nothing was typed and nothing streamed: /proc/PID/stat's utime + stime."""
+    def ticks() -> int:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+
+    start, t0 = ticks(), time.perf_counter()
+    time.sleep(seconds)
+    used, elapsed = ticks() - start, time.perf_counter() - t0
+    return used / os.sysconf("SC_CLK_TCK") / elapsed
+
+
 def summary(name: str, values: list[float]) -> str:
     ms = sorted(v * 1000 for v in values)
     p90 = ms[int(0.9 * (len(ms) - 1))]
@@ -165,6 +180,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--keys", type=int, default=60, help="key presses per measurement")
     ap.add_argument("--context", type=int, default=8192, help="the model's context (answer length x2)")
+    ap.add_argument("--idle", type=float, default=20.0, help="seconds of idle CPU sampling (0: skip)")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="kettle-bench-app-"))
     try:
@@ -184,6 +200,13 @@ def main() -> None:
         time.sleep(1.0)
         term.send(b"\x1b")
         time.sleep(0.5)
+        if args.idle:
+            from tui.widgets.blink import BLINK_FOR_S
+
+            time.sleep(BLINK_FOR_S + 1.0)  # the cursor's blink after the last key has rested
+            share = idle_cpu(term.proc.pid, args.idle)
+            print(f"idle (a chat open, nothing streaming, nothing typed) for {args.idle:.0f} s: "
+                  f"{share:.2%} of a core (target <= 0.5%)")
         idle = key_latencies(term, args.keys, "", generating=False)
         term.send(b"\x15")  # ctrl+u: clear the prompt line
         time.sleep(0.3)

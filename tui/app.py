@@ -158,6 +158,11 @@ class StartingScreen(Screen):
         yield Static("Kettle is starting…", id="starting-text")
         yield LoadingIndicator()
 
+    def on_screen_suspend(self) -> None:
+        # Modes keep this screen under the first real one for the whole session, where its
+        # spinner would go on waking the app 16 times a second to draw nothing (1% of a core).
+        self.query(LoadingIndicator).remove()
+
 
 class KettleApp(App):
     CSS_PATH = "app.tcss"

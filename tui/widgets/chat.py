@@ -15,6 +15,7 @@ from textual.widgets import Markdown, Static, TextArea
 
 from data.store import Label
 from data.store import Message as StoredMessage
+from tui.widgets.blink import RestingTextArea
 
 
 CODE_BLOCK = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -266,7 +267,7 @@ class MessageList(VerticalScroll, can_focus=False):
         return list(self.query_children(MessageView))
 
 
-class PromptArea(TextArea):
+class PromptArea(RestingTextArea):
     """The multi-line prompt: Enter sends; Ctrl+J (every terminal) or Shift+Enter / Alt+Enter
     (terminals that report them) insert a new line.
 

@@ -9,6 +9,7 @@ from textual.widgets import Input, Label, Select, Static, TextArea
 
 from gpt.errors import KettleError
 from gpt.sampling import PRESETS, SamplingParams, get_preset
+from tui.widgets.blink import RestingInput, RestingTextArea
 
 # (field, label, parse): what the panel edits, in order. A blank seed means "a new one each time".
 FIELDS = [
@@ -77,11 +78,11 @@ class SamplingPanel(VerticalScroll):
                      value="balanced", allow_blank=False, id="preset")
         for name, label, _ in FIELDS:
             yield Label(label)
-            yield Input(id=f"param-{name}", validators=[ParamValidator(name)],
+            yield RestingInput(id=f"param-{name}", validators=[ParamValidator(name)],
                         validate_on=["changed", "submitted"], compact=True)
             yield Static("", id=f"error-{name}", classes="field-error")
         yield Label("System prompt")
-        yield TextArea(id="system-prompt", soft_wrap=True, tab_behavior="focus")
+        yield RestingTextArea(id="system-prompt", soft_wrap=True, tab_behavior="focus")
 
     def on_mount(self) -> None:
         self.show(self.params, self._system)

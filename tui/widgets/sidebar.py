@@ -11,6 +11,8 @@ from textual.message import Message
 from textual.widgets import Input, OptionList, Static
 from textual.widgets.option_list import Option
 
+from tui.widgets.blink import RestingInput
+
 
 def when(timestamp: float, now: float) -> str:
     """A short, human date: "14:05" today, "Mon 14:05" this week, else "2026-11-03"."""
@@ -58,7 +60,7 @@ class ConversationList(Vertical):
 
     def compose(self):
         yield Static("[b]Chats[/]  [dim]ctrl+n new[/]", id="chats-title")
-        yield Input(placeholder="Search all chats (ctrl+f)", id="chat-search")
+        yield RestingInput(placeholder="Search all chats (ctrl+f)", id="chat-search")
         yield OptionList(id="chat-options")
 
     @property

@@ -1,0 +1,37 @@
+"""The app at rest wakes for nothing: a chat open, nothing streaming, nothing typed, no timer runs
+(each one woke the UI thread: 2% of a core while idle). benchmarks/app.py measures the CPU."""
+from __future__ import annotations
+
+import asyncio
+import gc
+
+from textual.timer import Timer
+
+from tests.test_app import SIZE, open_chat, press_nowait, wait_until
+from tui.app import KettleApp
+from tui.widgets.blink import BlinkThenRest
+
+BLINK_S = 0.6  # the cursors' blink time here, so the test waits under a second for the rest
+
+
+def running_timers() -> list[str]:
+    """Every Textual timer of this process that is started and not paused."""
+    return [t.name for t in gc.get_objects() if isinstance(t, Timer)
+            and t._task is not None and not t._task.done() and t._active.is_set()]
+
+
+async def test_idle_chat_runs_no_timer_and_a_key_restarts_the_blink(app_model, monkeypatch):
+    monkeypatch.setattr(BlinkThenRest, "blink_for_s", BLINK_S)
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        prompt = app.screen.query_one("#prompt")
+        await wait_until(pilot, lambda: not running_timers(), "every timer to stop",
+                         timeout=BLINK_S + 5)
+        assert prompt._cursor_visible  # the cursor rests lit, not hidden mid-blink
+        press_nowait(app, "h", "h")  # Pilot's press waits for every queue, longer than a blink
+        await wait_until(pilot, lambda: prompt.text == "h", "the key")
+        assert prompt.blink_timer._active.is_set()  # typing blinks again, then rests again
+        await wait_until(pilot, lambda: not running_timers(), "the blink to rest again",
+                         timeout=BLINK_S + 5)
+        assert prompt._cursor_visible
