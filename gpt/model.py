@@ -205,14 +205,79 @@ class GPT(nn.Module):
         return x.view(B, 1, -1) if decoding else x
 
     def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None, pos_offset: int = 0,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for token ids `idx` [B, T].
 
         With `kv_cache`, the tokens continue the cached sequence (positions start at cache.pos)
         and the cache is extended. `last_only` computes logits for the last position only, which
-        is all decoding needs and saves the largest matrix product.
+        is all decoding needs and saves the largest matrix product. With `targets` [B, T] (the
+        next token at each position) it returns the mean cross-entropy instead, computed in
+        chunks so the full logits never exist (head_cross_entropy).
         """
         x = self.hidden_states(idx, kv_cache, pos_offset)
+        if targets is not None:
+            return head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
         if last_only:
             x = x[:, -1:, :]
         return self.lm_head(x)
+
+
+# Rows of logits made at once by head_cross_entropy: 2**24 fp32 values (64 MB; 333 rows of
+# GPT-2's vocabulary), enough for the matrix products to run at full speed.
+LOSS_CHUNK_ELEMENTS = 2**24
+
+
+def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       chunk_rows: int | None = None) -> torch.Tensor:
+    """F.cross_entropy(F.linear(h, weight).float(), targets), the mean over rows, with the same
+    value and gradients, without materialising the [rows, vocab] fp32 logits and their gradient:
+    at GPT-2's vocabulary they dominate a training step's peak memory."""
+    rows = chunk_rows or max(1, LOSS_CHUNK_ELEMENTS // weight.size(0))
+    return _HeadCrossEntropy.apply(h, weight, targets, rows)
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Each chunk of rows makes its logits, its share of the loss and, right away, its share of
+    both gradients (softmax minus one-hot, through the head), then frees its logits. The loss is
+    a scalar, so backward only scales the gradients computed here: the matrix products are the
+    ones autograd's backward would run, not a recomputation."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows):
+        device = h.device.type
+        # Under autocast the head's products run in its dtype (bf16), as F.linear's would.
+        mm = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        need_h, need_w = ctx.needs_input_grad[:2]
+        n = h.size(0)
+        with torch.autocast(device, enabled=False):
+            w, hm = weight.to(mm), h.to(mm)
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            grad_h = torch.empty_like(hm) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+            for start in range(0, n, chunk_rows):
+                hc, tc = hm[start:start + chunk_rows], targets[start:start + chunk_rows]
+                logits = (hc @ w.t()).float()
+                lse = logits.logsumexp(dim=-1)
+                loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+                if not (need_h or need_w):
+                    continue
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+                g[torch.arange(len(tc), device=g.device), tc] -= 1
+                g = g.div_(n).to(mm)
+                if need_h:
+                    torch.mm(g, w, out=grad_h[start:start + chunk_rows])
+                if need_w:
+                    if mm == torch.float32:
+                        grad_w.addmm_(g.t(), hc)
+                    else:  # addmm_ cannot add a bf16 product into fp32
+                        grad_w += g.t() @ hc
+        # Kept on ctx rather than saved: they are not inputs or outputs, and backward hands
+        # over its only reference, so the [vocab, n_embd] gradient becomes weight.grad as it is.
+        ctx.grads = (grad_h.to(h.dtype) if need_h else None,
+                     grad_w.to(weight.dtype) if need_w else None)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads, ctx.grads = ctx.grads, None
+        return tuple(g.mul_(grad_loss) if g is not None else None for g in grads) + (None, None)

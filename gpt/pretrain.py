@@ -39,7 +39,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from data import corpus
 from data.files import atomic_directory, atomic_file, atomic_write_text, remove_stale_temporaries
@@ -360,9 +359,8 @@ def evaluate(model, stream: corpus.TokenStream, context: int, batch_size: int, n
         rows = np.stack([stream.read(w * length, length + 1) for w in mine[i:i + batch_size]])
         t = torch.from_numpy(rows).to(device)
         with _autocast(device, amp):
-            logits = model(t[:, :-1])
-        loss_sum += float(F.cross_entropy(logits.flatten(0, 1).float(), t[:, 1:].flatten(),
-                                          reduction="sum"))
+            loss = model(t[:, :-1], targets=t[:, 1:])
+        loss_sum += float(loss) * t[:, 1:].numel()
         count += t[:, 1:].numel()
     model.train()
     if dist.enabled:
@@ -688,8 +686,7 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = dist.enabled and micro < accum - 1
                 with (model.no_sync() if sync else contextlib.nullcontext()), _autocast(device, amp):
-                    logits = model(x)
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                    loss = model(x, targets=y)  # in chunks: the full logits would dominate memory
                 (loss / accum).backward()
                 loss_sum += loss.detach()
             grad_norm = (torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)

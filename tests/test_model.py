@@ -198,3 +198,31 @@ def test_config_rejects_bad_values():
         GPTConfig.from_dict({"n_layers": 3})
     with pytest.raises(KettleError, match="tie_embeddings must be true or false"):
         GPTConfig.from_dict({"tie_embeddings": "no"})
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("chunk_rows", [None, 1, 7, 1000])
+def test_loss_in_chunks_equals_the_full_cross_entropy_and_its_gradients(tie, chunk_rows):
+    """The training loss never holds the full logits, yet its value and every parameter's
+    gradient are those of F.cross_entropy over them (chunks that do and do not divide the rows)."""
+    import torch.nn.functional as F
+
+    from gpt.model import head_cross_entropy
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=300, context_length=32, n_layer=2, n_head=2, n_embd=16,
+                       tie_embeddings=tie)
+    model = GPT(config)
+    x, y = torch.randint(0, 300, (3, 20)), torch.randint(0, 300, (3, 20))
+    full = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+    (2.5 * full).backward()  # a scaled loss (gradient accumulation divides it)
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    h = model.hidden_states(x).flatten(0, 1)
+    chunked = head_cross_entropy(h, model.lm_head.weight, y.flatten(), chunk_rows)
+    (2.5 * chunked).backward()
+    assert torch.allclose(chunked, full, atol=1e-6)
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, expected[name], atol=1e-6), name
+    with torch.no_grad():  # evaluation: the same value, no gradients made
+        assert torch.allclose(model(x, targets=y), full, atol=1e-6)
