@@ -184,8 +184,14 @@ def _safetensors_dtype(name: str) -> str:
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
-    """Load a model directory: (model in eval mode on `device`, its tokenizer)."""
+               dtype: torch.dtype | None = None,
+               quantize: str | None = None) -> tuple[GPT, Tokenizer]:
+    """Load a model directory: (model in eval mode on `device`, its tokenizer). `quantize`
+    ("int8", CPU only) turns its linear layers into int8 ones from these same weights
+    (gpt.quantize); they are quantized from fp32, whatever `dtype` says."""
+    from gpt.quantize import check_mode, quantize_model
+
+    check_mode(quantize, device)  # before any weight is read
     directory = Path(directory)
     meta, config, tokenizer = check_model_dir(directory)
     state = read_weights(directory / WEIGHTS_FILE, config, meta["dtype"])
@@ -193,7 +199,9 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
         model = GPT(config)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    model.to(device=device, dtype=dtype or DTYPES[meta["dtype"]])
+    model.to(device=device, dtype=torch.float32 if quantize else dtype or DTYPES[meta["dtype"]])
+    if quantize:
+        quantize_model(model, quantize)
     return model.eval(), tokenizer
 
 

@@ -142,11 +142,12 @@ class Engine:
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device | None = None,
-             dtype: torch.dtype | None = None) -> "Engine":
+             dtype: torch.dtype | None = None, quantize: str | None = None) -> "Engine":
+        """`quantize` ("int8", gpt.quantize) runs on the CPU, which is then the default device."""
         from gpt.checkpoint import load_model
 
-        device = pick_device(device)
-        model, tokenizer = load_model(model_dir, device, dtype or pick_dtype(device))
+        device = pick_device("cpu" if quantize and device is None else device)
+        model, tokenizer = load_model(model_dir, device, dtype or pick_dtype(device), quantize)
         return cls(model, tokenizer, name=Path(model_dir).name)
 
     @property

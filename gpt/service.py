@@ -248,11 +248,13 @@ class InProcessService(GenerationService):
     """The model in this process, driven by one worker thread (see the module docstring)."""
 
     def __init__(self, model: str | None = None, device: str | None = None,
-                 max_batch: int = MAX_BATCH, kv_budget: int = KV_BUDGET_BYTES):
+                 max_batch: int = MAX_BATCH, kv_budget: int = KV_BUDGET_BYTES,
+                 quantize: str | None = None):
         self.follows_store = model is None
         # Resolve now, so a bad name fails where it was given; the weights load on the worker.
         self._wanted = store_active_model() if model is None else resolve_model(model)
         self._device = device
+        self._quantize = quantize   # every model it loads, also after a switch (gpt.quantize)
         self._engine: Engine | None = None
         self._batch: Batch | None = None    # the requests in flight on self._engine
         self._max_batch, self._kv_budget = max_batch, kv_budget
@@ -460,7 +462,7 @@ class InProcessService(GenerationService):
 
     def _load(self, info: ModelInfo) -> ModelInfo:
         # The new model loads before the old one is let go: a broken one leaves the old in use.
-        engine = Engine.load(info.path, device=self._device)
+        engine = Engine.load(info.path, device=self._device, quantize=self._quantize)
         engine.name = info.name
         self._engine, self._wanted, self._batch = engine, info, None
         self._active = _with_active(info, True)

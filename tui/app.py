@@ -9,7 +9,8 @@ Messages; screens handle those messages and do every piece of I/O in workers —
 through `App.db` (a thread), generation through the async `GenerationService`.
 
 Settings live in config.json under kettle_home(): "theme" (remembered when changed) and "keys", a
-map from binding id to keys that replaces the default keys, e.g. {"keys": {"chat.stop": "escape,ctrl+c"}}.
+map from binding id to keys that replaces the default keys, e.g. {"keys": {"chat.stop": "escape,ctrl+c"}},
+and "quantize": "int8" to run the in-process model with int8 weights (gpt/quantize.py).
 The help screen (F1) lists every binding id with its current keys.
 """
 from __future__ import annotations
@@ -86,6 +87,21 @@ def write_setting(key: str, value: Any) -> None:
         return
     config[key] = value
     atomic_write_text(config_path(), json.dumps(config, indent=2) + "\n")
+
+
+def quantize_setting(config: dict) -> tuple[str | None, str | None]:
+    """(mode, problem): config.json's "quantize" (absent or null: full precision); any other
+    value than gpt.quantize's modes is a problem line, and full precision."""
+    value = config.get("quantize")
+    if value is None:
+        return None, None
+    from gpt.quantize import MODES
+
+    if isinstance(value, str) and value in MODES:
+        return value, None
+    modes = " or ".join(json.dumps(m) for m in MODES)
+    return None, (f'{config_path()}: "quantize" must be {modes} or null, got {json.dumps(value)}; '
+                  "using full precision")
 
 
 QUIT = "app.quit"
@@ -270,7 +286,10 @@ class KettleApp(App):
         background so the chat is usable at once (a first message waits for them)."""
         from gpt.service import InProcessService
 
-        self.service = await asyncio.to_thread(InProcessService)
+        quantize, problem = quantize_setting(self.config)
+        if problem:
+            self.notify(problem, severity="warning", timeout=10)
+        self.service = await asyncio.to_thread(InProcessService, quantize=quantize)
         self.preload()
 
     @work(group="preload")

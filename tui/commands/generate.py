@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--device", type=flags.device,
                    help="cpu, cuda, cuda:N or mps (default: the best available)")
+    flags.add_quantize(p)
     p.set_defaults(func=generate_command)
 
 
@@ -68,7 +69,7 @@ def generate_command(args) -> int:
         raise KettleError("--system needs --chat")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = sampling_params(args)
-    engine = Engine.load(resolve_model_dir(args.model), device=args.device)
+    engine = Engine.load(resolve_model_dir(args.model), device=args.device, quantize=args.quantize)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         stream = engine.stream_chat(messages + [{"role": "user", "content": prompt}], params)

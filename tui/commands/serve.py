@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="accept requests whose Host header is NAME (a name of this machine or a "
                         "proxy in front); repeatable; config.json: {\"serve\": {\"allow_hosts\": "
                         "[...]}} (default: localhost, 127.0.0.1, [::1] and the address listened on)")
+    flags.add_quantize(p)
     p.set_defaults(func=serve_command)
 
 
@@ -91,7 +92,7 @@ def serve_command(args) -> int:
     logging.getLogger("kettle").addHandler(handler)  # one line per answer: tokens, speed
     logging.getLogger("kettle").setLevel(logging.INFO)
     sock = listen(args.host, args.port)  # before loading: a taken port fails at once
-    service = InProcessService(args.model, device=args.device)
+    service = InProcessService(args.model, device=args.device, quantize=args.quantize)
     try:
         info = service.load()
         host, port = sock.getsockname()[:2]
