@@ -6,7 +6,9 @@
 
 Both models get the same shape, the same batch, dropout off, AdamW with the same settings, and a
 full training step each (forward, cross-entropy loss, backward, optimizer step). Kettle's step is
-its trainer's (gpt.pretrain.make_optimizer: fused AdamW, decay on matrices); transformers is
+its trainer's (gpt.pretrain.make_optimizer: fused AdamW, decay on matrices; the loss in chunks of
+the sequence, gpt.model.head_cross_entropy), and "kettle-full-logits" is the same step with the
+loss over the full fp32 logits, as Kettle computed it before, for the memory saved; transformers is
 measured with torch's default AdamW (for-each) and, for a like-for-like model comparison, with
 the fused AdamW Kettle uses ("transformers+fused"). Each measurement
 runs in its own process so that peak memory is its own. Prints tokens/s, peak memory above the
@@ -65,8 +67,9 @@ def measure(impl: str, shape: str, steps: int, warmup: int, device_name: str) ->
         net = torch.compile(model) if impl == "kettle+compile" else model
 
         def loss_fn(x, y):
-            logits = net(x)
-            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            if impl == "kettle-full-logits":  # the loss as it was before head_cross_entropy
+                return F.cross_entropy(net(x).flatten(0, 1).float(), y.flatten())
+            return net(x, targets=y)
     model.train()
     if impl.startswith("kettle"):
         optimizer = make_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.1), device)
@@ -135,12 +138,16 @@ def main() -> None:
                         help="measurements per model, alternating; the best is reported")
     parser.add_argument("--compile", action="store_true", help="also measure Kettle + torch.compile")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--impls", nargs="+", choices=["kettle", "kettle-full-logits", "transformers",
+                                                       "transformers+fused", "kettle+compile"],
+                        help="measure only these (default: all but kettle+compile)")
     parser.add_argument("--one", nargs=2, metavar=("IMPL", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args.one[0], args.one[1], args.steps, args.warmup, args.device)))
         return
-    impls = ["kettle", "transformers", "transformers+fused"] + (["kettle+compile"] if args.compile else [])
+    impls = args.impls or (["kettle", "kettle-full-logits", "transformers", "transformers+fused"]
+                           + (["kettle+compile"] if args.compile else []))
     for shape in args.shapes:
         best: dict[str, dict] = {}
         for _ in range(args.repeats):  # alternate, so a busy moment does not favour one side
@@ -154,15 +161,22 @@ def main() -> None:
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 if impl not in best or r["tokens_per_s"] > best[impl]["tokens_per_s"]:
                     best[impl] = r
-        print(_table([best[i] for i in impls], best["transformers"]["tokens_per_s"]), flush=True)
+        reference = best.get("transformers", best[impls[0]])["tokens_per_s"]
+        print(_table([best[i] for i in impls], reference), flush=True)
+        if "kettle" not in best or "kettle-full-logits" not in best:
+            continue
+        chunked, full = best["kettle"], best["kettle-full-logits"]
+        print(f"loss in chunks vs full logits: peak {chunked['peak_mb']:,.0f} MB vs "
+              f"{full['peak_mb']:,.0f} MB ({chunked['peak_mb'] / full['peak_mb']:.2f}x), tokens/s "
+              f"{chunked['tokens_per_s'] / full['tokens_per_s']:.2f}x", flush=True)
 
 
 def _table(rows: list[dict], reference: float) -> str:
-    lines = [f"{'shape':6} {'batch':7} {'model':15} {'tokens/s':>10} {'peak MB':>9} "
+    lines = [f"{'shape':6} {'batch':7} {'model':18} {'tokens/s':>10} {'peak MB':>9} "
              f"{'vs HF':>6} {'MFU':>6}  device"]
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        lines.append(f"{r['shape']:6} {r['batch']:7} {r['impl']:15} {r['tokens_per_s']:10,.0f} "
+        lines.append(f"{r['shape']:6} {r['batch']:7} {r['impl']:18} {r['tokens_per_s']:10,.0f} "
                      f"{r['peak_mb']:9,.0f} {r['tokens_per_s'] / reference:5.2f}x {mfu:>6}  {r['device']}")
     return "\n".join(lines)
 
