@@ -81,7 +81,7 @@ def heldout_ids(tokenizer) -> list[int]:
     return ids
 
 
-def perplexity(model_dir: Path) -> dict:
+def perplexity(model_dir: Path, max_tokens: int) -> dict:
     """Held-out perplexity fp32 and int8, and the share of positions where both agree on the
     most likely next token."""
     import torch
@@ -90,7 +90,7 @@ def perplexity(model_dir: Path) -> dict:
 
     models = {name: load_model(model_dir, quantize=q)[0] for name, q in (("fp32", None), ("int8", "int8"))}
     tokenizer = load_model(model_dir)[1]
-    ids = torch.tensor(heldout_ids(tokenizer))
+    ids = torch.tensor(heldout_ids(tokenizer)[:max_tokens + 1])
     context = models["fp32"].config.context_length
     n = (len(ids) - 1) // context
     x, y = ids[:n * context].view(n, context), ids[1:n * context + 1].view(n, context)
@@ -129,6 +129,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--heldout-tokens", type=int, default=65536,
+                        help="the first N held-out tokens for perplexity")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -136,7 +138,7 @@ def main() -> None:
     if model_dir is None:
         print("perplexity: no trained model (brew the starter or pass --model DIR)")
     else:
-        p = perplexity(model_dir)
+        p = perplexity(model_dir, args.heldout_tokens)
         print(f"held-out perplexity ({model_dir}, {p['tokens']:,} tokens): fp32 {p['fp32']:.4f}, "
               f"int8 {p['int8']:.4f} ({p['int8'] / p['fp32'] - 1:+.2%}); same next token "
               f"{p['agree']:.1%}", flush=True)
