@@ -1,0 +1,143 @@
+"""Speculative decoding (prompt lookup) against plain decoding, side by side in one run.
+
+    .venv/bin/python benchmarks/speculative.py [--shape gpt2] [--new-tokens 96] [--repeats 2]
+        [--threads N] [--max-train-steps 80]
+
+What is measured, honestly: the model is the `--shape` (default GPT-2 124M) in fp32, randomly
+initialised and then trained in this run on two prompt + answer pairs until its greedy answers
+are those answers (a random model copies nothing, and there is no trained 124M model offline):
+
+- copy: "fix the spelling in this paragraph" followed by the paragraph corrected, so the answer
+  copies the prompt but where a typo was fixed;
+- no copy: "write another paragraph", answered with another paragraph of the story, which
+  shares with its prompt only what two paragraphs of one story share by chance.
+
+The weights only decide which tokens come out; the cost of a forward pass is the same for any
+weights of the shape, so the speed ratios are those of a real model answering such prompts
+with the same acceptance. Both modes run on the same engine, interleaved, best of `--repeats`
+(after a warm-up), a fixed number of new tokens; the greedy tokens are compared.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+if (ROOT.parent / "shared" / "tiktoken_cache").is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken_cache"))
+
+STORY = ROOT.parent / "shared" / "data" / "the-verdict.txt"
+TYPOS = {" thought ": " thougt ", " his ": " hsi ", " been ": " bene ", " that ": " taht ",
+         " would ": " woudl ", " painting": " paintng", " married ": " marryed "}
+
+
+def workloads() -> dict[str, tuple[str, str]]:
+    paragraphs = STORY.read_text(encoding="utf-8").split("\n\n")  # 9, 7, 11: 100-130 tokens
+    fix = paragraphs[9]
+    for right, wrong in TYPOS.items():
+        fix = fix.replace(right, wrong)
+    return {
+        "copy": (f"Fix the spelling in this paragraph.\n\n{fix}\n\nFixed:\n", paragraphs[9]),
+        "no copy": (f"Write another paragraph of the story.\n\n{paragraphs[7]}\n\nAnother:\n",
+                    paragraphs[11]),
+    }
+
+
+def train_to_answer(model, pairs, max_steps):
+    """Train until every answer is the model's greedy continuation of its prompt; the steps taken."""
+    import torch
+
+    seqs = [torch.tensor([p + a]) for p, a in pairs]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.0)
+    for step in range(1, max_steps + 1):
+        if step % 10 == 0:
+            print(f"training to answer: step {step}", file=sys.stderr, flush=True)
+        model.train()
+        for (p, a), x in zip(pairs, seqs):
+            logits = model(x[:, :-1])
+            torch.nn.functional.cross_entropy(logits[0], x[0, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.eval()
+        with torch.inference_mode():
+            if all(model(x)[0, len(p) - 1:-1].argmax(-1).tolist() == a for (p, a), x in zip(pairs, seqs)):
+                return step
+    return None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="gpt2")
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="default: fitted to the machine's load")
+    parser.add_argument("--max-train-steps", type=int, default=80)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a model directory: loaded when it exists, else written after training "
+                             "(training the 124M shape takes many minutes on a CPU)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from gpt.checkpoint import load_model, save_model
+    from gpt.config import get_preset
+    from gpt.engine import Engine
+    from gpt.model import GPT
+    from gpt.sampling import SamplingParams
+    from gpt.speculative import PromptLookup
+    from gpt.tokenizer import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    texts = workloads()
+    pairs = {name: (tokenizer.encode(p), tokenizer.encode(a)[:args.new_tokens]) for name, (p, a) in texts.items()}
+    start = time.perf_counter()
+    if args.model is not None and args.model.exists():
+        model = load_model(args.model, torch.device("cpu"), torch.float32)[0]
+        trained = f"earlier (loaded from {args.model})"
+    else:
+        torch.manual_seed(0)
+        model = GPT(get_preset(args.shape))
+        steps = train_to_answer(model, list(pairs.values()), args.max_train_steps)
+        trained = f"{steps} steps" if steps else f"{args.max_train_steps} steps, answers NOT fully learnt"
+        if args.model is not None:
+            save_model(model, args.model)
+    engine = Engine(model.eval(), tokenizer, name=args.shape)
+    engine.stop_ids = set()  # fixed length: every run decodes --new-tokens
+    engine.threads = args.threads
+    params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens)
+    print(f"{args.shape} shape fp32 ({model.num_params() / 1e6:.0f}M parameters), batch 1, greedy, "
+          f"{args.new_tokens} new tokens; trained {trained} ({time.perf_counter() - start:.0f} s) to "
+          f"give the workloads' answers ('answer learnt' says how far); best of {args.repeats} "
+          f"after a warm-up")
+    print(f"{'workload':9} {'prompt':>6} {'mode':14} {'decode tok/s':>12} {'accepted':>9} {'answer learnt':>13}")
+    modes = {"plain": None, "prompt lookup": PromptLookup()}
+    for name, (prompt, answer) in pairs.items():
+        best, tokens, stats = {}, {}, {}
+        for i in range(args.repeats + 1):
+            for mode, speculation in modes.items():
+                engine.speculation = speculation
+                engine.reset()
+                r = engine.generate(prompt, params)
+                tokens[mode] = r.token_ids
+                stats[mode] = r
+                if i:
+                    best[mode] = max(best.get(mode, 0.0), r.tokens_per_s)
+        for mode in modes:
+            r = stats[mode]
+            rate = f"{r.acceptance_rate:.0%}" if r.drafted_tokens else "-"
+            learnt = sum(a == b for a, b in zip(r.token_ids, answer))
+            print(f"{name:9} {len(prompt):6} {mode:14} {best[mode]:12.1f} {rate:>9} "
+                  f"{learnt:>6}/{len(answer)}")
+        same = tokens["plain"] == tokens["prompt lookup"]
+        print(f"{name:9} prompt lookup / plain: decode {best['prompt lookup'] / best['plain']:.2f}x "
+              f"(target {'>= 2' if name == 'copy' else '>= 0.95'}x); "
+              f"drafted {stats['prompt lookup'].drafted_tokens}, accepted "
+              f"{stats['prompt lookup'].accepted_tokens}; greedy tokens identical: {same}")
+
+
+if __name__ == "__main__":
+    main()
