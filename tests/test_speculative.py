@@ -20,6 +20,7 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=40)
 def engine(long_context_model_dir):
     engine = Engine.load(long_context_model_dir, device="cpu")
     engine.stop_ids = set()  # random weights: run to the token limit
+    engine.speculation = PromptLookup()  # off by default (see Engine.__init__)
     return engine
 
 
