@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from data.store import DataFilter, Store
+from data.store import DataFilter, Store, content_hash
 from gpt.errors import KettleError
 
 
@@ -149,10 +149,23 @@ def test_snapshot_is_unchanged_by_a_later_label_edit(store):
         store.conn.execute("DELETE FROM snapshots")
 
 
-def test_same_data_gives_same_content_hash(store):
+def test_content_hash_is_the_same_for_the_same_content_and_differs_for_different_content(store):
     _, _, bot = chat(store)
     store.set_label(bot.id, thumb=1)
-    assert store.create_snapshot().content_hash == store.create_snapshot().content_hash
+    first = store.create_snapshot()
+    assert store.create_snapshot().content_hash == first.content_hash
+    # The stored digest is the sha256 of the canonical JSON of what was frozen.
+    assert first.content_hash == content_hash({"examples": store.snapshot_examples(first.id),
+                                               "pairs": store.snapshot_pairs(first.id)})
+    store.set_label(bot.id, ideal="Paris.")  # one answer's text changes
+    second = store.create_snapshot()
+    assert second.content_hash != first.content_hash
+    # reuse looks snapshots up by hash: different content must not be taken for the old one
+    assert store.create_snapshot(reuse=True).id == second.id
+    store.set_label(bot.id, ideal="Paris, I think.")  # back to the first text: the first hash
+    assert store.create_snapshot(reuse=True).id == first.id
+    assert content_hash({"a": 1, "b": [2]}) == content_hash({"b": [2], "a": 1})
+    assert len({content_hash(v) for v in ({"a": 1}, {"a": 2}, {"b": 1}, [1], "é")}) == 5
 
 
 def test_filter_thumbs_scores_tags_and_exclusions(store):
