@@ -108,8 +108,39 @@ class MLP(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.c_fc(x)
+        # A plain Linear only: LoRA wraps c_proj in a module of its own, kept on autograd's path.
+        if (u.requires_grad and type(self.c_proj) is nn.Linear
+                and not torch.is_autocast_enabled(u.device.type)):
+            y = _GeluProjection.apply(u, self.c_proj.weight, self.c_proj.bias)
+        else:
+            y = self.c_proj(F.gelu(u, approximate="tanh"))
+        return _dropout(y, self.dropout, self.training)
+
+
+class _GeluProjection(torch.autograd.Function):
+    """c_proj(gelu(u)) that keeps only u for the backward pass and recomputes the GELU there.
+    Autograd would keep both u (for GELU's gradient) and gelu(u) (for c_proj's weight gradient):
+    at GPT-2 124M and 4x256 tokens those are 144 MB each, the largest activations a step holds.
+    The recomputation is one elementwise pass, well under 1% of the step. fp32 only: under
+    autocast (bf16 on GPUs) the activations are half the size and autograd's path is kept."""
+
+    @staticmethod
+    def forward(ctx, u, weight, bias):
+        ctx.save_for_backward(u, weight)
+        ctx.has_bias = bias is not None
         # GPT-2 uses the tanh approximation of GELU; the exact form would not match its weights.
-        return _dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), self.dropout, self.training)
+        return F.linear(F.gelu(u, approximate="tanh"), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        u, weight = ctx.saved_tensors
+        a = F.gelu(u, approximate="tanh")
+        grad_w = grad_y.flatten(0, -2).t() @ a.flatten(0, -2) if ctx.needs_input_grad[1] else None
+        grad_b = grad_y.flatten(0, -2).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_u = torch.ops.aten.gelu_backward(grad_y @ weight, u, approximate="tanh") \
+            if ctx.needs_input_grad[0] else None
+        return grad_u, grad_w, grad_b
 
 
 def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -178,8 +209,9 @@ class GPT(nn.Module):
         return n - self.wpe.weight.numel() if non_embedding else n
 
     def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
-                      pos_offset: int = 0) -> torch.Tensor:
-        """The final-LayerNorm outputs, [B, T, n_embd]; classification heads start from here."""
+                      pos_offset: int = 0, sparse_embedding_grad: bool = False) -> torch.Tensor:
+        """The final-LayerNorm outputs, [B, T, n_embd]; classification heads start from here.
+        `sparse_embedding_grad`: only for a loss through the tied head (see _embed)."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else pos_offset
         if isinstance(start, torch.Tensor):
@@ -192,7 +224,7 @@ class GPT(nn.Module):
                                  f"{self.config.context_length}")
             if kv_cache is not None and start + T > kv_cache.max_len:
                 raise ValueError(f"KV cache holds {kv_cache.max_len} positions, {start + T} needed")
-            x = _dropout(self.wte(idx) + self.wpe.weight[start:start + T], self.config.dropout,
+            x = _dropout(self._embed(idx, sparse_embedding_grad) + self.wpe.weight[start:start + T], self.config.dropout,
                          self.training)
             decoding = kv_cache is not None and T == 1
             if decoding:
@@ -204,6 +236,16 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         return x.view(B, 1, -1) if decoding else x
 
+    def _embed(self, idx: torch.Tensor, sparse_grad: bool) -> torch.Tensor:
+        # With the head tied, the embedding's gradient is added to the head's, which is dense
+        # already: as a sparse gradient (the rows of this batch's tokens) it is added in place,
+        # where the dense one would first fill a second [vocab, n_embd] tensor (154 MB at GPT-2's
+        # size) at the end of the backward pass, when every other gradient exists too. Untied,
+        # it stays dense, as it does when no loss goes through the head (a classifier's): the
+        # optimizers take dense gradients only.
+        sparse = sparse_grad and self.config.tie_embeddings and torch.is_grad_enabled()
+        return F.embedding(idx, self.wte.weight, sparse=sparse)
+
     def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None, pos_offset: int = 0,
                 last_only: bool = False, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for token ids `idx` [B, T].
@@ -214,7 +256,7 @@ class GPT(nn.Module):
         next token at each position) it returns the mean cross-entropy instead, computed in
         chunks so the full logits never exist (head_cross_entropy).
         """
-        x = self.hidden_states(idx, kv_cache, pos_offset)
+        x = self.hidden_states(idx, kv_cache, pos_offset, sparse_embedding_grad=targets is not None)
         if targets is not None:
             return head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
         if last_only:

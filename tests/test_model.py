@@ -226,3 +226,40 @@ def test_loss_in_chunks_equals_the_full_cross_entropy_and_its_gradients(tie, chu
         assert torch.allclose(p.grad, expected[name], atol=1e-6), name
     with torch.no_grad():  # evaluation: the same value, no gradients made
         assert torch.allclose(model(x, targets=y), full, atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_training_step_keeps_less_and_its_gradients_are_autograds(tie, monkeypatch):
+    """The MLP keeps only its GELU's input for the backward pass (autograd's path would keep the
+    GELU's output too, the step's largest activation), and the tied embedding's gradient is added
+    sparsely into the head's; every gradient is still the one autograd's plain ops give, dense."""
+    import torch.nn.functional as F
+
+    import gpt.model
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=300, context_length=32, n_layer=2, n_head=2, n_embd=16,
+                       tie_embeddings=tie)
+    model = GPT(config)
+    x, y = torch.randint(0, 300, (3, 20)), torch.randint(0, 300, (3, 20))
+    mlp_wide = []
+
+    def keep(t):
+        if t.shape[-1] == config.mlp_width and t.dim() > 1:
+            mlp_wide.append(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = model(x, targets=y)
+    assert len(set(mlp_wide) - {p.untyped_storage().data_ptr() for p in model.parameters()}) \
+        == config.n_layer
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    assert all(g.layout == torch.strided for g in grads.values())
+
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(gpt.model._GeluProjection, "apply",
+                        lambda u, w, b: F.linear(F.gelu(u, approximate="tanh"), w, b))
+    F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(grads[name], p.grad, atol=1e-6), name
