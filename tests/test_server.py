@@ -103,7 +103,28 @@ def test_openai_client_chat_and_completions_streaming_and_not(client, long_conte
     assert client.models.retrieve("long").id == "long"
 
 
-def test_kettle_sampling_extensions_and_the_seed_reproduce(client):
+def test_kettle_sampling_extensions_reach_the_engine_and_the_seed_reproduces(client,
+                                                                            long_context_model_dir):
+    engine = Engine.load(long_context_model_dir)
+    base = dict(temperature=1.2, seed=7)
+
+    def local(**extra):
+        return engine.generate_chat(CHAT, SamplingParams(max_new_tokens=12, **base, **extra)).text
+
+    def served(**extra):
+        return client.chat.completions.create(model="long", messages=CHAT, max_tokens=12, **base,
+                                              extra_body=extra).choices[0].message.content
+
+    plain = local()
+    assert served() == plain
+    # Each setting alone changes the seeded answer in process, and the server's answer with it is
+    # the engine's with it: a server that dropped the setting would answer `plain`.
+    for extra in ({"top_k": 2}, {"min_p": 0.5}, {"repetition_penalty": 3.0},
+                  {"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.3}):
+        expected = local(**extra)
+        assert expected != plain, extra
+        assert served(**extra) == expected, extra
+
     args = dict(model="long", messages=CHAT, temperature=1.2, max_tokens=12,
                 extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.3})
     first = client.chat.completions.create(**args)
