@@ -1120,11 +1120,6 @@ class Store:
         return snap.content_hash == content_hash({"examples": self.snapshot_examples(snapshot_id),
                                                   "pairs": self.snapshot_pairs(snapshot_id)})
 
-    def rename_snapshot(self, snapshot_id: int, name: str) -> None:
-        self.snapshot(snapshot_id)
-        with self.transaction():
-            self.conn.execute("UPDATE snapshots SET name = ? WHERE id = ?", (name, snapshot_id))
-
     # -- model versions -----------------------------------------------------------------------
 
     def add_model_version(self, name: str, path: str | Path, kind: str, *,
