@@ -326,3 +326,21 @@ def test_server_options_belong_to_the_app(capsys):
         main(["--server", "http://127.0.0.1:8000", "data", "stats"])
     assert exit_info.value.code == 2
     assert "use them without a command" in capsys.readouterr().err
+
+
+def test_no_screen_or_widget_imports_the_app_module():
+    """Screens and widgets take guarded/error_text from tui.errors; importing every one of them
+    loads no tui.app (type hints of the app go under TYPE_CHECKING)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tui = Path(__file__).resolve().parent.parent / "tui"
+    modules = [f"tui.{d}.{p.stem}" for d in ("screens", "widgets")
+               for p in sorted((tui / d).glob("*.py")) if p.stem != "__init__"]
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "print('tui.app' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tui.parent, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert len(modules) >= 10 and out == ["False"]

@@ -16,7 +16,6 @@ The help screen (F1) lists every binding id with its current keys.
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib
 import json
 import logging
@@ -34,33 +33,9 @@ from textual.widgets import LoadingIndicator, Static
 from data.files import atomic_write_text
 from data.paths import config_path, kettle_home
 from gpt.errors import KettleError
+from tui.errors import error_text
 
 log = logging.getLogger("kettle.app")
-
-
-# --- errors: a notification, never a traceback ---------------------------------------------------
-
-def error_text(exc: BaseException) -> str:
-    """What the user reads: KettleError messages as they are, anything else with its type (the
-    traceback goes to app.log under kettle_home())."""
-    if isinstance(exc, KettleError):
-        return str(exc)
-    log.error("unexpected error", exc_info=exc)
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def guarded(method: Callable) -> Callable:
-    """Wrap an async screen/app method so that any failure becomes an error notification."""
-    @functools.wraps(method)
-    async def wrapper(self, *args, **kwargs):
-        try:
-            return await method(self, *args, **kwargs)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the user sees it as a notification
-            self.app.notify(error_text(exc), title="Error", severity="error", timeout=8)
-            return None
-    return wrapper
 
 
 # --- settings --------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from data.store import Conversation, Label, Message, Store
 from gpt.errors import KettleError
 from gpt.sampling import SamplingParams, get_preset
 from gpt.service import Delta, Done
-from tui.app import guarded
+from tui.errors import guarded
 from tui.screens.modals import ConfirmModal, EditorModal, TextModal
 from tui.widgets.chat import MessageList, MessageView, PromptArea
 from tui.widgets.sampling import SamplingPanel

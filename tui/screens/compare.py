@@ -13,7 +13,7 @@ from textual.widgets import Footer, Input, Markdown, Select, Static
 from gpt.errors import KettleError
 from gpt.sampling import get_preset
 from gpt.service import Delta, Done, ModelInfo
-from tui.app import guarded
+from tui.errors import guarded
 from tui.screens.finetune import CompareRequest
 
 SEED = 1234  # both sides sample with the same seed, so differences come from the models

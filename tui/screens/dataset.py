@@ -17,7 +17,7 @@ from textual.widgets import Checkbox, DataTable, Footer, Input, Label, Markdown,
 
 from data.formats import FORMATS, export_file
 from data.store import DataFilter, Store
-from tui.app import guarded
+from tui.errors import guarded
 from tui.screens.modals import ChoiceModal, TextModal
 from tui.widgets.chat import label_text
 from tui.widgets.sidebar import when

@@ -25,7 +25,7 @@ from data.store import DataFilter, ModelVersion, Run, Snapshot, Store
 from finetune.verdict import summary_lines
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
-from tui.app import guarded
+from tui.errors import guarded
 
 POLL_S = 0.5
 # Rough sustained training throughput (FLOP/s) for the time estimate; the run reports the truth.

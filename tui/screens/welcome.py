@@ -8,7 +8,7 @@ from textual.screen import Screen
 from textual.widgets import Button, Footer, Static
 
 from gpt.starter import BREW_TIME
-from tui.app import guarded
+from tui.errors import guarded
 from tui.screens.models import brew_starter, download_gpt2, import_dir
 
 WELCOME = """\
