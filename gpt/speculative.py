@@ -151,13 +151,19 @@ class Speculator:
         self.engine, self.drafter, self.sampler = engine, drafter, sampler
         self.greedy, self.want_logprobs = params.greedy, want_logprobs
         self.drafted = self.accepted = 0
+        # Drafts to ask for next round: two more after a round that kept them all, one more than
+        # were kept after one that did not. A rejected draft costs a position of the pass for
+        # nothing: on text that copies nothing rounds shrink at once to one draft, which costs
+        # little more than a plain step, and they grow back as soon as drafts are kept.
+        self.draft_len: int | None = None  # None: as many as the drafter offers
 
     def round(self, last: int, budget: int) -> list[tuple[int, torch.Tensor | None]]:
         """Feed `last` (decided, not yet cached) and drafts; 1 to `budget` newly decided tokens,
         each with its log-probabilities when asked for. The newest is not fed yet."""
         engine, sampler = self.engine, self.sampler
         self.drafter.extend([last])
-        drafts, q = self.drafter.propose(budget - 1)
+        want = budget - 1 if self.draft_len is None else min(budget - 1, self.draft_len)
+        drafts, q = self.drafter.propose(want)
         cache = engine._cache
         start = cache.pos
         x = torch.tensor([[last] + drafts], dtype=torch.long, device=engine.device)
@@ -175,6 +181,8 @@ class Speculator:
         kept = len(decided) - 1  # the drafts accepted
         self.drafted += len(drafts)
         self.accepted += kept
+        if drafts:
+            self.draft_len = len(drafts) + 2 if kept == len(drafts) else kept + 1
         cache.truncate(start + 1 + kept)
         engine._cached_ids.extend([last] + drafts[:kept])
         self.drafter.extend([t for t, _ in decided[:-1]])

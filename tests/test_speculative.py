@@ -147,3 +147,38 @@ def test_sampled_tokens_follow_the_plain_distribution(trained_tokenizer, drafter
     # Sampled output is reproducible from its seed, as without speculation.
     assert engine.generate(prompt, params.replace(seed=5)).token_ids == \
         engine.generate(prompt, params.replace(seed=5)).token_ids
+
+
+class _Scripted:
+    """A drafter that proposes the plain loop's own next tokens (right) or each plus one
+    (wrong), and records how many it was asked for each round."""
+
+    def __init__(self, truth: list[int], prompt_len: int, n_vocab: int, right: bool):
+        self.truth, self.prompt_len, self.n_vocab, self.right = truth, prompt_len, n_vocab, right
+        self.asked: list[int] = []
+
+    def begin(self, engine, prompt_ids, params, sampler):
+        self.history = list(prompt_ids)
+        return self
+
+    def extend(self, tokens):
+        self.history.extend(tokens)
+
+    def propose(self, k):
+        self.asked.append(k)
+        at = len(self.history) - self.prompt_len
+        nxt = self.truth[at:at + min(k, 4)]
+        return ([t if self.right else (t + 1) % self.n_vocab for t in nxt], None)
+
+
+def test_rounds_shrink_after_rejected_drafts_and_grow_after_kept_ones(engine, verdict_text):
+    prompt = engine.tokenizer.encode(verdict_text[:200])
+    truth = plain(engine, prompt, GREEDY).token_ids
+    wrong = _Scripted(truth, len(prompt), engine.tokenizer.n_vocab, right=False)
+    engine.speculation = wrong
+    assert engine.generate(prompt, GREEDY).token_ids == truth
+    assert wrong.asked[1:4] == [1, 1, 1]  # none kept: one draft a round from then on
+    right = _Scripted(truth, len(prompt), engine.tokenizer.n_vocab, right=True)
+    engine.speculation = right
+    assert engine.generate(prompt, GREEDY).token_ids == truth
+    assert right.asked[1:3] == [6, 6]  # all 4 offered were kept: two more asked next round
