@@ -40,7 +40,6 @@ from data.files import atomic_write_text, sha256_file
 from data.store import DataFilter, Store, content_hash
 from gpt.errors import KettleError
 
-FORMATS = ("alpaca", "sharegpt", "openai", "dpo")
 MAX_LINE_BYTES = 16 * 1024 * 1024  # one JSONL record (or one JSON list entry)
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant"}
@@ -389,14 +388,6 @@ def _dpo(obj: dict) -> tuple[str, list[Node]]:
     return system, nodes
 
 
-PARSERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _openai, "dpo": _dpo}
-KNOWN_FIELDS = {"alpaca": {"instruction", "input", "output", "system", "history"},
-                "sharegpt": {"id", "conversations"},
-                "openai": {"messages"},
-                "dpo": {"prompt", "chosen", "rejected", "input", "preferred_output",
-                        "non_preferred_output"}}
-
-
 def parse_file(path: str | Path, fmt: str | None = None) -> tuple[str, list[Record], Counter]:
     """Read and validate a whole file: (format, records, ignored fields). Raises KettleError
     naming the file and line of the first problem."""
@@ -411,13 +402,13 @@ def parse_file(path: str | Path, fmt: str | None = None) -> tuple[str, list[Reco
     for line, obj in raw:
         try:
             obj = _object(obj, "a record")
-            system, nodes = PARSERS[fmt](obj)
+            system, nodes = FORMAT_TABLE[fmt].parse(obj)
             external_id = None
             if fmt == "sharegpt" and "id" in obj:
                 external_id = _string(obj, "id")
         except _Bad as exc:
             raise KettleError(f"{path}, line {line}: {exc} ({fmt} format)") from None
-        for key in set(obj) - KNOWN_FIELDS[fmt]:
+        for key in set(obj) - FORMAT_TABLE[fmt].fields:
             ignored[key] += 1
         records.append(Record(line, system, nodes, external_id))
     return fmt, records, ignored
@@ -513,6 +504,33 @@ def _to_dpo(pair: dict) -> dict:
             "rejected": msgs(pair["rejected"])}
 
 
+# --- the formats: one entry each; the CLI's choices and the app's export dialog come from here -----
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    help: str                    # one line, as the export dialog shows it
+    suffix: str                  # ".json": one JSON list; ".jsonl": a record a line
+    parse: Callable[[dict], tuple[str, list[Node]]]   # a record -> (system prompt, nodes)
+    render: Callable[[dict], dict | str] | None       # an example -> a record or a skip reason;
+    #                                                   None: the format holds preference pairs
+    fields: frozenset[str]       # a record's keys that parse reads (others are counted as ignored)
+
+
+FORMAT_TABLE = {f.name: f for f in (
+    Format("alpaca", "Alpaca JSON (single-turn only)", ".json", _alpaca, _to_alpaca,
+           frozenset({"instruction", "input", "output", "system", "history"})),
+    Format("sharegpt", "ShareGPT JSON", ".json", _sharegpt, _to_sharegpt,
+           frozenset({"id", "conversations"})),
+    Format("openai", "OpenAI chat JSONL (every turn, system prompts)", ".jsonl", _openai,
+           _to_openai, frozenset({"messages"})),
+    Format("dpo", "preference pairs JSONL (corrections and up/down siblings)", ".jsonl", _dpo, None,
+           frozenset({"prompt", "chosen", "rejected", "input", "preferred_output",
+                      "non_preferred_output"})),
+)}
+FORMATS = tuple(FORMAT_TABLE)
+
+
 def without_context(example: dict) -> dict:
     """`example` less its weight-0 answers, each with the question it answered, for tools that
     train on every assistant message they are given (TRL ignores "weight"). The question goes
@@ -533,11 +551,11 @@ def without_context(example: dict) -> dict:
 def convert(examples: list[dict], pairs: list[dict], fmt: str) -> tuple[list[dict], Counter]:
     """Examples (and pairs) in the one chat format -> records of `fmt`, and skip reasons."""
     skipped: Counter = Counter()
-    if fmt == "dpo":
+    to_record = FORMAT_TABLE[fmt].render
+    if to_record is None:
         if examples and not pairs:
             skipped[SKIP_NOT_PAIR] = len(examples)
         return [_to_dpo(p) for p in pairs], skipped
-    to_record = {"alpaca": _to_alpaca, "sharegpt": _to_sharegpt, "openai": _to_openai}[fmt]
     out = []
     for example in examples:
         record = to_record(example)
@@ -570,7 +588,7 @@ def export_file(store: Store, out: str | Path, fmt: str, snapshot_id: int | None
         dropped = sum(m.get("weight", 1) == 0 for e in examples for m in e["messages"])
         examples = [without_context(e) for e in examples]
     records, skipped = convert(examples, pairs, fmt)
-    if fmt in ("alpaca", "sharegpt"):
+    if FORMAT_TABLE[fmt].suffix == ".json":
         text = json.dumps(records, ensure_ascii=False, indent=2) + "\n"
     else:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

@@ -388,3 +388,27 @@ def test_data_export_no_weights_flag(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--no-weights" in err[0] and "--format dpo" in err[0]
     assert not pairs.exists()
+
+
+def test_every_format_the_cli_and_the_export_dialog_offer_comes_from_the_table(tmp_path):
+    """One Format entry per format: the CLI's --format choices and the export dialog's options
+    are the table's names, each dialog line has its help text, and each entry exports."""
+    import argparse
+
+    from data.formats import FORMAT_TABLE, FORMATS
+    from tui.cli import build_parser
+    from tui.screens.dataset import export_choices
+
+    assert FORMATS == tuple(FORMAT_TABLE) and all(n == f.name for n, f in FORMAT_TABLE.items())
+    data = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    data = data.choices["data"]
+    commands = next(a for a in data._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command in ("import", "export"):
+        (fmt,) = [a for a in commands[command]._actions if "--format" in a.option_strings]
+        assert list(fmt.choices) == list(FORMATS), command
+    assert export_choices() == [(f.name, f"{f.name}: {f.help}") for f in FORMAT_TABLE.values()]
+    with Store.open(tmp_path / "k.db") as store:
+        for f in FORMAT_TABLE.values():
+            assert f.help and f.suffix in (".json", ".jsonl")
+            report = export_file(store, tmp_path / f"out{f.suffix}", f.name)
+            assert report.format == f.name

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from data.formats import FORMATS
 from tui.commands import flags
 
 
@@ -49,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=search_command)
 
 
-FORMAT_CHOICES = ["alpaca", "sharegpt", "openai", "dpo"]
+FORMAT_CHOICES = list(FORMATS)  # one entry each in data.formats.FORMAT_TABLE
 
 
 def add_filter_options(p: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Checkbox, DataTable, Footer, Input, Label, Markdown, Select, Static
 
-from data.formats import FORMATS, export_file
+from data.formats import FORMAT_TABLE, export_file
 from data.store import DataFilter, Store
 from tui.errors import guarded
 from tui.screens.modals import ChoiceModal, TextModal
@@ -25,9 +25,11 @@ from tui.widgets.sidebar import when
 # The examples table: the id and turns columns are this wide; prompt, answer and label share
 # the rest (each column also has a cell of padding either side, and the scrollbar takes 2).
 ID_WIDTH, TURNS_WIDTH = 5, 5
-FORMAT_HELP = {"openai": "OpenAI chat JSONL (every turn, system prompts)",
-               "sharegpt": "ShareGPT JSON", "alpaca": "Alpaca JSON (single-turn only)",
-               "dpo": "preference pairs JSONL (corrections and up/down siblings)"}
+
+
+def export_choices() -> list[tuple[str, str]]:
+    """The export dialog's (format, line) options: every entry of data.formats.FORMAT_TABLE."""
+    return [(f.name, f"{f.name}: {f.help}") for f in FORMAT_TABLE.values()]
 
 
 @dataclass
@@ -247,11 +249,10 @@ class DatasetScreen(Screen):
     @guarded
     async def action_export(self) -> None:
         fmt = await self.app.push_screen_wait(ChoiceModal(
-            "Export what would train now as…", [(f, f"{f}: {FORMAT_HELP[f]}") for f in FORMATS]))
+            "Export what would train now as…", export_choices()))
         if fmt is None:
             return
-        suffix = ".json" if fmt in ("alpaca", "sharegpt") else ".jsonl"
-        default = str(Path.cwd() / f"kettle-{fmt}{suffix}")
+        default = str(Path.cwd() / f"kettle-{fmt}{FORMAT_TABLE[fmt].suffix}")
         out = await self.app.push_screen_wait(TextModal("Export to file", default))
         if not out:
             return
