@@ -224,8 +224,8 @@ class GPT(nn.Module):
                                  f"{self.config.context_length}")
             if kv_cache is not None and start + T > kv_cache.max_len:
                 raise ValueError(f"KV cache holds {kv_cache.max_len} positions, {start + T} needed")
-            x = _dropout(self._embed(idx, sparse_embedding_grad) + self.wpe.weight[start:start + T], self.config.dropout,
-                         self.training)
+            x = self._embed(idx, sparse_embedding_grad) + self.wpe.weight[start:start + T]
+            x = _dropout(x, self.config.dropout, self.training)
             decoding = kv_cache is not None and T == 1
             if decoding:
                 x = x.view(B, -1)  # the blocks' decoding-step path (see CausalSelfAttention.forward)
