@@ -34,11 +34,13 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from data.files import atomic_write_text, sha256_file
-from data.store import DataFilter, Store, content_hash
 from gpt.errors import KettleError
+
+if TYPE_CHECKING:  # data.store brings sqlite_utils (~1 s): the CLI's parser reads FORMATS from here
+    from data.store import DataFilter, Store
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # one JSONL record (or one JSON list entry)
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -483,6 +485,8 @@ def _to_alpaca(example: dict) -> dict | str:
 
 
 def _to_sharegpt(example: dict) -> dict | str:
+    from data.store import content_hash  # see the imports
+
     if any("weight" in m for m in example["messages"]):
         return SKIP_WEIGHT.format("ShareGPT")
     ident = example.get("meta", {}).get("id") or f"kettle-{content_hash(example)[:12]}"
