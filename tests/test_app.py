@@ -23,11 +23,12 @@ def write_config(**settings) -> None:
     config_path().write_text(json.dumps(settings), encoding="utf-8")
 
 
-async def wait_until(pilot, condition, what: str, timeout: float = 20.0) -> None:
+async def wait_until(pilot, condition, what, timeout: float = 20.0) -> None:
+    """Wait for `condition()`; `what` names it in the failure (a callable: worked out then)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
         await asyncio.sleep(0.005)  # not pilot.pause: that waits for every queue to drain
 
 
