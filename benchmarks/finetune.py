@@ -61,7 +61,7 @@ def one_run(args, side: str, mode: str, queue) -> None:
     from finetune.lora import LoRAConfig, apply_lora
     from gpt.config import GPTConfig
     from gpt.model import GPT
-    from gpt.pretrain import TrainConfig, make_optimizer
+    from finetune.pretrain import TrainConfig, make_optimizer
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes
     torch.set_num_threads(args.threads)

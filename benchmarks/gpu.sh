@@ -3,7 +3,7 @@
 # nothing read from the network; a throw-away KETTLE_HOME):
 #
 #   1. pretraining, the 124M shape (GPT-2's), bf16 autocast + TF32 + fused AdamW, eager and
-#      torch.compile: tokens/s and MFU against the device's peak (gpt.pretrain.PEAK_TFLOPS);
+#      torch.compile: tokens/s and MFU against the device's peak (finetune.pretrain.PEAK_TFLOPS);
 #   2. decode tok/s of the 124M shape in bf16 at batch 1 and batch 8 (greedy, the model's own
 #      KV-cache step), and batch 1 through Kettle's engine beside transformers' generate();
 #   3. fine-tuning tok/s on the 124M shape, full and LoRA (rank 8, every linear), bf16 autocast;
@@ -37,7 +37,7 @@ section "1. pretraining, 124M shape, 16 x 1024 tokens a step (bf16 autocast, TF3
 timeout 300 "$PY" - <<'EOF'
 import sys
 sys.path.insert(0, "benchmarks")
-import train  # its measure(): Kettle's own training step, MFU from gpt.pretrain's peak table
+import train  # its measure(): Kettle's own training step, MFU from finetune.pretrain's peak table
 
 train.SHAPES["gpt2"] = ("gpt2", 16, 1024)  # a GPU-sized batch: its CPU one, 4 x 256, starves a GPU
 rows = [train.measure(impl, "gpt2", steps=10, warmup=3, device_name="cuda")
@@ -83,7 +83,7 @@ import torch
 from finetune.lora import LoRAConfig, apply_lora
 from gpt.config import get_preset
 from gpt.model import GPT
-from gpt.pretrain import TrainConfig, autocast_dtype, make_optimizer, prepare_training
+from finetune.pretrain import TrainConfig, autocast_dtype, make_optimizer, prepare_training
 
 device = torch.device("cuda")
 prepare_training(device)

@@ -9,7 +9,7 @@ Kettle's engine, a fixed number of new tokens, the two sides' runs alternating i
 a busy machine slows both alike; decode tokens/s = (n_new - 1) / (time for n_new - time for 1),
 on the wall clock and the process's CPU clock. Quality: held-out perplexity of a trained model
 (default: the brewed starter under $KETTLE_HOME, else /tmp/brewhome) on the Python modules the
-starter's brew holds out (gpt.starter), fp32 and int8, and how often both pick the same next token.
+starter's brew holds out (finetune.starter), fp32 and int8, and how often both pick the same next token.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def decode_speed(shape: str, n_prompt: int, n_new: int, repeats: int) -> dict[st
 
 
 def heldout_ids(tokenizer) -> list[int]:
-    from gpt.starter import held_out_groups, python_corpus
+    from finetune.starter import held_out_groups, python_corpus
 
     docs = python_corpus()
     held = held_out_groups(docs)

@@ -35,7 +35,7 @@ def worker(config: str, task: str, seconds: float) -> dict:
 
     from gpt.config import GPTConfig
     from gpt.model import GPT
-    from gpt.pretrain import TrainConfig, make_optimizer, prepare_training
+    from finetune.pretrain import TrainConfig, make_optimizer, prepare_training
     from gpt.threads import ThreadFitter
 
     device = torch.device("cpu")
@@ -61,7 +61,7 @@ def worker(config: str, task: str, seconds: float) -> dict:
     else:
         from gpt.engine import Engine
         from gpt.sampling import SamplingParams
-        from gpt.starter import stdlib_sources
+        from finetune.starter import stdlib_sources
         from gpt.tokenizer import train_tokenizer
 
         # A tokenizer as large as the model's vocabulary, so that every sampled id decodes.

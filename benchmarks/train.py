@@ -6,7 +6,7 @@
 
 Both models get the same shape, the same batch, dropout off, AdamW with the same settings, and a
 full training step each (forward, cross-entropy loss, backward, optimizer step). Kettle's step is
-its trainer's (gpt.pretrain.make_optimizer: fused AdamW, decay on matrices; the loss in chunks of
+its trainer's (finetune.pretrain.make_optimizer: fused AdamW, decay on matrices; the loss in chunks of
 the sequence, gpt.model.head_cross_entropy), and "kettle-full-logits" is the same step with the
 loss over the full fp32 logits, as Kettle computed it before, for the memory saved; transformers is
 measured with torch's default AdamW (for-each) and, for a like-for-like model comparison, with
@@ -40,7 +40,7 @@ def measure(impl: str, shape: str, steps: int, warmup: int, device_name: str) ->
     import torch.nn.functional as F
 
     from gpt.config import get_preset
-    from gpt.pretrain import (TrainConfig, autocast_dtype, flops_per_token, make_optimizer,
+    from finetune.pretrain import (TrainConfig, autocast_dtype, flops_per_token, make_optimizer,
                               peak_flops, prepare_training)
     from gpt.engine import pick_device
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from data.files import atomic_write_text, sha256_file
+from gpt.files import atomic_write_text, sha256_file
 from gpt.errors import KettleError
 
 if TYPE_CHECKING:  # data.store brings sqlite_utils (~1 s): the CLI's parser reads FORMATS from here

@@ -40,7 +40,7 @@ from typing import Any, Iterable, Iterator
 
 import sqlite_utils
 
-from data.files import process_alive, remove_stale_temporaries
+from gpt.files import process_alive, remove_stale_temporaries
 from gpt.errors import KettleError
 
 ROLES = ("system", "user", "assistant")

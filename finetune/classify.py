@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from data.files import atomic_directory
+from gpt.files import atomic_directory
 from finetune import read_manifest
 from finetune.lora import LoRAConfig, apply_lora, merge_lora
 from gpt.checkpoint import save_weights
@@ -230,7 +230,7 @@ def train_classifier(gpt: GPT, tokenizer: Tokenizer, examples: list[tuple[str, s
     metrics holds per-epoch validation results and the final test evaluation.
     `on_step(step, total_steps, loss)` reports progress.
     """
-    from gpt.pretrain import TrainConfig, make_optimizer, prepare_training
+    from finetune.pretrain import TrainConfig, make_optimizer, prepare_training
 
     prepare_training(torch.device(device))
     torch.manual_seed(config.seed)

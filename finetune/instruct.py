@@ -348,7 +348,7 @@ class SFTTrainer:
 
     def __init__(self, model: GPT, train: list[Example], val: list[Example], config: SFTConfig,
                  pad_id: int, device="cpu", dist=None, replay: list[Example] = ()):
-        from gpt.pretrain import Dist, TrainConfig, make_optimizer
+        from finetune.pretrain import Dist, TrainConfig, make_optimizer
 
         self.config, self.pad_id, self.device = config, pad_id, torch.device(device)
         if config.lora and not lora_layers(model):
@@ -403,7 +403,7 @@ class SFTTrainer:
         return out
 
     def lr(self, step: int) -> float:
-        from gpt.pretrain import lr_at
+        from finetune.pretrain import lr_at
 
         if self.anneal is not None:  # learned: down to zero by the end of the margin
             start, end, start_lr = self.anneal
@@ -498,7 +498,7 @@ class SFTTrainer:
 
     # Everything needed to continue exactly where the run stopped.
     def state_dict(self) -> dict:
-        from gpt.pretrain import _rng_state
+        from finetune.pretrain import _rng_state
 
         return {
             "model": trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
@@ -511,7 +511,7 @@ class SFTTrainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        from gpt.pretrain import _set_rng_state
+        from finetune.pretrain import _set_rng_state
 
         load_trainable_state(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -51,7 +51,7 @@ from typing import Callable
 
 import torch
 
-from data.files import atomic_directory, atomic_file, atomic_write_text, remove_stale_temporaries
+from gpt.files import atomic_directory, atomic_file, atomic_write_text, remove_stale_temporaries
 from data.paths import models_dir, runs_dir
 from data.store import Run, Store
 from finetune.instruct import (Example, Progress, SFTConfig, SFTTrainer, check_vocabulary,
@@ -273,7 +273,7 @@ def execute(run_id: int, resume: bool = False, progress: bool = True,
     Raises KettleError when the run fails (after marking it failed with the reason).
     `on_step` is called after every step (a hook for tests and embedding).
     """
-    from gpt.pretrain import init_distributed, prepare_training
+    from finetune.pretrain import init_distributed, prepare_training
 
     store = Store.open()
     try:
@@ -339,7 +339,7 @@ def _fail(store: Store, run_id: int, reason: str, dist) -> None:
 
 def _run(store: Store, run_id: int, spec: JobSpec, resume: bool, progress: bool, on_step, dist, device):
     from gpt.checkpoint import load_model
-    from gpt.pretrain import Display, StopFlag, _truncate_metrics, read_metrics
+    from finetune.pretrain import Display, StopFlag, _truncate_metrics, read_metrics
 
     rdir = run_dir(run_id)
     rdir.mkdir(parents=True, exist_ok=True)
@@ -492,7 +492,7 @@ class _Checkpoints:
             self.save()
 
     def save(self) -> None:
-        from gpt.pretrain import save_state
+        from finetune.pretrain import save_state
 
         started = time.monotonic()
         with atomic_file(self.path) as tmp:
@@ -506,7 +506,7 @@ def _write_model(out: Path, model, tokenizer, trainer, name, base_name, run_id, 
     """The model directory with its card, loss curve and (LoRA) adapter, in one atomic rename."""
     from finetune.lora import lora_layers, merge_lora, save_adapter
     from gpt.checkpoint import save_model
-    from gpt.pretrain import plot_losses
+    from finetune.pretrain import plot_losses
 
     from finetune.replay import REPLAY_FILE
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
-from data.files import atomic_directory
+from gpt.files import atomic_directory
 from finetune import read_manifest
 from gpt.checkpoint import save_weights
 from gpt.config import GPTConfig

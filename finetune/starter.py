@@ -1,9 +1,24 @@
-"""The starter model's instruction stage: it learns to answer questions about Python.
+"""`kettle brew starter`: a working model on a fresh machine with no internet.
+
+The corpus is what ships with every Python: the standard library's source (code, comments,
+docstrings, tests), the language reference (`pydoc_data.topics`) and the `help()` text of the
+builtins, deduplicated, ~30 MB. Files are read, never imported, so no module's side effects run.
+Whole modules are held out (with their tests) as the validation split, on which the brew reports
+bits per byte. A tokenizer and a small GPT are trained on it for a fixed amount of work chosen by
+the device kind, from a fixed seed: the same seed on the same kind of device gives the same model,
+however busy the machine is (it only takes longer, and the ETA says how much). The result is
+registered as a model (the active one if none is).
+
+The work is a list of stages, each a function of the shared `Brew` state that may replace
+`brew.model_dir` with the model it produced. A later stage (e.g. instruction tuning) is added by
+appending a `Stage` to `STAGES`; `brew_starter` then saves and registers what the last stage made.
+
+The instruction stage: the starter model's instruction stage: it learns to answer questions about Python.
 
 Question/answer pairs are made offline from the documentation the starter was pretrained on:
 "What does str.upper do?" is answered with the first sentence of `str.upper`'s docstring. The
 builtins come first (their docstrings are in the interpreter), then the functions and classes of
-commonly used standard-library modules (from `gpt.starter.stdlib_docstrings`, the pretraining
+commonly used standard-library modules (from `stdlib_docstrings`, the pretraining
 corpus), with how-to questions made from the same first sentences ("How do I get a copy of the
 string converted to uppercase?") and examples with code from the docstrings' doctests. The
 pretrained model is fine-tuned on them in the chat format for a fixed number of epochs; the pairs
@@ -11,11 +26,188 @@ go with the model (replay.jsonl) so that fine-tuning it later can replay them.
 """
 from __future__ import annotations
 
+import ast
 import builtins
+import functools
+import hashlib
+import json
 import random
 import re
+import shutil
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
-from gpt.starter import COMMON_MODULES
+from gpt.files import atomic_directory
+from gpt.config import GPTConfig
+from gpt.errors import KettleError
+
+# The standard library's source is read whole, less what is not Python's own (installed
+# packages) or not text: compiled caches, codec tables, the pydoc topics (read from pydoc_data).
+SKIP_PARTS = {"site-packages", "dist-packages", "__pycache__", "pydoc_data", "encodings"}
+# For the instruction data's docstrings: only the library people call, no tests, GUIs or tools.
+DOC_SKIP_PARTS = SKIP_PARTS | {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3",
+                               "ensurepip", "venv", "msilib"}
+# Modules whose functions people ask about most (the instruction data's questions): never held out.
+COMMON_MODULES = ("os", "posixpath", "json", "re", "math", "random", "itertools", "functools",
+                  "collections", "pathlib", "datetime", "shutil", "subprocess", "string",
+                  "textwrap", "statistics", "heapq", "bisect", "copy", "glob", "csv", "typing",
+                  "dataclasses", "enum", "argparse", "logging", "urllib.parse", "base64", "uuid",
+                  "tempfile", "zipfile", "gzip", "threading", "queue", "fractions", "decimal",
+                  "difflib", "fnmatch", "inspect", "operator", "pprint", "secrets", "calendar")
+HELD_IN = {m.split(".")[0] for m in COMMON_MODULES} | {"builtins"}
+MAX_FILE_BYTES = 400_000
+MAX_LINE_CHARS = 400
+HELD_OUT_SHARE = 0.03   # of the text: whole modules, the validation split
+CORPUS_SEED = 0
+
+# Model shapes per device kind: what trains to a useful loss within the pretraining budget. A
+# few CPU minutes are ~1e13-5e13 FLOPs, for which a model of about a million parameters learns
+# fastest (Chinchilla: N ~ sqrt(C / 120)); a wider one learns less in the same time.
+MODEL_SHAPES = {
+    "cpu": GPTConfig(vocab_size=4096, context_length=256, n_layer=4, n_head=4, n_embd=128, qkv_bias=False),
+    "mps": GPTConfig(vocab_size=4096, context_length=256, n_layer=6, n_head=6, n_embd=384, qkv_bias=False),
+    "cuda": GPTConfig(vocab_size=8192, context_length=512, n_layer=8, n_head=8, n_embd=512, qkv_bias=False),
+}
+# Small batches on CPU: more updates beat less noisy ones at this scale.
+BATCH_TOKENS = {"cpu": 4096, "mps": 16384, "cuda": 65536}
+# The pretraining work, fixed per device kind, so that the starter is the same model on a busy
+# machine (which takes longer, and says so) as on an idle one: on CPU, 900 steps of 4,096
+# tokens (3.7M tokens, ~half a pass over the corpus) take ~6.5 minutes on 2 idle cores.
+PRETRAIN_STEPS = {"cpu": 900, "mps": 3000, "cuda": 4000}
+# The whole brew as every screen and --help states it (measured 7.2-8.3 minutes; a machine busy
+# with other work takes longer, 14 minutes beside three test runs, and the brew says so).
+BREW_TIME = "about 8 minutes on 2 idle cores"
+SEED = 1337
+SAMPLE_PROMPT = "Return the"
+# What the stages after pretraining cost, in pretraining steps (measured on 2 CPU cores): the
+# ETA printed once the pretraining speed is known covers the whole brew.
+LATER_STAGES_STEPS = 150
+ETA_AFTER_STEPS = 40
+
+
+@dataclass
+class Brew:
+    """What the stages share."""
+
+    work: Path                      # scratch folder for this brew
+    device: str
+    console: object                 # a rich Console for stage headings and results
+    seed: int = SEED
+    model_dir: Path | None = None   # the newest model a stage produced
+    corpus: Path | None = None
+    val_fraction: float = 0.05      # the corpus's share that is held out (build_corpus sets it)
+    notes: dict = field(default_factory=dict)  # figures for the summary and the store
+
+
+@dataclass
+class Stage:
+    name: str
+    run: Callable[[Brew], None]
+
+
+def build_corpus(brew: Brew) -> None:
+    """The Python corpus as JSONL (one document a line): the training documents in a seeded
+    order, then the held-out modules' documents, whose share of the file is the validation split."""
+    docs = python_corpus()
+    heldout = held_out_groups(docs)
+    train = [d for d in docs if d.group not in heldout]
+    val = [d for d in docs if d.group in heldout]
+    random.Random(CORPUS_SEED).shuffle(train)
+    brew.corpus = brew.work / "python.jsonl"
+    sizes = {"train": 0, "val": 0}
+    with open(brew.corpus, "w", encoding="utf-8") as f:
+        for split, part in (("train", train), ("val", val)):
+            for doc in part:
+                line = json.dumps({"text": doc.text}) + "\n"
+                f.write(line)
+                sizes[split] += len(line.encode("utf-8"))
+    brew.val_fraction = sizes["val"] / (sizes["train"] + sizes["val"])
+    text_bytes = {split: sum(len(d.text.encode("utf-8")) for d in part)
+                  for split, part in (("train", train), ("val", val))}
+    brew.notes.update(corpus_documents=len(docs), corpus_bytes=sum(text_bytes.values()),
+                      heldout_groups=sorted({d.group for d in val}),
+                      val_text_bytes=text_bytes["val"])
+    brew.console.print(f"corpus: {len(docs):,} documents, {sum(text_bytes.values()) / 1e6:.1f} MB of "
+                       f"Python's own code and documentation; held out: {len(val):,} documents "
+                       f"({text_bytes['val'] / 1e6:.2f} MB) of {len({d.group for d in val})} modules")
+
+
+def pretrain_stage(brew: Brew) -> None:
+    """Train a tokenizer and a small GPT on the corpus for the device kind's fixed work."""
+    from gpt.engine import pick_device
+    from finetune.pretrain import TrainConfig, pretrain
+
+    kind = pick_device(brew.device).type
+    config = MODEL_SHAPES.get(kind, MODEL_SHAPES["cpu"])
+    steps = PRETRAIN_STEPS.get(kind, PRETRAIN_STEPS["cpu"])
+    cfg = TrainConfig(
+        max_steps=steps, batch_tokens=BATCH_TOKENS.get(kind, 8192), micro_batch_size=16, lr=3e-3,
+        warmup_steps=20, min_lr_ratio=0.05, eval_every=200, eval_batches=8, sample_every=400,
+        sample_tokens=40, sample_prompt=SAMPLE_PROMPT, checkpoint_every=200, device=brew.device,
+        val_fraction=brew.val_fraction, seed=brew.seed,
+    )
+    out = brew.work / "pretrained"
+    eta = BrewETA(brew, steps)
+    result = pretrain(brew.corpus, out, config, cfg, run_dir=brew.work / "pretrain-run",
+                      display_label="starter: pretraining", register=False, on_step=eta.step,
+                      console=brew.console)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    brew.model_dir = out
+    bpb = heldout_bits_per_byte(out, brew.work / "pretrain-run" / "shards",
+                                brew.notes["val_text_bytes"], brew.device)
+    brew.notes.update(pretrain_steps=result.step, pretrain_tokens=result.tokens,
+                      val_loss=result.val_loss, untrained_val_loss=result.initial_val_loss,
+                      val_bits_per_byte=bpb, sample=result.samples[-1] if result.samples else "")
+    brew.console.print(f"held-out modules: {bpb:.3f} bits per byte")
+
+
+class BrewETA:
+    """Once the pretraining speed on this machine is known, says how long the whole brew will
+    take from here (a busy machine is slower: the work, and so the model, stays the same)."""
+
+    def __init__(self, brew: Brew, steps: int):
+        self.brew, self.steps = brew, steps
+        self.start: tuple[int, float] | None = None
+
+    def step(self, step: int, loss: float) -> None:
+        if step == 5:  # after the first steps' one-off costs
+            self.start = (step, time.monotonic())
+        elif step == ETA_AFTER_STEPS and self.start:
+            per_step = (time.monotonic() - self.start[1]) / (step - self.start[0])
+            left = per_step * (self.steps - step + LATER_STAGES_STEPS)
+            self.brew.notes["eta_s"] = round(left, 1)
+            self.brew.notes["eta_at"] = time.monotonic()
+            self.brew.console.print(f"starter: about {_minutes(left)} to go on this machine "
+                                    f"({1 / per_step:.1f} steps/s)")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} minutes" if seconds >= 90 else f"{seconds:.0f} seconds"
+
+
+def heldout_bits_per_byte(model_dir: Path, shards: Path, val_bytes: int, device: str) -> float:
+    """Bits per byte of text over the whole held-out split (tokenizer-independent): the summed
+    next-token loss in bits divided by the split's UTF-8 bytes."""
+    import math
+
+    from finetune import corpus
+    from gpt.checkpoint import load_model
+    from gpt.engine import pick_device
+    from finetune.pretrain import Dist, evaluate
+
+    device = pick_device(device)
+    model, _ = load_model(model_dir, device=device)
+    stream = corpus.TokenStream(shards, "val")
+    context = model.config.context_length
+    loss = evaluate(model, stream, context, 16, len(stream) // (16 * context) + 1, device, Dist(), None)
+    return loss / math.log(2) * len(stream) / val_bytes
+
+
+# --- the instruction stage: questions about Python, answered from its documentation ---------
 
 BUILTIN_TYPES = (str, bytes, list, dict, set, frozenset, tuple, int, float, complex, range,
                  bytearray, memoryview, object)
@@ -67,7 +259,6 @@ def stdlib_docs() -> list[tuple[str, str]]:
     import sysconfig
     from pathlib import Path
 
-    from gpt.starter import _docstrings
 
     root = Path(sysconfig.get_paths()["stdlib"])
     docs = []
@@ -125,7 +316,6 @@ def example_pairs(seed: int = 0) -> list[list[dict]]:
     """"Show me an example of bin." -> a short answer with the docstring's doctest as code."""
     import doctest
 
-    from gpt.starter import stdlib_docstrings
 
     rng = random.Random(seed)
     parser = doctest.DocTestParser()
@@ -166,7 +356,7 @@ def instruct_stage(brew) -> None:
     from finetune.replay import REPLAY_FILE, replay_text
     from gpt.checkpoint import load_model, save_model
     from gpt.engine import Engine, pick_device
-    from gpt.pretrain import Display
+    from finetune.pretrain import Display
     from gpt.sampling import SamplingParams
 
     device = pick_device(brew.device)
@@ -198,3 +388,205 @@ def instruct_stage(brew) -> None:
     brew.console.print(f"instruction tuning: {stats['examples'] + len(val)} Python Q/A pairs, "
                        f"{trainer.step} steps, held-out loss {before:.2f} -> {after:.2f}; "
                        f"'What does str.upper do?' -> {answer.text!r}")
+
+
+STAGES: list[Stage] = [
+    Stage("corpus", build_corpus),
+    Stage("pretrain", pretrain_stage),
+    Stage("instruct", instruct_stage),
+]
+
+
+@dataclass
+class StarterResult:
+    out: Path
+    seconds: float
+    notes: dict
+    activated: bool
+
+    def summary(self) -> str:
+        n = self.notes
+        lines = [f"starter model: {self.out} ({self.seconds / 60:.1f} minutes)"]
+        if n.get("val_loss") is not None and n.get("untrained_val_loss") is not None:
+            lines.append(f"validation loss {n['val_loss']:.2f} (untrained: {n['untrained_val_loss']:.2f})"
+                         + (f", {n['val_bits_per_byte']:.3f} bits per byte on the held-out modules"
+                            if n.get("val_bits_per_byte") is not None else ""))
+        if n.get("sample"):
+            lines.append(f"sample: {n['sample']!r}")
+        if self.activated:
+            lines.append("it is now the active model")
+        return "\n".join(lines)
+
+
+def brew_starter(out: str | Path | None = None, device: str = "auto", force: bool = False,
+                 stages: list[Stage] | None = None, console=None, seed: int = SEED) -> StarterResult:
+    """Run the stages, then save the last model to `out` and register it."""
+    from rich.console import Console
+
+    from data.paths import models_dir, runs_dir
+
+    stages = STAGES if stages is None else stages
+    out = Path(out).expanduser() if out else models_dir() / "starter"
+    if out.exists() and not force:
+        raise KettleError(f"{out}: a starter model already exists (--force replaces it)")
+    started = time.monotonic()
+    work = runs_dir() / f"starter-{time.strftime('%Y%m%d-%H%M%S')}"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    brew = Brew(work, device, console or Console(stderr=True), seed=seed)
+    for stage in stages:
+        brew.console.rule(f"starter: {stage.name}")
+        stage.run(brew)
+    if brew.model_dir is None:
+        raise KettleError("the starter stages produced no model")
+    with atomic_directory(out, overwrite=force) as tmp:
+        shutil.copytree(brew.model_dir, tmp, dirs_exist_ok=True)
+    seconds = time.monotonic() - started
+    brew.notes["seconds"] = round(seconds, 1)
+    if "eta_at" in brew.notes:  # how far off the estimate was, for the record
+        brew.notes["eta_actual_s"] = round(time.monotonic() - brew.notes.pop("eta_at"), 1)
+    from data.store import Store
+
+    with Store.open() as store:
+        _, activated = store.register_model(out, "starter", metrics=brew.notes,
+                                            hparams={"stages": [s.name for s in stages],
+                                                     "seed": seed})
+    return StarterResult(out, seconds, brew.notes, activated)
+
+
+# --- the corpus ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Document:
+    group: str   # what is held out together: a top-level module with its tests, a topic, ...
+    text: str
+
+
+def held_out_groups(docs) -> set[str]:
+    """The validation split's groups: taken in the order of a hash of their names (the same on
+    every machine) until they hold HELD_OUT_SHARE of the text; never a group larger than a fifth
+    of that (one big package would be the whole split), nor one the instruction data asks about."""
+    sizes: dict[str, int] = {}
+    for doc in docs:
+        sizes[doc.group] = sizes.get(doc.group, 0) + len(doc.text)
+    target = HELD_OUT_SHARE * sum(sizes.values())
+    chosen, held = set(), 0
+    for group in sorted(sizes, key=lambda g: hashlib.sha256(g.encode()).hexdigest()):
+        if held >= target:
+            break
+        if group in HELD_IN or sizes[group] > target / 5:
+            continue
+        chosen.add(group)
+        held += sizes[group]
+    return chosen
+
+
+@functools.lru_cache(maxsize=1)
+def python_corpus() -> tuple[Document, ...]:
+    """What ships with every Python: the language reference, the `help()` text of the builtins,
+    and the standard library's source (code, comments and docstrings; tests and demos too),
+    deduplicated by content."""
+    from pydoc_data.topics import topics
+
+    docs = [Document(f"topic:{name}", topics[name].strip()) for name in sorted(topics)]
+    docs += builtin_help()
+    docs += stdlib_sources()
+    seen, unique = set(), []
+    for doc in docs:
+        key = hashlib.sha256(doc.text.encode("utf-8", "surrogatepass")).digest()
+        if doc.text and key not in seen:
+            seen.add(key)
+            unique.append(doc)
+    return tuple(unique)
+
+
+def builtin_help() -> list[Document]:
+    """`help()`'s plain text for each builtin function and type."""
+    import builtins
+    import pydoc
+
+    out = []
+    for name in sorted(dir(builtins)):
+        obj = getattr(builtins, name)
+        if name.startswith("_") or not callable(obj):
+            continue
+        text = pydoc.render_doc(obj, title="Help on %s:", renderer=pydoc.plaintext)
+        out.append(Document("builtins", text.strip()))
+    return out
+
+
+def stdlib_sources(root: str | Path | None = None) -> list[Document]:
+    """Every source file of the standard library that reads as code: UTF-8, no line longer than
+    MAX_LINE_CHARS (data tables and generated files have them), at most MAX_FILE_BYTES. Each is
+    headed by its path; its group is the module it belongs to (a test file: the module it tests)."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    out: list[Document] = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if SKIP_PARTS.intersection(rel.parts):
+            continue
+        try:
+            if path.stat().st_size > MAX_FILE_BYTES:
+                continue
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if not text.strip() or max(map(len, text.splitlines()), default=0) > MAX_LINE_CHARS:
+            continue
+        out.append(Document(source_group(rel), f"# {rel.as_posix()}\n{text.strip()}"))
+    return out
+
+
+def source_group(rel: Path) -> str:
+    """`json/decoder.py` -> json; `test/test_json/test_fail.py` and `test/test_json.py` -> json."""
+    parts = [p.removesuffix(".py") for p in rel.parts]
+    if parts[0] in ("test", "tests") and len(parts) > 1:
+        parts = parts[1:]
+    top = parts[0].lstrip("_")
+    return top.removeprefix("test_") or top
+
+
+def stdlib_docstrings(root: str | Path | None = None) -> list[str]:
+    """Public module, class and function docstrings of the standard library's source files,
+    each headed by the name (and signature) it documents (the instruction data asks about them)."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    out: list[str] = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if DOC_SKIP_PARTS.intersection(rel.parts) or any(p.startswith(("_", ".")) for p in rel.parts[:-1]):
+            continue
+        module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
+        if module.split(".")[-1].startswith("_") and not rel.name == "__init__.py":
+            continue
+        try:
+            tree = ast.parse(path.read_bytes(), filename=str(path))
+        except (SyntaxError, ValueError, OSError):
+            continue
+        out.extend(_docstrings(tree, module))
+    return out
+
+
+def _docstrings(tree: ast.Module, module: str) -> list[str]:
+    found = []
+    doc = ast.get_docstring(tree)
+    if doc and len(doc) > 40:
+        found.append(f"Module {module}\n\n{doc}")
+
+    def visit(node, prefix: str) -> None:
+        for child in node.body:
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                if child.name.startswith("_") and child.name != "__init__":
+                    continue
+                name = f"{prefix}.{child.name}"
+                doc = ast.get_docstring(child)
+                if isinstance(child, ast.ClassDef):
+                    if doc:
+                        found.append(f"class {name}\n\n{doc}")
+                    visit(child, name)
+                elif doc:
+                    args = ast.unparse(child.args)
+                    found.append(f"{name}({args})\n\n{doc}")
+
+    visit(tree, module)
+    return found

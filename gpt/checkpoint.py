@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data.files import atomic_directory
+from gpt.files import atomic_directory
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
 from gpt.model import GPT

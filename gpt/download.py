@@ -17,7 +17,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from data.files import sha256_file
+from gpt.files import sha256_file
 from gpt.errors import KettleError
 from gpt.hf import import_hf
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from data.files import atomic_directory
+from gpt.files import atomic_directory
 from gpt.checkpoint import (DTYPES, check_block_count, dtype_name, expected_tensors, load_model,
                             save_model, save_weights)
 from gpt.config import GPTConfig

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from data.files import sha256_file
+from gpt.files import sha256_file
 from data.paths import config_path, kettle_home
 from data.store import Store
 from gpt.errors import KettleError

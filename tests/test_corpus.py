@@ -1,4 +1,4 @@
-"""Token shards and window loaders (data.corpus) on real files and a real trained tokenizer."""
+"""Token shards and window loaders (finetune.corpus) on real files and a real trained tokenizer."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from data.corpus import TokenStream, WindowLoader, build_shards, read_meta, token_dtype
+from finetune.corpus import TokenStream, WindowLoader, build_shards, read_meta, token_dtype
 from gpt.errors import KettleError
 
 NON_ASCII = [

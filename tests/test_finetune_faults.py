@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.files import is_temporary
+from gpt.files import is_temporary
 from data.paths import models_dir
 from data.store import Store
 from finetune.jobs import CHECKPOINT_FILE, JobSpec, create_run, execute, run_dir
@@ -183,7 +183,7 @@ def test_a_full_disk_at_the_model_write_fails_the_run_in_one_line_and_resume_fin
 
 def test_a_full_disk_at_a_checkpoint_fails_the_run_and_keeps_the_last_one(store, snapshot,
                                                                           monkeypatch):
-    import gpt.pretrain
+    import finetune.pretrain
 
     saves, real_save = [], torch.save
 
@@ -193,8 +193,8 @@ def test_a_full_disk_at_a_checkpoint_fails_the_run_and_keeps_the_last_one(store,
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
         real_save(obj, path)
 
-    monkeypatch.setattr(gpt.pretrain.torch, "save", save)
-    monkeypatch.setattr(gpt.pretrain, "FULL_DISK_BYTES", 1 << 62)  # as if the disk were full
+    monkeypatch.setattr(finetune.pretrain.torch, "save", save)
+    monkeypatch.setattr(finetune.pretrain, "FULL_DISK_BYTES", 1 << 62)  # as if the disk were full
     run = create_run(store, JobSpec(model="base", snapshot_id=snapshot))
     with pytest.raises(KettleError, match="No space left on device"):
         execute(run.id, progress=False)

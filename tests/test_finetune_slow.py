@@ -44,7 +44,7 @@ def test_sms_spam_classifier_on_a_model_pretrained_here(tmp_path):
     from finetune.classify import ClassifyConfig, read_labeled, train_classifier
     from gpt.checkpoint import load_model
     from gpt.config import GPTConfig
-    from gpt.pretrain import TrainConfig, pretrain
+    from finetune.pretrain import TrainConfig, pretrain
 
     rows = read_labeled(SHARED_DATA / "SMSSpamCollection")
     assert len(rows) == 5574 and {label for _, label in rows} == {"ham", "spam"}

@@ -47,7 +47,7 @@ def test_instruct_stage_fine_tunes_the_brewed_model(tmp_path, trained_tokenizer,
     from gpt.checkpoint import load_model, save_model
     from gpt.config import GPTConfig
     from gpt.model import GPT
-    from gpt.starter import Brew
+    from finetune.starter import Brew
 
     monkeypatch.setattr(finetune.starter, "INSTRUCT_EPOCHS", 1)  # the mechanics, not the quality
     torch.manual_seed(0)

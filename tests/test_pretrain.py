@@ -13,7 +13,7 @@ import torch
 
 from gpt.checkpoint import load_model
 from gpt.config import GPTConfig, get_preset
-from gpt.pretrain import TrainConfig, lr_at, make_optimizer, pretrain, read_metrics
+from finetune.pretrain import TrainConfig, lr_at, make_optimizer, pretrain, read_metrics
 from gpt.tokenizer import TOKENIZER_FILE
 from tui.cli import main
 
@@ -244,7 +244,7 @@ def test_verdict_124m_overfits_like_the_book(tmp_path, verdict_file):
 
 KEPT_AFTER_FREE = """
 import os, sys, torch
-from gpt.pretrain import prepare_training
+from finetune.pretrain import prepare_training
 if sys.argv[1] == "prepared":
     prepare_training(torch.device("cpu"))
 def resident_mb():

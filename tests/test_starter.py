@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt import starter
+from finetune import starter
 from gpt.checkpoint import load_model
 from gpt.config import GPTConfig
 from gpt.errors import KettleError

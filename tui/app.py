@@ -30,7 +30,7 @@ from textual.signal import Signal
 from textual.screen import Screen
 from textual.widgets import LoadingIndicator, Static
 
-from data.files import atomic_write_text
+from gpt.files import atomic_write_text
 from data.paths import config_path, kettle_home
 from gpt.errors import KettleError
 from tui.errors import error_text

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from gpt.starter import BREW_TIME, SEED
+from finetune.starter import BREW_TIME, SEED
 from tui.commands import flags
 
 
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def starter_command(args) -> int:
-    from gpt.starter import brew_starter
+    from finetune.starter import brew_starter
 
     result = brew_starter(out=args.out, device=args.device, force=args.force, seed=args.seed)
     print(result.summary())

@@ -76,7 +76,7 @@ TRAIN_FLAGS = {  # flag attribute -> TrainConfig field
 def pretrain_command(args) -> int:
     from gpt.config import GPTConfig, get_preset
     from gpt.errors import KettleError
-    from gpt.pretrain import TrainConfig, pretrain
+    from finetune.pretrain import TrainConfig, pretrain
 
     overrides = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()
                  if getattr(args, flag) is not None}
@@ -130,8 +130,8 @@ def tokenizer_train_command(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from data.corpus import iter_texts
-    from data.files import atomic_directory
+    from finetune.corpus import iter_texts
+    from gpt.files import atomic_directory
     from gpt.errors import KettleError
     from gpt.tokenizer import TOKENIZER_FILE, gpt2_tokenizer, train_tokenizer
 
@@ -165,7 +165,7 @@ def tokenizer_train_command(args) -> int:
 
 
 def _corpus_sample(path: str, text_field: str) -> str:
-    from data.corpus import iter_texts
+    from finetune.corpus import iter_texts
 
     parts, size = [], 0
     for text in iter_texts(path, text_field):

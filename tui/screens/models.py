@@ -16,7 +16,7 @@ from textual.widgets import DataTable, Footer, Static
 from data.paths import kettle_home, models_dir
 from data.store import ModelVersion, Store
 from gpt.errors import KettleError
-from gpt.starter import BREW_TIME
+from finetune.starter import BREW_TIME
 from tui.errors import error_text, guarded
 from tui.screens.modals import ChoiceModal, TaskModal, TextModal
 from tui.widgets.sidebar import when

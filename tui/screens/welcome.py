@@ -7,7 +7,7 @@ from textual.containers import Center, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Static
 
-from gpt.starter import BREW_TIME
+from finetune.starter import BREW_TIME
 from tui.errors import guarded
 from tui.screens.models import brew_starter, download_gpt2, import_dir
 

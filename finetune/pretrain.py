@@ -6,7 +6,7 @@ A run keeps its state in a run directory (by default under KETTLE_HOME/runs):
 
     run.json          what was asked: corpus, model config, training config
     kettle-tokenizer.json  the tokenizer the shards were made with (none for GPT-2's)
-    shards/           the corpus as token shards (data.corpus)
+    shards/           the corpus as token shards (finetune.corpus)
     checkpoint/       model/ (a model directory), trainer.pt (optimizer, RNG states), state.json
     metrics.jsonl     one JSON object per step, evaluation and sample
     loss.png          the loss curve, drawn at the end
@@ -40,8 +40,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from data import corpus
-from data.files import atomic_directory, atomic_file, atomic_write_text, remove_stale_temporaries
+from finetune import corpus
+from gpt.files import atomic_directory, atomic_file, atomic_write_text, remove_stale_temporaries
 from gpt.checkpoint import load_model, save_model
 from gpt.config import GPTConfig
 from gpt.engine import pick_device

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from data.files import atomic_directory
+from gpt.files import atomic_directory
 from gpt.errors import KettleError
 from gpt.tokenizer import Tokenizer
 
