@@ -40,9 +40,8 @@ def measure(impl: str, shape: str, steps: int, warmup: int, device_name: str) ->
     import torch.nn.functional as F
 
     from gpt.config import get_preset
-    from finetune.pretrain import (TrainConfig, autocast_dtype, flops_per_token, make_optimizer,
-                              peak_flops, prepare_training)
-    from gpt.engine import pick_device
+    from finetune.pretrain import TrainConfig, flops_per_token, make_optimizer, prepare_training
+    from gpt.device import autocast, peak_flops, pick_device
 
     device = pick_device(device_name)
     preset, batch, seq = SHAPES[shape]
@@ -76,14 +75,13 @@ def measure(impl: str, shape: str, steps: int, warmup: int, device_name: str) ->
     else:  # what a training loop gets from torch by default, or the fused kernel Kettle uses
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
                                       fused=impl == "transformers+fused" or device.type == "cuda")
-    amp = autocast_dtype(device)
     data = torch.randint(0, config.vocab_size, (steps + warmup, batch, seq + 1), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def step(i):
         x, y = data[i, :, :-1], data[i, :, 1:]
-        with torch.autocast(device.type, dtype=amp) if amp else _null():
+        with autocast(device):
             loss = loss_fn(x, y)
         loss.backward()
         optimizer.step()
@@ -105,12 +103,6 @@ def measure(impl: str, shape: str, steps: int, warmup: int, device_name: str) ->
     return {"impl": impl, "shape": shape, "batch": f"{batch}x{seq}", "tokens_per_s": tps,
             "peak_mb": peak, "device": str(device),
             "mfu": flops_per_token(config, seq) * tps / flops if flops else None}
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _sync(device) -> None:

@@ -44,7 +44,7 @@ from finetune import corpus
 from gpt.files import atomic_directory, atomic_file, atomic_write_text, remove_stale_temporaries
 from gpt.checkpoint import load_model, save_model
 from gpt.config import GPTConfig
-from gpt.engine import pick_device
+from gpt.device import allow_tf32, autocast, peak_flops, pick_device
 from gpt.errors import KettleError
 from gpt.model import GPT
 from gpt.threads import ThreadFitter
@@ -52,16 +52,6 @@ from gpt.tokenizer import (LEGACY_TOKENIZER_FILE, TOKENIZER_FILE, Tokenizer, gpt
                            train_tokenizer)
 
 GPT2_VOCAB = 50257
-
-# Dense peak TFLOPS of tensor-core bf16 (fp16 where there is no bf16), by device-name substring;
-# the first match wins, so more specific names come first. MFU is measured against these.
-PEAK_TFLOPS = (
-    ("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0),
-    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("A6000", 154.8), ("A10G", 70.0),
-    ("A10", 125.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("4090", 165.2),
-    ("3090", 71.0), ("V100", 125.0), ("T4", 65.0),
-)
-
 
 @dataclass
 class TrainConfig:
@@ -169,10 +159,8 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
 def prepare_training(device: torch.device) -> None:
     """Process-wide settings for training on `device`: TF32 tensor cores on Ampere and later
     GPUs; on Linux CPUs, memory that is freed stays with the process to be reused."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    elif device.type == "cpu":
+    allow_tf32(device)
+    if device.type == "cpu":
         _keep_freed_memory()
 
 
@@ -190,23 +178,6 @@ def _keep_freed_memory() -> None:
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     libc.mallopt(M_MMAP_MAX, 0)
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where the GPU supports it; fp32 elsewhere (CPU bf16 is slower than fp32)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_TFLOPS:
-        if key in name:
-            return tflops * 1e12
-    return None
 
 
 def flops_per_token(config: GPTConfig, seq_len: int) -> float:
@@ -346,7 +317,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 @torch.no_grad()
 def evaluate(model, stream: corpus.TokenStream, context: int, batch_size: int, n_batches: int,
-             device: torch.device, dist: Dist, amp: torch.dtype | None) -> float | None:
+             device: torch.device, dist: Dist) -> float | None:
     """Mean next-token loss over the first windows of the validation split (same every time)."""
     length = min(context, len(stream) - 1)
     if length < 1:
@@ -358,7 +329,7 @@ def evaluate(model, stream: corpus.TokenStream, context: int, batch_size: int, n
     for i in range(0, len(mine), batch_size):
         rows = np.stack([stream.read(w * length, length + 1) for w in mine[i:i + batch_size]])
         t = torch.from_numpy(rows).to(device)
-        with _autocast(device, amp):
+        with autocast(device):
             loss = model(t[:, :-1], targets=t[:, 1:])
         loss_sum += float(loss) * t[:, 1:].numel()
         count += t[:, 1:].numel()
@@ -383,12 +354,6 @@ def sample(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new_toke
     finally:
         model.train()  # the engine puts the model in eval mode
     return tokenizer.decode(prompt_ids) + result.text
-
-
-def _autocast(device: torch.device, amp: torch.dtype | None):
-    if amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp)
 
 
 # --- progress display ---------------------------------------------------------------------------
@@ -629,7 +594,6 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    amp = autocast_dtype(device)
     peak = peak_flops(device)
     fpt = flops_per_token(config, context)
     prompt_ids = (tokenizer.encode(cfg.sample_prompt) if cfg.sample_prompt
@@ -643,7 +607,7 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
 
     def run_eval(at: int) -> float | None:
         val = evaluate(model, val_stream, context, cfg.micro_batch_size, cfg.eval_batches, device,
-                       dist, amp)
+                       dist)
         if val is not None:
             log({"step": at, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
             display.print(f"step {at}: val loss {val:.3f}, perplexity {math.exp(min(val, 50)):,.1f}")
@@ -685,7 +649,7 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
                 x, y = loader.batch(step, micro)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = dist.enabled and micro < accum - 1
-                with (model.no_sync() if sync else contextlib.nullcontext()), _autocast(device, amp):
+                with (model.no_sync() if sync else contextlib.nullcontext()), autocast(device):
                     loss = model(x, targets=y)  # in chunks: the full logits would dominate memory
                 (loss / accum).backward()
                 loss_sum += loss.detach()

@@ -137,7 +137,7 @@ def build_corpus(brew: Brew) -> None:
 
 def pretrain_stage(brew: Brew) -> None:
     """Train a tokenizer and a small GPT on the corpus for the device kind's fixed work."""
-    from gpt.engine import pick_device
+    from gpt.device import pick_device
     from finetune.pretrain import TrainConfig, pretrain
 
     kind = pick_device(brew.device).type
@@ -196,14 +196,14 @@ def heldout_bits_per_byte(model_dir: Path, shards: Path, val_bytes: int, device:
 
     from finetune import corpus
     from gpt.checkpoint import load_model
-    from gpt.engine import pick_device
+    from gpt.device import pick_device
     from finetune.pretrain import Dist, evaluate
 
     device = pick_device(device)
     model, _ = load_model(model_dir, device=device)
     stream = corpus.TokenStream(shards, "val")
     context = model.config.context_length
-    loss = evaluate(model, stream, context, 16, len(stream) // (16 * context) + 1, device, Dist(), None)
+    loss = evaluate(model, stream, context, 16, len(stream) // (16 * context) + 1, device, Dist())
     return loss / math.log(2) * len(stream) / val_bytes
 
 
@@ -355,7 +355,8 @@ def instruct_stage(brew) -> None:
     from finetune.instruct import SFTConfig, SFTTrainer, evaluate_loss, holdout, prepare, resolve
     from finetune.replay import REPLAY_FILE, replay_text
     from gpt.checkpoint import load_model, save_model
-    from gpt.engine import Engine, pick_device
+    from gpt.device import pick_device
+    from gpt.engine import Engine
     from finetune.pretrain import Display
     from gpt.sampling import SamplingParams
 

@@ -37,6 +37,7 @@ from typing import Iterator
 import torch
 
 from gpt.chat_template import header_ids, render_message, stop_token_ids, validate_messages
+from gpt.device import pick_device, pick_dtype
 from gpt.errors import KettleError
 from gpt.model import GPT, KVCache
 from gpt.sampling import MAX_SEED, Sampler, SamplingParams
@@ -82,32 +83,6 @@ class GenerationResult:
 
     def to_dict(self) -> dict:
         return asdict(self) | {"acceptance_rate": self.acceptance_rate}
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """CUDA, else Apple's MPS, else the CPU (None or "auto"); or the device asked for, if it exists."""
-    if device is not None and device != "auto":
-        try:
-            device = torch.device(device)
-        except RuntimeError:
-            raise KettleError(f"unknown device {device!r} (use cpu, cuda, cuda:N or mps)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise KettleError("device cuda was asked for, but PyTorch sees no CUDA GPU")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise KettleError("device mps was asked for, but MPS is not available")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs that support it (half the memory traffic, same range as fp32), else fp32."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
 
 
 class Engine:

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from gpt.chat_template import render_message, render_prompt
-from gpt.engine import Engine, GenerationResult, TextStream, pick_device
+from gpt.device import pick_device
+from gpt.engine import Engine, GenerationResult, TextStream
 from gpt.errors import KettleError
 from gpt.sampling import SamplingParams
 from gpt.tokenizer import gpt2_tokenizer

@@ -248,7 +248,7 @@ def classify_train_command(args) -> int:
     from finetune.classify import (ClassifyConfig, class_counts, format_confusion, read_labeled,
                                    save_classifier, train_classifier)
     from gpt.checkpoint import load_model, resolve_model_dir
-    from gpt.engine import pick_device
+    from gpt.device import pick_device
     from gpt.errors import KettleError
     from finetune.pretrain import Display
 
@@ -287,7 +287,7 @@ def classify_train_command(args) -> int:
 
 def classify_eval_command(args) -> int:
     from finetune.classify import encode, evaluate, format_confusion, load_classifier, read_labeled
-    from gpt.engine import pick_device
+    from gpt.device import pick_device
 
     device = pick_device(args.device)
     model, tokenizer, meta = load_classifier(args.classifier, device)
@@ -303,7 +303,7 @@ def classify_predict_command(args) -> int:
     import sys
 
     from finetune.classify import load_classifier, predict
-    from gpt.engine import pick_device
+    from gpt.device import pick_device
     from gpt.errors import KettleError
 
     texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]

@@ -65,11 +65,11 @@ share = number(0, 1, high_open=True)  # dropout and held-out shares: [0, 1)
 
 
 def device(text: str) -> str:
-    """A --device this machine has (auto, cpu, cuda, cuda:N, mps), as gpt.engine.pick_device
+    """A --device this machine has (auto, cpu, cuda, cuda:N, mps), as gpt.device.pick_device
     decides it."""
     if text == "auto":  # the default of several commands: no torch import to parse it
         return text
-    from gpt.engine import pick_device
+    from gpt.device import pick_device
     from gpt.errors import KettleError
 
     try:
