@@ -40,7 +40,8 @@ def measure(impl: str, shape: str, steps: int, warmup: int, device_name: str) ->
     import torch.nn.functional as F
 
     from gpt.config import get_preset
-    from finetune.pretrain import TrainConfig, flops_per_token, make_optimizer, prepare_training
+    from finetune.pretrain import TrainConfig, make_optimizer, prepare_training
+    from gpt.model import GPT
     from gpt.device import autocast, peak_flops, pick_device
 
     device = pick_device(device_name)
@@ -59,8 +60,6 @@ def measure(impl: str, shape: str, steps: int, warmup: int, device_name: str) ->
         def loss_fn(x, y):
             return model(input_ids=x, labels=x).loss
     else:
-        from gpt.model import GPT
-
         prepare_training(device)  # what Kettle's trainers set up for the process
         model = GPT(config).to(device)
         net = torch.compile(model) if impl == "kettle+compile" else model
@@ -100,9 +99,11 @@ def measure(impl: str, shape: str, steps: int, warmup: int, device_name: str) ->
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
             else _peak_rss_mb() - base_rss)
     flops = peak_flops(device)
+    with torch.device("meta"):  # the FLOPs of the shape, whichever implementation ran it
+        reference = GPT(config)
     return {"impl": impl, "shape": shape, "batch": f"{batch}x{seq}", "tokens_per_s": tps,
             "peak_mb": peak, "device": str(device),
-            "mfu": flops_per_token(config, seq) * tps / flops if flops else None}
+            "mfu": reference.estimate_mfu(tps, seq_len=seq, peak_flops=flops) if flops else None}
 
 
 def _sync(device) -> None:

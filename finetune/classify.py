@@ -248,8 +248,8 @@ def train_classifier(gpt: GPT, tokenizer: Tokenizer, examples: list[tuple[str, s
     enc = {name: encode(part, tokenizer, labels, max_length)
            for name, part in (("train", train), ("val", val), ("test", test))}
     model = make_classifier(gpt, len(labels), config)
-    optimizer = make_optimizer(model, TrainConfig(lr=config.lr, weight_decay=config.weight_decay),
-                               torch.device(device))
+    optimizer = make_optimizer(gpt, TrainConfig(lr=config.lr, weight_decay=config.weight_decay),
+                               torch.device(device), extra=model.head.parameters())
     steps_per_epoch = -(-len(train) // config.batch_size)
     total, step, history = steps_per_epoch * config.epochs, 0, []
     started = time.perf_counter()

@@ -180,32 +180,13 @@ def _keep_freed_memory() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
-def flops_per_token(config: GPTConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per matrix weight plus attention's (PaLM appendix B)."""
-    n = sum(p.numel() for name, p in _params_for_flops(config))
-    return 6 * n + 12 * config.n_layer * config.n_embd * seq_len
-
-
-def _params_for_flops(config: GPTConfig):
-    with torch.device("meta"):
-        model = GPT(config)
-    return [(name, p) for name, p in model.named_parameters() if name != "wpe.weight"]
-
-
 # --- optimisation -------------------------------------------------------------------------------
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (and embeddings) only; biases and norms are not decayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    # The fused kernel runs on CUDA and, since torch 2.4, on CPU, where it is several times
-    # faster than the default for-each version: for GPT-2 124M the optimizer step would
-    # otherwise take longer than the forward and backward passes.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type in ("cuda", "cpu"))
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device, *,
+                   extra=()) -> torch.optim.AdamW:
+    """The model's AdamW (GPT.configure_optimizers) with the run's settings."""
+    return model.configure_optimizers(cfg.weight_decay, cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                      device_type=device.type, extra=extra)
 
 
 def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
@@ -595,7 +576,6 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
 
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     peak = peak_flops(device)
-    fpt = flops_per_token(config, context)
     prompt_ids = (tokenizer.encode(cfg.sample_prompt) if cfg.sample_prompt
                   else val_stream.read(0, min(8, len(val_stream))).tolist() if len(val_stream)
                   else train_stream.read(0, 8).tolist())
@@ -661,7 +641,8 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
             step += 1
             dt = time.perf_counter() - t0
             tps = tokens_per_step / dt
-            mfu = fpt * tps / (peak * dist.world_size) if peak else None
+            mfu = (raw_model.estimate_mfu(tps, seq_len=context, peak_flops=peak * dist.world_size)
+                   if peak else None)
             log({"step": step, "loss": train_loss, "lr": lr, "tokens": step * tokens_per_step,
                  "tokens_per_s": tps, "grad_norm": float(grad_norm) if grad_norm is not None else None,
                  **({"mfu": mfu} if mfu is not None else {})})
