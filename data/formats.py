@@ -37,10 +37,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from gpt.files import atomic_write_text, sha256_file
+from data.records import DataFilter, content_hash
 from gpt.errors import KettleError
 
 if TYPE_CHECKING:  # data.store brings sqlite_utils (~1 s): the CLI's parser reads FORMATS from here
-    from data.store import DataFilter, Store
+    from data.store import Store
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # one JSONL record (or one JSON list entry)
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -485,8 +486,6 @@ def _to_alpaca(example: dict) -> dict | str:
 
 
 def _to_sharegpt(example: dict) -> dict | str:
-    from data.store import content_hash  # see the imports
-
     if any("weight" in m for m in example["messages"]):
         return SKIP_WEIGHT.format("ShareGPT")
     ident = example.get("meta", {}).get("id") or f"kettle-{content_hash(example)[:12]}"

@@ -9,7 +9,7 @@ What lives here:
   excluded). Triggers refuse UPDATE and DELETE; changing or removing a label appends a row, and
   the `current_labels` view is the newest row per message.
 - dataset snapshots: a `DataFilter` materialised into immutable, content-hashed examples in the one
-  chat format, plus preference pairs.
+  chat format, plus preference pairs (data/datasets.py renders them).
 - model versions with lineage and an activation history; training runs with per-step metrics.
 - full-text search over message content and corrected answers (FTS5, kept in sync by triggers).
 
@@ -21,25 +21,28 @@ Threads: one Store holds one connection, opened with check_same_thread=False; ev
 takes the Store's lock, so a Store may be shared by the app's worker threads. Separate processes
 each open their own Store. `with store.transaction():` groups several calls into one atomic write.
 
-Times are Unix seconds (float). JSON columns are decoded into dicts/lists on the dataclasses.
+The tables and their migrations are in data/schema.py, and the records the methods return
+(dataclasses, times in Unix seconds, JSON columns decoded) in data/records.py. Get a Store with
+`open_store()`.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
-import os
 import random
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import sqlite_utils
 
+from data import schema
+from data.datasets import render_dataset
+from data.records import (Conversation, DataFilter, Label, Message, ModelVersion, Run, SearchHit,
+                          Snapshot, canonical_json, clean_tags, content_hash)
 from gpt.files import process_alive, remove_stale_temporaries
 from gpt.errors import KettleError
 
@@ -53,406 +56,11 @@ GENERATION_FIELDS = ("finish_reason", "prompt_tokens", "new_tokens", "dropped_to
                      "tokens_per_s", "seed")
 
 
-def canonical_json(value: Any) -> str:
-    """The one JSON spelling used for hashing: sorted keys, no spaces, UTF-8 kept as is."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def content_hash(value: Any) -> str:
-    return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()
-
-
 def _dumps(value: Any) -> str | None:
     return None if value is None else canonical_json(value)
 
 
-def _loads(text: str | None, default: Any = None) -> Any:
-    return default if text is None else json.loads(text)
-
-
-# ---------------------------------------------------------------------------------------------
-# Schema and migrations. Each migration runs once, in order, inside one BEGIN IMMEDIATE
-# transaction together with its schema_version row; append new ones, never edit old ones.
-
-SCHEMA_1 = """
-CREATE TABLE conversations (
-    id INTEGER PRIMARY KEY,
-    title TEXT NOT NULL DEFAULT '',
-    system_prompt TEXT NOT NULL DEFAULT '',
-    params TEXT,                      -- default sampling parameters (JSON) for new answers
-    model TEXT,                       -- preferred model name for new answers
-    leaf_id INTEGER,                  -- the message at the end of the branch being shown
-    source TEXT NOT NULL DEFAULT 'chat',
-    external_id TEXT,                 -- id in an imported file (ShareGPT "id")
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    deleted_at REAL                   -- deleting hides a conversation; its labels stay
-);
-CREATE INDEX idx_conversations_updated ON conversations(deleted_at, updated_at DESC, id DESC);
-
-CREATE TABLE messages (
-    id INTEGER PRIMARY KEY,
-    conversation_id INTEGER NOT NULL REFERENCES conversations(id),
-    parent_id INTEGER REFERENCES messages(id),
-    role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
-    content TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    model_version_id INTEGER REFERENCES model_versions(id),
-    model TEXT,                       -- model name or path that wrote an assistant message
-    params TEXT,                      -- sampling parameters (JSON)
-    seed INTEGER,
-    finish_reason TEXT,
-    prompt_tokens INTEGER,
-    new_tokens INTEGER,
-    dropped_tokens INTEGER,
-    ttft_s REAL,
-    tokens_per_s REAL,
-    meta TEXT                         -- source fields an import needs to export exactly (JSON)
-);
-CREATE INDEX idx_messages_conversation ON messages(conversation_id, id);
-CREATE INDEX idx_messages_parent ON messages(parent_id);
-CREATE TRIGGER messages_no_rewrite BEFORE UPDATE OF conversation_id, parent_id, role, content
-ON messages BEGIN
-    SELECT RAISE(ABORT, 'messages are never rewritten: add a sibling instead');
-END;
-CREATE TRIGGER messages_no_delete BEFORE DELETE ON messages BEGIN
-    SELECT RAISE(ABORT, 'messages are never deleted');
-END;
-
-CREATE TABLE labels (
-    id INTEGER PRIMARY KEY,
-    message_id INTEGER NOT NULL REFERENCES messages(id),
-    thumb INTEGER CHECK (thumb IN (-1, 1)),
-    score INTEGER CHECK (score BETWEEN 1 AND 5),
-    tags TEXT NOT NULL DEFAULT '[]',   -- JSON list of strings
-    note TEXT NOT NULL DEFAULT '',
-    ideal TEXT,                        -- the user's corrected answer
-    excluded INTEGER NOT NULL DEFAULT 0 CHECK (excluded IN (0, 1)),
-    created_at REAL NOT NULL
-);
-CREATE INDEX idx_labels_message ON labels(message_id, id);
-CREATE TRIGGER labels_no_update BEFORE UPDATE ON labels BEGIN
-    SELECT RAISE(ABORT, 'labels are append-only: add a new label row');
-END;
-CREATE TRIGGER labels_no_delete BEFORE DELETE ON labels BEGIN
-    SELECT RAISE(ABORT, 'labels are append-only: add a clearing label row');
-END;
-CREATE VIEW current_labels AS
-    SELECT l.* FROM labels l
-    JOIN (SELECT message_id, MAX(id) AS id FROM labels GROUP BY message_id) newest
-    ON l.id = newest.id;
-
-CREATE TABLE snapshots (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL DEFAULT '',
-    filter TEXT NOT NULL,              -- the DataFilter (JSON) it was made from
-    content_hash TEXT NOT NULL,        -- sha256 of the canonical JSON of examples and pairs
-    n_examples INTEGER NOT NULL,
-    n_pairs INTEGER NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE snapshot_rows (
-    id INTEGER PRIMARY KEY,
-    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id),
-    kind TEXT NOT NULL CHECK (kind IN ('example', 'pair')),
-    position INTEGER NOT NULL,
-    message_id INTEGER REFERENCES messages(id),   -- the answer it was rendered from
-    data TEXT NOT NULL                            -- canonical JSON
-);
-CREATE INDEX idx_snapshot_rows ON snapshot_rows(snapshot_id, kind, position);
-CREATE TRIGGER snapshots_frozen BEFORE UPDATE OF filter, content_hash, n_examples, n_pairs, created_at
-ON snapshots BEGIN
-    SELECT RAISE(ABORT, 'snapshots are immutable');
-END;
-CREATE TRIGGER snapshots_no_delete BEFORE DELETE ON snapshots BEGIN
-    SELECT RAISE(ABORT, 'snapshots are immutable');
-END;
-CREATE TRIGGER snapshot_rows_no_update BEFORE UPDATE ON snapshot_rows BEGIN
-    SELECT RAISE(ABORT, 'snapshots are immutable');
-END;
-CREATE TRIGGER snapshot_rows_no_delete BEFORE DELETE ON snapshot_rows BEGIN
-    SELECT RAISE(ABORT, 'snapshots are immutable');
-END;
-
-CREATE TABLE model_versions (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    path TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('imported', 'downloaded', 'pretrained', 'finetuned', 'starter')),
-    parent_id INTEGER REFERENCES model_versions(id),
-    snapshot_id INTEGER REFERENCES snapshots(id),
-    run_id INTEGER REFERENCES runs(id),
-    hparams TEXT NOT NULL DEFAULT '{}',
-    metrics TEXT NOT NULL DEFAULT '{}',
-    status TEXT NOT NULL DEFAULT 'ok',            -- e.g. ok | regressed | failed
-    note TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL
-);
-CREATE TABLE activations (
-    id INTEGER PRIMARY KEY,
-    model_version_id INTEGER NOT NULL REFERENCES model_versions(id),
-    activated_at REAL NOT NULL
-);
-
-CREATE TABLE runs (
-    id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,                           -- e.g. finetune | lora | pretrain | classify
-    status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'finished', 'failed', 'cancelled')),
-    model_version_id INTEGER REFERENCES model_versions(id),   -- the base model
-    snapshot_id INTEGER REFERENCES snapshots(id),
-    output_model_id INTEGER REFERENCES model_versions(id),
-    config TEXT NOT NULL DEFAULT '{}',
-    step INTEGER NOT NULL DEFAULT 0,
-    total_steps INTEGER,
-    log_path TEXT,
-    error TEXT,
-    pid INTEGER,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX idx_runs_status ON runs(status, id);
-CREATE TABLE run_metrics (
-    id INTEGER PRIMARY KEY,
-    run_id INTEGER NOT NULL REFERENCES runs(id),
-    step INTEGER NOT NULL,
-    metrics TEXT NOT NULL,                        -- JSON {"loss": 1.23, ...}
-    created_at REAL NOT NULL
-);
-CREATE INDEX idx_run_metrics ON run_metrics(run_id, step);
-"""
-
-
-def _migration_1_core(db: sqlite_utils.Database) -> None:
-    db.executescript(SCHEMA_1)
-
-
-def _migration_2_search(db: sqlite_utils.Database) -> None:
-    # Message content never changes, but sqlite-utils' triggers also keep the index right if a
-    # future migration ever rewrites rows.
-    db["messages"].enable_fts(["content"], create_triggers=True, tokenize="porter unicode61")
-
-
-def _migration_3_search_corrections(db: sqlite_utils.Database) -> None:
-    # The chat shows a corrected answer under the original, so search finds it too.
-    db["labels"].enable_fts(["ideal"], create_triggers=True, tokenize="porter unicode61")
-
-
-MIGRATIONS = [_migration_1_core, _migration_2_search, _migration_3_search_corrections]
-
-
-# ---------------------------------------------------------------------------------------------
-# Records
-
-
-@dataclass(frozen=True)
-class Conversation:
-    id: int
-    title: str
-    system_prompt: str
-    params: dict | None
-    model: str | None
-    leaf_id: int | None
-    source: str
-    external_id: str | None
-    created_at: float
-    updated_at: float
-    deleted_at: float | None
-    message_count: int = 0
-
-    @classmethod
-    def from_row(cls, row: dict) -> "Conversation":
-        return cls(**{**row, "params": _loads(row["params"])})
-
-
-@dataclass(frozen=True)
-class Message:
-    id: int
-    conversation_id: int
-    parent_id: int | None
-    role: str
-    content: str
-    created_at: float
-    model_version_id: int | None = None
-    model: str | None = None
-    params: dict | None = None
-    seed: int | None = None
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    new_tokens: int | None = None
-    dropped_tokens: int | None = None
-    ttft_s: float | None = None
-    tokens_per_s: float | None = None
-    meta: dict | None = None
-
-    @classmethod
-    def from_row(cls, row: dict) -> "Message":
-        return cls(**{**row, "params": _loads(row["params"]), "meta": _loads(row["meta"])})
-
-    def chat(self) -> dict:
-        """This message in the one chat format."""
-        return {"role": self.role, "content": self.content}
-
-
-@dataclass(frozen=True)
-class Label:
-    """One row of a message's label history; the newest row is the current label."""
-    id: int
-    message_id: int
-    thumb: int | None
-    score: int | None
-    tags: list[str]
-    note: str
-    ideal: str | None
-    excluded: bool
-    created_at: float
-
-    @classmethod
-    def from_row(cls, row: dict) -> "Label":
-        return cls(**{**row, "tags": _loads(row["tags"], []), "excluded": bool(row["excluded"])})
-
-    @property
-    def is_empty(self) -> bool:
-        """True for a cleared label (a "remove label" row)."""
-        return (self.thumb is None and self.score is None and not self.tags and not self.note
-                and self.ideal is None and not self.excluded)
-
-
-@dataclass(frozen=True)
-class DataFilter:
-    """Which assistant answers would train now.
-
-    An answer is chosen when it passes any of: thumbs up (`thumbs_up`), has a corrected answer
-    (`ideal`), score >= `min_score`, or `all_answers` (every answer not voted down); and then its
-    tags contain one of `tags_include` (when given) and none of `tags_exclude`. An example is
-    never made from a conversation the user deleted, nor through a message the user excluded.
-    """
-    thumbs_up: bool = True
-    ideal: bool = True
-    min_score: int | None = None
-    all_answers: bool = False
-    tags_include: tuple[str, ...] = ()
-    tags_exclude: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        if self.min_score is not None and not 1 <= self.min_score <= 5:
-            raise KettleError(f"min score must be between 1 and 5, got {self.min_score}")
-        object.__setattr__(self, "tags_include", tuple(_clean_tags(self.tags_include)))
-        object.__setattr__(self, "tags_exclude", tuple(_clean_tags(self.tags_exclude)))
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "tags_include": list(self.tags_include),
-                "tags_exclude": list(self.tags_exclude)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DataFilter":
-        return cls(**d)
-
-    def chooses(self, label: Label | None) -> bool:
-        """Whether an answer with this current label is chosen (exclusion is checked by the
-        caller over the whole branch). A down-voted answer is chosen only for its correction."""
-        if label is None:
-            return self.all_answers and not self.tags_include
-        tags = set(label.tags)
-        if self.tags_include and not tags & set(self.tags_include):
-            return False
-        if tags & set(self.tags_exclude):
-            return False
-        if self.ideal and label.ideal is not None:
-            return True
-        if label.thumb == -1:
-            return False
-        return bool((self.thumbs_up and label.thumb == 1)
-                    or (self.min_score is not None and label.score is not None
-                        and label.score >= self.min_score)
-                    or self.all_answers)
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    id: int
-    name: str
-    filter: DataFilter
-    content_hash: str
-    n_examples: int
-    n_pairs: int
-    created_at: float
-
-    @classmethod
-    def from_row(cls, row: dict) -> "Snapshot":
-        return cls(**{**row, "filter": DataFilter.from_dict(_loads(row["filter"]))})
-
-
-@dataclass(frozen=True)
-class ModelVersion:
-    id: int
-    name: str
-    path: str
-    kind: str
-    parent_id: int | None
-    snapshot_id: int | None
-    run_id: int | None
-    hparams: dict
-    metrics: dict
-    status: str
-    note: str
-    created_at: float
-
-    @classmethod
-    def from_row(cls, row: dict) -> "ModelVersion":
-        return cls(**{**row, "hparams": _loads(row["hparams"], {}),
-                      "metrics": _loads(row["metrics"], {})})
-
-
-@dataclass(frozen=True)
-class Run:
-    id: int
-    kind: str
-    status: str
-    model_version_id: int | None
-    snapshot_id: int | None
-    output_model_id: int | None
-    config: dict
-    step: int
-    total_steps: int | None
-    log_path: str | None
-    error: str | None
-    pid: int | None
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    updated_at: float
-
-    @classmethod
-    def from_row(cls, row: dict) -> "Run":
-        return cls(**{**row, "config": _loads(row["config"], {})})
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    message_id: int
-    conversation_id: int
-    conversation_title: str
-    role: str
-    snippet: str
-    created_at: float
-
-
 _UNSET: Any = object()
-
-
-def _clean_tags(tags: Iterable[str]) -> list[str]:
-    if isinstance(tags, str):
-        raise KettleError("tags must be a list of strings, not one string")
-    out: list[str] = []
-    for tag in tags:
-        if not isinstance(tag, str):
-            raise KettleError(f"a tag must be a string, got {tag!r}")
-        tag = tag.strip()
-        if tag and tag not in out:
-            out.append(tag)
-    return out
 
 
 def _connect_read_only(path: Path) -> sqlite3.Connection:
@@ -485,8 +93,51 @@ def _fts_query(text: str) -> str:
 # The store
 
 
+def open_store(path: str | Path | None = None, *, read_only: bool = False) -> Store:
+    """Open (creating if needed) the database at `path`, default data.paths.db_path(), and run
+    any pending migrations. With `read_only` (for commands that only read), nothing is created
+    or changed, so a KETTLE_HOME that cannot be written to can still be read. Close the store
+    with `close()` or a `with` block."""
+    if path is None:
+        from data.paths import db_path, models_dir
+
+        path = db_path()
+        if not read_only:
+            remove_stale_temporaries(models_dir())  # half-written models of killed processes
+    path = Path(path)
+    if read_only and not path.exists():  # nothing stored yet: an empty store, in memory
+        store = Store(path, sqlite3.connect(":memory:", isolation_level=None,
+                                            check_same_thread=False))
+        store._migrate()
+        return store
+    try:
+        if read_only:
+            conn = _connect_read_only(path)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: no implicit transactions; writes use BEGIN IMMEDIATE.
+            conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                   check_same_thread=False)
+    except (OSError, sqlite3.Error) as exc:
+        raise KettleError(f"{path}: cannot open the Kettle database: {exc}") from exc
+    store = Store(path, conn)
+    try:
+        store._configure(read_only)
+        if read_only:
+            store._check_current()
+        else:
+            store._migrate()
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise KettleError(f"{path}: cannot open the Kettle database: {exc}") from exc
+    except BaseException:
+        conn.close()
+        raise
+    return store
+
+
 class Store:
-    """One SQLite database. Use `Store.open()`; close with `close()` or a `with` block."""
+    """One SQLite database, opened by `open_store()`."""
 
     def __init__(self, path: Path, conn: sqlite3.Connection):
         self.path = path
@@ -495,47 +146,9 @@ class Store:
         self._lock = threading.RLock()
         self._depth = 0
 
-    @classmethod
-    def open(cls, path: str | Path | None = None, read_only: bool = False) -> "Store":
-        """Open (creating if needed) the database at `path`, default data.paths.db_path(),
-        and run any pending migrations. With `read_only` (for commands that only read), nothing
-        is created or changed, so a KETTLE_HOME that cannot be written to can still be read."""
-        if path is None:
-            from data.paths import db_path, models_dir
-
-            path = db_path()
-            if not read_only:
-                remove_stale_temporaries(models_dir())  # half-written models of killed processes
-        path = Path(path)
-        if read_only and not path.exists():  # nothing stored yet: an empty store, in memory
-            store = cls(path, sqlite3.connect(":memory:", isolation_level=None,
-                                              check_same_thread=False))
-            store._migrate()
-            return store
-        try:
-            if read_only:
-                conn = _connect_read_only(path)
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                # isolation_level=None: no implicit transactions; writes use BEGIN IMMEDIATE.
-                conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                       check_same_thread=False)
-        except (OSError, sqlite3.Error) as exc:
-            raise KettleError(f"{path}: cannot open the Kettle database: {exc}") from exc
-        store = cls(path, conn)
-        try:
-            store._configure(read_only)
-            if read_only:
-                store._check_current()
-            else:
-                store._migrate()
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise KettleError(f"{path}: cannot open the Kettle database: {exc}") from exc
-        except BaseException:
-            conn.close()
-            raise
-        return store
+    # open_store under its old name, for the callers issue 14's model-registry step is
+    # rewriting (gpt/service.py, data/registry.py); everything else calls open_store().
+    open = staticmethod(open_store)
 
     def _configure(self, read_only: bool = False) -> None:
         self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
@@ -549,32 +162,31 @@ class Store:
 
     def _check_current(self) -> None:
         """A database opened read-only cannot be migrated: it must be current already."""
-        version = self._check_version() if self.db["schema_version"].exists() else 0
-        if version < len(MIGRATIONS):
-            raise KettleError(f"{self.path}: the database needs upgrading (schema {version} of "
-                              f"{len(MIGRATIONS)}); run Kettle once where it can write there")
+        self._refuse_newer()
+        if missing := schema.pending(self.db):
+            raise KettleError(f"{self.path}: the database needs upgrading ({len(missing)} of "
+                              f"{len(schema.MIGRATIONS)} migrations not applied); run Kettle once "
+                              "where it can write there")
 
     def _migrate(self) -> None:
         """Run pending migrations. An up-to-date database is only read, so opening never waits
         for another process's write (a long import, say)."""
-        if self.db["schema_version"].exists() and self._check_version() == len(MIGRATIONS):
+        self._refuse_newer()
+        if schema.is_current(self.db):
             return
         with self.transaction():  # re-checked under the write lock: another process may have won
-            self.conn.execute("CREATE TABLE IF NOT EXISTS schema_version "
-                              "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
-            for number in range(self._check_version() + 1, len(MIGRATIONS) + 1):
-                MIGRATIONS[number - 1](self.db)
-                self.conn.execute("INSERT INTO schema_version VALUES (?, ?)", (number, time.time()))
+            self._refuse_newer()
+            schema.migrate(self.db)
 
-    def _check_version(self) -> int:
-        version = self.schema_version()
-        if version > len(MIGRATIONS):
-            raise KettleError(f"{self.path}: the database has schema version {version}, newer "
-                              f"than this Kettle understands ({len(MIGRATIONS)}); upgrade Kettle")
-        return version
+    def _refuse_newer(self) -> None:
+        if newer := schema.unknown(self.db):
+            raise KettleError(f"{self.path}: the database has migrations newer than this Kettle "
+                              f"understands ({', '.join(newer)}); upgrade Kettle")
 
-    def schema_version(self) -> int:
-        return self.conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+    def applied_migrations(self) -> list[str]:
+        """The names of the schema migrations this database has had, oldest first."""
+        with self._lock:
+            return schema.applied(self.db)
 
     def close(self) -> None:
         with self._lock:
@@ -902,7 +514,7 @@ class Store:
                 if value is not _UNSET:
                     row[key] = value
             if tags is not _UNSET:
-                row["tags"] = _clean_tags(tags)
+                row["tags"] = clean_tags(tags)
             return self._append_label(message_id, row)
 
     def clear_label(self, message_id: int) -> Label:
@@ -947,119 +559,12 @@ class Store:
             msgs = {row[0]: dict(zip(names, row)) for row in cursor}
         return msgs, {mid: label for mid, label in labels.items() if mid in msgs}
 
-    @staticmethod
-    def _path(msgs: dict[int, dict], mid: int) -> list[dict]:
-        path = []
-        while mid is not None:
-            path.append(msgs[mid])
-            mid = msgs[mid]["parent_id"]
-        return path[::-1]
-
-    @staticmethod
-    def _render(path: list[dict], labels: dict[int, Label], chosen: set[int]) -> list[dict]:
-        """Chat messages for a branch: assistant turns use the corrected answer where there is
-        one; assistant turns that were not chosen carry "weight": 0 (context, not to be learned —
-        the OpenAI fine-tuning convention)."""
-        first = path[0]
-        out = [{"role": "system", "content": first["system_prompt"]}] if first["system_prompt"] else []
-        for m in path:
-            msg = {"role": m["role"], "content": m["content"]}
-            label = labels.get(m["id"])
-            if m["role"] == "assistant":
-                if label is not None and label.ideal is not None:
-                    msg["content"] = label.ideal
-                if m["id"] not in chosen:
-                    msg["weight"] = 0
-            out.append(msg)
-        return out
-
     def dataset(self, filt: DataFilter | None = None) -> tuple[list[dict], list[dict]]:
-        """What would train now: (examples, preference pairs), each with the id of the answer it
-        came from under "message_id" (not part of the example).
-
-        An example is {"messages": [...]} ending at a chosen answer that has no chosen answer
-        below it on its branch (a branch of several chosen turns makes one example), plus "meta"
-        when the import it came from needs it to export exactly (Alpaca fields, ShareGPT id).
-        A pair is {"prompt": [...], "chosen": [assistant msg], "rejected": [assistant msg]}: a
-        corrected answer against its original, and an up-voted against a down-voted sibling.
-        """
+        """What would train now: (examples, preference pairs) as data.datasets.render_dataset
+        makes them from the store's current labels."""
         filt = filt or DataFilter()
-        msgs, labels = self._dataset_messages(filt)
-        excluded = {mid for mid, lab in labels.items() if lab.excluded}
-        paths = {}
-        chosen = set()
-        for mid, m in msgs.items():
-            if m["role"] != "assistant" or not filt.chooses(labels.get(mid)):
-                continue
-            path = self._path(msgs, mid)
-            if any(p["id"] in excluded for p in path):
-                continue
-            paths[mid] = path
-            chosen.add(mid)
-        inner = {p["id"] for path in paths.values() for p in path[:-1]}
-        examples = []
-        for mid in sorted(chosen - inner):
-            path = paths[mid]
-            example = {"messages": self._render(path, labels, chosen)}
-            meta = self._example_meta(path)
-            if meta:
-                example["meta"] = meta
-            examples.append({"message_id": mid, "example": example})
-        pairs = self._pairs(msgs, labels, excluded, filt)
-        return examples, pairs
-
-    @staticmethod
-    def _example_meta(path: list[dict]) -> dict:
-        meta = {}
-        if path[0]["external_id"] is not None:
-            meta["id"] = path[0]["external_id"]
-        users = [p for p in path if p["role"] == "user"]
-        if users and users[-1]["meta"]:  # Alpaca fields: the last question (earlier: history)
-            meta.update(_loads(users[-1]["meta"]))
-        return meta
-
-    def _pairs(self, msgs: dict[int, dict], labels: dict[int, Label], excluded: set[int],
-               filt: DataFilter) -> list[dict]:
-        def passes_tags(label: Label) -> bool:
-            tags = set(label.tags)
-            return (not filt.tags_include or bool(tags & set(filt.tags_include))) and \
-                not tags & set(filt.tags_exclude)
-
-        def prompt_of(mid: int) -> list[dict] | None:
-            path = self._path(msgs, mid)
-            if any(p["id"] in excluded for p in path):
-                return None
-            return self._render(path[:-1], labels, {p["id"] for p in path})
-
-        pairs = []
-        siblings: dict[tuple, list[int]] = {}
-        for mid, m in msgs.items():
-            if m["role"] != "assistant":
-                continue
-            siblings.setdefault((m["conversation_id"], m["parent_id"]), []).append(mid)
-            label = labels.get(mid)
-            if label is None or label.ideal is None or label.ideal == m["content"]:
-                continue
-            if not passes_tags(label) or (prompt := prompt_of(mid)) is None:
-                continue
-            pairs.append({"message_id": mid, "pair": {
-                "prompt": prompt, "chosen": [{"role": "assistant", "content": label.ideal}],
-                "rejected": [{"role": "assistant", "content": m["content"]}]}})
-        for group in siblings.values():
-            ups = [i for i in group if labels.get(i) and labels[i].thumb == 1
-                   and passes_tags(labels[i])]
-            downs = [i for i in group if labels.get(i) and labels[i].thumb == -1]
-            downs = [i for i in downs if i not in excluded]
-            for up in ups if downs else ():
-                if (prompt := prompt_of(up)) is None:
-                    continue
-                for down in downs:
-                    chosen_text = labels[up].ideal or msgs[up]["content"]
-                    pairs.append({"message_id": up, "pair": {
-                        "prompt": prompt, "chosen": [{"role": "assistant", "content": chosen_text}],
-                        "rejected": [{"role": "assistant", "content": msgs[down]["content"]}]}})
-        pairs.sort(key=lambda p: p["message_id"])
-        return pairs
+        messages, labels = self._dataset_messages(filt)
+        return render_dataset(messages, labels, filt=filt)
 
     def create_snapshot(self, filt: DataFilter | None = None, name: str = "",
                         reuse: bool = False) -> Snapshot:

@@ -1,19 +1,23 @@
 """The store on a real SQLite file: tree, append-only labels, snapshots, models, runs, search."""
 from __future__ import annotations
 
+import gzip
 import os
 import sqlite3
 import threading
+from pathlib import Path
 
 import pytest
 
-from data.store import DataFilter, Store, content_hash
+from data import schema
+from data.records import DataFilter, content_hash
+from data.store import open_store
 from gpt.errors import KettleError
 
 
 @pytest.fixture
 def store(tmp_path):
-    with Store.open(tmp_path / "kettle.db") as s:
+    with open_store(tmp_path / "kettle.db") as s:
         yield s
 
 
@@ -24,19 +28,20 @@ def chat(store, system="", answer="Paris, I think."):
     return conv, user, bot
 
 
-def test_open_sets_wal_foreign_keys_and_schema_version(tmp_path):
-    with Store.open(tmp_path / "k.db") as s:
+def test_open_sets_wal_foreign_keys_and_records_migrations_by_name(tmp_path):
+    names = [fn.__name__ for fn in schema.MIGRATIONS]
+    with open_store(tmp_path / "k.db") as s:
         assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert s.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
         assert s.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 10000
-        version = s.schema_version()
-    with Store.open(tmp_path / "k.db") as s:  # reopening runs no migration twice
-        assert s.schema_version() == version
-        assert s.conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == version
+        assert s.applied_migrations() == names
+    with open_store(tmp_path / "k.db") as s:  # reopening runs no migration twice
+        assert s.conn.execute("SELECT name FROM _migrations ORDER BY rowid").fetchall() == \
+            [(name,) for name in names]
 
 
 def test_default_path_is_under_kettle_home(kettle_home):
-    with Store.open() as s:
+    with open_store() as s:
         assert s.path == kettle_home / "kettle.db"
 
 
@@ -44,14 +49,14 @@ def test_not_a_database_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(KettleError, match="bad.db"):
-        Store.open(bad)
+        open_store(bad)
 
 
 def test_newer_schema_is_refused(tmp_path):
-    with Store.open(tmp_path / "k.db") as s:
-        s.conn.execute("INSERT INTO schema_version VALUES (99, 0)")
+    with open_store(tmp_path / "k.db") as s:
+        s.conn.execute("INSERT INTO _migrations VALUES ('m999_from_a_newer_kettle', 0)")
     with pytest.raises(KettleError, match="newer"):
-        Store.open(tmp_path / "k.db")
+        open_store(tmp_path / "k.db")
 
 
 def test_regenerating_makes_a_sibling_and_threads_follow_the_branch(store):
@@ -341,18 +346,92 @@ def test_store_is_shared_safely_by_threads(store):
 
 
 def test_forward_migrations_run_on_open(tmp_path, monkeypatch):
-    import data.store as store_module
-
     path = tmp_path / "old.db"
-    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
-    with Store.open(path) as old:  # a database from before full-text search existed
-        assert old.schema_version() == 1
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+    with open_store(path) as old:  # a database from before full-text search existed
+        assert old.applied_migrations() == ["m001_core"]
         conv = old.create_conversation()
         old.add_message(conv.id, "user", "an old kettle message")
     monkeypatch.undo()
-    with Store.open(path) as new:
-        assert new.schema_version() == len(store_module.MIGRATIONS)
+    with open_store(path) as new:
+        assert new.applied_migrations() == [fn.__name__ for fn in schema.MIGRATIONS]
         assert [h.snippet for h in new.search("kettle")] == ["an old [kettle] message"]
+
+
+def test_each_migration_runs_once(tmp_path, monkeypatch):
+    calls = []
+
+    def counted(fn):
+        def run(db):
+            calls.append(fn.__name__)
+            fn(db)
+        run.__name__ = fn.__name__
+        return run
+
+    monkeypatch.setattr(schema, "MIGRATIONS", [counted(fn) for fn in schema.MIGRATIONS])
+    for _ in range(3):
+        open_store(tmp_path / "k.db").close()
+    assert calls == [fn.__name__ for fn in schema.MIGRATIONS]
+
+
+@pytest.fixture
+def numbered_db(tmp_path) -> Path:
+    """A database as Kettle wrote it before named migrations (commit d84083b, schema_version 3):
+    a chat with a corrected, up-voted answer, a snapshot of it, a model version made active, and
+    a finished fine-tuning run with one logged step."""
+    path = tmp_path / "kettle.db"
+    path.write_bytes(gzip.decompress((Path(__file__).parent / "data" / "kettle-schema-3.db.gz")
+                                     .read_bytes()))
+    return path
+
+
+def test_a_database_from_numbered_migrations_opens_with_its_rows(numbered_db):
+    old = sqlite3.connect(numbered_db)
+    versions = old.execute("SELECT version, applied_at FROM schema_version").fetchall()
+    old.close()
+    with open_store(numbered_db, read_only=True) as store:  # current already: readable as it is
+        assert store.applied_migrations() == list(schema.NUMBERED_MIGRATIONS)
+    with open_store(numbered_db) as store:
+        assert store.conn.execute("SELECT * FROM _migrations ORDER BY rowid").fetchall() == \
+            [(schema.NUMBERED_MIGRATIONS[v - 1], at) for v, at in versions]  # times kept
+        assert not store.db["schema_version"].exists()  # one record of what was applied
+        assert store.applied_migrations() == [fn.__name__ for fn in schema.MIGRATIONS]
+        assert store.integrity_check() == "ok"
+        conv = store.list_conversations()[0]
+        user, bot = store.current_thread(conv.id)
+        assert (conv.title, conv.system_prompt) == ("capitals", "Be brief.")
+        assert (user.content, bot.content, bot.model, bot.params) == \
+            ("Capital of France?", "Paris, I think.", "tiny", {"temperature": 0.7})
+        label = store.label(bot.id)
+        assert (label.thumb, label.tags, label.ideal) == (1, ["geo"], "Paris.")
+        [snap] = store.snapshots()
+        assert snap.name == "first" and store.verify_snapshot(snap.id)
+        assert store.snapshot_examples(snap.id) == [e["example"] for e in store.dataset()[0]]
+        assert store.active_model().name == "tiny"
+        [run] = store.runs()
+        assert run.status == "finished" and store.run_metrics(run.id) == [(1, {"loss": 1.5})]
+        assert [h.message_id for h in store.search("Paris")] == [bot.id]
+        new = store.add_message(conv.id, "user", "And of Italy?", bot.id)  # it still takes writes
+    with open_store(numbered_db) as store:
+        assert store.message(new.id).content == "And of Italy?"
+
+
+def test_named_migrations_build_what_the_numbered_ones_did(numbered_db, tmp_path):
+    def schema_sql(store):
+        return store.conn.execute("SELECT type, name, sql FROM sqlite_master"
+                                  " WHERE tbl_name != '_migrations' ORDER BY name").fetchall()
+
+    with open_store(numbered_db) as old, open_store(tmp_path / "new.db") as new:
+        assert schema_sql(old) == schema_sql(new)
+
+
+def test_a_numbered_database_newer_than_the_numbering_is_refused(numbered_db):
+    old = sqlite3.connect(numbered_db)
+    old.execute("INSERT INTO schema_version VALUES (4, 0)")
+    old.commit()
+    old.close()
+    with pytest.raises(KettleError, match="newer"):
+        open_store(numbered_db)
 
 
 def test_orphaned_running_runs_are_marked_failed(store):
@@ -408,7 +487,7 @@ def read_only_home(kettle_home, tmp_path):
     running as root (which file modes do not stop), else the folders' and files' modes."""
     import subprocess
 
-    with Store.open() as store:
+    with open_store() as store:
         conv = store.create_conversation()
         store.add_message(conv.id, "user", "How do I brew tea in a kettle?")
     if os.geteuid() != 0:
@@ -439,11 +518,11 @@ def test_a_read_only_home_can_still_be_read(read_only_home, capsys):
     assert main(["data", "stats"]) == 0
     assert main(["data", "search", "kettle"]) == 0
     assert "brew tea" in capsys.readouterr().out
-    with Store.open(read_only=True) as store:
+    with open_store(read_only=True) as store:
         assert store.search("kettle")
     assert sorted(p.name for p in read_only_home.iterdir()) == ["kettle.db", "models"]
     with pytest.raises(KettleError, match="cannot|read-only|readonly"):
-        with Store.open() as store:
+        with open_store() as store:
             store.create_conversation()
 
 

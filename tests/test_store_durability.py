@@ -8,13 +8,13 @@ import sys
 import textwrap
 import time
 
-from data.store import Store
+from data.store import open_store
 from tests.conftest import ROOT
 
 LABEL_WRITER = textwrap.dedent("""
     import sys
-    from data.store import Store
-    store = Store.open(sys.argv[1])
+    from data.store import open_store
+    store = open_store(sys.argv[1])
     message_id = int(sys.argv[2])
     i = 0
     while True:
@@ -25,8 +25,8 @@ LABEL_WRITER = textwrap.dedent("""
 
 APP_LIKE_WRITER = textwrap.dedent("""
     import sys
-    from data.store import Store
-    store = Store.open(sys.argv[1])
+    from data.store import open_store
+    store = open_store(sys.argv[1])
     n = int(sys.argv[2])
     print("ready", flush=True)
     conv = store.create_conversation("from the other process")
@@ -49,7 +49,7 @@ def spawn(script: str, *args) -> subprocess.Popen:
 
 def test_sigkill_while_writing_labels_loses_no_returned_write(tmp_path):
     path = tmp_path / "kettle.db"
-    with Store.open(path) as store:
+    with open_store(path) as store:
         conv = store.create_conversation()
         user = store.add_message(conv.id, "user", "q")
         answer = store.add_message(conv.id, "assistant", "a", user.id)
@@ -64,7 +64,7 @@ def test_sigkill_while_writing_labels_loses_no_returned_write(tmp_path):
     child.send_signal(signal.SIGKILL)  # mid-write: it never stops writing on its own
     child.wait()
     assert len(returned) >= 150, child.stderr.read()
-    with Store.open(path) as store:
+    with open_store(path) as store:
         assert store.integrity_check() == "ok"
         rows = {h.id: h.note for h in store.label_history(answer.id)}
         for label_id, i in returned:
@@ -74,11 +74,11 @@ def test_sigkill_while_writing_labels_loses_no_returned_write(tmp_path):
 
 def test_two_processes_read_and_write_at_once(tmp_path):
     path = tmp_path / "kettle.db"
-    Store.open(path).close()
+    open_store(path).close()
     n = 300
     child = spawn(APP_LIKE_WRITER, path, n)
     assert child.stdout.readline().strip() == "ready", child.stderr.read()
-    with Store.open(path) as store:  # this process plays the training job
+    with open_store(path) as store:  # this process plays the training job
         run = store.create_run("finetune", total_steps=n)
         store.update_run(run.id, status="running", pid=os.getpid())
         conv = store.create_conversation("this process")
@@ -105,10 +105,10 @@ def test_two_processes_read_and_write_at_once(tmp_path):
 
 def test_opening_does_not_wait_for_another_process_writing(tmp_path):
     path = tmp_path / "kettle.db"
-    with Store.open(path) as writer:
+    with open_store(path) as writer:
         with writer.transaction():  # e.g. a long import holds the write lock
             writer.create_conversation("in flight")
             start = time.monotonic()
-            with Store.open(path) as reader:
+            with open_store(path) as reader:
                 assert reader.list_conversations() == []
             assert time.monotonic() - start < 1.0

@@ -1,0 +1,251 @@
+"""The database's tables, built by named migrations (in the style of simonw/llm's migrations.py).
+
+Each migration is a function of a sqlite_utils.Database, registered with @migration in the order
+it runs. `migrate` applies the ones a database lacks and records each by name, with its time, in
+the `_migrations` table, inside the caller's write transaction. Append new migrations at the end;
+never edit, reorder or rename one that has shipped, since databases record them by name.
+
+Kettle before named migrations kept a `schema_version` table of numbers instead: version n was
+the n-th of NUMBERED_MIGRATIONS. `migrate` carries that record into `_migrations` first.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import sqlite_utils
+
+Migration = Callable[[sqlite_utils.Database], None]
+MIGRATIONS: list[Migration] = []
+NUMBERED_MIGRATIONS = ("m001_core", "m002_search", "m003_search_corrections")
+
+
+def migration(fn: Migration) -> Migration:
+    MIGRATIONS.append(fn)
+    return fn
+
+
+def applied(db: sqlite_utils.Database) -> list[str]:
+    """The names of the migrations this database has had, oldest first."""
+    if db["_migrations"].exists():
+        return [row["name"] for row in db.query("SELECT name FROM _migrations ORDER BY rowid")]
+    if db["schema_version"].exists():
+        return [_numbered_name(row["version"])
+                for row in db.query("SELECT version FROM schema_version ORDER BY version")]
+    return []
+
+
+def unknown(db: sqlite_utils.Database) -> list[str]:
+    """Migrations the database has had that this Kettle does not know: a newer Kettle's."""
+    known = {fn.__name__ for fn in MIGRATIONS}
+    return [name for name in applied(db) if name not in known]
+
+
+def pending(db: sqlite_utils.Database) -> list[Migration]:
+    """The migrations this database still needs, in order."""
+    done = set(applied(db))
+    return [fn for fn in MIGRATIONS if fn.__name__ not in done]
+
+
+def is_current(db: sqlite_utils.Database) -> bool:
+    """Whether opening this database for writing changes nothing."""
+    return db["_migrations"].exists() and not pending(db)
+
+
+def migrate(db: sqlite_utils.Database) -> None:
+    """Apply the pending migrations in order, each recorded by name as it is applied. Run it
+    inside a write transaction, so that all of it lands or none does."""
+    _carry_numbered_record_forward(db)
+    for fn in pending(db):
+        fn(db)
+        db["_migrations"].insert({"name": fn.__name__, "applied_at": time.time()})
+
+
+def _numbered_name(version: int) -> str:
+    if 1 <= version <= len(NUMBERED_MIGRATIONS):
+        return NUMBERED_MIGRATIONS[version - 1]
+    return f"schema version {version}"  # no Kettle numbered this one: it shows as unknown
+
+
+def _carry_numbered_record_forward(db: sqlite_utils.Database) -> None:
+    """Create `_migrations`, holding the old `schema_version` record (times kept) when there is
+    one, which then goes: one record of what was applied, not two that could disagree."""
+    if db["_migrations"].exists():
+        return
+    db["_migrations"].create({"name": str, "applied_at": float}, pk="name")
+    if db["schema_version"].exists():
+        db["_migrations"].insert_all(
+            {"name": _numbered_name(row["version"]), "applied_at": row["applied_at"]}
+            for row in db.query("SELECT * FROM schema_version ORDER BY version"))
+        db["schema_version"].drop()
+
+
+# ---------------------------------------------------------------------------------------------
+# The migrations, in order.
+
+CORE_SCHEMA = """
+CREATE TABLE conversations (
+    id INTEGER PRIMARY KEY,
+    title TEXT NOT NULL DEFAULT '',
+    system_prompt TEXT NOT NULL DEFAULT '',
+    params TEXT,                      -- default sampling parameters (JSON) for new answers
+    model TEXT,                       -- preferred model name for new answers
+    leaf_id INTEGER,                  -- the message at the end of the branch being shown
+    source TEXT NOT NULL DEFAULT 'chat',
+    external_id TEXT,                 -- id in an imported file (ShareGPT "id")
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    deleted_at REAL                   -- deleting hides a conversation; its labels stay
+);
+CREATE INDEX idx_conversations_updated ON conversations(deleted_at, updated_at DESC, id DESC);
+
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id),
+    parent_id INTEGER REFERENCES messages(id),
+    role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+    content TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    model_version_id INTEGER REFERENCES model_versions(id),
+    model TEXT,                       -- model name or path that wrote an assistant message
+    params TEXT,                      -- sampling parameters (JSON)
+    seed INTEGER,
+    finish_reason TEXT,
+    prompt_tokens INTEGER,
+    new_tokens INTEGER,
+    dropped_tokens INTEGER,
+    ttft_s REAL,
+    tokens_per_s REAL,
+    meta TEXT                         -- source fields an import needs to export exactly (JSON)
+);
+CREATE INDEX idx_messages_conversation ON messages(conversation_id, id);
+CREATE INDEX idx_messages_parent ON messages(parent_id);
+CREATE TRIGGER messages_no_rewrite BEFORE UPDATE OF conversation_id, parent_id, role, content
+ON messages BEGIN
+    SELECT RAISE(ABORT, 'messages are never rewritten: add a sibling instead');
+END;
+CREATE TRIGGER messages_no_delete BEFORE DELETE ON messages BEGIN
+    SELECT RAISE(ABORT, 'messages are never deleted');
+END;
+
+CREATE TABLE labels (
+    id INTEGER PRIMARY KEY,
+    message_id INTEGER NOT NULL REFERENCES messages(id),
+    thumb INTEGER CHECK (thumb IN (-1, 1)),
+    score INTEGER CHECK (score BETWEEN 1 AND 5),
+    tags TEXT NOT NULL DEFAULT '[]',   -- JSON list of strings
+    note TEXT NOT NULL DEFAULT '',
+    ideal TEXT,                        -- the user's corrected answer
+    excluded INTEGER NOT NULL DEFAULT 0 CHECK (excluded IN (0, 1)),
+    created_at REAL NOT NULL
+);
+CREATE INDEX idx_labels_message ON labels(message_id, id);
+CREATE TRIGGER labels_no_update BEFORE UPDATE ON labels BEGIN
+    SELECT RAISE(ABORT, 'labels are append-only: add a new label row');
+END;
+CREATE TRIGGER labels_no_delete BEFORE DELETE ON labels BEGIN
+    SELECT RAISE(ABORT, 'labels are append-only: add a clearing label row');
+END;
+CREATE VIEW current_labels AS
+    SELECT l.* FROM labels l
+    JOIN (SELECT message_id, MAX(id) AS id FROM labels GROUP BY message_id) newest
+    ON l.id = newest.id;
+
+CREATE TABLE snapshots (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL DEFAULT '',
+    filter TEXT NOT NULL,              -- the DataFilter (JSON) it was made from
+    content_hash TEXT NOT NULL,        -- sha256 of the canonical JSON of examples and pairs
+    n_examples INTEGER NOT NULL,
+    n_pairs INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE snapshot_rows (
+    id INTEGER PRIMARY KEY,
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id),
+    kind TEXT NOT NULL CHECK (kind IN ('example', 'pair')),
+    position INTEGER NOT NULL,
+    message_id INTEGER REFERENCES messages(id),   -- the answer it was rendered from
+    data TEXT NOT NULL                            -- canonical JSON
+);
+CREATE INDEX idx_snapshot_rows ON snapshot_rows(snapshot_id, kind, position);
+CREATE TRIGGER snapshots_frozen BEFORE UPDATE OF filter, content_hash, n_examples, n_pairs, created_at
+ON snapshots BEGIN
+    SELECT RAISE(ABORT, 'snapshots are immutable');
+END;
+CREATE TRIGGER snapshots_no_delete BEFORE DELETE ON snapshots BEGIN
+    SELECT RAISE(ABORT, 'snapshots are immutable');
+END;
+CREATE TRIGGER snapshot_rows_no_update BEFORE UPDATE ON snapshot_rows BEGIN
+    SELECT RAISE(ABORT, 'snapshots are immutable');
+END;
+CREATE TRIGGER snapshot_rows_no_delete BEFORE DELETE ON snapshot_rows BEGIN
+    SELECT RAISE(ABORT, 'snapshots are immutable');
+END;
+
+CREATE TABLE model_versions (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    path TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('imported', 'downloaded', 'pretrained', 'finetuned', 'starter')),
+    parent_id INTEGER REFERENCES model_versions(id),
+    snapshot_id INTEGER REFERENCES snapshots(id),
+    run_id INTEGER REFERENCES runs(id),
+    hparams TEXT NOT NULL DEFAULT '{}',
+    metrics TEXT NOT NULL DEFAULT '{}',
+    status TEXT NOT NULL DEFAULT 'ok',            -- e.g. ok | regressed | failed
+    note TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL
+);
+CREATE TABLE activations (
+    id INTEGER PRIMARY KEY,
+    model_version_id INTEGER NOT NULL REFERENCES model_versions(id),
+    activated_at REAL NOT NULL
+);
+
+CREATE TABLE runs (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,                           -- e.g. finetune | lora | pretrain | classify
+    status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'finished', 'failed', 'cancelled')),
+    model_version_id INTEGER REFERENCES model_versions(id),   -- the base model
+    snapshot_id INTEGER REFERENCES snapshots(id),
+    output_model_id INTEGER REFERENCES model_versions(id),
+    config TEXT NOT NULL DEFAULT '{}',
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER,
+    log_path TEXT,
+    error TEXT,
+    pid INTEGER,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX idx_runs_status ON runs(status, id);
+CREATE TABLE run_metrics (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    step INTEGER NOT NULL,
+    metrics TEXT NOT NULL,                        -- JSON {"loss": 1.23, ...}
+    created_at REAL NOT NULL
+);
+CREATE INDEX idx_run_metrics ON run_metrics(run_id, step);
+"""
+
+
+@migration
+def m001_core(db: sqlite_utils.Database) -> None:
+    db.executescript(CORE_SCHEMA)
+
+
+@migration
+def m002_search(db: sqlite_utils.Database) -> None:
+    # Message content never changes, but sqlite-utils' triggers also keep the index right if a
+    # future migration ever rewrites rows.
+    db["messages"].enable_fts(["content"], create_triggers=True, tokenize="porter unicode61")
+
+
+@migration
+def m003_search_corrections(db: sqlite_utils.Database) -> None:
+    # The chat shows a corrected answer under the original, so search finds it too.
+    db["labels"].enable_fts(["ideal"], create_triggers=True, tokenize="porter unicode61")
