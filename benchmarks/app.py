@@ -46,7 +46,7 @@ def make_home(home: Path, context: int) -> None:
     import torch
 
     from data.paths import config_path, models_dir
-    from data.store import Store
+    from data.store import open_store
     from gpt.checkpoint import save_model
     from gpt.config import GPTConfig
     from gpt.model import GPT
@@ -58,7 +58,7 @@ def make_home(home: Path, context: int) -> None:
     config = GPTConfig(vocab_size=1024, context_length=context, n_layer=2, n_head=2, n_embd=64)
     path = models_dir() / "bench"
     save_model(GPT(config), path, tokenizer)
-    with Store.open() as store:
+    with open_store() as store:
         store.activate_model(store.add_model_version("bench", path, "imported").id)
     from gpt.engine import Engine
     from gpt.sampling import SamplingParams

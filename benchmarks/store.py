@@ -24,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data.store import DataFilter, Store  # noqa: E402
+from data.records import DataFilter  # noqa: E402
+from data.store import open_store  # noqa: E402
 
 COMMON = ("the and a to of in is that it for you with on as this be are have not".split())
 TOPICS = ("kettle tea water paris france python sqlite garden river music painting portrait "
@@ -59,7 +60,7 @@ def fill_store(path: Path, n_messages: int, per_conv: int, rng: random.Random,
                words: list[str]) -> tuple[float, list[tuple]]:
     rows = []
     start = time.perf_counter()
-    with Store.open(path) as store:
+    with open_store(path) as store:
         done = 0
         while done < n_messages:
             with store.transaction():
@@ -122,12 +123,12 @@ def main() -> None:
     print(f"  file size: {path.stat().st_size / 1e6:.1f} MB (+ WAL)")
 
     def open_and_list():
-        with Store.open(path) as s:
+        with open_store(path) as s:
             assert len(s.list_conversations(limit=50)) == 50
 
     print("\nqueries (median / max ms)")
     results = {"open + list 50 newest conversations": (timed(open_and_list, 20), 50)}
-    with Store.open(path) as store:
+    with open_store(path) as store:
         for label, q in (("search rare word", words[1234]), ("search common word", "kettle"),
                          ("search two words", "paris tea"), ("search a phrase-like query", "the and")):
             hits = len(store.search(q))

@@ -53,7 +53,8 @@ import torch
 
 from gpt.files import atomic_directory, atomic_file, atomic_write_text, remove_stale_temporaries
 from data.paths import models_dir, runs_dir
-from data.store import Run, Store
+from data.records import Run
+from data.store import Store, open_store
 from finetune.instruct import (Example, Progress, SFTConfig, SFTTrainer, check_vocabulary,
                                default_val_fraction, evaluate_loss, holdout, prepare, recalled,
                                resolve)
@@ -112,7 +113,7 @@ def start_finetune(spec: JobSpec, store: Store | None = None) -> int:
     the run's log_path. Cancel it with `cancel_run`.
     """
     own = store is None
-    store = store or Store.open()
+    store = store or open_store()
     try:
         run = create_run(store, spec)
         with open(run.log_path, "ab") as log:
@@ -140,7 +141,7 @@ def _watch(proc: subprocess.Popen, run_id: int, db: Path) -> None:
     if code >= 0:
         return
     try:
-        with Store.open(db) as store:
+        with open_store(db) as store:
             if store.run(run_id).status == "running":
                 name = signal.Signals(-code).name
                 why = f"{name}, out of memory?" if name == "SIGKILL" else name
@@ -275,7 +276,7 @@ def execute(run_id: int, resume: bool = False, progress: bool = True,
     """
     from finetune.pretrain import init_distributed, prepare_training
 
-    store = Store.open()
+    store = open_store()
     try:
         run = store.run(run_id)
         if run.kind != RUN_KIND:

@@ -692,9 +692,9 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
         plot_losses(metrics_path, run_dir / "loss.png")
         result.out = out
         if register:
-            from data.store import Store
+            from data.store import open_store
 
-            with Store.open() as store:
+            with open_store() as store:
                 store.register_model(
                     out, "pretrained", activate_if_none=False,
                     hparams={"config": config.to_dict(), "train": dataclasses.asdict(cfg)},

@@ -447,9 +447,9 @@ def brew_starter(out: str | Path | None = None, device: str = "auto", force: boo
     brew.notes["seconds"] = round(seconds, 1)
     if "eta_at" in brew.notes:  # how far off the estimate was, for the record
         brew.notes["eta_actual_s"] = round(time.monotonic() - brew.notes.pop("eta_at"), 1)
-    from data.store import Store
+    from data.store import open_store
 
-    with Store.open() as store:
+    with open_store() as store:
         _, activated = store.register_model(out, "starter", metrics=brew.notes,
                                             hparams={"stages": [s.name for s in stages],
                                                      "seed": seed})

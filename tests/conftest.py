@@ -110,10 +110,10 @@ def app_model(chat_model_dir, kettle_home) -> str:
     import shutil
 
     from data.paths import models_dir
-    from data.store import Store
+    from data.store import open_store
 
     path = models_dir() / "tiny"
     shutil.copytree(chat_model_dir, path)
-    with Store.open() as store:
+    with open_store() as store:
         store.activate_model(store.add_model_version("tiny", path, "imported").id)
     return "tiny"

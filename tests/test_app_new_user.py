@@ -7,7 +7,8 @@ import shutil
 import pytest
 
 from data.paths import models_dir
-from data.store import Run, Store
+from data.records import Run
+from data.store import open_store
 from test_app import (SIZE, ask, focus_answer, open_chat, press_nowait, short_answers,  # noqa: F401
                       type_text, views, wait_until, write_config)
 from test_app_screens import labelled_chats, open_finetune_sheet
@@ -20,7 +21,7 @@ def errors(app) -> list[str]:
 
 
 async def test_activating_a_model_reports_no_error(app_model, tiny_model_dir):
-    with Store.open() as store:
+    with open_store() as store:
         store.add_model_version("other", tiny_model_dir, "imported")
     app = KettleApp()
     async with app.run_test(size=SIZE) as pilot:
@@ -43,7 +44,7 @@ def starter(chat_model_dir) -> None:
     """A brewed starter: the tiny chat model in KETTLE_HOME/models/starter, registered, active."""
     path = models_dir() / "starter"
     shutil.copytree(chat_model_dir, path)
-    with Store.open() as store:
+    with open_store() as store:
         store.activate_model(store.add_model_version("starter", path, "starter").id)
 
 
@@ -170,7 +171,7 @@ async def start_and_cancel(pilot, app) -> Run:
 
 
 async def test_finetune_reuses_an_identical_snapshot_and_can_pick_a_named_one(app_model):
-    with Store.open() as store:
+    with open_store() as store:
         labelled_chats(store)
         first = store.create_snapshot(name="first ten")
     app = KettleApp()
@@ -232,7 +233,7 @@ async def test_the_chat_stays_readable_at_80_columns_with_the_sampling_panel(sho
 
 
 async def test_every_dataset_column_is_in_view_at_80_columns(app_model):
-    with Store.open() as store:
+    with open_store() as store:
         labelled_chats(store, tag="facts")
     app = KettleApp()
     async with app.run_test(size=SMALL) as pilot:
@@ -248,7 +249,7 @@ async def test_every_dataset_column_is_in_view_at_80_columns(app_model):
 
 
 async def test_the_loss_chart_is_smoothed_and_the_last_loss_shown_as_it_is(app_model):
-    with Store.open() as store:
+    with open_store() as store:
         labelled_chats(store)
         run = store.create_run("finetune", total_steps=60)
         for step in range(1, 61):  # batch to batch the loss jumps around a falling trend

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from data.paths import models_dir
-from data.store import Store
+from data.store import Store, open_store
 from gpt.hf import export_hf
 from test_download import checkpoint, hub  # noqa: F401 - the local stand-in for Hugging Face
 from test_app import SIZE, open_chat, type_text, views, wait_until, write_config
@@ -50,7 +50,7 @@ async def open_finetune_sheet(pilot, app) -> None:
 
 async def test_finetune_shows_progress_to_the_end_and_offers_the_new_model(app_model):
     write_config(sampling={"max_new_tokens": 8, "seed": 1})
-    with Store.open() as store:
+    with open_store() as store:
         labelled_chats(store)
     app = KettleApp()
     async with app.run_test(size=SIZE) as pilot:
@@ -92,7 +92,7 @@ async def test_finetune_shows_progress_to_the_end_and_offers_the_new_model(app_m
 
 
 async def test_cancel_a_running_fine_tune(app_model):
-    with Store.open() as store:
+    with open_store() as store:
         labelled_chats(store)
     app = KettleApp()
     async with app.run_test(size=SIZE) as pilot:
@@ -111,7 +111,7 @@ async def test_cancel_a_running_fine_tune(app_model):
 
 
 async def test_models_screen_switches_models_without_a_restart(app_model, tiny_model_dir):
-    with Store.open() as store:
+    with open_store() as store:
         other = store.add_model_version("other", tiny_model_dir, "imported")
         store.update_model_version(other.id, metrics={"val_loss": 4.25})
     app = KettleApp()
@@ -167,7 +167,7 @@ async def test_import_a_kettle_or_hugging_face_model_directory(app_model, tiny_m
 
 
 async def test_dataset_counts_exclude_include_snapshot_and_export(app_model, tmp_path):
-    with Store.open() as store:
+    with open_store() as store:
         ids = labelled_chats(store, tag="facts")
     app = KettleApp()
     async with app.run_test(size=SIZE) as pilot:
@@ -224,7 +224,7 @@ async def test_dataset_counts_exclude_include_snapshot_and_export(app_model, tmp
 
 
 async def test_compare_sends_one_prompt_to_two_models(app_model, tiny_model_dir):
-    with Store.open() as store:
+    with open_store() as store:
         store.add_model_version("other", tiny_model_dir, "imported")
     write_config(sampling={"max_new_tokens": 8})
     app = KettleApp()

@@ -13,7 +13,7 @@ from unittest import mock
 import pytest
 
 from data.paths import models_dir
-from data.store import Store
+from data.store import open_store
 from test_app import open_chat, wait_until, write_config
 from tui.app import KettleApp
 
@@ -43,7 +43,7 @@ def frozen(chat_model_dir, monkeypatch):
         clock[0] += 1.0
         return clock[0]
 
-    with mock.patch("time.time", tick), Store.open() as store:
+    with mock.patch("time.time", tick), open_store() as store:
         base = store.add_model_version("tiny", path, "imported")
         tuned = store.add_model_version(
             "tiny-ft1", path, "finetuned", parent_id=base.id,

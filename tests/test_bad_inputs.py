@@ -20,7 +20,7 @@ import pytest
 
 from gpt.files import sha256_file
 from data.paths import config_path, kettle_home
-from data.store import Store
+from data.store import open_store
 from gpt.errors import KettleError
 from tests import bad_inputs
 from tests.bad_inputs import ROOT
@@ -62,7 +62,7 @@ def seeded(tiny_model_dir, tmp_path, capsys) -> dict[str, str]:
     data = tmp_path / "good.jsonl"
     data.write_text(json.dumps(GOOD) + "\n", encoding="utf-8")
     assert main(["data", "import", str(data)]) == 0
-    with Store.open() as store:
+    with open_store() as store:
         store.register_model(tiny_model_dir, "imported")
     text = tmp_path / "corpus.txt"
     text.write_text("A kettle boils water. " * 50, encoding="utf-8")
@@ -118,7 +118,7 @@ def test_a_bad_model_directory_is_refused_by_every_importer(name, seeded, tmp_pa
     code, err = cli(["import-hf", str(path), str(out)], capsys)
     import_hf = one_line(err)
     assert code == 1 and name in import_hf and not out.exists()
-    with Store.open() as store, pytest.raises(KettleError) as refused:
+    with open_store() as store, pytest.raises(KettleError) as refused:
         import_model(store, str(path))
     assert name in str(refused.value)
     assert state() == before
@@ -160,7 +160,7 @@ def test_a_file_name_that_is_not_utf8_still_imports(seeded, tmp_path, capsys):
         pytest.skip("this file system refuses a name that is not UTF-8")
     code, err = cli(["data", "import", str(path)], capsys)
     assert code == 0, err
-    with Store.open() as store:
+    with open_store() as store:
         assert store.conversations_from(f"import:openai:caf\\xe9.jsonl:{sha256_file(path)[:16]}") == 1
 
 

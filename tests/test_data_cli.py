@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from data.store import Store
+from data.store import open_store
 from tests.conftest import SHARED_DATA
 from tui.cli import main
 
@@ -13,7 +13,7 @@ def test_import_snapshot_export_search_and_stats(tmp_path, capsys):
     assert main(["data", "import", str(source)]) == 0
     assert "imported 1,100 conversations (2,200 messages)" in capsys.readouterr().out
 
-    with Store.open() as store:  # a label made in the app before freezing
+    with open_store() as store:  # a label made in the app before freezing
         conv = store.list_conversations(limit=1)[0]
         answer = store.current_thread(conv.id)[-1]
         store.set_label(answer.id, tags=["skip"])

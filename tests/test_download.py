@@ -243,12 +243,12 @@ def test_unknown_size_is_refused(tmp_path):
 
 
 def test_downloaded_and_imported_models_are_registered(hub, tmp_path, kettle_home, capsys):
-    from data.store import Store
+    from data.store import open_store
 
     assert main(["download", "gpt2"]) == 0
     assert main(["export-hf", str(kettle_home / "models" / "gpt2"), str(tmp_path / "exported")]) == 0
     assert main(["import-hf", str(tmp_path / "exported"), str(tmp_path / "gpt2")]) == 0
-    with Store.open() as store:
+    with open_store() as store:
         versions = {v.name: v for v in store.model_versions()}
         assert set(versions) == {"gpt2", "gpt2-2"}
         assert versions["gpt2"].kind == "downloaded" and versions["gpt2-2"].kind == "imported"

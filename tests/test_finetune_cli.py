@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import random
 
-from data.store import Store
+from data.store import open_store
 from tui.cli import main
 
 
@@ -21,7 +21,7 @@ def test_finetune_command_runs_and_reports(tiny_model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "run 1 finished: model cli-model" in out and "gate" in out
-    with Store.open() as store:
+    with open_store() as store:
         version = store.model_version("cli-model")
         assert version.hparams["lora"]["rank"] == 2 and version.hparams["epochs"] == 1
     assert main(["finetune", "list"]) == 0

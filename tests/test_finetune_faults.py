@@ -17,7 +17,7 @@ import torch
 
 from gpt.files import is_temporary
 from data.paths import models_dir
-from data.store import Store
+from data.store import open_store
 from finetune.jobs import CHECKPOINT_FILE, JobSpec, create_run, execute, run_dir
 from gpt.checkpoint import save_model
 from gpt.config import GPTConfig
@@ -78,7 +78,7 @@ print("finished without being killed")
 
 @pytest.fixture
 def store():
-    with Store.open() as s:
+    with open_store() as s:
         yield s
 
 

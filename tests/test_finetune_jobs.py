@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data.paths import models_dir
-from data.store import Store
+from data.store import open_store
 from finetune.jobs import (JobSpec, cancel_run, create_run, execute, reap_dead_runs, run_dir,
                           start_finetune)
 from gpt.checkpoint import load_model, save_model
@@ -28,7 +28,7 @@ FAST = {"lr": 3e-3, "epochs": 5, "eval_every": 5, "val_fraction": 0.1}
 
 @pytest.fixture
 def store():
-    with Store.open() as s:
+    with open_store() as s:
         yield s
 
 

@@ -73,7 +73,7 @@ def test_torchrun_fine_tunes_with_ddp(tiny_model_dir, tmp_path):
     import subprocess
     import sys
 
-    from data.store import Store
+    from data.store import open_store
 
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"{i} it is."}
@@ -86,7 +86,7 @@ def test_torchrun_fine_tunes_with_ddp(tiny_model_dir, tmp_path):
         cwd=str(ROOT))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "finished: model ddp" in proc.stdout
-    with Store.open() as store:
+    with open_store() as store:
         run = store.runs()[0]
         # 40 training examples (none held out under 100), 5 a batch: 8 batches an epoch, 4 per rank.
         assert run.status == "finished" and run.total_steps == 2 * 4

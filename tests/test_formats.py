@@ -6,7 +6,8 @@ import json
 import pytest
 
 from data.formats import MAX_LINE_BYTES, export_file, import_file
-from data.store import DataFilter, Store
+from data.records import DataFilter
+from data.store import Store, open_store
 from gpt.errors import KettleError
 from tui.cli import main
 from tests.conftest import SHARED_DATA
@@ -47,7 +48,7 @@ DPO = [
 
 @pytest.fixture
 def store(tmp_path):
-    with Store.open(tmp_path / "kettle.db") as s:
+    with open_store(tmp_path / "kettle.db") as s:
         yield s
 
 
@@ -370,7 +371,7 @@ def test_no_weights_leaves_context_only_answers_out_for_tools_that_ignore_weight
         {"instruction": "three", "input": "", "output": "and this", "system": "Be kind.",
          "history": [["two", "this"]]}]
     # what was written is all to learn: imported again, it exports as it is
-    with Store.open(tmp_path / "again.db") as again:
+    with open_store(tmp_path / "again.db") as again:
         import_file(again, tmp_path / "out.jsonl")
         export_file(again, tmp_path / "again.jsonl", "openai")
     assert read(tmp_path / "again.jsonl", "openai") == WITHOUT_CONTEXT
@@ -407,7 +408,7 @@ def test_every_format_the_cli_and_the_export_dialog_offer_comes_from_the_table(t
         (fmt,) = [a for a in commands[command]._actions if "--format" in a.option_strings]
         assert list(fmt.choices) == list(FORMATS), command
     assert export_choices() == [(f.name, f"{f.name}: {f.help}") for f in FORMAT_TABLE.values()]
-    with Store.open(tmp_path / "k.db") as store:
+    with open_store(tmp_path / "k.db") as store:
         for f in FORMAT_TABLE.values():
             assert f.help and f.suffix in (".json", ".jsonl")
             report = export_file(store, tmp_path / f"out{f.suffix}", f.name)

@@ -210,7 +210,7 @@ def test_an_adapter_merges_into_the_model_it_names_else_the_active_one(tiny_mode
                                                                         tmp_path):
     import shutil
 
-    from data.store import Store
+    from data.store import open_store
     from gpt.errors import KettleError
     from tui.screens.models import adapter_base
 
@@ -223,7 +223,7 @@ def test_an_adapter_merges_into_the_model_it_names_else_the_active_one(tiny_mode
                                                        "base_model_name_or_path": base}))
         return adapter_base(store, adapter)
 
-    with Store.open() as store:
+    with open_store() as store:
         with pytest.raises(KettleError, match="its base model nowhere is not one of yours and no "
                                               "model is active"):
             named("nowhere")

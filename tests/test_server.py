@@ -607,11 +607,11 @@ def test_recorded_client_requests_are_answered(open_server, path, body):
 
 def test_each_model_is_listed_once(tiny_gpt2_vocab_model_dir):
     from data.paths import models_dir
-    from data.store import Store
+    from data.store import open_store
 
     path = models_dir() / "mine"
     shutil.copytree(tiny_gpt2_vocab_model_dir, path)
-    with Store.open() as store:
+    with open_store() as store:
         store.add_model_version("mine", path, "imported")
     running = RunningServer(InProcessService(str(path)), None)  # served by path: the same model
     try:

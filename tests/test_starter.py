@@ -77,7 +77,7 @@ def _stages():
 
 
 def test_brew_runs_its_stages_and_registers_the_model(monkeypatch, tmp_path):
-    from data.store import Store
+    from data.store import open_store
 
     monkeypatch.setitem(starter.MODEL_SHAPES, "cpu", TINY)
     monkeypatch.setitem(starter.PRETRAIN_STEPS, "cpu", 30)
@@ -91,7 +91,7 @@ def test_brew_runs_its_stages_and_registers_the_model(monkeypatch, tmp_path):
     assert n["pretrain_steps"] == 30 and 0 < n["val_bits_per_byte"] < 8
     assert "bits per byte" in result.summary()
     assert result.activated and "active model" in result.summary()
-    with Store.open() as store:
+    with open_store() as store:
         active = store.active_model()
         assert active.kind == "starter" and active.path == str(result.out.resolve())
     with pytest.raises(KettleError, match="already exists"):

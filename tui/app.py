@@ -241,10 +241,10 @@ class KettleApp(App):
         self.ready.set()
 
     async def _open(self) -> None:
-        from data.store import Store
+        from data.store import open_store
 
         if self.store is None:
-            self.store = await asyncio.to_thread(Store.open)
+            self.store = await asyncio.to_thread(open_store)
         if self.service is None and self.server:
             from gpt.service import RemoteService
 

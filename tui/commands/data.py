@@ -68,7 +68,7 @@ def add_filter_options(p: argparse.ArgumentParser) -> None:
 
 
 def data_filter(args):
-    from data.store import DataFilter
+    from data.records import DataFilter
 
     return DataFilter(thumbs_up=args.thumbs_up, ideal=args.ideal, min_score=args.min_score,
                       all_answers=args.all_answers, tags_include=tuple(args.tag),
@@ -81,9 +81,9 @@ def print_skipped(skipped) -> None:
 
 
 def stats_command(args) -> int:
-    from data.store import Store
+    from data.store import open_store
 
-    with Store.open(read_only=True) as store:
+    with open_store(read_only=True) as store:
         counts = store.stats()
         path = store.path
     if args.json:
@@ -101,9 +101,9 @@ def import_command(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from data.formats import import_file, shown
-    from data.store import Store
+    from data.store import open_store
 
-    with Store.open() as store, Progress(
+    with open_store() as store, Progress(
             "{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
             transient=True) as bar:
         task = bar.add_task("importing", total=None)
@@ -121,7 +121,8 @@ def export_command(args) -> int:
     from pathlib import Path
 
     from data.formats import export_file
-    from data.store import DataFilter, Store
+    from data.records import DataFilter
+    from data.store import open_store
     from gpt.errors import KettleError
 
     filt = data_filter(args)
@@ -129,7 +130,7 @@ def export_command(args) -> int:
         raise KettleError("--snapshot exports the snapshot as it was made; drop the filter options")
     if Path(args.out).exists() and not args.force:
         raise KettleError(f"{args.out} exists; pass --force to replace it")
-    with Store.open(read_only=True) as store:
+    with open_store(read_only=True) as store:
         report = export_file(store, args.out, args.format, snapshot_id=args.snapshot,
                              filt=None if args.snapshot is not None else filt,
                              weights=args.weights)
@@ -143,9 +144,9 @@ def export_command(args) -> int:
 
 
 def snapshot_create_command(args) -> int:
-    from data.store import Store
+    from data.store import open_store
 
-    with Store.open() as store:
+    with open_store() as store:
         snap = store.create_snapshot(data_filter(args), name=args.name)
     print(f"snapshot {snap.id}{f' ({snap.name})' if snap.name else ''}: {snap.n_examples:,} "
           f"examples, {snap.n_pairs:,} preference pairs, sha256 {snap.content_hash[:16]}")
@@ -157,9 +158,9 @@ def snapshot_create_command(args) -> int:
 def snapshot_list_command(args) -> int:
     import time
 
-    from data.store import Store
+    from data.store import open_store
 
-    with Store.open(read_only=True) as store:
+    with open_store(read_only=True) as store:
         snaps = store.snapshots()
     if not snaps:
         print("no snapshots yet: `kettle data snapshot create`")
@@ -171,9 +172,9 @@ def snapshot_list_command(args) -> int:
 
 
 def search_command(args) -> int:
-    from data.store import Store
+    from data.store import open_store
 
-    with Store.open(read_only=True) as store:
+    with open_store(read_only=True) as store:
         hits = store.search(" ".join(args.query), limit=args.limit)
     if not hits:
         print("no matches")

@@ -130,13 +130,13 @@ def _check(spec) -> None:
     """Refuse now what the run would refuse as it starts, before its run row and directory
     exist: the base model (checked as an imported one is), the data, and the settings against
     them (--max-length and the model's context)."""
-    from data.store import Store
+    from data.store import open_store
     from finetune.instruct import SFTConfig, resolve
     from finetune.jobs import load_conversations, resolve_base
     from gpt.checkpoint import check_model_dir
 
     spec.validate()
-    with Store.open() as store:
+    with open_store() as store:
         base, _, _ = resolve_base(store, spec.model)
         conversations, _ = load_conversations(store, spec)
     _, config, _ = check_model_dir(base)
@@ -146,7 +146,7 @@ def _check(spec) -> None:
 def finetune_command(args) -> int:
     import torch
 
-    from data.store import Store
+    from data.store import open_store
     from finetune.jobs import create_run, execute
     from finetune.pretrain import init_distributed
 
@@ -158,7 +158,7 @@ def finetune_command(args) -> int:
         dist, _ = init_distributed(spec.device)
         run_id = None
         if dist.main:
-            with Store.open() as store:
+            with open_store() as store:
                 run_id = create_run(store, spec).id
         if dist.enabled:  # every rank trains the run rank 0 created
             box = [run_id]
@@ -174,7 +174,7 @@ def resume_command(args) -> int:
 
 
 def _report(run) -> int:
-    from data.store import Store
+    from data.store import open_store
     from finetune.verdict import summary_lines
 
     if run.status == "cancelled":
@@ -183,7 +183,7 @@ def _report(run) -> int:
         return 130
     if run.output_model_id is None:  # a DDP rank other than 0
         return 0
-    with Store.open() as store:
+    with open_store() as store:
         version = store.model_version(run.output_model_id)
         active = store.active_model()
     print(f"run {run.id} finished: model {version.name} at {version.path}")
@@ -200,10 +200,10 @@ def list_command(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from data.store import Store
+    from data.store import open_store
     from finetune.jobs import RUN_KIND, reap_dead_runs
 
-    with Store.open() as store:
+    with open_store() as store:
         reap_dead_runs(store)
         runs = [r for r in store.runs() if r.kind == RUN_KIND]
         table = Table("run", "status", "base", "step", "loss", "val loss", "model", "error")
@@ -220,11 +220,11 @@ def list_command(args) -> int:
 
 
 def cancel_command(args) -> int:
-    from data.store import Store
+    from data.store import open_store
     from finetune.jobs import cancel_run
     from gpt.errors import KettleError
 
-    with Store.open() as store:
+    with open_store() as store:
         if not cancel_run(store, args.run):
             raise KettleError(f"run {args.run} is not running ({store.run(args.run).status})")
     print(f"asked run {args.run} to save a checkpoint and stop")

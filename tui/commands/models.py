@@ -65,8 +65,8 @@ def download_command(args) -> int:
 
 def announce_registration(path: Path, kind: str) -> None:
     """Record the new model in the store, so the app lists it (and uses it when it has none)."""
-    from data.store import Store
+    from data.store import open_store
 
-    with Store.open() as store:
+    with open_store() as store:
         version, activated = store.register_model(path, kind)
     print(f"registered as model {version.name!r}" + (" (now the active model)" if activated else ""))

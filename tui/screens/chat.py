@@ -14,7 +14,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Static
 
-from data.store import Conversation, Label, Message, Store
+from data.records import Conversation, Label, Message
+from data.store import Store
 from gpt.errors import KettleError
 from gpt.sampling import SamplingParams, get_preset
 from gpt.service import Delta, Done

@@ -16,7 +16,8 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Checkbox, DataTable, Footer, Input, Label, Markdown, Select, Static
 
 from data.formats import FORMAT_TABLE, export_file
-from data.store import DataFilter, Store
+from data.records import DataFilter
+from data.store import Store
 from tui.errors import guarded
 from tui.screens.modals import ChoiceModal, TextModal
 from tui.widgets.chat import label_text

@@ -21,7 +21,8 @@ from textual.widgets import Button, Footer, Input, Label, ProgressBar, Select, S
 
 from rich.text import Text
 
-from data.store import DataFilter, ModelVersion, Run, Snapshot, Store
+from data.records import DataFilter, ModelVersion, Run, Snapshot
+from data.store import Store
 from finetune.verdict import summary_lines
 from gpt.config import GPTConfig
 from gpt.errors import KettleError

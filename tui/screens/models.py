@@ -14,7 +14,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
 from data.paths import kettle_home, models_dir
-from data.store import ModelVersion, Store
+from data.records import ModelVersion
+from data.store import Store
 from gpt.errors import KettleError
 from finetune.starter import BREW_TIME
 from tui.errors import error_text, guarded

@@ -13,8 +13,8 @@ from textual.markup import escape
 from textual.message import Message
 from textual.widgets import Markdown, Static, TextArea
 
-from data.store import Label
-from data.store import Message as StoredMessage
+from data.records import Label
+from data.records import Message as StoredMessage
 from tui.widgets.blink import RestingTextArea
 
 
