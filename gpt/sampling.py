@@ -5,49 +5,81 @@ One decoding step turns the model's last logits into a token in this order:
   2. temperature (0 = greedy: the most likely token, no randomness),
   3. top-k, 4. top-p (nucleus), 5. min-p, each removing candidates (their logits become -inf),
   6. a draw from what is left, with the request's own torch.Generator so a seed reproduces.
+
+Each parameter is declared once, as a SamplingParams field made by `param`: its type, default,
+range and help, and where it is offered. PARAMS reads them back, and every place that offers
+the parameters is built from it: validation here, the HTTP API's request fields (gpt/server.py),
+the remote client's request body (gpt/service.py), `kettle generate`'s flags and the app's
+sampling panel. A new parameter is one field here (and its use in Sampler).
+
+torch is imported by the functions that use it: `kettle generate` builds its flags from PARAMS,
+and `kettle --help` must not wait seconds for torch.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from gpt.errors import KettleError
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_SEED = 2**63 - 1
 
 
+def param(default, *, help: str, low: float | None = None, high: float | None = None,
+          low_open: bool = False, label: str | None = None, metavar: str | None = None,
+          openai: str | None = None):
+    """A SamplingParams field and what its Param says (see Param); a list default is copied
+    for each SamplingParams."""
+    meta = {"param": dict(help=help, low=low, high=high, low_open=low_open, label=label,
+                          metavar=metavar, openai=openai)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class SamplingParams:
-    temperature: float = 0.7
-    top_k: int = 0                      # 0 = off
-    top_p: float = 1.0                  # 1 = off
-    min_p: float = 0.0                  # 0 = off
-    repetition_penalty: float = 1.0     # 1 = off; > 1 discourages any token already seen
-    presence_penalty: float = 0.0       # subtracted once from a token present in the answer
-    frequency_penalty: float = 0.0      # subtracted per occurrence in the answer
-    max_new_tokens: int = 256
-    seed: int | None = None             # None = a fresh random seed (reported in the result)
-    stop: list[str] = field(default_factory=list)
+    temperature: float = param(
+        0.7, low=0, high=100, help="0 = greedy (deterministic)",
+        label="Temperature (0 = greedy)", metavar="T")
+    top_k: int = param(
+        0, low=0, help="keep the K most likely tokens (0 = off)",
+        label="Top-k (0 = off)", metavar="K")
+    top_p: float = param(
+        1.0, low=0, high=1, low_open=True, help="keep the most likely tokens up to mass P",
+        label="Top-p (1 = off)", metavar="P")
+    min_p: float = param(
+        0.0, low=0, high=1, help="drop tokens under P x the best one's probability",
+        label="Min-p (0 = off)", metavar="P")
+    repetition_penalty: float = param(
+        1.0, low=0, high=10, low_open=True, help="> 1 discourages repeats (1 = off)",
+        label="Repetition penalty (1 = off)", metavar="R")
+    presence_penalty: float = param(
+        0.0, low=-2, high=2, metavar="X",
+        help="subtracted once from the logit of a token already in the answer")
+    frequency_penalty: float = param(
+        0.0, low=-2, high=2, metavar="X",
+        help="subtracted from a token's logit for each time it is in the answer")
+    max_new_tokens: int = param(
+        256, low=1, help="generate at most N new tokens", label="Max new tokens",
+        metavar="N", openai="max_tokens")
+    seed: int | None = param(  # None: a fresh random seed (reported in the result)
+        None, low=0, high=MAX_SEED, help="same seed + settings + model = same text",
+        label="Seed (blank = random)", metavar="SEED")
+    stop: list[str] = param(
+        [], high=16, metavar="TEXT",
+        help="stop when TEXT is generated (not included); repeatable")
 
     def validate(self) -> "SamplingParams":
         """Check every field; raises KettleError with the field's name and allowed range."""
-        _check_number("temperature", self.temperature, 0, 100)
-        _check_int("top_k", self.top_k, 0)
-        _check_number("top_p", self.top_p, 0, 1, low_open=True)
-        _check_number("min_p", self.min_p, 0, 1)
-        _check_number("repetition_penalty", self.repetition_penalty, 0, 10, low_open=True)
-        _check_number("presence_penalty", self.presence_penalty, -2, 2)
-        _check_number("frequency_penalty", self.frequency_penalty, -2, 2)
-        _check_int("max_new_tokens", self.max_new_tokens, 1)
-        if self.seed is not None:
-            _check_int("seed", self.seed, 0, MAX_SEED)
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise KettleError("stop must be a list of non-empty strings")
-        if len(self.stop) > 16:
-            raise KettleError(f"stop takes at most 16 strings, got {len(self.stop)}")
+        for p in PARAMS:
+            p.check(getattr(self, p.name))
         return self
 
     @property
@@ -73,6 +105,53 @@ class SamplingParams:
 
     def replace(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes).validate()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One SamplingParams field as every place that offers it needs it."""
+    name: str
+    kind: type                      # int or float; str for a list of strings
+    help: str                       # the `kettle generate` flag's help
+    low: float | None = None        # None (an integer's only): no lower bound
+    high: float | None = None       # None (an integer's only): no upper bound; for a list,
+                                    # the most strings it holds
+    low_open: bool = False          # low itself is out of range
+    optional: bool = False          # None is a value (the seed: a fresh one each time)
+    many: bool = False              # a list of kind (stop); a request may send a single string
+    label: str | None = None        # its line in the app's sampling panel; None: not shown there
+    metavar: str | None = None      # `kettle generate --NAME METAVAR`; None: no flag
+    openai: str = ""                # its request field in the HTTP API (OpenAI's name)
+
+    def check(self, value) -> None:
+        """KettleError naming the parameter and its allowed range if `value` is not allowed."""
+        if value is None and self.optional:
+            return
+        if self.many:
+            _check_strings(self.name, value, self.high)
+        elif self.kind is int:
+            _check_int(self.name, value, self.low, self.high)
+        else:
+            _check_number(self.name, value, self.low, self.high, low_open=self.low_open)
+
+
+def _params() -> tuple[Param, ...]:
+    """SamplingParams' fields as Params, in their order; the kind comes from the annotation
+    (float, int | None, list[str])."""
+    hints = typing.get_type_hints(SamplingParams)
+    out = []
+    for f in dataclasses.fields(SamplingParams):
+        meta = dict(f.metadata["param"])
+        meta["openai"] = meta["openai"] or f.name
+        hint = hints[f.name]
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        out.append(Param(name=f.name, kind=inner[0] if inner else hint,
+                         optional=type(None) in typing.get_args(hint),
+                         many=typing.get_origin(hint) is list, **meta))
+    return tuple(out)
+
+
+PARAMS = _params()
 
 
 PRESETS: dict[str, SamplingParams] = {
@@ -106,10 +185,19 @@ def _check_int(name, value, low, high=None):
         raise KettleError(f"{name} must be {'>= ' + str(low) if high is None else f'in [{low}, {high}]'}, got {value}")
 
 
+def _check_strings(name, value, most):
+    if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+        raise KettleError(f"{name} must be a list of non-empty strings")
+    if most is not None and len(value) > most:
+        raise KettleError(f"{name} takes at most {most} strings, got {len(value)}")
+
+
 # --- logit filters: [..., V] float logits in, same shape out, removed candidates at -inf ---------
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits (exactly k, even when several tie at the k-th value)."""
+    import torch
+
     if k <= 0 or k >= logits.size(-1):
         return logits
     values, indices = torch.topk(logits, k, dim=-1)
@@ -118,6 +206,8 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probabilities add up to at least p."""
+    import torch
+
     if p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
@@ -144,6 +234,8 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, seen: torch.Te
     """Penalise repeats. `seen` [V] bool marks tokens in the prompt or answer (repetition penalty,
     as in CTRL/Hugging Face: positive logits divided, negative multiplied); `counts` [V] holds how
     often each token occurs in the answer (presence and frequency penalties, as in OpenAI's API)."""
+    import torch
+
     if params.repetition_penalty != 1.0 and seen is not None:
         penalised = torch.where(logits > 0, logits / params.repetition_penalty,
                                 logits * params.repetition_penalty)
@@ -176,6 +268,8 @@ def _flat_nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.T
     is put first); only the bucket where it ends (and, against rounding, the one below) is
     sorted. The nucleus rule, applied to the candidates in this order, keeps the same tokens as
     in fully sorted order."""
+    import torch
+
     score = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
     lo, hi = score.min(), score.max()
     if hi == lo:  # all equally likely: any order is sorted
@@ -199,6 +293,8 @@ class Sampler:
 
     def __init__(self, params: SamplingParams, vocab_size: int, device, prompt_ids: list[int],
                  seed: int):
+        import torch
+
         self.params = params
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
@@ -229,11 +325,15 @@ class Sampler:
 
     def distribution(self, logits: torch.Tensor) -> torch.Tensor:
         """The probabilities [V] the next draw uses (penalties and filters applied)."""
+        import torch
+
         probs, ids = self._candidates(apply_penalties(logits.float(), self.params, self.seen, self.counts))
         probs = probs / probs.sum()
         return probs if ids is None else torch.zeros_like(logits, dtype=probs.dtype).scatter(0, ids, probs)
 
     def _draw(self, logits: torch.Tensor) -> torch.Tensor:
+        import torch
+
         probs, ids = self._candidates(logits)
         cdf = probs.double().cumsum(0)
         u = torch.rand(1, generator=self.generator, dtype=torch.float64, device=cdf.device) * cdf[-1]
@@ -246,6 +346,8 @@ class Sampler:
         turn, computed on the few candidates that can survive them: sorting the whole vocabulary
         (as top_p_filter does) and torch.multinomial cost milliseconds a token on a CPU, a top-k
         of a few hundred candidates and an inverse-CDF draw do not."""
+        import torch
+
         p = self.params
         probs = (logits / p.temperature).softmax(-1)
         ids = None

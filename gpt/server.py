@@ -67,19 +67,19 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from gpt.errors import KettleError
-from gpt.sampling import MAX_SEED, SamplingParams
+from gpt.sampling import MAX_SEED, PARAMS, SamplingParams
 from gpt.service import Delta, Done, Error, GenerationService, ModelInfo
 
 log = logging.getLogger("kettle.server")
 
 MAX_BODY_BYTES = 8 << 20
 # OpenAI's name for each SamplingParams field, where it differs.
-OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
+OPENAI_NAMES = {p.name: p.openai for p in PARAMS if p.openai != p.name}
 
 
 class APIError(Exception):
@@ -121,20 +121,17 @@ class ChatMessage(_Strict):
     name: str | None = None
 
 
-class _GenerationRequest(_Strict):
+# Every sampling parameter (gpt.sampling.PARAMS) under its OpenAI name; one left out (None)
+# keeps Kettle's default. A list also comes as a single string, as OpenAI's stop does.
+_SamplingFields = create_model(
+    "_SamplingFields", __base__=_Strict,
+    **{p.openai: ((p.kind | list[p.kind] if p.many else p.kind) | None, None) for p in PARAMS})
+
+
+class _GenerationRequest(_SamplingFields):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
     n: int | None = None
     logit_bias: dict[str, float] | None = None
     # Kettle's extension: a prompt too long for the context loses its oldest part (as in the app)
@@ -193,11 +190,9 @@ COMPLETION_LOGPROBS = (0, 5)
 
 
 def sampling_params(req: _GenerationRequest, max_tokens: int | None) -> SamplingParams:
-    """The request's SamplingParams, validated; a bad value is a 400 naming OpenAI's field."""
-    fields = {"max_new_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
-              "top_k": req.top_k, "min_p": req.min_p, "repetition_penalty": req.repetition_penalty,
-              "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
-              "seed": req.seed, "stop": req.stop}
+    """The request's SamplingParams, validated; a bad value is a 400 naming OpenAI's field.
+    `max_tokens` is the request's max_tokens, or for a chat its max_completion_tokens."""
+    fields = {p.name: getattr(req, p.openai) for p in PARAMS} | {"max_new_tokens": max_tokens}
     for name in ("temperature", "n", "top_logprobs"):
         _in_range(name, getattr(req, name, None), *OPENAI_RANGES[name])
     try:

@@ -44,7 +44,7 @@ from typing import AsyncIterator, Callable
 from gpt.batching import KV_BUDGET_BYTES, MAX_BATCH, Batch, Request
 from gpt.engine import Engine, GenerationResult
 from gpt.errors import KettleError
-from gpt.sampling import SamplingParams
+from gpt.sampling import PARAMS, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -688,14 +688,12 @@ def _remote_model(data: dict) -> ModelInfo:
 
 
 def params_to_openai(params: SamplingParams) -> dict:
-    """SamplingParams as OpenAI-style request fields (plus Kettle's top_k, min_p,
-    repetition_penalty), the inverse of the server's parsing."""
-    body = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-            "min_p": params.min_p, "repetition_penalty": params.repetition_penalty,
-            "presence_penalty": params.presence_penalty,
-            "frequency_penalty": params.frequency_penalty, "max_tokens": params.max_new_tokens}
-    if params.seed is not None:
-        body["seed"] = params.seed
-    if params.stop:
-        body["stop"] = list(params.stop)
+    """SamplingParams as the server's request fields (each of gpt.sampling.PARAMS under its
+    OpenAI name), the inverse of the server's parsing. No seed and no stop strings are left
+    out: a field left out means just that to the server."""
+    body = {}
+    for p in PARAMS:
+        value = getattr(params, p.name)
+        if value is not None and value != []:
+            body[p.openai] = value
     return body

@@ -1,11 +1,12 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from gpt.errors import KettleError
-from gpt.sampling import (PRESETS, Sampler, SamplingParams, apply_penalties, get_preset,
-                          min_p_filter, top_k_filter, top_p_filter)
+from gpt.sampling import (PARAMS, PRESETS, Param, Sampler, SamplingParams, apply_penalties,
+                          get_preset, min_p_filter, top_k_filter, top_p_filter)
 
 
 def kept(logits: torch.Tensor) -> set[int]:
@@ -197,3 +198,96 @@ def test_the_nucleus_of_a_flat_vocabulary_is_exact_without_a_full_sort(kind):
         assert torch.allclose(got.sort().values, expected.sort().values, atol=1e-7)
         if kind == "gaussian":  # no ties: the very same tokens
             assert torch.equal(got > 0, expected > 0)
+
+
+# --- the parameter table: every parameter reaches every place that offers it ------------------
+
+def _changed(p: Param):
+    """A valid value of parameter `p` other than its default."""
+    default = getattr(SamplingParams(), p.name)
+    if p.many:
+        return ["x", "y"]
+    if p.kind is int:
+        return default + 1 if default is not None else p.low + 7
+    # A small step, which the server's narrower OpenAI ranges (temperature <= 2) allow too.
+    return next(v for v in (default + 0.25, default - 0.25) if _allowed(p, v))
+
+
+def _allowed(p: Param, value) -> bool:
+    try:
+        p.check(value)
+    except KettleError:
+        return False
+    return True
+
+
+def _all_changed() -> SamplingParams:
+    params = SamplingParams(**{p.name: _changed(p) for p in PARAMS}).validate()
+    assert all(getattr(params, p.name) != getattr(SamplingParams(), p.name) for p in PARAMS)
+    return params
+
+
+def test_the_table_is_every_field_in_order():
+    assert [p.name for p in PARAMS] == [f.name for f in dataclasses.fields(SamplingParams)]
+
+
+def test_every_parameter_goes_to_the_server_and_back():
+    from gpt.server import ChatRequest, CompletionRequest, sampling_params
+    from gpt.service import params_to_openai
+
+    params = _all_changed()
+    body = params_to_openai(params)
+    assert set(body) == {p.openai for p in PARAMS}
+    chat = ChatRequest.model_validate({"messages": [{"role": "user", "content": "Hi"}], **body})
+    assert sampling_params(chat, chat.max_tokens) == params
+    completion = CompletionRequest.model_validate({"prompt": "Hi", **body})
+    assert sampling_params(completion, completion.max_tokens) == params
+
+
+def test_every_parameter_with_a_flag_is_a_generate_flag():
+    from tui.cli import build_parser
+    from tui.commands.generate import sampling_params
+
+    params = _all_changed()
+    argv = []
+    for p in PARAMS:
+        if p.metavar:
+            value = getattr(params, p.name)
+            for one in value if p.many else [value]:
+                argv += ["--" + p.name.replace("_", "-"), str(one)]
+    args = build_parser().parse_args(["generate", "MODEL", "PROMPT", *argv])
+    flagged = {p.name for p in PARAMS if p.metavar}
+    assert sampling_params(args) == SamplingParams().replace(
+        **{name: getattr(params, name) for name in flagged})
+
+
+async def test_every_parameter_with_a_label_is_in_the_sampling_panel():
+    from textual.app import App
+    from textual.widgets import Input, Label
+
+    from tui.widgets.sampling import SamplingPanel
+
+    class PanelApp(App):
+        def compose(self):
+            yield SamplingPanel()
+
+    params = _all_changed()
+    async with PanelApp().run_test() as pilot:
+        panel = pilot.app.query_one(SamplingPanel)
+        panel.show(params, "")
+        labels = {str(label.content) for label in panel.query(Label)}
+        inputs = {i.id.removeprefix("param-"): i.value for i in panel.query(Input)
+                  if i.id and i.id.startswith("param-")}
+    shown = [p for p in PARAMS if p.label]
+    assert shown and {p.label for p in shown} <= labels
+    assert inputs == {p.name: str(getattr(params, p.name)) for p in shown}
+
+
+def test_the_table_loads_without_torch():
+    """`kettle generate` builds its flags from PARAMS, and `kettle --help` must stay instant."""
+    import subprocess
+    import sys
+
+    code = "import sys, gpt.sampling; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False"]

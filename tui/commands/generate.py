@@ -4,7 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gpt.sampling import PARAMS, PRESETS
 from tui.commands import flags
+
+
+# One flag per sampling parameter that declares one (gpt.sampling.PARAMS), named after it.
+SAMPLING_FLAGS = tuple(param for param in PARAMS if param.metavar)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,34 +22,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true",
                    help="treat PROMPT as a user message and answer it with the chat template")
     p.add_argument("--system", metavar="TEXT", help="system prompt (with --chat)")
-    p.add_argument("--preset", choices=["precise", "balanced", "creative"],
+    p.add_argument("--preset", choices=list(PRESETS),
                    help="start from these sampling settings; the flags below override them")
-    p.add_argument("--max-new-tokens", type=flags.sampling("max_new_tokens", int), metavar="N")
-    p.add_argument("--temperature", type=flags.sampling("temperature", float), metavar="T",
-                   help="0 = greedy (deterministic)")
-    p.add_argument("--top-k", type=flags.sampling("top_k", int), metavar="K",
-                   help="keep the K most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=flags.sampling("top_p", float), metavar="P",
-                   help="keep the most likely tokens up to mass P")
-    p.add_argument("--min-p", type=flags.sampling("min_p", float), metavar="P",
-                   help="drop tokens under P x the best one's probability")
-    p.add_argument("--repetition-penalty", type=flags.sampling("repetition_penalty", float),
-                   metavar="R", help="> 1 discourages repeats (1 = off)")
-    p.add_argument("--presence-penalty", type=flags.sampling("presence_penalty", float), metavar="X")
-    p.add_argument("--frequency-penalty", type=flags.sampling("frequency_penalty", float), metavar="X")
-    p.add_argument("--stop", action="append", metavar="TEXT",
-                   help="stop when TEXT is generated (not included); repeatable")
-    p.add_argument("--seed", type=flags.sampling("seed", int),
-                   help="same seed + settings + model = same text")
+    for param in SAMPLING_FLAGS:
+        flag = "--" + param.name.replace("_", "-")
+        if param.many:  # repeatable; checked with the others in sampling_params
+            p.add_argument(flag, action="append", metavar=param.metavar, help=param.help)
+        else:
+            p.add_argument(flag, type=flags.sampling(param.name, param.kind),
+                           metavar=param.metavar, help=param.help)
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--device", type=flags.device,
                    help="cpu, cuda, cuda:N or mps (default: the best available)")
     flags.add_quantize(p)
     p.set_defaults(func=generate_command)
-
-
-SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                  "presence_penalty", "frequency_penalty", "stop", "seed")
 
 
 def sampling_params(args):
@@ -53,7 +44,7 @@ def sampling_params(args):
     from gpt.sampling import SamplingParams, get_preset
 
     params = get_preset(args.preset) if args.preset else SamplingParams()
-    changes = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    changes = {p.name: getattr(args, p.name) for p in SAMPLING_FLAGS if getattr(args, p.name) is not None}
     try:
         return params.replace(**changes)
     except KettleError as exc:  # --stop's ("stop must be ..."): the others are checked as parsed

@@ -8,32 +8,25 @@ from textual.validation import ValidationResult, Validator
 from textual.widgets import Input, Label, Select, Static, TextArea
 
 from gpt.errors import KettleError
-from gpt.sampling import PRESETS, SamplingParams, get_preset
+from gpt.sampling import PARAMS, PRESETS, SamplingParams, get_preset
 from tui.widgets.blink import RestingInput, RestingTextArea
 
-# (field, label, parse): what the panel edits, in order. A blank seed means "a new one each time".
-FIELDS = [
-    ("temperature", "Temperature (0 = greedy)", float),
-    ("top_k", "Top-k (0 = off)", int),
-    ("top_p", "Top-p (1 = off)", float),
-    ("min_p", "Min-p (0 = off)", float),
-    ("repetition_penalty", "Repetition penalty (1 = off)", float),
-    ("max_new_tokens", "Max new tokens", int),
-    ("seed", "Seed (blank = random)", int),
-]
+# What the panel edits, in order: every parameter with a label (gpt.sampling.PARAMS). A blank
+# optional one (the seed) means None ("a new one each time").
+FIELDS = [param for param in PARAMS if param.label]
 CUSTOM = "custom"
 
 
 def parse_field(name: str, text: str):
     """The typed text as the field's value; ValueError with a readable reason if it is not one."""
-    parse = next(p for n, _, p in FIELDS if n == name)
+    param = next(p for p in FIELDS if p.name == name)
     text = text.strip()
-    if name == "seed" and not text:
+    if param.optional and not text:
         return None
     try:
-        return parse(text)
+        return param.kind(text)
     except ValueError:
-        kind = "a whole number" if parse is int else "a number"
+        kind = "a whole number" if param.kind is int else "a number"
         raise ValueError(f"{name} must be {kind}, got {text!r}") from None
 
 
@@ -76,11 +69,11 @@ class SamplingPanel(VerticalScroll):
         yield Label("Preset")
         yield Select([(name, name) for name in PRESETS] + [("custom", CUSTOM)],
                      value="balanced", allow_blank=False, id="preset")
-        for name, label, _ in FIELDS:
-            yield Label(label)
-            yield RestingInput(id=f"param-{name}", validators=[ParamValidator(name)],
+        for param in FIELDS:
+            yield Label(param.label)
+            yield RestingInput(id=f"param-{param.name}", validators=[ParamValidator(param.name)],
                         validate_on=["changed", "submitted"], compact=True)
-            yield Static("", id=f"error-{name}", classes="field-error")
+            yield Static("", id=f"error-{param.name}", classes="field-error")
         yield Label("System prompt")
         yield RestingTextArea(id="system-prompt", soft_wrap=True, tab_behavior="focus")
 
@@ -92,9 +85,9 @@ class SamplingPanel(VerticalScroll):
         causes carry the same values, so they post no Changed."""
         self.params = params
         self._system = system_prompt
-        for name, _, _ in FIELDS:
-            self.query_one(f"#param-{name}", Input).value = _shown(getattr(params, name))
-            self.query_one(f"#error-{name}", Static).update("")
+        for param in FIELDS:
+            self.query_one(f"#param-{param.name}", Input).value = _shown(getattr(params, param.name))
+            self.query_one(f"#error-{param.name}", Static).update("")
         self.query_one("#system-prompt", TextArea).text = system_prompt
         self.query_one("#preset", Select).value = self._preset_of(params)
 
@@ -102,15 +95,17 @@ class SamplingPanel(VerticalScroll):
     def _preset_of(params: SamplingParams) -> str:
         for name in PRESETS:
             preset = get_preset(name)
-            if all(getattr(preset, f) == getattr(params, f) for f, _, _ in FIELDS if f != "seed"):
+            if all(getattr(preset, p.name) == getattr(params, p.name) for p in FIELDS
+                   if p.name != "seed"):
                 return name
         return CUSTOM
 
     def errors(self) -> list[str]:
         """The reasons the typed settings are refused, one per bad field (empty when all good)."""
         out = []
-        for name, _, _ in FIELDS:
-            result = ParamValidator(name).validate(self.query_one(f"#param-{name}", Input).value)
+        for param in FIELDS:
+            result = ParamValidator(param.name).validate(
+                self.query_one(f"#param-{param.name}", Input).value)
             if not result.is_valid:
                 out.extend(result.failure_descriptions)
         return out
