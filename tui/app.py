@@ -16,10 +16,10 @@ The help screen (F1) lists every binding id with its current keys.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +34,7 @@ from gpt.files import atomic_write_text
 from data.paths import config_path, kettle_home
 from gpt.errors import KettleError
 from tui.errors import error_text
+from tui.screens.table import SCREENS, load
 
 log = logging.getLogger("kettle.app")
 
@@ -137,9 +138,9 @@ def keymap_from(config: dict, defaults: dict[str, str]) -> tuple[dict[str, str],
     return keymap, problems
 
 
-def _screen(module: str, name: str) -> Screen:
-    """A screen, imported when first shown (start-up stays fast)."""
-    return getattr(importlib.import_module(f"tui.screens.{module}"), name)()
+def _screen(path: str) -> Screen:
+    """A screen ("module:Class"), imported when first shown (start-up stays fast)."""
+    return load(path)()
 
 
 class StartingScreen(Screen):
@@ -159,22 +160,12 @@ class KettleApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "Kettle"
     ENABLE_COMMAND_PALETTE = True
-    MODES = {
-        "chat": lambda: _screen("chat", "ChatScreen"),
-        "dataset": lambda: _screen("dataset", "DatasetScreen"),
-        "finetune": lambda: _screen("finetune", "FinetuneScreen"),
-        "models": lambda: _screen("models", "ModelsScreen"),
-        "compare": lambda: _screen("compare", "CompareScreen"),
-        "welcome": lambda: _screen("welcome", "WelcomeScreen"),
-    }
+    MODES = {entry.mode: partial(_screen, entry.screen) for entry in SCREENS}
     # Priority: the prompt's TextArea has its own use for some function keys (F6 selects a line).
     BINDINGS = [
         Binding("f1", "help", "Help", id="app.help", priority=True),
-        Binding("f2", "go('chat')", "Chat", id="app.chat", priority=True),
-        Binding("f3", "go('dataset')", "Dataset", id="app.dataset", priority=True),
-        Binding("f4", "go('models')", "Models", id="app.models", priority=True),
-        Binding("f5", "go('finetune')", "Fine-tune", id="app.finetune", priority=True),
-        Binding("f6", "go('compare')", "Compare", id="app.compare", priority=True),
+        *(Binding(entry.key, f"go('{entry.mode}')", entry.title, id=f"app.{entry.mode}",
+                  priority=True) for entry in SCREENS if entry.key),
         Binding("ctrl+q", "quit", "Quit", id="app.quit", priority=True),
     ]
 
@@ -347,15 +338,11 @@ class KettleApp(App):
 
     def get_system_commands(self, screen: Screen):
         yield from super().get_system_commands(screen)
-        yield SystemCommand("Chat", "Go to the chat (F2)", lambda: self.run_action("go('chat')"))
-        yield SystemCommand("Dataset", "What would train now: counts, filters, snapshots, export (F3)",
-                            lambda: self.run_action("go('dataset')"))
-        yield SystemCommand("Fine-tune", "Fine-tune the active model on your labels (F5)",
-                            lambda: self.run_action("go('finetune')"))
-        yield SystemCommand("Compare models", "One prompt, two models, side by side (F6)",
-                            lambda: self.run_action("go('compare')"))
-        yield SystemCommand("Models", "Versions, lineage, metrics; activate, import, download (F4)",
-                            lambda: self.run_action("go('models')"))
+        for entry in SCREENS:
+            if entry.key:
+                yield SystemCommand(entry.command or entry.title,
+                                    f"{entry.about} ({entry.key.upper()})",
+                                    partial(self.run_action, f"go('{entry.mode}')"))
         yield SystemCommand("Help: keys", "Every key binding and how to change it (F1)",
                             self.action_help)
         from tui.screens.models import model_commands

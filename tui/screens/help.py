@@ -1,7 +1,7 @@
 """The help screen: every key, where it works, its binding id, and how to change it."""
 from __future__ import annotations
 
-import importlib
+from typing import TYPE_CHECKING
 
 from textual.binding import Binding
 from textual.markup import escape
@@ -10,21 +10,13 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
 from data.paths import config_path
+from tui.screens.table import SCREENS, load
 
-# Where each group of keys works, and the class that declares them ("module:Class").
-PLACES = [
-    ("Everywhere", "tui.app:KettleApp"),
-    ("Chat", "tui.screens.chat:ChatScreen"),
-    ("Prompt", "tui.widgets.chat:PromptArea"),
-    ("A focused message", "tui.widgets.chat:MessageView"),
-    ("Chat list", "tui.widgets.sidebar:ConversationList"),
-    ("Dataset", "tui.screens.dataset:DatasetScreen"),
-    ("Fine-tune", "tui.screens.finetune:FinetuneScreen"),
-    ("Models", "tui.screens.models:ModelsScreen"),
-    ("Compare", "tui.screens.compare:CompareScreen"),
-    ("Welcome", "tui.screens.welcome:WelcomeScreen"),
-    ("Editor", "tui.screens.modals:EditorModal"),
-]
+if TYPE_CHECKING:
+    from textual.app import App
+
+# The dialogs whose keys the help screen lists, after the screens' (place, "module:Class").
+DIALOGS = [("Editor", "tui.screens.modals:EditorModal")]
 
 TIPS = """\
 [b]Keys[/]  Enter sends; [b]Ctrl+J[/] inserts a new line (Shift+Enter and Alt+Enter too, in terminals
@@ -37,19 +29,20 @@ Up/Down move between messages, then a single key labels the focused answer.
 """
 
 
-def _load(path: str):
-    module, name = path.split(":")
-    return getattr(importlib.import_module(module), name)
+def places(app: App) -> list[tuple[str, type]]:
+    """Where each group of keys works, and the class that declares them: the app, each screen
+    followed by its widgets (tui.screens.table), then the dialogs."""
+    out = [("Everywhere", type(app))]
+    for entry in SCREENS:
+        out.append((entry.title, load(entry.screen)))
+        out.extend((place, load(path)) for place, path in entry.parts)
+    return out + [(place, load(path)) for place, path in DIALOGS]
 
 
-def declared_bindings(app=None) -> list[tuple[str, Binding]]:
-    """(place, binding) for every binding with an id, in PLACES order."""
-    out = []
-    for place, path in PLACES:
-        for binding in _load(path).BINDINGS:
-            if isinstance(binding, Binding) and binding.id:
-                out.append((place, binding))
-    return out
+def declared_bindings(app: App) -> list[tuple[str, Binding]]:
+    """(place, binding) for every binding with an id, in the order of `places`."""
+    return [(place, binding) for place, owner in places(app) for binding in owner.BINDINGS
+            if isinstance(binding, Binding) and binding.id]
 
 
 class HelpScreen(ModalScreen):
