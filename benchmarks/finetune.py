@@ -61,7 +61,7 @@ def one_run(args, side: str, mode: str, queue) -> None:
     from finetune.lora import LoRAConfig, apply_lora
     from gpt.config import GPTConfig
     from gpt.model import GPT
-    from finetune.pretrain import TrainConfig, make_optimizer
+    from finetune.train import OptimizerSettings, make_optimizer
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes
     torch.set_num_threads(args.threads)
@@ -88,7 +88,7 @@ def one_run(args, side: str, mode: str, queue) -> None:
                                                  lora_dropout=lora.dropout, fan_in_fan_out=True,
                                                  target_modules=["c_attn", "c_proj", "c_fc"]))
         del model
-    optimizer = make_optimizer(net, TrainConfig(lr=1e-4), torch.device("cpu"))
+    optimizer = make_optimizer(net, OptimizerSettings(lr=1e-4), torch.device("cpu"))
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
 
     def step(batch) -> float:

@@ -35,7 +35,7 @@ def worker(config: str, task: str, seconds: float) -> dict:
 
     from gpt.config import GPTConfig
     from gpt.model import GPT
-    from finetune.pretrain import TrainConfig, make_optimizer, prepare_training
+    from finetune.train import OptimizerSettings, make_optimizer, prepare_training
     from gpt.threads import ThreadFitter
 
     device = torch.device("cpu")
@@ -48,7 +48,7 @@ def worker(config: str, task: str, seconds: float) -> dict:
     model = GPT(shape)
     if task == "train":
         fitter = ThreadFitter(config == "kettle")
-        opt = make_optimizer(model, TrainConfig(lr=1e-3), device)
+        opt = make_optimizer(model, OptimizerSettings(lr=1e-3), device)
         x = torch.randint(0, shape.vocab_size, (16, 257))
 
         def step() -> int:

@@ -6,7 +6,7 @@
 
 Both models get the same shape, the same batch, dropout off, AdamW with the same settings, and a
 full training step each (forward, cross-entropy loss, backward, optimizer step). Kettle's step is
-its trainer's (finetune.pretrain.make_optimizer: fused AdamW, decay on matrices; the loss in chunks of
+its trainer's (finetune.train.make_optimizer: fused AdamW, decay on matrices; the loss in chunks of
 the sequence, gpt.model.head_cross_entropy), and "kettle-full-logits" is the same step with the
 loss over the full fp32 logits, as Kettle computed it before, for the memory saved; transformers is
 measured with torch's default AdamW (for-each) and, for a like-for-like model comparison, with
@@ -40,7 +40,7 @@ def measure(impl: str, shape: str, steps: int, warmup: int, device_name: str) ->
     import torch.nn.functional as F
 
     from gpt.config import get_preset
-    from finetune.pretrain import TrainConfig, make_optimizer, prepare_training
+    from finetune.train import OptimizerSettings, make_optimizer, prepare_training
     from gpt.model import GPT
     from gpt.device import autocast, peak_flops, pick_device
 
@@ -70,7 +70,7 @@ def measure(impl: str, shape: str, steps: int, warmup: int, device_name: str) ->
             return net(x, targets=y)
     model.train()
     if impl.startswith("kettle"):
-        optimizer = make_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.1), device)
+        optimizer = make_optimizer(model, OptimizerSettings(lr=1e-4, weight_decay=0.1), device)
     else:  # what a training loop gets from torch by default, or the fused kernel Kettle uses
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
                                       fused=impl == "transformers+fused" or device.type == "cuda")

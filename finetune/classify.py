@@ -230,7 +230,7 @@ def train_classifier(gpt: GPT, tokenizer: Tokenizer, examples: list[tuple[str, s
     metrics holds per-epoch validation results and the final test evaluation.
     `on_step(step, total_steps, loss)` reports progress.
     """
-    from finetune.pretrain import TrainConfig, make_optimizer, prepare_training
+    from finetune.train import OptimizerSettings, make_optimizer, prepare_training
 
     prepare_training(torch.device(device))
     torch.manual_seed(config.seed)
@@ -248,7 +248,7 @@ def train_classifier(gpt: GPT, tokenizer: Tokenizer, examples: list[tuple[str, s
     enc = {name: encode(part, tokenizer, labels, max_length)
            for name, part in (("train", train), ("val", val), ("test", test))}
     model = make_classifier(gpt, len(labels), config)
-    optimizer = make_optimizer(gpt, TrainConfig(lr=config.lr, weight_decay=config.weight_decay),
+    optimizer = make_optimizer(gpt, OptimizerSettings(lr=config.lr, weight_decay=config.weight_decay),
                                torch.device(device), extra=model.head.parameters())
     steps_per_epoch = -(-len(train) // config.batch_size)
     total, step, history = steps_per_epoch * config.epochs, 0, []

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.lora import LoRAConfig, adapter_state, apply_lora, lora_layers
+from finetune.train import Dist, OptimizerSettings, lr_at, make_optimizer, rng_state, set_rng_state
 from gpt.chat_template import render_message, render_training
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
@@ -348,8 +349,6 @@ class SFTTrainer:
 
     def __init__(self, model: GPT, train: list[Example], val: list[Example], config: SFTConfig,
                  pad_id: int, device="cpu", dist=None, replay: list[Example] = ()):
-        from finetune.pretrain import Dist, TrainConfig, make_optimizer
-
         self.config, self.pad_id, self.device = config, pad_id, torch.device(device)
         if config.lora and not lora_layers(model):
             apply_lora(model, config.lora)
@@ -365,10 +364,10 @@ class SFTTrainer:
         self._batches: tuple[int, list] = (-1, [])
         self.steps_per_epoch = len(self._epoch_batches(0))
         self.total_steps = self.steps_per_epoch * config.epochs
-        # Pretraining's optimizer and warm-up + cosine schedule, with this run's settings.
-        self.schedule = TrainConfig(lr=config.lr, warmup_steps=config.warmup_steps,
-                                    max_steps=self.total_steps, weight_decay=config.weight_decay)
-        self.optimizer = make_optimizer(model, self.schedule, self.device)
+        # The optimizer and warm-up + cosine schedule pretraining uses, with this run's settings.
+        self.settings = OptimizerSettings(lr=config.lr, weight_decay=config.weight_decay,
+                                          warmup_steps=config.warmup_steps)
+        self.optimizer = make_optimizer(model, self.settings, self.device)
         self.step = 0
         self.history: list[dict] = []  # {"step", "loss"} and {"step", "val_loss"} rows
         self.best_val, self.best_state, self.bad_evals = math.inf, None, 0
@@ -403,12 +402,10 @@ class SFTTrainer:
         return out
 
     def lr(self, step: int) -> float:
-        from finetune.pretrain import lr_at
-
         if self.anneal is not None:  # learned: down to zero by the end of the margin
             start, end, start_lr = self.anneal
             return start_lr * max(0.0, end - step) / max(1, end - start)
-        return lr_at(step, self.schedule)
+        return lr_at(step, self.settings, max_steps=self.total_steps)
 
     def run(self, should_stop: Callable[[], bool] = lambda: False,
             on_progress: Callable[[Progress], None] | None = None) -> bool:
@@ -496,10 +493,9 @@ class SFTTrainer:
             self.stopped_early = self.bad_evals >= self.config.patience
         return val_loss
 
-    # Everything needed to continue exactly where the run stopped.
+    # Everything needed to continue exactly where the run stopped: a resume checkpoint's
+    # trainer.pt (finetune.train), with the RNG state of rank 0, the one rank that saves.
     def state_dict(self) -> dict:
-        from finetune.pretrain import _rng_state
-
         return {
             "model": trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
             "step": self.step, "history": self.history, "best_val": self.best_val,
@@ -507,12 +503,10 @@ class SFTTrainer:
             "stopped_early": self.stopped_early, "learned_epoch": self.learned_epoch,
             "anneal": self.anneal,
             "tokens": self.tokens, "elapsed": self.elapsed,
-            "rng": _rng_state(),
+            "rng": [rng_state()],
         }
 
     def load_state_dict(self, state: dict) -> None:
-        from finetune.pretrain import _set_rng_state
-
         load_trainable_state(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.history = state["step"], state["history"]
@@ -521,5 +515,5 @@ class SFTTrainer:
         self.learned_epoch = state.get("learned_epoch")
         self.anneal = tuple(state["anneal"]) if state.get("anneal") else None
         self.tokens, self.elapsed = state["tokens"], state["elapsed"]
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"][0])
 

@@ -13,7 +13,7 @@ What a run writes while it goes (the app polls `store.run(id)` and `store.run_me
   the verdict's figures (gate losses, corrections recalled, replay losses).
 - The run directory KETTLE_HOME/runs/finetune-<id>/: data.json (the tokenised examples and the
   base's replay data, so a resume never depends on the data file still being there),
-  checkpoint.pt, metrics.jsonl, log.txt.
+  checkpoint/ (finetune.train's resume checkpoint), metrics.jsonl, log.txt.
 
 The checkpoint is written atomically after the first step, then whenever CHECKPOINT_EVERY_S
 have passed (longer for a model slow to save, so that saving costs under CHECKPOINT_SHARE of
@@ -51,7 +51,7 @@ from typing import Callable
 
 import torch
 
-from gpt.files import atomic_directory, atomic_file, atomic_write_text, remove_stale_temporaries
+from gpt.files import atomic_directory, atomic_write_text, remove_stale_temporaries
 from data.paths import models_dir, runs_dir
 from data.records import Run
 from data.store import Store, open_store
@@ -65,7 +65,8 @@ RUN_KIND = "finetune"
 LOG_EVERY_S = 1.0
 CHECKPOINT_EVERY_S = 30.0
 CHECKPOINT_SHARE = 0.05
-CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_DIR = "checkpoint"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # what runs kept before finetune.train's one format
 
 
 @dataclass
@@ -274,7 +275,7 @@ def execute(run_id: int, resume: bool = False, progress: bool = True,
     Raises KettleError when the run fails (after marking it failed with the reason).
     `on_step` is called after every step (a hook for tests and embedding).
     """
-    from finetune.pretrain import init_distributed, prepare_training
+    from finetune.train import init_distributed, prepare_training
 
     store = open_store()
     try:
@@ -340,12 +341,16 @@ def _fail(store: Store, run_id: int, reason: str, dist) -> None:
 
 def _run(store: Store, run_id: int, spec: JobSpec, resume: bool, progress: bool, on_step, dist, device):
     from gpt.checkpoint import load_model
-    from finetune.pretrain import Display, StopFlag, _truncate_metrics, read_metrics
+    from finetune.train import (Display, StopFlag, append_metrics, load_checkpoint, read_metrics,
+                                truncate_metrics)
 
     rdir = run_dir(run_id)
     rdir.mkdir(parents=True, exist_ok=True)
     if dist.main:
         remove_stale_temporaries(rdir)  # what a killed checkpoint write left
+    if resume and (rdir / LEGACY_CHECKPOINT).exists():
+        raise KettleError(f"run {run_id} was checkpointed by an older Kettle ({LEGACY_CHECKPOINT}), "
+                          "which this one cannot resume; start it again as a new run")
     base_path, parent_id, base_name = resolve_base(store, spec.model)
     name = spec.name or f"{base_name}-ft{run_id}"
     out = models_dir() / name
@@ -380,14 +385,14 @@ def _run(store: Store, run_id: int, spec: JobSpec, resume: bool, progress: bool,
     recall_base = sum(recalled(model, train, pad, device))
     train_before = evaluate_loss(model, train, pad, device)
     trainer = SFTTrainer(model, train, val, config, pad, device, dist, replay=replay)
-    checkpoint_path = rdir / CHECKPOINT_FILE
+    checkpoint_path = rdir / CHECKPOINT_DIR
     metrics_path = rdir / "metrics.jsonl"
     if resume and checkpoint_path.exists():
-        trainer.load_state_dict(_read_checkpoint(checkpoint_path, device))
+        trainer.load_state_dict(load_checkpoint(checkpoint_path, device)[0])
     elif dist.main:
-        checkpoint_path.unlink(missing_ok=True)  # a fresh start (or a resume before any step)
+        shutil.rmtree(checkpoint_path, ignore_errors=True)  # a fresh start (or a resume before any step)
     if dist.main:
-        _truncate_metrics(metrics_path, trainer.step)
+        truncate_metrics(metrics_path, trainer.step)
         store.truncate_run_metrics(run_id, trainer.step)
         store.update_run(run_id, total_steps=trainer.total_steps, step=trainer.step)
 
@@ -405,8 +410,7 @@ def _run(store: Store, run_id: int, spec: JobSpec, resume: bool, progress: bool,
         if p.val_loss is not None:
             record["val_loss"] = p.val_loss
             display.print(f"step {p.step}: validation loss {p.val_loss:.4f}")
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_metrics(metrics_path, record)
         display.step(p.step, p.loss, p.tokens_per_s, None)
         now = time.monotonic()
         if now - last_log[0] >= LOG_EVERY_S or p.val_loss is not None or p.step == p.total_steps:
@@ -468,15 +472,7 @@ def _run(store: Store, run_id: int, spec: JobSpec, resume: bool, progress: bool,
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # nothing half-registered
         raise
-    checkpoint_path.unlink(missing_ok=True)
-
-
-def _read_checkpoint(path: Path, device) -> dict:
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # truncated or foreign: say so rather than train from a wrong state
-        raise KettleError(f"{path}: the checkpoint cannot be read ({type(exc).__name__}); delete "
-                          "it to start the run over") from None
+    shutil.rmtree(checkpoint_path, ignore_errors=True)
 
 
 class _Checkpoints:
@@ -493,11 +489,10 @@ class _Checkpoints:
             self.save()
 
     def save(self) -> None:
-        from finetune.pretrain import save_state
+        from finetune.train import save_checkpoint
 
         started = time.monotonic()
-        with atomic_file(self.path) as tmp:
-            save_state(self.trainer.state_dict(), tmp)
+        save_checkpoint(self.path, self.trainer.state_dict(), {"step": self.trainer.step})
         self.saved_at = time.monotonic()
         self.interval = max(CHECKPOINT_EVERY_S, (self.saved_at - started) / CHECKPOINT_SHARE)
 
@@ -507,7 +502,7 @@ def _write_model(out: Path, model, tokenizer, trainer, name, base_name, run_id, 
     """The model directory with its card, loss curve and (LoRA) adapter, in one atomic rename."""
     from finetune.lora import lora_layers, merge_lora, save_adapter
     from gpt.checkpoint import save_model
-    from finetune.pretrain import plot_losses
+    from finetune.train import plot_losses
 
     from finetune.replay import REPLAY_FILE
 

@@ -21,17 +21,11 @@ are averaged by DistributedDataParallel; only rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
-import errno
-import functools
 import hashlib
 import json
 import math
-import os
-import random
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +35,14 @@ import numpy as np
 import torch
 
 from finetune import corpus
-from gpt.files import atomic_directory, atomic_file, atomic_write_text, remove_stale_temporaries
-from gpt.checkpoint import load_model, save_model
+from finetune.train import (Dist, Display, OptimizerSettings, StopFlag, append_metrics,
+                            gathered_rng_states, init_distributed, load_checkpoint, lr_at,
+                            make_optimizer, plot_losses, prepare_training, save_checkpoint,
+                            set_rng_state, truncate_metrics)
+from gpt.files import atomic_write_text, remove_stale_temporaries
+from gpt.checkpoint import save_model
 from gpt.config import GPTConfig
-from gpt.device import allow_tf32, autocast, peak_flops, pick_device
+from gpt.device import autocast, peak_flops
 from gpt.errors import KettleError
 from gpt.model import GPT
 from gpt.threads import ThreadFitter
@@ -92,6 +90,12 @@ class TrainConfig:
         if not 0.0 <= self.val_fraction < 1.0:
             raise KettleError(f"val-fraction must be in [0, 1), got {self.val_fraction}")
 
+    @property
+    def optimizer(self) -> OptimizerSettings:
+        return OptimizerSettings(lr=self.lr, weight_decay=self.weight_decay, beta1=self.beta1,
+                                 beta2=self.beta2, warmup_steps=self.warmup_steps,
+                                 min_lr_ratio=self.min_lr_ratio)
+
 
 @dataclass
 class PretrainResult:
@@ -108,102 +112,7 @@ class PretrainResult:
     rank: int = 0                    # under torchrun, only rank 0 should report
 
 
-# --- devices and distribution -------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.SUM)
-            value = value / self.world_size
-        return value
-
-    def any(self, flag: bool, device) -> bool:
-        if not self.enabled:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
-
-
-def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
-    """Join the process group torchrun describes in the environment (a no-op without torchrun)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dist = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    device = pick_device(device_name)
-    if device.type == "cuda" and dist.enabled:
-        device = torch.device("cuda", dist.local_rank)
-    if dist.enabled and not torch.distributed.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return dist, device
-
-
-def prepare_training(device: torch.device) -> None:
-    """Process-wide settings for training on `device`: TF32 tensor cores on Ampere and later
-    GPUs; on Linux CPUs, memory that is freed stays with the process to be reused."""
-    allow_tf32(device)
-    if device.type == "cpu":
-        _keep_freed_memory()
-
-
-@functools.cache
-def _keep_freed_memory() -> None:
-    # glibc serves every allocation over 32 MB with its own mmap and unmaps it when it is freed.
-    # A training step allocates and frees GBs in such blocks (the logits, the embedding's
-    # gradient), so each step takes a page fault per fresh 4 KB page: ~375k faults, 11% of a
-    # GPT-2 124M step on 2 cores. Allocating from the heap and keeping up to 1 GiB of freed
-    # memory there makes the next step reuse it, as tcmalloc or jemalloc would.
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not Linux with glibc: its allocator is left as it is
-        return
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-
-
 # --- optimisation -------------------------------------------------------------------------------
-
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device, *,
-                   extra=()) -> torch.optim.AdamW:
-    """The model's AdamW (GPT.configure_optimizers) with the run's settings."""
-    return model.configure_optimizers(cfg.weight_decay, cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                      device_type=device.type, extra=extra)
-
-
-def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
-    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at max_steps.
-
-    With a time budget (max_time) the decay follows whichever runs out first, steps or time, so
-    a run cut short by the clock still ends on a low learning rate.
-    """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    if cfg.max_time:
-        progress = max(progress, min(1.0, elapsed / cfg.max_time))
-    min_lr = cfg.lr * cfg.min_lr_ratio
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
-
 
 DEFAULT_BATCH_TOKENS = 32768
 
@@ -229,69 +138,6 @@ def default_run_dir(out: Path) -> Path:
 
     key = hashlib.sha256(str(out.expanduser().resolve()).encode()).hexdigest()[:8]
     return runs_dir() / f"pretrain-{out.name}-{key}"
-
-
-def _rng_state() -> dict:
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [int(x) for x in np.random.get_state()[1]] + [int(np.random.get_state()[2])],
-        "python": list(random.getstate()[1]),
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(("MT19937", np.array(state["numpy"][:-1], dtype=np.uint32), state["numpy"][-1]))
-    random.setstate((3, tuple(state["python"]), None))
-
-
-# torch.save reports a failed write as an enforce failure ("unexpected pos 576 vs 534"); with
-# less than this free beside the file, the disk was full.
-FULL_DISK_BYTES = 16 << 20
-
-
-def save_state(obj, path: Path) -> None:
-    """torch.save `obj` to `path`, a failed write raised as the OSError it was (a full disk)."""
-    try:
-        torch.save(obj, path)
-    except RuntimeError as exc:
-        if shutil.disk_usage(path.parent).free < FULL_DISK_BYTES:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
-        raise OSError(errno.EIO, f"cannot write ({exc})", str(path)) from None
-
-
-def save_checkpoint(path: Path, model: GPT, tokenizer: Tokenizer, optimizer, state: dict,
-                    rng_states: list[dict]) -> None:
-    """Model directory + optimizer and RNG states + step, replaced in one atomic rename."""
-    with atomic_directory(path, overwrite=True) as tmp:
-        save_model(model, tmp / "model", tokenizer)
-        save_state({"optimizer": optimizer.state_dict(), "rng": rng_states}, tmp / "trainer.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-
-
-def load_checkpoint(path: Path, device: torch.device) -> tuple[GPT, dict, dict]:
-    """(model, trainer state {optimizer, rng}, state.json) of a checkpoint; never unpickles."""
-    try:
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        trainer = torch.load(path / "trainer.pt", map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise KettleError(f"{path}: no checkpoint to resume from") from None
-    except Exception as exc:  # torch.load raises several types for damaged files
-        raise KettleError(f"{path}: the checkpoint cannot be read ({exc})") from None
-    model, _ = load_model(path / "model", device=device, dtype=torch.float32)
-    return model, trainer, state
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log records past the checkpoint (steps trained after it but lost in a crash)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 # --- evaluation and samples ---------------------------------------------------------------------
@@ -335,84 +181,6 @@ def sample(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new_toke
     finally:
         model.train()  # the engine puts the model in eval mode
     return tokenizer.decode(prompt_ids) + result.text
-
-
-# --- progress display ---------------------------------------------------------------------------
-
-class Display:
-    """A rich progress bar with loss, tokens/s, MFU and ETA; lines for evaluations and samples.
-
-    The bar measures steps, or time where a time budget runs out first, so that the ETA of a
-    time-limited run is its real end.
-    """
-
-    def __init__(self, enabled: bool, max_steps: int, max_time: float | None = None,
-                 label: str = "pretraining", console=None):
-        self.enabled, self.max_steps, self.max_time = enabled, max_steps, max_time
-        if not enabled:
-            return
-        from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        # `console`: the caller's, when it prints lines of its own while the bar runs (a line
-        # printed through another console breaks the bar, and leaves a copy of it each time).
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
-            TextColumn("step {task.fields[step]}/{task.fields[max_steps]}"),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-        )
-        self.task = self.progress.add_task(label, total=1.0, step=0, max_steps=max_steps,
-                                           loss="-", speed="")
-        self.progress.start()
-
-    def step(self, step: int, loss: float | None, tokens_per_s: float | None,
-             mfu: float | None, elapsed: float = 0.0) -> None:
-        if not self.enabled:
-            return
-        fields = {}
-        if loss is not None:
-            fields["loss"] = f"{loss:.3f}"
-        if tokens_per_s is not None:
-            fields["speed"] = f"{tokens_per_s:,.0f} tok/s" + (f" MFU {mfu:.0%}" if mfu is not None else "")
-        done = step / self.max_steps
-        if self.max_time:
-            done = max(done, elapsed / self.max_time)
-        self.progress.update(self.task, completed=min(1.0, done), step=step, **fields)
-
-    def print(self, text: str) -> None:
-        if self.enabled:
-            self.progress.console.print(text, highlight=False, markup=False)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.progress.stop()
-
-
-class StopFlag:
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to save a checkpoint and stop after this step;
-    a second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: the caller stops us another way
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -552,7 +320,7 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
     torch.manual_seed(cfg.seed + dist.rank)
     step, initial_val, elapsed_before = 0, None, 0.0
     if resume:
-        model, trainer, state = load_checkpoint(ckpt_dir, device)
+        trainer, state, model = load_checkpoint(ckpt_dir, device)
         if state["world_size"] != dist.world_size or state["step_batch"] != loader.step_batch:
             display.print(f"note: resuming with {dist.world_size} process(es) and {loader.step_batch} "
                           "windows per step; the data order follows the new layout")
@@ -562,13 +330,13 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
         model = GPT(config).to(device)
     model.train()
     raw_model = model
-    optimizer = make_optimizer(raw_model, cfg, device)
+    optimizer = make_optimizer(raw_model, cfg.optimizer, device)
     if resume:
         optimizer.load_state_dict(trainer["optimizer"])
         rng = trainer["rng"]
-        _set_rng_state(rng[dist.rank] if dist.rank < len(rng) else rng[0])
+        set_rng_state(rng[dist.rank] if dist.rank < len(rng) else rng[0])
         if dist.main:
-            _truncate_metrics(metrics_path, step)
+            truncate_metrics(metrics_path, step)
     if cfg.compile:
         model = torch.compile(model)
     if dist.enabled:
@@ -582,8 +350,7 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
 
     def log(record: dict) -> None:
         if dist.main:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            append_metrics(metrics_path, record)
 
     def run_eval(at: int) -> float | None:
         val = evaluate(model, val_stream, context, cfg.micro_batch_size, cfg.eval_batches, device,
@@ -594,19 +361,16 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
         return val
 
     def checkpoint(at: int) -> None:
-        rng = [_rng_state()]
-        if dist.enabled:
-            rng = [None] * dist.world_size
-            torch.distributed.all_gather_object(rng, _rng_state())
+        rng = gathered_rng_states(dist)
         if dist.main:
-            save_checkpoint(ckpt_dir, raw_model, tokenizer, optimizer, {
+            save_checkpoint(ckpt_dir, {"optimizer": optimizer.state_dict(), "rng": rng}, {
                 "step": at, "tokens": at * tokens_per_step, "world_size": dist.world_size,
                 "step_batch": loader.step_batch, "initial_val_loss": initial_val,
                 "elapsed": elapsed_before + time.perf_counter() - started,
                 "scheduler": {"kind": "warmup-cosine", "step": at,
                               "lr": optimizer.param_groups[0]["lr"]},
                 "data": {"loader": cfg.loader, "next_step": at, "seed": cfg.seed},
-            }, rng)
+            }, model=raw_model, tokenizer=tokenizer)
         dist.barrier()
 
     started = time.perf_counter()
@@ -621,7 +385,8 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
         while step < cfg.max_steps:
             threads.update()
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg, elapsed_before + t0 - started)
+            lr = lr_at(step, cfg.optimizer, max_steps=cfg.max_steps, max_time=cfg.max_time,
+                       elapsed=elapsed_before + t0 - started)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
@@ -704,32 +469,3 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
     return result
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
-            if line.strip()]
-
-
-def plot_losses(metrics_path: Path, png: Path) -> None:
-    """The training and validation loss against steps, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="training loss", linewidth=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(png) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)

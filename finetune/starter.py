@@ -197,7 +197,8 @@ def heldout_bits_per_byte(model_dir: Path, shards: Path, val_bytes: int, device:
     from finetune import corpus
     from gpt.checkpoint import load_model
     from gpt.device import pick_device
-    from finetune.pretrain import Dist, evaluate
+    from finetune.pretrain import evaluate
+    from finetune.train import Dist
 
     device = pick_device(device)
     model, _ = load_model(model_dir, device=device)
@@ -357,7 +358,7 @@ def instruct_stage(brew) -> None:
     from gpt.checkpoint import load_model, save_model
     from gpt.device import pick_device
     from gpt.engine import Engine
-    from finetune.pretrain import Display
+    from finetune.train import Display
     from gpt.sampling import SamplingParams
 
     device = pick_device(brew.device)

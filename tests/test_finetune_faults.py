@@ -23,7 +23,6 @@ from gpt.checkpoint import save_model
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
 from gpt.model import GPT
-from gpt.service import available_models
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,7 +118,7 @@ def resume(run_id: int) -> tuple[object, list[int]]:
 
 
 def checkpoint_step(run_id: int) -> int:
-    return torch.load(run_dir(run_id) / CHECKPOINT_FILE, weights_only=True)["step"]
+    return json.loads((run_dir(run_id) / CHECKPOINT_DIR / "state.json").read_text())["step"]
 
 
 def test_killed_between_steps_resumes_from_the_last_checkpoint(store, snapshot):
@@ -155,7 +154,7 @@ def test_killed_while_writing_the_model_loses_no_training_and_never_lists_the_ha
     assert steps == [] and resumed.step == trained  # nothing trained again
     assert resumed.status == "finished" and store.model_version(resumed.output_model_id)
     assert temporaries() == []
-    assert not (run_dir(run.id) / CHECKPOINT_FILE).exists()  # a finished run needs none
+    assert not (run_dir(run.id) / CHECKPOINT_DIR).exists()  # a finished run needs none
 
 
 def test_a_full_disk_at_the_model_write_fails_the_run_in_one_line_and_resume_finishes_it(
@@ -176,14 +175,14 @@ def test_a_full_disk_at_the_model_write_fails_the_run_in_one_line_and_resume_fin
     assert f"kettle finetune resume {run.id}" in err
     failed = store.run(run.id)
     assert failed.status == "failed" and "No space left" in failed.error
-    assert (run_dir(run.id) / CHECKPOINT_FILE).exists() and temporaries() == []
+    assert (run_dir(run.id) / CHECKPOINT_DIR).exists() and temporaries() == []
     resumed, steps = resume(run.id)
     assert steps == [] and resumed.status == "finished"
 
 
 def test_a_full_disk_at_a_checkpoint_fails_the_run_and_keeps_the_last_one(store, snapshot,
                                                                           monkeypatch):
-    import finetune.pretrain
+    import finetune.train
 
     saves, real_save = [], torch.save
 
@@ -193,8 +192,8 @@ def test_a_full_disk_at_a_checkpoint_fails_the_run_and_keeps_the_last_one(store,
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
         real_save(obj, path)
 
-    monkeypatch.setattr(finetune.pretrain.torch, "save", save)
-    monkeypatch.setattr(finetune.pretrain, "FULL_DISK_BYTES", 1 << 62)  # as if the disk were full
+    monkeypatch.setattr(finetune.train.torch, "save", save)
+    monkeypatch.setattr(finetune.train, "FULL_DISK_BYTES", 1 << 62)  # as if the disk were full
     run = create_run(store, JobSpec(model="base", snapshot_id=snapshot))
     with pytest.raises(KettleError, match="No space left on device"):
         execute(run.id, progress=False)

@@ -84,7 +84,7 @@ def test_finished_run_registers_a_model_with_lineage_card_and_gate(store, base):
     assert "| Verdict | regression gate: passed |" in card and "your corrections: " in card and store.snapshot(snap).content_hash[:16] in card
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     model, _ = load_model(out)  # a complete model directory
-    assert not (run_dir(run.id) / "checkpoint.pt").exists()
+    assert not (run_dir(run.id) / CHECKPOINT_DIR).exists()
 
 
 def test_lora_run_keeps_its_adapter_beside_the_merged_model(store, base):
@@ -131,7 +131,7 @@ def test_sigterm_then_resume_reaches_the_uninterrupted_loss(store, base):
 
     stopped = _run(store, JobSpec(**spec), on_step=terminate_at_step_7)
     assert stopped.status == "cancelled" and stopped.step == 7
-    assert (run_dir(stopped.id) / "checkpoint.pt").exists() and stopped.output_model_id is None
+    assert (run_dir(stopped.id) / CHECKPOINT_DIR).exists() and stopped.output_model_id is None
     with pytest.raises(KettleError, match="resume it"):
         execute(stopped.id, progress=False)
     resumed = execute(stopped.id, resume=True, progress=False)
@@ -207,7 +207,7 @@ def test_separate_process_records_progress_and_stops_on_cancel(store, base):
         time.sleep(0.1)
     run = store.run(run_id)
     assert run.status == "cancelled" and 3 <= run.step < run.total_steps
-    assert (run_dir(run_id) / "checkpoint.pt").exists()
+    assert (run_dir(run_id) / CHECKPOINT_DIR).exists()
 
 
 def test_a_run_whose_process_died_is_marked_failed(store, base):

@@ -13,7 +13,8 @@ import torch
 
 from gpt.checkpoint import load_model
 from gpt.config import GPTConfig, get_preset
-from finetune.pretrain import TrainConfig, lr_at, make_optimizer, pretrain, read_metrics
+from finetune.pretrain import TrainConfig, pretrain
+from finetune.train import lr_at, make_optimizer, read_metrics
 from gpt.tokenizer import TOKENIZER_FILE
 from tui.cli import main
 
@@ -94,15 +95,16 @@ def test_resume_extends_a_finished_run(tmp_path, verdict_file, trained_tokenizer
 
 def test_schedule_and_weight_decay_groups():
     cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
-    assert lr_at(0, cfg) == pytest.approx(1e-4)
-    assert lr_at(9, cfg) == pytest.approx(1e-3)
-    assert lr_at(55, cfg) == pytest.approx(0.55e-3)
-    assert lr_at(100, cfg) == pytest.approx(1e-4)
+    assert lr_at(0, cfg.optimizer, max_steps=100) == pytest.approx(1e-4)
+    assert lr_at(9, cfg.optimizer, max_steps=100) == pytest.approx(1e-3)
+    assert lr_at(55, cfg.optimizer, max_steps=100) == pytest.approx(0.55e-3)
+    assert lr_at(100, cfg.optimizer, max_steps=100) == pytest.approx(1e-4)
     timed = TrainConfig(max_steps=1000, warmup_steps=0, lr=1e-3, max_time=60.0)
-    assert lr_at(10, timed, elapsed=60.0) == pytest.approx(1e-4)  # the clock ran out first
+    assert lr_at(10, timed.optimizer, max_steps=1000, max_time=60.0,
+                 elapsed=60.0) == pytest.approx(1e-4)  # the clock ran out first
     from gpt.model import GPT
 
-    optimizer = make_optimizer(GPT(TINY), TrainConfig(), torch.device("cpu"))
+    optimizer = make_optimizer(GPT(TINY), TrainConfig().optimizer, torch.device("cpu"))
     decayed, plain = optimizer.param_groups
     assert all(p.dim() >= 2 for p in decayed["params"]) and decayed["weight_decay"] == 0.1
     assert all(p.dim() == 1 for p in plain["params"]) and plain["weight_decay"] == 0.0
@@ -244,7 +246,7 @@ def test_verdict_124m_overfits_like_the_book(tmp_path, verdict_file):
 
 KEPT_AFTER_FREE = """
 import os, sys, torch
-from finetune.pretrain import prepare_training
+from finetune.train import prepare_training
 if sys.argv[1] == "prepared":
     prepare_training(torch.device("cpu"))
 def resident_mb():

@@ -148,7 +148,7 @@ def finetune_command(args) -> int:
 
     from data.store import open_store
     from finetune.jobs import create_run, execute
-    from finetune.pretrain import init_distributed
+    from finetune.train import init_distributed
 
     if args.run_id is not None:
         run_id = args.run_id
@@ -250,7 +250,7 @@ def classify_train_command(args) -> int:
     from gpt.checkpoint import load_model, resolve_model_dir
     from gpt.device import pick_device
     from gpt.errors import KettleError
-    from finetune.pretrain import Display
+    from finetune.train import Display
 
     device = pick_device(args.device)
     examples = read_labeled(args.data)
