@@ -12,8 +12,8 @@ import torch
 
 from data.paths import models_dir
 from data.store import open_store
-from finetune.jobs import (JobSpec, cancel_run, create_run, execute, reap_dead_runs, run_dir,
-                          start_finetune)
+from finetune.jobs import (CHECKPOINT_DIR, JobSpec, cancel_run, create_run, execute, reap_dead_runs,
+                          run_dir, start_finetune)
 from gpt.checkpoint import load_model, save_model
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
