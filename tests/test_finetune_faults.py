@@ -18,7 +18,7 @@ import torch
 from gpt.files import is_temporary
 from data.paths import models_dir
 from data.store import open_store
-from finetune.jobs import CHECKPOINT_FILE, JobSpec, create_run, execute, run_dir
+from finetune.jobs import CHECKPOINT_DIR, JobSpec, create_run, execute, run_dir
 from gpt.checkpoint import save_model
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
@@ -211,7 +211,7 @@ def test_twenty_kills_at_random_points_lose_nothing_committed(store, snapshot):
         point = rng.choice(["step", "checkpoint", "model"])
         n = rng.randint(2, 60) if point == "step" else rng.randint(1, 2)
         killed(run.id, point, n)
-        before = checkpoint_step(run.id) if (run_dir(run.id) / CHECKPOINT_FILE).exists() else 0
+        before = checkpoint_step(run.id) if (run_dir(run.id) / CHECKPOINT_DIR).exists() else 0
         assert all(not is_temporary(Path(m.path).name) for m in available_models())
         resumed, steps = resume(run.id)
         assert resumed.status == "finished", (point, n, resumed.error)
