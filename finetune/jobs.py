@@ -176,7 +176,7 @@ def reap_dead_runs(store: Store) -> list[int]:
 
 def resolve_base(store: Store, model: str) -> tuple[Path, int | None, str]:
     """(model directory, model version id or None, display name) of a base model."""
-    from gpt.checkpoint import resolve_model_dir
+    from data.registry import resolve_model_dir
 
     version = store.find_model_version(int(model) if model.isdigit() else model)
     if version is not None:

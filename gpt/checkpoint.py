@@ -204,23 +204,3 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
         quantize_model(model, quantize)
     return model.eval(), tokenizer
 
-
-def is_model_name(value: str | Path) -> bool:
-    """Whether `value` is a bare name (no folder in it), to be looked up among the models Kettle
-    knows before anything in the working directory: a folder that happens to be called like a
-    model (a repository's tests/) must never stand in for it."""
-    return (isinstance(value, str) and value not in ("", ".", "..") and not value.startswith("~")
-            and Path(value).name == value)
-
-
-def resolve_model_dir(name_or_path: str | Path) -> Path:
-    """A model by name (a directory under KETTLE_HOME/models) or, failing that, by path. Paths
-    are for command-line arguments: a server resolves only names it lists (GenerationService)."""
-    from data.paths import models_dir
-
-    if is_model_name(name_or_path) and (models_dir() / name_or_path).is_dir():
-        return models_dir() / name_or_path
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        return path
-    raise KettleError(f"{name_or_path}: no such model (not a directory, nor a model in {models_dir()})")

@@ -18,13 +18,15 @@ it, so those are answered by the old model. Events reach the caller's asyncio lo
 `loop.call_soon_threadsafe`, so it is safe to use from the Textual app's event loop; nothing blocks
 the loop.
 
-Model names: a store model version's name or the name of a directory under KETTLE_HOME/models,
-looked up in that order; `InProcessService(MODEL)` (a command-line argument) also takes a model
-directory path, and a bare name that is neither. `switch_model` takes only names `list_models`
-lists, never a path: a name may come from an HTTP client. `InProcessService()` with no model
-serves the store's active model and follows the store: switching it to a store version records
-the activation there, so the app and the next start agree. A service given a model
-(`kettle serve MODEL`) leaves the store alone.
+Model names: the service asks its catalog (gpt.catalog) which models exist. The app and
+`kettle serve` pass data.registry's, over the store: a store model version's name or the name
+of a directory under KETTLE_HOME/models, looked up in that order; a service given no catalog
+knows models by their directory's path alone. `InProcessService(MODEL)` (a command-line
+argument) also takes a model directory path, and a bare name that is neither. `switch_model`
+takes only names `list_models` lists, never a path: a name may come from an HTTP client.
+`InProcessService()` with no model serves the catalog's active model and follows the catalog:
+switching it to a store version records the activation there, so the app and the next start
+agree. A service given a model (`kettle serve MODEL`) leaves the store alone.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from gpt.batching import KV_BUDGET_BYTES, MAX_BATCH, Batch, Request
+from gpt.catalog import ModelCatalog, ModelInfo, PathCatalog
 from gpt.engine import Engine, GenerationResult
 from gpt.errors import KettleError
 from gpt.sampling import PARAMS, SamplingParams
@@ -67,18 +70,6 @@ class Error:
 
 
 Event = Delta | Done | Error
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    path: str = ""              # empty when a remote server does not say
-    source: str = "directory"   # "store" (a model version) | "directory"
-    kind: str = ""              # the store's kind (finetuned, imported, ...); "" for a plain directory
-    status: str = ""
-    created: float = 0.0
-    version_id: int | None = None
-    active: bool = False        # the model this service answers with now
 
 
 class GenerationService(ABC):
@@ -132,89 +123,6 @@ class GenerationService(ABC):
 
 # --- model names -----------------------------------------------------------------------------------
 
-def _open_store():
-    """The store, or None when data.store is not importable (a stripped-down install)."""
-    try:
-        from data.store import Store
-    except ImportError:
-        return None
-    return Store.open()
-
-
-def _training_in_progress() -> bool:
-    """Whether a Kettle training job (fine-tuning, started from the app or the command line)
-    is running: it takes every core, so generation had better use one (see Engine.threads)."""
-    from data.paths import db_path
-
-    if not db_path().exists():  # no store yet: nothing is training, and none is created here
-        return False
-    store = _open_store()
-    if store is None:
-        return False
-    with store:
-        return store.training_in_progress()
-
-
-def resolve_model(name_or_path: str) -> ModelInfo:
-    """A model by store version name, directory name under models_dir() or, given as a
-    command-line argument, directory path (see the module docstring)."""
-    from data.paths import models_dir
-    from gpt.checkpoint import is_model_name, read_meta, resolve_model_dir
-
-    if not isinstance(name_or_path, str) or not name_or_path.strip():
-        raise KettleError("a model name or path is needed")
-    store = _open_store() if is_model_name(name_or_path) else None
-    if store is not None:
-        with store:
-            version = store.find_model_version(name_or_path)
-        if version is not None:
-            return _version_info(version)
-    try:
-        path = resolve_model_dir(name_or_path)
-    except KettleError:
-        raise KettleError(f"{name_or_path}: no such model (not a store model version, nor a model "
-                          f"in {models_dir()}, nor a directory)") from None
-    read_meta(path)
-    return ModelInfo(name=name_or_path if is_model_name(name_or_path) else path.resolve().name,
-                     path=str(path.resolve()))
-
-
-def store_active_model() -> ModelInfo:
-    """The model the store marks active; KettleError when there is none."""
-    store = _open_store()
-    version = None
-    if store is not None:
-        with store:
-            version = store.active_model()
-    if version is None:
-        raise KettleError("no model is active yet: name one (for example `kettle serve MODEL`) "
-                          "or activate one in the app")
-    return _version_info(version)
-
-
-def available_models() -> list[ModelInfo]:
-    """Store model versions (newest first), then model directories under models_dir() that no
-    version already points at."""
-    from data.paths import models_dir
-
-    found: list[ModelInfo] = []
-    store = _open_store()
-    if store is not None:
-        with store:
-            found = [_version_info(v) for v in store.model_versions()]
-    known = {str(Path(m.path).resolve()) for m in found}
-    for path in sorted(models_dir().iterdir()):
-        if (not path.name.startswith(".") and (path / "config.json").is_file()  # not a temporary
-                and str(path.resolve()) not in known):
-            found.append(ModelInfo(name=path.name, path=str(path), created=path.stat().st_mtime))
-    return found
-
-
-def _version_info(version) -> ModelInfo:
-    return ModelInfo(name=version.name, path=version.path, source="store", kind=version.kind,
-                     status=version.status, created=version.created_at, version_id=version.id)
-
-
 def _same_model(a: ModelInfo, b: ModelInfo) -> bool:
     # A version and the directory it points at are one model (served by path, it would be
     # listed twice otherwise).
@@ -247,12 +155,13 @@ class _Call:
 class InProcessService(GenerationService):
     """The model in this process, driven by one worker thread (see the module docstring)."""
 
-    def __init__(self, model: str | None = None, device: str | None = None,
-                 max_batch: int = MAX_BATCH, kv_budget: int = KV_BUDGET_BYTES,
-                 quantize: str | None = None):
-        self.follows_store = model is None
+    def __init__(self, model: str | None = None, *, catalog: ModelCatalog | None = None,
+                 device: str | None = None, max_batch: int = MAX_BATCH,
+                 kv_budget: int = KV_BUDGET_BYTES, quantize: str | None = None):
+        self._catalog = catalog or PathCatalog()
+        self._follows_catalog = model is None
         # Resolve now, so a bad name fails where it was given; the weights load on the worker.
-        self._wanted = store_active_model() if model is None else resolve_model(model)
+        self._wanted = self._catalog.active() if model is None else self._catalog.resolve(model)
         self._device = device
         self._quantize = quantize   # every model it loads, also after a switch (gpt.quantize)
         self._engine: Engine | None = None
@@ -295,7 +204,7 @@ class InProcessService(GenerationService):
             event.set()
 
     async def list_models(self) -> list[ModelInfo]:
-        models = await asyncio.to_thread(available_models)
+        models = await asyncio.to_thread(self._catalog.models)
         active = self._active or self._wanted
         for served in [active, *self._served]:
             if not any(_same_model(m, served) for m in models):
@@ -429,7 +338,7 @@ class InProcessService(GenerationService):
             if self._batch is None:
                 self._batch = Batch(engine, self._max_batch, self._kv_budget)
             if engine.device.type == "cpu":
-                engine.threads = 1 if _training_in_progress() else None
+                engine.threads = 1 if self._catalog.busy() else None
             options = dict(job.options)
             truncate = options.pop("truncate", True)
             if job.kind == "chat":
@@ -468,12 +377,8 @@ class InProcessService(GenerationService):
         self._active = _with_active(info, True)
         if not any(_same_model(m, info) for m in self._served):
             self._served.append(info)
-        if self.follows_store and info.version_id is not None:
-            store = _open_store()
-            with store:
-                active = store.active_model()
-                if active is None or active.id != info.version_id:
-                    store.activate_model(info.version_id)
+        if self._follows_catalog:
+            self._catalog.activate(info)
         return self._active
 
 

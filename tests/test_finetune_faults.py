@@ -17,6 +17,7 @@ import torch
 
 from gpt.files import is_temporary
 from data.paths import models_dir
+from data.registry import StoreCatalog
 from data.store import open_store
 from finetune.jobs import CHECKPOINT_DIR, JobSpec, create_run, execute, run_dir
 from gpt.checkpoint import save_model
@@ -147,8 +148,8 @@ def test_killed_while_writing_the_model_loses_no_training_and_never_lists_the_ha
     run = create_run(store, JobSpec(model="base", snapshot_id=snapshot))
     killed(run.id, "model")
     half = [p.name for p in models_dir().iterdir() if is_temporary(p.name)]
-    assert half and all(p.name not in half for p in map(Path, (m.path for m in available_models())))
-    assert [m.name for m in available_models()] == ["base"]
+    assert half and all(p.name not in half for p in map(Path, (m.path for m in StoreCatalog().models())))
+    assert [m.name for m in StoreCatalog().models()] == ["base"]
     trained = checkpoint_step(run.id)
     resumed, steps = resume(run.id)
     assert steps == [] and resumed.step == trained  # nothing trained again
@@ -212,7 +213,7 @@ def test_twenty_kills_at_random_points_lose_nothing_committed(store, snapshot):
         n = rng.randint(2, 60) if point == "step" else rng.randint(1, 2)
         killed(run.id, point, n)
         before = checkpoint_step(run.id) if (run_dir(run.id) / CHECKPOINT_DIR).exists() else 0
-        assert all(not is_temporary(Path(m.path).name) for m in available_models())
+        assert all(not is_temporary(Path(m.path).name) for m in StoreCatalog().models())
         resumed, steps = resume(run.id)
         assert resumed.status == "finished", (point, n, resumed.error)
         assert steps[:1] in ([], [before + 1]), (point, n)

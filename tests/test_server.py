@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from data.registry import StoreCatalog
 from gpt.engine import Engine
 from gpt.errors import KettleError
 from gpt.sampling import SamplingParams
@@ -46,7 +47,9 @@ class RunningServer:
 
 @pytest.fixture(scope="module")
 def server(long_context_model_dir):
-    running = RunningServer(InProcessService(str(long_context_model_dir)), KEY)
+    # The store's catalog, as `kettle serve` has: the tests switch to models in the models folder.
+    service = InProcessService(str(long_context_model_dir), catalog=StoreCatalog())
+    running = RunningServer(service, KEY)
     yield running
     running.stop()
 
@@ -54,7 +57,7 @@ def server(long_context_model_dir):
 @pytest.fixture(scope="module")
 def open_server(tiny_model_dir):
     """Without a key, as `kettle serve` runs by default, with one more origin and host allowed."""
-    running = RunningServer(InProcessService(str(tiny_model_dir)), None,
+    running = RunningServer(InProcessService(str(tiny_model_dir), catalog=StoreCatalog()), None,
                             allow_origins=["http://localhost:3000"], allow_hosts=["kettle.lan"])
     yield running
     running.stop()
@@ -372,8 +375,7 @@ def test_switching_the_served_model_without_restart(server, client, tiny_gpt2_vo
 def test_model_names_never_resolve_to_the_working_directory(server, client, tiny_gpt2_vocab_model_dir,
                                                             tmp_path, monkeypatch):
     from data.paths import models_dir
-    from gpt.checkpoint import resolve_model_dir
-    from gpt.service import resolve_model
+    from data.registry import resolve_model_dir
 
     shutil.copytree(tiny_gpt2_vocab_model_dir, models_dir() / "tests")
     (tmp_path / "tests").mkdir()  # a folder that happens to share the model's name
@@ -391,9 +393,9 @@ def test_model_names_never_resolve_to_the_working_directory(server, client, tiny
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     # On the command line a name is the models folder's too; a path is still a path.
     assert resolve_model_dir("tests") == models_dir() / "tests"
-    assert resolve_model("tests").path == str((models_dir() / "tests").resolve())
+    assert StoreCatalog().resolve("tests").path == str((models_dir() / "tests").resolve())
     with pytest.raises(KettleError, match="config.json"):
-        resolve_model("./tests")
+        StoreCatalog().resolve("./tests")
 
 
 async def test_remote_service_matches_in_process(server, long_context_model_dir):
@@ -613,7 +615,8 @@ def test_each_model_is_listed_once(tiny_gpt2_vocab_model_dir):
     shutil.copytree(tiny_gpt2_vocab_model_dir, path)
     with open_store() as store:
         store.add_model_version("mine", path, "imported")
-    running = RunningServer(InProcessService(str(path)), None)  # served by path: the same model
+    # Served by path: the same model as the store's version.
+    running = RunningServer(InProcessService(str(path), catalog=StoreCatalog()), None)
     try:
         ids = [m["id"] for m in httpx.get(running.url + "/v1/models").json()["data"]]
         assert ids == ["mine"]

@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from data.registry import StoreCatalog
+from gpt.catalog import PathCatalog
 from gpt.engine import Engine
 from gpt.errors import KettleError
 from gpt.sampling import SamplingParams
@@ -152,19 +154,20 @@ async def test_bad_parameters_and_messages_give_an_error_event(service):
     assert isinstance(events[-1], Done)
 
 
-def test_bad_model_names_fail_where_given(tmp_path):
+@pytest.mark.parametrize("catalog", [StoreCatalog(), PathCatalog()], ids=["store", "paths"])
+def test_bad_model_names_fail_where_given(catalog):
     with pytest.raises(KettleError, match="no such model"):
-        InProcessService("no-such-model")
+        InProcessService("no-such-model", catalog=catalog)
     with pytest.raises(KettleError, match="no model is active"):
-        InProcessService()  # the store has no active model yet
+        InProcessService(catalog=catalog)  # the store has no active model yet; a path catalog none
 
 
 async def test_follows_the_store_lists_models_and_switches_without_restart(
         tiny_model_dir, tiny_gpt2_vocab_model_dir, tmp_path):
     from data.paths import models_dir
-    from data.store import Store
+    from data.store import open_store
 
-    with Store.open() as store:
+    with open_store() as store:
         v1 = store.add_model_version("base-v1", tiny_model_dir, "pretrained")
         v2 = store.add_model_version("ft-v2", tiny_gpt2_vocab_model_dir, "finetuned", parent_id=v1.id)
         store.activate_model(v1.id)
@@ -173,7 +176,7 @@ async def test_follows_the_store_lists_models_and_switches_without_restart(
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
 
-    service = InProcessService()  # no model: the store's active one
+    service = InProcessService(catalog=StoreCatalog())  # no model: the store's active one
     try:
         events = await collect(service.stream_chat(CHAT, SamplingParams(max_new_tokens=2)))
         assert events[-1].model == "base-v1"
@@ -187,7 +190,7 @@ async def test_follows_the_store_lists_models_and_switches_without_restart(
         assert info.name == "ft-v2" and service.active_model.name == "ft-v2"
         events = await collect(service.stream_chat(CHAT, SamplingParams(max_new_tokens=2)))
         assert events[-1].model == "ft-v2"
-        with Store.open() as store:  # the store agrees, so the next start serves ft-v2 too
+        with open_store() as store:  # the store agrees, so the next start serves ft-v2 too
             assert store.active_model().id == v2.id
 
         with pytest.raises(KettleError, match="config.json"):
@@ -212,22 +215,33 @@ def two_threads(monkeypatch):
     yield 2
 
 
-async def test_generation_uses_one_cpu_thread_while_a_training_job_runs(service, two_threads):
+async def test_generation_uses_one_cpu_thread_while_a_training_job_runs(
+        long_context_model_dir, two_threads, monkeypatch):
     """A fine-tuning job takes every core; decoding beside it on several threads waits on parked
-    threads, so the service decodes on one until the job's process is gone."""
-    from data.store import Store
+    threads, so the service decodes on one until the job's process is gone. The store's catalog
+    asks through one store it keeps open, never opening one per request."""
+    import data.registry
+    from data.store import open_store
 
+    opened = []
+    monkeypatch.setattr(data.registry, "open_store",
+                        lambda *args, **kw: opened.append(args) or open_store(*args, **kw))
+    service = InProcessService(str(long_context_model_dir), catalog=StoreCatalog())
     params = SamplingParams(temperature=0, max_new_tokens=3)
     before = torch.get_num_threads()
-    assert (await collect(service.stream_chat(CHAT, params)))[-1].result.threads == two_threads
-    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        with Store.open() as store:
-            run = store.create_run("finetune")
-            store.update_run(run.id, status="running", pid=job.pid)
-        assert (await collect(service.stream_chat(CHAT, params)))[-1].result.threads == 1
-        assert torch.get_num_threads() == before  # restored after the request
+        assert (await collect(service.stream_chat(CHAT, params)))[-1].result.threads == two_threads
+        job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            with open_store() as store:
+                run = store.create_run("finetune")
+                store.update_run(run.id, status="running", pid=job.pid)
+            assert (await collect(service.stream_chat(CHAT, params)))[-1].result.threads == 1
+            assert torch.get_num_threads() == before  # restored after the request
+        finally:
+            job.kill()
+            job.wait()
+        assert (await collect(service.stream_chat(CHAT, params)))[-1].result.threads == two_threads
     finally:
-        job.kill()
-        job.wait()
-    assert (await collect(service.stream_chat(CHAT, params)))[-1].result.threads == two_threads
+        service.close()
+    assert len(opened) == 1  # one store, opened once it existed, for every request after

@@ -250,12 +250,14 @@ class KettleApp(App):
     async def load_service(self) -> None:
         """Start the in-process service on the store's active model; its weights load in the
         background so the chat is usable at once (a first message waits for them)."""
+        from data.registry import StoreCatalog
         from gpt.service import InProcessService
 
         quantize, problem = quantize_setting(self.config)
         if problem:
             self.notify(problem, severity="warning", timeout=10)
-        self.service = await asyncio.to_thread(InProcessService, quantize=quantize)
+        self.service = await asyncio.to_thread(InProcessService, catalog=StoreCatalog(),
+                                               quantize=quantize)
         self.preload()
 
     @work(group="preload")

@@ -232,8 +232,8 @@ def cancel_command(args) -> int:
 
 
 def merge_command(args) -> int:
+    from data.registry import resolve_model_dir
     from finetune.lora import merge_adapter
-    from gpt.checkpoint import resolve_model_dir
 
     out = merge_adapter(resolve_model_dir(args.base), args.adapter, args.out)
     print(f"merged model written to {out}")
@@ -245,9 +245,10 @@ def merge_command(args) -> int:
 def classify_train_command(args) -> int:
     from pathlib import Path
 
+    from data.registry import resolve_model_dir
     from finetune.classify import (ClassifyConfig, class_counts, format_confusion, read_labeled,
                                    save_classifier, train_classifier)
-    from gpt.checkpoint import load_model, resolve_model_dir
+    from gpt.checkpoint import load_model
     from gpt.device import pick_device
     from gpt.errors import KettleError
     from finetune.train import Display

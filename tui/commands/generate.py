@@ -52,7 +52,7 @@ def sampling_params(args):
 
 
 def generate_command(args) -> int:
-    from gpt.checkpoint import resolve_model_dir
+    from data.registry import resolve_model_dir
     from gpt.engine import Engine, GenerationResult
     from gpt.errors import KettleError
 

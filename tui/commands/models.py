@@ -35,7 +35,7 @@ def import_hf_command(args) -> int:
 
 
 def export_hf_command(args) -> int:
-    from gpt.checkpoint import resolve_model_dir
+    from data.registry import resolve_model_dir
     from gpt.hf import export_hf
 
     out = export_hf(resolve_model_dir(args.model_dir), args.out_dir, overwrite=args.force)

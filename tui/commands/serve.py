@@ -82,6 +82,7 @@ def allowed(args) -> tuple[list[str], list[str]]:
 def serve_command(args) -> int:
     import logging
 
+    from data.registry import StoreCatalog
     from gpt.server import LOCAL_NAMES, build_server, listen
     from gpt.service import InProcessService
 
@@ -92,7 +93,8 @@ def serve_command(args) -> int:
     logging.getLogger("kettle").addHandler(handler)  # one line per answer: tokens, speed
     logging.getLogger("kettle").setLevel(logging.INFO)
     sock = listen(args.host, args.port)  # before loading: a taken port fails at once
-    service = InProcessService(args.model, device=args.device, quantize=args.quantize)
+    service = InProcessService(args.model, catalog=StoreCatalog(), device=args.device,
+                               quantize=args.quantize)
     try:
         info = service.load()
         host, port = sock.getsockname()[:2]

@@ -92,13 +92,14 @@ class CompareScreen(Screen):
         active = self.app.service.active_model
         if active is not None and active.name == info.name:
             return self.app.service
+        from data.registry import StoreCatalog
         from gpt.service import InProcessService, RemoteService
 
         if isinstance(self.app.service, RemoteService):
             raise KettleError("comparing needs the models on this machine; the app is connected "
                               "to a server that runs one model at a time")
         if info.path not in self.services:
-            self.services[info.path] = InProcessService(info.path)
+            self.services[info.path] = InProcessService(info.path, catalog=StoreCatalog())
         return self.services[info.path]
 
     @on(Input.Submitted, "#compare-prompt")

@@ -14,6 +14,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
 from data.paths import kettle_home, models_dir
+from data.registry import resolve_model_dir, unique_name
 from data.records import ModelVersion
 from data.store import Store
 from gpt.errors import KettleError
@@ -63,20 +64,6 @@ def describe(store: Store, version: ModelVersion, active_id: int | None) -> str:
     return "\n".join(lines)
 
 
-def unique_name(store: Store, wanted: str, own: Path | None = None) -> str:
-    """`wanted`, or `wanted-2`, ... : a name no version has and no other model directory uses
-    (`own` is the directory being named, which may already carry the name)."""
-    def taken(name: str) -> bool:
-        folder = models_dir() / name
-        return store.find_model_version(name) is not None or (
-            folder.exists() and (own is None or folder.resolve() != own.resolve()))
-
-    name, n = wanted, 2
-    while taken(name):
-        name, n = f"{wanted}-{n}", n + 1
-    return name
-
-
 def register(store: Store, path: Path, kind: str, name: str | None = None) -> tuple[ModelVersion, bool]:
     """Record a model directory unless the store already knows it (the brew and download
     commands may have), and make it active when no model is. Returns (version, is it active)."""
@@ -113,7 +100,6 @@ def adapter_base(store: Store, adapter: Path) -> Path:
     """The Kettle model an adapter is merged into: the one it names (a model's name or
     directory; a hub id "org/gpt2" by its last part), else the active model."""
     from finetune.lora import recorded_base
-    from gpt.checkpoint import resolve_model_dir
     from gpt.hf import is_hf_dir
 
     named = recorded_base(adapter)
