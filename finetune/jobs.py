@@ -2,7 +2,7 @@
 
     run = create_run(store, JobSpec(model="starter", snapshot_id=3))   # status "queued"
     execute(run.id)                 # in this process (`kettle finetune run`), or:
-    run_id = start_finetune(JobSpec(...))   # a detached `kettle finetune run --run-id N`
+    run_id = start_finetune(JobSpec(...))   # a detached `python -m finetune.jobs N`
 
 What a run writes while it goes (the app polls `store.run(id)` and `store.run_metrics(id)`):
 - runs.status: queued -> running -> finished | failed | cancelled; runs.pid; started_at,
@@ -108,7 +108,7 @@ def create_run(store: Store, spec: JobSpec) -> Run:
 
 
 def start_finetune(spec: JobSpec, store: Store | None = None) -> int:
-    """Create a run and start it as a detached `kettle finetune run --run-id N`; returns its id.
+    """Create a run and start it as a detached `python -m finetune.jobs N`; returns its id.
 
     The process records itself in the runs table (see the module docstring); its output goes to
     the run's log_path. Cancel it with `cancel_run`.
@@ -119,8 +119,8 @@ def start_finetune(spec: JobSpec, store: Store | None = None) -> int:
         run = create_run(store, spec)
         with open(run.log_path, "ab") as log:
             proc = subprocess.Popen(  # -X faulthandler: a hard crash leaves its trace in the log
-                [sys.executable, "-X", "faulthandler", "-m", "tui.cli", "finetune", "run",
-                 "--run-id", str(run.id), "--no-progress"],
+                [sys.executable, "-X", "faulthandler", "-m", "finetune.jobs", str(run.id),
+                 "--no-progress"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
         # Collect its exit status when it ends: a child nobody waits for stays a zombie
@@ -557,3 +557,36 @@ def model_card(name: str, base_name: str, run_id: int, hparams: dict, metrics: d
             f"{time.strftime('%Y-%m-%d %H:%M', time.localtime())}.\n\n| | |\n|---|---|\n{table}\n\n"
             f"![loss curve](loss.png)\n")
 
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m finetune.jobs RUN_ID`: execute a queued run in this process, what
+    start_finetune's detached process does (the run's log is its output). Errors are one line,
+    as the kettle command's are; the exit status is 0 when the run finished, 130 when stopped."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m finetune.jobs",
+                                     description="Execute a queued fine-tuning run.")
+    parser.add_argument("run_id", type=int, metavar="RUN_ID")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    args = parser.parse_args(argv)
+    try:
+        run = execute(args.run_id, progress=not args.no_progress)
+    except KettleError as exc:
+        print(f"kettle: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a full disk, a folder that cannot be written: what and where
+        print(f"kettle: error: {_os_error(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kettle: interrupted", file=sys.stderr)
+        return 130
+    if run.status == "cancelled":
+        print(f"run {run.id} stopped at step {run.step}/{run.total_steps}; "
+              f"continue it with `kettle finetune resume {run.id}`")
+        return 130
+    print(f"run {run.id} {run.status} at step {run.step}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
