@@ -146,10 +146,6 @@ class Store:
         self._lock = threading.RLock()
         self._depth = 0
 
-    # open_store under its old name, for the callers issue 14's model-registry step is
-    # rewriting (gpt/service.py, data/registry.py); everything else calls open_store().
-    open = staticmethod(open_store)
-
     def _configure(self, read_only: bool = False) -> None:
         self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         if read_only:
