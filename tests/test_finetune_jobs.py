@@ -144,6 +144,15 @@ def test_sigterm_then_resume_reaches_the_uninterrupted_loss(store, base):
     assert losses_a  # the progress rows exist for both runs
 
 
+def test_a_checkpoint_an_older_kettle_left_is_refused_in_one_line(store, base):
+    run = create_run(store, JobSpec(model="base", snapshot_id=_snapshot(store)))
+    store.update_run(run.id, status="cancelled")
+    (run_dir(run.id) / "checkpoint.pt").write_bytes(b"an older Kettle's trainer state")
+    with pytest.raises(KettleError, match=r"older Kettle \(checkpoint\.pt\).*start it again"):
+        execute(run.id, resume=True, progress=False)
+    assert store.run(run.id).status == "failed" and "\n" not in store.run(run.id).error
+
+
 def _assert_failed(store, run_id, reason):
     run = store.run(run_id)
     assert run.status == "failed" and reason in run.error
