@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 
 import gpt.engine
-from gpt.engine import GenerationResult, TextStream, TokenLogprob, _common_prefix, _entry, _score_prompt
+from gpt.engine import GenerationResult, TextStream, TokenLogprob, _entry, _score_prompt
+from gpt.model import common_prefix
 from gpt.sampling import MAX_SEED, Sampler, SamplingParams
 
 MAX_BATCH = 16
@@ -75,13 +76,13 @@ class BatchedKVCache:
             t[:, [a, b], :, :n] = t[:, [b, a], :, :n]
         self.ids[a], self.ids[b] = self.ids[b], self.ids[a]
 
-    def place(self, slot: int, ids: list[int], reuse: bool) -> int:
+    def place(self, slot: int, ids: list[int], *, reuse: bool) -> int:
         """Make `slot` (free) hold the longest prefix of `ids` that any slot holds, at most all
         but the last token (which must be fed to get the next logits); how many it holds."""
         common = 0
         if reuse:
-            best = max(range(self.slots), key=lambda s: _common_prefix(self.ids[s], ids))
-            common = min(_common_prefix(self.ids[best], ids), len(ids) - 1)
+            best = max(range(self.slots), key=lambda s: common_prefix(self.ids[s], ids))
+            common = min(common_prefix(self.ids[best], ids), len(ids) - 1)
             if best > slot:   # a free slot: move it here whole
                 self.swap(best, slot)
             elif best < slot and common:  # a busy one: copy the shared positions

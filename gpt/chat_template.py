@@ -103,7 +103,7 @@ def render_training(messages: list[dict], tokenizer: Tokenizer) -> tuple[list[in
     return ids, mask
 
 
-def render_alpaca(instruction: str, input: str = "", output: str | None = None) -> str:
+def render_alpaca(instruction: str, input: str = "", *, output: str | None = None) -> str:
     """The Alpaca prompt used in the book's chapter 7; with `output`, the full training text."""
     text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}"
     if input:

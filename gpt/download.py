@@ -26,7 +26,7 @@ HF_REPO = "openai-community/{size}"
 FILES = ("config.json", "model.safetensors")
 
 
-def download_gpt2(size: str, out_dir: str | Path, progress_factory=None, overwrite: bool = False) -> Path:
+def download_gpt2(size: str, out_dir: str | Path, *, progress_factory=None, overwrite: bool = False) -> Path:
     """Download a published GPT-2 checkpoint (or take it from the cache) and convert it."""
     if size not in HF_SIZES:
         raise KettleError(f"unknown GPT-2 size {size!r} (choose from {', '.join(HF_SIZES)})")
@@ -37,7 +37,7 @@ def download_gpt2(size: str, out_dir: str | Path, progress_factory=None, overwri
     paths = {}
     for name in FILES:
         progress = progress_factory(name) if progress_factory else None
-        paths[name] = fetch(repo, name, progress)
+        paths[name] = fetch(repo, name, progress=progress)
         if progress:  # also when the cache had it: the bar ends full, not waiting
             nbytes = paths[name].stat().st_size
             progress(nbytes, nbytes)
@@ -50,7 +50,7 @@ def download_gpt2(size: str, out_dir: str | Path, progress_factory=None, overwri
     return out_dir
 
 
-def fetch(repo: str, name: str, progress=None) -> Path:
+def fetch(repo: str, name: str, *, progress=None) -> Path:
     """`name` from `repo` at main, through the shared cache; its path in the cache's snapshot."""
     import httpx2
     from huggingface_hub import (constants, get_hf_file_metadata, hf_hub_download, hf_hub_url,
@@ -90,7 +90,7 @@ def fetch(repo: str, name: str, progress=None) -> Path:
                              tqdm_class=_reporting(progress) if progress else None)
                     f.flush()
                     os.fsync(f.fileno())
-                _check_hash(part, meta.etag, url)
+                _check_hash(part, meta.etag, url=url)
                 os.replace(part, blob)
         # The blob is in place: this writes refs/main and the snapshot's link, and downloads nothing.
         return Path(hf_hub_download(repo, name))
@@ -102,7 +102,7 @@ def fetch(repo: str, name: str, progress=None) -> Path:
                           "run the command again to resume") from None
 
 
-def _check_hash(part: Path, etag: str, url: str) -> None:
+def _check_hash(part: Path, etag: str, *, url: str) -> None:
     from huggingface_hub.utils.sha import git_hash
 
     if re.fullmatch(r"[0-9a-f]{64}", etag):  # an LFS file: its etag is its sha256

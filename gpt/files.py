@@ -70,7 +70,7 @@ def atomic_file(path: str | Path):
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        _name_the_target(exc, tmp, path)
+        _name_the_target(exc, tmp, path=path)
         raise
     finally:
         os.close(fd)
@@ -113,13 +113,13 @@ def atomic_directory(path: str | Path, overwrite: bool = False):
                 shutil.rmtree(old, ignore_errors=True)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        _name_the_target(exc, tmp, path)
+        _name_the_target(exc, tmp, path=path)
         raise
     finally:
         os.close(lock)
 
 
-def _name_the_target(exc: BaseException, tmp: Path | str, path: Path) -> None:
+def _name_the_target(exc: BaseException, tmp: Path | str, *, path: Path) -> None:
     """A failed write names what was being written, not the temporary that is gone now."""
     if isinstance(exc, OSError) and exc.filename and str(exc.filename).startswith(str(tmp)):
         exc.filename = str(path)
