@@ -39,7 +39,7 @@ import torch
 from gpt.chat_template import header_ids, render_message, stop_token_ids, validate_messages
 from gpt.device import pick_device, pick_dtype
 from gpt.errors import KettleError
-from gpt.model import GPT, KVCache
+from gpt.model import GPT, KVCache, common_prefix
 from gpt.sampling import MAX_SEED, Sampler, SamplingParams
 from gpt.speculative import DraftModel, PromptLookup, Speculator
 from gpt.threads import fit_threads
@@ -237,7 +237,7 @@ class Engine:
             self._cache = KVCache(self.model.config, 1, self.context_length, self.device,
                                   self.model.wte.weight.dtype)
         # At least one token must be fed to get logits for the next one.
-        common = 0 if every else min(_common_prefix(self._cached_ids, ids), len(ids) - 1)
+        common = 0 if every else min(common_prefix(self._cached_ids, ids), len(ids) - 1)
         self._cache.truncate(common)
         self._cached_ids = ids[:common]
         x = torch.tensor([ids[common:]], dtype=torch.long, device=self.device)
@@ -415,14 +415,6 @@ def _score_prompt(ids: list[int], logits: torch.Tensor, top: int) -> list[TokenL
     log_probs = logits.float().log_softmax(-1)
     return [TokenLogprob(ids[0], None)] + [_entry(t, log_probs[i], top)
                                            for i, t in enumerate(ids[1:])]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def _last(items):

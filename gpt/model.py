@@ -38,6 +38,16 @@ class KVCache:
         self.pos = pos
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading token ids `a` and `b` share: the cached positions still valid when a
+    cache filled for `a` continues with `b`."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt.errors import KettleError
-from gpt.model import GPT, KVCache
+from gpt.model import GPT, KVCache, common_prefix
 from gpt.sampling import Sampler, SamplingParams
 
 
@@ -118,12 +118,11 @@ class _Draft:
         self.history.extend(tokens)
 
     def propose(self, k: int) -> tuple[list[int], list[torch.Tensor] | None]:
-        from gpt.engine import _common_prefix  # gpt.engine imports this module
 
         k = min(k, self.max_draft)
         if k == 0:
             return [], None
-        common = min(_common_prefix(self.cached, self.history), len(self.history) - 1)
+        common = min(common_prefix(self.cached, self.history), len(self.history) - 1)
         self.cache.truncate(common)
         x = self.history[common:]
         self.cached = list(self.history)
