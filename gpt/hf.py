@@ -79,7 +79,7 @@ def config_from_hf(data, source: str) -> GPTConfig:
     return GPTConfig.from_dict(fields, source)
 
 
-def config_to_hf(config: GPTConfig, dtype: str, eot_id: int | None) -> dict:
+def config_to_hf(config: GPTConfig, dtype: str, *, eot_id: int | None) -> dict:
     """GPT2Config's fields for `config`; `eot_id` is the tokenizer's end of text (bos and eos),
     None where no tokenizer is known."""
     return {
@@ -139,7 +139,7 @@ def is_hf_dir(directory: Path) -> bool:
     return isinstance(data, dict) and "kettle_format" not in data
 
 
-def import_hf(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+def import_hf(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Convert a Hugging Face GPT-2 directory (config.json + model.safetensors, or shards listed
     in model.safetensors.index.json) to Kettle's format."""
     hf_dir = Path(hf_dir)
@@ -253,7 +253,7 @@ def _tokenizer(hf_dir: Path) -> Tokenizer:
     return load_tokenizer_file(path)
 
 
-def export_hf(model_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Write a directory that transformers loads as it is: GPT2LMHeadModel.from_pretrained,
     AutoTokenizer (Kettle's tokenizer converted exactly, its chat format as chat_template) and
     pipeline("text-generation"), which stops where Kettle's generation stops."""
@@ -264,7 +264,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
         weights |= {f"h.{i}.attn.c_attn.bias": model.wte.weight.new_zeros(3 * model.config.n_embd)
                     for i in range(model.config.n_layer)}
     files = {
-        "config.json": config_to_hf(model.config, dtype, tokenizer.eot_id),
+        "config.json": config_to_hf(model.config, dtype, eot_id=tokenizer.eot_id),
         GENERATION_CONFIG: _generation_config(model.config, tokenizer),
         TOKENIZER_CONFIG: {
             "tokenizer_class": "PreTrainedTokenizerFast",

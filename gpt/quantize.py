@@ -22,7 +22,7 @@ from gpt.errors import KettleError
 MODES = ("int8",)
 
 
-def check_mode(mode: str | None, device: torch.device | str, where: str = "--quantize") -> None:
+def check_mode(mode: str | None, device: torch.device | str, *, where: str = "--quantize") -> None:
     """A KettleError unless `mode` is None or one of MODES on a device that runs it."""
     if mode is None:
         return

@@ -128,11 +128,11 @@ class Param:
         if value is None and self.optional:
             return
         if self.many:
-            _check_strings(self.name, value, self.high)
+            _check_strings(self.name, value, most=self.high)
         elif self.kind is int:
-            _check_int(self.name, value, self.low, self.high)
+            _check_int(self.name, value, low=self.low, high=self.high)
         else:
-            _check_number(self.name, value, self.low, self.high, low_open=self.low_open)
+            _check_number(self.name, value, low=self.low, high=self.high, low_open=self.low_open)
 
 
 def _params() -> tuple[Param, ...]:
@@ -171,21 +171,21 @@ def get_preset(name: str) -> SamplingParams:
     return dataclasses.replace(preset, stop=list(preset.stop))
 
 
-def _check_number(name, value, low, high, low_open=False):
+def _check_number(name, value, *, low, high, low_open=False):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise KettleError(f"{name} must be a number, got {value!r}")
     if (value <= low if low_open else value < low) or value > high:
         raise KettleError(f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {value}")
 
 
-def _check_int(name, value, low, high=None):
+def _check_int(name, value, *, low, high=None):
     if isinstance(value, bool) or not isinstance(value, int):
         raise KettleError(f"{name} must be an integer, got {value!r}")
     if value < low or (high is not None and value > high):
         raise KettleError(f"{name} must be {'>= ' + str(low) if high is None else f'in [{low}, {high}]'}, got {value}")
 
 
-def _check_strings(name, value, most):
+def _check_strings(name, value, *, most):
     if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
         raise KettleError(f"{name} must be a list of non-empty strings")
     if most is not None and len(value) > most:
@@ -229,7 +229,7 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def apply_penalties(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, *, seen: torch.Tensor | None,
                     counts: torch.Tensor | None) -> torch.Tensor:
     """Penalise repeats. `seen` [V] bool marks tokens in the prompt or answer (repetition penalty,
     as in CTRL/Hugging Face: positive logits divided, negative multiplied); `counts` [V] holds how
@@ -249,7 +249,7 @@ NUCLEUS_CANDIDATES = 512
 NUCLEUS_BUCKETS = 1024
 
 
-def _nucleus_candidates(probs: torch.Tensor, top_p: float, min_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _nucleus_candidates(probs: torch.Tensor, top_p: float, *, min_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Enough of the most likely tokens to hold every token that both the top_p nucleus and
     min_p can keep (either one ending inside the candidates is enough), the most likely first."""
     k = min(NUCLEUS_CANDIDATES, probs.numel())
@@ -309,7 +309,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [V] -> the chosen token id as a 0-d tensor (still on the device)."""
         p = self.params
-        logits = apply_penalties(logits.float(), p, self.seen, self.counts)
+        logits = apply_penalties(logits.float(), p, seen=self.seen, counts=self.counts)
         token = logits.argmax() if p.greedy else self._draw(logits)
         self.observe(token)
         return token
@@ -319,7 +319,7 @@ class Sampler:
         request asked for (OpenAI's logprobs); a removed candidate is -inf. Greedy decoding reads
         them at temperature 1: its choice is their most likely token."""
         p = self.params
-        logits = apply_penalties(logits.float(), p, self.seen, self.counts) / (p.temperature or 1.0)
+        logits = apply_penalties(logits.float(), p, seen=self.seen, counts=self.counts) / (p.temperature or 1.0)
         logits = min_p_filter(top_p_filter(top_k_filter(logits, p.top_k), p.top_p), p.min_p)
         return logits.log_softmax(-1)
 
@@ -327,7 +327,7 @@ class Sampler:
         """The probabilities [V] the next draw uses (penalties and filters applied)."""
         import torch
 
-        probs, ids = self._candidates(apply_penalties(logits.float(), self.params, self.seen, self.counts))
+        probs, ids = self._candidates(apply_penalties(logits.float(), self.params, seen=self.seen, counts=self.counts))
         probs = probs / probs.sum()
         return probs if ids is None else torch.zeros_like(logits, dtype=probs.dtype).scatter(0, ids, probs)
 
@@ -356,7 +356,7 @@ class Sampler:
         if p.top_p < 1.0:
             total = probs.double().sum()  # the nucleus is a share of all the mass, not of the candidates'
             if ids is None:
-                probs, ids = _nucleus_candidates(probs, p.top_p, p.min_p)
+                probs, ids = _nucleus_candidates(probs, p.top_p, min_p=p.min_p)
             # Drop a token when the tokens ranked before it already reach top_p of the mass
             # (summed in float64: over tens of thousands of tokens float32 sums drift by several).
             exact = probs.double()

@@ -366,7 +366,7 @@ def test_logprobs_are_log_softmax_of_a_direct_forward_pass_after_the_filters(eng
         at = len(prompt) + step - 1
         seen = torch.zeros(engine.tokenizer.n_vocab, dtype=torch.bool)
         seen[ids[:at + 1]] = True
-        x = apply_penalties(logits[at], params, seen, counts) / (params.temperature or 1.0)
+        x = apply_penalties(logits[at], params, seen=seen, counts=counts) / (params.temperature or 1.0)
         x = min_p_filter(top_p_filter(top_k_filter(x, params.top_k), params.top_p), params.min_p)
         expected = x.log_softmax(-1)
         assert entry.token == result.token_ids[step]

@@ -77,14 +77,14 @@ def test_min_p_on_crafted_probabilities():
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     logits = torch.tensor([2.0, -2.0, 2.0, -2.0])
     seen = torch.tensor([True, True, False, False])
-    out = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), seen, None)
+    out = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), seen=seen, counts=None)
     assert out.tolist() == [1.0, -4.0, 2.0, -2.0]
 
 
 def test_presence_and_frequency_penalties_use_answer_counts():
     logits = torch.zeros(3)
     counts = torch.tensor([0.0, 1.0, 3.0])
-    out = apply_penalties(logits, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), None, counts)
+    out = apply_penalties(logits, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), seen=None, counts=counts)
     assert out.tolist() == [0.0, -0.75, -1.25]
 
 
