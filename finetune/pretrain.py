@@ -92,6 +92,7 @@ class TrainConfig:
 
     @property
     def optimizer(self) -> OptimizerSettings:
+        """The optimizer's and schedule's part of these settings, as the toolkit takes them."""
         return OptimizerSettings(lr=self.lr, weight_decay=self.weight_decay, beta1=self.beta1,
                                  beta2=self.beta2, warmup_steps=self.warmup_steps,
                                  min_lr_ratio=self.min_lr_ratio)

@@ -179,6 +179,15 @@ def set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(state["python"]), None))
 
 
+def gathered_rng_states(dist: Dist) -> list[dict]:
+    """Every rank's rng_state, in rank order (every rank must call it)."""
+    if not dist.enabled:
+        return [rng_state()]
+    states = [None] * dist.world_size
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
 # torch.save reports a failed write as an enforce failure ("unexpected pos 576 vs 534"); with
 # less than this free beside the file, the disk was full.
 FULL_DISK_BYTES = 16 << 20
@@ -211,7 +220,8 @@ def save_checkpoint(path: Path, trainer: dict, state: dict, *, model: GPT | None
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[dict, dict, GPT | None]:
     """(trainer, state, model or None) of the checkpoint save_checkpoint wrote at `path`, the
-    tensors on `device`, the model in fp32 (it trains on); never unpickles."""
+    tensors on `device`, the model in fp32 (training keeps its weights in fp32); never
+    unpickles."""
     try:
         state = json.loads((path / CHECKPOINT_STATE).read_text(encoding="utf-8"))
         trainer = torch.load(path / CHECKPOINT_TRAINER, map_location=device, weights_only=True)
@@ -223,15 +233,6 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[dict, dict, GPT |
     if (path / CHECKPOINT_MODEL).is_dir():
         model, _ = load_model(path / CHECKPOINT_MODEL, device=device, dtype=torch.float32)
     return trainer, state, model
-
-
-def gathered_rng_states(dist: Dist) -> list[dict]:
-    """Every rank's rng_state, in rank order (every rank must call it)."""
-    if not dist.enabled:
-        return [rng_state()]
-    states = [None] * dist.world_size
-    torch.distributed.all_gather_object(states, rng_state())
-    return states
 
 
 # --- the metrics log ----------------------------------------------------------------------------
