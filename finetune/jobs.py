@@ -492,7 +492,7 @@ class _Checkpoints:
         from finetune.train import save_checkpoint
 
         started = time.monotonic()
-        save_checkpoint(self.path, self.trainer.state_dict(), {"step": self.trainer.step})
+        save_checkpoint(self.path, self.trainer.state_dict(), state={"step": self.trainer.step})
         self.saved_at = time.monotonic()
         self.interval = max(CHECKPOINT_EVERY_S, (self.saved_at - started) / CHECKPOINT_SHARE)
 

@@ -364,7 +364,7 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
     def checkpoint(at: int) -> None:
         rng = gathered_rng_states(dist)
         if dist.main:
-            save_checkpoint(ckpt_dir, {"optimizer": optimizer.state_dict(), "rng": rng}, {
+            save_checkpoint(ckpt_dir, {"optimizer": optimizer.state_dict(), "rng": rng}, state={
                 "step": at, "tokens": at * tokens_per_step, "world_size": dist.world_size,
                 "step_batch": loader.step_batch, "initial_val_loss": initial_val,
                 "elapsed": elapsed_before + time.perf_counter() - started,

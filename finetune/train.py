@@ -6,7 +6,7 @@
     optimizer = make_optimizer(model, OptimizerSettings(lr=3e-4), device)
     lr = lr_at(step, settings, max_steps=1000)  # linear warm-up, cosine decay
     with StopFlag() as stop: ...                # Ctrl-C / SIGTERM: checkpoint and stop
-    save_checkpoint(run_dir / "checkpoint", {"optimizer": ..., "rng": [rng_state()]}, {"step": n})
+    save_checkpoint(path, {"optimizer": ..., "rng": [rng_state()]}, state={"step": n})
 
 A resume checkpoint has one format, whichever loop wrote it: a directory, replaced in one atomic
 rename, holding
@@ -206,7 +206,7 @@ def save_state(obj, path: Path) -> None:
 CHECKPOINT_MODEL, CHECKPOINT_TRAINER, CHECKPOINT_STATE = "model", "trainer.pt", "state.json"
 
 
-def save_checkpoint(path: Path, trainer: dict, state: dict, *, model: GPT | None = None,
+def save_checkpoint(path: Path, trainer: dict, *, state: dict, model: GPT | None = None,
                     tokenizer: Tokenizer | None = None) -> None:
     """Write the resume checkpoint `path` (the format is in the module docstring): `trainer`
     as trainer.pt, `state` (its "step" at least) as state.json, and `model` with its tokenizer
