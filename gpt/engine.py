@@ -284,7 +284,7 @@ class Engine:
                         sampler = Sampler(params, logits.size(-1), self.device, ids, seed)
                         if self.speculation is not None and (params.greedy or self.speculate_sampled):
                             speculator = Speculator(
-                                self, self.speculation.begin(self, ids, params, sampler), sampler,
+                                self, self.speculation.begin(self, ids, params=params, sampler=sampler), sampler,
                                 params, scored is not None)
                     more = len(tokens) + 1 < max_new
                     if decided:

@@ -319,7 +319,8 @@ class Sampler:
         request asked for (OpenAI's logprobs); a removed candidate is -inf. Greedy decoding reads
         them at temperature 1: its choice is their most likely token."""
         p = self.params
-        logits = apply_penalties(logits.float(), p, seen=self.seen, counts=self.counts) / (p.temperature or 1.0)
+        logits = apply_penalties(logits.float(), p, seen=self.seen, counts=self.counts)
+        logits = logits / (p.temperature or 1.0)
         logits = min_p_filter(top_p_filter(top_k_filter(logits, p.top_k), p.top_p), p.min_p)
         return logits.log_softmax(-1)
 
@@ -327,7 +328,8 @@ class Sampler:
         """The probabilities [V] the next draw uses (penalties and filters applied)."""
         import torch
 
-        probs, ids = self._candidates(apply_penalties(logits.float(), self.params, seen=self.seen, counts=self.counts))
+        logits = apply_penalties(logits.float(), self.params, seen=self.seen, counts=self.counts)
+        probs, ids = self._candidates(logits)
         probs = probs / probs.sum()
         return probs if ids is None else torch.zeros_like(logits, dtype=probs.dtype).scatter(0, ids, probs)
 

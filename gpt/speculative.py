@@ -40,7 +40,7 @@ class PromptLookup:
     max_ngram: int = 3
     min_ngram: int = 2  # a single repeated token is too weak a hint: most such drafts fail
 
-    def begin(self, engine, prompt_ids: list[int], params: SamplingParams,
+    def begin(self, engine, prompt_ids: list[int], *, params: SamplingParams,
               sampler: Sampler) -> "_Lookup":
         return _Lookup(self, prompt_ids)
 
@@ -92,7 +92,7 @@ class DraftModel:
             raise KettleError(f"the draft model's context ({self.model.config.context_length} tokens) "
                               f"is shorter than the model's ({target.config.context_length})")
 
-    def begin(self, engine, prompt_ids: list[int], params: SamplingParams,
+    def begin(self, engine, prompt_ids: list[int], *, params: SamplingParams,
               sampler: Sampler) -> "_Draft":
         self.check(engine.model, engine.tokenizer.n_vocab)
         return _Draft(self, engine.tokenizer.n_vocab, prompt_ids, params, sampler)
@@ -173,7 +173,7 @@ class Speculator:
             if i == len(drafts):  # past the drafts: the model's own next token
                 decided.append((int(sampler(row)), log_probs))
                 break
-            token = self._check(row, drafts[i], None if q is None else q[i])
+            token = self._check(row, drafts[i], q=None if q is None else q[i])
             decided.append((token, log_probs))
             if token != drafts[i]:
                 break
@@ -187,7 +187,7 @@ class Speculator:
         self.drafter.extend([t for t, _ in decided[:-1]])
         return decided
 
-    def _check(self, logits: torch.Tensor, draft: int, q: torch.Tensor | None) -> int:
+    def _check(self, logits: torch.Tensor, draft: int, *, q: torch.Tensor | None) -> int:
         """The token decided at this position given the draft token (drawn from q; None: a
         point mass): the draft itself when accepted."""
         sampler = self.sampler

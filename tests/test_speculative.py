@@ -157,7 +157,7 @@ class _Scripted:
         self.truth, self.prompt_len, self.n_vocab, self.right = truth, prompt_len, n_vocab, right
         self.asked: list[int] = []
 
-    def begin(self, engine, prompt_ids, params, sampler):
+    def begin(self, engine, prompt_ids, *, params, sampler):
         self.history = list(prompt_ids)
         return self
 
