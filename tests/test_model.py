@@ -231,8 +231,10 @@ def test_loss_in_chunks_equals_the_full_cross_entropy_and_its_gradients(tie, chu
 @pytest.mark.parametrize("tie", [True, False])
 def test_a_training_step_keeps_less_and_its_gradients_are_autograds(tie, monkeypatch):
     """The MLP keeps only its GELU's input for the backward pass (autograd's path would keep the
-    GELU's output too, the step's largest activation), and the tied embedding's gradient is added
-    sparsely into the head's; every gradient is still the one autograd's plain ops give, dense."""
+    GELU's output too, the step's largest activation), the attention's and the MLP's input
+    projections keep the residual stream but not its normalised copy, and the tied embedding's
+    gradient is added sparsely into the head's; every gradient is still the one autograd's plain
+    ops give, dense."""
     import torch.nn.functional as F
 
     import gpt.model
@@ -241,18 +243,25 @@ def test_a_training_step_keeps_less_and_its_gradients_are_autograds(tie, monkeyp
     config = GPTConfig(vocab_size=300, context_length=32, n_layer=2, n_head=2, n_embd=16,
                        tie_embeddings=tie)
     model = GPT(config)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     x, y = torch.randint(0, 300, (3, 20)), torch.randint(0, 300, (3, 20))
-    mlp_wide = []
 
-    def keep(t):
-        if t.shape[-1] == config.mlp_width and t.dim() > 1:
-            mlp_wide.append(t.untyped_storage().data_ptr())
-        return t
+    def saved_activations(loss_of) -> tuple[dict[int, set], torch.Tensor]:
+        """The storages the backward pass keeps, by last dimension, and the loss."""
+        kept: dict[int, set] = {config.mlp_width: set(), config.n_embd: set()}
 
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        loss = model(x, targets=y)
-    assert len(set(mlp_wide) - {p.untyped_storage().data_ptr() for p in model.parameters()}) \
-        == config.n_layer
+        def keep(t):
+            ptr = t.untyped_storage().data_ptr()
+            if t.dim() > 1 and t.shape[-1] in kept and ptr not in params:
+                kept[t.shape[-1]].add(ptr)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            loss = loss_of()
+        return kept, loss
+
+    kept, loss = saved_activations(lambda: model(x, targets=y))
+    assert len(kept[config.mlp_width]) == config.n_layer
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     assert all(g.layout == torch.strided for g in grads.values())
@@ -260,6 +269,11 @@ def test_a_training_step_keeps_less_and_its_gradients_are_autograds(tie, monkeyp
     model.zero_grad(set_to_none=True)
     monkeypatch.setattr(gpt.model._GeluProjection, "apply",
                         lambda u, w, b: F.linear(F.gelu(u, approximate="tanh"), w, b))
-    F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+    monkeypatch.setattr(gpt.model._NormLinear, "apply", lambda x, nw, nb, w, b, eps: F.linear(
+        F.layer_norm(x, (x.size(-1),), nw, nb, eps), w, b))
+    plain, loss = saved_activations(lambda: F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
+    # Autograd's path keeps each block's two normalised inputs as well.
+    assert len(plain[config.n_embd]) - len(kept[config.n_embd]) >= 2 * config.n_layer
+    loss.backward()
     for name, p in model.named_parameters():
         assert torch.allclose(grads[name], p.grad, atol=1e-6), name
