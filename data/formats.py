@@ -105,7 +105,7 @@ def read_json_records(path: Path) -> list[tuple[int, Any]]:
     return _read_jsonl(path)
 
 
-def _decode(path: Path, data: bytes, first_line: int) -> str:
+def _decode(path: Path, data: bytes, *, first_line: int) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -128,7 +128,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
                                   f"{MAX_LINE_BYTES // (1024 * 1024)} MiB; is this a JSONL file?")
             if number == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")
-            text = _decode(path, raw, number).strip()
+            text = _decode(path, raw, first_line=number).strip()
             if not text:
                 continue
             try:
@@ -150,7 +150,7 @@ def _unreadable(exc: RecursionError | ValueError) -> str:
 
 
 def _read_json_list(path: Path) -> list[tuple[int, Any]]:
-    text = _decode(path, path.read_bytes(), 1).removeprefix("\ufeff")
+    text = _decode(path, path.read_bytes(), first_line=1).removeprefix("\ufeff")
     decoder = json.JSONDecoder()
 
     def line_of(pos: int) -> int:
@@ -219,13 +219,13 @@ def detect_format(path: Path, records: list[tuple[int, Any]]) -> str:
 # Records -> message trees
 
 
-def _string(obj: dict, key: str, where: str = "") -> str:
+def _string(obj: dict, key: str, *, where: str = "") -> str:
     if key not in obj:
         raise _Bad(f"missing field {where}{key!r}")
     return _as_string(obj[key], f"field {where}{key!r}")
 
 
-def _as_string(value: Any, name: str, also: str = "") -> str:
+def _as_string(value: Any, name: str, *, also: str = "") -> str:
     """`value` if it is a string SQLite can hold; `also` names what else the field takes."""
     if not isinstance(value, str):
         raise _Bad(f"{name} must be a string, got {_type(value)}{also}")
@@ -236,21 +236,21 @@ def _as_string(value: Any, name: str, also: str = "") -> str:
     return value
 
 
-def _text(obj: dict, key: str, where: str = "") -> str:
+def _text(obj: dict, key: str, *, where: str = "") -> str:
     """A message's text: a string, or a list of content parts whose texts are joined as they
     are (as Kettle's server joins them)."""
     if key not in obj:
         raise _Bad(f"missing field {where}{key!r}")
     value = obj[key]
     if not isinstance(value, list):
-        return _as_string(value, f"field {where}{key!r}", " (or a list of text parts)")
+        return _as_string(value, f"field {where}{key!r}", also=" (or a list of text parts)")
     texts = []
     for i, part in enumerate(value):
         part = _object(part, f"{where}{key}[{i}]")
         if part.get("type") != "text":
             raise _Bad(f"{where}{key}[{i}] is a part of type {part.get('type')!r}: "
                        "Kettle imports text only (type 'text')")
-        texts.append(_string(part, "text", f"{where}{key}[{i}]."))
+        texts.append(_string(part, "text", where=f"{where}{key}[{i}]."))
     return "".join(texts)
 
 
@@ -293,10 +293,10 @@ def _chat_messages(items: list, where: str) -> list[dict]:
     out = []
     for i, m in enumerate(items):
         m = _object(m, f"{where}[{i}]")
-        role = _string(m, "role", f"{where}[{i}].")
+        role = _string(m, "role", where=f"{where}[{i}].")
         if role not in ("system", "user", "assistant"):
             raise _Bad(f"{where}[{i}]: role {role!r} is not supported (system, user, assistant)")
-        msg = {"role": role, "content": _text(m, "content", f"{where}[{i}].")}
+        msg = {"role": role, "content": _text(m, "content", where=f"{where}[{i}].")}
         if "weight" in m:
             if m["weight"] not in (0, 1) or isinstance(m["weight"], bool) or role != "assistant":
                 raise _Bad(f"{where}[{i}]: weight must be 0 or 1, on an assistant message")
@@ -337,11 +337,11 @@ def _sharegpt(obj: dict) -> tuple[str, list[Node]]:
         # ShareGPT's own keys, or the role/content that OpenAI-style converters write
         who_key, text_key = ("role", "content") if "role" in turn and "from" not in turn \
             else ("from", "value")
-        who = _string(turn, who_key, f"{where}.")
+        who = _string(turn, who_key, where=f"{where}.")
         if who not in SHAREGPT_ROLES:
             names = "system, human or gpt" if who_key == "from" else "system, user or assistant"
             raise _Bad(f"{where}: {who_key!r} must be {names}, got {who!r}")
-        messages.append({"role": SHAREGPT_ROLES[who], "content": _text(turn, text_key, f"{where}.")})
+        messages.append({"role": SHAREGPT_ROLES[who], "content": _text(turn, text_key, where=f"{where}.")})
     return _chain(messages)
 
 
@@ -423,7 +423,7 @@ def shown(path: str | Path) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def import_file(store: Store, path: str | Path, fmt: str | None = None, again: bool = False,
+def import_file(store: Store, path: str | Path, *, fmt: str | None = None, again: bool = False,
                 progress: Callable[[int, int], None] | None = None) -> ImportReport:
     """Import a dataset file as conversations, all or nothing. The same file (by content)
     is refused a second time unless `again`. `progress(done, total)` is called as it goes."""
@@ -551,7 +551,7 @@ def without_context(example: dict) -> dict:
     return {**example, "messages": kept}
 
 
-def convert(examples: list[dict], pairs: list[dict], fmt: str) -> tuple[list[dict], Counter]:
+def convert(examples: list[dict], pairs: list[dict], *, fmt: str) -> tuple[list[dict], Counter]:
     """Examples (and pairs) in the one chat format -> records of `fmt`, and skip reasons."""
     skipped: Counter = Counter()
     to_record = FORMAT_TABLE[fmt].render
@@ -569,7 +569,7 @@ def convert(examples: list[dict], pairs: list[dict], fmt: str) -> tuple[list[dic
     return out, skipped
 
 
-def export_file(store: Store, out: str | Path, fmt: str, snapshot_id: int | None = None,
+def export_file(store: Store, out: str | Path, *, fmt: str, snapshot_id: int | None = None,
                 filt: DataFilter | None = None, weights: bool = True) -> ExportReport:
     """Write a snapshot's examples, or what `filt` chooses now, as a `fmt` file (atomically).
     Without `weights`, answers marked weight 0 are left out (`without_context`)."""
@@ -590,7 +590,7 @@ def export_file(store: Store, out: str | Path, fmt: str, snapshot_id: int | None
     if not weights:
         dropped = sum(m.get("weight", 1) == 0 for e in examples for m in e["messages"])
         examples = [without_context(e) for e in examples]
-    records, skipped = convert(examples, pairs, fmt)
+    records, skipped = convert(examples, pairs, fmt=fmt)
     if FORMAT_TABLE[fmt].suffix == ".json":
         text = json.dumps(records, ensure_ascii=False, indent=2) + "\n"
     else:

@@ -73,20 +73,20 @@ def test_each_format_round_trips(store, tmp_path, fmt, records):
     source = write(tmp_path / f"in.{fmt}", fmt, records)
     report = import_file(store, source)  # the format is detected
     assert (report.format, report.conversations) == (fmt, len(records))
-    out = export_file(store, tmp_path / f"out.{fmt}", fmt)
+    out = export_file(store, tmp_path / f"out.{fmt}", fmt=fmt)
     assert out.skipped == {}
     assert read(tmp_path / f"out.{fmt}", fmt) == records
     # and the same from a frozen snapshot
     snap = store.create_snapshot()
-    export_file(store, tmp_path / f"snap.{fmt}", fmt, snapshot_id=snap.id)
+    export_file(store, tmp_path / f"snap.{fmt}", fmt=fmt, snapshot_id=snap.id)
     assert read(tmp_path / f"snap.{fmt}", fmt) == records
 
 
 def test_instruction_data_imports_fully_and_exports_equal(store, tmp_path):
     source = SHARED_DATA / "instruction-data.json"
-    report = import_file(store, source, "alpaca")
+    report = import_file(store, source, fmt="alpaca")
     assert (report.conversations, report.messages) == (1100, 2200)
-    out = export_file(store, tmp_path / "out.json", "alpaca")
+    out = export_file(store, tmp_path / "out.json", fmt="alpaca")
     assert out.written == 1100 and out.skipped == {}
     assert json.loads((tmp_path / "out.json").read_text(encoding="utf-8")) == \
         json.loads(source.read_text(encoding="utf-8"))
@@ -105,14 +105,14 @@ def test_what_a_format_cannot_express_is_skipped_with_reasons(store, tmp_path):
     import_file(store, write(tmp_path / "o.jsonl", "openai", OPENAI[1:] + [
         {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
                       {"role": "assistant", "content": "ab"}]}]))
-    report = export_file(store, tmp_path / "out.json", "alpaca")
+    report = export_file(store, tmp_path / "out.json", fmt="alpaca")
     assert report.written == 2  # ShareGPT's system prompt and earlier turns: system, history
     reasons = {reason.split(" (")[0]: n for reason, n in report.skipped.items()}
     assert reasons == {"has earlier answers not chosen for training": 1,
                        "has turns that are not question-answer pairs": 1}
-    report = export_file(store, tmp_path / "out.sharegpt", "sharegpt")
+    report = export_file(store, tmp_path / "out.sharegpt", fmt="sharegpt")
     assert report.written == 3 and sum(report.skipped.values()) == 1
-    report = export_file(store, tmp_path / "out.dpo", "dpo")
+    report = export_file(store, tmp_path / "out.dpo", fmt="dpo")
     assert report.written == 0 and sum(report.skipped.values()) == 4
 
 
@@ -123,11 +123,11 @@ def test_export_from_a_filter_and_labels_made_in_the_app(store, tmp_path):
     bad = store.add_message(conv.id, "assistant", "London.", user.id)
     store.set_label(good.id, thumb=1, ideal="Paris.", tags=["geo"])
     store.set_label(bad.id, thumb=-1)
-    export_file(store, tmp_path / "p.jsonl", "dpo", filt=DataFilter(tags_include=("geo",)))
+    export_file(store, tmp_path / "p.jsonl", fmt="dpo", filt=DataFilter(tags_include=("geo",)))
     pairs = read(tmp_path / "p.jsonl", "dpo")
     assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == \
         [("Paris.", "Paris, I think."), ("Paris.", "London.")]
-    report = export_file(store, tmp_path / "none.jsonl", "openai",
+    report = export_file(store, tmp_path / "none.jsonl", fmt="openai",
                          filt=DataFilter(tags_include=("cooking",)))
     assert report.written == 0 and (tmp_path / "none.jsonl").read_text() == ""
 
@@ -140,7 +140,7 @@ def test_dpo_plain_text_and_openai_preference_forms_import(store, tmp_path):
                                   "non_preferred_output": [{"role": "assistant", "content": "5"}]})
                     + "\n", encoding="utf-8")
     assert import_file(store, path).conversations == 2
-    export_file(store, tmp_path / "out.jsonl", "dpo")
+    export_file(store, tmp_path / "out.jsonl", fmt="dpo")
     assert [(p["prompt"][-1]["content"], p["chosen"][0]["content"], p["rejected"][0]["content"])
             for p in read(tmp_path / "out.jsonl", "dpo")] == \
         [("Hi?", "Hello!", "Go away."), ("2+2?", "4", "5")]
@@ -187,7 +187,7 @@ def test_malformed_input_is_one_clear_error_and_changes_nothing(store, tmp_path,
     path = tmp_path / name
     path.write_bytes(data)
     with pytest.raises(KettleError, match=error):
-        import_file(store, path, fmt)
+        import_file(store, path, fmt=fmt)
     assert store.stats() == before
 
 
@@ -225,7 +225,7 @@ def test_unwritable_output_is_a_clear_error(store, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(KettleError, match="cannot write"):
-        export_file(store, blocker / "out.json", "alpaca")
+        export_file(store, blocker / "out.json", fmt="alpaca")
 
 
 def test_the_same_file_is_not_imported_twice_by_accident(store, tmp_path):
@@ -273,13 +273,13 @@ def test_content_part_lists_import_as_their_text(store, tmp_path):
             "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "4"}]}],
             "rejected": [{"role": "assistant", "content": "5"}]}
     import_file(store, write(tmp_path / "pair.jsonl", "dpo", [pair]))
-    export_file(store, tmp_path / "out.jsonl", "openai")
+    export_file(store, tmp_path / "out.jsonl", fmt="openai")
     assert read(tmp_path / "out.jsonl", "openai")[:2] == [
         {"messages": [{"role": "system", "content": "Be brief."},
                       {"role": "user", "content": "Name a colour."},
                       {"role": "assistant", "content": "Blue."}]},
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]
-    export_file(store, tmp_path / "out.dpo", "dpo")
+    export_file(store, tmp_path / "out.dpo", fmt="dpo")
     assert read(tmp_path / "out.dpo", "dpo") == [
         {"prompt": [{"role": "user", "content": "2+2?"}],
          "chosen": [{"role": "assistant", "content": "4"}],
@@ -291,7 +291,7 @@ def test_sharegpt_with_role_and_content_keys_imports_like_from_and_value(store, 
         {"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]), "content": t["value"]}
         for t in c["conversations"]]} for c in SHAREGPT]
     assert import_file(store, write(tmp_path / "keyed.json", "sharegpt", keyed)).format == "sharegpt"
-    export_file(store, tmp_path / "out.json", "sharegpt")
+    export_file(store, tmp_path / "out.json", fmt="sharegpt")
     assert read(tmp_path / "out.json", "sharegpt") == SHAREGPT  # written back with ShareGPT's keys
 
 
@@ -300,7 +300,7 @@ def test_trl_pairs_without_a_prompt_share_it_implicitly(store, tmp_path):
                 for p in DPO]
     report = import_file(store, write(tmp_path / "implicit.jsonl", "dpo", implicit))
     assert (report.format, report.conversations) == ("dpo", 2)  # detected without 'prompt'
-    export_file(store, tmp_path / "out.jsonl", "dpo")
+    export_file(store, tmp_path / "out.jsonl", fmt="dpo")
     assert read(tmp_path / "out.jsonl", "dpo") == DPO  # written with its explicit prompt
 
 
@@ -360,20 +360,20 @@ WITHOUT_CONTEXT = [
 
 def test_no_weights_leaves_context_only_answers_out_for_tools_that_ignore_weight(store, tmp_path):
     import_file(store, write(tmp_path / "ctx.jsonl", "openai", CONTEXT))
-    report = export_file(store, tmp_path / "out.jsonl", "openai", weights=False)
+    report = export_file(store, tmp_path / "out.jsonl", fmt="openai", weights=False)
     assert (report.written, report.context_dropped) == (1, 1)
     assert read(tmp_path / "out.jsonl", "openai") == WITHOUT_CONTEXT
     # ShareGPT and Alpaca cannot mark weights: without them the example fits
-    assert export_file(store, tmp_path / "s.json", "sharegpt").written == 0
-    assert export_file(store, tmp_path / "s.json", "sharegpt", weights=False).written == 1
-    export_file(store, tmp_path / "a.json", "alpaca", weights=False)
+    assert export_file(store, tmp_path / "s.json", fmt="sharegpt").written == 0
+    assert export_file(store, tmp_path / "s.json", fmt="sharegpt", weights=False).written == 1
+    export_file(store, tmp_path / "a.json", fmt="alpaca", weights=False)
     assert read(tmp_path / "a.json", "alpaca") == [
         {"instruction": "three", "input": "", "output": "and this", "system": "Be kind.",
          "history": [["two", "this"]]}]
     # what was written is all to learn: imported again, it exports as it is
     with open_store(tmp_path / "again.db") as again:
         import_file(again, tmp_path / "out.jsonl")
-        export_file(again, tmp_path / "again.jsonl", "openai")
+        export_file(again, tmp_path / "again.jsonl", fmt="openai")
     assert read(tmp_path / "again.jsonl", "openai") == WITHOUT_CONTEXT
 
 
@@ -411,5 +411,5 @@ def test_every_format_the_cli_and_the_export_dialog_offer_comes_from_the_table(t
     with open_store(tmp_path / "k.db") as store:
         for f in FORMAT_TABLE.values():
             assert f.help and f.suffix in (".json", ".jsonl")
-            report = export_file(store, tmp_path / f"out{f.suffix}", f.name)
+            report = export_file(store, tmp_path / f"out{f.suffix}", fmt=f.name)
             assert report.format == f.name

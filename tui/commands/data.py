@@ -107,7 +107,7 @@ def import_command(args) -> int:
             "{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
             transient=True) as bar:
         task = bar.add_task("importing", total=None)
-        report = import_file(store, args.file, args.format, again=args.again,
+        report = import_file(store, args.file, fmt=args.format, again=args.again,
                              progress=lambda done, total: bar.update(task, completed=done,
                                                                      total=total))
     print(f"imported {report.conversations:,} conversations ({report.messages:,} messages) "
@@ -131,7 +131,7 @@ def export_command(args) -> int:
     if Path(args.out).exists() and not args.force:
         raise KettleError(f"{args.out} exists; pass --force to replace it")
     with open_store(read_only=True) as store:
-        report = export_file(store, args.out, args.format, snapshot_id=args.snapshot,
+        report = export_file(store, args.out, fmt=args.format, snapshot_id=args.snapshot,
                              filt=None if args.snapshot is not None else filt,
                              weights=args.weights)
     source = f"snapshot {args.snapshot}" if args.snapshot is not None else "the filter"

@@ -258,7 +258,7 @@ class DatasetScreen(Screen):
         if not out:
             return
         report = await self.app.db(export_file, self.app.store, Path(out).expanduser(), fmt,
-                                   None, self.current_filter())
+                                   filt=self.current_filter())
         skipped = sum(report.skipped.values())
         self.notify(f"Wrote {report.written} records to {report.path}"
                     + (f"; {skipped} skipped ({', '.join(report.skipped)})" if skipped else "."),
