@@ -257,8 +257,8 @@ class DatasetScreen(Screen):
         out = await self.app.push_screen_wait(TextModal("Export to file", default))
         if not out:
             return
-        report = await self.app.db(export_file, self.app.store, Path(out).expanduser(), fmt,
-                                   filt=self.current_filter())
+        report = await self.app.db(export_file, self.app.store, Path(out).expanduser(),
+                                   fmt=fmt, filt=self.current_filter())
         skipped = sum(report.skipped.values())
         self.notify(f"Wrote {report.written} records to {report.path}"
                     + (f"; {skipped} skipped ({', '.join(report.skipped)})" if skipped else "."),
