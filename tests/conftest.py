@@ -37,70 +37,65 @@ def trained_tokenizer(verdict_text):
     return train_tokenizer([verdict_text], vocab_size=512)
 
 
+# The shape of every test model unless a test asks for another: real, random and tiny.
+TEST_SHAPE = {"vocab_size": 512, "context_length": 128, "n_layer": 2, "n_head": 2, "n_embd": 32}
+
+
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, trained_tokenizer) -> Path:
+def make_model_dir(tmp_path_factory, trained_tokenizer):
+    """make_model_dir(where, *, seed=0, gpt2_tokenizer=False, **shape): a model directory of a
+    randomly initialised GPT of TEST_SHAPE changed by `shape` (GPTConfig's fields), saved at
+    `where` (a path, or a name for a new folder of this session), with the 512-token tokenizer
+    trained on the verdict, or none (GPT-2's) with gpt2_tokenizer. The one way tests make models."""
+    import torch
+
+    from gpt.checkpoint import save_model
+    from gpt.config import GPTConfig
+    from gpt.model import GPT
+
+    def make(where: str | Path, *, seed: int = 0, gpt2_tokenizer: bool = False, **shape) -> Path:
+        path = where if isinstance(where, Path) else tmp_path_factory.mktemp("models") / where
+        torch.manual_seed(seed)
+        config = GPTConfig(**{**TEST_SHAPE, **({"vocab_size": 50257} if gpt2_tokenizer else {}), **shape})
+        save_model(GPT(config), path, None if gpt2_tokenizer else trained_tokenizer)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(make_model_dir) -> Path:
     """A real, randomly initialised 2-layer model with a trained 512-token tokenizer."""
-    import torch
-
-    from gpt.checkpoint import save_model
-    from gpt.config import GPTConfig
-    from gpt.model import GPT
-
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=512, context_length=128, n_layer=2, n_head=2, n_embd=32)
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    save_model(GPT(config), path, trained_tokenizer)
-    return path
+    return make_model_dir("tiny")
 
 
 @pytest.fixture(scope="session")
-def tiny_gpt2_vocab_model_dir(tmp_path_factory) -> Path:
+def tiny_gpt2_vocab_model_dir(make_model_dir) -> Path:
     """A tiny random model on GPT-2's vocabulary (no tokenizer file: it uses GPT-2's)."""
-    import torch
-
-    from gpt.checkpoint import save_model
-    from gpt.config import GPTConfig
-    from gpt.model import GPT
-
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=50257, context_length=128, n_layer=2, n_head=2, n_embd=32)
-    path = tmp_path_factory.mktemp("models") / "tiny-gpt2"
-    save_model(GPT(config), path)
-    return path
+    return make_model_dir("tiny-gpt2", gpt2_tokenizer=True)
 
 
 @pytest.fixture(scope="session")
-def long_context_model_dir(tmp_path_factory, trained_tokenizer) -> Path:
+def long_context_model_dir(make_model_dir) -> Path:
     """Like tiny_model_dir with a 2048-token context: generations long enough to cancel midway."""
-    import torch
-
-    from gpt.checkpoint import save_model
-    from gpt.config import GPTConfig
-    from gpt.model import GPT
-
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=512, context_length=2048, n_layer=2, n_head=2, n_embd=32)
-    path = tmp_path_factory.mktemp("models") / "long"
-    save_model(GPT(config), path, trained_tokenizer)
-    return path
+    return make_model_dir("long", context_length=2048)
 
 
 @pytest.fixture(scope="session")
-def chat_model_dir(tmp_path_factory, trained_tokenizer) -> Path:
+def chat_model_dir(make_model_dir) -> Path:
     """A tiny random chat model with a long context (4096), so an answer can run long enough
     to be stopped (greedy decoding runs to the token limit); the app tests cap answers through
     config.json."""
-    import torch
+    return make_model_dir("chat", context_length=4096)
 
-    from gpt.checkpoint import save_model
-    from gpt.config import GPTConfig
-    from gpt.model import GPT
 
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=512, context_length=4096, n_layer=2, n_head=2, n_embd=32)
-    path = tmp_path_factory.mktemp("models") / "chat"
-    save_model(GPT(config), path, trained_tokenizer)
-    return path
+@pytest.fixture
+def store(kettle_home):
+    """The store of this test's KETTLE_HOME, open for the test."""
+    from data.store import open_store
+
+    with open_store() as opened:
+        yield opened
 
 
 @pytest.fixture

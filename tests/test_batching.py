@@ -7,7 +7,6 @@ import threading
 import time
 
 import httpx
-import pytest
 import torch
 
 from gpt.batching import row_bytes

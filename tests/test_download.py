@@ -11,12 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from gpt.checkpoint import load_model, save_model
-from gpt.config import GPTConfig
+from gpt.checkpoint import load_model
 from gpt.download import download_gpt2
 from gpt.errors import KettleError
 from gpt.hf import export_hf
-from gpt.model import GPT
 from tui.cli import main
 
 REPO = "openai-community/gpt2"
@@ -105,12 +103,10 @@ def make_server(files: Files):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, make_model_dir):
     """A tiny GPT-2-vocabulary model, and its Hugging Face files as the hub would serve them."""
     root = tmp_path_factory.mktemp("checkpoint")
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=50257, context_length=32, n_layer=2, n_head=2, n_embd=16)
-    save_model(GPT(config), root / "src")
+    make_model_dir(root / "src", gpt2_tokenizer=True, context_length=32, n_embd=16)
     export_hf(root / "src", root / "hf")
     return root / "src", {name: (root / "hf" / name).read_bytes() for name in ("config.json", "model.safetensors")}
 

@@ -18,12 +18,8 @@ import torch
 from gpt.files import is_temporary
 from data.paths import models_dir
 from data.registry import StoreCatalog
-from data.store import open_store
 from finetune.jobs import CHECKPOINT_DIR, JobSpec, create_run, execute, run_dir
-from gpt.checkpoint import save_model
-from gpt.config import GPTConfig
 from gpt.errors import KettleError
-from gpt.model import GPT
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,17 +73,9 @@ print("finished without being killed")
 
 
 @pytest.fixture
-def store():
-    with open_store() as s:
-        yield s
-
-
-@pytest.fixture
-def snapshot(store, trained_tokenizer, tmp_path) -> int:
+def snapshot(store, make_model_dir, tmp_path) -> int:
     """A tiny base model (the store's "base") and 12 corrected answers to teach it."""
-    torch.manual_seed(0)
-    save_model(GPT(GPTConfig(vocab_size=512, context_length=64, n_layer=2, n_head=2, n_embd=32)),
-               tmp_path / "base", trained_tokenizer)
+    make_model_dir(tmp_path / "base", context_length=64)
     store.add_model_version("base", tmp_path / "base", "pretrained")
     for i in range(12):
         conv = store.create_conversation()

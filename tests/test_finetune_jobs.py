@@ -11,13 +11,10 @@ import pytest
 import torch
 
 from data.paths import models_dir
-from data.store import open_store
 from finetune.jobs import (CHECKPOINT_DIR, JobSpec, cancel_run, create_run, execute, reap_dead_runs,
                           run_dir, start_finetune)
-from gpt.checkpoint import load_model, save_model
-from gpt.config import GPTConfig
+from gpt.checkpoint import load_model
 from gpt.errors import KettleError
-from gpt.model import GPT
 
 TOPICS = ["kettle", "teapot", "mug", "stove", "spoon", "sugar", "milk", "lemon", "honey", "biscuit",
           "saucer", "tray", "napkin", "oven", "pan", "whisk", "ladle", "sieve", "grater", "jar"]
@@ -27,18 +24,9 @@ FAST = {"lr": 3e-3, "epochs": 5, "eval_every": 5, "val_fraction": 0.1}
 
 
 @pytest.fixture
-def store():
-    with open_store() as s:
-        yield s
-
-
-@pytest.fixture
-def base(tmp_path, trained_tokenizer, store):
+def base(tmp_path, make_model_dir, store):
     """A tiny random model, registered as the store's model version "base"."""
-    torch.manual_seed(0)
-    path = tmp_path / "base"
-    save_model(GPT(GPTConfig(vocab_size=512, context_length=64, n_layer=2, n_head=2, n_embd=64)),
-               path, trained_tokenizer)
+    path = make_model_dir(tmp_path / "base", context_length=64, n_embd=64)
     store.add_model_version("base", path, "pretrained")
     return path
 

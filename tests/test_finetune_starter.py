@@ -37,22 +37,17 @@ def test_howto_and_example_pairs_teach_short_answers_with_code():
     assert len(instruction_pairs()) > len(python_qa_pairs()) + 300
 
 
-def test_instruct_stage_fine_tunes_the_brewed_model(tmp_path, trained_tokenizer, monkeypatch):
-    import torch
+def test_instruct_stage_fine_tunes_the_brewed_model(tmp_path, make_model_dir, monkeypatch):
     from rich.console import Console
 
     import finetune.starter
     from finetune.replay import read_replay
     from finetune.starter import instruct_stage
-    from gpt.checkpoint import load_model, save_model
-    from gpt.config import GPTConfig
-    from gpt.model import GPT
+    from gpt.checkpoint import load_model
     from finetune.starter import Brew
 
     monkeypatch.setattr(finetune.starter, "INSTRUCT_EPOCHS", 1)  # the mechanics, not the quality
-    torch.manual_seed(0)
-    save_model(GPT(GPTConfig(vocab_size=512, context_length=128, n_layer=2, n_head=2, n_embd=32)),
-               tmp_path / "pretrained", trained_tokenizer)
+    make_model_dir(tmp_path / "pretrained")
     brew = Brew(tmp_path, "cpu", Console(file=open(tmp_path / "log", "w")),
                 model_dir=tmp_path / "pretrained")
     instruct_stage(brew)

@@ -46,12 +46,6 @@ DPO = [
 ]
 
 
-@pytest.fixture
-def store(tmp_path):
-    with open_store(tmp_path / "kettle.db") as s:
-        yield s
-
-
 def write(path, fmt, records):
     if fmt in ("alpaca", "sharegpt"):
         path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")

@@ -14,10 +14,8 @@ import pytest
 import torch
 
 from gpt.chat_template import render_prompt
-from gpt.checkpoint import load_model, save_model
-from gpt.config import GPTConfig
+from gpt.checkpoint import load_model
 from gpt.hf import export_hf, import_hf
-from gpt.model import GPT
 from gpt.tokenizer import END_OF_TEXT, LEGACY_TOKENIZER_FILE, TOKENIZER_FILE, gpt2_tokenizer
 from tui.cli import main
 
@@ -121,19 +119,17 @@ def files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
-def test_export_import_export_writes_the_same_bytes(tmp_path, trained_tokenizer):
-    torch.manual_seed(1)
+def test_export_import_export_writes_the_same_bytes(tmp_path, make_model_dir):
     # What Hugging Face's GPT-2 holds beyond the defaults: an MLP width of its own, an untied
     # head, dropout.
-    config = GPTConfig(vocab_size=520, context_length=32, n_layer=2, n_head=2, n_embd=16,
-                       n_inner=24, tie_embeddings=False, dropout=0.1)
-    save_model(GPT(config), tmp_path / "model", trained_tokenizer)
+    make_model_dir(tmp_path / "model", seed=1, vocab_size=520, context_length=32, n_embd=16,
+                   n_inner=24, tie_embeddings=False, dropout=0.1)
     first = export_hf(tmp_path / "model", tmp_path / "hf")
     assert transformers.GPT2LMHeadModel.from_pretrained(first).config.n_inner == 24
     back = import_hf(first, tmp_path / "back")
     assert files(export_hf(back, tmp_path / "hf2")) == files(first)
     (original, tokenizer), (imported, tokenizer2) = load_model(tmp_path / "model"), load_model(back)
-    assert imported.config == config
+    assert imported.config == original.config
     assert all(torch.equal(t, imported.state_dict()[n]) for n, t in original.state_dict().items())
     assert tokenizer2.encoding._mergeable_ranks == tokenizer.encoding._mergeable_ranks
     assert tokenizer2.special_tokens == tokenizer.special_tokens

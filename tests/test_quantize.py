@@ -69,7 +69,6 @@ def test_serve_with_quantize_int8_answers_over_http(tiny_model_dir):
     """kettle serve's service and server as the command builds them, on 127.0.0.1."""
     import threading
 
-    import uvicorn
 
     from gpt.server import build_server, listen
     from gpt.service import InProcessService

@@ -1,6 +1,5 @@
 """Speculative decoding is lossless: greedy tokens are the plain loop's, sampled tokens follow
 the plain sampler's distribution (checked against the exact probabilities over many seeds)."""
-import itertools
 
 import pytest
 import torch

@@ -15,12 +15,6 @@ from data.store import open_store
 from gpt.errors import KettleError
 
 
-@pytest.fixture
-def store(tmp_path):
-    with open_store(tmp_path / "kettle.db") as s:
-        yield s
-
-
 def chat(store, system="", answer="Paris, I think."):
     conv = store.create_conversation("capitals", system_prompt=system)
     user = store.add_message(conv.id, "user", "Capital of France?")
