@@ -7,15 +7,22 @@ through config.json as a user would): the fine-tuning settings are the app's own
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from test_app import SIZE, ask, focus_answer, open_chat, wait_until, write_config
+from tests.conftest import FIXTURES
+from tests.tui.test_app import (
+    SIZE,
+    ask,
+    focus_answer,
+    open_chat,
+    wait_until,
+    write_config,
+)
 from tui.app import KettleApp
 
 CORRECTIONS = [json.loads(line)["messages"] for line in
-               (Path(__file__).parent / "data" / "corrections.jsonl").read_text().splitlines()]
+               (FIXTURES / "corrections.jsonl").read_text().splitlines()]
 
 
 async def correct(pilot, app, question: str, answer: str) -> None:

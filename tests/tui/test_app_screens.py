@@ -11,7 +11,7 @@ import pytest
 from data.paths import models_dir
 from data.store import Store, open_store
 from gpt.hf import export_hf
-from test_download import checkpoint, hub  # noqa: F401 - the local stand-in for Hugging Face
+from tests.gpt.test_download import checkpoint, hub  # noqa: F401 - the local stand-in for Hugging Face
 from test_app import SIZE, open_chat, type_text, views, wait_until, write_config
 from tui.app import KettleApp
 
@@ -335,7 +335,7 @@ def test_no_screen_or_widget_imports_the_app_module():
     import sys
     from pathlib import Path
 
-    tui = Path(__file__).resolve().parent.parent / "tui"
+    tui = Path(__file__).resolve().parents[2] / "tui"
     modules = [f"tui.{d}.{p.stem}" for d in ("screens", "widgets")
                for p in sorted((tui / d).glob("*.py")) if p.stem != "__init__"]
     code = ("import importlib, sys\n"

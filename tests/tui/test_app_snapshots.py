@@ -3,7 +3,7 @@
 Everything on screen is fixed: the data is written with a frozen clock, the app's clock is the
 same instant, local time is UTC, and the answers on screen come from the store (with their
 recorded figures), not from a live generation. Update after a deliberate change with
-`pytest tests/test_app_snapshots.py --snapshot-update` and look at the SVGs."""
+`pytest tests/tui/test_app_snapshots.py --snapshot-update` and look at the SVGs."""
 from __future__ import annotations
 
 import shutil

@@ -18,7 +18,7 @@ from finetune.train import lr_at, make_optimizer, read_metrics
 from gpt.tokenizer import TOKENIZER_FILE
 from tui.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = GPTConfig(vocab_size=512, context_length=32, n_layer=2, n_head=2, n_embd=32)
 
 

@@ -20,7 +20,7 @@ from gpt.tokenizer import END_OF_TEXT, LEGACY_TOKENIZER_FILE, TOKENIZER_FILE, gp
 from tui.cli import main
 
 transformers = pytest.importorskip("transformers")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TIKTOKEN_CACHE = ROOT.parent / "shared" / "tiktoken_cache"
 # The tiktoken cache holds GPT-2's original release files: encoder.json and vocab.bpe.
 GPT2_VOCAB, GPT2_MERGES = (TIKTOKEN_CACHE / "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6",

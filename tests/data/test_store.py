@@ -12,6 +12,7 @@ import pytest
 from data import schema
 from data.records import DataFilter, content_hash
 from data.store import open_store
+from tests.conftest import FIXTURES
 from gpt.errors import KettleError
 
 
@@ -374,7 +375,7 @@ def numbered_db(tmp_path) -> Path:
     a chat with a corrected, up-voted answer, a snapshot of it, a model version made active, and
     a finished fine-tuning run with one logged step."""
     path = tmp_path / "kettle.db"
-    path.write_bytes(gzip.decompress((Path(__file__).parent / "data" / "kettle-schema-3.db.gz")
+    path.write_bytes(gzip.decompress((FIXTURES / "kettle-schema-3.db.gz")
                                      .read_bytes()))
     return path
 

@@ -482,7 +482,7 @@ def test_kettle_serve_command(tiny_model_dir, kettle_home, capsys):
     proc = subprocess.Popen([sys.executable, "-m", "tui.cli", "serve", str(tiny_model_dir), "--port", "0",
                              "--allow-origin", "http://localhost:3000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=os.path.dirname(os.path.dirname(__file__)))
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     try:
         first = proc.stdout.readline()
         assert first.startswith("kettle: serving tiny at http://127.0.0.1:"), first + proc.stderr.read()

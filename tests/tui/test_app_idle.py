@@ -7,7 +7,7 @@ import gc
 
 from textual.timer import Timer
 
-from tests.test_app import SIZE, open_chat, press_nowait, wait_until
+from test_app import SIZE, open_chat, press_nowait, wait_until
 from tui.app import KettleApp
 from tui.widgets.blink import BlinkThenRest
 

@@ -1,6 +1,6 @@
 """Every bad input from outside gets one line naming the problem, and changes nothing.
 
-The corpus (tests/data/bad-inputs, made by tests/bad_inputs.py) is fed to the command line in
+The corpus (tests/fixtures/bad-inputs, made by tests/tui/bad_inputs.py) is fed to the command line in
 this process, the way a user's shell would run it: dataset files to `kettle data import`; model
 directories to every importer (`kettle generate DIR`, `kettle import-hf DIR OUT`, the app's
 import); flags to every command. Each must exit 1 (a KettleError) or 2 (argparse refused a
@@ -22,8 +22,8 @@ from gpt.files import sha256_file
 from data.paths import config_path, kettle_home
 from data.store import open_store
 from gpt.errors import KettleError
-from tests import bad_inputs
-from tests.bad_inputs import ROOT
+from tests.tui import bad_inputs
+from tests.tui.bad_inputs import ROOT
 from tui.cli import main
 
 CORPUS = json.loads((ROOT / "corpus.json").read_text(encoding="utf-8"))
@@ -77,7 +77,7 @@ def seeded(tiny_model_dir, tmp_path, capsys) -> dict[str, str]:
 def test_the_kept_corpus_is_what_the_code_makes(tmp_path):
     bad_inputs.write(tmp_path / "corpus")
     made, kept = bad_inputs.files_under(tmp_path / "corpus"), bad_inputs.files_under(ROOT)
-    assert sorted(made) == sorted(kept), "run `python -m tests.bad_inputs` and commit tests/data/bad-inputs"
+    assert sorted(made) == sorted(kept), "run `python -m tests.tui.bad_inputs` and commit tests/fixtures/bad-inputs"
     assert [name for name in made if made[name] != kept[name]] == []
     assert len(CORPUS["imports"]) >= 40 and len(CORPUS["models"]) >= 51 and len(CORPUS["flags"]) >= 81
 
@@ -143,7 +143,7 @@ def test_a_real_process_prints_the_line_alone(seeded, tmp_path):
     cases = [(["data", "import", str(ROOT / "imports" / "surrogate-openai.jsonl")], 1),
              (["generate", str(ROOT / "models" / "weights-exploding-pickle"), "Hi"], 1),
              (["serve", "--port", "-1"], 2)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     for argv, code in cases:
         done = subprocess.run([sys.executable, "-m", "tui.cli", *argv], capture_output=True,
                               text=True, env=env, timeout=120)

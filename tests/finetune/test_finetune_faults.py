@@ -21,7 +21,7 @@ from data.registry import StoreCatalog
 from finetune.jobs import CHECKPOINT_DIR, JobSpec, create_run, execute, run_dir
 from gpt.errors import KettleError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Runs `execute(run_id)` with the product's code, but SIGKILLs itself at a chosen point:
 # "step N" (before the N-th training step), "checkpoint N" (half-way through writing the N-th

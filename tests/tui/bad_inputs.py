@@ -1,9 +1,9 @@
 """The bad-input corpus: files `kettle data import` must refuse, model directories every importer
 must refuse, flags every command must refuse, each with one line and nothing changed.
 
-The corpus is kept in tests/data/bad-inputs/ (imports/, models/, and corpus.json: what each
-error must say, and the flags) and made by this module: `python -m tests.bad_inputs` writes it
-again after a change here, and tests/test_bad_inputs.py checks that what is kept is what this
+The corpus is kept in tests/fixtures/bad-inputs/ (imports/, models/, and corpus.json: what each
+error must say, and the flags) and made by this module: `python -m tests.tui.bad_inputs` writes it
+again after a change here, and tests/tui/test_bad_inputs.py checks that what is kept is what this
 code makes, then feeds it in.
 
 Each entry is (name, content, what the error must say). A model directory is a dict of relative
@@ -24,7 +24,7 @@ import struct
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent / "data" / "bad-inputs"
+ROOT = Path(__file__).resolve().parents[1] / "fixtures" / "bad-inputs"
 KEEP = ".gitkeep"
 
 
@@ -514,6 +514,6 @@ def files_under(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-if __name__ == "__main__":  # python -m tests.bad_inputs, from the repository's root
+if __name__ == "__main__":  # python -m tests.tui.bad_inputs, from the repository's root
     write()
     print(f"wrote {ROOT}")
