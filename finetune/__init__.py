@@ -7,7 +7,7 @@ from pathlib import Path
 from gpt.errors import KettleError
 
 
-def read_manifest(path: Path, key: str, version: int, what: str) -> dict:
+def read_manifest(path: Path, key: str, *, version: int, what: str) -> dict:
     """The JSON manifest of one of the directories fine-tuning writes, checked for its format."""
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))

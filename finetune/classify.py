@@ -147,7 +147,7 @@ def balance(examples: list[tuple[str, str]], seed: int) -> list[tuple[str, str]]
     return kept
 
 
-def split(examples: list, seed: int, fractions=SPLITS) -> tuple[list, list, list]:
+def split(examples: list, seed: int, *, fractions=SPLITS) -> tuple[list, list, list]:
     """Shuffle and cut into train / validation / test."""
     examples = list(examples)
     random.Random(seed).shuffle(examples)
@@ -156,7 +156,7 @@ def split(examples: list, seed: int, fractions=SPLITS) -> tuple[list, list, list
     return examples[:n_train], examples[n_train:n_train + n_val], examples[n_train + n_val:]
 
 
-def encode(examples, tokenizer: Tokenizer, labels: list[str], max_length: int):
+def encode(examples, tokenizer: Tokenizer, *, labels: list[str], max_length: int):
     """[(ids, class index)], each text's ids cut to `max_length` (its beginning kept)."""
     index = {label: i for i, label in enumerate(labels)}
     out = []
@@ -168,7 +168,7 @@ def encode(examples, tokenizer: Tokenizer, labels: list[str], max_length: int):
     return out
 
 
-def batches(encoded, batch_size: int, pad_id: int, shuffle_seed: int | None = None):
+def batches(encoded, batch_size: int, *, pad_id: int, shuffle_seed: int | None = None):
     """Yield (ids [B, T], lengths [B], targets [B]), each batch padded to its own longest text."""
     order = list(range(len(encoded)))
     if shuffle_seed is not None:
@@ -186,7 +186,7 @@ def batches(encoded, batch_size: int, pad_id: int, shuffle_seed: int | None = No
 
 # --- model -----------------------------------------------------------------------------------
 
-def make_classifier(gpt: GPT, n_classes: int, config: ClassifyConfig) -> Classifier:
+def make_classifier(gpt: GPT, n_classes: int, *, config: ClassifyConfig) -> Classifier:
     """Wrap `gpt` with a fresh head and leave trainable only what `config.trainable` says."""
     config.validate(gpt.config.n_layer)
     if config.trainable == "lora":
@@ -204,7 +204,7 @@ def make_classifier(gpt: GPT, n_classes: int, config: ClassifyConfig) -> Classif
 
 
 @torch.no_grad()
-def evaluate(model: Classifier, encoded, n_classes: int, batch_size: int = 32,
+def evaluate(model: Classifier, encoded, *, n_classes: int, batch_size: int = 32,
              device="cpu") -> dict:
     """Loss, accuracy and confusion matrix (rows: true class, columns: predicted)."""
     model.eval()
@@ -222,7 +222,7 @@ def evaluate(model: Classifier, encoded, n_classes: int, batch_size: int = 32,
             "confusion": confusion}
 
 
-def train_classifier(gpt: GPT, tokenizer: Tokenizer, examples: list[tuple[str, str]],
+def train_classifier(gpt: GPT, tokenizer: Tokenizer, *, examples: list[tuple[str, str]],
                      config: ClassifyConfig, device="cpu",
                      on_step: Callable[[int, int, float], None] | None = None):
     """Train on `examples`; returns (classifier, labels, max_length, metrics).
@@ -245,9 +245,9 @@ def train_classifier(gpt: GPT, tokenizer: Tokenizer, examples: list[tuple[str, s
     if max_length > gpt.config.context_length:
         raise KettleError(f"--max-length {max_length} exceeds the model's context length "
                           f"{gpt.config.context_length}")
-    enc = {name: encode(part, tokenizer, labels, max_length)
+    enc = {name: encode(part, tokenizer, labels=labels, max_length=max_length)
            for name, part in (("train", train), ("val", val), ("test", test))}
-    model = make_classifier(gpt, len(labels), config)
+    model = make_classifier(gpt, len(labels), config=config)
     optimizer = make_optimizer(gpt, OptimizerSettings(lr=config.lr, weight_decay=config.weight_decay),
                                torch.device(device), extra=model.head.parameters())
     steps_per_epoch = -(-len(train) // config.batch_size)
@@ -266,18 +266,18 @@ def train_classifier(gpt: GPT, tokenizer: Tokenizer, examples: list[tuple[str, s
             if on_step:
                 on_step(step, total, loss.item())
         if enc["val"]:
-            result = evaluate(model, enc["val"], len(labels), device=device)
+            result = evaluate(model, enc["val"], n_classes=len(labels), device=device)
             history.append({"epoch": epoch + 1, "val_loss": result["loss"],
                             "val_accuracy": result["accuracy"]})
     metrics = {"labels": labels, "counts": {k: len(v) for k, v in enc.items()},
-               "history": history, "test": evaluate(model, enc["test"], len(labels), device=device),
+               "history": history, "test": evaluate(model, enc["test"], n_classes=len(labels), device=device),
                "train_seconds": time.perf_counter() - started}
     return model, labels, max_length, metrics
 
 
 # --- saving and loading -------------------------------------------------------------------------
 
-def save_classifier(model: Classifier, tokenizer: Tokenizer, labels: list[str], max_length: int,
+def save_classifier(model: Classifier, tokenizer: Tokenizer, *, labels: list[str], max_length: int,
                     directory: str | Path, config: ClassifyConfig | None = None,
                     metrics: dict | None = None, overwrite: bool = False) -> Path:
     from gpt.checkpoint import save_model
@@ -311,7 +311,7 @@ def load_classifier(directory: str | Path, device="cpu") -> tuple[Classifier, To
 
     directory = Path(directory)
     path = directory / CLASSIFIER_FILE
-    meta = read_manifest(path, "kettle_classifier", FORMAT_VERSION, "a Kettle classifier")
+    meta = read_manifest(path, "kettle_classifier", version=FORMAT_VERSION, what="a Kettle classifier")
     labels = meta.get("labels")
     if not isinstance(labels, list) or len(labels) < 2 or not isinstance(meta.get("max_length"), int):
         raise KettleError(f"{path}: labels (two or more) and max_length are required")
@@ -327,14 +327,15 @@ def load_classifier(directory: str | Path, device="cpu") -> tuple[Classifier, To
 
 
 @torch.no_grad()
-def predict(model: Classifier, tokenizer: Tokenizer, meta: dict, texts: list[str],
+def predict(model: Classifier, tokenizer: Tokenizer, *, meta: dict, texts: list[str],
             device="cpu") -> list[tuple[str, float]]:
     """(label, probability) for each text."""
     model.eval()
     labels = meta["labels"]
     fake = [(t, labels[0]) for t in texts]
     results = []
-    for ids, lengths, _ in batches(encode(fake, tokenizer, labels, meta["max_length"]), 32, pad_id=0):
+    encoded = encode(fake, tokenizer, labels=labels, max_length=meta["max_length"])
+    for ids, lengths, _ in batches(encoded, 32, pad_id=0):
         probs = model(ids.to(device), lengths.to(device)).softmax(-1)
         for p in probs:
             i = int(p.argmax())

@@ -183,7 +183,7 @@ class ShardInfo:
     bytes: int
 
 
-def build_shards(path: str | Path, tokenizer: Tokenizer, out_dir: str | Path,
+def build_shards(path: str | Path, tokenizer: Tokenizer, *, out_dir: str | Path,
                  val_fraction: float = 0.1, text_field: str = "text",
                  shard_tokens: int = SHARD_TOKENS,
                  on_progress: Callable[[int, int], None] | None = None) -> ShardInfo:

@@ -210,8 +210,8 @@ def save_adapter(model: GPT, directory: str | Path, overwrite: bool = False,
 
 
 def read_adapter_meta(directory: str | Path) -> dict:
-    return read_manifest(Path(directory) / ADAPTER_CONFIG, "kettle_adapter", ADAPTER_FORMAT,
-                         "a Kettle LoRA adapter")
+    return read_manifest(Path(directory) / ADAPTER_CONFIG, "kettle_adapter", version=ADAPTER_FORMAT,
+                         what="a Kettle LoRA adapter")
 
 
 def is_adapter_dir(directory: Path) -> bool:

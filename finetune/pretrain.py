@@ -213,8 +213,8 @@ def _prepare_data(data: Path, run_dir: Path, config: GPTConfig, cfg: TrainConfig
             raise KettleError(f"{data}: the corpus changed since the run started; start a new run")
     else:
         with _progress_bar(display, f"tokenizing {data.name}") as update:
-            corpus.build_shards(data, tokenizer, shards, cfg.val_fraction, cfg.text_field,
-                                on_progress=update)
+            corpus.build_shards(data, tokenizer, out_dir=shards, val_fraction=cfg.val_fraction,
+                                text_field=cfg.text_field, on_progress=update)
     return tokenizer
 
 

@@ -63,7 +63,7 @@ def _toy_examples(n: int, seed: int = 0) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("trainable", ["head", "last-1", "all", "lora"])
 def test_trainable_layers(tiny_model_dir, trainable):
     model, _ = load_model(tiny_model_dir)
-    clf = make_classifier(model, 2, ClassifyConfig(trainable=trainable))
+    clf = make_classifier(model, 2, config=ClassifyConfig(trainable=trainable))
     names = {n for n, p in clf.named_parameters() if p.requires_grad}
     assert {"head.weight", "head.bias"} <= names
     if trainable == "head":
@@ -76,7 +76,7 @@ def test_trainable_layers(tiny_model_dir, trainable):
     else:
         assert all("lora_" in n or n.startswith("head.") for n in names)
     with pytest.raises(KettleError, match="--trainable"):
-        make_classifier(load_model(tiny_model_dir)[0], 2, ClassifyConfig(trainable="last-9"))
+        make_classifier(load_model(tiny_model_dir)[0], 2, config=ClassifyConfig(trainable="last-9"))
 
 
 def test_train_save_load_predict(tiny_model_dir, tmp_path):
@@ -85,7 +85,7 @@ def test_train_save_load_predict(tiny_model_dir, tmp_path):
     config = ClassifyConfig(trainable="all", epochs=3, lr=1e-3, batch_size=8)
     steps = []
     clf, labels, max_length, metrics = train_classifier(
-        model, tokenizer, _toy_examples(200), config, on_step=lambda s, t, loss: steps.append(s))
+        model, tokenizer, examples=_toy_examples(200), config=config, on_step=lambda s, t, loss: steps.append(s))
     assert labels == ["ham", "spam"] and steps[-1] == len(steps)
     assert metrics["counts"] == {"train": 140, "val": 20, "test": 40}
     test = metrics["test"]
@@ -93,14 +93,15 @@ def test_train_save_load_predict(tiny_model_dir, tmp_path):
     assert test["accuracy"] >= 0.9
     assert "true \\ pred" in format_confusion(test["confusion"], labels)
 
-    out = save_classifier(clf, tokenizer, labels, max_length, tmp_path / "clf", config, metrics)
+    out = save_classifier(clf, tokenizer, labels=labels, max_length=max_length,
+                          directory=tmp_path / "clf", config=config, metrics=metrics)
     loaded, tok2, meta = load_classifier(out)
     texts = ["the painter wall WIN a cash prize now", "the morning light"]
-    before = predict(clf, tokenizer, meta, texts)
-    after = predict(loaded, tok2, meta, texts)
+    before = predict(clf, tokenizer, meta=meta, texts=texts)
+    after = predict(loaded, tok2, meta=meta, texts=texts)
     assert [label for label, _ in after] == ["spam", "ham"]
     assert after == pytest.approx(before)
     with pytest.raises(KettleError, match="already exists"):
-        save_classifier(clf, tokenizer, labels, max_length, out)
+        save_classifier(clf, tokenizer, labels=labels, max_length=max_length, directory=out)
     with pytest.raises(KettleError, match="not a Kettle classifier"):
         load_classifier(tiny_model_dir)

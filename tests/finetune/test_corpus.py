@@ -38,7 +38,7 @@ def test_non_ascii_shards_decode_to_the_exact_text(tmp_path, trained_tokenizer):
     (folder / ".hidden.txt").write_text("never read", encoding="utf-8")
     (folder / "image.png").write_bytes(b"\x89PNG\x00\x00")
     # Tiny shards so that both splits span several files.
-    info = build_shards(folder, trained_tokenizer, tmp_path / "shards", val_fraction=0.3,
+    info = build_shards(folder, trained_tokenizer, out_dir=tmp_path / "shards", val_fraction=0.3,
                         shard_tokens=7)
     expected = [NON_ASCII[0], *NON_ASCII, NON_ASCII[1]]  # a.txt, c.jsonl, sub/b.md (sorted)
     docs = decode_documents(tmp_path / "shards", trained_tokenizer)
@@ -53,14 +53,14 @@ def test_non_ascii_shards_decode_to_the_exact_text(tmp_path, trained_tokenizer):
 def test_whole_documents_without_validation_split(tmp_path, trained_tokenizer):
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(json.dumps({"body": t}) for t in NON_ASCII) + "\n", encoding="utf-8")
-    build_shards(path, trained_tokenizer, tmp_path / "shards", val_fraction=0.0, text_field="body")
+    build_shards(path, trained_tokenizer, out_dir=tmp_path / "shards", val_fraction=0.0, text_field="body")
     assert decode_documents(tmp_path / "shards", trained_tokenizer) == NON_ASCII
 
 
 def test_validation_is_the_tail_of_a_single_file(tmp_path, trained_tokenizer, verdict_text):
     path = tmp_path / "verdict.txt"
     path.write_text(verdict_text, encoding="utf-8")
-    info = build_shards(path, trained_tokenizer, tmp_path / "shards", val_fraction=0.1)
+    info = build_shards(path, trained_tokenizer, out_dir=tmp_path / "shards", val_fraction=0.1)
     share = info.val_tokens / (info.train_tokens + info.val_tokens)
     assert 0.07 < share < 0.13
     val = TokenStream(tmp_path / "shards", "val")
@@ -84,31 +84,31 @@ def test_bad_corpus_files(tmp_path, trained_tokenizer, content, message):
     path = tmp_path / "corpus.txt"
     path.write_bytes(content)
     if message is None:
-        build_shards(path, trained_tokenizer, tmp_path / "shards")
+        build_shards(path, trained_tokenizer, out_dir=tmp_path / "shards")
         return
     with pytest.raises(KettleError, match=message):
-        build_shards(path, trained_tokenizer, tmp_path / "shards")
+        build_shards(path, trained_tokenizer, out_dir=tmp_path / "shards")
     assert not (tmp_path / "shards").exists(), "a failed build leaves nothing behind"
 
 
 def test_bad_corpus_paths(tmp_path, trained_tokenizer):
     with pytest.raises(KettleError, match="no such file"):
-        build_shards(tmp_path / "missing", trained_tokenizer, tmp_path / "s")
+        build_shards(tmp_path / "missing", trained_tokenizer, out_dir=tmp_path / "s")
     (tmp_path / "pics").mkdir()
     (tmp_path / "pics" / "a.png").write_bytes(b"\x89PNG")
     with pytest.raises(KettleError, match="no text files"):
-        build_shards(tmp_path / "pics", trained_tokenizer, tmp_path / "s")
+        build_shards(tmp_path / "pics", trained_tokenizer, out_dir=tmp_path / "s")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"content": "wrong field"}\n', encoding="utf-8")
     with pytest.raises(KettleError, match=r"bad.jsonl:2: .*'text'"):
-        build_shards(bad, trained_tokenizer, tmp_path / "s")
+        build_shards(bad, trained_tokenizer, out_dir=tmp_path / "s")
 
 
 @pytest.fixture()
 def verdict_shards(tmp_path, trained_tokenizer, verdict_text):
     path = tmp_path / "verdict.txt"
     path.write_text(verdict_text, encoding="utf-8")
-    build_shards(path, trained_tokenizer, tmp_path / "shards", val_fraction=0.1, shard_tokens=1000)
+    build_shards(path, trained_tokenizer, out_dir=tmp_path / "shards", val_fraction=0.1, shard_tokens=1000)
     return tmp_path / "shards"
 
 

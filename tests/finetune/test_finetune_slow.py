@@ -58,8 +58,8 @@ def test_sms_spam_classifier_on_a_model_pretrained_here(tmp_path):
     assert result.val_loss < result.initial_val_loss
     model, tokenizer = load_model(tmp_path / "base")
     _, labels, _, metrics = train_classifier(
-        model, tokenizer, rows,
-        ClassifyConfig(trainable="all", epochs=5, lr=5e-4, batch_size=8, balance=True))
+        model, tokenizer, examples=rows,
+        config=ClassifyConfig(trainable="all", epochs=5, lr=5e-4, batch_size=8, balance=True))
     test = metrics["test"]
     print(f"pretrained val loss {result.initial_val_loss:.2f} -> {result.val_loss:.2f}; "
           f"SMS spam test accuracy {test['accuracy']:.2%} on {test['n']}, confusion {test['confusion']}")

@@ -271,8 +271,8 @@ def classify_train_command(args) -> int:
         display.step(step, loss, 0.0, None)
 
     try:
-        clf, labels, max_length, metrics = train_classifier(model, tokenizer, examples, config,
-                                                            device, on_step)
+        clf, labels, max_length, metrics = train_classifier(
+            model, tokenizer, examples=examples, config=config, device=device, on_step=on_step)
     finally:
         if display is not None:
             display.close()
@@ -281,7 +281,8 @@ def classify_train_command(args) -> int:
     test = metrics["test"]
     print(f"test accuracy {test['accuracy']:.2%} on {test['n']} examples")
     print(format_confusion(test["confusion"], labels))
-    save_classifier(clf, tokenizer, labels, max_length, args.out, config, metrics, overwrite=args.overwrite)
+    save_classifier(clf, tokenizer, labels=labels, max_length=max_length, directory=args.out,
+                    config=config, metrics=metrics, overwrite=args.overwrite)
     print(f"classifier saved to {args.out}")
     return 0
 
@@ -293,8 +294,8 @@ def classify_eval_command(args) -> int:
     device = pick_device(args.device)
     model, tokenizer, meta = load_classifier(args.classifier, device)
     labels = meta["labels"]
-    result = evaluate(model, encode(read_labeled(args.data), tokenizer, labels, meta["max_length"]),
-                      len(labels), device=device)
+    encoded = encode(read_labeled(args.data), tokenizer, labels=labels, max_length=meta["max_length"])
+    result = evaluate(model, encoded, n_classes=len(labels), device=device)
     print(f"accuracy {result['accuracy']:.2%} on {result['n']} examples (loss {result['loss']:.4f})")
     print(format_confusion(result["confusion"], labels))
     return 0
@@ -312,6 +313,6 @@ def classify_predict_command(args) -> int:
         raise KettleError("no texts to classify (give them as arguments or on stdin)")
     device = pick_device(args.device)
     model, tokenizer, meta = load_classifier(args.classifier, device)
-    for text, (label, prob) in zip(texts, predict(model, tokenizer, meta, texts, device)):
+    for text, (label, prob) in zip(texts, predict(model, tokenizer, meta=meta, texts=texts, device=device)):
         print(f"{label}\t{prob:.3f}\t{text}")
     return 0
