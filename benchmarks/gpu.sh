@@ -3,7 +3,7 @@
 # nothing read from the network; a throw-away KETTLE_HOME):
 #
 #   1. pretraining, the 124M shape (GPT-2's), bf16 autocast + TF32 + fused AdamW, eager and
-#      torch.compile: tokens/s and MFU against the device's peak (finetune.pretrain.PEAK_TFLOPS);
+#      torch.compile: tokens/s and MFU against the device's peak (gpt.device.peak_flops);
 #   2. decode tok/s of the 124M shape in bf16 at batch 1 and batch 8 (greedy, the model's own
 #      KV-cache step), and batch 1 through Kettle's engine beside transformers' generate();
 #   3. fine-tuning tok/s on the 124M shape, full and LoRA (rank 8, every linear), bf16 autocast;
@@ -82,8 +82,9 @@ import time
 import torch
 from finetune.lora import LoRAConfig, apply_lora
 from gpt.config import get_preset
+from gpt.device import autocast
 from gpt.model import GPT
-from finetune.pretrain import TrainConfig, autocast_dtype, make_optimizer, prepare_training
+from finetune.train import OptimizerSettings, make_optimizer, prepare_training
 
 device = torch.device("cuda")
 prepare_training(device)
@@ -94,12 +95,12 @@ for mode in ("full", "lora"):
     if mode == "lora":
         apply_lora(model, LoRAConfig(rank=8, alpha=16, dropout=0.0))
     model.train()
-    optimizer = make_optimizer(model, TrainConfig(lr=1e-4), device)
+    optimizer = make_optimizer(model, OptimizerSettings(lr=1e-4), device)
     for i, batch in enumerate(data):
         if i == 3:  # after the warm-up steps
             torch.cuda.synchronize()
             start = time.perf_counter()
-        with torch.autocast("cuda", dtype=autocast_dtype(device)):
+        with autocast(device):
             loss = model(batch[:, :-1], targets=batch[:, 1:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
