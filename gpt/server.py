@@ -90,8 +90,8 @@ class APIError(Exception):
         self.type = type or ("server_error" if status >= 500 else "invalid_request_error")
 
 
-def error_response(status: int, message: str, param=None, code=None, type=None) -> JSONResponse:
-    return _error_json(APIError(status, message, param, code, type))
+def error_response(status: int, message: str, *, param=None, code=None, type=None) -> JSONResponse:
+    return _error_json(APIError(status, message, param=param, code=code, type=type))
 
 
 def _error_json(err: APIError) -> JSONResponse:
@@ -194,7 +194,8 @@ def sampling_params(req: _GenerationRequest, max_tokens: int | None) -> Sampling
     `max_tokens` is the request's max_tokens, or for a chat its max_completion_tokens."""
     fields = {p.name: getattr(req, p.openai) for p in PARAMS} | {"max_new_tokens": max_tokens}
     for name in ("temperature", "n", "top_logprobs"):
-        _in_range(name, getattr(req, name, None), *OPENAI_RANGES[name])
+        low, high = OPENAI_RANGES[name]
+        _in_range(name, getattr(req, name, None), low=low, high=high)
     try:
         return SamplingParams.from_dict({k: v for k, v in fields.items() if v is not None})
     except KettleError as exc:
@@ -205,7 +206,7 @@ def sampling_params(req: _GenerationRequest, max_tokens: int | None) -> Sampling
         raise APIError(400, message, param=OPENAI_NAMES.get(field, field)) from None
 
 
-def _in_range(name: str, value, low, high) -> None:
+def _in_range(name: str, value, *, low, high) -> None:
     if value is not None and not low <= value <= high:
         raise APIError(400, f"{name} must be in [{low}, {high}], got {value}", param=name)
 
@@ -225,7 +226,8 @@ def _reject_unsupported(req: _GenerationRequest) -> None:
         if req.response_format and req.response_format.get("type", "text") != "text":
             no("response_format", "a response format other than text")
     else:
-        _in_range("logprobs", req.logprobs, *COMPLETION_LOGPROBS)
+        low, high = COMPLETION_LOGPROBS
+        _in_range("logprobs", req.logprobs, low=low, high=high)
         if req.best_of not in (None, 1):
             no("best_of", "best_of other than 1")
         if req.suffix:
@@ -290,7 +292,8 @@ def parse_origin(text: str, where: str) -> str:
     if origin is None:
         raise KettleError(f"{where}: {text!r} is not an origin like http://localhost:3000 "
                           "(http or https, a host, an optional port, no path)")
-    return _origin_text(*origin)
+    scheme, name, port = origin
+    return _origin_text(scheme, name, port=port)
 
 
 def parse_host(text: str, where: str) -> str:
@@ -340,11 +343,11 @@ def _origin(text: str) -> tuple[str, str, int] | None:
     return split.scheme, _name(split.hostname), port or DEFAULT_PORTS[split.scheme]
 
 
-def _origin_text(scheme: str, name: str, port: int) -> str:
+def _origin_text(scheme: str, name: str, *, port: int) -> str:
     return f"{scheme}://{f'[{name}]' if ':' in name else name}:{port}"
 
 
-def _is_own(name: str, port: int | None, scope: dict) -> bool:
+def _is_own(name: str, port: int | None, *, scope: dict) -> bool:
     """Whether (name, port) is this server: a local name, or the address the client connected
     to, on the port it connected to."""
     address, server_port = scope.get("server") or (None, None)
@@ -371,7 +374,7 @@ class _Gate:
 
 # --- the app -------------------------------------------------------------------------------------
 
-def create_app(service: GenerationService, api_key: str | None = None,
+def create_app(service: GenerationService, api_key: str | None = None, *,
                allow_origins: Iterable[str] = (), allow_hosts: Iterable[str] = ()) -> FastAPI:
     """The HTTP API over `service`. With `api_key`, every /v1 request must present it.
     `allow_origins` and `allow_hosts` (as parse_origin and parse_host return them) are let in
@@ -384,7 +387,7 @@ def create_app(service: GenerationService, api_key: str | None = None,
         host = request.headers.get("host")
         if host is not None:
             name, port = _split_host(host)
-            if name not in hosts and not _is_own(name, port, request.scope):
+            if name not in hosts and not _is_own(name, port, scope=request.scope):
                 raise APIError(403, f"Host {host!r} does not name this server (a web page on a "
                                     f"domain that resolves here sends its own): use 127.0.0.1, or "
                                     f"start kettle serve with --allow-host {name or host}",
@@ -392,8 +395,9 @@ def create_app(service: GenerationService, api_key: str | None = None,
         origin = request.headers.get("origin")
         if origin is not None:
             parsed = _origin(origin)
-            if parsed is None or (_origin_text(*parsed) not in origins
-                                  and not (parsed[0] == "http" and _is_own(*parsed[1:], request.scope))):
+            scheme, name, port = parsed or (None, None, None)
+            if parsed is None or (_origin_text(scheme, name, port=port) not in origins
+                                  and not (scheme == "http" and _is_own(name, port, scope=request.scope))):
                 raise APIError(403, f"Origin {origin!r} is refused: a web page may only use this "
                                     f"server when kettle serve is started with --allow-origin {origin}",
                                code="origin_not_allowed")
@@ -424,7 +428,8 @@ def create_app(service: GenerationService, api_key: str | None = None,
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
-        return error_response(400, *_validation_message(exc.errors()))
+        message, param = _validation_message(exc.errors())
+        return error_response(400, message, param=param)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -479,8 +484,9 @@ def create_app(service: GenerationService, api_key: str | None = None,
         messages = chat_messages(req)
         model = _check_model(service, req.model)
         top = (req.top_logprobs or 0) if req.logprobs else None
-        return await _respond(request, service, "chat", [messages], params, req, model,
-                              {"truncate": req.truncate, "logprobs": top})
+        return await _respond(request, service, kind="chat", payloads=[messages], params=params,
+                              req=req, model=model,
+                              options={"truncate": req.truncate, "logprobs": top})
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -489,9 +495,10 @@ def create_app(service: GenerationService, api_key: str | None = None,
         params = sampling_params(req, req.max_tokens)
         prompts = completion_prompts(req)
         model = _check_model(service, req.model)
-        return await _respond(request, service, "complete", prompts, params, req, model,
-                              {"truncate": req.truncate, "logprobs": req.logprobs,
-                               "echo": bool(req.echo)})
+        return await _respond(request, service, kind="complete", payloads=prompts, params=params,
+                              req=req, model=model,
+                              options={"truncate": req.truncate, "logprobs": req.logprobs,
+                                       "echo": bool(req.echo)})
 
     # vLLM's tokenizer endpoints, which evaluation harnesses (lm-evaluation-harness) look for to
     # count tokens with the served model's own tokenizer.
@@ -617,7 +624,7 @@ def _event_error(event: Error, kind: str) -> APIError:
     return APIError(400 if event.code == "invalid_request" else 500, event.message)
 
 
-async def _respond(request: Request, service: GenerationService, kind: str, payloads: list, params,
+async def _respond(request: Request, service: GenerationService, *, kind: str, payloads: list, params,
                    req: _GenerationRequest, model: str, options: dict):
     """One choice per payload and per n (OpenAI's index order: prompt by prompt, n each), all
     sent at once: the service decodes them together as rows of one batch, the later rows of a
@@ -647,7 +654,7 @@ async def _respond(request: Request, service: GenerationService, kind: str, payl
         _stop(runs)
         raise _event_error(head, kind)
     if req.stream:
-        return StreamingResponse(_sse(reply, rows, runs, head),
+        return StreamingResponse(_sse(reply, rows, runs=runs, head=head),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     dones = []
@@ -703,7 +710,7 @@ class _Run:
             self.service.cancel(self.request_id)
 
 
-async def _sse(reply: "_Reply", rows: list, runs: list[_Run], head) -> AsyncIterator[str]:
+async def _sse(reply: "_Reply", rows: list, *, runs: list[_Run], head) -> AsyncIterator[str]:
     """The choices' chunks, one choice after another (the later ones generate meanwhile, their
     events wait in their runs); logprobs come with each choice's last chunk."""
     dones = []
@@ -781,7 +788,7 @@ class _Reply:
                 "model": dones[0].model, "choices": choices, "usage": _usage(dones, self.n),
                 "kettle": _kettle_extra(dones[0])}
 
-    def chunk(self, index: int, text: str = "", role: bool = False, done: Done | None = None,
+    def chunk(self, index: int, text: str = "", *, role: bool = False, done: Done | None = None,
               echo=None) -> dict:
         finish = done.result.finish_reason if done else None
         logprobs = self._logprobs(done.result) if done else None
@@ -871,7 +878,7 @@ class _RedactSecrets(logging.Filter):
 _REDACT_SECRETS = _RedactSecrets()
 
 
-def build_server(service: GenerationService, api_key: str | None = None,
+def build_server(service: GenerationService, api_key: str | None = None, *,
                  log_level: str = "info", allow_origins: Iterable[str] = (),
                  allow_hosts: Iterable[str] = ()):
     """A uvicorn server for the API (create_app's arguments); run it with
@@ -879,7 +886,8 @@ def build_server(service: GenerationService, api_key: str | None = None,
     `server.should_exit = True`."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(service, api_key, allow_origins, allow_hosts),
+    app = create_app(service, api_key, allow_origins=allow_origins, allow_hosts=allow_hosts)
+    config = uvicorn.Config(app,
                             log_level=log_level, timeout_graceful_shutdown=5)
     # After uvicorn.Config, which sets up its loggers; adding the one filter again is a no-op.
     logging.getLogger("uvicorn.access").addFilter(_REDACT_SECRETS)
