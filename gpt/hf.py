@@ -275,8 +275,8 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = F
         },
     }
     stops = stop_token_ids(tokenizer)
-    hf_tokenizer = hf_tokenizer_json(tokenizer, _prefixes(tokenizer),
-                                     [t for t, i in tokenizer.special_tokens.items() if i in stops])
+    stop_tokens = [t for t, i in tokenizer.special_tokens.items() if i in stops]
+    hf_tokenizer = hf_tokenizer_json(tokenizer, _prefixes(tokenizer), stop_tokens=stop_tokens)
     out_dir = Path(out_dir)
     try:
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:

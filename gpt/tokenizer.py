@@ -218,7 +218,7 @@ def _prefix_split(prefixes: Sequence[str]) -> str:
     return r"\A(?:" + "|".join("".join(f"\\x{{{ord(c):x}}}" for c in p) for p in prefixes) + ")"
 
 
-def hf_tokenizer_json(tokenizer: Tokenizer, prefixes: Sequence[str] = (),
+def hf_tokenizer_json(tokenizer: Tokenizer, prefixes: Sequence[str] = (), *,
                       stop_tokens: Collection[str] = ()) -> str:
     """The tokenizer in the `tokenizers` library's format (a Hugging Face `tokenizer.json`) that
     encodes every text to tiktoken's ids: the same split pattern, the same byte-level BPE (a
@@ -333,7 +333,7 @@ def _hf_split_pattern(pre, prefixes: Sequence[str]) -> str | None:
     return None
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, name: str = "kettle-bpe") -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, *, name: str = "kettle-bpe") -> Tokenizer:
     """Train a byte-level BPE with rustbpe; `vocab_size` includes the special tokens."""
     import rustbpe
 
