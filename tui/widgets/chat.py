@@ -176,7 +176,7 @@ class MessageView(Vertical, can_focus=True):
     def on_mount(self) -> None:
         self.refresh_parts()
 
-    def update(self, message: StoredMessage | None = None, label: Label | None = None,
+    def update(self, message: StoredMessage | None = None, label: Label | None = None, *,
                position: tuple[int, int] | None = None) -> None:
         """New facts about the same message (finished, labelled, a sibling added)."""
         if message is not None:

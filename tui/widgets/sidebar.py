@@ -67,7 +67,7 @@ class ConversationList(Vertical):
     def options(self) -> OptionList:
         return self.query_one("#chat-options", OptionList)
 
-    def show_conversations(self, conversations, current_id: int | None, now: float) -> None:
+    def show_conversations(self, conversations, current_id: int | None, *, now: float) -> None:
         """Fill the list with conversations (store records), keeping the highlight on the
         current one."""
         options = [Option(self._row(c.title or "New chat", when(c.updated_at, now)), id=f"c{c.id}")
