@@ -181,7 +181,7 @@ class ChatScreen(Screen):
         else:
             conversations = await self.app.db(self.store.list_conversations, 200)
             sidebar.show_conversations(conversations, self.conversation.id if self.conversation else None,
-                                       self.app.clock())
+                                       now=self.app.clock())
 
     @work(group="chat-jobs")
     @guarded
@@ -275,7 +275,7 @@ class ChatScreen(Screen):
         while (keep < len(views) and keep < len(data.thread)
                and views[keep].message_id == data.thread[keep].id):
             m = data.thread[keep]
-            views[keep].update(m, data.labels.get(m.id), data.positions[m.id])
+            views[keep].update(m, data.labels.get(m.id), position=data.positions[m.id])
             keep += 1
         for view in views[keep:]:
             await view.remove()
