@@ -84,7 +84,8 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
 def test_presence_and_frequency_penalties_use_answer_counts():
     logits = torch.zeros(3)
     counts = torch.tensor([0.0, 1.0, 3.0])
-    out = apply_penalties(logits, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), seen=None, counts=counts)
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    out = apply_penalties(logits, params, seen=None, counts=counts)
     assert out.tolist() == [0.0, -0.75, -1.25]
 
 
