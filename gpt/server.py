@@ -887,8 +887,7 @@ def build_server(service: GenerationService, api_key: str | None = None, *,
     import uvicorn
 
     app = create_app(service, api_key, allow_origins=allow_origins, allow_hosts=allow_hosts)
-    config = uvicorn.Config(app,
-                            log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
     # After uvicorn.Config, which sets up its loggers; adding the one filter again is a no-op.
     logging.getLogger("uvicorn.access").addFilter(_REDACT_SECRETS)
     return uvicorn.Server(config)
