@@ -165,7 +165,7 @@ def test_cancel_stops_within_one_token(engine):
     full = engine.generate("She", GREEDY.replace(max_new_tokens=30))
     cancel = threading.Event()
     seen = []
-    for item in engine.stream("She", GREEDY.replace(max_new_tokens=30), cancel):
+    for item in engine.stream("She", GREEDY.replace(max_new_tokens=30), cancel=cancel):
         if isinstance(item, str):
             seen.append(item)
             cancel.set()
@@ -179,7 +179,7 @@ def test_cancel_stops_within_one_token(engine):
     assert result.token_ids == full.token_ids[:n + 1]
     cancel = threading.Event()
     cancel.set()
-    deltas, result = run(engine.stream("She", GREEDY, cancel))
+    deltas, result = run(engine.stream("She", GREEDY, cancel=cancel))
     assert deltas == [] and result.finish_reason == "cancelled" and result.new_tokens == 0
 
 
@@ -315,6 +315,14 @@ def test_kettle_generate_command(tiny_model_dir, capsys):
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
         SamplingParams(temperature=0, max_new_tokens=5, stop=["e"]))
     assert capsys.readouterr().out == chat.text + "\n"
+    # A greedy answer on the CPU is speculated (Engine.speculation): its figures say how many of
+    # the drafted tokens the model kept.
+    repeated = "It was a dream. " * 8
+    assert main(["generate", str(tiny_model_dir), repeated, "--temperature", "0", "--max-new-tokens", "24"]) == 0
+    greedy = Engine.load(tiny_model_dir).generate(repeated, SamplingParams(temperature=0, max_new_tokens=24))
+    assert greedy.drafted_tokens
+    assert (f"speculative drafts kept {greedy.accepted_tokens}/{greedy.drafted_tokens}"
+            in capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("extra, code, message", [  # 2: argparse checks the flag's own range

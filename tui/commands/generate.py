@@ -78,7 +78,9 @@ def generate_command(args) -> int:
     sys.stdout.write("\n")
     sys.stdout.flush()  # the answer before the figures, also when both go to one terminal
     dropped = f", {result.dropped_tokens} prompt tokens dropped to fit" if result.dropped_tokens else ""
+    drafts = (f", speculative drafts kept {result.accepted_tokens}/{result.drafted_tokens} "
+              f"({result.acceptance_rate:.0%})" if result.drafted_tokens else "")
     print(f"[{result.new_tokens} tokens, finish: {result.finish_reason}, prompt {result.prompt_tokens} "
-          f"tokens{dropped}, first token {result.ttft_s * 1000:.0f} ms, {result.tokens_per_s:.1f} tokens/s, "
-          f"seed {result.seed}, {engine.device}]", file=sys.stderr)
+          f"tokens{dropped}, first token {result.ttft_s * 1000:.0f} ms, {result.tokens_per_s:.1f} tokens/s"
+          f"{drafts}, seed {result.seed}, {engine.device}]", file=sys.stderr)
     return 0
