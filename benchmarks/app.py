@@ -57,9 +57,9 @@ def make_home(home: Path, context: int) -> None:
     tokenizer = train_tokenizer(list(topics.values())[:200], vocab_size=1024)
     config = GPTConfig(vocab_size=1024, context_length=context, n_layer=2, n_head=2, n_embd=64)
     path = models_dir() / "bench"
-    save_model(GPT(config), path, tokenizer)
+    save_model(GPT(config), path, tokenizer=tokenizer)
     with open_store() as store:
-        store.activate_model(store.add_model_version("bench", path, "imported").id)
+        store.activate_model(store.add_model_version("bench", path, kind="imported").id)
     from gpt.engine import Engine
     from gpt.sampling import SamplingParams
 

@@ -38,14 +38,14 @@ def load_examples(path: Path, context: int):
     entries = json.loads(path.read_text(encoding="utf-8"))
     conversations = [[{"role": "user", "content": e["instruction"] + (f"\n\n{e['input']}" if e["input"] else "")},
                       {"role": "assistant", "content": e["output"]}] for e in entries]
-    examples, stats = prepare(conversations, gpt2_tokenizer(), context, 50257)
+    examples, stats = prepare(conversations, gpt2_tokenizer(), max_length=context, vocab_size=50257)
     return examples, stats
 
 
 def padding_report(examples, batch_tokens: int) -> tuple[float, float]:
     from finetune.instruct import make_batches, padding_waste
 
-    bucketed = make_batches(examples, batch_tokens, 32, seed=0)
+    bucketed = make_batches(examples, batch_tokens, max_batch_size=32, seed=0)
     shuffled = list(examples)
     random.Random(0).shuffle(shuffled)
     size = max(1, round(len(examples) / len(bucketed)))  # the same examples per batch on average
@@ -67,7 +67,7 @@ def one_run(args, side: str, mode: str, queue) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     examples, _ = load_examples(Path(args.data), args.context)
-    batches = make_batches(examples, args.batch_tokens, 32, seed=0)[:args.steps + 1]
+    batches = make_batches(examples, args.batch_tokens, max_batch_size=32, seed=0)[:args.steps + 1]
     config = GPTConfig(vocab_size=50257, context_length=args.context, n_layer=args.layers,
                        n_head=args.heads, n_embd=args.embd)
     model = GPT(config)
@@ -88,7 +88,7 @@ def one_run(args, side: str, mode: str, queue) -> None:
                                                  lora_dropout=lora.dropout, fan_in_fan_out=True,
                                                  target_modules=["c_attn", "c_proj", "c_fc"]))
         del model
-    optimizer = make_optimizer(net, OptimizerSettings(lr=1e-4), torch.device("cpu"))
+    optimizer = make_optimizer(net, OptimizerSettings(lr=1e-4), device=torch.device("cpu"))
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
 
     def step(batch) -> float:

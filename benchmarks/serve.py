@@ -41,7 +41,7 @@ def build_model(preset: str, directory: Path) -> Path:
     torch.manual_seed(0)
     config = get_preset(preset)
     tokenizer = train_tokenizer(texts, vocab_size=min(2048, config.vocab_size))
-    return save_model(GPT(config), directory / preset, tokenizer)
+    return save_model(GPT(config), directory / preset, tokenizer=tokenizer)
 
 
 def free_port() -> int:

@@ -89,18 +89,22 @@ def main(argv=None):
     from gpt.model import GPT
     from gpt.sampling import SamplingParams
     from gpt.speculative import PromptLookup
-    from gpt.tokenizer import gpt2_tokenizer
+    from gpt.tokenizer import gpt2_tokenizer, train_tokenizer
 
-    tokenizer = gpt2_tokenizer()
+    config = get_preset(args.shape)
+    # GPT-2's tokenizer where the shape's vocabulary holds it; a smaller one (the tiny preset, the
+    # starter's shape) gets a BPE of its own size trained here on the story.
+    tokenizer = (gpt2_tokenizer() if config.vocab_size >= 50257 else
+                 train_tokenizer([STORY.read_text(encoding="utf-8")], config.vocab_size, name="story"))
     texts = workloads()
     pairs = {name: (tokenizer.encode(p), tokenizer.encode(a)[:args.new_tokens]) for name, (p, a) in texts.items()}
     start = time.perf_counter()
     if args.model is not None and args.model.exists():
-        model = load_model(args.model, torch.device("cpu"), torch.float32)[0]
+        model = load_model(args.model, torch.device("cpu"), dtype=torch.float32)[0]
         trained = f"earlier (loaded from {args.model})"
     else:
         torch.manual_seed(0)
-        model = GPT(get_preset(args.shape))
+        model = GPT(config)
         steps = train_to_answer(model, list(pairs.values()), args.max_train_steps)
         trained = f"{steps} steps" if steps else f"{args.max_train_steps} steps, answers NOT fully learnt"
         if args.model is not None:

@@ -70,7 +70,7 @@ def fill_store(path: Path, n_messages: int, per_conv: int, rng: random.Random,
                     for turn in range(per_conv):
                         role = "user" if turn % 2 == 0 else "assistant"
                         text = sentence(rng, words, rng.randint(10, 60))
-                        msg = store.add_message(conv.id, role, text, parent,
+                        msg = store.add_message(conv.id, role, content=text, parent_id=parent,
                                                 generation={"seed": turn, "new_tokens": 40}
                                                 if role == "assistant" else None)
                         rows.append((conv.id, parent, role, text, msg.created_at))
@@ -132,7 +132,7 @@ def main() -> None:
         for label, q in (("search rare word", words[1234]), ("search common word", "kettle"),
                          ("search two words", "paris tea"), ("search a phrase-like query", "the and")):
             hits = len(store.search(q))
-            results[f"{label} ({q!r}, {hits} hits)"] = (timed(lambda: store.search(q), 20), 100)
+            results[f"{label} ({q!r}, {hits} hits)"] = (timed(lambda q=q: store.search(q), 20), 100)
         mid_conv = store.list_conversations(limit=1, offset=500)[0]
         results["thread of one conversation"] = (
             timed(lambda: store.current_thread(mid_conv.id), 20), None)
@@ -146,7 +146,8 @@ def main() -> None:
 
         def one_commit():
             nonlocal parent
-            parent = store.add_message(conv.id, "user", "one chat turn, committed", parent).id
+            parent = store.add_message(conv.id, "user", content="one chat turn, committed",
+                                       parent_id=parent).id
 
         results["add one message (own fsynced commit)"] = (timed(one_commit, 200), None)
         assert store.integrity_check() == "ok"

@@ -48,7 +48,7 @@ def worker(config: str, task: str, seconds: float) -> dict:
     model = GPT(shape)
     if task == "train":
         fitter = ThreadFitter(config == "kettle")
-        opt = make_optimizer(model, OptimizerSettings(lr=1e-3), device)
+        opt = make_optimizer(model, OptimizerSettings(lr=1e-3), device=device)
         x = torch.randint(0, shape.vocab_size, (16, 257))
 
         def step() -> int:

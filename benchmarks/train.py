@@ -70,7 +70,7 @@ def measure(impl: str, shape: str, steps: int, warmup: int, device_name: str) ->
             return net(x, targets=y)
     model.train()
     if impl.startswith("kettle"):
-        optimizer = make_optimizer(model, OptimizerSettings(lr=1e-4, weight_decay=0.1), device)
+        optimizer = make_optimizer(model, OptimizerSettings(lr=1e-4, weight_decay=0.1), device=device)
     else:  # what a training loop gets from torch by default, or the fused kernel Kettle uses
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
                                       fused=impl == "transformers+fused" or device.type == "cuda")

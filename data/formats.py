@@ -443,7 +443,7 @@ def import_file(store: Store, path: str | Path, *, fmt: str | None = None, again
             ids: list[int] = []
             for node in record.nodes:
                 parent = None if node.parent is None else ids[node.parent]
-                msg = store.add_message(conv.id, node.role, node.content, parent, meta=node.meta)
+                msg = store.add_message(conv.id, node.role, content=node.content, parent_id=parent, meta=node.meta)
                 ids.append(msg.id)
                 if node.label:
                     store.set_label(msg.id, **node.label)

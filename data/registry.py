@@ -36,7 +36,7 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     raise KettleError(f"{name_or_path}: no such model (not a directory, nor a model in {models_dir()})")
 
 
-def unique_name(store: Store, wanted: str, own: Path | None = None) -> str:
+def unique_name(store: Store, wanted: str, *, own: Path | None = None) -> str:
     """`wanted`, or `wanted-2`, ... : a name no version has and no other model directory uses
     (`own` is the directory being named, which may already carry the name)."""
     def taken(name: str) -> bool:

@@ -268,7 +268,7 @@ class Store:
     # -- conversations ------------------------------------------------------------------------
 
     def create_conversation(self, title: str = "", system_prompt: str = "",
-                            params: dict | None = None, model: str | None = None,
+                            *, params: dict | None = None, model: str | None = None,
                             source: str = "chat", external_id: str | None = None) -> Conversation:
         now = time.time()
         cid = self._insert(
@@ -286,7 +286,7 @@ class Store:
         return Conversation.from_row(row)
 
     def list_conversations(self, limit: int = 50, offset: int = 0,
-                           include_deleted: bool = False) -> list[Conversation]:
+                           *, include_deleted: bool = False) -> list[Conversation]:
         """Newest (most recently updated) first."""
         where = "" if include_deleted else "WHERE c.deleted_at IS NULL"
         rows = self._rows(
@@ -332,8 +332,8 @@ class Store:
 
     # -- messages -----------------------------------------------------------------------------
 
-    def add_message(self, conversation_id: int, role: str, content: str,
-                    parent_id: int | None = None, *, model_version_id: int | None = None,
+    def add_message(self, conversation_id: int, role: str, *, content: str,
+                    parent_id: int | None = None, model_version_id: int | None = None,
                     model: str | None = None, params: dict | None = None,
                     generation: Any = None, meta: dict | None = None) -> Message:
         """Append a message under `parent_id` (None: a root). A parent that already has children
@@ -563,7 +563,7 @@ class Store:
         return render_dataset(messages, labels, filt=filt)
 
     def create_snapshot(self, filt: DataFilter | None = None, name: str = "",
-                        reuse: bool = False) -> Snapshot:
+                        *, reuse: bool = False) -> Snapshot:
         """Freeze what would train now under `filt` into an immutable, content-hashed snapshot;
         with `reuse`, an existing snapshot of the same content is returned instead of a copy."""
         filt = filt or DataFilter()
@@ -623,7 +623,7 @@ class Store:
 
     # -- model versions -----------------------------------------------------------------------
 
-    def add_model_version(self, name: str, path: str | Path, kind: str, *,
+    def add_model_version(self, name: str, path: str | Path, *, kind: str,
                           parent_id: int | None = None, snapshot_id: int | None = None,
                           run_id: int | None = None, hparams: dict | None = None,
                           metrics: dict | None = None, status: str = "ok",
@@ -712,7 +712,7 @@ class Store:
                 unique, n = wanted, 2
                 while self.find_model_version(unique) is not None:
                     unique, n = f"{wanted}-{n}", n + 1
-                version = self.add_model_version(unique, path, kind, hparams=hparams, metrics=metrics)
+                version = self.add_model_version(unique, path, kind=kind, hparams=hparams, metrics=metrics)
             activated = activate_if_none and self.active_model() is None
             if activated:
                 self.activate_model(version.id)
@@ -806,7 +806,7 @@ class Store:
             self.conn.execute("UPDATE runs SET step = ?, updated_at = ? WHERE id = ?",
                               (step, time.time(), run_id))
 
-    def log_metrics(self, run_id: int, step: int, metrics: dict[str, float]) -> None:
+    def log_metrics(self, run_id: int, step: int, *, metrics: dict[str, float]) -> None:
         """Record one step's metrics (e.g. {"loss": 1.2, "lr": 3e-4}) and advance the run's step."""
         now = time.time()
         with self.transaction():

@@ -249,7 +249,7 @@ def train_classifier(gpt: GPT, tokenizer: Tokenizer, *, examples: list[tuple[str
            for name, part in (("train", train), ("val", val), ("test", test))}
     model = make_classifier(gpt, len(labels), config=config)
     optimizer = make_optimizer(gpt, OptimizerSettings(lr=config.lr, weight_decay=config.weight_decay),
-                               torch.device(device), extra=model.head.parameters())
+                               device=torch.device(device), extra=model.head.parameters())
     steps_per_epoch = -(-len(train) // config.batch_size)
     total, step, history = steps_per_epoch * config.epochs, 0, []
     started = time.perf_counter()
@@ -288,7 +288,7 @@ def save_classifier(model: Classifier, tokenizer: Tokenizer, *, labels: list[str
             "settings": _settings(config), "metrics": metrics or {}}
     try:
         with atomic_directory(directory, overwrite=overwrite) as tmp:
-            save_model(model.gpt, tmp / BODY_DIR, tokenizer)
+            save_model(model.gpt, tmp / BODY_DIR, tokenizer=tokenizer)
             head = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
             save_weights(head, tmp / HEAD_FILE)
             (tmp / CLASSIFIER_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

@@ -92,7 +92,7 @@ class Example:
 
 # --- data --------------------------------------------------------------------------------------
 
-def encode_conversation(messages: list[dict], tokenizer: Tokenizer, max_length: int) -> Example | None:
+def encode_conversation(messages: list[dict], tokenizer: Tokenizer, *, max_length: int) -> Example | None:
     """One training example, or None when even its last exchange is longer than `max_length`."""
     system = messages[:1] if messages and messages[0].get("role") == "system" else []
     rest = messages[len(system):]
@@ -123,7 +123,7 @@ def _training_tokens(messages: list[dict], tokenizer: Tokenizer) -> tuple[list[i
     return ids, mask
 
 
-def prepare(conversations: list[list[dict]], tokenizer: Tokenizer, max_length: int,
+def prepare(conversations: list[list[dict]], tokenizer: Tokenizer, *, max_length: int,
             vocab_size: int) -> tuple[list[Example], dict]:
     """Encode every conversation; returns (examples, stats). Raises KettleError on bad data."""
     if not conversations:
@@ -131,7 +131,7 @@ def prepare(conversations: list[list[dict]], tokenizer: Tokenizer, max_length: i
     examples, skipped = [], 0
     for i, messages in enumerate(conversations):
         try:
-            example = encode_conversation(messages, tokenizer, max_length)
+            example = encode_conversation(messages, tokenizer, max_length=max_length)
         except KettleError as exc:
             raise KettleError(f"example {i + 1}: {exc}") from None
         if example is None:
@@ -155,7 +155,7 @@ def check_vocabulary(examples: list[Example], vocab_size: int) -> None:
                           f"{vocab_size} tokens: it was tokenised for another vocabulary")
 
 
-def holdout(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+def holdout(examples: list, fraction: float, *, seed: int) -> tuple[list, list]:
     """Seeded split into (train, held out): held-out examples guide early stopping and the gate."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
@@ -176,7 +176,7 @@ def default_val_fraction(n: int) -> float:
     return min(max(1, round(0.1 * n)), 500) / n
 
 
-def make_batches(examples: list[Example], batch_tokens: int, max_batch_size: int,
+def make_batches(examples: list[Example], batch_tokens: int, *, max_batch_size: int,
                  seed: int | None = None) -> list[list[Example]]:
     """Length-bucketed batches: examples of similar length together, under `batch_tokens`."""
     order = list(examples)
@@ -233,7 +233,7 @@ LEARNED_MARGIN = 0.25
 REPLAY_RATIO = {"full": 4, "lora": 1}  # after every example comes back, train this share of the epochs so far again
 
 
-def resolve(config: SFTConfig, n_train: int, model: GPTConfig, n_replay: int = 0) -> SFTConfig:
+def resolve(config: SFTConfig, n_train: int, *, model: GPTConfig, n_replay: int = 0) -> SFTConfig:
     """A copy of `config` with every None filled in from the model's and the dataset's sizes
     (module docstring). `n_train` counts the user's training examples, `n_replay` the replay
     examples available."""
@@ -270,7 +270,7 @@ def resolve(config: SFTConfig, n_train: int, model: GPTConfig, n_replay: int = 0
 
 # --- training ------------------------------------------------------------------------------------
 
-def token_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+def token_loss(model, ids: torch.Tensor, *, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(sum of the cross-entropy over the loss tokens, how many there are)."""
     logits = model(ids)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
@@ -279,21 +279,23 @@ def token_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def evaluate_loss(model: GPT, examples: list[Example], pad_id: int, device, batch_tokens: int = 8192) -> float:
+def evaluate_loss(model: GPT, examples: list[Example], *, pad_id: int, device,
+                  batch_tokens: int = 8192) -> float:
     """Mean loss per loss token over `examples` (nan when there are none)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in make_batches(examples, batch_tokens, 64):
+    for batch in make_batches(examples, batch_tokens, max_batch_size=64):
         ids, labels = collate(batch, pad_id)
-        loss, n = token_loss(model, ids.to(device), labels.to(device))
+        loss, n = token_loss(model, ids.to(device), labels=labels.to(device))
         total, count = total + loss.item(), count + n
     model.train(was_training)
     return total / count if count else float("nan")
 
 
 @torch.no_grad()
-def recalled(model: GPT, examples: list[Example], pad_id: int, device, batch_tokens: int = 8192) -> list[bool]:
+def recalled(model: GPT, examples: list[Example], *, pad_id: int, device,
+             batch_tokens: int = 8192) -> list[bool]:
     """Per example: whether greedy decoding gives its answers back exactly. With the true prefix,
     the most likely next token is the target at every loss position (the end-of-turn marker
     included): that is the condition for greedy decoding to reproduce the answer token for token,
@@ -302,7 +304,7 @@ def recalled(model: GPT, examples: list[Example], pad_id: int, device, batch_tok
     model.eval()
     index = {id(e): i for i, e in enumerate(examples)}
     result = [False] * len(examples)
-    for batch in make_batches(examples, batch_tokens, 64):
+    for batch in make_batches(examples, batch_tokens, max_batch_size=64):
         ids, labels = collate(batch, pad_id)
         labels = labels.to(device)
         hit = (model(ids.to(device)).argmax(-1) == labels) | (labels == IGNORE)
@@ -367,7 +369,7 @@ class SFTTrainer:
         # The optimizer and warm-up + cosine schedule pretraining uses, with this run's settings.
         self.settings = OptimizerSettings(lr=config.lr, weight_decay=config.weight_decay,
                                           warmup_steps=config.warmup_steps)
-        self.optimizer = make_optimizer(model, self.settings, self.device)
+        self.optimizer = make_optimizer(model, self.settings, device=self.device)
         self.step = 0
         self.history: list[dict] = []  # {"step", "loss"} and {"step", "val_loss"} rows
         self.best_val, self.best_state, self.bad_evals = math.inf, None, 0
@@ -381,7 +383,7 @@ class SFTTrainer:
         """This rank's batches of `epoch` (a pure function of the seed and the epoch)."""
         if self._batches[0] != epoch:
             batches = make_batches(self.train_examples, self.config.batch_tokens,
-                                   self.config.max_batch_size, seed=self.config.seed + epoch)
+                                   max_batch_size=self.config.max_batch_size, seed=self.config.seed + epoch)
             if self.replay_examples and self.config.replay:
                 batches = self._with_replay(batches, epoch)
             # Every rank needs a batch at every step (DDP averages gradients): repeat a few.
@@ -450,8 +452,8 @@ class SFTTrainer:
             return
         if self.anneal is not None:
             self.stopped_early = self.step >= self.anneal[1]
-        elif all(recalled(self.model, self.train_examples, self.pad_id, self.device,
-                          self.config.batch_tokens)):
+        elif all(recalled(self.model, self.train_examples, pad_id=self.pad_id, device=self.device,
+                          batch_tokens=self.config.batch_tokens)):
             self.learned_epoch = epoch
             margin = max(1, math.ceil(epoch * LEARNED_MARGIN))
             end = min(self.total_steps, self.step + margin * self.steps_per_epoch)
@@ -468,7 +470,7 @@ class SFTTrainer:
         ids, labels = ids.to(self.device), labels.to(self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr(self.step)
-        loss_sum, n = token_loss(self.net, ids, labels)
+        loss_sum, n = token_loss(self.net, ids, labels=labels)
         loss = loss_sum / max(n, 1)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -482,8 +484,8 @@ class SFTTrainer:
         return value
 
     def _validate(self) -> float:
-        val_loss = evaluate_loss(self.model, self.val_examples, self.pad_id, self.device,
-                                 self.config.batch_tokens)
+        val_loss = evaluate_loss(self.model, self.val_examples, pad_id=self.pad_id, device=self.device,
+                                 batch_tokens=self.config.batch_tokens)
         self.history.append({"step": self.step, "val_loss": val_loss})
         if val_loss < self.best_val:
             self.best_val, self.bad_evals = val_loss, 0

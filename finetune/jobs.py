@@ -228,14 +228,14 @@ def _record_conversation(record) -> list[dict]:
 PARTS = ("train", "val", "replay", "replay_heldout")
 
 
-def _save_examples(path: Path, tokenizer, parts: dict[str, list[Example]], stats: dict,
+def _save_examples(path: Path, tokenizer, *, parts: dict[str, list[Example]], stats: dict,
                    source: dict) -> None:
     data = {"tokenizer": tokenizer.name, "n_vocab": tokenizer.n_vocab, "stats": stats, "source": source,
             **{name: [[e.input_ids, e.labels] for e in parts[name]] for name in PARTS}}
     atomic_write_text(path, json.dumps(data, separators=(",", ":")))
 
 
-def _load_examples(path: Path, tokenizer, vocab_size: int):
+def _load_examples(path: Path, tokenizer, *, vocab_size: int):
     """({part: examples}, stats, source) from the run's data.json, checked against the model."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -250,7 +250,8 @@ def _load_examples(path: Path, tokenizer, vocab_size: int):
     return parts, data.get("stats", {}), data.get("source", {})
 
 
-def _replay_examples(base_path: Path, tokenizer, max_length: int, vocab_size: int) -> dict[str, list[Example]]:
+def _replay_examples(base_path: Path, tokenizer, *, max_length: int,
+                     vocab_size: int) -> dict[str, list[Example]]:
     """The base's own instruction data (finetune.replay) as examples; none when it has none."""
     from finetune.replay import read_replay
 
@@ -260,7 +261,8 @@ def _replay_examples(base_path: Path, tokenizer, max_length: int, vocab_size: in
     out = {}
     for part, split in (("replay", "train"), ("replay_heldout", "heldout")):
         try:
-            out[part] = prepare(replay[split], tokenizer, max_length, vocab_size)[0] if replay[split] else []
+            out[part] = (prepare(replay[split], tokenizer, max_length=max_length, vocab_size=vocab_size)[0]
+                         if replay[split] else [])
         except KettleError:  # replay data that does not fit this model: train without it
             return {"replay": [], "replay_heldout": []}
     return out
@@ -268,7 +270,7 @@ def _replay_examples(base_path: Path, tokenizer, max_length: int, vocab_size: in
 
 # --- the run ---------------------------------------------------------------------------------------
 
-def execute(run_id: int, resume: bool = False, progress: bool = True,
+def execute(run_id: int, resume: bool = False, *, progress: bool = True,
             on_step: Callable[[Progress], None] | None = None) -> Run:
     """Run (or resume) fine-tuning run `run_id` in this process; returns the final Run row.
 
@@ -296,29 +298,30 @@ def execute(run_id: int, resume: bool = False, progress: bool = True,
         if dist.main:
             store.update_run(run_id, status="running", pid=os.getpid(), error="")
         try:
-            _run(store, run_id, spec, resume, progress, on_step, dist, device)
+            _run(store, run_id, spec=spec, resume=resume, progress=progress, on_step=on_step, dist=dist,
+                 device=device)
         except KettleError as exc:
-            _fail(store, run_id, str(exc), dist)
+            _fail(store, run_id, reason=str(exc), dist=dist)
             raise
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in str(exc):
-                _fail(store, run_id, f"{type(exc).__name__}: {exc}", dist)
+                _fail(store, run_id, reason=f"{type(exc).__name__}: {exc}", dist=dist)
                 raise
             message = ("out of memory while training; try --lora, a smaller --batch-tokens or "
                        "--max-length, or a smaller model")
-            _fail(store, run_id, message, dist)
+            _fail(store, run_id, reason=message, dist=dist)
             raise KettleError(message) from None
         except OSError as exc:  # a full disk, a folder made read-only: what, where, what to do
             message = f"{_os_error(exc)}; fix that, then `kettle finetune resume {run_id}` " \
                       "continues from the last checkpoint"
-            _fail(store, run_id, message, dist)
+            _fail(store, run_id, reason=message, dist=dist)
             raise KettleError(message) from None
         except KeyboardInterrupt:  # a second Ctrl-C: stopped before a checkpoint could be saved
             if dist.main:
                 store.update_run(run_id, status="cancelled", error="interrupted without a checkpoint")
             raise
         except BaseException as exc:
-            _fail(store, run_id, f"{type(exc).__name__}: {exc}".strip(": "), dist)
+            _fail(store, run_id, reason=f"{type(exc).__name__}: {exc}".strip(": "), dist=dist)
             raise
         return store.run(run_id)
     finally:
@@ -330,7 +333,7 @@ def _os_error(exc: OSError) -> str:
     return f"{exc.strerror or exc}{where}"
 
 
-def _fail(store: Store, run_id: int, reason: str, dist) -> None:
+def _fail(store: Store, run_id: int, *, reason: str, dist) -> None:
     if not dist.main:
         return
     try:
@@ -339,7 +342,7 @@ def _fail(store: Store, run_id: int, reason: str, dist) -> None:
         print(f"could not record the run as failed ({exc}): {reason}", file=sys.stderr)
 
 
-def _run(store: Store, run_id: int, spec: JobSpec, resume: bool, progress: bool, on_step, dist, device):
+def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bool, on_step, dist, device):
     from gpt.checkpoint import load_model
     from finetune.train import (Display, StopFlag, append_metrics, load_checkpoint, read_metrics,
                                 truncate_metrics)
@@ -361,29 +364,31 @@ def _run(store: Store, run_id: int, spec: JobSpec, resume: bool, progress: bool,
     max_length = sft.max_length or model.config.context_length
     data_path = rdir / "data.json"
     if resume and data_path.exists():
-        parts, stats, source = _load_examples(data_path, tokenizer, model.config.vocab_size)
+        parts, stats, source = _load_examples(data_path, tokenizer, vocab_size=model.config.vocab_size)
     else:
         conversations, source = load_conversations(store, spec)
-        examples, stats = prepare(conversations, tokenizer, max_length, model.config.vocab_size)
+        examples, stats = prepare(conversations, tokenizer, max_length=max_length,
+                                  vocab_size=model.config.vocab_size)
         fraction = sft.val_fraction if sft.val_fraction is not None else default_val_fraction(len(examples))
-        train, val = holdout(examples, fraction, sft.seed)
+        train, val = holdout(examples, fraction, seed=sft.seed)
         if not train:
             raise KettleError(f"no training examples left after holding out {len(val)}")
         parts = {"train": train, "val": val,
-                 **_replay_examples(base_path, tokenizer, max_length, model.config.vocab_size)}
+                 **_replay_examples(base_path, tokenizer, max_length=max_length,
+                                    vocab_size=model.config.vocab_size)}
         if dist.main:
-            _save_examples(data_path, tokenizer, parts, stats, source)
+            _save_examples(data_path, tokenizer, parts=parts, stats=stats, source=source)
     train, val, replay, replay_heldout = (parts[name] for name in PARTS)
     stats = {**stats, "train": len(train), "held_out": len(val)}
-    config = resolve(sft, len(train), model.config, n_replay=len(replay))
+    config = resolve(sft, len(train), model=model.config, n_replay=len(replay))
     config.val_fraction = len(val) / (len(train) + len(val))
 
     # The base's figures, before any training (a resumed run's model is still the base here).
     pad = tokenizer.eot_id
-    parent_loss = evaluate_loss(model, val, pad, device) if val else None
-    replay_before = evaluate_loss(model, replay_heldout, pad, device) if replay_heldout else None
-    recall_base = sum(recalled(model, train, pad, device))
-    train_before = evaluate_loss(model, train, pad, device)
+    parent_loss = evaluate_loss(model, val, pad_id=pad, device=device) if val else None
+    replay_before = evaluate_loss(model, replay_heldout, pad_id=pad, device=device) if replay_heldout else None
+    recall_base = sum(recalled(model, train, pad_id=pad, device=device))
+    train_before = evaluate_loss(model, train, pad_id=pad, device=device)
     trainer = SFTTrainer(model, train, val, config, pad, device, dist, replay=replay)
     checkpoint_path = rdir / CHECKPOINT_DIR
     metrics_path = rdir / "metrics.jsonl"
@@ -411,11 +416,11 @@ def _run(store: Store, run_id: int, spec: JobSpec, resume: bool, progress: bool,
             record["val_loss"] = p.val_loss
             display.print(f"step {p.step}: validation loss {p.val_loss:.4f}")
         append_metrics(metrics_path, record)
-        display.step(p.step, p.loss, p.tokens_per_s, None)
+        display.step(p.step, p.loss, tokens_per_s=p.tokens_per_s, mfu=None)
         now = time.monotonic()
         if now - last_log[0] >= LOG_EVERY_S or p.val_loss is not None or p.step == p.total_steps:
             last_log[0] = now
-            store.log_metrics(run_id, p.step, {k: v for k, v in record.items() if k != "step"})
+            store.log_metrics(run_id, p.step, metrics={k: v for k, v in record.items() if k != "step"})
         if not math.isfinite(p.loss):
             raise KettleError(f"the loss became {p.loss} at step {p.step}; lower --lr and start again")
         if p.step < p.total_steps:
@@ -434,10 +439,10 @@ def _run(store: Store, run_id: int, spec: JobSpec, resume: bool, progress: bool,
         dist.barrier()
         return
 
-    new_loss = evaluate_loss(model, val, pad, device) if val else None
-    replay_after = evaluate_loss(model, replay_heldout, pad, device) if replay_heldout else None
-    recall = sum(recalled(model, train, pad, device))
-    train_after = evaluate_loss(model, train, pad, device)
+    new_loss = evaluate_loss(model, val, pad_id=pad, device=device) if val else None
+    replay_after = evaluate_loss(model, replay_heldout, pad_id=pad, device=device) if replay_heldout else None
+    recall = sum(recalled(model, train, pad_id=pad, device=device))
+    train_after = evaluate_loss(model, train, pad_id=pad, device=device)
     if not dist.main:
         return
     losses = [r["loss"] for r in read_metrics(metrics_path) if "loss" in r]
@@ -454,16 +459,17 @@ def _run(store: Store, run_id: int, spec: JobSpec, resume: bool, progress: bool,
                "tokens_per_s": trainer.tokens / trainer.elapsed if trainer.elapsed else None, **stats}
     verdict, reasons = judge(metrics)
     metrics.update(gate=verdict, gate_reasons=reasons)
-    store.log_metrics(run_id, trainer.step, {k: metrics[k] for k in (
+    store.log_metrics(run_id, trainer.step, metrics={k: metrics[k] for k in (
         "gate_parent_loss", "gate_new_loss", "recall_base", "recall", "replay_loss_before",
         "replay_loss_after")})
     hparams = {**config.to_dict(), "base": str(base_path), "base_name": base_name,
                "source": source, "mode": "lora" if config.lora else "full"}
-    _write_model(out, model, tokenizer, trainer, name, base_name, run_id, hparams, metrics, metrics_path)
+    _write_model(out, model, tokenizer=tokenizer, trainer=trainer, name=name, base_name=base_name, run_id=run_id,
+                 hparams=hparams, metrics=metrics, metrics_path=metrics_path)
     try:
         with store.transaction():
             version = store.add_model_version(
-                name, out, "finetuned", parent_id=parent_id, snapshot_id=spec.snapshot_id,
+                name, out, kind="finetuned", parent_id=parent_id, snapshot_id=spec.snapshot_id,
                 run_id=run_id, hparams=hparams, metrics=metrics,
                 status="regressed" if verdict == "regressed" else "ok")
             store.update_run(run_id, status="finished", step=trainer.step, output_model_id=version.id)
@@ -497,7 +503,7 @@ class _Checkpoints:
         self.interval = max(CHECKPOINT_EVERY_S, (self.saved_at - started) / CHECKPOINT_SHARE)
 
 
-def _write_model(out: Path, model, tokenizer, trainer, name, base_name, run_id, hparams, metrics,
+def _write_model(out: Path, model, *, tokenizer, trainer, name, base_name, run_id, hparams, metrics,
                  metrics_path: Path) -> None:
     """The model directory with its card, loss curve and (LoRA) adapter, in one atomic rename."""
     from finetune.lora import lora_layers, merge_lora, save_adapter
@@ -514,7 +520,7 @@ def _write_model(out: Path, model, tokenizer, trainer, name, base_name, run_id, 
             save_adapter(model, tmp / "adapter", base=hparams["base"])
             merge_lora(model)
         weights = tmp / "weights"
-        save_model(model, weights, tokenizer)
+        save_model(model, weights, tokenizer=tokenizer)
         for item in weights.iterdir():
             os.replace(item, tmp / item.name)
         weights.rmdir()
@@ -522,11 +528,11 @@ def _write_model(out: Path, model, tokenizer, trainer, name, base_name, run_id, 
         (tmp / "training.json").write_text(json.dumps({"run_id": run_id, "hparams": hparams,
                                                        "metrics": metrics}, indent=2) + "\n",
                                            encoding="utf-8")
-        (tmp / "card.md").write_text(model_card(name, base_name, run_id, hparams, metrics),
-                                     encoding="utf-8")
+        card = model_card(name, base_name, run_id=run_id, hparams=hparams, metrics=metrics)
+        (tmp / "card.md").write_text(card, encoding="utf-8")
 
 
-def model_card(name: str, base_name: str, run_id: int, hparams: dict, metrics: dict) -> str:
+def model_card(name: str, base_name: str, *, run_id: int, hparams: dict, metrics: dict) -> str:
     source = hparams["source"]
     data = (f"snapshot #{source['snapshot_id']} {source.get('snapshot_name') or ''}".rstrip()
             if "snapshot_id" in source else f"{source['file']} ({source['format']})")

@@ -186,7 +186,7 @@ def merge_lora(model: GPT) -> GPT:
     return model
 
 
-def save_adapter(model: GPT, directory: str | Path, overwrite: bool = False,
+def save_adapter(model: GPT, directory: str | Path, *, overwrite: bool = False,
                  base: str | None = None) -> Path:
     """Write the adapter of a LoRA-wrapped `model` as its own directory, atomically, in Kettle's
     layout and PEFT's; `base` is the base model's directory, kept in both configs."""
@@ -330,11 +330,11 @@ def _peft_adapter(directory: Path) -> tuple[LoRAConfig, Path, dict[str, str]]:
     return config, path, names
 
 
-def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
+def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, *, out_dir: str | Path,
                   overwrite: bool = False) -> Path:
     """Base model directory + adapter directory -> a full model directory."""
     from gpt.checkpoint import load_model, save_model
 
     model, tokenizer = load_model(base_dir)
     load_adapter(model, adapter_dir)
-    return save_model(merge_lora(model), out_dir, tokenizer, overwrite=overwrite)
+    return save_model(merge_lora(model), out_dir, tokenizer=tokenizer, overwrite=overwrite)

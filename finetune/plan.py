@@ -44,7 +44,7 @@ def default_method(n_params: int, device: str) -> str:
     return "lora" if n_params > FULL_MAX_PARAMS[device] else "full"
 
 
-def estimate_seconds(plan: Plan, method: str, epochs: int | None) -> tuple[float, int]:
+def estimate_seconds(plan: Plan, method: str, *, epochs: int | None) -> tuple[float, int]:
     """(seconds, optimizer steps) for the run the sheet would start, from the fine-tuning
     defaults (finetune.instruct.resolve) and a rough device speed."""
     from finetune.instruct import SFTConfig, resolve
@@ -52,7 +52,7 @@ def estimate_seconds(plan: Plan, method: str, epochs: int | None) -> tuple[float
 
     n = max(1, plan.n_examples)
     config = resolve(SFTConfig(epochs=epochs, lora=LoRAConfig() if method == "lora" else None),
-                     n, plan.config, n_replay=plan.n_replay)
+                     n, model=plan.config, n_replay=plan.n_replay)
     steps = config.epochs * math.ceil(n / config.max_batch_size)  # replay rides in the batches
     # forward + backward = 6 FLOPs per parameter per token (LoRA still runs the full backward
     # through the activations, so it saves memory more than time: count it as 2/3); small
@@ -63,7 +63,7 @@ def estimate_seconds(plan: Plan, method: str, epochs: int | None) -> tuple[float
     return START_S + steps * STEP_OVERHEAD_S + flops / TRAIN_FLOPS[plan.device], steps
 
 
-def make_plan(store: Store, base_name: str | None, snapshot_id: int | None = None) -> Plan:
+def make_plan(store: Store, base_name: str | None, *, snapshot_id: int | None = None) -> Plan:
     """The plan for fine-tuning `base_name` (default: the active model) on snapshot
     `snapshot_id` (default: the labels as they are now), on the device a run would pick."""
     from finetune.replay import read_replay

@@ -127,7 +127,7 @@ def step_tokens(cfg: TrainConfig, train_tokens: int) -> int:
     return max(1, min(DEFAULT_BATCH_TOKENS, train_tokens))
 
 
-def accumulation_steps(cfg: TrainConfig, context: int, world_size: int, train_tokens: int) -> int:
+def accumulation_steps(cfg: TrainConfig, context: int, *, world_size: int, train_tokens: int) -> int:
     per_pass = cfg.micro_batch_size * context * world_size
     return max(1, math.ceil(step_tokens(cfg, train_tokens) / per_pass))
 
@@ -144,7 +144,7 @@ def default_run_dir(out: Path) -> Path:
 # --- evaluation and samples ---------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, stream: corpus.TokenStream, context: int, batch_size: int, n_batches: int,
+def evaluate(model, stream: corpus.TokenStream, *, context: int, batch_size: int, n_batches: int,
              device: torch.device, dist: Dist) -> float | None:
     """Mean next-token loss over the first windows of the validation split (same every time)."""
     length = min(context, len(stream) - 1)
@@ -169,7 +169,7 @@ def evaluate(model, stream: corpus.TokenStream, context: int, batch_size: int, n
     return loss_sum / count if count else None
 
 
-def sample(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new_tokens: int,
+def sample(model: GPT, tokenizer: Tokenizer, *, prompt_ids: list[int], max_new_tokens: int,
            seed: int) -> str:
     """A short continuation of the prompt, to watch what the model has learnt so far."""
     from gpt.engine import Engine
@@ -186,7 +186,7 @@ def sample(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new_toke
 
 # --- the run ------------------------------------------------------------------------------------
 
-def _prepare_data(data: Path, run_dir: Path, config: GPTConfig, cfg: TrainConfig,
+def _prepare_data(data: Path, run_dir: Path, *, config: GPTConfig, cfg: TrainConfig,
                   tokenizer: Tokenizer | None, resume: bool, display: Display) -> Tokenizer:
     """Rank 0: the run's tokenizer (given, GPT-2's, or trained on the corpus) and its shards."""
     if resume:
@@ -240,7 +240,7 @@ def _progress_bar(display: Display, label: str):
         yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
-def pretrain(data: str | Path | None, out: str | Path, config: GPTConfig | None = None,
+def pretrain(data: str | Path | None, out: str | Path, *, config: GPTConfig | None = None,
              cfg: TrainConfig | None = None, tokenizer: Tokenizer | None = None,
              resume: bool = False, run_dir: str | Path | None = None, progress: bool = True,
              on_step: Callable[[int, float], None] | None = None,
@@ -289,7 +289,8 @@ def pretrain(data: str | Path | None, out: str | Path, config: GPTConfig | None 
         if dist.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(run_dir)  # a killed checkpoint write's leftovers
-            tokenizer = _prepare_data(data, run_dir, config, cfg, tokenizer, resume, display)
+            tokenizer = _prepare_data(data, run_dir, config=config, cfg=cfg, tokenizer=tokenizer, resume=resume,
+                                      display=display)
             if not resume:
                 atomic_write_text(run_dir / "run.json", json.dumps({
                     "data": str(data.resolve()), "out": str(out.resolve()),
@@ -298,20 +299,20 @@ def pretrain(data: str | Path | None, out: str | Path, config: GPTConfig | None 
         dist.barrier()
         if not dist.main:
             tokenizer = load_tokenizer(run_dir)
-        return _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, display,
-                      on_step, register)
+        return _train(data, out, run_dir=run_dir, config=config, cfg=cfg, tokenizer=tokenizer, resume=resume,
+                      dist=dist, device=device, display=display, on_step=on_step, register=register)
     finally:
         display.close()
 
 
-def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, display, on_step,
+def _train(data, out, *, run_dir, config, cfg, tokenizer, resume, dist, device, display, on_step,
            register):
     ckpt_dir = run_dir / "checkpoint"
     metrics_path = run_dir / "metrics.jsonl"
     train_stream = corpus.TokenStream(run_dir / "shards", "train")
     val_stream = corpus.TokenStream(run_dir / "shards", "val")
     context = config.context_length
-    accum = accumulation_steps(cfg, context, dist.world_size, len(train_stream))
+    accum = accumulation_steps(cfg, context, world_size=dist.world_size, train_tokens=len(train_stream))
     loader = corpus.WindowLoader(train_stream, cfg.micro_batch_size, context, cfg.stride,
                                  mode=cfg.loader, seed=cfg.seed, rank=dist.rank,
                                  world_size=dist.world_size, accum_steps=accum)
@@ -331,7 +332,7 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
         model = GPT(config).to(device)
     model.train()
     raw_model = model
-    optimizer = make_optimizer(raw_model, cfg.optimizer, device)
+    optimizer = make_optimizer(raw_model, cfg.optimizer, device=device)
     if resume:
         optimizer.load_state_dict(trainer["optimizer"])
         rng = trainer["rng"]
@@ -354,8 +355,8 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
             append_metrics(metrics_path, record)
 
     def run_eval(at: int) -> float | None:
-        val = evaluate(model, val_stream, context, cfg.micro_batch_size, cfg.eval_batches, device,
-                       dist)
+        val = evaluate(model, val_stream, context=context, batch_size=cfg.micro_batch_size,
+                       n_batches=cfg.eval_batches, device=device, dist=dist)
         if val is not None:
             log({"step": at, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
             display.print(f"step {at}: val loss {val:.3f}, perplexity {math.exp(min(val, 50)):,.1f}")
@@ -378,7 +379,7 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
     val_loss = None
     if not resume:
         initial_val = val_loss = run_eval(0)
-    display.step(step, None, None, None, elapsed_before)
+    display.step(step, None, tokens_per_s=None, mfu=None, elapsed=elapsed_before)
     samples: list[str] = []
     train_loss = None
     interrupted = False
@@ -412,7 +413,8 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
             log({"step": step, "loss": train_loss, "lr": lr, "tokens": step * tokens_per_step,
                  "tokens_per_s": tps, "grad_norm": float(grad_norm) if grad_norm is not None else None,
                  **({"mfu": mfu} if mfu is not None else {})})
-            display.step(step, train_loss, tps, mfu, elapsed_before + time.perf_counter() - started)
+            display.step(step, train_loss, tokens_per_s=tps, mfu=mfu,
+                         elapsed=elapsed_before + time.perf_counter() - started)
             if on_step and dist.main:
                 on_step(step, train_loss)
             if not math.isfinite(train_loss):
@@ -425,7 +427,8 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
                 val_loss = run_eval(step)
             if dist.main and cfg.sample_every and (step % cfg.sample_every == 0 or last):
                 try:
-                    text = sample(raw_model, tokenizer, prompt_ids, cfg.sample_tokens, cfg.seed + step)
+                    text = sample(raw_model, tokenizer, prompt_ids=prompt_ids, max_new_tokens=cfg.sample_tokens,
+                                  seed=cfg.seed + step)
                 except Exception as exc:  # a look at the model must never cost the run its result
                     log({"step": step, "sample_error": f"{type(exc).__name__}: {exc}"})
                     display.print(f"step {step}: no sample ({type(exc).__name__}: {exc})")
@@ -453,7 +456,7 @@ def _train(data, out, run_dir, config, cfg, tokenizer, resume, dist, device, dis
                    "train_loss": train_loss, "val_loss": val_loss,
                    "initial_val_loss": initial_val, "elapsed_s": round(elapsed, 1),
                    "run_dir": str(run_dir), "train_config": dataclasses.asdict(cfg)}
-        save_model(raw_model, out, tokenizer, overwrite=resume,
+        save_model(raw_model, out, tokenizer=tokenizer, overwrite=resume,
                    extra_files={"training.json": json.dumps(summary, indent=2) + "\n"})
         plot_losses(metrics_path, run_dir / "loss.png")
         result.out = out

@@ -151,14 +151,14 @@ def pretrain_stage(brew: Brew) -> None:
     )
     out = brew.work / "pretrained"
     eta = BrewETA(brew, steps)
-    result = pretrain(brew.corpus, out, config, cfg, run_dir=brew.work / "pretrain-run",
+    result = pretrain(brew.corpus, out, config=config, cfg=cfg, run_dir=brew.work / "pretrain-run",
                       display_label="starter: pretraining", register=False, on_step=eta.step,
                       console=brew.console)
     if result.interrupted:
         raise KeyboardInterrupt
     brew.model_dir = out
     bpb = heldout_bits_per_byte(out, brew.work / "pretrain-run" / "shards",
-                                brew.notes["val_text_bytes"], brew.device)
+                                val_bytes=brew.notes["val_text_bytes"], device=brew.device)
     brew.notes.update(pretrain_steps=result.step, pretrain_tokens=result.tokens,
                       val_loss=result.val_loss, untrained_val_loss=result.initial_val_loss,
                       val_bits_per_byte=bpb, sample=result.samples[-1] if result.samples else "")
@@ -189,7 +189,7 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} minutes" if seconds >= 90 else f"{seconds:.0f} seconds"
 
 
-def heldout_bits_per_byte(model_dir: Path, shards: Path, val_bytes: int, device: str) -> float:
+def heldout_bits_per_byte(model_dir: Path, shards: Path, *, val_bytes: int, device: str) -> float:
     """Bits per byte of text over the whole held-out split (tokenizer-independent): the summed
     next-token loss in bits divided by the split's UTF-8 bytes."""
     import math
@@ -204,7 +204,8 @@ def heldout_bits_per_byte(model_dir: Path, shards: Path, val_bytes: int, device:
     model, _ = load_model(model_dir, device=device)
     stream = corpus.TokenStream(shards, "val")
     context = model.config.context_length
-    loss = evaluate(model, stream, context, 16, len(stream) // (16 * context) + 1, device, Dist())
+    loss = evaluate(model, stream, context=context, batch_size=16, n_batches=len(stream) // (16 * context) + 1,
+                    device=device, dist=Dist())
     return loss / math.log(2) * len(stream) / val_bytes
 
 
@@ -365,25 +366,25 @@ def instruct_stage(brew) -> None:
     model, tokenizer = load_model(brew.model_dir, device=device, dtype=torch.float32)
     train_pairs, heldout_pairs = holdout(instruction_pairs(), HELDOUT_SHARE, seed=brew.seed)
     context = model.config.context_length
-    train, stats = prepare(train_pairs, tokenizer, context, model.config.vocab_size)
-    val, _ = prepare(heldout_pairs, tokenizer, context, model.config.vocab_size)
+    train, stats = prepare(train_pairs, tokenizer, max_length=context, vocab_size=model.config.vocab_size)
+    val, _ = prepare(heldout_pairs, tokenizer, max_length=context, vocab_size=model.config.vocab_size)
     config = resolve(SFTConfig(lr=INSTRUCT_LR, epochs=INSTRUCT_EPOCHS, seed=brew.seed,
-                               until_learned=False), len(train), model.config)
+                               until_learned=False), len(train), model=model.config)
     torch.manual_seed(brew.seed)
     trainer = SFTTrainer(model, train, val, config, tokenizer.eot_id, device)
-    before = evaluate_loss(model, val, tokenizer.eot_id, device)
+    before = evaluate_loss(model, val, pad_id=tokenizer.eot_id, device=device)
     display = Display(True, trainer.total_steps, None, "starter: instruction tuning", brew.console)
     try:
-        trainer.run(on_progress=lambda p: display.step(p.step, p.loss, p.tokens_per_s, None))
+        trainer.run(on_progress=lambda p: display.step(p.step, p.loss, tokens_per_s=p.tokens_per_s, mfu=None))
     finally:
         display.close()
     out = brew.work / "instruct"
-    save_model(model, out, tokenizer, overwrite=True,
+    save_model(model, out, tokenizer=tokenizer, overwrite=True,
                extra_files={REPLAY_FILE: replay_text(train_pairs, heldout_pairs)})
     brew.model_dir = out
     question = [{"role": "user", "content": "What does str.upper do?"}]
     answer = Engine(model, tokenizer).generate_chat(question, SamplingParams(temperature=0, max_new_tokens=40))
-    after = evaluate_loss(model, val, tokenizer.eot_id, device)
+    after = evaluate_loss(model, val, pad_id=tokenizer.eot_id, device=device)
     brew.notes.update(instruct_pairs=stats["examples"] + len(val), instruct_steps=trainer.step,
                       instruct_val_loss_before=before, instruct_val_loss=after,
                       answer_sample=answer.text)
@@ -420,7 +421,7 @@ class StarterResult:
         return "\n".join(lines)
 
 
-def brew_starter(out: str | Path | None = None, device: str = "auto", force: bool = False,
+def brew_starter(out: str | Path | None = None, device: str = "auto", *, force: bool = False,
                  stages: list[Stage] | None = None, console=None, seed: int = SEED) -> StarterResult:
     """Run the stages, then save the last model to `out` and register it."""
     from rich.console import Console

@@ -130,7 +130,7 @@ class OptimizerSettings:
     min_lr_ratio: float = 0.1  # the cosine decay ends at lr * min_lr_ratio
 
 
-def make_optimizer(model: GPT, settings: OptimizerSettings, device: torch.device, *,
+def make_optimizer(model: GPT, settings: OptimizerSettings, *, device: torch.device,
                    extra=()) -> torch.optim.AdamW:
     """The model's AdamW with these settings; `extra`: parameters of a module built on the model
     (a classification head) that train with it."""
@@ -213,7 +213,7 @@ def save_checkpoint(path: Path, trainer: dict, *, state: dict, model: GPT | None
     as model/ when given; an existing checkpoint is replaced in one atomic rename."""
     with atomic_directory(path, overwrite=True) as tmp:
         if model is not None:
-            save_model(model, tmp / CHECKPOINT_MODEL, tokenizer)
+            save_model(model, tmp / CHECKPOINT_MODEL, tokenizer=tokenizer)
         save_state(trainer, tmp / CHECKPOINT_TRAINER)
         (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
 
@@ -312,7 +312,7 @@ class Display:
                                            loss="-", speed="")
         self.progress.start()
 
-    def step(self, step: int, loss: float | None, tokens_per_s: float | None,
+    def step(self, step: int, loss: float | None, *, tokens_per_s: float | None,
              mfu: float | None, elapsed: float = 0.0) -> None:
         if not self.enabled:
             return

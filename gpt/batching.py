@@ -153,7 +153,7 @@ class _Row:
             return
         self.tokens.append(tid)
         if self.scored is not None:
-            self.scored.append(_entry(tid, self.log_probs, self.req.logprobs))
+            self.scored.append(_entry(tid, self.log_probs, top=self.req.logprobs))
         delta = self.text.feed(tid)
         if delta:
             self.req.on_text(delta)
@@ -209,7 +209,7 @@ class Batch:
                 logits = engine.model(x, view, last_only=not req.echo)[0, :, :engine.tokenizer.n_vocab]
                 self.cache.ids[slot] = list(req.ids)
                 if req.echo:
-                    row.prompt_scored = _score_prompt(req.ids, logits, req.logprobs or 0)
+                    row.prompt_scored = _score_prompt(req.ids, logits, top=req.logprobs or 0)
                 row.logits = logits[-1]
                 row.sampler = Sampler(params, row.logits.size(-1), engine.device, req.ids, seed)
         except BaseException:

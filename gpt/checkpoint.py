@@ -54,7 +54,7 @@ def expected_tensors(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.weights().items()}
 
 
-def save_model(model: GPT, directory: str | Path, tokenizer: Tokenizer | None = None,
+def save_model(model: GPT, directory: str | Path, *, tokenizer: Tokenizer | None = None,
                overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
     """Write `model` (and its tokenizer, unless GPT-2's) as a model directory, atomically."""
     directory = Path(directory)
@@ -118,7 +118,7 @@ def check_model_dir(directory: str | Path) -> tuple[dict, GPTConfig, Tokenizer]:
     Every importer calls it before a directory is registered: (metadata, config, tokenizer)."""
     directory = Path(directory)
     meta, config = read_meta(directory)
-    with _checked_weights(directory / WEIGHTS_FILE, config, meta["dtype"]):
+    with _checked_weights(directory / WEIGHTS_FILE, config, dtype=meta["dtype"]):
         pass
     if meta.get("tokenizer") in (TOKENIZER_FILE, LEGACY_TOKENIZER_FILE) and tokenizer_path(directory) is None:
         raise KettleError(f"{directory / meta['tokenizer']}: missing (config.json says the model uses it)")
@@ -129,13 +129,13 @@ def check_model_dir(directory: str | Path) -> tuple[dict, GPTConfig, Tokenizer]:
     return meta, config, tokenizer
 
 
-def read_weights(path: Path, config: GPTConfig, dtype: str) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, config: GPTConfig, *, dtype: str) -> dict[str, torch.Tensor]:
     """Load a safetensors file after checking names, shapes and dtypes against `config`."""
-    with _checked_weights(path, config, dtype) as f:
+    with _checked_weights(path, config, dtype=dtype) as f:
         return {name: f.get_tensor(name) for name in f.keys()}
 
 
-def check_block_count(path: Path, names: set[str], config: GPTConfig) -> None:
+def check_block_count(path: Path, names: set[str], *, config: GPTConfig) -> None:
     """The blocks a weights file holds (h.<i>.* tensors) against the config's n_layer, before a
     model of that many is built to list the tensors it expects: a config.json claiming 200,000
     layers would take minutes to tell that it lies."""
@@ -146,7 +146,7 @@ def check_block_count(path: Path, names: set[str], config: GPTConfig) -> None:
 
 
 @contextmanager
-def _checked_weights(path: Path, config: GPTConfig, dtype: str):
+def _checked_weights(path: Path, config: GPTConfig, *, dtype: str):
     """The open safetensors file, once its header matches `config` and `dtype`; problems with
     the file, also while reading it, are KettleErrors naming it."""
     if not path.is_file():
@@ -154,7 +154,7 @@ def _checked_weights(path: Path, config: GPTConfig, dtype: str):
     try:
         with safe_open(str(path), framework="pt") as f:
             names = set(f.keys())
-            check_block_count(path, names, config)
+            check_block_count(path, names, config=config)
             expected = expected_tensors(config)
             missing = sorted(set(expected) - names)
             unexpected = sorted(names - set(expected))
@@ -184,7 +184,7 @@ def _safetensors_dtype(name: str) -> str:
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None,
+               *, dtype: torch.dtype | None = None,
                quantize: str | None = None) -> tuple[GPT, Tokenizer]:
     """Load a model directory: (model in eval mode on `device`, its tokenizer). `quantize`
     ("int8", CPU only) turns its linear layers into int8 ones from these same weights
@@ -194,7 +194,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     check_mode(quantize, device)  # before any weight is read
     directory = Path(directory)
     meta, config, tokenizer = check_model_dir(directory)
-    state = read_weights(directory / WEIGHTS_FILE, config, meta["dtype"])
+    state = read_weights(directory / WEIGHTS_FILE, config, dtype=meta["dtype"])
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict(state, strict=False, assign=True)

@@ -121,12 +121,12 @@ class Engine:
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device | None = None,
-             dtype: torch.dtype | None = None, quantize: str | None = None) -> "Engine":
+             *, dtype: torch.dtype | None = None, quantize: str | None = None) -> "Engine":
         """`quantize` ("int8", gpt.quantize) runs on the CPU, which is then the default device."""
         from gpt.checkpoint import load_model
 
         device = pick_device("cpu" if quantize and device is None else device)
-        model, tokenizer = load_model(model_dir, device, dtype or pick_dtype(device), quantize)
+        model, tokenizer = load_model(model_dir, device, dtype=dtype or pick_dtype(device), quantize=quantize)
         return cls(model, tokenizer, name=Path(model_dir).name)
 
     @property
@@ -163,14 +163,14 @@ class Engine:
         return kept, len(full) - len(kept)
 
     def stream_chat(self, messages: list[dict], params: SamplingParams,
-                    cancel: threading.Event | None = None, *, logprobs: int | None = None,
+                    *, cancel: threading.Event | None = None, logprobs: int | None = None,
                     truncate: bool = True) -> Iterator[str | GenerationResult]:
         """Answer the conversation as the assistant: text deltas, then a GenerationResult."""
-        ids, dropped = self.chat_ids(messages, params, truncate)
-        return self._generate(ids, params, cancel, dropped, logprobs)
+        ids, dropped = self.chat_ids(messages, params, truncate=truncate)
+        return self._generate(ids, params, cancel=cancel, dropped=dropped, logprobs=logprobs)
 
     def chat_ids(self, messages: list[dict], params: SamplingParams,
-                 truncate: bool = True) -> tuple[list[int], int]:
+                 *, truncate: bool = True) -> tuple[list[int], int]:
         """stream_chat's prompt ids and how many tokens were dropped (ContextLengthExceeded when
         some had to be and `truncate` is False); gpt.batching starts from here too."""
         params.validate()
@@ -182,14 +182,14 @@ class Engine:
     # --- raw text completion ---------------------------------------------------------------------
 
     def stream(self, prompt: list[int] | str, params: SamplingParams,
-               cancel: threading.Event | None = None, *, logprobs: int | None = None,
+               *, cancel: threading.Event | None = None, logprobs: int | None = None,
                echo: bool = False, truncate: bool = True) -> Iterator[str | GenerationResult]:
         """Continue `prompt` (token ids or text): text deltas, then a GenerationResult."""
-        ids, dropped = self.completion_ids(prompt, params, truncate)
-        return self._generate(ids, params, cancel, dropped, logprobs, echo)
+        ids, dropped = self.completion_ids(prompt, params, truncate=truncate)
+        return self._generate(ids, params, cancel=cancel, dropped=dropped, logprobs=logprobs, echo=echo)
 
     def completion_ids(self, prompt: list[int] | str, params: SamplingParams,
-                       truncate: bool = True) -> tuple[list[int], int]:
+                       *, truncate: bool = True) -> tuple[list[int], int]:
         """stream's prompt ids (trimmed to the window) and how many were dropped, as chat_ids."""
         params.validate()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -216,13 +216,13 @@ class Engine:
         return self.tokenizer.encoding.encode(text, allowed_special="all")
 
     def generate(self, prompt: list[int] | str, params: SamplingParams,
-                 cancel: threading.Event | None = None, **options) -> GenerationResult:
+                 *, cancel: threading.Event | None = None, **options) -> GenerationResult:
         """`stream` without the deltas."""
-        return _last(self.stream(prompt, params, cancel, **options))
+        return _last(self.stream(prompt, params, cancel=cancel, **options))
 
     def generate_chat(self, messages: list[dict], params: SamplingParams,
-                      cancel: threading.Event | None = None, **options) -> GenerationResult:
-        return _last(self.stream_chat(messages, params, cancel, **options))
+                      *, cancel: threading.Event | None = None, **options) -> GenerationResult:
+        return _last(self.stream_chat(messages, params, cancel=cancel, **options))
 
     def reset(self) -> None:
         """Forget the cached prefix (the next request prefills its whole prompt)."""
@@ -237,8 +237,8 @@ class Engine:
         """Bring the cache to hold `ids`, reusing the longest shared prefix; the last logits, or
         with `every` the logits [T, V] after each of `ids` (the whole prompt is fed then)."""
         if self._cache is None:
-            self._cache = KVCache(self.model.config, 1, self.context_length, self.device,
-                                  self.model.wte.weight.dtype)
+            self._cache = KVCache(self.model.config, 1, max_len=self.context_length, device=self.device,
+                                  dtype=self.model.wte.weight.dtype)
         # At least one token must be fed to get logits for the next one.
         common = 0 if every else min(common_prefix(self._cached_ids, ids), len(ids) - 1)
         self._cache.truncate(common)
@@ -257,7 +257,7 @@ class Engine:
         tokenizer fewer merges than asked), and an id it cannot decode must never be drawn."""
         return self.model(x, self._cache, last_only=True)[0, -1, :self.tokenizer.n_vocab]
 
-    def _generate(self, ids: list[int], params: SamplingParams, cancel: threading.Event | None,
+    def _generate(self, ids: list[int], params: SamplingParams, *, cancel: threading.Event | None,
                   dropped: int, logprobs: int | None = None,
                   echo: bool = False) -> Iterator[str | GenerationResult]:
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(MAX_SEED)
@@ -282,7 +282,7 @@ class Engine:
                     if logits is None:
                         logits, cached = self._prefill(ids, every=echo)
                         if echo:
-                            prompt_scored = _score_prompt(ids, logits, logprobs or 0)
+                            prompt_scored = _score_prompt(ids, logits, top=logprobs or 0)
                             logits = logits[-1]
                         sampler = Sampler(params, logits.size(-1), self.device, ids, seed)
                         if self.speculation is not None and (params.greedy or self.speculate_sampled):
@@ -313,7 +313,7 @@ class Engine:
                     break
                 tokens.append(tid)
                 if scored is not None:
-                    scored.append(_entry(tid, log_probs, logprobs))
+                    scored.append(_entry(tid, log_probs, top=logprobs))
                 delta = text.feed(tid)
                 if delta:
                     yield delta
@@ -406,17 +406,17 @@ def _torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def _entry(token: int, log_probs: torch.Tensor, top: int) -> TokenLogprob:
+def _entry(token: int, log_probs: torch.Tensor, *, top: int) -> TokenLogprob:
     """`token`'s log-probability in `log_probs` [V] and the `top` most likely (none removed)."""
     values, ids = log_probs.topk(min(top, log_probs.numel()))
     return TokenLogprob(token, float(log_probs[token]),
                         [(int(i), float(v)) for v, i in zip(values, ids) if v > float("-inf")])
 
 
-def _score_prompt(ids: list[int], logits: torch.Tensor, top: int) -> list[TokenLogprob]:
+def _score_prompt(ids: list[int], logits: torch.Tensor, *, top: int) -> list[TokenLogprob]:
     """Each prompt token under the raw logits [T, V] after the tokens before it."""
     log_probs = logits.float().log_softmax(-1)
-    return [TokenLogprob(ids[0], None)] + [_entry(t, log_probs[i], top)
+    return [TokenLogprob(ids[0], None)] + [_entry(t, log_probs[i], top=top)
                                            for i, t in enumerate(ids[1:])]
 
 

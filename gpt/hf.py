@@ -168,7 +168,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
                 names[kettle_name(name, config.tie_embeddings)] = (f, name, path)
         names.pop(None, None)
         where = shards[0] if len(shards) == 1 else hf_dir / WEIGHTS_INDEX
-        check_block_count(where, set(names), config)
+        check_block_count(where, set(names), config=config)
         expected = expected_tensors(config)
         for name, shape in expected.items():  # the headers, before a weight is read
             if name not in names:

@@ -23,7 +23,7 @@ class KVCache:
     a shared prefix between two prompts instead of prefilling it again.
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int = 1, max_len: int | None = None,
+    def __init__(self, config: GPTConfig, batch_size: int = 1, *, max_len: int | None = None,
                  device=None, dtype=torch.float32):
         max_len = max_len or config.context_length
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
@@ -62,12 +62,12 @@ class CausalSelfAttention(nn.Module):
         """x is [B, T, C]; or [B, C] for a decoding step (one new token per sequence, cached).
         With `norm`, x is the residual stream and the attention reads norm(x) (norm_then_linear)."""
         if x.dim() == 2:
-            y = self._decode_step(x if norm is None else norm(x), cache, layer)
+            y = self._decode_step(x if norm is None else norm(x), cache, layer=layer)
         else:
-            y = self._attend(norm_then_linear(norm, self.c_attn, x), cache, layer)
-        return _dropout(self.c_proj(y), self.dropout, self.training)
+            y = self._attend(norm_then_linear(norm, self.c_attn, x=x), cache, layer=layer)
+        return _dropout(self.c_proj(y), self.dropout, training=self.training)
 
-    def _attend(self, qkv, cache, layer):
+    def _attend(self, qkv, cache, *, layer):
         B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         q, k, v = qkv.split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
@@ -90,7 +90,7 @@ class CausalSelfAttention(nn.Module):
         )
         return y.transpose(1, 2).contiguous().view(B, T, C)
 
-    def _decode_step(self, x, cache, layer):
+    def _decode_step(self, x, cache, *, layer):
         """Attention for one new query per sequence. Every decoded token pays for each op here,
         and at batch 1 the ops are tiny, so there are few of them: 2-D activations, batched
         matmuls over (sequence, head) and no transposes. SDPA's kernels cost more than the work
@@ -125,14 +125,14 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
         """With `norm`, x is the residual stream and the MLP reads norm(x) (norm_then_linear)."""
-        u = norm_then_linear(norm, self.c_fc, x)
+        u = norm_then_linear(norm, self.c_fc, x=x)
         # A plain Linear only: LoRA wraps c_proj in a module of its own, kept on autograd's path.
         if (u.requires_grad and type(self.c_proj) is nn.Linear
                 and not torch.is_autocast_enabled(u.device.type)):
             y = _GeluProjection.apply(u, self.c_proj.weight, self.c_proj.bias)
         else:
             y = self.c_proj(F.gelu(u, approximate="tanh"))
-        return _dropout(y, self.dropout, self.training)
+        return _dropout(y, self.dropout, training=self.training)
 
 
 class _GeluProjection(torch.autograd.Function):
@@ -160,7 +160,7 @@ class _GeluProjection(torch.autograd.Function):
         return grad_u, grad_w, grad_b
 
 
-def norm_then_linear(norm: nn.LayerNorm | None, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def norm_then_linear(norm: nn.LayerNorm | None, linear: nn.Module, *, x: torch.Tensor) -> torch.Tensor:
     """linear(norm(x)) (linear(x) without a norm). In fp32 training through a plain Linear, the
     norm's output is recomputed in backward instead of kept (_NormLinear); elsewhere (inference,
     autocast, LoRA's wrapped Linear) autograd's own path."""
@@ -203,7 +203,7 @@ class _NormLinear(torch.autograd.Function):
         return grad_x, grad_nw, grad_nb, grad_w, grad_b, None
 
 
-def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+def _dropout(x: torch.Tensor, p: float, *, training: bool) -> torch.Tensor:
     # A function rather than nn.Dropout modules: in inference it costs nothing per call.
     return F.dropout(x, p, training=True) if training and p else x
 
@@ -269,7 +269,7 @@ class GPT(nn.Module):
         return n - self.wpe.weight.numel() if non_embedding else n
 
     def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
-                      pos_offset: int = 0, sparse_embedding_grad: bool = False) -> torch.Tensor:
+                      *, pos_offset: int = 0, sparse_embedding_grad: bool = False) -> torch.Tensor:
         """The final-LayerNorm outputs, [B, T, n_embd]; classification heads start from here.
         `sparse_embedding_grad`: only for a loss through the tied head (see _embed)."""
         B, T = idx.shape
@@ -285,7 +285,7 @@ class GPT(nn.Module):
             if kv_cache is not None and start + T > kv_cache.max_len:
                 raise ValueError(f"KV cache holds {kv_cache.max_len} positions, {start + T} needed")
             x = self._embed(idx, sparse_embedding_grad) + self.wpe.weight[start:start + T]
-            x = _dropout(x, self.config.dropout, self.training)
+            x = _dropout(x, self.config.dropout, training=self.training)
             decoding = kv_cache is not None and T == 1
             if decoding:
                 x = x.view(B, -1)  # the blocks' decoding-step path (see CausalSelfAttention.forward)
@@ -316,9 +316,9 @@ class GPT(nn.Module):
         next token at each position) it returns the mean cross-entropy instead, computed in
         chunks so the full logits never exist (head_cross_entropy).
         """
-        x = self.hidden_states(idx, kv_cache, pos_offset, sparse_embedding_grad=targets is not None)
+        x = self.hidden_states(idx, kv_cache, pos_offset=pos_offset, sparse_embedding_grad=targets is not None)
         if targets is not None:
-            return head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+            return head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets=targets.flatten())
         if last_only:
             x = x[:, -1:, :]
         return self.lm_head(x)
@@ -357,7 +357,7 @@ class GPT(nn.Module):
 LOSS_CHUNK_ELEMENTS = 2**24
 
 
-def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, *, targets: torch.Tensor,
                        chunk_rows: int | None = None) -> torch.Tensor:
     """F.cross_entropy(F.linear(h, weight).float(), targets), the mean over rows, with the same
     value and gradients, without materialising the [rows, vocab] fp32 logits and their gradient:

@@ -646,7 +646,7 @@ async def _respond(request: Request, service: GenerationService, *, kind: str, p
     def start(i: int) -> _Run:
         payload, row_params = rows[i]
         return _Run(service, request, kind, f"{request_id}-{i}",
-                    go(payload, row_params, f"{request_id}-{i}", **options))
+                    go(payload, row_params, request_id=f"{request_id}-{i}", **options))
 
     runs = [start(i) for i in range(len(rows))]
     head = await runs[0].next()  # an error before anything was generated is a plain 400

@@ -77,7 +77,7 @@ class GenerationService(ABC):
 
     @abstractmethod
     def stream_chat(self, messages: list[dict], params: SamplingParams,
-                    request_id: str | None = None, truncate: bool = True) -> AsyncIterator[Event]:
+                    *, request_id: str | None = None, truncate: bool = True) -> AsyncIterator[Event]:
         """Answer a conversation as the assistant: Delta events, then one Done or Error.
         `params` is a SamplingParams or a dict of its fields; `request_id` (unique among the
         requests in flight) is what `cancel` takes. A conversation too long for the context
@@ -86,7 +86,7 @@ class GenerationService(ABC):
 
     @abstractmethod
     def complete(self, prompt: str | list[int], params: SamplingParams,
-                 request_id: str | None = None, truncate: bool = True) -> AsyncIterator[Event]:
+                 *, request_id: str | None = None, truncate: bool = True) -> AsyncIterator[Event]:
         """Continue raw text (or token ids): the same events as stream_chat."""
 
     @abstractmethod
@@ -178,17 +178,17 @@ class InProcessService(GenerationService):
 
     # -- the interface ----------------------------------------------------------------------------
 
-    def stream_chat(self, messages, params, request_id=None, truncate=True, logprobs=None):
+    def stream_chat(self, messages, params, *, request_id=None, truncate=True, logprobs=None):
         """Also `logprobs`: each answer token's log-probability and the N most likely
         (GenerationResult.logprobs), which only the in-process service returns."""
-        return self._events("chat", messages, params, request_id,
-                            {"truncate": truncate, "logprobs": logprobs})
+        return self._events("chat", messages, params=params, request_id=request_id,
+                            options={"truncate": truncate, "logprobs": logprobs})
 
-    def complete(self, prompt, params, request_id=None, truncate=True, logprobs=None, echo=False):
+    def complete(self, prompt, params, *, request_id=None, truncate=True, logprobs=None, echo=False):
         """Also `logprobs` (as in stream_chat) and `echo`: score the prompt's tokens too
         (GenerationResult.prompt_logprobs)."""
-        return self._events("complete", prompt, params, request_id,
-                            {"truncate": truncate, "logprobs": logprobs, "echo": echo})
+        return self._events("complete", prompt, params=params, request_id=request_id,
+                            options={"truncate": truncate, "logprobs": logprobs, "echo": echo})
 
     async def tokenizer(self):
         def loaded():
@@ -240,7 +240,7 @@ class InProcessService(GenerationService):
 
     # -- the caller's side ------------------------------------------------------------------------
 
-    async def _events(self, kind, payload, params, request_id, options) -> AsyncIterator[Event]:
+    async def _events(self, kind, payload, *, params, request_id, options) -> AsyncIterator[Event]:
         if self._closed:
             yield Error("the generation service is closed", "internal")
             return
@@ -342,11 +342,11 @@ class InProcessService(GenerationService):
             options = dict(job.options)
             truncate = options.pop("truncate", True)
             if job.kind == "chat":
-                ids, dropped = engine.chat_ids(job.payload, job.params, truncate)
+                ids, dropped = engine.chat_ids(job.payload, job.params, truncate=truncate)
             else:
                 if not isinstance(job.payload, (str, list)):
                     raise KettleError("prompt must be a string or a list of token ids")
-                ids, dropped = engine.completion_ids(job.payload, job.params, truncate)
+                ids, dropped = engine.completion_ids(job.payload, job.params, truncate=truncate)
             self._batch.add(Request(
                 ids, dropped, job.params, job.cancel, lambda text: job.emit(Delta(text)),
                 lambda result: job.emit(Done(result, name)),
@@ -422,13 +422,13 @@ class RemoteService(GenerationService):
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Task]] = {}
         self._lock = threading.Lock()
 
-    def stream_chat(self, messages, params, request_id=None, truncate=True):
+    def stream_chat(self, messages, params, *, request_id=None, truncate=True):
         return self._stream("/v1/chat/completions", {"messages": messages, "truncate": truncate},
-                            params, request_id)
+                            params=params, request_id=request_id)
 
-    def complete(self, prompt, params, request_id=None, truncate=True):
-        return self._stream("/v1/completions", {"prompt": prompt, "truncate": truncate}, params,
-                            request_id)
+    def complete(self, prompt, params, *, request_id=None, truncate=True):
+        return self._stream("/v1/completions", {"prompt": prompt, "truncate": truncate}, params=params,
+                            request_id=request_id)
 
     def cancel(self, request_id: str | None = None) -> None:
         with self._lock:
@@ -447,7 +447,7 @@ class RemoteService(GenerationService):
 
     async def switch_model(self, name: str) -> ModelInfo:
         self._active = _remote_model(await self._request("POST", "/v1/models/switch",
-                                                         {"model": name}))
+                                                         body={"model": name}))
         return self._active
 
     @property
@@ -470,7 +470,7 @@ class RemoteService(GenerationService):
     def _headers(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    async def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+    async def _request(self, method: str, path: str, *, body: dict | None = None) -> dict:
         import httpx
 
         try:
@@ -482,7 +482,7 @@ class RemoteService(GenerationService):
             raise KettleError(_error_message(response.status_code, response.content))
         return response.json()
 
-    async def _stream(self, path, body, params, request_id) -> AsyncIterator[Event]:
+    async def _stream(self, path, body, *, params, request_id) -> AsyncIterator[Event]:
         try:
             params = _checked(params)
         except KettleError as exc:
@@ -491,7 +491,7 @@ class RemoteService(GenerationService):
         body = {**body, **params_to_openai(params), "stream": True,
                 "stream_options": {"include_usage": True}}
         inbox: asyncio.Queue = asyncio.Queue()
-        task = asyncio.ensure_future(self._read_stream(path, body, inbox))
+        task = asyncio.ensure_future(self._read_stream(path, body, inbox=inbox))
         task.add_done_callback(lambda t: _stream_ended(t, inbox))
         request_id = request_id or uuid.uuid4().hex
         with self._lock:
@@ -520,7 +520,7 @@ class RemoteService(GenerationService):
                 if self._streams.get(request_id, (None, task))[1] is task:
                     self._streams.pop(request_id, None)
 
-    async def _read_stream(self, path: str, body: dict, inbox: asyncio.Queue) -> None:
+    async def _read_stream(self, path: str, body: dict, *, inbox: asyncio.Queue) -> None:
         import httpx
 
         try:
@@ -530,7 +530,7 @@ class RemoteService(GenerationService):
                         inbox.put_nowait(Error(_error_message(response.status_code,
                                                               await response.aread())))
                         return
-                    inbox.put_nowait(await _parse_events(response, inbox, path))
+                    inbox.put_nowait(await _parse_events(response, inbox, path=path))
         except httpx.HTTPError as exc:
             inbox.put_nowait(Error(f"lost the Kettle server at {self.base_url}: {exc}", "internal"))
         except ValueError as exc:
@@ -546,7 +546,7 @@ def _stream_ended(task: asyncio.Task, inbox: asyncio.Queue) -> None:
         inbox.put_nowait(Error(f"internal error: {task.exception()!r}", "internal"))
 
 
-async def _parse_events(response, inbox: asyncio.Queue, path: str) -> Event:
+async def _parse_events(response, inbox: asyncio.Queue, *, path: str) -> Event:
     """Put each text delta of an SSE stream into inbox; returns the closing Done or Error."""
     text: list[str] = []
     model, finish, extra, usage = "", None, {}, {}

@@ -103,8 +103,8 @@ class _Draft:
                  sampler: Sampler):
         model = config.model
         self.model, self.max_draft, self.n_vocab = model, config.max_draft, n_vocab
-        self.cache = KVCache(model.config, 1, model.config.context_length,
-                             model.wte.weight.device, model.wte.weight.dtype)
+        self.cache = KVCache(model.config, 1, max_len=model.config.context_length,
+                             device=model.wte.weight.device, dtype=model.wte.weight.dtype)
         self.cached: list[int] = []  # the tokens the draft's cache holds
         self.history = list(ids)
         # Any q keeps the output lossless; penalties would need their own state, so q has none.

@@ -58,7 +58,7 @@ def make_model_dir(tmp_path_factory, trained_tokenizer):
         path = where if isinstance(where, Path) else tmp_path_factory.mktemp("models") / where
         torch.manual_seed(seed)
         config = GPTConfig(**{**TEST_SHAPE, **({"vocab_size": 50257} if gpt2_tokenizer else {}), **shape})
-        save_model(GPT(config), path, None if gpt2_tokenizer else trained_tokenizer)
+        save_model(GPT(config), path, tokenizer=None if gpt2_tokenizer else trained_tokenizer)
         return path
 
     return make
@@ -111,5 +111,5 @@ def app_model(chat_model_dir, kettle_home) -> str:
     path = models_dir() / "tiny"
     shutil.copytree(chat_model_dir, path)
     with open_store() as store:
-        store.activate_model(store.add_model_version("tiny", path, "imported").id)
+        store.activate_model(store.add_model_version("tiny", path, kind="imported").id)
     return "tiny"

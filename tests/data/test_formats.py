@@ -112,9 +112,9 @@ def test_what_a_format_cannot_express_is_skipped_with_reasons(store, tmp_path):
 
 def test_export_from_a_filter_and_labels_made_in_the_app(store, tmp_path):
     conv = store.create_conversation()
-    user = store.add_message(conv.id, "user", "Capital of France?")
-    good = store.add_message(conv.id, "assistant", "Paris, I think.", user.id)
-    bad = store.add_message(conv.id, "assistant", "London.", user.id)
+    user = store.add_message(conv.id, "user", content="Capital of France?")
+    good = store.add_message(conv.id, "assistant", content="Paris, I think.", parent_id=user.id)
+    bad = store.add_message(conv.id, "assistant", content="London.", parent_id=user.id)
     store.set_label(good.id, thumb=1, ideal="Paris.", tags=["geo"])
     store.set_label(bad.id, thumb=-1)
     export_file(store, tmp_path / "p.jsonl", fmt="dpo", filt=DataFilter(tags_include=("geo",)))

@@ -14,12 +14,13 @@ from data.records import DataFilter, content_hash
 from data.store import open_store
 from tests.conftest import FIXTURES
 from gpt.errors import KettleError
+from tests.conftest import FIXTURES
 
 
 def chat(store, system="", answer="Paris, I think."):
     conv = store.create_conversation("capitals", system_prompt=system)
-    user = store.add_message(conv.id, "user", "Capital of France?")
-    bot = store.add_message(conv.id, "assistant", answer, user.id)
+    user = store.add_message(conv.id, "user", content="Capital of France?")
+    bot = store.add_message(conv.id, "assistant", content=answer, parent_id=user.id)
     return conv, user, bot
 
 
@@ -56,10 +57,10 @@ def test_newer_schema_is_refused(tmp_path):
 
 def test_regenerating_makes_a_sibling_and_threads_follow_the_branch(store):
     conv, user, first = chat(store)
-    second = store.add_message(conv.id, "assistant", "Paris.", user.id)
+    second = store.add_message(conv.id, "assistant", content="Paris.", parent_id=user.id)
     assert [m.id for m in store.siblings(first.id)] == [first.id, second.id]
     assert store.conversation(conv.id).leaf_id == second.id
-    follow = store.add_message(conv.id, "user", "And Italy?", first.id)
+    follow = store.add_message(conv.id, "user", content="And Italy?", parent_id=first.id)
     store.set_leaf(conv.id, first.id)  # a mid-branch message: followed down to its reply
     assert [m.id for m in store.current_thread(conv.id)] == [user.id, first.id, follow.id]
     assert store.message(first.id).content == "Paris, I think."
@@ -69,11 +70,11 @@ def test_regenerating_makes_a_sibling_and_threads_follow_the_branch(store):
 
 def test_message_records_generation_details(store):
     conv = store.create_conversation()
-    user = store.add_message(conv.id, "user", "hi")
+    user = store.add_message(conv.id, "user", content="hi")
     result = {"text": "hello", "finish_reason": "stop", "prompt_tokens": 5, "new_tokens": 2,
               "dropped_tokens": 0, "ttft_s": 0.01, "tokens_per_s": 50.0, "seed": 42}
-    version = store.add_model_version("base", "/models/base", "imported")
-    msg = store.add_message(conv.id, "assistant", "hello", user.id, model_version_id=version.id,
+    version = store.add_model_version("base", "/models/base", kind="imported")
+    msg = store.add_message(conv.id, "assistant", content="hello", parent_id=user.id, model_version_id=version.id,
                             model="base", params={"temperature": 0.7}, generation=result)
     assert (msg.seed, msg.new_tokens, msg.finish_reason, msg.params) == \
         (42, 2, "stop", {"temperature": 0.7})
@@ -83,13 +84,13 @@ def test_message_records_generation_details(store):
 def test_bad_messages_are_refused(store):
     conv = store.create_conversation()
     other = store.create_conversation()
-    foreign = store.add_message(other.id, "user", "elsewhere")
+    foreign = store.add_message(other.id, "user", content="elsewhere")
     with pytest.raises(KettleError, match="role"):
-        store.add_message(conv.id, "robot", "x")
+        store.add_message(conv.id, "robot", content="x")
     with pytest.raises(KettleError, match="not in conversation"):
-        store.add_message(conv.id, "assistant", "x", foreign.id)
+        store.add_message(conv.id, "assistant", content="x", parent_id=foreign.id)
     with pytest.raises(KettleError, match="no conversation"):
-        store.add_message(12345, "user", "x")
+        store.add_message(12345, "user", content="x")
 
 
 def test_label_edited_three_times_has_three_rows_and_one_current(store):
@@ -172,8 +173,8 @@ def test_filter_thumbs_scores_tags_and_exclusions(store):
     conv = store.create_conversation()
     answers = {}
     for name in ("up", "down", "scored", "tagged", "private", "plain"):
-        user = store.add_message(conv.id, "user", f"q {name}")
-        answers[name] = store.add_message(conv.id, "assistant", f"a {name}", user.id)
+        user = store.add_message(conv.id, "user", content=f"q {name}")
+        answers[name] = store.add_message(conv.id, "assistant", content=f"a {name}", parent_id=user.id)
     store.set_label(answers["up"].id, thumb=1, tags=["geo"])
     store.set_label(answers["down"].id, thumb=-1)
     store.set_label(answers["scored"].id, score=4)
@@ -194,10 +195,10 @@ def test_filter_thumbs_scores_tags_and_exclusions(store):
 
 def test_multi_turn_branch_makes_one_example_and_unchosen_turns_get_weight_zero(store):
     conv = store.create_conversation()
-    u1 = store.add_message(conv.id, "user", "one")
-    a1 = store.add_message(conv.id, "assistant", "bad one", u1.id)
-    u2 = store.add_message(conv.id, "user", "two", a1.id)
-    a2 = store.add_message(conv.id, "assistant", "good two", u2.id)
+    u1 = store.add_message(conv.id, "user", content="one")
+    a1 = store.add_message(conv.id, "assistant", content="bad one", parent_id=u1.id)
+    u2 = store.add_message(conv.id, "user", content="two", parent_id=a1.id)
+    a2 = store.add_message(conv.id, "assistant", content="good two", parent_id=u2.id)
     store.set_label(a2.id, thumb=1)
     examples, _ = store.dataset()
     assert [e["example"] for e in examples] == [{"messages": [
@@ -215,7 +216,7 @@ def test_multi_turn_branch_makes_one_example_and_unchosen_turns_get_weight_zero(
 
 def test_preference_pairs_from_corrections_and_sibling_votes(store):
     conv, user, bot = chat(store)
-    other = store.add_message(conv.id, "assistant", "London.", user.id)
+    other = store.add_message(conv.id, "assistant", content="London.", parent_id=user.id)
     store.set_label(bot.id, thumb=1)
     store.set_label(other.id, thumb=-1)
     _, pairs = store.dataset()
@@ -245,7 +246,7 @@ def test_list_conversations_newest_first_with_counts(store):
     first, _, _ = chat(store)
     second = store.create_conversation("later")
     assert [c.id for c in store.list_conversations()] == [second.id, first.id]
-    store.add_message(first.id, "user", "bump")  # new activity moves it to the top
+    store.add_message(first.id, "user", content="bump")  # new activity moves it to the top
     listed = store.list_conversations()
     assert [c.id for c in listed] == [first.id, second.id]
     assert listed[0].message_count == 3
@@ -265,12 +266,12 @@ def test_search_matches_words_and_ignores_fts_syntax(store):
 
 def test_model_versions_lineage_and_activation(store):
     assert store.active_model() is None
-    base = store.add_model_version("gpt2", "/m/gpt2", "downloaded")
+    base = store.add_model_version("gpt2", "/m/gpt2", kind="downloaded")
     _, _, bot = chat(store)
     store.set_label(bot.id, thumb=1)
     snap = store.create_snapshot()
     run = store.create_run("finetune", model_version_id=base.id, snapshot_id=snap.id)
-    tuned = store.add_model_version("gpt2-ft1", "/m/ft1", "finetuned", parent_id=base.id,
+    tuned = store.add_model_version("gpt2-ft1", "/m/ft1", kind="finetuned", parent_id=base.id,
                                     snapshot_id=snap.id, run_id=run.id, hparams={"lr": 5e-5})
     store.activate_model(base.id)
     store.activate_model(tuned.id)
@@ -282,11 +283,11 @@ def test_model_versions_lineage_and_activation(store):
         ("regressed", {"val_loss": 2.5}, {"lr": 5e-5})
     assert store.model_version("gpt2").id == base.id
     with pytest.raises(KettleError, match="already exists"):
-        store.add_model_version("gpt2", "/elsewhere", "imported")
+        store.add_model_version("gpt2", "/elsewhere", kind="imported")
     with pytest.raises(KettleError, match="kind"):
-        store.add_model_version("x", "/x", "magic")
+        store.add_model_version("x", "/x", kind="magic")
     with pytest.raises(KettleError, match="unknown parent"):
-        store.add_model_version("orphan", "/x", "finetuned", parent_id=999)
+        store.add_model_version("orphan", "/x", kind="finetuned", parent_id=999)
 
 
 def test_run_lifecycle_and_metrics(store, tmp_path):
@@ -295,7 +296,7 @@ def test_run_lifecycle_and_metrics(store, tmp_path):
     run = store.update_run(run.id, status="running", pid=1234)
     assert run.started_at is not None and run.pid == 1234
     for step, loss in enumerate([3.0, 2.5, 2.0], start=1):
-        store.log_metrics(run.id, step, {"loss": loss})
+        store.log_metrics(run.id, step, metrics={"loss": loss})
     assert store.run(run.id).step == 3
     assert store.run_metrics(run.id) == [(1, {"loss": 3.0}), (2, {"loss": 2.5}), (3, {"loss": 2.0})]
     run = store.update_run(run.id, status="failed", error="out of memory")
@@ -304,15 +305,15 @@ def test_run_lifecycle_and_metrics(store, tmp_path):
     with pytest.raises(KettleError, match="status"):
         store.update_run(run.id, status="exploded")
     with pytest.raises(KettleError, match="no training run"):
-        store.log_metrics(999, 1, {"loss": 1.0})
+        store.log_metrics(999, 1, metrics={"loss": 1.0})
 
 
 def test_transaction_rolls_back_everything(store):
     conv = store.create_conversation()
     with pytest.raises(RuntimeError):
         with store.transaction():
-            store.add_message(conv.id, "user", "lost")
-            store.add_message(conv.id, "user", "lost too")
+            store.add_message(conv.id, "user", content="lost")
+            store.add_message(conv.id, "user", content="lost too")
             raise RuntimeError
     assert store.messages(conv.id) == []
 
@@ -324,7 +325,7 @@ def test_store_is_shared_safely_by_threads(store):
     def writer(n):
         try:
             for i in range(50):
-                msg = store.add_message(conv.id, "user", f"{n}-{i}")
+                msg = store.add_message(conv.id, "user", content=f"{n}-{i}")
                 store.set_label(msg.id, score=1 + i % 5)
                 store.list_conversations()
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
@@ -346,7 +347,7 @@ def test_forward_migrations_run_on_open(tmp_path, monkeypatch):
     with open_store(path) as old:  # a database from before full-text search existed
         assert old.applied_migrations() == ["m001_core"]
         conv = old.create_conversation()
-        old.add_message(conv.id, "user", "an old kettle message")
+        old.add_message(conv.id, "user", content="an old kettle message")
     monkeypatch.undo()
     with open_store(path) as new:
         assert new.applied_migrations() == [fn.__name__ for fn in schema.MIGRATIONS]
@@ -406,7 +407,7 @@ def test_a_database_from_numbered_migrations_opens_with_its_rows(numbered_db):
         [run] = store.runs()
         assert run.status == "finished" and store.run_metrics(run.id) == [(1, {"loss": 1.5})]
         assert [h.message_id for h in store.search("Paris")] == [bot.id]
-        new = store.add_message(conv.id, "user", "And of Italy?", bot.id)  # it still takes writes
+        new = store.add_message(conv.id, "user", content="And of Italy?", parent_id=bot.id)  # it still takes writes
     with open_store(numbered_db) as store:
         assert store.message(new.id).content == "And of Italy?"
 
@@ -449,7 +450,7 @@ def test_down_votes_only_train_through_a_correction(store):
     assert store.dataset(DataFilter(min_score=3, all_answers=True))[0] == []
     store.set_label(bot.id, ideal="Paris.")
     assert [e["message_id"] for e in store.dataset()[0]] == [bot.id]
-    other = store.add_message(conv.id, "assistant", "unlabelled", user.id)
+    other = store.add_message(conv.id, "assistant", content="unlabelled", parent_id=user.id)
     assert other.id not in [e["message_id"] for e in
                             store.dataset(DataFilter(all_answers=True, tags_include=("x",)))[0]]
     with pytest.raises(KettleError, match="excluded"):
@@ -459,11 +460,11 @@ def test_down_votes_only_train_through_a_correction(store):
 def test_an_error_caught_inside_a_transaction_undoes_only_the_inner_block(store):
     conv = store.create_conversation()
     with store.transaction():
-        store.add_message(conv.id, "user", "kept")
+        store.add_message(conv.id, "user", content="kept")
         with pytest.raises(KettleError):
             with store.transaction():
-                store.add_message(conv.id, "user", "undone")
-                store.add_message(conv.id, "robot", "bad role")
+                store.add_message(conv.id, "user", content="undone")
+                store.add_message(conv.id, "robot", content="bad role")
     assert [m.content for m in store.messages(conv.id)] == ["kept"]
 
 
@@ -471,9 +472,9 @@ def test_a_refused_write_is_a_clear_error(store, tmp_path):
     conv = store.create_conversation()
     store.conn.execute("PRAGMA query_only = ON")  # stands in for a read-only or full disk
     with pytest.raises(KettleError, match="refused a write"):
-        store.add_message(conv.id, "user", "x")
+        store.add_message(conv.id, "user", content="x")
     store.conn.execute("PRAGMA query_only = OFF")
-    store.add_message(conv.id, "user", "x")
+    store.add_message(conv.id, "user", content="x")
 
 
 @pytest.fixture
@@ -484,7 +485,7 @@ def read_only_home(kettle_home, tmp_path):
 
     with open_store() as store:
         conv = store.create_conversation()
-        store.add_message(conv.id, "user", "How do I brew tea in a kettle?")
+        store.add_message(conv.id, "user", content="How do I brew tea in a kettle?")
     if os.geteuid() != 0:
         for path in [kettle_home, *kettle_home.rglob("*")]:
             path.chmod(0o555 if path.is_dir() else 0o444)

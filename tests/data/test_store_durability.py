@@ -32,7 +32,8 @@ APP_LIKE_WRITER = textwrap.dedent("""
     conv = store.create_conversation("from the other process")
     parent = None
     for i in range(n):
-        msg = store.add_message(conv.id, "user" if i % 2 == 0 else "assistant", f"other {i}", parent)
+        msg = store.add_message(conv.id, "user" if i % 2 == 0 else "assistant",
+                                content=f"other {i}", parent_id=parent)
         parent = msg.id
         if msg.role == "assistant":
             store.set_label(msg.id, thumb=1)
@@ -51,8 +52,8 @@ def test_sigkill_while_writing_labels_loses_no_returned_write(tmp_path):
     path = tmp_path / "kettle.db"
     with open_store(path) as store:
         conv = store.create_conversation()
-        user = store.add_message(conv.id, "user", "q")
-        answer = store.add_message(conv.id, "assistant", "a", user.id)
+        user = store.add_message(conv.id, "user", content="q")
+        answer = store.add_message(conv.id, "assistant", content="a", parent_id=user.id)
     child = spawn(LABEL_WRITER, path, answer.id)
     returned = []
     deadline = time.monotonic() + 30
@@ -84,8 +85,8 @@ def test_two_processes_read_and_write_at_once(tmp_path):
         conv = store.create_conversation("this process")
         parent = None
         for step in range(1, n + 1):
-            store.log_metrics(run.id, step, {"loss": 1.0 / step})
-            parent = store.add_message(conv.id, "user", f"mine {step}", parent).id
+            store.log_metrics(run.id, step, metrics={"loss": 1.0 / step})
+            parent = store.add_message(conv.id, "user", content=f"mine {step}", parent_id=parent).id
             store.stats()
             if step % 50 == 0:
                 store.create_snapshot()

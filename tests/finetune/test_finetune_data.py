@@ -62,21 +62,22 @@ def test_over_long_conversations_drop_oldest_exchanges_then_skip(trained_tokeniz
 
     short = encode_conversation(CONVERSATION[:3], trained_tokenizer, max_length=1000)
     assert len(short) < len(cut)
-    examples, stats = prepare([CONVERSATION, CONVERSATION[:3]], trained_tokenizer, len(short), 512)
+    examples, stats = prepare([CONVERSATION, CONVERSATION[:3]], trained_tokenizer, max_length=len(short),
+                              vocab_size=512)
     assert stats["skipped_too_long"] == 1 and stats["examples"] == 1
 
 
 def test_bad_data_is_refused_with_a_clear_message(trained_tokenizer):
     with pytest.raises(KettleError, match="empty"):
-        prepare([], trained_tokenizer, 100, 512)
+        prepare([], trained_tokenizer, max_length=100, vocab_size=512)
     no_answer = [{"role": "user", "content": "hello?"}]
     with pytest.raises(KettleError, match="example 2: .*assistant"):
-        prepare([CONVERSATION, no_answer], trained_tokenizer, 1000, 512)
+        prepare([CONVERSATION, no_answer], trained_tokenizer, max_length=1000, vocab_size=512)
     # Text tokenised with GPT-2's vocabulary does not fit a 512-token model.
     with pytest.raises(KettleError, match="another vocabulary"):
-        prepare([CONVERSATION], gpt2_tokenizer(), 1000, 512)
+        prepare([CONVERSATION], gpt2_tokenizer(), max_length=1000, vocab_size=512)
     with pytest.raises(KettleError, match="longer than the context"):
-        prepare([CONVERSATION], trained_tokenizer, 5, 512)
+        prepare([CONVERSATION], trained_tokenizer, max_length=5, vocab_size=512)
 
 
 def test_length_bucketing_wastes_little_padding(trained_tokenizer):
@@ -85,7 +86,7 @@ def test_length_bucketing_wastes_little_padding(trained_tokenizer):
     entries = json.loads((SHARED_DATA / "instruction-data.json").read_text())
     conversations = [[{"role": "user", "content": e["instruction"] + "\n" + e["input"]},
                       {"role": "assistant", "content": e["output"]}] for e in entries]
-    examples, _ = prepare(conversations, trained_tokenizer, 512, 512)
+    examples, _ = prepare(conversations, trained_tokenizer, max_length=512, vocab_size=512)
     batches = make_batches(examples, batch_tokens=4096, max_batch_size=32, seed=1)
     assert sorted(id(e) for b in batches for e in b) == sorted(id(e) for e in examples)
     assert padding_waste(batches) < 0.15
@@ -111,14 +112,14 @@ def test_defaults_follow_the_model_and_the_dataset():
     assert small.max_batch_size < large.max_batch_size
     assert 1 <= small.warmup_steps < large.warmup_steps <= 100
     # Small models take much larger rates; LoRA a larger one than full fine-tuning.
-    assert resolve(SFTConfig(), 20, starter).lr == pytest.approx(6 * resolve(SFTConfig(), 20, gpt2).lr)
-    assert resolve(SFTConfig(), 20, gpt2).lr < resolve(SFTConfig(lora=LoRAConfig()), 20, gpt2).lr
+    assert resolve(SFTConfig(), 20, model=starter).lr == pytest.approx(6 * resolve(SFTConfig(), 20, model=gpt2).lr)
+    assert resolve(SFTConfig(), 20, model=gpt2).lr < resolve(SFTConfig(lora=LoRAConfig()), 20, model=gpt2).lr
     # Replay each epoch: 4 of the base's examples per user example (1 under LoRA); none without.
-    assert resolve(SFTConfig(), 20, starter, n_replay=1500).replay == 80
-    assert resolve(SFTConfig(lora=LoRAConfig()), 20, starter, n_replay=1500).replay == 20
-    assert resolve(SFTConfig(), 20, starter, n_replay=5).replay == 5
-    assert resolve(SFTConfig(), 20, starter).replay == 0
-    assert resolve(SFTConfig(replay=0), 20, starter, n_replay=1500).replay == 0
+    assert resolve(SFTConfig(), 20, model=starter, n_replay=1500).replay == 80
+    assert resolve(SFTConfig(lora=LoRAConfig()), 20, model=starter, n_replay=1500).replay == 20
+    assert resolve(SFTConfig(), 20, model=starter, n_replay=5).replay == 5
+    assert resolve(SFTConfig(), 20, model=starter).replay == 0
+    assert resolve(SFTConfig(replay=0), 20, model=starter, n_replay=1500).replay == 0
     # Few examples are all trained on (each is a correction the user wants back).
     assert default_val_fraction(5) == 0 == default_val_fraction(99)
     assert round(default_val_fraction(200) * 200) == 20
@@ -126,7 +127,7 @@ def test_defaults_follow_the_model_and_the_dataset():
     train, val = holdout(list(range(200)), default_val_fraction(200), seed=3)
     assert len(val) == 20 and sorted(train + val) == list(range(200))
     with pytest.raises(KettleError, match="context length"):
-        resolve(SFTConfig(max_length=999), 20, starter)
+        resolve(SFTConfig(max_length=999), 20, model=starter)
 
 
 def test_weight_zero_answers_are_context_only(trained_tokenizer):

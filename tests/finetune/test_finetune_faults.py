@@ -76,11 +76,11 @@ print("finished without being killed")
 def snapshot(store, make_model_dir, tmp_path) -> int:
     """A tiny base model (the store's "base") and 12 corrected answers to teach it."""
     make_model_dir(tmp_path / "base", context_length=64)
-    store.add_model_version("base", tmp_path / "base", "pretrained")
+    store.add_model_version("base", tmp_path / "base", kind="pretrained")
     for i in range(12):
         conv = store.create_conversation()
-        q = store.add_message(conv.id, "user", f"What is thing {i}?")
-        a = store.add_message(conv.id, "assistant", "I do not know.", q.id)
+        q = store.add_message(conv.id, "user", content=f"What is thing {i}?")
+        a = store.add_message(conv.id, "assistant", content="I do not know.", parent_id=q.id)
         store.set_label(a.id, ideal=f"Thing {i} is the {i}th thing.")
     return store.create_snapshot(name="corrections").id
 

@@ -27,7 +27,7 @@ FAST = {"lr": 3e-3, "epochs": 5, "eval_every": 5, "val_fraction": 0.1}
 def base(tmp_path, make_model_dir, store):
     """A tiny random model, registered as the store's model version "base"."""
     path = make_model_dir(tmp_path / "base", context_length=64, n_embd=64)
-    store.add_model_version("base", path, "pretrained")
+    store.add_model_version("base", path, kind="pretrained")
     return path
 
 
@@ -35,8 +35,8 @@ def _snapshot(store, n=20) -> int:
     """n conversations whose answers the user corrected (the ideal answer is what trains)."""
     for i, topic in enumerate(TOPICS[:n]):
         conv = store.create_conversation()
-        q = store.add_message(conv.id, "user", f"What is a {topic}?")
-        a = store.add_message(conv.id, "assistant", "I do not know.", q.id)
+        q = store.add_message(conv.id, "user", content=f"What is a {topic}?")
+        a = store.add_message(conv.id, "assistant", content="I do not know.", parent_id=q.id)
         store.set_label(a.id, ideal=f"A {topic} is item number {i} in my kitchen.")
     return store.create_snapshot(name="corrections").id
 

@@ -23,10 +23,10 @@ def test_instruction_data_validation_loss_falls_steadily(tmp_path):
     tokenizer = train_tokenizer([m["content"] for c in conversations for m in c], vocab_size=2048)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=2048, context_length=256, n_layer=4, n_head=4, n_embd=128))
-    examples, stats = prepare(conversations, tokenizer, 256, 2048)
+    examples, stats = prepare(conversations, tokenizer, max_length=256, vocab_size=2048)
     train, val = holdout(examples, 0.1, seed=0)
     config = resolve(SFTConfig(lr=1e-3, epochs=4, eval_every=20, patience=3, until_learned=False),
-                     len(train), model.config)
+                     len(train), model=model.config)
     trainer = SFTTrainer(model, train, val, config, tokenizer.eot_id)
     trainer.run()
     vals = [h["val_loss"] for h in trainer.history if "val_loss" in h]
@@ -51,8 +51,8 @@ def test_sms_spam_classifier_on_a_model_pretrained_here(tmp_path):
     corpus = tmp_path / "sms.jsonl"
     corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text, _ in rows), encoding="utf-8")
     config = GPTConfig(vocab_size=1024, context_length=128, n_layer=2, n_head=2, n_embd=128)
-    result = pretrain(corpus, tmp_path / "base", config,
-                      TrainConfig(max_steps=150, batch_tokens=4096, micro_batch_size=16, lr=2e-3,
+    result = pretrain(corpus, tmp_path / "base", config=config,
+                      cfg=TrainConfig(max_steps=150, batch_tokens=4096, micro_batch_size=16, lr=2e-3,
                                   warmup_steps=10, eval_every=50, sample_every=0, checkpoint_every=1000),
                       run_dir=tmp_path / "run", progress=False, register=False)
     assert result.val_loss < result.initial_val_loss

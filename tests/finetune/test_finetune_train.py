@@ -41,12 +41,12 @@ def test_tiny_model_reproduces_twenty_corrected_answers_on_the_defaults(mode, tr
     # The starter's width under LoRA: a random base's frozen embeddings leave the adapter the
     # whole job, which a narrower one cannot do at the rate its width gets.
     model = _tiny_model(128 if mode == "lora" else 64)
-    examples, _ = prepare(CORRECTED, trained_tokenizer, 64, 512)
+    examples, _ = prepare(CORRECTED, trained_tokenizer, max_length=64, vocab_size=512)
     lora = LoRAConfig() if mode == "lora" else None
-    config = resolve(SFTConfig(lora=lora), len(examples), model.config)
+    config = resolve(SFTConfig(lora=lora), len(examples), model=model.config)
     trainer = SFTTrainer(model, examples, [], config, pad_id=trained_tokenizer.eot_id)
     assert trainer.run() is True
-    back = recalled(model, examples, trained_tokenizer.eot_id, "cpu")
+    back = recalled(model, examples, pad_id=trained_tokenizer.eot_id, device="cpu")
     assert sum(back) >= 18
     if mode == "full":  # it stopped once every answer came back, well before the epoch cap
         assert all(back) and trainer.learned_epoch is not None and trainer.step < trainer.total_steps
@@ -59,14 +59,15 @@ def test_tiny_model_reproduces_twenty_corrected_answers_on_the_defaults(mode, tr
 
 def test_early_stopping_restores_the_best_weights(trained_tokenizer):
     model = _tiny_model()
-    examples, _ = prepare(CORRECTED, trained_tokenizer, 64, 512)
+    examples, _ = prepare(CORRECTED, trained_tokenizer, max_length=64, vocab_size=512)
     # Held-out answers are arbitrary numbers: memorising the others only makes them worse.
     train, val = examples[:16], examples[16:]
     config = resolve(SFTConfig(lr=3e-3, epochs=30, patience=2, eval_every=8, until_learned=False), 16,
-                     model.config)
+                     model=model.config)
     trainer = SFTTrainer(model, train, val, config, pad_id=trained_tokenizer.eot_id)
     trainer.run()
     vals = [h["val_loss"] for h in trainer.history if "val_loss" in h]
     assert trainer.stopped_early and trainer.step < trainer.total_steps
     assert min(vals) == trainer.best_val < vals[-1]
-    assert evaluate_loss(model, val, trained_tokenizer.eot_id, "cpu") == pytest.approx(trainer.best_val, rel=1e-5)
+    assert evaluate_loss(model, val, pad_id=trained_tokenizer.eot_id, device="cpu") == pytest.approx(
+        trainer.best_val, rel=1e-5)

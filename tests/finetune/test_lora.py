@@ -51,7 +51,7 @@ def test_merged_logits_equal_base_plus_adapter(tiny_model_dir, tmp_path):
     # Merging in memory and into a model directory gives the same logits with no LoRA code.
     torch.testing.assert_close(merge_lora(reloaded)(ids), with_adapter, atol=1e-5, rtol=1e-5)
     assert not lora_layers(reloaded)
-    merge_adapter(tiny_model_dir, tmp_path / "adapter", tmp_path / "merged")
+    merge_adapter(tiny_model_dir, tmp_path / "adapter", out_dir=tmp_path / "merged")
     merged, _ = load_model(tmp_path / "merged")
     torch.testing.assert_close(merged(ids), with_adapter, atol=1e-5, rtol=1e-5)
 

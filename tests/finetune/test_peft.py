@@ -52,7 +52,7 @@ def test_kettle_adapter_in_peft_equals_kettles_merged_model(tiny_model_dir, expo
         layer.lora_A.data = torch.randn(layer.lora_A.shape, generator=g) * 0.2
         layer.lora_B.data = torch.randn(layer.lora_B.shape, generator=g) * 0.2
     save_adapter(model, tmp_path / "adapter", base=str(tiny_model_dir))
-    merge_adapter(tiny_model_dir, tmp_path / "adapter", tmp_path / "merged")
+    merge_adapter(tiny_model_dir, tmp_path / "adapter", out_dir=tmp_path / "merged")
 
     meta = json.loads((tmp_path / "adapter" / PEFT_CONFIG).read_text())
     assert meta["target_modules"] == list(config.targets) and meta["fan_in_fan_out"] is True
@@ -227,7 +227,7 @@ def test_an_adapter_merges_into_the_model_it_names_else_the_active_one(tiny_mode
         with pytest.raises(KettleError, match="its base model nowhere is not one of yours and no "
                                               "model is active"):
             named("nowhere")
-        store.activate_model(store.add_model_version("other", tiny_model_dir, "imported").id)
+        store.activate_model(store.add_model_version("other", tiny_model_dir, kind="imported").id)
         assert named("someone/tiny") == models_dir() / "tiny"  # a hub id, by its last part
         assert named(str(models_dir() / "tiny")) == models_dir() / "tiny"
         assert named(str(export)) == tiny_model_dir  # an export: not a Kettle model, the active one

@@ -41,7 +41,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_loss_falls_and_the_result_is_a_model(tmp_path, verdict_file, trained_tokenizer):
-    result = pretrain(verdict_file, tmp_path / "model", TINY, train_cfg(max_steps=30, eval_every=15, lr=1e-2),
+    result = pretrain(verdict_file, tmp_path / "model", config=TINY, cfg=train_cfg(max_steps=30, eval_every=15, lr=1e-2),
                       tokenizer=trained_tokenizer, progress=False)
     curve = losses(result.run_dir)
     assert sorted(curve) == list(range(1, 31))
@@ -59,14 +59,14 @@ def test_interrupted_run_resumes_exactly(tmp_path, verdict_file, trained_tokeniz
     """Ctrl-C at step 4 saves a checkpoint; --resume then logs the same losses at the same steps
     as a run that was never interrupted."""
     cfg = train_cfg(loader="sliding", stride=16)
-    full = pretrain(verdict_file, tmp_path / "full", TINY, cfg, tokenizer=trained_tokenizer,
+    full = pretrain(verdict_file, tmp_path / "full", config=TINY, cfg=cfg, tokenizer=trained_tokenizer,
                     progress=False)
 
     def ctrl_c_at_step_4(step, loss):
         if step == 4:
             os.kill(os.getpid(), signal.SIGINT)  # a real signal through the real handler
 
-    stopped = pretrain(verdict_file, tmp_path / "resumed", TINY, cfg, tokenizer=trained_tokenizer,
+    stopped = pretrain(verdict_file, tmp_path / "resumed", config=TINY, cfg=cfg, tokenizer=trained_tokenizer,
                        progress=False, on_step=ctrl_c_at_step_4)
     assert stopped.interrupted and stopped.step == 4 and stopped.out is None
     assert not (tmp_path / "resumed").exists()
@@ -86,7 +86,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, verdict_file, trained_tokeniz
 
 
 def test_resume_extends_a_finished_run(tmp_path, verdict_file, trained_tokenizer):
-    first = pretrain(verdict_file, tmp_path / "m", TINY, train_cfg(max_steps=4),
+    first = pretrain(verdict_file, tmp_path / "m", config=TINY, cfg=train_cfg(max_steps=4),
                      tokenizer=trained_tokenizer, progress=False)
     more = pretrain(None, tmp_path / "m", resume=True, max_steps=6, progress=False)
     assert more.step == 6 and sorted(losses(first.run_dir)) == list(range(1, 7))
@@ -104,14 +104,14 @@ def test_schedule_and_weight_decay_groups():
                  elapsed=60.0) == pytest.approx(1e-4)  # the clock ran out first
     from gpt.model import GPT
 
-    optimizer = make_optimizer(GPT(TINY), TrainConfig().optimizer, torch.device("cpu"))
+    optimizer = make_optimizer(GPT(TINY), TrainConfig().optimizer, device=torch.device("cpu"))
     decayed, plain = optimizer.param_groups
     assert all(p.dim() >= 2 for p in decayed["params"]) and decayed["weight_decay"] == 0.1
     assert all(p.dim() == 1 for p in plain["params"]) and plain["weight_decay"] == 0.0
 
 
 def test_checkpoint_loads_without_unpickling(tmp_path, verdict_file, trained_tokenizer):
-    result = pretrain(verdict_file, tmp_path / "m", TINY, train_cfg(max_steps=2),
+    result = pretrain(verdict_file, tmp_path / "m", config=TINY, cfg=train_cfg(max_steps=2),
                       tokenizer=trained_tokenizer, progress=False)
     trainer = torch.load(result.run_dir / "checkpoint" / "trainer.pt", weights_only=True)
     assert trainer["optimizer"]["state"] and trainer["rng"][0]["torch"].dtype == torch.uint8
@@ -237,7 +237,7 @@ def test_verdict_124m_overfits_like_the_book(tmp_path, verdict_file):
                       seed=123)
     from gpt.tokenizer import gpt2_tokenizer
 
-    result = pretrain(verdict_file, tmp_path / "m", config, cfg, tokenizer=gpt2_tokenizer(),
+    result = pretrain(verdict_file, tmp_path / "m", config=config, cfg=cfg, tokenizer=gpt2_tokenizer(),
                       progress=False)
     curve = losses(result.run_dir)
     assert min(curve[s] for s in range(81, 91)) < 1.0
@@ -288,7 +288,7 @@ def test_lines_printed_during_training_leave_one_progress_bar_not_a_copy_each(tm
     text.write_text(verdict_text[:20_000], encoding="utf-8")
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=100, color_system=None)
-    pretrain(text, tmp_path / "m", get_preset("tiny"), TrainConfig(max_steps=6, sample_every=0),
+    pretrain(text, tmp_path / "m", config=get_preset("tiny"), cfg=TrainConfig(max_steps=6, sample_every=0),
              console=console, display_label="brewing",
              on_step=lambda step, loss: step % 2 or console.print(f"note at step {step}"))
     ansi = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

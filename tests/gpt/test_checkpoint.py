@@ -21,7 +21,7 @@ CONFIG = GPTConfig(vocab_size=512, context_length=32, n_layer=2, n_head=2, n_emb
 @pytest.fixture
 def model_dir(tmp_path, trained_tokenizer):
     torch.manual_seed(0)
-    return save_model(GPT(CONFIG), tmp_path / "model", trained_tokenizer)
+    return save_model(GPT(CONFIG), tmp_path / "model", tokenizer=trained_tokenizer)
 
 
 def run_cli(args, capsys):

@@ -219,7 +219,7 @@ def test_loss_in_chunks_equals_the_full_cross_entropy_and_its_gradients(tie, chu
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     h = model.hidden_states(x).flatten(0, 1)
-    chunked = head_cross_entropy(h, model.lm_head.weight, y.flatten(), chunk_rows)
+    chunked = head_cross_entropy(h, model.lm_head.weight, targets=y.flatten(), chunk_rows=chunk_rows)
     (2.5 * chunked).backward()
     assert torch.allclose(chunked, full, atol=1e-6)
     for name, p in model.named_parameters():

@@ -236,7 +236,7 @@ def test_web_pages_cannot_drive_a_keyless_server(open_server, tiny_gpt2_vocab_mo
                                "Access-Control-Request-Headers": "content-type"})
     assert r.status_code == 200 and "POST" in r.headers["access-control-allow-methods"]
     r = httpx.post(url + "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2},
-                   headers={"Origin": "http://localhost:3000"})
+                   headers={"Origin": "http://localhost:3000"}, timeout=30)  # a generation: not httpx's 5 s
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
     assert client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2).model == "tiny"
@@ -603,7 +603,7 @@ def test_recorded_client_requests_are_answered(open_server, path, body):
     r = httpx.post(open_server.url + path, json=body, timeout=30)
     assert r.status_code == 200, r.text
     if body.get("stream"):
-        lines = [l for l in r.text.splitlines() if l.startswith("data:")]
+        lines = [line for line in r.text.splitlines() if line.startswith("data:")]
         assert lines[-1] == "data: [DONE]" and '"usage"' in lines[-2]
 
 
@@ -614,7 +614,7 @@ def test_each_model_is_listed_once(tiny_gpt2_vocab_model_dir):
     path = models_dir() / "mine"
     shutil.copytree(tiny_gpt2_vocab_model_dir, path)
     with open_store() as store:
-        store.add_model_version("mine", path, "imported")
+        store.add_model_version("mine", path, kind="imported")
     # Served by path: the same model as the store's version.
     running = RunningServer(InProcessService(str(path), catalog=StoreCatalog()), None)
     try:

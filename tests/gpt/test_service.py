@@ -102,7 +102,7 @@ async def test_the_event_loop_keeps_running_while_the_model_generates(service):
 async def test_leaving_the_loop_early_cancels(service):
     calls = count_forward_calls(service)
     events = service.stream_chat(CHAT, SamplingParams(temperature=0, max_new_tokens=1000))
-    async for event in events:
+    async for _ in events:
         break
     await events.aclose()
     before = calls[0]
@@ -168,8 +168,8 @@ async def test_follows_the_store_lists_models_and_switches_without_restart(
     from data.store import open_store
 
     with open_store() as store:
-        v1 = store.add_model_version("base-v1", tiny_model_dir, "pretrained")
-        v2 = store.add_model_version("ft-v2", tiny_gpt2_vocab_model_dir, "finetuned", parent_id=v1.id)
+        v1 = store.add_model_version("base-v1", tiny_model_dir, kind="pretrained")
+        v2 = store.add_model_version("ft-v2", tiny_gpt2_vocab_model_dir, kind="finetuned", parent_id=v1.id)
         store.activate_model(v1.id)
     shutil.copytree(tiny_model_dir, models_dir() / "local-copy")
     broken = models_dir() / "broken"

@@ -182,7 +182,7 @@ def _bases(work: Path) -> tuple[dict[str, bytes], dict[str, bytes], object]:
         model = GPT(config)
     model.load_state_dict(_state(config), strict=False, assign=True)
     model.tie_weights()
-    save_model(model, work / "kettle", load_tokenizer_file(work / "tokenizer.json"))
+    save_model(model, work / "kettle", tokenizer=load_tokenizer_file(work / "tokenizer.json"))
     (work / "kettle" / TOKENIZER_FILE).write_bytes(_tokenizer_json())  # sorted keys, as the rest
     # An export made before export-hf wrote Hugging Face's tokenizer: Kettle's own format under
     # Hugging Face's name, which import-hf still reads (and checks).

@@ -22,7 +22,7 @@ def errors(app) -> list[str]:
 
 async def test_activating_a_model_reports_no_error(app_model, tiny_model_dir):
     with open_store() as store:
-        store.add_model_version("other", tiny_model_dir, "imported")
+        store.add_model_version("other", tiny_model_dir, kind="imported")
     app = KettleApp()
     async with app.run_test(size=SIZE) as pilot:
         await open_chat(pilot, app)
@@ -45,7 +45,7 @@ def starter(chat_model_dir) -> None:
     path = models_dir() / "starter"
     shutil.copytree(chat_model_dir, path)
     with open_store() as store:
-        store.activate_model(store.add_model_version("starter", path, "starter").id)
+        store.activate_model(store.add_model_version("starter", path, kind="starter").id)
 
 
 async def brew_again(pilot, app, choice: str) -> list[str]:
@@ -166,7 +166,7 @@ async def start_and_cancel(pilot, app) -> Run:
         from pathlib import Path
         run = app.store.run(screen.run.id)
         raise AssertionError(f"run {run.id} {run.status} pid {run.pid} step {run.step}/{run.total_steps} "
-                             f"error {run.error!r}; log: {Path(run.log_path).read_text()[-1500:]}")
+                             f"error {run.error!r}; log: {Path(run.log_path).read_text()[-1500:]}") from None
     return screen.run
 
 
@@ -184,8 +184,8 @@ async def test_finetune_reuses_an_identical_snapshot_and_can_pick_a_named_one(ap
         assert [s.id for s in app.store.snapshots()] == [first.id]
         # a new label: the current labels differ from the snapshot, which can still be picked
         conv = app.store.create_conversation(title="More")
-        q = app.store.add_message(conv.id, "user", "One more?")
-        app.store.set_label(app.store.add_message(conv.id, "assistant", "Yes.", q.id).id, thumb=1)
+        q = app.store.add_message(conv.id, "user", content="One more?")
+        app.store.set_label(app.store.add_message(conv.id, "assistant", content="Yes.", parent_id=q.id).id, thumb=1)
         app.screen.load_plan()
         summary = app.screen.query_one("#sheet-summary")
         await wait_until(pilot, lambda: "11 examples" in str(summary.render()), "the new count")
@@ -253,7 +253,7 @@ async def test_the_loss_chart_is_smoothed_and_the_last_loss_shown_as_it_is(app_m
         labelled_chats(store)
         run = store.create_run("finetune", total_steps=60)
         for step in range(1, 61):  # batch to batch the loss jumps around a falling trend
-            store.log_metrics(run.id, step, {"loss": 3 - step / 30 + (0.8 if step % 2 else -0.8)})
+            store.log_metrics(run.id, step, metrics={"loss": 3 - step / 30 + (0.8 if step % 2 else -0.8)})
         store.update_run(run.id, status="cancelled", step=60)
     app = KettleApp()
     async with app.run_test(size=SIZE) as pilot:

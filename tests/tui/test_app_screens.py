@@ -32,8 +32,8 @@ def labelled_chats(store: Store, tag: str = "") -> list[int]:
     ids = []
     for question, answer in PAIRS:
         conv = store.create_conversation(title=question)
-        q = store.add_message(conv.id, "user", question)
-        a = store.add_message(conv.id, "assistant", answer, q.id, model="tiny")
+        q = store.add_message(conv.id, "user", content=question)
+        a = store.add_message(conv.id, "assistant", content=answer, parent_id=q.id, model="tiny")
         store.set_label(a.id, thumb=1, tags=[tag] if tag else [])
         ids.append(a.id)
     return ids
@@ -112,7 +112,7 @@ async def test_cancel_a_running_fine_tune(app_model):
 
 async def test_models_screen_switches_models_without_a_restart(app_model, tiny_model_dir):
     with open_store() as store:
-        other = store.add_model_version("other", tiny_model_dir, "imported")
+        other = store.add_model_version("other", tiny_model_dir, kind="imported")
         store.update_model_version(other.id, metrics={"val_loss": 4.25})
     app = KettleApp()
     async with app.run_test(size=SIZE) as pilot:
@@ -225,7 +225,7 @@ async def test_dataset_counts_exclude_include_snapshot_and_export(app_model, tmp
 
 async def test_compare_sends_one_prompt_to_two_models(app_model, tiny_model_dir):
     with open_store() as store:
-        store.add_model_version("other", tiny_model_dir, "imported")
+        store.add_model_version("other", tiny_model_dir, kind="imported")
     write_config(sampling={"max_new_tokens": 8})
     app = KettleApp()
     async with app.run_test(size=SIZE) as pilot:

@@ -44,33 +44,33 @@ def frozen(chat_model_dir, monkeypatch):
         return clock[0]
 
     with mock.patch("time.time", tick), open_store() as store:
-        base = store.add_model_version("tiny", path, "imported")
+        base = store.add_model_version("tiny", path, kind="imported")
         tuned = store.add_model_version(
-            "tiny-ft1", path, "finetuned", parent_id=base.id,
+            "tiny-ft1", path, kind="finetuned", parent_id=base.id,
             metrics={"gate": "passed", "gate_parent_loss": 6.2431, "gate_new_loss": 5.8812,
                      "steps": 30, "train": 9, "held_out": 1})
-        store.add_model_version("tiny-ft2", path, "finetuned", parent_id=tuned.id, status="regressed",
+        store.add_model_version("tiny-ft2", path, kind="finetuned", parent_id=tuned.id, status="regressed",
                                 metrics={"gate": "regressed", "gate_parent_loss": 5.8812,
                                          "gate_new_loss": 5.9904})
         store.activate_model(base.id)
         other = store.create_conversation(title="Colours of the sky")
-        q = store.add_message(other.id, "user", "Why is the sky blue?")
-        store.add_message(other.id, "assistant", "Rayleigh scattering.", q.id, model="tiny")
+        q = store.add_message(other.id, "user", content="Why is the sky blue?")
+        store.add_message(other.id, "assistant", content="Rayleigh scattering.", parent_id=q.id, model="tiny")
         conv = store.create_conversation(title="How do kettles work?")
-        q = store.add_message(conv.id, "user", "How do I use a kettle?")
+        q = store.add_message(conv.id, "user", content="How do I use a kettle?")
         gen = {"finish_reason": "stop", "prompt_tokens": 17, "new_tokens": 42,
                "tokens_per_s": 123.4, "seed": 7}
-        a1 = store.add_message(conv.id, "assistant", ANSWER, q.id, model="tiny",
+        a1 = store.add_message(conv.id, "assistant", content=ANSWER, parent_id=q.id, model="tiny",
                                model_version_id=base.id, generation=gen)
-        store.add_message(conv.id, "assistant", "Heat the water.", q.id, model="tiny",
+        store.add_message(conv.id, "assistant", content="Heat the water.", parent_id=q.id, model="tiny",
                           model_version_id=base.id, generation={**gen, "new_tokens": 4})
         store.set_leaf(conv.id, a1.id)
         store.set_label(a1.id, thumb=1, score=4, tags=["facts"])
         store.set_label(a1.id, ideal="Fill it, switch it on, wait for the click.")
         for n in range(3):
             c = store.create_conversation(title=f"Question {n}")
-            qn = store.add_message(c.id, "user", f"Question number {n}?")
-            an = store.add_message(c.id, "assistant", f"Answer number {n}.", qn.id, model="tiny")
+            qn = store.add_message(c.id, "user", content=f"Question number {n}?")
+            an = store.add_message(c.id, "assistant", content=f"Answer number {n}.", parent_id=qn.id, model="tiny")
             store.set_label(an.id, thumb=1 if n else -1, tags=["facts"] if n == 1 else [])
     yield conv.id
     monkeypatch.delenv("TZ")

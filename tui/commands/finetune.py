@@ -140,7 +140,7 @@ def _check(spec) -> None:
         base, _, _ = resolve_base(store, spec.model)
         conversations, _ = load_conversations(store, spec)
     _, config, _ = check_model_dir(base)
-    resolve(SFTConfig.from_dict(spec.sft), len(conversations), config)
+    resolve(SFTConfig.from_dict(spec.sft), len(conversations), model=config)
 
 
 def finetune_command(args) -> int:
@@ -235,7 +235,7 @@ def merge_command(args) -> int:
     from data.registry import resolve_model_dir
     from finetune.lora import merge_adapter
 
-    out = merge_adapter(resolve_model_dir(args.base), args.adapter, args.out)
+    out = merge_adapter(resolve_model_dir(args.base), args.adapter, out_dir=args.out)
     print(f"merged model written to {out}")
     return 0
 
@@ -268,7 +268,7 @@ def classify_train_command(args) -> int:
         nonlocal display
         if display is None:
             display = Display(True, total, 0, "classifier")
-        display.step(step, loss, 0.0, None)
+        display.step(step, loss, tokens_per_s=0.0, mfu=None)
 
     try:
         clf, labels, max_length, metrics = train_classifier(

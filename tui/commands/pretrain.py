@@ -93,7 +93,7 @@ def pretrain_command(args) -> int:
         changes = {k: v for k, v in (("context_length", args.context), ("dropout", args.dropout))
                    if v is not None}
         config = config.replace(**changes) if changes else config
-    result = pretrain(args.data, args.out, config, cfg, tokenizer=_tokenizer(args.tokenizer),
+    result = pretrain(args.data, args.out, config=config, cfg=cfg, tokenizer=_tokenizer(args.tokenizer),
                       resume=args.resume, run_dir=args.run_dir, max_steps=args.max_steps)
     if result.rank != 0:
         return 130 if result.interrupted else 0

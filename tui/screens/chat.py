@@ -308,10 +308,11 @@ class ChatScreen(Screen):
             if self.conversation is None:
                 self.conversation = await self.app.db(
                     self.store.create_conversation, title_from(text), self.system_prompt,
-                    self.params.to_dict(), None)
+                    params=self.params.to_dict(), model=None)
             shown = self.query_one(MessageList).views()
             parent = shown[-1].message_id if shown else None
-            user = await self.app.db(self.store.add_message, self.conversation.id, "user", text, parent)
+            user = await self.app.db(self.store.add_message, self.conversation.id, "user",
+                                     content=text, parent_id=parent)
             await self.reload()
             self.refresh_list()
             await self.generate(user.id)
@@ -374,15 +375,15 @@ class ChatScreen(Screen):
         await view.body.update(text)
         if result is None:
             return
-        saved = await self.app.db(self._save_answer, conversation_id, parent_id, text, params,
-                                  result, model)
+        saved = await self.app.db(self._save_answer, conversation_id, parent_id, text=text,
+                                  params=params, result=result, model=model)
         view.update(message=saved)
         await self.reload()
 
-    def _save_answer(self, conversation_id: int, parent_id: int, text: str, params: SamplingParams,
+    def _save_answer(self, conversation_id: int, parent_id: int, *, text: str, params: SamplingParams,
                      result, model) -> Message:
         version = self.store.find_model_version(model) if model else None
-        return self.store.add_message(conversation_id, "assistant", text, parent_id,
+        return self.store.add_message(conversation_id, "assistant", content=text, parent_id=parent_id,
                                       model_version_id=version.id if version else None,
                                       model=model, params=params.to_dict(), generation=result)
 
@@ -436,7 +437,7 @@ class ChatScreen(Screen):
                 return
             try:
                 user = await self.app.db(self.store.add_message, message.conversation_id, "user",
-                                         text, message.parent_id)
+                                         content=text, parent_id=message.parent_id)
                 await self.reload()
                 await self.generate(user.id)
             finally:

@@ -119,10 +119,10 @@ class CompareScreen(Screen):
         services = [await asyncio.to_thread(self.service_for, info) for _, info in chosen]
         messages = [{"role": "user", "content": prompt}]
         params = get_preset("balanced").replace(seed=SEED)
-        await asyncio.gather(*[self._answer(side, info, service, messages, params)
+        await asyncio.gather(*[self._answer(side, info, service=service, messages=messages, params=params)
                                for (side, info), service in zip(chosen, services)])
 
-    async def _answer(self, side: str, info: ModelInfo, service, messages, params) -> None:
+    async def _answer(self, side: str, info: ModelInfo, *, service, messages, params) -> None:
         self.query_one(f"#{side}-title", Static).update(f"[b]{escape(info.name)}[/]")
         md = self.query_one(f"#{side}-answer", Markdown)
         await md.update("")

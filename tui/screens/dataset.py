@@ -43,7 +43,7 @@ class DatasetView:
     snapshots: list
 
 
-def read_dataset(store: Store, filt: DataFilter, shown_excluded: set[int]) -> DatasetView:
+def read_dataset(store: Store, filt: DataFilter, *, shown_excluded: set[int]) -> DatasetView:
     examples, pairs = store.dataset(filt)
     ids = [e["message_id"] for e in examples] + sorted(shown_excluded)
     labels = store.labels(ids)
@@ -166,7 +166,7 @@ class DatasetScreen(Screen):
     @guarded
     async def load(self) -> None:
         view = await self.app.db(read_dataset, self.app.store, self.current_filter(),
-                                 set(self.shown_excluded))
+                                 shown_excluded=set(self.shown_excluded))
         self.view = view
         s = view.stats
         active = [r for r in view.rows if not r["excluded"]]

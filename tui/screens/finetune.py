@@ -61,7 +61,7 @@ def duration(seconds: float | None) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-def start_run(store: Store, base: ModelVersion, method: str, epochs: int | None,
+def start_run(store: Store, base: ModelVersion, *, method: str, epochs: int | None,
               snapshot_id: int | None) -> int:
     """Start the run process on snapshot `snapshot_id`, or on what would train now (frozen into
     a snapshot, or the existing one with the same content)."""
@@ -168,7 +168,7 @@ class FinetuneScreen(Screen):
     @work(exclusive=True, group="finetune-plan")
     @guarded
     async def load_plan(self, base_name: str | None = None, snapshot_id: int | None = None) -> None:
-        plan = await self.app.db(make_plan, self.app.store, base_name, snapshot_id)
+        plan = await self.app.db(make_plan, self.app.store, base_name, snapshot_id=snapshot_id)
         self.plan = plan
         base = self.query_one("#ft-base", Select)
         options = [(f"{v.name}  ({v.kind})", v.name) for v in plan.versions]
@@ -206,7 +206,7 @@ class FinetuneScreen(Screen):
             estimate.update("[$warning]Nothing to train on yet: in the chat, vote answers up (u) "
                             "or correct them (c).[/]")
             return
-        seconds, steps = estimate_seconds(plan, str(method), epochs)
+        seconds, steps = estimate_seconds(plan, str(method), epochs=epochs)
         default = " (the default for this size and device)" if method == plan.method else ""
         replay = (f"{plan.n_replay:,} of its own examples to replay, so it keeps its skills"
                   if plan.n_replay else "no instruction data of its own to replay")
@@ -257,8 +257,8 @@ class FinetuneScreen(Screen):
         if epochs is False:
             raise KettleError("epochs must be a whole number from 1 to 1000, or blank")
         method = str(self.query_one("#ft-method", Select).value)
-        run_id = await self.app.db(start_run, self.app.store, self.plan.base, method, epochs,
-                                   self.plan.snapshot.id if self.plan.snapshot else None)
+        run_id = await self.app.db(start_run, self.app.store, self.plan.base, method=method, epochs=epochs,
+                                   snapshot_id=self.plan.snapshot.id if self.plan.snapshot else None)
         self.notify(f"Fine-tuning started (run {run_id}). Keep chatting; F5 shows progress.")
         self.follow(run_id)
 

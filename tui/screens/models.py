@@ -44,7 +44,7 @@ def loss_of(version: ModelVersion) -> float | None:
     return None
 
 
-def describe(store: Store, version: ModelVersion, active_id: int | None) -> str:
+def describe(store: Store, version: ModelVersion, *, active_id: int | None) -> str:
     """The detail pane: lineage, metrics, where it lives."""
     chain = escape(" → ".join(v.name for v in reversed(store.lineage(version.id))))
     lines = [f"[b]{escape(version.name)}[/]" + ("  [b $success]● active[/]" if version.id == active_id else ""),
@@ -64,10 +64,10 @@ def describe(store: Store, version: ModelVersion, active_id: int | None) -> str:
     return "\n".join(lines)
 
 
-def register(store: Store, path: Path, kind: str, name: str | None = None) -> tuple[ModelVersion, bool]:
+def register(store: Store, path: Path, *, kind: str, name: str | None = None) -> tuple[ModelVersion, bool]:
     """Record a model directory unless the store already knows it (the brew and download
     commands may have), and make it active when no model is. Returns (version, is it active)."""
-    version, _ = store.register_model(path, kind, name=unique_name(store, name or path.name, path))
+    version, _ = store.register_model(path, kind, name=unique_name(store, name or path.name, own=path))
     return version, store.active_model().id == version.id
 
 
@@ -86,14 +86,14 @@ def import_model(store: Store, source: str) -> tuple[ModelVersion, bool]:
     if is_adapter_dir(path):
         base = adapter_base(store, path)
         out = models_dir() / unique_name(store, f"{base.resolve().name}-{path.resolve().name}")
-        merge_adapter(base, path, out)
-        return register(store, out, "imported")
+        merge_adapter(base, path, out_dir=out)
+        return register(store, out, kind="imported")
     if not is_hf_dir(path):
         check_model_dir(path)
-        return register(store, path.resolve(), "imported")
+        return register(store, path.resolve(), kind="imported")
     out = models_dir() / unique_name(store, path.resolve().name)
     import_hf(path, out)
-    return register(store, out, "imported")
+    return register(store, out, kind="imported")
 
 
 def adapter_base(store: Store, adapter: Path) -> Path:
@@ -117,7 +117,7 @@ def adapter_base(store: Store, adapter: Path) -> Path:
     return Path(active.path)
 
 
-async def after_new_model(app, version: ModelVersion | None, activated: bool) -> None:
+async def after_new_model(app, version: ModelVersion | None, *, activated: bool) -> None:
     """Tell the user, and start chatting when this was the first model."""
     if version is None:
         return
@@ -151,8 +151,8 @@ async def brew_starter(app) -> None:
             f"Brewing {path.name} (offline, {BREW_TIME})", args)):
         return
     # A replaced starter that is active counts as activated: the service reloads its weights.
-    version, activated = await app.db(register, app.store, path, "starter", path.name)
-    await after_new_model(app, version, activated)
+    version, activated = await app.db(register, app.store, path, kind="starter", name=path.name)
+    await after_new_model(app, version, activated=activated)
 
 
 async def download_gpt2(app) -> None:
@@ -163,8 +163,8 @@ async def download_gpt2(app) -> None:
     if not out.exists() and not await app.push_screen_wait(
             TaskModal(f"Downloading {size} from Hugging Face", ["download", size, "--out", str(out)])):
         return
-    version, activated = await app.db(register, app.store, out, "downloaded", size)
-    await after_new_model(app, version, activated)
+    version, activated = await app.db(register, app.store, out, kind="downloaded", name=size)
+    await after_new_model(app, version, activated=activated)
 
 
 async def import_dir(app) -> None:
@@ -176,7 +176,7 @@ async def import_dir(app) -> None:
         return
     app.notify("Importing…", timeout=2)
     version, activated = await app.db(import_model, app.store, source)
-    await after_new_model(app, version, activated)
+    await after_new_model(app, version, activated=activated)
 
 
 def model_commands(app):
@@ -265,7 +265,7 @@ class ModelsScreen(Screen):
         if version is None:
             detail.update("No models yet: b brews the starter, g downloads GPT-2, i imports one.")
             return
-        detail.update(await self.app.db(describe, self.app.store, version, self.active_id))
+        detail.update(await self.app.db(describe, self.app.store, version, active_id=self.active_id))
 
     @work(exclusive=True, group="models-activate")
     @guarded
