@@ -41,8 +41,9 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_loss_falls_and_the_result_is_a_model(tmp_path, verdict_file, trained_tokenizer):
-    result = pretrain(verdict_file, tmp_path / "model", config=TINY, cfg=train_cfg(max_steps=30, eval_every=15, lr=1e-2),
-                      tokenizer=trained_tokenizer, progress=False)
+    result = pretrain(verdict_file, tmp_path / "model", config=TINY,
+                      cfg=train_cfg(max_steps=30, eval_every=15, lr=1e-2), tokenizer=trained_tokenizer,
+                      progress=False)
     curve = losses(result.run_dir)
     assert sorted(curve) == list(range(1, 31))
     assert curve[30] < curve[1] - 0.6
