@@ -15,6 +15,7 @@
 Everything runs on a throw-away KETTLE_HOME with a tiny random model (one torch thread, so it
 decodes as fast as it can: about 2,000 tokens/s), nothing touches the network.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,6 +44,8 @@ ANSI = re.compile(rb"\x1b\[[0-9;?<>=]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\x1b\][^\x07]
 def make_home(home: Path, context: int) -> None:
     """A store with one tiny random model, active, and settings for long greedy answers."""
     os.environ["KETTLE_HOME"] = str(home)
+    from pydoc_data.topics import topics
+
     import torch
 
     from data.paths import config_path, models_dir
@@ -51,7 +54,6 @@ def make_home(home: Path, context: int) -> None:
     from gpt.config import GPTConfig
     from gpt.model import GPT
     from gpt.tokenizer import train_tokenizer
-    from pydoc_data.topics import topics
 
     torch.manual_seed(0)
     tokenizer = train_tokenizer(list(topics.values())[:200], vocab_size=1024)
@@ -64,11 +66,15 @@ def make_home(home: Path, context: int) -> None:
     from gpt.sampling import SamplingParams
 
     engine = Engine.load(path)
-    result = engine.generate_chat([{"role": "user", "content": "tell me everything"}],
-                                  SamplingParams(temperature=0, max_new_tokens=300))
+    result = engine.generate_chat(
+        [{"role": "user", "content": "tell me everything"}], SamplingParams(temperature=0, max_new_tokens=300)
+    )
     print(f"the same model outside the app: {result.tokens_per_s:.0f} tokens/s (300 tokens, greedy)")
-    config_path().write_text(json.dumps({"sampling": {"temperature": 0, "repetition_penalty": 1.0,
-                                                      "top_p": 1.0, "max_new_tokens": context // 2}}))
+    config_path().write_text(
+        json.dumps(
+            {"sampling": {"temperature": 0, "repetition_penalty": 1.0, "top_p": 1.0, "max_new_tokens": context // 2}}
+        )
+    )
 
 
 class Terminal:
@@ -77,9 +83,15 @@ class Terminal:
     def __init__(self, env: dict, cols: int = 140, rows: int = 40):
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-        self.proc = subprocess.Popen([sys.executable, "-m", "tui.cli"], stdin=slave, stdout=slave,
-                                     stderr=slave, cwd=str(ROOT), env={**env, "TERM": "xterm-256color"},
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tui.cli"],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=str(ROOT),
+            env={**env, "TERM": "xterm-256color"},
+            start_new_session=True,
+        )
         os.close(slave)
         self.master = master
         self.chunks: list[tuple[float, bytes]] = []
@@ -160,6 +172,7 @@ def key_latencies(term: Terminal, n: int, prefix: str, generating: bool) -> list
 def idle_cpu(pid: int, seconds: float) -> float:
     """The share of one core the process used (all its threads, user + system time) over
     `seconds` in which nothing was typed and nothing streamed: /proc/PID/stat's utime + stime."""
+
     def ticks() -> int:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
@@ -187,16 +200,17 @@ def main() -> None:
         # One torch thread: on a busy 2-core machine, two intra-op threads can decode a tiny model
         # 100x slower (each waits for the other's core); one thread is the full speed we want.
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run([sys.executable, __file__, "--make-home", str(home), str(args.context)],
-                       check=True, env=env)
+        subprocess.run([sys.executable, __file__, "--make-home", str(home), str(args.context)], check=True, env=env)
         env["KETTLE_HOME"] = str(home)
         term = Terminal(env)
         interactive = term.wait_for(b"Message Kettle", term.started)
         t0 = term.send(b"hello\r")  # at once: the first answer waits for the model to load
         first = term.wait_for(b"writing", t0, timeout=60)
-        print(f"start-up: interactive (prompt on screen) {interactive:.2f} s after launch "
-              f"(cold process, imports included); a message sent then starts its answer "
-              f"{first:.2f} s later (model loading included)")
+        print(
+            f"start-up: interactive (prompt on screen) {interactive:.2f} s after launch "
+            f"(cold process, imports included); a message sent then starts its answer "
+            f"{first:.2f} s later (model loading included)"
+        )
         time.sleep(1.0)
         term.send(b"\x1b")
         time.sleep(0.5)
@@ -205,8 +219,10 @@ def main() -> None:
 
             time.sleep(BLINK_FOR_S + 1.0)  # the cursor's blink after the last key has rested
             share = idle_cpu(term.proc.pid, args.idle)
-            print(f"idle (a chat open, nothing streaming, nothing typed) for {args.idle:.0f} s: "
-                  f"{share:.2%} of a core (target <= 0.5%)")
+            print(
+                f"idle (a chat open, nothing streaming, nothing typed) for {args.idle:.0f} s: "
+                f"{share:.2%} of a core (target <= 0.5%)"
+            )
         idle = key_latencies(term, args.keys, "", generating=False)
         term.send(b"\x15")  # ctrl+u: clear the prompt line
         time.sleep(0.3)
@@ -226,16 +242,20 @@ def main() -> None:
             speed = re.findall(rb"(\d+) tokens \xc2\xb7 ([\d.]+) tok/s", term.text_since(t0))
             if speed:
                 tokens, rate = speed[-1]
-                print(f"  streamed answer {rounds}: {int(tokens)} tokens at {float(rate):.0f} tokens/s "
-                      "while keys were pressed")
+                print(
+                    f"  streamed answer {rounds}: {int(tokens)} tokens at {float(rate):.0f} tokens/s "
+                    "while keys were pressed"
+                )
             for _ in range(args.keys + 2):
                 term.send(b"\x7f")
             time.sleep(0.3)
         print(summary("key -> screen, idle", idle))
         print(summary("key -> screen, streaming", streaming))
         ratio = statistics.median(streaming) / statistics.median(idle)
-        print(f"streaming / idle median ratio: {ratio:.2f}x   "
-              f"({'meets' if statistics.median(streaming) < 0.05 else 'MISSES'} the 50 ms target)")
+        print(
+            f"streaming / idle median ratio: {ratio:.2f}x   "
+            f"({'meets' if statistics.median(streaming) < 0.05 else 'MISSES'} the 50 ms target)"
+        )
         term.close()
     finally:
         shutil.rmtree(home, ignore_errors=True)

@@ -11,6 +11,7 @@ and transformers + peft LoRA with the same rank and targets. Each runs in its ow
 its peak memory (peak RSS on CPU, which includes PyTorch itself) is its own; tokens/s counts real
 (non-padding) tokens over the timed steps after one warm-up step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,13 @@ def load_examples(path: Path, context: int):
     from gpt.tokenizer import gpt2_tokenizer
 
     entries = json.loads(path.read_text(encoding="utf-8"))
-    conversations = [[{"role": "user", "content": e["instruction"] + (f"\n\n{e['input']}" if e["input"] else "")},
-                      {"role": "assistant", "content": e["output"]}] for e in entries]
+    conversations = [
+        [
+            {"role": "user", "content": e["instruction"] + (f"\n\n{e['input']}" if e["input"] else "")},
+            {"role": "assistant", "content": e["output"]},
+        ]
+        for e in entries
+    ]
     examples, stats = prepare(conversations, gpt2_tokenizer(), max_length=context, vocab_size=50257)
     return examples, stats
 
@@ -49,7 +55,7 @@ def padding_report(examples, batch_tokens: int) -> tuple[float, float]:
     shuffled = list(examples)
     random.Random(0).shuffle(shuffled)
     size = max(1, round(len(examples) / len(bucketed)))  # the same examples per batch on average
-    plain = [shuffled[i:i + size] for i in range(0, len(shuffled), size)]
+    plain = [shuffled[i : i + size] for i in range(0, len(shuffled), size)]
     return padding_waste(bucketed), padding_waste(plain)
 
 
@@ -59,17 +65,18 @@ def one_run(args, side: str, mode: str, queue) -> None:
 
     from finetune.instruct import IGNORE, collate, make_batches
     from finetune.lora import LoRAConfig, apply_lora
+    from finetune.train import OptimizerSettings, make_optimizer
     from gpt.config import GPTConfig
     from gpt.model import GPT
-    from finetune.train import OptimizerSettings, make_optimizer
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     examples, _ = load_examples(Path(args.data), args.context)
-    batches = make_batches(examples, args.batch_tokens, max_batch_size=32, seed=0)[:args.steps + 1]
-    config = GPTConfig(vocab_size=50257, context_length=args.context, n_layer=args.layers,
-                       n_head=args.heads, n_embd=args.embd)
+    batches = make_batches(examples, args.batch_tokens, max_batch_size=32, seed=0)[: args.steps + 1]
+    config = GPTConfig(
+        vocab_size=50257, context_length=args.context, n_layer=args.layers, n_head=args.heads, n_embd=args.embd
+    )
     model = GPT(config)
     lora = LoRAConfig(rank=8, alpha=16, dropout=0.05)
     if side == "kettle":
@@ -84,9 +91,16 @@ def one_run(args, side: str, mode: str, queue) -> None:
         if mode == "lora":
             from peft import LoraConfig, get_peft_model
 
-            net = get_peft_model(net, LoraConfig(r=lora.rank, lora_alpha=lora.alpha,
-                                                 lora_dropout=lora.dropout, fan_in_fan_out=True,
-                                                 target_modules=["c_attn", "c_proj", "c_fc"]))
+            net = get_peft_model(
+                net,
+                LoraConfig(
+                    r=lora.rank,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    fan_in_fan_out=True,
+                    target_modules=["c_attn", "c_proj", "c_fc"],
+                ),
+            )
         del model
     optimizer = make_optimizer(net, OptimizerSettings(lr=1e-4), device=torch.device("cpu"))
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
@@ -106,8 +120,15 @@ def one_run(args, side: str, mode: str, queue) -> None:
     for batch in batches[1:]:
         step(batch)
     seconds = time.perf_counter() - start
-    queue.put({"tokens_per_s": tokens / seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "trainable": trainable, "tokens": tokens, "seconds": seconds})
+    queue.put(
+        {
+            "tokens_per_s": tokens / seconds,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "trainable": trainable,
+            "tokens": tokens,
+            "seconds": seconds,
+        }
+    )
 
 
 def measure(args, side: str, mode: str) -> dict:
@@ -135,30 +156,45 @@ def main() -> None:
 
     examples, stats = load_examples(Path(args.data), args.context)
     bucketed, plain = padding_report(examples, args.batch_tokens)
-    print(f"data: {stats['examples']} examples, {stats['tokens']:,} tokens ({stats['loss_tokens']:,} "
-          f"in the loss), {stats['skipped_too_long']} longer than {args.context} skipped")
-    print(f"padding waste at {args.batch_tokens} tokens a batch: length-bucketed {bucketed:.1%}, "
-          f"random batches {plain:.1%} ({plain / max(bucketed, 1e-9):.1f}x more)")
-    print(f"model: {args.layers} layers, {args.embd} wide, GPT-2 vocabulary; {args.steps} timed steps, "
-          f"{args.threads} threads, best of {args.repeats}")
+    print(
+        f"data: {stats['examples']} examples, {stats['tokens']:,} tokens ({stats['loss_tokens']:,} "
+        f"in the loss), {stats['skipped_too_long']} longer than {args.context} skipped"
+    )
+    print(
+        f"padding waste at {args.batch_tokens} tokens a batch: length-bucketed {bucketed:.1%}, "
+        f"random batches {plain:.1%} ({plain / max(bucketed, 1e-9):.1f}x more)"
+    )
+    print(
+        f"model: {args.layers} layers, {args.embd} wide, GPT-2 vocabulary; {args.steps} timed steps, "
+        f"{args.threads} threads, best of {args.repeats}"
+    )
     rows = {}
     # Rounds alternate the four runs, so a machine busy with something else slows all alike.
     for _ in range(args.repeats):
         for key in [(side, mode) for mode in ("full", "lora") for side in ("kettle", "transformers")]:
             r = measure(args, *key)
             best = rows.setdefault(key, r)
-            rows[key] = {**r, "tokens_per_s": max(r["tokens_per_s"], best["tokens_per_s"]),
-                         "peak_mb": min(r["peak_mb"], best["peak_mb"])}
+            rows[key] = {
+                **r,
+                "tokens_per_s": max(r["tokens_per_s"], best["tokens_per_s"]),
+                "peak_mb": min(r["peak_mb"], best["peak_mb"]),
+            }
     for (side, mode), r in rows.items():
-        print(f"  {side:12s} {mode:4s}  {r['tokens_per_s']:8,.0f} tokens/s  peak {r['peak_mb']:7,.0f} MB  "
-              f"{r['trainable']:>11,} trainable parameters")
+        print(
+            f"  {side:12s} {mode:4s}  {r['tokens_per_s']:8,.0f} tokens/s  peak {r['peak_mb']:7,.0f} MB  "
+            f"{r['trainable']:>11,} trainable parameters"
+        )
     for mode in ("full", "lora"):
         k, h = rows["kettle", mode], rows["transformers", mode]
-        print(f"{mode}: Kettle / transformers speed {k['tokens_per_s'] / h['tokens_per_s']:.2f}x, "
-              f"peak memory {k['peak_mb'] / h['peak_mb']:.2f}x")
+        print(
+            f"{mode}: Kettle / transformers speed {k['tokens_per_s'] / h['tokens_per_s']:.2f}x, "
+            f"peak memory {k['peak_mb'] / h['peak_mb']:.2f}x"
+        )
     k_full, k_lora = rows["kettle", "full"], rows["kettle", "lora"]
-    print(f"Kettle LoRA vs full: speed {k_lora['tokens_per_s'] / k_full['tokens_per_s']:.2f}x, "
-          f"peak memory {k_lora['peak_mb'] / k_full['peak_mb']:.2f}x")
+    print(
+        f"Kettle LoRA vs full: speed {k_lora['tokens_per_s'] / k_full['tokens_per_s']:.2f}x, "
+        f"peak memory {k_lora['peak_mb'] / k_full['peak_mb']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

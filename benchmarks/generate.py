@@ -14,6 +14,7 @@ which includes PyTorch itself). Then time to first token per turn of a growing c
 shape: with prefix reuse, with the cache reset every turn, and transformers' prefill of the
 whole conversation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,7 +67,10 @@ def to_hf(model):
     config = config_to_hf(model.config, dtype_name(dtype), eot_id=None)  # no tokenizer here
     hf = GPT2LMHeadModel(GPT2Config(**config))
     missing, unexpected = hf.load_state_dict(kettle_state_to_hf(model.weights()), strict=False)
-    assert not unexpected and all(m == "lm_head.weight" or m.endswith("attn.bias") for m in missing), (missing, unexpected)
+    assert not unexpected and all(m == "lm_head.weight" or m.endswith("attn.bias") for m in missing), (
+        missing,
+        unexpected,
+    )
     hf.tie_weights()
     return hf.to(device=model.wte.weight.device, dtype=dtype).eval()
 
@@ -130,7 +134,7 @@ def hf_runner(model, n_prompt, sampling):
         config = GenerationConfig(max_new_tokens=n_new, eos_token_id=None, pad_token_id=0, **options)
         with torch.inference_mode():
             out = hf.generate(ids, attention_mask=mask, generation_config=config)
-        new = out[0, ids.shape[1]:].tolist()
+        new = out[0, ids.shape[1] :].tolist()
         assert len(new) == n_new, len(new)
         return new
 
@@ -215,7 +219,6 @@ def measure_turns(dtype, device, n_turns, threads, answer_tokens=24):
     from gpt.chat_template import render_prompt
     from gpt.engine import Engine
     from gpt.sampling import SamplingParams
-
     from gpt.tokenizer import gpt2_tokenizer
 
     torch.set_num_threads(threads)
@@ -237,10 +240,16 @@ def measure_turns(dtype, device, n_turns, threads, answer_tokens=24):
             start = time.perf_counter()
             hf(ids, use_cache=True)
             hf_prefill = time.perf_counter() - start
-        rows.append({"turn": turn, "prompt": result.prompt_tokens,
-                     "prefilled": result.prompt_tokens - result.cached_tokens,
-                     "reuse_ttft_s": result.ttft_s, "cold_ttft_s": cold_result.ttft_s,
-                     "hf_prefill_s": hf_prefill})
+        rows.append(
+            {
+                "turn": turn,
+                "prompt": result.prompt_tokens,
+                "prefilled": result.prompt_tokens - result.cached_tokens,
+                "reuse_ttft_s": result.ttft_s,
+                "cold_ttft_s": cold_result.ttft_s,
+                "hf_prefill_s": hf_prefill,
+            }
+        )
         messages.append({"role": "assistant", "content": result.text})
     return rows
 
@@ -264,10 +273,14 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
 
-    print(f"device {args.device}, {args.dtype}, {args.threads} threads, batch 1, "
-          f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, best of {args.repeats}")
-    print(f"{'shape':8} {'sampling':8} {'engine':13} {'TTFT ms':>8} {'decode tok/s':>13} "
-          f"{'TTFT cpu-ms':>11} {'decode tok/cpu-s':>16} {'peak MB':>8}")
+    print(
+        f"device {args.device}, {args.dtype}, {args.threads} threads, batch 1, "
+        f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, best of {args.repeats}"
+    )
+    print(
+        f"{'shape':8} {'sampling':8} {'engine':13} {'TTFT ms':>8} {'decode tok/s':>13} "
+        f"{'TTFT cpu-ms':>11} {'decode tok/cpu-s':>16} {'peak MB':>8}"
+    )
     for shape in args.shapes:
         for sampling in args.sampling:
             common = (shape, args.dtype, args.device, args.prompt_tokens, args.new_tokens, sampling)
@@ -275,34 +288,48 @@ def main(argv=None):
             floor = speed.pop("floor")
             for name, r in speed.items():
                 peak = in_child(measure_memory, name, *common)
-                print(f"{shape:8} {sampling:8} {name:13} {r['ttft_wall'] * 1000:8.1f} {r['tps_wall']:13.1f} "
-                      f"{r['ttft_cpu'] * 1000:11.1f} {r['tps_cpu']:16.1f} {peak:8.0f}")
+                print(
+                    f"{shape:8} {sampling:8} {name:13} {r['ttft_wall'] * 1000:8.1f} {r['tps_wall']:13.1f} "
+                    f"{r['ttft_cpu'] * 1000:11.1f} {r['tps_cpu']:16.1f} {peak:8.0f}"
+                )
             ours, theirs = speed["kettle"], speed["transformers"]
-            line = (f"{shape:8} {sampling:8} kettle/transformers: decode {ours['tps_wall'] / theirs['tps_wall']:.2f}x "
-                    f"(cpu time {ours['tps_cpu'] / theirs['tps_cpu']:.2f}x), TTFT {ours['ttft_wall'] / theirs['ttft_wall']:.2f}x "
-                    f"(cpu time {ours['ttft_cpu'] / theirs['ttft_cpu']:.2f}x, lower is better)")
+            line = (
+                f"{shape:8} {sampling:8} kettle/transformers: decode {ours['tps_wall'] / theirs['tps_wall']:.2f}x "
+                f"(cpu time {ours['tps_cpu'] / theirs['tps_cpu']:.2f}x), "
+                f"TTFT {ours['ttft_wall'] / theirs['ttft_wall']:.2f}x "
+                f"(cpu time {ours['ttft_cpu'] / theirs['ttft_cpu']:.2f}x, lower is better)"
+            )
             if sampling == "greedy":  # same weights, same greedy choices: checks the conversion too
-                same = next((i for i, (a, b) in enumerate(zip(ours["tokens"], theirs["tokens"])) if a != b),
-                            len(ours["tokens"]))
+                same = next(
+                    (i for i, (a, b) in enumerate(zip(ours["tokens"], theirs["tokens"])) if a != b), len(ours["tokens"])
+                )
                 line += f"; greedy tokens identical for {same}/{args.new_tokens}"
             print(line)
-            print(f"{shape:8} {sampling:8} weights-only floor (each weight matrix times one vector, nothing "
-                  f"else): {1 / floor:.1f} tok/s; kettle reaches {ours['tps_wall'] * floor:.0%} of it, "
-                  f"transformers {theirs['tps_wall'] * floor:.0%}, so at most "
-                  f"{1 / (floor * theirs['tps_wall']):.2f}x transformers is possible here "
-                  f"(target for the small shapes: kettle >= 50%)")
+            print(
+                f"{shape:8} {sampling:8} weights-only floor (each weight matrix times one vector, nothing "
+                f"else): {1 / floor:.1f} tok/s; kettle reaches {ours['tps_wall'] * floor:.0%} of it, "
+                f"transformers {theirs['tps_wall'] * floor:.0%}, so at most "
+                f"{1 / (floor * theirs['tps_wall']):.2f}x transformers is possible here "
+                f"(target for the small shapes: kettle >= 50%)"
+            )
 
     if args.turns:
         rows = in_child(measure_turns, args.dtype, args.device, args.turns, args.threads)
-        print(f"\ngpt2 shape, growing chat (answers of up to 24 tokens): time to first token per turn")
-        print(f"{'turn':>4} {'prompt':>7} {'prefilled':>9} {'reuse ms':>9} {'no reuse ms':>12} "
-              f"{'transformers prefill ms':>24}")
+        print("\ngpt2 shape, growing chat (answers of up to 24 tokens): time to first token per turn")
+        print(
+            f"{'turn':>4} {'prompt':>7} {'prefilled':>9} {'reuse ms':>9} {'no reuse ms':>12} "
+            f"{'transformers prefill ms':>24}"
+        )
         for r in rows:
-            print(f"{r['turn']:4} {r['prompt']:7} {r['prefilled']:9} {r['reuse_ttft_s'] * 1000:9.1f} "
-                  f"{r['cold_ttft_s'] * 1000:12.1f} {r['hf_prefill_s'] * 1000:24.1f}")
+            print(
+                f"{r['turn']:4} {r['prompt']:7} {r['prefilled']:9} {r['reuse_ttft_s'] * 1000:9.1f} "
+                f"{r['cold_ttft_s'] * 1000:12.1f} {r['hf_prefill_s'] * 1000:24.1f}"
+            )
         first, last = rows[0], rows[-1]
-        print(f"turn {last['turn']} / turn 1 time to first token: {last['reuse_ttft_s'] / first['reuse_ttft_s']:.2f}x "
-              f"with prefix reuse (target <= 1.5x), {last['cold_ttft_s'] / first['cold_ttft_s']:.2f}x without")
+        print(
+            f"turn {last['turn']} / turn 1 time to first token: {last['reuse_ttft_s'] / first['reuse_ttft_s']:.2f}x "
+            f"with prefix reuse (target <= 1.5x), {last['cold_ttft_s'] / first['cold_ttft_s']:.2f}x without"
+        )
 
 
 if __name__ == "__main__":

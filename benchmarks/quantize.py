@@ -11,6 +11,7 @@ on the wall clock and the process's CPU clock. Quality: held-out perplexity of a
 (default: the brewed starter under $KETTLE_HOME, else /tmp/brewhome) on the Python modules the
 starter's brew holds out (finetune.starter), fp32 and int8, and how often both pick the same next token.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,15 +43,17 @@ def decode_speed(shape: str, n_prompt: int, n_new: int, repeats: int) -> dict[st
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         save_model(GPT(get_preset(shape)), Path(tmp) / "model")
-        engines = {name: Engine(*load_model(Path(tmp) / "model", quantize=q), name=name)
-                   for name, q in (("fp32", None), ("int8", "int8"))}
+        engines = {
+            name: Engine(*load_model(Path(tmp) / "model", quantize=q), name=name)
+            for name, q in (("fp32", None), ("int8", "int8"))
+        }
     ids = torch.randint(0, 50000, (n_prompt,), generator=torch.Generator().manual_seed(1)).tolist()
     best: dict[str, dict] = {name: {} for name in engines}
     for i in range(repeats + 1):
         for name, engine in engines.items():
             engine.stop_ids = set()  # a fixed length: end-of-text stops neither side
 
-            def run(n):
+            def run(n, engine=engine):
                 engine.reset()
                 r = engine.generate(ids, SamplingParams(max_new_tokens=n, temperature=0.0, seed=0))
                 assert r.new_tokens == n
@@ -90,23 +93,25 @@ def perplexity(model_dir: Path, max_tokens: int) -> dict:
 
     models = {name: load_model(model_dir, quantize=q)[0] for name, q in (("fp32", None), ("int8", "int8"))}
     tokenizer = load_model(model_dir)[1]
-    ids = torch.tensor(heldout_ids(tokenizer)[:max_tokens + 1])
+    ids = torch.tensor(heldout_ids(tokenizer)[: max_tokens + 1])
     context = models["fp32"].config.context_length
     n = (len(ids) - 1) // context
-    x, y = ids[:n * context].view(n, context), ids[1:n * context + 1].view(n, context)
+    x, y = ids[: n * context].view(n, context), ids[1 : n * context + 1].view(n, context)
     loss = {name: 0.0 for name in models}
     same = 0
     with torch.inference_mode():
         for start in range(0, n, 16):
-            xb, yb = x[start:start + 16], y[start:start + 16]
+            xb, yb = x[start : start + 16], y[start : start + 16]
             logits = {name: m(xb) for name, m in models.items()}
             for name, lg in logits.items():
-                loss[name] += float(torch.nn.functional.cross_entropy(
-                    lg.flatten(0, 1), yb.flatten(), reduction="sum"))
+                loss[name] += float(torch.nn.functional.cross_entropy(lg.flatten(0, 1), yb.flatten(), reduction="sum"))
             same += int((logits["fp32"].argmax(-1) == logits["int8"].argmax(-1)).sum())
     tokens = n * context
-    return {"tokens": tokens, "agree": same / tokens,
-            **{name: math.exp(total / tokens) for name, total in loss.items()}}
+    return {
+        "tokens": tokens,
+        "agree": same / tokens,
+        **{name: math.exp(total / tokens) for name, total in loss.items()},
+    }
 
 
 def default_model() -> Path | None:
@@ -123,14 +128,14 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="gpt2", help="preset for the speed run (default gpt2: 124M)")
-    parser.add_argument("--model", type=Path, help="trained model directory for perplexity "
-                        "(default: the brewed starter)")
+    parser.add_argument(
+        "--model", type=Path, help="trained model directory for perplexity (default: the brewed starter)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--heldout-tokens", type=int, default=65536,
-                        help="the first N held-out tokens for perplexity")
+    parser.add_argument("--heldout-tokens", type=int, default=65536, help="the first N held-out tokens for perplexity")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -139,14 +144,19 @@ def main() -> None:
         print("perplexity: no trained model (brew the starter or pass --model DIR)")
     else:
         p = perplexity(model_dir, args.heldout_tokens)
-        print(f"held-out perplexity ({model_dir}, {p['tokens']:,} tokens): fp32 {p['fp32']:.4f}, "
-              f"int8 {p['int8']:.4f} ({p['int8'] / p['fp32'] - 1:+.2%}); same next token "
-              f"{p['agree']:.1%}", flush=True)
+        print(
+            f"held-out perplexity ({model_dir}, {p['tokens']:,} tokens): fp32 {p['fp32']:.4f}, "
+            f"int8 {p['int8']:.4f} ({p['int8'] / p['fp32'] - 1:+.2%}); same next token "
+            f"{p['agree']:.1%}",
+            flush=True,
+        )
     speed = decode_speed(args.shape, args.prompt_tokens, args.new_tokens, args.repeats)
     for c in CLOCKS:
-        print(f"decode {args.shape}, batch 1, {args.threads} thread(s), {c} clock: fp32 "
-              f"{speed['fp32'][c]:.1f} tok/s, int8 {speed['int8'][c]:.1f} tok/s "
-              f"({speed['int8'][c] / speed['fp32'][c]:.2f}x)")
+        print(
+            f"decode {args.shape}, batch 1, {args.threads} thread(s), {c} clock: fp32 "
+            f"{speed['fp32'][c]:.1f} tok/s, int8 {speed['int8'][c]:.1f} tok/s "
+            f"({speed['int8'][c] / speed['fp32'][c]:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ alike. Printed per client count: aggregate completion tok/s (median over rounds)
 a request, and both as ratios to one client; then whether every answer's tokens are the ones the
 same request gets served alone (the one-client rounds).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,13 @@ def start_server(model: Path, home: Path):
 
     port = free_port()
     env = {**os.environ, "KETTLE_HOME": str(home)}
-    proc = subprocess.Popen([sys.executable, "-m", "tui.cli", "serve", str(model), "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tui.cli", "serve", str(model), "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -87,6 +93,7 @@ def one_request(url: str, i: int, new_tokens: int) -> tuple[float, int, str]:
 
 def run_clients(url: str, clients: int, requests: int, new_tokens: int):
     """Every client sends its requests one after another; returns tok/s, latencies, answers."""
+
     def client(c: int):
         return [(i, *one_request(url, i, new_tokens)) for i in range(c * requests, (c + 1) * requests)]
 
@@ -94,8 +101,7 @@ def run_clients(url: str, clients: int, requests: int, new_tokens: int):
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         done = [row for rows in pool.map(client, range(clients)) for row in rows]
     wall = time.perf_counter() - start
-    return (sum(n for _, _, n, _ in done) / wall, [lat for _, lat, _, _ in done],
-            {i: text for i, _, _, text in done})
+    return (sum(n for _, _, n, _ in done) / wall, [lat for _, lat, _, _ in done], {i: text for i, _, _, text in done})
 
 
 def main() -> None:
@@ -123,20 +129,23 @@ def main() -> None:
                     latencies[c] += lats
                     answers[c].update(texts)
             # Each request of the larger rounds served alone, one after another.
-            alone = {i: one_request(url, i, args.new_tokens)[2]
-                     for i in sorted(set().union(*answers.values()))}
+            alone = {i: one_request(url, i, args.new_tokens)[2] for i in sorted(set().union(*answers.values()))}
         finally:
             proc.terminate()
             proc.wait(timeout=30)
 
     base = args.clients[0]
-    print(f"kettle serve, preset {args.preset} (random weights), {args.new_tokens}-token answers, "
-          f"{args.requests} requests per client, {args.rounds} rounds")
+    print(
+        f"kettle serve, preset {args.preset} (random weights), {args.new_tokens}-token answers, "
+        f"{args.requests} requests per client, {args.rounds} rounds"
+    )
     print(f"{'clients':>8} {'tok/s':>8} {'x':>6} {'p50 s':>7} {'x':>6}")
     for c in args.clients:
         speed, p50 = statistics.median(speeds[c]), statistics.median(latencies[c])
-        print(f"{c:>8} {speed:>8.1f} {speed / statistics.median(speeds[base]):>6.2f} "
-              f"{p50:>7.2f} {p50 / statistics.median(latencies[base]):>6.2f}")
+        print(
+            f"{c:>8} {speed:>8.1f} {speed / statistics.median(speeds[base]):>6.2f} "
+            f"{p50:>7.2f} {p50 / statistics.median(latencies[base]):>6.2f}"
+        )
     same = sum(answers[c][i] == alone[i] for c in args.clients for i in answers[c])
     total = sum(len(answers[c]) for c in args.clients)
     print(f"answers identical to the same request served alone: {same}/{total}")

@@ -17,6 +17,7 @@ weights of the shape, so the speed ratios are those of a real model answering su
 with the same acceptance. Both modes run on the same engine, interleaved, best of `--repeats`
 (after a warm-up), a fixed number of new tokens; the greedy tokens are compared.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,15 @@ if (ROOT.parent / "shared" / "tiktoken_cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken_cache"))
 
 STORY = ROOT.parent / "shared" / "data" / "the-verdict.txt"
-TYPOS = {" thought ": " thougt ", " his ": " hsi ", " been ": " bene ", " that ": " taht ",
-         " would ": " woudl ", " painting": " paintng", " married ": " marryed "}
+TYPOS = {
+    " thought ": " thougt ",
+    " his ": " hsi ",
+    " been ": " bene ",
+    " that ": " taht ",
+    " would ": " woudl ",
+    " painting": " paintng",
+    " married ": " marryed ",
+}
 
 
 def workloads() -> dict[str, tuple[str, str]]:
@@ -42,8 +50,7 @@ def workloads() -> dict[str, tuple[str, str]]:
         fix = fix.replace(right, wrong)
     return {
         "copy": (f"Fix the spelling in this paragraph.\n\n{fix}\n\nFixed:\n", paragraphs[9]),
-        "no copy": (f"Write another paragraph of the story.\n\n{paragraphs[7]}\n\nAnother:\n",
-                    paragraphs[11]),
+        "no copy": (f"Write another paragraph of the story.\n\n{paragraphs[7]}\n\nAnother:\n", paragraphs[11]),
     }
 
 
@@ -57,14 +64,14 @@ def train_to_answer(model, pairs, max_steps):
         if step % 10 == 0:
             print(f"training to answer: step {step}", file=sys.stderr, flush=True)
         model.train()
-        for (p, a), x in zip(pairs, seqs):
+        for x in seqs:
             logits = model(x[:, :-1])
             torch.nn.functional.cross_entropy(logits[0], x[0, 1:]).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.eval()
         with torch.inference_mode():
-            if all(model(x)[0, len(p) - 1:-1].argmax(-1).tolist() == a for (p, a), x in zip(pairs, seqs)):
+            if all(model(x)[0, len(p) - 1 : -1].argmax(-1).tolist() == a for (p, a), x in zip(pairs, seqs)):
                 return step
     return None
 
@@ -76,9 +83,13 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="default: fitted to the machine's load")
     parser.add_argument("--max-train-steps", type=int, default=80)
-    parser.add_argument("--model", type=Path, default=None,
-                        help="a model directory: loaded when it exists, else written after training "
-                             "(training the 124M shape takes many minutes on a CPU)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a model directory: loaded when it exists, else written after training "
+        "(training the 124M shape takes many minutes on a CPU)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -94,10 +105,13 @@ def main(argv=None):
     config = get_preset(args.shape)
     # GPT-2's tokenizer where the shape's vocabulary holds it; a smaller one (the tiny preset, the
     # starter's shape) gets a BPE of its own size trained here on the story.
-    tokenizer = (gpt2_tokenizer() if config.vocab_size >= 50257 else
-                 train_tokenizer([STORY.read_text(encoding="utf-8")], config.vocab_size, name="story"))
+    tokenizer = (
+        gpt2_tokenizer()
+        if config.vocab_size >= 50257
+        else train_tokenizer([STORY.read_text(encoding="utf-8")], config.vocab_size, name="story")
+    )
     texts = workloads()
-    pairs = {name: (tokenizer.encode(p), tokenizer.encode(a)[:args.new_tokens]) for name, (p, a) in texts.items()}
+    pairs = {name: (tokenizer.encode(p), tokenizer.encode(a)[: args.new_tokens]) for name, (p, a) in texts.items()}
     start = time.perf_counter()
     if args.model is not None and args.model.exists():
         model = load_model(args.model, torch.device("cpu"), dtype=torch.float32)[0]
@@ -113,10 +127,12 @@ def main(argv=None):
     engine.stop_ids = set()  # fixed length: every run decodes --new-tokens
     engine.threads = args.threads
     params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens)
-    print(f"{args.shape} shape fp32 ({model.num_params() / 1e6:.0f}M parameters), batch 1, greedy, "
-          f"{args.new_tokens} new tokens; trained {trained} ({time.perf_counter() - start:.0f} s) to "
-          f"give the workloads' answers ('answer learnt' says how far); best of {args.repeats} "
-          f"after a warm-up")
+    print(
+        f"{args.shape} shape fp32 ({model.num_params() / 1e6:.0f}M parameters), batch 1, greedy, "
+        f"{args.new_tokens} new tokens; trained {trained} ({time.perf_counter() - start:.0f} s) to "
+        f"give the workloads' answers ('answer learnt' says how far); best of {args.repeats} "
+        f"after a warm-up"
+    )
     print(f"{'workload':9} {'prompt':>6} {'mode':14} {'decode tok/s':>12} {'accepted':>9} {'answer learnt':>13}")
     modes = {"plain": None, "prompt lookup": PromptLookup()}
     for name, (prompt, answer) in pairs.items():
@@ -134,13 +150,14 @@ def main(argv=None):
             r = stats[mode]
             rate = f"{r.acceptance_rate:.0%}" if r.drafted_tokens else "-"
             learnt = sum(a == b for a, b in zip(r.token_ids, answer))
-            print(f"{name:9} {len(prompt):6} {mode:14} {best[mode]:12.1f} {rate:>9} "
-                  f"{learnt:>6}/{len(answer)}")
+            print(f"{name:9} {len(prompt):6} {mode:14} {best[mode]:12.1f} {rate:>9} {learnt:>6}/{len(answer)}")
         same = tokens["plain"] == tokens["prompt lookup"]
-        print(f"{name:9} prompt lookup / plain: decode {best['prompt lookup'] / best['plain']:.2f}x "
-              f"(target {'>= 2' if name == 'copy' else '>= 0.95'}x); "
-              f"drafted {stats['prompt lookup'].drafted_tokens}, accepted "
-              f"{stats['prompt lookup'].accepted_tokens}; greedy tokens identical: {same}")
+        print(
+            f"{name:9} prompt lookup / plain: decode {best['prompt lookup'] / best['plain']:.2f}x "
+            f"(target {'>= 2' if name == 'copy' else '>= 0.95'}x); "
+            f"drafted {stats['prompt lookup'].drafted_tokens}, accepted "
+            f"{stats['prompt lookup'].accepted_tokens}; greedy tokens identical: {same}"
+        )
 
 
 if __name__ == "__main__":

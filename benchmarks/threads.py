@@ -13,6 +13,7 @@ passive), and torch with 1 and 2 threads and OpenMP's default (active) waiting. 
 (the median of --rounds runs, taken in turns) and the ratio kettle / best of {1, 2}; the target
 is >= 0.9 under every load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,9 @@ def worker(config: str, task: str, seconds: float) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from finetune.train import OptimizerSettings, make_optimizer, prepare_training
     from gpt.config import GPTConfig
     from gpt.model import GPT
-    from finetune.train import OptimizerSettings, make_optimizer, prepare_training
     from gpt.threads import ThreadFitter
 
     device = torch.device("cpu")
@@ -59,9 +60,9 @@ def worker(config: str, task: str, seconds: float) -> dict:
             opt.zero_grad(set_to_none=True)
             return 16 * 256
     else:
+        from finetune.starter import stdlib_sources
         from gpt.engine import Engine
         from gpt.sampling import SamplingParams
-        from finetune.starter import stdlib_sources
         from gpt.tokenizer import train_tokenizer
 
         # A tokenizer as large as the model's vocabulary, so that every sampled id decodes.
@@ -91,8 +92,14 @@ def run(config: str, task: str, seconds: float) -> dict:
     policy = {"p": "PASSIVE", "a": "ACTIVE"}.get(config[-1])  # "2": OpenMP's default waiting
     if config != "kettle" and policy:
         env["OMP_WAIT_POLICY"] = policy
-    out = subprocess.run([sys.executable, __file__, "--worker", config, task, str(seconds)],
-                         capture_output=True, text=True, env=env, cwd=ROOT, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", config, task, str(seconds)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -117,13 +124,13 @@ def main() -> None:
             for task in args.tasks:
                 # Rounds of every configuration in turn; the median of each (the machine drifts).
                 rounds = [{c: run(c, task, args.seconds) for c in args.configs} for _ in range(args.rounds)]
-                results = {c: sorted((r[c] for r in rounds), key=lambda x: x["tok_s"])[args.rounds // 2]
-                           for c in args.configs}
+                results = {
+                    c: sorted((r[c] for r in rounds), key=lambda x: x["tok_s"])[args.rounds // 2] for c in args.configs
+                }
                 best = max(results["1"]["tok_s"], results["2"]["tok_s"])
                 figures = "  ".join(f"{c}: {r['tok_s']:8,.0f} tok/s ({r['threads']}t)" for c, r in results.items())
                 ratio = f"kettle/best = {results['kettle']['tok_s'] / best:.2f}" if "kettle" in results else ""
-                print(f"busy {busy}  {task:6s}  {figures}  {ratio}",
-                      flush=True)
+                print(f"busy {busy}  {task:6s}  {figures}  {ratio}", flush=True)
         finally:
             for p in loops:
                 p.kill()

@@ -14,6 +14,7 @@ the fused AdamW Kettle uses ("transformers+fused"). Each measurement
 runs in its own process so that peak memory is its own. Prints tokens/s, peak memory above the
 process's baseline, the Kettle/transformers ratio, and MFU on GPUs with a known peak.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,10 +40,10 @@ def measure(impl: str, shape: str, steps: int, warmup: int, device_name: str) ->
     import torch
     import torch.nn.functional as F
 
-    from gpt.config import get_preset
     from finetune.train import OptimizerSettings, make_optimizer, prepare_training
-    from gpt.model import GPT
+    from gpt.config import get_preset
     from gpt.device import autocast, peak_flops, pick_device
+    from gpt.model import GPT
 
     device = pick_device(device_name)
     preset, batch, seq = SHAPES[shape]
@@ -52,10 +53,18 @@ def measure(impl: str, shape: str, steps: int, warmup: int, device_name: str) ->
     if impl.startswith("transformers"):
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        model = GPT2LMHeadModel(GPT2Config(
-            vocab_size=config.vocab_size, n_positions=config.context_length, n_embd=config.n_embd,
-            n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-            attn_pdrop=0.0)).to(device)
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=config.vocab_size,
+                n_positions=config.context_length,
+                n_embd=config.n_embd,
+                n_layer=config.n_layer,
+                n_head=config.n_head,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+            )
+        ).to(device)
 
         def loss_fn(x, y):
             return model(input_ids=x, labels=x).loss
@@ -68,12 +77,14 @@ def measure(impl: str, shape: str, steps: int, warmup: int, device_name: str) ->
             if impl == "kettle-full-logits":  # the loss as it was before head_cross_entropy
                 return F.cross_entropy(net(x).flatten(0, 1).float(), y.flatten())
             return net(x, targets=y)
+
     model.train()
     if impl.startswith("kettle"):
         optimizer = make_optimizer(model, OptimizerSettings(lr=1e-4, weight_decay=0.1), device=device)
     else:  # what a training loop gets from torch by default, or the fused kernel Kettle uses
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
-                                      fused=impl == "transformers+fused" or device.type == "cuda")
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=1e-4, weight_decay=0.1, fused=impl == "transformers+fused" or device.type == "cuda"
+        )
     data = torch.randint(0, config.vocab_size, (steps + warmup, batch, seq + 1), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -96,14 +107,19 @@ def measure(impl: str, shape: str, steps: int, warmup: int, device_name: str) ->
     _sync(device)
     seconds = time.perf_counter() - start
     tps = steps * batch * seq / seconds
-    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-            else _peak_rss_mb() - base_rss)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_rss_mb() - base_rss
     flops = peak_flops(device)
     with torch.device("meta"):  # the FLOPs of the shape, whichever implementation ran it
         reference = GPT(config)
-    return {"impl": impl, "shape": shape, "batch": f"{batch}x{seq}", "tokens_per_s": tps,
-            "peak_mb": peak, "device": str(device),
-            "mfu": reference.estimate_mfu(tps, seq_len=seq, peak_flops=flops) if flops else None}
+    return {
+        "impl": impl,
+        "shape": shape,
+        "batch": f"{batch}x{seq}",
+        "tokens_per_s": tps,
+        "peak_mb": peak,
+        "device": str(device),
+        "mfu": reference.estimate_mfu(tps, seq_len=seq, peak_flops=flops) if flops else None,
+    }
 
 
 def _sync(device) -> None:
@@ -127,28 +143,48 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="measurements per model, alternating; the best is reported")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="measurements per model, alternating; the best is reported"
+    )
     parser.add_argument("--compile", action="store_true", help="also measure Kettle + torch.compile")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--impls", nargs="+", choices=["kettle", "kettle-full-logits", "transformers",
-                                                       "transformers+fused", "kettle+compile"],
-                        help="measure only these (default: all but kettle+compile)")
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        choices=["kettle", "kettle-full-logits", "transformers", "transformers+fused", "kettle+compile"],
+        help="measure only these (default: all but kettle+compile)",
+    )
     parser.add_argument("--one", nargs=2, metavar=("IMPL", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args.one[0], args.one[1], args.steps, args.warmup, args.device)))
         return
-    impls = args.impls or (["kettle", "kettle-full-logits", "transformers", "transformers+fused"]
-                           + (["kettle+compile"] if args.compile else []))
+    impls = args.impls or (
+        ["kettle", "kettle-full-logits", "transformers", "transformers+fused"]
+        + (["kettle+compile"] if args.compile else [])
+    )
     for shape in args.shapes:
         best: dict[str, dict] = {}
         for _ in range(args.repeats):  # alternate, so a busy moment does not favour one side
             for impl in impls:
                 out = subprocess.run(
-                    [sys.executable, __file__, "--one", impl, shape, "--steps", str(args.steps),
-                     "--warmup", str(args.warmup), "--device", args.device],
-                    capture_output=True, text=True, cwd=ROOT)
+                    [
+                        sys.executable,
+                        __file__,
+                        "--one",
+                        impl,
+                        shape,
+                        "--steps",
+                        str(args.steps),
+                        "--warmup",
+                        str(args.warmup),
+                        "--device",
+                        args.device,
+                    ],
+                    capture_output=True,
+                    text=True,
+                    cwd=ROOT,
+                )
                 if out.returncode:
                     sys.exit(f"{impl} on {shape} failed:\n{out.stderr[-3000:]}")
                 r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -159,18 +195,22 @@ def main() -> None:
         if "kettle" not in best or "kettle-full-logits" not in best:
             continue
         chunked, full = best["kettle"], best["kettle-full-logits"]
-        print(f"loss in chunks vs full logits: peak {chunked['peak_mb']:,.0f} MB vs "
-              f"{full['peak_mb']:,.0f} MB ({chunked['peak_mb'] / full['peak_mb']:.2f}x), tokens/s "
-              f"{chunked['tokens_per_s'] / full['tokens_per_s']:.2f}x", flush=True)
+        print(
+            f"loss in chunks vs full logits: peak {chunked['peak_mb']:,.0f} MB vs "
+            f"{full['peak_mb']:,.0f} MB ({chunked['peak_mb'] / full['peak_mb']:.2f}x), tokens/s "
+            f"{chunked['tokens_per_s'] / full['tokens_per_s']:.2f}x",
+            flush=True,
+        )
 
 
 def _table(rows: list[dict], reference: float) -> str:
-    lines = [f"{'shape':6} {'batch':7} {'model':18} {'tokens/s':>10} {'peak MB':>9} "
-             f"{'vs HF':>6} {'MFU':>6}  device"]
+    lines = [f"{'shape':6} {'batch':7} {'model':18} {'tokens/s':>10} {'peak MB':>9} {'vs HF':>6} {'MFU':>6}  device"]
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        lines.append(f"{r['shape']:6} {r['batch']:7} {r['impl']:18} {r['tokens_per_s']:10,.0f} "
-                     f"{r['peak_mb']:9,.0f} {r['tokens_per_s'] / reference:5.2f}x {mfu:>6}  {r['device']}")
+        lines.append(
+            f"{r['shape']:6} {r['batch']:7} {r['impl']:18} {r['tokens_per_s']:10,.0f} "
+            f"{r['peak_mb']:9,.0f} {r['tokens_per_s'] / reference:5.2f}x {mfu:>6}  {r['device']}"
+        )
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ Pure functions over rows the store has already read (see Store.dataset); nothing
 the database. A message row is a dict with the message's id, conversation_id, parent_id, role,
 content and meta (JSON text or None), plus its conversation's system_prompt and external_id.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,9 @@ import json
 from data.records import DataFilter, Label
 
 
-def render_dataset(messages: dict[int, dict], labels: dict[int, Label], *,
-                   filt: DataFilter) -> tuple[list[dict], list[dict]]:
+def render_dataset(
+    messages: dict[int, dict], labels: dict[int, Label], *, filt: DataFilter
+) -> tuple[list[dict], list[dict]]:
     """(examples, preference pairs) from `messages` (message rows by id: whole branches of live
     conversations) and `labels` (their current, non-empty labels by message id), each with the id
     of the answer it came from under "message_id" (not part of the example).
@@ -85,12 +87,10 @@ def _example_meta(path: list[dict]) -> dict:
     return meta
 
 
-def _pairs(messages: dict[int, dict], labels: dict[int, Label], *, excluded: set[int],
-           filt: DataFilter) -> list[dict]:
+def _pairs(messages: dict[int, dict], labels: dict[int, Label], *, excluded: set[int], filt: DataFilter) -> list[dict]:
     def passes_tags(label: Label) -> bool:
         tags = set(label.tags)
-        return (not filt.tags_include or bool(tags & set(filt.tags_include))) and \
-            not tags & set(filt.tags_exclude)
+        return (not filt.tags_include or bool(tags & set(filt.tags_include))) and not tags & set(filt.tags_exclude)
 
     def prompt_of(mid: int) -> list[dict] | None:
         path = _path(messages, mid)
@@ -109,12 +109,18 @@ def _pairs(messages: dict[int, dict], labels: dict[int, Label], *, excluded: set
             continue
         if not passes_tags(label) or (prompt := prompt_of(mid)) is None:
             continue
-        pairs.append({"message_id": mid, "pair": {
-            "prompt": prompt, "chosen": [{"role": "assistant", "content": label.ideal}],
-            "rejected": [{"role": "assistant", "content": m["content"]}]}})
+        pairs.append(
+            {
+                "message_id": mid,
+                "pair": {
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": label.ideal}],
+                    "rejected": [{"role": "assistant", "content": m["content"]}],
+                },
+            }
+        )
     for group in siblings.values():
-        ups = [i for i in group if labels.get(i) and labels[i].thumb == 1
-               and passes_tags(labels[i])]
+        ups = [i for i in group if labels.get(i) and labels[i].thumb == 1 and passes_tags(labels[i])]
         downs = [i for i in group if labels.get(i) and labels[i].thumb == -1]
         downs = [i for i in downs if i not in excluded]
         for up in ups if downs else ():
@@ -122,8 +128,15 @@ def _pairs(messages: dict[int, dict], labels: dict[int, Label], *, excluded: set
                 continue
             for down in downs:
                 chosen_text = labels[up].ideal or messages[up]["content"]
-                pairs.append({"message_id": up, "pair": {
-                    "prompt": prompt, "chosen": [{"role": "assistant", "content": chosen_text}],
-                    "rejected": [{"role": "assistant", "content": messages[down]["content"]}]}})
+                pairs.append(
+                    {
+                        "message_id": up,
+                        "pair": {
+                            "prompt": prompt,
+                            "chosen": [{"role": "assistant", "content": chosen_text}],
+                            "rejected": [{"role": "assistant", "content": messages[down]["content"]}],
+                        },
+                    }
+                )
     pairs.sort(key=lambda p: p["message_id"])
     return pairs

@@ -27,6 +27,7 @@ context, "weight": 0, in ShareGPT or Alpaca, ...) is skipped and reported with a
 reason; without weights (`without_context`) such answers are left out instead, for the tools that
 ignore the key and would train on them.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,22 +37,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from gpt.files import atomic_write_text, sha256_file
 from data.records import DataFilter, content_hash
 from gpt.errors import KettleError
+from gpt.files import atomic_write_text, sha256_file
 
 if TYPE_CHECKING:  # data.store brings sqlite_utils (~1 s): the CLI's parser reads FORMATS from here
     from data.store import Store
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # one JSONL record (or one JSON list entry)
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 SHAREGPT_FROM = {"system": "system", "user": "human", "assistant": "gpt"}
 
 
 @dataclass
 class Node:
     """One message to import; `parent` indexes an earlier node of the same record."""
+
     role: str
     content: str
     parent: int | None
@@ -73,7 +74,7 @@ class ImportReport:
     format: str
     conversations: int = 0
     messages: int = 0
-    ignored: Counter = field(default_factory=Counter)   # unknown field -> records having it
+    ignored: Counter = field(default_factory=Counter)  # unknown field -> records having it
 
 
 @dataclass
@@ -81,8 +82,8 @@ class ExportReport:
     path: Path
     format: str
     written: int = 0
-    skipped: Counter = field(default_factory=Counter)   # reason -> examples not written
-    context_dropped: int = 0                            # weight-0 answers left out (no weights)
+    skipped: Counter = field(default_factory=Counter)  # reason -> examples not written
+    context_dropped: int = 0  # weight-0 answers left out (no weights)
 
 
 class _Bad(Exception):
@@ -109,9 +110,8 @@ def _decode(path: Path, data: bytes, *, first_line: int) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = first_line + data[:exc.start].count(b"\n")
-        raise KettleError(f"{path}, line {line}: not valid UTF-8 text "
-                          f"(byte 0x{data[exc.start]:02x})") from None
+        line = first_line + data[: exc.start].count(b"\n")
+        raise KettleError(f"{path}, line {line}: not valid UTF-8 text (byte 0x{data[exc.start]:02x})") from None
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
@@ -124,8 +124,9 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
                 break
             number += 1
             if len(raw) > MAX_LINE_BYTES:
-                raise KettleError(f"{path}, line {number}: longer than "
-                                  f"{MAX_LINE_BYTES // (1024 * 1024)} MiB; is this a JSONL file?")
+                raise KettleError(
+                    f"{path}, line {number}: longer than {MAX_LINE_BYTES // (1024 * 1024)} MiB; is this a JSONL file?"
+                )
             if number == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")
             text = _decode(path, raw, first_line=number).strip()
@@ -134,8 +135,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
             try:
                 records.append((number, json.loads(text)))
             except json.JSONDecodeError as exc:
-                raise KettleError(f"{path}, line {number}: invalid JSON: {exc.msg} "
-                                  f"(column {exc.colno})") from None
+                raise KettleError(f"{path}, line {number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
             except (RecursionError, ValueError) as exc:
                 raise KettleError(f"{path}, line {number}: {_unreadable(exc)}") from None
     return records
@@ -177,8 +177,9 @@ def _read_json_list(path: Path) -> list[tuple[int, Any]]:
                 except (RecursionError, ValueError) as exc:
                     raise KettleError(f"{path}, line {line_of(start)}: {_unreadable(exc)}") from None
                 if pos - start > MAX_LINE_BYTES:
-                    raise KettleError(f"{path}, line {line_of(start)}: one entry is longer than "
-                                      f"{MAX_LINE_BYTES // (1024 * 1024)} MiB")
+                    raise KettleError(
+                        f"{path}, line {line_of(start)}: one entry is longer than {MAX_LINE_BYTES // (1024 * 1024)} MiB"
+                    )
                 records.append((line_of(start), value))
                 pos = skip_ws(pos)
                 if pos < len(text) and text[pos] == ",":
@@ -189,8 +190,7 @@ def _read_json_list(path: Path) -> list[tuple[int, Any]]:
                     break
                 raise json.JSONDecodeError("expected ',' or ']'", text, pos)
     except json.JSONDecodeError as exc:
-        raise KettleError(f"{path}, line {exc.lineno}: invalid JSON: {exc.msg} "
-                          f"(column {exc.colno})") from None
+        raise KettleError(f"{path}, line {exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
     if (extra := skip_ws(pos)) != len(text):
         raise KettleError(f"{path}, line {line_of(extra)}: invalid JSON: extra data after the list")
     return records
@@ -211,8 +211,10 @@ def detect_format(path: Path, records: list[tuple[int, Any]]) -> str:
     if {"chosen", "rejected"} <= keys or "preferred_output" in keys:
         return "dpo"
     shown = ", ".join(sorted(keys)) or type(first).__name__
-    raise KettleError(f"{path}, line {line}: cannot tell the format from the first record "
-                      f"({shown}); pass --format {'|'.join(FORMATS)}")
+    raise KettleError(
+        f"{path}, line {line}: cannot tell the format from the first record "
+        f"({shown}); pass --format {'|'.join(FORMATS)}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,15 +250,23 @@ def _text(obj: dict, key: str, *, where: str = "") -> str:
     for i, part in enumerate(value):
         part = _object(part, f"{where}{key}[{i}]")
         if part.get("type") != "text":
-            raise _Bad(f"{where}{key}[{i}] is a part of type {part.get('type')!r}: "
-                       "Kettle imports text only (type 'text')")
+            raise _Bad(
+                f"{where}{key}[{i}] is a part of type {part.get('type')!r}: Kettle imports text only (type 'text')"
+            )
         texts.append(_string(part, "text", where=f"{where}{key}[{i}]."))
     return "".join(texts)
 
 
 def _type(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "true/false",
-            type(None): "null", int: "a number", float: "a number"}.get(type(value), "a value")
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "true/false",
+        type(None): "null",
+        int: "a number",
+        float: "a number",
+    }.get(type(value), "a value")
 
 
 def _object(value: Any, what: str) -> dict:
@@ -312,10 +322,14 @@ def _alpaca(obj: dict) -> tuple[str, list[Node]]:
     messages = []
     for i, turn in enumerate(_list(obj, "history") if "history" in obj else []):
         if not isinstance(turn, list) or len(turn) != 2:
-            raise _Bad(f"history[{i}] must be a pair [instruction, answer], got {_type(turn)}"
-                       + (f" of {len(turn)}" if isinstance(turn, list) else ""))
-        messages += [{"role": "user", "content": _as_string(turn[0], f"history[{i}][0]")},
-                     {"role": "assistant", "content": _as_string(turn[1], f"history[{i}][1]")}]
+            raise _Bad(
+                f"history[{i}] must be a pair [instruction, answer], got {_type(turn)}"
+                + (f" of {len(turn)}" if isinstance(turn, list) else "")
+            )
+        messages += [
+            {"role": "user", "content": _as_string(turn[0], f"history[{i}][0]")},
+            {"role": "assistant", "content": _as_string(turn[1], f"history[{i}][1]")},
+        ]
     _, nodes = _chain(messages)  # earlier answers train too, as in a ShareGPT conversation
     meta = {"instruction": instruction}
     text = instruction
@@ -335,8 +349,7 @@ def _sharegpt(obj: dict) -> tuple[str, list[Node]]:
         where = f"conversations[{i}]"
         turn = _object(turn, where)
         # ShareGPT's own keys, or the role/content that OpenAI-style converters write
-        who_key, text_key = ("role", "content") if "role" in turn and "from" not in turn \
-            else ("from", "value")
+        who_key, text_key = ("role", "content") if "role" in turn and "from" not in turn else ("from", "value")
         who = _string(turn, who_key, where=f"{where}.")
         if who not in SHAREGPT_ROLES:
             names = "system, human or gpt" if who_key == "from" else "system, user or assistant"
@@ -364,8 +377,10 @@ def _dpo(obj: dict) -> tuple[str, list[Node]]:
         rejected = [{"role": "assistant", "content": _string(obj, "rejected")}]
     elif "prompt" not in obj:  # TRL's implicit prompt: the turns both conversations share
         if isinstance(obj.get("chosen"), str):
-            raise _Bad("without a 'prompt', 'chosen' and 'rejected' must be conversations "
-                       "(lists of messages); a text pair needs its 'prompt'")
+            raise _Bad(
+                "without a 'prompt', 'chosen' and 'rejected' must be conversations "
+                "(lists of messages); a text pair needs its 'prompt'"
+            )
         chosen = _chat_messages(_list(obj, "chosen"), "chosen")
         rejected = _chat_messages(_list(obj, "rejected"), "rejected")
         shared = 0
@@ -373,9 +388,11 @@ def _dpo(obj: dict) -> tuple[str, list[Node]]:
             shared += 1
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
         if [m["role"] for m in chosen + rejected] != ["assistant", "assistant"]:
-            raise _Bad("without a 'prompt', 'chosen' and 'rejected' must be one conversation "
-                       f"but for a last assistant answer each (they share {shared} messages, "
-                       f"then hold {len(chosen)} and {len(rejected)} more)")
+            raise _Bad(
+                "without a 'prompt', 'chosen' and 'rejected' must be one conversation "
+                f"but for a last assistant answer each (they share {shared} messages, "
+                f"then hold {len(chosen)} and {len(rejected)} more)"
+            )
     else:
         prompt = _chat_messages(_list(obj, "prompt"), "prompt")
         chosen = _chat_messages(_list(obj, "chosen"), "chosen")
@@ -385,8 +402,7 @@ def _dpo(obj: dict) -> tuple[str, list[Node]]:
             raise _Bad(f"{name!r} must hold exactly one assistant message")
     system, nodes = _chain(prompt)
     parent = len(nodes) - 1 if nodes else None
-    nodes.append(Node("assistant", chosen[0]["content"], parent,
-                      {"thumb": 1, "ideal": chosen[0]["content"]}))
+    nodes.append(Node("assistant", chosen[0]["content"], parent, {"thumb": 1, "ideal": chosen[0]["content"]}))
     nodes.append(Node("assistant", rejected[0]["content"], parent, {"thumb": -1}))
     return system, nodes
 
@@ -423,8 +439,14 @@ def shown(path: str | Path) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def import_file(store: Store, path: str | Path, *, fmt: str | None = None, again: bool = False,
-                progress: Callable[[int, int], None] | None = None) -> ImportReport:
+def import_file(
+    store: Store,
+    path: str | Path,
+    *,
+    fmt: str | None = None,
+    again: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> ImportReport:
     """Import a dataset file as conversations, all or nothing. The same file (by content)
     is refused a second time unless `again`. `progress(done, total)` is called as it goes."""
     path = Path(path)
@@ -433,13 +455,15 @@ def import_file(store: Store, path: str | Path, *, fmt: str | None = None, again
     report = ImportReport(path=path, format=fmt, ignored=ignored)
     with store.transaction():
         if not again and (seen := store.conversations_from(source)):
-            raise KettleError(f"{path}: this file was imported before ({seen:,} conversations); "
-                              "pass --again to import a second copy")
+            raise KettleError(
+                f"{path}: this file was imported before ({seen:,} conversations); pass --again to import a second copy"
+            )
         for done, record in enumerate(records, start=1):
             first_user = next((n.content for n in record.nodes if n.role == "user"), "")
             title = (first_user.strip().splitlines() or [""])[0][:80]
-            conv = store.create_conversation(title, system_prompt=record.system_prompt,
-                                             source=source, external_id=record.external_id)
+            conv = store.create_conversation(
+                title, system_prompt=record.system_prompt, source=source, external_id=record.external_id
+            )
             ids: list[int] = []
             for node in record.nodes:
                 parent = None if node.parent is None else ids[node.parent]
@@ -457,10 +481,11 @@ def import_file(store: Store, path: str | Path, *, fmt: str | None = None, again
 # ---------------------------------------------------------------------------------------------
 # Examples -> files
 
-SKIP_TURNS = ("has turns that are not question-answer pairs (Alpaca's history holds pairs; "
-              "use --format openai)")
-SKIP_WEIGHT = ("has earlier answers not chosen for training ({} cannot mark them; use --format "
-               "openai, or --no-weights to leave them out)")
+SKIP_TURNS = "has turns that are not question-answer pairs (Alpaca's history holds pairs; use --format openai)"
+SKIP_WEIGHT = (
+    "has earlier answers not chosen for training ({} cannot mark them; use --format "
+    "openai, or --no-weights to leave them out)"
+)
 SKIP_NOT_PAIR = "is an example, not a preference pair (export it with --format openai)"
 
 
@@ -489,48 +514,72 @@ def _to_sharegpt(example: dict) -> dict | str:
     if any("weight" in m for m in example["messages"]):
         return SKIP_WEIGHT.format("ShareGPT")
     ident = example.get("meta", {}).get("id") or f"kettle-{content_hash(example)[:12]}"
-    return {"id": ident, "conversations": [{"from": SHAREGPT_FROM[m["role"]], "value": m["content"]}
-                                           for m in example["messages"]]}
+    return {
+        "id": ident,
+        "conversations": [{"from": SHAREGPT_FROM[m["role"]], "value": m["content"]} for m in example["messages"]],
+    }
 
 
 def _to_openai(example: dict) -> dict:
-    return {"messages": [{"role": m["role"], "content": m["content"],
-                          **({"weight": m["weight"]} if "weight" in m else {})}
-                         for m in example["messages"]]}
+    return {
+        "messages": [
+            {"role": m["role"], "content": m["content"], **({"weight": m["weight"]} if "weight" in m else {})}
+            for m in example["messages"]
+        ]
+    }
 
 
 def _to_dpo(pair: dict) -> dict:
     def msgs(items):
         return [{"role": m["role"], "content": m["content"]} for m in items]
 
-    return {"prompt": msgs(pair["prompt"]), "chosen": msgs(pair["chosen"]),
-            "rejected": msgs(pair["rejected"])}
+    return {"prompt": msgs(pair["prompt"]), "chosen": msgs(pair["chosen"]), "rejected": msgs(pair["rejected"])}
 
 
 # --- the formats: one entry each; the CLI's choices and the app's export dialog come from here -----
 
+
 @dataclass(frozen=True)
 class Format:
     name: str
-    help: str                    # one line, as the export dialog shows it
-    suffix: str                  # ".json": one JSON list; ".jsonl": a record a line
-    parse: Callable[[dict], tuple[str, list[Node]]]   # a record -> (system prompt, nodes)
-    render: Callable[[dict], dict | str] | None       # an example -> a record or a skip reason;
+    help: str  # one line, as the export dialog shows it
+    suffix: str  # ".json": one JSON list; ".jsonl": a record a line
+    parse: Callable[[dict], tuple[str, list[Node]]]  # a record -> (system prompt, nodes)
+    render: Callable[[dict], dict | str] | None  # an example -> a record or a skip reason;
     #                                                   None: the format holds preference pairs
-    fields: frozenset[str]       # a record's keys that parse reads (others are counted as ignored)
+    fields: frozenset[str]  # a record's keys that parse reads (others are counted as ignored)
 
 
-FORMAT_TABLE = {f.name: f for f in (
-    Format("alpaca", "Alpaca JSON (single-turn only)", ".json", _alpaca, _to_alpaca,
-           frozenset({"instruction", "input", "output", "system", "history"})),
-    Format("sharegpt", "ShareGPT JSON", ".json", _sharegpt, _to_sharegpt,
-           frozenset({"id", "conversations"})),
-    Format("openai", "OpenAI chat JSONL (every turn, system prompts)", ".jsonl", _openai,
-           _to_openai, frozenset({"messages"})),
-    Format("dpo", "preference pairs JSONL (corrections and up/down siblings)", ".jsonl", _dpo, None,
-           frozenset({"prompt", "chosen", "rejected", "input", "preferred_output",
-                      "non_preferred_output"})),
-)}
+FORMAT_TABLE = {
+    f.name: f
+    for f in (
+        Format(
+            "alpaca",
+            "Alpaca JSON (single-turn only)",
+            ".json",
+            _alpaca,
+            _to_alpaca,
+            frozenset({"instruction", "input", "output", "system", "history"}),
+        ),
+        Format("sharegpt", "ShareGPT JSON", ".json", _sharegpt, _to_sharegpt, frozenset({"id", "conversations"})),
+        Format(
+            "openai",
+            "OpenAI chat JSONL (every turn, system prompts)",
+            ".jsonl",
+            _openai,
+            _to_openai,
+            frozenset({"messages"}),
+        ),
+        Format(
+            "dpo",
+            "preference pairs JSONL (corrections and up/down siblings)",
+            ".jsonl",
+            _dpo,
+            None,
+            frozenset({"prompt", "chosen", "rejected", "input", "preferred_output", "non_preferred_output"}),
+        ),
+    )
+}
 FORMATS = tuple(FORMAT_TABLE)
 
 
@@ -569,15 +618,23 @@ def convert(examples: list[dict], pairs: list[dict], *, fmt: str) -> tuple[list[
     return out, skipped
 
 
-def export_file(store: Store, out: str | Path, *, fmt: str, snapshot_id: int | None = None,
-                filt: DataFilter | None = None, weights: bool = True) -> ExportReport:
+def export_file(
+    store: Store,
+    out: str | Path,
+    *,
+    fmt: str,
+    snapshot_id: int | None = None,
+    filt: DataFilter | None = None,
+    weights: bool = True,
+) -> ExportReport:
     """Write a snapshot's examples, or what `filt` chooses now, as a `fmt` file (atomically).
     Without `weights`, answers marked weight 0 are left out (`without_context`)."""
     if fmt not in FORMATS:
         raise KettleError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not weights and fmt == "dpo":
-        raise KettleError("--no-weights leaves context-only answers out of examples; preference "
-                          "pairs (--format dpo) hold none")
+        raise KettleError(
+            "--no-weights leaves context-only answers out of examples; preference pairs (--format dpo) hold none"
+        )
     out = Path(out)
     if snapshot_id is not None:
         examples = store.snapshot_examples(snapshot_id)
@@ -599,5 +656,4 @@ def export_file(store: Store, out: str | Path, *, fmt: str, snapshot_id: int | N
         atomic_write_text(out, text)
     except OSError as exc:
         raise KettleError(f"{out}: cannot write: {exc.strerror or exc}") from exc
-    return ExportReport(path=out, format=fmt, written=len(records), skipped=skipped,
-                        context_dropped=dropped)
+    return ExportReport(path=out, format=fmt, written=len(records), skipped=skipped, context_dropped=dropped)

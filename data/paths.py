@@ -1,4 +1,5 @@
 """Where Kettle keeps a user's state: one root for the database, models and runs."""
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 JSON columns are written in `canonical_json` (so equal content hashes equal) and decoded into
 dicts/lists by each record's `from_row`. Times are Unix seconds (float).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -93,6 +94,7 @@ class Message:
 @dataclass(frozen=True)
 class Label:
     """One row of a message's label history; the newest row is the current label."""
+
     id: int
     message_id: int
     thumb: int | None
@@ -110,8 +112,14 @@ class Label:
     @property
     def is_empty(self) -> bool:
         """True for a cleared label (a "remove label" row)."""
-        return (self.thumb is None and self.score is None and not self.tags and not self.note
-                and self.ideal is None and not self.excluded)
+        return (
+            self.thumb is None
+            and self.score is None
+            and not self.tags
+            and not self.note
+            and self.ideal is None
+            and not self.excluded
+        )
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,7 @@ class DataFilter:
     tags contain one of `tags_include` (when given) and none of `tags_exclude`. An example is
     never made from a conversation the user deleted, nor through a message the user excluded.
     """
+
     thumbs_up: bool = True
     ideal: bool = True
     min_score: int | None = None
@@ -137,8 +146,11 @@ class DataFilter:
         object.__setattr__(self, "tags_exclude", tuple(clean_tags(self.tags_exclude)))
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "tags_include": list(self.tags_include),
-                "tags_exclude": list(self.tags_exclude)}
+        return {
+            **dataclasses.asdict(self),
+            "tags_include": list(self.tags_include),
+            "tags_exclude": list(self.tags_exclude),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataFilter":
@@ -158,10 +170,11 @@ class DataFilter:
             return True
         if label.thumb == -1:
             return False
-        return bool((self.thumbs_up and label.thumb == 1)
-                    or (self.min_score is not None and label.score is not None
-                        and label.score >= self.min_score)
-                    or self.all_answers)
+        return bool(
+            (self.thumbs_up and label.thumb == 1)
+            or (self.min_score is not None and label.score is not None and label.score >= self.min_score)
+            or self.all_answers
+        )
 
 
 @dataclass(frozen=True)
@@ -196,8 +209,7 @@ class ModelVersion:
 
     @classmethod
     def from_row(cls, row: dict) -> "ModelVersion":
-        return cls(**{**row, "hparams": _loads(row["hparams"], {}),
-                      "metrics": _loads(row["metrics"], {})})
+        return cls(**{**row, "hparams": _loads(row["hparams"], {}), "metrics": _loads(row["metrics"], {})})
 
 
 @dataclass(frozen=True)
@@ -232,4 +244,3 @@ class SearchHit:
     role: str
     snippet: str
     created_at: float
-

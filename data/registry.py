@@ -5,6 +5,7 @@ KETTLE_HOME/models, by name. StoreCatalog answers a generation service's questio
 A name is looked up as a store version's name, then as a directory under KETTLE_HOME/models;
 only a command-line argument may also be a directory path (a name from an HTTP client never is).
 """
+
 from __future__ import annotations
 
 import threading
@@ -21,8 +22,12 @@ def is_model_name(value: str | Path) -> bool:
     """Whether `value` is a bare name (no folder in it), to be looked up among the models Kettle
     knows before anything in the working directory: a folder that happens to be called like a
     model (a repository's tests/) must never stand in for it."""
-    return (isinstance(value, str) and value not in ("", ".", "..") and not value.startswith("~")
-            and Path(value).name == value)
+    return (
+        isinstance(value, str)
+        and value not in ("", ".", "..")
+        and not value.startswith("~")
+        and Path(value).name == value
+    )
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
@@ -39,10 +44,12 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
 def unique_name(store: Store, wanted: str, *, own: Path | None = None) -> str:
     """`wanted`, or `wanted-2`, ... : a name no version has and no other model directory uses
     (`own` is the directory being named, which may already carry the name)."""
+
     def taken(name: str) -> bool:
         folder = models_dir() / name
         return store.find_model_version(name) is not None or (
-            folder.exists() and (own is None or folder.resolve() != own.resolve()))
+            folder.exists() and (own is None or folder.resolve() != own.resolve())
+        )
 
     name, n = wanted, 2
     while taken(name):
@@ -51,8 +58,15 @@ def unique_name(store: Store, wanted: str, *, own: Path | None = None) -> str:
 
 
 def version_info(version: ModelVersion) -> ModelInfo:
-    return ModelInfo(name=version.name, path=version.path, source="store", kind=version.kind,
-                     status=version.status, created=version.created_at, version_id=version.id)
+    return ModelInfo(
+        name=version.name,
+        path=version.path,
+        source="store",
+        kind=version.kind,
+        status=version.status,
+        created=version.created_at,
+        version_id=version.id,
+    )
 
 
 class StoreCatalog:
@@ -78,18 +92,22 @@ class StoreCatalog:
         try:
             path = resolve_model_dir(name_or_path)
         except KettleError:
-            raise KettleError(f"{name_or_path}: no such model (not a store model version, nor a "
-                              f"model in {models_dir()}, nor a directory)") from None
+            raise KettleError(
+                f"{name_or_path}: no such model (not a store model version, nor a "
+                f"model in {models_dir()}, nor a directory)"
+            ) from None
         read_meta(path)
-        return ModelInfo(name=name_or_path if is_model_name(name_or_path) else path.resolve().name,
-                         path=str(path.resolve()))
+        return ModelInfo(
+            name=name_or_path if is_model_name(name_or_path) else path.resolve().name, path=str(path.resolve())
+        )
 
     def active(self) -> ModelInfo:
         with open_store() as store:
             version = store.active_model()
         if version is None:
-            raise KettleError("no model is active yet: name one (for example `kettle serve "
-                              "MODEL`) or activate one in the app")
+            raise KettleError(
+                "no model is active yet: name one (for example `kettle serve MODEL`) or activate one in the app"
+            )
         return version_info(version)
 
     def models(self) -> list[ModelInfo]:
@@ -99,8 +117,11 @@ class StoreCatalog:
             found = [version_info(v) for v in store.model_versions()]
         known = {str(Path(m.path).resolve()) for m in found}
         for path in sorted(models_dir().iterdir()):
-            if (not path.name.startswith(".") and (path / "config.json").is_file()  # not a temporary
-                    and str(path.resolve()) not in known):
+            if (
+                not path.name.startswith(".")
+                and (path / "config.json").is_file()  # not a temporary
+                and str(path.resolve()) not in known
+            ):
                 found.append(ModelInfo(name=path.name, path=str(path), created=path.stat().st_mtime))
         return found
 

@@ -8,6 +8,7 @@ never edit, reorder or rename one that has shipped, since databases record them 
 Kettle before named migrations kept a `schema_version` table of numbers instead: version n was
 the n-th of NUMBERED_MIGRATIONS. `migrate` carries that record into `_migrations` first.
 """
+
 from __future__ import annotations
 
 import time
@@ -30,8 +31,9 @@ def applied(db: sqlite_utils.Database) -> list[str]:
     if db["_migrations"].exists():
         return [row["name"] for row in db.query("SELECT name FROM _migrations ORDER BY rowid")]
     if db["schema_version"].exists():
-        return [_numbered_name(row["version"])
-                for row in db.query("SELECT version FROM schema_version ORDER BY version")]
+        return [
+            _numbered_name(row["version"]) for row in db.query("SELECT version FROM schema_version ORDER BY version")
+        ]
     return []
 
 
@@ -76,7 +78,8 @@ def _carry_numbered_record_forward(db: sqlite_utils.Database) -> None:
     if db["schema_version"].exists():
         db["_migrations"].insert_all(
             {"name": _numbered_name(row["version"]), "applied_at": row["applied_at"]}
-            for row in db.query("SELECT * FROM schema_version ORDER BY version"))
+            for row in db.query("SELECT * FROM schema_version ORDER BY version")
+        )
         db["schema_version"].drop()
 
 

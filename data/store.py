@@ -25,6 +25,7 @@ The tables and their migrations are in data/schema.py, and the records the metho
 (dataclasses, times in Unix seconds, JSON columns decoded) in data/records.py. Get a Store with
 `open_store()`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,10 +42,21 @@ import sqlite_utils
 
 from data import schema
 from data.datasets import render_dataset
-from data.records import (Conversation, DataFilter, Label, Message, ModelVersion, Run, SearchHit,
-                          Snapshot, canonical_json, clean_tags, content_hash)
-from gpt.files import process_alive, remove_stale_temporaries
+from data.records import (
+    Conversation,
+    DataFilter,
+    Label,
+    Message,
+    ModelVersion,
+    Run,
+    SearchHit,
+    Snapshot,
+    canonical_json,
+    clean_tags,
+    content_hash,
+)
 from gpt.errors import KettleError
+from gpt.files import process_alive, remove_stale_temporaries
 
 ROLES = ("system", "user", "assistant")
 MODEL_KINDS = ("imported", "downloaded", "pretrained", "finetuned", "starter")
@@ -52,8 +64,7 @@ RUN_STATUSES = ("queued", "running", "finished", "failed", "cancelled")
 FINISHED_RUN_STATUSES = ("finished", "failed", "cancelled")
 BUSY_TIMEOUT_S = 10.0
 # Fields of a generation result (gpt.engine.GenerationResult) recorded on an assistant message.
-GENERATION_FIELDS = ("finish_reason", "prompt_tokens", "new_tokens", "dropped_tokens", "ttft_s",
-                     "tokens_per_s", "seed")
+GENERATION_FIELDS = ("finish_reason", "prompt_tokens", "new_tokens", "dropped_tokens", "ttft_s", "tokens_per_s", "seed")
 
 
 def _dumps(value: Any) -> str | None:
@@ -68,8 +79,9 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
     must create when the last writer removed it; where the folder is read-only too, the file
     is read as immutable (no locks, no index), which is exact when no -wal file holds changes."""
     uri = path.resolve().as_uri()
-    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
-                           isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(
+        f"{uri}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+    )
     try:
         conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
         return conn
@@ -77,10 +89,11 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
         conn.close()
         wal = path.with_name(path.name + "-wal")
         if wal.exists() and wal.stat().st_size:
-            raise sqlite3.OperationalError(f"{wal.name} holds changes not yet in the database, "
-                                           "and they cannot be read where nothing can be written") from None
-    return sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None,
-                           check_same_thread=False)
+            raise sqlite3.OperationalError(
+                f"{wal.name} holds changes not yet in the database, "
+                "and they cannot be read where nothing can be written"
+            ) from None
+    return sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None, check_same_thread=False)
 
 
 def _fts_query(text: str) -> str:
@@ -106,8 +119,7 @@ def open_store(path: str | Path | None = None, *, read_only: bool = False) -> St
             remove_stale_temporaries(models_dir())  # half-written models of killed processes
     path = Path(path)
     if read_only and not path.exists():  # nothing stored yet: an empty store, in memory
-        store = Store(path, sqlite3.connect(":memory:", isolation_level=None,
-                                            check_same_thread=False))
+        store = Store(path, sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False))
         store._migrate()
         return store
     try:
@@ -116,8 +128,7 @@ def open_store(path: str | Path | None = None, *, read_only: bool = False) -> St
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: no implicit transactions; writes use BEGIN IMMEDIATE.
-            conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)
+            conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
     except (OSError, sqlite3.Error) as exc:
         raise KettleError(f"{path}: cannot open the Kettle database: {exc}") from exc
     store = Store(path, conn)
@@ -160,9 +171,11 @@ class Store:
         """A database opened read-only cannot be migrated: it must be current already."""
         self._refuse_newer()
         if missing := schema.pending(self.db):
-            raise KettleError(f"{self.path}: the database needs upgrading ({len(missing)} of "
-                              f"{len(schema.MIGRATIONS)} migrations not applied); run Kettle once "
-                              "where it can write there")
+            raise KettleError(
+                f"{self.path}: the database needs upgrading ({len(missing)} of "
+                f"{len(schema.MIGRATIONS)} migrations not applied); run Kettle once "
+                "where it can write there"
+            )
 
     def _migrate(self) -> None:
         """Run pending migrations. An up-to-date database is only read, so opening never waits
@@ -176,8 +189,10 @@ class Store:
 
     def _refuse_newer(self) -> None:
         if newer := schema.unknown(self.db):
-            raise KettleError(f"{self.path}: the database has migrations newer than this Kettle "
-                              f"understands ({', '.join(newer)}); upgrade Kettle")
+            raise KettleError(
+                f"{self.path}: the database has migrations newer than this Kettle "
+                f"understands ({', '.join(newer)}); upgrade Kettle"
+            )
 
     def applied_migrations(self) -> list[str]:
         """The names of the schema migrations this database has had, oldest first."""
@@ -247,8 +262,9 @@ class Store:
                     if "locked" not in str(exc) and "busy" not in str(exc):
                         raise
                     if time.monotonic() > deadline:
-                        raise KettleError(f"{self.path}: the database stayed locked by another "
-                                          f"process for {BUSY_TIMEOUT_S:.0f} s") from exc
+                        raise KettleError(
+                            f"{self.path}: the database stayed locked by another process for {BUSY_TIMEOUT_S:.0f} s"
+                        ) from exc
                     time.sleep(random.uniform(0.0002, 0.002))
         finally:
             self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
@@ -267,53 +283,82 @@ class Store:
 
     # -- conversations ------------------------------------------------------------------------
 
-    def create_conversation(self, title: str = "", system_prompt: str = "",
-                            *, params: dict | None = None, model: str | None = None,
-                            source: str = "chat", external_id: str | None = None) -> Conversation:
+    def create_conversation(
+        self,
+        title: str = "",
+        system_prompt: str = "",
+        *,
+        params: dict | None = None,
+        model: str | None = None,
+        source: str = "chat",
+        external_id: str | None = None,
+    ) -> Conversation:
         now = time.time()
         cid = self._insert(
             "INSERT INTO conversations (title, system_prompt, params, model, source, external_id,"
             " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (title, system_prompt, _dumps(params), model, source, external_id, now, now))
+            (title, system_prompt, _dumps(params), model, source, external_id, now, now),
+        )
         return self.conversation(cid)
 
     def conversation(self, conversation_id: int) -> Conversation:
         """The conversation with this id (deleted ones included); KettleError if there is none."""
-        row = self._row("SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id)"
-                        " AS message_count FROM conversations c WHERE c.id = ?", (conversation_id,))
+        row = self._row(
+            "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id)"
+            " AS message_count FROM conversations c WHERE c.id = ?",
+            (conversation_id,),
+        )
         if row is None:
             raise KettleError(f"no conversation with id {conversation_id}")
         return Conversation.from_row(row)
 
-    def list_conversations(self, limit: int = 50, offset: int = 0,
-                           *, include_deleted: bool = False) -> list[Conversation]:
+    def list_conversations(
+        self, limit: int = 50, offset: int = 0, *, include_deleted: bool = False
+    ) -> list[Conversation]:
         """Newest (most recently updated) first."""
         where = "" if include_deleted else "WHERE c.deleted_at IS NULL"
         rows = self._rows(
             "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id)"
             f" AS message_count FROM conversations c {where}"
             " ORDER BY c.deleted_at, c.updated_at DESC, c.id DESC LIMIT ? OFFSET ?",
-            (limit, offset))
+            (limit, offset),
+        )
         return [Conversation.from_row(r) for r in rows]
 
     def conversations_from(self, source: str) -> int:
         """How many live conversations came from `source` (e.g. one imported file)."""
-        return self._row("SELECT COUNT(*) AS n FROM conversations WHERE source = ?"
-                         " AND deleted_at IS NULL", (source,))["n"]
+        return self._row("SELECT COUNT(*) AS n FROM conversations WHERE source = ? AND deleted_at IS NULL", (source,))[
+            "n"
+        ]
 
-    def update_conversation(self, conversation_id: int, *, title: str = _UNSET,
-                            system_prompt: str = _UNSET, params: dict | None = _UNSET,
-                            model: str | None = _UNSET) -> Conversation:
+    def update_conversation(
+        self,
+        conversation_id: int,
+        *,
+        title: str = _UNSET,
+        system_prompt: str = _UNSET,
+        params: dict | None = _UNSET,
+        model: str | None = _UNSET,
+    ) -> Conversation:
         """Change a conversation's settings; arguments left out keep their value."""
-        changes = {k: v for k, v in (("title", title), ("system_prompt", system_prompt),
-                                     ("params", _UNSET if params is _UNSET else _dumps(params)),
-                                     ("model", model)) if v is not _UNSET}
+        changes = {
+            k: v
+            for k, v in (
+                ("title", title),
+                ("system_prompt", system_prompt),
+                ("params", _UNSET if params is _UNSET else _dumps(params)),
+                ("model", model),
+            )
+            if v is not _UNSET
+        }
         self.conversation(conversation_id)
         if changes:
             sets = ", ".join(f"{k} = ?" for k in changes)
             with self.transaction():
-                self.conn.execute(f"UPDATE conversations SET {sets}, updated_at = ? WHERE id = ?",
-                                  (*changes.values(), time.time(), conversation_id))
+                self.conn.execute(
+                    f"UPDATE conversations SET {sets}, updated_at = ? WHERE id = ?",
+                    (*changes.values(), time.time(), conversation_id),
+                )
         return self.conversation(conversation_id)
 
     def delete_conversation(self, conversation_id: int) -> None:
@@ -321,21 +366,28 @@ class Store:
         labels are history, and snapshots may hold it); `restore_conversation` undoes it."""
         self.conversation(conversation_id)
         with self.transaction():
-            self.conn.execute("UPDATE conversations SET deleted_at = ? WHERE id = ?",
-                              (time.time(), conversation_id))
+            self.conn.execute("UPDATE conversations SET deleted_at = ? WHERE id = ?", (time.time(), conversation_id))
 
     def restore_conversation(self, conversation_id: int) -> None:
         self.conversation(conversation_id)
         with self.transaction():
-            self.conn.execute("UPDATE conversations SET deleted_at = NULL WHERE id = ?",
-                              (conversation_id,))
+            self.conn.execute("UPDATE conversations SET deleted_at = NULL WHERE id = ?", (conversation_id,))
 
     # -- messages -----------------------------------------------------------------------------
 
-    def add_message(self, conversation_id: int, role: str, *, content: str,
-                    parent_id: int | None = None, model_version_id: int | None = None,
-                    model: str | None = None, params: dict | None = None,
-                    generation: Any = None, meta: dict | None = None) -> Message:
+    def add_message(
+        self,
+        conversation_id: int,
+        role: str,
+        *,
+        content: str,
+        parent_id: int | None = None,
+        model_version_id: int | None = None,
+        model: str | None = None,
+        params: dict | None = None,
+        generation: Any = None,
+        meta: dict | None = None,
+    ) -> Message:
         """Append a message under `parent_id` (None: a root). A parent that already has children
         gets a sibling branch; nothing is overwritten. The new message becomes the conversation's
         shown leaf.
@@ -354,12 +406,10 @@ class Store:
             gen = {k: source.get(k) for k in GENERATION_FIELDS}
         with self.transaction():
             # plain cursor reads on this hot path: sqlite-utils' query() adds a savepoint each
-            if self.conn.execute("SELECT 1 FROM conversations WHERE id = ?",
-                                 (conversation_id,)).fetchone() is None:
+            if self.conn.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone() is None:
                 raise KettleError(f"no conversation with id {conversation_id}")
             if parent_id is not None:
-                parent = self.conn.execute("SELECT conversation_id FROM messages WHERE id = ?",
-                                           (parent_id,)).fetchone()
+                parent = self.conn.execute("SELECT conversation_id FROM messages WHERE id = ?", (parent_id,)).fetchone()
                 if parent is None or parent[0] != conversation_id:
                     raise KettleError(f"message {parent_id} is not in conversation {conversation_id}")
             now = time.time()
@@ -369,18 +419,37 @@ class Store:
                     " model_version_id, model, params, meta, finish_reason, prompt_tokens,"
                     " new_tokens, dropped_tokens, ttft_s, tokens_per_s, seed)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (conversation_id, parent_id, role, content, now, model_version_id, model,
-                     _dumps(params), _dumps(meta), *(gen.get(k) for k in GENERATION_FIELDS)),
+                    (
+                        conversation_id,
+                        parent_id,
+                        role,
+                        content,
+                        now,
+                        model_version_id,
+                        model,
+                        _dumps(params),
+                        _dumps(meta),
+                        *(gen.get(k) for k in GENERATION_FIELDS),
+                    ),
                 ).lastrowid
             except sqlite3.IntegrityError as exc:
-                raise KettleError(f"cannot add the message to conversation {conversation_id}: "
-                                  f"{exc}") from exc
-            self.conn.execute("UPDATE conversations SET leaf_id = ?, updated_at = ? WHERE id = ?",
-                              (mid, now, conversation_id))
-        return Message(id=mid, conversation_id=conversation_id, parent_id=parent_id, role=role,
-                       content=content, created_at=now, model_version_id=model_version_id,
-                       model=model, params=params, meta=meta,
-                       **{k: gen.get(k) for k in GENERATION_FIELDS})
+                raise KettleError(f"cannot add the message to conversation {conversation_id}: {exc}") from exc
+            self.conn.execute(
+                "UPDATE conversations SET leaf_id = ?, updated_at = ? WHERE id = ?", (mid, now, conversation_id)
+            )
+        return Message(
+            id=mid,
+            conversation_id=conversation_id,
+            parent_id=parent_id,
+            role=role,
+            content=content,
+            created_at=now,
+            model_version_id=model_version_id,
+            model=model,
+            params=params,
+            meta=meta,
+            **{k: gen.get(k) for k in GENERATION_FIELDS},
+        )
 
     def message(self, message_id: int) -> Message:
         row = self._row("SELECT * FROM messages WHERE id = ?", (message_id,))
@@ -390,8 +459,10 @@ class Store:
 
     def messages(self, conversation_id: int) -> list[Message]:
         """Every message of a conversation, all branches, oldest first."""
-        return [Message.from_row(r) for r in self._rows(
-            "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))]
+        return [
+            Message.from_row(r)
+            for r in self._rows("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
+        ]
 
     def thread(self, leaf_id: int) -> list[Message]:
         """The branch from the root down to `leaf_id`, in order."""
@@ -400,7 +471,8 @@ class Store:
             " SELECT m.parent_id, up.depth + 1 FROM messages m JOIN up ON m.id = up.id"
             " WHERE m.parent_id IS NOT NULL)"
             " SELECT m.* FROM up JOIN messages m ON m.id = up.id ORDER BY up.depth DESC",
-            (leaf_id,))
+            (leaf_id,),
+        )
         if not rows:
             raise KettleError(f"no message with id {leaf_id}")
         return [Message.from_row(r) for r in rows]
@@ -413,8 +485,9 @@ class Store:
     def children(self, message_id: int | None, conversation_id: int | None = None) -> list[Message]:
         """Replies to a message, oldest first (message_id None: the roots of `conversation_id`)."""
         if message_id is None:
-            rows = self._rows("SELECT * FROM messages WHERE conversation_id = ? AND parent_id IS NULL"
-                              " ORDER BY id", (conversation_id,))
+            rows = self._rows(
+                "SELECT * FROM messages WHERE conversation_id = ? AND parent_id IS NULL ORDER BY id", (conversation_id,)
+            )
         else:
             rows = self._rows("SELECT * FROM messages WHERE parent_id = ? ORDER BY id", (message_id,))
         return [Message.from_row(r) for r in rows]
@@ -431,12 +504,10 @@ class Store:
         if msg.conversation_id != conversation_id:
             raise KettleError(f"message {message_id} is not in conversation {conversation_id}")
         leaf = message_id
-        while (child := self._row("SELECT MAX(id) AS id FROM messages WHERE parent_id = ?",
-                                  (leaf,)))["id"] is not None:
+        while (child := self._row("SELECT MAX(id) AS id FROM messages WHERE parent_id = ?", (leaf,)))["id"] is not None:
             leaf = child["id"]
         with self.transaction():
-            self.conn.execute("UPDATE conversations SET leaf_id = ? WHERE id = ?",
-                              (leaf, conversation_id))
+            self.conn.execute("UPDATE conversations SET leaf_id = ? WHERE id = ?", (leaf, conversation_id))
 
     def chat_messages(self, leaf_id: int) -> list[dict]:
         """The branch ending at `leaf_id` in the one chat format, with the conversation's system
@@ -450,8 +521,7 @@ class Store:
 
     def label(self, message_id: int) -> Label | None:
         """The current label of a message, or None when it never had one or it was cleared."""
-        row = self._row("SELECT * FROM labels WHERE message_id = ? ORDER BY id DESC LIMIT 1",
-                        (message_id,))
+        row = self._row("SELECT * FROM labels WHERE message_id = ? ORDER BY id DESC LIMIT 1", (message_id,))
         label = Label.from_row(row) if row else None
         return None if label is None or label.is_empty else label
 
@@ -460,10 +530,9 @@ class Store:
         ids = list(message_ids)
         out: dict[int, Label] = {}
         for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
+            chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            for row in self._rows(f"SELECT * FROM current_labels WHERE message_id IN ({marks})",
-                                  chunk):
+            for row in self._rows(f"SELECT * FROM current_labels WHERE message_id IN ({marks})", chunk):
                 label = Label.from_row(row)
                 if not label.is_empty:
                     out[label.message_id] = label
@@ -471,12 +540,22 @@ class Store:
 
     def label_history(self, message_id: int) -> list[Label]:
         """Every label row of a message, oldest first."""
-        return [Label.from_row(r) for r in self._rows(
-            "SELECT * FROM labels WHERE message_id = ? ORDER BY id", (message_id,))]
+        return [
+            Label.from_row(r)
+            for r in self._rows("SELECT * FROM labels WHERE message_id = ? ORDER BY id", (message_id,))
+        ]
 
-    def set_label(self, message_id: int, *, thumb: int | None = _UNSET, score: int | None = _UNSET,
-                  tags: Iterable[str] = _UNSET, note: str = _UNSET, ideal: str | None = _UNSET,
-                  excluded: bool = _UNSET) -> Label:
+    def set_label(
+        self,
+        message_id: int,
+        *,
+        thumb: int | None = _UNSET,
+        score: int | None = _UNSET,
+        tags: Iterable[str] = _UNSET,
+        note: str = _UNSET,
+        ideal: str | None = _UNSET,
+        excluded: bool = _UNSET,
+    ) -> Label:
         """Change a message's label by appending a history row. Fields left out keep their
         current value; pass None (or [] / "" / False) to clear one field.
 
@@ -485,8 +564,11 @@ class Store:
         """
         if thumb is not _UNSET and thumb not in (None, 1, -1):
             raise KettleError(f"thumb must be 1 (up), -1 (down) or None, got {thumb!r}")
-        if score is not _UNSET and score is not None and (
-                isinstance(score, bool) or not isinstance(score, int) or not 1 <= score <= 5):
+        if (
+            score is not _UNSET
+            and score is not None
+            and (isinstance(score, bool) or not isinstance(score, int) or not 1 <= score <= 5)
+        ):
             raise KettleError(f"score must be a whole number from 1 to 5, got {score!r}")
         if ideal is not _UNSET and ideal is not None and not isinstance(ideal, str):
             raise KettleError("the corrected answer must be text")
@@ -497,16 +579,25 @@ class Store:
         with self.transaction():
             msg = self.message(message_id)
             if ideal not in (_UNSET, None) and msg.role != "assistant":
-                raise KettleError(f"message {message_id} is a {msg.role} message; only assistant "
-                                  "answers take a corrected answer")
+                raise KettleError(
+                    f"message {message_id} is a {msg.role} message; only assistant answers take a corrected answer"
+                )
             old = self.label(message_id)
             row = {
-                "thumb": old.thumb if old else None, "score": old.score if old else None,
-                "tags": old.tags if old else [], "note": old.note if old else "",
-                "ideal": old.ideal if old else None, "excluded": old.excluded if old else False,
+                "thumb": old.thumb if old else None,
+                "score": old.score if old else None,
+                "tags": old.tags if old else [],
+                "note": old.note if old else "",
+                "ideal": old.ideal if old else None,
+                "excluded": old.excluded if old else False,
             }
-            for key, value in (("thumb", thumb), ("score", score), ("note", note),
-                               ("ideal", ideal), ("excluded", excluded)):
+            for key, value in (
+                ("thumb", thumb),
+                ("score", score),
+                ("note", note),
+                ("ideal", ideal),
+                ("excluded", excluded),
+            ):
                 if value is not _UNSET:
                     row[key] = value
             if tags is not _UNSET:
@@ -517,15 +608,25 @@ class Store:
         """Remove a message's label: appends an empty row, so the history keeps the old one."""
         with self.transaction():
             self.message(message_id)
-            return self._append_label(message_id, {"thumb": None, "score": None, "tags": [],
-                                                   "note": "", "ideal": None, "excluded": False})
+            return self._append_label(
+                message_id, {"thumb": None, "score": None, "tags": [], "note": "", "ideal": None, "excluded": False}
+            )
 
     def _append_label(self, message_id: int, row: dict) -> Label:
         lid = self.conn.execute(
             "INSERT INTO labels (message_id, thumb, score, tags, note, ideal, excluded, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (message_id, row["thumb"], row["score"], canonical_json(row["tags"]), row["note"],
-             row["ideal"], int(bool(row["excluded"])), time.time())).lastrowid
+            (
+                message_id,
+                row["thumb"],
+                row["score"],
+                canonical_json(row["tags"]),
+                row["note"],
+                row["ideal"],
+                int(bool(row["excluded"])),
+                time.time(),
+            ),
+        ).lastrowid
         return Label.from_row(self._row("SELECT * FROM labels WHERE id = ?", (lid,)))
 
     # -- datasets -----------------------------------------------------------------------------
@@ -538,16 +639,17 @@ class Store:
             label = Label.from_row(row)
             if not label.is_empty:
                 labels[label.message_id] = label
-        columns = ("m.id, m.conversation_id, m.parent_id, m.role, m.content, m.meta,"
-                   " c.system_prompt, c.external_id")
+        columns = "m.id, m.conversation_id, m.parent_id, m.role, m.content, m.meta, c.system_prompt, c.external_id"
         live = "JOIN conversations c ON c.id = m.conversation_id WHERE c.deleted_at IS NULL"
         if filt.all_answers:
             sql, params = f"SELECT {columns} FROM messages m {live} ORDER BY m.id", ()
         else:
             # whole conversations by index: a few times faster than a recursive walk up branches
-            sql = (f"SELECT {columns} FROM messages m {live} AND m.conversation_id IN"
-                   " (SELECT conversation_id FROM messages WHERE id IN (SELECT value FROM json_each(?)))"
-                   " ORDER BY m.id")
+            sql = (
+                f"SELECT {columns} FROM messages m {live} AND m.conversation_id IN"
+                " (SELECT conversation_id FROM messages WHERE id IN (SELECT value FROM json_each(?)))"
+                " ORDER BY m.id"
+            )
             params = (json.dumps(list(labels)),)
         with self._lock:
             cursor = self.conn.execute(sql, params)
@@ -562,8 +664,7 @@ class Store:
         messages, labels = self._dataset_messages(filt)
         return render_dataset(messages, labels, filt=filt)
 
-    def create_snapshot(self, filt: DataFilter | None = None, name: str = "",
-                        *, reuse: bool = False) -> Snapshot:
+    def create_snapshot(self, filt: DataFilter | None = None, name: str = "", *, reuse: bool = False) -> Snapshot:
         """Freeze what would train now under `filt` into an immutable, content-hashed snapshot;
         with `reuse`, an existing snapshot of the same content is returned instead of a copy."""
         filt = filt or DataFilter()
@@ -572,23 +673,28 @@ class Store:
             example_rows = [canonical_json(e["example"]) for e in examples]
             pair_rows = [canonical_json(p["pair"]) for p in pairs]
             # == content_hash({"examples": [...], "pairs": [...]}) without encoding twice
-            digest = hashlib.sha256(('{"examples":[' + ",".join(example_rows) + '],"pairs":['
-                                     + ",".join(pair_rows) + "]}").encode("utf-8")).hexdigest()
-            same = self._row("SELECT id FROM snapshots WHERE content_hash = ? ORDER BY id LIMIT 1",
-                             (digest,)) if reuse else None
+            digest = hashlib.sha256(
+                ('{"examples":[' + ",".join(example_rows) + '],"pairs":[' + ",".join(pair_rows) + "]}").encode("utf-8")
+            ).hexdigest()
+            same = (
+                self._row("SELECT id FROM snapshots WHERE content_hash = ? ORDER BY id LIMIT 1", (digest,))
+                if reuse
+                else None
+            )
             if same is not None:
                 return self.snapshot(same["id"])
             sid = self.conn.execute(
                 "INSERT INTO snapshots (name, filter, content_hash, n_examples, n_pairs, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (name, canonical_json(filt.to_dict()), digest, len(examples), len(pairs),
-                 time.time())).lastrowid
-            rows = [(sid, "example", i, e["message_id"], text)
-                    for i, (e, text) in enumerate(zip(examples, example_rows))]
-            rows += [(sid, "pair", i, p["message_id"], text)
-                     for i, (p, text) in enumerate(zip(pairs, pair_rows))]
-            self.conn.executemany("INSERT INTO snapshot_rows (snapshot_id, kind, position,"
-                                  " message_id, data) VALUES (?, ?, ?, ?, ?)", rows)
+                (name, canonical_json(filt.to_dict()), digest, len(examples), len(pairs), time.time()),
+            ).lastrowid
+            rows = [
+                (sid, "example", i, e["message_id"], text) for i, (e, text) in enumerate(zip(examples, example_rows))
+            ]
+            rows += [(sid, "pair", i, p["message_id"], text) for i, (p, text) in enumerate(zip(pairs, pair_rows))]
+            self.conn.executemany(
+                "INSERT INTO snapshot_rows (snapshot_id, kind, position, message_id, data) VALUES (?, ?, ?, ?, ?)", rows
+            )
         return self.snapshot(sid)
 
     def snapshot(self, snapshot_id: int) -> Snapshot:
@@ -611,23 +717,37 @@ class Store:
 
     def _snapshot_rows(self, snapshot_id: int, kind: str) -> list[dict]:
         self.snapshot(snapshot_id)
-        return [json.loads(r["data"]) for r in self._rows(
-            "SELECT data FROM snapshot_rows WHERE snapshot_id = ? AND kind = ? ORDER BY position",
-            (snapshot_id, kind))]
+        return [
+            json.loads(r["data"])
+            for r in self._rows(
+                "SELECT data FROM snapshot_rows WHERE snapshot_id = ? AND kind = ? ORDER BY position",
+                (snapshot_id, kind),
+            )
+        ]
 
     def verify_snapshot(self, snapshot_id: int) -> bool:
         """True when the stored rows still hash to the snapshot's content hash."""
         snap = self.snapshot(snapshot_id)
-        return snap.content_hash == content_hash({"examples": self.snapshot_examples(snapshot_id),
-                                                  "pairs": self.snapshot_pairs(snapshot_id)})
+        return snap.content_hash == content_hash(
+            {"examples": self.snapshot_examples(snapshot_id), "pairs": self.snapshot_pairs(snapshot_id)}
+        )
 
     # -- model versions -----------------------------------------------------------------------
 
-    def add_model_version(self, name: str, path: str | Path, *, kind: str,
-                          parent_id: int | None = None, snapshot_id: int | None = None,
-                          run_id: int | None = None, hparams: dict | None = None,
-                          metrics: dict | None = None, status: str = "ok",
-                          note: str = "") -> ModelVersion:
+    def add_model_version(
+        self,
+        name: str,
+        path: str | Path,
+        *,
+        kind: str,
+        parent_id: int | None = None,
+        snapshot_id: int | None = None,
+        run_id: int | None = None,
+        hparams: dict | None = None,
+        metrics: dict | None = None,
+        status: str = "ok",
+        note: str = "",
+    ) -> ModelVersion:
         """Record a model directory. `name` is unique (KettleError if taken)."""
         if kind not in MODEL_KINDS:
             raise KettleError(f"model kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
@@ -639,12 +759,24 @@ class Store:
                     "INSERT INTO model_versions (name, path, kind, parent_id, snapshot_id, run_id,"
                     " hparams, metrics, status, note, created_at)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (name, str(path), kind, parent_id, snapshot_id, run_id,
-                     canonical_json(hparams or {}), canonical_json(metrics or {}), status, note,
-                     time.time())).lastrowid
+                    (
+                        name,
+                        str(path),
+                        kind,
+                        parent_id,
+                        snapshot_id,
+                        run_id,
+                        canonical_json(hparams or {}),
+                        canonical_json(metrics or {}),
+                        status,
+                        note,
+                        time.time(),
+                    ),
+                ).lastrowid
             except sqlite3.IntegrityError as exc:
-                raise KettleError(f"cannot record model version {name!r}: unknown parent, "
-                                  f"snapshot or run ({exc})") from exc
+                raise KettleError(
+                    f"cannot record model version {name!r}: unknown parent, snapshot or run ({exc})"
+                ) from exc
         return self.model_version(vid)
 
     def model_version(self, id_or_name: int | str) -> ModelVersion:
@@ -664,18 +796,23 @@ class Store:
 
     def model_versions(self) -> list[ModelVersion]:
         """Newest first."""
-        return [ModelVersion.from_row(r)
-                for r in self._rows("SELECT * FROM model_versions ORDER BY id DESC")]
+        return [ModelVersion.from_row(r) for r in self._rows("SELECT * FROM model_versions ORDER BY id DESC")]
 
-    def update_model_version(self, version_id: int, *, metrics: dict | None = None,
-                             status: str | None = None, note: str | None = None) -> ModelVersion:
+    def update_model_version(
+        self, version_id: int, *, metrics: dict | None = None, status: str | None = None, note: str | None = None
+    ) -> ModelVersion:
         """Record evaluation results: `metrics` are merged into the stored ones."""
         old = self.model_version(version_id)
         with self.transaction():
             self.conn.execute(
                 "UPDATE model_versions SET metrics = ?, status = ?, note = ? WHERE id = ?",
-                (canonical_json({**old.metrics, **(metrics or {})}), status or old.status,
-                 old.note if note is None else note, version_id))
+                (
+                    canonical_json({**old.metrics, **(metrics or {})}),
+                    status or old.status,
+                    old.note if note is None else note,
+                    version_id,
+                ),
+            )
         return self.model_version(version_id)
 
     def lineage(self, version_id: int) -> list[ModelVersion]:
@@ -688,16 +825,24 @@ class Store:
     def activate_model(self, version_id: int) -> None:
         """Make a version the one the app chats with (recorded in the activation history)."""
         self.model_version(version_id)
-        self._insert("INSERT INTO activations (model_version_id, activated_at) VALUES (?, ?)",
-                     (version_id, time.time()))
+        self._insert(
+            "INSERT INTO activations (model_version_id, activated_at) VALUES (?, ?)", (version_id, time.time())
+        )
 
     def active_model(self) -> ModelVersion | None:
         row = self._row("SELECT model_version_id FROM activations ORDER BY id DESC LIMIT 1")
         return None if row is None else self.model_version(row["model_version_id"])
 
-    def register_model(self, path: str | Path, kind: str, *, name: str | None = None,
-                       hparams: dict | None = None, metrics: dict | None = None,
-                       activate_if_none: bool = True) -> tuple[ModelVersion, bool]:
+    def register_model(
+        self,
+        path: str | Path,
+        kind: str,
+        *,
+        name: str | None = None,
+        hparams: dict | None = None,
+        metrics: dict | None = None,
+        activate_if_none: bool = True,
+    ) -> tuple[ModelVersion, bool]:
         """Record a model directory as a version, or merge `metrics` into the version already
         recorded for that path. The name is the directory's (or `name`), made unique with -2, -3...
         Returns (version, whether it became the active model because none was)."""
@@ -720,25 +865,42 @@ class Store:
 
     def activations(self) -> list[tuple[ModelVersion, float]]:
         """(version, activated_at), newest first."""
-        return [(self.model_version(r["model_version_id"]), r["activated_at"]) for r in
-                self._rows("SELECT * FROM activations ORDER BY id DESC")]
+        return [
+            (self.model_version(r["model_version_id"]), r["activated_at"])
+            for r in self._rows("SELECT * FROM activations ORDER BY id DESC")
+        ]
 
     # -- runs ---------------------------------------------------------------------------------
 
-    def create_run(self, kind: str, *, model_version_id: int | None = None,
-                   snapshot_id: int | None = None, config: dict | None = None,
-                   total_steps: int | None = None, log_path: str | Path | None = None) -> Run:
+    def create_run(
+        self,
+        kind: str,
+        *,
+        model_version_id: int | None = None,
+        snapshot_id: int | None = None,
+        config: dict | None = None,
+        total_steps: int | None = None,
+        log_path: str | Path | None = None,
+    ) -> Run:
         """A new training run, status "queued"."""
         now = time.time()
         try:
             rid = self._insert(
                 "INSERT INTO runs (kind, status, model_version_id, snapshot_id, config, total_steps,"
                 " log_path, created_at, updated_at) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-                (kind, model_version_id, snapshot_id, canonical_json(config or {}), total_steps,
-                 None if log_path is None else str(log_path), now, now))
+                (
+                    kind,
+                    model_version_id,
+                    snapshot_id,
+                    canonical_json(config or {}),
+                    total_steps,
+                    None if log_path is None else str(log_path),
+                    now,
+                    now,
+                ),
+            )
         except sqlite3.IntegrityError as exc:
-            raise KettleError(f"cannot create the run: unknown model version or snapshot ({exc})") \
-                from exc
+            raise KettleError(f"cannot create the run: unknown model version or snapshot ({exc})") from exc
         return self.run(rid)
 
     def run(self, run_id: int) -> Run:
@@ -752,22 +914,38 @@ class Store:
         if status is None:
             rows = self._rows("SELECT * FROM runs ORDER BY id DESC LIMIT ?", (limit,))
         else:
-            rows = self._rows("SELECT * FROM runs WHERE status = ? ORDER BY id DESC LIMIT ?",
-                              (status, limit))
+            rows = self._rows("SELECT * FROM runs WHERE status = ? ORDER BY id DESC LIMIT ?", (status, limit))
         return [Run.from_row(r) for r in rows]
 
-    def update_run(self, run_id: int, *, status: str | None = None, step: int | None = None,
-                   total_steps: int | None = None, error: str | None = None,
-                   pid: int | None = None, log_path: str | Path | None = None,
-                   output_model_id: int | None = None) -> Run:
+    def update_run(
+        self,
+        run_id: int,
+        *,
+        status: str | None = None,
+        step: int | None = None,
+        total_steps: int | None = None,
+        error: str | None = None,
+        pid: int | None = None,
+        log_path: str | Path | None = None,
+        output_model_id: int | None = None,
+    ) -> Run:
         """Progress and status changes. Entering "running" stamps started_at; entering finished,
         failed or cancelled stamps finished_at."""
         if status is not None and status not in RUN_STATUSES:
             raise KettleError(f"run status must be one of {', '.join(RUN_STATUSES)}, got {status!r}")
-        changes = {k: v for k, v in (("status", status), ("step", step),
-                                     ("total_steps", total_steps), ("error", error), ("pid", pid),
-                                     ("log_path", None if log_path is None else str(log_path)),
-                                     ("output_model_id", output_model_id)) if v is not None}
+        changes = {
+            k: v
+            for k, v in (
+                ("status", status),
+                ("step", step),
+                ("total_steps", total_steps),
+                ("error", error),
+                ("pid", pid),
+                ("log_path", None if log_path is None else str(log_path)),
+                ("output_model_id", output_model_id),
+            )
+            if v is not None
+        }
         now = time.time()
         if status == "running":
             changes["started_at"] = now
@@ -776,24 +954,24 @@ class Store:
         with self.transaction():
             self.run(run_id)
             sets = ", ".join(f"{k} = ?" for k in changes)
-            self.conn.execute(f"UPDATE runs SET {sets}{', ' if sets else ''}updated_at = ?"
-                              " WHERE id = ?", (*changes.values(), now, run_id))
+            self.conn.execute(
+                f"UPDATE runs SET {sets}{', ' if sets else ''}updated_at = ? WHERE id = ?",
+                (*changes.values(), now, run_id),
+            )
         return self.run(run_id)
 
     def training_in_progress(self) -> bool:
         """Whether some run's training process is alive now (it keeps the CPU busy)."""
-        return any(run.pid is not None and process_alive(run.pid)
-                   for run in self.runs(status="running"))
+        return any(run.pid is not None and process_alive(run.pid) for run in self.runs(status="running"))
 
-    def fail_orphaned_runs(self, kind: str | None = None,
-                           error: str = "the training process ended without reporting "
-                                        "(killed or crashed)") -> list[Run]:
+    def fail_orphaned_runs(
+        self, kind: str | None = None, error: str = "the training process ended without reporting (killed or crashed)"
+    ) -> list[Run]:
         """Mark "running" runs (of `kind`) whose process is gone (killed, machine restarted) as
         failed with `error`, so nothing shows a run as live forever. Returns the runs it changed."""
         changed = []
         for run in self.runs(status="running", limit=1_000_000):
-            if (kind is not None and run.kind != kind) or (run.pid is not None
-                                                          and process_alive(run.pid)):
+            if (kind is not None and run.kind != kind) or (run.pid is not None and process_alive(run.pid)):
                 continue
             changed.append(self.update_run(run.id, status="failed", error=error))
         return changed
@@ -803,25 +981,27 @@ class Store:
         logs those steps again)."""
         with self.transaction():
             self.conn.execute("DELETE FROM run_metrics WHERE run_id = ? AND step > ?", (run_id, step))
-            self.conn.execute("UPDATE runs SET step = ?, updated_at = ? WHERE id = ?",
-                              (step, time.time(), run_id))
+            self.conn.execute("UPDATE runs SET step = ?, updated_at = ? WHERE id = ?", (step, time.time(), run_id))
 
     def log_metrics(self, run_id: int, step: int, *, metrics: dict[str, float]) -> None:
         """Record one step's metrics (e.g. {"loss": 1.2, "lr": 3e-4}) and advance the run's step."""
         now = time.time()
         with self.transaction():
             try:
-                self.conn.execute("INSERT INTO run_metrics (run_id, step, metrics, created_at)"
-                                  " VALUES (?, ?, ?, ?)", (run_id, step, canonical_json(metrics), now))
+                self.conn.execute(
+                    "INSERT INTO run_metrics (run_id, step, metrics, created_at) VALUES (?, ?, ?, ?)",
+                    (run_id, step, canonical_json(metrics), now),
+                )
             except sqlite3.IntegrityError as exc:
                 raise KettleError(f"no training run with id {run_id}") from exc
-            self.conn.execute("UPDATE runs SET step = MAX(step, ?), updated_at = ? WHERE id = ?",
-                              (step, now, run_id))
+            self.conn.execute("UPDATE runs SET step = MAX(step, ?), updated_at = ? WHERE id = ?", (step, now, run_id))
 
     def run_metrics(self, run_id: int) -> list[tuple[int, dict]]:
         """(step, metrics) in step order."""
-        return [(r["step"], json.loads(r["metrics"])) for r in self._rows(
-            "SELECT step, metrics FROM run_metrics WHERE run_id = ? ORDER BY step, id", (run_id,))]
+        return [
+            (r["step"], json.loads(r["metrics"]))
+            for r in self._rows("SELECT step, metrics FROM run_metrics WHERE run_id = ? ORDER BY step, id", (run_id,))
+        ]
 
     # -- search and statistics ----------------------------------------------------------------
 
@@ -842,7 +1022,8 @@ class Store:
             " WHERE labels_fts MATCH ? AND c.deleted_at IS NULL"
             " AND l.id = (SELECT MAX(id) FROM labels WHERE message_id = l.message_id)"
             " ORDER BY m.id DESC LIMIT ?",
-            (fts, limit))
+            (fts, limit),
+        )
         said = self._rows(
             "SELECT m.id, m.conversation_id, c.title, m.role, m.created_at,"
             " snippet(messages_fts, 0, '[', ']', '…', 12) AS snippet"
@@ -850,12 +1031,21 @@ class Store:
             " JOIN conversations c ON c.id = m.conversation_id"
             " WHERE messages_fts MATCH ? AND c.deleted_at IS NULL"
             " ORDER BY messages_fts.rowid DESC LIMIT ?",
-            (fts, limit))
+            (fts, limit),
+        )
         by_id = {r["id"]: r for r in said} | {r["id"]: r for r in corrected}  # the correction wins
         rows = sorted(by_id.values(), key=lambda r: r["id"], reverse=True)[:limit]
-        return [SearchHit(message_id=r["id"], conversation_id=r["conversation_id"],
-                          conversation_title=r["title"], role=r["role"], snippet=r["snippet"],
-                          created_at=r["created_at"]) for r in rows]
+        return [
+            SearchHit(
+                message_id=r["id"],
+                conversation_id=r["conversation_id"],
+                conversation_title=r["title"],
+                role=r["role"],
+                snippet=r["snippet"],
+                created_at=r["created_at"],
+            )
+            for r in rows
+        ]
 
     def stats(self) -> dict[str, int]:
         """Counts for `kettle data stats`."""
@@ -875,8 +1065,9 @@ class Store:
             " (SELECT COUNT(*) FROM snapshots) AS snapshots,"
             " (SELECT COUNT(*) FROM model_versions) AS model_versions,"
             " (SELECT COUNT(*) FROM runs) AS runs"
-            " FROM current_labels l")
+            " FROM current_labels l"
+        )
 
     def integrity_check(self) -> str:
-        """"ok" when SQLite finds the file sound."""
+        """ "ok" when SQLite finds the file sound."""
         return self._row("PRAGMA integrity_check")["integrity_check"]

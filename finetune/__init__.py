@@ -1,4 +1,5 @@
 """Fine-tuning: instruction (full and LoRA) and classification."""
+
 from __future__ import annotations
 
 import json

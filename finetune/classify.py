@@ -16,6 +16,7 @@ Texts longer than `max_length` tokens keep their beginning. A trained classifier
     head.safetensors    the head's weight and bias
     model/              the body as a Kettle model directory (LoRA already merged into it)
 """
+
 from __future__ import annotations
 
 import csv
@@ -33,11 +34,11 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from gpt.files import atomic_directory
 from finetune import read_manifest
 from finetune.lora import LoRAConfig, apply_lora, merge_lora
 from gpt.checkpoint import save_weights
 from gpt.errors import KettleError
+from gpt.files import atomic_directory
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
 
@@ -65,8 +66,9 @@ class ClassifyConfig:
         if self.trainable not in ("head", "all", "lora"):
             n = self.trainable.removeprefix("last-")
             if not self.trainable.startswith("last-") or not n.isdigit() or not 1 <= int(n) <= n_layer:
-                raise KettleError(f"--trainable must be head, all, lora or last-N with N from 1 to "
-                                  f"{n_layer}, got {self.trainable!r}")
+                raise KettleError(
+                    f"--trainable must be head, all, lora or last-N with N from 1 to {n_layer}, got {self.trainable!r}"
+                )
         for name in ("epochs", "batch_size"):
             if getattr(self, name) <= 0:
                 raise KettleError(f"--{name.replace('_', '-')} must be positive")
@@ -88,6 +90,7 @@ class Classifier(nn.Module):
 
 
 # --- data -----------------------------------------------------------------------------------
+
 
 def read_labeled(path: str | Path) -> list[tuple[str, str]]:
     """(text, label) rows of a CSV or TSV file (see the module docstring for the rules)."""
@@ -153,7 +156,7 @@ def split(examples: list, seed: int, *, fractions=SPLITS) -> tuple[list, list, l
     random.Random(seed).shuffle(examples)
     n_train = int(len(examples) * fractions[0])
     n_val = int(len(examples) * fractions[1])
-    return examples[:n_train], examples[n_train:n_train + n_val], examples[n_train + n_val:]
+    return examples[:n_train], examples[n_train : n_train + n_val], examples[n_train + n_val :]
 
 
 def encode(examples, tokenizer: Tokenizer, *, labels: list[str], max_length: int):
@@ -174,17 +177,18 @@ def batches(encoded, batch_size: int, *, pad_id: int, shuffle_seed: int | None =
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
     for start in range(0, len(order), batch_size):
-        chunk = [encoded[i] for i in order[start:start + batch_size]]
+        chunk = [encoded[i] for i in order[start : start + batch_size]]
         width = max(len(ids) for ids, _ in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         for row, (seq, _) in enumerate(chunk):
-            ids[row, :len(seq)] = torch.tensor(seq)
+            ids[row, : len(seq)] = torch.tensor(seq)
         lengths = torch.tensor([len(seq) for seq, _ in chunk])
         targets = torch.tensor([t for _, t in chunk])
         yield ids, lengths, targets
 
 
 # --- model -----------------------------------------------------------------------------------
+
 
 def make_classifier(gpt: GPT, n_classes: int, *, config: ClassifyConfig) -> Classifier:
     """Wrap `gpt` with a fresh head and leave trainable only what `config.trainable` says."""
@@ -204,8 +208,7 @@ def make_classifier(gpt: GPT, n_classes: int, *, config: ClassifyConfig) -> Clas
 
 
 @torch.no_grad()
-def evaluate(model: Classifier, encoded, *, n_classes: int, batch_size: int = 32,
-             device="cpu") -> dict:
+def evaluate(model: Classifier, encoded, *, n_classes: int, batch_size: int = 32, device="cpu") -> dict:
     """Loss, accuracy and confusion matrix (rows: true class, columns: predicted)."""
     model.eval()
     confusion = [[0] * n_classes for _ in range(n_classes)]
@@ -218,13 +221,18 @@ def evaluate(model: Classifier, encoded, *, n_classes: int, batch_size: int = 32
             confusion[t][p] += 1
         n += len(targets)
     correct = sum(confusion[i][i] for i in range(n_classes))
-    return {"loss": total_loss / max(n, 1), "accuracy": correct / max(n, 1), "n": n,
-            "confusion": confusion}
+    return {"loss": total_loss / max(n, 1), "accuracy": correct / max(n, 1), "n": n, "confusion": confusion}
 
 
-def train_classifier(gpt: GPT, tokenizer: Tokenizer, *, examples: list[tuple[str, str]],
-                     config: ClassifyConfig, device="cpu",
-                     on_step: Callable[[int, int, float], None] | None = None):
+def train_classifier(
+    gpt: GPT,
+    tokenizer: Tokenizer,
+    *,
+    examples: list[tuple[str, str]],
+    config: ClassifyConfig,
+    device="cpu",
+    on_step: Callable[[int, int, float], None] | None = None,
+):
     """Train on `examples`; returns (classifier, labels, max_length, metrics).
 
     metrics holds per-epoch validation results and the final test evaluation.
@@ -240,23 +248,28 @@ def train_classifier(gpt: GPT, tokenizer: Tokenizer, *, examples: list[tuple[str
     train, val, test = split(examples, config.seed)
     if not train or not test:
         raise KettleError(f"{len(examples)} examples are too few to split into train and test")
-    max_length = config.max_length or min(
-        gpt.config.context_length, max(len(tokenizer.encode(t)) for t, _ in train))
+    max_length = config.max_length or min(gpt.config.context_length, max(len(tokenizer.encode(t)) for t, _ in train))
     if max_length > gpt.config.context_length:
-        raise KettleError(f"--max-length {max_length} exceeds the model's context length "
-                          f"{gpt.config.context_length}")
-    enc = {name: encode(part, tokenizer, labels=labels, max_length=max_length)
-           for name, part in (("train", train), ("val", val), ("test", test))}
+        raise KettleError(f"--max-length {max_length} exceeds the model's context length {gpt.config.context_length}")
+    enc = {
+        name: encode(part, tokenizer, labels=labels, max_length=max_length)
+        for name, part in (("train", train), ("val", val), ("test", test))
+    }
     model = make_classifier(gpt, len(labels), config=config)
-    optimizer = make_optimizer(gpt, OptimizerSettings(lr=config.lr, weight_decay=config.weight_decay),
-                               device=torch.device(device), extra=model.head.parameters())
+    optimizer = make_optimizer(
+        gpt,
+        OptimizerSettings(lr=config.lr, weight_decay=config.weight_decay),
+        device=torch.device(device),
+        extra=model.head.parameters(),
+    )
     steps_per_epoch = -(-len(train) // config.batch_size)
     total, step, history = steps_per_epoch * config.epochs, 0, []
     started = time.perf_counter()
     for epoch in range(config.epochs):
         model.train()
-        for ids, lengths, targets in batches(enc["train"], config.batch_size, pad_id=0,
-                                             shuffle_seed=config.seed + epoch):
+        for ids, lengths, targets in batches(
+            enc["train"], config.batch_size, pad_id=0, shuffle_seed=config.seed + epoch
+        ):
             logits = model(ids.to(device), lengths.to(device))
             loss = F.cross_entropy(logits, targets.to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -267,25 +280,42 @@ def train_classifier(gpt: GPT, tokenizer: Tokenizer, *, examples: list[tuple[str
                 on_step(step, total, loss.item())
         if enc["val"]:
             result = evaluate(model, enc["val"], n_classes=len(labels), device=device)
-            history.append({"epoch": epoch + 1, "val_loss": result["loss"],
-                            "val_accuracy": result["accuracy"]})
-    metrics = {"labels": labels, "counts": {k: len(v) for k, v in enc.items()},
-               "history": history, "test": evaluate(model, enc["test"], n_classes=len(labels), device=device),
-               "train_seconds": time.perf_counter() - started}
+            history.append({"epoch": epoch + 1, "val_loss": result["loss"], "val_accuracy": result["accuracy"]})
+    metrics = {
+        "labels": labels,
+        "counts": {k: len(v) for k, v in enc.items()},
+        "history": history,
+        "test": evaluate(model, enc["test"], n_classes=len(labels), device=device),
+        "train_seconds": time.perf_counter() - started,
+    }
     return model, labels, max_length, metrics
 
 
 # --- saving and loading -------------------------------------------------------------------------
 
-def save_classifier(model: Classifier, tokenizer: Tokenizer, *, labels: list[str], max_length: int,
-                    directory: str | Path, config: ClassifyConfig | None = None,
-                    metrics: dict | None = None, overwrite: bool = False) -> Path:
+
+def save_classifier(
+    model: Classifier,
+    tokenizer: Tokenizer,
+    *,
+    labels: list[str],
+    max_length: int,
+    directory: str | Path,
+    config: ClassifyConfig | None = None,
+    metrics: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
     from gpt.checkpoint import save_model
 
     if hasattr(model.gpt, "lora_config"):
         merge_lora(model.gpt)
-    meta = {"kettle_classifier": FORMAT_VERSION, "labels": labels, "max_length": max_length,
-            "settings": _settings(config), "metrics": metrics or {}}
+    meta = {
+        "kettle_classifier": FORMAT_VERSION,
+        "labels": labels,
+        "max_length": max_length,
+        "settings": _settings(config),
+        "metrics": metrics or {},
+    }
     try:
         with atomic_directory(directory, overwrite=overwrite) as tmp:
             save_model(model.gpt, tmp / BODY_DIR, tokenizer=tokenizer)
@@ -321,14 +351,16 @@ def load_classifier(directory: str | Path, device="cpu") -> tuple[Classifier, To
         head = load_file(str(directory / HEAD_FILE))
         model.head.load_state_dict(head)
     except (SafetensorError, FileNotFoundError, RuntimeError) as exc:
-        raise KettleError(f"{directory / HEAD_FILE}: missing or does not fit "
-                          f"{len(labels)} labels ({str(exc).splitlines()[0]})") from None
+        raise KettleError(
+            f"{directory / HEAD_FILE}: missing or does not fit {len(labels)} labels ({str(exc).splitlines()[0]})"
+        ) from None
     return model.to(device).eval(), tokenizer, meta
 
 
 @torch.no_grad()
-def predict(model: Classifier, tokenizer: Tokenizer, *, meta: dict, texts: list[str],
-            device="cpu") -> list[tuple[str, float]]:
+def predict(
+    model: Classifier, tokenizer: Tokenizer, *, meta: dict, texts: list[str], device="cpu"
+) -> list[tuple[str, float]]:
     """(label, probability) for each text."""
     model.eval()
     labels = meta["labels"]

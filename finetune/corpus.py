@@ -10,28 +10,29 @@ tokenizes it in one streaming pass (memory use does not grow with the corpus) in
 Documents are separated by the tokenizer's end-of-text token. Decoding train then val, with those
 separators read as document boundaries, gives back the corpus text exactly.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
-from gpt.files import atomic_directory
 from gpt.errors import KettleError
+from gpt.files import atomic_directory
 from gpt.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".jsonl"}
 META_FILE = "meta.json"
 SHARD_TOKENS = 1 << 27  # 128M tokens: 256 MB per uint16 shard
-CHUNK_CHARS = 1 << 20   # text is tokenized in pieces of about this many characters
+CHUNK_CHARS = 1 << 20  # text is tokenized in pieces of about this many characters
 
 
 # --- reading the corpus -------------------------------------------------------------------------
+
 
 def corpus_files(path: str | Path) -> list[Path]:
     """The files a corpus path stands for: the file itself, or a folder's text files (sorted)."""
@@ -40,12 +41,15 @@ def corpus_files(path: str | Path) -> list[Path]:
         raise KettleError(f"{path}: no such file or folder")
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.rglob("*")
-                   if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in TEXT_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
     if not files:
-        raise KettleError(f"{path}: the folder holds no text files "
-                          f"({', '.join(sorted(TEXT_SUFFIXES))})")
+        raise KettleError(f"{path}: the folder holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
     return files
 
 
@@ -83,8 +87,9 @@ def _read_chunks(path: Path) -> Iterator[str]:
             if buf:
                 yield "".join(buf)
     except UnicodeDecodeError as exc:
-        raise KettleError(f"{path}: not UTF-8 text (byte {exc.start} of a piece cannot be "
-                          "decoded); is it a binary file?") from None
+        raise KettleError(
+            f"{path}: not UTF-8 text (byte {exc.start} of a piece cannot be decoded); is it a binary file?"
+        ) from None
     except OSError as exc:
         raise KettleError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
@@ -102,8 +107,7 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, int]]:
                 except json.JSONDecodeError as exc:
                     raise KettleError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise KettleError(f"{path}:{lineno}: expected an object with a string "
-                                      f"field {text_field!r}")
+                    raise KettleError(f"{path}:{lineno}: expected an object with a string field {text_field!r}")
                 yield record[text_field], len(line.encode("utf-8"))
     except UnicodeDecodeError:
         raise KettleError(f"{path}: not UTF-8 text; is it a binary file?") from None
@@ -139,6 +143,7 @@ def fingerprint(path: str | Path) -> str:
 
 
 # --- writing shards -----------------------------------------------------------------------------
+
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
@@ -183,10 +188,16 @@ class ShardInfo:
     bytes: int
 
 
-def build_shards(path: str | Path, tokenizer: Tokenizer, *, out_dir: str | Path,
-                 val_fraction: float = 0.1, text_field: str = "text",
-                 shard_tokens: int = SHARD_TOKENS,
-                 on_progress: Callable[[int, int], None] | None = None) -> ShardInfo:
+def build_shards(
+    path: str | Path,
+    tokenizer: Tokenizer,
+    *,
+    out_dir: str | Path,
+    val_fraction: float = 0.1,
+    text_field: str = "text",
+    shard_tokens: int = SHARD_TOKENS,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ShardInfo:
     """Tokenize the corpus at `path` into shards in `out_dir` (written atomically).
 
     The validation split is the text after the first (1 - val_fraction) of the corpus bytes, cut
@@ -239,16 +250,21 @@ def build_shards(path: str | Path, tokenizer: Tokenizer, *, out_dir: str | Path,
         if counts["train"] + counts["val"] == 0:
             raise KettleError(f"{path}: the corpus holds no text")
         meta = {
-            "dtype": dtype.name, "vocab_size": tokenizer.n_vocab, "tokenizer": tokenizer.name,
-            "eot_id": eot, "documents": documents, "bytes": done,
-            "train_tokens": counts["train"], "val_tokens": counts["val"],
+            "dtype": dtype.name,
+            "vocab_size": tokenizer.n_vocab,
+            "tokenizer": tokenizer.name,
+            "eot_id": eot,
+            "documents": documents,
+            "bytes": done,
+            "train_tokens": counts["train"],
+            "val_tokens": counts["val"],
             "shards": {s: w.counts for s, w in writers.items()},
-            "source": str(Path(path).expanduser().resolve()), "fingerprint": fingerprint(path),
+            "source": str(Path(path).expanduser().resolve()),
+            "fingerprint": fingerprint(path),
             "val_fraction": val_fraction,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return ShardInfo(Path(out_dir), dtype.name, tokenizer.n_vocab, counts["train"], counts["val"],
-                     documents, done)
+    return ShardInfo(Path(out_dir), dtype.name, tokenizer.n_vocab, counts["train"], counts["val"], documents, done)
 
 
 def read_meta(directory: str | Path) -> dict:
@@ -263,14 +279,18 @@ def read_meta(directory: str | Path) -> dict:
 
 # --- reading shards -----------------------------------------------------------------------------
 
+
 class TokenStream:
     """The shards of one split, memory-mapped and read as one sequence of token ids."""
 
     def __init__(self, directory: str | Path, split: str):
         meta = read_meta(directory)
         self.eot_id = int(meta["eot_id"])
-        self.shards = [np.memmap(Path(directory, f"{split}_{i:03d}.bin"), dtype=meta["dtype"], mode="r")
-                       for i, n in enumerate(meta["shards"][split]) if n > 0]
+        self.shards = [
+            np.memmap(Path(directory, f"{split}_{i:03d}.bin"), dtype=meta["dtype"], mode="r")
+            for i, n in enumerate(meta["shards"][split])
+            if n > 0
+        ]
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
 
     def __len__(self) -> int:
@@ -284,7 +304,7 @@ class TokenStream:
         i = int(np.searchsorted(self.offsets, start, side="right")) - 1
         while length > 0:
             local = start - int(self.offsets[i])
-            part = self.shards[i][local:local + length]
+            part = self.shards[i][local : local + length]
             parts.append(part)
             start += len(part)
             length -= len(part)
@@ -306,14 +326,26 @@ class WindowLoader:
     `random`: windows start at random positions drawn from (seed, step).
     """
 
-    def __init__(self, stream: TokenStream, batch_size: int, max_length: int, stride: int | None = None,
-                 mode: str = "sliding", shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, accum_steps: int = 1):
+    def __init__(
+        self,
+        stream: TokenStream,
+        batch_size: int,
+        max_length: int,
+        stride: int | None = None,
+        mode: str = "sliding",
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        accum_steps: int = 1,
+    ):
         if mode not in ("sliding", "random"):
             raise KettleError(f"unknown loader {mode!r} (choose sliding or random)")
         if len(stream) < max_length + 1:
-            raise KettleError(f"the corpus has {len(stream)} training tokens, fewer than one context "
-                              f"window ({max_length} + 1); use more text or a shorter context")
+            raise KettleError(
+                f"the corpus has {len(stream)} training tokens, fewer than one context "
+                f"window ({max_length} + 1); use more text or a shorter context"
+            )
         self.stream, self.batch_size, self.max_length = stream, batch_size, max_length
         self.stride = stride or max_length
         self.mode, self.shuffle, self.seed = mode, shuffle, seed
@@ -332,16 +364,19 @@ class WindowLoader:
             rng = np.random.default_rng([self.seed, step])
             return rng.integers(0, len(self.stream) - self.max_length, size=self.step_batch)
         epoch, pos = divmod(step, self.batches_per_epoch)
-        order = (np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-                 if self.shuffle else np.arange(self.n_windows))
-        return np.resize(order[pos * self.step_batch:], self.step_batch) * self.stride
+        order = (
+            np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            if self.shuffle
+            else np.arange(self.n_windows)
+        )
+        return np.resize(order[pos * self.step_batch :], self.step_batch) * self.stride
 
     def batch(self, step: int, micro: int = 0):
         """This rank's part of micro-step `micro` of step `step`: (inputs, targets) int64 [B, T]."""
         import torch
 
         first = (micro * self.world_size + self.rank) * self.batch_size
-        starts = self._starts(step)[first:first + self.batch_size]
+        starts = self._starts(step)[first : first + self.batch_size]
         rows = np.stack([self.stream.read(int(s), self.max_length + 1) for s in starts])
         t = torch.from_numpy(rows)
         return t[:, :-1], t[:, 1:]

@@ -23,6 +23,7 @@ slice of it (REPLAY_RATIO times the user's examples, spread over the batches), s
 what it knew. Early stopping on a
 held-out share of the user's examples (only with many of them) restores the best weights.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,6 +51,7 @@ IGNORE = -100
 @dataclass
 class SFTConfig:
     """Settings of a fine-tuning run; None means "derive from the dataset size" (see `resolve`)."""
+
     epochs: int | None = None
     lr: float | None = None
     warmup_steps: int | None = None
@@ -92,10 +94,11 @@ class Example:
 
 # --- data --------------------------------------------------------------------------------------
 
+
 def encode_conversation(messages: list[dict], tokenizer: Tokenizer, *, max_length: int) -> Example | None:
     """One training example, or None when even its last exchange is longer than `max_length`."""
     system = messages[:1] if messages and messages[0].get("role") == "system" else []
-    rest = messages[len(system):]
+    rest = messages[len(system) :]
     while True:
         ids, mask = _training_tokens(system + rest, tokenizer)
         if len(ids) <= max_length + 1:
@@ -123,8 +126,9 @@ def _training_tokens(messages: list[dict], tokenizer: Tokenizer) -> tuple[list[i
     return ids, mask
 
 
-def prepare(conversations: list[list[dict]], tokenizer: Tokenizer, *, max_length: int,
-            vocab_size: int) -> tuple[list[Example], dict]:
+def prepare(
+    conversations: list[list[dict]], tokenizer: Tokenizer, *, max_length: int, vocab_size: int
+) -> tuple[list[Example], dict]:
     """Encode every conversation; returns (examples, stats). Raises KettleError on bad data."""
     if not conversations:
         raise KettleError("the dataset is empty: there is nothing to fine-tune on")
@@ -139,20 +143,27 @@ def prepare(conversations: list[list[dict]], tokenizer: Tokenizer, *, max_length
             continue
         examples.append(example)
     if not examples:
-        raise KettleError(f"all {len(conversations)} examples are longer than the context of "
-                          f"{max_length} tokens, even their last exchange")
+        raise KettleError(
+            f"all {len(conversations)} examples are longer than the context of "
+            f"{max_length} tokens, even their last exchange"
+        )
     check_vocabulary(examples, vocab_size)
-    stats = {"examples": len(examples), "skipped_too_long": skipped,
-             "tokens": sum(len(e) for e in examples),
-             "loss_tokens": sum(sum(t != IGNORE for t in e.labels) for e in examples)}
+    stats = {
+        "examples": len(examples),
+        "skipped_too_long": skipped,
+        "tokens": sum(len(e) for e in examples),
+        "loss_tokens": sum(sum(t != IGNORE for t in e.labels) for e in examples),
+    }
     return examples, stats
 
 
 def check_vocabulary(examples: list[Example], vocab_size: int) -> None:
     top = max(max(e.input_ids + [t for t in e.labels if t != IGNORE]) for e in examples)
     if top >= vocab_size:
-        raise KettleError(f"the data holds token id {top} but the model's vocabulary has "
-                          f"{vocab_size} tokens: it was tokenised for another vocabulary")
+        raise KettleError(
+            f"the data holds token id {top} but the model's vocabulary has "
+            f"{vocab_size} tokens: it was tokenised for another vocabulary"
+        )
 
 
 def holdout(examples: list, fraction: float, *, seed: int) -> tuple[list, list]:
@@ -161,8 +172,7 @@ def holdout(examples: list, fraction: float, *, seed: int) -> tuple[list, list]:
     random.Random(seed).shuffle(order)
     n_val = round(len(examples) * fraction)
     held = set(order[:n_val])
-    return ([e for i, e in enumerate(examples) if i not in held],
-            [e for i, e in enumerate(examples) if i in held])
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
 
 
 HOLD_OUT_FROM = 100
@@ -176,8 +186,9 @@ def default_val_fraction(n: int) -> float:
     return min(max(1, round(0.1 * n)), 500) / n
 
 
-def make_batches(examples: list[Example], batch_tokens: int, *, max_batch_size: int,
-                 seed: int | None = None) -> list[list[Example]]:
+def make_batches(
+    examples: list[Example], batch_tokens: int, *, max_batch_size: int, seed: int | None = None
+) -> list[list[Example]]:
     """Length-bucketed batches: examples of similar length together, under `batch_tokens`."""
     order = list(examples)
     if seed is not None:
@@ -201,8 +212,8 @@ def collate(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tens
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     for row, e in enumerate(batch):
-        ids[row, :len(e)] = torch.tensor(e.input_ids)
-        labels[row, :len(e)] = torch.tensor(e.labels)
+        ids[row, : len(e)] = torch.tensor(e.input_ids)
+        labels[row, : len(e)] = torch.tensor(e.labels)
     return ids, labels
 
 
@@ -270,17 +281,16 @@ def resolve(config: SFTConfig, n_train: int, *, model: GPTConfig, n_replay: int 
 
 # --- training ------------------------------------------------------------------------------------
 
+
 def token_loss(model, ids: torch.Tensor, *, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(sum of the cross-entropy over the loss tokens, how many there are)."""
     logits = model(ids)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                           reduction="sum")
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
     return loss, int((labels != IGNORE).sum())
 
 
 @torch.no_grad()
-def evaluate_loss(model: GPT, examples: list[Example], *, pad_id: int, device,
-                  batch_tokens: int = 8192) -> float:
+def evaluate_loss(model: GPT, examples: list[Example], *, pad_id: int, device, batch_tokens: int = 8192) -> float:
     """Mean loss per loss token over `examples` (nan when there are none)."""
     was_training = model.training
     model.eval()
@@ -294,8 +304,7 @@ def evaluate_loss(model: GPT, examples: list[Example], *, pad_id: int, device,
 
 
 @torch.no_grad()
-def recalled(model: GPT, examples: list[Example], *, pad_id: int, device,
-             batch_tokens: int = 8192) -> list[bool]:
+def recalled(model: GPT, examples: list[Example], *, pad_id: int, device, batch_tokens: int = 8192) -> list[bool]:
     """Per example: whether greedy decoding gives its answers back exactly. With the true prefix,
     the most likely next token is the target at every loss position (the end-of-turn marker
     included): that is the condition for greedy decoding to reproduce the answer token for token,
@@ -349,8 +358,17 @@ class SFTTrainer:
     rank takes every world_size-th batch; only rank 0 should report and save.
     """
 
-    def __init__(self, model: GPT, train: list[Example], val: list[Example], config: SFTConfig,
-                 pad_id: int, device="cpu", dist=None, replay: list[Example] = ()):
+    def __init__(
+        self,
+        model: GPT,
+        train: list[Example],
+        val: list[Example],
+        config: SFTConfig,
+        pad_id: int,
+        device="cpu",
+        dist=None,
+        replay: list[Example] = (),
+    ):
         self.config, self.pad_id, self.device = config, pad_id, torch.device(device)
         if config.lora and not lora_layers(model):
             apply_lora(model, config.lora)
@@ -362,13 +380,15 @@ class SFTTrainer:
             from torch.nn.parallel import DistributedDataParallel
 
             self.net = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self._batches: tuple[int, list] = (-1, [])
         self.steps_per_epoch = len(self._epoch_batches(0))
         self.total_steps = self.steps_per_epoch * config.epochs
         # The optimizer and warm-up + cosine schedule pretraining uses, with this run's settings.
-        self.settings = OptimizerSettings(lr=config.lr, weight_decay=config.weight_decay,
-                                          warmup_steps=config.warmup_steps)
+        self.settings = OptimizerSettings(
+            lr=config.lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps
+        )
         self.optimizer = make_optimizer(model, self.settings, device=self.device)
         self.step = 0
         self.history: list[dict] = []  # {"step", "loss"} and {"step", "val_loss"} rows
@@ -382,13 +402,17 @@ class SFTTrainer:
     def _epoch_batches(self, epoch: int) -> list[list[Example]]:
         """This rank's batches of `epoch` (a pure function of the seed and the epoch)."""
         if self._batches[0] != epoch:
-            batches = make_batches(self.train_examples, self.config.batch_tokens,
-                                   max_batch_size=self.config.max_batch_size, seed=self.config.seed + epoch)
+            batches = make_batches(
+                self.train_examples,
+                self.config.batch_tokens,
+                max_batch_size=self.config.max_batch_size,
+                seed=self.config.seed + epoch,
+            )
             if self.replay_examples and self.config.replay:
                 batches = self._with_replay(batches, epoch)
             # Every rank needs a batch at every step (DDP averages gradients): repeat a few.
-            batches += batches[:-len(batches) % self.dist.world_size]
-            self._batches = (epoch, batches[self.dist.rank::self.dist.world_size])
+            batches += batches[: -len(batches) % self.dist.world_size]
+            self._batches = (epoch, batches[self.dist.rank :: self.dist.world_size])
         return self._batches[1]
 
     def _with_replay(self, batches: list[list[Example]], epoch: int) -> list[list[Example]]:
@@ -400,7 +424,7 @@ class SFTTrainer:
         out, done = [], 0
         for batch in batches:
             start, done = round(done * per_example), done + len(batch)
-            out.append(batch + pool[start:round(done * per_example)])
+            out.append(batch + pool[start : round(done * per_example)])
         return out
 
     def lr(self, step: int) -> float:
@@ -409,8 +433,9 @@ class SFTTrainer:
             return start_lr * max(0.0, end - step) / max(1, end - start)
         return lr_at(step, self.settings, max_steps=self.total_steps)
 
-    def run(self, should_stop: Callable[[], bool] = lambda: False,
-            on_progress: Callable[[Progress], None] | None = None) -> bool:
+    def run(
+        self, should_stop: Callable[[], bool] = lambda: False, on_progress: Callable[[Progress], None] | None = None
+    ) -> bool:
         """Train until done, early-stopped, or `should_stop()` turns true between two steps.
 
         Returns True when the run finished (then the best weights are loaded), False when stopped.
@@ -427,16 +452,24 @@ class SFTTrainer:
                 if index == self.steps_per_epoch - 1:
                     self._end_of_epoch(epoch + 1)
                 val_loss = None
-                if self.val_examples and (self.step % self.config.eval_every == 0
-                                          or self.step == self.total_steps):
+                if self.val_examples and (self.step % self.config.eval_every == 0 or self.step == self.total_steps):
                     val_loss = self._validate()
                 now = time.perf_counter()
                 speed = (self.tokens - tokens_at_start) / max(now - started, 1e-9)
                 if on_progress:
                     per_step = (now - started) / max(1, self.step - step_at_start)
-                    on_progress(Progress(self.step, self.total_steps, epoch + 1, loss, val_loss,
-                                         speed * self.dist.world_size, per_step * (self.total_steps - self.step),
-                                         self.lr(self.step)))
+                    on_progress(
+                        Progress(
+                            self.step,
+                            self.total_steps,
+                            epoch + 1,
+                            loss,
+                            val_loss,
+                            speed * self.dist.world_size,
+                            per_step * (self.total_steps - self.step),
+                            self.lr(self.step),
+                        )
+                    )
                 if self.dist.any(should_stop(), self.device) and self.step < self.total_steps:
                     self.elapsed += time.perf_counter() - started
                     return False
@@ -452,8 +485,15 @@ class SFTTrainer:
             return
         if self.anneal is not None:
             self.stopped_early = self.step >= self.anneal[1]
-        elif all(recalled(self.model, self.train_examples, pad_id=self.pad_id, device=self.device,
-                          batch_tokens=self.config.batch_tokens)):
+        elif all(
+            recalled(
+                self.model,
+                self.train_examples,
+                pad_id=self.pad_id,
+                device=self.device,
+                batch_tokens=self.config.batch_tokens,
+            )
+        ):
             self.learned_epoch = epoch
             margin = max(1, math.ceil(epoch * LEARNED_MARGIN))
             end = min(self.total_steps, self.step + margin * self.steps_per_epoch)
@@ -475,8 +515,9 @@ class SFTTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                           self.config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], self.config.grad_clip
+            )
         self.optimizer.step()
         self.tokens += sum(len(e) for e in batch)
         value = loss.item()
@@ -484,8 +525,9 @@ class SFTTrainer:
         return value
 
     def _validate(self) -> float:
-        val_loss = evaluate_loss(self.model, self.val_examples, pad_id=self.pad_id, device=self.device,
-                                 batch_tokens=self.config.batch_tokens)
+        val_loss = evaluate_loss(
+            self.model, self.val_examples, pad_id=self.pad_id, device=self.device, batch_tokens=self.config.batch_tokens
+        )
         self.history.append({"step": self.step, "val_loss": val_loss})
         if val_loss < self.best_val:
             self.best_val, self.bad_evals = val_loss, 0
@@ -499,12 +541,18 @@ class SFTTrainer:
     # trainer.pt (finetune.train), with the RNG state of rank 0, the one rank that saves.
     def state_dict(self) -> dict:
         return {
-            "model": trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
-            "step": self.step, "history": self.history, "best_val": self.best_val,
-            "best_state": self.best_state, "bad_evals": self.bad_evals,
-            "stopped_early": self.stopped_early, "learned_epoch": self.learned_epoch,
+            "model": trainable_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "history": self.history,
+            "best_val": self.best_val,
+            "best_state": self.best_state,
+            "bad_evals": self.bad_evals,
+            "stopped_early": self.stopped_early,
+            "learned_epoch": self.learned_epoch,
             "anneal": self.anneal,
-            "tokens": self.tokens, "elapsed": self.elapsed,
+            "tokens": self.tokens,
+            "elapsed": self.elapsed,
             "rng": [rng_state()],
         }
 
@@ -518,4 +566,3 @@ class SFTTrainer:
         self.anneal = tuple(state["anneal"]) if state.get("anneal") else None
         self.tokens, self.elapsed = state["tokens"], state["elapsed"]
         set_rng_state(state["rng"][0])
-

@@ -32,6 +32,7 @@ the user's corrections now come back and whether the base's skills survived; a m
 regressed is registered with status "regressed" and is never activated automatically; one that
 passed is activated (unless `activate` is off).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,15 +52,25 @@ from typing import Callable
 
 import torch
 
-from gpt.files import atomic_directory, atomic_write_text, remove_stale_temporaries
 from data.paths import models_dir, runs_dir
 from data.records import Run
 from data.store import Store, open_store
-from finetune.instruct import (Example, Progress, SFTConfig, SFTTrainer, check_vocabulary,
-                               default_val_fraction, evaluate_loss, holdout, prepare, recalled,
-                               resolve)
+from finetune.instruct import (
+    Example,
+    Progress,
+    SFTConfig,
+    SFTTrainer,
+    check_vocabulary,
+    default_val_fraction,
+    evaluate_loss,
+    holdout,
+    prepare,
+    recalled,
+    resolve,
+)
 from finetune.verdict import judge, summary_lines
 from gpt.errors import KettleError
+from gpt.files import atomic_directory, atomic_write_text, remove_stale_temporaries
 
 RUN_KIND = "finetune"
 LOG_EVERY_S = 1.0
@@ -72,6 +83,7 @@ LEGACY_CHECKPOINT = "checkpoint.pt"  # what runs kept before finetune.train's on
 @dataclass
 class JobSpec:
     """What a run was asked to do (stored as the run's config)."""
+
     model: str  # base: a model version name or id, a model directory, or a name under models/
     snapshot_id: int | None = None
     data: str | None = None  # a dataset file (Alpaca, ShareGPT, OpenAI JSONL, DPO pairs)
@@ -99,9 +111,12 @@ def create_run(store: Store, spec: JobSpec) -> Run:
     if spec.data is not None:
         spec.data = str(Path(spec.data).expanduser().resolve())
     base = store.find_model_version(int(spec.model) if spec.model.isdigit() else spec.model)
-    run = store.create_run(RUN_KIND, snapshot_id=spec.snapshot_id,
-                           model_version_id=base.id if base else None,
-                           config={"spec": dataclasses.asdict(spec)})
+    run = store.create_run(
+        RUN_KIND,
+        snapshot_id=spec.snapshot_id,
+        model_version_id=base.id if base else None,
+        config={"spec": dataclasses.asdict(spec)},
+    )
     path = run_dir(run.id)
     path.mkdir(parents=True, exist_ok=True)
     return store.update_run(run.id, log_path=path / "log.txt")
@@ -119,14 +134,18 @@ def start_finetune(spec: JobSpec, store: Store | None = None) -> int:
         run = create_run(store, spec)
         with open(run.log_path, "ab") as log:
             proc = subprocess.Popen(  # -X faulthandler: a hard crash leaves its trace in the log
-                [sys.executable, "-X", "faulthandler", "-m", "finetune.jobs", str(run.id),
-                 "--no-progress"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
+                [sys.executable, "-X", "faulthandler", "-m", "finetune.jobs", str(run.id), "--no-progress"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=str(Path(__file__).resolve().parent.parent),
+            )
         # Collect its exit status when it ends: a child nobody waits for stays a zombie
         # (<defunct>) for as long as this process (the app) runs.
-        threading.Thread(target=_watch, args=(proc, run.id, store.path),
-                         name=f"finetune-{run.id}-reaper", daemon=True).start()
+        threading.Thread(
+            target=_watch, args=(proc, run.id, store.path), name=f"finetune-{run.id}-reaper", daemon=True
+        ).start()
         store.update_run(run.id, pid=proc.pid)
         return run.id
     finally:
@@ -146,9 +165,14 @@ def _watch(proc: subprocess.Popen, run_id: int, db: Path) -> None:
             if store.run(run_id).status == "running":
                 name = signal.Signals(-code).name
                 why = f"{name}, out of memory?" if name == "SIGKILL" else name
-                store.update_run(run_id, status="failed", error=(
-                    f"the run's process was killed ({why}); `kettle finetune resume {run_id}` "
-                    "continues it from its last checkpoint"))
+                store.update_run(
+                    run_id,
+                    status="failed",
+                    error=(
+                        f"the run's process was killed ({why}); `kettle finetune resume {run_id}` "
+                        "continues it from its last checkpoint"
+                    ),
+                )
     except (KettleError, ValueError, sqlite3.Error):  # the store is gone (a test's home, say)
         pass
 
@@ -167,12 +191,18 @@ def cancel_run(store: Store, run_id: int) -> bool:
 
 def reap_dead_runs(store: Store) -> list[int]:
     """Mark running fine-tuning runs whose process is gone (killed, crashed) as failed; their ids."""
-    return [run.id for run in store.fail_orphaned_runs(
-        kind=RUN_KIND, error="the run's process ended without reporting (killed?); "
-                             "`kettle finetune resume` continues it from its last checkpoint")]
+    return [
+        run.id
+        for run in store.fail_orphaned_runs(
+            kind=RUN_KIND,
+            error="the run's process ended without reporting (killed?); "
+            "`kettle finetune resume` continues it from its last checkpoint",
+        )
+    ]
 
 
 # --- inputs ----------------------------------------------------------------------------------------
+
 
 def resolve_base(store: Store, model: str) -> tuple[Path, int | None, str]:
     """(model directory, model version id or None, display name) of a base model."""
@@ -203,8 +233,7 @@ def load_conversations(store: Store, spec: JobSpec) -> tuple[list[list[dict]], d
     path = Path(spec.data)
     fmt, records, _ = parse_file(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return [_record_conversation(r) for r in records], {"file": str(path), "format": fmt,
-                                                        "hash": digest}
+    return [_record_conversation(r) for r in records], {"file": str(path), "format": fmt, "hash": digest}
 
 
 def _record_conversation(record) -> list[dict]:
@@ -228,10 +257,14 @@ def _record_conversation(record) -> list[dict]:
 PARTS = ("train", "val", "replay", "replay_heldout")
 
 
-def _save_examples(path: Path, tokenizer, *, parts: dict[str, list[Example]], stats: dict,
-                   source: dict) -> None:
-    data = {"tokenizer": tokenizer.name, "n_vocab": tokenizer.n_vocab, "stats": stats, "source": source,
-            **{name: [[e.input_ids, e.labels] for e in parts[name]] for name in PARTS}}
+def _save_examples(path: Path, tokenizer, *, parts: dict[str, list[Example]], stats: dict, source: dict) -> None:
+    data = {
+        "tokenizer": tokenizer.name,
+        "n_vocab": tokenizer.n_vocab,
+        "stats": stats,
+        "source": source,
+        **{name: [[e.input_ids, e.labels] for e in parts[name]] for name in PARTS},
+    }
     atomic_write_text(path, json.dumps(data, separators=(",", ":")))
 
 
@@ -243,15 +276,16 @@ def _load_examples(path: Path, tokenizer, *, vocab_size: int):
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise KettleError(f"{path}: the run's tokenised data cannot be read ({exc})") from None
     if data.get("tokenizer") != tokenizer.name or data.get("n_vocab") != tokenizer.n_vocab:
-        raise KettleError(f"{path}: the data was tokenised for another vocabulary "
-                          f"({data.get('tokenizer')}, {data.get('n_vocab')} tokens); the model "
-                          f"uses {tokenizer.name} ({tokenizer.n_vocab} tokens)")
+        raise KettleError(
+            f"{path}: the data was tokenised for another vocabulary "
+            f"({data.get('tokenizer')}, {data.get('n_vocab')} tokens); the model "
+            f"uses {tokenizer.name} ({tokenizer.n_vocab} tokens)"
+        )
     check_vocabulary([e for part in parts.values() for e in part], vocab_size)
     return parts, data.get("stats", {}), data.get("source", {})
 
 
-def _replay_examples(base_path: Path, tokenizer, *, max_length: int,
-                     vocab_size: int) -> dict[str, list[Example]]:
+def _replay_examples(base_path: Path, tokenizer, *, max_length: int, vocab_size: int) -> dict[str, list[Example]]:
     """The base's own instruction data (finetune.replay) as examples; none when it has none."""
     from finetune.replay import read_replay
 
@@ -261,8 +295,11 @@ def _replay_examples(base_path: Path, tokenizer, *, max_length: int,
     out = {}
     for part, split in (("replay", "train"), ("replay_heldout", "heldout")):
         try:
-            out[part] = (prepare(replay[split], tokenizer, max_length=max_length, vocab_size=vocab_size)[0]
-                         if replay[split] else [])
+            out[part] = (
+                prepare(replay[split], tokenizer, max_length=max_length, vocab_size=vocab_size)[0]
+                if replay[split]
+                else []
+            )
         except KettleError:  # replay data that does not fit this model: train without it
             return {"replay": [], "replay_heldout": []}
     return out
@@ -270,8 +307,10 @@ def _replay_examples(base_path: Path, tokenizer, *, max_length: int,
 
 # --- the run ---------------------------------------------------------------------------------------
 
-def execute(run_id: int, resume: bool = False, *, progress: bool = True,
-            on_step: Callable[[Progress], None] | None = None) -> Run:
+
+def execute(
+    run_id: int, resume: bool = False, *, progress: bool = True, on_step: Callable[[Progress], None] | None = None
+) -> Run:
     """Run (or resume) fine-tuning run `run_id` in this process; returns the final Run row.
 
     Raises KettleError when the run fails (after marking it failed with the reason).
@@ -293,13 +332,11 @@ def execute(run_id: int, resume: bool = False, *, progress: bool = True,
         if dist.main and resume and run.status not in ("cancelled", "failed"):
             raise KettleError(f"run {run_id} is {run.status}; only cancelled or failed runs resume")
         if dist.main and not resume and run.status != "queued":
-            raise KettleError(f"run {run_id} is {run.status} (resume it with "
-                              f"`kettle finetune resume {run_id}`)")
+            raise KettleError(f"run {run_id} is {run.status} (resume it with `kettle finetune resume {run_id}`)")
         if dist.main:
             store.update_run(run_id, status="running", pid=os.getpid(), error="")
         try:
-            _run(store, run_id, spec=spec, resume=resume, progress=progress, on_step=on_step, dist=dist,
-                 device=device)
+            _run(store, run_id, spec=spec, resume=resume, progress=progress, on_step=on_step, dist=dist, device=device)
         except KettleError as exc:
             _fail(store, run_id, reason=str(exc), dist=dist)
             raise
@@ -307,13 +344,15 @@ def execute(run_id: int, resume: bool = False, *, progress: bool = True,
             if not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in str(exc):
                 _fail(store, run_id, reason=f"{type(exc).__name__}: {exc}", dist=dist)
                 raise
-            message = ("out of memory while training; try --lora, a smaller --batch-tokens or "
-                       "--max-length, or a smaller model")
+            message = (
+                "out of memory while training; try --lora, a smaller --batch-tokens or --max-length, or a smaller model"
+            )
             _fail(store, run_id, reason=message, dist=dist)
             raise KettleError(message) from None
         except OSError as exc:  # a full disk, a folder made read-only: what, where, what to do
-            message = f"{_os_error(exc)}; fix that, then `kettle finetune resume {run_id}` " \
-                      "continues from the last checkpoint"
+            message = (
+                f"{_os_error(exc)}; fix that, then `kettle finetune resume {run_id}` continues from the last checkpoint"
+            )
             _fail(store, run_id, reason=message, dist=dist)
             raise KettleError(message) from None
         except KeyboardInterrupt:  # a second Ctrl-C: stopped before a checkpoint could be saved
@@ -343,17 +382,18 @@ def _fail(store: Store, run_id: int, *, reason: str, dist) -> None:
 
 
 def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bool, on_step, dist, device):
+    from finetune.train import Display, StopFlag, append_metrics, load_checkpoint, read_metrics, truncate_metrics
     from gpt.checkpoint import load_model
-    from finetune.train import (Display, StopFlag, append_metrics, load_checkpoint, read_metrics,
-                                truncate_metrics)
 
     rdir = run_dir(run_id)
     rdir.mkdir(parents=True, exist_ok=True)
     if dist.main:
         remove_stale_temporaries(rdir)  # what a killed checkpoint write left
     if resume and (rdir / LEGACY_CHECKPOINT).exists():
-        raise KettleError(f"run {run_id} was checkpointed by an older Kettle ({LEGACY_CHECKPOINT}), "
-                          "which this one cannot resume; start it again as a new run")
+        raise KettleError(
+            f"run {run_id} was checkpointed by an older Kettle ({LEGACY_CHECKPOINT}), "
+            "which this one cannot resume; start it again as a new run"
+        )
     base_path, parent_id, base_name = resolve_base(store, spec.model)
     name = spec.name or f"{base_name}-ft{run_id}"
     out = models_dir() / name
@@ -367,15 +407,16 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
         parts, stats, source = _load_examples(data_path, tokenizer, vocab_size=model.config.vocab_size)
     else:
         conversations, source = load_conversations(store, spec)
-        examples, stats = prepare(conversations, tokenizer, max_length=max_length,
-                                  vocab_size=model.config.vocab_size)
+        examples, stats = prepare(conversations, tokenizer, max_length=max_length, vocab_size=model.config.vocab_size)
         fraction = sft.val_fraction if sft.val_fraction is not None else default_val_fraction(len(examples))
         train, val = holdout(examples, fraction, seed=sft.seed)
         if not train:
             raise KettleError(f"no training examples left after holding out {len(val)}")
-        parts = {"train": train, "val": val,
-                 **_replay_examples(base_path, tokenizer, max_length=max_length,
-                                    vocab_size=model.config.vocab_size)}
+        parts = {
+            "train": train,
+            "val": val,
+            **_replay_examples(base_path, tokenizer, max_length=max_length, vocab_size=model.config.vocab_size),
+        }
         if dist.main:
             _save_examples(data_path, tokenizer, parts=parts, stats=stats, source=source)
     train, val, replay, replay_heldout = (parts[name] for name in PARTS)
@@ -410,8 +451,14 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
             on_step(p)
         if not dist.main:
             return
-        record = {"step": p.step, "loss": p.loss, "lr": p.lr, "tokens_per_s": p.tokens_per_s,
-                  "eta_s": p.eta_s, "epoch": p.epoch}
+        record = {
+            "step": p.step,
+            "loss": p.loss,
+            "lr": p.lr,
+            "tokens_per_s": p.tokens_per_s,
+            "eta_s": p.eta_s,
+            "epoch": p.epoch,
+        }
         if p.val_loss is not None:
             record["val_loss"] = p.val_loss
             display.print(f"step {p.step}: validation loss {p.val_loss:.4f}")
@@ -446,32 +493,77 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
     if not dist.main:
         return
     losses = [r["loss"] for r in read_metrics(metrics_path) if "loss" in r]
-    metrics = {"gate_parent_loss": parent_loss, "gate_new_loss": new_loss,
-               "recall_base": recall_base, "recall": recall, "recall_of": len(train),
-               "train_loss_before": train_before, "train_loss_after": train_after,
-               "learned_epoch": trainer.learned_epoch,
-               "replay_examples": config.replay, "replay_loss_before": replay_before,
-               "replay_loss_after": replay_after,
-               "best_val_loss": None if math.isinf(trainer.best_val) else trainer.best_val,
-               "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-               "steps": trainer.step, "stopped_early": trainer.stopped_early,
-               "tokens": trainer.tokens, "train_seconds": round(trainer.elapsed, 2),
-               "tokens_per_s": trainer.tokens / trainer.elapsed if trainer.elapsed else None, **stats}
+    metrics = {
+        "gate_parent_loss": parent_loss,
+        "gate_new_loss": new_loss,
+        "recall_base": recall_base,
+        "recall": recall,
+        "recall_of": len(train),
+        "train_loss_before": train_before,
+        "train_loss_after": train_after,
+        "learned_epoch": trainer.learned_epoch,
+        "replay_examples": config.replay,
+        "replay_loss_before": replay_before,
+        "replay_loss_after": replay_after,
+        "best_val_loss": None if math.isinf(trainer.best_val) else trainer.best_val,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "steps": trainer.step,
+        "stopped_early": trainer.stopped_early,
+        "tokens": trainer.tokens,
+        "train_seconds": round(trainer.elapsed, 2),
+        "tokens_per_s": trainer.tokens / trainer.elapsed if trainer.elapsed else None,
+        **stats,
+    }
     verdict, reasons = judge(metrics)
     metrics.update(gate=verdict, gate_reasons=reasons)
-    store.log_metrics(run_id, trainer.step, metrics={k: metrics[k] for k in (
-        "gate_parent_loss", "gate_new_loss", "recall_base", "recall", "replay_loss_before",
-        "replay_loss_after")})
-    hparams = {**config.to_dict(), "base": str(base_path), "base_name": base_name,
-               "source": source, "mode": "lora" if config.lora else "full"}
-    _write_model(out, model, tokenizer=tokenizer, trainer=trainer, name=name, base_name=base_name, run_id=run_id,
-                 hparams=hparams, metrics=metrics, metrics_path=metrics_path)
+    store.log_metrics(
+        run_id,
+        trainer.step,
+        metrics={
+            k: metrics[k]
+            for k in (
+                "gate_parent_loss",
+                "gate_new_loss",
+                "recall_base",
+                "recall",
+                "replay_loss_before",
+                "replay_loss_after",
+            )
+        },
+    )
+    hparams = {
+        **config.to_dict(),
+        "base": str(base_path),
+        "base_name": base_name,
+        "source": source,
+        "mode": "lora" if config.lora else "full",
+    }
+    _write_model(
+        out,
+        model,
+        tokenizer=tokenizer,
+        trainer=trainer,
+        name=name,
+        base_name=base_name,
+        run_id=run_id,
+        hparams=hparams,
+        metrics=metrics,
+        metrics_path=metrics_path,
+    )
     try:
         with store.transaction():
             version = store.add_model_version(
-                name, out, kind="finetuned", parent_id=parent_id, snapshot_id=spec.snapshot_id,
-                run_id=run_id, hparams=hparams, metrics=metrics,
-                status="regressed" if verdict == "regressed" else "ok")
+                name,
+                out,
+                kind="finetuned",
+                parent_id=parent_id,
+                snapshot_id=spec.snapshot_id,
+                run_id=run_id,
+                hparams=hparams,
+                metrics=metrics,
+                status="regressed" if verdict == "regressed" else "ok",
+            )
             store.update_run(run_id, status="finished", step=trainer.step, output_model_id=version.id)
             if spec.activate and verdict == "passed":
                 store.activate_model(version.id)
@@ -503,14 +595,14 @@ class _Checkpoints:
         self.interval = max(CHECKPOINT_EVERY_S, (self.saved_at - started) / CHECKPOINT_SHARE)
 
 
-def _write_model(out: Path, model, *, tokenizer, trainer, name, base_name, run_id, hparams, metrics,
-                 metrics_path: Path) -> None:
+def _write_model(
+    out: Path, model, *, tokenizer, trainer, name, base_name, run_id, hparams, metrics, metrics_path: Path
+) -> None:
     """The model directory with its card, loss curve and (LoRA) adapter, in one atomic rename."""
     from finetune.lora import lora_layers, merge_lora, save_adapter
-    from gpt.checkpoint import save_model
-    from finetune.train import plot_losses
-
     from finetune.replay import REPLAY_FILE
+    from finetune.train import plot_losses
+    from gpt.checkpoint import save_model
 
     with atomic_directory(out) as tmp:
         base_replay = Path(hparams["base"], REPLAY_FILE)
@@ -525,43 +617,57 @@ def _write_model(out: Path, model, *, tokenizer, trainer, name, base_name, run_i
             os.replace(item, tmp / item.name)
         weights.rmdir()
         plot_losses(metrics_path, tmp / "loss.png")
-        (tmp / "training.json").write_text(json.dumps({"run_id": run_id, "hparams": hparams,
-                                                       "metrics": metrics}, indent=2) + "\n",
-                                           encoding="utf-8")
+        (tmp / "training.json").write_text(
+            json.dumps({"run_id": run_id, "hparams": hparams, "metrics": metrics}, indent=2) + "\n", encoding="utf-8"
+        )
         card = model_card(name, base_name, run_id=run_id, hparams=hparams, metrics=metrics)
         (tmp / "card.md").write_text(card, encoding="utf-8")
 
 
 def model_card(name: str, base_name: str, *, run_id: int, hparams: dict, metrics: dict) -> str:
     source = hparams["source"]
-    data = (f"snapshot #{source['snapshot_id']} {source.get('snapshot_name') or ''}".rstrip()
-            if "snapshot_id" in source else f"{source['file']} ({source['format']})")
+    data = (
+        f"snapshot #{source['snapshot_id']} {source.get('snapshot_name') or ''}".rstrip()
+        if "snapshot_id" in source
+        else f"{source['file']} ({source['format']})"
+    )
 
     def num(x, fmt=".4f"):
         return "—" if x is None else format(x, fmt)
 
     lora = hparams.get("lora")
-    mode = (f"LoRA (rank {lora['rank']}, alpha {lora['alpha']}, dropout {lora['dropout']}, "
-            f"on {', '.join(lora['targets'])})" if lora else "full fine-tuning")
+    mode = (
+        f"LoRA (rank {lora['rank']}, alpha {lora['alpha']}, dropout {lora['dropout']}, on {', '.join(lora['targets'])})"
+        if lora
+        else "full fine-tuning"
+    )
     rows = [
         ("Base model", f"{base_name} (`{hparams['base']}`)"),
         ("Data", f"{data}, content hash `{source['hash'][:16]}`"),
-        ("Examples", f"{metrics['train']} trained on, {metrics['held_out']} held out, "
-                     f"{metrics.get('skipped_too_long', 0)} skipped as too long"),
+        (
+            "Examples",
+            f"{metrics['train']} trained on, {metrics['held_out']} held out, "
+            f"{metrics.get('skipped_too_long', 0)} skipped as too long",
+        ),
         ("Method", mode),
-        ("Settings", f"{hparams['epochs']} epochs max, lr {hparams['lr']:g}, warm-up "
-                     f"{hparams['warmup_steps']} steps, weight decay {hparams['weight_decay']}, "
-                     f"≤{hparams['max_batch_size']} examples / {hparams['batch_tokens']} tokens a "
-                     f"batch, max length {hparams['max_length']}, seed {hparams['seed']}"),
+        (
+            "Settings",
+            f"{hparams['epochs']} epochs max, lr {hparams['lr']:g}, warm-up "
+            f"{hparams['warmup_steps']} steps, weight decay {hparams['weight_decay']}, "
+            f"≤{hparams['max_batch_size']} examples / {hparams['batch_tokens']} tokens a "
+            f"batch, max length {hparams['max_length']}, seed {hparams['seed']}",
+        ),
         ("Steps", f"{metrics['steps']}" + (" (early-stopped)" if metrics["stopped_early"] else "")),
         ("Time", f"{metrics['train_seconds']:.1f} s, {num(metrics['tokens_per_s'], ',.0f')} tokens/s"),
         ("Training loss", f"{num(metrics['first_loss'])} → {num(metrics['last_loss'])}"),
     ]
     rows += [("Verdict", line) for line in summary_lines(metrics)]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return (f"# {name}\n\nFine-tuned by Kettle run {run_id} on "
-            f"{time.strftime('%Y-%m-%d %H:%M', time.localtime())}.\n\n| | |\n|---|---|\n{table}\n\n"
-            f"![loss curve](loss.png)\n")
+    return (
+        f"# {name}\n\nFine-tuned by Kettle run {run_id} on "
+        f"{time.strftime('%Y-%m-%d %H:%M', time.localtime())}.\n\n| | |\n|---|---|\n{table}\n\n"
+        f"![loss curve](loss.png)\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -570,8 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     as the kettle command's are; the exit status is 0 when the run finished, 130 when stopped."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m finetune.jobs",
-                                     description="Execute a queued fine-tuning run.")
+    parser = argparse.ArgumentParser(prog="python -m finetune.jobs", description="Execute a queued fine-tuning run.")
     parser.add_argument("run_id", type=int, metavar="RUN_ID")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     args = parser.parse_args(argv)
@@ -587,8 +692,10 @@ def main(argv: list[str] | None = None) -> int:
         print("kettle: interrupted", file=sys.stderr)
         return 130
     if run.status == "cancelled":
-        print(f"run {run.id} stopped at step {run.step}/{run.total_steps}; "
-              f"continue it with `kettle finetune resume {run.id}`")
+        print(
+            f"run {run.id} stopped at step {run.step}/{run.total_steps}; "
+            f"continue it with `kettle finetune resume {run.id}`"
+        )
         return 130
     print(f"run {run.id} {run.status} at step {run.step}")
     return 0

@@ -21,6 +21,7 @@ Kettle's targets ("attn.c_proj") are PEFT target_modules as they are (PEFT match
 An adapter can be merged into a full model directory (W + scale * B @ A), which then needs no LoRA
 code; a PEFT adapter trained elsewhere on a GPT-2 model is converted to Kettle's layout first.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,11 +35,11 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
-from gpt.files import atomic_directory
 from finetune import read_manifest
 from gpt.checkpoint import save_weights
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
+from gpt.files import atomic_directory
 from gpt.model import GPT
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -53,17 +54,35 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model.transformer."
 # A PEFT adapter's tensors Kettle can take: LoRA matrices of a block's linear layers (the
 # "transformer." is absent when PEFT wrapped a GPT2Model rather than the LM head model).
-PEFT_TENSOR = re.compile(r"base_model\.model\.(?:transformer\.)?(h\.\d+\.("
-                         + "|".join(map(re.escape, TARGETS)) + r"))\.(lora_[AB])\.weight")
+PEFT_TENSOR = re.compile(
+    r"base_model\.model\.(?:transformer\.)?(h\.\d+\.(" + "|".join(map(re.escape, TARGETS)) + r"))\.(lora_[AB])\.weight"
+)
 # adapter_config.json keys that do not change what a merge computes from the tensors: bookkeeping,
 # which modules to wrap (the tensors say which were), fan_in_fan_out (PEFT forces it on for
 # Conv1D either way), initialisation settings (init_lora_weights itself is checked), and settings
 # that only act together with one that must be off (layers_pattern, qalora_group_size).
-PEFT_INERT = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
-              "revision", "inference_mode", "target_modules", "exclude_modules", "fan_in_fan_out",
-              "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_config",
-              "megatron_core", "runtime_config", "ensure_weight_tying", "layers_pattern",
-              "qalora_group_size"}
+PEFT_INERT = {
+    "peft_type",
+    "task_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "target_modules",
+    "exclude_modules",
+    "fan_in_fan_out",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "megatron_config",
+    "megatron_core",
+    "runtime_config",
+    "ensure_weight_tying",
+    "layers_pattern",
+    "qalora_group_size",
+}
 # Read, with PEFT's defaults: LoRAConfig's rank, alpha and dropout, and rsLoRA's scale.
 PEFT_READ = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False}
 # Initialisations that leave the base weights as they are (PiSSA, OLoRA, LoftQ... change them, so
@@ -90,8 +109,9 @@ class LoRAConfig:
         object.__setattr__(self, "targets", tuple(self.targets))
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
-            raise KettleError(f"LoRA targets must be among {', '.join(TARGETS)}, got "
-                              f"{', '.join(self.targets) or 'none'}")
+            raise KettleError(
+                f"LoRA targets must be among {', '.join(TARGETS)}, got {', '.join(self.targets) or 'none'}"
+            )
 
     @property
     def scale(self) -> float:
@@ -112,11 +132,21 @@ class LoRAConfig:
 
     def to_peft(self, base: str | None) -> dict:
         """adapter_config.json for PEFT, on the model export-hf writes from the base."""
-        return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
-                "r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
-                "target_modules": list(self.targets), "fan_in_fan_out": True, "bias": "none",
-                "use_rslora": False, "modules_to_save": None, "init_lora_weights": True,
-                "inference_mode": True}
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base,
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": list(self.targets),
+            "fan_in_fan_out": True,
+            "bias": "none",
+            "use_rslora": False,
+            "modules_to_save": None,
+            "init_lora_weights": True,
+            "inference_mode": True,
+        }
 
 
 class LoRALinear(nn.Module):
@@ -186,32 +216,34 @@ def merge_lora(model: GPT) -> GPT:
     return model
 
 
-def save_adapter(model: GPT, directory: str | Path, *, overwrite: bool = False,
-                 base: str | None = None) -> Path:
+def save_adapter(model: GPT, directory: str | Path, *, overwrite: bool = False, base: str | None = None) -> Path:
     """Write the adapter of a LoRA-wrapped `model` as its own directory, atomically, in Kettle's
     layout and PEFT's; `base` is the base model's directory, kept in both configs."""
     config = getattr(model, "lora_config", None)
     if config is None:
         raise KettleError("this model has no LoRA adapter to save")
-    meta = {"kettle_adapter": ADAPTER_FORMAT, "lora": config.to_dict(),
-            "base_config": model.config.to_dict(), **({"base": base} if base else {})}
+    meta = {
+        "kettle_adapter": ADAPTER_FORMAT,
+        "lora": config.to_dict(),
+        "base_config": model.config.to_dict(),
+        **({"base": base} if base else {}),
+    }
     state = adapter_state(model)
     try:
         with atomic_directory(directory, overwrite=overwrite) as tmp:
             save_weights(state, tmp / ADAPTER_WEIGHTS)
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            save_weights({PEFT_PREFIX + name + ".weight": t
-                          for name, t in state.items()}, tmp / PEFT_WEIGHTS)
-            (tmp / PEFT_CONFIG).write_text(json.dumps(config.to_peft(base), indent=2) + "\n",
-                                           encoding="utf-8")
+            save_weights({PEFT_PREFIX + name + ".weight": t for name, t in state.items()}, tmp / PEFT_WEIGHTS)
+            (tmp / PEFT_CONFIG).write_text(json.dumps(config.to_peft(base), indent=2) + "\n", encoding="utf-8")
     except FileExistsError:
         raise KettleError(f"{directory}: already exists (choose another directory)") from None
     return Path(directory)
 
 
 def read_adapter_meta(directory: str | Path) -> dict:
-    return read_manifest(Path(directory) / ADAPTER_CONFIG, "kettle_adapter", version=ADAPTER_FORMAT,
-                         what="a Kettle LoRA adapter")
+    return read_manifest(
+        Path(directory) / ADAPTER_CONFIG, "kettle_adapter", version=ADAPTER_FORMAT, what="a Kettle LoRA adapter"
+    )
 
 
 def is_adapter_dir(directory: Path) -> bool:
@@ -236,17 +268,20 @@ def load_adapter(model: GPT, directory: str | Path) -> GPT:
     checking it fits the model."""
     directory = Path(directory)
     if not is_adapter_dir(directory):
-        raise KettleError(f"{directory}: not a LoRA adapter (it has neither Kettle's "
-                          f"{ADAPTER_CONFIG} nor PEFT's {PEFT_CONFIG})")
+        raise KettleError(
+            f"{directory}: not a LoRA adapter (it has neither Kettle's {ADAPTER_CONFIG} nor PEFT's {PEFT_CONFIG})"
+        )
     peft = not (directory / ADAPTER_CONFIG).exists()
     config, path, names = _peft_adapter(directory) if peft else _kettle_adapter(model, directory)
     apply_lora(model, config)
     expected = {k: tuple(v.shape) for k, v in adapter_state(model).items()}
     if set(names) != set(expected):
         missing = sorted(set(expected) - set(names))
-        raise KettleError(f"{path}: tensors do not match the model (" + (
-            f"no {missing[0]}" if missing else
-            f"unexpected {names[sorted(set(names) - set(expected))[0]]}") + ")")
+        raise KettleError(
+            f"{path}: tensors do not match the model ("
+            + (f"no {missing[0]}" if missing else f"unexpected {names[sorted(set(names) - set(expected))[0]]}")
+            + ")"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {name: f.get_tensor(stored) for name, stored in names.items()}
@@ -256,8 +291,10 @@ def load_adapter(model: GPT, directory: str | Path) -> GPT:
         for part in ("lora_A", "lora_B"):
             t = tensors[f"{name}.{part}"]
             if tuple(t.shape) != expected[f"{name}.{part}"]:
-                raise KettleError(f"{path}: tensor {names[f'{name}.{part}']} has shape "
-                                  f"{list(t.shape)}, this model needs {list(expected[f'{name}.{part}'])}")
+                raise KettleError(
+                    f"{path}: tensor {names[f'{name}.{part}']} has shape "
+                    f"{list(t.shape)}, this model needs {list(expected[f'{name}.{part}'])}"
+                )
             getattr(layer, part).data.copy_(t)
     return model
 
@@ -280,9 +317,11 @@ def _kettle_adapter(model: GPT, directory: Path) -> tuple[LoRAConfig, Path, dict
     config = LoRAConfig.from_dict(meta.get("lora"), source=str(directory / ADAPTER_CONFIG))
     base_config = GPTConfig.from_dict(meta.get("base_config"), source=str(directory / ADAPTER_CONFIG))
     if base_config != model.config:
-        raise KettleError(f"{directory}: the adapter was trained on a model of another shape "
-                          f"({base_config.n_layer} layers, {base_config.n_embd} wide, vocabulary "
-                          f"{base_config.vocab_size}) than this one")
+        raise KettleError(
+            f"{directory}: the adapter was trained on a model of another shape "
+            f"({base_config.n_layer} layers, {base_config.n_embd} wide, vocabulary "
+            f"{base_config.vocab_size}) than this one"
+        )
     path = directory / ADAPTER_WEIGHTS
     return config, path, {name: name for name in _tensor_names(path)}
 
@@ -299,39 +338,56 @@ def _peft_adapter(directory: Path) -> tuple[LoRAConfig, Path, dict[str, str]]:
     if not isinstance(data, dict):
         raise KettleError(f"{source}: expected a JSON object (PEFT's adapter config)")
     if data.get("peft_type") != "LORA":
-        raise KettleError(f"{source}: peft_type is {data.get('peft_type')!r}; Kettle merges LoRA "
-                          "adapters only")
+        raise KettleError(f"{source}: peft_type is {data.get('peft_type')!r}; Kettle merges LoRA adapters only")
     for key, value in data.items():
-        plain = (key in PEFT_INERT or key in PEFT_READ
-                 or (value in (None, "none") if key == "bias" else
-                     value in PEFT_PLAIN_INIT if key == "init_lora_weights" else not value))
+        plain = (
+            key in PEFT_INERT
+            or key in PEFT_READ
+            or (
+                value in (None, "none")
+                if key == "bias"
+                else value in PEFT_PLAIN_INIT
+                if key == "init_lora_weights"
+                else not value
+            )
+        )
         if not plain:
-            raise KettleError(f"{source}: {key} is {json.dumps(value)[:60]}; Kettle merges plain "
-                              "LoRA adapters only")
+            raise KettleError(f"{source}: {key} is {json.dumps(value)[:60]}; Kettle merges plain LoRA adapters only")
     rank, alpha, dropout, rslora = (data.get(key, default) for key, default in PEFT_READ.items())
     path = directory / PEFT_WEIGHTS
     names, found = {}, set()
-    for stored in _tensor_names(path, " (Kettle reads adapter_model.safetensors, never unpickles "
-                                      "adapter_model.bin)" if (directory / "adapter_model.bin").exists() else ""):
+    for stored in _tensor_names(
+        path,
+        " (Kettle reads adapter_model.safetensors, never unpickles adapter_model.bin)"
+        if (directory / "adapter_model.bin").exists()
+        else "",
+    ):
         match = PEFT_TENSOR.fullmatch(stored)
         if match is None:
-            raise KettleError(f"{path}: tensor {stored} is not a LoRA matrix of a GPT-2 block's "
-                              f"{', '.join(TARGETS)} (Kettle cannot merge it)")
+            raise KettleError(
+                f"{path}: tensor {stored} is not a LoRA matrix of a GPT-2 block's "
+                f"{', '.join(TARGETS)} (Kettle cannot merge it)"
+            )
         names[f"{match[1]}.{match[3]}"] = stored
         found.add(match[2])
     if not names:
         raise KettleError(f"{path}: holds no LoRA tensors")
     try:
         # rsLoRA scales by alpha / sqrt(rank); Kettle by alpha / rank.
-        config = LoRAConfig(rank=rank, alpha=alpha * math.sqrt(rank) if rslora else alpha,
-                            dropout=dropout, targets=tuple(t for t in TARGETS if t in found))
+        config = LoRAConfig(
+            rank=rank,
+            alpha=alpha * math.sqrt(rank) if rslora else alpha,
+            dropout=dropout,
+            targets=tuple(t for t in TARGETS if t in found),
+        )
     except (KettleError, TypeError, ValueError) as exc:
         raise KettleError(f"{source}: {exc}") from None
     return config, path, names
 
 
-def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, *, out_dir: str | Path,
-                  overwrite: bool = False) -> Path:
+def merge_adapter(
+    base_dir: str | Path, adapter_dir: str | Path, *, out_dir: str | Path, overwrite: bool = False
+) -> Path:
     """Base model directory + adapter directory -> a full model directory."""
     from gpt.checkpoint import load_model, save_model
 

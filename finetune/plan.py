@@ -4,6 +4,7 @@ or full fine-tuning) and an estimate of the time the run would take.
 Plain functions over the store, with no Textual: tui.screens.finetune shows the plan, the run
 itself is finetune.jobs's.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,8 @@ from gpt.errors import KettleError
 
 # Rough sustained training throughput (FLOP/s) for the time estimate; the run reports the truth.
 TRAIN_FLOPS = {"cpu": 2e10, "mps": 2e12, "cuda": 3e13}
-START_S = 15.0          # a new process: imports, loading the model, the first evaluation
-STEP_OVERHEAD_S = 0.2   # optimizer step, logging, evaluations, spread over the steps
+START_S = 15.0  # a new process: imports, loading the model, the first evaluation
+STEP_OVERHEAD_S = 0.2  # optimizer step, logging, evaluations, spread over the steps
 # Full fine-tuning keeps weights, gradients and two Adam moments: above these sizes LoRA is the
 # default (it trains ~1% of the weights and saves a small adapter).
 FULL_MAX_PARAMS = {"cpu": 200e6, "mps": 400e6, "cuda": 1.5e9}
@@ -26,6 +27,7 @@ FULL_MAX_PARAMS = {"cpu": 200e6, "mps": 400e6, "cuda": 1.5e9}
 @dataclass
 class Plan:
     """What the sheet shows before Start."""
+
     base: ModelVersion
     versions: list[ModelVersion]
     snapshots: list[Snapshot]
@@ -33,10 +35,10 @@ class Plan:
     n_examples: int
     n_params: int
     device: str
-    method: str            # "lora" | "full"
-    train_tokens: int      # tokens in one pass over the examples
-    config: GPTConfig      # the base's shape (the fine-tuning defaults follow it)
-    n_replay: int          # the base's own instruction examples that can be mixed in (replay)
+    method: str  # "lora" | "full"
+    train_tokens: int  # tokens in one pass over the examples
+    config: GPTConfig  # the base's shape (the fine-tuning defaults follow it)
+    n_replay: int  # the base's own instruction examples that can be mixed in (replay)
 
 
 def default_method(n_params: int, device: str) -> str:
@@ -51,8 +53,12 @@ def estimate_seconds(plan: Plan, method: str, *, epochs: int | None) -> tuple[fl
     from finetune.lora import LoRAConfig
 
     n = max(1, plan.n_examples)
-    config = resolve(SFTConfig(epochs=epochs, lora=LoRAConfig() if method == "lora" else None),
-                     n, model=plan.config, n_replay=plan.n_replay)
+    config = resolve(
+        SFTConfig(epochs=epochs, lora=LoRAConfig() if method == "lora" else None),
+        n,
+        model=plan.config,
+        n_replay=plan.n_replay,
+    )
     steps = config.epochs * math.ceil(n / config.max_batch_size)  # replay rides in the batches
     # forward + backward = 6 FLOPs per parameter per token (LoRA still runs the full backward
     # through the activations, so it saves memory more than time: count it as 2/3); small
@@ -85,10 +91,19 @@ def make_plan(store: Store, base_name: str | None, *, snapshot_id: int | None = 
     else:
         conversations = [e["messages"] for e in store.snapshot_examples(snapshot.id)]
     tokenizer = load_tokenizer(base.path)
-    tokens = sum(min(len(render_training(messages, tokenizer)[0]), config.context_length)
-                 for messages in conversations)
+    tokens = sum(min(len(render_training(messages, tokenizer)[0]), config.context_length) for messages in conversations)
     device = pick_device().type
     replay = read_replay(base.path)
-    return Plan(base, versions, store.snapshots(), snapshot, len(conversations), n_params, device,
-                default_method(n_params, device), tokens, config,
-                len(replay["train"]) if replay else 0)
+    return Plan(
+        base,
+        versions,
+        store.snapshots(),
+        snapshot,
+        len(conversations),
+        n_params,
+        device,
+        default_method(n_params, device),
+        tokens,
+        config,
+        len(replay["train"]) if replay else 0,
+    )

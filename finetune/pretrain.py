@@ -18,6 +18,7 @@ logs the same losses at the same steps as one that was never stopped.
 Under `torchrun --nproc_per_node N` every rank trains on its own part of each batch; gradients
 are averaged by DistributedDataParallel; only rank 0 writes files.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,52 +36,71 @@ import numpy as np
 import torch
 
 from finetune import corpus
-from finetune.train import (Dist, Display, OptimizerSettings, StopFlag, append_metrics,
-                            gathered_rng_states, init_distributed, load_checkpoint, lr_at,
-                            make_optimizer, plot_losses, prepare_training, save_checkpoint,
-                            set_rng_state, truncate_metrics)
-from gpt.files import atomic_write_text, remove_stale_temporaries
+from finetune.train import (
+    Display,
+    Dist,
+    OptimizerSettings,
+    StopFlag,
+    append_metrics,
+    gathered_rng_states,
+    init_distributed,
+    load_checkpoint,
+    lr_at,
+    make_optimizer,
+    plot_losses,
+    prepare_training,
+    save_checkpoint,
+    set_rng_state,
+    truncate_metrics,
+)
 from gpt.checkpoint import save_model
 from gpt.config import GPTConfig
 from gpt.device import autocast, peak_flops
 from gpt.errors import KettleError
+from gpt.files import atomic_write_text, remove_stale_temporaries
 from gpt.model import GPT
 from gpt.threads import ThreadFitter
-from gpt.tokenizer import (LEGACY_TOKENIZER_FILE, TOKENIZER_FILE, Tokenizer, gpt2_tokenizer, load_tokenizer,
-                           train_tokenizer)
+from gpt.tokenizer import (
+    LEGACY_TOKENIZER_FILE,
+    TOKENIZER_FILE,
+    Tokenizer,
+    gpt2_tokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
 
 GPT2_VOCAB = 50257
+
 
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
     batch_tokens: int | None = None  # tokens a step, all ranks together (None: step_tokens)
-    micro_batch_size: int = 8       # windows per forward pass on one device
+    micro_batch_size: int = 8  # windows per forward pass on one device
     lr: float = 6e-4
-    min_lr_ratio: float = 0.1       # cosine decay ends at lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = 20
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0          # 0 = off
-    loader: str = "random"          # random windows, or the book's sliding windows
-    stride: int | None = None       # sliding windows: distance between starts (default: context)
+    grad_clip: float = 1.0  # 0 = off
+    loader: str = "random"  # random windows, or the book's sliding windows
+    stride: int | None = None  # sliding windows: distance between starts (default: context)
     val_fraction: float = 0.1
-    text_field: str = "text"        # JSONL corpora: the field holding the text
+    text_field: str = "text"  # JSONL corpora: the field holding the text
     eval_every: int = 100
     eval_batches: int = 10
-    sample_every: int = 200         # 0 = no samples
+    sample_every: int = 200  # 0 = no samples
     sample_tokens: int = 48
-    sample_prompt: str = ""         # default: the start of the validation text
+    sample_prompt: str = ""  # default: the start of the validation text
     checkpoint_every: int = 200
-    max_time: float | None = None   # seconds; stop early (with a model) once spent
+    max_time: float | None = None  # seconds; stop early (with a model) once spent
     seed: int = 1337
     compile: bool = False
     device: str = "auto"
 
     def validate(self) -> None:
-        for name in ("max_steps", "batch_tokens", "micro_batch_size", "eval_every", "eval_batches",
-                     "checkpoint_every"):
+        for name in ("max_steps", "batch_tokens", "micro_batch_size", "eval_every", "eval_batches", "checkpoint_every"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise KettleError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -93,24 +113,29 @@ class TrainConfig:
     @property
     def optimizer(self) -> OptimizerSettings:
         """The optimizer's and schedule's part of these settings, as the toolkit takes them."""
-        return OptimizerSettings(lr=self.lr, weight_decay=self.weight_decay, beta1=self.beta1,
-                                 beta2=self.beta2, warmup_steps=self.warmup_steps,
-                                 min_lr_ratio=self.min_lr_ratio)
+        return OptimizerSettings(
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            warmup_steps=self.warmup_steps,
+            min_lr_ratio=self.min_lr_ratio,
+        )
 
 
 @dataclass
 class PretrainResult:
-    out: Path | None                 # the model directory (None when interrupted)
+    out: Path | None  # the model directory (None when interrupted)
     run_dir: Path
     step: int
     tokens: int
     train_loss: float | None
     val_loss: float | None
-    initial_val_loss: float | None   # the untrained model's
+    initial_val_loss: float | None  # the untrained model's
     interrupted: bool = False
     elapsed: float = 0.0
     samples: list[str] = field(default_factory=list)
-    rank: int = 0                    # under torchrun, only rank 0 should report
+    rank: int = 0  # under torchrun, only rank 0 should report
 
 
 # --- optimisation -------------------------------------------------------------------------------
@@ -134,6 +159,7 @@ def accumulation_steps(cfg: TrainConfig, context: int, *, world_size: int, train
 
 # --- the run directory --------------------------------------------------------------------------
 
+
 def default_run_dir(out: Path) -> Path:
     from data.paths import runs_dir
 
@@ -143,9 +169,18 @@ def default_run_dir(out: Path) -> Path:
 
 # --- evaluation and samples ---------------------------------------------------------------------
 
+
 @torch.no_grad()
-def evaluate(model, stream: corpus.TokenStream, *, context: int, batch_size: int, n_batches: int,
-             device: torch.device, dist: Dist) -> float | None:
+def evaluate(
+    model,
+    stream: corpus.TokenStream,
+    *,
+    context: int,
+    batch_size: int,
+    n_batches: int,
+    device: torch.device,
+    dist: Dist,
+) -> float | None:
     """Mean next-token loss over the first windows of the validation split (same every time)."""
     length = min(context, len(stream) - 1)
     if length < 1:
@@ -155,7 +190,7 @@ def evaluate(model, stream: corpus.TokenStream, *, context: int, batch_size: int
     loss_sum, count = 0.0, 0
     model.eval()
     for i in range(0, len(mine), batch_size):
-        rows = np.stack([stream.read(w * length, length + 1) for w in mine[i:i + batch_size]])
+        rows = np.stack([stream.read(w * length, length + 1) for w in mine[i : i + batch_size]])
         t = torch.from_numpy(rows).to(device)
         with autocast(device):
             loss = model(t[:, :-1], targets=t[:, 1:])
@@ -169,13 +204,12 @@ def evaluate(model, stream: corpus.TokenStream, *, context: int, batch_size: int
     return loss_sum / count if count else None
 
 
-def sample(model: GPT, tokenizer: Tokenizer, *, prompt_ids: list[int], max_new_tokens: int,
-           seed: int) -> str:
+def sample(model: GPT, tokenizer: Tokenizer, *, prompt_ids: list[int], max_new_tokens: int, seed: int) -> str:
     """A short continuation of the prompt, to watch what the model has learnt so far."""
     from gpt.engine import Engine
     from gpt.sampling import SamplingParams
 
-    prompt_ids = prompt_ids[-(model.config.context_length // 2):] or [tokenizer.eot_id]
+    prompt_ids = prompt_ids[-(model.config.context_length // 2) :] or [tokenizer.eot_id]
     params = SamplingParams(temperature=0.8, top_k=40, max_new_tokens=max_new_tokens, seed=seed)
     try:
         result = Engine(model, tokenizer).generate(prompt_ids, params)
@@ -186,8 +220,17 @@ def sample(model: GPT, tokenizer: Tokenizer, *, prompt_ids: list[int], max_new_t
 
 # --- the run ------------------------------------------------------------------------------------
 
-def _prepare_data(data: Path, run_dir: Path, *, config: GPTConfig, cfg: TrainConfig,
-                  tokenizer: Tokenizer | None, resume: bool, display: Display) -> Tokenizer:
+
+def _prepare_data(
+    data: Path,
+    run_dir: Path,
+    *,
+    config: GPTConfig,
+    cfg: TrainConfig,
+    tokenizer: Tokenizer | None,
+    resume: bool,
+    display: Display,
+) -> Tokenizer:
     """Rank 0: the run's tokenizer (given, GPT-2's, or trained on the corpus) and its shards."""
     if resume:
         tokenizer = load_tokenizer(run_dir)
@@ -198,12 +241,16 @@ def _prepare_data(data: Path, run_dir: Path, *, config: GPTConfig, cfg: TrainCon
             display.print(f"training a {config.vocab_size}-token tokenizer on {data}")
             tokenizer = train_tokenizer(corpus.iter_texts(data, cfg.text_field), config.vocab_size)
     if tokenizer.n_vocab > config.vocab_size:
-        raise KettleError(f"the tokenizer has {tokenizer.n_vocab} tokens but the model's vocabulary "
-                          f"only {config.vocab_size}; use a larger vocab_size or a smaller tokenizer")
+        raise KettleError(
+            f"the tokenizer has {tokenizer.n_vocab} tokens but the model's vocabulary "
+            f"only {config.vocab_size}; use a larger vocab_size or a smaller tokenizer"
+        )
     if tokenizer.n_vocab < config.vocab_size and not resume:
-        display.print(f"note: the tokenizer has {tokenizer.n_vocab:,} tokens (the corpus gave no more "
-                      f"merges); the model's other {config.vocab_size - tokenizer.n_vocab:,} ids are "
-                      "never generated")
+        display.print(
+            f"note: the tokenizer has {tokenizer.n_vocab:,} tokens (the corpus gave no more "
+            f"merges); the model's other {config.vocab_size - tokenizer.n_vocab:,} ids are "
+            "never generated"
+        )
     if not resume:
         _clear_run_files(run_dir)
         tokenizer.save(run_dir)  # a no-op for GPT-2's, which is fetched by name
@@ -213,8 +260,14 @@ def _prepare_data(data: Path, run_dir: Path, *, config: GPTConfig, cfg: TrainCon
             raise KettleError(f"{data}: the corpus changed since the run started; start a new run")
     else:
         with _progress_bar(display, f"tokenizing {data.name}") as update:
-            corpus.build_shards(data, tokenizer, out_dir=shards, val_fraction=cfg.val_fraction,
-                                text_field=cfg.text_field, on_progress=update)
+            corpus.build_shards(
+                data,
+                tokenizer,
+                out_dir=shards,
+                val_fraction=cfg.val_fraction,
+                text_field=cfg.text_field,
+                on_progress=update,
+            )
     return tokenizer
 
 
@@ -231,21 +284,31 @@ def _progress_bar(display: Display, label: str):
     if not display.enabled:
         yield None
         return
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    with Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), transient=True) as progress:
+    with Progress(
+        TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), transient=True
+    ) as progress:
         task = progress.add_task(label, total=None)
         yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
-def pretrain(data: str | Path | None, out: str | Path, *, config: GPTConfig | None = None,
-             cfg: TrainConfig | None = None, tokenizer: Tokenizer | None = None,
-             resume: bool = False, run_dir: str | Path | None = None, progress: bool = True,
-             on_step: Callable[[int, float], None] | None = None,
-             display_label: str = "pretraining", register: bool = True,
-             max_steps: int | None = None, console=None) -> PretrainResult:
+def pretrain(
+    data: str | Path | None,
+    out: str | Path,
+    *,
+    config: GPTConfig | None = None,
+    cfg: TrainConfig | None = None,
+    tokenizer: Tokenizer | None = None,
+    resume: bool = False,
+    run_dir: str | Path | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+    display_label: str = "pretraining",
+    register: bool = True,
+    max_steps: int | None = None,
+    console=None,
+) -> PretrainResult:
     """Train a GPT on the corpus at `data` and save it as the model directory `out`.
 
     With `resume`, the run recorded in the run directory continues from its checkpoint with its
@@ -261,8 +324,7 @@ def pretrain(data: str | Path | None, out: str | Path, *, config: GPTConfig | No
     ckpt_dir = run_dir / "checkpoint"
     if resume:
         if not (ckpt_dir / "state.json").exists():
-            raise KettleError(f"--resume: no checkpoint in {run_dir} (nothing to resume; "
-                              "start without --resume)")
+            raise KettleError(f"--resume: no checkpoint in {run_dir} (nothing to resume; start without --resume)")
         try:
             recorded = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
             config = GPTConfig.from_dict(recorded["model_config"], source=str(run_dir / "run.json"))
@@ -279,8 +341,10 @@ def pretrain(data: str | Path | None, out: str | Path, *, config: GPTConfig | No
         if out.exists():
             raise KettleError(f"{out}: already exists (choose another --out)")
         if ckpt_dir.exists():
-            raise KettleError(f"{run_dir} already holds a checkpoint for {out}: continue it with "
-                              "--resume, or delete that folder to start over")
+            raise KettleError(
+                f"{run_dir} already holds a checkpoint for {out}: continue it with "
+                "--resume, or delete that folder to start over"
+            )
     cfg.validate()
     corpus.check_corpus(data)  # a missing, empty or binary corpus fails before any work
     dist, device = init_distributed(cfg.device)
@@ -289,33 +353,62 @@ def pretrain(data: str | Path | None, out: str | Path, *, config: GPTConfig | No
         if dist.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(run_dir)  # a killed checkpoint write's leftovers
-            tokenizer = _prepare_data(data, run_dir, config=config, cfg=cfg, tokenizer=tokenizer, resume=resume,
-                                      display=display)
+            tokenizer = _prepare_data(
+                data, run_dir, config=config, cfg=cfg, tokenizer=tokenizer, resume=resume, display=display
+            )
             if not resume:
-                atomic_write_text(run_dir / "run.json", json.dumps({
-                    "data": str(data.resolve()), "out": str(out.resolve()),
-                    "model_config": config.to_dict(), "train_config": dataclasses.asdict(cfg),
-                }, indent=2) + "\n")
+                atomic_write_text(
+                    run_dir / "run.json",
+                    json.dumps(
+                        {
+                            "data": str(data.resolve()),
+                            "out": str(out.resolve()),
+                            "model_config": config.to_dict(),
+                            "train_config": dataclasses.asdict(cfg),
+                        },
+                        indent=2,
+                    )
+                    + "\n",
+                )
         dist.barrier()
         if not dist.main:
             tokenizer = load_tokenizer(run_dir)
-        return _train(data, out, run_dir=run_dir, config=config, cfg=cfg, tokenizer=tokenizer, resume=resume,
-                      dist=dist, device=device, display=display, on_step=on_step, register=register)
+        return _train(
+            data,
+            out,
+            run_dir=run_dir,
+            config=config,
+            cfg=cfg,
+            tokenizer=tokenizer,
+            resume=resume,
+            dist=dist,
+            device=device,
+            display=display,
+            on_step=on_step,
+            register=register,
+        )
     finally:
         display.close()
 
 
-def _train(data, out, *, run_dir, config, cfg, tokenizer, resume, dist, device, display, on_step,
-           register):
+def _train(data, out, *, run_dir, config, cfg, tokenizer, resume, dist, device, display, on_step, register):
     ckpt_dir = run_dir / "checkpoint"
     metrics_path = run_dir / "metrics.jsonl"
     train_stream = corpus.TokenStream(run_dir / "shards", "train")
     val_stream = corpus.TokenStream(run_dir / "shards", "val")
     context = config.context_length
     accum = accumulation_steps(cfg, context, world_size=dist.world_size, train_tokens=len(train_stream))
-    loader = corpus.WindowLoader(train_stream, cfg.micro_batch_size, context, cfg.stride,
-                                 mode=cfg.loader, seed=cfg.seed, rank=dist.rank,
-                                 world_size=dist.world_size, accum_steps=accum)
+    loader = corpus.WindowLoader(
+        train_stream,
+        cfg.micro_batch_size,
+        context,
+        cfg.stride,
+        mode=cfg.loader,
+        seed=cfg.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        accum_steps=accum,
+    )
     tokens_per_step = loader.step_batch * context
 
     prepare_training(device)
@@ -324,8 +417,10 @@ def _train(data, out, *, run_dir, config, cfg, tokenizer, resume, dist, device, 
     if resume:
         trainer, state, model = load_checkpoint(ckpt_dir, device)
         if state["world_size"] != dist.world_size or state["step_batch"] != loader.step_batch:
-            display.print(f"note: resuming with {dist.world_size} process(es) and {loader.step_batch} "
-                          "windows per step; the data order follows the new layout")
+            display.print(
+                f"note: resuming with {dist.world_size} process(es) and {loader.step_batch} "
+                "windows per step; the data order follows the new layout"
+            )
         step, initial_val = state["step"], state.get("initial_val_loss")
         elapsed_before = state.get("elapsed", 0.0)
     else:
@@ -346,17 +441,28 @@ def _train(data, out, *, run_dir, config, cfg, tokenizer, resume, dist, device, 
 
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     peak = peak_flops(device)
-    prompt_ids = (tokenizer.encode(cfg.sample_prompt) if cfg.sample_prompt
-                  else val_stream.read(0, min(8, len(val_stream))).tolist() if len(val_stream)
-                  else train_stream.read(0, 8).tolist())
+    prompt_ids = (
+        tokenizer.encode(cfg.sample_prompt)
+        if cfg.sample_prompt
+        else val_stream.read(0, min(8, len(val_stream))).tolist()
+        if len(val_stream)
+        else train_stream.read(0, 8).tolist()
+    )
 
     def log(record: dict) -> None:
         if dist.main:
             append_metrics(metrics_path, record)
 
     def run_eval(at: int) -> float | None:
-        val = evaluate(model, val_stream, context=context, batch_size=cfg.micro_batch_size,
-                       n_batches=cfg.eval_batches, device=device, dist=dist)
+        val = evaluate(
+            model,
+            val_stream,
+            context=context,
+            batch_size=cfg.micro_batch_size,
+            n_batches=cfg.eval_batches,
+            device=device,
+            dist=dist,
+        )
         if val is not None:
             log({"step": at, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
             display.print(f"step {at}: val loss {val:.3f}, perplexity {math.exp(min(val, 50)):,.1f}")
@@ -365,14 +471,22 @@ def _train(data, out, *, run_dir, config, cfg, tokenizer, resume, dist, device, 
     def checkpoint(at: int) -> None:
         rng = gathered_rng_states(dist)
         if dist.main:
-            save_checkpoint(ckpt_dir, {"optimizer": optimizer.state_dict(), "rng": rng}, state={
-                "step": at, "tokens": at * tokens_per_step, "world_size": dist.world_size,
-                "step_batch": loader.step_batch, "initial_val_loss": initial_val,
-                "elapsed": elapsed_before + time.perf_counter() - started,
-                "scheduler": {"kind": "warmup-cosine", "step": at,
-                              "lr": optimizer.param_groups[0]["lr"]},
-                "data": {"loader": cfg.loader, "next_step": at, "seed": cfg.seed},
-            }, model=raw_model, tokenizer=tokenizer)
+            save_checkpoint(
+                ckpt_dir,
+                {"optimizer": optimizer.state_dict(), "rng": rng},
+                state={
+                    "step": at,
+                    "tokens": at * tokens_per_step,
+                    "world_size": dist.world_size,
+                    "step_batch": loader.step_batch,
+                    "initial_val_loss": initial_val,
+                    "elapsed": elapsed_before + time.perf_counter() - started,
+                    "scheduler": {"kind": "warmup-cosine", "step": at, "lr": optimizer.param_groups[0]["lr"]},
+                    "data": {"loader": cfg.loader, "next_step": at, "seed": cfg.seed},
+                },
+                model=raw_model,
+                tokenizer=tokenizer,
+            )
         dist.barrier()
 
     started = time.perf_counter()
@@ -387,8 +501,13 @@ def _train(data, out, *, run_dir, config, cfg, tokenizer, resume, dist, device, 
         while step < cfg.max_steps:
             threads.update()
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg.optimizer, max_steps=cfg.max_steps, max_time=cfg.max_time,
-                       elapsed=elapsed_before + t0 - started)
+            lr = lr_at(
+                step,
+                cfg.optimizer,
+                max_steps=cfg.max_steps,
+                max_time=cfg.max_time,
+                elapsed=elapsed_before + t0 - started,
+            )
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
@@ -396,39 +515,55 @@ def _train(data, out, *, run_dir, config, cfg, tokenizer, resume, dist, device, 
                 x, y = loader.batch(step, micro)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = dist.enabled and micro < accum - 1
-                with (model.no_sync() if sync else contextlib.nullcontext()), autocast(device):
+                with model.no_sync() if sync else contextlib.nullcontext(), autocast(device):
                     loss = model(x, targets=y)  # in chunks: the full logits would dominate memory
                 (loss / accum).backward()
                 loss_sum += loss.detach()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-                         if cfg.grad_clip > 0 else None)
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+            )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             train_loss = float(dist.mean(loss_sum / accum))
             step += 1
             dt = time.perf_counter() - t0
             tps = tokens_per_step / dt
-            mfu = (raw_model.estimate_mfu(tps, seq_len=context, peak_flops=peak * dist.world_size)
-                   if peak else None)
-            log({"step": step, "loss": train_loss, "lr": lr, "tokens": step * tokens_per_step,
-                 "tokens_per_s": tps, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                 **({"mfu": mfu} if mfu is not None else {})})
-            display.step(step, train_loss, tokens_per_s=tps, mfu=mfu,
-                         elapsed=elapsed_before + time.perf_counter() - started)
+            mfu = raw_model.estimate_mfu(tps, seq_len=context, peak_flops=peak * dist.world_size) if peak else None
+            log(
+                {
+                    "step": step,
+                    "loss": train_loss,
+                    "lr": lr,
+                    "tokens": step * tokens_per_step,
+                    "tokens_per_s": tps,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    **({"mfu": mfu} if mfu is not None else {}),
+                }
+            )
+            display.step(
+                step, train_loss, tokens_per_s=tps, mfu=mfu, elapsed=elapsed_before + time.perf_counter() - started
+            )
             if on_step and dist.main:
                 on_step(step, train_loss)
             if not math.isfinite(train_loss):
-                raise KettleError(f"the loss became {train_loss} at step {step}; lower the "
-                                  "learning rate (--lr) and start again")
-            out_of_time = dist.any(cfg.max_time is not None and
-                                   elapsed_before + time.perf_counter() - started > cfg.max_time, device)
+                raise KettleError(
+                    f"the loss became {train_loss} at step {step}; lower the learning rate (--lr) and start again"
+                )
+            out_of_time = dist.any(
+                cfg.max_time is not None and elapsed_before + time.perf_counter() - started > cfg.max_time, device
+            )
             last = step == cfg.max_steps or out_of_time
             if step % cfg.eval_every == 0 or last:
                 val_loss = run_eval(step)
             if dist.main and cfg.sample_every and (step % cfg.sample_every == 0 or last):
                 try:
-                    text = sample(raw_model, tokenizer, prompt_ids=prompt_ids, max_new_tokens=cfg.sample_tokens,
-                                  seed=cfg.seed + step)
+                    text = sample(
+                        raw_model,
+                        tokenizer,
+                        prompt_ids=prompt_ids,
+                        max_new_tokens=cfg.sample_tokens,
+                        seed=cfg.seed + step,
+                    )
                 except Exception as exc:  # a look at the model must never cost the run its result
                     log({"step": step, "sample_error": f"{type(exc).__name__}: {exc}"})
                     display.print(f"step {step}: no sample ({type(exc).__name__}: {exc})")
@@ -446,18 +581,41 @@ def _train(data, out, *, run_dir, config, cfg, tokenizer, resume, dist, device, 
             if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                 checkpoint(step)
     elapsed = elapsed_before + time.perf_counter() - started
-    result = PretrainResult(None, run_dir, step, step * tokens_per_step, train_loss, val_loss,
-                            initial_val, interrupted, elapsed, samples, dist.rank)
+    result = PretrainResult(
+        None,
+        run_dir,
+        step,
+        step * tokens_per_step,
+        train_loss,
+        val_loss,
+        initial_val,
+        interrupted,
+        elapsed,
+        samples,
+        dist.rank,
+    )
     if interrupted:
         return result
     checkpoint(step)  # a finished run can still be extended with --resume --max-steps
     if dist.main:
-        summary = {"data": str(data), "steps": step, "tokens": result.tokens,
-                   "train_loss": train_loss, "val_loss": val_loss,
-                   "initial_val_loss": initial_val, "elapsed_s": round(elapsed, 1),
-                   "run_dir": str(run_dir), "train_config": dataclasses.asdict(cfg)}
-        save_model(raw_model, out, tokenizer=tokenizer, overwrite=resume,
-                   extra_files={"training.json": json.dumps(summary, indent=2) + "\n"})
+        summary = {
+            "data": str(data),
+            "steps": step,
+            "tokens": result.tokens,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "initial_val_loss": initial_val,
+            "elapsed_s": round(elapsed, 1),
+            "run_dir": str(run_dir),
+            "train_config": dataclasses.asdict(cfg),
+        }
+        save_model(
+            raw_model,
+            out,
+            tokenizer=tokenizer,
+            overwrite=resume,
+            extra_files={"training.json": json.dumps(summary, indent=2) + "\n"},
+        )
         plot_losses(metrics_path, run_dir / "loss.png")
         result.out = out
         if register:
@@ -465,11 +623,11 @@ def _train(data, out, *, run_dir, config, cfg, tokenizer, resume, dist, device, 
 
             with open_store() as store:
                 store.register_model(
-                    out, "pretrained", activate_if_none=False,
+                    out,
+                    "pretrained",
+                    activate_if_none=False,
                     hparams={"config": config.to_dict(), "train": dataclasses.asdict(cfg)},
-                    metrics={"train_loss": train_loss, "val_loss": val_loss, "steps": step,
-                             "tokens": result.tokens})
+                    metrics={"train_loss": train_loss, "val_loss": val_loss, "steps": step, "tokens": result.tokens},
+                )
     dist.barrier()
     return result
-
-

@@ -7,6 +7,7 @@ mixed into fine-tuning; the "heldout" ones never are, and measure whether the ba
 survived (their loss before and after). The starter writes its instruction data so; a fine-tuned
 model carries its base's file on; a model without one is fine-tuned without replay, and says so.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,11 @@ SPLITS = ("train", "heldout")
 
 def replay_text(train: list[list[dict]], heldout: list[list[dict]]) -> str:
     """REPLAY_FILE's content for these conversations."""
-    lines = [json.dumps({"messages": m, "split": split}, ensure_ascii=False)
-             for split, part in zip(SPLITS, (train, heldout)) for m in part]
+    lines = [
+        json.dumps({"messages": m, "split": split}, ensure_ascii=False)
+        for split, part in zip(SPLITS, (train, heldout))
+        for m in part
+    ]
     return "\n".join(lines) + "\n"
 
 

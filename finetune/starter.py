@@ -24,6 +24,7 @@ string converted to uppercase?") and examples with code from the docstrings' doc
 pretrained model is fine-tuned on them in the chat format for a fixed number of epochs; the pairs
 go with the model (replay.jsonl) so that fine-tuning it later can replay them.
 """
+
 from __future__ import annotations
 
 import ast
@@ -40,27 +41,75 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from gpt.files import atomic_directory
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
+from gpt.files import atomic_directory
 
 # The standard library's source is read whole, less what is not Python's own (installed
 # packages) or not text: compiled caches, codec tables, the pydoc topics (read from pydoc_data).
 SKIP_PARTS = {"site-packages", "dist-packages", "__pycache__", "pydoc_data", "encodings"}
 # For the instruction data's docstrings: only the library people call, no tests, GUIs or tools.
-DOC_SKIP_PARTS = SKIP_PARTS | {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3",
-                               "ensurepip", "venv", "msilib"}
+DOC_SKIP_PARTS = SKIP_PARTS | {
+    "test",
+    "tests",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "lib2to3",
+    "ensurepip",
+    "venv",
+    "msilib",
+}
 # Modules whose functions people ask about most (the instruction data's questions): never held out.
-COMMON_MODULES = ("os", "posixpath", "json", "re", "math", "random", "itertools", "functools",
-                  "collections", "pathlib", "datetime", "shutil", "subprocess", "string",
-                  "textwrap", "statistics", "heapq", "bisect", "copy", "glob", "csv", "typing",
-                  "dataclasses", "enum", "argparse", "logging", "urllib.parse", "base64", "uuid",
-                  "tempfile", "zipfile", "gzip", "threading", "queue", "fractions", "decimal",
-                  "difflib", "fnmatch", "inspect", "operator", "pprint", "secrets", "calendar")
+COMMON_MODULES = (
+    "os",
+    "posixpath",
+    "json",
+    "re",
+    "math",
+    "random",
+    "itertools",
+    "functools",
+    "collections",
+    "pathlib",
+    "datetime",
+    "shutil",
+    "subprocess",
+    "string",
+    "textwrap",
+    "statistics",
+    "heapq",
+    "bisect",
+    "copy",
+    "glob",
+    "csv",
+    "typing",
+    "dataclasses",
+    "enum",
+    "argparse",
+    "logging",
+    "urllib.parse",
+    "base64",
+    "uuid",
+    "tempfile",
+    "zipfile",
+    "gzip",
+    "threading",
+    "queue",
+    "fractions",
+    "decimal",
+    "difflib",
+    "fnmatch",
+    "inspect",
+    "operator",
+    "pprint",
+    "secrets",
+    "calendar",
+)
 HELD_IN = {m.split(".")[0] for m in COMMON_MODULES} | {"builtins"}
 MAX_FILE_BYTES = 400_000
 MAX_LINE_CHARS = 400
-HELD_OUT_SHARE = 0.03   # of the text: whole modules, the validation split
+HELD_OUT_SHARE = 0.03  # of the text: whole modules, the validation split
 CORPUS_SEED = 0
 
 # Model shapes per device kind: what trains to a useful loss within the pretraining budget. A
@@ -92,13 +141,13 @@ ETA_AFTER_STEPS = 40
 class Brew:
     """What the stages share."""
 
-    work: Path                      # scratch folder for this brew
+    work: Path  # scratch folder for this brew
     device: str
-    console: object                 # a rich Console for stage headings and results
+    console: object  # a rich Console for stage headings and results
     seed: int = SEED
-    model_dir: Path | None = None   # the newest model a stage produced
+    model_dir: Path | None = None  # the newest model a stage produced
     corpus: Path | None = None
-    val_fraction: float = 0.05      # the corpus's share that is held out (build_corpus sets it)
+    val_fraction: float = 0.05  # the corpus's share that is held out (build_corpus sets it)
     notes: dict = field(default_factory=dict)  # figures for the summary and the store
 
 
@@ -125,43 +174,74 @@ def build_corpus(brew: Brew) -> None:
                 f.write(line)
                 sizes[split] += len(line.encode("utf-8"))
     brew.val_fraction = sizes["val"] / (sizes["train"] + sizes["val"])
-    text_bytes = {split: sum(len(d.text.encode("utf-8")) for d in part)
-                  for split, part in (("train", train), ("val", val))}
-    brew.notes.update(corpus_documents=len(docs), corpus_bytes=sum(text_bytes.values()),
-                      heldout_groups=sorted({d.group for d in val}),
-                      val_text_bytes=text_bytes["val"])
-    brew.console.print(f"corpus: {len(docs):,} documents, {sum(text_bytes.values()) / 1e6:.1f} MB of "
-                       f"Python's own code and documentation; held out: {len(val):,} documents "
-                       f"({text_bytes['val'] / 1e6:.2f} MB) of {len({d.group for d in val})} modules")
+    text_bytes = {
+        split: sum(len(d.text.encode("utf-8")) for d in part) for split, part in (("train", train), ("val", val))
+    }
+    brew.notes.update(
+        corpus_documents=len(docs),
+        corpus_bytes=sum(text_bytes.values()),
+        heldout_groups=sorted({d.group for d in val}),
+        val_text_bytes=text_bytes["val"],
+    )
+    brew.console.print(
+        f"corpus: {len(docs):,} documents, {sum(text_bytes.values()) / 1e6:.1f} MB of "
+        f"Python's own code and documentation; held out: {len(val):,} documents "
+        f"({text_bytes['val'] / 1e6:.2f} MB) of {len({d.group for d in val})} modules"
+    )
 
 
 def pretrain_stage(brew: Brew) -> None:
     """Train a tokenizer and a small GPT on the corpus for the device kind's fixed work."""
-    from gpt.device import pick_device
     from finetune.pretrain import TrainConfig, pretrain
+    from gpt.device import pick_device
 
     kind = pick_device(brew.device).type
     config = MODEL_SHAPES.get(kind, MODEL_SHAPES["cpu"])
     steps = PRETRAIN_STEPS.get(kind, PRETRAIN_STEPS["cpu"])
     cfg = TrainConfig(
-        max_steps=steps, batch_tokens=BATCH_TOKENS.get(kind, 8192), micro_batch_size=16, lr=3e-3,
-        warmup_steps=20, min_lr_ratio=0.05, eval_every=200, eval_batches=8, sample_every=400,
-        sample_tokens=40, sample_prompt=SAMPLE_PROMPT, checkpoint_every=200, device=brew.device,
-        val_fraction=brew.val_fraction, seed=brew.seed,
+        max_steps=steps,
+        batch_tokens=BATCH_TOKENS.get(kind, 8192),
+        micro_batch_size=16,
+        lr=3e-3,
+        warmup_steps=20,
+        min_lr_ratio=0.05,
+        eval_every=200,
+        eval_batches=8,
+        sample_every=400,
+        sample_tokens=40,
+        sample_prompt=SAMPLE_PROMPT,
+        checkpoint_every=200,
+        device=brew.device,
+        val_fraction=brew.val_fraction,
+        seed=brew.seed,
     )
     out = brew.work / "pretrained"
     eta = BrewETA(brew, steps)
-    result = pretrain(brew.corpus, out, config=config, cfg=cfg, run_dir=brew.work / "pretrain-run",
-                      display_label="starter: pretraining", register=False, on_step=eta.step,
-                      console=brew.console)
+    result = pretrain(
+        brew.corpus,
+        out,
+        config=config,
+        cfg=cfg,
+        run_dir=brew.work / "pretrain-run",
+        display_label="starter: pretraining",
+        register=False,
+        on_step=eta.step,
+        console=brew.console,
+    )
     if result.interrupted:
         raise KeyboardInterrupt
     brew.model_dir = out
-    bpb = heldout_bits_per_byte(out, brew.work / "pretrain-run" / "shards",
-                                val_bytes=brew.notes["val_text_bytes"], device=brew.device)
-    brew.notes.update(pretrain_steps=result.step, pretrain_tokens=result.tokens,
-                      val_loss=result.val_loss, untrained_val_loss=result.initial_val_loss,
-                      val_bits_per_byte=bpb, sample=result.samples[-1] if result.samples else "")
+    bpb = heldout_bits_per_byte(
+        out, brew.work / "pretrain-run" / "shards", val_bytes=brew.notes["val_text_bytes"], device=brew.device
+    )
+    brew.notes.update(
+        pretrain_steps=result.step,
+        pretrain_tokens=result.tokens,
+        val_loss=result.val_loss,
+        untrained_val_loss=result.initial_val_loss,
+        val_bits_per_byte=bpb,
+        sample=result.samples[-1] if result.samples else "",
+    )
     brew.console.print(f"held-out modules: {bpb:.3f} bits per byte")
 
 
@@ -181,8 +261,9 @@ class BrewETA:
             left = per_step * (self.steps - step + LATER_STAGES_STEPS)
             self.brew.notes["eta_s"] = round(left, 1)
             self.brew.notes["eta_at"] = time.monotonic()
-            self.brew.console.print(f"starter: about {_minutes(left)} to go on this machine "
-                                    f"({1 / per_step:.1f} steps/s)")
+            self.brew.console.print(
+                f"starter: about {_minutes(left)} to go on this machine ({1 / per_step:.1f} steps/s)"
+            )
 
 
 def _minutes(seconds: float) -> str:
@@ -195,33 +276,76 @@ def heldout_bits_per_byte(model_dir: Path, shards: Path, *, val_bytes: int, devi
     import math
 
     from finetune import corpus
-    from gpt.checkpoint import load_model
-    from gpt.device import pick_device
     from finetune.pretrain import evaluate
     from finetune.train import Dist
+    from gpt.checkpoint import load_model
+    from gpt.device import pick_device
 
     device = pick_device(device)
     model, _ = load_model(model_dir, device=device)
     stream = corpus.TokenStream(shards, "val")
     context = model.config.context_length
-    loss = evaluate(model, stream, context=context, batch_size=16, n_batches=len(stream) // (16 * context) + 1,
-                    device=device, dist=Dist())
+    loss = evaluate(
+        model,
+        stream,
+        context=context,
+        batch_size=16,
+        n_batches=len(stream) // (16 * context) + 1,
+        device=device,
+        dist=Dist(),
+    )
     return loss / math.log(2) * len(stream) / val_bytes
 
 
 # --- the instruction stage: questions about Python, answered from its documentation ---------
 
-BUILTIN_TYPES = (str, bytes, list, dict, set, frozenset, tuple, int, float, complex, range,
-                 bytearray, memoryview, object)
+BUILTIN_TYPES = (
+    str,
+    bytes,
+    list,
+    dict,
+    set,
+    frozenset,
+    tuple,
+    int,
+    float,
+    complex,
+    range,
+    bytearray,
+    memoryview,
+    object,
+)
 QUESTIONS = ("What does {} do?", "What does {} do?", "What is {} for?", "Explain {} in one sentence.")
 EXAMPLE_QUESTIONS = ("Show me an example of {}.", "How do I use {}?", "Give an example with {}.")
 # "Return a copy of the string converted to uppercase." -> "How do I get a copy of the string ...?"
-HOWTO_VERBS = {"Return": "get", "Returns": "get", "Compute": "compute", "Convert": "convert",
-               "Create": "create", "Remove": "remove", "Split": "split", "Join": "join",
-               "Make": "make", "Test": "test", "Check": "check", "Count": "count", "Find": "find",
-               "Read": "read", "Write": "write", "Copy": "copy", "Sort": "sort", "Open": "open",
-               "Delete": "delete", "Insert": "insert", "Append": "append", "Change": "change",
-               "Encode": "encode", "Decode": "decode", "Parse": "parse", "Format": "format"}
+HOWTO_VERBS = {
+    "Return": "get",
+    "Returns": "get",
+    "Compute": "compute",
+    "Convert": "convert",
+    "Create": "create",
+    "Remove": "remove",
+    "Split": "split",
+    "Join": "join",
+    "Make": "make",
+    "Test": "test",
+    "Check": "check",
+    "Count": "count",
+    "Find": "find",
+    "Read": "read",
+    "Write": "write",
+    "Copy": "copy",
+    "Sort": "sort",
+    "Open": "open",
+    "Delete": "delete",
+    "Insert": "insert",
+    "Append": "append",
+    "Change": "change",
+    "Encode": "encode",
+    "Decode": "decode",
+    "Parse": "parse",
+    "Format": "format",
+}
 HELDOUT_SHARE = 0.05
 INSTRUCT_LR = 1e-3
 INSTRUCT_EPOCHS = 4
@@ -245,9 +369,13 @@ def first_sentence(doc: str | None) -> str | None:
 
 def builtin_docs() -> list[tuple[str, str]]:
     """(name, docstring) of the builtin functions and the public methods of builtin types."""
-    docs = [(name, getattr(builtins, name).__doc__) for name in dir(builtins)
-            if not name.startswith("_") and callable(getattr(builtins, name))
-            and not isinstance(getattr(builtins, name), type)]
+    docs = [
+        (name, getattr(builtins, name).__doc__)
+        for name in dir(builtins)
+        if not name.startswith("_")
+        and callable(getattr(builtins, name))
+        and not isinstance(getattr(builtins, name), type)
+    ]
     for t in BUILTIN_TYPES:
         docs.append((t.__name__, t.__doc__))
         docs += [(f"{t.__name__}.{m}", getattr(t, m).__doc__) for m in dir(t) if not m.startswith("_")]
@@ -260,7 +388,6 @@ def stdlib_docs() -> list[tuple[str, str]]:
     import ast
     import sysconfig
     from pathlib import Path
-
 
     root = Path(sysconfig.get_paths()["stdlib"])
     docs = []
@@ -295,7 +422,7 @@ def python_qa_pairs(limit: int = MAX_PAIRS, seed: int = 0) -> list[list[dict]]:
 
 
 def howto_pairs(seed: int = 0) -> list[list[dict]]:
-    """"How do I get a copy of the string converted to uppercase?" -> "Call str.upper(): it
+    """ "How do I get a copy of the string converted to uppercase?" -> "Call str.upper(): it
     returns a copy of ..." for docstrings whose first sentence starts with a verb of HOWTO_VERBS."""
     rng = random.Random(seed)
     pairs, seen = [], set()
@@ -315,14 +442,14 @@ def howto_pairs(seed: int = 0) -> list[list[dict]]:
 
 
 def example_pairs(seed: int = 0) -> list[list[dict]]:
-    """"Show me an example of bin." -> a short answer with the docstring's doctest as code."""
+    """ "Show me an example of bin." -> a short answer with the docstring's doctest as code."""
     import doctest
-
 
     rng = random.Random(seed)
     parser = doctest.DocTestParser()
-    documented = builtin_docs() + [(h.removeprefix("class ").split("(")[0], d) for h, _, d in
-                                   (t.partition("\n\n") for t in stdlib_docstrings())]
+    documented = builtin_docs() + [
+        (h.removeprefix("class ").split("(")[0], d) for h, _, d in (t.partition("\n\n") for t in stdlib_docstrings())
+    ]
     pairs, seen = [], set()
     for name, doc in documented:
         if not doc or name in seen or "__" in name:
@@ -331,8 +458,7 @@ def example_pairs(seed: int = 0) -> list[list[dict]]:
             examples = parser.get_examples(doc)
         except ValueError:
             continue
-        examples = [e for e in examples if "\n" not in e.source.strip()
-                    and len(e.source) + len(e.want) < 120][:3]
+        examples = [e for e in examples if "\n" not in e.source.strip() and len(e.source) + len(e.want) < 120][:3]
         if not any(e.want for e in examples):
             continue
         seen.add(name)
@@ -356,10 +482,10 @@ def instruct_stage(brew) -> None:
 
     from finetune.instruct import SFTConfig, SFTTrainer, evaluate_loss, holdout, prepare, resolve
     from finetune.replay import REPLAY_FILE, replay_text
+    from finetune.train import Display
     from gpt.checkpoint import load_model, save_model
     from gpt.device import pick_device
     from gpt.engine import Engine
-    from finetune.train import Display
     from gpt.sampling import SamplingParams
 
     device = pick_device(brew.device)
@@ -368,8 +494,11 @@ def instruct_stage(brew) -> None:
     context = model.config.context_length
     train, stats = prepare(train_pairs, tokenizer, max_length=context, vocab_size=model.config.vocab_size)
     val, _ = prepare(heldout_pairs, tokenizer, max_length=context, vocab_size=model.config.vocab_size)
-    config = resolve(SFTConfig(lr=INSTRUCT_LR, epochs=INSTRUCT_EPOCHS, seed=brew.seed,
-                               until_learned=False), len(train), model=model.config)
+    config = resolve(
+        SFTConfig(lr=INSTRUCT_LR, epochs=INSTRUCT_EPOCHS, seed=brew.seed, until_learned=False),
+        len(train),
+        model=model.config,
+    )
     torch.manual_seed(brew.seed)
     trainer = SFTTrainer(model, train, val, config, tokenizer.eot_id, device)
     before = evaluate_loss(model, val, pad_id=tokenizer.eot_id, device=device)
@@ -379,18 +508,29 @@ def instruct_stage(brew) -> None:
     finally:
         display.close()
     out = brew.work / "instruct"
-    save_model(model, out, tokenizer=tokenizer, overwrite=True,
-               extra_files={REPLAY_FILE: replay_text(train_pairs, heldout_pairs)})
+    save_model(
+        model,
+        out,
+        tokenizer=tokenizer,
+        overwrite=True,
+        extra_files={REPLAY_FILE: replay_text(train_pairs, heldout_pairs)},
+    )
     brew.model_dir = out
     question = [{"role": "user", "content": "What does str.upper do?"}]
     answer = Engine(model, tokenizer).generate_chat(question, SamplingParams(temperature=0, max_new_tokens=40))
     after = evaluate_loss(model, val, pad_id=tokenizer.eot_id, device=device)
-    brew.notes.update(instruct_pairs=stats["examples"] + len(val), instruct_steps=trainer.step,
-                      instruct_val_loss_before=before, instruct_val_loss=after,
-                      answer_sample=answer.text)
-    brew.console.print(f"instruction tuning: {stats['examples'] + len(val)} Python Q/A pairs, "
-                       f"{trainer.step} steps, held-out loss {before:.2f} -> {after:.2f}; "
-                       f"'What does str.upper do?' -> {answer.text!r}")
+    brew.notes.update(
+        instruct_pairs=stats["examples"] + len(val),
+        instruct_steps=trainer.step,
+        instruct_val_loss_before=before,
+        instruct_val_loss=after,
+        answer_sample=answer.text,
+    )
+    brew.console.print(
+        f"instruction tuning: {stats['examples'] + len(val)} Python Q/A pairs, "
+        f"{trainer.step} steps, held-out loss {before:.2f} -> {after:.2f}; "
+        f"'What does str.upper do?' -> {answer.text!r}"
+    )
 
 
 STAGES: list[Stage] = [
@@ -411,9 +551,14 @@ class StarterResult:
         n = self.notes
         lines = [f"starter model: {self.out} ({self.seconds / 60:.1f} minutes)"]
         if n.get("val_loss") is not None and n.get("untrained_val_loss") is not None:
-            lines.append(f"validation loss {n['val_loss']:.2f} (untrained: {n['untrained_val_loss']:.2f})"
-                         + (f", {n['val_bits_per_byte']:.3f} bits per byte on the held-out modules"
-                            if n.get("val_bits_per_byte") is not None else ""))
+            lines.append(
+                f"validation loss {n['val_loss']:.2f} (untrained: {n['untrained_val_loss']:.2f})"
+                + (
+                    f", {n['val_bits_per_byte']:.3f} bits per byte on the held-out modules"
+                    if n.get("val_bits_per_byte") is not None
+                    else ""
+                )
+            )
         if n.get("sample"):
             lines.append(f"sample: {n['sample']!r}")
         if self.activated:
@@ -421,8 +566,15 @@ class StarterResult:
         return "\n".join(lines)
 
 
-def brew_starter(out: str | Path | None = None, device: str = "auto", *, force: bool = False,
-                 stages: list[Stage] | None = None, console=None, seed: int = SEED) -> StarterResult:
+def brew_starter(
+    out: str | Path | None = None,
+    device: str = "auto",
+    *,
+    force: bool = False,
+    stages: list[Stage] | None = None,
+    console=None,
+    seed: int = SEED,
+) -> StarterResult:
     """Run the stages, then save the last model to `out` and register it."""
     from rich.console import Console
 
@@ -452,17 +604,18 @@ def brew_starter(out: str | Path | None = None, device: str = "auto", *, force: 
     from data.store import open_store
 
     with open_store() as store:
-        _, activated = store.register_model(out, "starter", metrics=brew.notes,
-                                            hparams={"stages": [s.name for s in stages],
-                                                     "seed": seed})
+        _, activated = store.register_model(
+            out, "starter", metrics=brew.notes, hparams={"stages": [s.name for s in stages], "seed": seed}
+        )
     return StarterResult(out, seconds, brew.notes, activated)
 
 
 # --- the corpus ---------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Document:
-    group: str   # what is held out together: a top-level module with its tests, a topic, ...
+    group: str  # what is held out together: a top-level module with its tests, a topic, ...
     text: str
 
 

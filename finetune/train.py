@@ -20,6 +20,7 @@ rename, holding
 Progress goes to a metrics log (metrics.jsonl, one JSON object per line, with its "step"), cut
 back to the checkpoint's step on resume, and to a rich progress bar (Display).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -44,8 +45,8 @@ from gpt.files import atomic_directory, atomic_file, atomic_write_text
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
 
-
 # --- processes and distribution -----------------------------------------------------------------
+
 
 @dataclass
 class Dist:
@@ -119,9 +120,11 @@ def _keep_freed_memory() -> None:
 
 # --- optimisation -------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class OptimizerSettings:
     """AdamW's settings (GPT.configure_optimizers) and its learning-rate schedule's (lr_at)."""
+
     lr: float
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -130,17 +133,17 @@ class OptimizerSettings:
     min_lr_ratio: float = 0.1  # the cosine decay ends at lr * min_lr_ratio
 
 
-def make_optimizer(model: GPT, settings: OptimizerSettings, *, device: torch.device,
-                   extra=()) -> torch.optim.AdamW:
+def make_optimizer(model: GPT, settings: OptimizerSettings, *, device: torch.device, extra=()) -> torch.optim.AdamW:
     """The model's AdamW with these settings; `extra`: parameters of a module built on the model
     (a classification head) that train with it."""
-    return model.configure_optimizers(settings.weight_decay, settings.lr,
-                                      betas=(settings.beta1, settings.beta2),
-                                      device_type=device.type, extra=extra)
+    return model.configure_optimizers(
+        settings.weight_decay, settings.lr, betas=(settings.beta1, settings.beta2), device_type=device.type, extra=extra
+    )
 
 
-def lr_at(step: int, settings: OptimizerSettings, *, max_steps: int, max_time: float | None = None,
-          elapsed: float = 0.0) -> float:
+def lr_at(
+    step: int, settings: OptimizerSettings, *, max_steps: int, max_time: float | None = None, elapsed: float = 0.0
+) -> float:
     """Linear warm-up to settings.lr, then cosine decay to lr * min_lr_ratio at max_steps.
 
     With a time budget (max_time, seconds) the decay follows whichever runs out first, steps or
@@ -157,6 +160,7 @@ def lr_at(step: int, settings: OptimizerSettings, *, max_steps: int, max_time: f
 
 
 # --- resuming -----------------------------------------------------------------------------------
+
 
 def rng_state() -> dict:
     """Every random generator a training step draws from (torch, CUDA, numpy, Python's), as
@@ -206,8 +210,9 @@ def save_state(obj, path: Path) -> None:
 CHECKPOINT_MODEL, CHECKPOINT_TRAINER, CHECKPOINT_STATE = "model", "trainer.pt", "state.json"
 
 
-def save_checkpoint(path: Path, trainer: dict, *, state: dict, model: GPT | None = None,
-                    tokenizer: Tokenizer | None = None) -> None:
+def save_checkpoint(
+    path: Path, trainer: dict, *, state: dict, model: GPT | None = None, tokenizer: Tokenizer | None = None
+) -> None:
     """Write the resume checkpoint `path` (the format is in the module docstring): `trainer`
     as trainer.pt, `state` (its "step" at least) as state.json, and `model` with its tokenizer
     as model/ when given; an existing checkpoint is replaced in one atomic rename."""
@@ -237,6 +242,7 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[dict, dict, GPT |
 
 # --- the metrics log ----------------------------------------------------------------------------
 
+
 def append_metrics(path: Path, record: dict) -> None:
     """Add one record (with its "step") to the metrics log."""
     with open(path, "a", encoding="utf-8") as f:
@@ -247,14 +253,16 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop log records past the checkpoint (steps trained after it but lost in a crash)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def plot_losses(metrics_path: Path, png: Path) -> None:
@@ -285,6 +293,7 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
 
 # --- stopping and progress ---------------------------------------------------------------------
 
+
 class Display:
     """A rich progress bar with loss, tokens/s, MFU and ETA; lines for evaluations and samples.
 
@@ -292,28 +301,41 @@ class Display:
     time-limited run is its real end.
     """
 
-    def __init__(self, enabled: bool, max_steps: int, max_time: float | None = None,
-                 label: str = "pretraining", console=None):
+    def __init__(
+        self, enabled: bool, max_steps: int, max_time: float | None = None, label: str = "pretraining", console=None
+    ):
         self.enabled, self.max_steps, self.max_time = enabled, max_steps, max_time
         if not enabled:
             return
-        from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         # `console`: the caller's, when it prints lines of its own while the bar runs (a line
         # printed through another console breaks the bar, and leaves a copy of it each time).
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
             TextColumn("step {task.fields[step]}/{task.fields[max_steps]}"),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[speed]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
         )
-        self.task = self.progress.add_task(label, total=1.0, step=0, max_steps=max_steps,
-                                           loss="-", speed="")
+        self.task = self.progress.add_task(label, total=1.0, step=0, max_steps=max_steps, loss="-", speed="")
         self.progress.start()
 
-    def step(self, step: int, loss: float | None, *, tokens_per_s: float | None,
-             mfu: float | None, elapsed: float = 0.0) -> None:
+    def step(
+        self, step: int, loss: float | None, *, tokens_per_s: float | None, mfu: float | None, elapsed: float = 0.0
+    ) -> None:
         if not self.enabled:
             return
         fields = {}

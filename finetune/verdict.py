@@ -11,6 +11,7 @@ The gate regresses a model that forgot its base's skills, gives back fewer corre
 base did, does worse on the held-out examples, or fits its own training examples worse than the
 base did (training that went wrong); a regressed model is never activated on its own.
 """
+
 from __future__ import annotations
 
 FORGET_TOLERANCE = 0.10
@@ -21,8 +22,10 @@ def judge(metrics: dict) -> tuple[str, list[str]]:
     m = metrics
     reasons = []
     if m.get("recall_of") and m["recall"] < m["recall_base"]:
-        reasons.append(f"it gives back fewer of your corrections than its base "
-                       f"({m['recall']} vs {m['recall_base']} of {m['recall_of']})")
+        reasons.append(
+            f"it gives back fewer of your corrections than its base "
+            f"({m['recall']} vs {m['recall_base']} of {m['recall_of']})"
+        )
     before, after = m.get("replay_loss_before"), m.get("replay_loss_after")
     if before is not None and after is not None and after > before * (1 + FORGET_TOLERANCE):
         reasons.append(f"it forgot part of its base's skills (their loss rose {after / before - 1:.0%})")
@@ -38,19 +41,21 @@ def summary_lines(metrics: dict) -> list[str]:
     m = metrics
     lines = []
     if m.get("recall_of"):
-        lines.append(f"your corrections: {m['recall']} of {m['recall_of']} now come back "
-                     f"(greedy, exact; the base gave back {m['recall_base']})")
+        lines.append(
+            f"your corrections: {m['recall']} of {m['recall_of']} now come back "
+            f"(greedy, exact; the base gave back {m['recall_base']})"
+        )
     if m.get("replay_loss_before") is not None:
         change = m["replay_loss_after"] / m["replay_loss_before"] - 1
-        lines.append(f"the base's skills: held-out loss {m['replay_loss_before']:.3f} -> "
-                     f"{m['replay_loss_after']:.3f} ({change:+.0%}; {m['replay_examples']} of its "
-                     f"own examples mixed into each epoch)")
+        lines.append(
+            f"the base's skills: held-out loss {m['replay_loss_before']:.3f} -> "
+            f"{m['replay_loss_after']:.3f} ({change:+.0%}; {m['replay_examples']} of its "
+            f"own examples mixed into each epoch)"
+        )
     elif "replay_examples" in m:
-        lines.append("the base's skills: not checked, it has no instruction data of its own to "
-                     "replay (replay.jsonl)")
+        lines.append("the base's skills: not checked, it has no instruction data of its own to replay (replay.jsonl)")
     if m.get("gate_parent_loss") is not None:
-        lines.append(f"held-out loss on your examples: {m['gate_parent_loss']:.3f} (base) -> "
-                     f"{m['gate_new_loss']:.3f}")
+        lines.append(f"held-out loss on your examples: {m['gate_parent_loss']:.3f} (base) -> {m['gate_new_loss']:.3f}")
     gate, reasons = judge(m)
     lines.append(f"regression gate: {gate}" + (f": {'; '.join(reasons)}" if reasons else ""))
     return lines

@@ -17,6 +17,7 @@ B, so serving several clients costs little more than serving one. The pieces:
 Memory is bounded: at most `max_rows` rows, fewer where a whole-context row of keys and values
 for each would pass `kv_budget` bytes. The caller (gpt.service) queues what does not fit, in order.
 """
+
 from __future__ import annotations
 
 import random
@@ -64,7 +65,7 @@ class BatchedKVCache:
         k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         v = torch.zeros(shape, device=self.device, dtype=self.dtype)
         if self.k is not None:
-            k[:, :self.slots], v[:, :self.slots] = self.k, self.v
+            k[:, : self.slots], v[:, : self.slots] = self.k, self.v
         self.k, self.v = k, v
         self.ids += [[] for _ in range(n - self.slots)]
 
@@ -83,7 +84,7 @@ class BatchedKVCache:
         if reuse:
             best = max(range(self.slots), key=lambda s: common_prefix(self.ids[s], ids))
             common = min(common_prefix(self.ids[best], ids), len(ids) - 1)
-            if best > slot:   # a free slot: move it here whole
+            if best > slot:  # a free slot: move it here whole
                 self.swap(best, slot)
             elif best < slot and common:  # a busy one: copy the shared positions
                 for t in (self.k, self.v):
@@ -96,7 +97,7 @@ class _SlotCache:
     """One slot as gpt.model's KVCache (a view: the model writes into the batched tensors)."""
 
     def __init__(self, cache: BatchedKVCache, slot: int):
-        self.k, self.v = cache.k[:, slot:slot + 1], cache.v[:, slot:slot + 1]
+        self.k, self.v = cache.k[:, slot : slot + 1], cache.v[:, slot : slot + 1]
         self.max_len, self.pos = cache.max_len, len(cache.ids[slot])
 
 
@@ -114,13 +115,13 @@ class _StepCache:
 
 @dataclass
 class Request:
-    ids: list[int]                      # the prompt, trimmed to the window (Engine.chat_ids ...)
+    ids: list[int]  # the prompt, trimmed to the window (Engine.chat_ids ...)
     dropped: int
     params: SamplingParams
     cancel: threading.Event
     on_text: Callable[[str], None]
     on_done: Callable[[GenerationResult], None]
-    on_error: Callable[[str], None]     # a step failed (a bug): the request is over
+    on_error: Callable[[str], None]  # a step failed (a bug): the request is over
     logprobs: int | None = None
     echo: bool = False
 
@@ -167,12 +168,20 @@ class _Row:
         decode_s = end - self.first_at if self.first_at is not None else 0.0
         n = len(self.tokens)
         return GenerationResult(
-            text=self.text.text, finish_reason=self.finish, prompt_tokens=len(self.req.ids),
-            new_tokens=n, dropped_tokens=self.req.dropped, cached_tokens=self.cached,
+            text=self.text.text,
+            finish_reason=self.finish,
+            prompt_tokens=len(self.req.ids),
+            new_tokens=n,
+            dropped_tokens=self.req.dropped,
+            cached_tokens=self.cached,
             ttft_s=(self.first_at if self.first_at is not None else end) - self.start,
             tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-            seed=self.seed, threads=self.threads, token_ids=self.tokens, logprobs=self.scored,
-            prompt_logprobs=self.prompt_scored)
+            seed=self.seed,
+            threads=self.threads,
+            token_ids=self.tokens,
+            logprobs=self.scored,
+            prompt_logprobs=self.prompt_scored,
+        )
 
 
 class Batch:
@@ -203,10 +212,10 @@ class Batch:
         try:
             with torch.inference_mode():
                 row.cached = self.cache.place(slot, req.ids, reuse=not req.echo)
-                fed = req.ids[row.cached:]
+                fed = req.ids[row.cached :]
                 x = torch.tensor([fed], dtype=torch.long, device=engine.device)
                 view = _SlotCache(self.cache, slot)
-                logits = engine.model(x, view, last_only=not req.echo)[0, :, :engine.tokenizer.n_vocab]
+                logits = engine.model(x, view, last_only=not req.echo)[0, :, : engine.tokenizer.n_vocab]
                 self.cache.ids[slot] = list(req.ids)
                 if req.echo:
                     row.prompt_scored = _score_prompt(req.ids, logits, top=req.logprobs or 0)
@@ -239,7 +248,7 @@ class Batch:
             lengths = [len(cache.ids[s]) for s in range(len(self.rows))]
             x = torch.stack([row.token for row in self.rows]).view(-1, 1)
             logits = self.engine.model(x, _StepCache(cache, lengths), last_only=True)
-            logits = logits[:, -1, :self.engine.tokenizer.n_vocab]
+            logits = logits[:, -1, : self.engine.tokenizer.n_vocab]
             for slot, row in enumerate(self.rows):
                 row.logits = logits[slot]
                 tid = int(row.token)

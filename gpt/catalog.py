@@ -3,6 +3,7 @@ training job is running. gpt/ only asks (ModelCatalog); which models exist is kn
 (data.registry's catalog, over the store and KETTLE_HOME/models), since gpt/ imports nothing
 above it. PathCatalog is the plain answer without a store: models named by their directory.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,13 +16,13 @@ from gpt.errors import KettleError
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
-    path: str = ""              # empty when a remote server does not say
-    source: str = "directory"   # "store" (a model version) | "directory"
-    kind: str = ""              # the store's kind (finetuned, imported, ...); "" for a plain directory
+    path: str = ""  # empty when a remote server does not say
+    source: str = "directory"  # "store" (a model version) | "directory"
+    kind: str = ""  # the store's kind (finetuned, imported, ...); "" for a plain directory
     status: str = ""
     created: float = 0.0
     version_id: int | None = None
-    active: bool = False        # the model this service answers with now
+    active: bool = False  # the model this service answers with now
 
 
 class ModelCatalog(Protocol):

@@ -15,6 +15,7 @@ any continuation of it: the engine relies on that to reuse its KV cache across t
 with the assistant header, so the model writes the next answer; fine-tuning teaches the model the
 assistant content and the end-of-turn marker (the loss mask covers both), so generation stops.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,9 @@ END_OF_TURN = "<|end|>"
 SPECIAL_HEADERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 TEXT_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
 
-ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.")
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
 
 
 def uses_special_tokens(tokenizer: Tokenizer) -> bool:
@@ -58,8 +60,7 @@ def header_ids(role: str, tokenizer: Tokenizer) -> list[int]:
 
 def render_message(message: dict, tokenizer: Tokenizer) -> list[int]:
     """One message, complete with its end-of-turn marker."""
-    return (header_ids(message["role"], tokenizer) + tokenizer.encode(message["content"])
-            + [end_of_turn_id(tokenizer)])
+    return header_ids(message["role"], tokenizer) + tokenizer.encode(message["content"]) + [end_of_turn_id(tokenizer)]
 
 
 def validate_messages(messages) -> list[dict]:
@@ -127,7 +128,6 @@ def jinja_chat_template(tokenizer: Tokenizer) -> str:
         "{%- elif message['role'] == 'system' and not loop.first -%}"
         "{{ raise_exception('a system message may only come first') }}"
         "{%- endif -%}"
-        "{{ headers[message['role']] }}{{ message['content'] }}" + end +
-        "{%- endfor -%}"
+        "{{ headers[message['role']] }}{{ message['content'] }}" + end + "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ headers['assistant'] }}{%- endif -%}"
     )

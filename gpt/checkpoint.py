@@ -9,6 +9,7 @@ Saving goes through a temporary directory that is renamed into place, so a crash
 half-written model. Loading reads the safetensors header first and checks every tensor's name,
 shape and dtype against the config before any weight is read. Nothing is ever unpickled.
 """
+
 from __future__ import annotations
 
 import errno
@@ -21,9 +22,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from gpt.files import atomic_directory
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
+from gpt.files import atomic_directory
 from gpt.model import GPT
 from gpt.tokenizer import LEGACY_TOKENIZER_FILE, TOKENIZER_FILE, Tokenizer, load_tokenizer, tokenizer_path
 
@@ -54,13 +55,18 @@ def expected_tensors(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.weights().items()}
 
 
-def save_model(model: GPT, directory: str | Path, *, tokenizer: Tokenizer | None = None,
-               overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
+def save_model(
+    model: GPT,
+    directory: str | Path,
+    *,
+    tokenizer: Tokenizer | None = None,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
     """Write `model` (and its tokenizer, unless GPT-2's) as a model directory, atomically."""
     directory = Path(directory)
     if tokenizer is not None and tokenizer.n_vocab > model.config.vocab_size:
-        raise KettleError(f"tokenizer has {tokenizer.n_vocab} tokens but the model only "
-                          f"{model.config.vocab_size}")
+        raise KettleError(f"tokenizer has {tokenizer.n_vocab} tokens but the model only {model.config.vocab_size}")
     state = {name: t.detach().contiguous().cpu() for name, t in model.weights().items()}
     dtypes = {t.dtype for t in state.values()}
     if len(dtypes) != 1:
@@ -100,12 +106,14 @@ def read_meta(directory: str | Path) -> tuple[dict, GPTConfig]:
         raise KettleError(f"{path}: cannot read ({exc})") from None
     if not isinstance(meta, dict) or "kettle_format" not in meta:
         if isinstance(meta, dict) and meta.get("model_type") == "gpt2":
-            raise KettleError(f"{directory}: a Hugging Face GPT-2 directory; convert it with "
-                              f"`kettle import-hf {directory} OUT_DIR`")
+            raise KettleError(
+                f"{directory}: a Hugging Face GPT-2 directory; convert it with `kettle import-hf {directory} OUT_DIR`"
+            )
         raise KettleError(f"{path}: not a Kettle model config (no kettle_format)")
     if meta["kettle_format"] != FORMAT_VERSION:
-        raise KettleError(f"{path}: format version {meta['kettle_format']} is not supported "
-                          f"(this Kettle reads {FORMAT_VERSION})")
+        raise KettleError(
+            f"{path}: format version {meta['kettle_format']} is not supported (this Kettle reads {FORMAT_VERSION})"
+        )
     if not isinstance(meta.get("dtype"), str) or meta["dtype"] not in DTYPES:
         raise KettleError(f"{path}: dtype must be one of {', '.join(DTYPES)}, got {meta.get('dtype')!r}")
     config = GPTConfig.from_dict(meta.get("config"), source=str(path))
@@ -124,8 +132,7 @@ def check_model_dir(directory: str | Path) -> tuple[dict, GPTConfig, Tokenizer]:
         raise KettleError(f"{directory / meta['tokenizer']}: missing (config.json says the model uses it)")
     tokenizer = load_tokenizer(directory)
     if tokenizer.n_vocab > config.vocab_size:
-        raise KettleError(f"{directory}: tokenizer has {tokenizer.n_vocab} tokens, the model "
-                          f"only {config.vocab_size}")
+        raise KettleError(f"{directory}: tokenizer has {tokenizer.n_vocab} tokens, the model only {config.vocab_size}")
     return meta, config, tokenizer
 
 
@@ -141,8 +148,7 @@ def check_block_count(path: Path, names: set[str], *, config: GPTConfig) -> None
     layers would take minutes to tell that it lies."""
     blocks = len({name.split(".")[1] for name in names if name.startswith("h.")})
     if blocks != config.n_layer:
-        raise KettleError(f"{path}: holds {blocks} transformer blocks, config.json says "
-                          f"n_layer {config.n_layer}")
+        raise KettleError(f"{path}: holds {blocks} transformer blocks, config.json says n_layer {config.n_layer}")
 
 
 @contextmanager
@@ -159,17 +165,20 @@ def _checked_weights(path: Path, config: GPTConfig, *, dtype: str):
             missing = sorted(set(expected) - names)
             unexpected = sorted(names - set(expected))
             if missing:
-                raise KettleError(f"{path}: missing tensor {missing[0]}"
-                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+                raise KettleError(
+                    f"{path}: missing tensor {missing[0]}"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                )
             if unexpected:
-                raise KettleError(f"{path}: unexpected tensor {unexpected[0]}"
-                                  + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+                raise KettleError(
+                    f"{path}: unexpected tensor {unexpected[0]}"
+                    + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+                )
             for name, shape in expected.items():
                 sl = f.get_slice(name)
                 got = tuple(sl.get_shape())
                 if got != shape:
-                    raise KettleError(f"{path}: tensor {name} has shape {list(got)}, "
-                                      f"the config expects {list(shape)}")
+                    raise KettleError(f"{path}: tensor {name} has shape {list(got)}, the config expects {list(shape)}")
                 if sl.get_dtype() != _safetensors_dtype(dtype):
                     raise KettleError(f"{path}: tensor {name} is {sl.get_dtype()}, config.json says {dtype}")
             yield f
@@ -183,9 +192,13 @@ def _safetensors_dtype(name: str) -> str:
     return {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[name]
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu",
-               *, dtype: torch.dtype | None = None,
-               quantize: str | None = None) -> tuple[GPT, Tokenizer]:
+def load_model(
+    directory: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    dtype: torch.dtype | None = None,
+    quantize: str | None = None,
+) -> tuple[GPT, Tokenizer]:
     """Load a model directory: (model in eval mode on `device`, its tokenizer). `quantize`
     ("int8", CPU only) turns its linear layers into int8 ones from these same weights
     (gpt.quantize); they are quantized from fp32, whatever `dtype` says."""
@@ -203,4 +216,3 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     if quantize:
         quantize_model(model, quantize)
     return model.eval(), tokenizer
-

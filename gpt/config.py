@@ -1,4 +1,5 @@
 """Model configuration: one dataclass and the named presets."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,14 +34,18 @@ class GPTConfig:
                 raise KettleError(f"config: {name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise KettleError(f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.n_inner is not None and (not isinstance(self.n_inner, int) or isinstance(self.n_inner, bool)
-                                         or self.n_inner <= 0):
+        if self.n_inner is not None and (
+            not isinstance(self.n_inner, int) or isinstance(self.n_inner, bool) or self.n_inner <= 0
+        ):
             raise KettleError(f"config: n_inner must be a positive integer or null, got {self.n_inner!r}")
         for name in ("qkv_bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise KettleError(f"config: {name} must be true or false, got {getattr(self, name)!r}")
-        if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
-                or not 0.0 <= self.dropout < 1.0):
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= self.dropout < 1.0
+        ):
             raise KettleError(f"config: dropout must be in [0, 1), got {self.dropout!r}")
 
     @property

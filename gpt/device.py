@@ -8,6 +8,7 @@ A server loads its weights in `pick_dtype(device)`; a training loop keeps fp32 w
 optimizer's small updates would vanish in bf16) and autocasts its forward pass to the same dtype,
 so the two never disagree about which devices compute in bf16.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,10 +20,23 @@ from gpt.errors import KettleError
 # Dense peak TFLOPS of tensor-core bf16 (fp16 where there is no bf16), by device-name substring;
 # the first match wins, so more specific names come first. MFU is measured against these.
 PEAK_TFLOPS = (
-    ("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0),
-    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("A6000", 154.8), ("A10G", 70.0),
-    ("A10", 125.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("4090", 165.2),
-    ("3090", 71.0), ("V100", 125.0), ("T4", 65.0),
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("A6000", 154.8),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("4090", 165.2),
+    ("3090", 71.0),
+    ("V100", 125.0),
+    ("T4", 65.0),
 )
 
 

@@ -10,6 +10,7 @@ huggingface_hub versions resumed from; 2.x never touches it), checks it against 
 sha256 of an LFS file, the git hash of a small one), then lets `hf_hub_download` link it into
 the snapshot as it does for any blob already in the cache.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,8 @@ import re
 import tempfile
 from pathlib import Path
 
-from gpt.files import sha256_file
 from gpt.errors import KettleError
+from gpt.files import sha256_file
 from gpt.hf import import_hf
 
 HF_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -53,8 +54,7 @@ def download_gpt2(size: str, out_dir: str | Path, *, progress_factory=None, over
 def fetch(repo: str, name: str, *, progress=None) -> Path:
     """`name` from `repo` at main, through the shared cache; its path in the cache's snapshot."""
     import httpx2
-    from huggingface_hub import (constants, get_hf_file_metadata, hf_hub_download, hf_hub_url,
-                                 try_to_load_from_cache)
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.file_download import http_get, repo_folder_name
     from huggingface_hub.utils import WeakFileLock
 
@@ -86,8 +86,13 @@ def fetch(repo: str, name: str, *, progress=None) -> Path:
                 with open(part, "r+b" if have else "wb") as f:
                     f.seek(have)
                     f.truncate()
-                    http_get(meta.location, f, resume_size=have, expected_size=meta.size,
-                             tqdm_class=_reporting(progress) if progress else None)
+                    http_get(
+                        meta.location,
+                        f,
+                        resume_size=have,
+                        expected_size=meta.size,
+                        tqdm_class=_reporting(progress) if progress else None,
+                    )
                     f.flush()
                     os.fsync(f.fileno())
                 _check_hash(part, meta.etag, url=url)
@@ -98,8 +103,7 @@ def fetch(repo: str, name: str, *, progress=None) -> Path:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise  # a local file's error (a full disk): the CLI prints it as the OSError it is
         # A short body is an OSError without errno from http_get ("Consistency check failed").
-        raise KettleError(f"{url}: download failed ({_first_line(exc)}); "
-                          "run the command again to resume") from None
+        raise KettleError(f"{url}: download failed ({_first_line(exc)}); run the command again to resume") from None
 
 
 def _check_hash(part: Path, etag: str, *, url: str) -> None:
@@ -113,8 +117,10 @@ def _check_hash(part: Path, etag: str, *, url: str) -> None:
         return
     if digest != etag:
         part.unlink()
-        raise KettleError(f"{url}: {kind} {digest} does not match the published {etag}; "
-                          "the partial file was removed, run the command again")
+        raise KettleError(
+            f"{url}: {kind} {digest} does not match the published {etag}; "
+            "the partial file was removed, run the command again"
+        )
 
 
 def _first_line(exc: Exception) -> str:

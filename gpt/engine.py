@@ -23,9 +23,11 @@ log_softmax of the logits after the request's penalties, temperature and filters
 Sampler.log_probs); `echo=True` also scores the prompt, each token under the raw logits of the
 tokens before it (nothing was sampled there), the first token having none.
 """
+
 from __future__ import annotations
 
 import codecs
+import collections
 import contextlib
 import random
 import threading
@@ -55,27 +57,27 @@ class ContextLengthExceeded(KettleError):
 @dataclass
 class TokenLogprob:
     token: int
-    logprob: float | None                       # None for a prompt's first token
+    logprob: float | None  # None for a prompt's first token
     top: list[tuple[int, float]] = field(default_factory=list)  # most likely first
 
 
 @dataclass
 class GenerationResult:
     text: str
-    finish_reason: str          # "stop" | "length" | "cancelled"
-    prompt_tokens: int          # tokens the model saw as the prompt (after trimming)
-    new_tokens: int             # tokens generated (an end-of-turn token is not counted)
-    dropped_tokens: int = 0     # prompt tokens left out to fit the context window
-    cached_tokens: int = 0      # prompt tokens reused from the previous request's KV cache
-    ttft_s: float = 0.0         # time to first token, from the call to the first sampled token
-    tokens_per_s: float = 0.0   # decode speed: tokens after the first / time after the first
-    seed: int = 0               # the seed actually used; pass it back to reproduce the text
-    threads: int = 0            # CPU threads the model ran on (0: a GPU)
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int  # tokens the model saw as the prompt (after trimming)
+    new_tokens: int  # tokens generated (an end-of-turn token is not counted)
+    dropped_tokens: int = 0  # prompt tokens left out to fit the context window
+    cached_tokens: int = 0  # prompt tokens reused from the previous request's KV cache
+    ttft_s: float = 0.0  # time to first token, from the call to the first sampled token
+    tokens_per_s: float = 0.0  # decode speed: tokens after the first / time after the first
+    seed: int = 0  # the seed actually used; pass it back to reproduce the text
+    threads: int = 0  # CPU threads the model ran on (0: a GPU)
     token_ids: list[int] = field(default_factory=list)
-    drafted_tokens: int = 0     # tokens speculative decoding proposed (see gpt.speculative)
-    accepted_tokens: int = 0    # of those, the ones the model kept
-    logprobs: list[TokenLogprob] | None = None          # one per token_ids entry, when asked
-    prompt_logprobs: list[TokenLogprob] | None = None   # one per prompt token, with echo
+    drafted_tokens: int = 0  # tokens speculative decoding proposed (see gpt.speculative)
+    accepted_tokens: int = 0  # of those, the ones the model kept
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token, with echo
 
     @property
     def acceptance_rate(self) -> float:
@@ -88,8 +90,7 @@ class GenerationResult:
 class Engine:
     """One model, one KV cache, one request at a time (a lock serialises concurrent callers)."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, device: str | torch.device | None = None,
-                 name: str = "model"):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, device: str | torch.device | None = None, name: str = "model"):
         if device is None:
             self.device = next(model.parameters()).device
         else:
@@ -115,13 +116,18 @@ class Engine:
         # decoded answers that copy their prompt 3.36x as fast at the tiny shape (the starter's)
         # and 2.44x at GPT-2 124M, answers that copy nothing 1.04x and 1.16x. Sampled answers
         # (speculate_sampled) and GPUs were not measured, so they decode one token at a time.
-        self.speculation: PromptLookup | DraftModel | None = (
-            PromptLookup() if self.device.type == "cpu" else None)
+        self.speculation: PromptLookup | DraftModel | None = PromptLookup() if self.device.type == "cpu" else None
         self.speculate_sampled = False
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str | torch.device | None = None,
-             *, dtype: torch.dtype | None = None, quantize: str | None = None) -> "Engine":
+    def load(
+        cls,
+        model_dir: str | Path,
+        device: str | torch.device | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        quantize: str | None = None,
+    ) -> "Engine":
         """`quantize` ("int8", gpt.quantize) runs on the CPU, which is then the default device."""
         from gpt.checkpoint import load_model
 
@@ -162,15 +168,20 @@ class Engine:
             kept = system + sum(segments[start:], []) + self._assistant_header
         return kept, len(full) - len(kept)
 
-    def stream_chat(self, messages: list[dict], params: SamplingParams,
-                    *, cancel: threading.Event | None = None, logprobs: int | None = None,
-                    truncate: bool = True) -> Iterator[str | GenerationResult]:
+    def stream_chat(
+        self,
+        messages: list[dict],
+        params: SamplingParams,
+        *,
+        cancel: threading.Event | None = None,
+        logprobs: int | None = None,
+        truncate: bool = True,
+    ) -> Iterator[str | GenerationResult]:
         """Answer the conversation as the assistant: text deltas, then a GenerationResult."""
         ids, dropped = self.chat_ids(messages, params, truncate=truncate)
         return self._generate(ids, params, cancel=cancel, dropped=dropped, logprobs=logprobs)
 
-    def chat_ids(self, messages: list[dict], params: SamplingParams,
-                 *, truncate: bool = True) -> tuple[list[int], int]:
+    def chat_ids(self, messages: list[dict], params: SamplingParams, *, truncate: bool = True) -> tuple[list[int], int]:
         """stream_chat's prompt ids and how many tokens were dropped (ContextLengthExceeded when
         some had to be and `truncate` is False); gpt.batching starts from here too."""
         params.validate()
@@ -181,23 +192,32 @@ class Engine:
 
     # --- raw text completion ---------------------------------------------------------------------
 
-    def stream(self, prompt: list[int] | str, params: SamplingParams,
-               *, cancel: threading.Event | None = None, logprobs: int | None = None,
-               echo: bool = False, truncate: bool = True) -> Iterator[str | GenerationResult]:
+    def stream(
+        self,
+        prompt: list[int] | str,
+        params: SamplingParams,
+        *,
+        cancel: threading.Event | None = None,
+        logprobs: int | None = None,
+        echo: bool = False,
+        truncate: bool = True,
+    ) -> Iterator[str | GenerationResult]:
         """Continue `prompt` (token ids or text): text deltas, then a GenerationResult."""
         ids, dropped = self.completion_ids(prompt, params, truncate=truncate)
         return self._generate(ids, params, cancel=cancel, dropped=dropped, logprobs=logprobs, echo=echo)
 
-    def completion_ids(self, prompt: list[int] | str, params: SamplingParams,
-                       *, truncate: bool = True) -> tuple[list[int], int]:
+    def completion_ids(
+        self, prompt: list[int] | str, params: SamplingParams, *, truncate: bool = True
+    ) -> tuple[list[int], int]:
         """stream's prompt ids (trimmed to the window) and how many were dropped, as chat_ids."""
         params.validate()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:  # GPT-2's convention: an unconditional sample starts at end-of-text
             ids = [self.tokenizer.eot_id]
         if max(ids) >= self.tokenizer.n_vocab or min(ids) < 0:
-            raise KettleError(f"prompt holds token ids outside the model's vocabulary "
-                              f"(0..{self.tokenizer.n_vocab - 1})")
+            raise KettleError(
+                f"prompt holds token ids outside the model's vocabulary (0..{self.tokenizer.n_vocab - 1})"
+            )
         dropped = max(0, len(ids) - self.prompt_budget(params))
         if dropped and not truncate:
             self._too_long(len(ids), params)
@@ -208,20 +228,23 @@ class Engine:
         raise ContextLengthExceeded(
             f"the prompt is {prompt_tokens} tokens, but this model's context of "
             f"{self.context_length} tokens holds at most {self.context_length - answer} once the "
-            f"answer has its {answer}")
+            f"answer has its {answer}"
+        )
 
     def tokenize(self, text: str) -> list[int]:
         """`text`'s token ids with special-token strings as the special tokens (as Hugging Face
         tokenizers read them: what evaluation harnesses count with)."""
         return self.tokenizer.encoding.encode(text, allowed_special="all")
 
-    def generate(self, prompt: list[int] | str, params: SamplingParams,
-                 *, cancel: threading.Event | None = None, **options) -> GenerationResult:
+    def generate(
+        self, prompt: list[int] | str, params: SamplingParams, *, cancel: threading.Event | None = None, **options
+    ) -> GenerationResult:
         """`stream` without the deltas."""
         return _last(self.stream(prompt, params, cancel=cancel, **options))
 
-    def generate_chat(self, messages: list[dict], params: SamplingParams,
-                      *, cancel: threading.Event | None = None, **options) -> GenerationResult:
+    def generate_chat(
+        self, messages: list[dict], params: SamplingParams, *, cancel: threading.Event | None = None, **options
+    ) -> GenerationResult:
         return _last(self.stream_chat(messages, params, cancel=cancel, **options))
 
     def reset(self) -> None:
@@ -237,15 +260,16 @@ class Engine:
         """Bring the cache to hold `ids`, reusing the longest shared prefix; the last logits, or
         with `every` the logits [T, V] after each of `ids` (the whole prompt is fed then)."""
         if self._cache is None:
-            self._cache = KVCache(self.model.config, 1, max_len=self.context_length, device=self.device,
-                                  dtype=self.model.wte.weight.dtype)
+            self._cache = KVCache(
+                self.model.config, 1, max_len=self.context_length, device=self.device, dtype=self.model.wte.weight.dtype
+            )
         # At least one token must be fed to get logits for the next one.
         common = 0 if every else min(common_prefix(self._cached_ids, ids), len(ids) - 1)
         self._cache.truncate(common)
         self._cached_ids = ids[:common]
         x = torch.tensor([ids[common:]], dtype=torch.long, device=self.device)
         if every:
-            logits = self.model(x, self._cache)[0, :, :self.tokenizer.n_vocab]
+            logits = self.model(x, self._cache)[0, :, : self.tokenizer.n_vocab]
         else:
             logits = self._next_logits(x)
         self._cached_ids = list(ids)
@@ -255,11 +279,18 @@ class Engine:
         """The logits [V] for the token after `x` (fed through the cache). Only the tokenizer's
         ids: a model's vocabulary may be larger (padded for speed, or a small corpus gave the
         tokenizer fewer merges than asked), and an id it cannot decode must never be drawn."""
-        return self.model(x, self._cache, last_only=True)[0, -1, :self.tokenizer.n_vocab]
+        return self.model(x, self._cache, last_only=True)[0, -1, : self.tokenizer.n_vocab]
 
-    def _generate(self, ids: list[int], params: SamplingParams, *, cancel: threading.Event | None,
-                  dropped: int, logprobs: int | None = None,
-                  echo: bool = False) -> Iterator[str | GenerationResult]:
+    def _generate(
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        *,
+        cancel: threading.Event | None,
+        dropped: int,
+        logprobs: int | None = None,
+        echo: bool = False,
+    ) -> Iterator[str | GenerationResult]:
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(MAX_SEED)
         max_new = min(params.max_new_tokens, self.context_length - len(ids))
         start = time.perf_counter()
@@ -287,8 +318,12 @@ class Engine:
                         sampler = Sampler(params, logits.size(-1), self.device, ids, seed)
                         if self.speculation is not None and (params.greedy or self.speculate_sampled):
                             speculator = Speculator(
-                                self, self.speculation.begin(self, ids, params=params, sampler=sampler), sampler,
-                                params, scored is not None)
+                                self,
+                                self.speculation.begin(self, ids, params=params, sampler=sampler),
+                                sampler,
+                                params,
+                                scored is not None,
+                            )
                     more = len(tokens) + 1 < max_new
                     if decided:
                         tid, log_probs = decided.pop(0)
@@ -326,11 +361,18 @@ class Engine:
         end = time.perf_counter()
         decode_s = end - first_at if first_at is not None else 0.0
         yield GenerationResult(
-            text=text.text, finish_reason=finish, prompt_tokens=len(ids), new_tokens=len(tokens),
-            dropped_tokens=dropped, cached_tokens=cached,
+            text=text.text,
+            finish_reason=finish,
+            prompt_tokens=len(ids),
+            new_tokens=len(tokens),
+            dropped_tokens=dropped,
+            cached_tokens=cached,
             ttft_s=(first_at - start) if first_at is not None else end - start,
             tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
-            seed=seed, threads=threads, token_ids=tokens, logprobs=scored,
+            seed=seed,
+            threads=threads,
+            token_ids=tokens,
+            logprobs=scored,
             drafted_tokens=speculator.drafted if speculator else 0,
             accepted_tokens=speculator.accepted if speculator else 0,
             prompt_logprobs=prompt_scored,
@@ -388,7 +430,7 @@ class TextStream:
 
     def _emit(self, upto: int) -> str:
         upto = max(upto, self.sent)
-        delta, self.sent = self.text[self.sent:upto], upto
+        delta, self.sent = self.text[self.sent : upto], upto
         return delta
 
 
@@ -409,19 +451,17 @@ def _torch_threads(n: int | None):
 def _entry(token: int, log_probs: torch.Tensor, *, top: int) -> TokenLogprob:
     """`token`'s log-probability in `log_probs` [V] and the `top` most likely (none removed)."""
     values, ids = log_probs.topk(min(top, log_probs.numel()))
-    return TokenLogprob(token, float(log_probs[token]),
-                        [(int(i), float(v)) for v, i in zip(values, ids) if v > float("-inf")])
+    return TokenLogprob(
+        token, float(log_probs[token]), [(int(i), float(v)) for v, i in zip(values, ids) if v > float("-inf")]
+    )
 
 
 def _score_prompt(ids: list[int], logits: torch.Tensor, *, top: int) -> list[TokenLogprob]:
     """Each prompt token under the raw logits [T, V] after the tokens before it."""
     log_probs = logits.float().log_softmax(-1)
-    return [TokenLogprob(ids[0], None)] + [_entry(t, log_probs[i], top=top)
-                                           for i, t in enumerate(ids[1:])]
+    return [TokenLogprob(ids[0], None)] + [_entry(t, log_probs[i], top=top) for i, t in enumerate(ids[1:])]
 
 
 def _last(items):
-    result = None
-    for result in items:
-        pass
-    return result
+    tail = collections.deque(items, maxlen=1)  # runs the iterator to its end, keeping one item
+    return tail[0] if tail else None

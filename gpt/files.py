@@ -4,6 +4,7 @@ A write in progress is a hidden temporary beside its target (`.NAME.XXXX.tmp`), 
 by the process writing it for as long as it writes. What a killed process leaves behind is
 unlocked: `remove_stale_temporaries` clears it on the next start of whatever owns the folder.
 """
+
 from __future__ import annotations
 
 import contextlib

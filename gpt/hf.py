@@ -9,6 +9,7 @@ and the tokenizer (`tokenizer.json` in the tokenizers library's format, `tokeniz
 with Kettle's chat template). Importing it gives back the model it came from: export, import,
 export writes the same bytes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,15 +20,21 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from gpt.files import atomic_directory
-from gpt.checkpoint import (DTYPES, check_block_count, dtype_name, expected_tensors, load_model,
-                            save_model, save_weights)
+from gpt.chat_template import TEXT_HEADERS, jinja_chat_template, stop_token_ids, uses_special_tokens
+from gpt.checkpoint import DTYPES, check_block_count, dtype_name, expected_tensors, load_model, save_model, save_weights
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
+from gpt.files import atomic_directory
 from gpt.model import GPT
-from gpt.chat_template import TEXT_HEADERS, jinja_chat_template, stop_token_ids, uses_special_tokens
-from gpt.tokenizer import (END_OF_TEXT, LEGACY_TOKENIZER_FILE, Tokenizer, from_hf_tokenizer,
-                           gpt2_tokenizer, hf_tokenizer_json, load_tokenizer_file)
+from gpt.tokenizer import (
+    END_OF_TEXT,
+    LEGACY_TOKENIZER_FILE,
+    Tokenizer,
+    from_hf_tokenizer,
+    gpt2_tokenizer,
+    hf_tokenizer_json,
+    load_tokenizer_file,
+)
 
 CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 # Buffers some GPT-2 files carry (the causal mask); Kettle builds its mask itself.
@@ -36,9 +43,13 @@ IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
 
 # Config values Kettle's model does not implement, with the one it does: any other is refused by
 # name (GPT-2 configs spell them all out; transformers' defaults are these).
-FIXED = {"layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
-         "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-         "add_cross_attention": False}
+FIXED = {
+    "layer_norm_epsilon": 1e-5,
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+}
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both GPT-2's tanh GELU
 DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")  # Kettle has one rate for all three
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -50,30 +61,40 @@ def config_from_hf(data, source: str) -> GPTConfig:
     if not isinstance(data, dict):
         raise KettleError(f"{source}: expected a JSON object (a Hugging Face GPT-2 config)")
     if "kettle_format" in data:
-        raise KettleError(f"{source}: already a Kettle model config (import-hf converts Hugging "
-                          "Face GPT-2 directories)")
+        raise KettleError(
+            f"{source}: already a Kettle model config (import-hf converts Hugging Face GPT-2 directories)"
+        )
     if data.get("model_type") not in (None, "gpt2"):
         raise KettleError(f"{source}: model_type is {data.get('model_type')!r}, only gpt2 is supported")
     act = data.get("activation_function", "gelu_new")
     if act not in ACTIVATIONS:
-        raise KettleError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU "
-                          f"({' or '.join(ACTIVATIONS)})")
+        raise KettleError(
+            f"{source}: activation_function {act!r} is not GPT-2's tanh GELU ({' or '.join(ACTIVATIONS)})"
+        )
     for key, value in FIXED.items():
         if key in data and data[key] != value:
-            raise KettleError(f"{source}: {key} {data[key]!r} is not implemented (Kettle's GPT-2 "
-                              f"has {json.dumps(value)})")
+            raise KettleError(
+                f"{source}: {key} {data[key]!r} is not implemented (Kettle's GPT-2 has {json.dumps(value)})"
+            )
     dropout = data.get(DROPOUTS[0], 0.0)
     for key in DROPOUTS[1:]:
         if data.get(key, 0.0) != dropout:
-            raise KettleError(f"{source}: {key} {data[key]!r} is not {DROPOUTS[0]} {dropout!r}; "
-                              "Kettle has one dropout rate for all three")
+            raise KettleError(
+                f"{source}: {key} {data[key]!r} is not {DROPOUTS[0]} {dropout!r}; "
+                "Kettle has one dropout rate for all three"
+            )
     context = data.get("n_positions", data.get("n_ctx"))
     try:
-        fields = {"vocab_size": data["vocab_size"], "n_layer": data["n_layer"],
-                  "n_head": data["n_head"], "n_embd": data["n_embd"],
-                  "context_length": data["n_positions"] if context is None else context,
-                  "n_inner": data.get("n_inner"), "dropout": dropout,
-                  "tie_embeddings": data.get("tie_word_embeddings", True)}
+        fields = {
+            "vocab_size": data["vocab_size"],
+            "n_layer": data["n_layer"],
+            "n_head": data["n_head"],
+            "n_embd": data["n_embd"],
+            "context_length": data["n_positions"] if context is None else context,
+            "n_inner": data.get("n_inner"),
+            "dropout": dropout,
+            "tie_embeddings": data.get("tie_word_embeddings", True),
+        }
     except KeyError as exc:
         raise KettleError(f"{source}: missing key {exc.args[0]}") from None
     return GPTConfig.from_dict(fields, source)
@@ -96,7 +117,8 @@ def config_to_hf(config: GPTConfig, dtype: str, *, eot_id: int | None) -> dict:
         "initializer_range": 0.02,
         **FIXED,
         **{key: config.dropout for key in DROPOUTS},
-        "bos_token_id": eot_id, "eos_token_id": eot_id,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
         "tie_word_embeddings": config.tie_embeddings,
         "torch_dtype": dtype,
     }
@@ -123,8 +145,7 @@ def hf_state_to_kettle(state: dict[str, torch.Tensor], tied: bool = True) -> dic
 def kettle_state_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """GPT2LMHeadModel's names and layout for a state without the tied head (GPT.weights())."""
     return {
-        name if name == "lm_head.weight" else f"transformer.{name}":
-            (t.t() if CONV1D.match(name) else t).contiguous()
+        name if name == "lm_head.weight" else f"transformer.{name}": (t.t() if CONV1D.match(name) else t).contiguous()
         for name, t in state.items()
     }
 
@@ -156,9 +177,12 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
     shards = _weight_files(hf_dir)
     tokenizer = _tokenizer(hf_dir)
     if tokenizer.n_vocab > config.vocab_size:
-        source = (f"{hf_dir / LEGACY_TOKENIZER_FILE} ({tokenizer.n_vocab} tokens)" if tokenizer.name != "gpt2"
-                  else f"GPT-2's tokenizer ({tokenizer.n_vocab} tokens)"
-                  + ("" if (hf_dir / LEGACY_TOKENIZER_FILE).exists() else ", and there is no tokenizer.json"))
+        source = (
+            f"{hf_dir / LEGACY_TOKENIZER_FILE} ({tokenizer.n_vocab} tokens)"
+            if tokenizer.name != "gpt2"
+            else f"GPT-2's tokenizer ({tokenizer.n_vocab} tokens)"
+            + ("" if (hf_dir / LEGACY_TOKENIZER_FILE).exists() else ", and there is no tokenizer.json")
+        )
         raise KettleError(f"{config_file}: vocab_size {config.vocab_size} is smaller than {source}")
     with contextlib.ExitStack() as stack:
         names = {}  # Kettle's name: (the open file holding it, its name there, the file's path)
@@ -178,8 +202,9 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
                 stored = tuple(f.get_slice(stored_name).get_shape())
             want = shape[::-1] if CONV1D.match(name) else shape  # Conv1D: [in, out]
             if stored != want:
-                raise KettleError(f"{path}: tensor {stored_name} has shape {list(stored)}, "
-                                  f"config.json implies {list(want)}")
+                raise KettleError(
+                    f"{path}: tensor {stored_name} has shape {list(stored)}, config.json implies {list(want)}"
+                )
         extra = sorted(set(names) - set(expected))
         if extra:
             raise KettleError(f"{names[extra[0]][2]}: unexpected tensor {names[extra[0]][1]}")
@@ -204,15 +229,18 @@ def _weight_files(hf_dir: Path) -> list[Path]:
     if weights.is_file():
         return [weights]
     if not index.exists():
-        hint = " (only pytorch_model.bin, which Kettle does not unpickle)" if (hf_dir / "pytorch_model.bin").exists() else ""
+        hint = (
+            " (only pytorch_model.bin, which Kettle does not unpickle)"
+            if (hf_dir / "pytorch_model.bin").exists()
+            else ""
+        )
         raise KettleError(f"{weights}: missing{hint}")
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (OSError, ValueError, RecursionError, KeyError, TypeError) as exc:
         raise KettleError(f"{index}: cannot read a weight_map from it ({exc!r})") from None
     files = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else None
-    if not files or not all(isinstance(n, str) and n == Path(n).name and n.endswith(".safetensors")
-                            for n in files):
+    if not files or not all(isinstance(n, str) and n == Path(n).name and n.endswith(".safetensors") for n in files):
         raise KettleError(f"{index}: weight_map must map tensor names to .safetensors files in {hf_dir}")
     missing = [n for n in files if not (hf_dir / n).is_file()]
     if missing:
@@ -261,15 +289,20 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = F
     dtype = dtype_name(model.wte.weight.dtype)
     weights = model.weights()
     if not model.config.qkv_bias:  # GPT-2 always has these biases: zeros add nothing
-        weights |= {f"h.{i}.attn.c_attn.bias": model.wte.weight.new_zeros(3 * model.config.n_embd)
-                    for i in range(model.config.n_layer)}
+        weights |= {
+            f"h.{i}.attn.c_attn.bias": model.wte.weight.new_zeros(3 * model.config.n_embd)
+            for i in range(model.config.n_layer)
+        }
     files = {
         "config.json": config_to_hf(model.config, dtype, eot_id=tokenizer.eot_id),
         GENERATION_CONFIG: _generation_config(model.config, tokenizer),
         TOKENIZER_CONFIG: {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT, "pad_token": END_OF_TEXT,
-            "add_prefix_space": False, "clean_up_tokenization_spaces": False,
+            "bos_token": END_OF_TEXT,
+            "eos_token": END_OF_TEXT,
+            "pad_token": END_OF_TEXT,
+            "add_prefix_space": False,
+            "clean_up_tokenization_spaces": False,
             "model_max_length": model.config.context_length,
             "chat_template": jinja_chat_template(tokenizer),
         },
@@ -298,8 +331,11 @@ def _prefixes(tokenizer: Tokenizer) -> tuple[str, ...]:
 def _generation_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
     """What generate() stops at and may draw, as Kettle's engine does: the end-of-turn marker
     and end of text end an answer; ids past the tokenizer's (a padded vocabulary) never come."""
-    out = {"bos_token_id": tokenizer.eot_id, "eos_token_id": sorted(stop_token_ids(tokenizer)),
-           "pad_token_id": tokenizer.eot_id}
+    out = {
+        "bos_token_id": tokenizer.eot_id,
+        "eos_token_id": sorted(stop_token_ids(tokenizer)),
+        "pad_token_id": tokenizer.eot_id,
+    }
     if config.vocab_size > tokenizer.n_vocab:
         out["suppress_tokens"] = list(range(tokenizer.n_vocab, config.vocab_size))
     return out

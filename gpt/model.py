@@ -4,6 +4,7 @@ Parameter names follow Hugging Face's GPT-2 (wte, wpe, h.N.attn.c_attn, ...) so 
 map one to one; the only difference is that Kettle uses nn.Linear ([out, in]) where GPT-2 has
 Conv1D ([in, out]).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,9 @@ class KVCache:
     a shared prefix between two prompts instead of prefilling it again.
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int = 1, *, max_len: int | None = None,
-                 device=None, dtype=torch.float32):
+    def __init__(
+        self, config: GPTConfig, batch_size: int = 1, *, max_len: int | None = None, device=None, dtype=torch.float32
+    ):
         max_len = max_len or config.context_length
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
@@ -57,8 +59,9 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                norm: nn.LayerNorm | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, norm: nn.LayerNorm | None = None
+    ) -> torch.Tensor:
         """x is [B, T, C]; or [B, C] for a decoding step (one new token per sequence, cached).
         With `norm`, x is the residual stream and the attention reads norm(x) (norm_then_linear)."""
         if x.dim() == 2:
@@ -85,7 +88,11 @@ class CausalSelfAttention(nn.Module):
                 mask = torch.ones(T, end, dtype=torch.bool, device=qkv.device).tril(diagonal=start)
                 is_causal = False
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
         )
         return y.transpose(1, 2).contiguous().view(B, T, C)
@@ -127,8 +134,7 @@ class MLP(nn.Module):
         """With `norm`, x is the residual stream and the MLP reads norm(x) (norm_then_linear)."""
         u = norm_then_linear(norm, self.c_fc, x=x)
         # A plain Linear only: LoRA wraps c_proj in a module of its own, kept on autograd's path.
-        if (u.requires_grad and type(self.c_proj) is nn.Linear
-                and not torch.is_autocast_enabled(u.device.type)):
+        if u.requires_grad and type(self.c_proj) is nn.Linear and not torch.is_autocast_enabled(u.device.type):
             y = _GeluProjection.apply(u, self.c_proj.weight, self.c_proj.bias)
         else:
             y = self.c_proj(F.gelu(u, approximate="tanh"))
@@ -155,8 +161,9 @@ class _GeluProjection(torch.autograd.Function):
         a = F.gelu(u, approximate="tanh")
         grad_w = grad_y.flatten(0, -2).t() @ a.flatten(0, -2) if ctx.needs_input_grad[1] else None
         grad_b = grad_y.flatten(0, -2).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        grad_u = torch.ops.aten.gelu_backward(grad_y @ weight, u, approximate="tanh") \
-            if ctx.needs_input_grad[0] else None
+        grad_u = (
+            torch.ops.aten.gelu_backward(grad_y @ weight, u, approximate="tanh") if ctx.needs_input_grad[0] else None
+        )
         return grad_u, grad_w, grad_b
 
 
@@ -166,8 +173,12 @@ def norm_then_linear(norm: nn.LayerNorm | None, linear: nn.Module, *, x: torch.T
     autocast, LoRA's wrapped Linear) autograd's own path."""
     if norm is None:
         return linear(x)
-    if (x.requires_grad and type(linear) is nn.Linear and x.dtype == torch.float32
-            and not torch.is_autocast_enabled(x.device.type)):
+    if (
+        x.requires_grad
+        and type(linear) is nn.Linear
+        and x.dtype == torch.float32
+        and not torch.is_autocast_enabled(x.device.type)
+    ):
         return _NormLinear.apply(x, norm.weight, norm.bias, linear.weight, linear.bias, norm.eps)
     return linear(norm(x))
 
@@ -198,8 +209,8 @@ class _NormLinear(torch.autograd.Function):
         grad_x = grad_nw = grad_nb = None
         if need[0] or need[1] or need[2]:
             grad_x, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(
-                grad_y @ weight, x, (x.size(-1),), mean, rstd, norm_weight, norm_bias,
-                [need[0], need[1], need[2]])
+                grad_y @ weight, x, (x.size(-1),), mean, rstd, norm_weight, norm_bias, [need[0], need[1], need[2]]
+            )
         return grad_x, grad_nw, grad_nb, grad_w, grad_b, None
 
 
@@ -268,8 +279,14 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n
 
-    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
-                      *, pos_offset: int = 0, sparse_embedding_grad: bool = False) -> torch.Tensor:
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        *,
+        pos_offset: int = 0,
+        sparse_embedding_grad: bool = False,
+    ) -> torch.Tensor:
         """The final-LayerNorm outputs, [B, T, n_embd]; classification heads start from here.
         `sparse_embedding_grad`: only for a loss through the tied head (see _embed)."""
         B, T = idx.shape
@@ -280,11 +297,12 @@ class GPT(nn.Module):
             x, decoding = self.wte(idx.view(B)) + self.wpe(start), True
         else:
             if start + T > self.config.context_length:
-                raise ValueError(f"sequence of {start + T} tokens exceeds the context length "
-                                 f"{self.config.context_length}")
+                raise ValueError(
+                    f"sequence of {start + T} tokens exceeds the context length {self.config.context_length}"
+                )
             if kv_cache is not None and start + T > kv_cache.max_len:
                 raise ValueError(f"KV cache holds {kv_cache.max_len} positions, {start + T} needed")
-            x = self._embed(idx, sparse_embedding_grad) + self.wpe.weight[start:start + T]
+            x = self._embed(idx, sparse_embedding_grad) + self.wpe.weight[start : start + T]
             x = _dropout(x, self.config.dropout, training=self.training)
             decoding = kv_cache is not None and T == 1
             if decoding:
@@ -306,8 +324,14 @@ class GPT(nn.Module):
         sparse = sparse_grad and self.config.tie_embeddings and torch.is_grad_enabled()
         return F.embedding(idx, self.wte.weight, sparse=sparse)
 
-    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None, pos_offset: int = 0,
-                last_only: bool = False, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        pos_offset: int = 0,
+        last_only: bool = False,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits for token ids `idx` [B, T].
 
         With `kv_cache`, the tokens continue the cached sequence (positions start at cache.pos)
@@ -323,9 +347,15 @@ class GPT(nn.Module):
             x = x[:, -1:, :]
         return self.lm_head(x)
 
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, *,
-                             betas: tuple[float, float], device_type: str,
-                             extra: Iterable[nn.Parameter] = ()) -> torch.optim.AdamW:
+    def configure_optimizers(
+        self,
+        weight_decay: float,
+        learning_rate: float,
+        *,
+        betas: tuple[float, float],
+        device_type: str,
+        extra: Iterable[nn.Parameter] = (),
+    ) -> torch.optim.AdamW:
         """AdamW over the parameters that train (LoRA and a classifier freeze the others) and
         `extra`, those of a module built on this model (a classification head). Matrices and
         embeddings are decayed; biases and norms are not."""
@@ -337,8 +367,7 @@ class GPT(nn.Module):
         # The fused kernel runs on CUDA and, since torch 2.4, on CPU, where it is several times
         # faster than the default for-each version: for GPT-2 124M the optimizer step would
         # otherwise take longer than the forward and backward passes.
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
-                                 fused=device_type in ("cuda", "cpu"))
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6 per weight (2 forward, 4 backward) plus attention's over
@@ -357,8 +386,9 @@ class GPT(nn.Module):
 LOSS_CHUNK_ELEMENTS = 2**24
 
 
-def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, *, targets: torch.Tensor,
-                       chunk_rows: int | None = None) -> torch.Tensor:
+def head_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, *, targets: torch.Tensor, chunk_rows: int | None = None
+) -> torch.Tensor:
     """F.cross_entropy(F.linear(h, weight).float(), targets), the mean over rows, with the same
     value and gradients, without materialising the [rows, vocab] fp32 logits and their gradient:
     at GPT-2's vocabulary they dominate a training step's peak memory."""
@@ -385,7 +415,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             grad_h = torch.empty_like(hm) if need_h else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
             for start in range(0, n, chunk_rows):
-                hc, tc = hm[start:start + chunk_rows], targets[start:start + chunk_rows]
+                hc, tc = hm[start : start + chunk_rows], targets[start : start + chunk_rows]
                 logits = (hc @ w.t()).float()
                 lse = logits.logsumexp(dim=-1)
                 loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
@@ -395,7 +425,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 g[torch.arange(len(tc), device=g.device), tc] -= 1
                 g = g.div_(n).to(mm)
                 if need_h:
-                    torch.mm(g, w, out=grad_h[start:start + chunk_rows])
+                    torch.mm(g, w, out=grad_h[start : start + chunk_rows])
                 if need_w:
                     if mm == torch.float32:
                         grad_w.addmm_(g.t(), hc)
@@ -403,8 +433,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                         grad_w += g.t() @ hc
         # Kept on ctx rather than saved: they are not inputs or outputs, and backward hands
         # over its only reference, so the [vocab, n_embd] gradient becomes weight.grad as it is.
-        ctx.grads = (grad_h.to(h.dtype) if need_h else None,
-                     grad_w.to(weight.dtype) if need_w else None)
+        ctx.grads = (grad_h.to(h.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None)
         return loss / n
 
     @staticmethod

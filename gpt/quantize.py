@@ -10,6 +10,7 @@ not the table. The weights come from the model directory's fp32 (or bf16) safete
 are; nothing is stored quantized. benchmarks/quantize.py measures speed and held-out perplexity
 against fp32.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -29,8 +30,9 @@ def check_mode(mode: str | None, device: torch.device | str, *, where: str = "--
     if mode not in MODES:
         raise KettleError(f"{where} must be one of {', '.join(MODES)}, got {mode!r}")
     if torch.device(device).type != "cpu":
-        raise KettleError(f"{where} {mode} runs on the CPU only (PyTorch's int8 kernels), "
-                          f"not on {torch.device(device)}")
+        raise KettleError(
+            f"{where} {mode} runs on the CPU only (PyTorch's int8 kernels), not on {torch.device(device)}"
+        )
 
 
 class Int8Linear(nn.Module):
@@ -47,9 +49,9 @@ class Int8Linear(nn.Module):
             # quantize_per_channel warns that quantized tensors are deprecated; it is the only
             # way into linear_prepack, and the quantized tensor is dropped once packed.
             warnings.simplefilter("ignore", UserWarning)
-            qweight = torch.quantize_per_channel(weight, scale.double(),
-                                                 torch.zeros_like(scale, dtype=torch.long), 0,
-                                                 torch.qint8)
+            qweight = torch.quantize_per_channel(
+                weight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8
+            )
             self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

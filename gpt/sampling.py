@@ -15,6 +15,7 @@ sampling panel. A new parameter is one field here (and its use in Sampler).
 torch is imported by the functions that use it: `kettle generate` builds its flags from PARAMS,
 and `kettle --help` must not wait seconds for torch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,13 +32,22 @@ if TYPE_CHECKING:
 MAX_SEED = 2**63 - 1
 
 
-def param(default, *, help: str, low: float | None = None, high: float | None = None,
-          low_open: bool = False, label: str | None = None, metavar: str | None = None,
-          openai: str | None = None):
+def param(
+    default,
+    *,
+    help: str,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    label: str | None = None,
+    metavar: str | None = None,
+    openai: str | None = None,
+):
     """A SamplingParams field and what its Param says (see Param); a list default is copied
     for each SamplingParams."""
-    meta = {"param": dict(help=help, low=low, high=high, low_open=low_open, label=label,
-                          metavar=metavar, openai=openai)}
+    meta = {
+        "param": dict(help=help, low=low, high=high, low_open=low_open, label=label, metavar=metavar, openai=openai)
+    }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -46,35 +56,53 @@ def param(default, *, help: str, low: float | None = None, high: float | None = 
 @dataclass
 class SamplingParams:
     temperature: float = param(
-        0.7, low=0, high=100, help="0 = greedy (deterministic)",
-        label="Temperature (0 = greedy)", metavar="T")
-    top_k: int = param(
-        0, low=0, help="keep the K most likely tokens (0 = off)",
-        label="Top-k (0 = off)", metavar="K")
+        0.7, low=0, high=100, help="0 = greedy (deterministic)", label="Temperature (0 = greedy)", metavar="T"
+    )
+    top_k: int = param(0, low=0, help="keep the K most likely tokens (0 = off)", label="Top-k (0 = off)", metavar="K")
     top_p: float = param(
-        1.0, low=0, high=1, low_open=True, help="keep the most likely tokens up to mass P",
-        label="Top-p (1 = off)", metavar="P")
+        1.0,
+        low=0,
+        high=1,
+        low_open=True,
+        help="keep the most likely tokens up to mass P",
+        label="Top-p (1 = off)",
+        metavar="P",
+    )
     min_p: float = param(
-        0.0, low=0, high=1, help="drop tokens under P x the best one's probability",
-        label="Min-p (0 = off)", metavar="P")
+        0.0,
+        low=0,
+        high=1,
+        help="drop tokens under P x the best one's probability",
+        label="Min-p (0 = off)",
+        metavar="P",
+    )
     repetition_penalty: float = param(
-        1.0, low=0, high=10, low_open=True, help="> 1 discourages repeats (1 = off)",
-        label="Repetition penalty (1 = off)", metavar="R")
+        1.0,
+        low=0,
+        high=10,
+        low_open=True,
+        help="> 1 discourages repeats (1 = off)",
+        label="Repetition penalty (1 = off)",
+        metavar="R",
+    )
     presence_penalty: float = param(
-        0.0, low=-2, high=2, metavar="X",
-        help="subtracted once from the logit of a token already in the answer")
+        0.0, low=-2, high=2, metavar="X", help="subtracted once from the logit of a token already in the answer"
+    )
     frequency_penalty: float = param(
-        0.0, low=-2, high=2, metavar="X",
-        help="subtracted from a token's logit for each time it is in the answer")
+        0.0, low=-2, high=2, metavar="X", help="subtracted from a token's logit for each time it is in the answer"
+    )
     max_new_tokens: int = param(
-        256, low=1, help="generate at most N new tokens", label="Max new tokens",
-        metavar="N", openai="max_tokens")
+        256, low=1, help="generate at most N new tokens", label="Max new tokens", metavar="N", openai="max_tokens"
+    )
     seed: int | None = param(  # None: a fresh random seed (reported in the result)
-        None, low=0, high=MAX_SEED, help="same seed + settings + model = same text",
-        label="Seed (blank = random)", metavar="SEED")
-    stop: list[str] = param(
-        [], high=16, metavar="TEXT",
-        help="stop when TEXT is generated (not included); repeatable")
+        None,
+        low=0,
+        high=MAX_SEED,
+        help="same seed + settings + model = same text",
+        label="Seed (blank = random)",
+        metavar="SEED",
+    )
+    stop: list[str] = param([], high=16, metavar="TEXT", help="stop when TEXT is generated (not included); repeatable")
 
     def validate(self) -> "SamplingParams":
         """Check every field; raises KettleError with the field's name and allowed range."""
@@ -110,18 +138,19 @@ class SamplingParams:
 @dataclass(frozen=True)
 class Param:
     """One SamplingParams field as every place that offers it needs it."""
+
     name: str
-    kind: type                      # int or float; str for a list of strings
-    help: str                       # the `kettle generate` flag's help
-    low: float | None = None        # None (an integer's only): no lower bound
-    high: float | None = None       # None (an integer's only): no upper bound; for a list,
-                                    # the most strings it holds
-    low_open: bool = False          # low itself is out of range
-    optional: bool = False          # None is a value (the seed: a fresh one each time)
-    many: bool = False              # a list of kind (stop); a request may send a single string
-    label: str | None = None        # its line in the app's sampling panel; None: not shown there
-    metavar: str | None = None      # `kettle generate --NAME METAVAR`; None: no flag
-    openai: str = ""                # its request field in the HTTP API (OpenAI's name)
+    kind: type  # int or float; str for a list of strings
+    help: str  # the `kettle generate` flag's help
+    low: float | None = None  # None (an integer's only): no lower bound
+    high: float | None = None  # None (an integer's only): no upper bound; for a list,
+    # the most strings it holds
+    low_open: bool = False  # low itself is out of range
+    optional: bool = False  # None is a value (the seed: a fresh one each time)
+    many: bool = False  # a list of kind (stop); a request may send a single string
+    label: str | None = None  # its line in the app's sampling panel; None: not shown there
+    metavar: str | None = None  # `kettle generate --NAME METAVAR`; None: no flag
+    openai: str = ""  # its request field in the HTTP API (OpenAI's name)
 
     def check(self, value) -> None:
         """KettleError naming the parameter and its allowed range if `value` is not allowed."""
@@ -145,9 +174,15 @@ def _params() -> tuple[Param, ...]:
         meta["openai"] = meta["openai"] or f.name
         hint = hints[f.name]
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
-        out.append(Param(name=f.name, kind=inner[0] if inner else hint,
-                         optional=type(None) in typing.get_args(hint),
-                         many=typing.get_origin(hint) is list, **meta))
+        out.append(
+            Param(
+                name=f.name,
+                kind=inner[0] if inner else hint,
+                optional=type(None) in typing.get_args(hint),
+                many=typing.get_origin(hint) is list,
+                **meta,
+            )
+        )
     return tuple(out)
 
 
@@ -194,6 +229,7 @@ def _check_strings(name, value, *, most):
 
 # --- logit filters: [..., V] float logits in, same shape out, removed candidates at -inf ---------
 
+
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits (exactly k, even when several tie at the k-th value)."""
     import torch
@@ -229,16 +265,16 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def apply_penalties(logits: torch.Tensor, params: SamplingParams, *, seen: torch.Tensor | None,
-                    counts: torch.Tensor | None) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor, params: SamplingParams, *, seen: torch.Tensor | None, counts: torch.Tensor | None
+) -> torch.Tensor:
     """Penalise repeats. `seen` [V] bool marks tokens in the prompt or answer (repetition penalty,
     as in CTRL/Hugging Face: positive logits divided, negative multiplied); `counts` [V] holds how
     often each token occurs in the answer (presence and frequency penalties, as in OpenAI's API)."""
     import torch
 
     if params.repetition_penalty != 1.0 and seen is not None:
-        penalised = torch.where(logits > 0, logits / params.repetition_penalty,
-                                logits * params.repetition_penalty)
+        penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
         logits = torch.where(seen, penalised, logits)
     if counts is not None and (params.presence_penalty or params.frequency_penalty):
         logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
@@ -291,8 +327,7 @@ def _flat_nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.T
 class Sampler:
     """Picks each next token for one request; keeps the penalty state and the random generator."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, device, prompt_ids: list[int],
-                 seed: int):
+    def __init__(self, params: SamplingParams, vocab_size: int, device, prompt_ids: list[int], seed: int):
         import torch
 
         self.params = params

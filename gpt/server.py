@@ -49,6 +49,7 @@ the cache. Streams send it with the chunk that has the finish_reason.
 
 A client that disconnects cancels its generation, streaming or not, also while it is queued.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -83,8 +84,9 @@ OPENAI_NAMES = {p.name: p.openai for p in PARAMS if p.openai != p.name}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, type: str | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, type: str | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or ("server_error" if status >= 500 else "invalid_request_error")
@@ -105,6 +107,7 @@ def _error_body(err: APIError) -> dict:
 
 # --- request bodies ------------------------------------------------------------------------------
 
+
 class _Strict(BaseModel):
     # strict: "0.5" is not a number and true is not 1; forbid: a misspelt field is an error,
     # not a silently ignored setting.
@@ -124,8 +127,10 @@ class ChatMessage(_Strict):
 # Every sampling parameter (gpt.sampling.PARAMS) under its OpenAI name; one left out (None)
 # keeps Kettle's default. A list also comes as a single string, as OpenAI's stop does.
 _SamplingFields = create_model(
-    "_SamplingFields", __base__=_Strict,
-    **{p.openai: ((p.kind | list[p.kind] if p.many else p.kind) | None, None) for p in PARAMS})
+    "_SamplingFields",
+    __base__=_Strict,
+    **{p.openai: ((p.kind | list[p.kind] if p.many else p.kind) | None, None) for p in PARAMS},
+)
 
 
 class _GenerationRequest(_SamplingFields):
@@ -154,7 +159,7 @@ class ChatRequest(_GenerationRequest):
     functions: list[Any] | None = None
     function_call: Any = None
     response_format: dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None     # ignored: without tools it means nothing
+    parallel_tool_calls: bool | None = None  # ignored: without tools it means nothing
     chat_template_kwargs: dict[str, Any] | None = None  # ignored: Kettle has one chat format
 
 
@@ -172,7 +177,7 @@ class SwitchRequest(_Strict):
 
 class TokenizeRequest(_Strict):
     prompt: str
-    add_special_tokens: bool = False    # Kettle's models have no beginning-of-text token
+    add_special_tokens: bool = False  # Kettle's models have no beginning-of-text token
     model: str | None = None
 
 
@@ -182,8 +187,7 @@ class DetokenizeRequest(_Strict):
 
 
 # What clients send that changes nothing for Kettle: accepted, never acted on (the README's list).
-IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls",
-                  "chat_template_kwargs")
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "chat_template_kwargs")
 # OpenAI's ranges where they are narrower than Kettle's own (SamplingParams checks the rest).
 OPENAI_RANGES = {"temperature": (0, 2), "n": (1, 128), "top_logprobs": (0, 20)}
 COMPLETION_LOGPROBS = (0, 5)
@@ -241,8 +245,11 @@ def chat_messages(req: ChatRequest) -> list[dict]:
     for i, m in enumerate(req.messages):
         role = "system" if m.role == "developer" else m.role
         if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{i}].role: must be system, user or assistant "
-                                f"(Kettle has no tools), got {m.role!r}", param=f"messages[{i}].role")
+            raise APIError(
+                400,
+                f"messages[{i}].role: must be system, user or assistant (Kettle has no tools), got {m.role!r}",
+                param=f"messages[{i}].role",
+            )
         content = m.content
         if content is None:
             content = ""
@@ -250,14 +257,15 @@ def chat_messages(req: ChatRequest) -> list[dict]:
             parts = []
             for j, part in enumerate(content):
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise APIError(400, f"messages[{i}].content[{j}]: only text parts are supported, "
-                                        f"got type {part.get('type')!r}",
-                                   param=f"messages[{i}].content")
+                    raise APIError(
+                        400,
+                        f"messages[{i}].content[{j}]: only text parts are supported, got type {part.get('type')!r}",
+                        param=f"messages[{i}].content",
+                    )
                 parts.append(part["text"])
             content = "".join(parts)
         if role == "system" and out:
-            raise APIError(400, f"messages[{i}]: a system message may only come first",
-                           param=f"messages[{i}].role")
+            raise APIError(400, f"messages[{i}]: a system message may only come first", param=f"messages[{i}].role")
         out.append({"role": role, "content": content})
     if not out:
         raise APIError(400, "messages must hold at least one message", param="messages")
@@ -290,8 +298,10 @@ def parse_origin(text: str, where: str) -> str:
     a KettleError naming `where` (the flag or setting it came from)."""
     origin = _origin(text)
     if origin is None:
-        raise KettleError(f"{where}: {text!r} is not an origin like http://localhost:3000 "
-                          "(http or https, a host, an optional port, no path)")
+        raise KettleError(
+            f"{where}: {text!r} is not an origin like http://localhost:3000 "
+            "(http or https, a host, an optional port, no path)"
+        )
     scheme, name, port = origin
     return _origin_text(scheme, name, port=port)
 
@@ -304,8 +314,7 @@ def parse_host(text: str, where: str) -> str:
         ipaddress.ip_address(bare)
     except ValueError:
         if not _HOST_NAME.fullmatch(bare.lower()):
-            raise KettleError(f"{where}: {text!r} is not a host name like kettle.lan (no scheme, "
-                              "no port)") from None
+            raise KettleError(f"{where}: {text!r} is not a host name like kettle.lan (no scheme, no port)") from None
     return _name(bare)
 
 
@@ -337,8 +346,14 @@ def _origin(text: str) -> tuple[str, str, int] | None:
         port = split.port
     except ValueError:
         return None
-    if (split.scheme not in DEFAULT_PORTS or not split.hostname or split.path not in ("", "/")
-            or split.query or split.fragment or "@" in split.netloc):
+    if (
+        split.scheme not in DEFAULT_PORTS
+        or not split.hostname
+        or split.path not in ("", "/")
+        or split.query
+        or split.fragment
+        or "@" in split.netloc
+    ):
         return None
     return split.scheme, _name(split.hostname), port or DEFAULT_PORTS[split.scheme]
 
@@ -351,8 +366,11 @@ def _is_own(name: str, port: int | None, *, scope: dict) -> bool:
     """Whether (name, port) is this server: a local name, or the address the client connected
     to, on the port it connected to."""
     address, server_port = scope.get("server") or (None, None)
-    return (server_port is not None and port == server_port
-            and (name in LOCAL_NAMES or address is not None and name == _name(address)))
+    return (
+        server_port is not None
+        and port == server_port
+        and (name in LOCAL_NAMES or address is not None and name == _name(address))
+    )
 
 
 class _Gate:
@@ -374,13 +392,24 @@ class _Gate:
 
 # --- the app -------------------------------------------------------------------------------------
 
-def create_app(service: GenerationService, api_key: str | None = None, *,
-               allow_origins: Iterable[str] = (), allow_hosts: Iterable[str] = ()) -> FastAPI:
+
+def create_app(
+    service: GenerationService,
+    api_key: str | None = None,
+    *,
+    allow_origins: Iterable[str] = (),
+    allow_hosts: Iterable[str] = (),
+) -> FastAPI:
     """The HTTP API over `service`. With `api_key`, every /v1 request must present it.
     `allow_origins` and `allow_hosts` (as parse_origin and parse_host return them) are let in
     beside this server's own addresses (see the module docstring)."""
-    app = FastAPI(title="Kettle", description="OpenAI-compatible API of a Kettle model",
-                  docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="Kettle",
+        description="OpenAI-compatible API of a Kettle model",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     origins, hosts = frozenset(allow_origins), frozenset(allow_hosts)
 
     def check_access(request: Request) -> None:
@@ -388,19 +417,27 @@ def create_app(service: GenerationService, api_key: str | None = None, *,
         if host is not None:
             name, port = _split_host(host)
             if name not in hosts and not _is_own(name, port, scope=request.scope):
-                raise APIError(403, f"Host {host!r} does not name this server (a web page on a "
-                                    f"domain that resolves here sends its own): use 127.0.0.1, or "
-                                    f"start kettle serve with --allow-host {name or host}",
-                               code="host_not_allowed")
+                raise APIError(
+                    403,
+                    f"Host {host!r} does not name this server (a web page on a "
+                    f"domain that resolves here sends its own): use 127.0.0.1, or "
+                    f"start kettle serve with --allow-host {name or host}",
+                    code="host_not_allowed",
+                )
         origin = request.headers.get("origin")
         if origin is not None:
             parsed = _origin(origin)
             scheme, name, port = parsed or (None, None, None)
-            if parsed is None or (_origin_text(scheme, name, port=port) not in origins
-                                  and not (scheme == "http" and _is_own(name, port, scope=request.scope))):
-                raise APIError(403, f"Origin {origin!r} is refused: a web page may only use this "
-                                    f"server when kettle serve is started with --allow-origin {origin}",
-                               code="origin_not_allowed")
+            if parsed is None or (
+                _origin_text(scheme, name, port=port) not in origins
+                and not (scheme == "http" and _is_own(name, port, scope=request.scope))
+            ):
+                raise APIError(
+                    403,
+                    f"Origin {origin!r} is refused: a web page may only use this "
+                    f"server when kettle serve is started with --allow-origin {origin}",
+                    code="origin_not_allowed",
+                )
 
     def check_key(request: Request) -> None:
         path = request.scope["path"]
@@ -408,18 +445,19 @@ def create_app(service: GenerationService, api_key: str | None = None, *,
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
-                                                                     api_key.encode()):
-            raise APIError(401, "missing or wrong API key: send `Authorization: Bearer KEY` "
-                                "with the key given to kettle serve (--api-key or $KETTLE_API_KEY)",
-                           code="invalid_api_key")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(
+                401,
+                "missing or wrong API key: send `Authorization: Bearer KEY` "
+                "with the key given to kettle serve (--api-key or $KETTLE_API_KEY)",
+                code="invalid_api_key",
+            )
 
     # The last added runs first: who may ask at all, then CORS (a browser's preflight carries
     # no key), then the key, for every /v1 path before routing (an unknown one is a 401 too).
     app.add_middleware(_Gate, check=check_key)
     # Every origin that gets this far is allowed: check_access has refused the others.
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST"],
-                       allow_headers=["*"])
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST"], allow_headers=["*"])
     app.add_middleware(_Gate, check=check_access)
 
     @app.exception_handler(APIError)
@@ -433,9 +471,10 @@ def create_app(service: GenerationService, api_key: str | None = None, *,
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        message = {404: f"no such endpoint: {request.method} {request.url.path}",
-                   405: f"{request.method} is not allowed on {request.url.path}"}.get(
-            exc.status_code, str(exc.detail))
+        message = {
+            404: f"no such endpoint: {request.method} {request.url.path}",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }.get(exc.status_code, str(exc.detail))
         return error_response(exc.status_code, message)
 
     @app.exception_handler(Exception)
@@ -456,8 +495,7 @@ def create_app(service: GenerationService, api_key: str | None = None, *,
         for m in await _models(service):
             if m.name == model_id:
                 return _model_json(m)
-        raise APIError(404, f"no model {model_id!r} (GET /v1/models lists them)", param="model",
-                       code="model_not_found")
+        raise APIError(404, f"no model {model_id!r} (GET /v1/models lists them)", param="model", code="model_not_found")
 
     @app.post("/v1/models/switch")
     async def switch_model(request: Request):
@@ -465,13 +503,18 @@ def create_app(service: GenerationService, api_key: str | None = None, *,
         # A name the server does not list is unknown here (the service itself resolves listed
         # names only, never a path: a client must not make the server open arbitrary folders).
         if not any(m.name == req.model for m in await _models(service)):
-            raise APIError(404, f"no model {req.model!r} to switch to (GET /v1/models lists them)",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"no model {req.model!r} to switch to (GET /v1/models lists them)",
+                param="model",
+                code="model_not_found",
+            )
         try:
             info = await service.switch_model(req.model)
         except KettleError as exc:
-            raise APIError(400, f"cannot switch to {req.model!r}, still serving "
-                                f"{_served_name(service)!r}: {exc}", param="model") from None
+            raise APIError(
+                400, f"cannot switch to {req.model!r}, still serving {_served_name(service)!r}: {exc}", param="model"
+            ) from None
         log.info("now serving %s (%s)", info.name, info.path)
         return _model_json(info)
 
@@ -479,14 +522,22 @@ def create_app(service: GenerationService, api_key: str | None = None, *,
     async def chat_completions(request: Request):
         req = await parse_body(request, ChatRequest)
         _reject_unsupported(req)
-        params = sampling_params(req, req.max_tokens if req.max_completion_tokens is None
-                                 else req.max_completion_tokens)
+        params = sampling_params(
+            req, req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
+        )
         messages = chat_messages(req)
         model = _check_model(service, req.model)
         top = (req.top_logprobs or 0) if req.logprobs else None
-        return await _respond(request, service, kind="chat", payloads=[messages], params=params,
-                              req=req, model=model,
-                              options={"truncate": req.truncate, "logprobs": top})
+        return await _respond(
+            request,
+            service,
+            kind="chat",
+            payloads=[messages],
+            params=params,
+            req=req,
+            model=model,
+            options={"truncate": req.truncate, "logprobs": top},
+        )
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -495,18 +546,28 @@ def create_app(service: GenerationService, api_key: str | None = None, *,
         params = sampling_params(req, req.max_tokens)
         prompts = completion_prompts(req)
         model = _check_model(service, req.model)
-        return await _respond(request, service, kind="complete", payloads=prompts, params=params,
-                              req=req, model=model,
-                              options={"truncate": req.truncate, "logprobs": req.logprobs,
-                                       "echo": bool(req.echo)})
+        return await _respond(
+            request,
+            service,
+            kind="complete",
+            payloads=prompts,
+            params=params,
+            req=req,
+            model=model,
+            options={"truncate": req.truncate, "logprobs": req.logprobs, "echo": bool(req.echo)},
+        )
 
     # vLLM's tokenizer endpoints, which evaluation harnesses (lm-evaluation-harness) look for to
     # count tokens with the served model's own tokenizer.
     @app.get("/tokenizer_info")
     async def tokenizer_info():
         tokenizer, engine = await _tokenizer(service)
-        return {"tokenizer_class": "kettle", "eos_token": "<|endoftext|>",
-                "model_max_length": engine.context_length, "vocab_size": tokenizer.n_vocab}
+        return {
+            "tokenizer_class": "kettle",
+            "eos_token": "<|endoftext|>",
+            "model_max_length": engine.context_length,
+            "vocab_size": tokenizer.n_vocab,
+        }
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -533,8 +594,11 @@ async def parse_body(request: Request, model: type[BaseModel]):
     web page can send text/plain to any server without asking; see the module docstring)."""
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type != "application/json":
-        raise APIError(415, "the request body must be JSON sent with `Content-Type: "
-                            f"application/json`, got {media_type or 'no Content-Type'}")
+        raise APIError(
+            415,
+            "the request body must be JSON sent with `Content-Type: "
+            f"application/json`, got {media_type or 'no Content-Type'}",
+        )
     body = bytearray()
     async for piece in request.stream():
         body += piece
@@ -557,6 +621,7 @@ _UNION_BRANCH = re.compile(r"str|int|float|bool|none|list\[.*\]|dict\[.*\]")
 
 def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """Pydantic's validation errors -> one clear line and the field it is about."""
+
     def where(err):  # ("messages", 0, "content") -> "messages[0].content"; union branches dropped
         out = ""
         for p in err.get("loc", ()):
@@ -579,8 +644,11 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
         return f"missing required argument: {param}", param
     if param is None:
         return f"the request body must be a JSON object ({err['msg']})", None
-    wanted = [e["msg"].removeprefix("Input should be ") for e in same
-              if len(e.get("loc", ())) == deepest and where(e) == param]
+    wanted = [
+        e["msg"].removeprefix("Input should be ")
+        for e in same
+        if len(e.get("loc", ())) == deepest and where(e) == param
+    ]
     if len(wanted) > 1:
         return f"{param}: should be {' or '.join(dict.fromkeys(wanted))}", param
     return f"{param}: {err['msg']}", param
@@ -592,8 +660,16 @@ async def _models(service: GenerationService) -> list[ModelInfo]:
 
 
 def _model_json(m: ModelInfo) -> dict:
-    return {"id": m.name, "object": "model", "created": int(m.created), "owned_by": "kettle",
-            "active": m.active, "source": m.source, "kind": m.kind, "status": m.status}
+    return {
+        "id": m.name,
+        "object": "model",
+        "created": int(m.created),
+        "owned_by": "kettle",
+        "active": m.active,
+        "source": m.source,
+        "kind": m.kind,
+        "status": m.status,
+    }
 
 
 def _served_name(service: GenerationService) -> str:
@@ -603,9 +679,13 @@ def _served_name(service: GenerationService) -> str:
 def _check_model(service: GenerationService, requested: str | None) -> str:
     served = _served_name(service)
     if requested and requested != served:
-        raise APIError(404, f"model {requested!r} is not being served; this server serves {served!r} "
-                            "(leave model out, or switch with POST /v1/models/switch)",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"model {requested!r} is not being served; this server serves {served!r} "
+            "(leave model out, or switch with POST /v1/models/switch)",
+            param="model",
+            code="model_not_found",
+        )
     return served
 
 
@@ -618,14 +698,26 @@ async def _tokenizer(service: GenerationService):
 
 def _event_error(event: Error, kind: str) -> APIError:
     if event.code == "context_length_exceeded":
-        return APIError(400, f"{event.message}: shorten the prompt, lower max_tokens, or send "
-                             '"truncate": true to drop its oldest part',
-                        param="messages" if kind == "chat" else "prompt", code=event.code)
+        return APIError(
+            400,
+            f'{event.message}: shorten the prompt, lower max_tokens, or send "truncate": true to drop its oldest part',
+            param="messages" if kind == "chat" else "prompt",
+            code=event.code,
+        )
     return APIError(400 if event.code == "invalid_request" else 500, event.message)
 
 
-async def _respond(request: Request, service: GenerationService, *, kind: str, payloads: list, params,
-                   req: _GenerationRequest, model: str, options: dict):
+async def _respond(
+    request: Request,
+    service: GenerationService,
+    *,
+    kind: str,
+    payloads: list,
+    params,
+    req: _GenerationRequest,
+    model: str,
+    options: dict,
+):
     """One choice per payload and per n (OpenAI's index order: prompt by prompt, n each), all
     sent at once: the service decodes them together as rows of one batch, the later rows of a
     prompt copying the first one's prefill. With a seed, choice j of a prompt uses seed + j
@@ -633,20 +725,27 @@ async def _respond(request: Request, service: GenerationService, *, kind: str, p
     n = req.n or 1
     if n > 1 and params.seed is None:
         params = params.replace(seed=random.SystemRandom().randrange(MAX_SEED))
-    rows = [(payload, params if j == 0 else params.replace(seed=(params.seed + j) % MAX_SEED))
-            for payload in payloads for j in range(n)]
+    rows = [
+        (payload, params if j == 0 else params.replace(seed=(params.seed + j) % MAX_SEED))
+        for payload in payloads
+        for j in range(n)
+    ]
     request_id = uuid.uuid4().hex
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    tokenizer = (await _tokenizer(service))[0] if options.get("logprobs") is not None \
-        or options.get("echo") else None
+    tokenizer = (await _tokenizer(service))[0] if options.get("logprobs") is not None or options.get("echo") else None
     reply = _Reply(prefix + request_id, model, kind, include_usage, options, tokenizer, n)
     go = service.stream_chat if kind == "chat" else service.complete
 
     def start(i: int) -> _Run:
         payload, row_params = rows[i]
-        return _Run(service, request, kind, f"{request_id}-{i}",
-                    go(payload, row_params, request_id=f"{request_id}-{i}", **options))
+        return _Run(
+            service,
+            request,
+            kind,
+            f"{request_id}-{i}",
+            go(payload, row_params, request_id=f"{request_id}-{i}", **options),
+        )
 
     runs = [start(i) for i in range(len(rows))]
     head = await runs[0].next()  # an error before anything was generated is a plain 400
@@ -654,9 +753,11 @@ async def _respond(request: Request, service: GenerationService, *, kind: str, p
         _stop(runs)
         raise _event_error(head, kind)
     if req.stream:
-        return StreamingResponse(_sse(reply, rows, runs=runs, head=head),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _sse(reply, rows, runs=runs, head=head),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     dones = []
     try:
         for i, run in enumerate(runs):
@@ -680,8 +781,7 @@ class _Run:
     """One request's generation, consumed by a task of its own: when the response ends early (the
     client went away) the generation is cancelled, and its outcome is still logged."""
 
-    def __init__(self, service: GenerationService, request: Request, kind: str, request_id: str,
-                 events: AsyncIterator):
+    def __init__(self, service: GenerationService, request: Request, kind: str, request_id: str, events: AsyncIterator):
         self.service, self.request_id = service, request_id
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.pump = asyncio.create_task(self._pump(kind, events))
@@ -748,15 +848,27 @@ def _usage(dones: list[Done], n: int) -> dict:
 
 def _kettle_extra(done: Done) -> dict:
     r = done.result
-    return {"seed": r.seed, "ttft_s": r.ttft_s, "tokens_per_s": r.tokens_per_s,
-            "dropped_tokens": r.dropped_tokens, "cached_tokens": r.cached_tokens}
+    return {
+        "seed": r.seed,
+        "ttft_s": r.ttft_s,
+        "tokens_per_s": r.tokens_per_s,
+        "dropped_tokens": r.dropped_tokens,
+        "cached_tokens": r.cached_tokens,
+    }
 
 
 def _log_done(kind: str, done: Done) -> None:
     r = done.result
-    log.info("%s on %s: %d prompt + %d new tokens, finish %s, first token %.0f ms, %.1f tokens/s",
-             kind, done.model, r.prompt_tokens, r.new_tokens, r.finish_reason, r.ttft_s * 1000,
-             r.tokens_per_s)
+    log.info(
+        "%s on %s: %d prompt + %d new tokens, finish %s, first token %.0f ms, %.1f tokens/s",
+        kind,
+        done.model,
+        r.prompt_tokens,
+        r.new_tokens,
+        r.finish_reason,
+        r.ttft_s * 1000,
+        r.tokens_per_s,
+    )
 
 
 def _finite(logprob: float) -> float:
@@ -767,8 +879,7 @@ def _finite(logprob: float) -> float:
 class _Reply:
     """Builds one request's response objects, whole or as stream chunks."""
 
-    def __init__(self, id: str, model: str, kind: str, include_usage: bool, options: dict,
-                 tokenizer, n: int):
+    def __init__(self, id: str, model: str, kind: str, include_usage: bool, options: dict, tokenizer, n: int):
         self.id, self.model, self.kind, self.include_usage = id, model, kind, include_usage
         self.options, self.tokenizer, self.n = options, tokenizer, n
         self.created = int(time.time())
@@ -779,17 +890,34 @@ class _Reply:
         for i, (done, (payload, _)) in enumerate(zip(dones, rows)):
             r = done.result
             if self.kind == "chat":
-                choices.append({"index": i, "message": {"role": "assistant", "content": r.text},
-                                "logprobs": self._logprobs(r), "finish_reason": r.finish_reason})
+                choices.append(
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": r.text},
+                        "logprobs": self._logprobs(r),
+                        "finish_reason": r.finish_reason,
+                    }
+                )
             else:
-                choices.append({"index": i, "text": self._echo(payload) + r.text,
-                                "logprobs": self._logprobs(r), "finish_reason": r.finish_reason})
-        return {"id": self.id, "object": self.object, "created": self.created,
-                "model": dones[0].model, "choices": choices, "usage": _usage(dones, self.n),
-                "kettle": _kettle_extra(dones[0])}
+                choices.append(
+                    {
+                        "index": i,
+                        "text": self._echo(payload) + r.text,
+                        "logprobs": self._logprobs(r),
+                        "finish_reason": r.finish_reason,
+                    }
+                )
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": dones[0].model,
+            "choices": choices,
+            "usage": _usage(dones, self.n),
+            "kettle": _kettle_extra(dones[0]),
+        }
 
-    def chunk(self, index: int, text: str = "", *, role: bool = False, done: Done | None = None,
-              echo=None) -> dict:
+    def chunk(self, index: int, text: str = "", *, role: bool = False, done: Done | None = None, echo=None) -> dict:
         finish = done.result.finish_reason if done else None
         logprobs = self._logprobs(done.result) if done else None
         if self.kind == "chat":
@@ -801,8 +929,13 @@ class _Reply:
                 text = self._echo(echo)
             choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
             obj = "text_completion"
-        chunk = {"id": self.id, "object": obj, "created": self.created,
-                 "model": done.model if done else self.model, "choices": [choice]}
+        chunk = {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": done.model if done else self.model,
+            "choices": [choice],
+        }
         if done:
             chunk["kettle"] = _kettle_extra(done)
         return chunk
@@ -820,13 +953,17 @@ class _Reply:
         if self.options.get("logprobs") is None:
             return None
         if self.kind == "chat":
+
             def one(token, logprob):
                 b = self._token(token)
-                return {"token": b.decode("utf-8", "replace"), "logprob": _finite(logprob),
-                        "bytes": list(b)}
-            return {"content": [{**one(e.token, e.logprob),
-                                 "top_logprobs": [one(t, v) for t, v in e.top]}
-                                for e in r.logprobs], "refusal": None}
+                return {"token": b.decode("utf-8", "replace"), "logprob": _finite(logprob), "bytes": list(b)}
+
+            return {
+                "content": [
+                    {**one(e.token, e.logprob), "top_logprobs": [one(t, v) for t, v in e.top]} for e in r.logprobs
+                ],
+                "refusal": None,
+            }
         entries = (r.prompt_logprobs or []) + r.logprobs
         tokens = [self._token(e.token).decode("utf-8", "replace") for e in entries]
         offsets, at = [], 0
@@ -841,13 +978,16 @@ class _Reply:
             # OpenAI's legacy shape: the top N, and always the chosen token's own.
             alternatives = {self._token(i).decode("utf-8", "replace"): _finite(v) for i, v in e.top}
             top.append({**alternatives, t: _finite(e.logprob)})
-        return {"tokens": tokens,
-                "token_logprobs": [None if e.logprob is None else _finite(e.logprob)
-                                   for e in entries],
-                "top_logprobs": top, "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [None if e.logprob is None else _finite(e.logprob) for e in entries],
+            "top_logprobs": top,
+            "text_offset": offsets,
+        }
 
 
 # --- running it ----------------------------------------------------------------------------------
+
 
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket, or a KettleError saying why not (port taken, unknown host)."""
@@ -870,17 +1010,21 @@ class _RedactSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
-            record.args = tuple(self.PARAM.sub(r"\1=REDACTED", a) if isinstance(a, str) else a
-                                for a in record.args)
+            record.args = tuple(self.PARAM.sub(r"\1=REDACTED", a) if isinstance(a, str) else a for a in record.args)
         return True
 
 
 _REDACT_SECRETS = _RedactSecrets()
 
 
-def build_server(service: GenerationService, api_key: str | None = None, *,
-                 log_level: str = "info", allow_origins: Iterable[str] = (),
-                 allow_hosts: Iterable[str] = ()):
+def build_server(
+    service: GenerationService,
+    api_key: str | None = None,
+    *,
+    log_level: str = "info",
+    allow_origins: Iterable[str] = (),
+    allow_hosts: Iterable[str] = (),
+):
     """A uvicorn server for the API (create_app's arguments); run it with
     `server.run(sockets=[listen(host, port)])` (blocking) and stop it with
     `server.should_exit = True`."""

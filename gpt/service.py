@@ -28,6 +28,7 @@ takes only names `list_models` lists, never a path: a name may come from an HTTP
 switching it to a store version records the activation there, so the app and the next start
 agree. A service given a model (`kettle serve MODEL`) leaves the store alone.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -58,7 +59,7 @@ class Delta:
 @dataclass(frozen=True)
 class Done:
     result: GenerationResult
-    model: str                  # the model that generated the answer
+    model: str  # the model that generated the answer
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,9 @@ class GenerationService(ABC):
     """The one way the app and the command line generate text (see the module docstring)."""
 
     @abstractmethod
-    def stream_chat(self, messages: list[dict], params: SamplingParams,
-                    *, request_id: str | None = None, truncate: bool = True) -> AsyncIterator[Event]:
+    def stream_chat(
+        self, messages: list[dict], params: SamplingParams, *, request_id: str | None = None, truncate: bool = True
+    ) -> AsyncIterator[Event]:
         """Answer a conversation as the assistant: Delta events, then one Done or Error.
         `params` is a SamplingParams or a dict of its fields; `request_id` (unique among the
         requests in flight) is what `cancel` takes. A conversation too long for the context
@@ -85,8 +87,9 @@ class GenerationService(ABC):
         "context_length_exceeded"."""
 
     @abstractmethod
-    def complete(self, prompt: str | list[int], params: SamplingParams,
-                 *, request_id: str | None = None, truncate: bool = True) -> AsyncIterator[Event]:
+    def complete(
+        self, prompt: str | list[int], params: SamplingParams, *, request_id: str | None = None, truncate: bool = True
+    ) -> AsyncIterator[Event]:
         """Continue raw text (or token ids): the same events as stream_chat."""
 
     @abstractmethod
@@ -112,7 +115,7 @@ class GenerationService(ABC):
         """Get ready now, blocking (run it off the event loop): the in-process service loads
         the weights, the remote one asks the server which model it serves. KettleError if not."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a service holding nothing has nothing to release
         """Release the model and the worker thread; the service cannot be used afterwards."""
 
     async def tokenizer(self):
@@ -122,6 +125,7 @@ class GenerationService(ABC):
 
 
 # --- model names -----------------------------------------------------------------------------------
+
 
 def _same_model(a: ModelInfo, b: ModelInfo) -> bool:
     # A version and the directory it points at are one model (served by path, it would be
@@ -133,14 +137,15 @@ def _same_model(a: ModelInfo, b: ModelInfo) -> bool:
 
 # --- in process ------------------------------------------------------------------------------------
 
+
 @dataclass
 class _Job:
-    kind: str                   # "chat" | "complete"
-    payload: object             # messages or prompt
+    kind: str  # "chat" | "complete"
+    payload: object  # messages or prompt
     params: SamplingParams
     cancel: threading.Event
     emit: Callable[[Event], None]
-    options: dict               # the engine's keyword arguments: truncate, logprobs, echo
+    options: dict  # the engine's keyword arguments: truncate, logprobs, echo
 
 
 @dataclass
@@ -155,17 +160,24 @@ class _Call:
 class InProcessService(GenerationService):
     """The model in this process, driven by one worker thread (see the module docstring)."""
 
-    def __init__(self, model: str | None = None, *, catalog: ModelCatalog | None = None,
-                 device: str | None = None, max_batch: int = MAX_BATCH,
-                 kv_budget: int = KV_BUDGET_BYTES, quantize: str | None = None):
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        catalog: ModelCatalog | None = None,
+        device: str | None = None,
+        max_batch: int = MAX_BATCH,
+        kv_budget: int = KV_BUDGET_BYTES,
+        quantize: str | None = None,
+    ):
         self._catalog = catalog or PathCatalog()
         self._follows_catalog = model is None
         # Resolve now, so a bad name fails where it was given; the weights load on the worker.
         self._wanted = self._catalog.active() if model is None else self._catalog.resolve(model)
         self._device = device
-        self._quantize = quantize   # every model it loads, also after a switch (gpt.quantize)
+        self._quantize = quantize  # every model it loads, also after a switch (gpt.quantize)
         self._engine: Engine | None = None
-        self._batch: Batch | None = None    # the requests in flight on self._engine
+        self._batch: Batch | None = None  # the requests in flight on self._engine
         self._max_batch, self._kv_budget = max_batch, kv_budget
         self._active: ModelInfo | None = None
         self._served: list[ModelInfo] = []  # listed even when not found elsewhere: switch back
@@ -181,25 +193,35 @@ class InProcessService(GenerationService):
     def stream_chat(self, messages, params, *, request_id=None, truncate=True, logprobs=None):
         """Also `logprobs`: each answer token's log-probability and the N most likely
         (GenerationResult.logprobs), which only the in-process service returns."""
-        return self._events("chat", messages, params=params, request_id=request_id,
-                            options={"truncate": truncate, "logprobs": logprobs})
+        return self._events(
+            "chat", messages, params=params, request_id=request_id, options={"truncate": truncate, "logprobs": logprobs}
+        )
 
     def complete(self, prompt, params, *, request_id=None, truncate=True, logprobs=None, echo=False):
         """Also `logprobs` (as in stream_chat) and `echo`: score the prompt's tokens too
         (GenerationResult.prompt_logprobs)."""
-        return self._events("complete", prompt, params=params, request_id=request_id,
-                            options={"truncate": truncate, "logprobs": logprobs, "echo": echo})
+        return self._events(
+            "complete",
+            prompt,
+            params=params,
+            request_id=request_id,
+            options={"truncate": truncate, "logprobs": logprobs, "echo": echo},
+        )
 
     async def tokenizer(self):
         def loaded():
             self._ensure_loaded()
             return self._engine.tokenizer, self._engine
+
         return await asyncio.wrap_future(self._call(loaded))
 
     def cancel(self, request_id: str | None = None) -> None:
         with self._lock:
-            events = list(self._cancels.values()) if request_id is None else \
-                [e for rid, e in self._cancels.items() if rid == request_id]
+            events = (
+                list(self._cancels.values())
+                if request_id is None
+                else [e for rid, e in self._cancels.items() if rid == request_id]
+            )
         for event in events:
             event.set()
 
@@ -216,8 +238,9 @@ class InProcessService(GenerationService):
         # at the start): never a path, nor a folder of that name in the working directory.
         info = next((m for m in await self.list_models() if m.name == name), None)
         if info is None:
-            raise KettleError(f"{name}: no such model to switch to (not a store model version, "
-                              "nor a model in the models folder)")
+            raise KettleError(
+                f"{name}: no such model to switch to (not a store model version, nor a model in the models folder)"
+            )
         return await asyncio.wrap_future(self._call(lambda: self._load(info), barrier=True))
 
     @property
@@ -317,9 +340,14 @@ class InProcessService(GenerationService):
         waits is answered at once and never starts."""
         for job in [j for j in waiting if isinstance(j, _Job) and j.cancel.is_set()]:
             waiting.remove(job)
-            job.emit(Done(GenerationResult(text="", finish_reason="cancelled", prompt_tokens=0,
-                                           new_tokens=0, seed=job.params.seed or 0),
-                          self.active_model.name))
+            job.emit(
+                Done(
+                    GenerationResult(
+                        text="", finish_reason="cancelled", prompt_tokens=0, new_tokens=0, seed=job.params.seed or 0
+                    ),
+                    self.active_model.name,
+                )
+            )
         while waiting:
             head = waiting[0]
             if isinstance(head, _Call):
@@ -347,10 +375,18 @@ class InProcessService(GenerationService):
                 if not isinstance(job.payload, (str, list)):
                     raise KettleError("prompt must be a string or a list of token ids")
                 ids, dropped = engine.completion_ids(job.payload, job.params, truncate=truncate)
-            self._batch.add(Request(
-                ids, dropped, job.params, job.cancel, lambda text: job.emit(Delta(text)),
-                lambda result: job.emit(Done(result, name)),
-                lambda message: job.emit(Error(message, "internal")), **options))
+            self._batch.add(
+                Request(
+                    ids,
+                    dropped,
+                    job.params,
+                    job.cancel,
+                    lambda text: job.emit(Delta(text)),
+                    lambda result: job.emit(Done(result, name)),
+                    lambda message: job.emit(Error(message, "internal")),
+                    **options,
+                )
+            )
         except KettleError as exc:
             job.emit(Error(str(exc), getattr(exc, "code", "invalid_request")))
         except Exception as exc:  # a bug must not take the worker (and every later request) down
@@ -401,7 +437,7 @@ def _with_active(info: ModelInfo, active: bool) -> ModelInfo:
 
 # --- remote ------------------------------------------------------------------------------------------
 
-_STREAM_TIMEOUT_S = 600.0   # the server may queue a request behind others for a while
+_STREAM_TIMEOUT_S = 600.0  # the server may queue a request behind others for a while
 
 
 class RemoteService(GenerationService):
@@ -423,12 +459,14 @@ class RemoteService(GenerationService):
         self._lock = threading.Lock()
 
     def stream_chat(self, messages, params, *, request_id=None, truncate=True):
-        return self._stream("/v1/chat/completions", {"messages": messages, "truncate": truncate},
-                            params=params, request_id=request_id)
+        return self._stream(
+            "/v1/chat/completions", {"messages": messages, "truncate": truncate}, params=params, request_id=request_id
+        )
 
     def complete(self, prompt, params, *, request_id=None, truncate=True):
-        return self._stream("/v1/completions", {"prompt": prompt, "truncate": truncate}, params=params,
-                            request_id=request_id)
+        return self._stream(
+            "/v1/completions", {"prompt": prompt, "truncate": truncate}, params=params, request_id=request_id
+        )
 
     def cancel(self, request_id: str | None = None) -> None:
         with self._lock:
@@ -446,8 +484,7 @@ class RemoteService(GenerationService):
         return models
 
     async def switch_model(self, name: str) -> ModelInfo:
-        self._active = _remote_model(await self._request("POST", "/v1/models/switch",
-                                                         body={"model": name}))
+        self._active = _remote_model(await self._request("POST", "/v1/models/switch", body={"model": name}))
         return self._active
 
     @property
@@ -488,8 +525,7 @@ class RemoteService(GenerationService):
         except KettleError as exc:
             yield Error(str(exc))
             return
-        body = {**body, **params_to_openai(params), "stream": True,
-                "stream_options": {"include_usage": True}}
+        body = {**body, **params_to_openai(params), "stream": True, "stream_options": {"include_usage": True}}
         inbox: asyncio.Queue = asyncio.Queue()
         task = asyncio.ensure_future(self._read_stream(path, body, inbox=inbox))
         task.add_done_callback(lambda t: _stream_ended(t, inbox))
@@ -501,15 +537,20 @@ class RemoteService(GenerationService):
             while True:
                 event = await inbox.get()
                 if event is None:  # the stream was closed by cancel()
-                    yield Done(GenerationResult(text="".join(text), finish_reason="cancelled",
-                                                prompt_tokens=0, new_tokens=0,
-                                                seed=params.seed or 0),
-                               self._active.name if self._active else "")
+                    yield Done(
+                        GenerationResult(
+                            text="".join(text),
+                            finish_reason="cancelled",
+                            prompt_tokens=0,
+                            new_tokens=0,
+                            seed=params.seed or 0,
+                        ),
+                        self._active.name if self._active else "",
+                    )
                     return
                 if isinstance(event, Delta):
                     text.append(event.text)
-                elif isinstance(event, Done) and (self._active is None
-                                                  or self._active.name != event.model):
+                elif isinstance(event, Done) and (self._active is None or self._active.name != event.model):
                     self._active = ModelInfo(name=event.model, active=True)
                 yield event
                 if not isinstance(event, Delta):
@@ -527,15 +568,13 @@ class RemoteService(GenerationService):
             async with self._client(httpx.Timeout(self.timeout, read=_STREAM_TIMEOUT_S)) as client:
                 async with client.stream("POST", path, json=body) as response:
                     if response.status_code >= 400:
-                        inbox.put_nowait(Error(_error_message(response.status_code,
-                                                              await response.aread())))
+                        inbox.put_nowait(Error(_error_message(response.status_code, await response.aread())))
                         return
                     inbox.put_nowait(await _parse_events(response, inbox, path=path))
         except httpx.HTTPError as exc:
             inbox.put_nowait(Error(f"lost the Kettle server at {self.base_url}: {exc}", "internal"))
         except ValueError as exc:
-            inbox.put_nowait(Error(f"the server at {self.base_url} sent a malformed event: {exc}",
-                                   "internal"))
+            inbox.put_nowait(Error(f"the server at {self.base_url} sent a malformed event: {exc}", "internal"))
 
 
 def _stream_ended(task: asyncio.Task, inbox: asyncio.Queue) -> None:
@@ -559,8 +598,10 @@ async def _parse_events(response, inbox: asyncio.Queue, *, path: str) -> Event:
         chunk = json.loads(data)
         if "error" in chunk:
             error = chunk["error"]
-            return Error(error.get("message", str(error)), "internal" if error.get("type") ==
-                         "server_error" else error.get("code") or "invalid_request")
+            return Error(
+                error.get("message", str(error)),
+                "internal" if error.get("type") == "server_error" else error.get("code") or "invalid_request",
+            )
         model = chunk.get("model", model)
         usage = chunk.get("usage") or usage
         extra = chunk.get("kettle") or extra
@@ -572,11 +613,18 @@ async def _parse_events(response, inbox: asyncio.Queue, *, path: str) -> Event:
             finish = choice.get("finish_reason") or finish
     if finish is None:
         return Error(f"the server ended the stream of {path} without finishing the answer", "internal")
-    return Done(GenerationResult(
-        text="".join(text), finish_reason=finish, prompt_tokens=usage.get("prompt_tokens", 0),
-        new_tokens=usage.get("completion_tokens", 0),
-        **{k: extra[k] for k in ("dropped_tokens", "cached_tokens", "ttft_s", "tokens_per_s", "seed")
-           if k in extra}), model)
+    return Done(
+        GenerationResult(
+            text="".join(text),
+            finish_reason=finish,
+            prompt_tokens=usage.get("prompt_tokens", 0),
+            new_tokens=usage.get("completion_tokens", 0),
+            **{
+                k: extra[k] for k in ("dropped_tokens", "cached_tokens", "ttft_s", "tokens_per_s", "seed") if k in extra
+            },
+        ),
+        model,
+    )
 
 
 def _error_message(status: int, body: bytes) -> str:
@@ -587,9 +635,14 @@ def _error_message(status: int, body: bytes) -> str:
 
 
 def _remote_model(data: dict) -> ModelInfo:
-    return ModelInfo(name=data["id"], source=data.get("source", "directory"),
-                     kind=data.get("kind", ""), status=data.get("status", ""),
-                     created=float(data.get("created", 0)), active=bool(data.get("active")))
+    return ModelInfo(
+        name=data["id"],
+        source=data.get("source", "directory"),
+        kind=data.get("kind", ""),
+        status=data.get("status", ""),
+        created=float(data.get("created", 0)),
+        active=bool(data.get("active")),
+    )
 
 
 def params_to_openai(params: SamplingParams) -> dict:

@@ -20,6 +20,7 @@ but the newest one, which the next round feeds first. Drafters:
   no match a round drafts nothing and is a plain decoding step.
 - DraftModel: a smaller model with the same tokenizer proposes k tokens with its own KV cache.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,8 +41,7 @@ class PromptLookup:
     max_ngram: int = 3
     min_ngram: int = 2  # a single repeated token is too weak a hint: most such drafts fail
 
-    def begin(self, engine, prompt_ids: list[int], *, params: SamplingParams,
-              sampler: Sampler) -> "_Lookup":
+    def begin(self, engine, prompt_ids: list[int], *, params: SamplingParams, sampler: Sampler) -> "_Lookup":
         return _Lookup(self, prompt_ids)
 
 
@@ -60,7 +60,7 @@ class _Lookup:
             end = len(self.history)
             for n in range(self.config.min_ngram, self.config.max_ngram + 1):
                 if end >= n:
-                    self.index[tuple(self.history[end - n:end])] = end
+                    self.index[tuple(self.history[end - n : end])] = end
             self.history.append(token)
 
     def propose(self, k: int) -> tuple[list[int], None]:
@@ -70,7 +70,7 @@ class _Lookup:
         for n in range(min(self.config.max_ngram, len(h)), self.config.min_ngram - 1, -1):
             start = self.index.get(tuple(h[-n:]))
             if start is not None:
-                return h[start:start + min(k, self.config.max_draft)], None
+                return h[start : start + min(k, self.config.max_draft)], None
         return [], None
 
 
@@ -86,31 +86,46 @@ class DraftModel:
         """Refuse a draft model that cannot stand in for `target` (its tokenizer's size is all
         that can be checked from here: the caller pairs models with the same tokenizer)."""
         if self.model.config.vocab_size < n_vocab:
-            raise KettleError(f"the draft model's vocabulary ({self.model.config.vocab_size} tokens) "
-                              f"is smaller than the tokenizer's ({n_vocab}): not the same tokenizer")
+            raise KettleError(
+                f"the draft model's vocabulary ({self.model.config.vocab_size} tokens) "
+                f"is smaller than the tokenizer's ({n_vocab}): not the same tokenizer"
+            )
         if self.model.config.context_length < target.config.context_length:
-            raise KettleError(f"the draft model's context ({self.model.config.context_length} tokens) "
-                              f"is shorter than the model's ({target.config.context_length})")
+            raise KettleError(
+                f"the draft model's context ({self.model.config.context_length} tokens) "
+                f"is shorter than the model's ({target.config.context_length})"
+            )
 
-    def begin(self, engine, prompt_ids: list[int], *, params: SamplingParams,
-              sampler: Sampler) -> "_Draft":
+    def begin(self, engine, prompt_ids: list[int], *, params: SamplingParams, sampler: Sampler) -> "_Draft":
         self.check(engine.model, engine.tokenizer.n_vocab)
         return _Draft(self, engine.tokenizer.n_vocab, prompt_ids, params, sampler)
 
 
 class _Draft:
-    def __init__(self, config: DraftModel, n_vocab: int, ids: list[int], params: SamplingParams,
-                 sampler: Sampler):
+    def __init__(self, config: DraftModel, n_vocab: int, ids: list[int], params: SamplingParams, sampler: Sampler):
         model = config.model
         self.model, self.max_draft, self.n_vocab = model, config.max_draft, n_vocab
-        self.cache = KVCache(model.config, 1, max_len=model.config.context_length,
-                             device=model.wte.weight.device, dtype=model.wte.weight.dtype)
+        self.cache = KVCache(
+            model.config,
+            1,
+            max_len=model.config.context_length,
+            device=model.wte.weight.device,
+            dtype=model.wte.weight.dtype,
+        )
         self.cached: list[int] = []  # the tokens the draft's cache holds
         self.history = list(ids)
         # Any q keeps the output lossless; penalties would need their own state, so q has none.
-        self.sampler = None if params.greedy else Sampler(
-            params.replace(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0),
-            self.n_vocab, model.wte.weight.device, [], 0)
+        self.sampler = (
+            None
+            if params.greedy
+            else Sampler(
+                params.replace(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0),
+                self.n_vocab,
+                model.wte.weight.device,
+                [],
+                0,
+            )
+        )
         if self.sampler is not None:
             self.sampler.generator = sampler.generator  # one seed reproduces the whole answer
 
@@ -128,8 +143,9 @@ class _Draft:
         self.cached = list(self.history)
         drafts, dists = [], []
         for i in range(k):
-            logits = self.model(torch.tensor([x], device=self.cache.k.device), self.cache,
-                                last_only=True)[0, -1, :self.n_vocab]
+            logits = self.model(torch.tensor([x], device=self.cache.k.device), self.cache, last_only=True)[
+                0, -1, : self.n_vocab
+            ]
             if self.sampler is None:
                 token = int(logits.argmax())
             else:
@@ -166,7 +182,7 @@ class Speculator:
         cache = engine._cache
         start = cache.pos
         x = torch.tensor([[last] + drafts], dtype=torch.long, device=engine.device)
-        logits = engine.model(x, cache)[0, :, :engine.tokenizer.n_vocab]
+        logits = engine.model(x, cache)[0, :, : engine.tokenizer.n_vocab]
         decided = []
         for i, row in enumerate(logits):
             log_probs = sampler.log_probs(row) if self.want_logprobs else None
@@ -207,4 +223,3 @@ class Speculator:
             token = int(torch.multinomial(residual, 1, generator=sampler.generator))
         sampler.observe(torch.tensor(token, device=p.device))
         return token
-

@@ -15,6 +15,7 @@ OpenMP's wait policy stays its default (spin briefly, then sleep): PASSIVE waiti
 the collapse beside a busy process, but costs an idle machine 10% of training speed and half its
 decoding speed (benchmarks/threads.py); with one thread there is nothing to wait for anyway.
 """
+
 from __future__ import annotations
 
 import os

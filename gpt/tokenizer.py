@@ -6,6 +6,7 @@ and `from_hf_tokenizer` convert to and from the Hugging Face `tokenizers` librar
 tiktoken's byte-level BPE merges the adjacent pair whose concatenation has the lowest rank, so each
 token's merge is the split of it that this very procedure reaches one step before the token.
 """
+
 from __future__ import annotations
 
 import base64
@@ -113,8 +114,7 @@ def load_tokenizer_file(path: str | Path) -> Tokenizer:
         raise KettleError(f"{path}: not a valid Kettle tokenizer file ({exc})") from None
     try:
         name, pattern, ranks, special = _checked_fields(data)
-        encoding = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks,
-                                     special_tokens=special)
+        encoding = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
     except ValueError as exc:  # ours, or tiktoken's for a pattern its regex engine refuses
         raise KettleError(f"{path}: not a valid Kettle tokenizer file ({exc})") from None
     return Tokenizer(encoding, name)
@@ -128,8 +128,12 @@ def _checked_fields(data) -> tuple[str, str, dict[bytes, int], dict[str, int]]:
     """(name, pattern, merge ranks, special tokens) of a tokenizer.json, or ValueError."""
     if not isinstance(data, dict):
         raise ValueError("expected a JSON object")
-    for key, kind, what in (("name", str, "a string"), ("pattern", str, "a string"),
-                            ("merges", list, "a list"), ("special_tokens", dict, "an object")):
+    for key, kind, what in (
+        ("name", str, "a string"),
+        ("pattern", str, "a string"),
+        ("merges", list, "a list"),
+        ("special_tokens", dict, "an object"),
+    ):
         if not isinstance(data.get(key), kind):
             raise ValueError(f"{key!r} must be {what}")
     try:
@@ -156,10 +160,13 @@ def _checked_fields(data) -> tuple[str, str, dict[bytes, int], dict[str, int]]:
     if END_OF_TEXT not in special:
         raise ValueError(f"no {END_OF_TEXT} special token")
     ids = list(special.values())
-    if (any(not isinstance(i, int) or isinstance(i, bool) for i in ids)
-            or sorted(ids) != list(range(len(ranks), len(ranks) + len(ids)))):
-        raise ValueError(f"special token ids must be distinct integers following the "
-                         f"{len(ranks)} merges ({len(ranks)}..{len(ranks) + len(ids) - 1})")
+    if any(not isinstance(i, int) or isinstance(i, bool) for i in ids) or sorted(ids) != list(
+        range(len(ranks), len(ranks) + len(ids))
+    ):
+        raise ValueError(
+            f"special token ids must be distinct integers following the "
+            f"{len(ranks)} merges ({len(ranks)}..{len(ranks) + len(ids) - 1})"
+        )
     return data["name"], data["pattern"], ranks, special
 
 
@@ -179,6 +186,7 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
 
 
 # --- Hugging Face's tokenizers format ----------------------------------------------------------
+
 
 def _byte_chars() -> dict[int, str]:
     """GPT-2's printable stand-in for each byte, which byte-level BPE vocabularies are written in."""
@@ -204,10 +212,12 @@ def _merge_pairs(tokenizer: Tokenizer) -> list[tuple[bytes, bytes]]:
             rank, i = min((ranks.get(a + b, len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
             if rank >= ranks[token]:
                 break
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
         if len(parts) != 2:
-            raise KettleError(f"tokenizer {tokenizer.name}: token {token!r} is no merge of two "
-                              "lower-ranked tokens, so byte-level BPE cannot express it")
+            raise KettleError(
+                f"tokenizer {tokenizer.name}: token {token!r} is no merge of two "
+                "lower-ranked tokens, so byte-level BPE cannot express it"
+            )
         pairs.append((parts[0], parts[1]))
     return pairs
 
@@ -218,8 +228,7 @@ def _prefix_split(prefixes: Sequence[str]) -> str:
     return r"\A(?:" + "|".join("".join(f"\\x{{{ord(c):x}}}" for c in p) for p in prefixes) + ")"
 
 
-def hf_tokenizer_json(tokenizer: Tokenizer, prefixes: Sequence[str] = (), *,
-                      stop_tokens: Collection[str] = ()) -> str:
+def hf_tokenizer_json(tokenizer: Tokenizer, prefixes: Sequence[str] = (), *, stop_tokens: Collection[str] = ()) -> str:
     """The tokenizer in the `tokenizers` library's format (a Hugging Face `tokenizer.json`) that
     encodes every text to tiktoken's ids: the same split pattern, the same byte-level BPE (a
     piece that is a whole token is that token, as in tiktoken: ignore_merges), the special tokens
@@ -238,10 +247,13 @@ def hf_tokenizer_json(tokenizer: Tokenizer, prefixes: Sequence[str] = (), *,
     ranks = tokenizer.encoding._mergeable_ranks
     merges = [(text(a), text(b)) for a, b in _merge_pairs(tokenizer)]
     hf = HFTokenizer(models.BPE({text(t): r for t, r in ranks.items()}, merges, ignore_merges=True))
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        *([pre_tokenizers.Split(Regex(_prefix_split(prefixes)), behavior="isolated")] if prefixes else []),
-        pre_tokenizers.Split(Regex(tokenizer.encoding._pat_str), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            *([pre_tokenizers.Split(Regex(_prefix_split(prefixes)), behavior="isolated")] if prefixes else []),
+            pre_tokenizers.Split(Regex(tokenizer.encoding._pat_str), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     hf.decoder = decoders.ByteLevel()
     special = sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])
     for token, _ in special:  # one by one, in id order: add_special_tokens marks all it adds special
@@ -266,41 +278,52 @@ def from_hf_tokenizer(path: str | Path, prefixes: Sequence[str] = ()) -> Tokeniz
         raise KettleError(f"{path}: not a BPE tokenizer (Kettle runs byte-level BPE only)")
     pattern = _hf_split_pattern(data.get("pre_tokenizer"), prefixes)
     if pattern is None:
-        raise KettleError(f"{path}: pre_tokenizer is not a byte-level split Kettle can run "
-                          "(ByteLevel, or Split by a regex then ByteLevel without its own)")
+        raise KettleError(
+            f"{path}: pre_tokenizer is not a byte-level split Kettle can run "
+            "(ByteLevel, or Split by a regex then ByteLevel without its own)"
+        )
     for key, wanted in (("normalizer", None), ("decoder", "ByteLevel")):
         got = data.get(key)
         if (got.get("type") if isinstance(got, dict) else got) != wanted:
             raise KettleError(f"{path}: {key} {got!r} is not {wanted!r} (byte-level BPE)")
     vocab, added = model.get("vocab"), data.get("added_tokens", [])
-    if not isinstance(vocab, dict) or not isinstance(added, list) or not all(
-            isinstance(t, dict) and isinstance(t.get("content"), str) for t in added):
+    if (
+        not isinstance(vocab, dict)
+        or not isinstance(added, list)
+        or not all(isinstance(t, dict) and isinstance(t.get("content"), str) for t in added)
+    ):
         raise KettleError(f"{path}: model.vocab must be an object and added_tokens a list of tokens")
     special = {t["content"]: t.get("id") for t in added}
     bytes_of = {c: b for b, c in _byte_chars().items()}
     by_id = sorted((i, t) for t, i in vocab.items() if t not in special and isinstance(i, int))
     if [i for i, _ in by_id] != list(range(len(by_id))) or len(by_id) + len(special) < len(vocab):
-        raise KettleError(f"{path}: the vocabulary's ids are not 0..{len(by_id) - 1} followed by "
-                          "the added tokens")
+        raise KettleError(f"{path}: the vocabulary's ids are not 0..{len(by_id) - 1} followed by the added tokens")
     try:
         merged = [bytes(bytes_of[c] for c in t) for _, t in by_id]
     except KeyError as exc:
         raise KettleError(f"{path}: vocabulary character {exc.args[0]!r} is not a byte-level one") from None
-    fields = {"name": "hf-bpe", "pattern": pattern, "special_tokens": special,
-              "merges": [base64.b64encode(t).decode("ascii") for t in merged]}
+    fields = {
+        "name": "hf-bpe",
+        "pattern": pattern,
+        "special_tokens": special,
+        "merges": [base64.b64encode(t).decode("ascii") for t in merged],
+    }
     try:
         name, pattern, ranks, special = _checked_fields(fields)
     except ValueError as exc:
         raise KettleError(f"{path}: not a tokenizer Kettle can run ({exc})") from None
-    tokenizer = Tokenizer(tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks,
-                                            special_tokens=special), name)
+    tokenizer = Tokenizer(
+        tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special), name
+    )
     stored = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
     chars = _byte_chars()
     implied = [("".join(chars[x] for x in a), "".join(chars[x] for x in b)) for a, b in _merge_pairs(tokenizer)]
     if stored != implied:
         at = next(i for i, (s, m) in enumerate(zip(stored + [None], implied + [None])) if s != m)
-        raise KettleError(f"{path}: model.merges[{at}] is not the merge its vocabulary's ranks make "
-                          "(Kettle merges by rank, as tiktoken does), so Kettle would encode differently")
+        raise KettleError(
+            f"{path}: model.merges[{at}] is not the merge its vocabulary's ranks make "
+            "(Kettle merges by rank, as tiktoken does), so Kettle would encode differently"
+        )
     if special == {END_OF_TEXT: len(ranks)}:  # GPT-2's one special token: is it GPT-2's?
         gpt2 = gpt2_tokenizer()
         if ranks == gpt2.encoding._mergeable_ranks:
@@ -321,14 +344,25 @@ def _hf_split_pattern(pre, prefixes: Sequence[str]) -> str | None:
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
     if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
         return None
-    splits = [s.get("pattern", {}).get("Regex") if isinstance(s.get("pattern"), dict)
-              and s.get("type") == "Split" and s.get("behavior") == "Isolated" and not s.get("invert")
-              else None for s in steps[:-1]]
+    splits = [
+        s.get("pattern", {}).get("Regex")
+        if isinstance(s.get("pattern"), dict)
+        and s.get("type") == "Split"
+        and s.get("behavior") == "Isolated"
+        and not s.get("invert")
+        else None
+        for s in steps[:-1]
+    ]
     if prefixes and splits[:1] == [_prefix_split(prefixes)]:
         splits = splits[1:]
     byte_level = steps[-1]
-    if (len(splits) == 1 and isinstance(splits[0], str) and byte_level.get("type") == "ByteLevel"
-            and byte_level.get("use_regex") is False and not byte_level.get("add_prefix_space")):
+    if (
+        len(splits) == 1
+        and isinstance(splits[0], str)
+        and byte_level.get("type") == "ByteLevel"
+        and byte_level.get("use_regex") is False
+        and not byte_level.get("add_prefix_space")
+    ):
         return splits[0]
     return None
 
@@ -344,8 +378,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, name: str = "kettl
     trainer.train_from_iterator(_non_empty(texts), n_merged, pattern=SPLIT_PATTERN)
     ranks = dict(trainer.get_mergeable_ranks())
     special = {token: len(ranks) + i for i, token in enumerate(SPECIAL_TOKENS)}
-    encoding = tiktoken.Encoding(name=name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks,
-                                 special_tokens=special)
+    encoding = tiktoken.Encoding(name=name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special)
     return Tokenizer(encoding, name)
 
 

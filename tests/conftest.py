@@ -1,5 +1,6 @@
 """Shared test set-up: every test gets its own KETTLE_HOME; GPT-2's tokenizer files come from
 ../shared/tiktoken_cache so nothing touches the network."""
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 lazily, inside a function): read from the source with `ast`, so a violation fails here before it
 becomes a cycle that only some import order trips over. Imports under `if TYPE_CHECKING:` are for
 type checkers only and do not count."""
+
 from __future__ import annotations
 
 import ast
@@ -128,7 +129,10 @@ def test_the_check_sees_a_cycle_and_a_layer_violation(tmp_path):
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
     bad = tmp_path / "x.py"
-    bad.write_text("import data.store\nfrom typing import TYPE_CHECKING\n"
-                   "if TYPE_CHECKING:\n    from tui.app import KettleApp\n"
-                   "def f():\n    from finetune import jobs\n", encoding="utf-8")
+    bad.write_text(
+        "import data.store\nfrom typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from tui.app import KettleApp\n"
+        "def f():\n    from finetune import jobs\n",
+        encoding="utf-8",
+    )
     assert [(line, module) for line, module, _ in imports_of(bad)] == [(1, "data.store"), (6, "finetune")]

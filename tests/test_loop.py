@@ -4,6 +4,7 @@ Welcome screen, `b` brews the starter; in the chat the user asks ten Python ques
 each answer with `c`; F5, Ctrl+G starts the sheet's default plan; Ctrl+W switches to the new
 model; asked again, it must give the corrections back. Only the chat's sampling is set (greedy,
 through config.json as a user would): the fine-tuning settings are the app's own."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,7 @@ from tests.tui.test_app import (
 )
 from tui.app import KettleApp
 
-CORRECTIONS = [json.loads(line)["messages"] for line in
-               (FIXTURES / "corrections.jsonl").read_text().splitlines()]
+CORRECTIONS = [json.loads(line)["messages"] for line in (FIXTURES / "corrections.jsonl").read_text().splitlines()]
 
 
 async def correct(pilot, app, question: str, answer: str) -> None:
@@ -42,19 +42,32 @@ async def test_a_new_user_corrects_ten_answers_and_gets_them_back():
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, lambda: app.current_mode == "welcome", "the welcome screen")
         await pilot.press("b")  # brews in a child process, then opens the chat
-        await wait_until(pilot, lambda: app.current_mode == "chat" and app.focused is not None
-                         and app.focused.id == "prompt", "the brewed starter", timeout=30 * 60)
+        await wait_until(
+            pilot,
+            lambda: app.current_mode == "chat" and app.focused is not None and app.focused.id == "prompt",
+            "the brewed starter",
+            timeout=30 * 60,
+        )
         for question, answer in ((c[0]["content"], c[1]["content"]) for c in CORRECTIONS[:10]):
             await pilot.press("ctrl+n")
             await open_chat(pilot, app)
             await correct(pilot, app, question, answer)
         await pilot.press("f5")
-        await wait_until(pilot, lambda: app.current_mode == "finetune" and "10 examples" in
-                         str(app.screen.query_one("#sheet-summary").render()), "the fine-tune sheet")
+        await wait_until(
+            pilot,
+            lambda: (
+                app.current_mode == "finetune" and "10 examples" in str(app.screen.query_one("#sheet-summary").render())
+            ),
+            "the fine-tune sheet",
+        )
         screen = app.screen
         await pilot.press("ctrl+g")
-        await wait_until(pilot, lambda: screen.run is not None and screen.run.status in
-                         ("finished", "failed", "cancelled"), "the run to end", timeout=15 * 60)
+        await wait_until(
+            pilot,
+            lambda: screen.run is not None and screen.run.status in ("finished", "failed", "cancelled"),
+            "the run to end",
+            timeout=15 * 60,
+        )
         assert screen.run.status == "finished", screen.run.error
         m = screen.output.metrics
         assert m["recall"] >= 9 and m["recall_of"] == 10 and m["gate"] == "passed"
@@ -62,8 +75,11 @@ async def test_a_new_user_corrects_ten_answers_and_gets_them_back():
         result = str(screen.query_one("#finetune-result").render())
         assert f"your corrections: {m['recall']} of 10 now come back" in result
         await pilot.press("ctrl+w")
-        await wait_until(pilot, lambda: app.service.active_model is not None
-                         and app.service.active_model.name == screen.output.name, "the switch")
+        await wait_until(
+            pilot,
+            lambda: app.service.active_model is not None and app.service.active_model.name == screen.output.name,
+            "the switch",
+        )
         await pilot.press("f2")
         back = 0
         for question, answer in ((c[0]["content"], c[1]["content"]) for c in CORRECTIONS[:10]):

@@ -13,6 +13,7 @@ map from binding id to keys that replaces the default keys, e.g. {"keys": {"chat
 and "quantize": "int8" to run the in-process model with int8 weights (gpt/quantize.py).
 The help screen (F1) lists every binding id with its current keys.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,13 +27,12 @@ from typing import Any, Callable
 from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
-from textual.signal import Signal
 from textual.screen import Screen
+from textual.signal import Signal
 from textual.widgets import LoadingIndicator, Static
 
-from gpt.files import atomic_write_text
 from data.paths import config_path, kettle_home
-from gpt.errors import KettleError
+from gpt.files import atomic_write_text
 from tui.errors import error_text
 from tui.screens.table import SCREENS, load
 
@@ -40,6 +40,7 @@ log = logging.getLogger("kettle.app")
 
 
 # --- settings --------------------------------------------------------------------------------
+
 
 def load_config(path: Path | None = None) -> tuple[dict, str | None]:
     """(settings, problem): a missing file is empty settings; an unreadable one is reported and
@@ -76,8 +77,7 @@ def quantize_setting(config: dict) -> tuple[str | None, str | None]:
     if isinstance(value, str) and value in MODES:
         return value, None
     modes = " or ".join(json.dumps(m) for m in MODES)
-    return None, (f'{config_path()}: "quantize" must be {modes} or null, got {json.dumps(value)}; '
-                  "using full precision")
+    return None, (f'{config_path()}: "quantize" must be {modes} or null, got {json.dumps(value)}; using full precision')
 
 
 QUIT = "app.quit"
@@ -112,14 +112,16 @@ def keymap_from(config: dict, defaults: dict[str, str]) -> tuple[dict[str, str],
         if binding_id not in defaults:
             problems.append(f"config.json keys: unknown binding id {binding_id!r} (see the help screen)")
         elif not isinstance(value, str) or not value.strip():
-            problems.append(f"config.json keys: {binding_id} needs keys like \"ctrl+k\" or \"f9,ctrl+k\"")
+            problems.append(f'config.json keys: {binding_id} needs keys like "ctrl+k" or "f9,ctrl+k"')
         else:
             value = value.replace(" ", "")
             bad = [k for k in value.split(",") if not is_key(k)]
             if bad:
-                problems.append(f"config.json keys: {binding_id}: {bad[0]!r} in {value!r} is not a "
-                                f"key (like \"ctrl+k\", \"f9\" or \"question_mark\"); it keeps "
-                                f"{defaults[binding_id]}")
+                problems.append(
+                    f"config.json keys: {binding_id}: {bad[0]!r} in {value!r} is not a "
+                    f'key (like "ctrl+k", "f9" or "question_mark"); it keeps '
+                    f"{defaults[binding_id]}"
+                )
             else:
                 keymap[binding_id] = value
 
@@ -127,13 +129,16 @@ def keymap_from(config: dict, defaults: dict[str, str]) -> tuple[dict[str, str],
         return [b for b, k in (defaults | keymap).items() if b != QUIT and key in k.split(",")]
 
     if QUIT in keymap and (shared := [k for k in keymap[QUIT].split(",") if owners(k)]):
-        problems.append(f"config.json keys: {QUIT}: {shared[0]} is also {owners(shared[0])[0]}'s "
-                        f"key; quit keeps {defaults[QUIT]}")
+        problems.append(
+            f"config.json keys: {QUIT}: {shared[0]} is also {owners(shared[0])[0]}'s key; quit keeps {defaults[QUIT]}"
+        )
         del keymap[QUIT]
     quit_keys = set(keymap.get(QUIT, defaults[QUIT]).split(","))
     for binding_id in [b for b in keymap if b != QUIT and quit_keys & set(keymap[b].split(","))]:
-        problems.append(f"config.json keys: {binding_id}: {keymap[binding_id]} takes the quit "
-                        f"key ({QUIT}); it keeps {defaults[binding_id]}")
+        problems.append(
+            f"config.json keys: {binding_id}: {keymap[binding_id]} takes the quit "
+            f"key ({QUIT}); it keeps {defaults[binding_id]}"
+        )
         del keymap[binding_id]
     return keymap, problems
 
@@ -164,22 +169,31 @@ class KettleApp(App):
     # Priority: the prompt's TextArea has its own use for some function keys (F6 selects a line).
     BINDINGS = [
         Binding("f1", "help", "Help", id="app.help", priority=True),
-        *(Binding(entry.key, f"go('{entry.mode}')", entry.title, id=f"app.{entry.mode}",
-                  priority=True) for entry in SCREENS if entry.key),
+        *(
+            Binding(entry.key, f"go('{entry.mode}')", entry.title, id=f"app.{entry.mode}", priority=True)
+            for entry in SCREENS
+            if entry.key
+        ),
         Binding("ctrl+q", "quit", "Quit", id="app.quit", priority=True),
     ]
 
-    def __init__(self, server: str | None = None, api_key: str | None = None,
-                 store=None, service=None, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        server: str | None = None,
+        api_key: str | None = None,
+        store=None,
+        service=None,
+        clock: Callable[[], float] = time.time,
+    ):
         super().__init__()
         self.server = server
         self.api_key = api_key
         self.store = store
         self.service = service
-        self.clock = clock          # "now" for relative times (fixed in snapshot tests)
+        self.clock = clock  # "now" for relative times (fixed in snapshot tests)
         self.config, config_problem = load_config()
         self._startup_problems = [config_problem] if config_problem else []
-        self.ready = asyncio.Event()   # set once the store and service are up
+        self.ready = asyncio.Event()  # set once the store and service are up
         self.load_failed = False
         # Published (with the model's name) when the service loads or switches a model.
         self.model_changed: Signal[str] = Signal(self, "model-changed")
@@ -226,8 +240,7 @@ class KettleApp(App):
         try:
             await self._open()
         except Exception as exc:  # noqa: BLE001
-            self.notify(error_text(exc), title="Kettle could not start", severity="error",
-                        timeout=30)
+            self.notify(error_text(exc), title="Kettle could not start", severity="error", timeout=30)
             return
         self.ready.set()
 
@@ -256,8 +269,7 @@ class KettleApp(App):
         quantize, problem = quantize_setting(self.config)
         if problem:
             self.notify(problem, severity="warning", timeout=10)
-        self.service = await asyncio.to_thread(InProcessService, catalog=StoreCatalog(),
-                                               quantize=quantize)
+        self.service = await asyncio.to_thread(InProcessService, catalog=StoreCatalog(), quantize=quantize)
         self.preload()
 
     @work(group="preload")
@@ -288,8 +300,15 @@ class KettleApp(App):
         """Run a blocking call (the store, the file system) off the UI thread."""
         return await asyncio.to_thread(fn, *args, **kwargs)
 
-    def notify(self, message: str, *, title: str = "", severity="information",
-               timeout: float | None = None, markup: bool = False) -> None:
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity="information",
+        timeout: float | None = None,
+        markup: bool = False,
+    ) -> None:
         """Notifications carry user text (titles, paths, error messages with brackets), so
         they are plain text unless a caller asks for markup."""
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
@@ -301,8 +320,12 @@ class KettleApp(App):
         if self.is_headless or not self.ready.is_set():
             super()._handle_exception(error)
             return
-        self.notify(f"Something went wrong: {error_text(error)}. Details are in "
-                    f"{kettle_home() / 'app.log'}.", title="Error", severity="error", timeout=15)
+        self.notify(
+            f"Something went wrong: {error_text(error)}. Details are in {kettle_home() / 'app.log'}.",
+            title="Error",
+            severity="error",
+            timeout=15,
+        )
 
     # -- settings ---------------------------------------------------------------------------
 
@@ -326,8 +349,7 @@ class KettleApp(App):
             self.notify("Kettle is still starting…")
             return
         if mode != "welcome" and self.service is None:
-            self.notify("There is no model yet: brew the starter, download GPT-2 or import one.",
-                        severity="warning")
+            self.notify("There is no model yet: brew the starter, download GPT-2 or import one.", severity="warning")
             mode = "welcome"
         if self.current_mode != mode:
             await self.switch_mode(mode)
@@ -342,11 +364,12 @@ class KettleApp(App):
         yield from super().get_system_commands(screen)
         for entry in SCREENS:
             if entry.key:
-                yield SystemCommand(entry.command or entry.title,
-                                    f"{entry.about} ({entry.key.upper()})",
-                                    partial(self.run_action, f"go('{entry.mode}')"))
-        yield SystemCommand("Help: keys", "Every key binding and how to change it (F1)",
-                            self.action_help)
+                yield SystemCommand(
+                    entry.command or entry.title,
+                    f"{entry.about} ({entry.key.upper()})",
+                    partial(self.run_action, f"go('{entry.mode}')"),
+                )
+        yield SystemCommand("Help: keys", "Every key binding and how to change it (F1)", self.action_help)
         from tui.screens.models import model_commands
 
         yield from model_commands(self)

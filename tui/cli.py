@@ -3,6 +3,7 @@
 Each command group lives in a module of `tui.commands` that defines `register(subparsers)`;
 heavy imports (torch) happen inside the command functions so that `kettle --help` is instant.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Chat with, label and fine-tune a GPT trained on your own machine.",
     )
     # Own dests: `kettle serve` has an --api-key of its own.
-    parser.add_argument("--server", metavar="URL", dest="app_server",
-                        help="with no command: chat through a running `kettle serve` at URL")
-    parser.add_argument("--api-key", metavar="KEY", dest="app_api_key",
-                        help="the API key that server asks for (default: $KETTLE_API_KEY, which "
-                             "keeps the key out of the process list)")
+    parser.add_argument(
+        "--server",
+        metavar="URL",
+        dest="app_server",
+        help="with no command: chat through a running `kettle serve` at URL",
+    )
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        dest="app_api_key",
+        help="the API key that server asks for (default: $KETTLE_API_KEY, which keeps the key out of the process list)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

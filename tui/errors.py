@@ -1,5 +1,6 @@
 """Errors in the app: a notification, never a traceback. Screens and widgets import these from here,
 not from tui.app, so that nothing under tui/screens or tui/widgets needs the app module."""
+
 from __future__ import annotations
 
 import asyncio
@@ -23,6 +24,7 @@ def error_text(exc: BaseException) -> str:
 
 def guarded(method: Callable) -> Callable:
     """Wrap an async screen/app method so that any failure becomes an error notification."""
+
     @functools.wraps(method)
     async def wrapper(self, *args, **kwargs):
         try:
@@ -32,4 +34,5 @@ def guarded(method: Callable) -> Callable:
         except Exception as exc:  # noqa: BLE001 - the user sees it as a notification
             self.app.notify(error_text(exc), title="Error", severity="error", timeout=8)
             return None
+
     return wrapper

@@ -1,4 +1,5 @@
 """Dataset import/export on a real SQLite file: round trips, skips, malformed files."""
+
 from __future__ import annotations
 
 import json
@@ -9,40 +10,69 @@ from data.formats import MAX_LINE_BYTES, export_file, import_file
 from data.records import DataFilter
 from data.store import Store, open_store
 from gpt.errors import KettleError
-from tui.cli import main
 from tests.conftest import SHARED_DATA
+from tui.cli import main
 
 ALPACA = [
     {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
     {"instruction": "Say hi.", "input": "", "output": "Hi! 👋"},
 ]
 ALPACA_TURNS = [  # LLaMA-Factory's Alpaca: a system prompt and the earlier turns
-    {"instruction": "And times 4?", "input": "", "output": "20", "system": "Answer with a number.",
-     "history": [["2 + 3?", "5"], ["Double it?", "10"]]},
+    {
+        "instruction": "And times 4?",
+        "input": "",
+        "output": "20",
+        "system": "Answer with a number.",
+        "history": [["2 + 3?", "5"], ["Double it?", "10"]],
+    },
     {"instruction": "Translate.", "input": "chat", "output": "cat", "history": [["Hi", "Hello."]]},
 ]
 SHAREGPT = [
-    {"id": "a1", "conversations": [
-        {"from": "system", "value": "Be brief."},
-        {"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hi."},
-        {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Bye."}]},
+    {
+        "id": "a1",
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Hello"},
+            {"from": "gpt", "value": "Hi."},
+            {"from": "human", "value": "Bye"},
+            {"from": "gpt", "value": "Bye."},
+        ],
+    },
     {"id": "a2", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
 ]
 OPENAI = [
-    {"messages": [{"role": "system", "content": "You are terse."},
-                  {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
-    {"messages": [{"role": "user", "content": "one"},
-                  {"role": "assistant", "content": "not this", "weight": 0},
-                  {"role": "user", "content": "two"}, {"role": "assistant", "content": "this"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "not this", "weight": 0},
+            {"role": "user", "content": "two"},
+            {"role": "assistant", "content": "this"},
+        ]
+    },
 ]
 DPO = [
-    {"prompt": [{"role": "user", "content": "Capital of France?"}],
-     "chosen": [{"role": "assistant", "content": "Paris."}],
-     "rejected": [{"role": "assistant", "content": "London."}]},
-    {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Joke?"}],
-     "chosen": [{"role": "assistant", "content": "Why did the kettle whistle?"}],
-     "rejected": [{"role": "assistant", "content": "No."}]},
+    {
+        "prompt": [{"role": "user", "content": "Capital of France?"}],
+        "chosen": [{"role": "assistant", "content": "Paris."}],
+        "rejected": [{"role": "assistant", "content": "London."}],
+    },
+    {
+        "prompt": [
+            {"role": "system", "content": "Be kind."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Joke?"},
+        ],
+        "chosen": [{"role": "assistant", "content": "Why did the kettle whistle?"}],
+        "rejected": [{"role": "assistant", "content": "No."}],
+    },
 ]
 
 
@@ -50,8 +80,7 @@ def write(path, fmt, records):
     if fmt in ("alpaca", "sharegpt"):
         path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
     else:
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-                        encoding="utf-8")
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
 
 
@@ -61,8 +90,9 @@ def read(path, fmt):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.mark.parametrize("fmt,records", [("alpaca", ALPACA + ALPACA_TURNS), ("sharegpt", SHAREGPT),
-                                         ("openai", OPENAI), ("dpo", DPO)])
+@pytest.mark.parametrize(
+    "fmt,records", [("alpaca", ALPACA + ALPACA_TURNS), ("sharegpt", SHAREGPT), ("openai", OPENAI), ("dpo", DPO)]
+)
 def test_each_format_round_trips(store, tmp_path, fmt, records):
     source = write(tmp_path / f"in.{fmt}", fmt, records)
     report = import_file(store, source)  # the format is detected
@@ -82,8 +112,9 @@ def test_instruction_data_imports_fully_and_exports_equal(store, tmp_path):
     assert (report.conversations, report.messages) == (1100, 2200)
     out = export_file(store, tmp_path / "out.json", fmt="alpaca")
     assert out.written == 1100 and out.skipped == {}
-    assert json.loads((tmp_path / "out.json").read_text(encoding="utf-8")) == \
-        json.loads(source.read_text(encoding="utf-8"))
+    assert json.loads((tmp_path / "out.json").read_text(encoding="utf-8")) == json.loads(
+        source.read_text(encoding="utf-8")
+    )
 
 
 def test_imported_answers_are_marked_ideal_and_weight_zero_stays_context(store, tmp_path):
@@ -96,14 +127,30 @@ def test_imported_answers_are_marked_ideal_and_weight_zero_stays_context(store, 
 
 def test_what_a_format_cannot_express_is_skipped_with_reasons(store, tmp_path):
     import_file(store, write(tmp_path / "s.json", "sharegpt", SHAREGPT))
-    import_file(store, write(tmp_path / "o.jsonl", "openai", OPENAI[1:] + [
-        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
-                      {"role": "assistant", "content": "ab"}]}]))
+    import_file(
+        store,
+        write(
+            tmp_path / "o.jsonl",
+            "openai",
+            OPENAI[1:]
+            + [
+                {
+                    "messages": [
+                        {"role": "user", "content": "a"},
+                        {"role": "user", "content": "b"},
+                        {"role": "assistant", "content": "ab"},
+                    ]
+                }
+            ],
+        ),
+    )
     report = export_file(store, tmp_path / "out.json", fmt="alpaca")
     assert report.written == 2  # ShareGPT's system prompt and earlier turns: system, history
     reasons = {reason.split(" (")[0]: n for reason, n in report.skipped.items()}
-    assert reasons == {"has earlier answers not chosen for training": 1,
-                       "has turns that are not question-answer pairs": 1}
+    assert reasons == {
+        "has earlier answers not chosen for training": 1,
+        "has turns that are not question-answer pairs": 1,
+    }
     report = export_file(store, tmp_path / "out.sharegpt", fmt="sharegpt")
     assert report.written == 3 and sum(report.skipped.values()) == 1
     report = export_file(store, tmp_path / "out.dpo", fmt="dpo")
@@ -119,25 +166,35 @@ def test_export_from_a_filter_and_labels_made_in_the_app(store, tmp_path):
     store.set_label(bad.id, thumb=-1)
     export_file(store, tmp_path / "p.jsonl", fmt="dpo", filt=DataFilter(tags_include=("geo",)))
     pairs = read(tmp_path / "p.jsonl", "dpo")
-    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == \
-        [("Paris.", "Paris, I think."), ("Paris.", "London.")]
-    report = export_file(store, tmp_path / "none.jsonl", fmt="openai",
-                         filt=DataFilter(tags_include=("cooking",)))
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [
+        ("Paris.", "Paris, I think."),
+        ("Paris.", "London."),
+    ]
+    report = export_file(store, tmp_path / "none.jsonl", fmt="openai", filt=DataFilter(tags_include=("cooking",)))
     assert report.written == 0 and (tmp_path / "none.jsonl").read_text() == ""
 
 
 def test_dpo_plain_text_and_openai_preference_forms_import(store, tmp_path):
     path = tmp_path / "pairs.jsonl"
-    path.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."}) + "\n"
-                    + json.dumps({"input": {"messages": [{"role": "user", "content": "2+2?"}]},
-                                  "preferred_output": [{"role": "assistant", "content": "4"}],
-                                  "non_preferred_output": [{"role": "assistant", "content": "5"}]})
-                    + "\n", encoding="utf-8")
+    path.write_text(
+        json.dumps({"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."})
+        + "\n"
+        + json.dumps(
+            {
+                "input": {"messages": [{"role": "user", "content": "2+2?"}]},
+                "preferred_output": [{"role": "assistant", "content": "4"}],
+                "non_preferred_output": [{"role": "assistant", "content": "5"}],
+            }
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     assert import_file(store, path).conversations == 2
     export_file(store, tmp_path / "out.jsonl", fmt="dpo")
-    assert [(p["prompt"][-1]["content"], p["chosen"][0]["content"], p["rejected"][0]["content"])
-            for p in read(tmp_path / "out.jsonl", "dpo")] == \
-        [("Hi?", "Hello!", "Go away."), ("2+2?", "4", "5")]
+    assert [
+        (p["prompt"][-1]["content"], p["chosen"][0]["content"], p["rejected"][0]["content"])
+        for p in read(tmp_path / "out.jsonl", "dpo")
+    ] == [("Hi?", "Hello!", "Go away."), ("2+2?", "4", "5")]
 
 
 def test_unknown_fields_are_reported(store, tmp_path):
@@ -147,35 +204,55 @@ def test_unknown_fields_are_reported(store, tmp_path):
 
 
 BAD_INPUTS = [
-    ("invalid.json", b'[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output"}\n]',
-     "alpaca", r"invalid\.json, line 3: invalid JSON"),
+    (
+        "invalid.json",
+        b'[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output"}\n]',
+        "alpaca",
+        r"invalid\.json, line 3: invalid JSON",
+    ),
     ("trailing.json", b'[{"instruction": "a", "output": "b"}]\n]', "alpaca", "line 2: invalid JSON"),
-    ("missing.jsonl", b'{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", '
-                      b'"content": "y"}]}\n{"messages": [{"role": "user"}]}\n', "openai",
-     r"missing\.jsonl, line 2: missing field messages\[0\]\.'content'"),
-    ("wrongtype.jsonl", b'{"messages": [{"role": "user", "content": 5}]}\n', "openai",
-     r"line 1: field messages\[0\]\.'content' must be a string, got a number"),
-    ("noanswer.jsonl", b'{"messages": [{"role": "user", "content": "x"}]}\n', "openai",
-     "no assistant message"),
-    ("badrole.json", b'[{"conversations": [{"from": "robot", "value": "x"}]}]', "sharegpt",
-     "'from' must be system, human or gpt"),
-    ("alpaca-type.json", b'[{"instruction": "a", "input": null, "output": "b"}]', "alpaca",
-     r"field 'input' must be a string, got null"),
-    ("pair.jsonl", b'{"prompt": [], "chosen": [], "rejected": []}\n', "dpo",
-     "'chosen' must hold exactly one assistant message"),
-    ("notobject.jsonl", b'[1, 2]\n', "openai", "must be a JSON object"),
-    ("utf8.jsonl", b'{"messages": []}\n{"messages": "caf\xe9"}\n', "openai",
-     r"utf8\.jsonl, line 2: not valid UTF-8"),
-    ("utf8list.json", b'[\n{"instruction": "caf\xc3", "output": "x"}]', "alpaca",
-     "line 2: not valid UTF-8"),
+    (
+        "missing.jsonl",
+        b'{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", '
+        b'"content": "y"}]}\n{"messages": [{"role": "user"}]}\n',
+        "openai",
+        r"missing\.jsonl, line 2: missing field messages\[0\]\.'content'",
+    ),
+    (
+        "wrongtype.jsonl",
+        b'{"messages": [{"role": "user", "content": 5}]}\n',
+        "openai",
+        r"line 1: field messages\[0\]\.'content' must be a string, got a number",
+    ),
+    ("noanswer.jsonl", b'{"messages": [{"role": "user", "content": "x"}]}\n', "openai", "no assistant message"),
+    (
+        "badrole.json",
+        b'[{"conversations": [{"from": "robot", "value": "x"}]}]',
+        "sharegpt",
+        "'from' must be system, human or gpt",
+    ),
+    (
+        "alpaca-type.json",
+        b'[{"instruction": "a", "input": null, "output": "b"}]',
+        "alpaca",
+        r"field 'input' must be a string, got null",
+    ),
+    (
+        "pair.jsonl",
+        b'{"prompt": [], "chosen": [], "rejected": []}\n',
+        "dpo",
+        "'chosen' must hold exactly one assistant message",
+    ),
+    ("notobject.jsonl", b"[1, 2]\n", "openai", "must be a JSON object"),
+    ("utf8.jsonl", b'{"messages": []}\n{"messages": "caf\xe9"}\n', "openai", r"utf8\.jsonl, line 2: not valid UTF-8"),
+    ("utf8list.json", b'[\n{"instruction": "caf\xc3", "output": "x"}]', "alpaca", "line 2: not valid UTF-8"),
     ("unknown.jsonl", b'{"text": "hello"}\n', None, "cannot tell the format"),
     ("empty.jsonl", b"\n\n", None, "no records"),
 ]
 
 
 @pytest.mark.parametrize("name,data,fmt,error", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_malformed_input_is_one_clear_error_and_changes_nothing(store, tmp_path, name, data, fmt,
-                                                                 error):
+def test_malformed_input_is_one_clear_error_and_changes_nothing(store, tmp_path, name, data, fmt, error):
     import_file(store, write(tmp_path / "good.json", "alpaca", ALPACA))
     before = store.stats()
     path = tmp_path / name
@@ -188,10 +265,8 @@ def test_malformed_input_is_one_clear_error_and_changes_nothing(store, tmp_path,
 def test_huge_line_is_refused(store, tmp_path):
     path = tmp_path / "huge.jsonl"
     with open(path, "wb") as f:
-        f.write(b'{"messages": [{"role": "user", "content": "ok"}, '
-                b'{"role": "assistant", "content": "ok"}]}\n')
-        f.write(b'{"messages": [{"role": "user", "content": "' + b"x" * (MAX_LINE_BYTES + 10)
-                + b'"}]}\n')
+        f.write(b'{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "ok"}]}\n')
+        f.write(b'{"messages": [{"role": "user", "content": "' + b"x" * (MAX_LINE_BYTES + 10) + b'"}]}\n')
     with pytest.raises(KettleError, match=r"huge\.jsonl, line 2: longer than 16 MiB"):
         import_file(store, path)
     assert store.stats()["messages"] == 0
@@ -233,8 +308,11 @@ def test_the_same_file_is_not_imported_twice_by_accident(store, tmp_path):
 
 def test_import_reports_progress(store, tmp_path):
     seen = []
-    import_file(store, write(tmp_path / "a.json", "alpaca", ALPACA * 150),
-                progress=lambda done, total: seen.append((done, total)))
+    import_file(
+        store,
+        write(tmp_path / "a.json", "alpaca", ALPACA * 150),
+        progress=lambda done, total: seen.append((done, total)),
+    )
     assert seen == [(200, 300), (300, 300)]
 
 
@@ -244,54 +322,84 @@ def test_alpaca_system_and_history_become_the_conversation(store, tmp_path):
     assert conv.system_prompt == "Answer with a number."
     thread = store.current_thread(conv.id)
     assert [(m.role, m.content) for m in thread] == [
-        ("user", "2 + 3?"), ("assistant", "5"), ("user", "Double it?"), ("assistant", "10"),
-        ("user", "And times 4?"), ("assistant", "20")]
+        ("user", "2 + 3?"),
+        ("assistant", "5"),
+        ("user", "Double it?"),
+        ("assistant", "10"),
+        ("user", "And times 4?"),
+        ("assistant", "20"),
+    ]
     # the earlier answers train too, as in a ShareGPT conversation
     assert [store.label(m.id).ideal for m in thread if m.role == "assistant"] == ["5", "10", "20"]
 
 
 PARTS = [  # content as lists of parts, the way OpenAI and ShareGPT-style tools write it
-    {"messages": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-                  {"role": "user", "content": [{"type": "text", "text": "Name a "},
-                                               {"type": "text", "text": "colour."}]},
-                  {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}]},
+    {
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+            {"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]},
+        ]
+    },
 ]
 
 
 def test_content_part_lists_import_as_their_text(store, tmp_path):
     import_file(store, write(tmp_path / "parts.jsonl", "openai", PARTS))
-    sharegpt = [{"conversations": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
-                                   {"role": "assistant", "content": "Hello."}]}]
+    sharegpt = [
+        {
+            "conversations": [
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                {"role": "assistant", "content": "Hello."},
+            ]
+        }
+    ]
     import_file(store, write(tmp_path / "parts.json", "sharegpt", sharegpt))
-    pair = {"prompt": [{"role": "user", "content": [{"type": "text", "text": "2+2?"}]}],
-            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "4"}]}],
-            "rejected": [{"role": "assistant", "content": "5"}]}
+    pair = {
+        "prompt": [{"role": "user", "content": [{"type": "text", "text": "2+2?"}]}],
+        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "4"}]}],
+        "rejected": [{"role": "assistant", "content": "5"}],
+    }
     import_file(store, write(tmp_path / "pair.jsonl", "dpo", [pair]))
     export_file(store, tmp_path / "out.jsonl", fmt="openai")
     assert read(tmp_path / "out.jsonl", "openai")[:2] == [
-        {"messages": [{"role": "system", "content": "Be brief."},
-                      {"role": "user", "content": "Name a colour."},
-                      {"role": "assistant", "content": "Blue."}]},
-        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Name a colour."},
+                {"role": "assistant", "content": "Blue."},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
+    ]
     export_file(store, tmp_path / "out.dpo", fmt="dpo")
     assert read(tmp_path / "out.dpo", "dpo") == [
-        {"prompt": [{"role": "user", "content": "2+2?"}],
-         "chosen": [{"role": "assistant", "content": "4"}],
-         "rejected": [{"role": "assistant", "content": "5"}]}]
+        {
+            "prompt": [{"role": "user", "content": "2+2?"}],
+            "chosen": [{"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "assistant", "content": "5"}],
+        }
+    ]
 
 
 def test_sharegpt_with_role_and_content_keys_imports_like_from_and_value(store, tmp_path):
-    keyed = [{"id": c["id"], "conversations": [
-        {"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]), "content": t["value"]}
-        for t in c["conversations"]]} for c in SHAREGPT]
+    keyed = [
+        {
+            "id": c["id"],
+            "conversations": [
+                {"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]), "content": t["value"]}
+                for t in c["conversations"]
+            ],
+        }
+        for c in SHAREGPT
+    ]
     assert import_file(store, write(tmp_path / "keyed.json", "sharegpt", keyed)).format == "sharegpt"
     export_file(store, tmp_path / "out.json", fmt="sharegpt")
     assert read(tmp_path / "out.json", "sharegpt") == SHAREGPT  # written back with ShareGPT's keys
 
 
 def test_trl_pairs_without_a_prompt_share_it_implicitly(store, tmp_path):
-    implicit = [{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]}
-                for p in DPO]
+    implicit = [{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]} for p in DPO]
     report = import_file(store, write(tmp_path / "implicit.jsonl", "dpo", implicit))
     assert (report.format, report.conversations) == ("dpo", 2)  # detected without 'prompt'
     export_file(store, tmp_path / "out.jsonl", fmt="dpo")
@@ -300,36 +408,81 @@ def test_trl_pairs_without_a_prompt_share_it_implicitly(store, tmp_path):
 
 # what the new forms still refuse: one line naming the file and line, nothing imported
 NEW_FORM_INPUTS = [
-    ("image.jsonl", b'{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", '
-                    b'"content": "y"}]}\n{"messages": [{"role": "user", "content": [{"type": "text", '
-                    b'"text": "What is it?"}, {"type": "image_url", "image_url": {"url": "a.png"}}]}, '
-                    b'{"role": "assistant", "content": "A cat."}]}\n', "openai",
-     r"image\.jsonl, line 2: messages\[0\]\.content\[1\] is a part of type 'image_url': "
-     r"Kettle imports text only"),
-    ("notype.json", b'[{"conversations": [{"role": "user", "content": [{"text": "x"}]}]}]',
-     "sharegpt", r"notype\.json, line 1: conversations\[0\]\.content\[0\] is a part of type None"),
-    ("parttext.jsonl", b'{"messages": [{"role": "assistant", "content": [{"type": "text", '
-                       b'"text": 7}]}]}\n', "openai",
-     r"field messages\[0\]\.content\[0\]\.'text' must be a string, got a number"),
-    ("roleless.json", b'[{"conversations": [{"role": "robot", "content": "x"}]}]', "sharegpt",
-     "'role' must be system, user or assistant, got 'robot'"),
-    ("same.jsonl", json.dumps({"chosen": DPO[0]["prompt"] + DPO[0]["chosen"],
-                               "rejected": DPO[0]["prompt"] + DPO[0]["chosen"]}).encode(), "dpo",
-     r"same\.jsonl, line 1: without a 'prompt', 'chosen' and 'rejected' must be one conversation "
-     r"but for a last assistant answer each \(they share 2 messages, then hold 0 and 0 more\)"),
-    ("forked.jsonl", json.dumps({"chosen": DPO[0]["prompt"] + DPO[0]["chosen"],
-                                 "rejected": [{"role": "user", "content": "?"}]}).encode(), None,
-     r"they share 0 messages, then hold 2 and 1 more"),
-    ("text-pair.jsonl", b'{"chosen": "Hi! Paris.", "rejected": "Hi! London."}\n', "dpo",
-     "a text pair needs its 'prompt'"),
-    ("history-string.json", json.dumps([ALPACA[0] | {"history": "a"}]).encode(), "alpaca",
-     "field 'history' must be a list, got a string"),
-    ("history-single.json", json.dumps([ALPACA[0] | {"history": [["a"]]}]).encode(), "alpaca",
-     r"history\[0\] must be a pair \[instruction, answer\], got a list of 1"),
-    ("history-number.json", json.dumps([ALPACA[0] | {"history": [["a", 1]]}]).encode(), "alpaca",
-     r"history\[0\]\[1\] must be a string, got a number"),
-    ("system-null.json", json.dumps([ALPACA[0] | {"system": None}]).encode(), "alpaca",
-     "field 'system' must be a string, got null"),
+    (
+        "image.jsonl",
+        b'{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", '
+        b'"content": "y"}]}\n{"messages": [{"role": "user", "content": [{"type": "text", '
+        b'"text": "What is it?"}, {"type": "image_url", "image_url": {"url": "a.png"}}]}, '
+        b'{"role": "assistant", "content": "A cat."}]}\n',
+        "openai",
+        r"image\.jsonl, line 2: messages\[0\]\.content\[1\] is a part of type 'image_url': "
+        r"Kettle imports text only",
+    ),
+    (
+        "notype.json",
+        b'[{"conversations": [{"role": "user", "content": [{"text": "x"}]}]}]',
+        "sharegpt",
+        r"notype\.json, line 1: conversations\[0\]\.content\[0\] is a part of type None",
+    ),
+    (
+        "parttext.jsonl",
+        b'{"messages": [{"role": "assistant", "content": [{"type": "text", "text": 7}]}]}\n',
+        "openai",
+        r"field messages\[0\]\.content\[0\]\.'text' must be a string, got a number",
+    ),
+    (
+        "roleless.json",
+        b'[{"conversations": [{"role": "robot", "content": "x"}]}]',
+        "sharegpt",
+        "'role' must be system, user or assistant, got 'robot'",
+    ),
+    (
+        "same.jsonl",
+        json.dumps(
+            {"chosen": DPO[0]["prompt"] + DPO[0]["chosen"], "rejected": DPO[0]["prompt"] + DPO[0]["chosen"]}
+        ).encode(),
+        "dpo",
+        r"same\.jsonl, line 1: without a 'prompt', 'chosen' and 'rejected' must be one conversation "
+        r"but for a last assistant answer each \(they share 2 messages, then hold 0 and 0 more\)",
+    ),
+    (
+        "forked.jsonl",
+        json.dumps(
+            {"chosen": DPO[0]["prompt"] + DPO[0]["chosen"], "rejected": [{"role": "user", "content": "?"}]}
+        ).encode(),
+        None,
+        r"they share 0 messages, then hold 2 and 1 more",
+    ),
+    (
+        "text-pair.jsonl",
+        b'{"chosen": "Hi! Paris.", "rejected": "Hi! London."}\n',
+        "dpo",
+        "a text pair needs its 'prompt'",
+    ),
+    (
+        "history-string.json",
+        json.dumps([ALPACA[0] | {"history": "a"}]).encode(),
+        "alpaca",
+        "field 'history' must be a list, got a string",
+    ),
+    (
+        "history-single.json",
+        json.dumps([ALPACA[0] | {"history": [["a"]]}]).encode(),
+        "alpaca",
+        r"history\[0\] must be a pair \[instruction, answer\], got a list of 1",
+    ),
+    (
+        "history-number.json",
+        json.dumps([ALPACA[0] | {"history": [["a", 1]]}]).encode(),
+        "alpaca",
+        r"history\[0\]\[1\] must be a string, got a number",
+    ),
+    (
+        "system-null.json",
+        json.dumps([ALPACA[0] | {"system": None}]).encode(),
+        "alpaca",
+        "field 'system' must be a string, got null",
+    ),
 ]
 
 
@@ -339,16 +492,28 @@ def test_what_the_new_forms_still_refuse(store, tmp_path, name, data, fmt, error
 
 
 CONTEXT = [  # an answer kept as context ("weight": 0) before the one chosen, as Kettle exports it
-    {"messages": [{"role": "system", "content": "Be kind."},
-                  {"role": "user", "content": "one"},
-                  {"role": "assistant", "content": "not this", "weight": 0},
-                  {"role": "user", "content": "two"}, {"role": "assistant", "content": "this"},
-                  {"role": "user", "content": "three"}, {"role": "assistant", "content": "and this"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be kind."},
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "not this", "weight": 0},
+            {"role": "user", "content": "two"},
+            {"role": "assistant", "content": "this"},
+            {"role": "user", "content": "three"},
+            {"role": "assistant", "content": "and this"},
+        ]
+    },
 ]
 WITHOUT_CONTEXT = [
-    {"messages": [{"role": "system", "content": "Be kind."},
-                  {"role": "user", "content": "two"}, {"role": "assistant", "content": "this"},
-                  {"role": "user", "content": "three"}, {"role": "assistant", "content": "and this"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be kind."},
+            {"role": "user", "content": "two"},
+            {"role": "assistant", "content": "this"},
+            {"role": "user", "content": "three"},
+            {"role": "assistant", "content": "and this"},
+        ]
+    },
 ]
 
 
@@ -362,8 +527,8 @@ def test_no_weights_leaves_context_only_answers_out_for_tools_that_ignore_weight
     assert export_file(store, tmp_path / "s.json", fmt="sharegpt", weights=False).written == 1
     export_file(store, tmp_path / "a.json", fmt="alpaca", weights=False)
     assert read(tmp_path / "a.json", "alpaca") == [
-        {"instruction": "three", "input": "", "output": "and this", "system": "Be kind.",
-         "history": [["two", "this"]]}]
+        {"instruction": "three", "input": "", "output": "and this", "system": "Be kind.", "history": [["two", "this"]]}
+    ]
     # what was written is all to learn: imported again, it exports as it is
     with open_store(tmp_path / "again.db") as again:
         import_file(again, tmp_path / "out.jsonl")

@@ -1,4 +1,5 @@
 """The store on a real SQLite file: tree, append-only labels, snapshots, models, runs, search."""
+
 from __future__ import annotations
 
 import gzip
@@ -12,7 +13,6 @@ import pytest
 from data import schema
 from data.records import DataFilter, content_hash
 from data.store import open_store
-from tests.conftest import FIXTURES
 from gpt.errors import KettleError
 from tests.conftest import FIXTURES
 
@@ -32,8 +32,7 @@ def test_open_sets_wal_foreign_keys_and_records_migrations_by_name(tmp_path):
         assert s.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 10000
         assert s.applied_migrations() == names
     with open_store(tmp_path / "k.db") as s:  # reopening runs no migration twice
-        assert s.conn.execute("SELECT name FROM _migrations ORDER BY rowid").fetchall() == \
-            [(name,) for name in names]
+        assert s.conn.execute("SELECT name FROM _migrations ORDER BY rowid").fetchall() == [(name,) for name in names]
 
 
 def test_default_path_is_under_kettle_home(kettle_home):
@@ -71,13 +70,28 @@ def test_regenerating_makes_a_sibling_and_threads_follow_the_branch(store):
 def test_message_records_generation_details(store):
     conv = store.create_conversation()
     user = store.add_message(conv.id, "user", content="hi")
-    result = {"text": "hello", "finish_reason": "stop", "prompt_tokens": 5, "new_tokens": 2,
-              "dropped_tokens": 0, "ttft_s": 0.01, "tokens_per_s": 50.0, "seed": 42}
+    result = {
+        "text": "hello",
+        "finish_reason": "stop",
+        "prompt_tokens": 5,
+        "new_tokens": 2,
+        "dropped_tokens": 0,
+        "ttft_s": 0.01,
+        "tokens_per_s": 50.0,
+        "seed": 42,
+    }
     version = store.add_model_version("base", "/models/base", kind="imported")
-    msg = store.add_message(conv.id, "assistant", content="hello", parent_id=user.id, model_version_id=version.id,
-                            model="base", params={"temperature": 0.7}, generation=result)
-    assert (msg.seed, msg.new_tokens, msg.finish_reason, msg.params) == \
-        (42, 2, "stop", {"temperature": 0.7})
+    msg = store.add_message(
+        conv.id,
+        "assistant",
+        content="hello",
+        parent_id=user.id,
+        model_version_id=version.id,
+        model="base",
+        params={"temperature": 0.7},
+        generation=result,
+    )
+    assert (msg.seed, msg.new_tokens, msg.finish_reason, msg.params) == (42, 2, "stop", {"temperature": 0.7})
     assert msg.model_version_id == version.id
 
 
@@ -101,10 +115,14 @@ def test_label_edited_three_times_has_three_rows_and_one_current(store):
     history = store.label_history(bot.id)
     assert len(history) == 3
     current = store.label(bot.id)
-    assert (current.thumb, current.score, current.tags, current.ideal, current.note) == \
-        (1, 4, ["geo"], "Paris.", "too unsure")
-    assert store.conn.execute("SELECT COUNT(*) FROM current_labels WHERE message_id = ?",
-                              (bot.id,)).fetchone()[0] == 1
+    assert (current.thumb, current.score, current.tags, current.ideal, current.note) == (
+        1,
+        4,
+        ["geo"],
+        "Paris.",
+        "too unsure",
+    )
+    assert store.conn.execute("SELECT COUNT(*) FROM current_labels WHERE message_id = ?", (bot.id,)).fetchone()[0] == 1
     assert store.message(bot.id).content == "Paris, I think."  # the original is kept
 
 
@@ -135,9 +153,15 @@ def test_snapshot_is_unchanged_by_a_later_label_edit(store):
     store.set_label(bot.id, ideal="Paris.")
     snap = store.create_snapshot(name="v1")
     before = store.snapshot_examples(snap.id)
-    assert before == [{"messages": [{"role": "system", "content": "Be terse."},
-                                    {"role": "user", "content": "Capital of France?"},
-                                    {"role": "assistant", "content": "Paris."}]}]
+    assert before == [
+        {
+            "messages": [
+                {"role": "system", "content": "Be terse."},
+                {"role": "user", "content": "Capital of France?"},
+                {"role": "assistant", "content": "Paris."},
+            ]
+        }
+    ]
     store.set_label(bot.id, ideal="It is Paris.")
     store.set_label(bot.id, excluded=True)
     assert store.snapshot_examples(snap.id) == before
@@ -156,8 +180,9 @@ def test_content_hash_is_the_same_for_the_same_content_and_differs_for_different
     first = store.create_snapshot()
     assert store.create_snapshot().content_hash == first.content_hash
     # The stored digest is the sha256 of the canonical JSON of what was frozen.
-    assert first.content_hash == content_hash({"examples": store.snapshot_examples(first.id),
-                                               "pairs": store.snapshot_pairs(first.id)})
+    assert first.content_hash == content_hash(
+        {"examples": store.snapshot_examples(first.id), "pairs": store.snapshot_pairs(first.id)}
+    )
     store.set_label(bot.id, ideal="Paris.")  # one answer's text changes
     second = store.create_snapshot()
     assert second.content_hash != first.content_hash
@@ -201,15 +226,19 @@ def test_multi_turn_branch_makes_one_example_and_unchosen_turns_get_weight_zero(
     a2 = store.add_message(conv.id, "assistant", content="good two", parent_id=u2.id)
     store.set_label(a2.id, thumb=1)
     examples, _ = store.dataset()
-    assert [e["example"] for e in examples] == [{"messages": [
-        {"role": "user", "content": "one"},
-        {"role": "assistant", "content": "bad one", "weight": 0},
-        {"role": "user", "content": "two"},
-        {"role": "assistant", "content": "good two"}]}]
+    assert [e["example"] for e in examples] == [
+        {
+            "messages": [
+                {"role": "user", "content": "one"},
+                {"role": "assistant", "content": "bad one", "weight": 0},
+                {"role": "user", "content": "two"},
+                {"role": "assistant", "content": "good two"},
+            ]
+        }
+    ]
     store.set_label(a1.id, ideal="good one")
     examples, _ = store.dataset()
-    assert len(examples) == 1 and examples[0]["example"]["messages"][1] == \
-        {"role": "assistant", "content": "good one"}
+    assert len(examples) == 1 and examples[0]["example"]["messages"][1] == {"role": "assistant", "content": "good one"}
     store.set_label(u1.id, excluded=True)  # excluding a message drops every example through it
     assert store.dataset()[0] == []
 
@@ -220,14 +249,19 @@ def test_preference_pairs_from_corrections_and_sibling_votes(store):
     store.set_label(bot.id, thumb=1)
     store.set_label(other.id, thumb=-1)
     _, pairs = store.dataset()
-    assert [p["pair"] for p in pairs] == [{
-        "prompt": [{"role": "user", "content": "Capital of France?"}],
-        "chosen": [{"role": "assistant", "content": "Paris, I think."}],
-        "rejected": [{"role": "assistant", "content": "London."}]}]
+    assert [p["pair"] for p in pairs] == [
+        {
+            "prompt": [{"role": "user", "content": "Capital of France?"}],
+            "chosen": [{"role": "assistant", "content": "Paris, I think."}],
+            "rejected": [{"role": "assistant", "content": "London."}],
+        }
+    ]
     store.set_label(bot.id, ideal="Paris.")
     _, pairs = store.dataset()
-    assert [(p["pair"]["chosen"][0]["content"], p["pair"]["rejected"][0]["content"])
-            for p in pairs] == [("Paris.", "Paris, I think."), ("Paris.", "London.")]
+    assert [(p["pair"]["chosen"][0]["content"], p["pair"]["rejected"][0]["content"]) for p in pairs] == [
+        ("Paris.", "Paris, I think."),
+        ("Paris.", "London."),
+    ]
 
 
 def test_deleted_conversations_leave_lists_search_and_datasets(store):
@@ -271,16 +305,22 @@ def test_model_versions_lineage_and_activation(store):
     store.set_label(bot.id, thumb=1)
     snap = store.create_snapshot()
     run = store.create_run("finetune", model_version_id=base.id, snapshot_id=snap.id)
-    tuned = store.add_model_version("gpt2-ft1", "/m/ft1", kind="finetuned", parent_id=base.id,
-                                    snapshot_id=snap.id, run_id=run.id, hparams={"lr": 5e-5})
+    tuned = store.add_model_version(
+        "gpt2-ft1",
+        "/m/ft1",
+        kind="finetuned",
+        parent_id=base.id,
+        snapshot_id=snap.id,
+        run_id=run.id,
+        hparams={"lr": 5e-5},
+    )
     store.activate_model(base.id)
     store.activate_model(tuned.id)
     assert store.active_model().name == "gpt2-ft1"
     assert [v.name for v, _ in store.activations()] == ["gpt2-ft1", "gpt2"]
     assert [v.name for v in store.lineage(tuned.id)] == ["gpt2-ft1", "gpt2"]
     updated = store.update_model_version(tuned.id, metrics={"val_loss": 2.5}, status="regressed")
-    assert (updated.status, updated.metrics, updated.hparams) == \
-        ("regressed", {"val_loss": 2.5}, {"lr": 5e-5})
+    assert (updated.status, updated.metrics, updated.hparams) == ("regressed", {"val_loss": 2.5}, {"lr": 5e-5})
     assert store.model_version("gpt2").id == base.id
     with pytest.raises(KettleError, match="already exists"):
         store.add_model_version("gpt2", "/elsewhere", kind="imported")
@@ -361,6 +401,7 @@ def test_each_migration_runs_once(tmp_path, monkeypatch):
         def run(db):
             calls.append(fn.__name__)
             fn(db)
+
         run.__name__ = fn.__name__
         return run
 
@@ -376,8 +417,7 @@ def numbered_db(tmp_path) -> Path:
     a chat with a corrected, up-voted answer, a snapshot of it, a model version made active, and
     a finished fine-tuning run with one logged step."""
     path = tmp_path / "kettle.db"
-    path.write_bytes(gzip.decompress((FIXTURES / "kettle-schema-3.db.gz")
-                                     .read_bytes()))
+    path.write_bytes(gzip.decompress((FIXTURES / "kettle-schema-3.db.gz").read_bytes()))
     return path
 
 
@@ -388,16 +428,21 @@ def test_a_database_from_numbered_migrations_opens_with_its_rows(numbered_db):
     with open_store(numbered_db, read_only=True) as store:  # current already: readable as it is
         assert store.applied_migrations() == list(schema.NUMBERED_MIGRATIONS)
     with open_store(numbered_db) as store:
-        assert store.conn.execute("SELECT * FROM _migrations ORDER BY rowid").fetchall() == \
-            [(schema.NUMBERED_MIGRATIONS[v - 1], at) for v, at in versions]  # times kept
+        assert store.conn.execute("SELECT * FROM _migrations ORDER BY rowid").fetchall() == [
+            (schema.NUMBERED_MIGRATIONS[v - 1], at) for v, at in versions
+        ]  # times kept
         assert not store.db["schema_version"].exists()  # one record of what was applied
         assert store.applied_migrations() == [fn.__name__ for fn in schema.MIGRATIONS]
         assert store.integrity_check() == "ok"
         conv = store.list_conversations()[0]
         user, bot = store.current_thread(conv.id)
         assert (conv.title, conv.system_prompt) == ("capitals", "Be brief.")
-        assert (user.content, bot.content, bot.model, bot.params) == \
-            ("Capital of France?", "Paris, I think.", "tiny", {"temperature": 0.7})
+        assert (user.content, bot.content, bot.model, bot.params) == (
+            "Capital of France?",
+            "Paris, I think.",
+            "tiny",
+            {"temperature": 0.7},
+        )
         label = store.label(bot.id)
         assert (label.thumb, label.tags, label.ideal) == (1, ["geo"], "Paris.")
         [snap] = store.snapshots()
@@ -414,8 +459,9 @@ def test_a_database_from_numbered_migrations_opens_with_its_rows(numbered_db):
 
 def test_named_migrations_build_what_the_numbered_ones_did(numbered_db, tmp_path):
     def schema_sql(store):
-        return store.conn.execute("SELECT type, name, sql FROM sqlite_master"
-                                  " WHERE tbl_name != '_migrations' ORDER BY name").fetchall()
+        return store.conn.execute(
+            "SELECT type, name, sql FROM sqlite_master WHERE tbl_name != '_migrations' ORDER BY name"
+        ).fetchall()
 
     with open_store(numbered_db) as old, open_store(tmp_path / "new.db") as new:
         assert schema_sql(old) == schema_sql(new)
@@ -439,8 +485,7 @@ def test_orphaned_running_runs_are_marked_failed(store):
     dead = store.update_run(store.create_run("finetune").id, status="running", pid=gone.pid)
     live = store.update_run(store.create_run("finetune").id, status="running", pid=os.getpid())
     assert [r.id for r in store.fail_orphaned_runs()] == [dead.id]
-    assert store.run(dead.id).status == "failed" and "ended without reporting" in \
-        store.run(dead.id).error
+    assert store.run(dead.id).status == "failed" and "ended without reporting" in store.run(dead.id).error
     assert store.run(live.id).status == "running"
 
 
@@ -451,8 +496,9 @@ def test_down_votes_only_train_through_a_correction(store):
     store.set_label(bot.id, ideal="Paris.")
     assert [e["message_id"] for e in store.dataset()[0]] == [bot.id]
     other = store.add_message(conv.id, "assistant", content="unlabelled", parent_id=user.id)
-    assert other.id not in [e["message_id"] for e in
-                            store.dataset(DataFilter(all_answers=True, tags_include=("x",)))[0]]
+    assert other.id not in [
+        e["message_id"] for e in store.dataset(DataFilter(all_answers=True, tags_include=("x",)))[0]
+    ]
     with pytest.raises(KettleError, match="excluded"):
         store.set_label(bot.id, excluded="yes")
 

@@ -1,4 +1,5 @@
 """Crashes and concurrent processes against a real SQLite file."""
+
 from __future__ import annotations
 
 import os
@@ -43,9 +44,14 @@ APP_LIKE_WRITER = textwrap.dedent("""
 
 
 def spawn(script: str, *args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def test_sigkill_while_writing_labels_loses_no_returned_write(tmp_path):
@@ -98,8 +104,7 @@ def test_two_processes_read_and_write_at_once(tmp_path):
         assert len(store.run_metrics(run.id)) == n
         assert store.integrity_check() == "ok"
         # the two really ran at the same time: their writes interleave
-        times = {c.title: [m.created_at for m in store.messages(c.id)]
-                 for c in store.list_conversations()}
+        times = {c.title: [m.created_at for m in store.messages(c.id)] for c in store.list_conversations()}
         mine, other = times["this process"], times["from the other process"]
         assert min(other) < max(mine) and min(mine) < max(other)
 

@@ -1,4 +1,5 @@
 """Classification fine-tuning: reading CSV/TSV, balancing, training, saving, predicting."""
+
 from __future__ import annotations
 
 import random
@@ -6,9 +7,18 @@ import random
 import pytest
 import torch
 
-from finetune.classify import (ClassifyConfig, balance, class_counts, format_confusion,
-                               load_classifier, make_classifier, predict, read_labeled,
-                               save_classifier, train_classifier)
+from finetune.classify import (
+    ClassifyConfig,
+    balance,
+    class_counts,
+    format_confusion,
+    load_classifier,
+    make_classifier,
+    predict,
+    read_labeled,
+    save_classifier,
+    train_classifier,
+)
 from gpt.checkpoint import load_model
 from gpt.errors import KettleError
 
@@ -17,8 +27,7 @@ def test_tsv_keeps_stray_quotes_and_finds_the_label_column(tmp_path):
     # The SMS Spam Collection's shape: label first, a tab, raw text with unbalanced quotes.
     path = tmp_path / "sms"
     path.write_text('ham\t"Hi there\nspam\tWIN a "prize now\nham\tok "fine" then\n', encoding="utf-8")
-    assert read_labeled(path) == [('"Hi there', "ham"), ('WIN a "prize now', "spam"),
-                                  ('ok "fine" then', "ham")]
+    assert read_labeled(path) == [('"Hi there', "ham"), ('WIN a "prize now', "spam"), ('ok "fine" then', "ham")]
 
 
 def test_csv_with_header_and_quoted_commas(tmp_path):
@@ -27,12 +36,15 @@ def test_csv_with_header_and_quoted_commas(tmp_path):
     assert read_labeled(path) == [("good, really good", "pos"), ("bad", "neg")]
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", "empty file"),
-    ("a,x\nb\n", "line 2 has 1 columns"),
-    ("only,one\nmore,one\n", "only one label"),
-    ("text,label\n,pos\nfine,neg\n", "line 2 has an empty text"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "empty file"),
+        ("a,x\nb\n", "line 2 has 1 columns"),
+        ("only,one\nmore,one\n", "only one label"),
+        ("text,label\n,pos\nfine,neg\n", "line 2 has an empty text"),
+    ],
+)
 def test_bad_label_files(tmp_path, content, message):
     path = tmp_path / "bad.csv"
     path.write_text(content, encoding="utf-8")
@@ -85,7 +97,8 @@ def test_train_save_load_predict(tiny_model_dir, tmp_path):
     config = ClassifyConfig(trainable="all", epochs=3, lr=1e-3, batch_size=8)
     steps = []
     clf, labels, max_length, metrics = train_classifier(
-        model, tokenizer, examples=_toy_examples(200), config=config, on_step=lambda s, t, loss: steps.append(s))
+        model, tokenizer, examples=_toy_examples(200), config=config, on_step=lambda s, t, loss: steps.append(s)
+    )
     assert labels == ["ham", "spam"] and steps[-1] == len(steps)
     assert metrics["counts"] == {"train": 140, "val": 20, "test": 40}
     test = metrics["test"]
@@ -93,8 +106,9 @@ def test_train_save_load_predict(tiny_model_dir, tmp_path):
     assert test["accuracy"] >= 0.9
     assert "true \\ pred" in format_confusion(test["confusion"], labels)
 
-    out = save_classifier(clf, tokenizer, labels=labels, max_length=max_length,
-                          directory=tmp_path / "clf", config=config, metrics=metrics)
+    out = save_classifier(
+        clf, tokenizer, labels=labels, max_length=max_length, directory=tmp_path / "clf", config=config, metrics=metrics
+    )
     loaded, tok2, meta = load_classifier(out)
     texts = ["the painter wall WIN a cash prize now", "the morning light"]
     before = predict(clf, tokenizer, meta=meta, texts=texts)

@@ -1,4 +1,5 @@
 """Token shards and window loaders (finetune.corpus) on real files and a real trained tokenizer."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,7 @@ NON_ASCII = [
 
 
 def decode_documents(directory, tokenizer) -> list[str]:
-    ids = np.concatenate([TokenStream(directory, s).read(0, len(TokenStream(directory, s)))
-                          for s in ("train", "val")])
+    ids = np.concatenate([TokenStream(directory, s).read(0, len(TokenStream(directory, s))) for s in ("train", "val")])
     eot = tokenizer.eot_id
     docs, start = [], 0
     for i in np.flatnonzero(ids == eot):
@@ -33,13 +33,11 @@ def test_non_ascii_shards_decode_to_the_exact_text(tmp_path, trained_tokenizer):
     (folder / "sub").mkdir(parents=True)
     (folder / "a.txt").write_bytes(NON_ASCII[0].encode("utf-8"))
     (folder / "sub" / "b.md").write_bytes(NON_ASCII[1].encode("utf-8"))
-    (folder / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in NON_ASCII) + "\n",
-                                    encoding="utf-8")
+    (folder / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in NON_ASCII) + "\n", encoding="utf-8")
     (folder / ".hidden.txt").write_text("never read", encoding="utf-8")
     (folder / "image.png").write_bytes(b"\x89PNG\x00\x00")
     # Tiny shards so that both splits span several files.
-    info = build_shards(folder, trained_tokenizer, out_dir=tmp_path / "shards", val_fraction=0.3,
-                        shard_tokens=7)
+    info = build_shards(folder, trained_tokenizer, out_dir=tmp_path / "shards", val_fraction=0.3, shard_tokens=7)
     expected = [NON_ASCII[0], *NON_ASCII, NON_ASCII[1]]  # a.txt, c.jsonl, sub/b.md (sorted)
     docs = decode_documents(tmp_path / "shards", trained_tokenizer)
     # The validation split may cut a document in two; joined, the text is exact.
@@ -74,12 +72,15 @@ def test_token_dtype_fits_the_vocabulary():
     assert token_dtype(100277) == np.uint32
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "empty"),
-    (b"\n\n", None),  # whitespace is text: no error
-    (b"GIF89a\x00\x01\x02binary", "binary"),
-    (b"caf\xe9 latin-1 text", "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "empty"),
+        (b"\n\n", None),  # whitespace is text: no error
+        (b"GIF89a\x00\x01\x02binary", "binary"),
+        (b"caf\xe9 latin-1 text", "not UTF-8"),
+    ],
+)
 def test_bad_corpus_files(tmp_path, trained_tokenizer, content, message):
     path = tmp_path / "corpus.txt"
     path.write_bytes(content)
@@ -120,8 +121,8 @@ def test_sliding_windows_are_the_books(verdict_shards):
     assert x.shape == (4, 32) and y.shape == (4, 32)
     for row in range(4):
         start = row * 16
-        assert x[row].tolist() == all_ids[start:start + 32].tolist()
-        assert y[row].tolist() == all_ids[start + 1:start + 33].tolist()
+        assert x[row].tolist() == all_ids[start : start + 32].tolist()
+        assert y[row].tolist() == all_ids[start + 1 : start + 33].tolist()
     # One shuffled epoch visits every window once; the next epoch is another order.
     shuffled = WindowLoader(stream, batch_size=4, max_length=32, stride=16, seed=3)
     firsts = [tuple(x[i].tolist()) for x, _ in shuffled for i in range(4)]

@@ -1,4 +1,5 @@
 """Instruction data: the loss mask, the over-long rule, length-bucketed batches, bad data."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,19 @@ import random
 
 import pytest
 
-from finetune.instruct import (IGNORE, Example, collate, default_val_fraction, encode_conversation,
-                               holdout, make_batches, padding_waste, prepare, resolve, SFTConfig)
+from finetune.instruct import (
+    IGNORE,
+    Example,
+    SFTConfig,
+    collate,
+    default_val_fraction,
+    encode_conversation,
+    holdout,
+    make_batches,
+    padding_waste,
+    prepare,
+    resolve,
+)
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
 from gpt.tokenizer import gpt2_tokenizer
@@ -62,8 +74,9 @@ def test_over_long_conversations_drop_oldest_exchanges_then_skip(trained_tokeniz
 
     short = encode_conversation(CONVERSATION[:3], trained_tokenizer, max_length=1000)
     assert len(short) < len(cut)
-    examples, stats = prepare([CONVERSATION, CONVERSATION[:3]], trained_tokenizer, max_length=len(short),
-                              vocab_size=512)
+    examples, stats = prepare(
+        [CONVERSATION, CONVERSATION[:3]], trained_tokenizer, max_length=len(short), vocab_size=512
+    )
     assert stats["skipped_too_long"] == 1 and stats["examples"] == 1
 
 
@@ -84,20 +97,26 @@ def test_length_bucketing_wastes_little_padding(trained_tokenizer):
     from conftest import SHARED_DATA
 
     entries = json.loads((SHARED_DATA / "instruction-data.json").read_text())
-    conversations = [[{"role": "user", "content": e["instruction"] + "\n" + e["input"]},
-                      {"role": "assistant", "content": e["output"]}] for e in entries]
+    conversations = [
+        [
+            {"role": "user", "content": e["instruction"] + "\n" + e["input"]},
+            {"role": "assistant", "content": e["output"]},
+        ]
+        for e in entries
+    ]
     examples, _ = prepare(conversations, trained_tokenizer, max_length=512, vocab_size=512)
     batches = make_batches(examples, batch_tokens=4096, max_batch_size=32, seed=1)
     assert sorted(id(e) for b in batches for e in b) == sorted(id(e) for e in examples)
     assert padding_waste(batches) < 0.15
     shuffled = list(examples)
     random.Random(0).shuffle(shuffled)
-    random_batches = [shuffled[i:i + 32] for i in range(0, len(shuffled), 32)]
+    random_batches = [shuffled[i : i + 32] for i in range(0, len(shuffled), 32)]
     assert padding_waste(random_batches) > 0.3  # what bucketing saves
     ids, labels = collate(batches[0], pad_id=0)
     assert ids.shape == labels.shape and ids.shape[1] == max(len(e) for e in batches[0])
-    assert max(b_len * max(len(e) for e in b) for b, b_len in ((b, len(b)) for b in batches)) <= 4096 \
-        or any(len(b) == 1 for b in batches)
+    assert max(b_len * max(len(e) for e in b) for b, b_len in ((b, len(b)) for b in batches)) <= 4096 or any(
+        len(b) == 1 for b in batches
+    )
 
 
 def test_defaults_follow_the_model_and_the_dataset():

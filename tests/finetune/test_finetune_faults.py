@@ -1,6 +1,7 @@
 """Fine-tuning under faults: a process SIGKILLed between steps, half-way through a checkpoint
 or half-way through writing its model loses at most the work since its last checkpoint, leaves
 no temporary behind, and a full disk is one line with the run failed and resumable."""
+
 from __future__ import annotations
 
 import errno
@@ -15,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.files import is_temporary
 from data.paths import models_dir
 from data.registry import StoreCatalog
 from finetune.jobs import CHECKPOINT_DIR, JobSpec, create_run, execute, run_dir
 from gpt.errors import KettleError
+from gpt.files import is_temporary
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,8 +87,13 @@ def snapshot(store, make_model_dir, tmp_path) -> int:
 
 
 def killed(run_id: int, point: str, n: int = 0) -> None:
-    out = subprocess.run([sys.executable, "-c", KILLED_RUN, str(run_id), point, str(n)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(run_id), point, str(n)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == -signal.SIGKILL, out.stdout + out.stderr[-3000:]
 
 
@@ -131,8 +137,7 @@ def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(store, snapsho
     assert temporaries() == []
 
 
-def test_killed_while_writing_the_model_loses_no_training_and_never_lists_the_half_model(
-        store, snapshot):
+def test_killed_while_writing_the_model_loses_no_training_and_never_lists_the_half_model(store, snapshot):
     run = create_run(store, JobSpec(model="base", snapshot_id=snapshot))
     killed(run.id, "model")
     half = [p.name for p in models_dir().iterdir() if is_temporary(p.name)]
@@ -147,10 +152,10 @@ def test_killed_while_writing_the_model_loses_no_training_and_never_lists_the_ha
 
 
 def test_a_full_disk_at_the_model_write_fails_the_run_in_one_line_and_resume_finishes_it(
-        store, snapshot, monkeypatch, capsys):
-    from tui.cli import main
-
+    store, snapshot, monkeypatch, capsys
+):
     import finetune.jobs
+    from tui.cli import main
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(models_dir()))
@@ -169,8 +174,7 @@ def test_a_full_disk_at_the_model_write_fails_the_run_in_one_line_and_resume_fin
     assert steps == [] and resumed.status == "finished"
 
 
-def test_a_full_disk_at_a_checkpoint_fails_the_run_and_keeps_the_last_one(store, snapshot,
-                                                                          monkeypatch):
+def test_a_full_disk_at_a_checkpoint_fails_the_run_and_keeps_the_last_one(store, snapshot, monkeypatch):
     import finetune.train
 
     saves, real_save = [], torch.save
@@ -241,9 +245,9 @@ def test_a_background_run_killed_by_a_signal_says_so(store, snapshot):
 
     from finetune.jobs import start_finetune
 
-    run_id = start_finetune(JobSpec(model="base", snapshot_id=snapshot, sft={"epochs": 1000,
-                                                                           "until_learned": False}),
-                            store)
+    run_id = start_finetune(
+        JobSpec(model="base", snapshot_id=snapshot, sft={"epochs": 1000, "until_learned": False}), store
+    )
     deadline = time.monotonic() + 120
     while store.run(run_id).step < 1:
         assert time.monotonic() < deadline and store.run(run_id).status in ("queued", "running")

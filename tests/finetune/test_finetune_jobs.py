@@ -1,4 +1,5 @@
 """Fine-tuning runs: store records, lineage, gate, card, cancel/resume, failures."""
+
 from __future__ import annotations
 
 import json
@@ -11,13 +12,41 @@ import pytest
 import torch
 
 from data.paths import models_dir
-from finetune.jobs import (CHECKPOINT_DIR, JobSpec, cancel_run, create_run, execute, reap_dead_runs,
-                          run_dir, start_finetune)
+from finetune.jobs import (
+    CHECKPOINT_DIR,
+    JobSpec,
+    cancel_run,
+    create_run,
+    execute,
+    reap_dead_runs,
+    run_dir,
+    start_finetune,
+)
 from gpt.checkpoint import load_model
 from gpt.errors import KettleError
 
-TOPICS = ["kettle", "teapot", "mug", "stove", "spoon", "sugar", "milk", "lemon", "honey", "biscuit",
-          "saucer", "tray", "napkin", "oven", "pan", "whisk", "ladle", "sieve", "grater", "jar"]
+TOPICS = [
+    "kettle",
+    "teapot",
+    "mug",
+    "stove",
+    "spoon",
+    "sugar",
+    "milk",
+    "lemon",
+    "honey",
+    "biscuit",
+    "saucer",
+    "tray",
+    "napkin",
+    "oven",
+    "pan",
+    "whisk",
+    "ladle",
+    "sieve",
+    "grater",
+    "jar",
+]
 # The mechanics of a run (records, lineage, card), fast: tests of what the defaults teach are in
 # test_finetune_train.py and test_loop.py. A held-out share, as a user with many examples gets.
 FAST = {"lr": 3e-3, "epochs": 5, "eval_every": 5, "val_fraction": 0.1}
@@ -69,7 +98,11 @@ def test_finished_run_registers_a_model_with_lineage_card_and_gate(store, base):
     out = models_dir() / version.name
     assert str(out) == version.path
     card = (out / "card.md").read_text()
-    assert "| Verdict | regression gate: passed |" in card and "your corrections: " in card and store.snapshot(snap).content_hash[:16] in card
+    assert (
+        "| Verdict | regression gate: passed |" in card
+        and "your corrections: " in card
+        and store.snapshot(snap).content_hash[:16] in card
+    )
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     model, _ = load_model(out)  # a complete model directory
     assert not (run_dir(run.id) / CHECKPOINT_DIR).exists()
@@ -78,9 +111,16 @@ def test_finished_run_registers_a_model_with_lineage_card_and_gate(store, base):
 def test_lora_run_keeps_its_adapter_beside_the_merged_model(store, base):
     from finetune.lora import load_adapter
 
-    spec = JobSpec(model=str(base), snapshot_id=_snapshot(store), name="with-lora",
-                   sft={**FAST, "lr": 1e-2, "lora": {"rank": 4, "alpha": 8, "dropout": 0.0,
-                                                     "targets": ["attn.c_attn", "mlp.c_fc"]}})
+    spec = JobSpec(
+        model=str(base),
+        snapshot_id=_snapshot(store),
+        name="with-lora",
+        sft={
+            **FAST,
+            "lr": 1e-2,
+            "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "targets": ["attn.c_attn", "mlp.c_fc"]},
+        },
+    )
     run = _run(store, spec)
     version = store.model_version("with-lora")
     assert version.hparams["mode"] == "lora" and version.parent_id == store.model_version("base").id
@@ -97,8 +137,11 @@ def test_lora_run_keeps_its_adapter_beside_the_merged_model(store, base):
 def test_a_worse_model_is_marked_and_not_activated(store, base):
     store.activate_model(store.model_version("base").id)
     # One huge step wrecks the model: it must be recorded, but never served automatically.
-    spec = JobSpec(model="base", snapshot_id=_snapshot(store),
-                   sft={"lr": 0.5, "epochs": 1, "warmup_steps": 1, "eval_every": 1, "grad_clip": 0.0})
+    spec = JobSpec(
+        model="base",
+        snapshot_id=_snapshot(store),
+        sft={"lr": 0.5, "epochs": 1, "warmup_steps": 1, "eval_every": 1, "grad_clip": 0.0},
+    )
     run = _run(store, spec)
     version = store.model_version(run.output_model_id)
     assert version.metrics["gate"] == "regressed" and version.status == "regressed"
@@ -167,8 +210,7 @@ def test_bad_inputs_fail_the_run_with_the_reason(store, base, tmp_path):
         _assert_failed(store, run.id, reason)
 
 
-def test_out_of_memory_fails_cleanly_and_resume_checks_the_vocabulary(store, base,
-                                                                      tiny_gpt2_vocab_model_dir):
+def test_out_of_memory_fails_cleanly_and_resume_checks_the_vocabulary(store, base, tiny_gpt2_vocab_model_dir):
     spec = JobSpec(model=str(base), snapshot_id=_snapshot(store), sft=FAST)
     run = create_run(store, spec)
 
@@ -188,8 +230,9 @@ def test_out_of_memory_fails_cleanly_and_resume_checks_the_vocabulary(store, bas
 
 
 def test_separate_process_records_progress_and_stops_on_cancel(store, base):
-    spec = JobSpec(model="base", snapshot_id=_snapshot(store), device="cpu",
-                   sft={"lr": 3e-3, "epochs": 400, "val_fraction": 0.0})
+    spec = JobSpec(
+        model="base", snapshot_id=_snapshot(store), device="cpu", sft={"lr": 3e-3, "epochs": 400, "val_fraction": 0.0}
+    )
     run_id = start_finetune(spec, store)
     deadline = time.monotonic() + 60
     while store.run(run_id).step < 3:

@@ -1,4 +1,5 @@
 """Instruction fine-tuning end to end on a tiny model: it learns 20 corrected answers and stops."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,12 +12,36 @@ from gpt.engine import Engine
 from gpt.model import GPT
 from gpt.sampling import SamplingParams
 
-TOPICS = ["kettle", "teapot", "mug", "stove", "spoon", "sugar", "milk", "lemon", "honey", "biscuit",
-          "saucer", "tray", "napkin", "oven", "pan", "whisk", "ladle", "sieve", "grater", "jar"]
+TOPICS = [
+    "kettle",
+    "teapot",
+    "mug",
+    "stove",
+    "spoon",
+    "sugar",
+    "milk",
+    "lemon",
+    "honey",
+    "biscuit",
+    "saucer",
+    "tray",
+    "napkin",
+    "oven",
+    "pan",
+    "whisk",
+    "ladle",
+    "sieve",
+    "grater",
+    "jar",
+]
 # Twenty answers a user corrected: each one arbitrary, so only training can produce it.
-CORRECTED = [[{"role": "user", "content": f"What is a {t}?"},
-              {"role": "assistant", "content": f"A {t} is item number {i} in my kitchen."}]
-             for i, t in enumerate(TOPICS)]
+CORRECTED = [
+    [
+        {"role": "user", "content": f"What is a {t}?"},
+        {"role": "assistant", "content": f"A {t} is item number {i} in my kitchen."},
+    ]
+    for i, t in enumerate(TOPICS)
+]
 
 
 def _tiny_model(width: int = 64):
@@ -62,12 +87,14 @@ def test_early_stopping_restores_the_best_weights(trained_tokenizer):
     examples, _ = prepare(CORRECTED, trained_tokenizer, max_length=64, vocab_size=512)
     # Held-out answers are arbitrary numbers: memorising the others only makes them worse.
     train, val = examples[:16], examples[16:]
-    config = resolve(SFTConfig(lr=3e-3, epochs=30, patience=2, eval_every=8, until_learned=False), 16,
-                     model=model.config)
+    config = resolve(
+        SFTConfig(lr=3e-3, epochs=30, patience=2, eval_every=8, until_learned=False), 16, model=model.config
+    )
     trainer = SFTTrainer(model, train, val, config, pad_id=trained_tokenizer.eot_id)
     trainer.run()
     vals = [h["val_loss"] for h in trainer.history if "val_loss" in h]
     assert trainer.stopped_early and trainer.step < trainer.total_steps
     assert min(vals) == trainer.best_val < vals[-1]
     assert evaluate_loss(model, val, pad_id=trained_tokenizer.eot_id, device="cpu") == pytest.approx(
-        trainer.best_val, rel=1e-5)
+        trainer.best_val, rel=1e-5
+    )

@@ -1,12 +1,23 @@
 """LoRA adapters: frozen base, no-op start, small separate file, exact merge."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from finetune.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, LoRAConfig,
-                           apply_lora, load_adapter, lora_layers, merge_adapter, merge_lora,
-                           save_adapter)
+from finetune.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    LoRAConfig,
+    apply_lora,
+    load_adapter,
+    lora_layers,
+    merge_adapter,
+    merge_lora,
+    save_adapter,
+)
 from gpt.checkpoint import load_model
 from gpt.errors import KettleError
 
@@ -67,10 +78,15 @@ def test_adapter_for_another_shape_is_refused(tiny_model_dir, tiny_gpt2_vocab_mo
         load_adapter(other, tmp_path)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"rank": 0}, "rank"), ({"alpha": -1}, "alpha"), ({"dropout": 1.0}, "dropout"),
-    ({"targets": ("attn.q",)}, "targets"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rank": 0}, "rank"),
+        ({"alpha": -1}, "alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"targets": ("attn.q",)}, "targets"),
+    ],
+)
 def test_bad_lora_settings(kwargs, message):
     with pytest.raises(KettleError, match=message):
         LoRAConfig(**kwargs)

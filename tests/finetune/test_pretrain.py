@@ -1,4 +1,5 @@
 """Pretraining end to end with tiny real models: loss, exact resume, Ctrl-C, torchrun, errors."""
+
 from __future__ import annotations
 
 import json
@@ -11,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.checkpoint import load_model
-from gpt.config import GPTConfig, get_preset
 from finetune.pretrain import TrainConfig, pretrain
 from finetune.train import lr_at, make_optimizer, read_metrics
+from gpt.checkpoint import load_model
+from gpt.config import GPTConfig, get_preset
 from gpt.tokenizer import TOKENIZER_FILE
 from tui.cli import main
 
@@ -23,9 +24,19 @@ TINY = GPTConfig(vocab_size=512, context_length=32, n_layer=2, n_head=2, n_embd=
 
 
 def train_cfg(**changes) -> TrainConfig:
-    base = dict(max_steps=8, batch_tokens=128, micro_batch_size=4, lr=3e-3, warmup_steps=2,
-                eval_every=4, eval_batches=2, sample_every=4, sample_tokens=8,
-                checkpoint_every=100, seed=7)
+    base = dict(
+        max_steps=8,
+        batch_tokens=128,
+        micro_batch_size=4,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=4,
+        eval_batches=2,
+        sample_every=4,
+        sample_tokens=8,
+        checkpoint_every=100,
+        seed=7,
+    )
     return TrainConfig(**{**base, **changes})
 
 
@@ -41,9 +52,14 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_loss_falls_and_the_result_is_a_model(tmp_path, verdict_file, trained_tokenizer):
-    result = pretrain(verdict_file, tmp_path / "model", config=TINY,
-                      cfg=train_cfg(max_steps=30, eval_every=15, lr=1e-2), tokenizer=trained_tokenizer,
-                      progress=False)
+    result = pretrain(
+        verdict_file,
+        tmp_path / "model",
+        config=TINY,
+        cfg=train_cfg(max_steps=30, eval_every=15, lr=1e-2),
+        tokenizer=trained_tokenizer,
+        progress=False,
+    )
     curve = losses(result.run_dir)
     assert sorted(curve) == list(range(1, 31))
     assert curve[30] < curve[1] - 0.6
@@ -60,15 +76,21 @@ def test_interrupted_run_resumes_exactly(tmp_path, verdict_file, trained_tokeniz
     """Ctrl-C at step 4 saves a checkpoint; --resume then logs the same losses at the same steps
     as a run that was never interrupted."""
     cfg = train_cfg(loader="sliding", stride=16)
-    full = pretrain(verdict_file, tmp_path / "full", config=TINY, cfg=cfg, tokenizer=trained_tokenizer,
-                    progress=False)
+    full = pretrain(verdict_file, tmp_path / "full", config=TINY, cfg=cfg, tokenizer=trained_tokenizer, progress=False)
 
     def ctrl_c_at_step_4(step, loss):
         if step == 4:
             os.kill(os.getpid(), signal.SIGINT)  # a real signal through the real handler
 
-    stopped = pretrain(verdict_file, tmp_path / "resumed", config=TINY, cfg=cfg, tokenizer=trained_tokenizer,
-                       progress=False, on_step=ctrl_c_at_step_4)
+    stopped = pretrain(
+        verdict_file,
+        tmp_path / "resumed",
+        config=TINY,
+        cfg=cfg,
+        tokenizer=trained_tokenizer,
+        progress=False,
+        on_step=ctrl_c_at_step_4,
+    )
     assert stopped.interrupted and stopped.step == 4 and stopped.out is None
     assert not (tmp_path / "resumed").exists()
     assert json.loads((stopped.run_dir / "checkpoint" / "state.json").read_text())["step"] == 4
@@ -87,8 +109,14 @@ def test_interrupted_run_resumes_exactly(tmp_path, verdict_file, trained_tokeniz
 
 
 def test_resume_extends_a_finished_run(tmp_path, verdict_file, trained_tokenizer):
-    first = pretrain(verdict_file, tmp_path / "m", config=TINY, cfg=train_cfg(max_steps=4),
-                     tokenizer=trained_tokenizer, progress=False)
+    first = pretrain(
+        verdict_file,
+        tmp_path / "m",
+        config=TINY,
+        cfg=train_cfg(max_steps=4),
+        tokenizer=trained_tokenizer,
+        progress=False,
+    )
     more = pretrain(None, tmp_path / "m", resume=True, max_steps=6, progress=False)
     assert more.step == 6 and sorted(losses(first.run_dir)) == list(range(1, 7))
     assert json.loads((tmp_path / "m" / "training.json").read_text())["steps"] == 6
@@ -101,8 +129,9 @@ def test_schedule_and_weight_decay_groups():
     assert lr_at(55, cfg.optimizer, max_steps=100) == pytest.approx(0.55e-3)
     assert lr_at(100, cfg.optimizer, max_steps=100) == pytest.approx(1e-4)
     timed = TrainConfig(max_steps=1000, warmup_steps=0, lr=1e-3, max_time=60.0)
-    assert lr_at(10, timed.optimizer, max_steps=1000, max_time=60.0,
-                 elapsed=60.0) == pytest.approx(1e-4)  # the clock ran out first
+    assert lr_at(10, timed.optimizer, max_steps=1000, max_time=60.0, elapsed=60.0) == pytest.approx(
+        1e-4
+    )  # the clock ran out first
     from gpt.model import GPT
 
     optimizer = make_optimizer(GPT(TINY), TrainConfig().optimizer, device=torch.device("cpu"))
@@ -112,8 +141,14 @@ def test_schedule_and_weight_decay_groups():
 
 
 def test_checkpoint_loads_without_unpickling(tmp_path, verdict_file, trained_tokenizer):
-    result = pretrain(verdict_file, tmp_path / "m", config=TINY, cfg=train_cfg(max_steps=2),
-                      tokenizer=trained_tokenizer, progress=False)
+    result = pretrain(
+        verdict_file,
+        tmp_path / "m",
+        config=TINY,
+        cfg=train_cfg(max_steps=2),
+        tokenizer=trained_tokenizer,
+        progress=False,
+    )
     trainer = torch.load(result.run_dir / "checkpoint" / "trainer.pt", weights_only=True)
     assert trainer["optimizer"]["state"] and trainer["rng"][0]["torch"].dtype == torch.uint8
     leftovers = [p.name for p in result.run_dir.iterdir() if p.name.startswith(".")]
@@ -125,16 +160,20 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "empty"),
-    (b"\x7fELF\x02\x01\x01\x00\x00binary", "binary file"),
-    (b"Too short for one window.", "fewer than one context window"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "empty"),
+        (b"\x7fELF\x02\x01\x01\x00\x00binary", "binary file"),
+        (b"Too short for one window.", "fewer than one context window"),
+    ],
+)
 def test_cli_bad_corpus(tmp_path, capsys, content, message):
     path = tmp_path / "corpus.txt"
     path.write_bytes(content)
-    code, err = run_cli(capsys, "pretrain", "--data", str(path), "--preset", "tiny",
-                        "--out", str(tmp_path / "m"), "--max-steps", "1")
+    code, err = run_cli(
+        capsys, "pretrain", "--data", str(path), "--preset", "tiny", "--out", str(tmp_path / "m"), "--max-steps", "1"
+    )
     assert code == 1
     assert err.startswith("kettle: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "m").exists()
@@ -142,8 +181,7 @@ def test_cli_bad_corpus(tmp_path, capsys, content, message):
 
 def test_cli_bad_preset_and_resume(tmp_path, capsys, verdict_file):
     with pytest.raises(SystemExit) as exit_:  # the flag's choices are the presets: argparse's line
-        run_cli(capsys, "pretrain", "--data", str(verdict_file), "--preset", "gpt5",
-                "--out", str(tmp_path / "m"))
+        run_cli(capsys, "pretrain", "--data", str(verdict_file), "--preset", "gpt5", "--out", str(tmp_path / "m"))
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "invalid choice: 'gpt5'" in err and err.count("\n") == 1
     code, err = run_cli(capsys, "pretrain", "--out", str(tmp_path / "m"), "--resume")
@@ -151,16 +189,36 @@ def test_cli_bad_preset_and_resume(tmp_path, capsys, verdict_file):
 
 
 def test_cli_pretrain_and_tokenizer_train(tmp_path, capsys, verdict_file):
-    code = main(["tokenizer", "train", "--data", str(verdict_file), "--vocab-size", "400",
-                 "--out", str(tmp_path / "tok")])
+    code = main(
+        ["tokenizer", "train", "--data", str(verdict_file), "--vocab-size", "400", "--out", str(tmp_path / "tok")]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "bytes/token" in out and "GPT-2" in out
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY.replace(vocab_size=400).to_dict()))
-    code = main(["pretrain", "--data", str(verdict_file), "--config", str(config),
-                 "--out", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "tok"),
-                 "--max-steps", "3", "--batch-tokens", "64", "--micro-batch", "2",
-                 "--eval-every", "3", "--sample-every", "0"])
+    code = main(
+        [
+            "pretrain",
+            "--data",
+            str(verdict_file),
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "m"),
+            "--tokenizer",
+            str(tmp_path / "tok"),
+            "--max-steps",
+            "3",
+            "--batch-tokens",
+            "64",
+            "--micro-batch",
+            "2",
+            "--eval-every",
+            "3",
+            "--sample-every",
+            "0",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "trained 3 steps" in out
     _, tokenizer = load_model(tmp_path / "m")
@@ -168,32 +226,33 @@ def test_cli_pretrain_and_tokenizer_train(tmp_path, capsys, verdict_file):
 
 
 def test_tiny_preset_on_a_small_text_sizes_its_batch_and_never_samples_an_undecodable_id(
-        tmp_path, capsys, verdict_text):
+    tmp_path, capsys, verdict_text
+):
     """The tiny preset asks for 4,096 tokens; a 20 KB text gives its tokenizer ~2,800. The
     end-of-run sample (top-k over all 4,096 logits of a barely trained model) used to draw ids
     the tokenizer cannot decode, and failed the run before its model was saved; and each step
     took 32k tokens of a corpus of ~5k."""
     text = tmp_path / "small.txt"
     text.write_text(verdict_text[:20_000], encoding="utf-8")
-    code = main(["pretrain", "--data", str(text), "--preset", "tiny", "--max-steps", "3",
-                 "--out", str(tmp_path / "m")])
+    code = main(["pretrain", "--data", str(text), "--preset", "tiny", "--max-steps", "3", "--out", str(tmp_path / "m")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "never generated" in captured.out
     model, tokenizer = load_model(tmp_path / "m")
     assert tokenizer.n_vocab < model.config.vocab_size == 4096
-    records = [json.loads(line) for line in (next((tmp_path / "kettle-home" / "runs").iterdir())
-                                             / "metrics.jsonl").open()]
+    records = [
+        json.loads(line) for line in (next((tmp_path / "kettle-home" / "runs").iterdir()) / "metrics.jsonl").open()
+    ]
     assert [r["step"] for r in records if "sample" in r] == [3]
     train_tokens = len(tokenizer.encode(verdict_text[:20_000])) * 0.9
     per_step = [r["tokens"] for r in records if "loss" in r][0]
     assert per_step < 2 * train_tokens  # whole micro-batches of the split, not 32k
 
 
-def test_tokenizer_train_says_when_the_corpus_gives_fewer_tokens_than_asked(tmp_path, capsys,
-                                                                            verdict_file):
-    code = main(["tokenizer", "train", "--data", str(verdict_file), "--vocab-size", "8192",
-                 "--out", str(tmp_path / "tok")])
+def test_tokenizer_train_says_when_the_corpus_gives_fewer_tokens_than_asked(tmp_path, capsys, verdict_file):
+    code = main(
+        ["tokenizer", "train", "--data", str(verdict_file), "--vocab-size", "8192", "--out", str(tmp_path / "tok")]
+    )
     assert code == 0
     assert "not 8,192" in capsys.readouterr().err
 
@@ -203,18 +262,70 @@ def test_torchrun_two_processes_match_one(tmp_path, verdict_file, trained_tokeni
     trained_tokenizer.save(tmp_path)
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY.to_dict()))
-    common = ["pretrain", "--data", str(verdict_file), "--config", str(config),
-              "--tokenizer", str(tmp_path / TOKENIZER_FILE), "--max-steps", "5",
-              "--batch-tokens", str(2 * 4 * 32), "--micro-batch", "4", "--eval-every", "5",
-              "--sample-every", "0", "--checkpoint-every", "2", "--seed", "3", "--device", "cpu"]
+    common = [
+        "pretrain",
+        "--data",
+        str(verdict_file),
+        "--config",
+        str(config),
+        "--tokenizer",
+        str(tmp_path / TOKENIZER_FILE),
+        "--max-steps",
+        "5",
+        "--batch-tokens",
+        str(2 * 4 * 32),
+        "--micro-batch",
+        "4",
+        "--eval-every",
+        "5",
+        "--sample-every",
+        "0",
+        "--checkpoint-every",
+        "2",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-m", "tui.cli", *common, "--out", str(tmp_path / "one"),
-                    "--run-dir", str(tmp_path / "run-one")], check=True, cwd=ROOT, env=env,
-                   capture_output=True)
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node", "2", "-m", "tui.cli", *common,
-                          "--out", str(tmp_path / "two"), "--run-dir", str(tmp_path / "run-two")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tui.cli",
+            *common,
+            "--out",
+            str(tmp_path / "one"),
+            "--run-dir",
+            str(tmp_path / "run-one"),
+        ],
+        check=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+    )
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "tui.cli",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+            "--run-dir",
+            str(tmp_path / "run-two"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     one, two = losses(tmp_path / "run-one"), losses(tmp_path / "run-two")
     assert sorted(two) == list(range(1, 6))
@@ -232,14 +343,25 @@ def test_verdict_124m_overfits_like_the_book(tmp_path, verdict_file):
     clipping, batch 2, 10 epochs of the-verdict.txt: the training loss falls below 1 (it
     memorises) while validation stays high."""
     config = get_preset("book-124m")
-    cfg = TrainConfig(max_steps=90, batch_tokens=512, micro_batch_size=2, lr=4e-4, warmup_steps=0,
-                      min_lr_ratio=1.0, weight_decay=0.1, beta2=0.999, grad_clip=0.0,
-                      loader="sliding", eval_every=45, sample_every=0, checkpoint_every=1000,
-                      seed=123)
+    cfg = TrainConfig(
+        max_steps=90,
+        batch_tokens=512,
+        micro_batch_size=2,
+        lr=4e-4,
+        warmup_steps=0,
+        min_lr_ratio=1.0,
+        weight_decay=0.1,
+        beta2=0.999,
+        grad_clip=0.0,
+        loader="sliding",
+        eval_every=45,
+        sample_every=0,
+        checkpoint_every=1000,
+        seed=123,
+    )
     from gpt.tokenizer import gpt2_tokenizer
 
-    result = pretrain(verdict_file, tmp_path / "m", config=config, cfg=cfg, tokenizer=gpt2_tokenizer(),
-                      progress=False)
+    result = pretrain(verdict_file, tmp_path / "m", config=config, cfg=cfg, tokenizer=gpt2_tokenizer(), progress=False)
     curve = losses(result.run_dir)
     assert min(curve[s] for s in range(81, 91)) < 1.0
     assert result.val_loss > 5.0  # memorised, not generalised, as the book shows
@@ -267,8 +389,9 @@ def test_a_training_process_keeps_freed_memory_to_reuse_instead_of_returning_it(
     # between them (a CI run saw every block faulted in afresh); what prepare_training controls
     # is whether a freed big block goes back to the kernel (and must be faulted in again).
     def resident_mb(mode):
-        out = subprocess.run([sys.executable, "-c", KEPT_AFTER_FREE, mode], check=True,
-                             capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-c", KEPT_AFTER_FREE, mode], check=True, capture_output=True, text=True, cwd=ROOT
+        )
         return [float(n) for n in out.stdout.split()]
 
     held, after_free = resident_mb("default")
@@ -289,32 +412,52 @@ def test_lines_printed_during_training_leave_one_progress_bar_not_a_copy_each(tm
     text.write_text(verdict_text[:20_000], encoding="utf-8")
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=100, color_system=None)
-    pretrain(text, tmp_path / "m", config=get_preset("tiny"), cfg=TrainConfig(max_steps=6, sample_every=0),
-             console=console, display_label="brewing",
-             on_step=lambda step, loss: step % 2 or console.print(f"note at step {step}"))
+    pretrain(
+        text,
+        tmp_path / "m",
+        config=get_preset("tiny"),
+        cfg=TrainConfig(max_steps=6, sample_every=0),
+        console=console,
+        display_label="brewing",
+        on_step=lambda step, loss: step % 2 or console.print(f"note at step {step}"),
+    )
     ansi = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
     lines = [ansi.sub("", line).split("\r")[-1].strip() for line in out.getvalue().split("\n")]
     assert [line for line in lines if line.startswith("note at")] == [
-        "note at step 2", "note at step 4", "note at step 6"]
+        "note at step 2",
+        "note at step 4",
+        "note at step 6",
+    ]
     bars = [line for line in lines if line.startswith("brewing")]
     assert len(bars) == 1 and "step 6/6" in bars[0]
 
 
-def test_a_full_disk_at_the_model_save_is_one_line_and_resume_writes_it(tmp_path, capsys,
-                                                                        verdict_file, monkeypatch):
+def test_a_full_disk_at_the_model_save_is_one_line_and_resume_writes_it(tmp_path, capsys, verdict_file, monkeypatch):
     from safetensors import SafetensorError
 
     import gpt.checkpoint
 
-    argv = ["pretrain", "--data", str(verdict_file), "--preset", "tiny", "--max-steps", "2",
-            "--sample-every", "0", "--out", str(tmp_path / "m")]
+    argv = [
+        "pretrain",
+        "--data",
+        str(verdict_file),
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "2",
+        "--sample-every",
+        "0",
+        "--out",
+        str(tmp_path / "m"),
+    ]
     save_file = gpt.checkpoint.save_file
     with monkeypatch.context() as patch:
+
         def full(state, path, metadata=None):  # --out on a full disk, as safetensors reports it
             if "checkpoint" in path:
                 return save_file(state, path, metadata)
-            raise SafetensorError("Error while serializing: I/O error: No space left on device "
-                                  "(os error 28)")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
         patch.setattr(gpt.checkpoint, "save_file", full)
         code = main(argv)
     err = capsys.readouterr().err

@@ -1,4 +1,5 @@
 """The offline starter: its corpus (read with ast, nothing imported) and the staged brew."""
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,8 @@ def test_docstrings_are_read_without_importing(tmp_path):
         "raise SystemExit('imported!')\n"
         "def shout(text, *, times=2):\n    '''Return text in capitals, times times.'''\n"
         "def _private():\n    '''Never part of the corpus.'''\n"
-        "class Horn:\n    '''A horn.'''\n    def blow(self, volume=1):\n        '''Blow the horn.'''\n")
+        "class Horn:\n    '''A horn.'''\n    def blow(self, volume=1):\n        '''Blow the horn.'''\n"
+    )
     (root / "pkg" / "__init__.py").write_text('"""The pkg package: a module docstring over forty characters."""\n')
     (root / "test" / "test_loud.py").write_text("def test_x():\n    '''Tests are not docs.'''\n")
     (root / "broken.py").write_text("def (:\n")
@@ -113,8 +115,9 @@ def test_the_same_seed_brews_the_same_model_however_busy_the_machine(monkeypatch
     os.sched_setaffinity(0, {core})
     try:
         first = starter.brew_starter(tmp_path / "a", device="cpu", stages=_stages())
-        busy = subprocess.Popen([sys.executable, "-c",
-                                 f"import os; os.sched_setaffinity(0, {{{core}}})\nwhile True: pass"])
+        busy = subprocess.Popen(
+            [sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{core}}})\nwhile True: pass"]
+        )
         try:
             second = starter.brew_starter(tmp_path / "b", device="cpu", stages=_stages())
         finally:

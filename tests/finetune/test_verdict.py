@@ -1,11 +1,19 @@
 """The fine-tuning verdict: corrections that come back, the base's skills, never "not checked"."""
+
 from __future__ import annotations
 
 from finetune.verdict import judge, summary_lines
 
-BASE = {"recall_base": 0, "recall": 10, "recall_of": 10, "replay_examples": 10,
-        "replay_loss_before": 2.0, "replay_loss_after": 2.1, "gate_parent_loss": None,
-        "gate_new_loss": None}
+BASE = {
+    "recall_base": 0,
+    "recall": 10,
+    "recall_of": 10,
+    "replay_examples": 10,
+    "replay_loss_before": 2.0,
+    "replay_loss_after": 2.1,
+    "gate_parent_loss": None,
+    "gate_new_loss": None,
+}
 
 
 def test_a_model_that_learned_and_kept_its_skills_passes():

@@ -1,5 +1,6 @@
 """Continuous batching (gpt.batching) through InProcessService and the HTTP server: rows join and
 leave a running batch, and every request's tokens are the ones it gets served alone."""
+
 from __future__ import annotations
 
 import asyncio
@@ -20,11 +21,16 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 REQUESTS = [
     ("complete", "I had always thought", dict(temperature=0, max_new_tokens=40)),
     ("chat", CHAT, dict(temperature=0.8, top_k=50, seed=7, max_new_tokens=30)),
-    ("complete", "She", dict(temperature=1.0, top_p=0.9, repetition_penalty=1.3,
-                             presence_penalty=0.5, seed=3, max_new_tokens=12)),
-    ("chat", [{"role": "user", "content": "Hello there, how are you today?"}],
-     dict(temperature=0.7, min_p=0.05, frequency_penalty=0.4, seed=99, max_new_tokens=25,
-          stop=["e"])),
+    (
+        "complete",
+        "She",
+        dict(temperature=1.0, top_p=0.9, repetition_penalty=1.3, presence_penalty=0.5, seed=3, max_new_tokens=12),
+    ),
+    (
+        "chat",
+        [{"role": "user", "content": "Hello there, how are you today?"}],
+        dict(temperature=0.7, min_p=0.05, frequency_penalty=0.4, seed=99, max_new_tokens=25, stop=["e"]),
+    ),
     ("complete", [5, 6, 7, 8, 9, 10], dict(temperature=0, max_new_tokens=8)),
 ]
 
@@ -68,8 +74,7 @@ async def test_rows_join_and_leave_and_keep_the_tokens_they_get_alone(long_conte
 
         async def cancelled_one():  # leaves the batch midway; the others must not notice
             events = []
-            async for event in events_of(service, "chat", CHAT,
-                                         dict(temperature=0, max_new_tokens=1000), "gone"):
+            async for event in events_of(service, "chat", CHAT, dict(temperature=0, max_new_tokens=1000), "gone"):
                 events.append(event)
                 if len(events) == 4:
                     service.cancel("gone")
@@ -77,8 +82,7 @@ async def test_rows_join_and_leave_and_keep_the_tokens_they_get_alone(long_conte
 
         head = asyncio.create_task(run(0, *REQUESTS[0]))
         await first_rows.wait()  # the rest join a batch already decoding
-        *_, gone = await asyncio.gather(head, *(run(i, *r) for i, r in enumerate(REQUESTS) if i),
-                                        cancelled_one())
+        *_, gone = await asyncio.gather(head, *(run(i, *r) for i, r in enumerate(REQUESTS) if i), cancelled_one())
     finally:
         service.close()
     assert gone[-1].result.finish_reason == "cancelled" and gone[-1].result.new_tokens < 1000
@@ -97,13 +101,13 @@ async def test_rows_join_and_leave_and_keep_the_tokens_they_get_alone(long_conte
     assert steps[0] == 1 and steps[-1] < max(steps)  # rows joined one decoding alone, and left
 
 
-async def test_the_batch_and_the_kv_budget_bound_the_rows_and_the_rest_wait_in_order(
-        long_context_model_dir):
+async def test_the_batch_and_the_kv_budget_bound_the_rows_and_the_rest_wait_in_order(long_context_model_dir):
     from gpt.checkpoint import read_meta
 
     config = read_meta(long_context_model_dir)[1]
-    service = InProcessService(str(long_context_model_dir),
-                               kv_budget=2 * row_bytes(config, torch.float32) + 1)  # two rows fit
+    service = InProcessService(
+        str(long_context_model_dir), kv_budget=2 * row_bytes(config, torch.float32) + 1
+    )  # two rows fit
     try:
         shapes = batch_shapes(service)
         order = []
@@ -128,8 +132,7 @@ async def test_the_next_turn_reuses_the_cached_prefix(long_context_model_dir):
     try:
         params = dict(temperature=0, max_new_tokens=5)
         first = (await collect(events_of(service, "chat", CHAT, params)))[-1].result
-        turn = CHAT + [{"role": "assistant", "content": first.text},
-                       {"role": "user", "content": "And then?"}]
+        turn = CHAT + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And then?"}]
         second = (await collect(events_of(service, "chat", turn, params)))[-1].result
     finally:
         service.close()
@@ -149,10 +152,8 @@ def test_n_choices_are_rows_of_one_batch_over_one_prefill(long_context_model_dir
         while not server.started:
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.01)
-        body = {"model": "long", "messages": CHAT, "n": 4, "seed": 5, "max_tokens": 10,
-                "temperature": 1.0, "top_k": 40}
-        r = httpx.post(f"http://127.0.0.1:{sock.getsockname()[1]}/v1/chat/completions",
-                       json=body, timeout=60)
+        body = {"model": "long", "messages": CHAT, "n": 4, "seed": 5, "max_tokens": 10, "temperature": 1.0, "top_k": 40}
+        r = httpx.post(f"http://127.0.0.1:{sock.getsockname()[1]}/v1/chat/completions", json=body, timeout=60)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -164,6 +165,5 @@ def test_n_choices_are_rows_of_one_batch_over_one_prefill(long_context_model_dir
     assert max(b for b, t in shapes if t == 1) == 4  # the choices decode together
     engine = Engine.load(long_context_model_dir)
     for j, choice in enumerate(choices):
-        expected = engine.generate_chat(CHAT, SamplingParams(temperature=1.0, top_k=40, seed=5 + j,
-                                                             max_new_tokens=10))
+        expected = engine.generate_chat(CHAT, SamplingParams(temperature=1.0, top_k=40, seed=5 + j, max_new_tokens=10))
         assert choice["message"]["content"] == expected.text

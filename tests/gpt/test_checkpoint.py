@@ -1,4 +1,5 @@
 """Model directories: atomic saves, and one clear line for every broken input."""
+
 from __future__ import annotations
 
 import json
@@ -106,7 +107,11 @@ def test_hugging_face_dir_given_as_model_points_to_import(tmp_path):
 def test_errors_in_a_real_process_are_one_line(tmp_path, model_dir):
     """The installed command prints one line and no traceback."""
     shutil.copy(model_dir / "config.json", tmp_path / "config.json")
-    out = subprocess.run([sys.executable, "-m", "tui.cli", "import-hf", str(tmp_path / "missing"),
-                          str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "tui.cli", "import-hf", str(tmp_path / "missing"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [f"kettle: error: {tmp_path / 'missing'}: no such directory"]

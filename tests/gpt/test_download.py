@@ -1,5 +1,6 @@
 """`kettle download` through huggingface_hub, against a real HTTP server on 127.0.0.1 that speaks
 enough of the hub's API (HEAD/GET /{repo}/resolve/main/{file}) and serves a checkpoint made here."""
+
 from __future__ import annotations
 
 import hashlib
@@ -91,7 +92,7 @@ def make_server(files: Files):
             self._headers(name, data, 206 if rng else 200, start)
             body = data[start:]
             if name in files.cut:
-                self.wfile.write(body[:files.cut.pop(name)])
+                self.wfile.write(body[: files.cut.pop(name)])
                 self.wfile.flush()
                 self.connection.shutdown(2)
                 return
@@ -127,8 +128,7 @@ def hub(tmp_path, monkeypatch, checkpoint):
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     monkeypatch.setenv("HF_HOME", str(cache.parent))
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     # The hub writes in 10 MB chunks, more than this whole checkpoint: a cut mid-file would then
     # leave nothing written to resume from.
@@ -257,8 +257,11 @@ def test_offline_a_cached_gpt2_is_converted_without_the_server(hub, tmp_path):
     download_gpt2("gpt2", tmp_path / "first")
     files.down_after_cut = True  # nothing is being cut: every request is a 503 now
     last = {}
-    download_gpt2("gpt2", tmp_path / "second",
-                  progress_factory=lambda name: lambda done, total: last.__setitem__(name, (done, total)))
+    download_gpt2(
+        "gpt2",
+        tmp_path / "second",
+        progress_factory=lambda name: lambda done, total: last.__setitem__(name, (done, total)),
+    )
     load_model(tmp_path / "second")
     # The progress bars end full rather than waiting for bytes that will not come.
     assert last == {name: (len(data), len(data)) for name, data in files.files.items()}

@@ -41,8 +41,12 @@ def greedy_without_cache(engine, ids, n):
 
 def test_greedy_with_kv_cache_equals_full_recompute(engine, verdict_text):
     tok = engine.tokenizer
-    prompts = [tok.encode(verdict_text[:1]), tok.encode(verdict_text[:40]),
-               tok.encode(verdict_text[500:900])[:70], tok.encode(verdict_text[:40]) + [5, 6]]
+    prompts = [
+        tok.encode(verdict_text[:1]),
+        tok.encode(verdict_text[:40]),
+        tok.encode(verdict_text[500:900])[:70],
+        tok.encode(verdict_text[:40]) + [5, 6],
+    ]
     # One engine for all, so later prompts also run over a reused (rewound) cache.
     for ids, n in zip(prompts, [30, 12, 40, 25]):
         result = engine.generate(ids, GREEDY.replace(max_new_tokens=n))
@@ -59,8 +63,16 @@ def test_greedy_matches_on_gpt2_vocabulary(tiny_gpt2_vocab_model_dir):
 
 
 def test_seeded_sampling_reproduces_exactly(engine, tiny_model_dir):
-    params = SamplingParams(temperature=1.2, top_p=0.95, min_p=0.01, repetition_penalty=1.2,
-                            presence_penalty=0.3, frequency_penalty=0.2, max_new_tokens=30, seed=1234)
+    params = SamplingParams(
+        temperature=1.2,
+        top_p=0.95,
+        min_p=0.01,
+        repetition_penalty=1.2,
+        presence_penalty=0.3,
+        frequency_penalty=0.2,
+        max_new_tokens=30,
+        seed=1234,
+    )
     first = engine.generate("It was", params)
     again = Engine.load(tiny_model_dir).generate("It was", params)
     assert again.token_ids == first.token_ids and again.text == first.text
@@ -79,10 +91,11 @@ def test_ids_past_the_tokenizer_are_never_drawn(trained_tokenizer):
     from gpt.model import GPT
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=trained_tokenizer.n_vocab + 100, context_length=64,
-                          n_layer=1, n_head=2, n_embd=16))
+    model = GPT(
+        GPTConfig(vocab_size=trained_tokenizer.n_vocab + 100, context_length=64, n_layer=1, n_head=2, n_embd=16)
+    )
     with torch.no_grad():
-        model.lm_head.weight[trained_tokenizer.n_vocab:] = model.lm_head.weight[:100] * 50
+        model.lm_head.weight[trained_tokenizer.n_vocab :] = model.lm_head.weight[:100] * 50
     engine = Engine(model, trained_tokenizer)
     for seed in range(3):
         result = engine.generate("The", SamplingParams(temperature=1.0, max_new_tokens=20, seed=seed))
@@ -110,16 +123,15 @@ def test_stop_string_spanning_two_tokens_stops_with_it_removed(engine):
     full = engine.generate(ids, params)
     pieces = [engine.tokenizer.decode([t]) for t in full.token_ids]
     # A stop string made of the end of one token and the start of the next.
-    i = next(i for i in range(3, len(pieces) - 1)
-             if all(len(p) >= 2 and p.isascii() for p in pieces[i:i + 2]))
+    i = next(i for i in range(3, len(pieces) - 1) if all(len(p) >= 2 and p.isascii() for p in pieces[i : i + 2]))
     stop = pieces[i][-2:] + pieces[i + 1][:2]
     cut = full.text.find(stop)
-    assert 0 <= cut <= len("".join(pieces[:i + 1]))
+    assert 0 <= cut <= len("".join(pieces[: i + 1]))
     deltas, result = run(engine.stream(ids, params.replace(stop=["zzzz", stop])))
     assert result.finish_reason == "stop"
     assert result.text == full.text[:cut]
     assert "".join(deltas) == result.text  # nothing of the stop string was ever streamed
-    assert result.token_ids == full.token_ids[:len(result.token_ids)]
+    assert result.token_ids == full.token_ids[: len(result.token_ids)]
 
 
 def test_text_stream_holds_back_a_possible_stop_string_until_resolved():
@@ -176,7 +188,7 @@ def test_cancel_stops_within_one_token(engine):
     stream, n = TextStream(engine.tokenizer, []), 0
     while not stream.feed(full.token_ids[n]):
         n += 1
-    assert result.token_ids == full.token_ids[:n + 1]
+    assert result.token_ids == full.token_ids[: n + 1]
     cancel = threading.Event()
     cancel.set()
     deltas, result = run(engine.stream("She", GREEDY, cancel=cancel))
@@ -196,8 +208,7 @@ def test_prefix_reuse_prefills_only_the_new_tokens(engine, tiny_model_dir):
     turn1 = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who painted it?"}]
     r1 = engine.generate_chat(turn1, GREEDY)
     assert r1.cached_tokens == 0 and fed[0] == r1.prompt_tokens
-    turn2 = turn1 + [{"role": "assistant", "content": r1.text},
-                     {"role": "user", "content": "And why did he stop?"}]
+    turn2 = turn1 + [{"role": "assistant", "content": r1.text}, {"role": "user", "content": "And why did he stop?"}]
     fed.clear()
     r2 = engine.generate_chat(turn2, GREEDY)
     prompt1 = render_prompt(turn1, engine.tokenizer)
@@ -239,7 +250,7 @@ def test_over_long_conversation_keeps_system_prompt_and_newest_turns(engine):
     assert len(full) > 128
     # The documented rule, computed by hand: newest whole messages that fit, starting at a user turn.
     start = len(seg)
-    while start > 1 and len(seg[0]) + sum(map(len, seg[start - 1:])) + len(header) <= budget:
+    while start > 1 and len(seg[0]) + sum(map(len, seg[start - 1 :])) + len(header) <= budget:
         start -= 1
     if messages[start]["role"] == "assistant":
         start += 1
@@ -264,8 +275,7 @@ def test_answer_budget_is_capped_at_half_the_window(engine):
 
 
 def test_newest_message_longer_than_the_window_keeps_its_last_tokens(engine, verdict_text):
-    messages = [{"role": "system", "content": "Summarise."},
-                {"role": "user", "content": verdict_text[:3000]}]
+    messages = [{"role": "system", "content": "Summarise."}, {"role": "user", "content": verdict_text[:3000]}]
     full = render_prompt(messages, engine.tokenizer)
     ids, dropped = engine.chat_prompt(messages, GREEDY.replace(max_new_tokens=28))
     assert ids == full[-100:] and dropped == len(full) - 100
@@ -297,23 +307,60 @@ def test_device_choice():
 def test_kettle_generate_command(tiny_model_dir, capsys):
     from tui.cli import main
 
-    argv = ["generate", str(tiny_model_dir), "It was", "--temperature", "0.9", "--top-k", "20",
-            "--top-p", "0.9", "--min-p", "0.02", "--repetition-penalty", "1.1", "--seed", "7",
-            "--max-new-tokens", "12"]
+    argv = [
+        "generate",
+        str(tiny_model_dir),
+        "It was",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.9",
+        "--min-p",
+        "0.02",
+        "--repetition-penalty",
+        "1.1",
+        "--seed",
+        "7",
+        "--max-new-tokens",
+        "12",
+    ]
     assert main(argv) == 0
     out, err = capsys.readouterr()
-    expected = Engine.load(tiny_model_dir).generate("It was", SamplingParams(
-        temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, repetition_penalty=1.1, seed=7,
-        max_new_tokens=12))
+    expected = Engine.load(tiny_model_dir).generate(
+        "It was",
+        SamplingParams(
+            temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, repetition_penalty=1.1, seed=7, max_new_tokens=12
+        ),
+    )
     assert out == expected.text + "\n"
     assert "seed 7" in err and "tokens/s" in err
     assert main(argv + ["--stream"]) == 0
     assert capsys.readouterr().out == out  # streamed deltas add up to the same text
-    assert main(["generate", str(tiny_model_dir), "Hi", "--chat", "--system", "Be brief.",
-                 "--temperature", "0", "--max-new-tokens", "5", "--stop", "e"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tiny_model_dir),
+                "Hi",
+                "--chat",
+                "--system",
+                "Be brief.",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "5",
+                "--stop",
+                "e",
+            ]
+        )
+        == 0
+    )
     chat = Engine.load(tiny_model_dir).generate_chat(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-        SamplingParams(temperature=0, max_new_tokens=5, stop=["e"]))
+        SamplingParams(temperature=0, max_new_tokens=5, stop=["e"]),
+    )
     assert capsys.readouterr().out == chat.text + "\n"
     # A greedy answer on the CPU is speculated (Engine.speculation): its figures say how many of
     # the drafted tokens the model kept.
@@ -321,16 +368,18 @@ def test_kettle_generate_command(tiny_model_dir, capsys):
     assert main(["generate", str(tiny_model_dir), repeated, "--temperature", "0", "--max-new-tokens", "24"]) == 0
     greedy = Engine.load(tiny_model_dir).generate(repeated, SamplingParams(temperature=0, max_new_tokens=24))
     assert greedy.drafted_tokens
-    assert (f"speculative drafts kept {greedy.accepted_tokens}/{greedy.drafted_tokens}"
-            in capsys.readouterr().err)
+    assert f"speculative drafts kept {greedy.accepted_tokens}/{greedy.drafted_tokens}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra, code, message", [  # 2: argparse checks the flag's own range
-    (["--top-p", "0"], 2, "kettle generate: error: argument --top-p: must be in (0, 1]"),
-    (["--max-new-tokens", "0"], 2, "argument --max-new-tokens: must be >= 1"),
-    (["--system", "x"], 1, "kettle: error: --system needs --chat"),
-    (["--device", "toaster"], 2, "argument --device: unknown device"),
-])
+@pytest.mark.parametrize(
+    "extra, code, message",
+    [  # 2: argparse checks the flag's own range
+        (["--top-p", "0"], 2, "kettle generate: error: argument --top-p: must be in (0, 1]"),
+        (["--max-new-tokens", "0"], 2, "argument --max-new-tokens: must be >= 1"),
+        (["--system", "x"], 1, "kettle: error: --system needs --chat"),
+        (["--device", "toaster"], 2, "argument --device: unknown device"),
+    ],
+)
 def test_kettle_generate_rejects_bad_flags(tiny_model_dir, capsys, extra, code, message):
     from tui.cli import main
 
@@ -348,11 +397,23 @@ def test_kettle_generate_unknown_model(capsys):
     assert "no-such-model: no such model" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(temperature=0, max_new_tokens=6),
-    SamplingParams(temperature=0.7, top_k=20, top_p=0.9, min_p=0.02, repetition_penalty=1.3,
-                   presence_penalty=0.5, frequency_penalty=0.4, seed=3, max_new_tokens=6),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0, max_new_tokens=6),
+        SamplingParams(
+            temperature=0.7,
+            top_k=20,
+            top_p=0.9,
+            min_p=0.02,
+            repetition_penalty=1.3,
+            presence_penalty=0.5,
+            frequency_penalty=0.4,
+            seed=3,
+            max_new_tokens=6,
+        ),
+    ],
+)
 def test_logprobs_are_log_softmax_of_a_direct_forward_pass_after_the_filters(engine, params):
     from gpt.sampling import apply_penalties, min_p_filter, top_k_filter, top_p_filter
 
@@ -360,7 +421,7 @@ def test_logprobs_are_log_softmax_of_a_direct_forward_pass_after_the_filters(eng
     result = engine.generate(prompt, params, logprobs=4, echo=True)
     ids = prompt + result.token_ids
     with torch.inference_mode():
-        logits = engine.model(torch.tensor([ids]))[0, :, :engine.tokenizer.n_vocab].float()
+        logits = engine.model(torch.tensor([ids]))[0, :, : engine.tokenizer.n_vocab].float()
     # The prompt: raw log_softmax; its first token has none.
     raw = logits.log_softmax(-1)
     assert [e.token for e in result.prompt_logprobs] == prompt and result.prompt_logprobs[0].logprob is None
@@ -373,7 +434,7 @@ def test_logprobs_are_log_softmax_of_a_direct_forward_pass_after_the_filters(eng
     for step, entry in enumerate(result.logprobs):
         at = len(prompt) + step - 1
         seen = torch.zeros(engine.tokenizer.n_vocab, dtype=torch.bool)
-        seen[ids[:at + 1]] = True
+        seen[ids[: at + 1]] = True
         x = apply_penalties(logits[at], params, seen=seen, counts=counts) / (params.temperature or 1.0)
         x = min_p_filter(top_p_filter(top_k_filter(x, params.top_k), params.top_p), params.min_p)
         expected = x.log_softmax(-1)
@@ -392,8 +453,11 @@ def test_a_prompt_too_long_is_refused_unless_it_may_be_trimmed(engine):
 
     params = SamplingParams(temperature=0, max_new_tokens=10)
     ids = list(range(5, 5 + engine.prompt_budget(params) + 1))
-    with pytest.raises(ContextLengthExceeded, match=r"the prompt is 119 tokens, but this model's "
-                                                    r"context of 128 tokens holds at most 118"):
+    with pytest.raises(
+        ContextLengthExceeded,
+        match=r"the prompt is 119 tokens, but this model's "
+        r"context of 128 tokens holds at most 118",
+    ):
         engine.stream(ids, params, truncate=False)
     assert engine.generate(ids, params).dropped_tokens == 1  # the app's default: trimmed
     assert engine.generate(ids[1:], params).dropped_tokens == 0

@@ -5,6 +5,7 @@ Kettle does, apply_chat_template renders Kettle's prompt ids, pipeline's greedy 
 generate`'s, export -> import -> export writes the same bytes, and config values Kettle's model
 does not implement are refused one by one.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,15 +24,19 @@ transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[2]
 TIKTOKEN_CACHE = ROOT.parent / "shared" / "tiktoken_cache"
 # The tiktoken cache holds GPT-2's original release files: encoder.json and vocab.bpe.
-GPT2_VOCAB, GPT2_MERGES = (TIKTOKEN_CACHE / "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6",
-                           TIKTOKEN_CACHE / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee")
+GPT2_VOCAB, GPT2_MERGES = (
+    TIKTOKEN_CACHE / "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6",
+    TIKTOKEN_CACHE / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee",
+)
 
 
 @pytest.fixture(scope="module")
 def exports(tiny_model_dir, tiny_gpt2_vocab_model_dir, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("exports")
-    return {"trained": export_hf(tiny_model_dir, out / "trained"),
-            "gpt2": export_hf(tiny_gpt2_vocab_model_dir, out / "gpt2")}
+    return {
+        "trained": export_hf(tiny_model_dir, out / "trained"),
+        "gpt2": export_hf(tiny_gpt2_vocab_model_dir, out / "gpt2"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +46,22 @@ def kettle_dirs(tiny_model_dir, tiny_gpt2_vocab_model_dir) -> dict[str, Path]:
 
 def mixed_text() -> str:
     """2,000 lines: Kettle's own source, non-ASCII prose, odd whitespace and special tokens."""
-    code = [line for path in sorted((ROOT / "gpt").glob("*.py"))
-            for line in path.read_text(encoding="utf-8").splitlines()]
-    other = ["Ünïcödé façade — naïve café ✓", "日本語のテキストと中文", "emoji 😀👍🏽 and ＦＵＬＬ width",
-             "\ttabs\t and  double  spaces   ", "", "   ", "it's we'll they're I'D", "1234567 3.14159",
-             f"a{END_OF_TEXT}b <|user|>hi<|end|> <|assistant|>", "\r\nwindows\r\n", "Привет, мир! ¿Qué?"]
+    code = [
+        line for path in sorted((ROOT / "gpt").glob("*.py")) for line in path.read_text(encoding="utf-8").splitlines()
+    ]
+    other = [
+        "Ünïcödé façade — naïve café ✓",
+        "日本語のテキストと中文",
+        "emoji 😀👍🏽 and ＦＵＬＬ width",
+        "\ttabs\t and  double  spaces   ",
+        "",
+        "   ",
+        "it's we'll they're I'D",
+        "1234567 3.14159",
+        f"a{END_OF_TEXT}b <|user|>hi<|end|> <|assistant|>",
+        "\r\nwindows\r\n",
+        "Привет, мир! ¿Qué?",
+    ]
     lines = [code[i % len(code)] if i % 3 else other[i % len(other)] for i in range(2000)]
     return "\n".join(lines)
 
@@ -66,13 +82,15 @@ def test_autotokenizer_encodes_a_mixed_text_to_kettles_ids(kind, exports, kettle
 
 CHATS = {
     "single": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"}],
-    "multi": [{"role": "system", "content": "Answer in code."},
-              {"role": "user", "content": "Sum a list?"},
-              {"role": "assistant", "content": "```python\nsum(xs)\n```"},
-              # Leading blank lines and indentation: encoded apart from the header before them.
-              {"role": "user", "content": "\n\n  def f(x):\n      return x  \n"},
-              {"role": "assistant", "content": " Ça marche ✓"},
-              {"role": "user", "content": "\t\tand now?"}],
+    "multi": [
+        {"role": "system", "content": "Answer in code."},
+        {"role": "user", "content": "Sum a list?"},
+        {"role": "assistant", "content": "```python\nsum(xs)\n```"},
+        # Leading blank lines and indentation: encoded apart from the header before them.
+        {"role": "user", "content": "\n\n  def f(x):\n      return x  \n"},
+        {"role": "assistant", "content": " Ça marche ✓"},
+        {"role": "user", "content": "\t\tand now?"},
+    ],
 }
 
 
@@ -97,8 +115,23 @@ def test_the_export_holds_the_models_own_special_ids(exports, kettle_dirs):
 
 def kettle_generate(model_dir: Path, prompt: str, capsys, *flags: str) -> str:
     capsys.readouterr()
-    assert main(["generate", str(model_dir), prompt, "--temperature", "0", "--max-new-tokens", "24",
-                 "--device", "cpu", *flags]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(model_dir),
+                prompt,
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "24",
+                "--device",
+                "cpu",
+                *flags,
+            ]
+        )
+        == 0
+    )
     return capsys.readouterr().out.removesuffix("\n")
 
 
@@ -111,8 +144,9 @@ def test_pipeline_greedy_text_equals_kettle_generate(kind, exports, kettle_dirs,
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": prompt}]
     answer = pipe(messages, do_sample=False, max_new_tokens=24)[0]["generated_text"][-1]
     assert answer["role"] == "assistant"
-    assert answer["content"] == kettle_generate(kettle_dirs[kind], prompt, capsys, "--chat",
-                                                "--system", "You are terse.")
+    assert answer["content"] == kettle_generate(
+        kettle_dirs[kind], prompt, capsys, "--chat", "--system", "You are terse."
+    )
 
 
 def files(directory: Path) -> dict[str, bytes]:
@@ -122,8 +156,16 @@ def files(directory: Path) -> dict[str, bytes]:
 def test_export_import_export_writes_the_same_bytes(tmp_path, make_model_dir):
     # What Hugging Face's GPT-2 holds beyond the defaults: an MLP width of its own, an untied
     # head, dropout.
-    make_model_dir(tmp_path / "model", seed=1, vocab_size=520, context_length=32, n_embd=16,
-                   n_inner=24, tie_embeddings=False, dropout=0.1)
+    make_model_dir(
+        tmp_path / "model",
+        seed=1,
+        vocab_size=520,
+        context_length=32,
+        n_embd=16,
+        n_inner=24,
+        tie_embeddings=False,
+        dropout=0.1,
+    )
     first = export_hf(tmp_path / "model", tmp_path / "hf")
     assert transformers.GPT2LMHeadModel.from_pretrained(first).config.n_inner == 24
     back = import_hf(first, tmp_path / "back")
@@ -152,14 +194,16 @@ def gpt2_directory(path: Path, config: dict, shard: str | None = None) -> "trans
             p.normal_(0, 0.2)
     model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
     merges = [tuple(line.split()) for line in GPT2_MERGES.read_text(encoding="utf-8").splitlines()[1:] if line]
-    transformers.GPT2Tokenizer(vocab=json.loads(GPT2_VOCAB.read_text(encoding="utf-8")),
-                               merges=merges).save_pretrained(path)
+    transformers.GPT2Tokenizer(vocab=json.loads(GPT2_VOCAB.read_text(encoding="utf-8")), merges=merges).save_pretrained(
+        path
+    )
     return model
 
 
 def test_any_gpt2_directory_imports_sharded_and_with_n_inner(tmp_path):
-    hf = gpt2_directory(tmp_path / "hf", dict(n_positions=32, n_embd=16, n_layer=2, n_head=2, n_inner=40),
-                        shard="200KB")
+    hf = gpt2_directory(
+        tmp_path / "hf", dict(n_positions=32, n_embd=16, n_layer=2, n_head=2, n_inner=40), shard="200KB"
+    )
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
     assert not (tmp_path / "hf" / "model.safetensors").exists()
     model, tokenizer = load_model(import_hf(tmp_path / "hf", tmp_path / "kettle"))
@@ -169,13 +213,20 @@ def test_any_gpt2_directory_imports_sharded_and_with_n_inner(tmp_path):
     with torch.no_grad():
         assert (model(idx) - hf(idx).logits).abs().max().item() < 1e-5
     text = mixed_text()[:5000]
-    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(text)["input_ids"] == \
-        gpt2_tokenizer().encoding.encode(text, allowed_special="all")
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(text)[
+        "input_ids"
+    ] == gpt2_tokenizer().encoding.encode(text, allowed_special="all")
 
 
-UNSUPPORTED = [("layer_norm_epsilon", 0.1), ("scale_attn_by_inverse_layer_idx", True),
-               ("reorder_and_upcast_attn", True), ("scale_attn_weights", False),
-               ("add_cross_attention", True), ("activation_function", "relu"), ("attn_pdrop", 0.3)]
+UNSUPPORTED = [
+    ("layer_norm_epsilon", 0.1),
+    ("scale_attn_by_inverse_layer_idx", True),
+    ("reorder_and_upcast_attn", True),
+    ("scale_attn_weights", False),
+    ("add_cross_attention", True),
+    ("activation_function", "relu"),
+    ("attn_pdrop", 0.3),
+]
 
 
 @pytest.mark.parametrize("key,value", UNSUPPORTED, ids=[k for k, _ in UNSUPPORTED])
@@ -202,7 +253,8 @@ def test_a_shard_index_pointing_out_of_the_directory_is_refused(exports, tmp_pat
         (hf / name).write_bytes((exports["gpt2"] / name).read_bytes())
     (tmp_path / "elsewhere.safetensors").write_bytes((exports["gpt2"] / "model.safetensors").read_bytes())
     (hf / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"transformer.wte.weight": "../elsewhere.safetensors"}}))
+        json.dumps({"weight_map": {"transformer.wte.weight": "../elsewhere.safetensors"}})
+    )
     with pytest.raises(KettleError, match="weight_map must map tensor names to .safetensors files in"):
         import_hf(hf, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -218,5 +270,7 @@ def test_a_model_directory_of_an_older_kettle_still_loads(tiny_model_dir, tmp_pa
     (old / "config.json").write_text(json.dumps(meta))
     _, tokenizer = load_model(old)
     assert tokenizer.n_vocab == load_model(tiny_model_dir)[1].n_vocab
-    assert files(export_hf(old, tmp_path / "hf"))["tokenizer.json"] == \
-        files(export_hf(tiny_model_dir, tmp_path / "hf-new"))["tokenizer.json"]
+    assert (
+        files(export_hf(old, tmp_path / "hf"))["tokenizer.json"]
+        == files(export_hf(tiny_model_dir, tmp_path / "hf-new"))["tokenizer.json"]
+    )

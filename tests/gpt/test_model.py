@@ -1,4 +1,5 @@
 """The GPT matches Hugging Face's GPT-2 bit for bit (within fp32 noise), through import and export."""
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,14 @@ CONFIG = GPTConfig(vocab_size=50257, context_length=64, n_layer=3, n_head=4, n_e
 def hf_model(config: GPTConfig, seed: int = 0):
     torch.manual_seed(seed)
     hf_config = transformers.GPT2Config(
-        vocab_size=config.vocab_size, n_positions=config.context_length, n_embd=config.n_embd,
-        n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
+        vocab_size=config.vocab_size,
+        n_positions=config.context_length,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        resid_pdrop=0,
+        embd_pdrop=0,
+        attn_pdrop=0,
     )
     model = transformers.GPT2LMHeadModel(hf_config).eval()
     # Random, non-trivial values everywhere (HF initialises biases and LayerNorms to 0/1).
@@ -72,8 +79,11 @@ def test_hf_files_with_prefix_and_mask_buffers_import(tmp_path):
     reference.config.save_pretrained(tmp_path / "hf")
     # The published files name tensors without the `transformer.` prefix, and old ones carry the
     # causal mask as h.N.attn.bias: import must accept both.
-    state = {k.removeprefix("transformer."): v.contiguous() for k, v in reference.state_dict().items()
-             if k.startswith("transformer.")}
+    state = {
+        k.removeprefix("transformer."): v.contiguous()
+        for k, v in reference.state_dict().items()
+        if k.startswith("transformer.")
+    }
     state["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)
     save_file(state, str(tmp_path / "hf" / "model.safetensors"))
     import_hf(tmp_path / "hf", tmp_path / "k")
@@ -100,7 +110,7 @@ def test_kv_cache_matches_full_forward(split):
     with torch.no_grad():
         full = model(idx)
         first = model(idx[:, :split], kv_cache=cache)
-        rest = [model(idx[:, t:t + 1], kv_cache=cache) for t in range(split, 24)]
+        rest = [model(idx[:, t : t + 1], kv_cache=cache) for t in range(split, 24)]
     got = torch.cat([first, *rest], dim=1)
     assert cache.pos == 24
     assert (got - full).abs().max().item() < 1e-5
@@ -164,15 +174,15 @@ def test_an_untied_head_is_its_own_matrix_and_survives_save_load_and_hf(tmp_path
 
 def test_a_tied_checkpoint_does_not_load_as_untied(tmp_path):
     save_model(GPT(CONFIG), tmp_path / "m")
-    meta = (tmp_path / "m" / "config.json").read_text().replace('"tie_embeddings": true',
-                                                                 '"tie_embeddings": false')
+    meta = (tmp_path / "m" / "config.json").read_text().replace('"tie_embeddings": true', '"tie_embeddings": false')
     (tmp_path / "m" / "config.json").write_text(meta)
     with pytest.raises(KettleError, match="missing tensor lm_head.weight"):
         load_model(tmp_path / "m")
 
 
-@pytest.mark.parametrize("name,millions", [("gpt2", 124), ("gpt2-medium", 355), ("gpt2-large", 774),
-                                           ("gpt2-xl", 1558), ("book-124m", 162)])
+@pytest.mark.parametrize(
+    "name,millions", [("gpt2", 124), ("gpt2-medium", 355), ("gpt2-large", 774), ("gpt2-xl", 1558), ("book-124m", 162)]
+)
 def test_presets_have_gpt2_sizes(name, millions):
     config = get_preset(name)
     with torch.device("meta"):
@@ -210,8 +220,7 @@ def test_loss_in_chunks_equals_the_full_cross_entropy_and_its_gradients(tie, chu
     from gpt.model import head_cross_entropy
 
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=300, context_length=32, n_layer=2, n_head=2, n_embd=16,
-                       tie_embeddings=tie)
+    config = GPTConfig(vocab_size=300, context_length=32, n_layer=2, n_head=2, n_embd=16, tie_embeddings=tie)
     model = GPT(config)
     x, y = torch.randint(0, 300, (3, 20)), torch.randint(0, 300, (3, 20))
     full = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
@@ -240,8 +249,7 @@ def test_a_training_step_keeps_less_and_its_gradients_are_autograds(tie, monkeyp
     import gpt.model
 
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=300, context_length=32, n_layer=2, n_head=2, n_embd=16,
-                       tie_embeddings=tie)
+    config = GPTConfig(vocab_size=300, context_length=32, n_layer=2, n_head=2, n_embd=16, tie_embeddings=tie)
     model = GPT(config)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     x, y = torch.randint(0, 300, (3, 20)), torch.randint(0, 300, (3, 20))
@@ -267,10 +275,14 @@ def test_a_training_step_keeps_less_and_its_gradients_are_autograds(tie, monkeyp
     assert all(g.layout == torch.strided for g in grads.values())
 
     model.zero_grad(set_to_none=True)
-    monkeypatch.setattr(gpt.model._GeluProjection, "apply",
-                        lambda u, w, b: F.linear(F.gelu(u, approximate="tanh"), w, b))
-    monkeypatch.setattr(gpt.model._NormLinear, "apply", lambda x, nw, nb, w, b, eps: F.linear(
-        F.layer_norm(x, (x.size(-1),), nw, nb, eps), w, b))
+    monkeypatch.setattr(
+        gpt.model._GeluProjection, "apply", lambda u, w, b: F.linear(F.gelu(u, approximate="tanh"), w, b)
+    )
+    monkeypatch.setattr(
+        gpt.model._NormLinear,
+        "apply",
+        lambda x, nw, nb, w, b, eps: F.linear(F.layer_norm(x, (x.size(-1),), nw, nb, eps), w, b),
+    )
     plain, loss = saved_activations(lambda: F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
     # Autograd's path keeps each block's two normalised inputs as well.
     assert len(plain[config.n_embd]) - len(kept[config.n_embd]) >= 2 * config.n_layer

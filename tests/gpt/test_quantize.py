@@ -1,6 +1,7 @@
 """int8 weights (gpt/quantize.py): loaded from the same model directory, every linear layer (the
 output head too) on PyTorch's int8 kernels, close to fp32; --quantize for generate and serve, the
 app's "quantize" setting; bad values are one line and load nothing."""
+
 from __future__ import annotations
 
 import json
@@ -69,7 +70,6 @@ def test_serve_with_quantize_int8_answers_over_http(tiny_model_dir):
     """kettle serve's service and server as the command builds them, on 127.0.0.1."""
     import threading
 
-
     from gpt.server import build_server, listen
     from gpt.service import InProcessService
 
@@ -98,9 +98,14 @@ def test_serve_with_quantize_int8_answers_over_http(tiny_model_dir):
         sock.close()
 
 
-@pytest.mark.parametrize("setting,quantized,problem", [
-    ("int8", True, None), (None, False, None), ("int4", False, '"quantize" must be "int8" or null'),
-])
+@pytest.mark.parametrize(
+    "setting,quantized,problem",
+    [
+        ("int8", True, None),
+        (None, False, None),
+        ("int4", False, '"quantize" must be "int8" or null'),
+    ],
+)
 async def test_the_apps_quantize_setting(app_model, setting, quantized, problem):
     from tui.app import KettleApp
 

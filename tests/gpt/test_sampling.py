@@ -5,8 +5,18 @@ import pytest
 import torch
 
 from gpt.errors import KettleError
-from gpt.sampling import (PARAMS, PRESETS, Param, Sampler, SamplingParams, apply_penalties,
-                          get_preset, min_p_filter, top_k_filter, top_p_filter)
+from gpt.sampling import (
+    PARAMS,
+    PRESETS,
+    Param,
+    Sampler,
+    SamplingParams,
+    apply_penalties,
+    get_preset,
+    min_p_filter,
+    top_k_filter,
+    top_p_filter,
+)
 
 
 def kept(logits: torch.Tensor) -> set[int]:
@@ -51,7 +61,7 @@ def test_top_p_is_minimal_and_sufficient_on_random_logits(p):
     probs = logits.softmax(-1)
     keep = kept(top_p_filter(logits, p))
     ranked = probs.argsort(descending=True).tolist()
-    assert set(ranked[:len(keep)]) == keep  # the most likely tokens, no gaps
+    assert set(ranked[: len(keep)]) == keep  # the most likely tokens, no gaps
     mass = probs[list(keep)].sum().item()
     smallest = min(probs[i].item() for i in keep)
     assert mass >= p - 1e-6
@@ -70,7 +80,7 @@ def test_min_p_drops_exactly_the_tokens_under_min_p_times_max(min_p):
 
 def test_min_p_on_crafted_probabilities():
     logits = torch.tensor([0.6, 0.25, 0.1, 0.05]).log()
-    assert kept(min_p_filter(logits, 0.2)) == {0, 1}      # 0.2 * 0.6 = 0.12
+    assert kept(min_p_filter(logits, 0.2)) == {0, 1}  # 0.2 * 0.6 = 0.12
     assert kept(min_p_filter(logits, 0.05)) == {0, 1, 2, 3}
 
 
@@ -107,16 +117,19 @@ def reference_distribution(logits, params):
     return x.softmax(-1)
 
 
-@pytest.mark.parametrize("scale, params", [
-    (3.0, SamplingParams(temperature=0.8, top_k=6)),
-    (3.0, SamplingParams(temperature=0.8, top_p=0.7)),               # nucleus inside the candidates
-    (1.2, SamplingParams(temperature=1.0, top_p=0.6)),               # candidates hold < all the mass
-    (0.3, SamplingParams(temperature=1.0, top_p=0.9)),               # flat: nucleus of > 512 tokens
-    (0.3, SamplingParams(temperature=1.0, top_p=0.9, min_p=0.9)),    # flat, min_p decides
-    (3.0, SamplingParams(temperature=1.0, top_k=50, top_p=0.8, min_p=0.1)),
-    (3.0, SamplingParams(temperature=1.3, min_p=0.2)),
-    (2.0, SamplingParams(temperature=1.0)),
-])
+@pytest.mark.parametrize(
+    "scale, params",
+    [
+        (3.0, SamplingParams(temperature=0.8, top_k=6)),
+        (3.0, SamplingParams(temperature=0.8, top_p=0.7)),  # nucleus inside the candidates
+        (1.2, SamplingParams(temperature=1.0, top_p=0.6)),  # candidates hold < all the mass
+        (0.3, SamplingParams(temperature=1.0, top_p=0.9)),  # flat: nucleus of > 512 tokens
+        (0.3, SamplingParams(temperature=1.0, top_p=0.9, min_p=0.9)),  # flat, min_p decides
+        (3.0, SamplingParams(temperature=1.0, top_k=50, top_p=0.8, min_p=0.1)),
+        (3.0, SamplingParams(temperature=1.3, min_p=0.2)),
+        (2.0, SamplingParams(temperature=1.0)),
+    ],
+)
 def test_sampler_draws_follow_the_filtered_distribution(scale, params):
     logits = torch.randn(2000, generator=torch.Generator().manual_seed(3)) * scale
     expected = reference_distribution(logits, params)
@@ -138,24 +151,27 @@ def test_greedy_is_argmax_and_penalties_change_it():
     assert [int(freq(logits)) for _ in range(3)] == [1, 2, 1]  # 3.0 -> 2.0 after one use
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("top_p", 0.0, r"top_p must be in \(0, 1\], got 0.0"),
-    ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
-    ("temperature", -0.1, r"temperature must be in \[0, 100\]"),
-    ("temperature", math.nan, "temperature must be a number"),
-    ("temperature", "hot", "temperature must be a number"),
-    ("top_k", -1, "top_k must be >= 0"),
-    ("top_k", 2.5, "top_k must be an integer"),
-    ("min_p", 1.2, r"min_p must be in \[0, 1\]"),
-    ("repetition_penalty", 0, r"repetition_penalty must be in \(0, 10\]"),
-    ("presence_penalty", 3, r"presence_penalty must be in \[-2, 2\]"),
-    ("frequency_penalty", -3, r"frequency_penalty must be in \[-2, 2\]"),
-    ("max_new_tokens", 0, "max_new_tokens must be >= 1"),
-    ("max_new_tokens", True, "max_new_tokens must be an integer"),
-    ("seed", -1, "seed must be in"),
-    ("stop", [""], "stop must be a list of non-empty strings"),
-    ("stop", ["x"] * 17, "at most 16"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("top_p", 0.0, r"top_p must be in \(0, 1\], got 0.0"),
+        ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
+        ("temperature", -0.1, r"temperature must be in \[0, 100\]"),
+        ("temperature", math.nan, "temperature must be a number"),
+        ("temperature", "hot", "temperature must be a number"),
+        ("top_k", -1, "top_k must be >= 0"),
+        ("top_k", 2.5, "top_k must be an integer"),
+        ("min_p", 1.2, r"min_p must be in \[0, 1\]"),
+        ("repetition_penalty", 0, r"repetition_penalty must be in \(0, 10\]"),
+        ("presence_penalty", 3, r"presence_penalty must be in \[-2, 2\]"),
+        ("frequency_penalty", -3, r"frequency_penalty must be in \[-2, 2\]"),
+        ("max_new_tokens", 0, "max_new_tokens must be >= 1"),
+        ("max_new_tokens", True, "max_new_tokens must be an integer"),
+        ("seed", -1, "seed must be in"),
+        ("stop", [""], "stop must be a list of non-empty strings"),
+        ("stop", ["x"] * 17, "at most 16"),
+    ],
+)
 def test_validation_names_the_field_and_range(field, value, message):
     with pytest.raises(KettleError, match=message):
         SamplingParams(**{field: value}).validate()
@@ -202,6 +218,7 @@ def test_the_nucleus_of_a_flat_vocabulary_is_exact_without_a_full_sort(kind):
 
 
 # --- the parameter table: every parameter reaches every place that offers it ------------------
+
 
 def _changed(p: Param):
     """A valid value of parameter `p` other than its default."""
@@ -258,8 +275,7 @@ def test_every_parameter_with_a_flag_is_a_generate_flag():
                 argv += ["--" + p.name.replace("_", "-"), str(one)]
     args = build_parser().parse_args(["generate", "MODEL", "PROMPT", *argv])
     flagged = {p.name for p in PARAMS if p.metavar}
-    assert sampling_params(args) == SamplingParams().replace(
-        **{name: getattr(params, name) for name in flagged})
+    assert sampling_params(args) == SamplingParams().replace(**{name: getattr(params, name) for name in flagged})
 
 
 async def test_every_parameter_with_a_label_is_in_the_sampling_panel():
@@ -277,8 +293,9 @@ async def test_every_parameter_with_a_label_is_in_the_sampling_panel():
         panel = pilot.app.query_one(SamplingPanel)
         panel.show(params, "")
         labels = {str(label.content) for label in panel.query(Label)}
-        inputs = {i.id.removeprefix("param-"): i.value for i in panel.query(Input)
-                  if i.id and i.id.startswith("param-")}
+        inputs = {
+            i.id.removeprefix("param-"): i.value for i in panel.query(Input) if i.id and i.id.startswith("param-")
+        }
     shown = [p for p in PARAMS if p.label]
     assert shown and {p.label for p in shown} <= labels
     assert inputs == {p.name: str(getattr(params, p.name)) for p in shown}

@@ -1,5 +1,6 @@
 """`kettle serve` against the official openai client, raw HTTP and RemoteService, on a real
 uvicorn server on 127.0.0.1 with a tiny real model."""
+
 from __future__ import annotations
 
 import asyncio
@@ -57,8 +58,12 @@ def server(long_context_model_dir):
 @pytest.fixture(scope="module")
 def open_server(tiny_model_dir):
     """Without a key, as `kettle serve` runs by default, with one more origin and host allowed."""
-    running = RunningServer(InProcessService(str(tiny_model_dir), catalog=StoreCatalog()), None,
-                            allow_origins=["http://localhost:3000"], allow_hosts=["kettle.lan"])
+    running = RunningServer(
+        InProcessService(str(tiny_model_dir), catalog=StoreCatalog()),
+        None,
+        allow_origins=["http://localhost:3000"],
+        allow_hosts=["kettle.lan"],
+    )
     yield running
     running.stop()
 
@@ -76,8 +81,7 @@ def http(server, method, path, **kw):
 def test_openai_client_chat_and_completions_streaming_and_not(client, long_context_model_dir):
     engine = Engine.load(long_context_model_dir)
     args = dict(temperature=0.9, top_p=0.95, seed=7, max_tokens=10)
-    expected = engine.generate_chat(CHAT, SamplingParams(temperature=0.9, top_p=0.95, seed=7,
-                                                         max_new_tokens=10))
+    expected = engine.generate_chat(CHAT, SamplingParams(temperature=0.9, top_p=0.95, seed=7, max_new_tokens=10))
 
     whole = client.chat.completions.create(model="long", messages=CHAT, **args)
     assert whole.choices[0].message.content == expected.text
@@ -85,20 +89,24 @@ def test_openai_client_chat_and_completions_streaming_and_not(client, long_conte
     assert whole.usage.prompt_tokens == expected.prompt_tokens and whole.usage.completion_tokens == 10
     assert whole.usage.total_tokens == expected.prompt_tokens + 10
 
-    chunks = list(client.chat.completions.create(messages=CHAT, stream=True, model="long",
-                                                 stream_options={"include_usage": True}, **args))
+    chunks = list(
+        client.chat.completions.create(
+            messages=CHAT, stream=True, model="long", stream_options={"include_usage": True}, **args
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == expected.text and len([c for c in chunks if c.choices]) > 3
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 10  # the include_usage chunk comes last
 
-    expected = engine.generate("Once upon a time", SamplingParams(temperature=0, max_new_tokens=8,
-                                                                  stop=["zz"]))
-    plain = client.completions.create(model="long", prompt="Once upon a time", temperature=0,
-                                      max_tokens=8, stop="zz")
+    expected = engine.generate("Once upon a time", SamplingParams(temperature=0, max_new_tokens=8, stop=["zz"]))
+    plain = client.completions.create(model="long", prompt="Once upon a time", temperature=0, max_tokens=8, stop="zz")
     assert plain.choices[0].text == expected.text and plain.usage.completion_tokens == 8
-    streamed = list(client.completions.create(model="long", prompt="Once upon a time", temperature=0,
-                                              max_tokens=8, stop=["zz"], stream=True))
+    streamed = list(
+        client.completions.create(
+            model="long", prompt="Once upon a time", temperature=0, max_tokens=8, stop=["zz"], stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in streamed) == expected.text
 
     models = client.models.list().data
@@ -106,8 +114,7 @@ def test_openai_client_chat_and_completions_streaming_and_not(client, long_conte
     assert client.models.retrieve("long").id == "long"
 
 
-def test_kettle_sampling_extensions_reach_the_engine_and_the_seed_reproduces(client,
-                                                                            long_context_model_dir):
+def test_kettle_sampling_extensions_reach_the_engine_and_the_seed_reproduces(client, long_context_model_dir):
     engine = Engine.load(long_context_model_dir)
     base = dict(temperature=1.2, seed=7)
 
@@ -115,21 +122,33 @@ def test_kettle_sampling_extensions_reach_the_engine_and_the_seed_reproduces(cli
         return engine.generate_chat(CHAT, SamplingParams(max_new_tokens=12, **base, **extra)).text
 
     def served(**extra):
-        return client.chat.completions.create(model="long", messages=CHAT, max_tokens=12, **base,
-                                              extra_body=extra).choices[0].message.content
+        return (
+            client.chat.completions.create(model="long", messages=CHAT, max_tokens=12, **base, extra_body=extra)
+            .choices[0]
+            .message.content
+        )
 
     plain = local()
     assert served() == plain
     # Each setting alone changes the seeded answer in process, and the server's answer with it is
     # the engine's with it: a server that dropped the setting would answer `plain`.
-    for extra in ({"top_k": 2}, {"min_p": 0.5}, {"repetition_penalty": 3.0},
-                  {"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.3}):
+    for extra in (
+        {"top_k": 2},
+        {"min_p": 0.5},
+        {"repetition_penalty": 3.0},
+        {"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.3},
+    ):
         expected = local(**extra)
         assert expected != plain, extra
         assert served(**extra) == expected, extra
 
-    args = dict(model="long", messages=CHAT, temperature=1.2, max_tokens=12,
-                extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.3})
+    args = dict(
+        model="long",
+        messages=CHAT,
+        temperature=1.2,
+        max_tokens=12,
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.3},
+    )
     first = client.chat.completions.create(**args)
     seed = first.model_extra["kettle"]["seed"]  # the seed a request without one got
     again = client.chat.completions.create(seed=seed, **args)
@@ -151,15 +170,24 @@ def test_api_key_is_enforced(server):
 
 
 def test_every_v1_path_asks_for_the_key_first(server):
-    for method, path in (("GET", "/v1/nothing-here"), ("GET", "/v1"), ("POST", "/v1/models/switch"),
-                         ("DELETE", "/v1/models")):
+    for method, path in (
+        ("GET", "/v1/nothing-here"),
+        ("GET", "/v1"),
+        ("POST", "/v1/models/switch"),
+        ("DELETE", "/v1/models"),
+    ):
         r = httpx.request(method, server.url + path)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (method, path)
     assert httpx.get(server.url + "/nothing-here").status_code == 404  # outside /v1: no key
     # A browser's CORS preflight carries no key: it is answered for an allowed origin.
-    r = httpx.options(server.url + "/v1/chat/completions",
-                      headers={"Origin": server.url, "Access-Control-Request-Method": "POST",
-                               "Access-Control-Request-Headers": "authorization, content-type"})
+    r = httpx.options(
+        server.url + "/v1/chat/completions",
+        headers={
+            "Origin": server.url,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
 
 
@@ -207,8 +235,9 @@ def test_web_pages_cannot_drive_a_keyless_server(open_server, tiny_gpt2_vocab_mo
     switch = url + "/v1/models/switch"
     # What a page sends without a preflight: text/plain, a form's encoding, no type at all.
     for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
-        r = httpx.post(switch, content=b'{"model": "other"}',
-                       headers={"Content-Type": content_type} if content_type else {})
+        r = httpx.post(
+            switch, content=b'{"model": "other"}', headers={"Content-Type": content_type} if content_type else {}
+        )
         assert r.status_code == 415 and "Content-Type: application/json" in r.json()["error"]["message"]
     # A page from another origin, JSON or not, and its preflight.
     r = httpx.post(switch, json={"model": "other"}, headers={"Origin": "http://evil.example"})
@@ -217,26 +246,39 @@ def test_web_pages_cannot_drive_a_keyless_server(open_server, tiny_gpt2_vocab_mo
     r = httpx.options(switch, headers={"Origin": "null", "Access-Control-Request-Method": "POST"})
     assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
     # DNS rebinding: evil.example resolves to 127.0.0.1, so to the browser it is the page's own.
-    for host in (f"evil.example:{port}", "evil.example", "127.0.0.1:1", f"localhost.evil.example:{port}",
-                 f"evil.example@127.0.0.1:{port}"):
+    for host in (
+        f"evil.example:{port}",
+        "evil.example",
+        "127.0.0.1:1",
+        f"localhost.evil.example:{port}",
+        f"evil.example@127.0.0.1:{port}",
+    ):
         r = httpx.post(switch, json={"model": "other"}, headers={"Host": host})
         assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed", host
     assert httpx.get(url + "/health", headers={"Host": f"evil.example:{port}"}).status_code == 403
     assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "tiny"  # nothing switched
 
     # This machine's names, the allowed ones and programs (no Origin, Host 127.0.0.1:PORT) pass.
-    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "kettle.lan",
-                 "KETTLE.lan:9999"):
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "kettle.lan", "KETTLE.lan:9999"):
         assert httpx.get(url + "/v1/models", headers={"Host": host}).status_code == 200, host
     for origin in (url, f"http://localhost:{port}", "http://localhost:3000"):
         r = httpx.get(url + "/v1/models", headers={"Origin": origin})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*", origin
-    r = httpx.options(url + "/v1/chat/completions",
-                      headers={"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
-                               "Access-Control-Request-Headers": "content-type"})
+    r = httpx.options(
+        url + "/v1/chat/completions",
+        headers={
+            "Origin": "http://localhost:3000",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
     assert r.status_code == 200 and "POST" in r.headers["access-control-allow-methods"]
-    r = httpx.post(url + "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2},
-                   headers={"Origin": "http://localhost:3000"}, timeout=30)  # a generation: not httpx's 5 s
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        json={"messages": CHAT, "max_tokens": 2},
+        headers={"Origin": "http://localhost:3000"},
+        timeout=30,
+    )  # a generation: not httpx's 5 s
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
     assert client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2).model == "tiny"
@@ -246,36 +288,54 @@ def test_web_pages_cannot_drive_a_keyless_server(open_server, tiny_gpt2_vocab_mo
     assert asyncio.run(remote.switch_model("tiny")).name == "tiny"
 
 
-@pytest.mark.parametrize("body, status, param, message", [
-    (b"{not json", 400, None, "not valid JSON"),
-    (b"[]", 400, None, "must be a JSON object"),
-    (b"{}", 400, "messages", "missing required argument: messages"),
-    ({"messages": "hi"}, 400, "messages", "valid list"),
-    ({"messages": CHAT, "temperature": "hot"}, 400, "temperature", "valid number"),
-    ({"messages": CHAT, "top_p": 1.5}, 400, "top_p", "top_p must be in (0, 1], got 1.5"),
-    ({"messages": CHAT, "max_tokens": 0}, 400, "max_tokens", "max_tokens must be >= 1"),
-    ({"messages": CHAT, "temperature": -1}, 400, "temperature", "temperature must be in"),
-    ({"messages": CHAT, "seed": -5}, 400, "seed", "seed must be in"),
-    ({"messages": CHAT, "stop": 5}, 400, "stop", "string or a valid list"),
-    ({"messages": CHAT, "n": 0}, 400, "n", "n must be in [1, 128], got 0"),
-    ({"messages": CHAT, "temperature": 2.5}, 400, "temperature", "temperature must be in [0, 2]"),
-    ({"messages": CHAT, "top_logprobs": 3}, 400, "top_logprobs", "needs logprobs: true"),
-    ({"messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs",
-     "top_logprobs must be in [0, 20]"),
-    ({"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
-    ({"messages": CHAT, "temprature": 0.5}, 400, "temprature", "unrecognized request argument"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role", "system, user or assistant"),
-    ({"messages": [{"role": "user", "content": 3}]}, 400, "messages[0].content", "valid string"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}, 400,
-     "messages[1].role", "may only come first"),
-    ({"messages": CHAT, "model": "gpt-4"}, 404, "model", "not being served"),
-    pytest.param(b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None,
-                 "nested too deeply", id="deeply-nested"),
-])
-def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, body, status, param,
-                                                                     message):
-    kw = {"content": body, "headers": {"Content-Type": "application/json"}} \
-        if isinstance(body, bytes) else {"json": body}
+@pytest.mark.parametrize(
+    "body, status, param, message",
+    [
+        (b"{not json", 400, None, "not valid JSON"),
+        (b"[]", 400, None, "must be a JSON object"),
+        (b"{}", 400, "messages", "missing required argument: messages"),
+        ({"messages": "hi"}, 400, "messages", "valid list"),
+        ({"messages": CHAT, "temperature": "hot"}, 400, "temperature", "valid number"),
+        ({"messages": CHAT, "top_p": 1.5}, 400, "top_p", "top_p must be in (0, 1], got 1.5"),
+        ({"messages": CHAT, "max_tokens": 0}, 400, "max_tokens", "max_tokens must be >= 1"),
+        ({"messages": CHAT, "temperature": -1}, 400, "temperature", "temperature must be in"),
+        ({"messages": CHAT, "seed": -5}, 400, "seed", "seed must be in"),
+        ({"messages": CHAT, "stop": 5}, 400, "stop", "string or a valid list"),
+        ({"messages": CHAT, "n": 0}, 400, "n", "n must be in [1, 128], got 0"),
+        ({"messages": CHAT, "temperature": 2.5}, 400, "temperature", "temperature must be in [0, 2]"),
+        ({"messages": CHAT, "top_logprobs": 3}, 400, "top_logprobs", "needs logprobs: true"),
+        (
+            {"messages": CHAT, "logprobs": True, "top_logprobs": 21},
+            400,
+            "top_logprobs",
+            "top_logprobs must be in [0, 20]",
+        ),
+        ({"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
+        ({"messages": CHAT, "temprature": 0.5}, 400, "temprature", "unrecognized request argument"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role", "system, user or assistant"),
+        ({"messages": [{"role": "user", "content": 3}]}, 400, "messages[0].content", "valid string"),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]},
+            400,
+            "messages[1].role",
+            "may only come first",
+        ),
+        ({"messages": CHAT, "model": "gpt-4"}, 404, "model", "not being served"),
+        pytest.param(
+            b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            400,
+            None,
+            "nested too deeply",
+            id="deeply-nested",
+        ),
+    ],
+)
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, body, status, param, message):
+    kw = (
+        {"content": body, "headers": {"Content-Type": "application/json"}}
+        if isinstance(body, bytes)
+        else {"json": body}
+    )
     for stream in (False, True):
         if stream and not isinstance(body, bytes):
             kw = {"json": {**body, "stream": True}}
@@ -293,8 +353,7 @@ def test_other_bad_requests(server, client):
     assert http(server, "GET", "/v1/nothing-here").json()["error"]["message"].startswith("no such endpoint")
     r = http(server, "POST", "/v1/completions", json={"prompt": []})
     assert r.status_code == 400 and "at least one prompt" in r.json()["error"]["message"]
-    r = http(server, "POST", "/v1/completions", content=b" " * (9 << 20),
-             headers={"Content-Type": "application/json"})
+    r = http(server, "POST", "/v1/completions", content=b" " * (9 << 20), headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and "over 8 MiB" in r.json()["error"]["message"]
     r = http(server, "POST", "/v1/completions", json={"prompt": "a", "logprobs": 6})
     assert r.status_code == 400 and "logprobs must be in [0, 5]" in r.json()["error"]["message"]
@@ -313,8 +372,9 @@ def test_other_bad_requests(server, client):
 def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server, caplog):
     caplog.set_level(logging.INFO, logger="kettle.server")
     body = {"messages": CHAT, "temperature": 0, "max_tokens": 1500, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json=body, timeout=30, headers={"Authorization": f"Bearer {KEY}"}
+    ) as r:
         data = []
         for line in r.iter_lines():
             if line.startswith("data:"):
@@ -333,8 +393,9 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server, cap
     # Without streaming too: a client that gives up waiting cancels its generation.
     caplog.clear()
     with pytest.raises(httpx.ReadTimeout):
-        http(server, "POST", "/v1/completions", json={"prompt": "Hi", "max_tokens": 1500,
-                                                      "temperature": 0}, timeout=0.5)
+        http(
+            server, "POST", "/v1/completions", json={"prompt": "Hi", "max_tokens": 1500, "temperature": 0}, timeout=0.5
+        )
     deadline = time.monotonic() + 15
     while not any("finish cancelled" in r.getMessage() for r in caplog.records):
         assert time.monotonic() < deadline, "the generation was not cancelled"
@@ -372,8 +433,9 @@ def test_switching_the_served_model_without_restart(server, client, tiny_gpt2_vo
     assert client.chat.completions.create(messages=CHAT, max_tokens=2, model="long").model == "long"
 
 
-def test_model_names_never_resolve_to_the_working_directory(server, client, tiny_gpt2_vocab_model_dir,
-                                                            tmp_path, monkeypatch):
+def test_model_names_never_resolve_to_the_working_directory(
+    server, client, tiny_gpt2_vocab_model_dir, tmp_path, monkeypatch
+):
     from data.paths import models_dir
     from data.registry import resolve_model_dir
 
@@ -469,20 +531,32 @@ def test_kettle_serve_command(tiny_model_dir, kettle_home, capsys):
         taken.close()
 
     assert main(["serve", str(tiny_model_dir), "--allow-origin", "localhost:3000"]) == 1
-    assert "--allow-origin: 'localhost:3000' is not an origin like http://localhost:3000" in \
-        capsys.readouterr().err
+    assert "--allow-origin: 'localhost:3000' is not an origin like http://localhost:3000" in capsys.readouterr().err
     config = kettle_home / "config.json"
     config.write_text('{"serve": {"allow_hosts": "kettle.lan"}}')
     assert main(["serve", str(tiny_model_dir)]) == 1
-    assert capsys.readouterr().err == \
-        f'kettle: error: {config}: "serve" "allow_hosts" must be a list of strings\n'
+    assert capsys.readouterr().err == f'kettle: error: {config}: "serve" "allow_hosts" must be a list of strings\n'
 
     config.write_text('{"serve": {"allow_hosts": ["kettle.lan"]}}')
     env = {**os.environ, "KETTLE_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tui.cli", "serve", str(tiny_model_dir), "--port", "0",
-                             "--allow-origin", "http://localhost:3000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tui.cli",
+            "serve",
+            str(tiny_model_dir),
+            "--port",
+            "0",
+            "--allow-origin",
+            "http://localhost:3000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
     try:
         first = proc.stdout.readline()
         assert first.startswith("kettle: serving tiny at http://127.0.0.1:"), first + proc.stderr.read()
@@ -491,8 +565,12 @@ def test_kettle_serve_command(tiny_model_dir, kettle_home, capsys):
         client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
         assert client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3).usage.completion_tokens <= 3
         key = {"Authorization": f"Bearer {KEY}"}
-        for headers, status in (({"Host": "kettle.lan"}, 200), ({"Origin": "http://localhost:3000"}, 200),
-                                ({"Host": "evil.example"}, 403), ({"Origin": "http://evil.example"}, 403)):
+        for headers, status in (
+            ({"Host": "kettle.lan"}, 200),
+            ({"Origin": "http://localhost:3000"}, 200),
+            ({"Host": "evil.example"}, 403),
+            ({"Origin": "http://evil.example"}, 403),
+        ):
             assert httpx.get(url + "/models", headers={**key, **headers}).status_code == status, headers
     finally:
         proc.terminate()
@@ -503,15 +581,13 @@ def test_completions_score_prompts_as_evaluation_harnesses_ask(server, long_cont
     engine = Engine.load(long_context_model_dir)
     prompts = [engine.tokenizer.encode("I had always thought"), engine.tokenizer.encode("She said")]
     # lm-evaluation-harness's loglikelihood request: a batch of token-id prompts, echoed, scored.
-    body = {"prompt": prompts, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
-            "echo": True}
+    body = {"prompt": prompts, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}
     r = http(server, "POST", "/v1/completions", json=body)
     assert r.status_code == 200, r.text
     choices = r.json()["choices"]
     assert [c["index"] for c in choices] == [0, 1]
     for prompt, choice in zip(prompts, choices):
-        expected = engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=1),
-                                   logprobs=1, echo=True)
+        expected = engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=1), logprobs=1, echo=True)
         lp = choice["logprobs"]
         assert choice["text"] == engine.tokenizer.decode(prompt) + expected.text
         assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
@@ -521,11 +597,9 @@ def test_completions_score_prompts_as_evaluation_harnesses_ask(server, long_cont
         for top, token, value in zip(lp["top_logprobs"][1:], lp["tokens"][1:], lp["token_logprobs"][1:]):
             assert top[token] == value and 1 <= len(top) <= 2  # the top one and the chosen one
     # A list of texts: one choice per prompt, in order; a plain answer carries no logprobs.
-    r = http(server, "POST", "/v1/completions", json={"prompt": ["I had", "She"], "max_tokens": 3,
-                                                      "temperature": 0})
+    r = http(server, "POST", "/v1/completions", json={"prompt": ["I had", "She"], "max_tokens": 3, "temperature": 0})
     texts = [c["text"] for c in r.json()["choices"]]
-    assert texts == [engine.generate(p, SamplingParams(temperature=0, max_new_tokens=3)).text
-                     for p in ("I had", "She")]
+    assert texts == [engine.generate(p, SamplingParams(temperature=0, max_new_tokens=3)).text for p in ("I had", "She")]
     assert r.json()["choices"][0]["logprobs"] is None
     assert r.json()["usage"]["completion_tokens"] == 6
 
@@ -533,35 +607,54 @@ def test_completions_score_prompts_as_evaluation_harnesses_ask(server, long_cont
 def test_n_choices_and_chat_logprobs(server, client, long_context_model_dir):
     engine = Engine.load(long_context_model_dir)
     params = dict(temperature=1.0, top_k=30, max_new_tokens=6)
-    answer = client.chat.completions.create(model="long", messages=CHAT, n=3, seed=11, max_tokens=6,
-                                            temperature=1.0, logprobs=True, top_logprobs=2,
-                                            extra_body={"top_k": 30})
+    answer = client.chat.completions.create(
+        model="long",
+        messages=CHAT,
+        n=3,
+        seed=11,
+        max_tokens=6,
+        temperature=1.0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"top_k": 30},
+    )
     assert [c.index for c in answer.choices] == [0, 1, 2]
     for j, choice in enumerate(answer.choices):  # choice j: seed + j, the same as asked alone
         alone = engine.generate_chat(CHAT, SamplingParams(seed=11 + j, **params), logprobs=2)
         assert choice.message.content == alone.text
         assert [t.logprob for t in choice.logprobs.content] == pytest.approx(
-            [e.logprob for e in alone.logprobs], abs=1e-5)
+            [e.logprob for e in alone.logprobs], abs=1e-5
+        )
         assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
     assert len({c.message.content for c in answer.choices}) > 1
     assert answer.usage.prompt_tokens == alone.prompt_tokens  # the prompt once, not per choice
     assert answer.model_extra["kettle"]["seed"] == 11
     # Streamed: each choice's chunks carry its index; its logprobs come with its last chunk.
-    chunks = list(client.chat.completions.create(model="long", messages=CHAT, n=2, seed=11, stream=True,
-                                                 max_tokens=6, temperature=1.0, logprobs=True,
-                                                 extra_body={"top_k": 30}))
+    chunks = list(
+        client.chat.completions.create(
+            model="long",
+            messages=CHAT,
+            n=2,
+            seed=11,
+            stream=True,
+            max_tokens=6,
+            temperature=1.0,
+            logprobs=True,
+            extra_body={"top_k": 30},
+        )
+    )
     for j in (0, 1):
         mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == j]
         assert "".join(c.delta.content or "" for c in mine) == answer.choices[j].message.content
-        assert [t.token for t in mine[-1].logprobs.content] == \
-            [t.token for t in answer.choices[j].logprobs.content]
+        assert [t.token for t in mine[-1].logprobs.content] == [t.token for t in answer.choices[j].logprobs.content]
 
 
 def test_a_prompt_too_long_is_a_400_unless_the_client_asks_to_truncate(server, client):
     long_chat = [{"role": "user", "content": "word " * 3000}]
     for stream in (False, True):
-        r = http(server, "POST", "/v1/chat/completions",
-                 json={"messages": long_chat, "max_tokens": 10, "stream": stream})
+        r = http(
+            server, "POST", "/v1/chat/completions", json={"messages": long_chat, "max_tokens": 10, "stream": stream}
+        )
         assert r.status_code == 400, r.text
         error = r.json()["error"]
         assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
@@ -569,36 +662,55 @@ def test_a_prompt_too_long_is_a_400_unless_the_client_asks_to_truncate(server, c
     with pytest.raises(openai.BadRequestError, match="holds at most 2047") as caught:
         client.completions.create(model="long", prompt=[5] * 2048, max_tokens=1)
     assert caught.value.code == "context_length_exceeded"
-    r = http(server, "POST", "/v1/chat/completions",
-             json={"messages": long_chat, "max_tokens": 2, "truncate": True})
+    r = http(server, "POST", "/v1/chat/completions", json={"messages": long_chat, "max_tokens": 2, "truncate": True})
     assert r.status_code == 200 and r.json()["kettle"]["dropped_tokens"] > 0
 
 
 # Request bodies as these clients send them (recorded from their HTTP traffic), replayed.
 OTERM_BODY = {  # oterm 0.x through pydantic-ai's OpenAIChatModel, an "openai-compat" provider
-    "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                 {"role": "user", "content": "Hello"}],
-    "model": "tiny", "stream": True, "stream_options": {"include_usage": True},
-    "temperature": 0.7, "top_p": 0.9, "chat_template_kwargs": {"enable_thinking": False},
+    "messages": [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hello"}],
+    "model": "tiny",
+    "stream": True,
+    "stream_options": {"include_usage": True},
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "chat_template_kwargs": {"enable_thinking": False},
     "parallel_tool_calls": False,
 }
 LLM_CHAT_BODY = {  # `llm -m kettle "Hello"` (extra-openai-models.yaml, api_base to the server)
-    "model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "stream": True,
+    "model": "tiny",
+    "messages": [{"role": "user", "content": "Hello"}],
+    "stream": True,
     "stream_options": {"include_usage": True},
 }
 LLM_COMPLETION_BODY = {  # a completion model of llm's (completion: true), with -o logprobs 2
-    "model": "tiny", "prompt": "Hello", "stream": True, "logprobs": 2,
+    "model": "tiny",
+    "prompt": "Hello",
+    "stream": True,
+    "logprobs": 2,
     "stream_options": {"include_usage": True},
 }
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/v1/chat/completions", OTERM_BODY),
-    ("/v1/chat/completions", LLM_CHAT_BODY),
-    ("/v1/completions", LLM_COMPLETION_BODY),
-    ("/v1/chat/completions", {"messages": CHAT, "user": "u-1", "store": False,
-                              "metadata": {"app": "x"}, "service_tier": "auto", "max_tokens": 2}),
-])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/chat/completions", OTERM_BODY),
+        ("/v1/chat/completions", LLM_CHAT_BODY),
+        ("/v1/completions", LLM_COMPLETION_BODY),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": CHAT,
+                "user": "u-1",
+                "store": False,
+                "metadata": {"app": "x"},
+                "service_tier": "auto",
+                "max_tokens": 2,
+            },
+        ),
+    ],
+)
 def test_recorded_client_requests_are_answered(open_server, path, body):
     r = httpx.post(open_server.url + path, json=body, timeout=30)
     assert r.status_code == 200, r.text

@@ -1,4 +1,5 @@
 """InProcessService from an asyncio loop: streaming, queueing beyond the batch, cancel, models."""
+
 from __future__ import annotations
 
 import asyncio
@@ -112,8 +113,7 @@ async def test_leaving_the_loop_early_cancels(service):
     assert calls[0] - before <= 1 + 2  # at most one stray step of the old request, plus the new
 
 
-async def test_requests_beyond_the_batch_wait_in_order_and_queued_ones_can_be_cancelled(
-        long_context_model_dir):
+async def test_requests_beyond_the_batch_wait_in_order_and_queued_ones_can_be_cancelled(long_context_model_dir):
     service = InProcessService(str(long_context_model_dir), max_batch=1)  # room for one row
     try:
         await _wait_in_order(service)
@@ -163,7 +163,8 @@ def test_bad_model_names_fail_where_given(catalog):
 
 
 async def test_follows_the_store_lists_models_and_switches_without_restart(
-        tiny_model_dir, tiny_gpt2_vocab_model_dir, tmp_path):
+    tiny_model_dir, tiny_gpt2_vocab_model_dir, tmp_path
+):
     from data.paths import models_dir
     from data.store import open_store
 
@@ -216,7 +217,8 @@ def two_threads(monkeypatch):
 
 
 async def test_generation_uses_one_cpu_thread_while_a_training_job_runs(
-        long_context_model_dir, two_threads, monkeypatch):
+    long_context_model_dir, two_threads, monkeypatch
+):
     """A fine-tuning job takes every core; decoding beside it on several threads waits on parked
     threads, so the service decodes on one until the job's process is gone. The store's catalog
     asks through one store it keeps open, never opening one per request."""
@@ -224,8 +226,7 @@ async def test_generation_uses_one_cpu_thread_while_a_training_job_runs(
     from data.store import open_store
 
     opened = []
-    monkeypatch.setattr(data.registry, "open_store",
-                        lambda *args, **kw: opened.append(args) or open_store(*args, **kw))
+    monkeypatch.setattr(data.registry, "open_store", lambda *args, **kw: opened.append(args) or open_store(*args, **kw))
     service = InProcessService(str(long_context_model_dir), catalog=StoreCatalog())
     params = SamplingParams(temperature=0, max_new_tokens=3)
     before = torch.get_num_threads()

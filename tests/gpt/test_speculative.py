@@ -55,8 +55,7 @@ def test_lookup_drafts_what_followed_the_longest_latest_match():
     assert lookup.propose(8) == ([], None)  # (4, 6) never seen: no draft, a plain step
 
 
-@pytest.mark.parametrize("changes", [{}, {"repetition_penalty": 1.3, "frequency_penalty": 0.5},
-                                     {"stop": ["e"]}])
+@pytest.mark.parametrize("changes", [{}, {"repetition_penalty": 1.3, "frequency_penalty": 0.5}, {"stop": ["e"]}])
 def test_greedy_tokens_identical_to_plain_decoding(engine, verdict_text, changes):
     text = verdict_text[:300]
     prompt = engine.tokenizer.encode(text + "\n" + text[:60])  # an answer that copies the prompt
@@ -102,7 +101,7 @@ def exact_distribution(engine, prompt, params, n):
         for _ in range(n):
             nxt = {}
             for seq, p in probs.items():
-                logits = engine.model(torch.tensor([prompt + list(seq)]))[0, -1, :engine.tokenizer.n_vocab]
+                logits = engine.model(torch.tensor([prompt + list(seq)]))[0, -1, : engine.tokenizer.n_vocab]
                 dist = Sampler(params, logits.numel(), "cpu", [], 0).distribution(logits)
                 for t in torch.nonzero(dist).flatten().tolist():
                     nxt[seq + (t,)] = p * float(dist[t])
@@ -153,8 +152,10 @@ def test_sampled_tokens_follow_the_plain_distribution(trained_tokenizer, drafter
     expected.append(runs - sum(expected))
     assert chisquare(observed, expected).pvalue > 1e-3
     # Sampled output is reproducible from its seed, as without speculation.
-    assert engine.generate(prompt, params.replace(seed=5)).token_ids == \
+    assert (
         engine.generate(prompt, params.replace(seed=5)).token_ids
+        == engine.generate(prompt, params.replace(seed=5)).token_ids
+    )
 
 
 class _Scripted:
@@ -175,7 +176,7 @@ class _Scripted:
     def propose(self, k):
         self.asked.append(k)
         at = len(self.history) - self.prompt_len
-        nxt = self.truth[at:at + min(k, 4)]
+        nxt = self.truth[at : at + min(k, 4)]
         return ([t if self.right else (t + 1) % self.n_vocab for t in nxt], None)
 
 

@@ -1,4 +1,5 @@
 """Thread counts fitted to the machine: the cores this process may use, less what others keep busy."""
+
 from __future__ import annotations
 
 import os
@@ -14,13 +15,13 @@ from gpt import threads
 def test_threads_leave_out_the_cores_others_keep_busy(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert threads.threads_for(2, 0.0) == 2
-    assert threads.threads_for(2, 0.2) == 2          # a browser idling does not take a core
-    assert threads.threads_for(2, 0.9) == 1          # one busy loop does
-    assert threads.threads_for(2, 3.0) == 1          # never fewer than one
-    assert threads.threads_for(1, 0.0) == 1          # never more than the affinity allows
-    assert threads.threads_for(2, None) == 2         # no /proc/stat: every usable core
+    assert threads.threads_for(2, 0.2) == 2  # a browser idling does not take a core
+    assert threads.threads_for(2, 0.9) == 1  # one busy loop does
+    assert threads.threads_for(2, 3.0) == 1  # never fewer than one
+    assert threads.threads_for(1, 0.0) == 1  # never more than the affinity allows
+    assert threads.threads_for(2, None) == 2  # no /proc/stat: every usable core
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    assert threads.threads_for(2, 5.0) == 2          # others busy on cores this process cannot use
+    assert threads.threads_for(2, 5.0) == 2  # others busy on cores this process cannot use
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat")

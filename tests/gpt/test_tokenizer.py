@@ -49,11 +49,17 @@ def test_trained_tokenizer_is_stored_beside_the_model(tmp_path, trained_tokenize
 
 def test_missing_gpt2_files_give_one_clear_sentence(tmp_path):
     # An empty cache and no network: tiktoken would raise a connection error deep inside requests.
-    code = ("from gpt.tokenizer import gpt2_tokenizer\n"
-            "from gpt.errors import KettleError\n"
-            "try:\n    gpt2_tokenizer()\nexcept KettleError as e:\n    print(e)\n")
-    env = {"TIKTOKEN_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin",
-           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    code = (
+        "from gpt.tokenizer import gpt2_tokenizer\n"
+        "from gpt.errors import KettleError\n"
+        "try:\n    gpt2_tokenizer()\nexcept KettleError as e:\n    print(e)\n"
+    )
+    env = {
+        "TIKTOKEN_CACHE_DIR": str(tmp_path),
+        "PATH": "/usr/bin:/bin",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+    }
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "TIKTOKEN_CACHE_DIR" in out.stdout and "Traceback" not in out.stdout + out.stderr
     assert len(out.stdout.strip().splitlines()) == 1

@@ -12,6 +12,7 @@ file, or be one where a file should be, holds a .gitkeep, since git keeps no emp
 Two import files are made at test time instead (HUGE): one line, one list entry over the 16 MiB
 a record may take, too big to keep in the repository.
 """
+
 from __future__ import annotations
 
 import base64
@@ -30,6 +31,7 @@ KEEP = ".gitkeep"
 
 # --- dataset files for `kettle data import` -----------------------------------------------------
 
+
 def _jsonl(*records) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
 
@@ -37,8 +39,11 @@ def _jsonl(*records) -> bytes:
 CHAT = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
 ALPACA = {"instruction": "Say hi.", "input": "", "output": "Hi."}
 SHAREGPT = {"id": "a", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}
-DPO = {"prompt": [{"role": "user", "content": "Hi?"}], "chosen": [{"role": "assistant", "content": "Hello."}],
-       "rejected": [{"role": "assistant", "content": "Go away."}]}
+DPO = {
+    "prompt": [{"role": "user", "content": "Hi?"}],
+    "chosen": [{"role": "assistant", "content": "Hello."}],
+    "rejected": [{"role": "assistant", "content": "Go away."}],
+}
 
 
 def _chat(**message) -> dict:
@@ -55,10 +60,16 @@ def import_files() -> list[tuple[str, bytes, str]]:
         ("bom-only.jsonl", codecs.BOM_UTF8, "no records to import"),
         ("utf16-bom.jsonl", json.dumps(CHAT).encode("utf-16"), "line 1: not valid UTF-8"),
         ("utf16le-list.json", json.dumps([ALPACA]).encode("utf-16-le"), "line 1: invalid JSON"),
-        ("latin1.jsonl", json.dumps({"instruction": "Café?", "output": "Oui."},
-                                    ensure_ascii=False).encode("latin-1"), "line 1: not valid UTF-8"),
-        ("latin1-line-3.jsonl", _jsonl(CHAT, CHAT) + '{"instruction": "Ça?", "output": "x"}\n'.encode("latin-1"),
-         "line 3: not valid UTF-8"),
+        (
+            "latin1.jsonl",
+            json.dumps({"instruction": "Café?", "output": "Oui."}, ensure_ascii=False).encode("latin-1"),
+            "line 1: not valid UTF-8",
+        ),
+        (
+            "latin1-line-3.jsonl",
+            _jsonl(CHAT, CHAT) + '{"instruction": "Ça?", "output": "x"}\n'.encode("latin-1"),
+            "line 3: not valid UTF-8",
+        ),
         ("png.jsonl", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01", "not valid UTF-8"),
         ("nul-bytes.jsonl", b"\x00\x00\x00\x00\n", "line 1: invalid JSON"),
         ("gzipped.jsonl", gzip.compress(_jsonl(CHAT), mtime=0), "line 1: not valid UTF-8"),
@@ -68,8 +79,11 @@ def import_files() -> list[tuple[str, bytes, str]]:
         ("truncated.jsonl", b'{"messages": [{"role": "user"', "line 1: invalid JSON"),
         ("truncated-list.json", json.dumps([ALPACA, ALPACA]).encode()[:-20], "line 1: invalid JSON"),
         ("trailing-garbage.json", json.dumps([ALPACA]).encode() + b"\nxyz\n", "line 2: invalid JSON: extra data"),
-        ("missing-comma.json", b'[\n{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n]',
-         "line 3: invalid JSON"),
+        (
+            "missing-comma.json",
+            b'[\n{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n]',
+            "line 3: invalid JSON",
+        ),
         ("bad-second-line.jsonl", _jsonl(CHAT) + b"{nope}\n", "line 2: invalid JSON"),
         ("bom-on-line-2.jsonl", _jsonl(CHAT) + codecs.BOM_UTF8 + _jsonl(CHAT), "line 2: invalid JSON"),
         ("string.jsonl", b'"hello"\n', "line 1: cannot tell the format"),
@@ -79,36 +93,67 @@ def import_files() -> list[tuple[str, bytes, str]]:
         ("unknown-fields.jsonl", _jsonl({"question": "a", "answer": "b"}), "line 1: cannot tell the format"),
         ("openai-content-number.jsonl", _jsonl(_chat(content=3)), "must be a string, got a number"),
         ("openai-role-robot.jsonl", _jsonl(_chat(role="robot")), "role 'robot' is not supported"),
-        ("openai-no-assistant.jsonl", _jsonl({"messages": [{"role": "user", "content": "Hi?"}]}),
-         "no assistant message"),
+        (
+            "openai-no-assistant.jsonl",
+            _jsonl({"messages": [{"role": "user", "content": "Hi?"}]}),
+            "no assistant message",
+        ),
         ("openai-messages-string.jsonl", _jsonl({"messages": "Hi?"}), "'messages' must be a list"),
         ("openai-message-list.jsonl", _jsonl({"messages": [["user", "Hi?"]]}), "must be a JSON object"),
         ("openai-weight-2.jsonl", _jsonl(_chat(weight=2)), "weight must be 0 or 1"),
-        ("openai-weight-nan.jsonl", b'{"messages": [{"role": "user", "content": "Hi?"}, '
-                                    b'{"role": "assistant", "content": "x", "weight": NaN}]}\n',
-         "weight must be 0 or 1"),
+        (
+            "openai-weight-nan.jsonl",
+            b'{"messages": [{"role": "user", "content": "Hi?"}, '
+            b'{"role": "assistant", "content": "x", "weight": NaN}]}\n',
+            "weight must be 0 or 1",
+        ),
         ("openai-record-2-list.jsonl", _jsonl(CHAT, [CHAT]), "line 2: a record must be a JSON object"),
-        ("alpaca-output-missing.json", json.dumps([ALPACA, {"instruction": "x"}], indent=1).encode(),
-         "line 7: missing field 'output'"),
-        ("alpaca-input-null.json", json.dumps([ALPACA | {"input": None}]).encode(), "'input' must be a string, got null"),
-        ("alpaca-instruction-list.json", json.dumps([ALPACA | {"instruction": ["a"]}]).encode(),
-         "'instruction' must be a string, got a list"),
-        ("sharegpt-from-robot.json", json.dumps([{"conversations": [{"from": "robot", "value": "x"}]}]).encode(),
-         "'from' must be system, human or gpt"),
-        ("sharegpt-conversations-string.json", json.dumps([{"conversations": "hi"}]).encode(),
-         "'conversations' must be a list"),
+        (
+            "alpaca-output-missing.json",
+            json.dumps([ALPACA, {"instruction": "x"}], indent=1).encode(),
+            "line 7: missing field 'output'",
+        ),
+        (
+            "alpaca-input-null.json",
+            json.dumps([ALPACA | {"input": None}]).encode(),
+            "'input' must be a string, got null",
+        ),
+        (
+            "alpaca-instruction-list.json",
+            json.dumps([ALPACA | {"instruction": ["a"]}]).encode(),
+            "'instruction' must be a string, got a list",
+        ),
+        (
+            "sharegpt-from-robot.json",
+            json.dumps([{"conversations": [{"from": "robot", "value": "x"}]}]).encode(),
+            "'from' must be system, human or gpt",
+        ),
+        (
+            "sharegpt-conversations-string.json",
+            json.dumps([{"conversations": "hi"}]).encode(),
+            "'conversations' must be a list",
+        ),
         ("sharegpt-id-number.json", json.dumps([SHAREGPT | {"id": 7}]).encode(), "'id' must be a string"),
         ("sharegpt-value-missing.jsonl", _jsonl({"conversations": [{"from": "human"}]}), "missing field"),
         ("dpo-chosen-two.jsonl", _jsonl(DPO | {"chosen": DPO["chosen"] * 2}), "exactly one assistant message"),
-        ("dpo-rejected-user.jsonl", _jsonl(DPO | {"rejected": [{"role": "user", "content": "x"}]}),
-         "exactly one assistant message"),
-        ("dpo-openai-input-string.jsonl", _jsonl({"input": "x", "preferred_output": [],
-                                                  "non_preferred_output": []}), "field 'input' must be a JSON object"),
+        (
+            "dpo-rejected-user.jsonl",
+            _jsonl(DPO | {"rejected": [{"role": "user", "content": "x"}]}),
+            "exactly one assistant message",
+        ),
+        (
+            "dpo-openai-input-string.jsonl",
+            _jsonl({"input": "x", "preferred_output": [], "non_preferred_output": []}),
+            "field 'input' must be a JSON object",
+        ),
         ("surrogate-openai.jsonl", lone.encode(), "line 1: field messages[0].'content' holds a lone surrogate"),
         ("surrogate-low-alpaca.json", b'[{"instruction": "a", "output": "\\udfff"}]', "lone surrogate"),
         ("surrogate-sharegpt-id.json", b'[{"id": "\\udbff", "conversations": []}]', "'id' holds a lone surrogate"),
-        ("surrogate-dpo-prompt.jsonl", b'{"prompt": "\\ud800", "chosen": "a", "rejected": "b"}\n',
-         "'prompt' holds a lone surrogate"),
+        (
+            "surrogate-dpo-prompt.jsonl",
+            b'{"prompt": "\\ud800", "chosen": "a", "rejected": "b"}\n',
+            "'prompt' holds a lone surrogate",
+        ),
         ("surrogate-line-5.jsonl", _jsonl(CHAT, CHAT, CHAT, CHAT) + lone.encode(), "line 5: field"),
         ("surrogate-pair-split.jsonl", b'{"instruction": "\\ud83d", "output": "\\ude00 split"}\n', "lone surrogate"),
         ("deep-nesting.jsonl", (deep + "\n").encode(), "line 1: JSON nested too deeply"),
@@ -119,23 +164,28 @@ def import_files() -> list[tuple[str, bytes, str]]:
 
 
 HUGE = {  # made at test time: over MAX_LINE_BYTES, too big to keep
-    "huge-line.jsonl": ("longer than 16 MiB",
-                        lambda size: b'{"instruction": "' + b"a" * size + b'", "output": "b"}\n'),
-    "huge-entry.json": ("one entry is longer than 16 MiB",
-                        lambda size: b'[{"instruction": "' + b"a" * size + b'", "output": "b"}]'),
+    "huge-line.jsonl": ("longer than 16 MiB", lambda size: b'{"instruction": "' + b"a" * size + b'", "output": "b"}\n'),
+    "huge-entry.json": (
+        "one entry is longer than 16 MiB",
+        lambda size: b'[{"instruction": "' + b"a" * size + b'", "output": "b"}]',
+    ),
 }
 
 
 # --- model directories for every importer ------------------------------------------------------
+
 
 def _tokenizer_json(**changes) -> bytes:
     """A byte-level tokenizer as Tokenizer.save writes one (its 256 bytes, the special tokens),
     with sorted keys so that the corpus is the same on every run."""
     from gpt.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
 
-    data = {"name": "bad-inputs", "pattern": SPLIT_PATTERN,
-            "special_tokens": {t: 256 + i for i, t in enumerate(SPECIAL_TOKENS)},
-            "merges": [base64.b64encode(bytes([b])).decode("ascii") for b in range(256)]}
+    data = {
+        "name": "bad-inputs",
+        "pattern": SPLIT_PATTERN,
+        "special_tokens": {t: 256 + i for i, t in enumerate(SPECIAL_TOKENS)},
+        "merges": [base64.b64encode(bytes([b])).decode("ascii") for b in range(256)],
+    }
     data.update(changes)
     return json.dumps(data, sort_keys=True).encode("utf-8")
 
@@ -152,17 +202,19 @@ def _state(config):
 
     from gpt.checkpoint import expected_tensors
 
-    return {name: ((torch.arange(torch.Size(shape).numel()) % 17 - 8) / 64).reshape(shape)
-            for name, shape in expected_tensors(config).items()}
+    return {
+        name: ((torch.arange(torch.Size(shape).numel()) % 17 - 8) / 64).reshape(shape)
+        for name, shape in expected_tensors(config).items()
+    }
 
 
 def _with_header(weights: bytes, change) -> bytes:
     """`weights` with its safetensors header changed by `change(header)`, the data as it was."""
     n = struct.unpack("<Q", weights[:8])[0]
-    header = json.loads(weights[8:8 + n])
+    header = json.loads(weights[8 : 8 + n])
     change(header)
     raw = json.dumps(header).encode()
-    return struct.pack("<Q", len(raw)) + raw + weights[8 + n:]
+    return struct.pack("<Q", len(raw)) + raw + weights[8 + n :]
 
 
 def _bases(work: Path) -> tuple[dict[str, bytes], dict[str, bytes], object]:
@@ -260,85 +312,169 @@ def model_dirs() -> list[tuple[str, dict[str, bytes] | bytes, str]]:
         ("n-embd-not-divisible", k(conf=config_with(n_head=3)), "must be divisible by n_head"),
         ("dropout-1.5", k(conf=config_with(dropout=1.5)), "dropout must be in [0, 1)"),
         ("dropout-string", k(conf=config_with(dropout="0.1")), "dropout must be in [0, 1)"),
-        ("n-layer-200000", k(conf=config_with(n_layer=200_000)),
-         "holds 2 transformer blocks, config.json says n_layer 200000"),
+        (
+            "n-layer-200000",
+            k(conf=config_with(n_layer=200_000)),
+            "holds 2 transformer blocks, config.json says n_layer 200000",
+        ),
         ("vocab-size-10-to-12", k(conf=config_with(vocab_size=10**12)), "tensor wte.weight has shape"),
         ("config-a-directory", {"config.json/" + KEEP: b"", "model.safetensors": weights}, "config.json: cannot read"),
         ("weights-missing", k(weights=None), "model.safetensors: missing"),
         ("weights-empty", k(weights=b""), "corrupt or truncated safetensors file"),
-        ("weights-truncated", k(weights=weights[:len(weights) // 2]), "corrupt or truncated"),
-        ("weights-pickled", k(weights=pickle.dumps({"wte.weight": [0.0] * 4}, protocol=4)),
-         "corrupt or truncated"),
+        ("weights-truncated", k(weights=weights[: len(weights) // 2]), "corrupt or truncated"),
+        ("weights-pickled", k(weights=pickle.dumps({"wte.weight": [0.0] * 4}, protocol=4)), "corrupt or truncated"),
         ("weights-exploding-pickle", k(weights=EXPLODING_PICKLE), "corrupt or truncated"),
         ("weights-header-huge", k(weights=struct.pack("<Q", 2**62) + weights[8:]), "corrupt or truncated"),
-        ("weights-header-not-json", k(weights=struct.pack("<Q", 9) + b"{not json" + weights[8:]),
-         "corrupt or truncated"),
-        ("weights-header-lies", k(weights=_with_header(
-            weights, lambda hd: hd["wte.weight"].update(shape=[261, 5]))), "corrupt or truncated"),
-        ("weights-wrong-shape", k(weights=_weights(_state(config.replace(n_embd=8, n_head=2)))),
-         "tensor wte.weight has shape [261, 8], the config expects [261, 4]"),
-        ("weights-missing-tensor", k(weights=_weights({n: t for n, t in state.items() if n != "ln_f.bias"})),
-         "missing tensor ln_f.bias"),
-        ("weights-extra-tensor", k(weights=_weights(state | {"lm_head.weight": state["wte.weight"].clone()})),
-         "unexpected tensor lm_head.weight"),
-        ("weights-float16", k(weights=_weights({n: t.half() for n, t in state.items()})),
-         "is F16, config.json says float32"),
-        ("weights-one-float64", k(weights=_weights(state | {"ln_f.bias": state["ln_f.bias"].double()})),
-         "tensor ln_f.bias is F64"),
-        ("weights-a-directory", {"config.json": kettle["config.json"], "model.safetensors/" + KEEP: b"",
-                                 TOKENIZER_FILE: kettle[TOKENIZER_FILE]}, "model.safetensors: missing"),
-        ("weights-one-block", k(weights=_weights({n: t for n, t in state.items() if not n.startswith("h.1.")})),
-         "holds 1 transformer blocks, config.json says n_layer 2"),
+        (
+            "weights-header-not-json",
+            k(weights=struct.pack("<Q", 9) + b"{not json" + weights[8:]),
+            "corrupt or truncated",
+        ),
+        (
+            "weights-header-lies",
+            k(weights=_with_header(weights, lambda hd: hd["wte.weight"].update(shape=[261, 5]))),
+            "corrupt or truncated",
+        ),
+        (
+            "weights-wrong-shape",
+            k(weights=_weights(_state(config.replace(n_embd=8, n_head=2)))),
+            "tensor wte.weight has shape [261, 8], the config expects [261, 4]",
+        ),
+        (
+            "weights-missing-tensor",
+            k(weights=_weights({n: t for n, t in state.items() if n != "ln_f.bias"})),
+            "missing tensor ln_f.bias",
+        ),
+        (
+            "weights-extra-tensor",
+            k(weights=_weights(state | {"lm_head.weight": state["wte.weight"].clone()})),
+            "unexpected tensor lm_head.weight",
+        ),
+        (
+            "weights-float16",
+            k(weights=_weights({n: t.half() for n, t in state.items()})),
+            "is F16, config.json says float32",
+        ),
+        (
+            "weights-one-float64",
+            k(weights=_weights(state | {"ln_f.bias": state["ln_f.bias"].double()})),
+            "tensor ln_f.bias is F64",
+        ),
+        (
+            "weights-a-directory",
+            {
+                "config.json": kettle["config.json"],
+                "model.safetensors/" + KEEP: b"",
+                TOKENIZER_FILE: kettle[TOKENIZER_FILE],
+            },
+            "model.safetensors: missing",
+        ),
+        (
+            "weights-one-block",
+            k(weights=_weights({n: t for n, t in state.items() if not n.startswith("h.1.")})),
+            "holds 1 transformer blocks, config.json says n_layer 2",
+        ),
         ("tokenizer-missing", k(tok=None), "tokenizer.json: missing (config.json says the model uses it)"),
         ("tokenizer-not-json", k(tok=b'{"name": '), "not a valid Kettle tokenizer file"),
         ("tokenizer-not-utf8", k(tok=b'{"name": "\xff"}'), "not a valid Kettle tokenizer file"),
         ("tokenizer-a-list", k(tok=b"[]"), "expected a JSON object"),
-        ("tokenizer-no-endoftext", k(tok=_tokenizer_json(
-            special_tokens={t: i for t, i in specials.items() if t != "<|endoftext|>"})), "no <|endoftext|> special token"),
-        ("tokenizer-specials-collide", k(tok=_tokenizer_json(
-            special_tokens=specials | {"<|user|>": specials["<|endoftext|>"]})), "special token ids must be distinct"),
-        ("tokenizer-special-on-a-merge", k(tok=_tokenizer_json(special_tokens=specials | {"<|end|>": 65})),
-         "special token ids must be distinct"),
-        ("tokenizer-special-float", k(tok=_tokenizer_json(special_tokens=specials | {"<|end|>": 260.0})),
-         "special token ids must be distinct integers"),
-        ("tokenizer-bad-base64", k(tok=_tokenizer_json(merges=["!!!"] + merges[1:])),
-         "merges[0] is not a base64 token"),
-        ("tokenizer-missing-byte", k(tok=_tokenizer_json(merges=merges[:255],
-                                                                  special_tokens={t: i - 1 for t, i in specials.items()})),
-         "no token for the byte 0xff"),
-        ("tokenizer-repeated-merge", k(tok=_tokenizer_json(merges=["QQ=="] + merges[1:])),
-         "merges[65] repeats merges[0]"),
+        (
+            "tokenizer-no-endoftext",
+            k(tok=_tokenizer_json(special_tokens={t: i for t, i in specials.items() if t != "<|endoftext|>"})),
+            "no <|endoftext|> special token",
+        ),
+        (
+            "tokenizer-specials-collide",
+            k(tok=_tokenizer_json(special_tokens=specials | {"<|user|>": specials["<|endoftext|>"]})),
+            "special token ids must be distinct",
+        ),
+        (
+            "tokenizer-special-on-a-merge",
+            k(tok=_tokenizer_json(special_tokens=specials | {"<|end|>": 65})),
+            "special token ids must be distinct",
+        ),
+        (
+            "tokenizer-special-float",
+            k(tok=_tokenizer_json(special_tokens=specials | {"<|end|>": 260.0})),
+            "special token ids must be distinct integers",
+        ),
+        (
+            "tokenizer-bad-base64",
+            k(tok=_tokenizer_json(merges=["!!!"] + merges[1:])),
+            "merges[0] is not a base64 token",
+        ),
+        (
+            "tokenizer-missing-byte",
+            k(tok=_tokenizer_json(merges=merges[:255], special_tokens={t: i - 1 for t, i in specials.items()})),
+            "no token for the byte 0xff",
+        ),
+        (
+            "tokenizer-repeated-merge",
+            k(tok=_tokenizer_json(merges=["QQ=="] + merges[1:])),
+            "merges[65] repeats merges[0]",
+        ),
         ("tokenizer-empty-pattern", k(tok=_tokenizer_json(pattern="")), "the pattern matches empty text"),
         ("tokenizer-bad-pattern", k(tok=_tokenizer_json(pattern="(\\p{L}")), "the pattern is not a regular expression"),
-        ("tokenizer-too-big", k(tok=_tokenizer_json(special_tokens=specials | {"<|tool|>": 261})),
-         "tokenizer has 262 tokens, the model only 261"),
+        (
+            "tokenizer-too-big",
+            k(tok=_tokenizer_json(special_tokens=specials | {"<|tool|>": 261})),
+            "tokenizer has 262 tokens, the model only 261",
+        ),
         ("a-file", weights, "not a directory"),
         # Hugging Face directories (config.json without kettle_format): import-hf's checks
         ("hf-config-a-list", h(conf=b"[]"), "expected a JSON object"),
         ("hf-config-not-json", h(conf=b'{"model_type": "gpt2",'), "config.json: cannot read"),
-        ("hf-config-no-n-layer", h(conf=json.dumps({k_: v for k_, v in hf_config.items() if k_ != "n_layer"}).encode()),
-         "missing key n_layer"),
-        ("hf-n-layer-200000", h(conf=hf_with(n_layer=200_000)), "holds 2 transformer blocks, config.json says n_layer 200000"),
+        (
+            "hf-config-no-n-layer",
+            h(conf=json.dumps({k_: v for k_, v in hf_config.items() if k_ != "n_layer"}).encode()),
+            "missing key n_layer",
+        ),
+        (
+            "hf-n-layer-200000",
+            h(conf=hf_with(n_layer=200_000)),
+            "holds 2 transformer blocks, config.json says n_layer 200000",
+        ),
         ("hf-model-type-bert", h(conf=hf_with(model_type="bert")), "model_type is 'bert'"),
         ("hf-layer-norm-epsilon", h(conf=hf_with(layer_norm_epsilon=0.1)), "layer_norm_epsilon 0.1 is not implemented"),
-        ("hf-activation-relu", h(conf=hf_with(activation_function="relu")), "activation_function 'relu' is not GPT-2's"),
+        (
+            "hf-activation-relu",
+            h(conf=hf_with(activation_function="relu")),
+            "activation_function 'relu' is not GPT-2's",
+        ),
         ("hf-vocab-size-string", h(conf=hf_with(vocab_size="261")), "vocab_size must be a positive integer"),
         ("hf-n-embd-not-divisible", h(conf=hf_with(n_head=3)), "must be divisible by n_head"),
         ("hf-tie-yes", h(conf=hf_with(tie_word_embeddings="yes")), "tie_embeddings must be true or false"),
-        ("hf-only-pytorch-bin", h(weights=None, **{"pytorch_model.bin": EXPLODING_PICKLE}),
-         "only pytorch_model.bin, which Kettle does not unpickle"),
+        (
+            "hf-only-pytorch-bin",
+            h(weights=None, **{"pytorch_model.bin": EXPLODING_PICKLE}),
+            "only pytorch_model.bin, which Kettle does not unpickle",
+        ),
         ("hf-weights-truncated", h(weights=hf["model.safetensors"][:100]), "corrupt or truncated"),
-        ("hf-weights-not-transposed", h(weights=_weights(
-            hf_state | {"transformer.h.0.attn.c_attn.weight": state["h.0.attn.c_attn.weight"]})),
-         "transformer.h.0.attn.c_attn.weight has shape [12, 4], config.json implies [4, 12]"),
-        ("hf-weights-missing-tensor", h(weights=_weights(
-            {n: t for n, t in hf_state.items() if n != "transformer.ln_f.weight"})), "missing tensor ln_f.weight"),
-        ("hf-weights-extra-tensor", h(weights=_weights(hf_state | {"transformer.h.0.attn.extra": torch.zeros(2)})),
-         "unexpected tensor transformer.h.0.attn.extra"),
-        ("hf-tokenizer-no-endoftext", h(tok=_tokenizer_json(
-            special_tokens={t: i for t, i in specials.items() if t != "<|endoftext|>"})), "no <|endoftext|> special token"),
-        ("hf-tokenizer-specials-collide", h(tok=_tokenizer_json(special_tokens=specials | {"<|end|>": 256})),
-         "special token ids must be distinct"),
+        (
+            "hf-weights-not-transposed",
+            h(weights=_weights(hf_state | {"transformer.h.0.attn.c_attn.weight": state["h.0.attn.c_attn.weight"]})),
+            "transformer.h.0.attn.c_attn.weight has shape [12, 4], config.json implies [4, 12]",
+        ),
+        (
+            "hf-weights-missing-tensor",
+            h(weights=_weights({n: t for n, t in hf_state.items() if n != "transformer.ln_f.weight"})),
+            "missing tensor ln_f.weight",
+        ),
+        (
+            "hf-weights-extra-tensor",
+            h(weights=_weights(hf_state | {"transformer.h.0.attn.extra": torch.zeros(2)})),
+            "unexpected tensor transformer.h.0.attn.extra",
+        ),
+        (
+            "hf-tokenizer-no-endoftext",
+            h(tok=_tokenizer_json(special_tokens={t: i for t, i in specials.items() if t != "<|endoftext|>"})),
+            "no <|endoftext|> special token",
+        ),
+        (
+            "hf-tokenizer-specials-collide",
+            h(tok=_tokenizer_json(special_tokens=specials | {"<|end|>": 256})),
+            "special token ids must be distinct",
+        ),
         ("hf-gpt2-tokenizer-too-big", h(tok=None), "vocab_size 261 is smaller than GPT-2's tokenizer"),
     ]
 
@@ -455,7 +591,11 @@ def flags() -> list[tuple[list[str], int, str]]:
         (["data", "import", "{out}"], 1, "no such file"),
         (["data", "export", "--format", "openai", "--snapshot", "0", "{out}"], 2, "--snapshot"),
         (["data", "export", "{out}"], 2, "required: --format"),
-        (["data", "export", "--format", "openai", "--min-score", "6", "{out}"], 2, "--min-score: must be an integer in 1..5"),
+        (
+            ["data", "export", "--format", "openai", "--min-score", "6", "{out}"],
+            2,
+            "--min-score: must be an integer in 1..5",
+        ),
         (["data", "export", "--format", "openai", "--min-score", "0", "{out}"], 2, "--min-score"),
         (["data", "export", "--format", "openai", "--snapshot", "5", "{out}"], 1, "no dataset snapshot with id 5"),
         (["data", "snapshot", "create", "--min-score", "x"], 2, "--min-score"),
@@ -484,6 +624,7 @@ def flags() -> list[tuple[list[str], int, str]]:
 
 # --- writing and reading the corpus ----------------------------------------------------------------
 
+
 def write(root: Path = ROOT) -> None:
     """Make the whole corpus under `root` (replacing what is there)."""
     if root.exists():
@@ -502,11 +643,12 @@ def write(root: Path = ROOT) -> None:
         for rel, content in files.items():
             (path / rel).parent.mkdir(parents=True, exist_ok=True)
             (path / rel).write_bytes(content)
-    index = {"imports": {name: says for name, _, says in imports},
-             "models": {name: says for name, _, says in models},
-             "flags": [{"argv": argv, "exit": code, "says": says} for argv, code, says in flags()]}
-    (root / "corpus.json").write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n",
-                                      encoding="utf-8")
+    index = {
+        "imports": {name: says for name, _, says in imports},
+        "models": {name: says for name, _, says in models},
+        "flags": [{"argv": argv, "exit": code, "says": says} for argv, code, says in flags()],
+    }
+    (root / "corpus.json").write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def files_under(root: Path) -> dict[str, bytes]:

@@ -1,6 +1,7 @@
 """The app driven by Textual's Pilot, with a tiny real model and a temporary store (KETTLE_HOME).
 
 Answers are capped (config.json "sampling") and seeded so every run sees the same text."""
+
 from __future__ import annotations
 
 import asyncio
@@ -43,8 +44,12 @@ async def type_text(pilot, text: str) -> None:
 
 
 async def open_chat(pilot, app, timeout: float = 20.0) -> None:
-    await wait_until(pilot, lambda: app.current_mode == "chat" and app.focused is not None
-                     and app.focused.id == "prompt", "the chat screen", timeout)
+    await wait_until(
+        pilot,
+        lambda: app.current_mode == "chat" and app.focused is not None and app.focused.id == "prompt",
+        "the chat screen",
+        timeout,
+    )
 
 
 def views(app) -> list[MessageView]:
@@ -56,8 +61,13 @@ async def ask(pilot, app, text: str) -> MessageView:
     before = len([v for v in views(app) if v.role == "assistant" and v.message])
     await type_text(pilot, text)
     await pilot.press("enter")
-    await wait_until(pilot, lambda: not app.screen.generating and len(
-        [v for v in views(app) if v.role == "assistant" and v.message]) > before, "the answer")
+    await wait_until(
+        pilot,
+        lambda: (
+            not app.screen.generating and len([v for v in views(app) if v.role == "assistant" and v.message]) > before
+        ),
+        "the answer",
+    )
     return views(app)[-1]
 
 
@@ -77,8 +87,9 @@ def short_answers(app_model):
 async def test_welcome_screen_when_there_is_no_model():
     app = KettleApp()
     async with app.run_test(size=SIZE) as pilot:
-        await wait_until(pilot, lambda: app.current_mode == "welcome" and app.screen.query("Button"),
-                         "the welcome screen")
+        await wait_until(
+            pilot, lambda: app.current_mode == "welcome" and app.screen.query("Button"), "the welcome screen"
+        )
         text = " ".join(str(b.label) for b in app.screen.query("Button"))
         assert "starter" in text and "GPT-2" in text and "Import" in text
         await pilot.press("f2")  # the chat needs a model: the app says so and stays
@@ -164,8 +175,7 @@ async def test_correct_an_answer_keeps_the_original(short_answers):
         editor.text = ""
         await type_text(pilot, "the better answer")
         await pilot.press("ctrl+s")
-        await wait_until(pilot, lambda: view.label is not None and view.label.ideal is not None,
-                         "the correction")
+        await wait_until(pilot, lambda: view.label is not None and view.label.ideal is not None, "the correction")
         assert app.store.label(view.message_id).ideal == "the better answer"
         assert app.store.message(view.message_id).content == original
         assert "✎ corrected" in str(view.query_one(".message-header").render())
@@ -181,9 +191,15 @@ async def test_regenerate_makes_a_sibling_and_arrows_step_between_them(app_model
         first_id, first_text = first.message_id, first.content
         view = await focus_answer(pilot, app)
         await pilot.press("r")
-        await wait_until(pilot, lambda: views(app)[-1].message is not None
-                         and views(app)[-1].message_id != first_id and not app.screen.generating,
-                         "the regenerated answer")
+        await wait_until(
+            pilot,
+            lambda: (
+                views(app)[-1].message is not None
+                and views(app)[-1].message_id != first_id
+                and not app.screen.generating
+            ),
+            "the regenerated answer",
+        )
         second = views(app)[-1]
         assert second.position == (2, 2)
         assert [m.id for m in app.store.siblings(first_id)] == [first_id, second.message_id]
@@ -212,9 +228,16 @@ async def test_edit_an_earlier_message_and_ask_again(short_answers):
         await wait_until(pilot, lambda: app.screen.__class__.__name__ == "EditorModal", "the editor")
         app.screen.query_one("#editor").text = "hello instead"
         await pilot.press("ctrl+s")
-        await wait_until(pilot, lambda: len(views(app)) == 2 and views(app)[0].content == "hello instead"
-                         and views(app)[1].message is not None and not app.screen.generating,
-                         "the new branch")
+        await wait_until(
+            pilot,
+            lambda: (
+                len(views(app)) == 2
+                and views(app)[0].content == "hello instead"
+                and views(app)[1].message is not None
+                and not app.screen.generating
+            ),
+            "the new branch",
+        )
         new_question = views(app)[0]
         assert new_question.position == (2, 2)
         assert app.store.message(views(app)[1].message_id).parent_id == new_question.message_id
@@ -228,11 +251,11 @@ async def test_stop_a_generation_with_escape(app_model):
         await open_chat(pilot, app)
         await type_text(pilot, "hello")
         press_nowait(app, "enter", "\r")
-        await wait_until(pilot, lambda: app.screen.generating and app.screen.streamed_tokens > 0,
-                         "the answer to start")
+        await wait_until(pilot, lambda: app.screen.generating and app.screen.streamed_tokens > 0, "the answer to start")
         press_nowait(app, "escape", "\x1b")
-        await wait_until(pilot, lambda: not app.screen.generating and views(app)[-1].message is not None,
-                         "the stopped answer")
+        await wait_until(
+            pilot, lambda: not app.screen.generating and views(app)[-1].message is not None, "the stopped answer"
+        )
         stored = app.store.message(views(app)[-1].message_id)
         assert stored.finish_reason == "cancelled"
         assert stored.new_tokens < 2000
@@ -268,8 +291,11 @@ async def test_bad_sampling_values_are_refused_with_a_message(short_answers):
         await pilot.pause()
         app.screen.query_one("#prompt").focus()
         await pilot.press("enter")
-        await wait_until(pilot, lambda: views(app) and views(app)[-1].message is not None
-                         and views(app)[-1].role == "assistant", "the answer")
+        await wait_until(
+            pilot,
+            lambda: views(app) and views(app)[-1].message is not None and views(app)[-1].role == "assistant",
+            "the answer",
+        )
         answer = app.store.message(views(app)[-1].message_id)
         assert answer.params["temperature"] == 0.3 and answer.params["top_p"] == 0.8
         conv = app.store.conversation(answer.conversation_id)
@@ -285,17 +311,23 @@ async def test_presets_and_system_prompt_are_saved_per_conversation(short_answer
         await pilot.press("ctrl+s")
         app.screen.query_one("#preset").value = "precise"
         app.screen.query_one("#system-prompt").text = "Be brief."
-        await wait_until(pilot, lambda: (app.store.conversation(conv_id).params or {}).get("temperature") == 0.2
-                         and app.store.conversation(conv_id).system_prompt == "Be brief.",
-                         "the settings saved")
+        await wait_until(
+            pilot,
+            lambda: (
+                (app.store.conversation(conv_id).params or {}).get("temperature") == 0.2
+                and app.store.conversation(conv_id).system_prompt == "Be brief."
+            ),
+            "the settings saved",
+        )
         assert str(app.screen.query_one("#param-top_k").value) == "40"
         # a new chat starts from the defaults; going back restores the conversation's settings
         await pilot.press("ctrl+n")
         await pilot.pause()
         assert app.screen.query_one("#param-temperature").value == "0.7"
         app.screen.open_conversation(conv_id)
-        await wait_until(pilot, lambda: app.screen.query_one("#param-temperature").value == "0.2",
-                         "the conversation's settings")
+        await wait_until(
+            pilot, lambda: app.screen.query_one("#param-temperature").value == "0.2", "the conversation's settings"
+        )
         assert app.screen.query_one("#system-prompt").text == "Be brief."
 
 
@@ -311,8 +343,11 @@ async def test_chat_list_search_rename_and_delete_with_confirmation(short_answer
         assert "bananas" in str(options.get_option_at_index(0).prompt)  # newest first
         await pilot.press("ctrl+f")
         await type_text(pilot, "apples")
-        await wait_until(pilot, lambda: options.option_count == 1
-                         and "apples" in str(options.get_option_at_index(0).prompt), "the hit")
+        await wait_until(
+            pilot,
+            lambda: options.option_count == 1 and "apples" in str(options.get_option_at_index(0).prompt),
+            "the hit",
+        )
         await pilot.press("enter")  # from the search box to the results
         await pilot.press("enter")  # open the hit
         await wait_until(pilot, lambda: views(app) and views(app)[0].content == "apples", "the chat")
@@ -324,10 +359,17 @@ async def test_chat_list_search_rename_and_delete_with_confirmation(short_answer
         await wait_until(pilot, lambda: app.screen.__class__.__name__ == "TextModal", "rename")
         app.screen.query_one("#text").value = "Fruit"
         await pilot.press("enter")
-        await wait_until(pilot, lambda: any(c.title == "Fruit" for c in app.store.list_conversations()),
-                         "the new title")
-        await wait_until(pilot, lambda: "Fruit" in str(options.get_option_at_index(0).prompt)
-                         or "Fruit" in str(options.get_option_at_index(1).prompt), "the list")
+        await wait_until(
+            pilot, lambda: any(c.title == "Fruit" for c in app.store.list_conversations()), "the new title"
+        )
+        await wait_until(
+            pilot,
+            lambda: (
+                "Fruit" in str(options.get_option_at_index(0).prompt)
+                or "Fruit" in str(options.get_option_at_index(1).prompt)
+            ),
+            "the list",
+        )
         options.focus()
         options.highlighted = next(i for i in range(2) if "bananas" in str(options.get_option_at_index(i).prompt))
         await pilot.press("delete")
@@ -387,6 +429,5 @@ async def test_a_missing_model_directory_is_a_notification(app_model):
         await open_chat(pilot, app)
         await wait_until(pilot, lambda: app.load_failed, "the failed load")
         await pilot.pause()
-        assert any("no such model directory" in n.message and n.severity == "error"
-                   for n in app._notifications)
+        assert any("no such model directory" in n.message and n.severity == "error" for n in app._notifications)
         assert "did not load" in str(app.screen.query_one("#chat-status").render())

@@ -1,17 +1,28 @@
 """Holes a new user found in the app (issue 12), each driven by Textual's Pilot with a tiny real
 model and a temporary store."""
+
 from __future__ import annotations
 
 import shutil
 
 import pytest
+from test_app import (  # noqa: F401
+    SIZE,
+    ask,
+    focus_answer,
+    open_chat,
+    press_nowait,
+    short_answers,
+    type_text,
+    views,
+    wait_until,
+    write_config,
+)
+from test_app_screens import labelled_chats, open_finetune_sheet
 
 from data.paths import models_dir
 from data.records import Run
 from data.store import open_store
-from test_app import (SIZE, ask, focus_answer, open_chat, press_nowait, short_answers,  # noqa: F401
-                      type_text, views, wait_until, write_config)
-from test_app_screens import labelled_chats, open_finetune_sheet
 from tui.app import KettleApp
 from tui.screens.modals import ChoiceModal, EditorModal, TaskModal
 
@@ -32,8 +43,9 @@ async def test_activating_a_model_reports_no_error(app_model, tiny_model_dir):
         table.focus()
         table.move_cursor(row=0)
         await pilot.press("a")
-        await wait_until(pilot, lambda: any("Now chatting with other" in n.message
-                                            for n in app._notifications), "the switch")
+        await wait_until(
+            pilot, lambda: any("Now chatting with other" in n.message for n in app._notifications), "the switch"
+        )
         await wait_until(pilot, lambda: table.get_row_at(0)[0] == "●", "the active mark")
         await pilot.pause()
         assert errors(app) == []
@@ -62,9 +74,16 @@ async def brew_again(pilot, app, choice: str) -> list[str]:
     await wait_until(pilot, lambda: isinstance(app.screen, TaskModal), "the brew")
     args = app.screen.args
     await pilot.press("escape")  # stops the brew's process
-    await wait_until(pilot, lambda: app.current_mode == "models" and not isinstance(app.screen, TaskModal)
-                     and not [w for w in app.workers if w.group == "model-task" and w.is_running],
-                     "the models screen again", timeout=60)
+    await wait_until(
+        pilot,
+        lambda: (
+            app.current_mode == "models"
+            and not isinstance(app.screen, TaskModal)
+            and not [w for w in app.workers if w.group == "model-task" and w.is_running]
+        ),
+        "the models screen again",
+        timeout=60,
+    )
     await pilot.pause()
     return args
 
@@ -88,8 +107,12 @@ async def test_the_starter_can_be_replaced(starter):
 
 def answers_to(store, question: str) -> list:
     """The stored answers to the (one) user message `question`."""
-    [asked] = [m for c in store.list_conversations() for m in store.messages(c.id)
-               if m.role == "user" and m.content == question]
+    [asked] = [
+        m
+        for c in store.list_conversations()
+        for m in store.messages(c.id)
+        if m.role == "user" and m.content == question
+    ]
     return [m for m in store.messages(asked.conversation_id) if m.parent_id == asked.id]
 
 
@@ -144,8 +167,9 @@ async def test_search_finds_corrections_esc_leaves_it_and_y_copies_the_correctio
         await pilot.press("ctrl+f")
         await type_text(pilot, "whistles")
         options = app.screen.query_one("#chat-options")
-        await wait_until(pilot, lambda: "whistles" in str(options.get_option_at_index(0).prompt),
-                         "the correction found")
+        await wait_until(
+            pilot, lambda: "whistles" in str(options.get_option_at_index(0).prompt), "the correction found"
+        )
         await pilot.press("escape")
         await wait_until(pilot, lambda: app.focused is app.screen.query_one("#prompt"), "the prompt")
         assert app.screen.query_one("#chat-search").value == ""
@@ -157,16 +181,23 @@ async def start_and_cancel(pilot, app) -> Run:
     screen = app.screen
     screen.query_one("#ft-epochs").value = "1000"  # far more than the test waits for
     await pilot.press("ctrl+g")
-    await wait_until(pilot, lambda: screen.run is not None and screen.run.status == "running"
-                     and screen.run.step >= 1, "the first steps", timeout=120)
+    await wait_until(
+        pilot,
+        lambda: screen.run is not None and screen.run.status == "running" and screen.run.step >= 1,
+        "the first steps",
+        timeout=120,
+    )
     await pilot.press("ctrl+x")
     try:
         await wait_until(pilot, lambda: screen.run.status == "cancelled", "the cancellation", timeout=120)
     except AssertionError:
         from pathlib import Path
+
         run = app.store.run(screen.run.id)
-        raise AssertionError(f"run {run.id} {run.status} pid {run.pid} step {run.step}/{run.total_steps} "
-                             f"error {run.error!r}; log: {Path(run.log_path).read_text()[-1500:]}") from None
+        raise AssertionError(
+            f"run {run.id} {run.status} pid {run.pid} step {run.step}/{run.total_steps} "
+            f"error {run.error!r}; log: {Path(run.log_path).read_text()[-1500:]}"
+        ) from None
     return screen.run
 
 
@@ -190,8 +221,9 @@ async def test_finetune_reuses_an_identical_snapshot_and_can_pick_a_named_one(ap
         summary = app.screen.query_one("#sheet-summary")
         await wait_until(pilot, lambda: "11 examples" in str(summary.render()), "the new count")
         data.value = first.id
-        await wait_until(pilot, lambda: "10 examples from snapshot #1 first ten" in str(summary.render()),
-                         "the snapshot's count")
+        await wait_until(
+            pilot, lambda: "10 examples from snapshot #1 first ten" in str(summary.render()), "the snapshot's count"
+        )
         run = await start_and_cancel(pilot, app)
         assert run.snapshot_id == first.id
         assert [s.id for s in app.store.snapshots()] == [first.id]
@@ -239,8 +271,11 @@ async def test_every_dataset_column_is_in_view_at_80_columns(app_model):
     async with app.run_test(size=SMALL) as pilot:
         await open_chat(pilot, app)
         await pilot.press("f3")
-        await wait_until(pilot, lambda: app.current_mode == "dataset"
-                         and app.screen.query_one("#dataset-table").row_count == 10, "the examples")
+        await wait_until(
+            pilot,
+            lambda: app.current_mode == "dataset" and app.screen.query_one("#dataset-table").row_count == 10,
+            "the examples",
+        )
         await pilot.pause()
         table = app.screen.query_one("#dataset-table")
         assert table.virtual_size.width <= table.size.width  # nothing to scroll sideways to

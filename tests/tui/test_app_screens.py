@@ -1,5 +1,6 @@
 """The app's other screens with Pilot: fine-tune (a real run process on a tiny model), models
 (switching without a restart), dataset (counts, exclude/include, snapshot, export), compare."""
+
 from __future__ import annotations
 
 import json
@@ -7,24 +8,26 @@ import threading
 import time
 
 import pytest
+from test_app import SIZE, open_chat, type_text, views, wait_until, write_config
 
 from data.paths import models_dir
 from data.store import Store, open_store
 from gpt.hf import export_hf
 from tests.gpt.test_download import checkpoint, hub  # noqa: F401 - the local stand-in for Hugging Face
-from test_app import SIZE, open_chat, type_text, views, wait_until, write_config
 from tui.app import KettleApp
 
-PAIRS = [("What is a kettle?", "A pot for boiling water."),
-         ("Say hi.", "Hi!"),
-         ("Name a colour.", "Blue."),
-         ("Two plus two?", "Four."),
-         ("Capital of France?", "Paris."),
-         ("Is ice cold?", "Yes."),
-         ("Opposite of up?", "Down."),
-         ("A fruit?", "An apple."),
-         ("Sky colour?", "Blue, by day."),
-         ("Three minus one?", "Two.")]
+PAIRS = [
+    ("What is a kettle?", "A pot for boiling water."),
+    ("Say hi.", "Hi!"),
+    ("Name a colour.", "Blue."),
+    ("Two plus two?", "Four."),
+    ("Capital of France?", "Paris."),
+    ("Is ice cold?", "Yes."),
+    ("Opposite of up?", "Down."),
+    ("A fruit?", "An apple."),
+    ("Sky colour?", "Blue, by day."),
+    ("Three minus one?", "Two."),
+]
 
 
 def labelled_chats(store: Store, tag: str = "") -> list[int]:
@@ -43,9 +46,13 @@ async def open_finetune_sheet(pilot, app) -> None:
     """From the chat, F5 to the fine-tune sheet once it has counted the 10 labelled examples."""
     await open_chat(pilot, app)
     await pilot.press("f5")
-    await wait_until(pilot, lambda: app.current_mode == "finetune"
-                     and "10 examples" in str(app.screen.query_one("#sheet-summary").render()),
-                     "the fine-tune sheet")
+    await wait_until(
+        pilot,
+        lambda: (
+            app.current_mode == "finetune" and "10 examples" in str(app.screen.query_one("#sheet-summary").render())
+        ),
+        "the fine-tune sheet",
+    )
 
 
 async def test_finetune_shows_progress_to_the_end_and_offers_the_new_model(app_model):
@@ -62,8 +69,12 @@ async def test_finetune_shows_progress_to_the_end_and_offers_the_new_model(app_m
         await pilot.press("ctrl+g")  # the sheet's defaults: train until the answers come back
         await wait_until(pilot, lambda: screen.run is not None, "the run to start")
         seen = set()
-        await wait_until(pilot, lambda: seen.add(screen.run.status) or screen.run.status in
-                         ("finished", "failed", "cancelled"), "the run to end", timeout=120)
+        await wait_until(
+            pilot,
+            lambda: seen.add(screen.run.status) or screen.run.status in ("finished", "failed", "cancelled"),
+            "the run to end",
+            timeout=120,
+        )
         run = screen.run
         assert run.status == "finished", run.error
         assert 0 < run.step <= run.total_steps
@@ -78,16 +89,22 @@ async def test_finetune_shows_progress_to_the_end_and_offers_the_new_model(app_m
         assert new.parent_id is not None and new.name.startswith("tiny-ft")
         assert app.store.active_model().name == "tiny"  # nothing switches until the user says so
         await pilot.press("ctrl+w")
-        await wait_until(pilot, lambda: app.service.active_model is not None
-                         and app.service.active_model.name == new.name, "the switch")
+        await wait_until(
+            pilot,
+            lambda: app.service.active_model is not None and app.service.active_model.name == new.name,
+            "the switch",
+        )
         assert app.store.active_model().name == new.name
         # the chat now answers with the new model, without a restart
         await pilot.press("f2")
         await open_chat(pilot, app)
         await type_text(pilot, "hi")
         await pilot.press("enter")
-        await wait_until(pilot, lambda: views(app) and views(app)[-1].message is not None
-                         and views(app)[-1].role == "assistant", "the answer")
+        await wait_until(
+            pilot,
+            lambda: views(app) and views(app)[-1].message is not None and views(app)[-1].role == "assistant",
+            "the answer",
+        )
         assert views(app)[-1].message.model == new.name
 
 
@@ -100,8 +117,12 @@ async def test_cancel_a_running_fine_tune(app_model):
         screen = app.screen
         screen.query_one("#ft-epochs").value = "1000"  # far more than the test will wait for
         await pilot.press("ctrl+g")
-        await wait_until(pilot, lambda: screen.run is not None and screen.run.status == "running"
-                         and screen.run.step >= 1, "the first steps", timeout=60)
+        await wait_until(
+            pilot,
+            lambda: screen.run is not None and screen.run.status == "running" and screen.run.step >= 1,
+            "the first steps",
+            timeout=60,
+        )
         await pilot.press("ctrl+x")
         await wait_until(pilot, lambda: screen.run.status == "cancelled", "the cancellation", timeout=60)
         assert screen.run.step < screen.run.total_steps
@@ -118,8 +139,11 @@ async def test_models_screen_switches_models_without_a_restart(app_model, tiny_m
     async with app.run_test(size=SIZE) as pilot:
         await open_chat(pilot, app)
         await pilot.press("f4")
-        await wait_until(pilot, lambda: app.current_mode == "models"
-                         and app.screen.query_one("#models-table").row_count == 2, "the models")
+        await wait_until(
+            pilot,
+            lambda: app.current_mode == "models" and app.screen.query_one("#models-table").row_count == 2,
+            "the models",
+        )
         table = app.screen.query_one("#models-table")
         assert str(table.get_row_at(0)[1]) == "other" and table.get_row_at(0)[4] == "4.250"
         assert table.get_row_at(1)[0] == "●"  # tiny is active
@@ -129,8 +153,11 @@ async def test_models_screen_switches_models_without_a_restart(app_model, tiny_m
         detail = str(app.screen.query_one("#models-detail").render())
         assert "lineage" in detail and "other" in detail
         await pilot.press("a")
-        await wait_until(pilot, lambda: app.service.active_model is not None
-                         and app.service.active_model.name == "other", "the switch")
+        await wait_until(
+            pilot,
+            lambda: app.service.active_model is not None and app.service.active_model.name == "other",
+            "the switch",
+        )
         await wait_until(pilot, lambda: table.get_row_at(0)[0] == "●", "the active mark")
         assert app.store.active_model().name == "other"
 
@@ -145,8 +172,7 @@ async def test_import_a_kettle_or_hugging_face_model_directory(app_model, tiny_m
         await wait_until(pilot, lambda: app.screen.__class__.__name__ == "TextModal", "the path box")
         app.screen.query_one("#text").value = str(tiny_model_dir.parent / "nowhere")
         await pilot.press("enter")
-        await wait_until(pilot, lambda: any("not a directory" in n.message for n in app._notifications),
-                         "the error")
+        await wait_until(pilot, lambda: any("not a directory" in n.message for n in app._notifications), "the error")
         await pilot.press("i")
         await wait_until(pilot, lambda: app.screen.__class__.__name__ == "TextModal", "the path box")
         app.screen.query_one("#text").value = str(tiny_model_dir)
@@ -174,8 +200,11 @@ async def test_dataset_counts_exclude_include_snapshot_and_export(app_model, tmp
         await open_chat(pilot, app)
         await pilot.press("f3")
         table = None
-        await wait_until(pilot, lambda: app.current_mode == "dataset"
-                         and app.screen.query_one("#dataset-table").row_count == 10, "the examples")
+        await wait_until(
+            pilot,
+            lambda: app.current_mode == "dataset" and app.screen.query_one("#dataset-table").row_count == 10,
+            "the examples",
+        )
         screen = app.screen
         counts = str(screen.query_one("#dataset-counts").render())
         assert "10 examples" in counts and "#facts 10" in counts and "▲ 10 up" in counts
@@ -186,15 +215,17 @@ async def test_dataset_counts_exclude_include_snapshot_and_export(app_model, tmp
         await wait_until(pilot, lambda: app.screen.__class__.__name__ == "ExampleModal", "the example")
         await pilot.press("escape")
         await pilot.press("x")
-        await wait_until(pilot, lambda: "9 examples" in str(screen.query_one("#dataset-counts").render()),
-                         "the exclusion")
+        await wait_until(
+            pilot, lambda: "9 examples" in str(screen.query_one("#dataset-counts").render()), "the exclusion"
+        )
         assert app.store.label(ids[0]).excluded
         assert table.row_count == 10  # still listed, marked, so it can come back
         table.move_cursor(row=9)
         await pilot.pause()
         await pilot.press("x")
-        await wait_until(pilot, lambda: "10 examples" in str(screen.query_one("#dataset-counts").render()),
-                         "the inclusion")
+        await wait_until(
+            pilot, lambda: "10 examples" in str(screen.query_one("#dataset-counts").render()), "the inclusion"
+        )
         assert not app.store.label(ids[0]).excluded
         # a filter on a tag nobody used leaves nothing
         screen.query_one("#f-tags-in").value = "tone"
@@ -231,15 +262,24 @@ async def test_compare_sends_one_prompt_to_two_models(app_model, tiny_model_dir)
     async with app.run_test(size=SIZE) as pilot:
         await open_chat(pilot, app)
         await pilot.press("f6")
-        await wait_until(pilot, lambda: app.current_mode == "compare"
-                         and app.screen.query_one("#right-model").value == "other", "the models")
+        await wait_until(
+            pilot,
+            lambda: app.current_mode == "compare" and app.screen.query_one("#right-model").value == "other",
+            "the models",
+        )
         screen = app.screen
         assert screen.query_one("#left-model").value == "tiny"
         screen.query_one("#compare-prompt").focus()
         await type_text(pilot, "hello")
         await pilot.press("enter")
-        await wait_until(pilot, lambda: "tok/s" in str(screen.query_one("#left-stats").render())
-                         and "tok/s" in str(screen.query_one("#right-stats").render()), "two answers")
+        await wait_until(
+            pilot,
+            lambda: (
+                "tok/s" in str(screen.query_one("#left-stats").render())
+                and "tok/s" in str(screen.query_one("#right-stats").render())
+            ),
+            "two answers",
+        )
         assert "tiny" in str(screen.query_one("#left-title").render())
         assert "other" in str(screen.query_one("#right-title").render())
 
@@ -272,8 +312,11 @@ async def test_the_app_chats_through_a_server(remote):
         await open_chat(pilot, app)  # no local model needed: no welcome screen
         await type_text(pilot, "hello")
         await pilot.press("enter")
-        await wait_until(pilot, lambda: views(app) and views(app)[-1].message is not None
-                         and views(app)[-1].role == "assistant", "the answer")
+        await wait_until(
+            pilot,
+            lambda: views(app) and views(app)[-1].message is not None and views(app)[-1].role == "assistant",
+            "the answer",
+        )
         stored = app.store.message(views(app)[-1].message_id)
         assert stored.model == "chat" and 0 < stored.new_tokens <= 8
         assert stored.content == views(app)[-1].content
@@ -286,8 +329,7 @@ async def test_a_wrong_api_key_is_a_notification_not_a_traceback(remote):
         await open_chat(pilot, app)
         await type_text(pilot, "hello")
         await pilot.press("enter")
-        await wait_until(pilot, lambda: any(n.severity == "error" for n in app._notifications),
-                         "the error")
+        await wait_until(pilot, lambda: any(n.severity == "error" for n in app._notifications), "the error")
         message = next(n.message for n in app._notifications if n.severity == "error")
         assert "key" in message.lower() and "Traceback" not in message
         assert not app.screen.generating
@@ -301,8 +343,9 @@ async def test_first_run_download_gpt2_then_chat(hub):
     write_config(sampling={"max_new_tokens": 4, "seed": 1})
     app = KettleApp()
     async with app.run_test(size=SIZE) as pilot:
-        await wait_until(pilot, lambda: app.current_mode == "welcome" and app.screen.query("Button"),
-                         "the welcome screen")
+        await wait_until(
+            pilot, lambda: app.current_mode == "welcome" and app.screen.query("Button"), "the welcome screen"
+        )
         await pilot.press("g")
         await wait_until(pilot, lambda: app.screen.__class__.__name__ == "ChoiceModal", "the sizes")
         await pilot.press("enter")  # the first: gpt2
@@ -311,8 +354,11 @@ async def test_first_run_download_gpt2_then_chat(hub):
         assert app.store.active_model().kind == "downloaded"
         await type_text(pilot, "hi")
         await pilot.press("enter")
-        await wait_until(pilot, lambda: views(app) and views(app)[-1].message is not None
-                         and views(app)[-1].role == "assistant", "the answer")
+        await wait_until(
+            pilot,
+            lambda: views(app) and views(app)[-1].message is not None and views(app)[-1].role == "assistant",
+            "the answer",
+        )
         assert views(app)[-1].message.model == "gpt2"
 
 
@@ -336,11 +382,14 @@ def test_no_screen_or_widget_imports_the_app_module():
     from pathlib import Path
 
     tui = Path(__file__).resolve().parents[2] / "tui"
-    modules = [f"tui.{d}.{p.stem}" for d in ("screens", "widgets")
-               for p in sorted((tui / d).glob("*.py")) if p.stem != "__init__"]
-    code = ("import importlib, sys\n"
-            f"for m in {modules!r}: importlib.import_module(m)\n"
-            "print('tui.app' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tui.parent, capture_output=True,
-                         text=True, check=True).stdout.split()
+    modules = [
+        f"tui.{d}.{p.stem}"
+        for d in ("screens", "widgets")
+        for p in sorted((tui / d).glob("*.py"))
+        if p.stem != "__init__"
+    ]
+    code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\nprint('tui.app' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tui.parent, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert len(modules) >= 10 and out == ["False"]

@@ -4,6 +4,7 @@ Everything on screen is fixed: the data is written with a frozen clock, the app'
 same instant, local time is UTC, and the answers on screen come from the store (with their
 recorded figures), not from a live generation. Update after a deliberate change with
 `pytest tests/tui/test_app_snapshots.py --snapshot-update` and look at the SVGs."""
+
 from __future__ import annotations
 
 import shutil
@@ -11,10 +12,10 @@ import time
 from unittest import mock
 
 import pytest
+from test_app import open_chat, wait_until, write_config
 
 from data.paths import models_dir
 from data.store import open_store
-from test_app import open_chat, wait_until, write_config
 from tui.app import KettleApp
 
 SIZE = (130, 36)
@@ -46,24 +47,46 @@ def frozen(chat_model_dir, monkeypatch):
     with mock.patch("time.time", tick), open_store() as store:
         base = store.add_model_version("tiny", path, kind="imported")
         tuned = store.add_model_version(
-            "tiny-ft1", path, kind="finetuned", parent_id=base.id,
-            metrics={"gate": "passed", "gate_parent_loss": 6.2431, "gate_new_loss": 5.8812,
-                     "steps": 30, "train": 9, "held_out": 1})
-        store.add_model_version("tiny-ft2", path, kind="finetuned", parent_id=tuned.id, status="regressed",
-                                metrics={"gate": "regressed", "gate_parent_loss": 5.8812,
-                                         "gate_new_loss": 5.9904})
+            "tiny-ft1",
+            path,
+            kind="finetuned",
+            parent_id=base.id,
+            metrics={
+                "gate": "passed",
+                "gate_parent_loss": 6.2431,
+                "gate_new_loss": 5.8812,
+                "steps": 30,
+                "train": 9,
+                "held_out": 1,
+            },
+        )
+        store.add_model_version(
+            "tiny-ft2",
+            path,
+            kind="finetuned",
+            parent_id=tuned.id,
+            status="regressed",
+            metrics={"gate": "regressed", "gate_parent_loss": 5.8812, "gate_new_loss": 5.9904},
+        )
         store.activate_model(base.id)
         other = store.create_conversation(title="Colours of the sky")
         q = store.add_message(other.id, "user", content="Why is the sky blue?")
         store.add_message(other.id, "assistant", content="Rayleigh scattering.", parent_id=q.id, model="tiny")
         conv = store.create_conversation(title="How do kettles work?")
         q = store.add_message(conv.id, "user", content="How do I use a kettle?")
-        gen = {"finish_reason": "stop", "prompt_tokens": 17, "new_tokens": 42,
-               "tokens_per_s": 123.4, "seed": 7}
-        a1 = store.add_message(conv.id, "assistant", content=ANSWER, parent_id=q.id, model="tiny",
-                               model_version_id=base.id, generation=gen)
-        store.add_message(conv.id, "assistant", content="Heat the water.", parent_id=q.id, model="tiny",
-                          model_version_id=base.id, generation={**gen, "new_tokens": 4})
+        gen = {"finish_reason": "stop", "prompt_tokens": 17, "new_tokens": 42, "tokens_per_s": 123.4, "seed": 7}
+        a1 = store.add_message(
+            conv.id, "assistant", content=ANSWER, parent_id=q.id, model="tiny", model_version_id=base.id, generation=gen
+        )
+        store.add_message(
+            conv.id,
+            "assistant",
+            content="Heat the water.",
+            parent_id=q.id,
+            model="tiny",
+            model_version_id=base.id,
+            generation={**gen, "new_tokens": 4},
+        )
         store.set_leaf(conv.id, a1.id)
         store.set_label(a1.id, thumb=1, score=4, tags=["facts"])
         store.set_label(a1.id, ideal="Fill it, switch it on, wait for the click.")
@@ -103,8 +126,11 @@ def test_dataset_screen(snap_compare, frozen):
     async def run_before(pilot):
         await chat_ready(pilot)
         await pilot.press("f3")
-        await wait_until(pilot, lambda: pilot.app.current_mode == "dataset" and
-                         pilot.app.screen.query_one("#dataset-table").row_count == 3, "the dataset")
+        await wait_until(
+            pilot,
+            lambda: pilot.app.current_mode == "dataset" and pilot.app.screen.query_one("#dataset-table").row_count == 3,
+            "the dataset",
+        )
         await pilot.pause(0.2)
 
     assert snap_compare(frozen_app(), terminal_size=SIZE, run_before=run_before)
@@ -114,8 +140,14 @@ def test_finetune_screen(snap_compare, frozen):
     async def run_before(pilot):
         await chat_ready(pilot)
         await pilot.press("f5")
-        await wait_until(pilot, lambda: pilot.app.current_mode == "finetune" and "steps" in
-                         str(pilot.app.screen.query_one("#sheet-estimate").render()), "the sheet")
+        await wait_until(
+            pilot,
+            lambda: (
+                pilot.app.current_mode == "finetune"
+                and "steps" in str(pilot.app.screen.query_one("#sheet-estimate").render())
+            ),
+            "the sheet",
+        )
         await pilot.pause(0.2)
 
     assert snap_compare(frozen_app(), terminal_size=SIZE, run_before=run_before)
@@ -125,8 +157,11 @@ def test_models_screen(snap_compare, frozen):
     async def run_before(pilot):
         await chat_ready(pilot)
         await pilot.press("f4")
-        await wait_until(pilot, lambda: pilot.app.current_mode == "models" and
-                         pilot.app.screen.query_one("#models-table").row_count == 3, "the models")
+        await wait_until(
+            pilot,
+            lambda: pilot.app.current_mode == "models" and pilot.app.screen.query_one("#models-table").row_count == 3,
+            "the models",
+        )
         pilot.app.screen.query_one("#models-table").move_cursor(row=1)
         await pilot.pause(0.2)
 

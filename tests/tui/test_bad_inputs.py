@@ -7,6 +7,7 @@ import); flags to every command. Each must exit 1 (a KettleError) or 2 (argparse
 flag) with exactly one line on stderr, no traceback, and leave the store's tables, the model and
 run directories exactly as they were.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from gpt.files import sha256_file
 from data.paths import config_path, kettle_home
 from data.store import open_store
 from gpt.errors import KettleError
+from gpt.files import sha256_file
 from tests.tui import bad_inputs
 from tests.tui.bad_inputs import ROOT
 from tui.cli import main
@@ -50,8 +51,11 @@ def state() -> tuple[list[str], list[str]]:
     database's own files (and the app's log)."""
     with sqlite3.connect(kettle_home() / "kettle.db") as con:
         rows = list(con.iterdump())
-    paths = sorted(p.relative_to(kettle_home()).as_posix() for p in kettle_home().rglob("*")
-                   if not p.name.startswith("kettle.db") and p.name != "app.log")
+    paths = sorted(
+        p.relative_to(kettle_home()).as_posix()
+        for p in kettle_home().rglob("*")
+        if not p.name.startswith("kettle.db") and p.name != "app.log"
+    )
     return rows, paths
 
 
@@ -67,11 +71,15 @@ def seeded(tiny_model_dir, tmp_path, capsys) -> dict[str, str]:
     text = tmp_path / "corpus.txt"
     text.write_text("A kettle boils water. " * 50, encoding="utf-8")
     tsv = tmp_path / "labels.tsv"
-    tsv.write_text("".join(f"{'spam' if i % 2 else 'ham'}\tmessage number {i}\n" for i in range(40)),
-                   encoding="utf-8")
+    tsv.write_text("".join(f"{'spam' if i % 2 else 'ham'}\tmessage number {i}\n" for i in range(40)), encoding="utf-8")
     capsys.readouterr()
-    return {"model": str(tiny_model_dir), "data": str(data), "text": str(text), "tsv": str(tsv),
-            "out": str(tmp_path / "out")}
+    return {
+        "model": str(tiny_model_dir),
+        "data": str(data),
+        "text": str(text),
+        "tsv": str(tsv),
+        "out": str(tmp_path / "out"),
+    }
 
 
 def test_the_kept_corpus_is_what_the_code_makes(tmp_path):
@@ -140,13 +148,16 @@ def test_a_bad_flag_is_refused_in_one_line(case, seeded, capsys):
 
 def test_a_real_process_prints_the_line_alone(seeded, tmp_path):
     """Outside pytest's capture: stderr's own encoding, a process that exits for good."""
-    cases = [(["data", "import", str(ROOT / "imports" / "surrogate-openai.jsonl")], 1),
-             (["generate", str(ROOT / "models" / "weights-exploding-pickle"), "Hi"], 1),
-             (["serve", "--port", "-1"], 2)]
+    cases = [
+        (["data", "import", str(ROOT / "imports" / "surrogate-openai.jsonl")], 1),
+        (["generate", str(ROOT / "models" / "weights-exploding-pickle"), "Hi"], 1),
+        (["serve", "--port", "-1"], 2),
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     for argv, code in cases:
-        done = subprocess.run([sys.executable, "-m", "tui.cli", *argv], capture_output=True,
-                              text=True, env=env, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "tui.cli", *argv], capture_output=True, text=True, env=env, timeout=120
+        )
         assert done.returncode == code and done.stdout.strip() == "", (argv, done.stdout)
         one_line(done.stderr)
 
@@ -179,6 +190,7 @@ async def test_the_app_imports_no_broken_model_and_keeps_having_none(kettle_home
     """With no model yet, the welcome screen's import (i) of a broken directory used to register
     it and make it the active model; now it says why, once, and the store stays empty."""
     from test_app import SIZE, wait_until
+
     from tui.app import KettleApp
 
     broken = ROOT / "models" / "weights-truncated"
@@ -189,17 +201,20 @@ async def test_the_app_imports_no_broken_model_and_keeps_having_none(kettle_home
         await wait_until(pilot, lambda: app.screen.__class__.__name__ == "TextModal", "the path box")
         app.screen.query_one("#text").value = str(broken)
         await pilot.press("enter")
-        await wait_until(pilot, lambda: any("corrupt or truncated" in n.message
-                                            for n in app._notifications), "the error")
+        await wait_until(
+            pilot, lambda: any("corrupt or truncated" in n.message for n in app._notifications), "the error"
+        )
         assert app.store.model_versions() == [] and app.store.active_model() is None
 
 
 async def test_an_unusable_key_keeps_its_default_and_the_app_can_always_quit(app_model):
     from test_app import SIZE, open_chat, wait_until
+
     from tui.app import KettleApp
 
-    config_path().write_text(json.dumps({"keys": {"app.quit": "ctrl+,,,", "chat.stop": "ctrl+q",
-                                                  "app.help": "f1,f12"}}), encoding="utf-8")
+    config_path().write_text(
+        json.dumps({"keys": {"app.quit": "ctrl+,,,", "chat.stop": "ctrl+q", "app.help": "f1,f12"}}), encoding="utf-8"
+    )
     app = KettleApp()
     async with app.run_test(size=SIZE) as pilot:
         await open_chat(pilot, app)

@@ -1,4 +1,5 @@
 """`kettle data ...` end to end on the KETTLE_HOME database."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,7 @@ def test_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("kettle: error: ") and "bad.jsonl, line 1" in err
     assert len(err.strip().splitlines()) == 1
-    assert main(["data", "export", "--format", "alpaca", "--snapshot", "7",
-                 str(tmp_path / "x.json")]) == 1
+    assert main(["data", "export", "--format", "alpaca", "--snapshot", "7", str(tmp_path / "x.json")]) == 1
     assert "no dataset snapshot with id 7" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
 
@@ -63,15 +63,15 @@ def test_export_guards(tmp_path, capsys):
     assert json.loads(out.read_text()) == []
     assert main(["data", "snapshot", "create"]) == 0
     assert "nothing chosen" in capsys.readouterr().out
-    assert main(["data", "export", "--format", "alpaca", "--snapshot", "1", "--tag", "x",
-                 "--force", str(out)]) == 1
+    assert main(["data", "export", "--format", "alpaca", "--snapshot", "1", "--tag", "x", "--force", str(out)]) == 1
     assert "drop the filter options" in capsys.readouterr().err
 
 
 def test_importing_twice_needs_again(tmp_path, capsys):
     source = tmp_path / "chat.jsonl"
-    source.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                               {"role": "assistant", "content": "hello"}]}) + "\n")
+    source.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n"
+    )
     assert main(["data", "import", str(source)]) == 0
     assert main(["data", "import", str(source)]) == 1
     assert "--again" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """`kettle finetune` and `kettle classify` from the command line."""
+
 from __future__ import annotations
 
 import json
@@ -9,15 +10,32 @@ from tui.cli import main
 
 
 def _alpaca(path, n=12):
-    path.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"{i} it is."}
-                                for i in range(n)]), encoding="utf-8")
+    path.write_text(
+        json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"{i} it is."} for i in range(n)]),
+        encoding="utf-8",
+    )
     return path
 
 
 def test_finetune_command_runs_and_reports(tiny_model_dir, tmp_path, capsys):
     data = _alpaca(tmp_path / "data.json")
-    code = main(["finetune", "--model", str(tiny_model_dir), "--data", str(data), "--epochs", "1",
-                 "--lora", "--lora-rank", "2", "--name", "cli-model", "--no-progress"])
+    code = main(
+        [
+            "finetune",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(data),
+            "--epochs",
+            "1",
+            "--lora",
+            "--lora-rank",
+            "2",
+            "--name",
+            "cli-model",
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "run 1 finished: model cli-model" in out and "gate" in out
@@ -55,9 +73,29 @@ def test_classify_train_eval_predict(tiny_model_dir, tmp_path, capsys):
     data = tmp_path / "sms.tsv"
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out_dir = tmp_path / "clf"
-    assert main(["classify", "train", "--model", str(tiny_model_dir), "--data", str(data),
-                 "--out", str(out_dir), "--trainable", "all", "--lr", "1e-3", "--epochs", "3",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "classify",
+                "train",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(out_dir),
+                "--trainable",
+                "all",
+                "--lr",
+                "1e-3",
+                "--epochs",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "test accuracy" in out and "true \\ pred" in out and out_dir.is_dir()
     assert main(["classify", "eval", str(out_dir), "--data", str(data), "--device", "cpu"]) == 0
@@ -65,6 +103,5 @@ def test_classify_train_eval_predict(tiny_model_dir, tmp_path, capsys):
     assert main(["classify", "predict", str(out_dir), "house WIN cash now", "--device", "cpu"]) == 0
     label, prob, text = capsys.readouterr().out.strip().split("\t")
     assert label == "spam" and 0.5 < float(prob) <= 1 and text == "house WIN cash now"
-    assert main(["classify", "train", "--model", str(tiny_model_dir), "--data", str(data),
-                 "--out", str(out_dir)]) == 1
+    assert main(["classify", "train", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out_dir)]) == 1
     assert "already exists" in capsys.readouterr().err

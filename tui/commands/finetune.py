@@ -1,4 +1,5 @@
 """`kettle finetune ...` (instruction fine-tuning runs) and `kettle classify train|eval|predict`."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,50 +8,92 @@ from tui.commands import flags
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="M", help="base model: a model version name or id, a model "
-                                                "directory, or a name under KETTLE_HOME/models")
+    p.add_argument(
+        "--model",
+        metavar="M",
+        help="base model: a model version name or id, a model directory, or a name under KETTLE_HOME/models",
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--snapshot", type=flags.record_id, metavar="ID", help="a dataset snapshot of the store")
-    src.add_argument("--data", metavar="FILE", help="a dataset file: Alpaca JSON, ShareGPT, OpenAI "
-                                                    "chat JSONL or DPO pairs")
+    src.add_argument(
+        "--data", metavar="FILE", help="a dataset file: Alpaca JSON, ShareGPT, OpenAI chat JSONL or DPO pairs"
+    )
     p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
     p.add_argument("--lora-rank", type=flags.positive_int, metavar="R", help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=flags.positive, metavar="A", help="LoRA alpha (default 16)")
     p.add_argument("--lora-dropout", type=flags.share, metavar="P", help="LoRA dropout (default 0)")
-    p.add_argument("--lora-targets", metavar="LIST",
-                   help="comma-separated layers: attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj (default all)")
-    p.add_argument("--epochs", type=flags.positive_int, metavar="N", help="at most N epochs (default: from the data size)")
-    p.add_argument("--lr", type=flags.positive, metavar="X", help="peak learning rate (default: from the model's width and the method)")
+    p.add_argument(
+        "--lora-targets",
+        metavar="LIST",
+        help="comma-separated layers: attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj (default all)",
+    )
+    p.add_argument(
+        "--epochs", type=flags.positive_int, metavar="N", help="at most N epochs (default: from the data size)"
+    )
+    p.add_argument(
+        "--lr",
+        type=flags.positive,
+        metavar="X",
+        help="peak learning rate (default: from the model's width and the method)",
+    )
     p.add_argument("--warmup", type=flags.count, metavar="N", help="warm-up steps (default: 5%% of the steps)")
-    p.add_argument("--batch-tokens", type=flags.positive_int, metavar="N", help="padded tokens per batch (default 8192)")
-    p.add_argument("--max-batch-size", type=flags.positive_int, metavar="N", help="examples per batch (default: n/8, at most 32)")
-    p.add_argument("--max-length", type=flags.positive_int, metavar="N", help="tokens per example (default: the context)")
-    p.add_argument("--val-fraction", type=flags.share, metavar="F",
-                   help="held-out share of your examples (default 10%% from 100 examples on, none below)")
-    p.add_argument("--replay", type=flags.count, metavar="N",
-                   help="examples of the base's own instruction data mixed into each epoch "
-                        "(default: 4 for each of yours; 0: none)")
-    p.add_argument("--patience", type=flags.positive_int, metavar="N", help="validations without improvement before stopping (default 3)")
+    p.add_argument(
+        "--batch-tokens", type=flags.positive_int, metavar="N", help="padded tokens per batch (default 8192)"
+    )
+    p.add_argument(
+        "--max-batch-size", type=flags.positive_int, metavar="N", help="examples per batch (default: n/8, at most 32)"
+    )
+    p.add_argument(
+        "--max-length", type=flags.positive_int, metavar="N", help="tokens per example (default: the context)"
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=flags.share,
+        metavar="F",
+        help="held-out share of your examples (default 10%% from 100 examples on, none below)",
+    )
+    p.add_argument(
+        "--replay",
+        type=flags.count,
+        metavar="N",
+        help="examples of the base's own instruction data mixed into each epoch "
+        "(default: 4 for each of yours; 0: none)",
+    )
+    p.add_argument(
+        "--patience",
+        type=flags.positive_int,
+        metavar="N",
+        help="validations without improvement before stopping (default 3)",
+    )
     p.add_argument("--seed", type=flags.seed)
     p.add_argument("--name", help="the new model's name (default <base>-ft<run id>)")
-    p.add_argument("--device", type=flags.device, default="auto",
-                   help="auto (default), cpu, cuda or mps")
+    p.add_argument("--device", type=flags.device, default="auto", help="auto (default), cpu, cuda or mps")
     p.add_argument("--no-activate", action="store_true", help="do not make the new model active")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
 
 
-SFT_FLAGS = {"epochs": "epochs", "lr": "lr", "warmup": "warmup_steps", "batch_tokens": "batch_tokens",
-             "max_batch_size": "max_batch_size", "max_length": "max_length",
-             "val_fraction": "val_fraction", "patience": "patience", "seed": "seed",
-             "replay": "replay"}
+SFT_FLAGS = {
+    "epochs": "epochs",
+    "lr": "lr",
+    "warmup": "warmup_steps",
+    "batch_tokens": "batch_tokens",
+    "max_batch_size": "max_batch_size",
+    "max_length": "max_length",
+    "val_fraction": "val_fraction",
+    "patience": "patience",
+    "seed": "seed",
+    "replay": "replay",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "finetune", help="fine-tune a model on a snapshot or a dataset file (full or LoRA)",
+        "finetune",
+        help="fine-tune a model on a snapshot or a dataset file (full or LoRA)",
         description="Instruction fine-tuning as a resumable run recorded in the store. Ctrl-C or "
-                    "SIGTERM saves a checkpoint; `kettle finetune resume RUN` continues it. "
-                    "Under `torchrun --nproc_per_node N -m tui.cli finetune ...` it uses DDP.")
+        "SIGTERM saves a checkpoint; `kettle finetune resume RUN` continues it. "
+        "Under `torchrun --nproc_per_node N -m tui.cli finetune ...` it uses DDP.",
+    )
     _train_options(p)
     p.set_defaults(func=finetune_command, run_id=None)
     actions = p.add_subparsers(dest="finetune_action", metavar="ACTION")
@@ -67,8 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     cancel = actions.add_parser("cancel", help="stop a running run (it saves a checkpoint)")
     cancel.add_argument("run", type=flags.record_id, metavar="RUN")
     cancel.set_defaults(func=cancel_command)
-    merge = actions.add_parser("merge", help="merge a LoRA adapter (Kettle's or PEFT's) into a full "
-                                             "model directory")
+    merge = actions.add_parser("merge", help="merge a LoRA adapter (Kettle's or PEFT's) into a full model directory")
     merge.add_argument("--base", required=True, metavar="M", help="the base model the adapter was trained on")
     merge.add_argument("--adapter", required=True, metavar="DIR")
     merge.add_argument("--out", required=True, metavar="DIR")
@@ -80,8 +122,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--model", required=True, metavar="M", help="base model (directory or name)")
     t.add_argument("--data", required=True, metavar="FILE", help="CSV or TSV of text and label")
     t.add_argument("--out", required=True, metavar="DIR", help="the classifier directory to write")
-    t.add_argument("--trainable", default="last-1", metavar="WHICH",
-                   help="head, last-N (last N blocks + final norm + head), all, or lora (default last-1)")
+    t.add_argument(
+        "--trainable",
+        default="last-1",
+        metavar="WHICH",
+        help="head, last-N (last N blocks + final norm + head), all, or lora (default last-1)",
+    )
     t.add_argument("--balance", action="store_true", help="downsample classes to the smallest")
     t.add_argument("--epochs", type=flags.positive_int, default=5)
     t.add_argument("--lr", type=flags.positive, default=5e-5)
@@ -122,8 +168,15 @@ def _spec(args):
             dropout=args.lora_dropout if args.lora_dropout is not None else defaults.dropout,
             targets=tuple(t.strip() for t in args.lora_targets.split(",")) if args.lora_targets else TARGETS,
         ).to_dict()
-    return JobSpec(model=args.model, snapshot_id=args.snapshot, data=args.data, sft=sft,
-                   name=args.name, device=args.device, activate=not args.no_activate)
+    return JobSpec(
+        model=args.model,
+        snapshot_id=args.snapshot,
+        data=args.data,
+        sft=sft,
+        name=args.name,
+        device=args.device,
+        activate=not args.no_activate,
+    )
 
 
 def _check(spec) -> None:
@@ -178,8 +231,10 @@ def _report(run) -> int:
     from finetune.verdict import summary_lines
 
     if run.status == "cancelled":
-        print(f"run {run.id} stopped at step {run.step}/{run.total_steps}; "
-              f"continue it with `kettle finetune resume {run.id}`")
+        print(
+            f"run {run.id} stopped at step {run.step}/{run.total_steps}; "
+            f"continue it with `kettle finetune resume {run.id}`"
+        )
         return 130
     if run.output_model_id is None:  # a DDP rank other than 0
         return 0
@@ -212,9 +267,16 @@ def list_command(args) -> int:
             loss = next((m["loss"] for _, m in reversed(metrics) if "loss" in m), None)
             val = next((m["val_loss"] for _, m in reversed(metrics) if "val_loss" in m), None)
             out = store.model_version(r.output_model_id).name if r.output_model_id else ""
-            table.add_row(str(r.id), r.status, r.config.get("spec", {}).get("model", ""),
-                          f"{r.step}/{r.total_steps or '?'}", "" if loss is None else f"{loss:.3f}",
-                          "" if val is None else f"{val:.3f}", out, r.error or "")
+            table.add_row(
+                str(r.id),
+                r.status,
+                r.config.get("spec", {}).get("model", ""),
+                f"{r.step}/{r.total_steps or '?'}",
+                "" if loss is None else f"{loss:.3f}",
+                "" if val is None else f"{val:.3f}",
+                out,
+                r.error or "",
+            )
     Console().print(table)
     return 0
 
@@ -242,22 +304,35 @@ def merge_command(args) -> int:
 
 # --- classification ------------------------------------------------------------------------------
 
+
 def classify_train_command(args) -> int:
     from pathlib import Path
 
     from data.registry import resolve_model_dir
-    from finetune.classify import (ClassifyConfig, class_counts, format_confusion, read_labeled,
-                                   save_classifier, train_classifier)
+    from finetune.classify import (
+        ClassifyConfig,
+        class_counts,
+        format_confusion,
+        read_labeled,
+        save_classifier,
+        train_classifier,
+    )
+    from finetune.train import Display
     from gpt.checkpoint import load_model
     from gpt.device import pick_device
     from gpt.errors import KettleError
-    from finetune.train import Display
 
     device = pick_device(args.device)
     examples = read_labeled(args.data)
-    config = ClassifyConfig(trainable=args.trainable, epochs=args.epochs, lr=args.lr,
-                            batch_size=args.batch_size, max_length=args.max_length,
-                            balance=args.balance, seed=args.seed)
+    config = ClassifyConfig(
+        trainable=args.trainable,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        balance=args.balance,
+        seed=args.seed,
+    )
     if Path(args.out).exists() and not args.overwrite:
         raise KettleError(f"{args.out}: already exists (choose another --out, or --overwrite)")
     model, tokenizer = load_model(resolve_model_dir(args.model), device=device)
@@ -272,7 +347,8 @@ def classify_train_command(args) -> int:
 
     try:
         clf, labels, max_length, metrics = train_classifier(
-            model, tokenizer, examples=examples, config=config, device=device, on_step=on_step)
+            model, tokenizer, examples=examples, config=config, device=device, on_step=on_step
+        )
     finally:
         if display is not None:
             display.close()
@@ -281,8 +357,16 @@ def classify_train_command(args) -> int:
     test = metrics["test"]
     print(f"test accuracy {test['accuracy']:.2%} on {test['n']} examples")
     print(format_confusion(test["confusion"], labels))
-    save_classifier(clf, tokenizer, labels=labels, max_length=max_length, directory=args.out,
-                    config=config, metrics=metrics, overwrite=args.overwrite)
+    save_classifier(
+        clf,
+        tokenizer,
+        labels=labels,
+        max_length=max_length,
+        directory=args.out,
+        config=config,
+        metrics=metrics,
+        overwrite=args.overwrite,
+    )
     print(f"classifier saved to {args.out}")
     return 0
 

@@ -4,6 +4,7 @@ directory, no model loaded) with one line naming the flag, and exit status 2.
 
 Only the standard library here: `kettle --help` builds every parser, and must stay instant.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,9 +14,15 @@ from typing import Callable
 
 def integer(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
     """An integer flag in [low, high] (an open end where None)."""
-    allowed = "an integer" + (f" in {low}..{high}" if low is not None and high is not None
-                              else f" >= {low}" if low is not None
-                              else f" <= {high}" if high is not None else "")
+    allowed = "an integer" + (
+        f" in {low}..{high}"
+        if low is not None and high is not None
+        else f" >= {low}"
+        if low is not None
+        else f" <= {high}"
+        if high is not None
+        else ""
+    )
 
     def parse(text: str) -> int:
         try:
@@ -29,8 +36,9 @@ def integer(low: int | None = None, high: int | None = None) -> Callable[[str], 
     return parse
 
 
-def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-           high_open: bool = False) -> Callable[[str], float]:
+def number(
+    low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], float]:
     """A finite number flag between low and high (excluded where `*_open`)."""
     if low is not None and high is not None:
         allowed = f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
@@ -46,20 +54,22 @@ def number(low: float | None = None, high: float | None = None, *, low_open: boo
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
-        if (not math.isfinite(value)
-                or (low is not None and (value <= low if low_open else value < low))
-                or (high is not None and (value >= high if high_open else value > high))):
+        if (
+            not math.isfinite(value)
+            or (low is not None and (value <= low if low_open else value < low))
+            or (high is not None and (value >= high if high_open else value > high))
+        ):
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
         return value
 
     return parse
 
 
-positive_int = integer(1)            # steps, sizes, lengths, counts that must not be zero
-count = integer(0)                   # zero or more (warm-up steps, replay examples)
-record_id = integer(1)               # store ids (runs, snapshots) start at 1
-port = integer(0, 65535)             # 0: the system picks a free port
-seed = integer(0, 2**64 - 1)         # what torch.manual_seed takes
+positive_int = integer(1)  # steps, sizes, lengths, counts that must not be zero
+count = integer(0)  # zero or more (warm-up steps, replay examples)
+record_id = integer(1)  # store ids (runs, snapshots) start at 1
+port = integer(0, 65535)  # 0: the system picks a free port
+seed = integer(0, 2**64 - 1)  # what torch.manual_seed takes
 positive = number(0, low_open=True)  # learning rates, LoRA alpha, seconds
 share = number(0, 1, high_open=True)  # dropout and held-out shares: [0, 1)
 
@@ -109,6 +119,10 @@ def quantize(text: str) -> str:
 
 def add_quantize(parser: argparse.ArgumentParser) -> None:
     """--quantize, for the commands that load a model to generate with (generate, serve)."""
-    parser.add_argument("--quantize", type=quantize, metavar="MODE",
-                        help="int8: 8-bit weights through PyTorch's int8 kernels, about 2x faster "
-                             "decoding on the CPU (CPU only; config.json \"quantize\" for the app)")
+    parser.add_argument(
+        "--quantize",
+        type=quantize,
+        metavar="MODE",
+        help="int8: 8-bit weights through PyTorch's int8 kernels, about 2x faster "
+        'decoding on the CPU (CPU only; config.json "quantize" for the app)',
+    )

@@ -1,4 +1,5 @@
 """`kettle generate MODEL PROMPT`: one answer from a model, with every sampling control."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,33 +8,34 @@ import sys
 from gpt.sampling import PARAMS, PRESETS
 from tui.commands import flags
 
-
 # One flag per sampling parameter that declares one (gpt.sampling.PARAMS), named after it.
 SAMPLING_FLAGS = tuple(param for param in PARAMS if param.metavar)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "generate", help="continue a prompt (or answer it as a chat with --chat)",
+        "generate",
+        help="continue a prompt (or answer it as a chat with --chat)",
         description="Continue PROMPT with MODEL and print the new text. The generation figures "
-                    "(tokens, time to first token, tokens/s, seed) go to stderr.")
+        "(tokens, time to first token, tokens/s, seed) go to stderr.",
+    )
     p.add_argument("model", metavar="MODEL", help="model directory, or a model name under KETTLE_HOME/models")
     p.add_argument("prompt", metavar="PROMPT", help="the text to continue; - reads it from stdin")
-    p.add_argument("--chat", action="store_true",
-                   help="treat PROMPT as a user message and answer it with the chat template")
+    p.add_argument(
+        "--chat", action="store_true", help="treat PROMPT as a user message and answer it with the chat template"
+    )
     p.add_argument("--system", metavar="TEXT", help="system prompt (with --chat)")
-    p.add_argument("--preset", choices=list(PRESETS),
-                   help="start from these sampling settings; the flags below override them")
+    p.add_argument(
+        "--preset", choices=list(PRESETS), help="start from these sampling settings; the flags below override them"
+    )
     for param in SAMPLING_FLAGS:
         flag = "--" + param.name.replace("_", "-")
         if param.many:  # repeatable; checked with the others in sampling_params
             p.add_argument(flag, action="append", metavar=param.metavar, help=param.help)
         else:
-            p.add_argument(flag, type=flags.sampling(param.name, param.kind),
-                           metavar=param.metavar, help=param.help)
+            p.add_argument(flag, type=flags.sampling(param.name, param.kind), metavar=param.metavar, help=param.help)
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--device", type=flags.device,
-                   help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--device", type=flags.device, help="cpu, cuda, cuda:N or mps (default: the best available)")
     flags.add_quantize(p)
     p.set_defaults(func=generate_command)
 
@@ -62,7 +64,7 @@ def generate_command(args) -> int:
     params = sampling_params(args)
     engine = Engine.load(resolve_model_dir(args.model), device=args.device, quantize=args.quantize)
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages = [{"role": "system", "content": args.system}] if args.system else []
         stream = engine.stream_chat(messages + [{"role": "user", "content": prompt}], params)
     else:
         stream = engine.stream(prompt, params)
@@ -78,9 +80,15 @@ def generate_command(args) -> int:
     sys.stdout.write("\n")
     sys.stdout.flush()  # the answer before the figures, also when both go to one terminal
     dropped = f", {result.dropped_tokens} prompt tokens dropped to fit" if result.dropped_tokens else ""
-    drafts = (f", speculative drafts kept {result.accepted_tokens}/{result.drafted_tokens} "
-              f"({result.acceptance_rate:.0%})" if result.drafted_tokens else "")
-    print(f"[{result.new_tokens} tokens, finish: {result.finish_reason}, prompt {result.prompt_tokens} "
-          f"tokens{dropped}, first token {result.ttft_s * 1000:.0f} ms, {result.tokens_per_s:.1f} tokens/s"
-          f"{drafts}, seed {result.seed}, {engine.device}]", file=sys.stderr)
+    drafts = (
+        f", speculative drafts kept {result.accepted_tokens}/{result.drafted_tokens} ({result.acceptance_rate:.0%})"
+        if result.drafted_tokens
+        else ""
+    )
+    print(
+        f"[{result.new_tokens} tokens, finish: {result.finish_reason}, prompt {result.prompt_tokens} "
+        f"tokens{dropped}, first token {result.ttft_s * 1000:.0f} ms, {result.tokens_per_s:.1f} tokens/s"
+        f"{drafts}, seed {result.seed}, {engine.device}]",
+        file=sys.stderr,
+    )
     return 0

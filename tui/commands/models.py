@@ -1,4 +1,5 @@
 """`kettle import-hf`, `kettle export-hf`, `kettle download`: getting models in and out."""
+
 from __future__ import annotations
 
 import argparse
@@ -44,15 +45,16 @@ def export_hf_command(args) -> int:
 
 
 def download_command(args) -> int:
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     from data.paths import models_dir
     from gpt.download import download_gpt2
 
     out = Path(args.out) if args.out else models_dir() / args.size
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn()) as progress:
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()
+    ) as progress:
+
         def progress_factory(name):
             task = progress.add_task(name, total=None)
             return lambda done, total: progress.update(task, completed=done, total=total)

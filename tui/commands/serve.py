@@ -1,4 +1,5 @@
 """`kettle serve [MODEL]`: the OpenAI-compatible HTTP API (gpt/server.py) for other programs."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,30 +11,47 @@ from tui.commands import flags
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve MODEL at http://HOST:PORT/v1 (chat/completions, completions, models; "
-                    "streaming with server-sent events). Switch the served model without a "
-                    "restart with POST /v1/models/switch {\"model\": NAME}.")
-    p.add_argument("model", metavar="MODEL", nargs="?",
-                   help="a store model version or a model under KETTLE_HOME/models, by name "
-                        "(looked up before a folder of that name here), or a model directory "
-                        "path (default: the active model)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this machine only)")
+        "streaming with server-sent events). Switch the served model without a "
+        'restart with POST /v1/models/switch {"model": NAME}.',
+    )
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        nargs="?",
+        help="a store model version or a model under KETTLE_HOME/models, by name "
+        "(looked up before a folder of that name here), or a model directory "
+        "path (default: the active model)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=flags.port, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--api-key", metavar="KEY",
-                   help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV}, which "
-                        "keeps the key out of the process list)")
-    p.add_argument("--device", type=flags.device,
-                   help="cpu, cuda, cuda:N or mps (default: the best available)")
-    p.add_argument("--allow-origin", metavar="ORIGIN", action="append", default=[],
-                   help="let web pages from ORIGIN (like http://localhost:3000) use the server; "
-                        "repeatable; config.json: {\"serve\": {\"allow_origins\": [...]}} "
-                        "(default: none, only programs and this server's own address)")
-    p.add_argument("--allow-host", metavar="NAME", action="append", default=[],
-                   help="accept requests whose Host header is NAME (a name of this machine or a "
-                        "proxy in front); repeatable; config.json: {\"serve\": {\"allow_hosts\": "
-                        "[...]}} (default: localhost, 127.0.0.1, [::1] and the address listened on)")
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV}, which "
+        "keeps the key out of the process list)",
+    )
+    p.add_argument("--device", type=flags.device, help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument(
+        "--allow-origin",
+        metavar="ORIGIN",
+        action="append",
+        default=[],
+        help="let web pages from ORIGIN (like http://localhost:3000) use the server; "
+        'repeatable; config.json: {"serve": {"allow_origins": [...]}} '
+        "(default: none, only programs and this server's own address)",
+    )
+    p.add_argument(
+        "--allow-host",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="accept requests whose Host header is NAME (a name of this machine or a "
+        'proxy in front); repeatable; config.json: {"serve": {"allow_hosts": '
+        "[...]}} (default: localhost, 127.0.0.1, [::1] and the address listened on)",
+    )
     flags.add_quantize(p)
     p.set_defaults(func=serve_command)
 
@@ -67,10 +85,10 @@ def allowed(args) -> tuple[list[str], list[str]]:
         print(f"kettle: warning: {problem}", file=sys.stderr)
     settings = config.get("serve", {})
     if not isinstance(settings, dict):
-        raise KettleError(f'{config_path()}: "serve" must be an object like '
-                          '{"allow_origins": [...], "allow_hosts": [...]}')
-    for key, parse, found in (("allow_origins", parse_origin, origins),
-                              ("allow_hosts", parse_host, hosts)):
+        raise KettleError(
+            f'{config_path()}: "serve" must be an object like {{"allow_origins": [...], "allow_hosts": [...]}}'
+        )
+    for key, parse, found in (("allow_origins", parse_origin, origins), ("allow_hosts", parse_host, hosts)):
         listed = settings.get(key, [])
         where = f'{config_path()}: "serve" "{key}"'
         if not isinstance(listed, list) or not all(isinstance(v, str) for v in listed):
@@ -93,19 +111,23 @@ def serve_command(args) -> int:
     logging.getLogger("kettle").addHandler(handler)  # one line per answer: tokens, speed
     logging.getLogger("kettle").setLevel(logging.INFO)
     sock = listen(args.host, args.port)  # before loading: a taken port fails at once
-    service = InProcessService(args.model, catalog=StoreCatalog(), device=args.device,
-                               quantize=args.quantize)
+    service = InProcessService(args.model, catalog=StoreCatalog(), device=args.device, quantize=args.quantize)
     try:
         info = service.load()
         host, port = sock.getsockname()[:2]
         url_host = f"[{host}]" if ":" in host else host
-        print(f"kettle: serving {info.name} at http://{url_host}:{port}/v1"
-              f"{' (API key required)' if key else ''}", flush=True)
+        print(
+            f"kettle: serving {info.name} at http://{url_host}:{port}/v1{' (API key required)' if key else ''}",
+            flush=True,
+        )
         if key is None and args.host not in LOCAL_NAMES:
-            print(f"kettle: warning: listening on {args.host} without --api-key: anyone who can "
-                  "reach this machine can use the model", file=sys.stderr, flush=True)
-        build_server(service, key, allow_origins=allow_origins,
-                     allow_hosts=allow_hosts).run(sockets=[sock])
+            print(
+                f"kettle: warning: listening on {args.host} without --api-key: anyone who can "
+                "reach this machine can use the model",
+                file=sys.stderr,
+                flush=True,
+            )
+        build_server(service, key, allow_origins=allow_origins, allow_hosts=allow_hosts).run(sockets=[sock])
     finally:
         service.close()
         sock.close()

@@ -1,4 +1,5 @@
 """The chat screen: conversations, streamed answers, branches, labels, sampling settings."""
+
 from __future__ import annotations
 
 import asyncio
@@ -9,8 +10,8 @@ from dataclasses import dataclass, field
 from textual import on, work
 from textual.app import SystemCommand
 from textual.binding import Binding
-from textual.markup import escape
 from textual.containers import Horizontal, Vertical
+from textual.markup import escape
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Static
 
@@ -41,6 +42,7 @@ WIDE_COLUMNS = 120
 @dataclass
 class ThreadData:
     """What the screen shows of one conversation, read in one go off the UI thread."""
+
     conversation: Conversation
     thread: list[Message]
     labels: dict[int, Label]
@@ -62,17 +64,16 @@ def read_thread(store: Store, conversation_id: int) -> ThreadData:
 
 def title_from(text: str) -> str:
     line = " ".join(text.split())
-    return line if len(line) <= TITLE_CHARS else line[:TITLE_CHARS - 1] + "…"
+    return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1] + "…"
 
 
 def default_params(config: dict) -> SamplingParams:
     """Settings for a new chat: the balanced preset, changed by config.json's "sampling" object
     (e.g. {"sampling": {"temperature": 0.2, "max_new_tokens": 512}})."""
     try:
-        return SamplingParams.from_dict({**get_preset("balanced").to_dict(),
-                                         **(config.get("sampling") or {})})
+        return SamplingParams.from_dict({**get_preset("balanced").to_dict(), **(config.get("sampling") or {})})
     except (KettleError, TypeError) as exc:
-        raise KettleError(f"config.json \"sampling\": {exc}") from None
+        raise KettleError(f'config.json "sampling": {exc}') from None
 
 
 def conversation_params(conv: Conversation | None, default: SamplingParams) -> SamplingParams:
@@ -104,7 +105,7 @@ class ChatScreen(Screen):
         self.params = self.default_params
         self.system_prompt = ""
         self.request_id: str | None = None  # set from the moment an answer is asked for
-        self.stop_requested = False          # Esc before the request reached the service
+        self.stop_requested = False  # Esc before the request reached the service
         self.streamed_tokens = 0
         self.sidebar_wanted = True  # the chat list, unless Ctrl+B hid it
 
@@ -180,8 +181,9 @@ class ChatScreen(Screen):
             sidebar.show_hits(await self.app.db(self.store.search, query, 50))
         else:
             conversations = await self.app.db(self.store.list_conversations, 200)
-            sidebar.show_conversations(conversations, self.conversation.id if self.conversation else None,
-                                       now=self.app.clock())
+            sidebar.show_conversations(
+                conversations, self.conversation.id if self.conversation else None, now=self.app.clock()
+            )
 
     @work(group="chat-jobs")
     @guarded
@@ -223,9 +225,11 @@ class ChatScreen(Screen):
     @guarded
     async def _delete(self, event: ConversationList.DeleteRequested) -> None:
         conv = await self.app.db(self.store.conversation, event.conversation_id)
-        question = (f"Delete the chat [b]{escape(conv.title or 'New chat')}[/] ({conv.message_count} messages)?\n"
-                    "[dim]It leaves the list, search and new datasets; labels and snapshots "
-                    "keep their history.[/]")
+        question = (
+            f"Delete the chat [b]{escape(conv.title or 'New chat')}[/] ({conv.message_count} messages)?\n"
+            "[dim]It leaves the list, search and new datasets; labels and snapshots "
+            "keep their history.[/]"
+        )
         if not await self.app.push_screen_wait(ConfirmModal(question, yes="Delete")):
             return
         await self.app.db(self.store.delete_conversation, conv.id)
@@ -272,15 +276,15 @@ class ChatScreen(Screen):
         messages = self.query_one(MessageList)
         views = messages.views()
         keep = 0
-        while (keep < len(views) and keep < len(data.thread)
-               and views[keep].message_id == data.thread[keep].id):
+        while keep < len(views) and keep < len(data.thread) and views[keep].message_id == data.thread[keep].id:
             m = data.thread[keep]
             views[keep].update(m, data.labels.get(m.id), position=data.positions[m.id])
             keep += 1
         for view in views[keep:]:
             await view.remove()
-        new = [MessageView(m.role, m.content, m, data.labels.get(m.id), data.positions[m.id])
-               for m in data.thread[keep:]]
+        new = [
+            MessageView(m.role, m.content, m, data.labels.get(m.id), data.positions[m.id]) for m in data.thread[keep:]
+        ]
         if new:
             await messages.mount_all(new)
             messages.anchor()
@@ -307,12 +311,17 @@ class ChatScreen(Screen):
                 raise KettleError("there is no model to answer yet (F4 opens the models screen)")
             if self.conversation is None:
                 self.conversation = await self.app.db(
-                    self.store.create_conversation, title_from(text), self.system_prompt,
-                    params=self.params.to_dict(), model=None)
+                    self.store.create_conversation,
+                    title_from(text),
+                    self.system_prompt,
+                    params=self.params.to_dict(),
+                    model=None,
+                )
             shown = self.query_one(MessageList).views()
             parent = shown[-1].message_id if shown else None
-            user = await self.app.db(self.store.add_message, self.conversation.id, "user",
-                                     content=text, parent_id=parent)
+            user = await self.app.db(
+                self.store.add_message, self.conversation.id, "user", content=text, parent_id=parent
+            )
             await self.reload()
             self.refresh_list()
             await self.generate(user.id)
@@ -354,9 +363,11 @@ class ChatScreen(Screen):
                         fresh = "".join(parts[shown:])
                         await stream.write(fresh)
                         shown, chars = len(parts), chars + len(fresh)
-                        self.show_status(f"[b]writing…[/] {self.streamed_tokens} pieces · "
-                                         f"{self.streamed_tokens / (now - started):.0f}/s  "
-                                         "[dim]Esc stops[/]")
+                        self.show_status(
+                            f"[b]writing…[/] {self.streamed_tokens} pieces · "
+                            f"{self.streamed_tokens / (now - started):.0f}/s  "
+                            "[dim]Esc stops[/]"
+                        )
                 elif isinstance(event, Done):
                     result, model = event.result, event.model
                 else:
@@ -375,17 +386,26 @@ class ChatScreen(Screen):
         await view.body.update(text)
         if result is None:
             return
-        saved = await self.app.db(self._save_answer, conversation_id, parent_id, text=text,
-                                  params=params, result=result, model=model)
+        saved = await self.app.db(
+            self._save_answer, conversation_id, parent_id, text=text, params=params, result=result, model=model
+        )
         view.update(message=saved)
         await self.reload()
 
-    def _save_answer(self, conversation_id: int, parent_id: int, *, text: str, params: SamplingParams,
-                     result, model) -> Message:
+    def _save_answer(
+        self, conversation_id: int, parent_id: int, *, text: str, params: SamplingParams, result, model
+    ) -> Message:
         version = self.store.find_model_version(model) if model else None
-        return self.store.add_message(conversation_id, "assistant", content=text, parent_id=parent_id,
-                                      model_version_id=version.id if version else None,
-                                      model=model, params=params.to_dict(), generation=result)
+        return self.store.add_message(
+            conversation_id,
+            "assistant",
+            content=text,
+            parent_id=parent_id,
+            model_version_id=version.id if version else None,
+            model=model,
+            params=params.to_dict(),
+            generation=result,
+        )
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         if action == "stop":
@@ -431,27 +451,30 @@ class ChatScreen(Screen):
         elif what == "edit":
             if self.refuse_if_generating():  # before the editor opens
                 return
-            text = await self.app.push_screen_wait(EditorModal(
-                "Edit your message and ask again (the old branch stays)", message.content))
+            text = await self.app.push_screen_wait(
+                EditorModal("Edit your message and ask again (the old branch stays)", message.content)
+            )
             if text is None or not self.claim():
                 return
             try:
-                user = await self.app.db(self.store.add_message, message.conversation_id, "user",
-                                         content=text, parent_id=message.parent_id)
+                user = await self.app.db(
+                    self.store.add_message, message.conversation_id, "user", content=text, parent_id=message.parent_id
+                )
                 await self.reload()
                 await self.generate(user.id)
             finally:
                 self.release()
         elif what == "correct":
-            text = await self.app.push_screen_wait(EditorModal(
-                "Correct the answer: what should Kettle have said? (the original stays)",
-                view.shown_text))
+            text = await self.app.push_screen_wait(
+                EditorModal("Correct the answer: what should Kettle have said? (the original stays)", view.shown_text)
+            )
             if text is not None:
                 await self._set_label(view, ideal=text)
         elif what == "tags":
             tags = ", ".join(view.label.tags) if view.label else ""
-            text = await self.app.push_screen_wait(TextModal("Tags", tags, "tone, facts, code",
-                                                             "Comma-separated · Enter saves · Esc cancels"))
+            text = await self.app.push_screen_wait(
+                TextModal("Tags", tags, "tone, facts, code", "Comma-separated · Enter saves · Esc cancels")
+            )
             if text is not None:
                 await self._set_label(view, tags=[t for t in text.split(",") if t.strip()])
         elif what == "note":
@@ -486,8 +509,11 @@ class ChatScreen(Screen):
         self.system_prompt = event.system_prompt
         if self.conversation is not None:
             self.conversation = await self.app.db(
-                self.store.update_conversation, self.conversation.id,
-                params=event.params.to_dict(), system_prompt=event.system_prompt)
+                self.store.update_conversation,
+                self.conversation.id,
+                params=event.params.to_dict(),
+                system_prompt=event.system_prompt,
+            )
 
     # -- keys -------------------------------------------------------------------------------------
 
@@ -540,14 +566,19 @@ class ChatScreen(Screen):
 
     def commands(self):
         yield SystemCommand("New chat", "Start a new conversation (ctrl+n)", self.action_new_chat)
-        yield SystemCommand("Sampling settings", "Temperature, top-k/p, min-p, seed, system prompt "
-                            "(ctrl+s)", self.action_toggle_sampling)
+        yield SystemCommand(
+            "Sampling settings",
+            "Temperature, top-k/p, min-p, seed, system prompt (ctrl+s)",
+            self.action_toggle_sampling,
+        )
         yield SystemCommand("Search chats", "Full-text search over every chat (ctrl+f)", self.action_search)
         view = self.focused if isinstance(self.focused, MessageView) else None
         if view is not None:  # the focused message's keys, by name
             for binding in MessageView.BINDINGS:
                 action, _, args = binding.action.partition("(")
                 if view.check_action(action, tuple(a.strip("'\"") for a in args.rstrip(")").split(",") if a)):
-                    yield SystemCommand(f"Message: {binding.description}", f"key {binding.key}",
-                                        lambda b=binding: view.call_later(view.run_action, b.action))
-
+                    yield SystemCommand(
+                        f"Message: {binding.description}",
+                        f"key {binding.key}",
+                        lambda b=binding: view.call_later(view.run_action, b.action),
+                    )

@@ -1,12 +1,13 @@
 """Compare: one prompt to two models, answers side by side, same sampling settings and seed."""
+
 from __future__ import annotations
 
 import asyncio
 
 from textual import on, work
 from textual.binding import Binding
-from textual.markup import escape
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.markup import escape
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Markdown, Select, Static
 
@@ -25,11 +26,13 @@ class CompareScreen(Screen):
     def __init__(self):
         super().__init__()
         self.models: list[ModelInfo] = []
-        self.services: dict[str, object] = {}   # model path -> a service of our own
+        self.services: dict[str, object] = {}  # model path -> a service of our own
 
     def compose(self):
-        yield Static("[b]Compare[/]  [dim]one prompt, two models, the same settings and seed "
-                     f"({SEED})[/]", classes="screen-title")
+        yield Static(
+            f"[b]Compare[/]  [dim]one prompt, two models, the same settings and seed ({SEED})[/]",
+            classes="screen-title",
+        )
         with Horizontal(id="compare-top"):
             yield Select([], id="left-model", prompt="model A")
             yield Select([], id="right-model", prompt="model B")
@@ -96,8 +99,10 @@ class CompareScreen(Screen):
         from gpt.service import InProcessService, RemoteService
 
         if isinstance(self.app.service, RemoteService):
-            raise KettleError("comparing needs the models on this machine; the app is connected "
-                              "to a server that runs one model at a time")
+            raise KettleError(
+                "comparing needs the models on this machine; the app is connected "
+                "to a server that runs one model at a time"
+            )
         if info.path not in self.services:
             self.services[info.path] = InProcessService(info.path, catalog=StoreCatalog())
         return self.services[info.path]
@@ -119,8 +124,12 @@ class CompareScreen(Screen):
         services = [await asyncio.to_thread(self.service_for, info) for _, info in chosen]
         messages = [{"role": "user", "content": prompt}]
         params = get_preset("balanced").replace(seed=SEED)
-        await asyncio.gather(*[self._answer(side, info, service=service, messages=messages, params=params)
-                               for (side, info), service in zip(chosen, services)])
+        await asyncio.gather(
+            *[
+                self._answer(side, info, service=service, messages=messages, params=params)
+                for (side, info), service in zip(chosen, services)
+            ]
+        )
 
     async def _answer(self, side: str, info: ModelInfo, *, service, messages, params) -> None:
         self.query_one(f"#{side}-title", Static).update(f"[b]{escape(info.name)}[/]")

@@ -1,5 +1,6 @@
 """The dataset screen: what would train now, by label and tag; filters; exclude / include;
 snapshots; export to any supported format."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -10,8 +11,8 @@ from rich.text import Text
 from textual import on, work
 from textual.app import SystemCommand
 from textual.binding import Binding
-from textual.markup import escape
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.markup import escape
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Checkbox, DataTable, Footer, Input, Label, Markdown, Select, Static
 
@@ -36,7 +37,8 @@ def export_choices() -> list[tuple[str, str]]:
 @dataclass
 class DatasetView:
     """Everything the screen shows, read in one go off the UI thread."""
-    rows: list[dict]          # {"message_id", "example", "label", "excluded"}
+
+    rows: list[dict]  # {"message_id", "example", "label", "excluded"}
     pairs: int
     stats: dict
     tags: Counter
@@ -47,21 +49,29 @@ def read_dataset(store: Store, filt: DataFilter, *, shown_excluded: set[int]) ->
     examples, pairs = store.dataset(filt)
     ids = [e["message_id"] for e in examples] + sorted(shown_excluded)
     labels = store.labels(ids)
-    rows = [{"message_id": e["message_id"], "example": e["example"],
-             "label": labels.get(e["message_id"]), "excluded": False} for e in examples]
+    rows = [
+        {
+            "message_id": e["message_id"],
+            "example": e["example"],
+            "label": labels.get(e["message_id"]),
+            "excluded": False,
+        }
+        for e in examples
+    ]
     # Answers excluded here stay listed (marked) so that one key brings them back.
     for mid in sorted(shown_excluded - {e["message_id"] for e in examples}):
         label = labels.get(mid)
         if label is not None and label.excluded:
-            rows.append({"message_id": mid, "example": {"messages": store.chat_messages(mid)},
-                         "label": label, "excluded": True})
+            rows.append(
+                {"message_id": mid, "example": {"messages": store.chat_messages(mid)}, "label": label, "excluded": True}
+            )
     tags = Counter(t for r in rows if r["label"] and not r["excluded"] for t in r["label"].tags)
     return DatasetView(rows, len(pairs), store.stats(), tags, store.snapshots())
 
 
 def preview(text: str, width: int) -> str:
     line = " ".join(text.split())
-    return line if len(line) <= width else line[:width - 1] + "…"
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def column_widths(table_width: int) -> tuple[int, int, int]:
@@ -110,8 +120,10 @@ class DatasetScreen(Screen):
         self.shown_excluded: set[int] = set()
 
     def compose(self):
-        yield Static("[b]Dataset[/]  [dim]what would train now · Enter open · x exclude/include · "
-                     "s snapshot · e export[/]", classes="screen-title")
+        yield Static(
+            "[b]Dataset[/]  [dim]what would train now · Enter open · x exclude/include · s snapshot · e export[/]",
+            classes="screen-title",
+        )
         with Horizontal(id="dataset-body"):
             with VerticalScroll(id="dataset-filters"):
                 yield Static("[b]Train on answers that…[/]")
@@ -119,8 +131,7 @@ class DatasetScreen(Screen):
                 yield Checkbox("were corrected", True, id="f-ideal")
                 yield Checkbox("any not voted down", False, id="f-all")
                 yield Label("or scored at least")
-                yield Select([(str(n), n) for n in range(1, 6)], prompt="any score",
-                             id="f-score")
+                yield Select([(str(n), n) for n in range(1, 6)], prompt="any score", id="f-score")
                 yield Label("with a tag (comma-separated)")
                 yield Input(placeholder="any tag", id="f-tags-in")
                 yield Label("without the tags")
@@ -133,8 +144,7 @@ class DatasetScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#snapshots-table", DataTable).add_columns(
-            "#", "Name", "Examples", "Pairs", "Hash", "Made")
+        self.query_one("#snapshots-table", DataTable).add_columns("#", "Name", "Examples", "Pairs", "Hash", "Made")
         self.load()
 
     def on_screen_resume(self) -> None:
@@ -165,8 +175,9 @@ class DatasetScreen(Screen):
     @work(exclusive=True, group="dataset-load")
     @guarded
     async def load(self) -> None:
-        view = await self.app.db(read_dataset, self.app.store, self.current_filter(),
-                                 shown_excluded=set(self.shown_excluded))
+        view = await self.app.db(
+            read_dataset, self.app.store, self.current_filter(), shown_excluded=set(self.shown_excluded)
+        )
         self.view = view
         s = view.stats
         active = [r for r in view.rows if not r["excluded"]]
@@ -174,13 +185,13 @@ class DatasetScreen(Screen):
         self.query_one("#dataset-counts", Static).update(
             f"[b]{len(active)} examples[/] and [b]{view.pairs} preference pairs[/] would train now.\n"
             f"[dim]labels:[/] ▲ {s['thumbs_up']} up · ▼ {s['thumbs_down']} down · ★ {s['scored']} scored · "
-            f"✎ {s['corrected']} corrected · ⊘ {s['excluded']} excluded   [dim]tags:[/] {tags}")
+            f"✎ {s['corrected']} corrected · ⊘ {s['excluded']} excluded   [dim]tags:[/] {tags}"
+        )
         table = self.query_one("#dataset-table", DataTable)
         row = table.cursor_row
         widths = column_widths(table.size.width)
         table.clear(columns=True)
-        for title, width in zip(("#", "Prompt", "Answer", "Label", "Turns"),
-                                (ID_WIDTH, *widths, TURNS_WIDTH)):
+        for title, width in zip(("#", "Prompt", "Answer", "Label", "Turns"), (ID_WIDTH, *widths, TURNS_WIDTH)):
             table.add_column(title, width=width)
         for r in view.rows:
             messages = r["example"]["messages"]
@@ -188,17 +199,26 @@ class DatasetScreen(Screen):
             answer = messages[-1]["content"] if messages else ""
             label = "⊘ excluded" if r["excluded"] else label_text(r["label"], markup=False)
             # user text goes in as Text: a DataTable reads plain strings as markup
-            table.add_row(str(r["message_id"]), *(Text(preview(text, width)) for text, width
-                                                  in zip((prompt, answer, label), widths)),
-                          str(sum(m["role"] == "assistant" for m in messages)), key=str(r["message_id"]))
+            table.add_row(
+                str(r["message_id"]),
+                *(Text(preview(text, width)) for text, width in zip((prompt, answer, label), widths)),
+                str(sum(m["role"] == "assistant" for m in messages)),
+                key=str(r["message_id"]),
+            )
         if view.rows:
             table.move_cursor(row=min(row, len(view.rows) - 1))
         snaps = self.query_one("#snapshots-table", DataTable)
         snaps.clear()
         now = self.app.clock()
         for snap in view.snapshots:
-            snaps.add_row(str(snap.id), Text(snap.name), str(snap.n_examples), str(snap.n_pairs),
-                          snap.content_hash[:12], when(snap.created_at, now))
+            snaps.add_row(
+                str(snap.id),
+                Text(snap.name),
+                str(snap.n_examples),
+                str(snap.n_pairs),
+                snap.content_hash[:12],
+                when(snap.created_at, now),
+            )
 
     def selected_row(self) -> dict | None:
         table = self.query_one("#dataset-table", DataTable)
@@ -231,8 +251,9 @@ class DatasetScreen(Screen):
         excluded = not row["excluded"]
         await self.app.db(self.app.store.set_label, row["message_id"], excluded=excluded)
         self.shown_excluded.add(row["message_id"])
-        self.notify(f"Answer {row['message_id']} " + ("excluded from every dataset."
-                                                       if excluded else "included again."))
+        self.notify(
+            f"Answer {row['message_id']} " + ("excluded from every dataset." if excluded else "included again.")
+        )
         self.load()
 
     @work(group="dataset-edit")
@@ -242,35 +263,34 @@ class DatasetScreen(Screen):
         if name is None:
             return
         snap = await self.app.db(self.app.store.create_snapshot, self.current_filter(), name.strip())
-        self.notify(f"Snapshot #{snap.id}: {snap.n_examples} examples, {snap.n_pairs} pairs "
-                    f"(hash {snap.content_hash[:12]}).")
+        self.notify(
+            f"Snapshot #{snap.id}: {snap.n_examples} examples, {snap.n_pairs} pairs (hash {snap.content_hash[:12]})."
+        )
         self.load()
 
     @work(group="dataset-edit")
     @guarded
     async def action_export(self) -> None:
-        fmt = await self.app.push_screen_wait(ChoiceModal(
-            "Export what would train now as…", export_choices()))
+        fmt = await self.app.push_screen_wait(ChoiceModal("Export what would train now as…", export_choices()))
         if fmt is None:
             return
         default = str(Path.cwd() / f"kettle-{fmt}{FORMAT_TABLE[fmt].suffix}")
         out = await self.app.push_screen_wait(TextModal("Export to file", default))
         if not out:
             return
-        report = await self.app.db(export_file, self.app.store, Path(out).expanduser(),
-                                   fmt=fmt, filt=self.current_filter())
+        report = await self.app.db(
+            export_file, self.app.store, Path(out).expanduser(), fmt=fmt, filt=self.current_filter()
+        )
         skipped = sum(report.skipped.values())
-        self.notify(f"Wrote {report.written} records to {report.path}"
-                    + (f"; {skipped} skipped ({', '.join(report.skipped)})" if skipped else "."),
-                    timeout=10)
+        self.notify(
+            f"Wrote {report.written} records to {report.path}"
+            + (f"; {skipped} skipped ({', '.join(report.skipped)})" if skipped else "."),
+            timeout=10,
+        )
 
     def action_reload(self) -> None:
         self.load()
 
     def commands(self):
-        yield SystemCommand("Dataset: create a snapshot", "Freeze what would train now (s)",
-                            self.action_snapshot)
-        yield SystemCommand("Dataset: export", "Write what would train now to a file (e)",
-                            self.action_export)
-
-
+        yield SystemCommand("Dataset: create a snapshot", "Freeze what would train now (s)", self.action_snapshot)
+        yield SystemCommand("Dataset: export", "Write what would train now to a file (e)", self.action_export)

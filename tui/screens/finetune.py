@@ -3,22 +3,22 @@ run's progress, ETA, live loss chart, tokens/s and Cancel; at the end the held-o
 regression gate's verdict and an offer to switch to the new model.
 
 The run is the separate process of finetune.jobs; this screen only follows the runs table."""
+
 from __future__ import annotations
 
 import asyncio
 import math
 import time
 
+from rich.text import Text
 from textual import on, work
 from textual.app import SystemCommand
 from textual.binding import Binding
-from textual.markup import escape
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.markup import escape
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Label, ProgressBar, Select, Sparkline, Static
-
-from rich.text import Text
 
 from data.records import DataFilter, ModelVersion, Run
 from data.store import Store
@@ -61,23 +61,26 @@ def duration(seconds: float | None) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-def start_run(store: Store, base: ModelVersion, *, method: str, epochs: int | None,
-              snapshot_id: int | None) -> int:
+def start_run(store: Store, base: ModelVersion, *, method: str, epochs: int | None, snapshot_id: int | None) -> int:
     """Start the run process on snapshot `snapshot_id`, or on what would train now (frozen into
     a snapshot, or the existing one with the same content)."""
     from finetune.jobs import JobSpec, start_finetune
     from finetune.lora import LoRAConfig
 
-    snap = store.snapshot(snapshot_id) if snapshot_id is not None else store.create_snapshot(
-        DataFilter(), name=f"fine-tune of {base.name} {time.strftime('%Y-%m-%d %H:%M')}", reuse=True)
+    snap = (
+        store.snapshot(snapshot_id)
+        if snapshot_id is not None
+        else store.create_snapshot(
+            DataFilter(), name=f"fine-tune of {base.name} {time.strftime('%Y-%m-%d %H:%M')}", reuse=True
+        )
+    )
     if snap.n_examples == 0:
         raise KettleError("nothing to train on: vote answers up (u) or correct them (c) in the chat")
     sft: dict = {"lora": LoRAConfig().to_dict()} if method == "lora" else {}
     if epochs is not None:
         sft["epochs"] = epochs
     # activate=False: the user decides on the result screen whether to switch.
-    return start_finetune(JobSpec(model=base.name, snapshot_id=snap.id, sft=sft, activate=False),
-                          store)
+    return start_finetune(JobSpec(model=base.name, snapshot_id=snap.id, sft=sft, activate=False), store)
 
 
 class RunUpdate(Message):
@@ -118,8 +121,7 @@ class FinetuneScreen(Screen):
         self.output: ModelVersion | None = None
 
     def compose(self):
-        yield Static("[b]Fine-tune[/]  [dim]teach the model your labelled answers[/]",
-                     classes="screen-title")
+        yield Static("[b]Fine-tune[/]  [dim]teach the model your labelled answers[/]", classes="screen-title")
         with VerticalScroll(id="finetune-body"):
             with Vertical(id="finetune-progress-box"):
                 yield Static("", id="run-title")
@@ -137,12 +139,14 @@ class FinetuneScreen(Screen):
                 yield Label("Base model")
                 yield Select([], id="ft-base", allow_blank=True, prompt="…")
                 yield Label("Train on")
-                yield Select([("Current labels", CURRENT)], id="ft-data", allow_blank=False,
-                             value=CURRENT)
+                yield Select([("Current labels", CURRENT)], id="ft-data", allow_blank=False, value=CURRENT)
                 yield Label("Method")
-                yield Select([("LoRA adapters (small, light on memory)", "lora"),
-                              ("Full fine-tuning (every weight)", "full")],
-                             id="ft-method", allow_blank=False, value="full")
+                yield Select(
+                    [("LoRA adapters (small, light on memory)", "lora"), ("Full fine-tuning (every weight)", "full")],
+                    id="ft-method",
+                    allow_blank=False,
+                    value="full",
+                )
                 yield Label("Epochs at most (blank = automatic: it stops once your answers come back)")
                 yield Input(id="ft-epochs", placeholder="auto", compact=True)
                 yield Static("", id="sheet-estimate")
@@ -177,8 +181,7 @@ class FinetuneScreen(Screen):
             self._base_options = options
         base.value = plan.base.name
         data = self.query_one("#ft-data", Select)
-        snapshots = [(Text(f"snapshot #{s.id} {s.name} ({s.n_examples} examples)"), s.id)
-                     for s in plan.snapshots]
+        snapshots = [(Text(f"snapshot #{s.id} {s.name} ({s.n_examples} examples)"), s.id) for s in plan.snapshots]
         if [o[1] for o in snapshots] != [o[1] for o in getattr(self, "_data_options", [])]:
             data.set_options([("Current labels", CURRENT), *snapshots])
             self._data_options = snapshots
@@ -191,11 +194,15 @@ class FinetuneScreen(Screen):
         if plan is None:
             return
         params = f"{count(plan.n_params)} parameters"
-        source = (f"snapshot #{plan.snapshot.id} {escape(plan.snapshot.name)}" if plan.snapshot
-                  else "your labels (up-voted and corrected answers)")
+        source = (
+            f"snapshot #{plan.snapshot.id} {escape(plan.snapshot.name)}"
+            if plan.snapshot
+            else "your labels (up-voted and corrected answers)"
+        )
         self.query_one("#sheet-summary", Static).update(
             f"[b]{plan.n_examples} example{'s' if plan.n_examples != 1 else ''}[/] from {source}, "
-            f"{plan.train_tokens:,} tokens.  Base: [b]{escape(plan.base.name)}[/], {params}, on {plan.device}.")
+            f"{plan.train_tokens:,} tokens.  Base: [b]{escape(plan.base.name)}[/], {params}, on {plan.device}."
+        )
         method = self.query_one("#ft-method", Select).value
         epochs = self._epochs()
         estimate = self.query_one("#sheet-estimate", Static)
@@ -203,17 +210,23 @@ class FinetuneScreen(Screen):
             estimate.update("[$error]Epochs must be a whole number from 1 to 1000, or blank.[/]")
             return
         if plan.n_examples == 0:
-            estimate.update("[$warning]Nothing to train on yet: in the chat, vote answers up (u) "
-                            "or correct them (c).[/]")
+            estimate.update(
+                "[$warning]Nothing to train on yet: in the chat, vote answers up (u) or correct them (c).[/]"
+            )
             return
         seconds, steps = estimate_seconds(plan, str(method), epochs=epochs)
         default = " (the default for this size and device)" if method == plan.method else ""
-        replay = (f"{plan.n_replay:,} of its own examples to replay, so it keeps its skills"
-                  if plan.n_replay else "no instruction data of its own to replay")
-        estimate.update(f"Method: [b]{'LoRA' if method == 'lora' else 'full'}[/]{default}.  "
-                        f"At most [b]{steps} steps, {duration(seconds)}[/] (it stops once your "
-                        f"answers come back).  The base has {replay}.  The model you chat with "
-                        "stays until you switch.")
+        replay = (
+            f"{plan.n_replay:,} of its own examples to replay, so it keeps its skills"
+            if plan.n_replay
+            else "no instruction data of its own to replay"
+        )
+        estimate.update(
+            f"Method: [b]{'LoRA' if method == 'lora' else 'full'}[/]{default}.  "
+            f"At most [b]{steps} steps, {duration(seconds)}[/] (it stops once your "
+            f"answers come back).  The base has {replay}.  The model you chat with "
+            "stays until you switch."
+        )
 
     def _epochs(self) -> int | None | bool:
         """The typed epochs; None for automatic, False when the text is not usable."""
@@ -257,8 +270,14 @@ class FinetuneScreen(Screen):
         if epochs is False:
             raise KettleError("epochs must be a whole number from 1 to 1000, or blank")
         method = str(self.query_one("#ft-method", Select).value)
-        run_id = await self.app.db(start_run, self.app.store, self.plan.base, method=method, epochs=epochs,
-                                   snapshot_id=self.plan.snapshot.id if self.plan.snapshot else None)
+        run_id = await self.app.db(
+            start_run,
+            self.app.store,
+            self.plan.base,
+            method=method,
+            epochs=epochs,
+            snapshot_id=self.plan.snapshot.id if self.plan.snapshot else None,
+        )
         self.notify(f"Fine-tuning started (run {run_id}). Keep chatting; F5 shows progress.")
         self.follow(run_id)
 
@@ -314,11 +333,12 @@ class FinetuneScreen(Screen):
         if len(losses) >= 2:
             self.query_one("#loss-caption", Static).update(
                 f"[dim]training loss (smoothed), {len(losses)} readings: {max(losses):.3f} (high) … "
-                f"{min(losses):.3f} (low), now {losses[-1]:.3f}[/]")
+                f"{min(losses):.3f} (low), now {losses[-1]:.3f}[/]"
+            )
         self.query_one("#run-title", Static).update(
-            f"[b]Run {run.id}[/]: {run.status}  [dim]log: {escape(str(run.log_path))}[/]")
-        stats = [f"step {run.step}" if run.status == "finished"
-                 else f"step {run.step}/{run.total_steps or '?'}"]
+            f"[b]Run {run.id}[/]: {run.status}  [dim]log: {escape(str(run.log_path))}[/]"
+        )
+        stats = [f"step {run.step}" if run.status == "finished" else f"step {run.step}/{run.total_steps or '?'}"]
         if losses:
             stats.append(f"loss {losses[-1]:.3f} (from {losses[0]:.3f})")
         if val is not None:
@@ -343,22 +363,24 @@ class FinetuneScreen(Screen):
             result.update(f"[b $error]The run failed:[/] {escape(run.error or 'see the log')}")
             self.notify(f"Fine-tuning failed: {run.error}", severity="error", timeout=10)
         elif run.status == "cancelled":
-            result.update(f"Stopped at step {run.step}. Continue it with "
-                          f"[b]kettle finetune resume {run.id}[/].")
+            result.update(f"Stopped at step {run.step}. Continue it with [b]kettle finetune resume {run.id}[/].")
         elif output is not None:
             m = output.metrics
             verdict = m.get("gate", output.status)
             colour = "$error" if output.status == "regressed" else "$success"
             lines = [escape(line) for line in summary_lines(m)]
             lines[-1] = f"[b {colour}]{lines[-1]}[/]" + (
-                "  (think twice before switching)" if output.status == "regressed" else "")
+                "  (think twice before switching)" if output.status == "regressed" else ""
+            )
             if m.get("recall_of"):
                 lines[0] = f"[b]{lines[0]}[/]"
-            result.update(f"[b]{escape(output.name)}[/] is ready.\n" + "\n".join(lines)
-                          + "\nSwitch to it now, or compare the two first.")
+            result.update(
+                f"[b]{escape(output.name)}[/] is ready.\n"
+                + "\n".join(lines)
+                + "\nSwitch to it now, or compare the two first."
+            )
             self.query_one("#ft-switch", Button).focus()
-            recall = (f"{m['recall']} of {m['recall_of']} corrections come back, "
-                      if m.get("recall_of") else "")
+            recall = f"{m['recall']} of {m['recall_of']} corrections come back, " if m.get("recall_of") else ""
             self.notify(f"Fine-tune finished: {output.name} ({recall}{verdict}).", timeout=8)
         self.query_one("#finetune-sheet").display = True
         self.load_plan(snapshot_id=self.chosen_snapshot())
@@ -373,8 +395,7 @@ class FinetuneScreen(Screen):
     def commands(self):
         yield SystemCommand("Fine-tune: start", "Train on your labels now (ctrl+g)", self.action_start)
         if self.check_action("cancel_run", ()):
-            yield SystemCommand("Fine-tune: cancel the run", "Stop after this step (ctrl+x)",
-                                self.action_cancel_run)
+            yield SystemCommand("Fine-tune: cancel the run", "Stop after this step (ctrl+x)", self.action_cancel_run)
         if self.check_action("switch", ()):
             yield SystemCommand("Fine-tune: switch to the new model", "ctrl+w", self.action_switch)
 

@@ -1,11 +1,12 @@
 """The help screen: every key, where it works, its binding id, and how to change it."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from textual.binding import Binding
-from textual.markup import escape
 from textual.containers import VerticalScroll
+from textual.markup import escape
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
@@ -41,8 +42,12 @@ def places(app: App) -> list[tuple[str, type]]:
 
 def declared_bindings(app: App) -> list[tuple[str, Binding]]:
     """(place, binding) for every binding with an id, in the order of `places`."""
-    return [(place, binding) for place, owner in places(app) for binding in owner.BINDINGS
-            if isinstance(binding, Binding) and binding.id]
+    return [
+        (place, binding)
+        for place, owner in places(app)
+        for binding in owner.BINDINGS
+        if isinstance(binding, Binding) and binding.id
+    ]
 
 
 class HelpScreen(ModalScreen):

@@ -1,4 +1,5 @@
 """Small dialogs: confirm, one line of text, a multi-line editor, a choice."""
+
 from __future__ import annotations
 
 import asyncio
@@ -18,8 +19,10 @@ from textual.widgets.option_list import Option
 
 
 class ConfirmModal(ModalScreen[bool]):
-    BINDINGS = [Binding("escape", "dismiss(False)", "Cancel", id="modal.cancel"),
-                Binding("y", "dismiss(True)", "Yes", show=False, id="modal.yes")]
+    BINDINGS = [
+        Binding("escape", "dismiss(False)", "Cancel", id="modal.cancel"),
+        Binding("y", "dismiss(True)", "Yes", show=False, id="modal.yes"),
+    ]
 
     def __init__(self, question: str, yes: str = "Yes", no: str = "Cancel"):
         super().__init__()
@@ -63,8 +66,10 @@ class TextModal(ModalScreen[str | None]):
 class EditorModal(ModalScreen[str | None]):
     """A multi-line editor; Ctrl+S saves, Esc cancels."""
 
-    BINDINGS = [Binding("ctrl+s", "save", "Save", priority=True, id="editor.save"),
-                Binding("escape", "dismiss(None)", "Cancel", id="modal.cancel")]
+    BINDINGS = [
+        Binding("ctrl+s", "save", "Save", priority=True, id="editor.save"),
+        Binding("escape", "dismiss(None)", "Cancel", id="modal.cancel"),
+    ]
 
     def __init__(self, title: str, text: str, hint: str = ""):
         super().__init__()
@@ -74,8 +79,10 @@ class EditorModal(ModalScreen[str | None]):
         with Vertical(classes="dialog editor-dialog"):
             yield Static(f"[b]{self.title_text}[/]", classes="dialog-title")
             yield TextArea(self.text, soft_wrap=True, id="editor", tab_behavior="indent")
-            yield Static(f"[dim]{self.hint}Ctrl+S saves · Esc cancels · F7 selects all (type to replace)[/]",
-                         classes="dialog-hint")
+            yield Static(
+                f"[dim]{self.hint}Ctrl+S saves · Esc cancels · F7 selects all (type to replace)[/]",
+                classes="dialog-hint",
+            )
 
     def on_mount(self) -> None:
         editor = self.query_one("#editor", TextArea)
@@ -150,13 +157,26 @@ class TaskModal(ModalScreen[bool]):
         live = self.query_one("#task-live", Static)
         root = Path(__file__).resolve().parent.parent.parent
         # The child's rich progress bars draw as in a terminal (no colour), 100 columns wide.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "100", "TTY_INTERACTIVE": "1",
-               "TTY_COMPATIBLE": "1", "NO_COLOR": "1"}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "COLUMNS": "100",
+            "TTY_INTERACTIVE": "1",
+            "TTY_COMPATIBLE": "1",
+            "NO_COLOR": "1",
+        }
         try:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "tui.cli", *self.args, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL, cwd=str(root),
-                env=env)
+                sys.executable,
+                "-m",
+                "tui.cli",
+                *self.args,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                stdin=asyncio.subprocess.DEVNULL,
+                cwd=str(root),
+                env=env,
+            )
         except OSError as exc:
             self.notify(f"could not start kettle {' '.join(self.args)}: {exc}", severity="error")
             self.dismiss(False)
@@ -179,8 +199,12 @@ class TaskModal(ModalScreen[bool]):
             self.dismiss(True)
         else:
             if code > 0:
-                self.notify(last.removeprefix("kettle: error: ") or f"kettle {self.args[0]} failed",
-                            title="Failed", severity="error", timeout=10)
+                self.notify(
+                    last.removeprefix("kettle: error: ") or f"kettle {self.args[0]} failed",
+                    title="Failed",
+                    severity="error",
+                    timeout=10,
+                )
             self.dismiss(False)
 
     def action_cancel(self) -> None:

@@ -1,5 +1,6 @@
 """The models screen: every model version with its lineage and metrics; activate, import,
 download GPT-2, brew the starter. The actions are shared with the welcome screen and the palette."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,23 +9,27 @@ from rich.text import Text
 from textual import on, work
 from textual.app import SystemCommand
 from textual.binding import Binding
-from textual.markup import escape
 from textual.containers import Horizontal, Vertical
+from textual.markup import escape
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
 from data.paths import kettle_home, models_dir
-from data.registry import resolve_model_dir, unique_name
 from data.records import ModelVersion
+from data.registry import resolve_model_dir, unique_name
 from data.store import Store
-from gpt.errors import KettleError
 from finetune.starter import BREW_TIME
+from gpt.errors import KettleError
 from tui.errors import error_text, guarded
 from tui.screens.modals import ChoiceModal, TaskModal, TextModal
 from tui.widgets.sidebar import when
 
-GPT2_SIZES = [("gpt2", "GPT-2 124M (≈500 MB download)"), ("gpt2-medium", "GPT-2 355M (≈1.5 GB)"),
-              ("gpt2-large", "GPT-2 774M (≈3.2 GB)"), ("gpt2-xl", "GPT-2 1558M (≈6.4 GB)")]
+GPT2_SIZES = [
+    ("gpt2", "GPT-2 124M (≈500 MB download)"),
+    ("gpt2-medium", "GPT-2 355M (≈1.5 GB)"),
+    ("gpt2-large", "GPT-2 774M (≈3.2 GB)"),
+    ("gpt2-xl", "GPT-2 1558M (≈6.4 GB)"),
+]
 
 
 def shown_path(path: str) -> str:
@@ -47,18 +52,34 @@ def loss_of(version: ModelVersion) -> float | None:
 def describe(store: Store, version: ModelVersion, *, active_id: int | None) -> str:
     """The detail pane: lineage, metrics, where it lives."""
     chain = escape(" → ".join(v.name for v in reversed(store.lineage(version.id))))
-    lines = [f"[b]{escape(version.name)}[/]" + ("  [b $success]● active[/]" if version.id == active_id else ""),
-             f"[dim]kind[/] {version.kind}   [dim]status[/] {version.status}",
-             f"[dim]lineage[/] {chain}",
-             f"[dim]directory[/] {escape(shown_path(version.path))}"]
+    lines = [
+        f"[b]{escape(version.name)}[/]" + ("  [b $success]● active[/]" if version.id == active_id else ""),
+        f"[dim]kind[/] {version.kind}   [dim]status[/] {version.status}",
+        f"[dim]lineage[/] {chain}",
+        f"[dim]directory[/] {escape(shown_path(version.path))}",
+    ]
     if version.snapshot_id is not None:
         lines.append(f"[dim]trained on snapshot[/] #{version.snapshot_id}")
-    for key in ("gate", "gate_parent_loss", "gate_new_loss", "val_loss", "first_loss", "last_loss",
-                "steps", "train", "held_out", "train_seconds", "seconds"):
+    for key in (
+        "gate",
+        "gate_parent_loss",
+        "gate_new_loss",
+        "val_loss",
+        "first_loss",
+        "last_loss",
+        "steps",
+        "train",
+        "held_out",
+        "train_seconds",
+        "seconds",
+    ):
         value = version.metrics.get(key)
         if value is not None:
-            lines.append(f"[dim]{key.replace('_', ' ')}[/] {value:.4g}" if isinstance(value, float)
-                         else f"[dim]{key.replace('_', ' ')}[/] {value}")
+            lines.append(
+                f"[dim]{key.replace('_', ' ')}[/] {value:.4g}"
+                if isinstance(value, float)
+                else f"[dim]{key.replace('_', ' ')}[/] {value}"
+            )
     if version.note:
         lines.append(escape(version.note))
     return "\n".join(lines)
@@ -103,7 +124,7 @@ def adapter_base(store: Store, adapter: Path) -> Path:
     from gpt.hf import is_hf_dir
 
     named = recorded_base(adapter)
-    for candidate in ([named, named.rstrip("/").rpartition("/")[2]] if named else []):
+    for candidate in [named, named.rstrip("/").rpartition("/")[2]] if named else []:
         try:
             found = resolve_model_dir(candidate)
         except KettleError:
@@ -112,8 +133,10 @@ def adapter_base(store: Store, adapter: Path) -> Path:
             return found
     active = store.active_model()
     if active is None:
-        raise KettleError(f"{adapter}: its base model {named or '(not named)'} is not one of "
-                          "yours and no model is active to merge it into")
+        raise KettleError(
+            f"{adapter}: its base model {named or '(not named)'} is not one of "
+            "yours and no model is active to merge it into"
+        )
     return Path(active.path)
 
 
@@ -121,8 +144,9 @@ async def after_new_model(app, version: ModelVersion | None, *, activated: bool)
     """Tell the user, and start chatting when this was the first model."""
     if version is None:
         return
-    app.notify(f"Model {version.name} is ready" + (" and active." if activated else
-                                                   " (activate it on the models screen, F4)."))
+    app.notify(
+        f"Model {version.name} is ready" + (" and active." if activated else " (activate it on the models screen, F4).")
+    )
     if app.service is None:
         await app.load_service()
         await app.switch_mode("chat")
@@ -136,10 +160,15 @@ async def brew_starter(app) -> None:
     path, args = models_dir() / "starter", ["brew", "starter"]
     if path.exists():
         other = await app.db(unique_name, app.store, "starter")
-        choice = await app.push_screen_wait(ChoiceModal("A starter model already exists", [
-            ("new", f"Brew another one as {other} (the first one stays)"),
-            ("replace", "Replace the starter: its weights are deleted (models fine-tuned from it "
-                        "keep theirs)")]))
+        choice = await app.push_screen_wait(
+            ChoiceModal(
+                "A starter model already exists",
+                [
+                    ("new", f"Brew another one as {other} (the first one stays)"),
+                    ("replace", "Replace the starter: its weights are deleted (models fine-tuned from it keep theirs)"),
+                ],
+            )
+        )
         if choice is None:
             return
         if choice == "new":
@@ -147,8 +176,7 @@ async def brew_starter(app) -> None:
             args += ["--out", str(path)]
         else:
             args.append("--force")
-    if not await app.push_screen_wait(TaskModal(
-            f"Brewing {path.name} (offline, {BREW_TIME})", args)):
+    if not await app.push_screen_wait(TaskModal(f"Brewing {path.name} (offline, {BREW_TIME})", args)):
         return
     # A replaced starter that is active counts as activated: the service reloads its weights.
     version, activated = await app.db(register, app.store, path, kind="starter", name=path.name)
@@ -161,17 +189,23 @@ async def download_gpt2(app) -> None:
         return
     out = models_dir() / size
     if not out.exists() and not await app.push_screen_wait(
-            TaskModal(f"Downloading {size} from Hugging Face", ["download", size, "--out", str(out)])):
+        TaskModal(f"Downloading {size} from Hugging Face", ["download", size, "--out", str(out)])
+    ):
         return
     version, activated = await app.db(register, app.store, out, kind="downloaded", name=size)
     await after_new_model(app, version, activated=activated)
 
 
 async def import_dir(app) -> None:
-    source = await app.push_screen_wait(TextModal(
-        "Import a model directory", "", "/path/to/model",
-        "A Kettle model directory, a Hugging Face GPT-2 one (config.json + weights), or a LoRA "
-        "adapter (Kettle's or PEFT's) to merge into its base"))
+    source = await app.push_screen_wait(
+        TextModal(
+            "Import a model directory",
+            "",
+            "/path/to/model",
+            "A Kettle model directory, a Hugging Face GPT-2 one (config.json + weights), or a LoRA "
+            "adapter (Kettle's or PEFT's) to merge into its base",
+        )
+    )
     if not source:
         return
     app.notify("Importing…", timeout=2)
@@ -181,6 +215,7 @@ async def import_dir(app) -> None:
 
 def model_commands(app):
     """Palette entries that work from any screen."""
+
     def run(action):
         async def task() -> None:
             try:
@@ -190,11 +225,11 @@ def model_commands(app):
 
         return lambda: app.run_worker(task(), group="model-task", exclusive=True)
 
-    yield SystemCommand("Brew the starter model", "Train a small model offline on Python's docs",
-                        run(brew_starter))
+    yield SystemCommand("Brew the starter model", "Train a small model offline on Python's docs", run(brew_starter))
     yield SystemCommand("Download GPT-2", "124M to 1558M, from Hugging Face", run(download_gpt2))
-    yield SystemCommand("Import a model", "A Kettle or Hugging Face GPT-2 directory, or a LoRA adapter",
-                        run(import_dir))
+    yield SystemCommand(
+        "Import a model", "A Kettle or Hugging Face GPT-2 directory, or a LoRA adapter", run(import_dir)
+    )
 
 
 class ModelsScreen(Screen):
@@ -212,8 +247,9 @@ class ModelsScreen(Screen):
         self.active_id: int | None = None
 
     def compose(self):
-        yield Static("[b]Models[/]  [dim]a activate · i import · g download GPT-2 · b brew starter[/]",
-                     classes="screen-title")
+        yield Static(
+            "[b]Models[/]  [dim]a activate · i import · g download GPT-2 · b brew starter[/]", classes="screen-title"
+        )
         with Horizontal(id="models-body"):
             yield DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
             with Vertical(id="models-detail-box"):
@@ -241,10 +277,16 @@ class ModelsScreen(Screen):
         now = self.app.clock()
         for v in self.versions:
             loss = loss_of(v)
-            table.add_row("●" if v.id == self.active_id else "", Text(v.name), v.kind,
-                          Text(names.get(v.parent_id, "") if v.parent_id else ""),
-                          "" if loss is None else f"{loss:.3f}", v.status, when(v.created_at, now),
-                          key=str(v.id))
+            table.add_row(
+                "●" if v.id == self.active_id else "",
+                Text(v.name),
+                v.kind,
+                Text(names.get(v.parent_id, "") if v.parent_id else ""),
+                "" if loss is None else f"{loss:.3f}",
+                v.status,
+                when(v.created_at, now),
+                key=str(v.id),
+            )
         if self.versions:
             table.move_cursor(row=min(row, len(self.versions) - 1))
         await self.show_detail()
@@ -300,16 +342,18 @@ class ModelsScreen(Screen):
     def commands(self):
         version = self.selected()
         if version is not None:
-            yield SystemCommand(f"Models: activate {version.name}", "Chat with it from now on (a)",
-                                self.action_activate)
+            yield SystemCommand(
+                f"Models: activate {version.name}", "Chat with it from now on (a)", self.action_activate
+            )
 
 
 async def activate(app, version: ModelVersion) -> None:
     """Chat with `version` from now on: the service swaps the model without a restart and
     records the activation in the store (a model that fails to load changes nothing)."""
     if version.status == "regressed":
-        app.notify(f"{version.name} did worse than its parent on held-out data; activating it anyway.",
-                   severity="warning")
+        app.notify(
+            f"{version.name} did worse than its parent on held-out data; activating it anyway.", severity="warning"
+        )
     app.notify(f"Loading {version.name}…", timeout=2)
     if app.service is None:
         await app.db(app.store.activate_model, version.id)

@@ -5,6 +5,7 @@ commands from SCREENS, and the help screen its list of places.
 Classes are named "module:Class" and imported when first needed, so start-up stays fast and no
 screen module has to import another to be listed.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -13,13 +14,13 @@ from dataclasses import KW_ONLY, dataclass
 
 @dataclass(frozen=True)
 class ScreenEntry:
-    mode: str                   # the Textual mode, and the action go('MODE')
-    title: str                  # the key's description, and the screen's place in the help screen
+    mode: str  # the Textual mode, and the action go('MODE')
+    title: str  # the key's description, and the screen's place in the help screen
     _: KW_ONLY
-    screen: str                 # "module:Class"
-    key: str | None = None      # the key that shows it, binding id app.MODE; None: no key
-    command: str = ""           # its command palette title (empty: the title)
-    about: str = ""             # its command palette line, before the key
+    screen: str  # "module:Class"
+    key: str | None = None  # the key that shows it, binding id app.MODE; None: no key
+    command: str = ""  # its command palette title (empty: the title)
+    about: str = ""  # its command palette line, before the key
     # (place, "module:Class") of its widgets that have keys of their own: the help screen
     # lists their keys after the screen's.
     parts: tuple[tuple[str, str], ...] = ()
@@ -27,19 +28,47 @@ class ScreenEntry:
 
 # In the keys' order: the footer and the help screen show them in this order.
 SCREENS = (
-    ScreenEntry("chat", "Chat", screen="tui.screens.chat:ChatScreen", key="f2",
-                about="Go to the chat",
-                parts=(("Prompt", "tui.widgets.chat:PromptArea"),
-                       ("A focused message", "tui.widgets.chat:MessageView"),
-                       ("Chat list", "tui.widgets.sidebar:ConversationList"))),
-    ScreenEntry("dataset", "Dataset", screen="tui.screens.dataset:DatasetScreen", key="f3",
-                about="What would train now: counts, filters, snapshots, export"),
-    ScreenEntry("models", "Models", screen="tui.screens.models:ModelsScreen", key="f4",
-                about="Versions, lineage, metrics; activate, import, download"),
-    ScreenEntry("finetune", "Fine-tune", screen="tui.screens.finetune:FinetuneScreen", key="f5",
-                about="Fine-tune the active model on your labels"),
-    ScreenEntry("compare", "Compare", screen="tui.screens.compare:CompareScreen", key="f6",
-                command="Compare models", about="One prompt, two models, side by side"),
+    ScreenEntry(
+        "chat",
+        "Chat",
+        screen="tui.screens.chat:ChatScreen",
+        key="f2",
+        about="Go to the chat",
+        parts=(
+            ("Prompt", "tui.widgets.chat:PromptArea"),
+            ("A focused message", "tui.widgets.chat:MessageView"),
+            ("Chat list", "tui.widgets.sidebar:ConversationList"),
+        ),
+    ),
+    ScreenEntry(
+        "dataset",
+        "Dataset",
+        screen="tui.screens.dataset:DatasetScreen",
+        key="f3",
+        about="What would train now: counts, filters, snapshots, export",
+    ),
+    ScreenEntry(
+        "models",
+        "Models",
+        screen="tui.screens.models:ModelsScreen",
+        key="f4",
+        about="Versions, lineage, metrics; activate, import, download",
+    ),
+    ScreenEntry(
+        "finetune",
+        "Fine-tune",
+        screen="tui.screens.finetune:FinetuneScreen",
+        key="f5",
+        about="Fine-tune the active model on your labels",
+    ),
+    ScreenEntry(
+        "compare",
+        "Compare",
+        screen="tui.screens.compare:CompareScreen",
+        key="f6",
+        command="Compare models",
+        about="One prompt, two models, side by side",
+    ),
     ScreenEntry("welcome", "Welcome", screen="tui.screens.welcome:WelcomeScreen"),
 )
 

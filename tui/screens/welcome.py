@@ -1,4 +1,5 @@
 """First run: no model yet. Three ways to get one, each a single key."""
+
 from __future__ import annotations
 
 from textual import on, work
@@ -31,10 +32,8 @@ class WelcomeScreen(Screen):
         with Center(id="welcome-box"):
             with Vertical(id="welcome"):
                 yield Static(WELCOME, id="welcome-text")
-                yield Button(f"b  Brew the starter model — offline, {BREW_TIME}",
-                             id="brew", variant="primary")
-                yield Button("g  Download GPT-2 from Hugging Face — 124M to 1.5B parameters",
-                             id="download")
+                yield Button(f"b  Brew the starter model — offline, {BREW_TIME}", id="brew", variant="primary")
+                yield Button("g  Download GPT-2 from Hugging Face — 124M to 1.5B parameters", id="download")
                 yield Button("i  Import a model directory — Kettle or Hugging Face GPT-2", id="import")
                 yield Static("[dim]F1 keys · Ctrl+P every command · Ctrl+Q quit[/]", id="welcome-hint")
         yield Footer()

@@ -3,6 +3,7 @@
 Textual's cursors blink forever: each blink redraws a line, twice a second, for as long as the
 app is open, which was all the app did while idle (2% of a core with a chat open and nothing
 streaming). Terminals and desktops stop the blink the same way (GNOME's cursor-blink-timeout)."""
+
 from __future__ import annotations
 
 import time

@@ -1,6 +1,7 @@
 """Chat widgets: one message (with its label and branch position), the message list, the prompt.
 
 They only draw and post Messages; the chat screen does the work (store, service)."""
+
 from __future__ import annotations
 
 import re
@@ -17,13 +18,13 @@ from data.records import Label
 from data.records import Message as StoredMessage
 from tui.widgets.blink import RestingTextArea
 
-
 CODE_BLOCK = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
 def keeping_line_breaks() -> MarkdownIt:
     """Markdown where a single line break stays one (a chat message's lines are meant as
     typed, not joined into one paragraph line as in a document)."""
+
     def hard_breaks(state) -> None:
         # Textual draws the tokens itself, so markdown-it's "breaks" option (an HTML renderer
         # setting) does nothing here: the soft breaks are made hard ones.
@@ -75,8 +76,11 @@ def usage_text(message: StoredMessage) -> str:
     if message.dropped_tokens:
         parts.append(f"{message.dropped_tokens} dropped to fit")
     if message.finish_reason and message.finish_reason != "stop":
-        parts.append({"length": "stopped at the token limit",
-                      "cancelled": "stopped by you"}.get(message.finish_reason, message.finish_reason))
+        parts.append(
+            {"length": "stopped at the token limit", "cancelled": "stopped by you"}.get(
+                message.finish_reason, message.finish_reason
+            )
+        )
     return escape(" · ".join(parts))
 
 
@@ -86,8 +90,7 @@ class MessageView(Vertical, can_focus=True):
     BINDINGS = [
         Binding("u", "thumb(1)", "Up", id="message.up"),
         Binding("d", "thumb(-1)", "Down", id="message.down"),
-        *[Binding(str(n), f"score({n})", f"Score {n}", show=False, id=f"message.score{n}")
-          for n in range(1, 6)],
+        *[Binding(str(n), f"score({n})", f"Score {n}", show=False, id=f"message.score{n}") for n in range(1, 6)],
         Binding("c", "request('correct')", "Correct", id="message.correct"),
         Binding("t", "request('tags')", "Tags", id="message.tags"),
         Binding("n", "request('note')", "Note", id="message.note"),
@@ -122,14 +125,20 @@ class MessageView(Vertical, can_focus=True):
             self.what = what
             self.step = step
 
-    def __init__(self, role: str, content: str = "", message: StoredMessage | None = None,
-                 label: Label | None = None, position: tuple[int, int] = (1, 1)):
+    def __init__(
+        self,
+        role: str,
+        content: str = "",
+        message: StoredMessage | None = None,
+        label: Label | None = None,
+        position: tuple[int, int] = (1, 1),
+    ):
         super().__init__(classes=f"message {role}")
         self.role = role
         self.content = content
         self.message = message
         self.label = label
-        self.position = position      # (index among siblings from 1, number of siblings)
+        self.position = position  # (index among siblings from 1, number of siblings)
 
     @property
     def message_id(self) -> int | None:
@@ -176,8 +185,13 @@ class MessageView(Vertical, can_focus=True):
     def on_mount(self) -> None:
         self.refresh_parts()
 
-    def update(self, message: StoredMessage | None = None, label: Label | None = None, *,
-               position: tuple[int, int] | None = None) -> None:
+    def update(
+        self,
+        message: StoredMessage | None = None,
+        label: Label | None = None,
+        *,
+        position: tuple[int, int] | None = None,
+    ) -> None:
         """New facts about the same message (finished, labelled, a sibling added)."""
         if message is not None:
             self.message = message
@@ -202,8 +216,9 @@ class MessageView(Vertical, can_focus=True):
     # -- actions ----------------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
-        if action in ("thumb", "score", "exclude") or (action == "request" and parameters
-                                                       and parameters[0] in ("correct", "tags", "note")):
+        if action in ("thumb", "score", "exclude") or (
+            action == "request" and parameters and parameters[0] in ("correct", "tags", "note")
+        ):
             return self.role == "assistant" and self.message is not None
         if action == "request" and parameters and parameters[0] == "edit":
             return self.role == "user" and self.message is not None
@@ -234,8 +249,7 @@ class MessageView(Vertical, can_focus=True):
     def action_copy(self) -> None:
         self.app.copy_to_clipboard(self.shown_text)
         what = "the corrected answer" if self.corrected else "the message"
-        self.notify(f"Copied {what} (your terminal must allow clipboard access, OSC 52).",
-                    timeout=3)
+        self.notify(f"Copied {what} (your terminal must allow clipboard access, OSC 52).", timeout=3)
 
     def action_copy_code(self) -> None:
         blocks = CODE_BLOCK.findall(self.shown_text)

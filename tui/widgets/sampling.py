@@ -1,4 +1,5 @@
 """The sampling panel: every generation setting, checked as it is typed by SamplingParams itself."""
+
 from __future__ import annotations
 
 from textual import on
@@ -67,12 +68,17 @@ class SamplingPanel(VerticalScroll):
     def compose(self):
         yield Static("[b]Sampling[/]  [dim]ctrl+s hides[/]", classes="panel-title")
         yield Label("Preset")
-        yield Select([(name, name) for name in PRESETS] + [("custom", CUSTOM)],
-                     value="balanced", allow_blank=False, id="preset")
+        yield Select(
+            [(name, name) for name in PRESETS] + [("custom", CUSTOM)], value="balanced", allow_blank=False, id="preset"
+        )
         for param in FIELDS:
             yield Label(param.label)
-            yield RestingInput(id=f"param-{param.name}", validators=[ParamValidator(param.name)],
-                        validate_on=["changed", "submitted"], compact=True)
+            yield RestingInput(
+                id=f"param-{param.name}",
+                validators=[ParamValidator(param.name)],
+                validate_on=["changed", "submitted"],
+                compact=True,
+            )
             yield Static("", id=f"error-{param.name}", classes="field-error")
         yield Label("System prompt")
         yield RestingTextArea(id="system-prompt", soft_wrap=True, tab_behavior="focus")
@@ -95,8 +101,7 @@ class SamplingPanel(VerticalScroll):
     def _preset_of(params: SamplingParams) -> str:
         for name in PRESETS:
             preset = get_preset(name)
-            if all(getattr(preset, p.name) == getattr(params, p.name) for p in FIELDS
-                   if p.name != "seed"):
+            if all(getattr(preset, p.name) == getattr(params, p.name) for p in FIELDS if p.name != "seed"):
                 return name
         return CUSTOM
 
@@ -104,8 +109,7 @@ class SamplingPanel(VerticalScroll):
         """The reasons the typed settings are refused, one per bad field (empty when all good)."""
         out = []
         for param in FIELDS:
-            result = ParamValidator(param.name).validate(
-                self.query_one(f"#param-{param.name}", Input).value)
+            result = ParamValidator(param.name).validate(self.query_one(f"#param-{param.name}", Input).value)
             if not result.is_valid:
                 out.extend(result.failure_descriptions)
         return out

@@ -1,4 +1,5 @@
 """The conversation list: newest first, with a full-text search box above it."""
+
 from __future__ import annotations
 
 import time
@@ -70,15 +71,21 @@ class ConversationList(Vertical):
     def show_conversations(self, conversations, current_id: int | None, *, now: float) -> None:
         """Fill the list with conversations (store records), keeping the highlight on the
         current one."""
-        options = [Option(self._row(c.title or "New chat", when(c.updated_at, now)), id=f"c{c.id}")
-                   for c in conversations]
+        options = [
+            Option(self._row(c.title or "New chat", when(c.updated_at, now)), id=f"c{c.id}") for c in conversations
+        ]
         first = options[0].id if options else None  # Enter opens the newest at once
         self._fill(options, f"c{current_id}" if current_id else first)
 
     def show_hits(self, hits) -> None:
         """Fill the list with search results (store SearchHit records)."""
-        options = [Option(self._row(h.conversation_title or "New chat", h.snippet.replace("\n", " ")),
-                          id=f"m{h.message_id}:{h.conversation_id}") for h in hits]
+        options = [
+            Option(
+                self._row(h.conversation_title or "New chat", h.snippet.replace("\n", " ")),
+                id=f"m{h.message_id}:{h.conversation_id}",
+            )
+            for h in hits
+        ]
         if not options:
             options = [Option("[dim]no matches[/]", disabled=True)]
         self._fill(options, None)
