@@ -284,13 +284,12 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         kv_cache: KVCache | None = None,
         *,
-        pos_offset: int = 0,
         sparse_embedding_grad: bool = False,
     ) -> torch.Tensor:
         """The final-LayerNorm outputs, [B, T, n_embd]; classification heads start from here.
         `sparse_embedding_grad`: only for a loss through the tied head (see _embed)."""
         B, T = idx.shape
-        start = kv_cache.pos if kv_cache is not None else pos_offset
+        start = kv_cache.pos if kv_cache is not None else 0
         if isinstance(start, torch.Tensor):
             # gpt.batching's step: one token per row at the row's own position (kept in range
             # there), on the blocks' decoding-step path; no dropout, it only serves.
@@ -328,7 +327,7 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         kv_cache: KVCache | None = None,
-        pos_offset: int = 0,
+        *,
         last_only: bool = False,
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -340,7 +339,7 @@ class GPT(nn.Module):
         next token at each position) it returns the mean cross-entropy instead, computed in
         chunks so the full logits never exist (head_cross_entropy).
         """
-        x = self.hidden_states(idx, kv_cache, pos_offset=pos_offset, sparse_embedding_grad=targets is not None)
+        x = self.hidden_states(idx, kv_cache, sparse_embedding_grad=targets is not None)
         if targets is not None:
             return head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets=targets.flatten())
         if last_only:
