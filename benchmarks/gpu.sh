@@ -58,7 +58,7 @@ for batch in (1, 8):
     prompt = torch.randint(0, 50257, (batch, 64), device="cuda")
     best = 0.0
     for _ in range(3):
-        cache = KVCache(model.config, batch, 256, "cuda", torch.bfloat16)
+        cache = KVCache(model.config, batch, max_len=256, device="cuda", dtype=torch.bfloat16)
         with torch.inference_mode():
             token = model(prompt, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
             torch.cuda.synchronize()
@@ -95,7 +95,7 @@ for mode in ("full", "lora"):
     if mode == "lora":
         apply_lora(model, LoRAConfig(rank=8, alpha=16, dropout=0.0))
     model.train()
-    optimizer = make_optimizer(model, OptimizerSettings(lr=1e-4), device)
+    optimizer = make_optimizer(model, OptimizerSettings(lr=1e-4), device=device)
     for i, batch in enumerate(data):
         if i == 3:  # after the warm-up steps
             torch.cuda.synchronize()
@@ -130,7 +130,7 @@ from gpt.tokenizer import train_tokenizer
 torch.manual_seed(0)
 tokenizer = train_tokenizer(list(topics.values())[:200], vocab_size=1024)
 path = models_dir() / "gpu-bench"
-save_model(GPT(get_preset("gpt2")), path, tokenizer)
+save_model(GPT(get_preset("gpt2")), path, tokenizer=tokenizer)
 service = InProcessService(str(path), device="cuda")
 params = SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=128)
 
