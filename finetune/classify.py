@@ -19,7 +19,10 @@ Texts longer than `max_length` tokens keep their beginning. A trained classifier
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
+import itertools
 import json
 import random
 import time
@@ -224,6 +227,17 @@ def evaluate(model: Classifier, encoded, *, n_classes: int, batch_size: int = 32
     return {"loss": total_loss / max(n, 1), "accuracy": correct / max(n, 1), "n": n, "confusion": confusion}
 
 
+def default_checkpoint_dir(out: str | Path) -> Path:
+    """Where `kettle classify train --out OUT` keeps its resume checkpoint: a run directory
+    under KETTLE_HOME/runs named after OUT (its name and a hash of its full path, as pretraining
+    names its runs)."""
+    from data.paths import runs_dir
+
+    out = Path(out).expanduser()
+    key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]
+    return runs_dir() / f"classify-{out.name}-{key}" / "checkpoint"
+
+
 def train_classifier(
     gpt: GPT,
     tokenizer: Tokenizer,
@@ -232,14 +246,32 @@ def train_classifier(
     config: ClassifyConfig,
     device="cpu",
     on_step: Callable[[int, int, float], None] | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
 ):
     """Train on `examples`; returns (classifier, labels, max_length, metrics).
 
     metrics holds per-epoch validation results and the final test evaluation.
     `on_step(step, total_steps, loss)` reports progress.
-    """
-    from finetune.train import OptimizerSettings, make_optimizer, prepare_training
 
+    With `checkpoint_dir`, finetune.train's resume checkpoint is written there after every epoch
+    and when Ctrl-C or SIGTERM asks to stop (then metrics has "interrupted": True and no test
+    evaluation); with `resume` the run continues from it, with the same examples and settings
+    (`config.epochs` may grow), and ends with the weights and history an unstopped run has.
+    """
+    from finetune.train import (
+        OptimizerSettings,
+        StopFlag,
+        load_checkpoint,
+        make_optimizer,
+        prepare_training,
+        rng_state,
+        save_checkpoint,
+        set_rng_state,
+    )
+
+    if resume and checkpoint_dir is None:
+        raise KettleError("resume needs the checkpoint directory to resume from")
     prepare_training(torch.device(device))
     torch.manual_seed(config.seed)
     labels = sorted({label for _, label in examples})
@@ -264,30 +296,80 @@ def train_classifier(
     )
     steps_per_epoch = -(-len(train) // config.batch_size)
     total, step, history = steps_per_epoch * config.epochs, 0, []
+    # What a resumed run must share with the one that wrote the checkpoint (all but the epochs).
+    run = {
+        "settings": {k: v for k, v in _settings(config).items() if k != "epochs"},
+        "labels": labels,
+        "max_length": max_length,
+        "counts": {k: len(v) for k, v in enc.items()},
+    }
+    run = json.loads(json.dumps(run))  # as state.json gives it back (lists, not tuples)
+    elapsed_before = 0.0
+    if resume:
+        trainer, state, _ = load_checkpoint(Path(checkpoint_dir), torch.device(device))
+        if state.get("run") != run:
+            raise KettleError(
+                f"{checkpoint_dir}: the checkpoint is of a run with other data or settings "
+                "(resume with the same ones, or start without --resume)"
+            )
+        model.load_state_dict(trainer["model"])
+        optimizer.load_state_dict(trainer["optimizer"])
+        set_rng_state(trainer["rng"][0])
+        step, history, elapsed_before = state["step"], state["history"], state.get("elapsed", 0.0)
     started = time.perf_counter()
-    for epoch in range(config.epochs):
-        model.train()
-        for ids, lengths, targets in batches(
-            enc["train"], config.batch_size, pad_id=0, shuffle_seed=config.seed + epoch
-        ):
-            logits = model(ids.to(device), lengths.to(device))
-            loss = F.cross_entropy(logits, targets.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if on_step:
-                on_step(step, total, loss.item())
-        if enc["val"]:
-            result = evaluate(model, enc["val"], n_classes=len(labels), device=device)
-            history.append({"epoch": epoch + 1, "val_loss": result["loss"], "val_accuracy": result["accuracy"]})
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            Path(checkpoint_dir),
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": [rng_state()]},
+            state={
+                "step": step,
+                "epoch": step // steps_per_epoch,
+                "history": history,
+                "run": run,
+                "elapsed": elapsed_before + time.perf_counter() - started,
+            },
+        )
+
+    interrupted = False
+    with StopFlag() if checkpoint_dir is not None else contextlib.nullcontext() as stop:
+        for epoch in range(step // steps_per_epoch, config.epochs):
+            model.train()
+            done = step - epoch * steps_per_epoch  # batches of this epoch trained before a stop
+            epoch_batches = batches(enc["train"], config.batch_size, pad_id=0, shuffle_seed=config.seed + epoch)
+            for ids, lengths, targets in itertools.islice(epoch_batches, done, None):
+                logits = model(ids.to(device), lengths.to(device))
+                loss = F.cross_entropy(logits, targets.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                if on_step:
+                    on_step(step, total, loss.item())
+                if stop is not None and stop.requested and step % steps_per_epoch:
+                    interrupted = True  # mid-epoch: the checkpoint records how far into it
+                    break
+            if interrupted:
+                checkpoint()
+                break
+            if enc["val"]:
+                result = evaluate(model, enc["val"], n_classes=len(labels), device=device)
+                history.append({"epoch": epoch + 1, "val_loss": result["loss"], "val_accuracy": result["accuracy"]})
+            if checkpoint_dir is not None:
+                checkpoint()
+            if stop is not None and stop.requested and epoch + 1 < config.epochs:
+                interrupted = True
+                break
     metrics = {
         "labels": labels,
-        "counts": {k: len(v) for k, v in enc.items()},
+        "counts": run["counts"],
         "history": history,
-        "test": evaluate(model, enc["test"], n_classes=len(labels), device=device),
-        "train_seconds": time.perf_counter() - started,
+        "train_seconds": elapsed_before + time.perf_counter() - started,
     }
+    if interrupted:
+        metrics.update(interrupted=True, step=step, total_steps=total)
+    else:
+        metrics["test"] = evaluate(model, enc["test"], n_classes=len(labels), device=device)
     return model, labels, max_length, metrics
 
 

@@ -119,3 +119,53 @@ def test_train_save_load_predict(tiny_model_dir, tmp_path):
         save_classifier(clf, tokenizer, labels=labels, max_length=max_length, directory=out)
     with pytest.raises(KettleError, match="not a Kettle classifier"):
         load_classifier(tiny_model_dir)
+
+
+def _train(model_dir, epochs: int, **kwargs):
+    model, tokenizer = load_model(model_dir)
+    config = ClassifyConfig(trainable="all", epochs=epochs, lr=1e-3, batch_size=16)
+    return train_classifier(model, tokenizer, examples=_toy_examples(120), config=config, **kwargs)
+
+
+def _same_run(resumed, straight) -> None:
+    (clf, _, _, metrics), (clf0, _, _, metrics0) = resumed, straight
+    state, state0 = clf.state_dict(), clf0.state_dict()
+    assert state.keys() == state0.keys()
+    assert all(torch.equal(state[k], state0[k]) for k in state), "the weights differ from the unstopped run's"
+    assert metrics["history"] == metrics0["history"] and len(metrics["history"]) == 2
+    assert metrics["test"] == metrics0["test"]
+
+
+def test_resume_after_an_epoch_gives_the_unstopped_run(make_model_dir, tmp_path):
+    # Dropout draws from torch's generator every step: the checkpoint must restore it exactly.
+    model_dir = make_model_dir("classify-dropout", dropout=0.2)
+    straight = _train(model_dir, 2)
+    ckpt = tmp_path / "checkpoint"
+    first = _train(model_dir, 1, checkpoint_dir=ckpt)
+    assert len(first[3]["history"]) == 1 and (ckpt / "state.json").is_file()
+    _same_run(_train(model_dir, 2, checkpoint_dir=ckpt, resume=True), straight)
+
+
+def test_ctrl_c_mid_epoch_checkpoints_and_resumes_exactly(make_model_dir, tmp_path):
+    import os
+    import signal
+
+    model_dir = make_model_dir("classify-dropout", dropout=0.2)
+    straight = _train(model_dir, 2)
+    ckpt = tmp_path / "checkpoint"
+
+    def ctrl_c(step, total, loss):
+        if step == 7:  # an epoch is 6 steps (84 training examples in 16s): one into the second
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stopped = _train(model_dir, 2, checkpoint_dir=ckpt, on_step=ctrl_c)[3]
+    assert stopped["interrupted"] and stopped["step"] == 7 and "test" not in stopped
+    assert len(stopped["history"]) == 1
+    steps = []
+    resumed = _train(model_dir, 2, checkpoint_dir=ckpt, resume=True, on_step=lambda s, t, loss: steps.append(s))
+    assert steps == list(range(8, 13))
+    _same_run(resumed, straight)
+    with pytest.raises(KettleError, match="other data or settings"):
+        model, tokenizer = load_model(model_dir)
+        config = ClassifyConfig(trainable="all", epochs=2, lr=1e-4, batch_size=16)
+        train_classifier(model, tokenizer, examples=_toy_examples(120), config=config, checkpoint_dir=ckpt, resume=True)

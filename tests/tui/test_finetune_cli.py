@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+from data.paths import runs_dir
 from data.store import open_store
 from tui.cli import main
 
@@ -105,3 +106,42 @@ def test_classify_train_eval_predict(tiny_model_dir, tmp_path, capsys):
     assert label == "spam" and 0.5 < float(prob) <= 1 and text == "house WIN cash now"
     assert main(["classify", "train", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out_dir)]) == 1
     assert "already exists" in capsys.readouterr().err
+    assert not list(runs_dir().glob("classify-*")), "a finished training keeps no checkpoint"
+
+
+def _sms(path, n=60):
+    rng = random.Random(0)
+    words = "the a of painter house light wall picture morning".split()
+    lines = [
+        f"spam\t{' '.join(rng.choice(words) for _ in range(5))} WIN cash now"
+        if i % 2
+        else f"ham\t{' '.join(rng.choice(words) for _ in range(5))}"
+        for i in range(n)
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_classify_resume(tiny_model_dir, tmp_path, capsys):
+    from finetune.classify import ClassifyConfig, default_checkpoint_dir, read_labeled, train_classifier
+    from gpt.checkpoint import load_model
+
+    data, out_dir = _sms(tmp_path / "sms.tsv"), tmp_path / "clf"
+    argv = ["classify", "train", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out_dir)]
+    argv += ["--trainable", "all", "--device", "cpu", "--epochs", "2"]
+    assert main([*argv, "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kettle: error: --resume: no checkpoint for ") and err.count("\n") == 1, err
+    assert not out_dir.exists()
+
+    # What a training stopped after its first epoch left (the CLI's settings, one epoch).
+    checkpoint = default_checkpoint_dir(out_dir)
+    model, tokenizer = load_model(tiny_model_dir)
+    config = ClassifyConfig(trainable="all", epochs=1)
+    train_classifier(model, tokenizer, examples=read_labeled(data), config=config, checkpoint_dir=checkpoint)
+    assert main(argv) == 1
+    assert "--resume, or delete that folder" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1:" in out and "epoch 2:" in out and out_dir.is_dir()
+    assert not checkpoint.parent.exists()

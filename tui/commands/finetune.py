@@ -136,6 +136,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=flags.seed, default=123)
     t.add_argument("--device", type=flags.device, default="auto")
     t.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the stopped training of --out from its checkpoint (same model, data and settings)",
+    )
     t.set_defaults(func=classify_train_command)
     e = cs.add_parser("eval", help="accuracy and confusion matrix of a classifier on a labelled file")
     e.add_argument("classifier", metavar="DIR")
@@ -306,22 +311,34 @@ def merge_command(args) -> int:
 
 
 def classify_train_command(args) -> int:
+    import shutil
     from pathlib import Path
 
     from data.registry import resolve_model_dir
     from finetune.classify import (
         ClassifyConfig,
         class_counts,
+        default_checkpoint_dir,
         format_confusion,
         read_labeled,
         save_classifier,
         train_classifier,
     )
-    from finetune.train import Display
+    from finetune.train import CHECKPOINT_STATE, Display
     from gpt.checkpoint import load_model
     from gpt.device import pick_device
     from gpt.errors import KettleError
+    from gpt.files import remove_stale_temporaries
 
+    checkpoint = default_checkpoint_dir(args.out)
+    remove_stale_temporaries(checkpoint.parent)  # a killed checkpoint write's leftovers
+    if args.resume and not (checkpoint / CHECKPOINT_STATE).exists():
+        raise KettleError(f"--resume: no checkpoint for {args.out} (nothing to resume; start without --resume)")
+    if not args.resume and checkpoint.exists():
+        raise KettleError(
+            f"{checkpoint.parent} holds the checkpoint of a stopped training of {args.out}: continue it "
+            "with --resume, or delete that folder to start over"
+        )
     device = pick_device(args.device)
     examples = read_labeled(args.data)
     config = ClassifyConfig(
@@ -347,11 +364,24 @@ def classify_train_command(args) -> int:
 
     try:
         clf, labels, max_length, metrics = train_classifier(
-            model, tokenizer, examples=examples, config=config, device=device, on_step=on_step
+            model,
+            tokenizer,
+            examples=examples,
+            config=config,
+            device=device,
+            on_step=on_step,
+            checkpoint_dir=checkpoint,
+            resume=args.resume,
         )
     finally:
         if display is not None:
             display.close()
+    if metrics.get("interrupted"):
+        print(
+            f"stopped at step {metrics['step']} of {metrics['total_steps']}; checkpoint saved in {checkpoint}\n"
+            "continue with the same command and --resume"
+        )
+        return 130
     for h in metrics["history"]:
         print(f"epoch {h['epoch']}: validation loss {h['val_loss']:.4f}, accuracy {h['val_accuracy']:.1%}")
     test = metrics["test"]
@@ -367,6 +397,7 @@ def classify_train_command(args) -> int:
         metrics=metrics,
         overwrite=args.overwrite,
     )
+    shutil.rmtree(checkpoint.parent, ignore_errors=True)  # kept until now: a failed save costs no training
     print(f"classifier saved to {args.out}")
     return 0
 
