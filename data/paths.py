@@ -26,9 +26,12 @@ def models_dir() -> Path:
     return path
 
 
-def runs_dir() -> Path:
+def runs_dir(*, create: bool = True) -> Path:
+    """Where training runs keep their state; `create=False` only names it (for a path that is
+    written later, so a command refused before then leaves nothing behind)."""
     path = kettle_home() / "runs"
-    path.mkdir(exist_ok=True)
+    if create:
+        path.mkdir(exist_ok=True)
     return path
 
 

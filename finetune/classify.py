@@ -235,7 +235,8 @@ def default_checkpoint_dir(out: str | Path) -> Path:
 
     out = Path(out).expanduser()
     key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]
-    return runs_dir() / f"classify-{out.name}-{key}" / "checkpoint"
+    # Not created here: the first checkpoint's write makes its folders (gpt.files.atomic_directory).
+    return runs_dir(create=False) / f"classify-{out.name}-{key}" / "checkpoint"
 
 
 def train_classifier(

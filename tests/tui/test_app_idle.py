@@ -13,6 +13,8 @@ from tui.app import KettleApp
 from tui.widgets.blink import BlinkThenRest
 
 BLINK_S = 0.6  # the cursors' blink time here, so the test waits under a second for the rest
+# On a loaded machine the model can take seconds to load, and its task modal ticks until then.
+SETTLE_S = 30
 
 
 def running_timers(app) -> list[str]:
@@ -45,7 +47,7 @@ async def test_idle_chat_runs_no_timer_and_a_key_restarts_the_blink(app_model, m
             pilot,
             lambda: not running_timers(app),
             lambda: f"every timer to stop (running: {running_timers(app)})",
-            timeout=BLINK_S + 5,
+            timeout=BLINK_S + SETTLE_S,
         )
         assert prompt._cursor_visible  # the cursor rests lit, not hidden mid-blink
         press_nowait(app, "h", "h")  # Pilot's press waits for every queue, longer than a blink
@@ -55,6 +57,6 @@ async def test_idle_chat_runs_no_timer_and_a_key_restarts_the_blink(app_model, m
             pilot,
             lambda: not running_timers(app),
             lambda: f"the blink to rest again (running: {running_timers(app)})",
-            timeout=BLINK_S + 5,
+            timeout=BLINK_S + SETTLE_S,
         )
         assert prompt._cursor_visible

@@ -330,15 +330,6 @@ def classify_train_command(args) -> int:
     from gpt.errors import KettleError
     from gpt.files import remove_stale_temporaries
 
-    checkpoint = default_checkpoint_dir(args.out)
-    remove_stale_temporaries(checkpoint.parent)  # a killed checkpoint write's leftovers
-    if args.resume and not (checkpoint / CHECKPOINT_STATE).exists():
-        raise KettleError(f"--resume: no checkpoint for {args.out} (nothing to resume; start without --resume)")
-    if not args.resume and checkpoint.exists():
-        raise KettleError(
-            f"{checkpoint.parent} holds the checkpoint of a stopped training of {args.out}: continue it "
-            "with --resume, or delete that folder to start over"
-        )
     device = pick_device(args.device)
     examples = read_labeled(args.data)
     config = ClassifyConfig(
@@ -352,6 +343,17 @@ def classify_train_command(args) -> int:
     )
     if Path(args.out).exists() and not args.overwrite:
         raise KettleError(f"{args.out}: already exists (choose another --out, or --overwrite)")
+    # Only once every flag and the data are known good: a refused command changes nothing (no
+    # run folder made under KETTLE_HOME/runs).
+    checkpoint = default_checkpoint_dir(args.out)
+    remove_stale_temporaries(checkpoint.parent)  # a killed checkpoint write's leftovers
+    if args.resume and not (checkpoint / CHECKPOINT_STATE).exists():
+        raise KettleError(f"--resume: no checkpoint for {args.out} (nothing to resume; start without --resume)")
+    if not args.resume and checkpoint.exists():
+        raise KettleError(
+            f"{checkpoint.parent} holds the checkpoint of a stopped training of {args.out}: continue it "
+            "with --resume, or delete that folder to start over"
+        )
     model, tokenizer = load_model(resolve_model_dir(args.model), device=device)
     print(f"{len(examples)} examples: " + ", ".join(f"{k} {v}" for k, v in class_counts(examples).items()))
     display = None
