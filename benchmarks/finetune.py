@@ -65,7 +65,7 @@ def one_run(args, side: str, mode: str, queue) -> None:
 
     from finetune.instruct import IGNORE, collate, make_batches
     from finetune.lora import LoRAConfig, apply_lora
-    from finetune.train import OptimizerSettings, make_optimizer
+    from finetune.train import OptimizerSettings
     from gpt.config import GPTConfig
     from gpt.model import GPT
 
@@ -102,7 +102,12 @@ def one_run(args, side: str, mode: str, queue) -> None:
                 ),
             )
         del model
-    optimizer = make_optimizer(net, OptimizerSettings(lr=1e-4), device=torch.device("cpu"))
+    # The same AdamW on both sides: GPT.configure_optimizers' groups, applied to the peer's
+    # parameters too (it reads only .parameters()).
+    settings = OptimizerSettings(lr=1e-4)
+    optimizer = GPT.configure_optimizers(
+        net, settings.weight_decay, settings.lr, betas=(settings.beta1, settings.beta2), device_type="cpu"
+    )
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
 
     def step(batch) -> float:
