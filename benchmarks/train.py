@@ -10,9 +10,10 @@ its trainer's (finetune.train.make_optimizer: fused AdamW, decay on matrices; th
 the sequence, gpt.model.head_cross_entropy), and "kettle-full-logits" is the same step with the
 loss over the full fp32 logits, as Kettle computed it before, for the memory saved; transformers is
 measured with torch's default AdamW (for-each) and, for a like-for-like model comparison, with
-the fused AdamW Kettle uses ("transformers+fused"). Each measurement
-runs in its own process so that peak memory is its own. Prints tokens/s, peak memory above the
-process's baseline, the Kettle/transformers ratio, and MFU on GPUs with a known peak.
+the fused AdamW Kettle uses ("transformers+fused"). Each measurement runs in its own process so
+that peak memory is its own; Kettle's starts with the allocator setting its training processes
+start with (finetune.allocator), the peers' with the environment as it is. Prints tokens/s, peak
+memory above the process's baseline, the Kettle/transformers ratio, and MFU on GPUs with a known peak.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from finetune.allocator import process_env  # noqa: E402  (after the path is set)
 
 SHAPES = {  # name -> (preset, batch size, sequence length)
     "gpt2": ("gpt2", 4, 256),
@@ -184,6 +187,9 @@ def main() -> None:
                     capture_output=True,
                     text=True,
                     cwd=ROOT,
+                    # Kettle's side runs as Kettle's training processes start (finetune.allocator);
+                    # the peers as a process of their own would.
+                    env=process_env() if impl.startswith("kettle") else None,
                 )
                 if out.returncode:
                     sys.exit(f"{impl} on {shape} failed:\n{out.stderr[-3000:]}")

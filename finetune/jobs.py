@@ -55,6 +55,7 @@ import torch
 from data.paths import models_dir, runs_dir
 from data.records import Run
 from data.store import Store, open_store
+from finetune.allocator import process_env
 from finetune.instruct import (
     Example,
     Progress,
@@ -139,6 +140,7 @@ def start_finetune(spec: JobSpec, store: Store | None = None) -> int:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env=process_env(),
                 cwd=str(Path(__file__).resolve().parent.parent),
             )
         # Collect its exit status when it ends: a child nobody waits for stays a zombie

@@ -23,9 +23,7 @@ back to the checkpoint's step on resume, and to a rich progress bar (Display).
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import functools
 import json
 import math
 import os
@@ -38,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from finetune.allocator import keep_freed_memory
 from gpt.checkpoint import load_model, save_model
 from gpt.device import allow_tf32, pick_device
 from gpt.errors import KettleError
@@ -96,26 +95,10 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
 
 def prepare_training(device: torch.device) -> None:
     """Process-wide settings for training on `device`: TF32 tensor cores on Ampere and later
-    GPUs; on Linux CPUs, memory that is freed stays with the process to be reused."""
+    GPUs; on Linux CPUs, glibc's allocator set for a training step (finetune.allocator)."""
     allow_tf32(device)
     if device.type == "cpu":
-        _keep_freed_memory()
-
-
-@functools.cache
-def _keep_freed_memory() -> None:
-    # glibc serves every allocation over 32 MB with its own mmap and unmaps it when it is freed.
-    # A training step allocates and frees GBs in such blocks (the logits, the embedding's
-    # gradient), so each step takes a page fault per fresh 4 KB page: ~375k faults, 11% of a
-    # GPT-2 124M step on 2 cores. Allocating from the heap and keeping up to 1 GiB of freed
-    # memory there makes the next step reuse it, as tcmalloc or jemalloc would.
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not Linux with glibc: its allocator is left as it is
-        return
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+        keep_freed_memory()
 
 
 # --- optimisation -------------------------------------------------------------------------------

@@ -413,16 +413,28 @@ class _HeadCrossEntropy(torch.autograd.Function):
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             grad_h = torch.empty_like(hm) if need_h else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+            # One buffer for every chunk's logits, worked on in place: a fresh product per chunk
+            # would be allocated while the last chunk's is still held, and logsumexp makes a
+            # temporary of the chunk's size; together three chunks (192 MB at GPT-2's size).
+            chunk = torch.empty(min(chunk_rows, n), weight.size(0), dtype=torch.float32, device=h.device)
             for start in range(0, n, chunk_rows):
                 hc, tc = hm[start : start + chunk_rows], targets[start : start + chunk_rows]
-                logits = (hc @ w.t()).float()
-                lse = logits.logsumexp(dim=-1)
-                loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+                logits = chunk[: len(tc)]
+                if mm == torch.float32:
+                    torch.mm(hc, w.t(), out=logits)
+                else:
+                    logits.copy_(hc @ w.t())
+                picked = logits.gather(1, tc[:, None]).squeeze(1)
+                top = logits.amax(dim=-1, keepdim=True)
+                exp = logits.sub_(top).exp_()  # exp(logits - max), in the logits' memory
+                sums = exp.sum(dim=-1)
+                loss += (sums.log() + top.squeeze(1) - picked).sum()  # logsumexp - the target's logit
                 if not (need_h or need_w):
                     continue
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
-                g[torch.arange(len(tc), device=g.device), tc] -= 1
-                g = g.div_(n).to(mm)
+                # The gradient of the mean loss: (softmax - one-hot) / n.
+                g = exp.mul_((1.0 / (sums * n))[:, None])
+                g[torch.arange(len(tc), device=g.device), tc] -= 1.0 / n
+                g = g.to(mm)
                 if need_h:
                     torch.mm(g, w, out=grad_h[start : start + chunk_rows])
                 if need_w:

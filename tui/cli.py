@@ -79,5 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `kettle` command (and `python -m tui.cli`): main() in a process started with
+    finetune.allocator's setting, so that training holds no more memory than it needs, in this
+    process or in the fine-tune jobs and brews it starts. Tests call main() in their own."""
+    from finetune.allocator import restart_with_tunable
+
+    restart_with_tunable()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

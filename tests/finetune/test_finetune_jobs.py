@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from data.paths import models_dir
+from finetune import allocator
 from finetune.jobs import (
     CHECKPOINT_DIR,
     JobSpec,
@@ -24,6 +25,11 @@ from finetune.jobs import (
 )
 from gpt.checkpoint import load_model
 from gpt.errors import KettleError
+
+
+def glibc() -> bool:
+    return allocator.process_env({}).get("GLIBC_TUNABLES") == allocator.TUNABLE
+
 
 TOPICS = [
     "kettle",
@@ -241,6 +247,8 @@ def test_separate_process_records_progress_and_stops_on_cancel(store, base):
         time.sleep(0.1)
     run = store.run(run_id)
     assert run.status == "running" and run.pid and run.total_steps == 400 * 10  # 20 examples, 2 a batch
+    if glibc():  # it started with the allocator setting that keeps a training step's memory down
+        assert allocator.TUNABLE.encode() in open(f"/proc/{run.pid}/environ", "rb").read()
     assert cancel_run(store, run_id)
     while store.run(run_id).status == "running":
         assert time.monotonic() < deadline
