@@ -18,6 +18,7 @@ whole conversation.
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing
 import os
 import resource
@@ -101,14 +102,17 @@ def prompt_ids(vocab_size: int, n: int) -> list[int]:
     return torch.randint(0, min(vocab_size, 50000), (n,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
-def kettle_runner(model, n_prompt, sampling):
-    """A function generating n new tokens with Kettle's engine from a fresh prefill."""
+def kettle_runner(model, n_prompt, sampling, *, compiled=False):
+    """A function generating n new tokens with Kettle's engine from a fresh prefill (`compiled`:
+    through its compiled decoding step, Engine.compile_decode)."""
     from gpt.engine import Engine
     from gpt.sampling import SamplingParams
     from gpt.tokenizer import gpt2_tokenizer
 
     engine = Engine(model, gpt2_tokenizer(), name="bench")
     engine.stop_ids = set()  # fixed length: end-of-text does not stop the benchmark
+    if compiled:
+        engine.compile_decode()
     ids = prompt_ids(model.config.vocab_size, n_prompt)
 
     def run(n_new):
@@ -143,11 +147,15 @@ def hf_runner(model, n_prompt, sampling):
 
 # greedy, and what a chat uses (top_p sorts the vocabulary in transformers, not in Kettle).
 SAMPLING = {"greedy": {"temperature": 0.0}, "top-p": {"temperature": 0.7, "top_p": 0.9}}
-RUNNERS = {"kettle": kettle_runner, "transformers": hf_runner}
+RUNNERS = {
+    "kettle": kettle_runner,
+    "transformers": hf_runner,
+    "kettle+compile": functools.partial(kettle_runner, compiled=True),  # with --compile
+}
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def measure_speed(shape, dtype, device, n_prompt, n_new, sampling, repeats, threads):
+def measure_speed(shape, dtype, device, n_prompt, n_new, sampling, repeats, threads, names):
     """Both sides in one process, runs interleaved, so a busy machine slows both alike.
 
     Each side is timed the same way from outside: a run of 1 new token (the time to first
@@ -158,7 +166,7 @@ def measure_speed(shape, dtype, device, n_prompt, n_new, sampling, repeats, thre
 
     torch.set_num_threads(threads)
     model = build_model(shape, dtype, device)
-    runs = {name: make(model, n_prompt, sampling) for name, make in RUNNERS.items()}
+    runs = {name: RUNNERS[name](model, n_prompt, sampling) for name in names}
     best = {name: {} for name in runs}
     for i in range(repeats + 1):
         for name, run in runs.items():
@@ -168,7 +176,7 @@ def measure_speed(shape, dtype, device, n_prompt, n_new, sampling, repeats, thre
             tokens = run(n_new)
             t2 = {c: clock() for c, clock in CLOCKS.items()}
             if i == 0:
-                continue  # a warm-up round
+                continue  # a warm-up round (and the compiled step's compilation)
             b = best[name]
             b["tokens"] = tokens
             for c in CLOCKS:
@@ -271,7 +279,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--compile", action="store_true", help="also Kettle's compiled decoding step")
     args = parser.parse_args(argv)
+    names = ["kettle", "transformers"] + (["kettle+compile"] if args.compile else [])
 
     print(
         f"device {args.device}, {args.dtype}, {args.threads} threads, batch 1, "
@@ -284,7 +294,7 @@ def main(argv=None):
     for shape in args.shapes:
         for sampling in args.sampling:
             common = (shape, args.dtype, args.device, args.prompt_tokens, args.new_tokens, sampling)
-            speed = in_child(measure_speed, *common, args.repeats, args.threads)
+            speed = in_child(measure_speed, *common, args.repeats, args.threads, names)
             floor = speed.pop("floor")
             for name, r in speed.items():
                 peak = in_child(measure_memory, name, *common)
@@ -293,6 +303,13 @@ def main(argv=None):
                     f"{r['ttft_cpu'] * 1000:11.1f} {r['tps_cpu']:16.1f} {peak:8.0f}"
                 )
             ours, theirs = speed["kettle"], speed["transformers"]
+            if args.compile:
+                built = speed["kettle+compile"]
+                print(
+                    f"{shape:8} {sampling:8} compiled/eager: decode {built['tps_wall'] / ours['tps_wall']:.2f}x, "
+                    f"{built['tps_wall'] * floor:.0%} of the floor below; tokens identical "
+                    f"{built['tokens'] == ours['tokens']}"
+                )
             line = (
                 f"{shape:8} {sampling:8} kettle/transformers: decode {ours['tps_wall'] / theirs['tps_wall']:.2f}x "
                 f"(cpu time {ours['tps_cpu'] / theirs['tps_cpu']:.2f}x), "

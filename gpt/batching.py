@@ -30,7 +30,7 @@ import torch
 
 import gpt.engine
 from gpt.engine import GenerationResult, TextStream, TokenLogprob, _entry, _score_prompt
-from gpt.model import common_prefix
+from gpt.model import RowCache, common_prefix
 from gpt.sampling import MAX_SEED, Sampler, SamplingParams
 
 MAX_BATCH = 16
@@ -99,18 +99,6 @@ class _SlotCache:
     def __init__(self, cache: BatchedKVCache, slot: int):
         self.k, self.v = cache.k[:, slot : slot + 1], cache.v[:, slot : slot + 1]
         self.max_len, self.pos = cache.max_len, len(cache.ids[slot])
-
-
-class _StepCache:
-    """What gpt.model's batched decoding step reads: slots 0..B-1, row b's new token at pos[b]."""
-
-    def __init__(self, cache: BatchedKVCache, lengths: list[int]):
-        device = cache.device
-        self.k, self.v, self.max_len = cache.k, cache.v, cache.max_len
-        self.pos = torch.tensor(lengths, device=device)
-        self.rows = torch.arange(len(lengths), device=device)
-        self.span = max(lengths) + 1
-        self.hidden = (torch.arange(self.span, device=device) > self.pos[:, None]).unsqueeze(1)
 
 
 @dataclass
@@ -247,7 +235,8 @@ class Batch:
             cache = self.cache
             lengths = [len(cache.ids[s]) for s in range(len(self.rows))]
             x = torch.stack([row.token for row in self.rows]).view(-1, 1)
-            logits = self.engine.model(x, _StepCache(cache, lengths), last_only=True)
+            pos = torch.tensor(lengths, device=cache.device)
+            logits = self.engine.model(x, RowCache(cache.k, cache.v, pos=pos, span=max(lengths) + 1), last_only=True)
             logits = logits[:, -1, : self.engine.tokenizer.n_vocab]
             for slot, row in enumerate(self.rows):
                 row.logits = logits[slot]

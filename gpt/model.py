@@ -40,6 +40,19 @@ class KVCache:
         self.pos = pos
 
 
+class RowCache:
+    """A KV cache as the decoding step reads it for rows each at a position of its own: rows
+    0..B-1 of `k` and `v` ([n_layer, rows, n_head, max_len, head_dim]), row b's new token going
+    to position pos[b] (a tensor), keys attended up to `span`, each row's past its own position
+    masked. gpt.batching's step attends as far as its longest row; a compiled step (gpt.engine's
+    CompiledStep) the whole cache, so that every step has the same shapes."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, *, pos: torch.Tensor, span: int):
+        self.k, self.v, self.pos, self.span, self.max_len = k, v, pos, span, k.size(3)
+        self.rows = torch.arange(pos.numel(), device=pos.device)
+        self.hidden = (torch.arange(span, device=pos.device) > pos[:, None]).unsqueeze(1)
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading token ids `a` and `b` share: the cached positions still valid when a
     cache filled for `a` continues with `b`."""
@@ -105,7 +118,7 @@ class CausalSelfAttention(nn.Module):
         B, C = x.shape
         H, pos = self.n_head, cache.pos
         q, k, v = self.c_attn(x).view(B, 3, H, C // H).unbind(1)  # each [B, H, head_dim]
-        per_row = isinstance(pos, torch.Tensor)  # gpt.batching: each row at its own position
+        per_row = isinstance(pos, torch.Tensor)  # a RowCache: each row at its own position
         if per_row:
             cache.k[layer, cache.rows, :, pos] = k
             cache.v[layer, cache.rows, :, pos] = v
@@ -308,8 +321,8 @@ class GPT(nn.Module):
                 x = x.view(B, -1)  # the blocks' decoding-step path (see CausalSelfAttention.forward)
         for i, block in enumerate(self.h):
             x = block(x, kv_cache, i)
-        if kv_cache is not None:
-            kv_cache.pos += T
+        if kv_cache is not None and not isinstance(start, torch.Tensor):
+            kv_cache.pos += T  # rows at positions of their own are moved by their owner (RowCache)
         x = self.ln_f(x)
         return x.view(B, 1, -1) if decoding else x
 
