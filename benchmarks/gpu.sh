@@ -5,7 +5,8 @@
 #   1. pretraining, the 124M shape (GPT-2's), bf16 autocast + TF32 + fused AdamW, eager and
 #      torch.compile: tokens/s and MFU against the device's peak (gpt.device.peak_flops);
 #   2. decode tok/s of the 124M shape in bf16 at batch 1 and batch 8 (greedy, the model's own
-#      KV-cache step), and batch 1 through Kettle's engine beside transformers' generate();
+#      KV-cache step), and batch 1 through Kettle's engine beside transformers' generate(),
+#      eager and with its compiled step (Engine.compile_decode: one CUDA graph a token);
 #   3. fine-tuning tok/s on the 124M shape, full and LoRA (rank 8, every linear), bf16 autocast;
 #   4. the app's generation path: InProcessService (what `kettle` and `kettle serve` use) on the
 #      GPU, one request, then 8 at once: time to first token and tokens/s.
@@ -70,8 +71,8 @@ for batch in (1, 8):
     print(f"batch {batch}: {best:8.1f} steps/s = {best * batch:8.1f} tok/s in aggregate")
 EOF
 if [ -n "${TIKTOKEN_CACHE_DIR:-}" ]; then
-  timeout 180 "$PY" benchmarks/generate.py --shapes gpt2 --sampling greedy --device cuda \
-    --dtype bfloat16 --new-tokens 128 --turns 0 --repeats 2
+  timeout 240 "$PY" benchmarks/generate.py --shapes gpt2 --sampling greedy --device cuda \
+    --dtype bfloat16 --new-tokens 128 --turns 0 --repeats 2 --compile
 else
   echo "(Kettle's engine vs transformers skipped: GPT-2's tokenizer files are not here; set TIKTOKEN_CACHE_DIR)"
 fi
