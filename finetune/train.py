@@ -301,13 +301,16 @@ class Display:
 
         # `console`: the caller's, when it prints lines of its own while the bar runs (a line
         # printed through another console breaks the bar, and leaves a copy of it each time).
+        # Each time labelled, and a bar short enough that the line fits 100 columns (the app
+        # shows a brew's bar at that width): a wrapped line put "ETA" beside the elapsed time.
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=10),
             TaskProgressColumn(),
             TextColumn("step {task.fields[step]}/{task.fields[max_steps]}"),
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[speed]}"),
+            TextColumn("elapsed"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
