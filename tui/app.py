@@ -313,6 +313,16 @@ class KettleApp(App):
         they are plain text unless a caller asks for markup."""
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
 
+    def action_help_quit(self) -> None:
+        """Ctrl+C, where no input copies with it: Textual's own hint, in plain text (its markup
+        showed as [b]...[/b] here), and what stops an answer, which is what Ctrl+C often means."""
+        quit_keys = [key for key, b in self.active_bindings.items() if b.binding.action in ("quit", "app.quit")]
+        if quit_keys:
+            self.notify(
+                f"Press {quit_keys[0]} to quit the app; Esc stops an answer being written.",
+                title="Do you want to quit?",
+            )
+
     def _handle_exception(self, error: Exception) -> None:
         """A bug past start-up becomes a notification and a traceback in app.log, not the end
         of the user's session. Headless runs (tests) keep Textual's behaviour, so bugs fail

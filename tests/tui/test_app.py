@@ -84,6 +84,16 @@ def short_answers(app_model):
     return app_model
 
 
+async def test_ctrl_c_says_in_plain_text_how_to_quit_and_stop_an_answer():
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.current_mode == "welcome", "the welcome screen")
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        hint = [n.message for n in app._notifications if n.title == "Do you want to quit?"]
+        assert hint == ["Press ctrl+q to quit the app; Esc stops an answer being written."]
+
+
 async def test_welcome_screen_when_there_is_no_model():
     app = KettleApp()
     async with app.run_test(size=SIZE) as pilot:
