@@ -407,14 +407,22 @@ def _dpo(obj: dict) -> tuple[str, list[Node]]:
     return system, nodes
 
 
+def check_file(path: str | Path) -> None:
+    """A KettleError unless `path` is a file that can be read."""
+    path = Path(path)
+    if path.is_dir():
+        raise KettleError(f"{path}: a folder, not a file")
+    if not path.is_file():
+        raise KettleError(f"{path}: no such file")
+
+
 def parse_file(path: str | Path, fmt: str | None = None) -> tuple[str, list[Record], Counter]:
     """Read and validate a whole file: (format, records, ignored fields). Raises KettleError
     naming the file and line of the first problem."""
     path = Path(path)
     if fmt is not None and fmt not in FORMATS:
         raise KettleError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if not path.is_file():
-        raise KettleError(f"{path}: no such file")
+    check_file(path)
     raw = read_json_records(path)
     fmt = fmt or detect_format(path, raw)
     records, ignored = [], Counter()

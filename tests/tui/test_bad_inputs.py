@@ -149,17 +149,19 @@ def test_a_bad_flag_is_refused_in_one_line(case, seeded, capsys):
 def test_a_real_process_prints_the_line_alone(seeded, tmp_path):
     """Outside pytest's capture: stderr's own encoding, a process that exits for good."""
     cases = [
-        (["data", "import", str(ROOT / "imports" / "surrogate-openai.jsonl")], 1),
-        (["generate", str(ROOT / "models" / "weights-exploding-pickle"), "Hi"], 1),
-        (["serve", "--port", "-1"], 2),
+        (["data", "import", str(ROOT / "imports" / "surrogate-openai.jsonl")], 1, "line 1"),
+        (["data", "import", str(tmp_path / "missing.jsonl")], 1, "missing.jsonl: no such file"),
+        (["data", "import", str(tmp_path)], 1, "a folder, not a file"),
+        (["generate", str(ROOT / "models" / "weights-exploding-pickle"), "Hi"], 1, ""),
+        (["serve", "--port", "-1"], 2, "--port"),
     ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    for argv, code in cases:
+    for argv, code, says in cases:
         done = subprocess.run(
             [sys.executable, "-m", "tui.cli", *argv], capture_output=True, text=True, env=env, timeout=120
         )
-        assert done.returncode == code and done.stdout.strip() == "", (argv, done.stdout)
-        one_line(done.stderr)
+        assert done.returncode == code and done.stdout == "", (argv, done.stdout)  # not even a blank line
+        assert says in one_line(done.stderr)
 
 
 def test_a_file_name_that_is_not_utf8_still_imports(seeded, tmp_path, capsys):

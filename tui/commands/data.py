@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from data.formats import FORMATS
 from tui.commands import flags
@@ -123,12 +124,21 @@ def stats_command(args) -> int:
 def import_command(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from data.formats import import_file, shown
+    from data.formats import check_file, import_file, shown
     from data.store import open_store
 
+    check_file(args.file)  # before the store is opened and the bar drawn: a refusal changes nothing
     with (
         open_store() as store,
-        Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True) as bar,
+        # Drawn in a terminal only: elsewhere a transient bar still leaves an empty line on stdout.
+        Progress(
+            "{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+            disable=not sys.stdout.isatty(),
+        ) as bar,
     ):
         task = bar.add_task("importing", total=None)
         report = import_file(
