@@ -137,6 +137,10 @@ def test_defaults_follow_the_model_and_the_dataset():
     assert resolve(SFTConfig(), 20, model=starter, n_replay=1500).replay == 80
     assert resolve(SFTConfig(lora=LoRAConfig()), 20, model=starter, n_replay=1500).replay == 20
     assert resolve(SFTConfig(), 20, model=starter, n_replay=5).replay == 5
+    # A first correction or two still get a floor of the base's own examples beside them.
+    assert resolve(SFTConfig(), 1, model=starter, n_replay=1500).replay == 32
+    assert resolve(SFTConfig(lora=LoRAConfig()), 2, model=starter, n_replay=1500).replay == 4
+    assert resolve(SFTConfig(), 1, model=starter, n_replay=10).replay == 10
     assert resolve(SFTConfig(), 20, model=starter).replay == 0
     assert resolve(SFTConfig(replay=0), 20, model=starter, n_replay=1500).replay == 0
     # Few examples are all trained on (each is a correction the user wants back).
