@@ -441,3 +441,13 @@ async def test_a_missing_model_directory_is_a_notification(app_model):
         await pilot.pause()
         assert any("no such model directory" in n.message and n.severity == "error" for n in app._notifications)
         assert "did not load" in str(app.screen.query_one("#chat-status").render())
+
+
+def test_an_answer_of_one_token_says_token():
+    from data.records import Message
+    from tui.widgets.chat import usage_text
+
+    one = Message(1, 1, None, "assistant", "Hi", 0.0, model="tiny", new_tokens=1, finish_reason="cancelled")
+    assert usage_text(one) == "tiny · 1 token · stopped by you"
+    many = Message(2, 1, None, "assistant", "Hi there", 0.0, new_tokens=1024)
+    assert usage_text(many).startswith("1,024 tokens")

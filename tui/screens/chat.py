@@ -22,7 +22,7 @@ from gpt.sampling import SamplingParams, get_preset
 from gpt.service import Delta, Done
 from tui.errors import guarded
 from tui.screens.modals import ConfirmModal, EditorModal, TextModal
-from tui.widgets.chat import MessageList, MessageView, PromptArea
+from tui.widgets.chat import MessageList, MessageView, PromptArea, counted
 from tui.widgets.sampling import SamplingPanel
 from tui.widgets.sidebar import ConversationList
 
@@ -364,7 +364,7 @@ class ChatScreen(Screen):
                         await stream.write(fresh)
                         shown, chars = len(parts), chars + len(fresh)
                         self.show_status(
-                            f"[b]writing…[/] {self.streamed_tokens} pieces · "
+                            f"[b]writing…[/] {counted(self.streamed_tokens, 'piece')} · "
                             f"{self.streamed_tokens / (now - started):.0f}/s  "
                             "[dim]Esc stops[/]"
                         )

@@ -21,7 +21,7 @@ from data.records import DataFilter
 from data.store import Store
 from tui.errors import guarded
 from tui.screens.modals import ChoiceModal, TextModal
-from tui.widgets.chat import label_text
+from tui.widgets.chat import counted, label_text
 from tui.widgets.sidebar import when
 
 # The examples table: the id and turns columns are this wide; prompt, answer and label share
@@ -183,7 +183,8 @@ class DatasetScreen(Screen):
         active = [r for r in view.rows if not r["excluded"]]
         tags = escape("  ".join(f"#{t} {n}" for t, n in view.tags.most_common(8)) or "no tags")
         self.query_one("#dataset-counts", Static).update(
-            f"[b]{len(active)} examples[/] and [b]{view.pairs} preference pairs[/] would train now.\n"
+            f"[b]{counted(len(active), 'example')}[/] and [b]{counted(view.pairs, 'preference pair')}[/] "
+            "would train now.\n"
             f"[dim]labels:[/] ▲ {s['thumbs_up']} up · ▼ {s['thumbs_down']} down · ★ {s['scored']} scored · "
             f"✎ {s['corrected']} corrected · ⊘ {s['excluded']} excluded   [dim]tags:[/] {tags}"
         )

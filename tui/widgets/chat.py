@@ -62,13 +62,18 @@ def label_text(label: Label | None, markup: bool = True) -> str:
     return "  ".join(f"[{style}]{escape(text)}[/]" if style else escape(text) for text, style in parts)
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 token', '2 tokens', '1,024 tokens'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def usage_text(message: StoredMessage) -> str:
     """The figures of a finished answer: model, tokens, speed, why it stopped."""
     parts = []
     if message.model:
         parts.append(message.model)
     if message.new_tokens is not None:
-        parts.append(f"{message.new_tokens} tokens")
+        parts.append(counted(message.new_tokens, "token"))
     if message.tokens_per_s:
         parts.append(f"{message.tokens_per_s:.1f} tok/s")
     if message.prompt_tokens is not None:
