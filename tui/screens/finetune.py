@@ -26,6 +26,7 @@ from finetune.plan import Plan, estimate_seconds, make_plan
 from finetune.verdict import summary_lines
 from gpt.errors import KettleError
 from tui.errors import guarded
+from tui.widgets.chat import counted
 
 POLL_S = 0.5
 # The loss chart draws an exponential moving average with this weight on the past: one batch's
@@ -200,7 +201,7 @@ class FinetuneScreen(Screen):
             else "your labels (up-voted and corrected answers)"
         )
         self.query_one("#sheet-summary", Static).update(
-            f"[b]{plan.n_examples} example{'s' if plan.n_examples != 1 else ''}[/] from {source}, "
+            f"[b]{counted(plan.n_examples, 'example')}[/] from {source}, "
             f"{plan.train_tokens:,} tokens.  Base: [b]{escape(plan.base.name)}[/], {params}, on {plan.device}."
         )
         method = self.query_one("#ft-method", Select).value
