@@ -645,8 +645,7 @@ def export_file(
         )
     out = Path(out)
     if snapshot_id is not None:
-        examples = store.snapshot_examples(snapshot_id)
-        pairs = store.snapshot_pairs(snapshot_id)
+        examples, pairs = store.snapshot_data(snapshot_id)
     else:
         rows, pair_rows = store.dataset(filt)
         examples = [r["example"] for r in rows]

@@ -189,7 +189,9 @@ class Snapshot:
 
     @classmethod
     def from_row(cls, row: dict) -> "Snapshot":
-        return cls(**{**row, "filter": DataFilter.from_dict(_loads(row["filter"]))})
+        # `sealed` is the database's guard against new rows, always 1 once a snapshot is readable
+        fields = {k: v for k, v in row.items() if k != "sealed"}
+        return cls(**{**fields, "filter": DataFilter.from_dict(_loads(row["filter"]))})
 
 
 @dataclass(frozen=True)

@@ -252,3 +252,29 @@ def m002_search(db: sqlite_utils.Database) -> None:
 def m003_search_corrections(db: sqlite_utils.Database) -> None:
     # The chat shows a corrected answer under the original, so search finds it too.
     db["labels"].enable_fts(["ideal"], create_triggers=True, tokenize="porter unicode61")
+
+
+@migration
+def m004_sealed_snapshots(db: sqlite_utils.Database) -> None:
+    # The old triggers refused UPDATE and DELETE of a snapshot's rows but not INSERT, so a plain
+    # INSERT (from the sqlite3 shell, say) changed what a snapshot trains on behind its hash. A
+    # snapshot is now written unsealed, filled, then sealed in the same transaction; a sealed one
+    # takes no new rows and never unseals. Snapshots made before this were complete: sealed.
+    # Conversations are hidden, never deleted (their messages and labels are history), so a
+    # DELETE is refused too: the sqlite3 shell does not enforce foreign keys and left orphans.
+    db.executescript(
+        """
+        ALTER TABLE snapshots ADD COLUMN sealed INTEGER NOT NULL DEFAULT 1 CHECK (sealed IN (0, 1));
+        CREATE TRIGGER snapshot_rows_sealed BEFORE INSERT ON snapshot_rows
+        WHEN (SELECT sealed FROM snapshots WHERE id = NEW.snapshot_id) IS NOT 0 BEGIN
+            SELECT RAISE(ABORT, 'snapshots are immutable: this one is sealed');
+        END;
+        CREATE TRIGGER snapshots_stay_sealed BEFORE UPDATE OF id, sealed ON snapshots
+        WHEN OLD.sealed = 1 OR NEW.id IS NOT OLD.id BEGIN
+            SELECT RAISE(ABORT, 'snapshots are immutable');
+        END;
+        CREATE TRIGGER conversations_no_delete BEFORE DELETE ON conversations BEGIN
+            SELECT RAISE(ABORT, 'conversations are hidden, never deleted: set deleted_at');
+        END;
+        """
+    )

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import random
 import sqlite3
 import threading
@@ -53,10 +54,9 @@ from data.records import (
     Snapshot,
     canonical_json,
     clean_tags,
-    content_hash,
 )
 from gpt.errors import KettleError
-from gpt.files import process_alive, remove_stale_temporaries
+from gpt.files import atomic_file, process_alive, remove_stale_temporaries
 
 ROLES = ("system", "user", "assistant")
 MODEL_KINDS = ("imported", "downloaded", "pretrained", "finetuned", "starter")
@@ -106,6 +106,17 @@ def _fts_query(text: str) -> str:
 # The store
 
 
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+
+
+def _rows_hash(example_rows: list[str], pair_rows: list[str]) -> str:
+    """content_hash({"examples": [...], "pairs": [...]}) of rows already in canonical JSON,
+    without decoding and encoding them again."""
+    body = '{"examples":[' + ",".join(example_rows) + '],"pairs":[' + ",".join(pair_rows) + "]}"
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
 def open_store(path: str | Path | None = None, *, read_only: bool = False) -> Store:
     """Open (creating if needed) the database at `path`, default data.paths.db_path(), and run
     any pending migrations. With `read_only` (for commands that only read), nothing is created
@@ -134,6 +145,12 @@ def open_store(path: str | Path | None = None, *, read_only: bool = False) -> St
     store = Store(path, conn)
     try:
         store._configure(read_only)
+        if read_only and schema.pending(store.db) and not schema.unknown(store.db) and _writable(path):
+            # an older database that a reading command meets first (a new Kettle's `data export`):
+            # upgrade it where that is allowed rather than refuse to read it
+            conn.close()
+            open_store(path).close()
+            return open_store(path, read_only=True)
         if read_only:
             store._check_current()
         else:
@@ -672,10 +689,7 @@ class Store:
             examples, pairs = self.dataset(filt)
             example_rows = [canonical_json(e["example"]) for e in examples]
             pair_rows = [canonical_json(p["pair"]) for p in pairs]
-            # == content_hash({"examples": [...], "pairs": [...]}) without encoding twice
-            digest = hashlib.sha256(
-                ('{"examples":[' + ",".join(example_rows) + '],"pairs":[' + ",".join(pair_rows) + "]}").encode("utf-8")
-            ).hexdigest()
+            digest = _rows_hash(example_rows, pair_rows)
             same = (
                 self._row("SELECT id FROM snapshots WHERE content_hash = ? ORDER BY id LIMIT 1", (digest,))
                 if reuse
@@ -683,9 +697,10 @@ class Store:
             )
             if same is not None:
                 return self.snapshot(same["id"])
+            # written unsealed, filled, sealed: once sealed the database refuses new rows (m004)
             sid = self.conn.execute(
-                "INSERT INTO snapshots (name, filter, content_hash, n_examples, n_pairs, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO snapshots (name, filter, content_hash, n_examples, n_pairs, created_at, sealed)"
+                " VALUES (?, ?, ?, ?, ?, ?, 0)",
                 (name, canonical_json(filt.to_dict()), digest, len(examples), len(pairs), time.time()),
             ).lastrowid
             rows = [
@@ -695,6 +710,7 @@ class Store:
             self.conn.executemany(
                 "INSERT INTO snapshot_rows (snapshot_id, kind, position, message_id, data) VALUES (?, ?, ?, ?, ?)", rows
             )
+            self.conn.execute("UPDATE snapshots SET sealed = 1 WHERE id = ?", (sid,))
         return self.snapshot(sid)
 
     def snapshot(self, snapshot_id: int) -> Snapshot:
@@ -709,28 +725,40 @@ class Store:
 
     def snapshot_examples(self, snapshot_id: int) -> list[dict]:
         """The snapshot's examples, {"messages": [...]} (+ "meta"), in order."""
-        return self._snapshot_rows(snapshot_id, "example")
+        return self.snapshot_data(snapshot_id)[0]
 
     def snapshot_pairs(self, snapshot_id: int) -> list[dict]:
         """The snapshot's preference pairs, {"prompt", "chosen", "rejected"}, in order."""
-        return self._snapshot_rows(snapshot_id, "pair")
+        return self.snapshot_data(snapshot_id)[1]
 
-    def _snapshot_rows(self, snapshot_id: int, kind: str) -> list[dict]:
-        self.snapshot(snapshot_id)
-        return [
-            json.loads(r["data"])
-            for r in self._rows(
-                "SELECT data FROM snapshot_rows WHERE snapshot_id = ? AND kind = ? ORDER BY position",
-                (snapshot_id, kind),
+    def snapshot_data(self, snapshot_id: int) -> tuple[list[dict], list[dict]]:
+        """(examples, pairs) as the snapshot froze them, checked against its content hash: rows
+        changed behind the store's back (a database edited by hand, a damaged file) are an error
+        here, not a silent change to what a fine-tune trains on or an export writes."""
+        snap = self.snapshot(snapshot_id)
+        texts: dict[str, list[str]] = {"example": [], "pair": []}
+        for r in self._rows(
+            "SELECT kind, data FROM snapshot_rows WHERE snapshot_id = ? ORDER BY kind, position", (snapshot_id,)
+        ):
+            texts[r["kind"]].append(r["data"])
+        examples, pairs = texts["example"], texts["pair"]
+        if (len(examples), len(pairs)) != (snap.n_examples, snap.n_pairs) or _rows_hash(
+            examples, pairs
+        ) != snap.content_hash:
+            raise KettleError(
+                f"snapshot {snapshot_id} no longer matches its sha256 {snap.content_hash[:12]}: its rows were "
+                "changed outside Kettle; make a new snapshot"
             )
-        ]
+        return [json.loads(t) for t in examples], [json.loads(t) for t in pairs]
 
     def verify_snapshot(self, snapshot_id: int) -> bool:
         """True when the stored rows still hash to the snapshot's content hash."""
-        snap = self.snapshot(snapshot_id)
-        return snap.content_hash == content_hash(
-            {"examples": self.snapshot_examples(snapshot_id), "pairs": self.snapshot_pairs(snapshot_id)}
-        )
+        try:
+            self.snapshot_data(snapshot_id)
+        except KettleError:
+            self.snapshot(snapshot_id)  # an unknown id stays an error
+            return False
+        return True
 
     # -- model versions -----------------------------------------------------------------------
 
@@ -1067,6 +1095,22 @@ class Store:
             " (SELECT COUNT(*) FROM runs) AS runs"
             " FROM current_labels l"
         )
+
+    def backup(self, out: str | Path) -> Path:
+        """Copy the database to `out` through SQLite's online backup API: a consistent copy of
+        everything committed, taken while others keep reading and writing (copying kettle.db
+        alone misses what still sits in its -wal file). The copy is one self-contained file
+        (rollback journal, not WAL), written beside `out` and renamed into place when complete."""
+        out = Path(out)
+        with atomic_file(out) as tmp:
+            target = sqlite3.connect(tmp)
+            try:
+                with self._lock:
+                    self.conn.backup(target)
+                target.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                target.close()
+        return out
 
     def integrity_check(self) -> str:
         """ "ok" when SQLite finds the file sound."""

@@ -76,3 +76,28 @@ def test_importing_twice_needs_again(tmp_path, capsys):
     assert main(["data", "import", str(source)]) == 1
     assert "--again" in capsys.readouterr().err
     assert main(["data", "import", "--again", str(source)]) == 0
+
+
+def test_backup_and_a_tampered_snapshot(tmp_path, capsys):
+    assert main(["data", "import", str(SHARED_DATA / "instruction-data.json")]) == 0
+    assert main(["data", "snapshot", "create"]) == 0
+    capsys.readouterr()
+
+    out = tmp_path / "backup.db"
+    assert main(["data", "backup", str(out)]) == 0
+    assert capsys.readouterr().out == f"backed up 1,100 conversations, 2,200 messages to {out}\n"
+    assert main(["data", "backup", str(out)]) == 1
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert main(["data", "backup", str(tmp_path)]) == 1
+    assert "not a regular file" in capsys.readouterr().err
+    with open_store(out, read_only=True) as copy:
+        assert copy.stats()["snapshots"] == 1 and copy.integrity_check() == "ok"
+
+    with open_store() as store:  # rows changed where no trigger guards them any more
+        store.conn.execute("DROP TRIGGER snapshot_rows_no_delete")
+        store.conn.execute("DELETE FROM snapshot_rows WHERE position = 0")
+    target = tmp_path / "out.jsonl"
+    assert main(["data", "export", "--format", "openai", "--snapshot", "1", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert "snapshot 1 no longer matches its sha256" in err and len(err.strip().splitlines()) == 1
+    assert not target.exists()

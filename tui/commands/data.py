@@ -53,6 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = snap.add_parser("list", help="list snapshots, newest first")
     p.set_defaults(func=snapshot_list_command)
 
+    p = data.add_parser("backup", help="copy the database safely, even while Kettle runs")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=backup_command)
+
     p = data.add_parser("search", help="full-text search over messages")
     p.add_argument("query", metavar="QUERY", nargs="+")
     p.add_argument("--limit", type=flags.positive_int, default=20)
@@ -187,6 +192,27 @@ def export_command(args) -> int:
             "with the questions they answer"
         )
     print_skipped(report.skipped)
+    return 0
+
+
+def backup_command(args) -> int:
+    from pathlib import Path
+
+    from data.store import open_store
+    from gpt.errors import KettleError
+
+    out = Path(args.out)
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise KettleError(f"{args.out} is not a regular file; give a file path to write the copy to")
+    if out.exists() and not args.force:
+        raise KettleError(f"{args.out} exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise KettleError(f"{out.parent} is not a folder")
+    with open_store(read_only=True) as store:
+        store.backup(out)
+    with open_store(out, read_only=True) as copy:  # the copy opens, and says what it holds
+        counts = copy.stats()
+    print(f"backed up {counts['conversations']:,} conversations, {counts['messages']:,} messages to {out}")
     return 0
 
 
