@@ -222,6 +222,17 @@ def _merge_pairs(tokenizer: Tokenizer) -> list[tuple[bytes, bytes]]:
     return pairs
 
 
+def byte_level_bpe(tokenizer: Tokenizer) -> tuple[list[str], list[tuple[str, str]]]:
+    """The mergeable tokens in id order and their merges in rank order, written in GPT-2's
+    printable stand-ins for bytes: how Hugging Face and llama.cpp (GGUF) store a byte-level BPE."""
+    chars = _byte_chars()
+
+    def text(token: bytes) -> str:
+        return "".join(chars[b] for b in token)
+
+    return [text(t) for t in tokenizer.ranked_tokens()], [(text(a), text(b)) for a, b in _merge_pairs(tokenizer)]
+
+
 def _prefix_split(prefixes: Sequence[str]) -> str:
     """A regex for any of `prefixes` at the start of a piece of text (the text between special
     tokens, which the tokenizers library pre-tokenizes one by one), every character escaped."""
@@ -239,14 +250,8 @@ def hf_tokenizer_json(tokenizer: Tokenizer, prefixes: Sequence[str] = (), *, sto
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
-    chars = _byte_chars()
-
-    def text(token: bytes) -> str:
-        return "".join(chars[b] for b in token)
-
-    ranks = tokenizer.encoding._mergeable_ranks
-    merges = [(text(a), text(b)) for a, b in _merge_pairs(tokenizer)]
-    hf = HFTokenizer(models.BPE({text(t): r for t, r in ranks.items()}, merges, ignore_merges=True))
+    vocab, merges = byte_level_bpe(tokenizer)
+    hf = HFTokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges, ignore_merges=True))
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [
             *([pre_tokenizers.Split(Regex(_prefix_split(prefixes)), behavior="isolated")] if prefixes else []),
