@@ -32,6 +32,14 @@ SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
     r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
+# Llama 3's pattern (numbers in 1-3 digits), as llama.cpp spells it: one llama.cpp runs, so a
+# tokenizer trained with it can be exported to GGUF (gpt/gguf_export.py), where SPLIT_PATTERN cannot.
+LLAMA3_SPLIT_PATTERN = (
+    r"""(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+# The patterns `tokenizer train --pattern` offers, by name.
+SPLIT_PATTERNS = {"kettle": SPLIT_PATTERN, "llama3": LLAMA3_SPLIT_PATTERN}
 
 
 class Tokenizer:
@@ -372,18 +380,21 @@ def _hf_split_pattern(pre, prefixes: Sequence[str]) -> str | None:
     return None
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, *, name: str = "kettle-bpe") -> Tokenizer:
-    """Train a byte-level BPE with rustbpe; `vocab_size` includes the special tokens."""
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, *, name: str = "kettle-bpe", pattern: str = SPLIT_PATTERN
+) -> Tokenizer:
+    """Train a byte-level BPE with rustbpe on text split by `pattern`; `vocab_size` includes the
+    special tokens."""
     import rustbpe
 
     n_merged = vocab_size - len(SPECIAL_TOKENS)
     if n_merged < 256:
         raise KettleError(f"vocab size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
     trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(_non_empty(texts), n_merged, pattern=SPLIT_PATTERN)
+    trainer.train_from_iterator(_non_empty(texts), n_merged, pattern=pattern)
     ranks = dict(trainer.get_mergeable_ranks())
     special = {token: len(ranks) + i for i, token in enumerate(SPECIAL_TOKENS)}
-    encoding = tiktoken.Encoding(name=name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+    encoding = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
     return Tokenizer(encoding, name)
 
 
