@@ -66,11 +66,11 @@ def llama_cpp_pre_tokenizer(tokenizer: Tokenizer) -> str:
     )
 
 
-def export_gguf(model_dir: str | Path, out: str | Path, *, type: str = "f16", overwrite: bool = False) -> Path:
+def export_gguf(model_dir: str | Path, out: str | Path, *, weights: str = "f16", overwrite: bool = False) -> Path:
     """Write `out` (a .gguf file) and a Modelfile beside it, each atomically; an existing one of
     them is refused unless `overwrite`. Returns `out`."""
-    if type not in TYPES:
-        raise KettleError(f"--type must be one of {', '.join(TYPES)}, got {type!r}")
+    if weights not in TYPES:
+        raise KettleError(f"--type must be one of {', '.join(TYPES)}, got {weights!r}")
     out = Path(out)
     modelfile = out.parent / MODELFILE
     for path in (out, modelfile):
@@ -86,10 +86,10 @@ def export_gguf(model_dir: str | Path, out: str | Path, *, type: str = "f16", ov
         writer = gguf.GGUFWriter(tmp_gguf, "gpt2")
         writer.add_name(Path(model_dir).name)
         _add_hyperparameters(writer, model)
-        writer.add_file_type(FILE_TYPES[type])
+        writer.add_file_type(FILE_TYPES[weights])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_tokenizer(writer, tokenizer, pre)
-        for name, data, qtype in _tensors(model, tokenizer.n_vocab, type):
+        for name, data, qtype in _tensors(model, tokenizer.n_vocab, weights):
             writer.add_tensor(name, data, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -131,7 +131,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, pre: str) -> N
     writer.add_chat_template(jinja_chat_template(tokenizer))
 
 
-def _tensors(model: GPT, n_vocab: int, type: str):
+def _tensors(model: GPT, n_vocab: int, weights: str):
     """(GGUF name, data, GGML type) for each weight: Kettle's names are GPT-2's (Hugging Face's
     without `transformer.`) and its linear layers already [out, in], as GGUF stores them."""
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, model.config.n_layer)
@@ -145,7 +145,7 @@ def _tensors(model: GPT, n_vocab: int, type: str):
         if data.ndim == 1 or name == "position_embd.weight":
             yield name, data, gguf.GGMLQuantizationType.F32
         else:
-            yield (name, *_converted(data, TENSOR_TYPES[type]))
+            yield (name, *_converted(data, TENSOR_TYPES[weights]))
     if not model.config.qkv_bias:  # llama.cpp's GPT-2 needs these biases: zeros add nothing
         for i in range(model.config.n_layer):
             yield f"blk.{i}.attn_qkv.bias", np.zeros(3 * model.config.n_embd, np.float32), gguf.GGMLQuantizationType.F32

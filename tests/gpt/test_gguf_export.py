@@ -54,10 +54,16 @@ def sharpened(model: GPT, seed: int) -> GPT:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, verdict_text) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("gguf-models")
+def llama3_bpe(verdict_text):
+    """A Kettle BPE trained with Llama 3's split pattern, which llama.cpp runs."""
     source = "\n".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "gpt").glob("*.py")))
-    tokenizer = train_tokenizer([verdict_text, source], vocab_size=2048, pattern=LLAMA3_SPLIT_PATTERN)
+    return train_tokenizer([verdict_text, source], vocab_size=2048, pattern=LLAMA3_SPLIT_PATTERN)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, llama3_bpe) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("gguf-models")
+    tokenizer = llama3_bpe
     starter = PRESETS["tiny"]  # vocab 4096: padded past the tokenizer's 2048
     save_model(sharpened(GPT(starter), 0), out / "starter-shape", tokenizer=tokenizer)
     gpt2 = GPTConfig(vocab_size=50304, context_length=256, n_layer=2, n_head=4, n_embd=128)
@@ -73,7 +79,7 @@ def exported(models, tmp_path_factory):
 
     def export(name: str, type: str) -> Path:
         if (name, type) not in done:
-            done[name, type] = export_gguf(models[name], out / f"{name}-{type}" / "model.gguf", type=type)
+            done[name, type] = export_gguf(models[name], out / f"{name}-{type}" / "model.gguf", weights=type)
         return done[name, type]
 
     return export
@@ -98,6 +104,9 @@ def varied_texts() -> list[str]:
         "    def f(x):\n        return x  \n",
         "e\u0301 combining, \u200bzero width, \u00a0no-break",
         "!!!??? ... --- *** ```python```",
+        "'ſ 'ſx 'S 'ST İstanbul ǅungla Ǉ",
+        "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝟙𝟚𝟛 ١٢٣٤ 𝟘0",
+        "line\u2028sep\u2029para \x0bvt\x0cff \x85nel",
     ]
     lines = [
         line
@@ -173,6 +182,17 @@ def test_smaller_types_hold_the_weights_to_their_precision(type, models, exporte
     assert np.abs(got - want).max() <= np.abs(want).max() * (2e-3 if type == "f16" else 1e-2)
     # 1-D tensors and position embeddings stay F32, as llama.cpp's converter keeps them.
     assert {tensors[n].tensor_type.name for n in ("position_embd.weight", "blk.0.attn_norm.bias")} == {"F32"}
+
+
+def test_q8_0_keeps_in_f16_what_its_blocks_cannot_hold(llama3_bpe, tmp_path):
+    """Q8_0 packs rows in blocks of 32 values: a width of 48 falls back to F16, as llama.cpp's
+    converter does, and the rest of the file is still Q8_0."""
+    config = GPTConfig(vocab_size=2048, context_length=64, n_layer=1, n_head=2, n_embd=48, n_inner=64)
+    save_model(GPT(config), tmp_path / "odd", tokenizer=llama3_bpe)
+    reader = gguf.GGUFReader(export_gguf(tmp_path / "odd", tmp_path / "odd.gguf", weights="q8_0"))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_qkv.weight"] == types["token_embd.weight"] == "F16"  # rows of 48
+    assert types["blk.0.ffn_down.weight"] == "Q8_0"  # rows of 64
 
 
 def render_go_template(template: str, messages: list[dict]) -> str:

@@ -55,7 +55,7 @@ def export_gguf_command(args) -> int:
     from data.registry import resolve_model_dir
     from gpt.gguf_export import MODELFILE, export_gguf
 
-    out = export_gguf(resolve_model_dir(args.model_dir), args.out, type=args.type, overwrite=args.force)
+    out = export_gguf(resolve_model_dir(args.model_dir), args.out, weights=args.type, overwrite=args.force)
     print(f"exported {args.model_dir} -> {out} ({args.type}), with {out.parent / MODELFILE} for `ollama create`")
     return 0
 
