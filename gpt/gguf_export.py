@@ -31,7 +31,7 @@ from gpt.checkpoint import load_model
 from gpt.errors import KettleError
 from gpt.files import atomic_file
 from gpt.model import GPT
-from gpt.tokenizer import LLAMA3_SPLIT_PATTERN, SPLIT_PATTERN, Tokenizer, byte_level_bpe
+from gpt.tokenizer import LLAMA3_SPLIT_PATTERN, SPLIT_PATTERN, Tokenizer, byte_level_bpe, load_tokenizer
 
 FILE_TYPES = {
     "f32": gguf.LlamaFileType.ALL_F32,
@@ -80,8 +80,8 @@ def export_gguf(model_dir: str | Path, out: str | Path, *, weights: str = "f16",
             raise KettleError(f"{path}: already exists (--force replaces it)")
     if any(c in out.name for c in '"\n\r'):
         raise KettleError(f"{out}: a Modelfile cannot name a file with quotes or line breaks in its name")
+    pre = llama_cpp_pre_tokenizer(load_tokenizer(model_dir))  # before the weights are read
     model, tokenizer = load_model(model_dir)
-    pre = llama_cpp_pre_tokenizer(tokenizer)
     with atomic_file(out) as tmp_gguf, atomic_file(modelfile) as tmp_modelfile:
         writer = gguf.GGUFWriter(tmp_gguf, "gpt2")
         writer.add_name(Path(model_dir).name)
@@ -95,7 +95,9 @@ def export_gguf(model_dir: str | Path, out: str | Path, *, weights: str = "f16",
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        tmp_modelfile.write_text(ollama_modelfile(out.name, tokenizer), encoding="utf-8")
+        tmp_modelfile.write_text(
+            ollama_modelfile(out.name, tokenizer, context_length=model.config.context_length), encoding="utf-8"
+        )
     return out
 
 
@@ -161,10 +163,11 @@ def _converted(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.n
     return data.astype(np.float16), qtype
 
 
-def ollama_modelfile(gguf_name: str, tokenizer: Tokenizer) -> str:
+def ollama_modelfile(gguf_name: str, tokenizer: Tokenizer, *, context_length: int) -> str:
     """An Ollama Modelfile for the GGUF file beside it: Kettle's chat format as a Go template
-    (each message as header + content + end-of-turn, then the assistant's header) and the tokens
-    that end an answer as stop parameters."""
+    (each message as header + content + end-of-turn, then the assistant's header), the tokens
+    that end an answer as stop parameters, and the model's context as Ollama's window (its
+    default is larger, and GPT-2's learned positions end at the context)."""
     headers = SPECIAL_HEADERS if uses_special_tokens(tokenizer) else TEXT_HEADERS
     end = tokenizer.decode([end_of_turn_id(tokenizer)])
     roles = "".join(
@@ -177,5 +180,5 @@ def ollama_modelfile(gguf_name: str, tokenizer: Tokenizer) -> str:
     stops = sorted(tokenizer.decode([i]) for i in stop_token_ids(tokenizer))
     source = f"./{gguf_name}"
     lines = [f"FROM {json.dumps(source) if any(c.isspace() for c in source) else source}", f'TEMPLATE """{template}"""']
-    lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
+    lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops] + [f"PARAMETER num_ctx {context_length}"]
     return "\n".join(lines) + "\n"

@@ -257,6 +257,7 @@ def read_modelfile(text: str) -> dict:
         "from": re.search(r"^FROM (.+)$", text, flags=re.M)[1],
         "template": template,
         "stop": [json.loads(s) for s in re.findall(r"^PARAMETER stop (.+)$", text, flags=re.M)],
+        "num_ctx": int(re.search(r"^PARAMETER num_ctx (\d+)$", text, flags=re.M)[1]),
     }
 
 
@@ -275,9 +276,10 @@ def test_the_modelfile_gives_kettles_prompt_and_stops(models, exported):
     GPT-2's (text headers) as ollama_modelfile writes it."""
     _, starter = load_model(models["starter-shape"])
     written = (exported("starter-shape", "f32").parent / MODELFILE).read_text(encoding="utf-8")
-    for tokenizer, text in ((starter, written), (gpt2_tokenizer(), ollama_modelfile("model.gguf", gpt2_tokenizer()))):
+    gpt2 = ollama_modelfile("model.gguf", gpt2_tokenizer(), context_length=1024)
+    for tokenizer, text, context in ((starter, written, 256), (gpt2_tokenizer(), gpt2, 1024)):
         modelfile = read_modelfile(text)
-        assert modelfile["from"] == "./model.gguf"
+        assert (modelfile["from"], modelfile["num_ctx"]) == ("./model.gguf", context)
         assert sorted(modelfile["stop"]) == sorted(tokenizer.decode([i]) for i in stop_token_ids(tokenizer))
         for chat in CHATS:
             assert render_go_template(modelfile["template"], chat) == tokenizer.decode(render_prompt(chat, tokenizer))
