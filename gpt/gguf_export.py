@@ -27,11 +27,11 @@ from gpt.chat_template import (
     stop_token_ids,
     uses_special_tokens,
 )
-from gpt.checkpoint import load_model
+from gpt.checkpoint import check_model_dir, load_model
 from gpt.errors import KettleError
 from gpt.files import atomic_file
 from gpt.model import GPT
-from gpt.tokenizer import LLAMA3_SPLIT_PATTERN, SPLIT_PATTERN, Tokenizer, byte_level_bpe, load_tokenizer
+from gpt.tokenizer import LLAMA3_SPLIT_PATTERN, SPLIT_PATTERN, Tokenizer, byte_level_bpe
 
 FILE_TYPES = {
     "f32": gguf.LlamaFileType.ALL_F32,
@@ -80,7 +80,11 @@ def export_gguf(model_dir: str | Path, out: str | Path, *, weights: str = "f16",
             raise KettleError(f"{path}: already exists (--force replaces it)")
     if any(c in out.name for c in '"\n\r'):
         raise KettleError(f"{out}: a Modelfile cannot name a file with quotes or line breaks in its name")
-    pre = llama_cpp_pre_tokenizer(load_tokenizer(model_dir))  # before the weights are read
+    _, _, tokenizer = check_model_dir(model_dir)  # every check but the weights' bytes, first
+    try:
+        pre = llama_cpp_pre_tokenizer(tokenizer)
+    except KettleError as exc:
+        raise KettleError(f"{model_dir}: {exc}") from None
     model, tokenizer = load_model(model_dir)
     with atomic_file(out) as tmp_gguf, atomic_file(modelfile) as tmp_modelfile:
         writer = gguf.GGUFWriter(tmp_gguf, "gpt2")
