@@ -3,10 +3,11 @@
 //
 //   node llama_cpp_check.mjs NODE_LLAMA_CPP_DIR INPUT.json OUTPUT.json
 //
-// INPUT: {"models": [{"path", "texts": [str], "prompt": [ids], "new_tokens": n}]}
-// OUTPUT: {"models": [{"ids": [[ids] per text], "greedy": [ids], "tokens_per_second": x}]}
+// INPUT: {"models": [{"path", "texts": [str], "chat": str, "prompt": [ids], "new_tokens": n}]}
+// OUTPUT: {"models": [{"ids": [[ids] per text], "chat_ids": [ids], "greedy": [ids], "tokens_per_second": x}]}
 // `ids` is each text tokenized as user text (special-token strings stay text, as in Kettle);
-// `greedy` the n tokens temperature 0 decodes after the prompt, whatever they are.
+// `chat_ids` the chat prompt's text tokenized as Ollama does a rendered template (special-token
+// strings are those tokens); `greedy` the n tokens temperature 0 decodes after `prompt`.
 import {readFileSync, writeFileSync} from "node:fs";
 import {join} from "node:path";
 import {pathToFileURL} from "node:url";
@@ -21,6 +22,7 @@ const results = [];
 for (const spec of input.models) {
     const model = await llama.loadModel({modelPath: spec.path});
     const ids = spec.texts.map((text) => Array.from(model.tokenize(text, false)));
+    const chatIds = Array.from(model.tokenize(spec.chat, true));
     const context = await model.createContext({contextSize: spec.prompt.length + spec.new_tokens, threads: 1});
     const sequence = context.getSequence();
     const greedy = [];
@@ -30,7 +32,7 @@ for (const spec of input.models) {
         if (greedy.length === spec.new_tokens) break;
     }
     const seconds = (performance.now() - start) / 1000;
-    results.push({ids, greedy, tokens_per_second: greedy.length / seconds});
+    results.push({ids, chat_ids: chatIds, greedy, tokens_per_second: greedy.length / seconds});
     await context.dispose();
     await model.dispose();
 }

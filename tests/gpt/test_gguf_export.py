@@ -375,9 +375,16 @@ def test_llama_cpp_encodes_and_decodes_as_kettle(models, exported, tmp_path):
     for name, model_dir in models.items():
         _, tokenizer = load_model(model_dir)
         prompt, greedy = kettle_greedy(model_dir)
-        kettle[name] = ([tokenizer.encode(t) for t in texts], greedy)
+        kettle[name] = ([tokenizer.encode(t) for t in texts], greedy, prompt)
+        chat = tokenizer.decode(prompt)  # the Modelfile's template renders this text (tested above)
         specs += [
-            {"path": str(exported(name, type)), "texts": texts, "prompt": prompt, "new_tokens": NEW_TOKENS}
+            {
+                "path": str(exported(name, type)),
+                "texts": texts,
+                "chat": chat,
+                "prompt": prompt,
+                "new_tokens": NEW_TOKENS,
+            }
             for type in TYPES
         ]
     (tmp_path / "in.json").write_text(json.dumps({"models": specs}), encoding="utf-8")
@@ -388,9 +395,10 @@ def test_llama_cpp_encodes_and_decodes_as_kettle(models, exported, tmp_path):
     )
     results = iter(json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))["models"])
     for name in models:
-        ids, greedy = kettle[name]
+        ids, greedy, prompt = kettle[name]
         for type in TYPES:
             got = next(results)
+            assert got["chat_ids"] == prompt  # the rendered chat prompt is Kettle's prompt ids
             same = [a == b for a, b in zip(got["ids"], ids)]
             assert all(same) and len(same) == len(texts) == 200, (name, type, [t for t, s in zip(texts, same) if not s])
             agree = next((i for i, (a, b) in enumerate(zip(got["greedy"], greedy)) if a != b), NEW_TOKENS)
