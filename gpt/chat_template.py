@@ -116,7 +116,9 @@ def render_alpaca(instruction: str, input: str = "", *, output: str | None = Non
 def jinja_chat_template(tokenizer: Tokenizer) -> str:
     """This format as a Jinja chat template (Hugging Face's `chat_template`), for a tokenizer
     converted by gpt.tokenizer.hf_tokenizer_json: rendered and encoded, it gives render_prompt's
-    ids (and, with add_generation_prompt false, a whole conversation's render_training ids)."""
+    ids (and, with add_generation_prompt false, a whole conversation's render_training ids).
+    Each answer and its end-of-turn marker sit in a {% generation %} block, transformers' mark for
+    the tokens render_training's loss mask covers (TRL's assistant_only_loss reads it)."""
     special = uses_special_tokens(tokenizer)
     headers = SPECIAL_HEADERS if special else TEXT_HEADERS
     end = END_OF_TURN if special else END_OF_TEXT
@@ -128,6 +130,10 @@ def jinja_chat_template(tokenizer: Tokenizer) -> str:
         "{%- elif message['role'] == 'system' and not loop.first -%}"
         "{{ raise_exception('a system message may only come first') }}"
         "{%- endif -%}"
-        "{{ headers[message['role']] }}{{ message['content'] }}" + end + "{%- endfor -%}"
+        "{{ headers[message['role']] }}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{% generation %}{{ message['content'] }}" + end + "{% endgeneration %}"
+        "{%- else -%}{{ message['content'] }}" + end + "{%- endif -%}"
+        "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ headers['assistant'] }}{%- endif -%}"
     )

@@ -104,6 +104,21 @@ def test_apply_chat_template_gives_kettles_prompt_ids(kind, chat, exports, kettl
     assert got == render_prompt(messages, tokenizer)
 
 
+@pytest.mark.parametrize("kind", ["trained", "gpt2"])
+def test_the_assistant_tokens_mask_is_kettles_training_mask(kind, exports, kettle_dirs):
+    """TRL's assistant_only_loss trains on the tokens the template's {% generation %} blocks
+    mark: they must be render_training's loss mask (each answer and its end-of-turn marker)."""
+    from gpt.chat_template import render_training
+
+    hf = transformers.AutoTokenizer.from_pretrained(exports[kind])
+    _, tokenizer = load_model(kettle_dirs[kind])
+    messages = CHATS["multi"] + [{"role": "assistant", "content": "Done."}]
+    out = hf.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = render_training(messages, tokenizer)
+    assert out["input_ids"] == ids
+    assert out["assistant_masks"] == [int(m) for m in mask] and sum(mask) > 2
+
+
 def test_the_export_holds_the_models_own_special_ids(exports, kettle_dirs):
     _, tokenizer = load_model(kettle_dirs["trained"])
     config = json.loads((exports["trained"] / "config.json").read_text())

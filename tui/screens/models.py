@@ -213,6 +213,43 @@ async def import_dir(app) -> None:
     await after_new_model(app, version, activated=activated)
 
 
+GGUF_TYPES = [
+    ("q8_0", "q8_0: 8-bit, a quarter of f32's size, what Ollama users usually run"),
+    ("f16", "f16: half size, near-identical answers"),
+    ("f32", "f32: full precision, the same greedy answers as Kettle"),
+]
+
+
+async def export_gguf(app, version: ModelVersion) -> None:
+    """Pick a weight type and a file; `kettle export-gguf` writes the GGUF file and the Ollama
+    Modelfile beside it in a child process, as brewing does, so the app stays responsive."""
+    from gpt.gguf_export import MODELFILE
+
+    kind = await app.push_screen_wait(ChoiceModal(f"Export {version.name} to GGUF (llama.cpp, Ollama)", GGUF_TYPES))
+    if kind is None:
+        return
+    default = kettle_home() / "exports" / f"{version.name}-{kind}" / f"{version.name}.gguf"
+    out = await app.push_screen_wait(
+        TextModal("Export to", str(default), "/path/to/model.gguf", f"An Ollama {MODELFILE} is written beside it")
+    )
+    if not out:
+        return
+    out = Path(out).expanduser()
+    args = ["export-gguf", version.path, str(out), "--type", kind]
+    if out.exists() or (out.parent / MODELFILE).exists():
+        choice = await app.push_screen_wait(
+            ChoiceModal(f"{out.name} or its {MODELFILE} exists", [("replace", "Replace them"), ("keep", "Cancel")])
+        )
+        if choice != "replace":
+            return
+        args.append("--force")
+    if await app.push_screen_wait(TaskModal(f"Exporting {version.name} to {out.name} ({kind})", args)):
+        app.notify(
+            f"Exported to {out}. `ollama create {version.name} -f {out.parent / MODELFILE}` adds it to Ollama.",
+            timeout=12,
+        )
+
+
 def model_commands(app):
     """Palette entries that work from any screen."""
 
@@ -238,6 +275,7 @@ class ModelsScreen(Screen):
         Binding("i", "import", "Import", id="models.import"),
         Binding("g", "download", "Download GPT-2", id="models.download"),
         Binding("b", "brew", "Brew starter", id="models.brew"),
+        Binding("e", "export_gguf", "Export GGUF", id="models.export-gguf"),
         Binding("ctrl+r", "reload", "Reload", show=False, id="models.reload"),
     ]
 
@@ -336,6 +374,13 @@ class ModelsScreen(Screen):
         await brew_starter(self.app)
         self.load()
 
+    @work(group="model-task", exclusive=True)
+    @guarded
+    async def action_export_gguf(self) -> None:
+        version = self.selected()
+        if version is not None:
+            await export_gguf(self.app, version)
+
     def action_reload(self) -> None:
         self.load()
 
@@ -344,6 +389,11 @@ class ModelsScreen(Screen):
         if version is not None:
             yield SystemCommand(
                 f"Models: activate {version.name}", "Chat with it from now on (a)", self.action_activate
+            )
+            yield SystemCommand(
+                f"Models: export {version.name} to GGUF",
+                "For llama.cpp, Ollama, LM Studio (e)",
+                self.action_export_gguf,
             )
 
 
