@@ -62,7 +62,7 @@ def llama_cpp_pre_tokenizer(tokenizer: Tokenizer) -> str:
     raise KettleError(
         f"tokenizer {tokenizer.name}: llama.cpp has no pre-tokenizer that splits text as this one does "
         f"({why}), so it would encode text to other ids; GGUF export takes GPT-2's tokenizer or one trained "
-        "with `kettle tokenizer train --pattern llama3`"
+        "by this Kettle (`kettle tokenizer train`, `kettle brew starter`)"
     )
 
 

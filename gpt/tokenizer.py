@@ -27,13 +27,15 @@ END_OF_TEXT = "<|endoftext|>"
 # Special tokens a trained tokenizer carries: end of text, and the chat format's markers.
 SPECIAL_TOKENS = (END_OF_TEXT, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 # GPT-4's pre-split pattern, with numbers split into 1-2 digits (nanochat's choice for small
-# vocabularies, where 3-digit number tokens waste merges).
+# vocabularies, where 3-digit number tokens waste merges): the pattern of Kettle's tokenizers
+# before LLAMA3_SPLIT_PATTERN became the default, which they keep (it is in their file).
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
     r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
-# Llama 3's pattern (numbers in 1-3 digits), as llama.cpp spells it: one llama.cpp runs, so a
-# tokenizer trained with it can be exported to GGUF (gpt/gguf_export.py), where SPLIT_PATTERN cannot.
+# Llama 3's pattern (numbers in 1-3 digits), as llama.cpp spells it: the default for new
+# tokenizers (the starter's too), since llama.cpp runs it, so their models export to GGUF
+# (gpt/gguf_export.py); no llama.cpp pre-tokenizer splits numbers as SPLIT_PATTERN does.
 LLAMA3_SPLIT_PATTERN = (
     r"""(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
     r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -381,7 +383,7 @@ def _hf_split_pattern(pre, prefixes: Sequence[str]) -> str | None:
 
 
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int, *, name: str = "kettle-bpe", pattern: str = SPLIT_PATTERN
+    texts: Iterable[str], vocab_size: int, *, name: str = "kettle-bpe", pattern: str = LLAMA3_SPLIT_PATTERN
 ) -> Tokenizer:
     """Train a byte-level BPE with rustbpe on text split by `pattern`; `vocab_size` includes the
     special tokens."""

@@ -31,7 +31,15 @@ from gpt.config import PRESETS, GPTConfig
 from gpt.errors import KettleError
 from gpt.gguf_export import MODELFILE, TYPES, export_gguf, llama_cpp_pre_tokenizer, ollama_modelfile
 from gpt.model import GPT
-from gpt.tokenizer import END_OF_TEXT, LLAMA3_SPLIT_PATTERN, gpt2_tokenizer, load_tokenizer, train_tokenizer
+from gpt.tokenizer import (
+    END_OF_TEXT,
+    LLAMA3_SPLIT_PATTERN,
+    SPLIT_PATTERN,
+    gpt2_tokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
+from tests.conftest import TEST_SHAPE
 from tui.cli import main
 
 gguf = pytest.importorskip("gguf")
@@ -301,19 +309,29 @@ def test_export_gguf_command_refuses_what_it_would_overwrite(models, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == [MODELFILE, "m.gguf"]  # no temporaries left
 
 
-def test_a_tokenizer_llama_cpp_cannot_split_as_kettle_is_refused_by_name(tiny_model_dir, tmp_path, capsys):
-    """Kettle's own pattern splits numbers into 1-2 digits; no llama.cpp pre-tokenizer does."""
-    assert main(["export-gguf", str(tiny_model_dir), str(tmp_path / "m.gguf")]) == 1
+def test_a_tokenizer_llama_cpp_cannot_split_as_kettle_is_refused_by_name(tmp_path, verdict_text, capsys):
+    """Older Kettles' pattern splits numbers into 1-2 digits; no llama.cpp pre-tokenizer does."""
+    old = train_tokenizer([verdict_text], vocab_size=400, pattern=SPLIT_PATTERN)
+    save_model(GPT(GPTConfig(**{**TEST_SHAPE, "vocab_size": 512})), tmp_path / "old", tokenizer=old)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["export-gguf", str(tmp_path / "old"), str(out / "m.gguf")]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "splits numbers into 1-2 digits" in err and "--pattern llama3" in err
-    assert list(tmp_path.iterdir()) == []
+    assert err.count("\n") == 1 and "splits numbers into 1-2 digits" in err and "kettle tokenizer train" in err
+    assert list(out.iterdir()) == []
 
 
-def test_tokenizer_train_pattern_llama3_makes_a_tokenizer_gguf_takes(tmp_path, verdict_text):
+def test_the_default_tokenizer_exports(tiny_model_dir, tmp_path):
+    """What Kettle trains by default (the test models' tokenizer, the starter's) is one llama.cpp
+    splits as Kettle does."""
+    assert main(["export-gguf", str(tiny_model_dir), str(tmp_path / "m.gguf")]) == 0
+
+
+def test_tokenizer_train_defaults_to_a_pattern_gguf_takes(tmp_path, verdict_text):
     (tmp_path / "v.txt").write_text(verdict_text, encoding="utf-8")
     train = ["tokenizer", "train", "--data", str(tmp_path / "v.txt"), "--vocab-size", "400"]
-    assert main([*train, "--out", str(tmp_path / "llama3"), "--pattern", "llama3"]) == 0
-    assert main([*train, "--out", str(tmp_path / "kettle")]) == 0
+    assert main([*train, "--out", str(tmp_path / "llama3")]) == 0
+    assert main([*train, "--out", str(tmp_path / "kettle"), "--pattern", "kettle"]) == 0
     assert llama_cpp_pre_tokenizer(load_tokenizer(tmp_path / "llama3")) == "llama-bpe"
     with pytest.raises(KettleError, match="1-2 digits"):
         llama_cpp_pre_tokenizer(load_tokenizer(tmp_path / "kettle"))

@@ -74,10 +74,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--text-field", metavar="NAME", default="text")
     t.add_argument(
         "--pattern",
-        choices=["kettle", "llama3"],
-        default="kettle",
-        help="how text is split before BPE: Kettle's (numbers in 1-2 digits) or Llama 3's (1-3 digits), "
-        "which llama.cpp runs, so export-gguf takes it",
+        choices=["llama3", "kettle"],
+        default="llama3",
+        help="how text is split before BPE: Llama 3's (numbers in 1-3 digits; the default, which llama.cpp "
+        "runs, so export-gguf takes it) or Kettle's older one (1-2 digits; no GGUF export)",
     )
     t.add_argument("--force", action="store_true", help="replace DIR if it exists")
     t.set_defaults(func=tokenizer_train_command)
