@@ -15,15 +15,17 @@ Endpoints (all under /v1; with an API key every /v1 path, known or not, needs
 
 Parameters: OpenAI's names and ranges (model, messages / prompt, stream,
 stream_options.include_usage, max_tokens or max_completion_tokens, temperature 0-2, top_p, seed,
-stop (a string or a list), presence_penalty, frequency_penalty, n 1-128, logprobs (chat: true and
-top_logprobs 0-20; completions: 0-5), echo) plus top_k, min_p, repetition_penalty and `truncate`
-(true: a prompt too long for the context loses its oldest part instead of a 400 with code
-context_length_exceeded). A completions prompt is a text, token ids, or a list of either: one
-choice per prompt and per n, in OpenAI's index order. A field left out keeps Kettle's default
-(gpt.sampling.SamplingParams). "model" may be left out; if given it must be the served model.
-IGNORED_FIELDS are accepted and change nothing. Features Kettle does not have (tools, logit_bias,
-JSON mode, best_of > 1, suffix) get a 400, not a silent no, and so does any field OpenAI does not
-define. GET /tokenizer_info, POST /tokenize and /detokenize are vLLM's, for evaluation harnesses.
+stop (a string or a list), presence_penalty, frequency_penalty, n 1-128, logprobs (chat: true
+and top_logprobs 0-20; completions: 0-5), echo (with max_tokens 0: the prompt scored alone; one
+longer than the context is scored whole, see Engine.score_prompt) plus top_k, min_p,
+repetition_penalty and `truncate` (true: a prompt too long for the context loses its oldest part
+instead of a 400 with code context_length_exceeded). A completions prompt is a text, token ids,
+or a list of either: one choice per prompt and per n, in OpenAI's index order. A field left out
+keeps Kettle's default (gpt.sampling.SamplingParams). "model" may be left out; if given it must
+be the served model. IGNORED_FIELDS are accepted and change nothing. Features Kettle does not
+have (tools, logit_bias, JSON mode, best_of > 1, suffix) get a 400, not a silent no, and so does
+any field OpenAI does not define. GET /tokenizer_info, POST /tokenize and /detokenize are
+vLLM's, for evaluation harnesses.
 
 Every error is OpenAI's shape: {"error": {"message", "type", "param", "code"}}, 400 for a bad
 request (malformed or too deeply nested JSON, wrong type, out-of-range value), 401 for a missing
@@ -543,7 +545,11 @@ def create_app(
     async def completions(request: Request):
         req = await parse_body(request, CompletionRequest)
         _reject_unsupported(req)
-        params = sampling_params(req, req.max_tokens)
+        # max_tokens 0 with echo scores the prompt and generates nothing (as OpenAI's API did).
+        score_only = req.max_tokens == 0
+        if score_only and not req.echo:
+            raise APIError(400, "max_tokens: 0 generates nothing, so it needs echo: true", param="max_tokens")
+        params = sampling_params(req, None if score_only else req.max_tokens)
         prompts = completion_prompts(req)
         model = _check_model(service, req.model)
         return await _respond(
@@ -554,7 +560,12 @@ def create_app(
             params=params,
             req=req,
             model=model,
-            options={"truncate": req.truncate, "logprobs": req.logprobs, "echo": bool(req.echo)},
+            options={
+                "truncate": req.truncate,
+                "logprobs": req.logprobs,
+                "echo": bool(req.echo),
+                "score_only": score_only,
+            },
         )
 
     # vLLM's tokenizer endpoints, which evaluation harnesses (lm-evaluation-harness) look for to
@@ -964,7 +975,9 @@ class _Reply:
                 ],
                 "refusal": None,
             }
-        entries = (r.prompt_logprobs or []) + r.logprobs
+        # The stop token that ended the answer is the answer's last token here, as in OpenAI's
+        # legacy API (the text leaves it out): lm-eval reads an echoed prompt's scores up to it.
+        entries = (r.prompt_logprobs or []) + r.logprobs + ([r.stop_logprob] if r.stop_logprob else [])
         tokens = [self._token(e.token).decode("utf-8", "replace") for e in entries]
         offsets, at = [], 0
         for t in tokens:
