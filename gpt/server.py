@@ -1,9 +1,10 @@
-"""`kettle serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over a GenerationService.
+"""`kettle serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over a GenerationService, and
+Ollama's beside it (gpt/ollama.py, under /api).
 
-Endpoints (all under /v1; with an API key every /v1 path, known or not, needs
+Endpoints (all under /v1; with an API key every /v1 and /api path, known or not, needs
 `Authorization: Bearer KEY`, so a client without it learns nothing, not even which paths exist):
     GET  /v1/models                 every model the server can switch to; the served one first,
-                                    with "active": true
+                                    with "active": true, and each one's max_model_len
     GET  /v1/models/{id}            one of them
     POST /v1/models/switch          {"model": NAME} serves another model from now on, without a
                                     restart (requests already queued finish on the old one); NAME
@@ -443,7 +444,8 @@ def create_app(
 
     def check_key(request: Request) -> None:
         path = request.scope["path"]
-        if api_key is None or not (path == "/v1" or path.startswith("/v1/") or path in TOKENIZER_PATHS):
+        guarded = path in ("/v1", "/api") or path.startswith(("/v1/", "/api/")) or path in TOKENIZER_PATHS
+        if api_key is None or not guarded:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -483,6 +485,11 @@ def create_app(
     async def internal_error(request: Request, exc: Exception):
         log.exception("internal error on %s %s", request.method, request.url.path)
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    from gpt.ollama import OllamaError, ollama_error, router  # it builds on this module
+
+    app.add_exception_handler(OllamaError, ollama_error)
+    app.include_router(router(service))
 
     @app.get("/health")
     async def health():
@@ -680,7 +687,18 @@ def _model_json(m: ModelInfo) -> dict:
         "source": m.source,
         "kind": m.kind,
         "status": m.status,
+        "max_model_len": _context_length(m),  # vLLM's name: clients size prompts by it
     }
+
+
+def _context_length(m: ModelInfo) -> int | None:
+    """The model's context length from its config (None where the path is not known here)."""
+    from gpt.checkpoint import read_meta
+
+    try:
+        return read_meta(m.path)[1].context_length if m.path else None
+    except KettleError:
+        return None
 
 
 def _served_name(service: GenerationService) -> str:
