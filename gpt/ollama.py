@@ -1,6 +1,6 @@
-"""Ollama's API beside the OpenAI one, so Ollama clients (the `ollama` Python client, oterm's and
-Open WebUI's native Ollama connections) use `kettle serve` unchanged (`kettle serve --ollama`
-listens on Ollama's port, 11434).
+"""Ollama's API beside the OpenAI one (a router for gpt.server's create_app), so Ollama clients
+(the `ollama` Python client, oterm's native Ollama connection) use `kettle serve` unchanged
+(`kettle serve --ollama` listens on Ollama's port, 11434).
 
 Endpoints (Ollama's shapes; with an API key every /api path needs `Authorization: Bearer KEY`,
 which the ollama client sends from $OLLAMA_API_KEY):
@@ -26,7 +26,7 @@ Errors are Ollama's shape, {"error": "message"}; mid-stream, an {"error": ...} l
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -133,7 +133,8 @@ class ShowBody(_Body):
 
 
 def router(service: GenerationService) -> APIRouter:
-    """Ollama's endpoints over `service` (see the module docstring); create_app mounts them."""
+    """Ollama's endpoints over `service` (see the module docstring), for gpt.server's
+    create_app(routers=...)."""
     api = APIRouter()
 
     @api.get("/")
@@ -166,80 +167,73 @@ def router(service: GenerationService) -> APIRouter:
         }
 
     @api.post("/api/show")
+    @_ollama_errors
     async def show(request: Request):
-        with _ollama_errors():
-            body = await parse_body(request, ShowBody)
-            info = await _listed(service, body.model or body.name)
-            return _show(info)
+        body = await parse_body(request, ShowBody)
+        info = await _listed(service, body.model or body.name)
+        return _show(info)
 
     @api.post("/api/chat")
+    @_ollama_errors
     async def chat(request: Request):
-        with _ollama_errors():
-            body = await parse_body(request, ChatBody)
-            _refuse_unsupported(body)
-            if body.tools:
-                raise APIError(400, f'"{body.model}" does not support tools')
-            messages = [_message(i, m) for i, m in enumerate(body.messages)]
-            loaded = time.perf_counter()
-            name = await _use(service, body.model)
-            load_s = time.perf_counter() - loaded
-            if not messages:  # Ollama: an empty chat loads the model
-                return _loaded(name, "message", body.stream)
-            params = await _params(service, body.options)
-            request_id = uuid.uuid4().hex
-            events = service.stream_chat(messages, params, request_id=request_id, truncate=True)
-            return await _answer(request, service, (request_id, events), name, "message", body.stream, load_s)
+        body = await parse_body(request, ChatBody)
+        _refuse_unsupported(body)
+        if body.tools:
+            raise APIError(400, f'"{body.model}" does not support tools')
+        messages = [_message(i, m) for i, m in enumerate(body.messages)]
+        loaded = time.perf_counter()
+        name = await _use(service, body.model)
+        load_s = time.perf_counter() - loaded
+        if not messages:  # Ollama: an empty chat loads the model
+            return _loaded(name, "message", body.stream)
+        params = await _params(service, body.options)
+        request_id = uuid.uuid4().hex
+        events = service.stream_chat(messages, params, request_id=request_id, truncate=True)
+        return await _answer(request, service, (request_id, events), name, "message", body.stream, load_s)
 
     @api.post("/api/generate")
+    @_ollama_errors
     async def generate(request: Request):
-        with _ollama_errors():
-            body = await parse_body(request, GenerateBody)
-            _refuse_unsupported(body)
-            for field, what in (
-                ("images", "images"),
-                ("template", "a custom template (Kettle's models have one chat format)"),
-                ("suffix", "a suffix (fill-in-the-middle)"),
-                ("context", "context from an earlier answer (send the conversation to /api/chat)"),
-            ):
-                if getattr(body, field):
-                    raise APIError(400, f"{field}: {what} is not supported by Kettle")
-            loaded = time.perf_counter()
-            name = await _use(service, body.model)
-            load_s = time.perf_counter() - loaded
-            if not body.prompt:  # Ollama: an empty prompt loads the model
-                return _loaded(name, "response", body.stream)
-            params = await _params(service, body.options)
-            request_id = uuid.uuid4().hex
-            if body.raw:
-                events = service.complete(body.prompt, params, request_id=request_id, truncate=True)
-            else:
-                system = [{"role": "system", "content": body.system}] if body.system else []
-                turn = system + [{"role": "user", "content": body.prompt}]
-                events = service.stream_chat(turn, params, request_id=request_id, truncate=True)
-            return await _answer(request, service, (request_id, events), name, "response", body.stream, load_s)
+        body = await parse_body(request, GenerateBody)
+        _refuse_unsupported(body)
+        for field, what in (
+            ("images", "images"),
+            ("template", "a custom template (Kettle's models have one chat format)"),
+            ("suffix", "a suffix (fill-in-the-middle)"),
+            ("context", "context from an earlier answer (send the conversation to /api/chat)"),
+        ):
+            if getattr(body, field):
+                raise APIError(400, f"{field}: {what} is not supported by Kettle")
+        loaded = time.perf_counter()
+        name = await _use(service, body.model)
+        load_s = time.perf_counter() - loaded
+        if not body.prompt:  # Ollama: an empty prompt loads the model
+            return _loaded(name, "response", body.stream)
+        params = await _params(service, body.options)
+        request_id = uuid.uuid4().hex
+        if body.raw:
+            events = service.complete(body.prompt, params, request_id=request_id, truncate=True)
+        else:
+            system = [{"role": "system", "content": body.system}] if body.system else []
+            turn = system + [{"role": "user", "content": body.prompt}]
+            events = service.stream_chat(turn, params, request_id=request_id, truncate=True)
+        return await _answer(request, service, (request_id, events), name, "response", body.stream, load_s)
 
     return api
 
 
-@contextlib.contextmanager
-def _ollama_errors():
-    """An APIError raised inside becomes Ollama's {"error": message} (the OpenAI API's own
-    handler would give OpenAI's shape)."""
-    try:
-        yield
-    except APIError as exc:
-        raise OllamaError(exc.status, exc.message) from None
+def _ollama_errors(handler):
+    """The endpoint `handler` with an APIError raised inside answered in Ollama's shape,
+    {"error": message} (the OpenAI API's own handler would give OpenAI's)."""
 
+    @functools.wraps(handler)
+    async def answer(request: Request):
+        try:
+            return await handler(request)
+        except APIError as exc:
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
 
-class OllamaError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-async def ollama_error(request: Request, exc: "OllamaError") -> JSONResponse:
-    """The exception handler create_app installs for Ollama's endpoints."""
-    return JSONResponse({"error": exc.message}, status_code=exc.status)
+    return answer
 
 
 # --- requests ------------------------------------------------------------------------------------

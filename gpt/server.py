@@ -1,5 +1,5 @@
 """`kettle serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over a GenerationService, and
-Ollama's beside it (gpt/ollama.py, under /api).
+beside it the routers it is given (`kettle serve` gives Ollama's, gpt/ollama.py, under /api).
 
 Endpoints (all under /v1; with an API key every /v1 and /api path, known or not, needs
 `Authorization: Bearer KEY`, so a client without it learns nothing, not even which paths exist):
@@ -68,7 +68,7 @@ import uuid
 from typing import Any, AsyncIterator, Callable, Iterable
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
@@ -402,10 +402,12 @@ def create_app(
     *,
     allow_origins: Iterable[str] = (),
     allow_hosts: Iterable[str] = (),
+    routers: Iterable[APIRouter] = (),
 ) -> FastAPI:
-    """The HTTP API over `service`. With `api_key`, every /v1 request must present it.
+    """The HTTP API over `service`. With `api_key`, every /v1 and /api request must present it.
     `allow_origins` and `allow_hosts` (as parse_origin and parse_host return them) are let in
-    beside this server's own addresses (see the module docstring)."""
+    beside this server's own addresses (see the module docstring). `routers` add endpoints
+    behind the same gates (gpt.ollama's, which builds on this module)."""
     app = FastAPI(
         title="Kettle",
         description="OpenAI-compatible API of a Kettle model",
@@ -486,10 +488,8 @@ def create_app(
         log.exception("internal error on %s %s", request.method, request.url.path)
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
-    from gpt.ollama import OllamaError, ollama_error, router  # it builds on this module
-
-    app.add_exception_handler(OllamaError, ollama_error)
-    app.include_router(router(service))
+    for router in routers:
+        app.include_router(router)
 
     @app.get("/health")
     async def health():
@@ -1055,13 +1055,14 @@ def build_server(
     log_level: str = "info",
     allow_origins: Iterable[str] = (),
     allow_hosts: Iterable[str] = (),
+    routers: Iterable[APIRouter] = (),
 ):
     """A uvicorn server for the API (create_app's arguments); run it with
     `server.run(sockets=[listen(host, port)])` (blocking) and stop it with
     `server.should_exit = True`."""
     import uvicorn
 
-    app = create_app(service, api_key, allow_origins=allow_origins, allow_hosts=allow_hosts)
+    app = create_app(service, api_key, allow_origins=allow_origins, allow_hosts=allow_hosts, routers=routers)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
     # After uvicorn.Config, which sets up its loggers; adding the one filter again is a no-op.
     logging.getLogger("uvicorn.access").addFilter(_REDACT_SECRETS)

@@ -15,6 +15,7 @@ import pytest
 from test_server import RunningServer
 
 from gpt.engine import Engine
+from gpt.ollama import router
 from gpt.sampling import SamplingParams
 from gpt.service import InProcessService
 
@@ -31,7 +32,7 @@ def engine(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    running = RunningServer(InProcessService(str(tiny_model_dir)), KEY)
+    running = serve(InProcessService(str(tiny_model_dir)), KEY)
     yield running
     running.stop()
 
@@ -39,6 +40,11 @@ def server(tiny_model_dir):
 @pytest.fixture(scope="module")
 def client(server):
     return ollama.Client(host=server.url, headers={"Authorization": f"Bearer {KEY}"})
+
+
+def serve(service, key) -> RunningServer:
+    """The server `kettle serve` runs: OpenAI's API and Ollama's."""
+    return RunningServer(service, key, routers=[router(service)])
 
 
 def greedy(n: int, **more) -> SamplingParams:
@@ -145,7 +151,7 @@ def test_a_request_naming_another_listed_model_loads_it(tiny_model_dir, tiny_gpt
 
     shutil.copytree(tiny_model_dir, models_dir() / "tiny")
     shutil.copytree(tiny_gpt2_vocab_model_dir, models_dir() / "other")
-    running = RunningServer(InProcessService("tiny", catalog=StoreCatalog()), None)
+    running = serve(InProcessService("tiny", catalog=StoreCatalog()), None)
     try:
         client = ollama.Client(host=running.url)
         assert {m.model for m in client.list().models} == {"tiny", "other"}

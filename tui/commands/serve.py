@@ -111,6 +111,7 @@ def serve_command(args) -> int:
     import logging
 
     from data.registry import StoreCatalog
+    from gpt.ollama import router
     from gpt.server import LOCAL_NAMES, build_server, listen
     from gpt.service import InProcessService
 
@@ -139,7 +140,10 @@ def serve_command(args) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        build_server(service, key, allow_origins=allow_origins, allow_hosts=allow_hosts).run(sockets=[sock])
+        ollama = router(service)  # Ollama's API beside OpenAI's, on every port
+        build_server(service, key, allow_origins=allow_origins, allow_hosts=allow_hosts, routers=[ollama]).run(
+            sockets=[sock]
+        )
     finally:
         service.close()
         sock.close()
