@@ -197,15 +197,16 @@ class InProcessService(GenerationService):
             "chat", messages, params=params, request_id=request_id, options={"truncate": truncate, "logprobs": logprobs}
         )
 
-    def complete(self, prompt, params, *, request_id=None, truncate=True, logprobs=None, echo=False):
+    def complete(self, prompt, params, *, request_id=None, truncate=True, logprobs=None, echo=False, score_only=False):
         """Also `logprobs` (as in stream_chat) and `echo`: score the prompt's tokens too
-        (GenerationResult.prompt_logprobs)."""
+        (GenerationResult.prompt_logprobs; a prompt longer than the context is scored whole,
+        and the answer continues from its end that fits); `score_only`: generate nothing."""
         return self._events(
             "complete",
             prompt,
             params=params,
             request_id=request_id,
-            options={"truncate": truncate, "logprobs": logprobs, "echo": echo},
+            options={"truncate": truncate, "logprobs": logprobs, "echo": echo, "score_only": score_only},
         )
 
     async def tokenizer(self):
@@ -374,7 +375,12 @@ class InProcessService(GenerationService):
             else:
                 if not isinstance(job.payload, (str, list)):
                     raise KettleError("prompt must be a string or a list of token ids")
-                ids, dropped = engine.completion_ids(job.payload, job.params, truncate=truncate)
+                prompt = engine.prompt_ids(job.payload)
+                # An echoed prompt is scored whole, however long (Engine.score_prompt); what
+                # the answer continues from is its end that fits.
+                echo = options.pop("echo", False)
+                options["echo"] = prompt if echo else None
+                ids, dropped = engine.completion_ids(prompt, job.params, truncate=truncate or echo)
             self._batch.add(
                 Request(
                     ids,
