@@ -278,3 +278,45 @@ def m004_sealed_snapshots(db: sqlite_utils.Database) -> None:
         END;
         """
     )
+
+
+@migration
+def m005_memory(db: sqlite_utils.Database) -> None:
+    # Documents the assistant answers from (data.memory): the installed Python's documentation
+    # and the user's files, chunked into passages with their source and position. Removing a
+    # source removes its passages (foreign keys are on in every Kettle connection).
+    db.executescript(
+        """
+        CREATE TABLE doc_sources (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL CHECK (kind IN ('python', 'file')),
+            path TEXT NOT NULL UNIQUE,     -- a file's absolute path, or python:MODULE
+            sha256 TEXT NOT NULL,          -- of the file's bytes, or of the module's documentation
+            size INTEGER,
+            mtime REAL,
+            n_passages INTEGER NOT NULL,
+            added_at REAL NOT NULL
+        );
+        CREATE INDEX idx_doc_sources_sha ON doc_sources(sha256);
+        CREATE TABLE doc_passages (
+            id INTEGER PRIMARY KEY,
+            source_id INTEGER NOT NULL REFERENCES doc_sources(id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            name TEXT NOT NULL DEFAULT '',   -- the name it documents, or the heading it is under
+            text TEXT NOT NULL
+        );
+        CREATE INDEX idx_doc_passages_source ON doc_passages(source_id, position);
+        CREATE INDEX idx_doc_passages_name ON doc_passages(name);
+        CREATE TABLE answer_sources (      -- the passages an answer was grounded in, as it saw them
+            message_id INTEGER NOT NULL REFERENCES messages(id),
+            position INTEGER NOT NULL,
+            kind TEXT NOT NULL,            -- correction | answer | python | file
+            source TEXT NOT NULL,
+            name TEXT NOT NULL,
+            text TEXT NOT NULL,
+            ref INTEGER NOT NULL,          -- the answer's message id, or doc_passages.id
+            PRIMARY KEY (message_id, position)
+        );
+        """
+    )
+    db["doc_passages"].enable_fts(["name", "text"], create_triggers=True, tokenize="porter unicode61")

@@ -19,6 +19,7 @@ assistant content and the end-of-turn marker (the loss mask covers both), so gen
 from __future__ import annotations
 
 import json
+import re
 
 from gpt.errors import KettleError
 from gpt.tokenizer import END_OF_TEXT, Tokenizer
@@ -102,6 +103,45 @@ def render_training(messages: list[dict], tokenizer: Tokenizer) -> tuple[list[in
         ids += header + body
         mask += [False] * len(header) + [m["role"] == "assistant"] * len(body)
     return ids, mask
+
+
+# Grounding: passages the answer may be taken from go inside the newest user turn, ahead of the
+# question. There they change only the last turn's tokens, so the turns before it stay a cached
+# prefix; the stored conversation never holds them (they are chosen afresh for each answer).
+REFERENCE = "Reference:\n"
+QUESTION = "\n\nQuestion: "
+
+
+def grounded(messages: list[dict], references: list[str]) -> list[dict]:
+    """The conversation with `references` in the newest user turn; as it is with none."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not references or not users:
+        return messages
+    last = users[-1]
+    content = REFERENCE + "\n\n".join(references) + QUESTION + messages[last]["content"]
+    return [*messages[:last], {**messages[last], "content": content}, *messages[last + 1 :]]
+
+
+def fit_references(references: list[str], tokenizer: Tokenizer, budget: int) -> list[str]:
+    """As many of `references` (best first) as fit in `budget` tokens with the grounding's own
+    words; the last one that fits only in part is cut at a sentence's end, or left out."""
+    used = len(tokenizer.encode(REFERENCE + QUESTION))
+    kept: list[str] = []
+    for text in references:
+        cost = len(tokenizer.encode(text + "\n\n"))
+        if used + cost <= budget:
+            kept.append(text)
+            used += cost
+            continue
+        sentences = re.split(r"(?<=[.!?:])\s+", text)
+        while len(sentences) > 1:
+            sentences.pop()
+            part = " ".join(sentences)
+            if used + len(tokenizer.encode(part + "\n\n")) <= budget:
+                kept.append(part)
+                break
+        break
+    return kept
 
 
 def render_alpaca(instruction: str, input: str = "", *, output: str | None = None) -> str:

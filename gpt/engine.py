@@ -39,7 +39,15 @@ from typing import Iterator
 
 import torch
 
-from gpt.chat_template import header_ids, render_message, stop_token_ids, validate_messages
+from gpt.chat_template import (
+    fit_references,
+    grounded,
+    header_ids,
+    render_message,
+    render_prompt,
+    stop_token_ids,
+    validate_messages,
+)
 from gpt.device import pick_device, pick_dtype
 from gpt.errors import KettleError
 from gpt.model import GPT, KVCache, RowCache, common_prefix
@@ -157,6 +165,22 @@ class Engine:
         return self.context_length - min(params.max_new_tokens, self.context_length // 2)
 
     # --- chat ------------------------------------------------------------------------------------
+
+    def ground(self, messages: list[dict], references: list[str], params: SamplingParams) -> tuple[list[dict], int]:
+        """The conversation with as many `references` (best first) as leave room for the newest
+        question and the answer, and how many went in (gpt.chat_template.grounded)."""
+        validate_messages(messages)
+        users = [m for m in messages if m["role"] == "user"]
+        if not references or not users:
+            return messages, 0
+        own = len(
+            render_prompt(
+                [*messages[:1], users[-1]] if messages[0]["role"] == "system" else [users[-1]], self.tokenizer
+            )
+        )
+        budget = min(self.prompt_budget(params) - own, self.context_length // 2)
+        kept = fit_references(references, self.tokenizer, budget)
+        return grounded(messages, kept), len(kept)
 
     def chat_prompt(self, messages: list[dict], params: SamplingParams) -> tuple[list[int], int]:
         """The chat prompt's token ids trimmed to the window, and how many tokens were dropped."""

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "tui.commands.pretrain",
     "tui.commands.brew",
     "tui.commands.data",
+    "tui.commands.docs",
     "tui.commands.finetune",
 ]
 

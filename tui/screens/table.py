@@ -69,6 +69,14 @@ SCREENS = (
         command="Compare models",
         about="One prompt, two models, side by side",
     ),
+    ScreenEntry(
+        "docs",
+        "Docs",
+        screen="tui.screens.docs:DocsScreen",
+        key="f8",
+        command="Documents",
+        about="What answers are grounded in: add, see and remove documents",
+    ),
     ScreenEntry("welcome", "Welcome", screen="tui.screens.welcome:WelcomeScreen"),
 )
 
