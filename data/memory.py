@@ -539,7 +539,7 @@ def index_python_docs(store, *, progress: Callable[[int, int, str], None] | None
     report = IndexReport()
     known = {r["path"]: r["sha256"] for r in store._rows("SELECT path, sha256 FROM doc_sources WHERE kind = 'python'")}
     for i, (module, texts) in enumerate(modules):
-        chunks = [_python_chunk(text) for text in texts]
+        chunks = [python_chunk(text) for text in texts]
         chunks = [c for c in chunks if c is not None]
         digest = hashlib.sha256("\0".join([sys.version, *(f"{n}\0{t}" for n, t in chunks)]).encode()).hexdigest()
         path = f"python:{module}"
@@ -555,7 +555,7 @@ def index_python_docs(store, *, progress: Callable[[int, int, str], None] | None
     return report
 
 
-def _python_chunk(text: str) -> tuple[str, str] | None:
+def python_chunk(text: str) -> tuple[str, str] | None:
     """(name, passage) of one documented name: "class X" / "Module m" / "f(args)" heads."""
     head, _, doc = text.partition("\n\n")
     if not doc.strip():

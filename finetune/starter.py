@@ -450,7 +450,7 @@ def grounded_pairs(plain: list[list[dict]], *, heldout: set[str], seed: int = 0)
     - a question asked before and its answer (a user's correction, as memory holds it), asked
       again in other words;
     - plain questions beside an unrelated passage: the answer from the weights."""
-    from data.memory import _python_chunk
+    from data.memory import python_chunk
     from data.pydocs import module_docstrings
     from gpt.chat_template import grounded
 
@@ -461,7 +461,7 @@ def grounded_pairs(plain: list[list[dict]], *, heldout: set[str], seed: int = 0)
     for module, texts in module_docstrings():
         group = module.split(".")[0].lstrip("_")
         for text in texts:
-            chunk = _python_chunk(text)
+            chunk = python_chunk(text)
             if chunk is None:
                 continue
             name, passage = chunk
@@ -471,7 +471,7 @@ def grounded_pairs(plain: list[list[dict]], *, heldout: set[str], seed: int = 0)
             if answer and group not in heldout and module.split(".")[0] not in COMMON_MODULES and name not in asked:
                 unseen.append((name, passage, answer))
     for name, doc in builtin_docs():
-        if doc and (chunk := _python_chunk(f"{name}\n\n{doc}")):
+        if doc and (chunk := python_chunk(f"{name}\n\n{doc}")):
             passages.setdefault(name, _cut(chunk[1], GROUNDED_CHARS))
     rng.shuffle(unseen)
     pool = list(passages.values())
