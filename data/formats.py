@@ -152,9 +152,17 @@ def _unreadable(exc: RecursionError | ValueError) -> str:
 def _read_json_list(path: Path) -> list[tuple[int, Any]]:
     text = _decode(path, path.read_bytes(), first_line=1).removeprefix("\ufeff")
     decoder = json.JSONDecoder()
+    counted_to, line_there = 0, 1
 
     def line_of(pos: int) -> int:
-        return text.count("\n", 0, pos) + 1
+        """The line of `pos`. Entries are read in order, so only the newlines since the last
+        entry are counted: counting from the start each time made a long list quadratic."""
+        nonlocal counted_to, line_there
+        if pos < counted_to:
+            counted_to, line_there = 0, 1
+        line_there += text.count("\n", counted_to, pos)
+        counted_to = pos
+        return line_there
 
     def skip_ws(pos: int) -> int:
         while pos < len(text) and text[pos] in " \t\r\n":
