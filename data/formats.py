@@ -17,7 +17,9 @@ Wherever a message's text is read, a list of content parts ([{"type": "text", "t
 as OpenAI and ShareGPT-style tools write it) is taken too; a part of any other type is refused.
 
 Importing creates one conversation per record, in one transaction: a malformed record stops the
-import with one error naming the file and line, and the database is left as it was. Imported
+import with one error naming the file and line, and the database is left as it was. So does a
+record no model can learn from (data.datasets.chat_problem: an answer before any question, a
+system message after the start, a preference pair without a question). Imported
 assistant answers are labelled with themselves as the ideal answer (so they train); an OpenAI turn
 with "weight": 0 stays unlabelled context; a preference pair becomes two sibling answers, the
 chosen one up-voted and the rejected one down-voted.
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from data.datasets import chat_problem
 from data.records import DataFilter, content_hash
 from gpt.errors import KettleError
 from gpt.files import atomic_write_text, sha256_file
@@ -363,18 +366,26 @@ def _sharegpt(obj: dict) -> tuple[str, list[Node]]:
             names = "system, human or gpt" if who_key == "from" else "system, user or assistant"
             raise _Bad(f"{where}: {who_key!r} must be {names}, got {who!r}")
         messages.append({"role": SHAREGPT_ROLES[who], "content": _text(turn, text_key, where=f"{where}.")})
-    return _chain(messages)
+    return _chain(_conversation(messages, "conversations"))
 
 
 def _openai(obj: dict) -> tuple[str, list[Node]]:
-    messages = _chat_messages(_list(obj, "messages"), "messages")
+    return _chain(_conversation(_chat_messages(_list(obj, "messages"), "messages"), "messages"))
+
+
+def _conversation(messages: list[dict], name: str) -> list[dict]:
+    """`messages` if they make a conversation to learn from: an answer, after a question."""
+    if problem := chat_problem(messages):
+        raise _Bad(f"{name!r} {problem}")
     if not any(m["role"] == "assistant" for m in messages):
-        raise _Bad("'messages' has no assistant message")
-    return _chain(messages)
+        raise _Bad(f"{name!r} has no assistant message")
+    return messages
 
 
 def _dpo(obj: dict) -> tuple[str, list[Node]]:
+    prompt_name = "'prompt'"
     if "preferred_output" in obj:  # OpenAI's preference form
+        prompt_name = "'input.messages'"
         source = _object(obj.get("input"), "field 'input'")
         prompt = _chat_messages(_list(source, "messages"), "input.messages")
         chosen = _chat_messages(_list(obj, "preferred_output"), "preferred_output")
@@ -395,6 +406,7 @@ def _dpo(obj: dict) -> tuple[str, list[Node]]:
         while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
             shared += 1
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        prompt_name = "the prompt (the messages 'chosen' and 'rejected' share)"
         if [m["role"] for m in chosen + rejected] != ["assistant", "assistant"]:
             raise _Bad(
                 "without a 'prompt', 'chosen' and 'rejected' must be one conversation "
@@ -408,6 +420,10 @@ def _dpo(obj: dict) -> tuple[str, list[Node]]:
     for name, answer in (("chosen", chosen), ("rejected", rejected)):
         if len(answer) != 1 or answer[0]["role"] != "assistant":
             raise _Bad(f"{name!r} must hold exactly one assistant message")
+    if problem := chat_problem(prompt):  # stored, such a pair had no question to render
+        raise _Bad(f"{prompt_name} {problem}: a preference pair answers a question")
+    if not any(m["content"].strip() for m in prompt if m["role"] == "user"):
+        raise _Bad(f"{prompt_name} has an empty question: a preference pair answers a question")
     system, nodes = _chain(prompt)
     parent = len(nodes) - 1 if nodes else None
     nodes.append(Node("assistant", chosen[0]["content"], parent, {"thumb": 1, "ideal": chosen[0]["content"]}))
@@ -616,9 +632,23 @@ def without_context(example: dict) -> dict:
     return {**example, "messages": kept}
 
 
+def _learnable(items: list[dict], messages: Callable[[dict], list], what: str, skipped: Counter) -> list[dict]:
+    """`items` less those whose messages no model can learn from (an older Kettle's snapshot
+    may hold them), counted in `skipped` as data.datasets.render_dataset counts them."""
+    kept = []
+    for item in items:
+        if problem := chat_problem(messages(item)):
+            skipped[what + problem] += 1
+        else:
+            kept.append(item)
+    return kept
+
+
 def convert(examples: list[dict], pairs: list[dict], *, fmt: str) -> tuple[list[dict], Counter]:
     """Examples (and pairs) in the one chat format -> records of `fmt`, and skip reasons."""
     skipped: Counter = Counter()
+    examples = _learnable(examples, lambda e: e["messages"], "", skipped)
+    pairs = _learnable(pairs, lambda p: p["prompt"], "a preference pair whose prompt ", skipped)
     to_record = FORMAT_TABLE[fmt].render
     if to_record is None:
         if examples and not pairs:
@@ -652,11 +682,12 @@ def export_file(
             "--no-weights leaves context-only answers out of examples; preference pairs (--format dpo) hold none"
         )
     out = Path(out)
+    unlearnable: Counter = Counter()
     if snapshot_id is not None:
         examples = store.snapshot_examples(snapshot_id)
         pairs = store.snapshot_pairs(snapshot_id)
     else:
-        rows, pair_rows = store.dataset(filt)
+        rows, pair_rows = store.dataset(filt, skipped=unlearnable)
         examples = [r["example"] for r in rows]
         pairs = [p["pair"] for p in pair_rows]
     dropped = 0
@@ -672,4 +703,6 @@ def export_file(
         atomic_write_text(out, text)
     except OSError as exc:
         raise KettleError(f"{out}: cannot write: {exc.strerror or exc}") from exc
-    return ExportReport(path=out, format=fmt, written=len(records), skipped=skipped, context_dropped=dropped)
+    return ExportReport(
+        path=out, format=fmt, written=len(records), skipped=unlearnable + skipped, context_dropped=dropped
+    )

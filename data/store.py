@@ -35,6 +35,7 @@ import random
 import sqlite3
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -657,19 +658,24 @@ class Store:
             msgs = {row[0]: dict(zip(names, row)) for row in cursor}
         return msgs, {mid: label for mid, label in labels.items() if mid in msgs}
 
-    def dataset(self, filt: DataFilter | None = None) -> tuple[list[dict], list[dict]]:
+    def dataset(
+        self, filt: DataFilter | None = None, *, skipped: Counter | None = None
+    ) -> tuple[list[dict], list[dict]]:
         """What would train now: (examples, preference pairs) as data.datasets.render_dataset
-        makes them from the store's current labels."""
+        makes them from the store's current labels; what it leaves out is counted in `skipped`."""
         filt = filt or DataFilter()
         messages, labels = self._dataset_messages(filt)
-        return render_dataset(messages, labels, filt=filt)
+        return render_dataset(messages, labels, filt=filt, skipped=skipped)
 
-    def create_snapshot(self, filt: DataFilter | None = None, name: str = "", *, reuse: bool = False) -> Snapshot:
+    def create_snapshot(
+        self, filt: DataFilter | None = None, name: str = "", *, reuse: bool = False, skipped: Counter | None = None
+    ) -> Snapshot:
         """Freeze what would train now under `filt` into an immutable, content-hashed snapshot;
-        with `reuse`, an existing snapshot of the same content is returned instead of a copy."""
+        with `reuse`, an existing snapshot of the same content is returned instead of a copy.
+        What `dataset` leaves out is counted in `skipped`."""
         filt = filt or DataFilter()
         with self.transaction():
-            examples, pairs = self.dataset(filt)
+            examples, pairs = self.dataset(filt, skipped=skipped)
             example_rows = [canonical_json(e["example"]) for e in examples]
             pair_rows = [canonical_json(p["pair"]) for p in pairs]
             # == content_hash({"examples": [...], "pairs": [...]}) without encoding twice

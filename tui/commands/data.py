@@ -191,14 +191,18 @@ def export_command(args) -> int:
 
 
 def snapshot_create_command(args) -> int:
+    from collections import Counter
+
     from data.store import open_store
 
+    skipped = Counter()
     with open_store() as store:
-        snap = store.create_snapshot(data_filter(args), name=args.name)
+        snap = store.create_snapshot(data_filter(args), name=args.name, skipped=skipped)
     print(
         f"snapshot {snap.id}{f' ({snap.name})' if snap.name else ''}: {snap.n_examples:,} "
         f"examples, {snap.n_pairs:,} preference pairs, sha256 {snap.content_hash[:16]}"
     )
+    print_skipped(skipped)
     if not snap.n_examples and not snap.n_pairs:
         print("  nothing chosen: vote answers up, write corrected answers, or widen the filter")
     return 0
