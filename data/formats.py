@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -664,6 +665,31 @@ def convert(examples: list[dict], pairs: list[dict], *, fmt: str) -> tuple[list[
     return out, skipped
 
 
+def check_target(out: str | Path) -> None:
+    """A KettleError unless `out` is absent or a regular file: an export replaces it by a
+    rename, which would put a file where a device, a FIFO, a symbolic link or a folder was."""
+    try:
+        mode = os.lstat(out).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise KettleError(f"{out}: cannot write: {exc.strerror or exc}") from exc
+    if stat.S_ISREG(mode):
+        return
+    kind = (
+        "a symbolic link"
+        if stat.S_ISLNK(mode)
+        else "a folder"
+        if stat.S_ISDIR(mode)
+        else "a named pipe (FIFO)"
+        if stat.S_ISFIFO(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "not a regular file"
+    )
+    raise KettleError(f"{shown(out)} is {kind}; an export only replaces a regular file: choose another path")
+
+
 def export_file(
     store: Store,
     out: str | Path,
@@ -682,6 +708,7 @@ def export_file(
             "--no-weights leaves context-only answers out of examples; preference pairs (--format dpo) hold none"
         )
     out = Path(out)
+    check_target(out)
     unlearnable: Counter = Counter()
     if snapshot_id is not None:
         examples = store.snapshot_examples(snapshot_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from data.store import open_store
 from tests.conftest import SHARED_DATA
@@ -76,3 +77,34 @@ def test_importing_twice_needs_again(tmp_path, capsys):
     assert main(["data", "import", str(source)]) == 1
     assert "--again" in capsys.readouterr().err
     assert main(["data", "import", "--again", str(source)]) == 0
+
+
+def test_export_force_replaces_only_a_regular_file(tmp_path, capsys):
+    """--force replaced whatever OUT was by a rename: a FIFO, a symbolic link (its target kept,
+    the link gone), a device node (run as root, /dev/full became a file)."""
+    import os
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    target = tmp_path / "target.json"
+    target.write_text("keep me")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    dangling = tmp_path / "dangling.json"
+    dangling.symlink_to(tmp_path / "nowhere")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for out, kind in (
+        (fifo, "a named pipe"),
+        (link, "a symbolic link"),
+        (dangling, "a symbolic link"),
+        (folder, "a folder"),
+        (Path("/dev/null"), "a device"),
+    ):
+        for force in (["--force"], []):
+            assert main(["data", "export", "--format", "openai", *force, str(out)]) == 1
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"{out} is {kind}" in err[0] and "only replaces a regular file" in err[0]
+    assert fifo.is_fifo() and link.is_symlink() and dangling.is_symlink() and folder.is_dir()
+    assert target.read_text() == "keep me" and Path("/dev/null").is_char_device()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.json", "folder", "link.json", "pipe", "target.json"]

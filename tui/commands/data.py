@@ -160,7 +160,7 @@ def import_command(args) -> int:
 def export_command(args) -> int:
     from pathlib import Path
 
-    from data.formats import export_file
+    from data.formats import check_target, export_file
     from data.records import DataFilter
     from data.store import open_store
     from gpt.errors import KettleError
@@ -168,6 +168,7 @@ def export_command(args) -> int:
     filt = data_filter(args)
     if args.snapshot is not None and filt != DataFilter():
         raise KettleError("--snapshot exports the snapshot as it was made; drop the filter options")
+    check_target(args.out)
     if Path(args.out).exists() and not args.force:
         raise KettleError(f"{args.out} exists; pass --force to replace it")
     with open_store(read_only=True) as store:
