@@ -16,8 +16,9 @@ Exact fields (see the README):
 Wherever a message's text is read, a list of content parts ([{"type": "text", "text": str}],
 as OpenAI and ShareGPT-style tools write it) is taken too; a part of any other type is refused.
 
-Importing creates one conversation per record, in one transaction: a malformed record stops the
-import with one error naming the file and line, and the database is left as it was. So does a
+Importing creates one conversation per record, all or nothing: a malformed record stops the
+import with one error naming the file and line, and the database is left as it was. The records
+are written in short transactions (see import_file), hidden until the last one is in. So does a
 record no model can learn from (data.datasets.chat_problem: an answer before any question, a
 system message after the start, a preference pair without a question). Imported
 assistant answers are labelled with themselves as the ideal answer (so they train); an OpenAI turn
@@ -32,9 +33,11 @@ ignore the key and would train on them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +52,8 @@ if TYPE_CHECKING:  # data.store brings sqlite_utils (~1 s): the CLI's parser rea
     from data.store import Store
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # one JSONL record (or one JSON list entry)
+IMPORT_BATCH_S = 0.25  # the longest an import holds the database's write lock at a time
+IMPORT_PAUSE_S = 0.005  # then it lets go this long: a writer waiting for the lock polls every 0.2-2 ms
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 SHAREGPT_FROM = {"system": "system", "user": "human", "assistant": "gpt"}
 
@@ -481,34 +486,70 @@ def import_file(
     progress: Callable[[int, int], None] | None = None,
 ) -> ImportReport:
     """Import a dataset file as conversations, all or nothing. The same file (by content)
-    is refused a second time unless `again`. `progress(done, total)` is called as it goes."""
+    is refused a second time unless `again`. `progress(done, total)` is called as it goes.
+
+    The conversations are written in batches of IMPORT_BATCH_S, a transaction each, so a long
+    import never keeps the app's labels or a training run's metrics from being written; they
+    stay hidden until the last batch (Store.begin_import), and a failure deletes them."""
     path = Path(path)
     fmt, records, ignored = parse_file(path, fmt)
     source = f"import:{fmt}:{shown(path.name)}:{sha256_file(path)[:16]}"
     report = ImportReport(path=path, format=fmt, ignored=ignored)
+    store.discard_abandoned_imports()
     with store.transaction():
-        if not again and (seen := store.conversations_from(source)):
-            raise KettleError(
-                f"{path}: this file was imported before ({seen:,} conversations); pass --again to import a second copy"
-            )
-        for done, record in enumerate(records, start=1):
-            first_user = next((n.content for n in record.nodes if n.role == "user"), "")
-            title = (first_user.strip().splitlines() or [""])[0][:80]
-            conv = store.create_conversation(
-                title, system_prompt=record.system_prompt, source=source, external_id=record.external_id
-            )
-            ids: list[int] = []
-            for node in record.nodes:
-                parent = None if node.parent is None else ids[node.parent]
-                msg = store.add_message(conv.id, node.role, content=node.content, parent_id=parent, meta=node.meta)
-                ids.append(msg.id)
-                if node.label:
-                    store.set_label(msg.id, **node.label)
-            report.conversations += 1
-            report.messages += len(ids)
-            if progress is not None and (done % 200 == 0 or done == len(records)):
-                progress(done, len(records))
+        _refuse_imported_before(store, path, source, again)
+        import_id = store.begin_import(source)
+    try:
+        while report.conversations < len(records):
+            with store.transaction():
+                deadline = time.monotonic() + IMPORT_BATCH_S
+                while True:  # at least one record a batch
+                    report.messages += _add_record(store, records[report.conversations], source, import_id)
+                    report.conversations += 1
+                    done = report.conversations
+                    if progress is not None and (done % 200 == 0 or done == len(records)):
+                        progress(done, len(records))
+                    if done == len(records) or time.monotonic() >= deadline:
+                        break
+            time.sleep(IMPORT_PAUSE_S)
+        with store.transaction():  # checked again: another import of the file may have finished meanwhile
+            _refuse_imported_before(store, path, source, again)
+            store.finish_import(import_id)
+    except BaseException:
+        # Best effort: what cannot be deleted now (a full disk, say) stays hidden, and the next
+        # import deletes it once this process is gone.
+        with contextlib.suppress(Exception):
+            store.discard_import(import_id)
+        raise
     return report
+
+
+def _refuse_imported_before(store: Store, path: Path, source: str, again: bool) -> None:
+    if not again and (seen := store.conversations_from(source)):
+        raise KettleError(
+            f"{path}: this file was imported before ({seen:,} conversations); pass --again to import a second copy"
+        )
+
+
+def _add_record(store: Store, record: Record, source: str, import_id: int) -> int:
+    """Write one record as a hidden conversation of import `import_id`; returns its message count."""
+    first_user = next((n.content for n in record.nodes if n.role == "user"), "")
+    title = (first_user.strip().splitlines() or [""])[0][:80]
+    conv = store.create_conversation(
+        title,
+        system_prompt=record.system_prompt,
+        source=source,
+        external_id=record.external_id,
+        pending_import=import_id,
+    )
+    ids: list[int] = []
+    for node in record.nodes:
+        parent = None if node.parent is None else ids[node.parent]
+        msg = store.add_message(conv.id, node.role, content=node.content, parent_id=parent, meta=node.meta)
+        ids.append(msg.id)
+        if node.label:
+            store.set_label(msg.id, **node.label)
+    return len(ids)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,9 @@ import sqlite_utils
 Migration = Callable[[sqlite_utils.Database], None]
 MIGRATIONS: list[Migration] = []
 NUMBERED_MIGRATIONS = ("m001_core", "m002_search", "m003_search_corrections")
+# Migrations that only writers need: a database without them reads the same, so a read-only
+# command (`data stats`, `data export`) run first after an upgrade works without them.
+READ_WITHOUT = frozenset({"m004_pending_imports"})
 
 
 def migration(fn: Migration) -> Migration:
@@ -47,6 +50,11 @@ def pending(db: sqlite_utils.Database) -> list[Migration]:
     """The migrations this database still needs, in order."""
     done = set(applied(db))
     return [fn for fn in MIGRATIONS if fn.__name__ not in done]
+
+
+def pending_for_reading(db: sqlite_utils.Database) -> list[Migration]:
+    """The pending migrations a read-only open cannot do without (see READ_WITHOUT)."""
+    return [fn for fn in pending(db) if fn.__name__ not in READ_WITHOUT]
 
 
 def is_current(db: sqlite_utils.Database) -> bool:
@@ -252,3 +260,37 @@ def m002_search(db: sqlite_utils.Database) -> None:
 def m003_search_corrections(db: sqlite_utils.Database) -> None:
     # The chat shows a corrected answer under the original, so search finds it too.
     db["labels"].enable_fts(["ideal"], create_triggers=True, tokenize="porter unicode61")
+
+
+PENDING_IMPORTS_SCHEMA = (
+    """CREATE TABLE pending_imports (
+        id INTEGER PRIMARY KEY,
+        source TEXT NOT NULL,
+        pid INTEGER NOT NULL,             -- the importing process: once it is gone, its rows go
+        started_at REAL NOT NULL
+    )""",
+    # set while the import runs (with deleted_at, which hides the conversation everywhere)
+    "ALTER TABLE conversations ADD COLUMN pending_import_id INTEGER REFERENCES pending_imports(id)",
+    "CREATE INDEX idx_conversations_pending ON conversations(pending_import_id) WHERE pending_import_id IS NOT NULL",
+    "DROP TRIGGER messages_no_delete",
+    """CREATE TRIGGER messages_no_delete BEFORE DELETE ON messages
+    WHEN (SELECT pending_import_id FROM conversations WHERE id = OLD.conversation_id) IS NULL BEGIN
+        SELECT RAISE(ABORT, 'messages are never deleted');
+    END""",
+    "DROP TRIGGER labels_no_delete",
+    """CREATE TRIGGER labels_no_delete BEFORE DELETE ON labels
+    WHEN (SELECT c.pending_import_id FROM messages m JOIN conversations c ON c.id = m.conversation_id
+          WHERE m.id = OLD.message_id) IS NULL BEGIN
+        SELECT RAISE(ABORT, 'labels are append-only: add a clearing label row');
+    END""",
+)
+
+
+@migration
+def m004_pending_imports(db: sqlite_utils.Database) -> None:
+    # A long import commits in short batches, so that it never holds the write lock for long; its
+    # conversations stay hidden until the last batch shows them all at once, and what an import
+    # that failed or was killed wrote can be deleted (only that: the rest stays append-only).
+    # One statement at a time: executescript() would commit the migration's transaction.
+    for statement in PENDING_IMPORTS_SCHEMA:
+        db.execute(statement)

@@ -275,19 +275,30 @@ def test_huge_line_is_refused(store, tmp_path):
 def test_a_failure_midway_rolls_back_the_whole_import(store, tmp_path, monkeypatch):
     import data.formats as formats
 
-    calls = {"n": 0}
+    monkeypatch.setattr(formats, "IMPORT_BATCH_S", 0)  # a transaction a record: the first ones commit
+    calls = {"n": 0, "committed": 0}
     real = Store.set_label
 
     def flaky(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 5:
+            with open_store(self.path, read_only=True) as other:  # what is on disk now
+                calls["committed"] = other.conn.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
             raise OSError("disk full")
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Store, "set_label", flaky)
     with pytest.raises(OSError):
         formats.import_file(store, write(tmp_path / "a.json", "alpaca", ALPACA * 3))
-    assert store.stats()["conversations"] == 0 and store.stats()["messages"] == 0
+    assert calls["committed"] == 4  # each of the first four in its own transaction, then the fifth failed
+    stats = store.stats()
+    assert (stats["conversations"], stats["deleted_conversations"], stats["messages"], stats["label_rows"]) == (
+        0,
+        0,
+        0,
+        0,
+    )
+    assert store.conn.execute("SELECT COUNT(*) FROM pending_imports").fetchone()[0] == 0
 
 
 def test_unwritable_output_is_a_clear_error(store, tmp_path):
