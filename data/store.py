@@ -433,12 +433,11 @@ class Store:
                 self.conn.execute(f"DELETE FROM messages WHERE conversation_id {chosen}", (json.dumps(ids),))
                 self.conn.execute(f"DELETE FROM conversations WHERE id {chosen}", (json.dumps(ids),))
 
-    def discard_abandoned_imports(self) -> int:
-        """Delete what imports whose process is gone (killed, crashed) left; returns how many."""
-        gone = [r["id"] for r in self._rows("SELECT id, pid FROM pending_imports") if not process_alive(r["pid"])]
-        for import_id in gone:
-            self.discard_import(import_id)
-        return len(gone)
+    def discard_abandoned_imports(self) -> None:
+        """Delete what imports whose process is gone (killed, crashed) left."""
+        for row in self._rows("SELECT id, pid FROM pending_imports"):
+            if not process_alive(row["pid"]):
+                self.discard_import(row["id"])
 
     # -- messages -----------------------------------------------------------------------------
 
