@@ -56,6 +56,7 @@ class Conversation:
     updated_at: float
     deleted_at: float | None
     message_count: int = 0
+    pending_import_id: int | None = None  # hidden until this import finishes (Store.begin_import)
 
     @classmethod
     def from_row(cls, row: dict) -> "Conversation":

@@ -36,6 +36,7 @@ import random
 import sqlite3
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -187,7 +188,7 @@ class Store:
     def _check_current(self) -> None:
         """A database opened read-only cannot be migrated: it must be current already."""
         self._refuse_newer()
-        if missing := schema.pending(self.db):
+        if missing := schema.pending_for_reading(self.db):
             raise KettleError(
                 f"{self.path}: the database needs upgrading ({len(missing)} of "
                 f"{len(schema.MIGRATIONS)} migrations not applied); run Kettle once "
@@ -309,12 +310,25 @@ class Store:
         model: str | None = None,
         source: str = "chat",
         external_id: str | None = None,
+        pending_import: int | None = None,
     ) -> Conversation:
+        """A new conversation; one of `pending_import` (see `begin_import`) stays hidden until
+        that import finishes."""
         now = time.time()
+        row = {
+            "title": title,
+            "system_prompt": system_prompt,
+            "params": _dumps(params),
+            "model": model,
+            "source": source,
+            "external_id": external_id,
+            "created_at": now,
+            "updated_at": now,
+        }
+        if pending_import is not None:
+            row |= {"deleted_at": now, "pending_import_id": pending_import}
         cid = self._insert(
-            "INSERT INTO conversations (title, system_prompt, params, model, source, external_id,"
-            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (title, system_prompt, _dumps(params), model, source, external_id, now, now),
+            f"INSERT INTO conversations ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", row.values()
         )
         return self.conversation(cid)
 
@@ -389,6 +403,57 @@ class Store:
         self.conversation(conversation_id)
         with self.transaction():
             self.conn.execute("UPDATE conversations SET deleted_at = NULL WHERE id = ?", (conversation_id,))
+
+    # -- imports ------------------------------------------------------------------------------
+    # An import writes in many short transactions, so that it never holds the write lock for
+    # long, and stays all or nothing: its conversations are created hidden (deleted_at, and
+    # pending_import_id naming the import) and appear together when it finishes. What an import
+    # that failed or was killed wrote is deleted (schema m004 lets only such rows go).
+
+    def begin_import(self, source: str) -> int:
+        """Register an import from `source` by this process; its id goes to `create_conversation`."""
+        return self._insert(
+            "INSERT INTO pending_imports (source, pid, started_at) VALUES (?, ?, ?)",
+            (source, os.getpid(), time.time()),
+        )
+
+    def finish_import(self, import_id: int) -> None:
+        """Show the import's conversations, all in one short transaction."""
+        with self.transaction():
+            if self.conn.execute("SELECT 1 FROM pending_imports WHERE id = ?", (import_id,)).fetchone() is None:
+                raise KettleError(f"import {import_id} is not in progress (its rows were cleared away)")
+            self.conn.execute(
+                "UPDATE conversations SET deleted_at = NULL, pending_import_id = NULL WHERE pending_import_id = ?",
+                (import_id,),
+            )
+            self.conn.execute("DELETE FROM pending_imports WHERE id = ?", (import_id,))
+
+    def discard_import(self, import_id: int, *, batch: int = 200) -> None:
+        """Delete what an unfinished import wrote, `batch` conversations a transaction."""
+        while True:
+            with self.transaction():
+                ids = [
+                    row[0]
+                    for row in self.conn.execute(
+                        "SELECT id FROM conversations WHERE pending_import_id = ? LIMIT ?", (import_id, batch)
+                    )
+                ]
+                if not ids:
+                    self.conn.execute("DELETE FROM pending_imports WHERE id = ?", (import_id,))
+                    return
+                chosen = "IN (SELECT value FROM json_each(?))"
+                self.conn.execute(
+                    f"DELETE FROM labels WHERE message_id IN (SELECT id FROM messages WHERE conversation_id {chosen})",
+                    (json.dumps(ids),),
+                )
+                self.conn.execute(f"DELETE FROM messages WHERE conversation_id {chosen}", (json.dumps(ids),))
+                self.conn.execute(f"DELETE FROM conversations WHERE id {chosen}", (json.dumps(ids),))
+
+    def discard_abandoned_imports(self) -> None:
+        """Delete what imports whose process is gone (killed, crashed) left."""
+        for row in self._rows("SELECT id, pid FROM pending_imports"):
+            if not process_alive(row["pid"]):
+                self.discard_import(row["id"])
 
     # -- messages -----------------------------------------------------------------------------
 
@@ -674,19 +739,24 @@ class Store:
             msgs = {row[0]: dict(zip(names, row)) for row in cursor}
         return msgs, {mid: label for mid, label in labels.items() if mid in msgs}
 
-    def dataset(self, filt: DataFilter | None = None) -> tuple[list[dict], list[dict]]:
+    def dataset(
+        self, filt: DataFilter | None = None, *, skipped: Counter | None = None
+    ) -> tuple[list[dict], list[dict]]:
         """What would train now: (examples, preference pairs) as data.datasets.render_dataset
-        makes them from the store's current labels."""
+        makes them from the store's current labels; what it leaves out is counted in `skipped`."""
         filt = filt or DataFilter()
         messages, labels = self._dataset_messages(filt)
-        return render_dataset(messages, labels, filt=filt)
+        return render_dataset(messages, labels, filt=filt, skipped=skipped)
 
-    def create_snapshot(self, filt: DataFilter | None = None, name: str = "", *, reuse: bool = False) -> Snapshot:
+    def create_snapshot(
+        self, filt: DataFilter | None = None, name: str = "", *, reuse: bool = False, skipped: Counter | None = None
+    ) -> Snapshot:
         """Freeze what would train now under `filt` into an immutable, content-hashed snapshot;
-        with `reuse`, an existing snapshot of the same content is returned instead of a copy."""
+        with `reuse`, an existing snapshot of the same content is returned instead of a copy.
+        What `dataset` leaves out is counted in `skipped`."""
         filt = filt or DataFilter()
         with self.transaction():
-            examples, pairs = self.dataset(filt)
+            examples, pairs = self.dataset(filt, skipped=skipped)
             example_rows = [canonical_json(e["example"]) for e in examples]
             pair_rows = [canonical_json(p["pair"]) for p in pairs]
             digest = _rows_hash(example_rows, pair_rows)

@@ -206,7 +206,7 @@ def test_bad_inputs_fail_the_run_with_the_reason(store, base, tmp_path):
     ]
     only_questions = tmp_path / "questions.jsonl"
     only_questions.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi?"}]}) + "\n")
-    cases.append((JobSpec(model="base", data=str(only_questions)), "at least one assistant message"))
+    cases.append((JobSpec(model="base", data=str(only_questions)), "line 1: 'conversations' has no assistant message"))
     with pytest.raises(KettleError, match="unknown fine-tuning settings: epoch"):
         create_run(store, JobSpec(model="base", snapshot_id=empty, sft={"epoch": 3}))
     for spec, reason in cases:

@@ -148,7 +148,11 @@ def import_files() -> list[tuple[str, bytes, str]]:
         ),
         ("surrogate-openai.jsonl", lone.encode(), "line 1: field messages[0].'content' holds a lone surrogate"),
         ("surrogate-low-alpaca.json", b'[{"instruction": "a", "output": "\\udfff"}]', "lone surrogate"),
-        ("surrogate-sharegpt-id.json", b'[{"id": "\\udbff", "conversations": []}]', "'id' holds a lone surrogate"),
+        (
+            "surrogate-sharegpt-id.json",
+            b'[{"id": "\\udbff", "conversations": ' + json.dumps(SHAREGPT["conversations"]).encode() + b"}]",
+            "'id' holds a lone surrogate",
+        ),
         (
             "surrogate-dpo-prompt.jsonl",
             b'{"prompt": "\\ud800", "chosen": "a", "rejected": "b"}\n',

@@ -165,7 +165,7 @@ def import_command(args) -> int:
 def export_command(args) -> int:
     from pathlib import Path
 
-    from data.formats import export_file
+    from data.formats import check_target, export_file
     from data.records import DataFilter
     from data.store import open_store
     from gpt.errors import KettleError
@@ -173,6 +173,7 @@ def export_command(args) -> int:
     filt = data_filter(args)
     if args.snapshot is not None and filt != DataFilter():
         raise KettleError("--snapshot exports the snapshot as it was made; drop the filter options")
+    check_target(args.out)
     if Path(args.out).exists() and not args.force:
         raise KettleError(f"{args.out} exists; pass --force to replace it")
     with open_store(read_only=True) as store:
@@ -198,12 +199,12 @@ def export_command(args) -> int:
 def backup_command(args) -> int:
     from pathlib import Path
 
+    from data.formats import check_target
     from data.store import open_store
     from gpt.errors import KettleError
 
     out = Path(args.out)
-    if out.is_symlink() or (out.exists() and not out.is_file()):
-        raise KettleError(f"{args.out} is not a regular file; give a file path to write the copy to")
+    check_target(out)
     if out.exists() and not args.force:
         raise KettleError(f"{args.out} exists; pass --force to replace it")
     if not out.parent.is_dir():
@@ -217,14 +218,18 @@ def backup_command(args) -> int:
 
 
 def snapshot_create_command(args) -> int:
+    from collections import Counter
+
     from data.store import open_store
 
+    skipped = Counter()
     with open_store() as store:
-        snap = store.create_snapshot(data_filter(args), name=args.name)
+        snap = store.create_snapshot(data_filter(args), name=args.name, skipped=skipped)
     print(
         f"snapshot {snap.id}{f' ({snap.name})' if snap.name else ''}: {snap.n_examples:,} "
         f"examples, {snap.n_pairs:,} preference pairs, sha256 {snap.content_hash[:16]}"
     )
+    print_skipped(skipped)
     if not snap.n_examples and not snap.n_pairs:
         print("  nothing chosen: vote answers up, write corrected answers, or widen the filter")
     return 0
