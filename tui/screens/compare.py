@@ -16,6 +16,7 @@ from gpt.sampling import get_preset
 from gpt.service import Delta, Done, ModelInfo
 from tui.errors import guarded
 from tui.screens.finetune import CompareRequest
+from tui.widgets.chat import chat_markdown
 
 SEED = 1234  # both sides sample with the same seed, so differences come from the models
 
@@ -42,7 +43,7 @@ class CompareScreen(Screen):
                 with Vertical(classes="compare-column"):
                     yield Static("", id=f"{side}-title")
                     with VerticalScroll():
-                        yield Markdown("", id=f"{side}-answer")
+                        yield Markdown("", id=f"{side}-answer", parser_factory=chat_markdown)
                     yield Static("", id=f"{side}-stats", classes="compare-stats")
         yield Footer()
 

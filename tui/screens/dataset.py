@@ -21,7 +21,7 @@ from data.records import DataFilter
 from data.store import Store
 from tui.errors import guarded
 from tui.screens.modals import ChoiceModal, TextModal
-from tui.widgets.chat import counted, label_text
+from tui.widgets.chat import chat_markdown, counted, label_text
 from tui.widgets.sidebar import when
 
 # The examples table: the id and turns columns are this wide; prompt, answer and label share
@@ -102,7 +102,7 @@ class ExampleModal(ModalScreen):
     def compose(self):
         with VerticalScroll(classes="dialog help-dialog"):
             yield Static("[b]Training example[/]  [dim]Esc closes[/]", classes="dialog-title")
-            yield Markdown(example_markdown(self.example))
+            yield Markdown(example_markdown(self.example), parser_factory=chat_markdown)
 
 
 class DatasetScreen(Screen):
