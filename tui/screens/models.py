@@ -18,7 +18,7 @@ from data.paths import kettle_home, models_dir
 from data.records import ModelVersion
 from data.registry import resolve_model_dir, unique_name
 from data.store import Store
-from finetune.starter import BREW_TIME
+from finetune.starter import BREW_TIME, parse_eta
 from finetune.verdict import summary_lines
 from gpt.errors import KettleError
 from tui.errors import error_text, guarded
@@ -182,7 +182,8 @@ async def brew_starter(app) -> None:
             args += ["--out", str(path)]
         else:
             args.append("--force")
-    if not await app.push_screen_wait(TaskModal(f"Brewing {path.name} (offline, {BREW_TIME})", args)):
+    task = TaskModal(f"Brewing {path.name} (offline)", args, estimate=BREW_TIME, eta=parse_eta)
+    if not await app.push_screen_wait(task):
         return
     # A replaced starter that is active counts as activated: the service reloads its weights.
     version, activated = await app.db(register, app.store, path, kind="starter", name=path.name)
