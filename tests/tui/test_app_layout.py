@@ -114,6 +114,16 @@ async def test_the_switch_button_is_on_screen_at_80x24(app_model):
         assert "Switch to the new model" in shown
 
 
+async def test_the_switch_button_is_scrolled_into_view_on_a_short_terminal(app_model):
+    write_config(sampling={"max_new_tokens": 8, "seed": 1})
+    done, _ = finished_and_queued_runs()
+    app = KettleApp()
+    async with app.run_test(size=(80, 16)) as pilot:
+        switch = await follow_finished_run(pilot, done)
+        await pilot.pause(0.1)
+        assert switch.region.height and 0 < switch.region.y and switch.region.bottom <= 15
+
+
 async def test_a_queued_run_shows_0_percent_not_the_last_runs_bar(app_model):
     write_config(sampling={"max_new_tokens": 8, "seed": 1})
     done, queued = finished_and_queued_runs()
