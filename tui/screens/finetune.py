@@ -390,7 +390,11 @@ class FinetuneScreen(Screen):
                 + "\n".join(lines)
                 + "\nSwitch to it now, or compare the two first."
             )
-            self.query_one("#ft-switch", Button).focus()
+            switch = self.query_one("#ft-switch", Button)
+            switch.focus()
+            # Again once laid out: focus scrolls to where the button was while hidden, which
+            # left it below the fold on a short terminal.
+            self.call_after_refresh(switch.scroll_visible, animate=False)
             recall = f"{m['recall']} of {m['recall_of']} corrections come back, " if m.get("recall_of") else ""
             self.notify(f"Fine-tune finished: {output.name} ({recall}{verdict}).", timeout=8)
         self.query_one("#finetune-sheet").display = True
