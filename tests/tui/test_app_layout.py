@@ -49,7 +49,7 @@ async def test_the_footer_shows_f1_to_f6_first(app_model, width):
         for key, mode in (("f2", "chat"), ("f4", "models"), ("f5", "finetune")):
             await pilot.press(key)
             await wait_until(pilot, lambda mode=mode: app.current_mode == mode, mode)
-            await pilot.pause(0.1)
+            await wait_until(pilot, lambda: "Help" in footer(app), "the footer's keys")  # drawn after the screen
             shown = footer(app)
             assert shown.lstrip().startswith("f1 Help"), shown
             assert all(place in shown for place in PLACES), shown
@@ -120,8 +120,9 @@ async def test_the_switch_button_is_scrolled_into_view_on_a_short_terminal(app_m
     app = KettleApp()
     async with app.run_test(size=(80, 16)) as pilot:
         switch = await follow_finished_run(pilot, done)
-        await pilot.pause(0.1)
-        assert switch.region.height and 0 < switch.region.y and switch.region.bottom <= 15
+        await wait_until(pilot, lambda: 0 < switch.region.y and switch.region.bottom <= 15, "the button in view")
+        await pilot.pause(0.5)
+        assert 0 < switch.region.y and switch.region.bottom <= 15  # and it stays there
 
 
 async def test_a_queued_run_shows_0_percent_not_the_last_runs_bar(app_model):

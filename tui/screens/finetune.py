@@ -130,12 +130,13 @@ class FinetuneScreen(Screen):
                 yield Static("", id="run-title")
                 yield ProgressBar(id="run-progress", show_eta=True)
                 yield Static("", id="run-stats")
-                # The verdict and its buttons above the chart: at 80x24 they were below the fold.
-                yield Static("", id="finetune-result")
+                # The buttons under the bar, then the verdict, then the chart: below them, at
+                # 80x24 Switch was below the fold (focus did not always scroll to it).
                 with Horizontal(id="finetune-done-buttons"):
                     yield Button("Cancel run  ctrl+x", id="ft-cancel", variant="error")
                     yield Button("Switch to the new model  ctrl+w", id="ft-switch", variant="success")
                     yield Button("Compare with the base  F6", id="ft-compare")
+                yield Static("", id="finetune-result")
                 yield Static("", id="loss-caption")
                 yield Sparkline([], id="loss-chart")
             with Vertical(id="finetune-sheet"):
@@ -388,13 +389,9 @@ class FinetuneScreen(Screen):
             result.update(
                 f"[b]{escape(output.name)}[/] is ready.\n"
                 + "\n".join(lines)
-                + "\nSwitch to it now, or compare the two first."
+                + "\nSwitch to it now (above), or compare the two first."
             )
-            switch = self.query_one("#ft-switch", Button)
-            switch.focus()
-            # Again once laid out: focus scrolls to where the button was while hidden, which
-            # left it below the fold on a short terminal.
-            self.call_after_refresh(switch.scroll_visible, animate=False)
+            self.query_one("#ft-switch", Button).focus()
             recall = f"{m['recall']} of {m['recall_of']} corrections come back, " if m.get("recall_of") else ""
             self.notify(f"Fine-tune finished: {output.name} ({recall}{verdict}).", timeout=8)
         self.query_one("#finetune-sheet").display = True
