@@ -121,6 +121,10 @@ SAMPLE_PROMPT = "Return the"
 # ETA printed once the pretraining speed is known covers the whole brew.
 LATER_STAGES_STEPS = 150
 ETA_AFTER_STEPS = 40
+# The ETA is printed again every so many steps, from the speed since the last one, and when
+# pretraining ends: a machine whose load changes took 51 minutes over a brew that had said 8.
+ETA_EVERY_STEPS = 150
+ETA_LINE = re.compile(r"about (\d+(?:\.\d+)?) (minutes|seconds) to go")
 
 
 @dataclass
@@ -217,6 +221,8 @@ def pretrain_stage(brew: Brew) -> None:
     if result.interrupted:
         raise KeyboardInterrupt
     brew.model_dir = out
+    eta.pretrained()
+    brew.console.print("starter: measuring bits per byte on the held-out modules…")
     bpb = heldout_bits_per_byte(
         out, brew.work / "pretrain-run" / "shards", val_bytes=brew.notes["val_text_bytes"], device=brew.device
     )
@@ -233,27 +239,46 @@ def pretrain_stage(brew: Brew) -> None:
 
 class BrewETA:
     """Once the pretraining speed on this machine is known, says how long the whole brew will
-    take from here (a busy machine is slower: the work, and so the model, stays the same)."""
+    take from here (a busy machine is slower: the work, and so the model, stays the same), and
+    says it again as the speed changes and when pretraining ends (what is left then: the
+    held-out measurement and the instruction stage)."""
 
-    def __init__(self, brew: Brew, steps: int):
-        self.brew, self.steps = brew, steps
-        self.start: tuple[int, float] | None = None
+    def __init__(self, brew: Brew, steps: int, clock: Callable[[], float] = time.monotonic):
+        self.brew, self.steps, self.clock = brew, steps, clock
+        self.mark: tuple[int, float] | None = None  # (step, time) the speed is measured from
+        self.per_step: float | None = None
 
     def step(self, step: int, loss: float) -> None:
+        now = self.clock()
         if step == 5:  # after the first steps' one-off costs
-            self.start = (step, time.monotonic())
-        elif step == ETA_AFTER_STEPS and self.start:
-            per_step = (time.monotonic() - self.start[1]) / (step - self.start[0])
-            left = per_step * (self.steps - step + LATER_STAGES_STEPS)
-            self.brew.notes["eta_s"] = round(left, 1)
-            self.brew.notes["eta_at"] = time.monotonic()
+            self.mark = (step, now)
+        elif self.mark and step >= ETA_AFTER_STEPS and (step - ETA_AFTER_STEPS) % ETA_EVERY_STEPS == 0:
+            self.per_step = (now - self.mark[1]) / (step - self.mark[0])
+            self.mark = (step, now)
+            left = self.per_step * (self.steps - step + LATER_STAGES_STEPS)
+            if "eta_s" not in self.brew.notes:  # the first estimate, for the record
+                self.brew.notes["eta_s"] = round(left, 1)
+                self.brew.notes["eta_at"] = now
+            self.brew.console.print(f"starter: {eta_text(left)} on this machine ({1 / self.per_step:.1f} steps/s)")
+
+    def pretrained(self) -> None:
+        if self.per_step is not None:
+            left = self.per_step * LATER_STAGES_STEPS
             self.brew.console.print(
-                f"starter: about {_minutes(left)} to go on this machine ({1 / per_step:.1f} steps/s)"
+                f"starter: pretrained; {eta_text(left)}: the held-out measurement, then instruction tuning"
             )
 
 
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.1f} minutes" if seconds >= 90 else f"{seconds:.0f} seconds"
+def eta_text(seconds: float) -> str:
+    """The brew's estimate of the time left, as it prints it (parse_eta reads it back)."""
+    minutes = f"{seconds / 60:.1f} minutes" if seconds >= 90 else f"{seconds:.0f} seconds"
+    return f"about {minutes} to go"
+
+
+def parse_eta(line: str) -> float | None:
+    """The seconds left that a line of the brew's output announces, if it announces them."""
+    found = ETA_LINE.search(line)
+    return None if found is None else float(found[1]) * (60 if found[2] == "minutes" else 1)
 
 
 def heldout_bits_per_byte(model_dir: Path, shards: Path, *, val_bytes: int, device: str) -> float:

@@ -11,10 +11,11 @@ from textual import on, work
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
-from textual.widgets import Button, DataTable, Footer, Input, ProgressBar, Static
+from textual.widgets import Button, DataTable, Input, ProgressBar, Static
 
 from data import memory
 from tui.errors import guarded
+from tui.widgets.footer import KettleFooter
 
 
 class DocsScreen(Screen):
@@ -35,7 +36,7 @@ class DocsScreen(Screen):
         yield ProgressBar(id="docs-progress", show_eta=True)
         yield Static("", id="docs-status")
         yield DataTable(id="docs-table", cursor_type="row", zebra_stripes=True)
-        yield Footer()
+        yield KettleFooter()
 
     def on_mount(self) -> None:
         self.query_one("#docs-table", DataTable).add_columns("Passages", "Source", "Added")
