@@ -162,8 +162,13 @@ def jinja_chat_template(tokenizer: Tokenizer) -> str:
     special = uses_special_tokens(tokenizer)
     headers = SPECIAL_HEADERS if special else TEXT_HEADERS
     end = END_OF_TURN if special else END_OF_TEXT
+    # `documents` (apply_chat_template's passages for grounded answers, {"title", "text"} each:
+    # the text as Passage.reference has it) go into the newest user turn as grounded() puts them
     return (
         "{%- set headers = " + json.dumps(headers) + " -%}"
+        "{%- set ns = namespace(last_user=-1) -%}"
+        "{%- for message in messages -%}{%- if message['role'] == 'user' -%}"
+        "{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}"
         "{%- for message in messages -%}"
         "{%- if message['role'] not in headers -%}"
         "{{ raise_exception('role must be one of " + ", ".join(ROLES) + "') }}"
@@ -173,7 +178,17 @@ def jinja_chat_template(tokenizer: Tokenizer) -> str:
         "{{ headers[message['role']] }}"
         "{%- if message['role'] == 'assistant' -%}"
         "{% generation %}{{ message['content'] }}" + end + "{% endgeneration %}"
-        "{%- else -%}{{ message['content'] }}" + end + "{%- endif -%}"
+        "{%- elif documents and loop.index0 == ns.last_user -%}"
+        "{{ " + json.dumps(REFERENCE) + " }}"
+        "{%- for doc in documents -%}{{ doc['text'] if doc is mapping else doc }}"
+        "{%- if not loop.last -%}{{ " + json.dumps("\n\n") + " }}{%- endif -%}{%- endfor -%}"
+        "{{ "
+        + json.dumps(QUESTION)
+        + " }}{{ message['content'] }}"
+        + end
+        + "{%- else -%}{{ message['content'] }}"
+        + end
+        + "{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ headers['assistant'] }}{%- endif -%}"
     )

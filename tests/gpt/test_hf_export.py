@@ -289,3 +289,19 @@ def test_a_model_directory_of_an_older_kettle_still_loads(tiny_model_dir, tmp_pa
         files(export_hf(old, tmp_path / "hf"))["tokenizer.json"]
         == files(export_hf(tiny_model_dir, tmp_path / "hf-new"))["tokenizer.json"]
     )
+
+
+@pytest.mark.parametrize("kind", ["trained", "gpt2"])
+def test_documents_ground_the_newest_question_as_kettle_does(kind, exports, kettle_dirs):
+    """apply_chat_template(documents=...) puts passages where Kettle's grounded answers have them."""
+    from gpt.chat_template import grounded
+
+    hf = transformers.AutoTokenizer.from_pretrained(exports[kind])
+    _, tokenizer = load_model(kettle_dirs[kind])
+    messages = CHATS["multi"]
+    passages = ["str.upper()\n\nReturn a copy of the string converted to uppercase.", "How do I sum?\nCall sum(xs)."]
+    documents = [{"title": f"source {i}", "text": text} for i, text in enumerate(passages)]
+    got = hf.apply_chat_template(messages, documents=documents, add_generation_prompt=True, tokenize=True)
+    assert got["input_ids"] == render_prompt(grounded(messages, passages), tokenizer)
+    plain = hf.apply_chat_template(messages, documents=[], add_generation_prompt=True, tokenize=True)
+    assert plain["input_ids"] == render_prompt(messages, tokenizer)
