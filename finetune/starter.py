@@ -43,7 +43,7 @@ from typing import Callable
 
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
-from gpt.files import atomic_directory
+from gpt.files import atomic_directory, check_writable
 
 # The standard library's source is read whole, less what is not Python's own (installed
 # packages) or not text: compiled caches, codec tables, the pydoc topics (read from pydoc_data).
@@ -584,6 +584,7 @@ def brew_starter(
     out = Path(out).expanduser() if out else models_dir() / "starter"
     if out.exists() and not force:
         raise KettleError(f"{out}: a starter model already exists (--force replaces it)")
+    check_writable(out)  # before the brew, not once its minutes are spent
     started = time.monotonic()
     work = runs_dir() / f"starter-{time.strftime('%Y%m%d-%H%M%S')}"
     if work.exists():
