@@ -167,6 +167,7 @@ def start_finetune(spec: JobSpec, store: Store | None = None) -> int:
     own = store is None
     store = store or open_store()
     try:
+        check_spec(store, spec)  # a run that could only fail is refused, not recorded
         run = create_run(store, spec)
         with open(run.log_path, "ab") as log:
             proc = subprocess.Popen(  # -X faulthandler: a hard crash leaves its trace in the log
