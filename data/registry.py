@@ -21,6 +21,10 @@ from data.store import Store, open_store
 from gpt.catalog import ModelInfo
 from gpt.errors import KettleError
 
+# What a fine-tune writes into its model directory beside the weights: {"run_id": N, ...}.
+RUN_RECORD = "training.json"
+
+
 # A folder name takes at most 255 bytes; an atomic write's temporary adds about 15 around it.
 MAX_NAME_BYTES = 200
 
@@ -56,7 +60,7 @@ def _find_model_dir(name_or_path: str | Path) -> Path:
 
 def _check_registered(path: Path, name_or_path: str | Path) -> None:
     """Refuse a fine-tune's model directory under KETTLE_HOME/models that its run never registered."""
-    if path.resolve().parent != models_dir().resolve() or not db_path().exists():
+    if path.resolve().parent != models_dir().resolve() or not (path / RUN_RECORD).is_file() or not db_path().exists():
         return
     with open_store(read_only=True) as store:
         run_id = unregistered_run(store, path)
@@ -65,10 +69,6 @@ def _check_registered(path: Path, name_or_path: str | Path) -> None:
             f"{name_or_path}: fine-tuning run {run_id} wrote this model but never registered it; "
             f"`kettle finetune resume {run_id}` does"
         )
-
-
-# What a fine-tune writes into its model directory beside the weights: {"run_id": N, ...}.
-RUN_RECORD = "training.json"
 
 
 def unregistered_run(store: Store, path: Path) -> int | None:
