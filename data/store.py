@@ -38,7 +38,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import sqlite_utils
 
@@ -1063,15 +1063,18 @@ class Store:
         return any(run.pid is not None and process_alive(run.pid) for run in self.runs(status="running"))
 
     def fail_orphaned_runs(
-        self, kind: str | None = None, error: str = "the training process ended without reporting (killed or crashed)"
+        self,
+        kind: str | None = None,
+        error: str | Callable[[Run], str] = "the training process ended without reporting (killed or crashed)",
     ) -> list[Run]:
         """Mark "running" runs (of `kind`) whose process is gone (killed, machine restarted) as
-        failed with `error`, so nothing shows a run as live forever. Returns the runs it changed."""
+        failed with `error` (or `error(run)`: what the run left to say), so nothing shows a run
+        as live forever. Returns the runs it changed."""
         changed = []
         for run in self.runs(status="running", limit=1_000_000):
             if (kind is not None and run.kind != kind) or (run.pid is not None and process_alive(run.pid)):
                 continue
-            changed.append(self.update_run(run.id, status="failed", error=error))
+            changed.append(self.update_run(run.id, status="failed", error=error(run) if callable(error) else error))
         return changed
 
     def truncate_run_metrics(self, run_id: int, step: int) -> None:

@@ -44,7 +44,7 @@ from typing import Callable, Iterable
 from data.pydocs import SKIP_PARTS, builtin_docs, docstrings, stdlib_docstrings
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
-from gpt.files import atomic_directory
+from gpt.files import atomic_directory, check_writable
 
 # Modules whose functions people ask about most (the instruction data's questions): never held out.
 COMMON_MODULES = (
@@ -660,6 +660,7 @@ def brew_starter(
     out = Path(out).expanduser() if out else models_dir() / "starter"
     if out.exists() and not force:
         raise KettleError(f"{out}: a starter model already exists (--force replaces it)")
+    check_writable(out)  # before the brew, not once its minutes are spent
     started = time.monotonic()
     work = runs_dir() / f"starter-{time.strftime('%Y%m%d-%H%M%S')}"
     if work.exists():
