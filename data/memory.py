@@ -41,8 +41,20 @@ STOPWORDS = frozenset(
     doing done can could should would will shall may might must i me my we our you your it its this that these
     those there here what which who whom whose when where why how please tell explain show give want need
     use using used get about into python pythons function method way some any one thing something mean means
-    make let lets know like just also often best good quickly easily really actually exactly simply ways""".split()
+    make let lets know like just also often best good quickly easily really actually exactly simply ways
+    if whether has have had than then so such into onto very more most other same only too there""".split()
 )
+# Short names people use for the same thing: one word for each, on both sides of a comparison.
+ALIASES = {
+    "dictionary": ("dict", "dicts"),
+    "string": ("str", "strs"),
+    "integer": ("int", "ints"),
+    "length": ("len",),
+    "number": ("num", "nums"),
+    "character": ("char", "chars"),
+    "object": ("obj", "objs"),
+}
+CANONICAL = {alias: word for word, aliases in ALIASES.items() for alias in aliases}
 WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*|\d+")
 
 
@@ -337,6 +349,7 @@ def query_terms(text: str) -> tuple[list[str], list[str]]:
         if "." in token or "_" in token.strip("_") or token.endswith("()"):
             symbols.append(token.strip("."))
         for part in re.split(r"[._]", token.lower()):
+            part = CANONICAL.get(part, part)
             if (len(part) > 1 or part.isdigit()) and part not in STOPWORDS and part not in words:
                 words.append(part)
     return words, symbols
@@ -381,7 +394,9 @@ def references_for(store, messages: list[dict], *, limit: int = 3) -> list[Passa
 
 
 def _fts_any(words: list[str]) -> str:
-    return " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
+    """An FTS5 query for any of `words` (or their aliases); user text is never FTS syntax."""
+    spelled = [form for w in words for form in (w, *ALIASES.get(w, ()))]
+    return " OR ".join('"' + w.replace('"', '""') + '"' for w in spelled)
 
 
 def _weights(store, table: str, words: list[str], extra: str = "") -> tuple[dict[str, float], int]:

@@ -119,12 +119,16 @@ def grounded(messages: list[dict], references: list[str]) -> list[dict]:
         return messages
     last = users[-1]
     content = REFERENCE + "\n\n".join(references) + QUESTION + messages[last]["content"]
-    return [*messages[:last], {**messages[last], "content": content}, *messages[last + 1 :]]
+    # the passages ride along too, for the copy bias (gpt.engine.Engine.copy_bias); only
+    # "content" is ever rendered
+    turn = {**messages[last], "content": content, "references": list(references)}
+    return [*messages[:last], turn, *messages[last + 1 :]]
 
 
 def fit_references(references: list[str], tokenizer: Tokenizer, budget: int) -> list[str]:
     """As many of `references` (best first) as fit in `budget` tokens with the grounding's own
-    words; the last one that fits only in part is cut at a sentence's end, or left out."""
+    words. One that fits only in part keeps its first line (the question a correction answers,
+    the name a passage documents) and as many whole sentences after it as fit, or is left out."""
     used = len(tokenizer.encode(REFERENCE + QUESTION))
     kept: list[str] = []
     for text in references:
@@ -133,13 +137,14 @@ def fit_references(references: list[str], tokenizer: Tokenizer, budget: int) -> 
             kept.append(text)
             used += cost
             continue
-        sentences = re.split(r"(?<=[.!?:])\s+", text)
-        while len(sentences) > 1:
-            sentences.pop()
-            part = " ".join(sentences)
+        head, newline, body = text.partition("\n")
+        sentences = re.split(r"(?<=[.!?])\s+", body.strip()) if newline else []
+        while sentences:
+            part = head + newline + " ".join(sentences)
             if used + len(tokenizer.encode(part + "\n\n")) <= budget:
                 kept.append(part)
                 break
+            sentences.pop()
         break
     return kept
 

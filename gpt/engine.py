@@ -51,7 +51,7 @@ from gpt.chat_template import (
 from gpt.device import pick_device, pick_dtype
 from gpt.errors import KettleError
 from gpt.model import GPT, KVCache, RowCache, common_prefix
-from gpt.sampling import MAX_SEED, Sampler, SamplingParams
+from gpt.sampling import MAX_SEED, CopyBias, Sampler, SamplingParams
 from gpt.speculative import DraftModel, PromptLookup, Speculator
 from gpt.threads import fit_threads
 from gpt.tokenizer import Tokenizer
@@ -182,6 +182,35 @@ class Engine:
         kept = fit_references(references, self.tokenizer, budget)
         return grounded(messages, kept), len(kept)
 
+    def copy_bias(self, messages: list[dict]) -> CopyBias | None:
+        """The copy bias of a grounded conversation (its newest turn carries "references"): each
+        passage's answer part (after its first line: a correction's question, a documented name's
+        signature) as token ids, and where a new sentence or line begins in it."""
+        references = messages[-1].get("references") if messages and messages[-1]["role"] == "user" else None
+        if not references:
+            return None
+        bodies, open_ = [], []
+        for reference in references:
+            head, _, rest = reference.partition("\n")
+            # lines wrapped inside a paragraph (docstrings are) joined, as an answer writes them;
+            # each paragraph encoded on its own, so that its last sentence's end is a token of
+            # its own (not ".\n\n"), which an answer that stops there writes
+            paragraphs = [" ".join(p.split()) for p in (rest or head).split("\n\n") if p.strip()]
+            ids = []
+            for i, paragraph in enumerate(paragraphs):
+                ids += (self.tokenizer.encode("\n\n") if i else []) + self.tokenizer.encode(paragraph)
+            texts = [self.tokenizer.decode([t]) for t in ids]
+            bodies.append(ids)
+            open_.append(
+                [
+                    j > 0
+                    and "\n" not in texts[j]
+                    and not (texts[j - 1].endswith((".", "!", "?")) and texts[j][:1].isspace())
+                    for j in range(len(ids))
+                ]
+            )
+        return CopyBias(bodies, open_, self.stop_ids)
+
     def chat_prompt(self, messages: list[dict], params: SamplingParams) -> tuple[list[int], int]:
         """The chat prompt's token ids trimmed to the window, and how many tokens were dropped."""
         validate_messages(messages)
@@ -216,7 +245,8 @@ class Engine:
     ) -> Iterator[str | GenerationResult]:
         """Answer the conversation as the assistant: text deltas, then a GenerationResult."""
         ids, dropped = self.chat_ids(messages, params, truncate=truncate)
-        return self._generate(ids, params, cancel=cancel, dropped=dropped, logprobs=logprobs)
+        copy = self.copy_bias(messages)
+        return self._generate(ids, params, cancel=cancel, dropped=dropped, logprobs=logprobs, copy=copy)
 
     def chat_ids(self, messages: list[dict], params: SamplingParams, *, truncate: bool = True) -> tuple[list[int], int]:
         """stream_chat's prompt ids and how many tokens were dropped (ContextLengthExceeded when
@@ -354,6 +384,7 @@ class Engine:
         dropped: int,
         logprobs: int | None = None,
         echo: bool = False,
+        copy: CopyBias | None = None,
     ) -> Iterator[str | GenerationResult]:
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(MAX_SEED)
         max_new = min(params.max_new_tokens, self.context_length - len(ids))
@@ -377,8 +408,9 @@ class Engine:
                 with torch.inference_mode():
                     if logits is None:
                         logits, cached = self._prefill(ids)
-                        sampler = Sampler(params, logits.size(-1), self.device, ids, seed)
-                        if self.speculation is not None and (params.greedy or self.speculate_sampled):
+                        sampler = Sampler(params, logits.size(-1), self.device, ids, seed, copy=copy)
+                        # a draft knows nothing of the copy bias: a grounded answer is not speculated
+                        if self.speculation is not None and copy is None and (params.greedy or self.speculate_sampled):
                             speculator = Speculator(
                                 self,
                                 self.speculation.begin(self, ids, params=params, sampler=sampler),

@@ -499,3 +499,27 @@ def test_a_prompt_too_long_is_refused_unless_it_may_be_trimmed(engine):
     with pytest.raises(ContextLengthExceeded):
         engine.stream_chat(long_chat, params, truncate=False)
     assert engine.generate_chat(long_chat, params).dropped_tokens > 0
+
+
+def test_a_grounded_answer_copies_its_passage_and_stops_at_its_end(chat_model_dir):
+    """The copy bias: a model that knows nothing (random weights) answers from the passage put
+    beside the question, word for word, and ends where the passage does; ungrounded, it does not."""
+    from gpt.chat_template import grounded
+
+    engine = Engine.load(chat_model_dir, device="cpu")
+    question = [{"role": "user", "content": "How can I reverse a list?"}]
+    answer = "Call my_list.reverse() to reverse it in place."
+    messages, used = engine.ground(question, [f"How do I reverse a list?\n{answer}"], SamplingParams(max_new_tokens=40))
+    assert used == 1 and messages == grounded(question, [f"How do I reverse a list?\n{answer}"])
+    for params in (SamplingParams(temperature=0, max_new_tokens=40), SamplingParams(seed=3, max_new_tokens=40)):
+        result = engine.generate_chat(messages, params)
+        assert (result.text, result.finish_reason) == (answer, "stop")
+    assert engine.generate_chat(question, SamplingParams(temperature=0, max_new_tokens=40)).text != answer
+    # a documented name: the answer part is the documentation after its signature line, its
+    # wrapped lines joined, and the first sentence comes back
+    doc = "textwrap.dedent(text)\n\nRemove any common leading whitespace from\nevery line in `text`."
+    messages, _ = engine.ground(
+        [{"role": "user", "content": "What does textwrap.dedent do?"}], [doc], SamplingParams(max_new_tokens=40)
+    )
+    text = engine.generate_chat(messages, SamplingParams(temperature=0, max_new_tokens=40)).text
+    assert text == "Remove any common leading whitespace from every line in `text`."
