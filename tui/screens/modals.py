@@ -13,16 +13,35 @@ from pathlib import Path
 from textual import on, work
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import ModalScreen
+from textual.screen import ModalScreen, ScreenResultType
 from textual.widgets import Button, Input, Log, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
 
 
-class ConfirmModal(ModalScreen[bool]):
+class Dialog(ModalScreen[ScreenResultType]):
+    """A dialog that gives the keys to its input (`INPUT`, a selector) as it is shown and then
+    sets `opened`: whoever opens it from a key can wait for that, so the keys typed right after
+    reach the dialog rather than what was focused behind it."""
+
+    INPUT = ""
+
+    def __init__(self):
+        super().__init__()
+        self.opened = asyncio.Event()
+
+    def on_screen_resume(self) -> None:
+        # set_focus, not focus(): the focus must move now, before the next key is delivered.
+        self.set_focus(self.query_one(self.INPUT))
+        self.opened.set()
+
+
+class ConfirmModal(Dialog[bool]):
     BINDINGS = [
         Binding("escape", "dismiss(False)", "Cancel", id="modal.cancel"),
         Binding("y", "dismiss(True)", "Yes", show=False, id="modal.yes"),
     ]
+
+    INPUT = "#no"
 
     def __init__(self, question: str, yes: str = "Yes", no: str = "Cancel"):
         super().__init__()
@@ -35,18 +54,16 @@ class ConfirmModal(ModalScreen[bool]):
                 yield Button(self.yes, variant="error", id="yes")
                 yield Button(self.no, id="no")
 
-    def on_mount(self) -> None:
-        self.query_one("#no", Button).focus()
-
     @on(Button.Pressed)
     def _pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "yes")
 
 
-class TextModal(ModalScreen[str | None]):
+class TextModal(Dialog[str | None]):
     """One line of text; Enter accepts, Esc cancels."""
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="modal.cancel")]
+    INPUT = "#text"
 
     def __init__(self, title: str, value: str = "", placeholder: str = "", hint: str = ""):
         super().__init__()
@@ -63,13 +80,19 @@ class TextModal(ModalScreen[str | None]):
         self.dismiss(event.value)
 
 
-class EditorModal(ModalScreen[str | None]):
-    """A multi-line editor; Ctrl+S saves, Esc cancels."""
+class EditorModal(Dialog[str | None]):
+    """A multi-line editor; Ctrl+S saves, Esc cancels, F7 selects all.
+
+    Priority bindings: the editor itself takes Esc (it moves the focus on, and the dialog stayed)
+    and F7 (as the editor's own binding it ran only after the key had gone round the editor,
+    behind the letters typed right after it)."""
 
     BINDINGS = [
         Binding("ctrl+s", "save", "Save", priority=True, id="editor.save"),
-        Binding("escape", "dismiss(None)", "Cancel", id="modal.cancel"),
+        Binding("escape", "dismiss(None)", "Cancel", priority=True, id="modal.cancel"),
+        Binding("f7", "select_all", "Select all", priority=True, id="editor.select_all"),
     ]
+    INPUT = "#editor"
 
     def __init__(self, title: str, text: str, hint: str = ""):
         super().__init__()
@@ -86,8 +109,10 @@ class EditorModal(ModalScreen[str | None]):
 
     def on_mount(self) -> None:
         editor = self.query_one("#editor", TextArea)
-        editor.focus()
         editor.move_cursor(editor.document.end)
+
+    def action_select_all(self) -> None:
+        self.query_one("#editor", TextArea).select_all()
 
     def action_save(self) -> None:
         text = self.query_one("#editor", TextArea).text
