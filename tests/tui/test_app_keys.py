@@ -108,15 +108,18 @@ async def test_f7_right_after_c_selects_the_text_the_typing_replaces(app_model):
 
 
 async def regenerated(pilot, app, count: int) -> list[int]:
-    """Regenerate the last answer until it has `count` alternatives; their ids in order."""
+    """Regenerate the focused answer until it has `count` alternatives; their ids in order.
+    Each new answer takes the focus, so r can be pressed again at once."""
     for _ in range(count - 1):
-        answer = await focus_answer(pilot, app)
+        answer = app.focused
         await pilot.press("r")
         await wait_until(
             pilot,
             lambda a=answer.message_id: views(app)[-1].message_id not in (None, a) and not app.screen.generating,
             "the regenerated answer",
         )
+        await pilot.pause()
+        assert app.focused is views(app)[-1], app.focused
     return [m.id for m in app.store.siblings(views(app)[-1].message_id)]
 
 
@@ -126,8 +129,8 @@ async def test_fast_arrows_step_once_each_and_keep_focus_on_the_answer(app_model
     async with app.run_test(size=SIZE) as pilot:
         await open_chat(pilot, app)
         await ask(pilot, app, "hi")
-        ids = await regenerated(pilot, app, 4)
         await focus_answer(pilot, app)
+        ids = await regenerated(pilot, app, 4)
         assert views(app)[-1].position == (4, 4)
         burst(app, "left left left")
         await wait_until(pilot, lambda: views(app)[-1].message_id == ids[0], "the first alternative")
