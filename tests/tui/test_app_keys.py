@@ -89,6 +89,8 @@ async def test_keys_after_a_dialog_key_go_into_it_and_never_stack_a_second_one(a
         await pilot.press("enter")  # saved all the same, with no error about the gone message
         await wait_until(pilot, lambda: app.store.label(message_id) is not None, "the note")
         assert app.store.label(message_id).note == "c" and app.store.label(message_id).ideal is None
+        await pilot.pause()
+        assert not [n.message for n in app._notifications if n.severity == "error"]
         assert modal_name(app) == "ChatScreen"
 
 
