@@ -21,6 +21,12 @@ def modal_name(app) -> str:
     return app.screen.__class__.__name__
 
 
+def settled(app) -> bool:
+    """The chat shows a stored last answer and is not writing one."""
+    shown = views(app)
+    return bool(shown) and shown[-1].message is not None and not app.screen.generating
+
+
 async def settle(pilot, app) -> None:
     await wait_until(pilot, lambda: not app.screen.generating, "the answer")
     await pilot.pause()
@@ -61,12 +67,12 @@ async def test_letters_typed_after_coming_back_to_the_chat_go_to_the_prompt(app_
         view = await focus_answer(pilot, app)
         await pilot.press("f5")
         await wait_until(pilot, lambda: app.current_mode == "finetune", "the fine-tune screen")
-        await pilot.press("f2")
+        burst(app, "f2 " + " ".join("quickbrownfox1"))  # typed on at once
         await wait_until(pilot, lambda: app.current_mode == "chat", "the chat")
-        await type_text(pilot, "quickbrownfox1")
+        prompt = app.screen.query_one(PromptArea)
+        await wait_until(pilot, lambda: prompt.text == "quickbrownfox1", lambda: f"the prompt to fill: {prompt.text!r}")
         await pilot.pause()
-        assert modal_name(app) == "ChatScreen"
-        assert app.screen.query_one(PromptArea).text == "quickbrownfox1"
+        assert modal_name(app) == "ChatScreen" and prompt.text == "quickbrownfox1"
         assert app.store.label(view.message_id) is None
         assert len(app.store.messages(view.message.conversation_id)) == 2  # nothing regenerated
 
@@ -168,3 +174,26 @@ async def test_after_edit_and_ask_again_focus_is_on_the_new_answer(app_model):
         assert app.focused is new_answer
         await pilot.press("y")
         assert app.clipboard == new_answer.content
+
+
+async def test_keys_right_after_saving_a_dialog_act_on_what_it_made(app_model):
+    write_config(sampling={"max_new_tokens": 6, "seed": 7})
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await ask(pilot, app, "hi")
+        view = await focus_answer(pilot, app)
+        burst(app, "n o k enter u")  # u after Enter: the answer's thumb, not a letter of the note
+        await wait_until(pilot, lambda: view.label is not None and view.label.thumb == 1, "the vote")
+        assert app.store.label(view.message_id).note == "ok"
+        views(app)[0].focus()
+        await pilot.pause()
+        burst(app, "e f7 y o ctrl+s y")  # the last y copies the new answer, once it is there
+        await wait_until(
+            pilot,
+            lambda: modal_name(app) == "ChatScreen" and [v.content for v in views(app)][:1] == ["yo"] and settled(app),
+            "the new answer",
+        )
+        await settle(pilot, app)
+        assert app.focused is views(app)[-1]
+        assert app.clipboard == views(app)[-1].content

@@ -135,7 +135,7 @@ class ChatScreen(Screen):
         self.refresh_list()
         self.show_status()
         self.app.model_changed.subscribe(self, lambda _name: self.show_status())
-        self.app.mode_change_signal.subscribe(self, self._mode_changed)
+        self.app.mode_change_signal.subscribe(self, self._mode_changed, immediate=True)
         self.mention_running_jobs()
 
     def _mode_changed(self, _mode: str) -> None:
@@ -508,14 +508,16 @@ class ChatScreen(Screen):
                 await self._set_label(message.id, note=text.strip())
 
     async def dialog(self, dialog: Dialog, event: MessageView.Requested):
-        """Show a message's dialog and return its result; `event.shown` is set once the dialog
-        has the keys. One at a time: a key that reached the chat while a dialog was up (none
-        should) does not stack a second one."""
+        """Show a message's dialog and return its result. `event.shown` is set once the dialog
+        has the keys, and then becomes what the key that closes the dialog waits for: the
+        result shown (set by the caller, or as the request ends). One at a time: a key that
+        reached the chat while a dialog was up (none should) does not stack a second one."""
         if self.app.screen is not self:
             return None
         result = self.app.push_screen(dialog, wait_for_dismiss=True)
         await dialog.opened.wait()
         event.shown.set()
+        event.shown = dialog.handled = asyncio.Event()
         return await result
 
     async def generate_from(self, parent_id: int | None, shown: asyncio.Event | None = None) -> None:

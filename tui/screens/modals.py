@@ -17,22 +17,37 @@ from textual.screen import ModalScreen, ScreenResultType
 from textual.widgets import Button, Input, Log, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
 
+from tui.widgets.keys import caught_up, wait_shown
+
 
 class Dialog(ModalScreen[ScreenResultType]):
     """A dialog that gives the keys to its input (`INPUT`, a selector) as it is shown and then
     sets `opened`: whoever opens it from a key can wait for that, so the keys typed right after
-    reach the dialog rather than what was focused behind it."""
+    reach the dialog rather than what was focused behind it. An opener that sets `handled` (an
+    Event) to be told when it has shown what it did with the result makes the key that closes
+    the dialog wait for that too."""
 
     INPUT = ""
 
     def __init__(self):
         super().__init__()
         self.opened = asyncio.Event()
+        self.handled: asyncio.Event | None = None
 
     def on_screen_resume(self) -> None:
         # set_focus, not focus(): the focus must move now, before the next key is delivered.
         self.set_focus(self.query_one(self.INPUT))
         self.opened.set()
+
+    async def caught_up(self) -> None:
+        """Wait for the keys typed into the input before the key being handled."""
+        await caught_up(self.query_one(self.INPUT))
+
+    async def finish(self, result) -> None:
+        """Close with `result` (from a priority binding: before the next key is delivered)."""
+        self.dismiss(result)
+        if self.handled is not None:
+            await wait_shown(self.handled)
 
 
 class ConfirmModal(Dialog[bool]):
@@ -60,9 +75,13 @@ class ConfirmModal(Dialog[bool]):
 
 
 class TextModal(Dialog[str | None]):
-    """One line of text; Enter accepts, Esc cancels."""
+    """One line of text; Enter accepts, Esc cancels. Enter is the dialog's priority binding: as
+    the input's it ran after the letters typed right after it had gone into the input."""
 
-    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="modal.cancel")]
+    BINDINGS = [
+        Binding("enter", "accept", "Save", priority=True, id="text.accept"),
+        Binding("escape", "dismiss(None)", "Cancel", id="modal.cancel"),
+    ]
     INPUT = "#text"
 
     def __init__(self, title: str, value: str = "", placeholder: str = "", hint: str = ""):
@@ -75,9 +94,9 @@ class TextModal(Dialog[str | None]):
             yield Input(self.value, placeholder=self.placeholder, id="text")
             yield Static(f"[dim]{self.hint or 'Enter saves · Esc cancels'}[/]", classes="dialog-hint")
 
-    @on(Input.Submitted)
-    def _submitted(self, event: Input.Submitted) -> None:
-        self.dismiss(event.value)
+    async def action_accept(self) -> None:
+        await self.caught_up()
+        await self.finish(self.query_one("#text", Input).value)
 
 
 class EditorModal(Dialog[str | None]):
@@ -111,15 +130,17 @@ class EditorModal(Dialog[str | None]):
         editor = self.query_one("#editor", TextArea)
         editor.move_cursor(editor.document.end)
 
-    def action_select_all(self) -> None:
+    async def action_select_all(self) -> None:
+        await self.caught_up()
         self.query_one("#editor", TextArea).select_all()
 
-    def action_save(self) -> None:
+    async def action_save(self) -> None:
+        await self.caught_up()
         text = self.query_one("#editor", TextArea).text
         if not text.strip():
             self.notify("Nothing to save: the text is empty.", severity="warning")
             return
-        self.dismiss(text)
+        await self.finish(text)
 
 
 class ChoiceModal(ModalScreen[str | None]):

@@ -18,12 +18,9 @@ from textual.widgets import Markdown, Static, TextArea
 from data.records import Label
 from data.records import Message as StoredMessage
 from tui.widgets.blink import RestingTextArea
+from tui.widgets.keys import wait_shown
 
 CODE_BLOCK = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
-# A message's key waits at most this long for the screen to show what it asked for (a dialog,
-# another alternative, a saved label) before the next key is delivered; a store locked by
-# another program must not freeze the keyboard for longer.
-KEY_WAIT_S = 2.0
 
 
 def keeping_line_breaks() -> MarkdownIt:
@@ -97,10 +94,9 @@ def usage_text(message: StoredMessage) -> str:
 class MessageView(Vertical, can_focus=True):
     """One message. Focus it (Tab / Up / Down in the list) and press a key to label it."""
 
-    # Priority bindings, each waiting for what it asked of the screen: they run as the app takes
-    # the key, before the next key is delivered, so keys pressed faster than the screen answers
-    # reach what the previous one opened or showed (the editor after c, the alternative after
-    # a left arrow) instead of the message they were aimed past.
+    # Priority bindings, each waiting for what it asked of the screen (tui.widgets.keys): keys
+    # pressed faster than the screen answers reach what the previous one opened or showed (the
+    # editor after c, the alternative after a left arrow), not the message they were aimed past.
     BINDINGS = [
         Binding("u", "thumb(1)", "Up", priority=True, id="message.up"),
         Binding("d", "thumb(-1)", "Down", priority=True, id="message.down"),
@@ -253,12 +249,9 @@ class MessageView(Vertical, can_focus=True):
         return True
 
     async def ask(self, message: Asked) -> None:
-        """Post `message` and wait (up to KEY_WAIT_S) until the screen has shown its result."""
+        """Post `message` and wait until the screen has shown its result."""
         self.post_message(message)
-        try:
-            await asyncio.wait_for(message.shown.wait(), KEY_WAIT_S)
-        except asyncio.TimeoutError:
-            pass  # the screen goes on; the next key goes where the focus is now
+        await wait_shown(message.shown)
 
     async def action_thumb(self, value: int) -> None:
         current = self.label.thumb if self.label else None
