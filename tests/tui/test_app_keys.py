@@ -188,7 +188,7 @@ async def test_keys_right_after_saving_a_dialog_act_on_what_it_made(app_model):
         assert app.store.label(view.message_id).note == "ok"
         views(app)[0].focus()
         await pilot.pause()
-        burst(app, "e f7 y o ctrl+s y")  # the last y copies the new answer, once it is there
+        burst(app, "e f7 y o ctrl+s y")  # the last y: the new answer, copied once it is written
         await wait_until(
             pilot,
             lambda: modal_name(app) == "ChatScreen" and [v.content for v in views(app)][:1] == ["yo"] and settled(app),

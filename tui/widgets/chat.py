@@ -159,6 +159,7 @@ class MessageView(Vertical, can_focus=True):
         self.message = message
         self.label = label
         self.position = position  # (index among siblings from 1, number of siblings)
+        self.copy_when_written = False  # y was pressed while the answer was being written
 
     @property
     def message_id(self) -> int | None:
@@ -178,7 +179,7 @@ class MessageView(Vertical, can_focus=True):
         index, count = self.position
         if count > 1:
             parts.append(f"[$accent]◀ {index}/{count} ▶[/]")
-        if self.message is None and self.role == "assistant":
+        if self.writing:
             parts.append("[$text-muted]writing…[/]")
         lab = label_text(self.label)
         if lab:
@@ -219,10 +220,18 @@ class MessageView(Vertical, can_focus=True):
         if position is not None:
             self.position = position
         self.refresh_parts()
+        if self.copy_when_written and not self.writing:
+            self.copy_when_written = False
+            self.action_copy()
 
     @property
     def body(self) -> Markdown:
         return self.query_one(".message-body", Markdown)
+
+    @property
+    def writing(self) -> bool:
+        """An answer still being written (it is stored, with its id, once done)."""
+        return self.message is None and self.role == "assistant"
 
     @property
     def corrected(self) -> bool:
@@ -272,6 +281,10 @@ class MessageView(Vertical, can_focus=True):
         await self.ask(self.Requested(self, "sibling", step))
 
     def action_copy(self) -> None:
+        if self.writing:  # copy the whole answer, not the part written when y was pressed
+            self.copy_when_written = True
+            self.notify("Kettle is still writing this answer: it is copied once written.", timeout=3)
+            return
         self.app.copy_to_clipboard(self.shown_text)
         what = "the corrected answer" if self.corrected else "the message"
         self.notify(f"Copied {what} (your terminal must allow clipboard access, OSC 52).", timeout=3)
