@@ -21,7 +21,7 @@ from gpt.errors import KettleError
 from gpt.sampling import SamplingParams, get_preset
 from gpt.service import Delta, Done
 from tui.errors import guarded
-from tui.screens.modals import ConfirmModal, EditorModal, TextModal
+from tui.screens.modals import ConfirmModal, Dialog, EditorModal, TextModal
 from tui.widgets.chat import MessageList, MessageView, PromptArea, counted
 from tui.widgets.footer import KettleFooter
 from tui.widgets.sampling import SamplingPanel
@@ -136,7 +136,15 @@ class ChatScreen(Screen):
         self.refresh_list()
         self.show_status()
         self.app.model_changed.subscribe(self, lambda _name: self.show_status())
+        self.app.mode_change_signal.subscribe(self, self._mode_changed, immediate=True)
         self.mention_running_jobs()
+
+    def _mode_changed(self, _mode: str) -> None:
+        """Back from another screen, the keys go to the prompt: the focus left on a message
+        (which is hard to see) turned the next words typed into labels, dialogs and a
+        regenerated answer. Called as the mode switches, before the next key is delivered."""
+        if self.app.screen is self:
+            self.set_focus(self.query_one(PromptArea))
 
     def on_screen_resume(self) -> None:
         self.show_status()
@@ -272,19 +280,21 @@ class ChatScreen(Screen):
 
     async def show_thread(self, data: ThreadData) -> None:
         """Make the message list show `data.thread`: views of messages still on the branch are
-        updated in place, the rest replaced (so a long chat is not re-rendered for one label)."""
+        updated in place, the rest replaced (so a long chat is not re-rendered for one label,
+        and a focused answer keeps the focus: a regenerated one was shown below the old one,
+        and replaced, with the focus, when the old one left)."""
         self.conversation = data.conversation
         messages = self.query_one(MessageList)
-        views = messages.views()
-        keep = 0
-        while keep < len(views) and keep < len(data.thread) and views[keep].message_id == data.thread[keep].id:
-            m = data.thread[keep]
-            views[keep].update(m, data.labels.get(m.id), position=data.positions[m.id])
-            keep += 1
-        for view in views[keep:]:
-            await view.remove()
+        shown = 0  # how many of the thread's messages have a view, in order
+        for view in messages.views():
+            if shown < len(data.thread) and view.message_id == data.thread[shown].id:
+                m = data.thread[shown]
+                view.update(m, data.labels.get(m.id), position=data.positions[m.id])
+                shown += 1
+            else:
+                await view.remove()
         new = [
-            MessageView(m.role, m.content, m, data.labels.get(m.id), data.positions[m.id]) for m in data.thread[keep:]
+            MessageView(m.role, m.content, m, data.labels.get(m.id), data.positions[m.id]) for m in data.thread[shown:]
         ]
         if new:
             await messages.mount_all(new)
@@ -329,10 +339,12 @@ class ChatScreen(Screen):
         finally:
             self.release()
 
-    async def generate(self, parent_id: int) -> None:
+    async def generate(self, parent_id: int, shown: asyncio.Event | None = None) -> None:
         """Stream an answer to the branch ending at `parent_id` into a new message view, then
         store it (a cancelled answer is kept with what was written so far). The caller has
-        claimed the screen, so the shown conversation is the question's until it releases."""
+        claimed the screen, so the shown conversation is the question's until it releases.
+        With `shown` (a message's key asked for the answer) the new answer takes the focus,
+        and `shown` is set once it has it."""
         service = self.app.service
         conversation_id = self.conversation.id
         chat = await self.app.db(self.store.chat_messages, parent_id)
@@ -341,6 +353,9 @@ class ChatScreen(Screen):
         messages = self.query_one(MessageList)
         await messages.mount(view)
         messages.anchor()
+        if shown is not None:
+            self.set_focus(view)
+            shown.set()
         stream = view.body.get_stream(view.body)
         request_id = self.request_id
         self.streamed_tokens = 0
@@ -424,13 +439,21 @@ class ChatScreen(Screen):
     @work(group="chat-label")
     @guarded
     async def _label(self, event: MessageView.LabelChange) -> None:
-        label = await self.app.db(self.store.set_label, event.view.message_id, **event.changes)
-        event.view.update(label=None if label.is_empty else label)
+        try:
+            await self._set_label(event.view.message_id, **event.changes)
+        finally:
+            event.shown.set()
 
     @on(MessageView.Requested)
     @work(group="chat-request")
     @guarded
     async def _requested(self, event: MessageView.Requested) -> None:
+        try:
+            await self._request(event)
+        finally:
+            event.shown.set()  # also when refused or failed: the next key need not wait
+
+    async def _request(self, event: MessageView.Requested) -> None:
         view, what = event.view, event.what
         message = view.message
         if message is None:
@@ -446,14 +469,14 @@ class ChatScreen(Screen):
             if not self.claim():
                 return
             try:  # a question (e.g. after a failed answer) is answered again; an answer replaced
-                await self.generate_from(message.id if message.role == "user" else message.parent_id)
+                await self.generate_from(message.id if message.role == "user" else message.parent_id, event.shown)
             finally:
                 self.release()
         elif what == "edit":
             if self.refuse_if_generating():  # before the editor opens
                 return
-            text = await self.app.push_screen_wait(
-                EditorModal("Edit your message and ask again (the old branch stays)", message.content)
+            text = await self.dialog(
+                EditorModal("Edit your message and ask again (the old branch stays)", message.content), event
             )
             if text is None or not self.claim():
                 return
@@ -462,43 +485,61 @@ class ChatScreen(Screen):
                     self.store.add_message, message.conversation_id, "user", content=text, parent_id=message.parent_id
                 )
                 await self.reload()
-                await self.generate(user.id)
+                await self.generate(user.id, event.shown)  # focus on the new answer
             finally:
                 self.release()
         elif what == "correct":
-            text = await self.app.push_screen_wait(
-                EditorModal("Correct the answer: what should Kettle have said? (the original stays)", view.shown_text)
+            text = await self.dialog(
+                EditorModal("Correct the answer: what should Kettle have said? (the original stays)", view.shown_text),
+                event,
             )
             if text is not None:
-                await self._set_label(view, ideal=text)
+                await self._set_label(message.id, ideal=text)
         elif what == "tags":
             tags = ", ".join(view.label.tags) if view.label else ""
-            text = await self.app.push_screen_wait(
-                TextModal("Tags", tags, "tone, facts, code", "Comma-separated · Enter saves · Esc cancels")
+            text = await self.dialog(
+                TextModal("Tags", tags, "tone, facts, code", "Comma-separated · Enter saves · Esc cancels"), event
             )
             if text is not None:
-                await self._set_label(view, tags=[t for t in text.split(",") if t.strip()])
+                await self._set_label(message.id, tags=[t for t in text.split(",") if t.strip()])
         elif what == "note":
             note = view.label.note if view.label else ""
-            text = await self.app.push_screen_wait(TextModal("Note", note, "why this answer is good or bad"))
+            text = await self.dialog(TextModal("Note", note, "why this answer is good or bad"), event)
             if text is not None:
-                await self._set_label(view, note=text.strip())
+                await self._set_label(message.id, note=text.strip())
 
-    async def generate_from(self, parent_id: int | None) -> None:
+    async def dialog(self, dialog: Dialog, event: MessageView.Requested):
+        """Show a message's dialog and return its result. `event.shown` is set once the dialog
+        has the keys, and then becomes what the key that closes the dialog waits for: the
+        result shown (set by the caller, or as the request ends). One at a time: a key that
+        reached the chat while a dialog was up (none should) does not stack a second one."""
+        if self.app.screen is not self:
+            return None
+        result = self.app.push_screen(dialog, wait_for_dismiss=True)
+        await dialog.opened.wait()
+        event.shown.set()
+        event.shown = dialog.handled = asyncio.Event()
+        return await result
+
+    async def generate_from(self, parent_id: int | None, shown: asyncio.Event | None = None) -> None:
         if parent_id is None:
             raise KettleError("this answer has no question to regenerate from")
         await self.app.db(self.store.set_leaf, self.conversation.id, parent_id)
         await self.reload()
-        await self.generate(parent_id)
+        await self.generate(parent_id, shown)
 
-    async def _set_label(self, view: MessageView, **changes) -> None:
-        label = await self.app.db(self.store.set_label, view.message_id, **changes)
-        view.update(label=None if label.is_empty else label)
+    async def _set_label(self, message_id: int, **changes) -> None:
+        """Save a label and show it on the message's view, if it is still shown (a dialog's
+        answer can come back after its message left the screen)."""
+        label = await self.app.db(self.store.set_label, message_id, **changes)
+        for view in self.query_one(MessageList).views():
+            if view.message_id == message_id:
+                view.update(label=None if label.is_empty else label)
 
     def _focus_message(self, message_id: int) -> None:
         for view in self.query_one(MessageList).views():
             if view.message_id == message_id:
-                view.focus()
+                self.set_focus(view)  # at once: the next key is for this message
 
     # -- sampling -------------------------------------------------------------------------------
 

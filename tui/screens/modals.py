@@ -18,12 +18,16 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, OptionList, ProgressBar, RichLog, Static, TextArea
 from textual.widgets.option_list import Option
 
+from tui.screens.dialog import Dialog
 
-class ConfirmModal(ModalScreen[bool]):
+
+class ConfirmModal(Dialog[bool]):
     BINDINGS = [
         Binding("escape", "dismiss(False)", "Cancel", id="modal.cancel"),
         Binding("y", "dismiss(True)", "Yes", show=False, id="modal.yes"),
     ]
+
+    INPUT = "#no"
 
     def __init__(self, question: str, yes: str = "Yes", no: str = "Cancel"):
         super().__init__()
@@ -36,18 +40,20 @@ class ConfirmModal(ModalScreen[bool]):
                 yield Button(self.yes, variant="error", id="yes")
                 yield Button(self.no, id="no")
 
-    def on_mount(self) -> None:
-        self.query_one("#no", Button).focus()
-
     @on(Button.Pressed)
     def _pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "yes")
 
 
-class TextModal(ModalScreen[str | None]):
-    """One line of text; Enter accepts, Esc cancels."""
+class TextModal(Dialog[str | None]):
+    """One line of text; Enter accepts, Esc cancels. Enter is the dialog's priority binding: as
+    the input's it ran after the letters typed right after it had gone into the input."""
 
-    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="modal.cancel")]
+    BINDINGS = [
+        Binding("enter", "accept", "Save", priority=True, id="text.accept"),
+        Binding("escape", "dismiss(None)", "Cancel", id="modal.cancel"),
+    ]
+    INPUT = "#text"
 
     def __init__(self, title: str, value: str = "", placeholder: str = "", hint: str = ""):
         super().__init__()
@@ -59,18 +65,24 @@ class TextModal(ModalScreen[str | None]):
             yield Input(self.value, placeholder=self.placeholder, id="text")
             yield Static(f"[dim]{self.hint or 'Enter saves · Esc cancels'}[/]", classes="dialog-hint")
 
-    @on(Input.Submitted)
-    def _submitted(self, event: Input.Submitted) -> None:
-        self.dismiss(event.value)
+    async def action_accept(self) -> None:
+        await self.caught_up()
+        await self.finish(self.query_one("#text", Input).value)
 
 
-class EditorModal(ModalScreen[str | None]):
-    """A multi-line editor; Ctrl+S saves, Esc cancels."""
+class EditorModal(Dialog[str | None]):
+    """A multi-line editor; Ctrl+S saves, Esc cancels, F7 selects all.
+
+    Priority bindings: the editor itself takes Esc (it moves the focus on, and the dialog stayed)
+    and F7 (as the editor's own binding it ran only after the key had gone round the editor,
+    behind the letters typed right after it)."""
 
     BINDINGS = [
         Binding("ctrl+s", "save", "Save", priority=True, id="editor.save"),
-        Binding("escape", "dismiss(None)", "Cancel", id="modal.cancel"),
+        Binding("escape", "dismiss(None)", "Cancel", priority=True, id="modal.cancel"),
+        Binding("f7", "select_all", "Select all", priority=True, id="editor.select_all"),
     ]
+    INPUT = "#editor"
 
     def __init__(self, title: str, text: str, hint: str = ""):
         super().__init__()
@@ -87,15 +99,19 @@ class EditorModal(ModalScreen[str | None]):
 
     def on_mount(self) -> None:
         editor = self.query_one("#editor", TextArea)
-        editor.focus()
         editor.move_cursor(editor.document.end)
 
-    def action_save(self) -> None:
+    async def action_select_all(self) -> None:
+        await self.caught_up()
+        self.query_one("#editor", TextArea).select_all()
+
+    async def action_save(self) -> None:
+        await self.caught_up()
         text = self.query_one("#editor", TextArea).text
         if not text.strip():
             self.notify("Nothing to save: the text is empty.", severity="warning")
             return
-        self.dismiss(text)
+        await self.finish(text)
 
 
 class ChoiceModal(ModalScreen[str | None]):

@@ -4,6 +4,7 @@ They only draw and post Messages; the chat screen does the work (store, service)
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 from markdown_it import MarkdownIt
@@ -17,6 +18,7 @@ from textual.widgets import Markdown, Static, TextArea
 from data.records import Label
 from data.records import Message as StoredMessage
 from tui.widgets.blink import RestingTextArea
+from tui.widgets.keys import wait_shown
 
 CODE_BLOCK = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
@@ -132,41 +134,54 @@ def usage_text(message: StoredMessage) -> str:
 class MessageView(Vertical, can_focus=True):
     """One message. Focus it (Tab / Up / Down in the list) and press a key to label it."""
 
+    # Priority bindings, each waiting for what it asked of the screen (tui.widgets.keys): keys
+    # pressed faster than the screen answers reach what the previous one opened or showed (the
+    # editor after c, the alternative after a left arrow), not the message they were aimed past.
     BINDINGS = [
-        Binding("u", "thumb(1)", "Up", id="message.up"),
-        Binding("d", "thumb(-1)", "Down", id="message.down"),
-        *[Binding(str(n), f"score({n})", f"Score {n}", show=False, id=f"message.score{n}") for n in range(1, 6)],
-        Binding("c", "request('correct')", "Correct", id="message.correct"),
-        Binding("t", "request('tags')", "Tags", id="message.tags"),
-        Binding("n", "request('note')", "Note", id="message.note"),
-        Binding("x", "exclude", "Exclude", show=False, id="message.exclude"),
-        Binding("r", "request('regenerate')", "Regenerate", id="message.regenerate"),
-        Binding("e", "request('edit')", "Edit & re-ask", id="message.edit"),
-        Binding("y", "copy", "Copy", id="message.copy"),
-        Binding("Y", "copy_code", "Copy code", show=False, id="message.copy_code"),
-        Binding("left,[", "sibling(-1)", "◀ branch", id="message.previous"),
-        Binding("right,]", "sibling(1)", "branch ▶", id="message.next"),
-        Binding("up,k", "move(-1)", "Previous", show=False, id="message.focus_previous"),
-        Binding("down,j", "move(1)", "Next", show=False, id="message.focus_next"),
-        Binding("pageup", "page(-1)", "Page up", show=False, id="message.page_up"),
-        Binding("pagedown", "page(1)", "Page down", show=False, id="message.page_down"),
+        Binding("u", "thumb(1)", "Up", priority=True, id="message.up"),
+        Binding("d", "thumb(-1)", "Down", priority=True, id="message.down"),
+        *[
+            Binding(str(n), f"score({n})", f"Score {n}", show=False, priority=True, id=f"message.score{n}")
+            for n in range(1, 6)
+        ],
+        Binding("c", "request('correct')", "Correct", priority=True, id="message.correct"),
+        Binding("t", "request('tags')", "Tags", priority=True, id="message.tags"),
+        Binding("n", "request('note')", "Note", priority=True, id="message.note"),
+        Binding("x", "exclude", "Exclude", show=False, priority=True, id="message.exclude"),
+        Binding("r", "request('regenerate')", "Regenerate", priority=True, id="message.regenerate"),
+        Binding("e", "request('edit')", "Edit & re-ask", priority=True, id="message.edit"),
+        Binding("y", "copy", "Copy", priority=True, id="message.copy"),
+        Binding("Y", "copy_code", "Copy code", show=False, priority=True, id="message.copy_code"),
+        Binding("left,[", "sibling(-1)", "◀ branch", priority=True, id="message.previous"),
+        Binding("right,]", "sibling(1)", "branch ▶", priority=True, id="message.next"),
+        Binding("up,k", "move(-1)", "Previous", show=False, priority=True, id="message.focus_previous"),
+        Binding("down,j", "move(1)", "Next", show=False, priority=True, id="message.focus_next"),
+        Binding("pageup", "page(-1)", "Page up", show=False, priority=True, id="message.page_up"),
+        Binding("pagedown", "page(1)", "Page down", show=False, priority=True, id="message.page_down"),
     ]
 
-    class LabelChange(Message):
+    class Asked(Message):
+        """Something the screen does for the view; the screen sets `shown` once its result is
+        on screen (the label saved and drawn, the dialog ready for keys, the branch shown)."""
+
+        def __init__(self, view: "MessageView"):
+            super().__init__()
+            self.view = view
+            self.shown = asyncio.Event()
+
+    class LabelChange(Asked):
         """The user labelled the message; `changes` are Store.set_label keyword arguments."""
 
         def __init__(self, view: "MessageView", changes: dict):
-            super().__init__()
-            self.view = view
+            super().__init__(view)
             self.changes = changes
 
-    class Requested(Message):
+    class Requested(Asked):
         """The user asked for something that needs the screen: regenerate, edit, correct, tags,
         note, or a sibling (`step` -1 / +1)."""
 
         def __init__(self, view: "MessageView", what: str, step: int = 0):
-            super().__init__()
-            self.view = view
+            super().__init__(view)
             self.what = what
             self.step = step
 
@@ -184,6 +199,7 @@ class MessageView(Vertical, can_focus=True):
         self.message = message
         self.label = label
         self.position = position  # (index among siblings from 1, number of siblings)
+        self.copy_when_written = False  # y was pressed while the answer was being written
 
     @property
     def message_id(self) -> int | None:
@@ -203,7 +219,7 @@ class MessageView(Vertical, can_focus=True):
         index, count = self.position
         if count > 1:
             parts.append(f"[$accent]◀ {index}/{count} ▶[/]")
-        if self.message is None and self.role == "assistant":
+        if self.writing:
             parts.append("[$text-muted]writing…[/]")
         lab = label_text(self.label)
         if lab:
@@ -244,10 +260,18 @@ class MessageView(Vertical, can_focus=True):
         if position is not None:
             self.position = position
         self.refresh_parts()
+        if self.copy_when_written and not self.writing:
+            self.copy_when_written = False
+            self.action_copy()
 
     @property
     def body(self) -> Markdown:
         return self.query_one(".message-body", Markdown)
+
+    @property
+    def writing(self) -> bool:
+        """An answer still being written (it is stored, with its id, once done)."""
+        return self.message is None and self.role == "assistant"
 
     @property
     def corrected(self) -> bool:
@@ -273,25 +297,34 @@ class MessageView(Vertical, can_focus=True):
             return self.position[1] > 1
         return True
 
-    def action_thumb(self, value: int) -> None:
+    async def ask(self, message: Asked) -> None:
+        """Post `message` and wait until the screen has shown its result."""
+        self.post_message(message)
+        await wait_shown(message.shown)
+
+    async def action_thumb(self, value: int) -> None:
         current = self.label.thumb if self.label else None
-        self.post_message(self.LabelChange(self, {"thumb": None if current == value else value}))
+        await self.ask(self.LabelChange(self, {"thumb": None if current == value else value}))
 
-    def action_score(self, value: int) -> None:
+    async def action_score(self, value: int) -> None:
         current = self.label.score if self.label else None
-        self.post_message(self.LabelChange(self, {"score": None if current == value else value}))
+        await self.ask(self.LabelChange(self, {"score": None if current == value else value}))
 
-    def action_exclude(self) -> None:
+    async def action_exclude(self) -> None:
         excluded = bool(self.label and self.label.excluded)
-        self.post_message(self.LabelChange(self, {"excluded": not excluded}))
+        await self.ask(self.LabelChange(self, {"excluded": not excluded}))
 
-    def action_request(self, what: str) -> None:
-        self.post_message(self.Requested(self, what))
+    async def action_request(self, what: str) -> None:
+        await self.ask(self.Requested(self, what))
 
-    def action_sibling(self, step: int) -> None:
-        self.post_message(self.Requested(self, "sibling", step))
+    async def action_sibling(self, step: int) -> None:
+        await self.ask(self.Requested(self, "sibling", step))
 
     def action_copy(self) -> None:
+        if self.writing:  # copy the whole answer, not the part written when y was pressed
+            self.copy_when_written = True
+            self.notify("Kettle is still writing this answer: it is copied once written.", timeout=3)
+            return
         self.app.copy_to_clipboard(self.shown_text)
         what = "the corrected answer" if self.corrected else "the message"
         self.notify(f"Copied {what} (your terminal must allow clipboard access, OSC 52).", timeout=3)
@@ -312,8 +345,7 @@ class MessageView(Vertical, can_focus=True):
         views = list(self.parent.query_children(MessageView)) if self.parent else []
         index = views.index(self) + step
         if 0 <= index < len(views):
-            views[index].focus()
-            views[index].scroll_visible()
+            self.screen.set_focus(views[index])  # at once: the next key is for that message
         elif step > 0:
             self.screen.focus_next()  # past the last message: the prompt
 
