@@ -303,8 +303,11 @@ def _like_prefix(prefix: str) -> str:
 
 
 def doc_sources(store, *, kind: str | None = None) -> list[DocSource]:
-    sql = "SELECT id, kind, path, n_passages, added_at FROM doc_sources"
-    rows = store._rows(sql + (" WHERE kind = ?" if kind else "") + " ORDER BY path", (kind,) if kind else ())
+    sql = "SELECT id, kind, path, n_passages, added_at FROM doc_sources WHERE path != ?"
+    marker = f"python:{PYTHON_LAST}"
+    rows = store._rows(
+        sql + (" AND kind = ?" if kind else "") + " ORDER BY path", (marker, kind) if kind else (marker,)
+    )
     return [DocSource(**r) for r in rows]
 
 
@@ -542,18 +545,29 @@ def _stem(word: str) -> str:
 # -- the installed Python's documentation ------------------------------------------------------
 
 
-def index_python_docs(store, *, progress: Callable[[int, int, str], None] | None = None) -> IndexReport:
+def index_python_docs(
+    store,
+    *,
+    progress: Callable[[int, int, str], None] | None = None,
+    stopped: Callable[[], bool] = lambda: False,
+) -> IndexReport:
     """Index the installed Python's documentation (the builtins, then each standard-library
-    module read from its source), one source per module: an unchanged module is skipped."""
+    module read from its source), one source per module: an unchanged module is skipped.
+    `stopped` is asked between modules: what was indexed stays, the rest waits for next time."""
     import sys
 
     from data.pydocs import builtin_docs, module_docstrings
 
     modules = [("builtins", [f"{name}\n\n{doc}" for name, doc in builtin_docs() if doc])]
     modules += list(module_docstrings())
+    modules.append(
+        (PYTHON_LAST, [f"{PYTHON_LAST}\n\nThe end of Python's documentation: every module before it is indexed."])
+    )
     report = IndexReport()
     known = {r["path"]: r["sha256"] for r in store._rows("SELECT path, sha256 FROM doc_sources WHERE kind = 'python'")}
     for i, (module, texts) in enumerate(modules):
+        if stopped():
+            break
         chunks = [python_chunk(text) for text in texts]
         chunks = [c for c in chunks if c is not None]
         digest = hashlib.sha256("\0".join([sys.version, *(f"{n}\0{t}" for n, t in chunks)]).encode()).hexdigest()
@@ -570,6 +584,10 @@ def index_python_docs(store, *, progress: Callable[[int, int, str], None] | None
     return report
 
 
+# A source written after every module: has_python_docs looks for it.
+PYTHON_LAST = "~complete"
+
+
 def python_chunk(text: str) -> tuple[str, str] | None:
     """(name, passage) of one documented name: "class X" / "Module m" / "f(args)" heads."""
     head, _, doc = text.partition("\n\n")
@@ -584,4 +602,6 @@ def python_chunk(text: str) -> tuple[str, str] | None:
 
 
 def has_python_docs(store) -> bool:
-    return store._row("SELECT 1 AS x FROM doc_sources WHERE kind = 'python' LIMIT 1") is not None
+    """Whether the documentation of this Python is indexed, to its last module (a stopped
+    indexing run is not done)."""
+    return store._row("SELECT 1 AS x FROM doc_sources WHERE path = ?", (f"python:{PYTHON_LAST}",)) is not None

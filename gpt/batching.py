@@ -31,7 +31,7 @@ import torch
 import gpt.engine
 from gpt.engine import GenerationResult, TextStream, TokenLogprob, _entry
 from gpt.model import RowCache, common_prefix
-from gpt.sampling import MAX_SEED, Sampler, SamplingParams
+from gpt.sampling import MAX_SEED, CopyBias, Sampler, SamplingParams
 
 MAX_BATCH = 16
 KV_BUDGET_BYTES = 2 * 2**30
@@ -115,6 +115,7 @@ class Request:
     # end that fits beside the answer; score_only: nothing is generated (max_tokens 0).
     echo: list[int] | None = None
     score_only: bool = False
+    copy: CopyBias | None = None  # a grounded answer's lean toward its passages (Engine.copy_bias)
 
 
 class _Row:
@@ -220,7 +221,7 @@ class Batch:
                 logits = engine.model(x, view, last_only=True)[0, :, : engine.tokenizer.n_vocab]
                 self.cache.ids[slot] = list(req.ids)
                 row.logits = logits[-1]
-                row.sampler = Sampler(params, row.logits.size(-1), engine.device, req.ids, seed)
+                row.sampler = Sampler(params, row.logits.size(-1), engine.device, req.ids, seed, copy=req.copy)
         except BaseException:
             self.cache.ids[slot] = []  # whatever it wrote is no prefix of anything
             self._restore_threads()

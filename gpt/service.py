@@ -60,6 +60,7 @@ class Delta:
 class Done:
     result: GenerationResult
     model: str  # the model that generated the answer
+    references_used: int = 0  # how many of the references given (best first) the answer saw
 
 
 @dataclass(frozen=True)
@@ -190,11 +191,17 @@ class InProcessService(GenerationService):
 
     # -- the interface ----------------------------------------------------------------------------
 
-    def stream_chat(self, messages, params, *, request_id=None, truncate=True, logprobs=None):
+    def stream_chat(self, messages, params, *, request_id=None, truncate=True, logprobs=None, references=None):
         """Also `logprobs`: each answer token's log-probability and the N most likely
-        (GenerationResult.logprobs), which only the in-process service returns."""
+        (GenerationResult.logprobs), which only the in-process service returns; `references`:
+        passages to ground the answer in (best first; Engine.ground keeps those that fit, and
+        Done says how many)."""
         return self._events(
-            "chat", messages, params=params, request_id=request_id, options={"truncate": truncate, "logprobs": logprobs}
+            "chat",
+            messages,
+            params=params,
+            request_id=request_id,
+            options={"truncate": truncate, "logprobs": logprobs, "references": references},
         )
 
     def complete(self, prompt, params, *, request_id=None, truncate=True, logprobs=None, echo=False, score_only=False):
@@ -370,8 +377,11 @@ class InProcessService(GenerationService):
                 engine.threads = 1 if self._catalog.busy() else None
             options = dict(job.options)
             truncate = options.pop("truncate", True)
+            used = 0
             if job.kind == "chat":
-                ids, dropped = engine.chat_ids(job.payload, job.params, truncate=truncate)
+                messages, used = engine.ground(job.payload, options.pop("references", None) or [], job.params)
+                ids, dropped = engine.chat_ids(messages, job.params, truncate=truncate)
+                options["copy"] = engine.copy_bias(messages)
             else:
                 if not isinstance(job.payload, (str, list)):
                     raise KettleError("prompt must be a string or a list of token ids")
@@ -388,7 +398,7 @@ class InProcessService(GenerationService):
                     job.params,
                     job.cancel,
                     lambda text: job.emit(Delta(text)),
-                    lambda result: job.emit(Done(result, name)),
+                    lambda result: job.emit(Done(result, name, used)),
                     lambda message: job.emit(Error(message, "internal")),
                     **options,
                 )
@@ -464,10 +474,11 @@ class RemoteService(GenerationService):
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Task]] = {}
         self._lock = threading.Lock()
 
-    def stream_chat(self, messages, params, *, request_id=None, truncate=True):
-        return self._stream(
-            "/v1/chat/completions", {"messages": messages, "truncate": truncate}, params=params, request_id=request_id
-        )
+    def stream_chat(self, messages, params, *, request_id=None, truncate=True, references=None):
+        body = {"messages": messages, "truncate": truncate}
+        if references is not None:  # the passages to ground in, chosen here (Kettle's extension)
+            body["references"] = references
+        return self._stream("/v1/chat/completions", body, params=params, request_id=request_id)
 
     def complete(self, prompt, params, *, request_id=None, truncate=True):
         return self._stream(

@@ -246,3 +246,19 @@ async def test_generation_uses_one_cpu_thread_while_a_training_job_runs(
     finally:
         service.close()
     assert len(opened) == 1  # one store, opened once it existed, for every request after
+
+
+async def test_a_grounded_chat_copies_its_reference_and_says_it_used_it(chat_model_dir):
+    """The app's way: it chooses the passages, the service grounds the answer in them."""
+    service = InProcessService(str(chat_model_dir))
+    try:
+        answer = "Call my_list.reverse() to reverse it in place."
+        question = [{"role": "user", "content": "How can I reverse a list?"}]
+        params = SamplingParams(temperature=0, max_new_tokens=30)
+        events = [e async for e in service.stream_chat(question, params, references=[f"Reverse a list?\n{answer}"])]
+        done = events[-1]
+        assert isinstance(done, Done) and done.result.text == answer and done.references_used == 1
+        plain = [e async for e in service.stream_chat(question, params)][-1]
+        assert plain.result.text != answer and plain.references_used == 0
+    finally:
+        service.close()

@@ -11,6 +11,7 @@ import time
 import pytest
 from textual import events
 
+from data import memory
 from data.paths import config_path
 from tui.app import KettleApp
 from tui.widgets.chat import MessageView
@@ -451,3 +452,35 @@ def test_an_answer_of_one_token_says_token():
     assert usage_text(one) == "tiny · 1 token · stopped by you"
     many = Message(2, 1, None, "assistant", "Hi there", 0.0, new_tokens=1024)
     assert usage_text(many).startswith("1,024 tokens")
+
+
+async def test_a_correction_answers_the_question_reworded_at_once_with_its_source(short_answers):
+    """Grounding: after c, the same question in other words gets the corrected answer from
+    memory before any fine-tune, the answer says where it came from (o opens it); with grounding
+    off for the chat (ctrl+g) it does not."""
+    write_config(sampling={"max_new_tokens": 30, "temperature": 0})
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await ask(pilot, app, "How do I reverse a list?")
+        view = await focus_answer(pilot, app)
+        await pilot.press("c")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "EditorModal", "the editor")
+        app.screen.query_one("#editor").text = "Call my_list.reverse() to reverse it in place."
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: view.label is not None and view.label.ideal is not None, "the correction")
+        app.screen.query_one("#prompt").focus()
+        answer = await ask(pilot, app, "How can I reverse a Python list?")
+        assert answer.content == "Call my_list.reverse() to reverse it in place."
+        assert answer.sources[0].kind == "correction"  # first; Python's documentation may follow
+        assert "your correction: How do I reverse a list?" in str(answer.query_one(".message-footer").render())
+        stored = app.store.current_thread(app.screen.conversation.id)[-1]
+        assert memory.answer_sources(app.store, stored.id)[0].text == answer.content
+        answer.focus()
+        await pilot.press("o")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "ChoiceModal", "the sources")
+        await pilot.press("escape")
+        app.screen.query_one("#prompt").focus()
+        await pilot.press("ctrl+g")
+        plain = await ask(pilot, app, "How can I reverse a Python list?")
+        assert plain.content != answer.content and plain.sources == []

@@ -14,15 +14,17 @@ from textual.containers import Horizontal, Vertical
 from textual.markup import escape
 from textual.screen import Screen
 from textual.widgets import Input, Static
+from textual.worker import get_current_worker
 
+from data import memory
 from data.records import Conversation, Label, Message
 from data.store import Store
 from gpt.errors import KettleError
 from gpt.sampling import SamplingParams, get_preset
 from gpt.service import Delta, Done
 from tui.errors import guarded
-from tui.screens.modals import ConfirmModal, Dialog, EditorModal, TextModal
-from tui.widgets.chat import MessageList, MessageView, PromptArea, counted
+from tui.screens.modals import ChoiceModal, ConfirmModal, Dialog, EditorModal, TextModal
+from tui.widgets.chat import MessageList, MessageView, PromptArea, counted, source_name
 from tui.widgets.footer import KettleFooter
 from tui.widgets.sampling import SamplingPanel
 from tui.widgets.sidebar import ConversationList
@@ -48,6 +50,7 @@ class ThreadData:
     thread: list[Message]
     labels: dict[int, Label]
     positions: dict[int, tuple[int, int]] = field(default_factory=dict)
+    sources: dict[int, list] = field(default_factory=dict)  # answer id -> data.memory.Passage list
 
 
 def read_thread(store: Store, conversation_id: int) -> ThreadData:
@@ -60,7 +63,8 @@ def read_thread(store: Store, conversation_id: int) -> ThreadData:
     for m in thread:
         group = by_parent.get(m.parent_id, [m.id])
         positions[m.id] = (group.index(m.id) + 1, len(group))
-    return ThreadData(conv, thread, store.labels([m.id for m in thread]), positions)
+    sources = {m.id: memory.answer_sources(store, m.id) for m in thread if m.role == "assistant"}
+    return ThreadData(conv, thread, store.labels([m.id for m in thread]), positions, sources)
 
 
 def title_from(text: str) -> str:
@@ -77,11 +81,19 @@ def default_params(config: dict) -> SamplingParams:
         raise KettleError(f'config.json "sampling": {exc}') from None
 
 
+# The per-chat grounding switch, kept beside the chat's sampling settings (on unless turned off).
+GROUND = "ground"
+
+
+def grounding(conv: Conversation | None) -> bool:
+    return conv is None or not conv.params or conv.params.get(GROUND, True) is not False
+
+
 def conversation_params(conv: Conversation | None, default: SamplingParams) -> SamplingParams:
     """The conversation's saved settings; `default` for a new one (or unusable ones)."""
     if conv is not None and conv.params:
         try:
-            return SamplingParams.from_dict(conv.params)
+            return SamplingParams.from_dict({k: v for k, v in conv.params.items() if k != GROUND})
         except KettleError:
             pass
     return default
@@ -97,6 +109,7 @@ class ChatScreen(Screen):
         Binding("escape", "stop", "Stop", priority=True, id="chat.stop"),
         Binding("ctrl+l", "focus_messages", "Messages", show=False, id="chat.messages"),
         Binding("ctrl+o", "focus_prompt", "Prompt", show=False, id="chat.prompt"),
+        Binding("ctrl+g", "toggle_grounding", "Grounding", priority=True, id="chat.grounding"),
     ]
 
     def __init__(self):
@@ -289,6 +302,7 @@ class ChatScreen(Screen):
         for view in messages.views():
             if shown < len(data.thread) and view.message_id == data.thread[shown].id:
                 m = data.thread[shown]
+                view.sources = data.sources.get(m.id, [])
                 view.update(m, data.labels.get(m.id), position=data.positions[m.id])
                 shown += 1
             else:
@@ -296,6 +310,8 @@ class ChatScreen(Screen):
         new = [
             MessageView(m.role, m.content, m, data.labels.get(m.id), data.positions[m.id]) for m in data.thread[shown:]
         ]
+        for view in new:
+            view.sources = data.sources.get(view.message_id, [])
         if new:
             await messages.mount_all(new)
             messages.anchor()
@@ -349,6 +365,7 @@ class ChatScreen(Screen):
         conversation_id = self.conversation.id
         chat = await self.app.db(self.store.chat_messages, parent_id)
         params = self.params
+        found = await self.references(chat) if grounding(self.conversation) else []
         view = MessageView("assistant")
         messages = self.query_one(MessageList)
         await messages.mount(view)
@@ -364,7 +381,9 @@ class ChatScreen(Screen):
         result = model = None
         started = last_frame = time.monotonic()
         try:
-            async for event in service.stream_chat(chat, params, request_id=request_id):
+            async for event in service.stream_chat(
+                chat, params, request_id=request_id, references=[p.reference for p in found]
+            ):
                 if self.stop_requested:  # also an Esc from before the service knew the request
                     service.cancel(request_id)
                 if isinstance(event, Delta):
@@ -386,6 +405,7 @@ class ChatScreen(Screen):
                         )
                 elif isinstance(event, Done):
                     result, model = event.result, event.model
+                    found = found[: event.references_used]
                 else:
                     raise KettleError(event.message)
         finally:
@@ -405,8 +425,24 @@ class ChatScreen(Screen):
         saved = await self.app.db(
             self._save_answer, conversation_id, parent_id, text=text, params=params, result=result, model=model
         )
+        if found:
+            await self.app.db(memory.record_sources, self.store, saved.id, found)
+        view.sources = found
         view.update(message=saved)
         await self.reload()
+
+    async def references(self, chat: list[dict]) -> list:
+        """The passages for the newest question: the user's corrections and approved answers,
+        their documents, and Python's documentation (indexed in the background the first time:
+        the first answers go on without it)."""
+        if not await self.app.db(memory.has_python_docs, self.store):
+            self.index_python_docs()
+        return await self.app.db(memory.references_for, self.store, chat)
+
+    @work(thread=True, exclusive=True, group="python-docs")
+    def index_python_docs(self) -> None:
+        worker = get_current_worker()
+        memory.index_python_docs(self.store, stopped=lambda: worker.is_cancelled)
 
     def _save_answer(
         self, conversation_id: int, parent_id: int, *, text: str, params: SamplingParams, result, model
@@ -465,6 +501,12 @@ class ChatScreen(Screen):
             await self.app.db(self.store.set_leaf, message.conversation_id, target)
             await self.reload()
             self._focus_message(target)
+        elif what == "sources":
+            if not view.sources:
+                self.notify("This answer was not grounded in any passage.", timeout=4)
+                return
+            choices = [(str(i), f"{source_name(p)}\n{p.text[:600]}") for i, p in enumerate(view.sources)]
+            await self.app.push_screen(ChoiceModal("Where this answer came from", choices))
         elif what == "regenerate":
             if not self.claim():
                 return
@@ -553,11 +595,26 @@ class ChatScreen(Screen):
             self.conversation = await self.app.db(
                 self.store.update_conversation,
                 self.conversation.id,
-                params=event.params.to_dict(),
+                params={**event.params.to_dict(), GROUND: grounding(self.conversation)},
                 system_prompt=event.system_prompt,
             )
 
     # -- keys -------------------------------------------------------------------------------------
+
+    async def action_toggle_grounding(self) -> None:
+        """Answer this chat from the model alone, or beside the passages memory finds."""
+        if self.conversation is None:
+            self.notify("Grounding is on for a new chat; ask something first to turn it off for it.", timeout=4)
+            return
+        on = not grounding(self.conversation)
+        params = {**self.params.to_dict(), GROUND: on}
+        self.conversation = await self.app.db(self.store.update_conversation, self.conversation.id, params=params)
+        self.notify(
+            "Grounding on: answers use your corrections and documents, sources shown"
+            if on
+            else "Grounding off: answers come from the model alone",
+            timeout=4,
+        )
 
     def action_new_chat(self) -> None:
         if self.refuse_if_generating():

@@ -109,6 +109,16 @@ def counted(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
+def source_name(passage) -> str:
+    """A retrieved passage in a few words: which correction, document or name it is."""
+    if passage.kind in ("correction", "answer"):
+        return f"your {passage.kind}: {' '.join(passage.name.split())[:60]}"
+    if passage.kind == "python":
+        return f"Python docs: {passage.name}"
+    where = passage.source.rsplit("/", 1)[-1]
+    return f"{where}: {passage.name}" if passage.name else where
+
+
 def usage_text(message: StoredMessage) -> str:
     """The figures of a finished answer: model, tokens, speed, why it stopped."""
     parts = []
@@ -152,6 +162,7 @@ class MessageView(Vertical, can_focus=True):
         Binding("e", "request('edit')", "Edit & re-ask", priority=True, id="message.edit"),
         Binding("y", "copy", "Copy", priority=True, id="message.copy"),
         Binding("Y", "copy_code", "Copy code", show=False, priority=True, id="message.copy_code"),
+        Binding("o", "request('sources')", "Sources", show=False, priority=True, id="message.sources"),
         Binding("left,[", "sibling(-1)", "◀ branch", priority=True, id="message.previous"),
         Binding("right,]", "sibling(1)", "branch ▶", priority=True, id="message.next"),
         Binding("up,k", "move(-1)", "Previous", show=False, priority=True, id="message.focus_previous"),
@@ -200,6 +211,7 @@ class MessageView(Vertical, can_focus=True):
         self.label = label
         self.position = position  # (index among siblings from 1, number of siblings)
         self.copy_when_written = False  # y was pressed while the answer was being written
+        self.sources: list = []  # the passages an answer was grounded in (data.memory.Passage)
 
     @property
     def message_id(self) -> int | None:
@@ -227,7 +239,13 @@ class MessageView(Vertical, can_focus=True):
         return "  ".join(parts)
 
     def _footer(self) -> str:
-        return usage_text(self.message) if self.message and self.role == "assistant" else ""
+        if not (self.message and self.role == "assistant"):
+            return ""
+        usage = usage_text(self.message)
+        if not self.sources:
+            return usage
+        names = " · ".join(escape(source_name(p)) for p in self.sources)
+        return f"{usage}\n[$text-muted]from {names}  (o opens them)[/]"
 
     def _corrected(self) -> str:
         if not self.corrected:
