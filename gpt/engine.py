@@ -29,6 +29,7 @@ from __future__ import annotations
 import codecs
 import collections
 import contextlib
+import itertools
 import random
 import threading
 import time
@@ -158,7 +159,7 @@ class Engine:
         """The chat prompt's token ids trimmed to the window, and how many tokens were dropped."""
         validate_messages(messages)
         segments = [render_message(m, self.tokenizer) for m in messages]
-        full = sum(segments, []) + self._assistant_header
+        full = _joined(segments) + self._assistant_header  # not sum(): quadratic in the messages
         budget = self.prompt_budget(params)
         if len(full) <= budget:
             return full, 0
@@ -174,7 +175,7 @@ class Engine:
         if start == len(segments):  # not even the newest message fits: keep the last tokens
             kept = full[-budget:]
         else:
-            kept = system + sum(segments[start:], []) + self._assistant_header
+            kept = system + _joined(segments[start:]) + self._assistant_header
         return kept, len(full) - len(kept)
 
     def stream_chat(
@@ -505,6 +506,10 @@ def _score_prompt(ids: list[int], logits: torch.Tensor, *, top: int) -> list[Tok
     """Each prompt token under the raw logits [T, V] after the tokens before it."""
     log_probs = logits.float().log_softmax(-1)
     return [TokenLogprob(ids[0], None)] + [_entry(t, log_probs[i], top=top) for i, t in enumerate(ids[1:])]
+
+
+def _joined(segments: list[list[int]]) -> list[int]:
+    return list(itertools.chain.from_iterable(segments))
 
 
 def _last(items):

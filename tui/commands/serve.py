@@ -14,8 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve MODEL at http://HOST:PORT/v1 (chat/completions, completions, models; "
-        "streaming with server-sent events). Switch the served model without a "
-        'restart with POST /v1/models/switch {"model": NAME}.',
+        "streaming with server-sent events). Every model GET /v1/models lists is served on "
+        "request by its name (loaded on first use, the two used last kept loaded); MODEL "
+        'answers requests that name none, changed with POST /v1/models/switch {"model": NAME} '
+        "(the server's choice: the app's active model stays as it is).",
     )
     p.add_argument(
         "model",
@@ -111,7 +113,11 @@ def serve_command(args) -> int:
     logging.getLogger("kettle").addHandler(handler)  # one line per answer: tokens, speed
     logging.getLogger("kettle").setLevel(logging.INFO)
     sock = listen(args.host, args.port)  # before loading: a taken port fails at once
-    service = InProcessService(args.model, catalog=StoreCatalog(), device=args.device, quantize=args.quantize)
+    # The server's model is its own: a switch (POST /v1/models/switch) never becomes the app's
+    # active model, which is the user's choice in the app.
+    service = InProcessService(
+        args.model, catalog=StoreCatalog(), device=args.device, quantize=args.quantize, follow_catalog=False
+    )
     try:
         info = service.load()
         host, port = sock.getsockname()[:2]
