@@ -718,13 +718,15 @@ async def _check_model(service: GenerationService, requested: str | None) -> str
     names none the served one; a 404 for any other name."""
     if not requested or requested == _served_name(service):
         return _served_name(service)
-    if not any(m.name == requested for m in await service.list_models()):
+    try:
+        await service.find_model(requested)
+    except KettleError:
         raise APIError(
             404,
             f"model {requested!r} does not exist here (GET /v1/models lists the models this server serves)",
             param="model",
             code="model_not_found",
-        )
+        ) from None
     return requested
 
 

@@ -13,10 +13,11 @@ the `async for` early (break, task cancelled) cancels it too.
 InProcessService runs its models on ONE worker thread that decodes every request in flight together,
 one batched step at a time (gpt.batching): a new request is prefilled and joins at the next step, a
 finished or cancelled one leaves at once. Beyond the batch's room (`max_batch` rows, and the KV
-budget) requests wait, in the order they came. A request names a model or gets the active one
-(`active_model`, changed by `switch_model`; a request sent before a switch is answered by the
-model it was sent to). A model is loaded on its first request; at most `max_loaded` stay loaded,
-the one used least recently with nothing in flight making room. Events reach the caller's asyncio loop through
+budget) requests wait, in the order they came. A request names a model (`find_model`: one
+`list_models` lists) or gets the active one (`active_model`, changed by `switch_model`; a request
+sent before a switch is answered by the model it was sent to). A model is loaded on the worker at
+its first request (decoding pauses meanwhile); at most `max_loaded` stay loaded, the one used
+least recently with nothing in flight making room. Events reach the caller's asyncio loop through
 `loop.call_soon_threadsafe`, so it is safe to use from the Textual app's event loop; nothing blocks
 the loop.
 
@@ -114,6 +115,14 @@ class GenerationService(ABC):
     @abstractmethod
     async def list_models(self) -> list[ModelInfo]:
         """Every model this service can switch to; the one in use has active=True."""
+
+    async def find_model(self, name: str) -> ModelInfo:
+        """The model list_models lists as `name` (never a path: a name may come from an HTTP
+        client); KettleError when none is."""
+        info = next((m for m in await self.list_models() if m.name == name), None)
+        if info is None:
+            raise KettleError(f"{name}: no such model (not a store model version, nor a model in the models folder)")
+        return info
 
     @abstractmethod
     async def switch_model(self, name: str) -> ModelInfo:
@@ -268,14 +277,6 @@ class InProcessService(GenerationService):
         info = self._default if model is None else await self.find_model(model)
         engine = await asyncio.wrap_future(self._call(lambda: self._use(info).engine, info))
         return engine.tokenizer, engine
-
-    async def find_model(self, name: str) -> ModelInfo:
-        """The model list_models lists as `name` (never a path: a name may come from an HTTP
-        client); KettleError when none is."""
-        info = next((m for m in await self.list_models() if m.name == name), None)
-        if info is None:
-            raise KettleError(f"{name}: no such model (not a store model version, nor a model in the models folder)")
-        return info
 
     def cancel(self, request_id: str | None = None) -> None:
         with self._lock:
