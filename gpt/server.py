@@ -78,6 +78,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from gpt.batching import MAX_BATCH
 from gpt.errors import KettleError
 from gpt.sampling import MAX_SEED, PARAMS, SamplingParams
 from gpt.service import Delta, Done, Error, GenerationService, ModelInfo
@@ -759,9 +760,9 @@ async def _respond(
     model: str,
     options: dict,
 ):
-    """One choice per payload and per n (OpenAI's index order: prompt by prompt, n each), all
-    sent at once: the service decodes them together as rows of one batch, the later rows of a
-    prompt copying the first one's prefill. With a seed, choice j of a prompt uses seed + j
+    """One choice per payload and per n (OpenAI's index order: prompt by prompt, n each), sent
+    a batch's worth at a time (_Runs): the service decodes them together as rows of one batch,
+    the later rows of a prompt copying the first one's prefill. With a seed, choice j of a prompt uses seed + j
     (without one, with n > 1, the server picks one), so the reported seed reproduces them all."""
     n = req.n or 1
     if n > 1 and params.seed is None:
@@ -789,10 +790,10 @@ async def _respond(
             go(payload, row_params, model=model, request_id=f"{request_id}-{i}", **options),
         )
 
-    runs = [start(i) for i in range(len(rows))]
+    runs = _Runs(start, len(rows))
     head = await runs[0].next()  # an error before anything was generated is a plain 400
     if isinstance(head, Error):
-        _stop(runs)
+        runs.stop()
         raise _event_error(head, kind)
     if req.stream:
         return StreamingResponse(
@@ -802,7 +803,8 @@ async def _respond(
         )
     dones = []
     try:
-        for i, run in enumerate(runs):
+        for i in range(len(rows)):
+            run = runs[i]
             event = head if i == 0 else await run.next()
             while not isinstance(event, (Done, Error)):
                 event = await run.next()
@@ -810,13 +812,26 @@ async def _respond(
                 raise _event_error(event, kind)
             dones.append(event)
     finally:
-        _stop(runs)
+        runs.stop()
     return reply.whole(dones, rows)
 
 
-def _stop(runs: list["_Run"]) -> None:
-    for run in runs:
-        run.stop()
+class _Runs:
+    """A request's runs, each started once the one MAX_BATCH before it has been read: one
+    request's many choices queue at most a batch of rows at a time, so a request sent after it
+    takes its turn as soon as one of them has finished, not after all of them."""
+
+    def __init__(self, start: Callable[[int], "_Run"], count: int):
+        self.start, self.count, self.started = start, count, []
+
+    def __getitem__(self, i: int) -> "_Run":
+        while len(self.started) < min(i + MAX_BATCH, self.count):
+            self.started.append(self.start(len(self.started)))
+        return self.started[i]
+
+    def stop(self) -> None:
+        for run in self.started:
+            run.stop()
 
 
 class _Run:
@@ -852,12 +867,13 @@ class _Run:
             self.service.cancel(self.request_id)
 
 
-async def _sse(reply: "_Reply", rows: list, *, runs: list[_Run], head) -> AsyncIterator[str]:
+async def _sse(reply: "_Reply", rows: list, *, runs: _Runs, head) -> AsyncIterator[str]:
     """The choices' chunks, one choice after another (the later ones generate meanwhile, their
     events wait in their runs); logprobs come with each choice's last chunk."""
     dones = []
     try:
-        for i, run in enumerate(runs):
+        for i in range(len(rows)):
+            run = runs[i]
             yield _data(reply.chunk(i, role=True, echo=rows[i][0]))
             event = head if i == 0 else await run.next()
             while isinstance(event, Delta):
@@ -874,7 +890,7 @@ async def _sse(reply: "_Reply", rows: list, *, runs: list[_Run], head) -> AsyncI
                 yield _data({**reply.chunk(0), "choices": [], "usage": _usage(dones, reply.n)})
         yield "data: [DONE]\n\n"
     finally:
-        _stop(runs)
+        runs.stop()
 
 
 def _data(obj: dict) -> str:

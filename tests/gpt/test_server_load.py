@@ -218,3 +218,25 @@ def test_a_switch_on_kettle_serve_leaves_the_apps_active_model(tiny_model_dir, t
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_a_request_for_many_choices_takes_turns_with_later_requests(server):
+    big = {"prompt": "a", "n": MAX_CHOICES, "max_tokens": 60, "temperature": 1.0, "seed": 1}
+    answers = {}
+
+    def many():
+        start = time.monotonic()
+        answers["many"] = post(server, "/v1/completions", big, timeout=120), time.monotonic() - start
+
+    assert post(server, "/v1/completions", {"prompt": "b", "max_tokens": 2}).status_code == 200  # loaded
+    thread = threading.Thread(target=many)
+    thread.start()
+    time.sleep(0.2)  # its first rows are decoding
+    start = time.monotonic()
+    one = post(server, "/v1/completions", {"prompt": "b", "max_tokens": 2})
+    one_s = time.monotonic() - start
+    thread.join()
+    r, many_s = answers["many"]
+    assert r.status_code == 200 and len(r.json()["choices"]) == MAX_CHOICES and one.status_code == 200
+    # Queued behind all 128 rows it waited for 8 batches of them; now for one row to finish.
+    assert one_s < many_s / 3, f"one choice took {one_s:.2f} s beside {MAX_CHOICES} taking {many_s:.2f} s"
