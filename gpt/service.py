@@ -193,8 +193,9 @@ class _Loaded:
         return not self.batch.rows
 
 
-# Models kept loaded at once: a request for another loads it and lets go of the one used least
-# recently that has nothing in flight (as Ollama does); beyond that, requests wait in order.
+# Models `kettle serve` keeps loaded at once: a request for another loads it and lets go of the
+# one used least recently that has nothing in flight (as Ollama does); beyond that, requests wait
+# in order. The app keeps one (the default): its switch lets the old model go.
 MAX_LOADED = 2
 # A prompt longer than this (characters, or token ids) is built into token ids on a thread of
 # its own, not on the worker, so that the requests in flight keep decoding meanwhile. Smaller
@@ -225,7 +226,7 @@ class InProcessService(GenerationService):
         kv_budget: int = KV_BUDGET_BYTES,
         quantize: str | None = None,
         follow_catalog: bool = True,
-        max_loaded: int = MAX_LOADED,
+        max_loaded: int = 1,
     ):
         """`follow_catalog=False`: the catalog's active model is only where a service without
         a model starts; switching never records it (kettle serve: the server's choice is its

@@ -28,7 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    running = RunningServer(InProcessService(str(tiny_model_dir), catalog=StoreCatalog()), None, request_timeout=0.5)
+    # As `kettle serve` makes it: several models kept loaded, a short request timeout for the tests.
+    service = InProcessService(str(tiny_model_dir), catalog=StoreCatalog(), max_loaded=MAX_LOADED)
+    running = RunningServer(service, None, request_timeout=0.5)
     yield running
     running.stop()
 

@@ -104,7 +104,7 @@ def serve_command(args) -> int:
 
     from data.registry import StoreCatalog
     from gpt.server import LOCAL_NAMES, build_server, listen
-    from gpt.service import InProcessService
+    from gpt.service import MAX_LOADED, InProcessService
 
     key = api_key(args.api_key)
     allow_origins, allow_hosts = allowed(args)
@@ -116,7 +116,12 @@ def serve_command(args) -> int:
     # The server's model is its own: a switch (POST /v1/models/switch) never becomes the app's
     # active model, which is the user's choice in the app.
     service = InProcessService(
-        args.model, catalog=StoreCatalog(), device=args.device, quantize=args.quantize, follow_catalog=False
+        args.model,
+        catalog=StoreCatalog(),
+        device=args.device,
+        quantize=args.quantize,
+        follow_catalog=False,
+        max_loaded=MAX_LOADED,
     )
     try:
         info = service.load()
