@@ -616,9 +616,16 @@ def create_app(
     async def detokenize(request: Request):
         req = await parse_body(request, DetokenizeRequest)
         tokenizer, _ = await _tokenizer(service, await _check_model(service, req.model))
-        if any(not 0 <= t < tokenizer.n_vocab for t in req.tokens):
+
+        def answer() -> str | None:
+            if any(not 0 <= t < tokenizer.n_vocab for t in req.tokens):
+                return None
+            return tokenizer.decode(req.tokens)
+
+        text = await asyncio.to_thread(answer)
+        if text is None:
             raise APIError(400, f"tokens: ids must be in 0..{tokenizer.n_vocab - 1}", param="tokens")
-        return {"prompt": await asyncio.to_thread(tokenizer.decode, req.tokens)}
+        return {"prompt": text}
 
     return app
 

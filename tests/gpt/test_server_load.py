@@ -242,3 +242,11 @@ def test_a_request_for_many_choices_takes_turns_with_later_requests(server):
     assert r.status_code == 200 and len(r.json()["choices"]) == MAX_CHOICES and one.status_code == 200
     # Queued behind all 128 rows it waited for 8 batches of them; now for one row to finish.
     assert one_s < many_s / 3, f"one choice took {one_s:.2f} s beside {MAX_CHOICES} taking {many_s:.2f} s"
+
+
+def test_detokenize_round_trips_and_refuses_ids_outside_the_vocabulary(server):
+    text = "Once upon a time, Gisburn painted."
+    tokens = post(server, "/tokenize", {"prompt": text}).json()["tokens"]
+    assert post(server, "/detokenize", {"tokens": tokens}).json() == {"prompt": text}
+    r = post(server, "/detokenize", {"tokens": [*tokens, 512]})  # the tiny model's vocabulary is 0..511
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens" and "0..511" in r.json()["error"]["message"]
