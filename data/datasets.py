@@ -9,12 +9,28 @@ content and meta (JSON text or None), plus its conversation's system_prompt and 
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 from data.records import DataFilter, Label
 
 
+def chat_problem(messages: list[dict]) -> str | None:
+    """Why `messages` (a conversation, or the prompt of a preference pair) is not one a model can
+    be asked or learn from, or None: a system message only comes first, and a question comes
+    before any answer (the shapes gpt.chat_template.validate_messages and the server accept)."""
+    for i, m in enumerate(messages):
+        if m["role"] == "system" and i:
+            return f"has a system message after its start (message {i}; a system prompt only comes first)"
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not turns:
+        return "holds only a system prompt, no question" if messages else "holds no messages"
+    if turns[0]["role"] != "user":
+        return "starts with an answer, not a question"
+    return None
+
+
 def render_dataset(
-    messages: dict[int, dict], labels: dict[int, Label], *, filt: DataFilter
+    messages: dict[int, dict], labels: dict[int, Label], *, filt: DataFilter, skipped: Counter | None = None
 ) -> tuple[list[dict], list[dict]]:
     """(examples, preference pairs) from `messages` (message rows by id: whole branches of live
     conversations) and `labels` (their current, non-empty labels by message id), each with the id
@@ -25,7 +41,11 @@ def render_dataset(
     when the import it came from needs it to export exactly (Alpaca fields, ShareGPT id).
     A pair is {"prompt": [...], "chosen": [assistant msg], "rejected": [assistant msg]}: a
     corrected answer against its original, and an up-voted against a down-voted sibling.
+
+    A branch no model can learn from (see `chat_problem`: an older Kettle imported some) is left
+    out, counted in `skipped` by reason, so that one such conversation never stops a snapshot.
     """
+    skipped = Counter() if skipped is None else skipped
     excluded = {mid for mid, lab in labels.items() if lab.excluded}
     paths = {}
     chosen = set()
@@ -42,11 +62,14 @@ def render_dataset(
     for mid in sorted(chosen - inner):
         path = paths[mid]
         example = {"messages": _render(path, labels, chosen=chosen)}
+        if problem := chat_problem(example["messages"]):
+            skipped[problem] += 1
+            continue
         meta = _example_meta(path)
         if meta:
             example["meta"] = meta
         examples.append({"message_id": mid, "example": example})
-    pairs = _pairs(messages, labels, excluded=excluded, filt=filt)
+    pairs = _pairs(messages, labels, excluded=excluded, filt=filt, skipped=skipped)
     return examples, pairs
 
 
@@ -87,16 +110,23 @@ def _example_meta(path: list[dict]) -> dict:
     return meta
 
 
-def _pairs(messages: dict[int, dict], labels: dict[int, Label], *, excluded: set[int], filt: DataFilter) -> list[dict]:
+def _pairs(
+    messages: dict[int, dict], labels: dict[int, Label], *, excluded: set[int], filt: DataFilter, skipped: Counter
+) -> list[dict]:
     def passes_tags(label: Label) -> bool:
         tags = set(label.tags)
         return (not filt.tags_include or bool(tags & set(filt.tags_include))) and not tags & set(filt.tags_exclude)
 
     def prompt_of(mid: int) -> list[dict] | None:
+        """The messages before answer `mid`; None when excluded or not a question to answer."""
         path = _path(messages, mid)
         if any(p["id"] in excluded for p in path):
             return None
-        return _render(path[:-1], labels, chosen={p["id"] for p in path})
+        prompt = _render(path, labels, chosen={p["id"] for p in path})[:-1]  # the system prompt is the root's
+        if problem := chat_problem(prompt):
+            skipped[f"a preference pair whose prompt {problem}"] += 1
+            return None
+        return prompt
 
     pairs = []
     siblings: dict[tuple, list[int]] = {}

@@ -16,8 +16,11 @@ Exact fields (see the README):
 Wherever a message's text is read, a list of content parts ([{"type": "text", "text": str}],
 as OpenAI and ShareGPT-style tools write it) is taken too; a part of any other type is refused.
 
-Importing creates one conversation per record, in one transaction: a malformed record stops the
-import with one error naming the file and line, and the database is left as it was. Imported
+Importing creates one conversation per record, all or nothing: a malformed record stops the
+import with one error naming the file and line, and the database is left as it was. The records
+are written in short transactions (see import_file), hidden until the last one is in. So does a
+record no model can learn from (data.datasets.chat_problem: an answer before any question, a
+system message after the start, a preference pair without a question). Imported
 assistant answers are labelled with themselves as the ideal answer (so they train); an OpenAI turn
 with "weight": 0 stays unlabelled context; a preference pair becomes two sibling answers, the
 chosen one up-voted and the rejected one down-voted.
@@ -30,13 +33,17 @@ ignore the key and would train on them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from data.datasets import chat_problem
 from data.records import DataFilter, content_hash
 from gpt.errors import KettleError
 from gpt.files import atomic_write_text, sha256_file
@@ -45,6 +52,10 @@ if TYPE_CHECKING:  # data.store brings sqlite_utils (~1 s): the CLI's parser rea
     from data.store import Store
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # one JSONL record (or one JSON list entry)
+IMPORT_BATCH_S = 0.25  # the longest an import holds the database's write lock at a time
+# Then it lets go this long (8% of the time): Kettle's writers poll for the lock every 0.2-2 ms, and
+# even SQLite's own busy handler, which backs off to 100 ms sleeps, lands in such a gap within seconds.
+IMPORT_PAUSE_S = 0.02
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 SHAREGPT_FROM = {"system": "system", "user": "human", "assistant": "gpt"}
 
@@ -152,9 +163,17 @@ def _unreadable(exc: RecursionError | ValueError) -> str:
 def _read_json_list(path: Path) -> list[tuple[int, Any]]:
     text = _decode(path, path.read_bytes(), first_line=1).removeprefix("\ufeff")
     decoder = json.JSONDecoder()
+    counted_to, line_there = 0, 1
 
     def line_of(pos: int) -> int:
-        return text.count("\n", 0, pos) + 1
+        """The line of `pos`. Entries are read in order, so only the newlines since the last
+        entry are counted: counting from the start each time made a long list quadratic."""
+        nonlocal counted_to, line_there
+        if pos < counted_to:
+            counted_to, line_there = 0, 1
+        line_there += text.count("\n", counted_to, pos)
+        counted_to = pos
+        return line_there
 
     def skip_ws(pos: int) -> int:
         while pos < len(text) and text[pos] in " \t\r\n":
@@ -355,18 +374,26 @@ def _sharegpt(obj: dict) -> tuple[str, list[Node]]:
             names = "system, human or gpt" if who_key == "from" else "system, user or assistant"
             raise _Bad(f"{where}: {who_key!r} must be {names}, got {who!r}")
         messages.append({"role": SHAREGPT_ROLES[who], "content": _text(turn, text_key, where=f"{where}.")})
-    return _chain(messages)
+    return _chain(_conversation(messages, "conversations"))
 
 
 def _openai(obj: dict) -> tuple[str, list[Node]]:
-    messages = _chat_messages(_list(obj, "messages"), "messages")
+    return _chain(_conversation(_chat_messages(_list(obj, "messages"), "messages"), "messages"))
+
+
+def _conversation(messages: list[dict], name: str) -> list[dict]:
+    """`messages` if they make a conversation to learn from: an answer, after a question."""
+    if problem := chat_problem(messages):
+        raise _Bad(f"{name!r} {problem}")
     if not any(m["role"] == "assistant" for m in messages):
-        raise _Bad("'messages' has no assistant message")
-    return _chain(messages)
+        raise _Bad(f"{name!r} has no assistant message")
+    return messages
 
 
 def _dpo(obj: dict) -> tuple[str, list[Node]]:
+    prompt_name = "'prompt'"
     if "preferred_output" in obj:  # OpenAI's preference form
+        prompt_name = "'input.messages'"
         source = _object(obj.get("input"), "field 'input'")
         prompt = _chat_messages(_list(source, "messages"), "input.messages")
         chosen = _chat_messages(_list(obj, "preferred_output"), "preferred_output")
@@ -387,6 +414,7 @@ def _dpo(obj: dict) -> tuple[str, list[Node]]:
         while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
             shared += 1
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        prompt_name = "the prompt (the messages 'chosen' and 'rejected' share)"
         if [m["role"] for m in chosen + rejected] != ["assistant", "assistant"]:
             raise _Bad(
                 "without a 'prompt', 'chosen' and 'rejected' must be one conversation "
@@ -400,6 +428,10 @@ def _dpo(obj: dict) -> tuple[str, list[Node]]:
     for name, answer in (("chosen", chosen), ("rejected", rejected)):
         if len(answer) != 1 or answer[0]["role"] != "assistant":
             raise _Bad(f"{name!r} must hold exactly one assistant message")
+    if problem := chat_problem(prompt):  # stored, such a pair had no question to render
+        raise _Bad(f"{prompt_name} {problem}: a preference pair answers a question")
+    if not any(m["content"].strip() for m in prompt if m["role"] == "user"):
+        raise _Bad(f"{prompt_name} has an empty question: a preference pair answers a question")
     system, nodes = _chain(prompt)
     parent = len(nodes) - 1 if nodes else None
     nodes.append(Node("assistant", chosen[0]["content"], parent, {"thumb": 1, "ideal": chosen[0]["content"]}))
@@ -456,34 +488,70 @@ def import_file(
     progress: Callable[[int, int], None] | None = None,
 ) -> ImportReport:
     """Import a dataset file as conversations, all or nothing. The same file (by content)
-    is refused a second time unless `again`. `progress(done, total)` is called as it goes."""
+    is refused a second time unless `again`. `progress(done, total)` is called as it goes.
+
+    The conversations are written in batches of IMPORT_BATCH_S, a transaction each, so a long
+    import never keeps the app's labels or a training run's metrics from being written; they
+    stay hidden until the last batch (Store.begin_import), and a failure deletes them."""
     path = Path(path)
     fmt, records, ignored = parse_file(path, fmt)
     source = f"import:{fmt}:{shown(path.name)}:{sha256_file(path)[:16]}"
     report = ImportReport(path=path, format=fmt, ignored=ignored)
+    store.discard_abandoned_imports()
     with store.transaction():
-        if not again and (seen := store.conversations_from(source)):
-            raise KettleError(
-                f"{path}: this file was imported before ({seen:,} conversations); pass --again to import a second copy"
-            )
-        for done, record in enumerate(records, start=1):
-            first_user = next((n.content for n in record.nodes if n.role == "user"), "")
-            title = (first_user.strip().splitlines() or [""])[0][:80]
-            conv = store.create_conversation(
-                title, system_prompt=record.system_prompt, source=source, external_id=record.external_id
-            )
-            ids: list[int] = []
-            for node in record.nodes:
-                parent = None if node.parent is None else ids[node.parent]
-                msg = store.add_message(conv.id, node.role, content=node.content, parent_id=parent, meta=node.meta)
-                ids.append(msg.id)
-                if node.label:
-                    store.set_label(msg.id, **node.label)
-            report.conversations += 1
-            report.messages += len(ids)
-            if progress is not None and (done % 200 == 0 or done == len(records)):
-                progress(done, len(records))
+        _refuse_imported_before(store, path, source, again)
+        import_id = store.begin_import(source)
+    try:
+        while report.conversations < len(records):
+            with store.transaction():
+                deadline = time.monotonic() + IMPORT_BATCH_S
+                while True:  # at least one record a batch
+                    report.messages += _add_record(store, records[report.conversations], source, import_id)
+                    report.conversations += 1
+                    done = report.conversations
+                    if progress is not None and (done % 200 == 0 or done == len(records)):
+                        progress(done, len(records))
+                    if done == len(records) or time.monotonic() >= deadline:
+                        break
+            time.sleep(IMPORT_PAUSE_S)
+        with store.transaction():  # checked again: another import of the file may have finished meanwhile
+            _refuse_imported_before(store, path, source, again)
+            store.finish_import(import_id)
+    except BaseException:
+        # Best effort: what cannot be deleted now (a full disk, say) stays hidden, and the next
+        # import deletes it once this process is gone.
+        with contextlib.suppress(Exception):
+            store.discard_import(import_id)
+        raise
     return report
+
+
+def _refuse_imported_before(store: Store, path: Path, source: str, again: bool) -> None:
+    if not again and (seen := store.conversations_from(source)):
+        raise KettleError(
+            f"{path}: this file was imported before ({seen:,} conversations); pass --again to import a second copy"
+        )
+
+
+def _add_record(store: Store, record: Record, source: str, import_id: int) -> int:
+    """Write one record as a hidden conversation of import `import_id`; returns its message count."""
+    first_user = next((n.content for n in record.nodes if n.role == "user"), "")
+    title = (first_user.strip().splitlines() or [""])[0][:80]
+    conv = store.create_conversation(
+        title,
+        system_prompt=record.system_prompt,
+        source=source,
+        external_id=record.external_id,
+        pending_import=import_id,
+    )
+    ids: list[int] = []
+    for node in record.nodes:
+        parent = None if node.parent is None else ids[node.parent]
+        msg = store.add_message(conv.id, node.role, content=node.content, parent_id=parent, meta=node.meta)
+        ids.append(msg.id)
+        if node.label:
+            store.set_label(msg.id, **node.label)
+    return len(ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,9 +676,23 @@ def without_context(example: dict) -> dict:
     return {**example, "messages": kept}
 
 
+def _learnable(items: list[dict], messages: Callable[[dict], list], what: str, skipped: Counter) -> list[dict]:
+    """`items` less those whose messages no model can learn from (an older Kettle's snapshot
+    may hold them), counted in `skipped` as data.datasets.render_dataset counts them."""
+    kept = []
+    for item in items:
+        if problem := chat_problem(messages(item)):
+            skipped[what + problem] += 1
+        else:
+            kept.append(item)
+    return kept
+
+
 def convert(examples: list[dict], pairs: list[dict], *, fmt: str) -> tuple[list[dict], Counter]:
     """Examples (and pairs) in the one chat format -> records of `fmt`, and skip reasons."""
     skipped: Counter = Counter()
+    examples = _learnable(examples, lambda e: e["messages"], "", skipped)
+    pairs = _learnable(pairs, lambda p: p["prompt"], "a preference pair whose prompt ", skipped)
     to_record = FORMAT_TABLE[fmt].render
     if to_record is None:
         if examples and not pairs:
@@ -624,6 +706,31 @@ def convert(examples: list[dict], pairs: list[dict], *, fmt: str) -> tuple[list[
         else:
             out.append(record)
     return out, skipped
+
+
+def check_target(out: str | Path) -> None:
+    """A KettleError unless `out` is absent or a regular file: an export replaces it by a
+    rename, which would put a file where a device, a FIFO, a symbolic link or a folder was."""
+    try:
+        mode = os.lstat(out).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise KettleError(f"{out}: cannot write: {exc.strerror or exc}") from exc
+    if stat.S_ISREG(mode):
+        return
+    kind = (
+        "a symbolic link"
+        if stat.S_ISLNK(mode)
+        else "a folder"
+        if stat.S_ISDIR(mode)
+        else "a named pipe (FIFO)"
+        if stat.S_ISFIFO(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "not a regular file"
+    )
+    raise KettleError(f"{shown(out)} is {kind}; an export only replaces a regular file: choose another path")
 
 
 def export_file(
@@ -644,11 +751,12 @@ def export_file(
             "--no-weights leaves context-only answers out of examples; preference pairs (--format dpo) hold none"
         )
     out = Path(out)
+    check_target(out)
+    unlearnable: Counter = Counter()
     if snapshot_id is not None:
-        examples = store.snapshot_examples(snapshot_id)
-        pairs = store.snapshot_pairs(snapshot_id)
+        examples, pairs = store.snapshot_data(snapshot_id)
     else:
-        rows, pair_rows = store.dataset(filt)
+        rows, pair_rows = store.dataset(filt, skipped=unlearnable)
         examples = [r["example"] for r in rows]
         pairs = [p["pair"] for p in pair_rows]
     dropped = 0
@@ -664,4 +772,6 @@ def export_file(
         atomic_write_text(out, text)
     except OSError as exc:
         raise KettleError(f"{out}: cannot write: {exc.strerror or exc}") from exc
-    return ExportReport(path=out, format=fmt, written=len(records), skipped=skipped, context_dropped=dropped)
+    return ExportReport(
+        path=out, format=fmt, written=len(records), skipped=unlearnable + skipped, context_dropped=dropped
+    )

@@ -56,6 +56,7 @@ class Conversation:
     updated_at: float
     deleted_at: float | None
     message_count: int = 0
+    pending_import_id: int | None = None  # hidden until this import finishes (Store.begin_import)
 
     @classmethod
     def from_row(cls, row: dict) -> "Conversation":
@@ -189,7 +190,9 @@ class Snapshot:
 
     @classmethod
     def from_row(cls, row: dict) -> "Snapshot":
-        return cls(**{**row, "filter": DataFilter.from_dict(_loads(row["filter"]))})
+        # `sealed` is the database's guard against new rows, always 1 once a snapshot is readable
+        fields = {k: v for k, v in row.items() if k != "sealed"}
+        return cls(**{**fields, "filter": DataFilter.from_dict(_loads(row["filter"]))})
 
 
 @dataclass(frozen=True)

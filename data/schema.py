@@ -11,6 +11,7 @@ the n-th of NUMBERED_MIGRATIONS. `migrate` carries that record into `_migrations
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from typing import Callable
 
@@ -19,6 +20,9 @@ import sqlite_utils
 Migration = Callable[[sqlite_utils.Database], None]
 MIGRATIONS: list[Migration] = []
 NUMBERED_MIGRATIONS = ("m001_core", "m002_search", "m003_search_corrections")
+# Migrations that only writers need: a database without them reads the same, so a read-only
+# command (`data stats`, `data export`) run first after an upgrade works without them.
+READ_WITHOUT = frozenset({"m006_pending_imports"})
 
 
 def migration(fn: Migration) -> Migration:
@@ -47,6 +51,11 @@ def pending(db: sqlite_utils.Database) -> list[Migration]:
     """The migrations this database still needs, in order."""
     done = set(applied(db))
     return [fn for fn in MIGRATIONS if fn.__name__ not in done]
+
+
+def pending_for_reading(db: sqlite_utils.Database) -> list[Migration]:
+    """The pending migrations a read-only open cannot do without (see READ_WITHOUT)."""
+    return [fn for fn in pending(db) if fn.__name__ not in READ_WITHOUT]
 
 
 def is_current(db: sqlite_utils.Database) -> bool:
@@ -81,6 +90,19 @@ def _carry_numbered_record_forward(db: sqlite_utils.Database) -> None:
             for row in db.query("SELECT * FROM schema_version ORDER BY version")
         )
         db["schema_version"].drop()
+
+
+def execute_each(db: sqlite_utils.Database, script: str) -> None:
+    """Run a script's statements one by one: executescript() would first commit the caller's
+    transaction, so a migration that failed halfway would stay half-applied."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            db.execute(statement)
+            statement = ""
+    if statement.strip():
+        raise ValueError(f"an incomplete statement in a migration: {statement.strip()[:60]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,3 +274,112 @@ def m002_search(db: sqlite_utils.Database) -> None:
 def m003_search_corrections(db: sqlite_utils.Database) -> None:
     # The chat shows a corrected answer under the original, so search finds it too.
     db["labels"].enable_fts(["ideal"], create_triggers=True, tokenize="porter unicode61")
+
+
+@migration
+def m004_sealed_snapshots(db: sqlite_utils.Database) -> None:
+    # The old triggers refused UPDATE and DELETE of a snapshot's rows but not INSERT, so a plain
+    # INSERT (from the sqlite3 shell, say) changed what a snapshot trains on behind its hash. A
+    # snapshot is now written unsealed, filled, then sealed in the same transaction; a sealed one
+    # takes no new rows and never unseals. Snapshots made before this were complete: sealed.
+    # Conversations are hidden, never deleted (their messages and labels are history), so a
+    # DELETE is refused too: the sqlite3 shell does not enforce foreign keys and left orphans.
+    execute_each(
+        db,
+        """
+        ALTER TABLE snapshots ADD COLUMN sealed INTEGER NOT NULL DEFAULT 1 CHECK (sealed IN (0, 1));
+        CREATE TRIGGER snapshot_rows_sealed BEFORE INSERT ON snapshot_rows
+        WHEN (SELECT sealed FROM snapshots WHERE id = NEW.snapshot_id) IS NOT 0 BEGIN
+            SELECT RAISE(ABORT, 'snapshots are immutable: this one is sealed');
+        END;
+        CREATE TRIGGER snapshots_stay_sealed BEFORE UPDATE OF id, sealed ON snapshots
+        WHEN OLD.sealed = 1 OR NEW.id IS NOT OLD.id BEGIN
+            SELECT RAISE(ABORT, 'snapshots are immutable');
+        END;
+        CREATE TRIGGER conversations_no_delete BEFORE DELETE ON conversations BEGIN
+            SELECT RAISE(ABORT, 'conversations are hidden, never deleted: set deleted_at');
+        END;
+        """,
+    )
+
+
+@migration
+def m005_memory(db: sqlite_utils.Database) -> None:
+    # Documents the assistant answers from (data.memory): the installed Python's documentation
+    # and the user's files, chunked into passages with their source and position. Removing a
+    # source removes its passages (foreign keys are on in every Kettle connection).
+    execute_each(
+        db,
+        """
+        CREATE TABLE doc_sources (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL CHECK (kind IN ('python', 'file')),
+            path TEXT NOT NULL UNIQUE,     -- a file's absolute path, or python:MODULE
+            sha256 TEXT NOT NULL,          -- of the file's bytes, or of the module's documentation
+            size INTEGER,
+            mtime REAL,
+            n_passages INTEGER NOT NULL,
+            added_at REAL NOT NULL
+        );
+        CREATE INDEX idx_doc_sources_sha ON doc_sources(sha256);
+        CREATE TABLE doc_passages (
+            id INTEGER PRIMARY KEY,
+            source_id INTEGER NOT NULL REFERENCES doc_sources(id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            name TEXT NOT NULL DEFAULT '',   -- the name it documents, or the heading it is under
+            text TEXT NOT NULL
+        );
+        CREATE INDEX idx_doc_passages_source ON doc_passages(source_id, position);
+        CREATE INDEX idx_doc_passages_name ON doc_passages(name);
+        CREATE TABLE answer_sources (      -- the passages an answer was grounded in, as it saw them
+            message_id INTEGER NOT NULL REFERENCES messages(id),
+            position INTEGER NOT NULL,
+            kind TEXT NOT NULL,            -- correction | answer | python | file
+            source TEXT NOT NULL,
+            name TEXT NOT NULL,
+            text TEXT NOT NULL,
+            ref INTEGER NOT NULL,          -- the answer's message id, or doc_passages.id
+            PRIMARY KEY (message_id, position)
+        );
+        """,
+    )
+    db["doc_passages"].enable_fts(["name", "text"], create_triggers=True, tokenize="porter unicode61")
+
+
+PENDING_IMPORTS_SCHEMA = (
+    """CREATE TABLE pending_imports (
+        id INTEGER PRIMARY KEY,
+        source TEXT NOT NULL,
+        pid INTEGER NOT NULL,             -- the importing process: once it is gone, its rows go
+        started_at REAL NOT NULL
+    )""",
+    # set while the import runs (with deleted_at, which hides the conversation everywhere)
+    "ALTER TABLE conversations ADD COLUMN pending_import_id INTEGER REFERENCES pending_imports(id)",
+    "CREATE INDEX idx_conversations_pending ON conversations(pending_import_id) WHERE pending_import_id IS NOT NULL",
+    "DROP TRIGGER messages_no_delete",
+    """CREATE TRIGGER messages_no_delete BEFORE DELETE ON messages
+    WHEN (SELECT pending_import_id FROM conversations WHERE id = OLD.conversation_id) IS NULL BEGIN
+        SELECT RAISE(ABORT, 'messages are never deleted');
+    END""",
+    "DROP TRIGGER labels_no_delete",
+    "DROP TRIGGER conversations_no_delete",
+    """CREATE TRIGGER conversations_no_delete BEFORE DELETE ON conversations
+    WHEN OLD.pending_import_id IS NULL BEGIN
+        SELECT RAISE(ABORT, 'conversations are hidden, never deleted: set deleted_at');
+    END""",
+    """CREATE TRIGGER labels_no_delete BEFORE DELETE ON labels
+    WHEN (SELECT c.pending_import_id FROM messages m JOIN conversations c ON c.id = m.conversation_id
+          WHERE m.id = OLD.message_id) IS NULL BEGIN
+        SELECT RAISE(ABORT, 'labels are append-only: add a clearing label row');
+    END""",
+)
+
+
+@migration
+def m006_pending_imports(db: sqlite_utils.Database) -> None:
+    # A long import commits in short batches, so that it never holds the write lock for long; its
+    # conversations stay hidden until the last batch shows them all at once, and what an import
+    # that failed or was killed wrote can be deleted (only that: the rest stays append-only).
+    # One statement at a time: executescript() would commit the migration's transaction.
+    for statement in PENDING_IMPORTS_SCHEMA:
+        db.execute(statement)

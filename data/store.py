@@ -31,12 +31,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import random
 import sqlite3
 import threading
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import sqlite_utils
 
@@ -53,10 +55,9 @@ from data.records import (
     Snapshot,
     canonical_json,
     clean_tags,
-    content_hash,
 )
 from gpt.errors import KettleError
-from gpt.files import process_alive, remove_stale_temporaries
+from gpt.files import atomic_file, process_alive, remove_stale_temporaries
 
 ROLES = ("system", "user", "assistant")
 MODEL_KINDS = ("imported", "downloaded", "pretrained", "finetuned", "starter")
@@ -106,6 +107,17 @@ def _fts_query(text: str) -> str:
 # The store
 
 
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+
+
+def _rows_hash(example_rows: list[str], pair_rows: list[str]) -> str:
+    """content_hash({"examples": [...], "pairs": [...]}) of rows already in canonical JSON,
+    without decoding and encoding them again."""
+    body = '{"examples":[' + ",".join(example_rows) + '],"pairs":[' + ",".join(pair_rows) + "]}"
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
 def open_store(path: str | Path | None = None, *, read_only: bool = False) -> Store:
     """Open (creating if needed) the database at `path`, default data.paths.db_path(), and run
     any pending migrations. With `read_only` (for commands that only read), nothing is created
@@ -134,6 +146,12 @@ def open_store(path: str | Path | None = None, *, read_only: bool = False) -> St
     store = Store(path, conn)
     try:
         store._configure(read_only)
+        if read_only and schema.pending(store.db) and not schema.unknown(store.db) and _writable(path):
+            # an older database that a reading command meets first (a new Kettle's `data export`):
+            # upgrade it where that is allowed rather than refuse to read it
+            conn.close()
+            open_store(path).close()
+            return open_store(path, read_only=True)
         if read_only:
             store._check_current()
         else:
@@ -170,7 +188,7 @@ class Store:
     def _check_current(self) -> None:
         """A database opened read-only cannot be migrated: it must be current already."""
         self._refuse_newer()
-        if missing := schema.pending(self.db):
+        if missing := schema.pending_for_reading(self.db):
             raise KettleError(
                 f"{self.path}: the database needs upgrading ({len(missing)} of "
                 f"{len(schema.MIGRATIONS)} migrations not applied); run Kettle once "
@@ -292,12 +310,25 @@ class Store:
         model: str | None = None,
         source: str = "chat",
         external_id: str | None = None,
+        pending_import: int | None = None,
     ) -> Conversation:
+        """A new conversation; one of `pending_import` (see `begin_import`) stays hidden until
+        that import finishes."""
         now = time.time()
+        row = {
+            "title": title,
+            "system_prompt": system_prompt,
+            "params": _dumps(params),
+            "model": model,
+            "source": source,
+            "external_id": external_id,
+            "created_at": now,
+            "updated_at": now,
+        }
+        if pending_import is not None:
+            row |= {"deleted_at": now, "pending_import_id": pending_import}
         cid = self._insert(
-            "INSERT INTO conversations (title, system_prompt, params, model, source, external_id,"
-            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (title, system_prompt, _dumps(params), model, source, external_id, now, now),
+            f"INSERT INTO conversations ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", row.values()
         )
         return self.conversation(cid)
 
@@ -372,6 +403,57 @@ class Store:
         self.conversation(conversation_id)
         with self.transaction():
             self.conn.execute("UPDATE conversations SET deleted_at = NULL WHERE id = ?", (conversation_id,))
+
+    # -- imports ------------------------------------------------------------------------------
+    # An import writes in many short transactions, so that it never holds the write lock for
+    # long, and stays all or nothing: its conversations are created hidden (deleted_at, and
+    # pending_import_id naming the import) and appear together when it finishes. What an import
+    # that failed or was killed wrote is deleted (schema m004 lets only such rows go).
+
+    def begin_import(self, source: str) -> int:
+        """Register an import from `source` by this process; its id goes to `create_conversation`."""
+        return self._insert(
+            "INSERT INTO pending_imports (source, pid, started_at) VALUES (?, ?, ?)",
+            (source, os.getpid(), time.time()),
+        )
+
+    def finish_import(self, import_id: int) -> None:
+        """Show the import's conversations, all in one short transaction."""
+        with self.transaction():
+            if self.conn.execute("SELECT 1 FROM pending_imports WHERE id = ?", (import_id,)).fetchone() is None:
+                raise KettleError(f"import {import_id} is not in progress (its rows were cleared away)")
+            self.conn.execute(
+                "UPDATE conversations SET deleted_at = NULL, pending_import_id = NULL WHERE pending_import_id = ?",
+                (import_id,),
+            )
+            self.conn.execute("DELETE FROM pending_imports WHERE id = ?", (import_id,))
+
+    def discard_import(self, import_id: int, *, batch: int = 200) -> None:
+        """Delete what an unfinished import wrote, `batch` conversations a transaction."""
+        while True:
+            with self.transaction():
+                ids = [
+                    row[0]
+                    for row in self.conn.execute(
+                        "SELECT id FROM conversations WHERE pending_import_id = ? LIMIT ?", (import_id, batch)
+                    )
+                ]
+                if not ids:
+                    self.conn.execute("DELETE FROM pending_imports WHERE id = ?", (import_id,))
+                    return
+                chosen = "IN (SELECT value FROM json_each(?))"
+                self.conn.execute(
+                    f"DELETE FROM labels WHERE message_id IN (SELECT id FROM messages WHERE conversation_id {chosen})",
+                    (json.dumps(ids),),
+                )
+                self.conn.execute(f"DELETE FROM messages WHERE conversation_id {chosen}", (json.dumps(ids),))
+                self.conn.execute(f"DELETE FROM conversations WHERE id {chosen}", (json.dumps(ids),))
+
+    def discard_abandoned_imports(self) -> None:
+        """Delete what imports whose process is gone (killed, crashed) left."""
+        for row in self._rows("SELECT id, pid FROM pending_imports"):
+            if not process_alive(row["pid"]):
+                self.discard_import(row["id"])
 
     # -- messages -----------------------------------------------------------------------------
 
@@ -657,25 +739,27 @@ class Store:
             msgs = {row[0]: dict(zip(names, row)) for row in cursor}
         return msgs, {mid: label for mid, label in labels.items() if mid in msgs}
 
-    def dataset(self, filt: DataFilter | None = None) -> tuple[list[dict], list[dict]]:
+    def dataset(
+        self, filt: DataFilter | None = None, *, skipped: Counter | None = None
+    ) -> tuple[list[dict], list[dict]]:
         """What would train now: (examples, preference pairs) as data.datasets.render_dataset
-        makes them from the store's current labels."""
+        makes them from the store's current labels; what it leaves out is counted in `skipped`."""
         filt = filt or DataFilter()
         messages, labels = self._dataset_messages(filt)
-        return render_dataset(messages, labels, filt=filt)
+        return render_dataset(messages, labels, filt=filt, skipped=skipped)
 
-    def create_snapshot(self, filt: DataFilter | None = None, name: str = "", *, reuse: bool = False) -> Snapshot:
+    def create_snapshot(
+        self, filt: DataFilter | None = None, name: str = "", *, reuse: bool = False, skipped: Counter | None = None
+    ) -> Snapshot:
         """Freeze what would train now under `filt` into an immutable, content-hashed snapshot;
-        with `reuse`, an existing snapshot of the same content is returned instead of a copy."""
+        with `reuse`, an existing snapshot of the same content is returned instead of a copy.
+        What `dataset` leaves out is counted in `skipped`."""
         filt = filt or DataFilter()
         with self.transaction():
-            examples, pairs = self.dataset(filt)
+            examples, pairs = self.dataset(filt, skipped=skipped)
             example_rows = [canonical_json(e["example"]) for e in examples]
             pair_rows = [canonical_json(p["pair"]) for p in pairs]
-            # == content_hash({"examples": [...], "pairs": [...]}) without encoding twice
-            digest = hashlib.sha256(
-                ('{"examples":[' + ",".join(example_rows) + '],"pairs":[' + ",".join(pair_rows) + "]}").encode("utf-8")
-            ).hexdigest()
+            digest = _rows_hash(example_rows, pair_rows)
             same = (
                 self._row("SELECT id FROM snapshots WHERE content_hash = ? ORDER BY id LIMIT 1", (digest,))
                 if reuse
@@ -683,9 +767,10 @@ class Store:
             )
             if same is not None:
                 return self.snapshot(same["id"])
+            # written unsealed, filled, sealed: once sealed the database refuses new rows (m004)
             sid = self.conn.execute(
-                "INSERT INTO snapshots (name, filter, content_hash, n_examples, n_pairs, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO snapshots (name, filter, content_hash, n_examples, n_pairs, created_at, sealed)"
+                " VALUES (?, ?, ?, ?, ?, ?, 0)",
                 (name, canonical_json(filt.to_dict()), digest, len(examples), len(pairs), time.time()),
             ).lastrowid
             rows = [
@@ -695,6 +780,7 @@ class Store:
             self.conn.executemany(
                 "INSERT INTO snapshot_rows (snapshot_id, kind, position, message_id, data) VALUES (?, ?, ?, ?, ?)", rows
             )
+            self.conn.execute("UPDATE snapshots SET sealed = 1 WHERE id = ?", (sid,))
         return self.snapshot(sid)
 
     def snapshot(self, snapshot_id: int) -> Snapshot:
@@ -709,28 +795,40 @@ class Store:
 
     def snapshot_examples(self, snapshot_id: int) -> list[dict]:
         """The snapshot's examples, {"messages": [...]} (+ "meta"), in order."""
-        return self._snapshot_rows(snapshot_id, "example")
+        return self.snapshot_data(snapshot_id)[0]
 
     def snapshot_pairs(self, snapshot_id: int) -> list[dict]:
         """The snapshot's preference pairs, {"prompt", "chosen", "rejected"}, in order."""
-        return self._snapshot_rows(snapshot_id, "pair")
+        return self.snapshot_data(snapshot_id)[1]
 
-    def _snapshot_rows(self, snapshot_id: int, kind: str) -> list[dict]:
-        self.snapshot(snapshot_id)
-        return [
-            json.loads(r["data"])
-            for r in self._rows(
-                "SELECT data FROM snapshot_rows WHERE snapshot_id = ? AND kind = ? ORDER BY position",
-                (snapshot_id, kind),
+    def snapshot_data(self, snapshot_id: int) -> tuple[list[dict], list[dict]]:
+        """(examples, pairs) as the snapshot froze them, checked against its content hash: rows
+        changed behind the store's back (a database edited by hand, a damaged file) are an error
+        here, not a silent change to what a fine-tune trains on or an export writes."""
+        snap = self.snapshot(snapshot_id)
+        texts: dict[str, list[str]] = {"example": [], "pair": []}
+        for r in self._rows(
+            "SELECT kind, data FROM snapshot_rows WHERE snapshot_id = ? ORDER BY kind, position", (snapshot_id,)
+        ):
+            texts[r["kind"]].append(r["data"])
+        examples, pairs = texts["example"], texts["pair"]
+        if (len(examples), len(pairs)) != (snap.n_examples, snap.n_pairs) or _rows_hash(
+            examples, pairs
+        ) != snap.content_hash:
+            raise KettleError(
+                f"snapshot {snapshot_id} no longer matches its sha256 {snap.content_hash[:12]}: its rows were "
+                "changed outside Kettle; make a new snapshot"
             )
-        ]
+        return [json.loads(t) for t in examples], [json.loads(t) for t in pairs]
 
     def verify_snapshot(self, snapshot_id: int) -> bool:
         """True when the stored rows still hash to the snapshot's content hash."""
-        snap = self.snapshot(snapshot_id)
-        return snap.content_hash == content_hash(
-            {"examples": self.snapshot_examples(snapshot_id), "pairs": self.snapshot_pairs(snapshot_id)}
-        )
+        try:
+            self.snapshot_data(snapshot_id)
+        except KettleError:
+            self.snapshot(snapshot_id)  # an unknown id stays an error
+            return False
+        return True
 
     # -- model versions -----------------------------------------------------------------------
 
@@ -965,15 +1063,18 @@ class Store:
         return any(run.pid is not None and process_alive(run.pid) for run in self.runs(status="running"))
 
     def fail_orphaned_runs(
-        self, kind: str | None = None, error: str = "the training process ended without reporting (killed or crashed)"
+        self,
+        kind: str | None = None,
+        error: str | Callable[[Run], str] = "the training process ended without reporting (killed or crashed)",
     ) -> list[Run]:
         """Mark "running" runs (of `kind`) whose process is gone (killed, machine restarted) as
-        failed with `error`, so nothing shows a run as live forever. Returns the runs it changed."""
+        failed with `error` (or `error(run)`: what the run left to say), so nothing shows a run
+        as live forever. Returns the runs it changed."""
         changed = []
         for run in self.runs(status="running", limit=1_000_000):
             if (kind is not None and run.kind != kind) or (run.pid is not None and process_alive(run.pid)):
                 continue
-            changed.append(self.update_run(run.id, status="failed", error=error))
+            changed.append(self.update_run(run.id, status="failed", error=error(run) if callable(error) else error))
         return changed
 
     def truncate_run_metrics(self, run_id: int, step: int) -> None:
@@ -1067,6 +1168,22 @@ class Store:
             " (SELECT COUNT(*) FROM runs) AS runs"
             " FROM current_labels l"
         )
+
+    def backup(self, out: str | Path) -> Path:
+        """Copy the database to `out` through SQLite's online backup API: a consistent copy of
+        everything committed, taken while others keep reading and writing (copying kettle.db
+        alone misses what still sits in its -wal file). The copy is one self-contained file
+        (rollback journal, not WAL), written beside `out` and renamed into place when complete."""
+        out = Path(out)
+        with atomic_file(out) as tmp:
+            target = sqlite3.connect(tmp)
+            try:
+                with self._lock:
+                    self.conn.backup(target)
+                target.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                target.close()
+        return out
 
     def integrity_check(self) -> str:
         """ "ok" when SQLite finds the file sound."""

@@ -312,6 +312,15 @@ class TokenStream:
         return np.concatenate(parts).astype(np.int64)
 
 
+def check_windows(n_tokens: int, max_length: int) -> None:
+    """A training split must hold one window of `max_length` tokens and the one after them."""
+    if n_tokens < max_length + 1:
+        raise KettleError(
+            f"the corpus has {n_tokens} training tokens, fewer than one context "
+            f"window ({max_length} + 1); use more text or a shorter context"
+        )
+
+
 class WindowLoader:
     """Batches of (inputs, targets) windows; targets are the inputs shifted by one token.
 
@@ -341,11 +350,7 @@ class WindowLoader:
     ):
         if mode not in ("sliding", "random"):
             raise KettleError(f"unknown loader {mode!r} (choose sliding or random)")
-        if len(stream) < max_length + 1:
-            raise KettleError(
-                f"the corpus has {len(stream)} training tokens, fewer than one context "
-                f"window ({max_length} + 1); use more text or a shorter context"
-            )
+        check_windows(len(stream), max_length)
         self.stream, self.batch_size, self.max_length = stream, batch_size, max_length
         self.stride = stride or max_length
         self.mode, self.shuffle, self.seed = mode, shuffle, seed

@@ -258,6 +258,11 @@ def resolve(config: SFTConfig, n_train: int, *, model: GPTConfig, n_replay: int 
     c.max_length = c.max_length or context_length
     if c.max_length > context_length:
         raise KettleError(f"--max-length {c.max_length} exceeds the model's context length {context_length}")
+    if c.lora and c.lora.rank > model.n_embd:  # every target layer is at least n_embd wide on each side
+        raise KettleError(
+            f"--lora-rank {c.lora.rank} exceeds the model's width {model.n_embd}: "
+            "the rank of an update is at most the width of the layer it adapts"
+        )
     if c.replay is None:
         method = "lora" if c.lora else "full"
         c.replay = min(n_replay, max(REPLAY_MIN[method], REPLAY_RATIO[method] * n_train))

@@ -54,6 +54,7 @@ import torch
 
 from data.paths import models_dir, runs_dir
 from data.records import Run
+from data.registry import RUN_RECORD, check_model_name, name_taken, unregistered_run
 from data.store import Store, open_store
 from finetune.allocator import process_env
 from finetune.instruct import (
@@ -79,6 +80,8 @@ CHECKPOINT_EVERY_S = 30.0
 CHECKPOINT_SHARE = 0.05
 CHECKPOINT_DIR = "checkpoint"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # what runs kept before finetune.train's one format
+FAILURE_FILE = "failure.txt"  # why the run failed, when the store could not be told
+STORE_WAIT_S = 60.0  # how long a finished run waits for a locked store to register its model
 
 
 @dataclass
@@ -96,9 +99,41 @@ class JobSpec:
     def validate(self) -> None:
         if (self.snapshot_id is None) == (self.data is None):
             raise KettleError("give exactly one of --snapshot ID or --data FILE")
-        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
-            raise KettleError(f"--name {self.name!r}: use a plain name without slashes")
+        if self.name is not None:
+            check_model_name(self.name)
         SFTConfig.from_dict(self.sft)  # unknown or bad fields fail now, not in the process
+
+
+def check_spec(store: Store, spec: JobSpec) -> None:
+    """Refuse now what the run would refuse as it starts, before its run row and folder exist:
+    the settings, the base model (checked as an imported one is), a --name already taken, the
+    data, and what is left to train on under the settings (--max-length, --val-fraction)."""
+    from gpt.checkpoint import check_model_dir
+
+    spec.validate()
+    base, _, _ = resolve_base(store, spec.model)
+    _, config, tokenizer = check_model_dir(base)
+    if spec.name is not None and name_taken(store, spec.name):
+        raise KettleError(f"a model named {spec.name!r} already exists; choose another --name")
+    conversations, _ = load_conversations(store, spec)
+    sft = SFTConfig.from_dict(spec.sft)
+    resolve(sft, len(conversations), model=config)
+    split_examples(conversations, tokenizer, sft, config=config)
+
+
+def split_examples(conversations: list[list[dict]], tokenizer, sft: SFTConfig, *, config) -> tuple[list, list, dict]:
+    """The conversations as (training examples, held-out examples, stats) under the settings;
+    refused when none is left to train on."""
+    examples, stats = prepare(
+        conversations, tokenizer, max_length=sft.max_length or config.context_length, vocab_size=config.vocab_size
+    )
+    fraction = sft.val_fraction if sft.val_fraction is not None else default_val_fraction(len(examples))
+    train, val = holdout(examples, fraction, seed=sft.seed)
+    if not train:
+        raise KettleError(
+            f"no training examples left after holding out {len(val)} of {len(examples)} (--val-fraction {fraction:g})"
+        )
+    return train, val, stats
 
 
 def run_dir(run_id: int) -> Path:
@@ -132,6 +167,7 @@ def start_finetune(spec: JobSpec, store: Store | None = None) -> int:
     own = store is None
     store = store or open_store()
     try:
+        check_spec(store, spec)  # a run that could only fail is refused, not recorded
         run = create_run(store, spec)
         with open(run.log_path, "ab") as log:
             proc = subprocess.Popen(  # -X faulthandler: a hard crash leaves its trace in the log
@@ -160,21 +196,25 @@ def _watch(proc: subprocess.Popen, run_id: int, db: Path) -> None:
     import signal
 
     code = proc.wait()
-    if code >= 0:
+    if code == 0:
         return
     try:
         with open_store(db) as store:
-            if store.run(run_id).status == "running":
-                name = signal.Signals(-code).name
-                why = f"{name}, out of memory?" if name == "SIGKILL" else name
-                store.update_run(
-                    run_id,
-                    status="failed",
-                    error=(
-                        f"the run's process was killed ({why}); `kettle finetune resume {run_id}` "
-                        "continues it from its last checkpoint"
-                    ),
-                )
+            if store.run(run_id).status != "running":
+                return
+            if code > 0:  # it failed, and could not record why at the time
+                reap_dead_runs(store)
+                return
+            name = signal.Signals(-code).name
+            why = f"{name}, out of memory?" if name == "SIGKILL" else name
+            store.update_run(
+                run_id,
+                status="failed",
+                error=(
+                    f"the run's process was killed ({why}); `kettle finetune resume {run_id}` "
+                    "continues it from its last checkpoint"
+                ),
+            )
     except (KettleError, ValueError, sqlite3.Error):  # the store is gone (a test's home, say)
         pass
 
@@ -197,8 +237,11 @@ def reap_dead_runs(store: Store) -> list[int]:
         run.id
         for run in store.fail_orphaned_runs(
             kind=RUN_KIND,
-            error="the run's process ended without reporting (killed?); "
-            "`kettle finetune resume` continues it from its last checkpoint",
+            error=lambda run: (
+                _last_words(run.id)
+                or "the run's process ended without reporting (killed?); "
+                "`kettle finetune resume` continues it from its last checkpoint"
+            ),
         )
     ]
 
@@ -336,6 +379,7 @@ def execute(
         if dist.main and not resume and run.status != "queued":
             raise KettleError(f"run {run_id} is {run.status} (resume it with `kettle finetune resume {run_id}`)")
         if dist.main:
+            (run_dir(run_id) / FAILURE_FILE).unlink(missing_ok=True)  # an earlier attempt's
             store.update_run(run_id, status="running", pid=os.getpid(), error="")
         try:
             _run(store, run_id, spec=spec, resume=resume, progress=progress, on_step=on_step, dist=dist, device=device)
@@ -375,12 +419,42 @@ def _os_error(exc: OSError) -> str:
 
 
 def _fail(store: Store, run_id: int, *, reason: str, dist) -> None:
+    """Record the run as failed with the first line of `reason`. When the store cannot take it
+    (still locked after STORE_WAIT_S, or the disk is full for it too), the reason goes beside the
+    run (FAILURE_FILE), where whoever reaps the dead run reads it."""
     if not dist.main:
         return
+    reason = reason.splitlines()[0] if reason else "failed"
     try:
-        store.update_run(run_id, status="failed", error=reason.splitlines()[0] if reason else "failed")
-    except (KettleError, OSError, sqlite3.Error) as exc:  # e.g. the disk is full for the store too
-        print(f"could not record the run as failed ({exc}): {reason}", file=sys.stderr)
+        _patiently(lambda: store.update_run(run_id, status="failed", error=reason))
+    except (KettleError, OSError, sqlite3.Error):
+        try:
+            atomic_write_text(run_dir(run_id) / FAILURE_FILE, reason + "\n")
+        except OSError:
+            pass  # the command's own error line is all that is left to say it
+
+
+def _patiently(write: Callable[[], object]):
+    """`write()`, tried again while another process holds the store's lock (an import, the app)
+    for up to STORE_WAIT_S: a trained model is worth a longer wait than one busy timeout."""
+    deadline = time.monotonic() + STORE_WAIT_S
+    while True:
+        try:
+            return write()
+        except KettleError as exc:
+            cause = exc.__cause__
+            locked = isinstance(cause, sqlite3.OperationalError) and ("locked" in str(cause) or "busy" in str(cause))
+            if not locked or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _last_words(run_id: int) -> str | None:
+    """The reason a run's process left beside the run when the store would not take it."""
+    try:
+        return (run_dir(run_id) / FAILURE_FILE).read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bool, on_step, dist, device):
@@ -399,7 +473,21 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
     base_path, parent_id, base_name = resolve_base(store, spec.model)
     name = spec.name or f"{base_name}-ft{run_id}"
     out = models_dir() / name
-    if store.find_model_version(name) is not None or out.exists():
+    if resume and unregistered_run(store, out) == run_id:  # killed after writing it, before registering it
+        if dist.main:
+            record = json.loads((out / RUN_RECORD).read_text(encoding="utf-8"))
+            _register(
+                store,
+                run_id,
+                spec=spec,
+                out=out,
+                parent_id=parent_id,
+                hparams=record["hparams"],
+                metrics=record["metrics"],
+            )
+            shutil.rmtree(rdir / CHECKPOINT_DIR, ignore_errors=True)
+        return
+    if name_taken(store, name):
         raise KettleError(f"a model named {name!r} already exists; choose another --name")
     model, tokenizer = load_model(base_path, device=device, dtype=torch.float32)
     sft = SFTConfig.from_dict(spec.sft)
@@ -409,11 +497,7 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
         parts, stats, source = _load_examples(data_path, tokenizer, vocab_size=model.config.vocab_size)
     else:
         conversations, source = load_conversations(store, spec)
-        examples, stats = prepare(conversations, tokenizer, max_length=max_length, vocab_size=model.config.vocab_size)
-        fraction = sft.val_fraction if sft.val_fraction is not None else default_val_fraction(len(examples))
-        train, val = holdout(examples, fraction, seed=sft.seed)
-        if not train:
-            raise KettleError(f"no training examples left after holding out {len(val)}")
+        train, val, stats = split_examples(conversations, tokenizer, sft, config=model.config)
         parts = {
             "train": train,
             "val": val,
@@ -554,9 +638,27 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
         metrics_path=metrics_path,
     )
     try:
+        _register(store, run_id, spec=spec, out=out, parent_id=parent_id, hparams=hparams, metrics=metrics)
+    except BaseException as exc:
+        shutil.rmtree(out, ignore_errors=True)  # nothing unregistered stays (and a full disk gets its room back)
+        if isinstance(exc, KettleError):
+            raise KettleError(
+                f"the model could not be registered: {exc}; `kettle finetune resume {run_id}` "
+                "writes it again from the finished training"
+            ) from exc
+        raise
+    shutil.rmtree(checkpoint_path, ignore_errors=True)
+
+
+def _register(store: Store, run_id: int, *, spec: JobSpec, out: Path, parent_id, hparams: dict, metrics: dict) -> None:
+    """The model directory `out` (written with its RUN_RECORD) as a model version, and the run
+    finished with it, in one transaction; made active if it passed the gate and the run may."""
+    verdict = metrics["gate"]
+
+    def register() -> None:
         with store.transaction():
             version = store.add_model_version(
-                name,
+                out.name,
                 out,
                 kind="finetuned",
                 parent_id=parent_id,
@@ -566,13 +668,11 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
                 metrics=metrics,
                 status="regressed" if verdict == "regressed" else "ok",
             )
-            store.update_run(run_id, status="finished", step=trainer.step, output_model_id=version.id)
+            store.update_run(run_id, status="finished", step=metrics["steps"], output_model_id=version.id)
             if spec.activate and verdict == "passed":
                 store.activate_model(version.id)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # nothing half-registered
-        raise
-    shutil.rmtree(checkpoint_path, ignore_errors=True)
+
+    _patiently(register)
 
 
 class _Checkpoints:
@@ -619,7 +719,7 @@ def _write_model(
             os.replace(item, tmp / item.name)
         weights.rmdir()
         plot_losses(metrics_path, tmp / "loss.png")
-        (tmp / "training.json").write_text(
+        (tmp / RUN_RECORD).write_text(
             json.dumps({"run_id": run_id, "hparams": hparams, "metrics": metrics}, indent=2) + "\n", encoding="utf-8"
         )
         card = model_card(name, base_name, run_id=run_id, hparams=hparams, metrics=metrics)

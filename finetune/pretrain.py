@@ -57,7 +57,7 @@ from gpt.checkpoint import save_model
 from gpt.config import GPTConfig
 from gpt.device import autocast, peak_flops
 from gpt.errors import KettleError
-from gpt.files import atomic_write_text, remove_stale_temporaries
+from gpt.files import atomic_write_text, check_writable, made_until_error, remove_stale_temporaries
 from gpt.model import GPT
 from gpt.threads import ThreadFitter
 from gpt.tokenizer import (
@@ -164,7 +164,7 @@ def default_run_dir(out: Path) -> Path:
     from data.paths import runs_dir
 
     key = hashlib.sha256(str(out.expanduser().resolve()).encode()).hexdigest()[:8]
-    return runs_dir() / f"pretrain-{out.name}-{key}"
+    return runs_dir(create=False) / f"pretrain-{out.name}-{key}"  # made when the run starts
 
 
 # --- evaluation and samples ---------------------------------------------------------------------
@@ -240,11 +240,7 @@ def _prepare_data(
         else:
             display.print(f"training a {config.vocab_size}-token tokenizer on {data}")
             tokenizer = train_tokenizer(corpus.iter_texts(data, cfg.text_field), config.vocab_size)
-    if tokenizer.n_vocab > config.vocab_size:
-        raise KettleError(
-            f"the tokenizer has {tokenizer.n_vocab} tokens but the model's vocabulary "
-            f"only {config.vocab_size}; use a larger vocab_size or a smaller tokenizer"
-        )
+    _check_vocabulary(tokenizer, config)
     if tokenizer.n_vocab < config.vocab_size and not resume:
         display.print(
             f"note: the tokenizer has {tokenizer.n_vocab:,} tokens (the corpus gave no more "
@@ -268,7 +264,36 @@ def _prepare_data(
                 text_field=cfg.text_field,
                 on_progress=update,
             )
+    if not resume:  # a corpus too small for the context fails now, not once training starts
+        corpus.check_windows(corpus.read_meta(shards)["train_tokens"], config.context_length)
     return tokenizer
+
+
+def _check_vocabulary(tokenizer: Tokenizer, config: GPTConfig) -> None:
+    if tokenizer.n_vocab > config.vocab_size:
+        raise KettleError(
+            f"the tokenizer has {tokenizer.n_vocab} tokens but the model's vocabulary "
+            f"only {config.vocab_size}; use a larger vocab_size or a smaller tokenizer"
+        )
+
+
+@contextlib.contextmanager
+def _preparing(run_dir: Path, *, resume: bool):
+    """The run directory while a run gets ready to train; a new run refused on the way (a
+    tokenizer too big, a corpus too small for the context) leaves nothing: a folder this made
+    is removed, Kettle's files in one that was there (a --run-dir the user named) are cleared."""
+    if resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        yield
+        return
+    existed = run_dir.exists()
+    try:
+        with made_until_error(run_dir):
+            yield
+    except BaseException:
+        if existed:
+            _clear_run_files(run_dir)
+        raise
 
 
 def _clear_run_files(run_dir: Path) -> None:
@@ -340,6 +365,9 @@ def pretrain(
         data = Path(data).expanduser()
         if out.exists():
             raise KettleError(f"{out}: already exists (choose another --out)")
+        check_writable(out)  # before the work, not once it is done
+        if tokenizer is not None:
+            _check_vocabulary(tokenizer, config)
         if ckpt_dir.exists():
             raise KettleError(
                 f"{run_dir} already holds a checkpoint for {out}: continue it with "
@@ -351,11 +379,11 @@ def pretrain(
     display = Display(progress and dist.main, cfg.max_steps, cfg.max_time, display_label, console)
     try:
         if dist.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(run_dir)  # a killed checkpoint write's leftovers
-            tokenizer = _prepare_data(
-                data, run_dir, config=config, cfg=cfg, tokenizer=tokenizer, resume=resume, display=display
-            )
+            with _preparing(run_dir, resume=resume):
+                remove_stale_temporaries(run_dir)  # a killed checkpoint write's leftovers
+                tokenizer = _prepare_data(
+                    data, run_dir, config=config, cfg=cfg, tokenizer=tokenizer, resume=resume, display=display
+                )
             if not resume:
                 atomic_write_text(
                     run_dir / "run.json",

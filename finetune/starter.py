@@ -39,27 +39,13 @@ import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
+from data.pydocs import SKIP_PARTS, builtin_docs, docstrings, stdlib_docstrings
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
-from gpt.files import atomic_directory
+from gpt.files import atomic_directory, check_writable
 
-# The standard library's source is read whole, less what is not Python's own (installed
-# packages) or not text: compiled caches, codec tables, the pydoc topics (read from pydoc_data).
-SKIP_PARTS = {"site-packages", "dist-packages", "__pycache__", "pydoc_data", "encodings"}
-# For the instruction data's docstrings: only the library people call, no tests, GUIs or tools.
-DOC_SKIP_PARTS = SKIP_PARTS | {
-    "test",
-    "tests",
-    "idlelib",
-    "tkinter",
-    "turtledemo",
-    "lib2to3",
-    "ensurepip",
-    "venv",
-    "msilib",
-}
 # Modules whose functions people ask about most (the instruction data's questions): never held out.
 COMMON_MODULES = (
     "os",
@@ -135,6 +121,10 @@ SAMPLE_PROMPT = "Return the"
 # ETA printed once the pretraining speed is known covers the whole brew.
 LATER_STAGES_STEPS = 150
 ETA_AFTER_STEPS = 40
+# The ETA is printed again every so many steps, from the speed since the last one, and when
+# pretraining ends: a machine whose load changes took 51 minutes over a brew that had said 8.
+ETA_EVERY_STEPS = 150
+ETA_LINE = re.compile(r"about (\d+(?:\.\d+)?) (minutes|seconds) to go")
 
 
 @dataclass
@@ -231,6 +221,8 @@ def pretrain_stage(brew: Brew) -> None:
     if result.interrupted:
         raise KeyboardInterrupt
     brew.model_dir = out
+    eta.pretrained()
+    brew.console.print("starter: measuring bits per byte on the held-out modules…")
     bpb = heldout_bits_per_byte(
         out, brew.work / "pretrain-run" / "shards", val_bytes=brew.notes["val_text_bytes"], device=brew.device
     )
@@ -247,27 +239,46 @@ def pretrain_stage(brew: Brew) -> None:
 
 class BrewETA:
     """Once the pretraining speed on this machine is known, says how long the whole brew will
-    take from here (a busy machine is slower: the work, and so the model, stays the same)."""
+    take from here (a busy machine is slower: the work, and so the model, stays the same), and
+    says it again as the speed changes and when pretraining ends (what is left then: the
+    held-out measurement and the instruction stage)."""
 
-    def __init__(self, brew: Brew, steps: int):
-        self.brew, self.steps = brew, steps
-        self.start: tuple[int, float] | None = None
+    def __init__(self, brew: Brew, steps: int, clock: Callable[[], float] = time.monotonic):
+        self.brew, self.steps, self.clock = brew, steps, clock
+        self.mark: tuple[int, float] | None = None  # (step, time) the speed is measured from
+        self.per_step: float | None = None
 
     def step(self, step: int, loss: float) -> None:
+        now = self.clock()
         if step == 5:  # after the first steps' one-off costs
-            self.start = (step, time.monotonic())
-        elif step == ETA_AFTER_STEPS and self.start:
-            per_step = (time.monotonic() - self.start[1]) / (step - self.start[0])
-            left = per_step * (self.steps - step + LATER_STAGES_STEPS)
-            self.brew.notes["eta_s"] = round(left, 1)
-            self.brew.notes["eta_at"] = time.monotonic()
+            self.mark = (step, now)
+        elif self.mark and step >= ETA_AFTER_STEPS and (step - ETA_AFTER_STEPS) % ETA_EVERY_STEPS == 0:
+            self.per_step = (now - self.mark[1]) / (step - self.mark[0])
+            self.mark = (step, now)
+            left = self.per_step * (self.steps - step + LATER_STAGES_STEPS)
+            if "eta_s" not in self.brew.notes:  # the first estimate, for the record
+                self.brew.notes["eta_s"] = round(left, 1)
+                self.brew.notes["eta_at"] = now
+            self.brew.console.print(f"starter: {eta_text(left)} on this machine ({1 / self.per_step:.1f} steps/s)")
+
+    def pretrained(self) -> None:
+        if self.per_step is not None:
+            left = self.per_step * LATER_STAGES_STEPS
             self.brew.console.print(
-                f"starter: about {_minutes(left)} to go on this machine ({1 / per_step:.1f} steps/s)"
+                f"starter: pretrained; {eta_text(left)}: the held-out measurement, then instruction tuning"
             )
 
 
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.1f} minutes" if seconds >= 90 else f"{seconds:.0f} seconds"
+def eta_text(seconds: float) -> str:
+    """The brew's estimate of the time left, as it prints it (parse_eta reads it back)."""
+    minutes = f"{seconds / 60:.1f} minutes" if seconds >= 90 else f"{seconds:.0f} seconds"
+    return f"about {minutes} to go"
+
+
+def parse_eta(line: str) -> float | None:
+    """The seconds left that a line of the brew's output announces, if it announces them."""
+    found = ETA_LINE.search(line)
+    return None if found is None else float(found[1]) * (60 if found[2] == "minutes" else 1)
 
 
 def heldout_bits_per_byte(model_dir: Path, shards: Path, *, val_bytes: int, device: str) -> float:
@@ -299,22 +310,6 @@ def heldout_bits_per_byte(model_dir: Path, shards: Path, *, val_bytes: int, devi
 
 # --- the instruction stage: questions about Python, answered from its documentation ---------
 
-BUILTIN_TYPES = (
-    str,
-    bytes,
-    list,
-    dict,
-    set,
-    frozenset,
-    tuple,
-    int,
-    float,
-    complex,
-    range,
-    bytearray,
-    memoryview,
-    object,
-)
 QUESTIONS = ("What does {} do?", "What does {} do?", "What is {} for?", "Explain {} in one sentence.")
 EXAMPLE_QUESTIONS = ("Show me an example of {}.", "How do I use {}?", "Give an example with {}.")
 # "Return a copy of the string converted to uppercase." -> "How do I get a copy of the string ...?"
@@ -346,6 +341,12 @@ HOWTO_VERBS = {
     "Parse": "parse",
     "Format": "format",
 }
+# Grounded examples (grounded_pairs): passages beside questions, as retrieval puts them.
+GROUNDED_UNSEEN = 1200
+GROUNDED_KNOWN = 300
+GROUNDED_ANSWERS = 400
+GROUNDED_UNRELATED = 150
+GROUNDED_CHARS = 420  # a passage as long as the starter's context leaves room for
 HELDOUT_SHARE = 0.05
 INSTRUCT_LR = 1e-3
 INSTRUCT_EPOCHS = 4
@@ -367,25 +368,9 @@ def first_sentence(doc: str | None) -> str | None:
     return None
 
 
-def builtin_docs() -> list[tuple[str, str]]:
-    """(name, docstring) of the builtin functions and the public methods of builtin types."""
-    docs = [
-        (name, getattr(builtins, name).__doc__)
-        for name in dir(builtins)
-        if not name.startswith("_")
-        and callable(getattr(builtins, name))
-        and not isinstance(getattr(builtins, name), type)
-    ]
-    for t in BUILTIN_TYPES:
-        docs.append((t.__name__, t.__doc__))
-        docs += [(f"{t.__name__}.{m}", getattr(t, m).__doc__) for m in dir(t) if not m.startswith("_")]
-    return docs
-
-
 def stdlib_docs() -> list[tuple[str, str]]:
     """(name, docstring) of the public functions and classes of COMMON_MODULES, read from their
     source files the way the starter's pretraining corpus reads them (nothing is imported)."""
-    import ast
     import sysconfig
     from pathlib import Path
 
@@ -397,7 +382,7 @@ def stdlib_docs() -> list[tuple[str, str]]:
         if path is None:
             continue
         tree = ast.parse(path.read_bytes(), filename=str(path))
-        for text in _docstrings(tree, module):
+        for text in docstrings(tree, module):
             head, _, doc = text.partition("\n\n")
             if not head.startswith("Module "):
                 name = head.removeprefix("class ").split("(")[0]
@@ -470,9 +455,99 @@ def example_pairs(seed: int = 0) -> list[list[dict]]:
     return pairs
 
 
-def instruction_pairs(seed: int = 0) -> list[list[dict]]:
-    """Everything the instruction stage teaches: what X does, how to do Y, examples of Z."""
-    return python_qa_pairs(seed=seed) + howto_pairs(seed) + example_pairs(seed)
+def instruction_pairs(seed: int = 0, *, heldout: Iterable[str] | None = None) -> list[list[dict]]:
+    """Everything the instruction stage teaches: what X does, how to do Y, examples of Z, and
+    the same kinds of question answered from a passage put beside them (grounded_pairs)."""
+    plain = python_qa_pairs(seed=seed) + howto_pairs(seed) + example_pairs(seed)
+    if heldout is None:
+        heldout = held_out_groups(python_corpus())
+    return plain + grounded_pairs(plain, heldout=set(heldout), seed=seed)
+
+
+def grounded_pairs(plain: list[list[dict]], *, heldout: set[str], seed: int = 0) -> list[list[dict]]:
+    """Questions with passages in the chat format's grounding slot (gpt.chat_template.grounded),
+    as data.memory retrieves them at answer time, so that the model copies from a passage when
+    one is there and answers from its weights when none is:
+
+    - names the plain questions never ask about (modules outside COMMON_MODULES, never the
+      validation modules), with their documentation: the answer is only in the passage;
+    - plain questions with their own documentation beside them;
+    - a question asked before and its answer (a user's correction, as memory holds it), asked
+      again in other words;
+    - plain questions beside an unrelated passage: the answer from the weights."""
+    from data.memory import python_chunk
+    from data.pydocs import module_docstrings
+    from gpt.chat_template import grounded
+
+    rng = random.Random(seed + 21)
+    asked = {_asked_name(pair[0]["content"]) for pair in plain}
+    passages: dict[str, str] = {}
+    unseen = []
+    for module, texts in module_docstrings():
+        group = module.split(".")[0].lstrip("_")
+        for text in texts:
+            chunk = python_chunk(text)
+            if chunk is None:
+                continue
+            name, passage = chunk
+            passage = _cut(passage, GROUNDED_CHARS)
+            passages.setdefault(name, passage)
+            answer = first_sentence(text.partition("\n\n")[2])
+            if answer and group not in heldout and module.split(".")[0] not in COMMON_MODULES and name not in asked:
+                unseen.append((name, passage, answer))
+    for name, doc in builtin_docs():
+        if doc and (chunk := python_chunk(f"{name}\n\n{doc}")):
+            passages.setdefault(name, _cut(chunk[1], GROUNDED_CHARS))
+    rng.shuffle(unseen)
+    pool = list(passages.values())
+
+    def ask(reference: str, question: str, answer: str) -> list[dict]:
+        refs = [reference]
+        if rng.random() < 0.3:  # retrieval sometimes brings a second passage, less relevant
+            refs.insert(rng.randrange(2), rng.choice(pool))
+        return grounded([{"role": "user", "content": question}, {"role": "assistant", "content": answer}], refs)
+
+    pairs = [ask(p, rng.choice(QUESTIONS).format(n), a) for n, p, a in unseen[:GROUNDED_UNSEEN]]
+    qa = [pair for pair in plain if _asked_name(pair[0]["content"]) in passages]
+    for pair in rng.sample(qa, min(len(qa), GROUNDED_KNOWN)):
+        pairs.append(ask(passages[_asked_name(pair[0]["content"])], pair[0]["content"], pair[1]["content"]))
+    for pair in rng.sample(plain, min(len(plain), GROUNDED_ANSWERS)):
+        question, answer = pair[0]["content"], pair[1]["content"]
+        pairs.append(ask(f"{_reworded(question, rng)}\n{answer}", question, answer))
+    for pair in rng.sample(plain, min(len(plain), GROUNDED_UNRELATED)):
+        unrelated = [{"role": "user", "content": pair[0]["content"]}, pair[1]]
+        pairs.append(grounded(unrelated, [rng.choice(pool)]))
+    rng.shuffle(pairs)
+    return pairs
+
+
+def _asked_name(question: str) -> str:
+    """The name a templated question asks about ("What does str.upper do?" -> "str.upper")."""
+    for template in QUESTIONS + EXAMPLE_QUESTIONS:
+        head, _, tail = template.partition("{}")
+        if question.startswith(head) and question.endswith(tail):
+            return question[len(head) : len(question) - len(tail)]
+    return ""
+
+
+def _reworded(question: str, rng: random.Random) -> str:
+    """The same question in other words, as a user would have asked it before."""
+    name = _asked_name(question)
+    if name:
+        others = [t for t in QUESTIONS + EXAMPLE_QUESTIONS if t.format(name) != question]
+        return rng.choice(others).format(name)
+    if question.startswith("How do I "):
+        return rng.choice(("How can I ", "What is the way to ", "How would I ")) + question[len("How do I ") :]
+    return question.lower()
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text` cut at the last paragraph or sentence end before `limit` characters."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    cut = max(head.rfind("\n\n"), head.rfind(". ") + 1)
+    return head[:cut].rstrip() if cut > limit // 3 else head.rstrip()
 
 
 def instruct_stage(brew) -> None:
@@ -490,7 +565,8 @@ def instruct_stage(brew) -> None:
 
     device = pick_device(brew.device)
     model, tokenizer = load_model(brew.model_dir, device=device, dtype=torch.float32)
-    train_pairs, heldout_pairs = holdout(instruction_pairs(), HELDOUT_SHARE, seed=brew.seed)
+    pairs = instruction_pairs(heldout=brew.notes.get("heldout_groups"))
+    train_pairs, heldout_pairs = holdout(pairs, HELDOUT_SHARE, seed=brew.seed)
     context = model.config.context_length
     train, stats = prepare(train_pairs, tokenizer, max_length=context, vocab_size=model.config.vocab_size)
     val, _ = prepare(heldout_pairs, tokenizer, max_length=context, vocab_size=model.config.vocab_size)
@@ -584,6 +660,7 @@ def brew_starter(
     out = Path(out).expanduser() if out else models_dir() / "starter"
     if out.exists() and not force:
         raise KettleError(f"{out}: a starter model already exists (--force replaces it)")
+    check_writable(out)  # before the brew, not once its minutes are spent
     started = time.monotonic()
     work = runs_dir() / f"starter-{time.strftime('%Y%m%d-%H%M%S')}"
     if work.exists():
@@ -659,7 +736,6 @@ def python_corpus() -> tuple[Document, ...]:
 
 def builtin_help() -> list[Document]:
     """`help()`'s plain text for each builtin function and type."""
-    import builtins
     import pydoc
 
     out = []
@@ -701,48 +777,3 @@ def source_group(rel: Path) -> str:
         parts = parts[1:]
     top = parts[0].lstrip("_")
     return top.removeprefix("test_") or top
-
-
-def stdlib_docstrings(root: str | Path | None = None) -> list[str]:
-    """Public module, class and function docstrings of the standard library's source files,
-    each headed by the name (and signature) it documents (the instruction data asks about them)."""
-    root = Path(root or sysconfig.get_paths()["stdlib"])
-    out: list[str] = []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if DOC_SKIP_PARTS.intersection(rel.parts) or any(p.startswith(("_", ".")) for p in rel.parts[:-1]):
-            continue
-        module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
-        if module.split(".")[-1].startswith("_") and not rel.name == "__init__.py":
-            continue
-        try:
-            tree = ast.parse(path.read_bytes(), filename=str(path))
-        except (SyntaxError, ValueError, OSError):
-            continue
-        out.extend(_docstrings(tree, module))
-    return out
-
-
-def _docstrings(tree: ast.Module, module: str) -> list[str]:
-    found = []
-    doc = ast.get_docstring(tree)
-    if doc and len(doc) > 40:
-        found.append(f"Module {module}\n\n{doc}")
-
-    def visit(node, prefix: str) -> None:
-        for child in node.body:
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                if child.name.startswith("_") and child.name != "__init__":
-                    continue
-                name = f"{prefix}.{child.name}"
-                doc = ast.get_docstring(child)
-                if isinstance(child, ast.ClassDef):
-                    if doc:
-                        found.append(f"class {name}\n\n{doc}")
-                    visit(child, name)
-                elif doc:
-                    args = ast.unparse(child.args)
-                    found.append(f"{name}({args})\n\n{doc}")
-
-    visit(tree, module)
-    return found

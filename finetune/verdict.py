@@ -28,7 +28,7 @@ def judge(metrics: dict) -> tuple[str, list[str]]:
         )
     before, after = m.get("replay_loss_before"), m.get("replay_loss_after")
     if before is not None and after is not None and after > before * (1 + FORGET_TOLERANCE):
-        reasons.append(f"it forgot part of its base's skills (their loss rose {after / before - 1:.0%})")
+        reasons.append(f"it forgot part of its base's skills (their loss rose {after / before - 1:.1%})")
     if m.get("gate_parent_loss") is not None and m["gate_new_loss"] > m["gate_parent_loss"]:
         reasons.append("it does worse than its base on your held-out examples")
     if m.get("train_loss_before") is not None and m["train_loss_after"] > m["train_loss_before"]:
@@ -49,7 +49,7 @@ def summary_lines(metrics: dict) -> list[str]:
         change = m["replay_loss_after"] / m["replay_loss_before"] - 1
         lines.append(
             f"the base's skills: held-out loss {m['replay_loss_before']:.3f} -> "
-            f"{m['replay_loss_after']:.3f} ({change:+.0%}; {m['replay_examples']} of its "
+            f"{m['replay_loss_after']:.3f} ({change:+.1%}; {m['replay_examples']} of its "
             f"own examples mixed into each epoch)"
         )
     elif "replay_examples" in m:

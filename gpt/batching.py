@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 import gpt.engine
-from gpt.engine import GenerationResult, TextStream, TokenLogprob, _entry, _score_prompt
+from gpt.engine import GenerationResult, TextStream, TokenLogprob, _entry
 from gpt.model import RowCache, common_prefix
 from gpt.sampling import MAX_SEED, Sampler, SamplingParams
 
@@ -111,7 +111,10 @@ class Request:
     on_done: Callable[[GenerationResult], None]
     on_error: Callable[[str], None]  # a step failed (a bug): the request is over
     logprobs: int | None = None
-    echo: bool = False
+    # echo: the whole prompt to score (Engine.score_prompt), which may be longer than `ids`, its
+    # end that fits beside the answer; score_only: nothing is generated (max_tokens 0).
+    echo: list[int] | None = None
+    score_only: bool = False
 
 
 class _Row:
@@ -123,7 +126,7 @@ class _Row:
         self.max_new = min(req.params.max_new_tokens, batch.engine.context_length - len(req.ids))
         self.tokens: list[int] = []
         self.scored: list[TokenLogprob] | None = None if req.logprobs is None else []
-        self.prompt_scored = None
+        self.prompt_scored = self.stop_scored = None
         self.cached = 0
         self.logits = self.sampler = self.first_at = self.finish = None
         self.token = self.log_probs = None
@@ -139,6 +142,8 @@ class _Row:
             self.first_at = time.perf_counter()
         if tid in stop_ids:
             self.finish = "stop"
+            if self.scored is not None:
+                self.stop_scored = _entry(tid, self.log_probs, top=self.req.logprobs)
             return
         self.tokens.append(tid)
         if self.scored is not None:
@@ -169,6 +174,7 @@ class _Row:
             token_ids=self.tokens,
             logprobs=self.scored,
             prompt_logprobs=self.prompt_scored,
+            stop_logprob=self.stop_scored,
         )
 
 
@@ -189,7 +195,8 @@ class Batch:
         return len(self.rows) >= self.capacity
 
     def add(self, req: Request) -> None:
-        """Prefill `req` in the next free slot; it decodes from the next step on."""
+        """Prefill `req` in the next free slot; it decodes from the next step on (a score_only
+        request is answered at once and never joins)."""
         start = time.perf_counter()
         engine, params = self.engine, req.params
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(MAX_SEED)
@@ -199,14 +206,19 @@ class Batch:
         self.cache.reserve(slot + 1)
         try:
             with torch.inference_mode():
-                row.cached = self.cache.place(slot, req.ids, reuse=not req.echo)
+                if req.echo is not None:
+                    row.prompt_scored = engine.score_prompt(req.echo, top=req.logprobs or 0)
+                if req.score_only:
+                    row.finish = "length"
+                    self._restore_threads()
+                    req.on_done(row.result())
+                    return
+                row.cached = self.cache.place(slot, req.ids, reuse=True)
                 fed = req.ids[row.cached :]
                 x = torch.tensor([fed], dtype=torch.long, device=engine.device)
                 view = _SlotCache(self.cache, slot)
-                logits = engine.model(x, view, last_only=not req.echo)[0, :, : engine.tokenizer.n_vocab]
+                logits = engine.model(x, view, last_only=True)[0, :, : engine.tokenizer.n_vocab]
                 self.cache.ids[slot] = list(req.ids)
-                if req.echo:
-                    row.prompt_scored = _score_prompt(req.ids, logits, top=req.logprobs or 0)
                 row.logits = logits[-1]
                 row.sampler = Sampler(params, row.logits.size(-1), engine.device, req.ids, seed)
         except BaseException:

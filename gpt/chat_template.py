@@ -19,6 +19,7 @@ assistant content and the end-of-turn marker (the loss mask covers both), so gen
 from __future__ import annotations
 
 import json
+import re
 
 from gpt.errors import KettleError
 from gpt.tokenizer import END_OF_TEXT, Tokenizer
@@ -104,6 +105,45 @@ def render_training(messages: list[dict], tokenizer: Tokenizer) -> tuple[list[in
     return ids, mask
 
 
+# Grounding: passages the answer may be taken from go inside the newest user turn, ahead of the
+# question. There they change only the last turn's tokens, so the turns before it stay a cached
+# prefix; the stored conversation never holds them (they are chosen afresh for each answer).
+REFERENCE = "Reference:\n"
+QUESTION = "\n\nQuestion: "
+
+
+def grounded(messages: list[dict], references: list[str]) -> list[dict]:
+    """The conversation with `references` in the newest user turn; as it is with none."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not references or not users:
+        return messages
+    last = users[-1]
+    content = REFERENCE + "\n\n".join(references) + QUESTION + messages[last]["content"]
+    return [*messages[:last], {**messages[last], "content": content}, *messages[last + 1 :]]
+
+
+def fit_references(references: list[str], tokenizer: Tokenizer, budget: int) -> list[str]:
+    """As many of `references` (best first) as fit in `budget` tokens with the grounding's own
+    words; the last one that fits only in part is cut at a sentence's end, or left out."""
+    used = len(tokenizer.encode(REFERENCE + QUESTION))
+    kept: list[str] = []
+    for text in references:
+        cost = len(tokenizer.encode(text + "\n\n"))
+        if used + cost <= budget:
+            kept.append(text)
+            used += cost
+            continue
+        sentences = re.split(r"(?<=[.!?:])\s+", text)
+        while len(sentences) > 1:
+            sentences.pop()
+            part = " ".join(sentences)
+            if used + len(tokenizer.encode(part + "\n\n")) <= budget:
+                kept.append(part)
+                break
+        break
+    return kept
+
+
 def render_alpaca(instruction: str, input: str = "", *, output: str | None = None) -> str:
     """The Alpaca prompt used in the book's chapter 7; with `output`, the full training text."""
     text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}"
@@ -116,18 +156,39 @@ def render_alpaca(instruction: str, input: str = "", *, output: str | None = Non
 def jinja_chat_template(tokenizer: Tokenizer) -> str:
     """This format as a Jinja chat template (Hugging Face's `chat_template`), for a tokenizer
     converted by gpt.tokenizer.hf_tokenizer_json: rendered and encoded, it gives render_prompt's
-    ids (and, with add_generation_prompt false, a whole conversation's render_training ids)."""
+    ids (and, with add_generation_prompt false, a whole conversation's render_training ids).
+    Each answer and its end-of-turn marker sit in a {% generation %} block, transformers' mark for
+    the tokens render_training's loss mask covers (TRL's assistant_only_loss reads it)."""
     special = uses_special_tokens(tokenizer)
     headers = SPECIAL_HEADERS if special else TEXT_HEADERS
     end = END_OF_TURN if special else END_OF_TEXT
+    # `documents` (apply_chat_template's passages for grounded answers, {"title", "text"} each:
+    # the text as Passage.reference has it) go into the newest user turn as grounded() puts them
     return (
         "{%- set headers = " + json.dumps(headers) + " -%}"
+        "{%- set ns = namespace(last_user=-1) -%}"
+        "{%- for message in messages -%}{%- if message['role'] == 'user' -%}"
+        "{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}"
         "{%- for message in messages -%}"
         "{%- if message['role'] not in headers -%}"
         "{{ raise_exception('role must be one of " + ", ".join(ROLES) + "') }}"
         "{%- elif message['role'] == 'system' and not loop.first -%}"
         "{{ raise_exception('a system message may only come first') }}"
         "{%- endif -%}"
-        "{{ headers[message['role']] }}{{ message['content'] }}" + end + "{%- endfor -%}"
+        "{{ headers[message['role']] }}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{% generation %}{{ message['content'] }}" + end + "{% endgeneration %}"
+        "{%- elif documents and loop.index0 == ns.last_user -%}"
+        "{{ " + json.dumps(REFERENCE) + " }}"
+        "{%- for doc in documents -%}{{ doc['text'] if doc is mapping else doc }}"
+        "{%- if not loop.last -%}{{ " + json.dumps("\n\n") + " }}{%- endif -%}{%- endfor -%}"
+        "{{ "
+        + json.dumps(QUESTION)
+        + " }}{{ message['content'] }}"
+        + end
+        + "{%- else -%}{{ message['content'] }}"
+        + end
+        + "{%- endif -%}"
+        "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ headers['assistant'] }}{%- endif -%}"
     )

@@ -20,8 +20,9 @@ Generation stops with "length" at max_new_tokens or when the context window is f
 
 Log-probabilities (`logprobs=N`): each answer token's, with the N most likely at its step, are
 log_softmax of the logits after the request's penalties, temperature and filters (see
-Sampler.log_probs); `echo=True` also scores the prompt, each token under the raw logits of the
-tokens before it (nothing was sampled there), the first token having none.
+Sampler.log_probs), and so is the stop token that ended the answer (`stop_logprob`); `echo=True`
+also scores the prompt (Engine.score_prompt), each token under the raw logits of the tokens
+before it (nothing was sampled there), the first token having none.
 """
 
 from __future__ import annotations
@@ -39,7 +40,15 @@ from typing import Iterator
 
 import torch
 
-from gpt.chat_template import header_ids, render_message, stop_token_ids, validate_messages
+from gpt.chat_template import (
+    fit_references,
+    grounded,
+    header_ids,
+    render_message,
+    render_prompt,
+    stop_token_ids,
+    validate_messages,
+)
 from gpt.device import pick_device, pick_dtype
 from gpt.errors import KettleError
 from gpt.model import GPT, KVCache, RowCache, common_prefix
@@ -79,6 +88,9 @@ class GenerationResult:
     accepted_tokens: int = 0  # of those, the ones the model kept
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when asked
     prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token, with echo
+    # The stop token that ended the answer (finish "stop"; not in token_ids), when logprobs
+    # were asked: an echoed prompt's scorer reads the token after it (lm-eval drops the last).
+    stop_logprob: TokenLogprob | None = None
 
     @property
     def acceptance_rate(self) -> float:
@@ -155,6 +167,22 @@ class Engine:
 
     # --- chat ------------------------------------------------------------------------------------
 
+    def ground(self, messages: list[dict], references: list[str], params: SamplingParams) -> tuple[list[dict], int]:
+        """The conversation with as many `references` (best first) as leave room for the newest
+        question and the answer, and how many went in (gpt.chat_template.grounded)."""
+        validate_messages(messages)
+        users = [m for m in messages if m["role"] == "user"]
+        if not references or not users:
+            return messages, 0
+        own = len(
+            render_prompt(
+                [*messages[:1], users[-1]] if messages[0]["role"] == "system" else [users[-1]], self.tokenizer
+            )
+        )
+        budget = min(self.prompt_budget(params) - own, self.context_length // 2)
+        kept = fit_references(references, self.tokenizer, budget)
+        return grounded(messages, kept), len(kept)
+
     def chat_prompt(self, messages: list[dict], params: SamplingParams) -> tuple[list[int], int]:
         """The chat prompt's token ids trimmed to the window, and how many tokens were dropped."""
         validate_messages(messages)
@@ -221,6 +249,14 @@ class Engine:
     ) -> tuple[list[int], int]:
         """stream's prompt ids (trimmed to the window) and how many were dropped, as chat_ids."""
         params.validate()
+        ids = self.prompt_ids(prompt)
+        dropped = max(0, len(ids) - self.prompt_budget(params))
+        if dropped and not truncate:
+            self._too_long(len(ids), params)
+        return ids[dropped:], dropped
+
+    def prompt_ids(self, prompt: list[int] | str) -> list[int]:
+        """A raw prompt's token ids, checked against the vocabulary (not trimmed)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:  # GPT-2's convention: an unconditional sample starts at end-of-text
             ids = [self.tokenizer.eot_id]
@@ -228,10 +264,29 @@ class Engine:
             raise KettleError(
                 f"prompt holds token ids outside the model's vocabulary (0..{self.tokenizer.n_vocab - 1})"
             )
-        dropped = max(0, len(ids) - self.prompt_budget(params))
-        if dropped and not truncate:
-            self._too_long(len(ids), params)
-        return ids[dropped:], dropped
+        return ids
+
+    def score_prompt(self, ids: list[int], *, top: int = 0) -> list[TokenLogprob]:
+        """Each of `ids` under the raw logits after the tokens before it (the first has none),
+        as Hugging Face scores an export (lm-eval's `hf` model): log_softmax over the model's
+        whole output, a padded vocabulary included (the `top` most likely are the tokenizer's
+        ids). A prompt longer than the context is scored in windows of the context's length:
+        from the start, each window feeds the next `context` tokens and scores the ones after
+        them; the last ends at the prompt's end, reaching back as far as the context allows, and
+        scores what is left. These are the windows of lm-eval's perplexity (rolling) scoring."""
+        n, width = len(ids), self.context_length
+        out = [TokenLogprob(ids[0], None)]
+        done = 0  # ids[: done + 1] are scored
+        with torch.inference_mode():
+            while done < n - 1:
+                start = done if done + width < n - 1 else max(0, n - 1 - width)
+                window = ids[start : min(start + width, n - 1)]
+                logits = self.model(torch.tensor([window], dtype=torch.long, device=self.device))[0]
+                log_probs = logits.float().log_softmax(-1)[:, : self.tokenizer.n_vocab]
+                end = start + len(window)
+                out += [_entry(ids[p], log_probs[p - 1 - start], top=top) for p in range(done + 1, end + 1)]
+                done = end
+        return out
 
     def _too_long(self, prompt_tokens: int, params: SamplingParams):
         answer = self.context_length - self.prompt_budget(params)
@@ -266,22 +321,18 @@ class Engine:
 
     # --- the loop --------------------------------------------------------------------------------
 
-    def _prefill(self, ids: list[int], every: bool = False) -> tuple[torch.Tensor, int]:
-        """Bring the cache to hold `ids`, reusing the longest shared prefix; the last logits, or
-        with `every` the logits [T, V] after each of `ids` (the whole prompt is fed then)."""
+    def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+        """Bring the cache to hold `ids`, reusing the longest shared prefix; the last logits."""
         if self._cache is None:
             self._cache = KVCache(
                 self.model.config, 1, max_len=self.context_length, device=self.device, dtype=self.model.wte.weight.dtype
             )
         # At least one token must be fed to get logits for the next one.
-        common = 0 if every else min(common_prefix(self._cached_ids, ids), len(ids) - 1)
+        common = min(common_prefix(self._cached_ids, ids), len(ids) - 1)
         self._cache.truncate(common)
         self._cached_ids = ids[:common]
         x = torch.tensor([ids[common:]], dtype=torch.long, device=self.device)
-        if every:
-            logits = self.model(x, self._cache)[0, :, : self.tokenizer.n_vocab]
-        else:
-            logits = self._next_logits(x)
+        logits = self._next_logits(x)
         self._cached_ids = list(ids)
         return logits, common
 
@@ -317,7 +368,8 @@ class Engine:
             sampler = None
             logits = None
             scored: list[TokenLogprob] | None = None if logprobs is None else []
-            prompt_scored = None
+            prompt_scored = self.score_prompt(ids, top=logprobs or 0) if echo else None
+            stop_scored = None
             speculator, decided = None, []  # decided: tokens a speculative round chose ahead
             for _ in range(max_new):
                 if cancel is not None and cancel.is_set():
@@ -325,10 +377,7 @@ class Engine:
                     break
                 with torch.inference_mode():
                     if logits is None:
-                        logits, cached = self._prefill(ids, every=echo)
-                        if echo:
-                            prompt_scored = _score_prompt(ids, logits, top=logprobs or 0)
-                            logits = logits[-1]
+                        logits, cached = self._prefill(ids)
                         sampler = Sampler(params, logits.size(-1), self.device, ids, seed)
                         if self.speculation is not None and (params.greedy or self.speculate_sampled):
                             speculator = Speculator(
@@ -359,6 +408,8 @@ class Engine:
                     self._cached_ids.append(tid)
                 if tid in self.stop_ids:
                     finish = "stop"
+                    if scored is not None:
+                        stop_scored = _entry(tid, log_probs, top=logprobs)
                     break
                 tokens.append(tid)
                 if scored is not None:
@@ -390,6 +441,7 @@ class Engine:
             drafted_tokens=speculator.drafted if speculator else 0,
             accepted_tokens=speculator.accepted if speculator else 0,
             prompt_logprobs=prompt_scored,
+            stop_logprob=stop_scored,
         )
 
 
@@ -500,12 +552,6 @@ def _entry(token: int, log_probs: torch.Tensor, *, top: int) -> TokenLogprob:
     return TokenLogprob(
         token, float(log_probs[token]), [(int(i), float(v)) for v, i in zip(values, ids) if v > float("-inf")]
     )
-
-
-def _score_prompt(ids: list[int], logits: torch.Tensor, *, top: int) -> list[TokenLogprob]:
-    """Each prompt token under the raw logits [T, V] after the tokens before it."""
-    log_probs = logits.float().log_softmax(-1)
-    return [TokenLogprob(ids[0], None)] + [_entry(t, log_probs[i], top=top) for i, t in enumerate(ids[1:])]
 
 
 def _joined(segments: list[list[int]]) -> list[int]:

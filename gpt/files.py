@@ -200,3 +200,38 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuse, before any work, a result `path` that could not be written: the nearest folder
+    above it that exists must take a new entry. Tried rather than asked (access() says yes to
+    root in /proc): a hidden temporary is made and removed at once."""
+    from gpt.errors import KettleError
+
+    path = Path(path).expanduser()
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".kettle-check.", suffix=TEMP_SUFFIX, dir=folder))
+    except OSError as exc:
+        raise KettleError(f"{path}: cannot be written ({folder}: {exc.strerror or exc})") from None
+
+
+@contextlib.contextmanager
+def made_until_error(path: str | Path):
+    """Create the folder `path` (with any missing parents) for the block; if the block raises,
+    remove what this made, so that a refused command leaves no empty folder behind."""
+    path = Path(path)
+    top = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        top = folder
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        raise

@@ -1,11 +1,12 @@
-"""`kettle serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over a GenerationService.
+"""`kettle serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over a GenerationService, and
+beside it the routers it is given (`kettle serve` gives Ollama's, gpt/ollama.py, under /api).
 
-Endpoints (all under /v1; with an API key every /v1 path, known or not, needs
+Endpoints (all under /v1; with an API key every /v1 and /api path, known or not, needs
 `Authorization: Bearer KEY`, so a client without it learns nothing, not even which paths exist):
-    GET  /v1/models                 every model the server serves; the one answering requests
-                                    that name none first, with "active": true. Each is served when
-                                    a request names it (loaded on first use; gpt.service keeps the
-                                    ones used last loaded)
+    GET  /v1/models                 every model the server serves, with its max_model_len; the
+                                    one answering requests that name none first, with "active":
+                                    true. Each is served when a request names it (loaded on first
+                                    use; gpt.service keeps the ones used last loaded)
     GET  /v1/models/{id}            one of them
     POST /v1/models/switch          {"model": NAME} answers requests that name no model with
                                     another from now on, without a restart (requests already
@@ -18,18 +19,19 @@ Endpoints (all under /v1; with an API key every /v1 path, known or not, needs
 
 Parameters: OpenAI's names and ranges (model, messages / prompt, stream,
 stream_options.include_usage, max_tokens or max_completion_tokens, temperature 0-2, top_p, seed,
-stop (a string or a list), presence_penalty, frequency_penalty, n 1-128, logprobs (chat: true and
-top_logprobs 0-20; completions: 0-5), echo) plus top_k, min_p, repetition_penalty and `truncate`
-(true: a prompt too long for the context loses its oldest part instead of a 400 with code
-context_length_exceeded). A completions prompt is a text, token ids, or a list of either: one
-choice per prompt and per n, in OpenAI's index order. A field left out keeps Kettle's default
-(gpt.sampling.SamplingParams). "model" may be left out (the active one); if given it must be
-one GET /v1/models lists. A chat holds at most MAX_MESSAGES messages and a completion request at
-most MAX_CHOICES choices (prompts × n), a body at most MAX_BODY_BYTES; a connection has
-REQUEST_TIMEOUT_S to send a whole request.
-IGNORED_FIELDS are accepted and change nothing. Features Kettle does not have (tools, logit_bias,
-JSON mode, best_of > 1, suffix) get a 400, not a silent no, and so does any field OpenAI does not
-define. GET /tokenizer_info, POST /tokenize and /detokenize are vLLM's, for evaluation harnesses.
+stop (a string or a list), presence_penalty, frequency_penalty, n 1-128, logprobs (chat: true
+and top_logprobs 0-20; completions: 0-5), echo (with max_tokens 0: the prompt scored alone; one
+longer than the context is scored whole, see Engine.score_prompt) plus top_k, min_p,
+repetition_penalty and `truncate` (true: a prompt too long for the context loses its oldest part
+instead of a 400 with code context_length_exceeded). A completions prompt is a text, token ids,
+or a list of either: one choice per prompt and per n, in OpenAI's index order. A field left out
+keeps Kettle's default (gpt.sampling.SamplingParams). "model" may be left out (the active one);
+if given it must be one GET /v1/models lists. A chat holds at most MAX_MESSAGES messages and a
+completion request at most MAX_CHOICES choices (prompts × n), a body at most MAX_BODY_BYTES; a
+connection has REQUEST_TIMEOUT_S to send a whole request. IGNORED_FIELDS are accepted and
+change nothing. Features Kettle does not have (tools, logit_bias, JSON mode, best_of > 1,
+suffix) get a 400, not a silent no, and so does any field OpenAI does not define. GET
+/tokenizer_info, POST /tokenize and /detokenize are vLLM's, for evaluation harnesses.
 
 Every error is OpenAI's shape: {"error": {"message", "type", "param", "code"}}, 400 for a bad
 request (malformed or too deeply nested JSON, wrong type, out-of-range value), 401 for a missing
@@ -71,7 +73,7 @@ import uuid
 from typing import Any, AsyncIterator, Callable, ClassVar, Iterable
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
@@ -429,10 +431,12 @@ def create_app(
     *,
     allow_origins: Iterable[str] = (),
     allow_hosts: Iterable[str] = (),
+    routers: Iterable[APIRouter] = (),
 ) -> FastAPI:
-    """The HTTP API over `service`. With `api_key`, every /v1 request must present it.
+    """The HTTP API over `service`. With `api_key`, every /v1 and /api request must present it.
     `allow_origins` and `allow_hosts` (as parse_origin and parse_host return them) are let in
-    beside this server's own addresses (see the module docstring)."""
+    beside this server's own addresses (see the module docstring). `routers` add endpoints
+    behind the same gates (gpt.ollama's, which builds on this module)."""
     app = FastAPI(
         title="Kettle",
         description="OpenAI-compatible API of a Kettle model",
@@ -471,7 +475,8 @@ def create_app(
 
     def check_key(request: Request) -> None:
         path = request.scope["path"]
-        if api_key is None or not (path == "/v1" or path.startswith("/v1/") or path in TOKENIZER_PATHS):
+        guarded = path in ("/v1", "/api") or path.startswith(("/v1/", "/api/")) or path in TOKENIZER_PATHS
+        if api_key is None or not guarded:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -511,6 +516,9 @@ def create_app(
     async def internal_error(request: Request, exc: Exception):
         log.exception("internal error on %s %s", request.method, request.url.path)
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    for router in routers:
+        app.include_router(router)
 
     @app.get("/health")
     async def health():
@@ -573,7 +581,11 @@ def create_app(
     async def completions(request: Request):
         req = await parse_body(request, CompletionRequest)
         _reject_unsupported(req)
-        params = sampling_params(req, req.max_tokens)
+        # max_tokens 0 with echo scores the prompt and generates nothing (as OpenAI's API did).
+        score_only = req.max_tokens == 0
+        if score_only and not req.echo:
+            raise APIError(400, "max_tokens: 0 generates nothing, so it needs echo: true", param="max_tokens")
+        params = sampling_params(req, None if score_only else req.max_tokens)
         prompts = completion_prompts(req)
         model = await _check_model(service, req.model)
         return await _respond(
@@ -584,7 +596,12 @@ def create_app(
             params=params,
             req=req,
             model=model,
-            options={"truncate": req.truncate, "logprobs": req.logprobs, "echo": bool(req.echo)},
+            options={
+                "truncate": req.truncate,
+                "logprobs": req.logprobs,
+                "echo": bool(req.echo),
+                "score_only": score_only,
+            },
         )
 
     # vLLM's tokenizer endpoints, which evaluation harnesses (lm-evaluation-harness) look for to
@@ -651,7 +668,7 @@ async def parse_body(request: Request, model: type[BaseModel]):
         raise APIError(400, f"the request body is not valid JSON ({exc})") from None
     except RecursionError:
         raise APIError(400, "the request body is nested too deeply to read") from None
-    for name, most in model.max_items.items():
+    for name, most in getattr(model, "max_items", {}).items():
         value = data.get(name) if isinstance(data, dict) else None
         if isinstance(value, list) and len(value) > most:
             raise APIError(400, f"{name}: a request may hold at most {most}, got {len(value)}", param=name)
@@ -714,7 +731,18 @@ def _model_json(m: ModelInfo) -> dict:
         "source": m.source,
         "kind": m.kind,
         "status": m.status,
+        "max_model_len": _context_length(m),  # vLLM's name: clients size prompts by it
     }
+
+
+def _context_length(m: ModelInfo) -> int | None:
+    """The model's context length from its config (None where the path is not known here)."""
+    from gpt.checkpoint import read_meta
+
+    try:
+        return read_meta(m.path)[1].context_length if m.path else None
+    except KettleError:
+        return None
 
 
 def _served_name(service: GenerationService) -> str:
@@ -1029,7 +1057,9 @@ class _Reply:
                 ],
                 "refusal": None,
             }
-        entries = (r.prompt_logprobs or []) + r.logprobs
+        # The stop token that ended the answer is the answer's last token here, as in OpenAI's
+        # legacy API (the text leaves it out): lm-eval reads an echoed prompt's scores up to it.
+        entries = (r.prompt_logprobs or []) + r.logprobs + ([r.stop_logprob] if r.stop_logprob else [])
         tokens = [self._token(e.token).decode("utf-8", "replace") for e in entries]
         offsets, at = [], 0
         for t in tokens:
@@ -1139,6 +1169,7 @@ def build_server(
     log_level: str = "info",
     allow_origins: Iterable[str] = (),
     allow_hosts: Iterable[str] = (),
+    routers: Iterable[APIRouter] = (),
     request_timeout: float = REQUEST_TIMEOUT_S,
 ):
     """A uvicorn server for the API (create_app's arguments; `request_timeout`: seconds a
@@ -1147,7 +1178,7 @@ def build_server(
     `server.should_exit = True`."""
     import uvicorn
 
-    app = create_app(service, api_key, allow_origins=allow_origins, allow_hosts=allow_hosts)
+    app = create_app(service, api_key, allow_origins=allow_origins, allow_hosts=allow_hosts, routers=routers)
     config = uvicorn.Config(
         app, log_level=log_level, timeout_graceful_shutdown=5, http=_protocol_with_deadline(request_timeout)
     )

@@ -172,7 +172,7 @@ class _Job:
     cancel: threading.Event
     emit: Callable[[Event], None]
     options: dict  # the engine's keyword arguments: truncate, logprobs, echo
-    prompt: tuple[list[int], int] | None = None  # (ids, dropped) built off the worker, if big
+    prompt: tuple[list[int], int, dict] | None = None  # _prompt's, built off the worker if big
 
 
 @dataclass
@@ -262,16 +262,19 @@ class InProcessService(GenerationService):
             options={"truncate": truncate, "logprobs": logprobs},
         )
 
-    def complete(self, prompt, params, *, model=None, request_id=None, truncate=True, logprobs=None, echo=False):
+    def complete(
+        self, prompt, params, *, model=None, request_id=None, truncate=True, logprobs=None, echo=False, score_only=False
+    ):
         """Also `model` and `logprobs` (as in stream_chat) and `echo`: score the prompt's tokens
-        too (GenerationResult.prompt_logprobs)."""
+        too (GenerationResult.prompt_logprobs; a prompt longer than the context is scored whole,
+        and the answer continues from its end that fits); `score_only`: generate nothing."""
         return self._events(
             "complete",
             prompt,
             model=model,
             params=params,
             request_id=request_id,
-            options={"truncate": truncate, "logprobs": logprobs, "echo": echo},
+            options={"truncate": truncate, "logprobs": logprobs, "echo": echo, "score_only": score_only},
         )
 
     async def tokenizer(self, model: str | None = None):
@@ -358,7 +361,7 @@ class InProcessService(GenerationService):
             if _prompt_size(kind, payload) > BIG_PROMPT:
                 try:
                     engine = await asyncio.wrap_future(self._call(lambda: self._use(info).engine, info))
-                    job.prompt = await asyncio.to_thread(_prompt_ids, engine, job)
+                    job.prompt = await asyncio.to_thread(_prompt, engine, job)
                 except Exception as exc:
                     yield _error_event(exc)
                     return
@@ -459,8 +462,7 @@ class InProcessService(GenerationService):
             engine, name = loaded.engine, loaded.info.name
             if engine.device.type == "cpu":
                 engine.threads = 1 if self._catalog.busy() else None
-            ids, dropped = job.prompt or _prompt_ids(engine, job)
-            options = {k: v for k, v in job.options.items() if k != "truncate"}
+            ids, dropped, options = job.prompt or _prompt(engine, job)
             loaded.batch.add(
                 Request(
                     ids,
@@ -511,13 +513,22 @@ class InProcessService(GenerationService):
         return self.active_model
 
 
-def _prompt_ids(engine: Engine, job: _Job) -> tuple[list[int], int]:
-    truncate = job.options.get("truncate", True)
+def _prompt(engine: Engine, job: _Job) -> tuple[list[int], int, dict]:
+    """The job's prompt ids, how many of its tokens were dropped, and the Request's other
+    keyword arguments."""
+    options = dict(job.options)
+    truncate = options.pop("truncate", True)
     if job.kind == "chat":
-        return engine.chat_ids(job.payload, job.params, truncate=truncate)
+        ids, dropped = engine.chat_ids(job.payload, job.params, truncate=truncate)
+        return ids, dropped, options
     if not isinstance(job.payload, (str, list)):
         raise KettleError("prompt must be a string or a list of token ids")
-    return engine.completion_ids(job.payload, job.params, truncate=truncate)
+    prompt = engine.prompt_ids(job.payload)
+    # An echoed prompt is scored whole, however long (Engine.score_prompt); what the answer
+    # continues from is its end that fits.
+    options["echo"] = prompt if options.pop("echo", False) else None
+    ids, dropped = engine.completion_ids(prompt, job.params, truncate=truncate or options["echo"] is not None)
+    return ids, dropped, options
 
 
 def _error_event(exc: Exception) -> Error:

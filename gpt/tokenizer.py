@@ -27,11 +27,21 @@ END_OF_TEXT = "<|endoftext|>"
 # Special tokens a trained tokenizer carries: end of text, and the chat format's markers.
 SPECIAL_TOKENS = (END_OF_TEXT, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 # GPT-4's pre-split pattern, with numbers split into 1-2 digits (nanochat's choice for small
-# vocabularies, where 3-digit number tokens waste merges).
+# vocabularies, where 3-digit number tokens waste merges): the pattern of Kettle's tokenizers
+# before LLAMA3_SPLIT_PATTERN became the default, which they keep (it is in their file).
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
     r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
+# Llama 3's pattern (numbers in 1-3 digits), as llama.cpp spells it: the default for new
+# tokenizers (the starter's too), since llama.cpp runs it, so their models export to GGUF
+# (gpt/gguf_export.py); no llama.cpp pre-tokenizer splits numbers as SPLIT_PATTERN does.
+LLAMA3_SPLIT_PATTERN = (
+    r"""(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+# The patterns `tokenizer train --pattern` offers, by name.
+SPLIT_PATTERNS = {"kettle": SPLIT_PATTERN, "llama3": LLAMA3_SPLIT_PATTERN}
 
 
 class Tokenizer:
@@ -222,6 +232,17 @@ def _merge_pairs(tokenizer: Tokenizer) -> list[tuple[bytes, bytes]]:
     return pairs
 
 
+def byte_level_bpe(tokenizer: Tokenizer) -> tuple[list[str], list[tuple[str, str]]]:
+    """The mergeable tokens in id order and their merges in rank order, written in GPT-2's
+    printable stand-ins for bytes: how Hugging Face and llama.cpp (GGUF) store a byte-level BPE."""
+    chars = _byte_chars()
+
+    def text(token: bytes) -> str:
+        return "".join(chars[b] for b in token)
+
+    return [text(t) for t in tokenizer.ranked_tokens()], [(text(a), text(b)) for a, b in _merge_pairs(tokenizer)]
+
+
 def _prefix_split(prefixes: Sequence[str]) -> str:
     """A regex for any of `prefixes` at the start of a piece of text (the text between special
     tokens, which the tokenizers library pre-tokenizes one by one), every character escaped."""
@@ -239,14 +260,8 @@ def hf_tokenizer_json(tokenizer: Tokenizer, prefixes: Sequence[str] = (), *, sto
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
-    chars = _byte_chars()
-
-    def text(token: bytes) -> str:
-        return "".join(chars[b] for b in token)
-
-    ranks = tokenizer.encoding._mergeable_ranks
-    merges = [(text(a), text(b)) for a, b in _merge_pairs(tokenizer)]
-    hf = HFTokenizer(models.BPE({text(t): r for t, r in ranks.items()}, merges, ignore_merges=True))
+    vocab, merges = byte_level_bpe(tokenizer)
+    hf = HFTokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges, ignore_merges=True))
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [
             *([pre_tokenizers.Split(Regex(_prefix_split(prefixes)), behavior="isolated")] if prefixes else []),
@@ -367,18 +382,21 @@ def _hf_split_pattern(pre, prefixes: Sequence[str]) -> str | None:
     return None
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, *, name: str = "kettle-bpe") -> Tokenizer:
-    """Train a byte-level BPE with rustbpe; `vocab_size` includes the special tokens."""
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, *, name: str = "kettle-bpe", pattern: str = LLAMA3_SPLIT_PATTERN
+) -> Tokenizer:
+    """Train a byte-level BPE with rustbpe on text split by `pattern`; `vocab_size` includes the
+    special tokens."""
     import rustbpe
 
     n_merged = vocab_size - len(SPECIAL_TOKENS)
     if n_merged < 256:
         raise KettleError(f"vocab size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
     trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(_non_empty(texts), n_merged, pattern=SPLIT_PATTERN)
+    trainer.train_from_iterator(_non_empty(texts), n_merged, pattern=pattern)
     ranks = dict(trainer.get_mergeable_ranks())
     special = {token: len(ranks) + i for i, token in enumerate(SPECIAL_TOKENS)}
-    encoding = tiktoken.Encoding(name=name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+    encoding = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
     return Tokenizer(encoding, name)
 
 

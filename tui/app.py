@@ -364,6 +364,12 @@ class KettleApp(App):
         if self.current_mode != mode:
             await self.switch_mode(mode)
 
+    async def action_go_and(self, mode: str, action: str) -> None:
+        """Show the screen of `mode`, then run one of its actions (a palette command)."""
+        await self.action_go(mode)
+        if self.current_mode == mode:
+            await self.screen.run_action(action)
+
     def action_help(self) -> None:
         from tui.screens.help import HelpScreen
 
@@ -379,6 +385,9 @@ class KettleApp(App):
                     f"{entry.about} ({entry.key.upper()})",
                     partial(self.run_action, f"go('{entry.mode}')"),
                 )
+        for entry in SCREENS:  # every screen's commands, wherever the palette is opened
+            for title, about, action in entry.commands:
+                yield SystemCommand(title, about, partial(self.run_action, f"go_and({entry.mode!r}, {action!r})"))
         yield SystemCommand("Help: keys", "Every key binding and how to change it (F1)", self.action_help)
         from tui.screens.models import model_commands
 

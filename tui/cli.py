@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import select
 import sys
 
 from gpt.errors import KettleError
@@ -19,6 +21,7 @@ COMMAND_MODULES = [
     "tui.commands.pretrain",
     "tui.commands.brew",
     "tui.commands.data",
+    "tui.commands.docs",
     "tui.commands.finetune",
 ]
 
@@ -57,10 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is not None and (args.app_server or args.app_api_key):
-        parser.error("--server and --api-key are for the app: use them without a command")
     try:
+        args = parser.parse_args(argv)
+        if args.command is not None and (args.app_server or args.app_api_key):
+            parser.error("--server and --api-key are for the app: use them without a command")
         if args.command is None:
             from tui.app import run_app
             from tui.commands.serve import api_key
@@ -71,12 +74,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kettle: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a full disk, a folder that cannot be written: what and where
+        if isinstance(exc, BrokenPipeError) and stdout_closed():
+            # `kettle ... | head`: the reader has all it wanted. Later writes (Python's own flush
+            # at exit included) go nowhere instead of failing again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         where = f": {exc.filename}" if exc.filename else ""
         print(f"kettle: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("kettle: interrupted", file=sys.stderr)
         return 130
+
+
+def stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR)
+        return bool(poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), stdout without a descriptor
+        return False
 
 
 def entry() -> None:

@@ -6,6 +6,7 @@ import gzip
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -425,12 +426,10 @@ def test_a_database_from_numbered_migrations_opens_with_its_rows(numbered_db):
     old = sqlite3.connect(numbered_db)
     versions = old.execute("SELECT version, applied_at FROM schema_version").fetchall()
     old.close()
-    with open_store(numbered_db, read_only=True) as store:  # current already: readable as it is
-        assert store.applied_migrations() == list(schema.NUMBERED_MIGRATIONS)
     with open_store(numbered_db) as store:
-        assert store.conn.execute("SELECT * FROM _migrations ORDER BY rowid").fetchall() == [
+        assert store.conn.execute("SELECT * FROM _migrations ORDER BY rowid").fetchall()[: len(versions)] == [
             (schema.NUMBERED_MIGRATIONS[v - 1], at) for v, at in versions
-        ]  # times kept
+        ]  # times kept (the named migrations since follow)
         assert not store.db["schema_version"].exists()  # one record of what was applied
         assert store.applied_migrations() == [fn.__name__ for fn in schema.MIGRATIONS]
         assert store.integrity_check() == "ok"
@@ -574,3 +573,72 @@ def test_reading_a_home_with_nothing_stored_yet_creates_nothing(kettle_home, cap
     assert main(["data", "stats"]) == 0 and main(["data", "search", "tea"]) == 0
     assert "no matches" in capsys.readouterr().out
     assert not (kettle_home / "kettle.db").exists()
+
+
+def test_a_snapshot_refuses_every_change_from_the_sqlite3_shell(store):
+    """A plain INSERT into snapshot_rows used to change what a snapshot exported and trained on
+    while `snapshot list` showed the old count and hash. The sqlite3 shell enforces no foreign
+    keys: the triggers must hold without them."""
+    _, _, bot = chat(store)
+    store.set_label(bot.id, ideal="Paris.")
+    snap = store.create_snapshot()
+    shell = sqlite3.connect(store.path)  # foreign_keys off, as the sqlite3 shell has it
+    for sql in (
+        f"INSERT INTO snapshot_rows (snapshot_id, kind, position, data) VALUES ({snap.id}, 'example', 1, '{{}}')",
+        "UPDATE snapshot_rows SET position = 5",
+        "DELETE FROM snapshot_rows",
+        "UPDATE snapshots SET sealed = 0",
+        "UPDATE snapshots SET id = 99",
+        "DELETE FROM snapshots",
+        "DELETE FROM conversations",
+    ):
+        with pytest.raises(sqlite3.IntegrityError, match="immutable|never deleted"):
+            shell.execute(sql)
+    shell.close()
+    assert store.verify_snapshot(snap.id) and len(store.snapshot_examples(snap.id)) == 1
+    assert store.conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 2
+
+
+def test_a_snapshot_whose_rows_were_changed_is_an_error_on_read(store):
+    _, _, bot = chat(store)
+    store.set_label(bot.id, ideal="Paris.")
+    snap = store.create_snapshot()
+    # what only a damaged file or someone dropping the guard can do
+    store.conn.execute("DROP TRIGGER snapshot_rows_no_update")
+    store.conn.execute("""UPDATE snapshot_rows SET data = replace(data, 'Paris.', 'Lyon.')""")
+    assert not store.verify_snapshot(snap.id)
+    for read in (store.snapshot_examples, store.snapshot_pairs, store.snapshot_data):
+        with pytest.raises(KettleError, match=f"snapshot {snap.id} no longer matches its sha256"):
+            read(snap.id)
+
+
+def test_backup_while_writing_holds_everything_committed(store, tmp_path):
+    conv = store.create_conversation("busy")
+    committed: list[int] = []
+    stop = threading.Event()
+
+    def write():
+        with open_store(store.path) as writer:
+            while not stop.is_set():
+                committed.append(writer.add_message(conv.id, "user", content=f"q{len(committed)}").id)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    while len(committed) < 20:
+        time.sleep(0.01)
+    before = list(committed)
+    out = store.backup(tmp_path / "copy.db")
+    stop.set()
+    thread.join()
+    assert not list(tmp_path.glob(".copy.db.*"))  # nothing temporary left beside it
+    with open_store(out, read_only=True) as copy:
+        assert copy.integrity_check() == "ok"
+        ids = {row[0] for row in copy.conn.execute("SELECT id FROM messages")}
+    assert set(before) <= ids and ids <= set(committed)
+    assert not (tmp_path / "copy.db-wal").exists()  # one self-contained file
+
+
+def test_a_reading_command_upgrades_an_older_database_it_can_write(numbered_db):
+    with open_store(numbered_db, read_only=True) as store:
+        assert store.applied_migrations() == [fn.__name__ for fn in schema.MIGRATIONS]
+        assert store.verify_snapshot(store.snapshots()[0].id)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
+from data.formats import import_file
 from data.store import open_store
 from tests.conftest import ROOT
 
@@ -41,6 +45,21 @@ APP_LIKE_WRITER = textwrap.dedent("""
         store.list_conversations()
     print("done", flush=True)
 """)
+
+
+IMPORTER = textwrap.dedent("""
+    import sys
+    from data.formats import import_file
+    from data.store import open_store
+    import_file(open_store(sys.argv[1]), sys.argv[2])
+""")
+
+
+def alpaca_file(path, n: int):
+    path.write_text(
+        json.dumps([{"instruction": f"Question {i}?", "input": "", "output": f"Answer {i}."} for i in range(n)])
+    )
+    return path
 
 
 def spawn(script: str, *args) -> subprocess.Popen:
@@ -118,3 +137,82 @@ def test_opening_does_not_wait_for_another_process_writing(tmp_path):
             with open_store(path) as reader:
                 assert reader.list_conversations() == []
             assert time.monotonic() - start < 1.0
+
+
+def test_a_long_import_lets_other_writers_in_and_shows_nothing_until_it_ends(tmp_path):
+    """An import held the write lock from its first record to its last (11,000 records: a
+    minute), so a fine-tune logging its metrics failed and the app's label writes were refused.
+    Now it commits in short batches, its conversations hidden until the last one."""
+    path = tmp_path / "kettle.db"
+    with open_store(path) as store:
+        conv = store.create_conversation("mine")
+        user = store.add_message(conv.id, "user", content="q")
+        answer = store.add_message(conv.id, "assistant", content="a", parent_id=user.id)
+        run = store.create_run("finetune")
+    source = alpaca_file(tmp_path / "long.json", 3_000)
+    started, written, finished, errors = threading.Event(), threading.Event(), threading.Event(), []
+
+    def progress(done: int, total: int) -> None:
+        started.set()
+        if done == total:  # the last record is written: the import shows them all next
+            written.set()
+
+    def run_import():
+        try:
+            with open_store(path) as importer:
+                import_file(importer, source, progress=progress)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            finished.set()
+
+    thread = threading.Thread(target=run_import)
+    thread.start()
+    assert started.wait(60), errors
+    waits, landed, shown = [], 0, set()
+    with open_store(path) as other:  # another connection: the app, or a training run
+        while not finished.is_set():
+            begun = time.monotonic()
+            other.set_label(answer.id, score=1 + len(waits) % 5)
+            other.log_metrics(run.id, len(waits) + 1, metrics={"loss": 1.0})
+            waits.append(time.monotonic() - begun)
+            landed += not finished.is_set()
+            seen = (len(other.list_conversations()), len(other.dataset()[0]), len(other.search("Question")))
+            if not written.is_set():  # so certainly read before the import ended
+                shown.add(seen)
+            time.sleep(0.05)
+        thread.join()
+        assert errors == []
+        assert landed >= 3 and max(waits) < 2.0, waits  # they got in while the import ran
+        assert shown == {(1, 0, 0)}  # and saw none of it
+        assert len(other.list_conversations(limit=10_000)) == 3_001 and len(other.dataset()[0]) == 3_000
+        assert len(other.label_history(answer.id)) == len(other.run_metrics(run.id)) == len(waits)
+        assert other.integrity_check() == "ok"
+
+
+def test_a_killed_import_shows_nothing_and_the_next_import_clears_it_away(tmp_path):
+    path = tmp_path / "kettle.db"
+    open_store(path).close()
+    child = spawn(IMPORTER, path, alpaca_file(tmp_path / "long.json", 20_000))
+    raw = sqlite3.connect(path)
+    deadline = time.monotonic() + 60
+    while raw.execute("SELECT COUNT(*) FROM conversations").fetchone()[0] < 200:  # some batches are in
+        assert child.poll() is None and time.monotonic() < deadline, child.stderr.read()
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    with open_store(path) as store:
+        assert store.list_conversations() == [] and store.dataset() == ([], []) and store.search("Question") == []
+        assert store.stats()["conversations"] == 0
+        report = import_file(store, alpaca_file(tmp_path / "short.json", 2))
+        assert report.conversations == 2
+        stats = store.stats()
+        assert (stats["conversations"], stats["deleted_conversations"], stats["messages"], stats["label_rows"]) == (
+            2,
+            0,
+            4,
+            2,
+        )
+        assert raw.execute("SELECT COUNT(*) FROM pending_imports").fetchone()[0] == 0
+        assert store.integrity_check() == "ok"
+    raw.close()

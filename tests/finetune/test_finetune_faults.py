@@ -68,6 +68,9 @@ elif point == "model":
         half_written(path)
         die()
     gpt.checkpoint.save_file = killing_save_file
+elif point == "register":  # the model directory is in place; its registration is next
+    from data.store import Store
+    Store.add_model_version = lambda *args, **kwargs: die()
 jobs.execute(run_id, progress=False)
 print("finished without being killed")
 """
@@ -211,6 +214,117 @@ def test_twenty_kills_at_random_points_lose_nothing_committed(store, snapshot):
         assert steps[:1] in ([], [before + 1]), (point, n)
         assert temporaries() == [], (point, n)
     assert json.dumps(store.run(run.id).config)  # the runs table is still readable
+
+
+def test_killed_between_writing_and_registering_the_model_nothing_lists_or_serves_it_and_resume_registers_it(
+    store, snapshot, capsys
+):
+    """The model directory was renamed into models/ and the process died before the store knew
+    of it: that folder used to be listed by /v1/models and served by `kettle generate`, and
+    resume failed forever ("a model named ... already exists")."""
+    import httpx
+
+    from gpt.service import InProcessService
+    from tests.gpt.test_server import RunningServer
+    from tui.cli import main
+
+    run = create_run(store, JobSpec(model="base", snapshot_id=snapshot))
+    killed(run.id, "register")
+    out = models_dir() / f"base-ft{run.id}"
+    assert (out / "config.json").is_file() and store.model_versions()[0].name == "base"
+    assert [m.name for m in StoreCatalog().models()] == ["base"]
+    server = RunningServer(InProcessService("base", catalog=StoreCatalog()), None)
+    try:
+        assert [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]] == ["base"]
+    finally:
+        server.stop()
+    with pytest.raises(KettleError, match=f"run {run.id} wrote this model but never registered it"):
+        StoreCatalog().resolve(out.name)
+    for model in (out.name, str(out)):
+        assert main(["generate", model, "Hi", "--max-new-tokens", "1", "--device", "cpu"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"`kettle finetune resume {run.id}`" in err, err
+
+    resumed, steps = resume(run.id)
+    assert steps == [] and resumed.status == "finished", resumed.error  # adopted, nothing trained again
+    assert store.model_version(resumed.output_model_id).path == str(out)
+    assert [m.name for m in StoreCatalog().models()] == [out.name, "base"]
+    assert main(["generate", out.name, "Hi", "--max-new-tokens", "1", "--device", "cpu"]) == 0
+    assert not (run_dir(run.id) / CHECKPOINT_DIR).exists() and temporaries() == []
+
+
+# Runs `python -m finetune.jobs RUN_ID` as the app starts it, with the store failing from the
+# moment the model directory is written: "locked" (another connection holds the write lock
+# until this process ends) or "full" (every write transaction refused as on a full disk).
+STORE_FAULT = r"""
+import sqlite3, sys
+import data.store, finetune.jobs as jobs
+
+run_id, fault = int(sys.argv[1]), sys.argv[2]
+data.store.BUSY_TIMEOUT_S = 0.2
+jobs.STORE_WAIT_S = 0.5
+write_model = jobs._write_model
+
+def full(self):
+    raise sqlite3.OperationalError("database or disk is full")
+
+def write_then_fail(*args, **kwargs):
+    write_model(*args, **kwargs)
+    if fault == "locked":
+        holder = sqlite3.connect(str(data.store.open_store().path), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        write_then_fail.holder = holder
+    else:
+        data.store.Store._begin_immediate = full
+
+jobs._write_model = write_then_fail
+sys.exit(jobs.main([str(run_id), "--no-progress"]))
+"""
+
+
+@pytest.mark.parametrize("fault, says", [("locked", "stayed locked"), ("full", "database or disk is full")])
+def test_a_store_that_refuses_the_registration_fails_the_run_with_the_reason(store, snapshot, fault, says):
+    """A store locked or full at registration used to print two lines and leave the run
+    "running" until a reaper called it "killed?"; now the error is one line and the run ends
+    failed with it (recorded by whoever reaps the process when the store could not be told)."""
+    from finetune.jobs import reap_dead_runs
+
+    run = create_run(store, JobSpec(model="base", snapshot_id=snapshot))
+    done = subprocess.run(
+        [sys.executable, "-c", STORE_FAULT, str(run.id), fault], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("kettle: error: the model could not be registered")
+    assert says in done.stderr and f"kettle finetune resume {run.id}" in done.stderr
+    assert reap_dead_runs(store) == [run.id]
+    failed = store.run(run.id)
+    assert failed.status == "failed" and says in failed.error and "killed" not in failed.error
+    assert [m.name for m in StoreCatalog().models()] == ["base"]
+    resumed, steps = resume(run.id)
+    assert steps == [] and resumed.status == "finished"  # the finished training was kept
+
+
+def test_a_store_locked_for_a_while_at_registration_only_delays_it(store, snapshot, monkeypatch):
+    """An import holding the write lock past one busy timeout no longer costs a finished run."""
+    import sqlite3
+    import threading
+
+    import data.store
+    import finetune.jobs
+
+    monkeypatch.setattr(data.store, "BUSY_TIMEOUT_S", 0.2)
+    write_model = finetune.jobs._write_model
+    holder = sqlite3.connect(str(store.path), isolation_level=None, check_same_thread=False)
+
+    def write_then_lock(*args, **kwargs):
+        write_model(*args, **kwargs)
+        holder.execute("BEGIN IMMEDIATE")
+        threading.Timer(1.0, holder.execute, ["ROLLBACK"]).start()
+
+    monkeypatch.setattr(finetune.jobs, "_write_model", write_then_lock)
+    run = create_run(store, JobSpec(model="base", snapshot_id=snapshot))
+    assert execute(run.id, progress=False).status == "finished"
+    holder.close()
 
 
 def test_the_app_sees_a_killed_run_as_failed_not_running(store, snapshot):

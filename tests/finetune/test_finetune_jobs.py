@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from data.paths import models_dir
+from data.paths import models_dir, runs_dir
 from finetune import allocator
 from finetune.jobs import (
     CHECKPOINT_DIR,
@@ -206,7 +206,7 @@ def test_bad_inputs_fail_the_run_with_the_reason(store, base, tmp_path):
     ]
     only_questions = tmp_path / "questions.jsonl"
     only_questions.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi?"}]}) + "\n")
-    cases.append((JobSpec(model="base", data=str(only_questions)), "at least one assistant message"))
+    cases.append((JobSpec(model="base", data=str(only_questions)), "line 1: 'conversations' has no assistant message"))
     with pytest.raises(KettleError, match="unknown fine-tuning settings: epoch"):
         create_run(store, JobSpec(model="base", snapshot_id=empty, sft={"epoch": 3}))
     for spec, reason in cases:
@@ -214,6 +214,20 @@ def test_bad_inputs_fail_the_run_with_the_reason(store, base, tmp_path):
         with pytest.raises(KettleError, match=reason):
             execute(run.id, progress=False)
         _assert_failed(store, run.id, reason)
+
+
+def test_the_app_start_refuses_what_the_run_would_refuse_and_records_nothing(store, base):
+    """start_finetune (the app's Ctrl+G) checks as `kettle finetune` does: a run that could only
+    fail used to be recorded as failed, with its runs/finetune-N folder left behind."""
+    snapshot = _snapshot(store)
+    for sft, says in (
+        ({"max_length": 1}, "longer than the context of 1 tokens"),
+        ({"val_fraction": 0.99}, "no training examples left after holding out"),
+        ({"lora": {"rank": 100000}}, "--lora-rank 100000 exceeds the model's width"),
+    ):
+        with pytest.raises(KettleError, match=says):
+            start_finetune(JobSpec(model="base", snapshot_id=snapshot, sft=sft), store)
+    assert store.runs() == [] and not runs_dir(create=False).exists()
 
 
 def test_out_of_memory_fails_cleanly_and_resume_checks_the_vocabulary(store, base, tiny_gpt2_vocab_model_dir):

@@ -179,6 +179,18 @@ def test_cli_bad_corpus(tmp_path, capsys, content, message):
     assert not (tmp_path / "m").exists()
 
 
+def test_a_refused_run_clears_what_it_wrote_in_a_run_folder_the_user_named(tmp_path, capsys, verdict_file):
+    """A corpus too short for --context is found once tokenized: the tokenizer and shards it
+    wrote into the user's --run-dir used to stay there; the user's own file stays."""
+    run_dir = tmp_path / "my-runs"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    argv = ["pretrain", "--data", str(verdict_file), "--preset", "tiny", "--context", "100000"]
+    code, err = run_cli(capsys, *argv, "--out", str(tmp_path / "m"), "--run-dir", str(run_dir))
+    assert code == 1 and "fewer than one context window (100000 + 1)" in err and err.count("\n") == 1
+    assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"] and not (tmp_path / "m").exists()
+
+
 def test_cli_bad_preset_and_resume(tmp_path, capsys, verdict_file):
     with pytest.raises(SystemExit) as exit_:  # the flag's choices are the presets: argparse's line
         run_cli(capsys, "pretrain", "--data", str(verdict_file), "--preset", "gpt5", "--out", str(tmp_path / "m"))

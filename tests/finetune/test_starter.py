@@ -138,3 +138,27 @@ def test_full_starter_learns_python():
     result = starter.brew_starter()
     assert result.notes["val_loss"] < result.notes["untrained_val_loss"] - 3.0
     assert result.notes["val_bits_per_byte"] < 2.5
+
+
+def test_the_brew_says_its_eta_again_as_the_speed_changes_and_after_pretraining(tmp_path):
+    """A 51-minute brew had said "about 8 minutes" once, at step 40, and nothing after."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    out = StringIO()
+    brew = starter.Brew(tmp_path, "cpu", Console(file=out, width=200))
+    now = [0.0]
+    eta = starter.BrewETA(brew, 900, clock=lambda: now[0])
+    for step in range(1, 901):
+        now[0] += 1.0 if step <= 400 else 3.0  # the machine gets busy at step 400
+        eta.step(step, 2.0)
+    eta.pretrained()
+    said = [starter.parse_eta(line) for line in out.getvalue().splitlines()]
+    said = [s for s in said if s is not None]
+    assert len(said) == 7  # steps 40, 190, ..., 790, and the end of pretraining
+    assert abs(said[0] - (900 - 40 + starter.LATER_STAGES_STEPS)) <= 3  # 1 s a step: the whole brew
+    assert brew.notes["eta_s"] == 900 - 40 + starter.LATER_STAGES_STEPS  # the first, for the record
+    assert abs(said[4] - 3 * (900 - 640 + starter.LATER_STAGES_STEPS)) <= 3  # 3 s a step since 490
+    assert abs(said[-1] - 3 * starter.LATER_STAGES_STEPS) <= 3  # what is left after pretraining
+    assert starter.parse_eta(starter.eta_text(45)) == 45 and starter.parse_eta("loss 2.1 eta 0:03") is None

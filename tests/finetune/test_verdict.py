@@ -21,7 +21,7 @@ def test_a_model_that_learned_and_kept_its_skills_passes():
     lines = summary_lines(BASE)
     assert lines[0].startswith("your corrections: 10 of 10 now come back")
     assert "the base gave back 0" in lines[0]
-    assert any("2.000 -> 2.100 (+5%" in line for line in lines)
+    assert any("2.000 -> 2.100 (+5.0%" in line for line in lines)
     assert lines[-1] == "regression gate: passed"
 
 
@@ -43,3 +43,11 @@ def test_without_replay_or_held_out_examples_the_corrections_decide():
     assert any("no instruction data of its own" in line for line in lines)
     assert judge(m)[0] == "passed"
     assert judge({**m, "recall_base": 3, "recall": 2})[0] == "regressed"
+
+
+def test_a_change_near_the_tolerance_shows_its_decimal():
+    """A loss up 10.4% regresses (more than 10%): "+10%" read as if it had passed."""
+    m = {**BASE, "replay_loss_before": 2.5, "replay_loss_after": 2.76}
+    gate, reasons = judge(m)
+    assert gate == "regressed" and "rose 10.4%" in reasons[0]
+    assert any("2.500 -> 2.760 (+10.4%;" in line for line in summary_lines(m))

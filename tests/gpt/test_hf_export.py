@@ -104,6 +104,21 @@ def test_apply_chat_template_gives_kettles_prompt_ids(kind, chat, exports, kettl
     assert got == render_prompt(messages, tokenizer)
 
 
+@pytest.mark.parametrize("kind", ["trained", "gpt2"])
+def test_the_assistant_tokens_mask_is_kettles_training_mask(kind, exports, kettle_dirs):
+    """TRL's assistant_only_loss trains on the tokens the template's {% generation %} blocks
+    mark: they must be render_training's loss mask (each answer and its end-of-turn marker)."""
+    from gpt.chat_template import render_training
+
+    hf = transformers.AutoTokenizer.from_pretrained(exports[kind])
+    _, tokenizer = load_model(kettle_dirs[kind])
+    messages = CHATS["multi"] + [{"role": "assistant", "content": "Done."}]
+    out = hf.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = render_training(messages, tokenizer)
+    assert out["input_ids"] == ids
+    assert out["assistant_masks"] == [int(m) for m in mask] and sum(mask) > 2
+
+
 def test_the_export_holds_the_models_own_special_ids(exports, kettle_dirs):
     _, tokenizer = load_model(kettle_dirs["trained"])
     config = json.loads((exports["trained"] / "config.json").read_text())
@@ -274,3 +289,19 @@ def test_a_model_directory_of_an_older_kettle_still_loads(tiny_model_dir, tmp_pa
         files(export_hf(old, tmp_path / "hf"))["tokenizer.json"]
         == files(export_hf(tiny_model_dir, tmp_path / "hf-new"))["tokenizer.json"]
     )
+
+
+@pytest.mark.parametrize("kind", ["trained", "gpt2"])
+def test_documents_ground_the_newest_question_as_kettle_does(kind, exports, kettle_dirs):
+    """apply_chat_template(documents=...) puts passages where Kettle's grounded answers have them."""
+    from gpt.chat_template import grounded
+
+    hf = transformers.AutoTokenizer.from_pretrained(exports[kind])
+    _, tokenizer = load_model(kettle_dirs[kind])
+    messages = CHATS["multi"]
+    passages = ["str.upper()\n\nReturn a copy of the string converted to uppercase.", "How do I sum?\nCall sum(xs)."]
+    documents = [{"title": f"source {i}", "text": text} for i, text in enumerate(passages)]
+    got = hf.apply_chat_template(messages, documents=documents, add_generation_prompt=True, tokenize=True)
+    assert got["input_ids"] == render_prompt(grounded(messages, passages), tokenizer)
+    plain = hf.apply_chat_template(messages, documents=[], add_generation_prompt=True, tokenize=True)
+    assert plain["input_ids"] == render_prompt(messages, tokenizer)

@@ -10,6 +10,7 @@ import time
 import pytest
 from test_app import SIZE, open_chat, type_text, views, wait_until, write_config
 
+from data import memory
 from data.paths import models_dir
 from data.store import Store, open_store
 from gpt.hf import export_hf
@@ -393,3 +394,32 @@ def test_no_screen_or_widget_imports_the_app_module():
         [sys.executable, "-c", code], cwd=tui.parent, capture_output=True, text=True, check=True
     ).stdout.split()
     assert len(modules) >= 10 and out == ["False"]
+
+
+async def test_docs_screen_adds_lists_and_removes_documents(app_model, tmp_path):
+    folder = tmp_path / "manual"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"page{i}.md").write_text(f"# Page {i}\n\nThe kettle model number {i} whistles.\n")
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await pilot.press("f8")
+        await wait_until(pilot, lambda: app.current_mode == "docs", "the docs screen")
+        screen = app.screen
+        screen.query_one("#docs-path").focus()
+        await type_text(pilot, str(folder))
+        await pilot.press("enter")
+        table = screen.query_one("#docs-table")
+        await wait_until(pilot, lambda: table.row_count == 5, "five documents listed")
+        table.focus()
+        await pilot.press("delete")
+        await wait_until(pilot, lambda: table.row_count == 4, "one removed")
+        screen.query_one("#docs-path").focus()
+        await type_text(pilot, str(tmp_path / "nowhere"))
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: "no such file" in " ".join(str(n) for n in app._notifications), "an error")
+    with open_store() as store:
+        assert [p.rsplit("/", 1)[-1] for p in (s.path for s in memory.doc_sources(store))] == [
+            f"page{i}.md" for i in range(1, 5)
+        ]

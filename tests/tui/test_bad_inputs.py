@@ -2,10 +2,10 @@
 
 The corpus (tests/fixtures/bad-inputs, made by tests/tui/bad_inputs.py) is fed to the command line in
 this process, the way a user's shell would run it: dataset files to `kettle data import`; model
-directories to every importer (`kettle generate DIR`, `kettle import-hf DIR OUT`, the app's
-import); flags to every command. Each must exit 1 (a KettleError) or 2 (argparse refused a
-flag) with exactly one line on stderr, no traceback, and leave the store's tables, the model and
-run directories exactly as they were.
+directories to every importer (`kettle generate DIR`, `kettle import-hf DIR OUT`, `kettle
+export-gguf DIR OUT`, the app's import); flags to every command. Each must exit 1 (a KettleError)
+or 2 (argparse refused a flag) with exactly one line on stderr, no traceback, and leave the
+store's tables, the model and run directories exactly as they were.
 """
 
 from __future__ import annotations
@@ -126,6 +126,8 @@ def test_a_bad_model_directory_is_refused_by_every_importer(name, seeded, tmp_pa
     code, err = cli(["import-hf", str(path), str(out)], capsys)
     import_hf = one_line(err)
     assert code == 1 and name in import_hf and not out.exists()
+    code, err = cli(["export-gguf", str(path), str(out / "m.gguf")], capsys)
+    assert code == 1 and name in one_line(err) and not out.exists()
     with open_store() as store, pytest.raises(KettleError) as refused:
         import_model(store, str(path))
     assert name in str(refused.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from data.store import open_store
 from tests.conftest import SHARED_DATA
@@ -76,3 +77,59 @@ def test_importing_twice_needs_again(tmp_path, capsys):
     assert main(["data", "import", str(source)]) == 1
     assert "--again" in capsys.readouterr().err
     assert main(["data", "import", "--again", str(source)]) == 0
+
+
+def test_backup_and_a_tampered_snapshot(tmp_path, capsys):
+    assert main(["data", "import", str(SHARED_DATA / "instruction-data.json")]) == 0
+    assert main(["data", "snapshot", "create"]) == 0
+    capsys.readouterr()
+
+    out = tmp_path / "backup.db"
+    assert main(["data", "backup", str(out)]) == 0
+    assert capsys.readouterr().out == f"backed up 1,100 conversations, 2,200 messages to {out}\n"
+    assert main(["data", "backup", str(out)]) == 1
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert main(["data", "backup", str(tmp_path)]) == 1
+    assert "is a folder; an export only replaces a regular file" in capsys.readouterr().err
+    with open_store(out, read_only=True) as copy:
+        assert copy.stats()["snapshots"] == 1 and copy.integrity_check() == "ok"
+
+    with open_store() as store:  # rows changed where no trigger guards them any more
+        store.conn.execute("DROP TRIGGER snapshot_rows_no_delete")
+        store.conn.execute("DELETE FROM snapshot_rows WHERE position = 0")
+    target = tmp_path / "out.jsonl"
+    assert main(["data", "export", "--format", "openai", "--snapshot", "1", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert "snapshot 1 no longer matches its sha256" in err and len(err.strip().splitlines()) == 1
+    assert not target.exists()
+
+
+def test_export_force_replaces_only_a_regular_file(tmp_path, capsys):
+    """--force replaced whatever OUT was by a rename: a FIFO, a symbolic link (its target kept,
+    the link gone), a device node (run as root, /dev/full became a file)."""
+    import os
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    target = tmp_path / "target.json"
+    target.write_text("keep me")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    dangling = tmp_path / "dangling.json"
+    dangling.symlink_to(tmp_path / "nowhere")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for out, kind in (
+        (fifo, "a named pipe"),
+        (link, "a symbolic link"),
+        (dangling, "a symbolic link"),
+        (folder, "a folder"),
+        (Path("/dev/null"), "a device"),
+    ):
+        for force in (["--force"], []):
+            assert main(["data", "export", "--format", "openai", *force, str(out)]) == 1
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"{out} is {kind}" in err[0] and "only replaces a regular file" in err[0]
+    assert fifo.is_fifo() and link.is_symlink() and dangling.is_symlink() and folder.is_dir()
+    assert target.read_text() == "keep me" and Path("/dev/null").is_char_device()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.json", "folder", "link.json", "pipe", "target.json"]

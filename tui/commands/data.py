@@ -53,6 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = snap.add_parser("list", help="list snapshots, newest first")
     p.set_defaults(func=snapshot_list_command)
 
+    p = data.add_parser("backup", help="copy the database safely, even while Kettle runs")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=backup_command)
+
     p = data.add_parser("search", help="full-text search over messages")
     p.add_argument("query", metavar="QUERY", nargs="+")
     p.add_argument("--limit", type=flags.positive_int, default=20)
@@ -160,7 +165,7 @@ def import_command(args) -> int:
 def export_command(args) -> int:
     from pathlib import Path
 
-    from data.formats import export_file
+    from data.formats import check_target, export_file
     from data.records import DataFilter
     from data.store import open_store
     from gpt.errors import KettleError
@@ -168,6 +173,7 @@ def export_command(args) -> int:
     filt = data_filter(args)
     if args.snapshot is not None and filt != DataFilter():
         raise KettleError("--snapshot exports the snapshot as it was made; drop the filter options")
+    check_target(args.out)
     if Path(args.out).exists() and not args.force:
         raise KettleError(f"{args.out} exists; pass --force to replace it")
     with open_store(read_only=True) as store:
@@ -190,15 +196,40 @@ def export_command(args) -> int:
     return 0
 
 
+def backup_command(args) -> int:
+    from pathlib import Path
+
+    from data.formats import check_target
+    from data.store import open_store
+    from gpt.errors import KettleError
+
+    out = Path(args.out)
+    check_target(out)
+    if out.exists() and not args.force:
+        raise KettleError(f"{args.out} exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise KettleError(f"{out.parent} is not a folder")
+    with open_store(read_only=True) as store:
+        store.backup(out)
+    with open_store(out, read_only=True) as copy:  # the copy opens, and says what it holds
+        counts = copy.stats()
+    print(f"backed up {counts['conversations']:,} conversations, {counts['messages']:,} messages to {out}")
+    return 0
+
+
 def snapshot_create_command(args) -> int:
+    from collections import Counter
+
     from data.store import open_store
 
+    skipped = Counter()
     with open_store() as store:
-        snap = store.create_snapshot(data_filter(args), name=args.name)
+        snap = store.create_snapshot(data_filter(args), name=args.name, skipped=skipped)
     print(
         f"snapshot {snap.id}{f' ({snap.name})' if snap.name else ''}: {snap.n_examples:,} "
         f"examples, {snap.n_pairs:,} preference pairs, sha256 {snap.content_hash[:16]}"
     )
+    print_skipped(skipped)
     if not snap.n_examples and not snap.n_pairs:
         print("  nothing chosen: vote answers up, write corrected answers, or widen the filter")
     return 0

@@ -185,20 +185,11 @@ def _spec(args):
 
 
 def _check(spec) -> None:
-    """Refuse now what the run would refuse as it starts, before its run row and directory
-    exist: the base model (checked as an imported one is), the data, and the settings against
-    them (--max-length and the model's context)."""
     from data.store import open_store
-    from finetune.instruct import SFTConfig, resolve
-    from finetune.jobs import load_conversations, resolve_base
-    from gpt.checkpoint import check_model_dir
+    from finetune.jobs import check_spec
 
-    spec.validate()
     with open_store() as store:
-        base, _, _ = resolve_base(store, spec.model)
-        conversations, _ = load_conversations(store, spec)
-    _, config, _ = check_model_dir(base)
-    resolve(SFTConfig.from_dict(spec.sft), len(conversations), model=config)
+        check_spec(store, spec)
 
 
 def finetune_command(args) -> int:

@@ -26,6 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--system", metavar="TEXT", help="system prompt (with --chat)")
     p.add_argument(
+        "--no-ground",
+        dest="ground",
+        action="store_false",
+        help="with --chat: answer from the model alone, without passages from your corrections and documents",
+    )
+    p.add_argument(
         "--preset", choices=list(PRESETS), help="start from these sampling settings; the flags below override them"
     )
     for param in SAMPLING_FLAGS:
@@ -63,9 +69,13 @@ def generate_command(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = sampling_params(args)
     engine = Engine.load(resolve_model_dir(args.model), device=args.device, quantize=args.quantize)
+    sources = []
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
-        stream = engine.stream_chat(messages + [{"role": "user", "content": prompt}], params)
+        messages.append({"role": "user", "content": prompt})
+        if args.ground:
+            messages, sources = ground(engine, messages, params)
+        stream = engine.stream_chat(messages, params)
     else:
         stream = engine.stream(prompt, params)
     result = None
@@ -91,4 +101,21 @@ def generate_command(args) -> int:
         f"{drafts}, seed {result.seed}, {engine.device}]",
         file=sys.stderr,
     )
+    for p in sources:
+        print(f"[source: {p.kind} {p.source} · {' '.join(p.name.split())[:80]}]", file=sys.stderr)
     return 0
+
+
+def ground(engine, messages: list[dict], params):
+    """The conversation with the passages that answer its newest question, and those passages
+    (Python's documentation is indexed on first use)."""
+    from data import memory
+    from data.store import open_store
+    from tui.commands.docs import index_python
+
+    with open_store() as store:
+        if not memory.has_python_docs(store):
+            index_python(store)
+        found = memory.references_for(store, messages)
+    grounded, used = engine.ground(messages, [p.reference for p in found], params)
+    return grounded, found[:used]

@@ -1,4 +1,4 @@
-"""`kettle import-hf`, `kettle export-hf`, `kettle download`: getting models in and out."""
+"""`kettle import-hf`, `kettle export-hf`, `kettle export-gguf`, `kettle download`: getting models in and out."""
 
 from __future__ import annotations
 
@@ -18,6 +18,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.set_defaults(func=export_hf_command)
+
+    p = sub.add_parser("export-gguf", help="write a Kettle model as a GGUF file for llama.cpp, Ollama, LM Studio")
+    p.add_argument("model_dir", metavar="MODEL")
+    p.add_argument("out", metavar="OUT", help="the .gguf file; an Ollama Modelfile is written beside it")
+    p.add_argument("--type", choices=["f32", "f16", "q8_0"], default="f16", help="weight type (default: f16)")
+    p.add_argument("--force", action="store_true", help="replace OUT and its Modelfile if they exist")
+    p.set_defaults(func=export_gguf_command)
 
     p = sub.add_parser("download", help="download a published GPT-2 checkpoint and convert it")
     p.add_argument("size", choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
@@ -41,6 +48,15 @@ def export_hf_command(args) -> int:
 
     out = export_hf(resolve_model_dir(args.model_dir), args.out_dir, overwrite=args.force)
     print(f"exported {args.model_dir} -> {out}")
+    return 0
+
+
+def export_gguf_command(args) -> int:
+    from data.registry import resolve_model_dir
+    from gpt.gguf_export import MODELFILE, export_gguf
+
+    out = export_gguf(resolve_model_dir(args.model_dir), args.out, weights=args.type, overwrite=args.force)
+    print(f"exported {args.model_dir} -> {out} ({args.type}), with {out.parent / MODELFILE} for `ollama create`")
     return 0
 
 

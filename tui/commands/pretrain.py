@@ -72,6 +72,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--vocab-size", type=int, metavar="N", required=True)
     t.add_argument("--out", metavar="DIR", required=True, help="folder to write kettle-tokenizer.json into")
     t.add_argument("--text-field", metavar="NAME", default="text")
+    t.add_argument(
+        "--pattern",
+        choices=["llama3", "kettle"],
+        default="llama3",
+        help="how text is split before BPE: Llama 3's (numbers in 1-3 digits; the default, which llama.cpp "
+        "runs, so export-gguf takes it) or Kettle's older one (1-2 digits; no GGUF export)",
+    )
     t.add_argument("--force", action="store_true", help="replace DIR if it exists")
     t.set_defaults(func=tokenizer_train_command)
 
@@ -170,14 +177,16 @@ def tokenizer_train_command(args) -> int:
     from finetune.corpus import iter_texts
     from gpt.errors import KettleError
     from gpt.files import atomic_directory
-    from gpt.tokenizer import TOKENIZER_FILE, gpt2_tokenizer, train_tokenizer
+    from gpt.tokenizer import SPLIT_PATTERNS, TOKENIZER_FILE, gpt2_tokenizer, train_tokenizer
 
     out = Path(args.out).expanduser()
     if out.exists() and not args.force:
         raise KettleError(f"{out}: already exists (choose another --out, or --force)")
     console = Console(stderr=True)
     with console.status(f"training a {args.vocab_size}-token BPE on {args.data}"):
-        tokenizer = train_tokenizer(iter_texts(args.data, args.text_field), args.vocab_size)
+        tokenizer = train_tokenizer(
+            iter_texts(args.data, args.text_field), args.vocab_size, pattern=SPLIT_PATTERNS[args.pattern]
+        )
     if tokenizer.n_vocab < args.vocab_size:
         console.print(
             f"note: {tokenizer.n_vocab:,} tokens, not {args.vocab_size:,}: the corpus gave "

@@ -1,4 +1,5 @@
-"""`kettle serve [MODEL]`: the OpenAI-compatible HTTP API (gpt/server.py) for other programs."""
+"""`kettle serve [MODEL]`: the OpenAI-compatible HTTP API (gpt/server.py) and Ollama's (gpt/ollama.py)
+for other programs."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from tui.commands import flags
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
-        help="serve a model over an OpenAI-compatible HTTP API",
+        help="serve a model over OpenAI- and Ollama-compatible HTTP APIs",
         description="Serve MODEL at http://HOST:PORT/v1 (chat/completions, completions, models; "
-        "streaming with server-sent events). Every model GET /v1/models lists is served on "
-        "request by its name (loaded on first use, the two used last kept loaded); MODEL "
-        'answers requests that name none, changed with POST /v1/models/switch {"model": NAME} '
-        "(the server's choice: the app's active model stays as it is).",
+        "streaming with server-sent events) and Ollama's API at http://HOST:PORT/api. Every model "
+        "GET /v1/models lists is served on request by its name (loaded on first use, the two used "
+        "last kept loaded); MODEL answers requests that name none, changed with POST /v1/models/switch "
+        "{\"model\": NAME} (the server's choice: the app's active model stays as it is).",
     )
     p.add_argument(
         "model",
@@ -28,7 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "path (default: the active model)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=flags.port, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument(
+        "--port", type=flags.port, help=f"port (default {OPENAI_PORT}, with --ollama {OLLAMA_PORT}; 0 picks a free one)"
+    )
+    p.add_argument(
+        "--ollama",
+        action="store_true",
+        help=f"listen on Ollama's port ({OLLAMA_PORT}), where Ollama clients look; Ollama's API "
+        "(/api/chat, /api/generate, /api/tags, ...) is served beside the OpenAI one either way",
+    )
     p.add_argument(
         "--api-key",
         metavar="KEY",
@@ -59,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 API_KEY_ENV = "KETTLE_API_KEY"
+OPENAI_PORT, OLLAMA_PORT = 8000, 11434
 
 
 def api_key(given: str | None, flag: str = "--api-key") -> str | None:
@@ -103,6 +113,7 @@ def serve_command(args) -> int:
     import logging
 
     from data.registry import StoreCatalog
+    from gpt.ollama import router
     from gpt.server import LOCAL_NAMES, build_server, listen
     from gpt.service import MAX_LOADED, InProcessService
 
@@ -112,7 +123,8 @@ def serve_command(args) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     logging.getLogger("kettle").addHandler(handler)  # one line per answer: tokens, speed
     logging.getLogger("kettle").setLevel(logging.INFO)
-    sock = listen(args.host, args.port)  # before loading: a taken port fails at once
+    port = args.port if args.port is not None else OLLAMA_PORT if args.ollama else OPENAI_PORT
+    sock = listen(args.host, port)  # before loading: a taken port fails at once
     # The server's model is its own: a switch (POST /v1/models/switch) never becomes the app's
     # active model, which is the user's choice in the app.
     service = InProcessService(
@@ -128,7 +140,8 @@ def serve_command(args) -> int:
         host, port = sock.getsockname()[:2]
         url_host = f"[{host}]" if ":" in host else host
         print(
-            f"kettle: serving {info.name} at http://{url_host}:{port}/v1{' (API key required)' if key else ''}",
+            f"kettle: serving {info.name} at http://{url_host}:{port}/v1 (Ollama's API: http://{url_host}:{port})"
+            f"{' (API key required)' if key else ''}",
             flush=True,
         )
         if key is None and args.host not in LOCAL_NAMES:
@@ -138,7 +151,10 @@ def serve_command(args) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        build_server(service, key, allow_origins=allow_origins, allow_hosts=allow_hosts).run(sockets=[sock])
+        ollama = router(service)  # Ollama's API beside OpenAI's, on every port
+        build_server(service, key, allow_origins=allow_origins, allow_hosts=allow_hosts, routers=[ollama]).run(
+            sockets=[sock]
+        )
     finally:
         service.close()
         sock.close()

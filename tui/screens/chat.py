@@ -13,7 +13,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.markup import escape
 from textual.screen import Screen
-from textual.widgets import Footer, Input, Static
+from textual.widgets import Input, Static
 
 from data.records import Conversation, Label, Message
 from data.store import Store
@@ -23,6 +23,7 @@ from gpt.service import Delta, Done
 from tui.errors import guarded
 from tui.screens.modals import ConfirmModal, EditorModal, TextModal
 from tui.widgets.chat import MessageList, MessageView, PromptArea, counted
+from tui.widgets.footer import KettleFooter
 from tui.widgets.sampling import SamplingPanel
 from tui.widgets.sidebar import ConversationList
 
@@ -121,7 +122,7 @@ class ChatScreen(Screen):
                 yield Static("", id="chat-status")
                 yield PromptArea(id="prompt", placeholder="Message Kettle…  (Enter sends, Ctrl+J new line)")
             yield SamplingPanel(id="sampling")
-        yield Footer()
+        yield KettleFooter()
 
     def on_mount(self) -> None:
         try:
@@ -521,6 +522,7 @@ class ChatScreen(Screen):
         if self.refuse_if_generating():
             return
         self._clear()
+        self.query_one(ConversationList).clear_search()  # a new chat is not among an old search's hits
         self.refresh_list()
         self.query_one(PromptArea).focus()
 
@@ -565,13 +567,6 @@ class ChatScreen(Screen):
         self.query_one(PromptArea).focus()
 
     def commands(self):
-        yield SystemCommand("New chat", "Start a new conversation (ctrl+n)", self.action_new_chat)
-        yield SystemCommand(
-            "Sampling settings",
-            "Temperature, top-k/p, min-p, seed, system prompt (ctrl+s)",
-            self.action_toggle_sampling,
-        )
-        yield SystemCommand("Search chats", "Full-text search over every chat (ctrl+f)", self.action_search)
         view = self.focused if isinstance(self.focused, MessageView) else None
         if view is not None:  # the focused message's keys, by name
             for binding in MessageView.BINDINGS:

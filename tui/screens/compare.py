@@ -9,13 +9,15 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.markup import escape
 from textual.screen import Screen
-from textual.widgets import Footer, Input, Markdown, Select, Static
+from textual.widgets import Input, Markdown, Select, Static
 
 from gpt.errors import KettleError
 from gpt.sampling import get_preset
 from gpt.service import Delta, Done, ModelInfo
 from tui.errors import guarded
 from tui.screens.finetune import CompareRequest
+from tui.widgets.chat import chat_markdown
+from tui.widgets.footer import KettleFooter
 
 SEED = 1234  # both sides sample with the same seed, so differences come from the models
 
@@ -42,9 +44,9 @@ class CompareScreen(Screen):
                 with Vertical(classes="compare-column"):
                     yield Static("", id=f"{side}-title")
                     with VerticalScroll():
-                        yield Markdown("", id=f"{side}-answer")
+                        yield Markdown("", id=f"{side}-answer", parser_factory=chat_markdown)
                     yield Static("", id=f"{side}-stats", classes="compare-stats")
-        yield Footer()
+        yield KettleFooter()
 
     def on_mount(self) -> None:
         self.load_models()

@@ -9,19 +9,20 @@ from pathlib import Path
 
 from rich.text import Text
 from textual import on, work
-from textual.app import SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.markup import escape
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Checkbox, DataTable, Footer, Input, Label, Markdown, Select, Static
+from textual.widgets import Checkbox, DataTable, Input, Label, Markdown, Select, Static
 
 from data.formats import FORMAT_TABLE, export_file
+from data.paths import kettle_home
 from data.records import DataFilter
 from data.store import Store
 from tui.errors import guarded
 from tui.screens.modals import ChoiceModal, TextModal
-from tui.widgets.chat import counted, label_text
+from tui.widgets.chat import chat_markdown, counted, label_text
+from tui.widgets.footer import KettleFooter
 from tui.widgets.sidebar import when
 
 # The examples table: the id and turns columns are this wide; prompt, answer and label share
@@ -43,6 +44,20 @@ class DatasetView:
     stats: dict
     tags: Counter
     snapshots: list
+
+
+def export_suggestion(fmt: str) -> Path:
+    """Where an export is offered to go: ~/Downloads where there is one, else KETTLE_HOME/exports
+    (never the folder the app was started in, which may be a git checkout), under a name that
+    is not taken yet."""
+    downloads = Path.home() / "Downloads"
+    folder = downloads if downloads.is_dir() else kettle_home() / "exports"
+    suffix = FORMAT_TABLE[fmt].suffix
+    path, n = folder / f"kettle-{fmt}{suffix}", 1
+    while path.exists():
+        n += 1
+        path = folder / f"kettle-{fmt}-{n}{suffix}"
+    return path
 
 
 def read_dataset(store: Store, filt: DataFilter, *, shown_excluded: set[int]) -> DatasetView:
@@ -102,7 +117,7 @@ class ExampleModal(ModalScreen):
     def compose(self):
         with VerticalScroll(classes="dialog help-dialog"):
             yield Static("[b]Training example[/]  [dim]Esc closes[/]", classes="dialog-title")
-            yield Markdown(example_markdown(self.example))
+            yield Markdown(example_markdown(self.example), parser_factory=chat_markdown)
 
 
 class DatasetScreen(Screen):
@@ -141,7 +156,7 @@ class DatasetScreen(Screen):
                 yield DataTable(id="dataset-table", cursor_type="row", zebra_stripes=True)
                 yield Static("[b]Snapshots[/] [dim](frozen, content-hashed; fine-tuning uses one)[/]")
                 yield DataTable(id="snapshots-table", cursor_type="row", zebra_stripes=True)
-        yield Footer()
+        yield KettleFooter()
 
     def on_mount(self) -> None:
         self.query_one("#snapshots-table", DataTable).add_columns("#", "Name", "Examples", "Pairs", "Hash", "Made")
@@ -275,13 +290,14 @@ class DatasetScreen(Screen):
         fmt = await self.app.push_screen_wait(ChoiceModal("Export what would train now as…", export_choices()))
         if fmt is None:
             return
-        default = str(Path.cwd() / f"kettle-{fmt}{FORMAT_TABLE[fmt].suffix}")
-        out = await self.app.push_screen_wait(TextModal("Export to file", default))
+        default = await self.app.db(export_suggestion, fmt)
+        out = await self.app.push_screen_wait(TextModal("Export to file", str(default)))
         if not out:
             return
-        report = await self.app.db(
-            export_file, self.app.store, Path(out).expanduser(), fmt=fmt, filt=self.current_filter()
-        )
+        out = Path(out).expanduser()
+        if out.parent == kettle_home() / "exports":  # the suggested folder is made on first use
+            await self.app.db(out.parent.mkdir, exist_ok=True)
+        report = await self.app.db(export_file, self.app.store, out, fmt=fmt, filt=self.current_filter())
         skipped = sum(report.skipped.values())
         self.notify(
             f"Wrote {report.written} records to {report.path}"
@@ -291,7 +307,3 @@ class DatasetScreen(Screen):
 
     def action_reload(self) -> None:
         self.load()
-
-    def commands(self):
-        yield SystemCommand("Dataset: create a snapshot", "Freeze what would train now (s)", self.action_snapshot)
-        yield SystemCommand("Dataset: export", "Write what would train now to a file (e)", self.action_export)

@@ -18,7 +18,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.markup import escape
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Input, Label, ProgressBar, Select, Sparkline, Static
+from textual.widgets import Button, Input, Label, ProgressBar, Select, Sparkline, Static
+from textual.worker import WorkerState
 
 from data.records import DataFilter, ModelVersion, Run
 from data.store import Store
@@ -27,6 +28,7 @@ from finetune.verdict import summary_lines
 from gpt.errors import KettleError
 from tui.errors import guarded
 from tui.widgets.chat import counted
+from tui.widgets.footer import KettleFooter
 
 POLL_S = 0.5
 # The loss chart draws an exponential moving average with this weight on the past: one batch's
@@ -128,13 +130,15 @@ class FinetuneScreen(Screen):
                 yield Static("", id="run-title")
                 yield ProgressBar(id="run-progress", show_eta=True)
                 yield Static("", id="run-stats")
-                yield Static("", id="loss-caption")
-                yield Sparkline([], id="loss-chart")
-                yield Static("", id="finetune-result")
+                # The buttons under the bar, then the verdict, then the chart: below them, at
+                # 80x24 Switch was below the fold (focus did not always scroll to it).
                 with Horizontal(id="finetune-done-buttons"):
                     yield Button("Cancel run  ctrl+x", id="ft-cancel", variant="error")
                     yield Button("Switch to the new model  ctrl+w", id="ft-switch", variant="success")
                     yield Button("Compare with the base  F6", id="ft-compare")
+                yield Static("", id="finetune-result")
+                yield Static("", id="loss-caption")
+                yield Sparkline([], id="loss-chart")
             with Vertical(id="finetune-sheet"):
                 yield Static("Reading your labels…", id="sheet-summary")
                 yield Label("Base model")
@@ -153,7 +157,7 @@ class FinetuneScreen(Screen):
                 yield Static("", id="sheet-estimate")
                 with Horizontal(id="finetune-buttons"):
                     yield Button("Start  ctrl+g", id="ft-start", variant="primary")
-        yield Footer()
+        yield KettleFooter()
 
     def on_mount(self) -> None:
         self.query_one("#finetune-progress-box").display = False
@@ -265,6 +269,10 @@ class FinetuneScreen(Screen):
         if self.run is not None and self.run.status in ("queued", "running"):
             self.notify("A fine-tune is already running.", severity="warning")
             return
+        # Started from the palette as the screen opened: the sheet is read first.
+        for worker in [w for w in self.workers if w.node is self and w.group == "finetune-plan"]:
+            if worker.state == WorkerState.RUNNING:
+                await worker.wait()
         if self.plan is None:
             return
         epochs = self._epochs()
@@ -299,6 +307,7 @@ class FinetuneScreen(Screen):
         self.query_one("#loss-chart", Sparkline).data = []
         self.query_one("#loss-caption", Static).update("")
         self.query_one("#finetune-result", Static).update("")
+        self.query_one("#run-progress", ProgressBar).update(total=1, progress=0)  # not the last run's bar
         self.poll(run_id)
 
     @work(exclusive=True, group="finetune-poll")
@@ -328,6 +337,8 @@ class FinetuneScreen(Screen):
             bar.update(total=run.step, progress=run.step)
         elif run.total_steps:
             bar.update(total=run.total_steps, progress=run.step)
+        else:  # queued, or starting: no steps yet
+            bar.update(total=1, progress=0)
         chart = self.query_one("#loss-chart", Sparkline)
         chart.display = len(losses) >= 2  # one point would fill the whole chart
         chart.data = smoothed(losses)[-200:]
@@ -378,7 +389,7 @@ class FinetuneScreen(Screen):
             result.update(
                 f"[b]{escape(output.name)}[/] is ready.\n"
                 + "\n".join(lines)
-                + "\nSwitch to it now, or compare the two first."
+                + "\nSwitch to it now (above), or compare the two first."
             )
             self.query_one("#ft-switch", Button).focus()
             recall = f"{m['recall']} of {m['recall_of']} corrections come back, " if m.get("recall_of") else ""
@@ -394,7 +405,6 @@ class FinetuneScreen(Screen):
         return True
 
     def commands(self):
-        yield SystemCommand("Fine-tune: start", "Train on your labels now (ctrl+g)", self.action_start)
         if self.check_action("cancel_run", ()):
             yield SystemCommand("Fine-tune: cancel the run", "Stop after this step (ctrl+x)", self.action_cancel_run)
         if self.check_action("switch", ()):

@@ -9,12 +9,13 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from textual import on, work
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Log, OptionList, Static, TextArea
+from textual.widgets import Button, Input, OptionList, ProgressBar, RichLog, Static, TextArea
 from textual.widgets.option_list import Option
 
 
@@ -120,40 +121,77 @@ class ChoiceModal(ModalScreen[str | None]):
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 
 
+def minutes_and_seconds(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
 class TaskModal(ModalScreen[bool]):
     """Runs one `kettle ...` command as a child process and shows its output as it comes (its
-    progress bar live, on the line above the log); the app stays responsive, and Cancel stops
-    the process. Dismisses with True on success."""
+    progress bar live, on the line above the log, long lines wrapped); the app stays responsive,
+    and Cancel stops the process. Dismisses with True on success.
+
+    With `eta`, a function that reads the time left (seconds) from a line of the command's
+    output, the dialog counts down the command's latest estimate and shows a bar for the whole
+    task, which keeps moving between the command's own bars; `estimate` is what it says before
+    the command's first estimate."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel", id="task.cancel")]
 
-    def __init__(self, title: str, args: list[str]):
+    def __init__(
+        self, title: str, args: list[str], *, estimate: str = "", eta: Callable[[str], float | None] | None = None
+    ):
         super().__init__()
-        self.title_text, self.args = title, args
+        self.title_text, self.args, self.estimate, self.eta = title, args, estimate, eta
         self.process = None
         self.started = 0.0
+        self.deadline: float | None = None  # when the latest estimate says the command ends
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "tui.cli", *self.args]
 
     def compose(self):
         with Vertical(classes="dialog task-dialog"):
             yield Static(f"[b]{self.title_text}[/]", classes="dialog-title")
-            yield Static("", id="task-elapsed")
+            yield Static("", id="task-elapsed", markup=False)
+            if self.eta is not None:
+                yield ProgressBar(total=1, show_eta=False, id="task-progress")
             yield Static("starting…", id="task-live", markup=False)
-            yield Log(id="task-log", max_lines=2000)
+            yield RichLog(id="task-log", max_lines=2000, wrap=True, markup=False, highlight=False, min_width=20)
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Cancel", variant="error", id="task-cancel")
 
     def on_mount(self) -> None:
         self.started = time.monotonic()
         self.set_interval(1.0, self._tick)
+        self._tick()
         self.run_command()
 
     def _tick(self) -> None:
-        seconds = int(time.monotonic() - self.started)
-        self.query_one("#task-elapsed", Static).update(f"[dim]{seconds // 60}:{seconds % 60:02d} elapsed[/]")
+        now = time.monotonic()
+        parts = [f"{minutes_and_seconds(now - self.started)} elapsed"]
+        if self.deadline is not None:
+            left = self.deadline - now
+            parts.append(
+                f"about {minutes_and_seconds(left)} left" if left >= 1 else "finishing (longer than estimated)…"
+            )
+            elapsed = now - self.started
+            # Never full before the command ends: a late finish holds it just short.
+            self.query_one(ProgressBar).update(progress=min(0.99, elapsed / (elapsed + max(left, 0))))
+        elif self.estimate:
+            parts.append(self.estimate)
+        self.query_one("#task-elapsed", Static).update("  ·  ".join(parts))
+
+    def _line(self, text: str) -> None:
+        """A finished line of the command's output."""
+        self.query_one("#task-log", RichLog).write(text)
+        seconds = self.eta(text) if self.eta is not None else None
+        if seconds is not None:
+            self.deadline = time.monotonic() + seconds
+            self._tick()
 
     @work(exclusive=True)
     async def run_command(self) -> None:
-        log = self.query_one("#task-log", Log)
         live = self.query_one("#task-live", Static)
         root = Path(__file__).resolve().parent.parent.parent
         # The child's rich progress bars draw as in a terminal (no colour), 100 columns wide.
@@ -167,10 +205,7 @@ class TaskModal(ModalScreen[bool]):
         }
         try:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "tui.cli",
-                *self.args,
+                *self.command(),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -189,11 +224,13 @@ class TaskModal(ModalScreen[bool]):
                 # A redrawn line keeps only its last state (after the last carriage return).
                 text = ANSI.sub("", line).split("\r")[-1].rstrip()
                 if text.strip():
-                    log.write_line(text)
+                    self._line(text)
                     last = text
             current = ANSI.sub("", pending).split("\r")[-1].strip()
-            if current:
-                live.update(current)
+            # A bar being drawn, else the latest line: a finished bar stays no longer than
+            # its work (a bar at 100% stood there through minutes of the brew's next stage).
+            if current or last:
+                live.update(current or last)
         code = await self.process.wait()
         if code == 0:
             self.dismiss(True)

@@ -12,16 +12,18 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.markup import escape
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Static
+from textual.widgets import DataTable, Static
 
 from data.paths import kettle_home, models_dir
 from data.records import ModelVersion
 from data.registry import resolve_model_dir, unique_name
 from data.store import Store
-from finetune.starter import BREW_TIME
+from finetune.starter import BREW_TIME, parse_eta
+from finetune.verdict import summary_lines
 from gpt.errors import KettleError
 from tui.errors import error_text, guarded
 from tui.screens.modals import ChoiceModal, TaskModal, TextModal
+from tui.widgets.footer import KettleFooter
 from tui.widgets.sidebar import when
 
 GPT2_SIZES = [
@@ -41,8 +43,10 @@ def shown_path(path: str) -> str:
 
 
 def loss_of(version: ModelVersion) -> float | None:
-    """The held-out loss a version was measured at, whichever step recorded it."""
-    for key in ("gate_new_loss", "val_loss", "best_val_loss"):
+    """The held-out loss a version was measured at, whichever step recorded it: a fine-tune on
+    fewer examples than it holds out from has none on the user's examples, and is measured on
+    its base's held-out instruction data (replay)."""
+    for key in ("gate_new_loss", "val_loss", "best_val_loss", "replay_loss_after"):
         value = version.metrics.get(key)
         if isinstance(value, (int, float)):
             return float(value)
@@ -60,10 +64,12 @@ def describe(store: Store, version: ModelVersion, *, active_id: int | None) -> s
     ]
     if version.snapshot_id is not None:
         lines.append(f"[dim]trained on snapshot[/] #{version.snapshot_id}")
-    for key in (
-        "gate",
-        "gate_parent_loss",
-        "gate_new_loss",
+    loss = loss_of(version)
+    if loss is not None:
+        lines.append(f"[dim]held-out loss[/] {loss:.3f}")
+    if "gate" in version.metrics:  # a fine-tune: its verdict, as the sheet and its card word it
+        lines += ["[dim]verdict[/]", *(f"  {escape(line)}" for line in summary_lines(version.metrics))]
+    for key in (  # what the verdict does not already say
         "val_loss",
         "first_loss",
         "last_loss",
@@ -176,7 +182,8 @@ async def brew_starter(app) -> None:
             args += ["--out", str(path)]
         else:
             args.append("--force")
-    if not await app.push_screen_wait(TaskModal(f"Brewing {path.name} (offline, {BREW_TIME})", args)):
+    task = TaskModal(f"Brewing {path.name} (offline)", args, estimate=BREW_TIME, eta=parse_eta)
+    if not await app.push_screen_wait(task):
         return
     # A replaced starter that is active counts as activated: the service reloads its weights.
     version, activated = await app.db(register, app.store, path, kind="starter", name=path.name)
@@ -213,6 +220,43 @@ async def import_dir(app) -> None:
     await after_new_model(app, version, activated=activated)
 
 
+GGUF_TYPES = [
+    ("q8_0", "q8_0: 8-bit, a quarter of f32's size, what Ollama users usually run"),
+    ("f16", "f16: half size, near-identical answers"),
+    ("f32", "f32: full precision, the same greedy answers as Kettle"),
+]
+
+
+async def export_gguf(app, version: ModelVersion) -> None:
+    """Pick a weight type and a file; `kettle export-gguf` writes the GGUF file and the Ollama
+    Modelfile beside it in a child process, as brewing does, so the app stays responsive."""
+    from gpt.gguf_export import MODELFILE
+
+    kind = await app.push_screen_wait(ChoiceModal(f"Export {version.name} to GGUF (llama.cpp, Ollama)", GGUF_TYPES))
+    if kind is None:
+        return
+    default = kettle_home() / "exports" / f"{version.name}-{kind}" / f"{version.name}.gguf"
+    out = await app.push_screen_wait(
+        TextModal("Export to", str(default), "/path/to/model.gguf", f"An Ollama {MODELFILE} is written beside it")
+    )
+    if not out:
+        return
+    out = Path(out).expanduser()
+    args = ["export-gguf", version.path, str(out), "--type", kind]
+    if out.exists() or (out.parent / MODELFILE).exists():
+        choice = await app.push_screen_wait(
+            ChoiceModal(f"{out.name} or its {MODELFILE} exists", [("replace", "Replace them"), ("keep", "Cancel")])
+        )
+        if choice != "replace":
+            return
+        args.append("--force")
+    if await app.push_screen_wait(TaskModal(f"Exporting {version.name} to {out.name} ({kind})", args)):
+        app.notify(
+            f"Exported to {out}. `ollama create {version.name} -f {out.parent / MODELFILE}` adds it to Ollama.",
+            timeout=12,
+        )
+
+
 def model_commands(app):
     """Palette entries that work from any screen."""
 
@@ -238,6 +282,7 @@ class ModelsScreen(Screen):
         Binding("i", "import", "Import", id="models.import"),
         Binding("g", "download", "Download GPT-2", id="models.download"),
         Binding("b", "brew", "Brew starter", id="models.brew"),
+        Binding("e", "export_gguf", "Export GGUF", id="models.export-gguf"),
         Binding("ctrl+r", "reload", "Reload", show=False, id="models.reload"),
     ]
 
@@ -254,7 +299,7 @@ class ModelsScreen(Screen):
             yield DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
             with Vertical(id="models-detail-box"):
                 yield Static("", id="models-detail")
-        yield Footer()
+        yield KettleFooter()
 
     def on_mount(self) -> None:
         self.query_one(DataTable).add_columns("", "Name", "Kind", "From", "Held-out loss", "Status", "Added")
@@ -336,6 +381,13 @@ class ModelsScreen(Screen):
         await brew_starter(self.app)
         self.load()
 
+    @work(group="model-task", exclusive=True)
+    @guarded
+    async def action_export_gguf(self) -> None:
+        version = self.selected()
+        if version is not None:
+            await export_gguf(self.app, version)
+
     def action_reload(self) -> None:
         self.load()
 
@@ -344,6 +396,11 @@ class ModelsScreen(Screen):
         if version is not None:
             yield SystemCommand(
                 f"Models: activate {version.name}", "Chat with it from now on (a)", self.action_activate
+            )
+            yield SystemCommand(
+                f"Models: export {version.name} to GGUF",
+                "For llama.cpp, Ollama, LM Studio (e)",
+                self.action_export_gguf,
             )
 
 

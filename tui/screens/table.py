@@ -24,6 +24,10 @@ class ScreenEntry:
     # (place, "module:Class") of its widgets that have keys of their own: the help screen
     # lists their keys after the screen's.
     parts: tuple[tuple[str, str], ...] = ()
+    # (title, palette line, the screen's action): its commands, which the palette offers on
+    # every screen (run from another one, they show this screen first). Commands that depend
+    # on what the screen shows (the selected model, a finished run) come from its commands().
+    commands: tuple[tuple[str, str, str], ...] = ()
 
 
 # In the keys' order: the footer and the help screen show them in this order.
@@ -39,6 +43,11 @@ SCREENS = (
             ("A focused message", "tui.widgets.chat:MessageView"),
             ("Chat list", "tui.widgets.sidebar:ConversationList"),
         ),
+        commands=(
+            ("New chat", "Start a new conversation (ctrl+n)", "new_chat"),
+            ("Sampling settings", "Temperature, top-k/p, min-p, seed, system prompt (ctrl+s)", "toggle_sampling"),
+            ("Search chats", "Full-text search over every chat (ctrl+f)", "search"),
+        ),
     ),
     ScreenEntry(
         "dataset",
@@ -46,6 +55,10 @@ SCREENS = (
         screen="tui.screens.dataset:DatasetScreen",
         key="f3",
         about="What would train now: counts, filters, snapshots, export",
+        commands=(
+            ("Dataset: create a snapshot", "Freeze what would train now (s)", "snapshot"),
+            ("Dataset: export", "Write what would train now to a file (e)", "export"),
+        ),
     ),
     ScreenEntry(
         "models",
@@ -60,6 +73,7 @@ SCREENS = (
         screen="tui.screens.finetune:FinetuneScreen",
         key="f5",
         about="Fine-tune the active model on your labels",
+        commands=(("Fine-tune: start", "Train on your labels now (ctrl+g)", "start"),),
     ),
     ScreenEntry(
         "compare",
@@ -68,6 +82,15 @@ SCREENS = (
         key="f6",
         command="Compare models",
         about="One prompt, two models, side by side",
+    ),
+    ScreenEntry(
+        "docs",
+        "Docs",
+        screen="tui.screens.docs:DocsScreen",
+        key="f8",
+        command="Documents",
+        about="What answers are grounded in: add, see and remove documents",
+        commands=(("Docs: re-index", "Re-read the files that changed since they were added (ctrl+r)", "reindex"),),
     ),
     ScreenEntry("welcome", "Welcome", screen="tui.screens.welcome:WelcomeScreen"),
 )

@@ -6,11 +6,12 @@ from textual import on, work
 from textual.binding import Binding
 from textual.containers import Center, Vertical
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Static
+from textual.widgets import Button, Static
 
 from finetune.starter import BREW_TIME
 from tui.errors import guarded
 from tui.screens.models import brew_starter, download_gpt2, import_dir
+from tui.widgets.footer import KettleFooter
 
 WELCOME = """\
 [b]Welcome to Kettle[/]
@@ -36,7 +37,7 @@ class WelcomeScreen(Screen):
                 yield Button("g  Download GPT-2 from Hugging Face — 124M to 1.5B parameters", id="download")
                 yield Button("i  Import a model directory — Kettle or Hugging Face GPT-2", id="import")
                 yield Static("[dim]F1 keys · Ctrl+P every command · Ctrl+Q quit[/]", id="welcome-hint")
-        yield Footer()
+        yield KettleFooter()
 
     def on_mount(self) -> None:
         self.query_one("#brew", Button).focus()

@@ -21,9 +21,45 @@ from tui.widgets.blink import RestingTextArea
 CODE_BLOCK = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
-def keeping_line_breaks() -> MarkdownIt:
-    """Markdown where a single line break stays one (a chat message's lines are meant as
-    typed, not joined into one paragraph line as in a document)."""
+def python_repl(state, start: int, end: int, silent: bool) -> bool:
+    """A block rule: lines from one starting ">>>" to the next blank line are a Python session
+    (doctest's rule), shown as code as typed; Markdown read ">>>" as three nested quotes and
+    dropped it, and collapsed the indentation of "..." lines."""
+    if state.sCount[start] - state.blkIndent >= 4:  # an indented code block already
+        return False
+    if not state.src.startswith(">>>", state.bMarks[start] + state.tShift[start]):
+        return False
+    if silent:
+        return True
+    line = start + 1
+    while line < end and not state.isEmpty(line) and state.sCount[line] >= state.blkIndent:
+        line += 1
+    token = state.push("fence", "code", 0)
+    token.info, token.markup, token.map = "pycon", "```", [start, line]
+    token.content = state.getLines(start, line, state.blkIndent, True)
+    state.line = line
+    return True
+
+
+def literal_backticks(state, silent: bool) -> bool:
+    """An inline rule: a run of two or more backticks is text, as written. Python's docstrings
+    (reStructuredText) write ``literal``, which Markdown made a code span without its backticks;
+    a lone `` vanished the same way. A single backtick still starts a code span."""
+    start = end = state.pos
+    while end < state.posMax and state.src[end] == "`":
+        end += 1
+    if end - start < 2:
+        return False
+    if not silent:
+        state.pending += state.src[start:end]
+    state.pos = end
+    return True
+
+
+def chat_markdown() -> MarkdownIt:
+    """The Markdown of chat messages: shown as written where Markdown would change Python text
+    (">>>" sessions, ``literals``), and a single line break stays one (a message's lines are
+    meant as typed, not joined into one paragraph line as in a document)."""
 
     def hard_breaks(state) -> None:
         # Textual draws the tokens itself, so markdown-it's "breaks" option (an HTML renderer
@@ -34,6 +70,10 @@ def keeping_line_breaks() -> MarkdownIt:
                     child.type = "hardbreak"
 
     parser = MarkdownIt("gfm-like")
+    parser.block.ruler.before(
+        "blockquote", "python_repl", python_repl, {"alt": ["paragraph", "reference", "blockquote", "list"]}
+    )
+    parser.inline.ruler.before("backticks", "literal_backticks", literal_backticks)
     parser.core.ruler.push("hard_breaks", hard_breaks)
     return parser
 
@@ -151,7 +191,7 @@ class MessageView(Vertical, can_focus=True):
 
     def compose(self):
         yield Static(self._header(), classes="message-header")
-        yield Markdown(self.content, classes="message-body", parser_factory=keeping_line_breaks)
+        yield Markdown(self.content, classes="message-body", parser_factory=chat_markdown)
         yield Static(self._corrected(), classes="message-ideal")
         yield Static(self._footer(), classes="message-footer")
 

@@ -152,6 +152,9 @@ class ConversationList(Vertical):
         if cid is not None:
             self.post_message(self.DeleteRequested(cid))
 
-    def action_leave(self) -> None:
+    def clear_search(self) -> None:
         self.query_one("#chat-search", Input).value = ""  # the list shows the chats again
+
+    def action_leave(self) -> None:
+        self.clear_search()
         self.post_message(self.Left())

@@ -1,0 +1,572 @@
+"""The store as the assistant's memory: passages an answer can be grounded in, found by search.
+
+Two kinds of passage:
+
+- **Documents**: the installed Python's documentation and the files a user adds (`kettle docs
+  add`), chunked, each chunk with its source and position, in `doc_sources` / `doc_passages`
+  (SQLite FTS5 over them). A source is written in one transaction (its old passages out, its new
+  ones in), so a killed indexer leaves each source whole or absent, never half-indexed.
+- **Answers that would train** (corrected, approved, imported), with their questions: read live
+  from the messages and their current labels, so a correction is memory the moment it is saved.
+
+`retrieve` finds the passages for a question: exact name matches for code symbols ("str.upper"),
+then BM25 candidates re-scored by how much of the question's rarer words they hold, with a
+threshold so that a question about nothing in the store retrieves nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from gpt.errors import KettleError
+
+DOC_SUFFIXES = (".md", ".markdown", ".txt", ".rst", ".py", ".html", ".htm")
+CHUNK_CHARS = 700  # a passage: a few paragraphs, small enough that three fit beside a question
+MIN_COVERAGE = 0.7  # share of the question's word weight an earlier question must hold, both ways
+DOC_COVERAGE = 0.6  # share of the question's word weight a document passage must hold
+PART_OF_WHOLE = 0.35  # an earlier question wholly inside this one (or this in it) needs this share
+NAMED = 1.0  # added to a passage about the very name the question asks about
+MARGIN = 0.2  # documentation passages kept: those within this of the best one
+CANDIDATES = 30  # BM25 candidates re-scored per index
+# Words that say how a question is asked, not what it is about.
+STOPWORDS = frozenset(
+    """a an the of to in on for with by at from as and or not no is are was were be been being do does did
+    doing done can could should would will shall may might must i me my we our you your it its this that these
+    those there here what which who whom whose when where why how please tell explain show give want need
+    use using used get about into python pythons function method way some any one thing something mean means
+    make let lets know like just also often best good quickly easily really actually exactly simply ways""".split()
+)
+WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*|\d+")
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One retrieved passage: where it comes from and its text."""
+
+    kind: str  # "correction" | "answer" | "python" | "file"
+    source: str  # a file's path, "python:json", or "message 12"
+    name: str  # the symbol or heading it is about, or the question an answer answers
+    text: str
+    ref: int  # doc_passages.id, or the answer's message id
+    score: float  # the share of the question's word weight it holds
+
+    @property
+    def reference(self) -> str:
+        """The passage as the model reads it: an answer with the question it answers."""
+        return f"{self.name}\n{self.text}" if self.kind in ("correction", "answer") else self.text
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("kind", "source", "name", "text", "ref", "score")}
+
+
+@dataclass(frozen=True)
+class DocSource:
+    id: int
+    kind: str
+    path: str
+    n_passages: int
+    added_at: float
+
+
+@dataclass
+class IndexReport:
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    duplicates: int = 0
+    passages: int = 0
+
+
+# -- chunking -----------------------------------------------------------------------------------
+
+
+def chunk_text(text: str, *, suffix: str) -> list[tuple[str, str]]:
+    """(heading, text) chunks of a document: paragraphs packed up to CHUNK_CHARS, each under
+    the nearest heading before it (Markdown/RST headings; HTML is reduced to its text first)."""
+    if suffix in (".html", ".htm"):
+        text, suffix = html_text(text), ".md"  # html_text marks headings as Markdown does
+    heading, chunks, current = "", [], []
+
+    def flush():
+        if current:
+            chunks.append((heading, "\n\n".join(current)))
+            current.clear()
+
+    lines = text.replace("\r\n", "\n").split("\n")
+    paragraphs: list[str] = []
+    buf: list[str] = []
+    for i, line in enumerate(lines):
+        title = _heading(line, lines[i + 1] if i + 1 < len(lines) else "", suffix)
+        if title is not None or not line.strip():
+            if buf:
+                paragraphs.append("\n".join(buf))
+                buf = []
+            if title is not None:
+                paragraphs.append("\0" + title)
+            continue
+        if suffix == ".rst" and set(line.strip()) <= set("=-~^*#") and len(line.strip()) >= 3:
+            continue  # an underline of the heading just taken
+        buf.append(line.rstrip())
+    if buf:
+        paragraphs.append("\n".join(buf))
+    size = 0
+    for para in paragraphs:
+        if para.startswith("\0"):
+            flush()
+            heading, size = para[1:], 0
+            continue
+        for piece in _split_long(para):
+            if current and size + len(piece) > CHUNK_CHARS:
+                flush()
+                size = 0
+            current.append(piece)
+            size += len(piece)
+    flush()
+    return chunks
+
+
+def _heading(line: str, following: str, suffix: str) -> str | None:
+    if suffix in (".md", ".markdown") and (m := re.match(r"#{1,6}\s+(.+)", line)):
+        return m.group(1).strip()
+    under = following.strip()
+    if suffix == ".rst" and line.strip() and len(under) >= len(line.strip()) and set(under) <= set("=-~^*#"):
+        return line.strip() if under else None
+    return None
+
+
+def _split_long(paragraph: str) -> Iterator[str]:
+    while len(paragraph) > CHUNK_CHARS:
+        cut = paragraph.rfind(" ", 0, CHUNK_CHARS)
+        cut = cut if cut > CHUNK_CHARS // 2 else CHUNK_CHARS
+        yield paragraph[:cut]
+        paragraph = paragraph[cut:].lstrip()
+    if paragraph.strip():
+        yield paragraph
+
+
+def html_text(markup: str) -> str:
+    """The text of an HTML page, paragraphs kept apart, scripts and styles dropped."""
+    from html.parser import HTMLParser
+
+    blocks = {"p", "div", "br", "li", "tr", "pre", "section", "article", "h1", "h2", "h3", "h4", "h5", "h6"}
+
+    class Text(HTMLParser):
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.out: list[str] = []
+            self.skip = 0
+
+        def handle_starttag(self, tag, attrs):
+            if tag in ("script", "style"):
+                self.skip += 1
+            elif tag in blocks:
+                self.out.append("\n\n" + ("# " if tag in ("h1", "h2", "h3") else ""))
+
+        def handle_endtag(self, tag):
+            if tag in ("script", "style") and self.skip:
+                self.skip -= 1
+            elif tag in blocks:
+                self.out.append("\n\n")
+
+        def handle_data(self, data):
+            if not self.skip:
+                self.out.append(" ".join(data.split()) + " " if data.strip() else "")
+
+    parser = Text()
+    parser.feed(markup)
+    text = "".join(parser.out)
+    return re.sub(r"\n\s*\n+", "\n\n", text).strip()
+
+
+# -- indexing -----------------------------------------------------------------------------------
+
+
+def doc_files(path: str | Path) -> list[Path]:
+    """The document files at `path` (a file, or a folder searched recursively; hidden folders,
+    virtual environments and caches skipped), sorted."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise KettleError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix.lower() not in DOC_SUFFIXES:
+            raise KettleError(f"{path}: not a document Kettle reads ({', '.join(DOC_SUFFIXES)})")
+        return [path.resolve()]
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in ("node_modules", "__pycache__"))
+        found += [Path(root, f).resolve() for f in files if Path(f).suffix.lower() in DOC_SUFFIXES]
+    return sorted(found)
+
+
+def index_documents(
+    store, files: Iterable[Path], *, progress: Callable[[int, Path], None] | None = None
+) -> IndexReport:
+    """Index files as sources: an unchanged file (same size and modification time, or same
+    content) is skipped, a changed one re-indexed, one whose content another source already
+    holds counted as a duplicate. Each file lands whole in its own transaction."""
+    report = IndexReport()
+    for i, path in enumerate(files):
+        _index_file(store, Path(path), report)
+        if progress:
+            progress(i + 1, Path(path))
+    return report
+
+
+def _index_file(store, path: Path, report: IndexReport) -> None:
+    try:
+        stat = path.stat()
+        known = store._row("SELECT id, size, mtime, sha256 FROM doc_sources WHERE path = ?", (str(path),))
+        if known and known["size"] == stat.st_size and known["mtime"] == stat.st_mtime:
+            report.unchanged += 1
+            return
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KettleError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if known and known["sha256"] == digest:
+        with store.transaction():
+            store.conn.execute(
+                "UPDATE doc_sources SET size = ?, mtime = ? WHERE id = ?", (stat.st_size, stat.st_mtime, known["id"])
+            )
+        report.unchanged += 1
+        return
+    same = store._row("SELECT path FROM doc_sources WHERE sha256 = ? AND path != ?", (digest, str(path)))
+    if same is not None:
+        report.duplicates += 1
+        return
+    text = data.decode("utf-8", errors="replace")
+    chunks = chunk_text(text, suffix=path.suffix.lower())
+    put_source(store, "file", str(path), chunks, sha256=digest, size=stat.st_size, mtime=stat.st_mtime)
+    report.passages += len(chunks)
+    if known:
+        report.updated += 1
+    else:
+        report.added += 1
+
+
+def put_source(
+    store,
+    kind: str,
+    path: str,
+    chunks: list[tuple[str, str]],
+    *,
+    sha256: str,
+    size: int | None = None,
+    mtime: float | None = None,
+) -> None:
+    """Replace a source's passages with `chunks` ((name, text) pairs), all in one transaction."""
+    with store.transaction():
+        store.conn.execute("DELETE FROM doc_sources WHERE path = ?", (path,))  # its passages cascade
+        sid = store.conn.execute(
+            "INSERT INTO doc_sources (kind, path, sha256, size, mtime, n_passages, added_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (kind, path, sha256, size, mtime, len(chunks), time.time()),
+        ).lastrowid
+        store.conn.executemany(
+            "INSERT INTO doc_passages (source_id, position, name, text) VALUES (?, ?, ?, ?)",
+            [(sid, i, name, text) for i, (name, text) in enumerate(chunks)],
+        )
+
+
+def remove_documents(store, path: str | Path) -> int:
+    """Remove the sources at `path` (a file, or every file under a folder); how many went."""
+    target = str(Path(path).expanduser().resolve())
+    with store.transaction():
+        gone = store.conn.execute(
+            "DELETE FROM doc_sources WHERE kind = 'file' AND (path = ? OR path LIKE ? ESCAPE '\\')",
+            (target, _like_prefix(target.rstrip(os.sep) + os.sep)),
+        ).rowcount
+    return gone
+
+
+def _like_prefix(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def doc_sources(store, *, kind: str | None = None) -> list[DocSource]:
+    sql = "SELECT id, kind, path, n_passages, added_at FROM doc_sources"
+    rows = store._rows(sql + (" WHERE kind = ?" if kind else "") + " ORDER BY path", (kind,) if kind else ())
+    return [DocSource(**r) for r in rows]
+
+
+def passage(store, passage_id: int) -> Passage | None:
+    """A document passage by id (what an answer's record points at), or None once removed."""
+    row = store._row(
+        "SELECT p.id, p.name, p.text, s.kind, s.path FROM doc_passages p JOIN doc_sources s ON s.id = p.source_id"
+        " WHERE p.id = ?",
+        (passage_id,),
+    )
+    if row is None:
+        return None
+    return Passage(row["kind"], row["path"], row["name"], row["text"], row["id"], 1.0)
+
+
+def record_sources(store, message_id: int, passages: list[Passage]) -> None:
+    """Keep, with an answer, the passages it was grounded in (as they were then)."""
+    with store.transaction():
+        store.conn.executemany(
+            "INSERT INTO answer_sources (message_id, position, kind, source, name, text, ref)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(message_id, i, p.kind, p.source, p.name, p.text, p.ref) for i, p in enumerate(passages)],
+        )
+
+
+def answer_sources(store, message_id: int) -> list[Passage]:
+    rows = store._rows(
+        "SELECT kind, source, name, text, ref FROM answer_sources WHERE message_id = ? ORDER BY position",
+        (message_id,),
+    )
+    return [Passage(**r, score=1.0) for r in rows]
+
+
+# -- retrieval ----------------------------------------------------------------------------------
+
+
+def query_terms(text: str) -> tuple[list[str], list[str]]:
+    """(words, symbols) of a question: the lower-cased words that say what it is about, and the
+    dotted or underscored names in it that look like code ("str.upper", "os.path.join")."""
+    words, symbols = [], []
+    for token in WORD.findall(text):
+        if "." in token or "_" in token.strip("_") or token.endswith("()"):
+            symbols.append(token.strip("."))
+        for part in re.split(r"[._]", token.lower()):
+            if (len(part) > 1 or part.isdigit()) and part not in STOPWORDS and part not in words:
+                words.append(part)
+    return words, symbols
+
+
+def retrieve(store, question: str, *, recent: Iterable[str] = (), limit: int = 3) -> list[Passage]:
+    """The passages that answer `question` best, corrections first, at most `limit`; none when
+    nothing in the store holds enough of what the question is about. `recent` (the user's
+    earlier turns, newest last) is searched only when the question names nothing itself
+    ("and how do I undo it?")."""
+    words, symbols = query_terms(question)
+    if not words and not symbols:
+        for earlier in reversed(list(recent)):
+            words, symbols = query_terms(earlier)
+            if words or symbols:
+                break
+    if not words and not symbols:
+        return []
+    # what the user taught comes first; then the documentation closest to the best match: a
+    # passage about the exact name asked for outranks one that only mentions it
+    answers = sorted(_answers(store, words), key=lambda p: (-p.score, p.kind != "correction", -p.ref))
+    docs: dict[int, Passage] = {}
+    for p in _named(store, symbols, words) + _documents(store, words):
+        if p.ref not in docs or docs[p.ref].score < p.score:
+            docs[p.ref] = p
+    ranked = sorted(docs.values(), key=lambda p: -p.score)
+    ranked = [p for p in ranked if p.score >= ranked[0].score - MARGIN] if ranked else []
+    out, seen = [], set()
+    for p in answers + ranked:
+        if p.text not in seen:
+            seen.add(p.text)
+            out.append(p)
+    return out[:limit]
+
+
+def references_for(store, messages: list[dict], *, limit: int = 3) -> list[Passage]:
+    """The passages for a conversation's newest question, its earlier questions as context."""
+    questions = [m["content"] for m in messages if m.get("role") == "user"]
+    if not questions:
+        return []
+    return retrieve(store, questions[-1], recent=questions[:-1], limit=limit)
+
+
+def _fts_any(words: list[str]) -> str:
+    return " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
+
+
+def _weights(store, table: str, words: list[str], extra: str = "") -> tuple[dict[str, float], int]:
+    """Each word's inverse document frequency in an FTS table (a word in no row weighs most)."""
+    total = store._row(f"SELECT COUNT(*) AS n FROM {table}")["n"]
+    weights = {}
+    for w in words:
+        df = store._row(f"SELECT COUNT(*) AS n FROM {table} WHERE {table} MATCH ?", (_fts_any([w]),))["n"]
+        # smoothed and bounded: in a small store a word it has never seen must not outweigh the
+        # rest of the question many times over
+        weights[w] = math.log(1 + (total + 1) / (df + 1))
+    return weights, total
+
+
+def _coverage(store, table: str, ids: list[int], weights: dict[str, float]) -> dict[int, float]:
+    """For each row id of `ids`, the share of the words' weight it holds (stemmed by FTS5)."""
+    held = {i: 0.0 for i in ids}
+    marks = ",".join("?" * len(ids))
+    for w, weight in weights.items():
+        for row in store._rows(
+            f"SELECT rowid FROM {table} WHERE {table} MATCH ? AND rowid IN ({marks})", (_fts_any([w]), *ids)
+        ):
+            held[row["rowid"]] += weight
+    total = sum(weights.values()) or 1.0
+    return {i: h / total for i, h in held.items()}
+
+
+def _documents(store, words: list[str]) -> list[Passage]:
+    if not words:
+        return []
+    rows = store._rows(
+        "SELECT rowid FROM doc_passages_fts WHERE doc_passages_fts MATCH ? ORDER BY bm25(doc_passages_fts) LIMIT ?",
+        (_fts_any(words), CANDIDATES),
+    )
+    ids = [r["rowid"] for r in rows]
+    if not ids:
+        return []
+    weights, _ = _weights(store, "doc_passages_fts", words)
+    cover = _coverage(store, "doc_passages_fts", ids, weights)
+    out = []
+    for rank, pid in enumerate(ids):
+        if cover[pid] >= DOC_COVERAGE and (p := passage(store, pid)) is not None:
+            last = p.name.lower().rsplit(".", 1)[-1]
+            bonus = NAMED if last in words or p.name.lower() in words else 0.0
+            out.append(Passage(p.kind, p.source, p.name, p.text, p.ref, cover[pid] + bonus - rank * 1e-4))
+    return out
+
+
+def _named(store, symbols: list[str], words: list[str]) -> list[Passage]:
+    """Python documentation of the exact names the question mentions (a name alone, like
+    "getattr", counts when it is the question's only word and documented under that name)."""
+    names = list(symbols)
+    if not names and len(words) == 1:
+        names = words
+    out = []
+    for name in names:
+        name = name.removesuffix("()")
+        rows = store._rows(
+            "SELECT p.id FROM doc_passages p JOIN doc_sources s ON s.id = p.source_id"
+            " WHERE s.kind = 'python' AND (p.name = ? OR p.name = ?) AND p.position = 0 ORDER BY p.id LIMIT 1",
+            (name, "builtins." + name),
+        )
+        for r in rows:
+            if (p := passage(store, r["id"])) is not None:
+                out.append(Passage(p.kind, p.source, p.name, p.text, p.ref, 1.0 + NAMED))
+    return out
+
+
+def _answers(store, words: list[str]) -> list[Passage]:
+    """Questions asked before whose answer would train now: a correction, an approved answer, or
+    an imported one; the passage is that question and the answer as it would train."""
+    if not words:
+        return []
+    rows = store._rows(
+        "SELECT f.rowid FROM messages_fts f JOIN messages m ON m.id = f.rowid"
+        " JOIN conversations c ON c.id = m.conversation_id"
+        " WHERE messages_fts MATCH ? AND m.role = 'user' AND c.deleted_at IS NULL"
+        " ORDER BY bm25(messages_fts) LIMIT ?",
+        (_fts_any(words), CANDIDATES * 3),
+    )
+    ids = [r["rowid"] for r in rows]
+    if not ids:
+        return []
+    marks = ",".join("?" * len(ids))
+    answers = store._rows(
+        "SELECT q.id AS question_id, q.content AS question, a.id, a.content, l.ideal, l.thumb, l.excluded,"
+        " c.source FROM messages q JOIN messages a ON a.parent_id = q.id AND a.role = 'assistant'"
+        " JOIN conversations c ON c.id = q.conversation_id"
+        " LEFT JOIN current_labels l ON l.message_id = a.id"
+        f" WHERE q.id IN ({marks}) ORDER BY a.id DESC",
+        tuple(ids),
+    )
+    chosen: dict[int, Passage] = {}
+    for a in answers:
+        if a["excluded"] or a["question_id"] in chosen and chosen[a["question_id"]].kind == "correction":
+            continue
+        if a["ideal"] is not None:
+            kind, text = "correction", a["ideal"]
+        elif a["thumb"] == 1 or (a["source"] != "chat" and a["thumb"] is None):
+            kind, text = "answer", a["content"]
+        else:
+            continue
+        if a["question_id"] not in chosen or kind == "correction":
+            chosen[a["question_id"]] = Passage(kind, f"message {a['id']}", a["question"], text, a["id"], 0.0)
+    if not chosen:
+        return []
+    # both ways: the old question must hold what this one asks, and this one what the old one
+    # asked ("sort a list" is not "reverse a list", however common "list" is)
+    asked = {_stem(w) for w in words}
+    stored = {qid: {_stem(w) for w in query_terms(p.name)[0]} for qid, p in chosen.items()}
+    vocabulary = sorted(set(words) | {w for p in chosen.values() for w in query_terms(p.name)[0]})
+    weights, _ = _weights(store, "messages_fts", vocabulary)
+    weight = {}
+    for w in vocabulary:
+        weight[_stem(w)] = max(weight.get(_stem(w), 0.0), weights[w])
+
+    def share(part: set[str], whole: set[str]) -> float:
+        return sum(weight[w] for w in part) / (sum(weight[w] for w in whole) or 1.0)
+
+    out = []
+    for qid, p in chosen.items():
+        held = asked & stored[qid]
+        forward, backward = share(held, asked), share(held, stored[qid])
+        # most of each in the other, or all of one and a good part of the other ("What numbers
+        # does range(5) produce?" holds all of "What does range(5) give?")
+        both = min(forward, backward) >= MIN_COVERAGE
+        one_whole = max(forward, backward) >= 0.99 and min(forward, backward) >= PART_OF_WHOLE
+        if both or one_whole:
+            out.append(Passage(p.kind, p.source, p.name, p.text, p.ref, (forward + backward) / 2))
+    return out
+
+
+def _stem(word: str) -> str:
+    """A crude stem, the same on both sides of a comparison: plurals, -ing/-ed forms and a final
+    e ("reverse", "reversed", "reversing" -> "revers")."""
+    for suffix, keep in (("ies", "y"), ("ing", ""), ("ed", ""), ("s", "")):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3 and not word.endswith("ss"):
+            word = word[: -len(suffix)] + keep
+            break
+    return word[:-1] if word.endswith("e") and len(word) > 3 else word
+
+
+# -- the installed Python's documentation ------------------------------------------------------
+
+
+def index_python_docs(store, *, progress: Callable[[int, int, str], None] | None = None) -> IndexReport:
+    """Index the installed Python's documentation (the builtins, then each standard-library
+    module read from its source), one source per module: an unchanged module is skipped."""
+    import sys
+
+    from data.pydocs import builtin_docs, module_docstrings
+
+    modules = [("builtins", [f"{name}\n\n{doc}" for name, doc in builtin_docs() if doc])]
+    modules += list(module_docstrings())
+    report = IndexReport()
+    known = {r["path"]: r["sha256"] for r in store._rows("SELECT path, sha256 FROM doc_sources WHERE kind = 'python'")}
+    for i, (module, texts) in enumerate(modules):
+        chunks = [python_chunk(text) for text in texts]
+        chunks = [c for c in chunks if c is not None]
+        digest = hashlib.sha256("\0".join([sys.version, *(f"{n}\0{t}" for n, t in chunks)]).encode()).hexdigest()
+        path = f"python:{module}"
+        if known.get(path) == digest:
+            report.unchanged += 1
+        else:
+            put_source(store, "python", path, chunks, sha256=digest)
+            report.passages += len(chunks)
+            report.updated += path in known
+            report.added += path not in known
+        if progress:
+            progress(i + 1, len(modules), module)
+    return report
+
+
+def python_chunk(text: str) -> tuple[str, str] | None:
+    """(name, passage) of one documented name: "class X" / "Module m" / "f(args)" heads."""
+    head, _, doc = text.partition("\n\n")
+    if not doc.strip():
+        return None
+    name = head.removeprefix("class ").removeprefix("Module ").split("(")[0].strip()
+    body = f"{head}\n\n{doc.strip()}"
+    if len(body) > CHUNK_CHARS:
+        cut = body.rfind("\n\n", 0, CHUNK_CHARS)
+        body = body[: cut if cut > len(head) else CHUNK_CHARS]
+    return name, body
+
+
+def has_python_docs(store) -> bool:
+    return store._row("SELECT 1 AS x FROM doc_sources WHERE kind = 'python' LIMIT 1") is not None

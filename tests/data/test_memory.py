@@ -1,0 +1,126 @@
+"""The store as memory (data.memory): documents indexed into a real SQLite file, and what a
+question retrieves from them and from the answers that would train."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from data import memory
+from data.store import open_store
+from gpt.errors import KettleError
+
+
+@pytest.fixture
+def store(tmp_path):
+    with open_store(tmp_path / "k.db") as s:
+        yield s
+
+
+def correct(store, question, wrong, right):
+    conv = store.create_conversation(question)
+    user = store.add_message(conv.id, "user", content=question)
+    bot = store.add_message(conv.id, "assistant", content=wrong, parent_id=user.id)
+    store.set_label(bot.id, ideal=right)
+    return bot
+
+
+def test_markdown_is_chunked_under_its_headings():
+    text = "# Brewing\n\nBoil the water.\n\nWarm the pot.\n\n## Green tea\n\n" + "Steep it briefly. " * 80
+    chunks = memory.chunk_text(text, suffix=".md")
+    assert chunks[0] == ("Brewing", "Boil the water.\n\nWarm the pot.")
+    assert {h for h, _ in chunks[1:]} == {"Green tea"} and len(chunks) > 2
+    assert all(len(t) <= memory.CHUNK_CHARS for _, t in chunks)
+    html = memory.chunk_text("<h1>Tea</h1><p>Black &amp; green.</p><script>x()</script>", suffix=".html")
+    assert html == [("Tea", "Black & green.")]
+
+
+def test_documents_are_indexed_incrementally_deduplicated_and_removable(store, tmp_path):
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "tea.md").write_text("# Tea\n\nThe kettle whistles when the water boils.\n")
+    (docs / "sub" / "notes.txt").write_text("Oolong is partly oxidised.\n")
+    (docs / "copy.md").write_text("# Tea\n\nThe kettle whistles when the water boils.\n")
+    (docs / "image.png").write_bytes(b"\x89PNG")
+    (docs / ".hidden").mkdir()
+    (docs / ".hidden" / "x.md").write_text("secret")
+    files = memory.doc_files(docs)
+    assert [f.name for f in files] == ["copy.md", "notes.txt", "tea.md"]
+    report = memory.index_documents(store, files)
+    assert (report.added, report.duplicates, report.unchanged) == (2, 1, 0)
+    again = memory.index_documents(store, files)
+    assert (again.added, again.updated, again.unchanged) == (0, 0, 2)  # nothing re-read
+    (docs / "sub" / "notes.txt").write_text("Oolong is partly oxidised; sencha is steamed.\n")
+    changed = memory.index_documents(store, files)
+    assert (changed.updated, changed.unchanged) == (1, 1)
+    found = memory.retrieve(store, "Tell me about sencha.")
+    assert [p.source for p in found] == [str(docs / "sub" / "notes.txt")]
+    assert memory.remove_documents(store, docs / "sub") == 1
+    assert memory.retrieve(store, "Tell me about sencha.") == []
+    assert store._row("SELECT COUNT(*) AS n FROM doc_passages_fts WHERE doc_passages_fts MATCH 'sencha'")["n"] == 0
+    with pytest.raises(KettleError, match="no such file"):
+        memory.doc_files(tmp_path / "missing")
+
+
+def test_a_failure_mid_index_leaves_each_file_whole_or_absent(store, tmp_path, monkeypatch):
+    for i in range(3):
+        (tmp_path / f"{i}.md").write_text(f"# Part {i}\n\n" + f"Paragraph about topic{i}.\n\n" * 40)
+    real = memory.chunk_text
+    calls = []
+
+    def failing(text, *, suffix):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user's Ctrl+C, or a kill, between two files
+        return real(text, suffix=suffix)
+
+    monkeypatch.setattr(memory, "chunk_text", failing)
+    with pytest.raises(KeyboardInterrupt):
+        memory.index_documents(store, memory.doc_files(tmp_path))
+    sources = memory.doc_sources(store)
+    assert [os.path.basename(s.path) for s in sources] == ["0.md"]
+    assert sources[0].n_passages == store._row("SELECT COUNT(*) AS n FROM doc_passages")["n"] > 1
+
+
+def test_a_correction_is_retrieved_reworded_at_once_and_nothing_for_other_questions(store):
+    correct(store, "How do I reverse a list in Python?", "Use sort.", "Call my_list.reverse().")
+    correct(store, "What does range(5) give?", "1 to 5.", "range(5) gives 0, 1, 2, 3 and 4.")
+    store.create_conversation("other")  # a chat with no labels is no memory
+    [hit] = memory.retrieve(store, "How can I reverse a Python list?")
+    assert (hit.kind, hit.text) == ("correction", "Call my_list.reverse().")
+    assert hit.reference == "How do I reverse a list in Python?\nCall my_list.reverse()."
+    assert memory.retrieve(store, "What numbers does range(5) produce?")[0].text.startswith("range(5)")
+    for other in ("How do I sort a list?", "What does range(10) give?", "What is the capital of France?"):
+        assert memory.retrieve(store, other) == [], other
+    # a later correction of the same answer replaces what memory holds
+    bot = store.list_conversations()[-1]
+    answer = store.current_thread(bot.id)[-1]
+    store.set_label(answer.id, ideal="Call my_list.reverse(), or use my_list[::-1].")
+    assert memory.retrieve(store, "reverse a list")[0].text.endswith("my_list[::-1].")
+    store.set_label(answer.id, excluded=True)
+    assert memory.retrieve(store, "reverse a list") == []
+
+
+def test_python_documentation_by_name_and_a_threshold_for_the_rest(store):
+    report = memory.index_python_docs(store)
+    assert report.added > 100 and report.passages > 1000
+    assert memory.index_python_docs(store).unchanged == report.added  # unchanged modules skipped
+    [hit] = memory.retrieve(store, "What does textwrap.dedent do?")
+    assert (hit.kind, hit.source, hit.name) == ("python", "python:textwrap", "textwrap.dedent")
+    assert "common leading whitespace" in hit.text
+    assert memory.retrieve(store, "What does getattr do?")[0].name == "getattr"
+    for question in ("Who painted the Mona Lisa?", "What is a good recipe for pancakes?", "How tall is Everest?"):
+        assert memory.retrieve(store, question) == [], question
+
+
+def test_an_answer_keeps_the_passages_it_was_grounded_in(store):
+    correct(store, "How do I reverse a list?", "No idea.", "Call my_list.reverse().")
+    found = memory.retrieve(store, "How can I reverse a list?")
+    conv = store.create_conversation("later")
+    user = store.add_message(conv.id, "user", content="How can I reverse a list?")
+    bot = store.add_message(conv.id, "assistant", content="Call my_list.reverse().", parent_id=user.id)
+    memory.record_sources(store, bot.id, found)
+    [kept] = memory.answer_sources(store, bot.id)
+    assert (kept.kind, kept.text, kept.ref) == ("correction", "Call my_list.reverse().", found[0].ref)
+    assert memory.answer_sources(store, user.id) == []
