@@ -134,6 +134,10 @@ class GenerationService(ABC):
     def active_model(self) -> ModelInfo | None:
         """The model in use (None before the first one is loaded or seen)."""
 
+    def loaded_models(self) -> list[ModelInfo]:
+        """The models loaded now, the one used last first (a remote service knows its active one)."""
+        return [self.active_model] if self.active_model else []
+
     @abstractmethod
     def load(self) -> ModelInfo:
         """Get ready now, blocking (run it off the event loop): the in-process service loads
@@ -308,6 +312,10 @@ class InProcessService(GenerationService):
     def active_model(self) -> ModelInfo:
         """The model answering requests that name none (resolved at once, loaded on first use)."""
         return _with_active(self._default, True)
+
+    def loaded_models(self) -> list[ModelInfo]:
+        loaded = list(self._loaded.values())  # one C call: the worker may change it meanwhile
+        return [_with_active(m.info, _same_model(m.info, self._default)) for m in reversed(loaded)]
 
     @property
     def _engine(self) -> Engine | None:
