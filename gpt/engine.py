@@ -30,6 +30,7 @@ from __future__ import annotations
 import codecs
 import collections
 import contextlib
+import itertools
 import random
 import threading
 import time
@@ -215,7 +216,7 @@ class Engine:
         """The chat prompt's token ids trimmed to the window, and how many tokens were dropped."""
         validate_messages(messages)
         segments = [render_message(m, self.tokenizer) for m in messages]
-        full = sum(segments, []) + self._assistant_header
+        full = _joined(segments) + self._assistant_header  # not sum(): quadratic in the messages
         budget = self.prompt_budget(params)
         if len(full) <= budget:
             return full, 0
@@ -231,7 +232,7 @@ class Engine:
         if start == len(segments):  # not even the newest message fits: keep the last tokens
             kept = full[-budget:]
         else:
-            kept = system + sum(segments[start:], []) + self._assistant_header
+            kept = system + _joined(segments[start:]) + self._assistant_header
         return kept, len(full) - len(kept)
 
     def stream_chat(
@@ -583,6 +584,10 @@ def _entry(token: int, log_probs: torch.Tensor, *, top: int) -> TokenLogprob:
     return TokenLogprob(
         token, float(log_probs[token]), [(int(i), float(v)) for v, i in zip(values, ids) if v > float("-inf")]
     )
+
+
+def _joined(segments: list[list[int]]) -> list[int]:
+    return list(itertools.chain.from_iterable(segments))
 
 
 def _last(items):

@@ -15,10 +15,11 @@ which the ollama client sends from $OLLAMA_API_KEY):
     POST /api/generate    the same for a prompt (with `system`, as a one-turn chat; `raw`: the
                           text continued as it is); an empty prompt only loads the model
 
-A request naming another model the server lists serves that one from then on (Ollama loads the
-model a request names); "NAME:latest" is NAME. `options` map onto Kettle's sampling (OPTIONS);
-options about memory and threads (IGNORED_OPTIONS) and `keep_alive` change nothing here (Kettle
-keeps its one model loaded); a sampler Kettle does not have (mirostat, typical_p, tfs_z), tools,
+A request naming a model the server lists is answered by that one, loaded if need be (as Ollama
+loads the model a request names; gpt.service keeps the ones used last, /api/ps lists them); the
+server's own model, for requests naming none, stays as it is. "NAME:latest" is NAME. `options`
+map onto Kettle's sampling (OPTIONS); options about memory and threads (IGNORED_OPTIONS) and
+`keep_alive` change nothing here; a sampler Kettle does not have (mirostat, typical_p, tfs_z), tools,
 images, thinking, a JSON format, a custom template or a suffix are a 400, never silently
 dropped. A prompt too long for the context loses its oldest part, as Ollama truncates.
 Errors are Ollama's shape, {"error": "message"}; mid-stream, an {"error": ...} line.
@@ -151,18 +152,16 @@ def router(service: GenerationService) -> APIRouter:
 
     @api.get("/api/ps")
     async def ps():
-        served = service.active_model
-        if served is None or not served.path:
-            return {"models": []}
-        entry = _model_entry(served)
         return {
             "models": [
                 {
-                    **entry,
-                    "expires_at": "2318-11-17T20:00:00Z",  # never: Kettle keeps the model loaded
+                    **_model_entry(m),
+                    "expires_at": "2318-11-17T20:00:00Z",  # never: Kettle keeps a model until another needs room
                     "size_vram": 0,
-                    "context_length": _facts(served.path)["context_length"],
+                    "context_length": _facts(m.path)["context_length"],
                 }
+                for m in service.loaded_models()
+                if m.path
             ]
         }
 
@@ -186,9 +185,9 @@ def router(service: GenerationService) -> APIRouter:
         load_s = time.perf_counter() - loaded
         if not messages:  # Ollama: an empty chat loads the model
             return _loaded(name, "message", body.stream)
-        params = await _params(service, body.options)
+        params = await _params(service, body.options, name)
         request_id = uuid.uuid4().hex
-        events = service.stream_chat(messages, params, request_id=request_id, truncate=True)
+        events = service.stream_chat(messages, params, model=name, request_id=request_id, truncate=True)
         return await _answer(request, service, (request_id, events), name, "message", body.stream, load_s)
 
     @api.post("/api/generate")
@@ -209,14 +208,14 @@ def router(service: GenerationService) -> APIRouter:
         load_s = time.perf_counter() - loaded
         if not body.prompt:  # Ollama: an empty prompt loads the model
             return _loaded(name, "response", body.stream)
-        params = await _params(service, body.options)
+        params = await _params(service, body.options, name)
         request_id = uuid.uuid4().hex
         if body.raw:
-            events = service.complete(body.prompt, params, request_id=request_id, truncate=True)
+            events = service.complete(body.prompt, params, model=name, request_id=request_id, truncate=True)
         else:
             system = [{"role": "system", "content": body.system}] if body.system else []
             turn = system + [{"role": "user", "content": body.prompt}]
-            events = service.stream_chat(turn, params, request_id=request_id, truncate=True)
+            events = service.stream_chat(turn, params, model=name, request_id=request_id, truncate=True)
         return await _answer(request, service, (request_id, events), name, "response", body.stream, load_s)
 
     return api
@@ -260,7 +259,7 @@ def _message(i: int, m: OllamaMessage) -> dict:
     return {"role": m.role, "content": m.content}
 
 
-async def _params(service: GenerationService, options: dict | None) -> SamplingParams:
+async def _params(service: GenerationService, options: dict | None, model: str) -> SamplingParams:
     """Ollama's options as Kettle's SamplingParams; a bad one is a 400 naming it."""
     fields = {}
     for key, value in (options or {}).items():
@@ -282,7 +281,7 @@ async def _params(service: GenerationService, options: dict | None) -> SamplingP
             raise APIError(400, f"options.{key}: unknown option")
         fields[OPTIONS[key]] = value
     if fields.get("max_new_tokens", -1) in UNTIL_FULL:
-        _, engine = await service.tokenizer()
+        _, engine = await service.tokenizer(model)
         fields["max_new_tokens"] = engine.context_length
     try:
         return SamplingParams.from_dict(fields)
@@ -305,13 +304,13 @@ async def _listed(service: GenerationService, requested: str) -> ModelInfo:
 
 
 async def _use(service: GenerationService, requested: str) -> str:
-    """The name of the model to answer with: `requested`, served from now on if it was not."""
+    """The name of the model to answer with, `requested`, loaded (as Ollama loads the model a
+    request names; the server's own model, for requests naming none, stays as it is)."""
     info = await _listed(service, requested)
-    if not info.active:
-        try:
-            info = await service.switch_model(info.name)
-        except KettleError as exc:
-            raise APIError(500, f"cannot load {info.name!r}: {exc}") from None
+    try:
+        await service.tokenizer(info.name)
+    except KettleError as exc:
+        raise APIError(500, f"cannot load {info.name!r}: {exc}") from None
     return info.name
 
 

@@ -3,13 +3,16 @@ beside it the routers it is given (`kettle serve` gives Ollama's, gpt/ollama.py,
 
 Endpoints (all under /v1; with an API key every /v1 and /api path, known or not, needs
 `Authorization: Bearer KEY`, so a client without it learns nothing, not even which paths exist):
-    GET  /v1/models                 every model the server can switch to; the served one first,
-                                    with "active": true, and each one's max_model_len
+    GET  /v1/models                 every model the server serves, with its max_model_len; the
+                                    one answering requests that name none first, with "active":
+                                    true. Each is served when a request names it (loaded on first
+                                    use; gpt.service keeps the ones used last loaded)
     GET  /v1/models/{id}            one of them
-    POST /v1/models/switch          {"model": NAME} serves another model from now on, without a
-                                    restart (requests already queued finish on the old one); NAME
-                                    must be one GET /v1/models lists, never a path. A model that
-                                    fails to load leaves the old one served.
+    POST /v1/models/switch          {"model": NAME} answers requests that name no model with
+                                    another from now on, without a restart (requests already
+                                    queued finish on the old one); NAME must be one GET /v1/models
+                                    lists, never a path. A model that fails to load leaves the old
+                                    one served.
     POST /v1/chat/completions       OpenAI's chat API, "stream": true for server-sent events
     POST /v1/completions            OpenAI's legacy completions API (raw text continuation)
     GET  /health                    {"status": "ok"}, no key needed (for readiness checks)
@@ -22,11 +25,13 @@ longer than the context is scored whole, see Engine.score_prompt) plus top_k, mi
 repetition_penalty and `truncate` (true: a prompt too long for the context loses its oldest part
 instead of a 400 with code context_length_exceeded). A completions prompt is a text, token ids,
 or a list of either: one choice per prompt and per n, in OpenAI's index order. A field left out
-keeps Kettle's default (gpt.sampling.SamplingParams). "model" may be left out; if given it must
-be the served model. IGNORED_FIELDS are accepted and change nothing. Features Kettle does not
-have (tools, logit_bias, JSON mode, best_of > 1, suffix) get a 400, not a silent no, and so does
-any field OpenAI does not define. GET /tokenizer_info, POST /tokenize and /detokenize are
-vLLM's, for evaluation harnesses.
+keeps Kettle's default (gpt.sampling.SamplingParams). "model" may be left out (the active one);
+if given it must be one GET /v1/models lists. A chat holds at most MAX_MESSAGES messages and a
+completion request at most MAX_CHOICES choices (prompts × n), a body at most MAX_BODY_BYTES; a
+connection has REQUEST_TIMEOUT_S to send a whole request. IGNORED_FIELDS are accepted and
+change nothing. Features Kettle does not have (tools, logit_bias, JSON mode, best_of > 1,
+suffix) get a 400, not a silent no, and so does any field OpenAI does not define. GET
+/tokenizer_info, POST /tokenize and /detokenize are vLLM's, for evaluation harnesses.
 
 Every error is OpenAI's shape: {"error": {"message", "type", "param", "code"}}, 400 for a bad
 request (malformed or too deeply nested JSON, wrong type, out-of-range value), 401 for a missing
@@ -65,16 +70,17 @@ import secrets
 import socket
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, ClassVar, Iterable
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from gpt.batching import MAX_BATCH
 from gpt.errors import KettleError
 from gpt.sampling import MAX_SEED, PARAMS, SamplingParams
 from gpt.service import Delta, Done, Error, GenerationService, ModelInfo
@@ -82,6 +88,13 @@ from gpt.service import Delta, Done, Error, GenerationService, ModelInfo
 log = logging.getLogger("kettle.server")
 
 MAX_BODY_BYTES = 8 << 20
+# More messages than any context window holds (each takes at least two tokens, its header and
+# its end-of-turn): a longer list is refused before it is read, not rendered for nothing.
+MAX_MESSAGES = 4096
+# A connection must deliver a whole request (its head and body) this long after it opens or its
+# previous response ends, or it is closed: uvicorn has no such limit, and a client sending its
+# headers a byte at a time (slowloris) would hold its connection forever.
+REQUEST_TIMEOUT_S = 15.0
 # OpenAI's name for each SamplingParams field, where it differs.
 OPENAI_NAMES = {p.name: p.openai for p in PARAMS if p.openai != p.name}
 
@@ -115,6 +128,9 @@ class _Strict(BaseModel):
     # strict: "0.5" is not a number and true is not 1; forbid: a misspelt field is an error,
     # not a silently ignored setting.
     model_config = ConfigDict(extra="forbid", strict=True)
+    # The most items a list field may hold, checked before validating (which takes the event
+    # loop for as long as it runs).
+    max_items: ClassVar[dict[str, int]] = {}
 
 
 class StreamOptions(_Strict):
@@ -153,6 +169,7 @@ class _GenerationRequest(_SamplingFields):
 
 
 class ChatRequest(_GenerationRequest):
+    max_items: ClassVar[dict[str, int]] = {"messages": MAX_MESSAGES}
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
@@ -193,6 +210,10 @@ class DetokenizeRequest(_Strict):
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "chat_template_kwargs")
 # OpenAI's ranges where they are narrower than Kettle's own (SamplingParams checks the rest).
 OPENAI_RANGES = {"temperature": (0, 2), "n": (1, 128), "top_logprobs": (0, 20)}
+# The most choices (prompts × n) one request may ask for: OpenAI's largest n. Each is a row the
+# batch decodes (gpt.batching), and the rows past the batch's room queue before every later
+# request: 500 prompts × n=128 would hold the server for everyone for an hour.
+MAX_CHOICES = OPENAI_RANGES["n"][1]
 COMPLETION_LOGPROBS = (0, 5)
 
 
@@ -285,6 +306,14 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
     for i, p in enumerate(prompts):
         if isinstance(p, list) and any(t < 0 for t in p):
             raise APIError(400, f"prompt[{i}]: token ids must be >= 0", param="prompt")
+    n = req.n or 1
+    if len(prompts) * n > MAX_CHOICES:
+        raise APIError(
+            400,
+            f"{len(prompts)} prompts × n={n} ask for {len(prompts) * n} choices; a request may ask for at most "
+            f"{MAX_CHOICES}: send the prompts in several requests",
+            param="n" if n > 1 else "prompt",
+        )
     return prompts
 
 
@@ -535,7 +564,7 @@ def create_app(
             req, req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
         )
         messages = chat_messages(req)
-        model = _check_model(service, req.model)
+        model = await _check_model(service, req.model)
         top = (req.top_logprobs or 0) if req.logprobs else None
         return await _respond(
             request,
@@ -558,7 +587,7 @@ def create_app(
             raise APIError(400, "max_tokens: 0 generates nothing, so it needs echo: true", param="max_tokens")
         params = sampling_params(req, None if score_only else req.max_tokens)
         prompts = completion_prompts(req)
-        model = _check_model(service, req.model)
+        model = await _check_model(service, req.model)
         return await _respond(
             request,
             service,
@@ -587,22 +616,33 @@ def create_app(
             "vocab_size": tokenizer.n_vocab,
         }
 
+    # Tokenizing a long text, and writing its million token ids as JSON, takes seconds: on a
+    # thread, so the loop answers everyone meanwhile.
     @app.post("/tokenize")
     async def tokenize(request: Request):
         req = await parse_body(request, TokenizeRequest)
-        _check_model(service, req.model)
-        tokenizer, engine = await _tokenizer(service)
-        tokens = engine.tokenize(req.prompt)
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.context_length}
+        tokenizer, engine = await _tokenizer(service, await _check_model(service, req.model))
+
+        def answer() -> bytes:
+            tokens = engine.tokenize(req.prompt)
+            return json.dumps({"tokens": tokens, "count": len(tokens), "max_model_len": engine.context_length}).encode()
+
+        return Response(await asyncio.to_thread(answer), media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
         req = await parse_body(request, DetokenizeRequest)
-        _check_model(service, req.model)
-        tokenizer, _ = await _tokenizer(service)
-        if any(not 0 <= t < tokenizer.n_vocab for t in req.tokens):
+        tokenizer, _ = await _tokenizer(service, await _check_model(service, req.model))
+
+        def answer() -> str | None:
+            if any(not 0 <= t < tokenizer.n_vocab for t in req.tokens):
+                return None
+            return tokenizer.decode(req.tokens)
+
+        text = await asyncio.to_thread(answer)
+        if text is None:
             raise APIError(400, f"tokens: ids must be in 0..{tokenizer.n_vocab - 1}", param="tokens")
-        return {"prompt": tokenizer.decode(req.tokens)}
+        return {"prompt": text}
 
     return app
 
@@ -628,6 +668,10 @@ async def parse_body(request: Request, model: type[BaseModel]):
         raise APIError(400, f"the request body is not valid JSON ({exc})") from None
     except RecursionError:
         raise APIError(400, "the request body is nested too deeply to read") from None
+    for name, most in getattr(model, "max_items", {}).items():
+        value = data.get(name) if isinstance(data, dict) else None
+        if isinstance(value, list) and len(value) > most:
+            raise APIError(400, f"{name}: a request may hold at most {most}, got {len(value)}", param=name)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -705,22 +749,26 @@ def _served_name(service: GenerationService) -> str:
     return service.active_model.name if service.active_model else ""
 
 
-def _check_model(service: GenerationService, requested: str | None) -> str:
-    served = _served_name(service)
-    if requested and requested != served:
+async def _check_model(service: GenerationService, requested: str | None) -> str:
+    """The model a request is for: one GET /v1/models lists (loaded on request), or when it
+    names none the served one; a 404 for any other name."""
+    if not requested or requested == _served_name(service):
+        return _served_name(service)
+    try:
+        await service.find_model(requested)
+    except KettleError:
         raise APIError(
             404,
-            f"model {requested!r} is not being served; this server serves {served!r} "
-            "(leave model out, or switch with POST /v1/models/switch)",
+            f"model {requested!r} does not exist here (GET /v1/models lists the models this server serves)",
             param="model",
             code="model_not_found",
-        )
-    return served
+        ) from None
+    return requested
 
 
-async def _tokenizer(service: GenerationService):
+async def _tokenizer(service: GenerationService, model: str | None = None):
     try:
-        return await service.tokenizer()
+        return await service.tokenizer(model)
     except KettleError as exc:
         raise APIError(400, str(exc)) from None
 
@@ -747,9 +795,9 @@ async def _respond(
     model: str,
     options: dict,
 ):
-    """One choice per payload and per n (OpenAI's index order: prompt by prompt, n each), all
-    sent at once: the service decodes them together as rows of one batch, the later rows of a
-    prompt copying the first one's prefill. With a seed, choice j of a prompt uses seed + j
+    """One choice per payload and per n (OpenAI's index order: prompt by prompt, n each), sent
+    a batch's worth at a time (_Runs): the service decodes them together as rows of one batch,
+    the later rows of a prompt copying the first one's prefill. With a seed, choice j of a prompt uses seed + j
     (without one, with n > 1, the server picks one), so the reported seed reproduces them all."""
     n = req.n or 1
     if n > 1 and params.seed is None:
@@ -762,7 +810,8 @@ async def _respond(
     request_id = uuid.uuid4().hex
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    tokenizer = (await _tokenizer(service))[0] if options.get("logprobs") is not None or options.get("echo") else None
+    wants_tokens = options.get("logprobs") is not None or options.get("echo")
+    tokenizer = (await _tokenizer(service, model))[0] if wants_tokens else None
     reply = _Reply(prefix + request_id, model, kind, include_usage, options, tokenizer, n)
     go = service.stream_chat if kind == "chat" else service.complete
 
@@ -773,13 +822,13 @@ async def _respond(
             request,
             kind,
             f"{request_id}-{i}",
-            go(payload, row_params, request_id=f"{request_id}-{i}", **options),
+            go(payload, row_params, model=model, request_id=f"{request_id}-{i}", **options),
         )
 
-    runs = [start(i) for i in range(len(rows))]
+    runs = _Runs(start, len(rows))
     head = await runs[0].next()  # an error before anything was generated is a plain 400
     if isinstance(head, Error):
-        _stop(runs)
+        runs.stop()
         raise _event_error(head, kind)
     if req.stream:
         return StreamingResponse(
@@ -789,7 +838,8 @@ async def _respond(
         )
     dones = []
     try:
-        for i, run in enumerate(runs):
+        for i in range(len(rows)):
+            run = runs[i]
             event = head if i == 0 else await run.next()
             while not isinstance(event, (Done, Error)):
                 event = await run.next()
@@ -797,13 +847,26 @@ async def _respond(
                 raise _event_error(event, kind)
             dones.append(event)
     finally:
-        _stop(runs)
+        runs.stop()
     return reply.whole(dones, rows)
 
 
-def _stop(runs: list["_Run"]) -> None:
-    for run in runs:
-        run.stop()
+class _Runs:
+    """A request's runs, each started once the one MAX_BATCH before it has been read: one
+    request's many choices queue at most a batch of rows at a time, so a request sent after it
+    takes its turn as soon as one of them has finished, not after all of them."""
+
+    def __init__(self, start: Callable[[int], "_Run"], count: int):
+        self.start, self.count, self.started = start, count, []
+
+    def __getitem__(self, i: int) -> "_Run":
+        while len(self.started) < min(i + MAX_BATCH, self.count):
+            self.started.append(self.start(len(self.started)))
+        return self.started[i]
+
+    def stop(self) -> None:
+        for run in self.started:
+            run.stop()
 
 
 class _Run:
@@ -839,12 +902,13 @@ class _Run:
             self.service.cancel(self.request_id)
 
 
-async def _sse(reply: "_Reply", rows: list, *, runs: list[_Run], head) -> AsyncIterator[str]:
+async def _sse(reply: "_Reply", rows: list, *, runs: _Runs, head) -> AsyncIterator[str]:
     """The choices' chunks, one choice after another (the later ones generate meanwhile, their
     events wait in their runs); logprobs come with each choice's last chunk."""
     dones = []
     try:
-        for i, run in enumerate(runs):
+        for i in range(len(rows)):
+            run = runs[i]
             yield _data(reply.chunk(i, role=True, echo=rows[i][0]))
             event = head if i == 0 else await run.next()
             while isinstance(event, Delta):
@@ -861,7 +925,7 @@ async def _sse(reply: "_Reply", rows: list, *, runs: list[_Run], head) -> AsyncI
                 yield _data({**reply.chunk(0), "choices": [], "usage": _usage(dones, reply.n)})
         yield "data: [DONE]\n\n"
     finally:
-        _stop(runs)
+        runs.stop()
 
 
 def _data(obj: dict) -> str:
@@ -1048,6 +1112,56 @@ class _RedactSecrets(logging.Filter):
 _REDACT_SECRETS = _RedactSecrets()
 
 
+def _protocol_with_deadline(timeout: float):
+    """uvicorn's h11 protocol, closing a connection that has not sent a whole request (head and
+    body) `timeout` seconds after it opened or its previous response ended. A request received
+    whole disarms it: a long answer, streamed or not, is never cut."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._watch()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._watch()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _watch(self) -> None:
+            """Armed while the client owes a request (or the rest of one), disarmed once it is in."""
+            if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+                if self.deadline is None:
+                    self.deadline = self.loop.call_later(timeout, self._expire)
+            else:
+                self._disarm()
+
+        def _disarm(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+
+        def _expire(self) -> None:
+            self.deadline = None
+            if self.flow.read_paused:  # the app has not read the body yet: not the client's fault
+                self._watch()
+                return
+            log.info("closing a connection that sent no whole request in %g s", timeout)
+            self.transport.close()
+
+    return Protocol
+
+
 def build_server(
     service: GenerationService,
     api_key: str | None = None,
@@ -1056,14 +1170,18 @@ def build_server(
     allow_origins: Iterable[str] = (),
     allow_hosts: Iterable[str] = (),
     routers: Iterable[APIRouter] = (),
+    request_timeout: float = REQUEST_TIMEOUT_S,
 ):
-    """A uvicorn server for the API (create_app's arguments); run it with
+    """A uvicorn server for the API (create_app's arguments; `request_timeout`: seconds a
+    connection has to send a whole request, see REQUEST_TIMEOUT_S); run it with
     `server.run(sockets=[listen(host, port)])` (blocking) and stop it with
     `server.should_exit = True`."""
     import uvicorn
 
     app = create_app(service, api_key, allow_origins=allow_origins, allow_hosts=allow_hosts, routers=routers)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, log_level=log_level, timeout_graceful_shutdown=5, http=_protocol_with_deadline(request_timeout)
+    )
     # After uvicorn.Config, which sets up its loggers; adding the one filter again is a no-op.
     logging.getLogger("uvicorn.access").addFilter(_REDACT_SECRETS)
     return uvicorn.Server(config)

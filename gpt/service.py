@@ -10,11 +10,14 @@ Every request ends with exactly one Done (finish_reason "stop", "length" or "can
 Error. `cancel(request_id)` stops a request within one token (a queued one never starts); leaving
 the `async for` early (break, task cancelled) cancels it too.
 
-InProcessService runs the model on ONE worker thread that decodes every request in flight together,
+InProcessService runs its models on ONE worker thread that decodes every request in flight together,
 one batched step at a time (gpt.batching): a new request is prefilled and joins at the next step, a
 finished or cancelled one leaves at once. Beyond the batch's room (`max_batch` rows, and the KV
-budget) requests wait, in the order they came; a model switch waits for every request sent before
-it, so those are answered by the old model. Events reach the caller's asyncio loop through
+budget) requests wait, in the order they came. A request names a model (`find_model`: one
+`list_models` lists) or gets the active one (`active_model`, changed by `switch_model`; a request
+sent before a switch is answered by the model it was sent to). A model is loaded on the worker at
+its first request (decoding pauses meanwhile); at most `max_loaded` stay loaded, the one used
+least recently with nothing in flight making room. Events reach the caller's asyncio loop through
 `loop.call_soon_threadsafe`, so it is safe to use from the Textual app's event loop; nothing blocks
 the loop.
 
@@ -26,7 +29,7 @@ argument) also takes a model directory path, and a bare name that is neither. `s
 takes only names `list_models` lists, never a path: a name may come from an HTTP client.
 `InProcessService()` with no model serves the catalog's active model and follows the catalog:
 switching it to a store version records the activation there, so the app and the next start
-agree. A service given a model (`kettle serve MODEL`) leaves the store alone.
+agree. A service given a model, or `follow_catalog=False` (`kettle serve`), leaves the store alone.
 """
 
 from __future__ import annotations
@@ -79,17 +82,30 @@ class GenerationService(ABC):
 
     @abstractmethod
     def stream_chat(
-        self, messages: list[dict], params: SamplingParams, *, request_id: str | None = None, truncate: bool = True
+        self,
+        messages: list[dict],
+        params: SamplingParams,
+        *,
+        model: str | None = None,
+        request_id: str | None = None,
+        truncate: bool = True,
     ) -> AsyncIterator[Event]:
         """Answer a conversation as the assistant: Delta events, then one Done or Error.
-        `params` is a SamplingParams or a dict of its fields; `request_id` (unique among the
+        `params` is a SamplingParams or a dict of its fields; `model` a name list_models lists
+        (None: the active one, loaded on request); `request_id` (unique among the
         requests in flight) is what `cancel` takes. A conversation too long for the context
         loses its oldest messages (gpt.engine), or with truncate=False is an Error with code
         "context_length_exceeded"."""
 
     @abstractmethod
     def complete(
-        self, prompt: str | list[int], params: SamplingParams, *, request_id: str | None = None, truncate: bool = True
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        model: str | None = None,
+        request_id: str | None = None,
+        truncate: bool = True,
     ) -> AsyncIterator[Event]:
         """Continue raw text (or token ids): the same events as stream_chat."""
 
@@ -101,6 +117,14 @@ class GenerationService(ABC):
     async def list_models(self) -> list[ModelInfo]:
         """Every model this service can switch to; the one in use has active=True."""
 
+    async def find_model(self, name: str) -> ModelInfo:
+        """The model list_models lists as `name` (never a path: a name may come from an HTTP
+        client); KettleError when none is."""
+        info = next((m for m in await self.list_models() if m.name == name), None)
+        if info is None:
+            raise KettleError(f"{name}: no such model (not a store model version, nor a model in the models folder)")
+        return info
+
     @abstractmethod
     async def switch_model(self, name: str) -> ModelInfo:
         """Answer the following requests with the model `list_models` lists as `name`. On
@@ -111,6 +135,10 @@ class GenerationService(ABC):
     def active_model(self) -> ModelInfo | None:
         """The model in use (None before the first one is loaded or seen)."""
 
+    def loaded_models(self) -> list[ModelInfo]:
+        """The models loaded now, the one used last first (a remote service knows its active one)."""
+        return [self.active_model] if self.active_model else []
+
     @abstractmethod
     def load(self) -> ModelInfo:
         """Get ready now, blocking (run it off the event loop): the in-process service loads
@@ -119,9 +147,10 @@ class GenerationService(ABC):
     def close(self) -> None:  # noqa: B027 - a service holding nothing has nothing to release
         """Release the model and the worker thread; the service cannot be used afterwards."""
 
-    async def tokenizer(self):
-        """The served model's gpt.tokenizer.Tokenizer and its Engine (for `tokenize`), loaded if
-        need be; only a service with the model in this process has them."""
+    async def tokenizer(self, model: str | None = None):
+        """The gpt.tokenizer.Tokenizer and Engine (for `tokenize`) of `model` (a listed name;
+        None: the active one), loaded if need be; only a service with the model in this
+        process has them."""
         raise KettleError("tokenizing needs the model in this process")
 
 
@@ -142,24 +171,55 @@ def _same_model(a: ModelInfo, b: ModelInfo) -> bool:
 @dataclass
 class _Job:
     kind: str  # "chat" | "complete"
+    model: ModelInfo  # the model asked for, or the served one when the request was sent
     payload: object  # messages or prompt
     params: SamplingParams
     cancel: threading.Event
     emit: Callable[[Event], None]
     options: dict  # the engine's keyword arguments: truncate, logprobs, echo
+    prompt: tuple[list[int], int, dict] | None = None  # _prompt's, built off the worker if big
 
 
 @dataclass
 class _Call:
     fn: Callable
-    # A barrier (a model switch) runs once every request sent before it has finished; other
-    # calls only need the model loaded and run at once.
-    barrier: bool = False
+    model: ModelInfo  # runs once this model is loaded or there is room to load it
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
+@dataclass
+class _Loaded:
+    info: ModelInfo
+    engine: Engine
+    batch: Batch  # the requests in flight on this engine
+
+    @property
+    def idle(self) -> bool:
+        return not self.batch.rows
+
+
+# Models `kettle serve` keeps loaded at once: a request for another loads it and lets go of the
+# one used least recently that has nothing in flight (as Ollama does); beyond that, requests wait
+# in order. The app keeps one (the default): its switch lets the old model go.
+MAX_LOADED = 2
+# A prompt longer than this (characters, or token ids) is built into token ids on a thread of
+# its own, not on the worker, so that the requests in flight keep decoding meanwhile. Smaller
+# ones take a millisecond or so and are built on the worker, in the order they came.
+BIG_PROMPT = 32_000
+
+
+def _key(info: ModelInfo) -> str:
+    return str(Path(info.path).resolve())
+
+
+def _prompt_size(kind: str, payload) -> int:
+    if kind == "chat" and isinstance(payload, list):
+        return sum(len(m.get("content") or "") + 1 for m in payload if isinstance(m, dict))
+    return len(payload) if isinstance(payload, (str, list)) else 0
+
+
 class InProcessService(GenerationService):
-    """The model in this process, driven by one worker thread (see the module docstring)."""
+    """The models in this process, driven by one worker thread (see the module docstring)."""
 
     def __init__(
         self,
@@ -170,17 +230,20 @@ class InProcessService(GenerationService):
         max_batch: int = MAX_BATCH,
         kv_budget: int = KV_BUDGET_BYTES,
         quantize: str | None = None,
+        follow_catalog: bool = True,
+        max_loaded: int = 1,
     ):
+        """`follow_catalog=False`: the catalog's active model is only where a service without
+        a model starts; switching never records it (kettle serve: the server's choice is its
+        own, the app's active model stays the app's)."""
         self._catalog = catalog or PathCatalog()
-        self._follows_catalog = model is None
+        self._follows_catalog = model is None and follow_catalog
         # Resolve now, so a bad name fails where it was given; the weights load on the worker.
-        self._wanted = self._catalog.active() if model is None else self._catalog.resolve(model)
+        self._default = self._catalog.active() if model is None else self._catalog.resolve(model)
         self._device = device
-        self._quantize = quantize  # every model it loads, also after a switch (gpt.quantize)
-        self._engine: Engine | None = None
-        self._batch: Batch | None = None  # the requests in flight on self._engine
-        self._max_batch, self._kv_budget = max_batch, kv_budget
-        self._active: ModelInfo | None = None
+        self._quantize = quantize  # every model it loads (gpt.quantize)
+        self._loaded: collections.OrderedDict[str, _Loaded] = collections.OrderedDict()  # least recent first
+        self._max_batch, self._kv_budget, self._max_loaded = max_batch, kv_budget, max(1, max_loaded)
         self._served: list[ModelInfo] = []  # listed even when not found elsewhere: switch back
         self._jobs: queue.Queue = queue.Queue()
         self._cancels: dict[str, threading.Event] = {}
@@ -191,37 +254,41 @@ class InProcessService(GenerationService):
 
     # -- the interface ----------------------------------------------------------------------------
 
-    def stream_chat(self, messages, params, *, request_id=None, truncate=True, logprobs=None, references=None):
-        """Also `logprobs`: each answer token's log-probability and the N most likely
-        (GenerationResult.logprobs), which only the in-process service returns; `references`:
-        passages to ground the answer in (best first; Engine.ground keeps those that fit, and
-        Done says how many)."""
+    def stream_chat(
+        self, messages, params, *, model=None, request_id=None, truncate=True, logprobs=None, references=None
+    ):
+        """Also `model` (a name list_models lists; None: the served one) and `logprobs`: each
+        answer token's log-probability and the N most likely (GenerationResult.logprobs), which
+        only the in-process service returns; `references`: passages to ground the answer in
+        (best first; Engine.ground keeps those that fit, and Done says how many)."""
         return self._events(
             "chat",
             messages,
+            model=model,
             params=params,
             request_id=request_id,
             options={"truncate": truncate, "logprobs": logprobs, "references": references},
         )
 
-    def complete(self, prompt, params, *, request_id=None, truncate=True, logprobs=None, echo=False, score_only=False):
-        """Also `logprobs` (as in stream_chat) and `echo`: score the prompt's tokens too
-        (GenerationResult.prompt_logprobs; a prompt longer than the context is scored whole,
+    def complete(
+        self, prompt, params, *, model=None, request_id=None, truncate=True, logprobs=None, echo=False, score_only=False
+    ):
+        """Also `model` and `logprobs` (as in stream_chat) and `echo`: score the prompt's tokens
+        too (GenerationResult.prompt_logprobs; a prompt longer than the context is scored whole,
         and the answer continues from its end that fits); `score_only`: generate nothing."""
         return self._events(
             "complete",
             prompt,
+            model=model,
             params=params,
             request_id=request_id,
             options={"truncate": truncate, "logprobs": logprobs, "echo": echo, "score_only": score_only},
         )
 
-    async def tokenizer(self):
-        def loaded():
-            self._ensure_loaded()
-            return self._engine.tokenizer, self._engine
-
-        return await asyncio.wrap_future(self._call(loaded))
+    async def tokenizer(self, model: str | None = None):
+        info = self._default if model is None else await self.find_model(model)
+        engine = await asyncio.wrap_future(self._call(lambda: self._use(info).engine, info))
+        return engine.tokenizer, engine
 
     def cancel(self, request_id: str | None = None) -> None:
         with self._lock:
@@ -235,48 +302,56 @@ class InProcessService(GenerationService):
 
     async def list_models(self) -> list[ModelInfo]:
         models = await asyncio.to_thread(self._catalog.models)
-        active = self._active or self._wanted
-        for served in [active, *self._served]:
+        for served in [self._default, *self._served]:
             if not any(_same_model(m, served) for m in models):
                 models.insert(0, served)
-        return [_with_active(m, _same_model(m, active)) for m in models]
+        return [_with_active(m, _same_model(m, self._default)) for m in models]
 
     async def switch_model(self, name: str) -> ModelInfo:
-        # Listed names only (the list holds every model served before, also one given by path
-        # at the start): never a path, nor a folder of that name in the working directory.
-        info = next((m for m in await self.list_models() if m.name == name), None)
-        if info is None:
-            raise KettleError(
-                f"{name}: no such model to switch to (not a store model version, nor a model in the models folder)"
-            )
-        return await asyncio.wrap_future(self._call(lambda: self._load(info), barrier=True))
+        """Requests sent before the switch are still answered by the model they were sent to."""
+        info = await self.find_model(name)
+        return await asyncio.wrap_future(self._call(lambda: self._switch(info), info))
 
     @property
     def active_model(self) -> ModelInfo:
-        """The model answering requests (resolved at once, loaded on first use or `load()`)."""
-        return self._active or _with_active(self._wanted, True)
+        """The model answering requests that name none (resolved at once, loaded on first use)."""
+        return _with_active(self._default, True)
+
+    def loaded_models(self) -> list[ModelInfo]:
+        loaded = list(self._loaded.values())  # one C call: the worker may change it meanwhile
+        return [_with_active(m.info, _same_model(m.info, self._default)) for m in reversed(loaded)]
+
+    @property
+    def _engine(self) -> Engine | None:
+        """The served model's engine, once loaded."""
+        loaded = self._loaded.get(_key(self._default))
+        return loaded.engine if loaded else None
 
     def load(self) -> ModelInfo:
-        """Load the model now and wait for it (the first request would otherwise do it)."""
-        return self._call(self._ensure_loaded).result()
+        """Load the served model now and wait for it (the first request would otherwise do it)."""
+        info = self._default
+        self._call(lambda: self._use(info), info).result()
+        return self.active_model
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._jobs.put(None)
         self.cancel()
-        self._jobs.put(None)
         self._worker.join(timeout=30)
-        self._engine = None
+        self._loaded.clear()
 
     # -- the caller's side ------------------------------------------------------------------------
 
-    async def _events(self, kind, payload, *, params, request_id, options) -> AsyncIterator[Event]:
+    async def _events(self, kind, payload, *, model, params, request_id, options) -> AsyncIterator[Event]:
         if self._closed:
             yield Error("the generation service is closed", "internal")
             return
         try:
             params = _checked(params)
+            info = self._default if model is None else await self.find_model(model)
         except KettleError as exc:
             yield Error(str(exc))
             return
@@ -294,7 +369,19 @@ class InProcessService(GenerationService):
         with self._lock:
             self._cancels[request_id] = cancel
         try:
-            self._jobs.put(_Job(kind, payload, params, cancel, emit, options))
+            job = _Job(kind, info, payload, params, cancel, emit, dict(options))
+            if _prompt_size(kind, payload) > BIG_PROMPT:
+                try:
+                    engine = await asyncio.wrap_future(self._call(lambda: self._use(info).engine, info))
+                    job.prompt = await asyncio.to_thread(_prompt, engine, job)
+                except Exception as exc:
+                    yield _error_event(exc)
+                    return
+            with self._lock:  # never after close()'s None: nobody would answer it
+                if self._closed:
+                    yield Error("the generation service is closed", "internal")
+                    return
+                self._jobs.put(job)
             while True:
                 event = await inbox.get()
                 yield event
@@ -308,18 +395,19 @@ class InProcessService(GenerationService):
                 if self._cancels.get(request_id) is cancel:
                     del self._cancels[request_id]
 
-    def _call(self, fn: Callable, barrier: bool = False) -> concurrent.futures.Future:
-        """Run fn on the worker thread (a barrier: after the requests queued before it)."""
-        if self._closed:
-            raise KettleError("the generation service is closed")
-        call = _Call(fn, barrier)
-        self._jobs.put(call)
+    def _call(self, fn: Callable, model: ModelInfo) -> concurrent.futures.Future:
+        """Run fn on the worker thread once `model` is loaded or has room to be."""
+        call = _Call(fn, model)
+        with self._lock:
+            if self._closed:
+                raise KettleError("the generation service is closed")
+            self._jobs.put(call)
         return call.future
 
     # -- the worker thread ------------------------------------------------------------------------
 
     def _work(self) -> None:
-        waiting: collections.deque = collections.deque()  # jobs and barriers not started yet
+        waiting: collections.deque = collections.deque()  # jobs and calls not started yet
         closing = False
         while not closing or self._running():
             idle = not waiting and not self._running()
@@ -332,20 +420,32 @@ class InProcessService(GenerationService):
             for item in items:
                 if item is None:
                     closing = True  # close() cancelled everything: the rows leave at the next step
-                elif isinstance(item, _Call) and not item.barrier:
+                elif isinstance(item, _Call) and (
+                    _key(item.model) in self._loaded or not waiting and self._room_for(item.model)
+                ):
                     _run_call(item)
                 else:
                     waiting.append(item)
             self._admit(waiting)
             if self._running():
                 self._step()
+        for item in waiting:  # calls never run: their callers must not wait forever
+            if isinstance(item, _Call):
+                item.future.set_exception(KettleError("the generation service is closed"))
 
     def _running(self) -> bool:
-        return self._batch is not None and bool(self._batch.rows)
+        return any(not m.idle for m in self._loaded.values())
+
+    def _room_for(self, info: ModelInfo) -> bool:
+        return (
+            _key(info) in self._loaded
+            or len(self._loaded) < self._max_loaded
+            or any(m.idle for m in self._loaded.values())
+        )
 
     def _admit(self, waiting: collections.deque) -> None:
-        """Start what waits, in order, while the batch has room; a request cancelled while it
-        waits is answered at once and never starts."""
+        """Start what waits, in order, while there is room; a request cancelled while it waits
+        is answered at once and never starts."""
         for job in [j for j in waiting if isinstance(j, _Job) and j.cancel.is_set()]:
             waiting.remove(job)
             job.emit(
@@ -353,45 +453,30 @@ class InProcessService(GenerationService):
                     GenerationResult(
                         text="", finish_reason="cancelled", prompt_tokens=0, new_tokens=0, seed=job.params.seed or 0
                     ),
-                    self.active_model.name,
+                    job.model.name,
                 )
             )
         while waiting:
             head = waiting[0]
-            if isinstance(head, _Call):
-                if self._running():
-                    return
-                _run_call(waiting.popleft())
-            elif self._batch is not None and self._batch.full:
+            if not self._room_for(head.model):
                 return
-            else:
-                self._start(waiting.popleft())
+            if isinstance(head, _Call):
+                _run_call(waiting.popleft())
+                continue
+            loaded = self._loaded.get(_key(head.model))
+            if loaded is not None and loaded.batch.full:
+                return
+            self._start(waiting.popleft())
 
     def _start(self, job: _Job) -> None:
         try:
-            self._ensure_loaded()
-            engine, name = self._engine, self._active.name
-            if self._batch is None:
-                self._batch = Batch(engine, self._max_batch, self._kv_budget)
+            loaded = self._use(job.model)
+            engine, name = loaded.engine, loaded.info.name
             if engine.device.type == "cpu":
                 engine.threads = 1 if self._catalog.busy() else None
-            options = dict(job.options)
-            truncate = options.pop("truncate", True)
-            used = 0
-            if job.kind == "chat":
-                messages, used = engine.ground(job.payload, options.pop("references", None) or [], job.params)
-                ids, dropped = engine.chat_ids(messages, job.params, truncate=truncate)
-                options["copy"] = engine.copy_bias(messages)
-            else:
-                if not isinstance(job.payload, (str, list)):
-                    raise KettleError("prompt must be a string or a list of token ids")
-                prompt = engine.prompt_ids(job.payload)
-                # An echoed prompt is scored whole, however long (Engine.score_prompt); what
-                # the answer continues from is its end that fits.
-                echo = options.pop("echo", False)
-                options["echo"] = prompt if echo else None
-                ids, dropped = engine.completion_ids(prompt, job.params, truncate=truncate or echo)
-            self._batch.add(
+            ids, dropped, options = job.prompt or _prompt(engine, job)
+            used = options.pop("references_used", 0)
+            loaded.batch.add(
                 Request(
                     ids,
                     dropped,
@@ -403,35 +488,69 @@ class InProcessService(GenerationService):
                     **options,
                 )
             )
-        except KettleError as exc:
-            job.emit(Error(str(exc), getattr(exc, "code", "invalid_request")))
         except Exception as exc:  # a bug must not take the worker (and every later request) down
-            traceback.print_exc()
-            job.emit(Error(f"internal error: {type(exc).__name__}: {exc}", "internal"))
+            job.emit(_error_event(exc))
 
     def _step(self) -> None:
-        try:
-            self._batch.step()
-        except Exception as exc:  # as in _start: every request in flight is told, the worker stays
-            traceback.print_exc()
-            self._batch.fail(f"internal error: {type(exc).__name__}: {exc}")
+        for loaded in list(self._loaded.values()):
+            if loaded.idle:
+                continue
+            try:
+                loaded.batch.step()
+            except Exception as exc:  # as in _start: every request in flight is told, the worker stays
+                traceback.print_exc()
+                loaded.batch.fail(f"internal error: {type(exc).__name__}: {exc}")
 
-    def _ensure_loaded(self) -> ModelInfo:
-        if self._engine is None:
-            self._load(self._wanted)
-        return self._active
-
-    def _load(self, info: ModelInfo) -> ModelInfo:
-        # The new model loads before the old one is let go: a broken one leaves the old in use.
+    def _use(self, info: ModelInfo) -> _Loaded:
+        """`info` loaded (now, if need be: the model used least recently with nothing in flight
+        makes room), as the most recently used."""
+        key = _key(info)
+        if key in self._loaded:
+            self._loaded.move_to_end(key)
+            return self._loaded[key]
+        # The new model loads before an old one is let go: a broken one leaves the others.
         engine = Engine.load(info.path, device=self._device, quantize=self._quantize)
         engine.name = info.name
-        self._engine, self._wanted, self._batch = engine, info, None
-        self._active = _with_active(info, True)
+        while len(self._loaded) >= self._max_loaded:
+            self._loaded.pop(next(k for k, m in self._loaded.items() if m.idle))
+        self._loaded[key] = _Loaded(info, engine, Batch(engine, self._max_batch, self._kv_budget))
         if not any(_same_model(m, info) for m in self._served):
             self._served.append(info)
+        return self._loaded[key]
+
+    def _switch(self, info: ModelInfo) -> ModelInfo:
+        self._use(info)
+        self._default = info
         if self._follows_catalog:
             self._catalog.activate(info)
-        return self._active
+        return self.active_model
+
+
+def _prompt(engine: Engine, job: _Job) -> tuple[list[int], int, dict]:
+    """The job's prompt ids, how many of its tokens were dropped, and the Request's other
+    keyword arguments."""
+    options = dict(job.options)
+    truncate = options.pop("truncate", True)
+    if job.kind == "chat":
+        messages, options["references_used"] = engine.ground(job.payload, options.pop("references") or [], job.params)
+        ids, dropped = engine.chat_ids(messages, job.params, truncate=truncate)
+        options["copy"] = engine.copy_bias(messages)
+        return ids, dropped, options
+    if not isinstance(job.payload, (str, list)):
+        raise KettleError("prompt must be a string or a list of token ids")
+    prompt = engine.prompt_ids(job.payload)
+    # An echoed prompt is scored whole, however long (Engine.score_prompt); what the answer
+    # continues from is its end that fits.
+    options["echo"] = prompt if options.pop("echo", False) else None
+    ids, dropped = engine.completion_ids(prompt, job.params, truncate=truncate or options["echo"] is not None)
+    return ids, dropped, options
+
+
+def _error_event(exc: Exception) -> Error:
+    if isinstance(exc, KettleError):
+        return Error(str(exc), getattr(exc, "code", "invalid_request"))
+    traceback.print_exc()
+    return Error(f"internal error: {type(exc).__name__}: {exc}", "internal")
 
 
 def _run_call(call: _Call) -> None:
@@ -474,16 +593,15 @@ class RemoteService(GenerationService):
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Task]] = {}
         self._lock = threading.Lock()
 
-    def stream_chat(self, messages, params, *, request_id=None, truncate=True, references=None):
-        body = {"messages": messages, "truncate": truncate}
+    def stream_chat(self, messages, params, *, model=None, request_id=None, truncate=True, references=None):
+        body = {"messages": messages, "truncate": truncate} | ({"model": model} if model else {})
         if references is not None:  # the passages to ground in, chosen here (Kettle's extension)
             body["references"] = references
         return self._stream("/v1/chat/completions", body, params=params, request_id=request_id)
 
-    def complete(self, prompt, params, *, request_id=None, truncate=True):
-        return self._stream(
-            "/v1/completions", {"prompt": prompt, "truncate": truncate}, params=params, request_id=request_id
-        )
+    def complete(self, prompt, params, *, model=None, request_id=None, truncate=True):
+        body = {"prompt": prompt, "truncate": truncate} | ({"model": model} if model else {})
+        return self._stream("/v1/completions", body, params=params, request_id=request_id)
 
     def cancel(self, request_id: str | None = None) -> None:
         with self._lock:

@@ -157,7 +157,9 @@ def test_a_request_naming_another_listed_model_loads_it(tiny_model_dir, tiny_gpt
         assert {m.model for m in client.list().models} == {"tiny", "other"}
         answer = client.chat(model="other", messages=CHAT, options={"temperature": 0, "num_predict": 5})
         assert answer.message.content == Engine.load(tiny_gpt2_vocab_model_dir).generate_chat(CHAT, greedy(5)).text
-        assert [m.model for m in client.ps().models] == ["other"]
+        assert [m.model for m in client.ps().models] == ["other"]  # one kept loaded: tiny made room
+        # Loaded for the request, not switched to: requests naming no model still get the server's.
+        assert httpx.get(running.url + "/v1/models").json()["data"][0]["id"] == "tiny"
     finally:
         running.stop()
 

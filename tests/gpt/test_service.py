@@ -248,6 +248,30 @@ async def test_generation_uses_one_cpu_thread_while_a_training_job_runs(
     assert len(opened) == 1  # one store, opened once it existed, for every request after
 
 
+async def test_a_huge_prompt_is_tokenized_beside_the_answers_in_flight(service, long_context_model_dir, verdict_text):
+    import time
+
+    huge = verdict_text * 250  # 5 MB: tokenizing it takes about half a second
+    params = SamplingParams(temperature=0, max_new_tokens=3)
+    arrivals = []
+
+    async def running():
+        async for _event in service.complete("a", SamplingParams(temperature=0, max_new_tokens=1500)):
+            arrivals.append(time.monotonic())
+
+    async def huge_prompt():
+        while len(arrivals) < 10:
+            await asyncio.sleep(0.01)
+        return (await collect(service.complete(huge, params)))[-1]
+
+    _, done = await asyncio.gather(running(), huge_prompt())
+    # The same answer as a prompt built on the worker (Engine alone), the rows in flight decoding
+    # meanwhile: on the worker it held them for the whole tokenizing (270 ms for 4 MB here).
+    expected = Engine.load(long_context_model_dir).generate(huge, params)
+    assert done.result.token_ids == expected.token_ids and done.result.dropped_tokens == expected.dropped_tokens
+    assert len(arrivals) == 1501 and max(b - a for a, b in zip(arrivals, arrivals[1:])) < 0.15
+
+
 async def test_a_grounded_chat_copies_its_reference_and_says_it_used_it(chat_model_dir):
     """The app's way: it chooses the passages, the service grounds the answer in them."""
     service = InProcessService(str(chat_model_dir))

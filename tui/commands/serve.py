@@ -15,8 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a model over OpenAI- and Ollama-compatible HTTP APIs",
         description="Serve MODEL at http://HOST:PORT/v1 (chat/completions, completions, models; "
-        "streaming with server-sent events) and Ollama's API at http://HOST:PORT/api. Switch the "
-        'served model without a restart with POST /v1/models/switch {"model": NAME}.',
+        "streaming with server-sent events) and Ollama's API at http://HOST:PORT/api. Every model "
+        "GET /v1/models lists is served on request by its name (loaded on first use, the two used "
+        "last kept loaded); MODEL answers requests that name none, changed with POST /v1/models/switch "
+        "{\"model\": NAME} (the server's choice: the app's active model stays as it is).",
     )
     p.add_argument(
         "model",
@@ -113,7 +115,7 @@ def serve_command(args) -> int:
     from data.registry import StoreCatalog
     from gpt.ollama import router
     from gpt.server import LOCAL_NAMES, build_server, listen
-    from gpt.service import InProcessService
+    from gpt.service import MAX_LOADED, InProcessService
 
     key = api_key(args.api_key)
     allow_origins, allow_hosts = allowed(args)
@@ -123,7 +125,16 @@ def serve_command(args) -> int:
     logging.getLogger("kettle").setLevel(logging.INFO)
     port = args.port if args.port is not None else OLLAMA_PORT if args.ollama else OPENAI_PORT
     sock = listen(args.host, port)  # before loading: a taken port fails at once
-    service = InProcessService(args.model, catalog=StoreCatalog(), device=args.device, quantize=args.quantize)
+    # The server's model is its own: a switch (POST /v1/models/switch) never becomes the app's
+    # active model, which is the user's choice in the app.
+    service = InProcessService(
+        args.model,
+        catalog=StoreCatalog(),
+        device=args.device,
+        quantize=args.quantize,
+        follow_catalog=False,
+        max_loaded=MAX_LOADED,
+    )
     try:
         info = service.load()
         host, port = sock.getsockname()[:2]
