@@ -14,10 +14,10 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -146,24 +146,32 @@ def test_a_bad_model_directory_is_refused_by_every_importer(name, seeded, tmp_pa
         assert f"kettle: error: {app}" == (import_hf if is_hf_dir(path) else generate)
 
 
-class Hung(Exception):
-    """What `within` raises in place of a wait that would never end."""
-
-
 @contextlib.contextmanager
-def within(seconds: int):
-    """Fail, instead of hanging the test run, where the block waits (on a named pipe) longer."""
+def within(seconds: float, *pipes: Path):
+    """Fail, instead of hanging the test run, where the block waits on one of `pipes` (named
+    pipes) longer: each is then opened for writing and closed, again and again, which lets a
+    reader waiting there go on (reading nothing), and the test fails. A signal cannot do it:
+    safetensors' open retries when interrupted."""
+    done, waited = threading.Event(), []
 
-    def give_up(*_):
-        raise Hung(f"still waiting after {seconds} s")
+    def release():
+        if done.wait(seconds):
+            return
+        waited.append(seconds)
+        while not done.is_set():
+            for pipe in pipes:
+                with contextlib.suppress(OSError):  # no reader there yet
+                    os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+            done.wait(0.1)
 
-    old = signal.signal(signal.SIGALRM, give_up)
-    signal.alarm(seconds)
+    helper = threading.Thread(target=release, daemon=True)
+    helper.start()
     try:
         yield
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+        done.set()
+        helper.join()
+    assert not waited, f"still waiting on {pipes} after {seconds} s"
 
 
 @pytest.mark.parametrize(
@@ -189,7 +197,7 @@ def test_a_named_pipe_in_a_model_directory_is_refused_at_once(kind, name, seeded
         export_hf(seeded["model"], path)
     (path / name).unlink()
     os.mkfifo(path / name)
-    with within(30):
+    with within(30, path / name):
         lines = refused_by_every_importer(path, tmp_path / "converted", capsys)
     assert f"{path / name}: " in lines[0 if kind == "kettle" else 1]
     assert "a named pipe, not a regular file" in lines[0 if kind == "kettle" else 1]
@@ -301,7 +309,7 @@ def test_an_unreadable_settings_file_is_one_warning_naming_it(make, capsys):
         path.write_text(deep_json(), encoding="utf-8")
     else:
         os.mkfifo(path)
-    with within(30):
+    with within(30, path):
         code, err = cli(["serve", "--port", "0", "no-such-model"], capsys)
     warning, error = err.rstrip("\n").split("\n")
     assert warning.startswith(f"kettle: warning: {path}: ") and warning.endswith("using default settings")
@@ -317,7 +325,7 @@ def test_an_unreadable_model_config_flag_is_one_line(make, seeded, tmp_path, cap
         path.write_text(deep_json(), encoding="utf-8")
     else:
         os.mkfifo(path)
-    with within(30):
+    with within(30, path):
         code, err = cli(["pretrain", "--data", seeded["text"], "--config", str(path), "--out", seeded["out"]], capsys)
     line = one_line(err)
     assert code == 1 and f"{path}: cannot read config" in line
@@ -338,3 +346,27 @@ async def test_the_app_starts_past_a_settings_file_nested_too_deeply(kettle_home
         warnings = [n.message for n in app._notifications if n.severity == "warning"]
         assert warnings == [f"{config_path()}: JSON nested too deeply to read; using default settings"]
     assert config_path().read_text(encoding="utf-8") == deep_json()  # the user's file, kept to fix by hand
+
+
+@pytest.mark.parametrize("file, make", [("adapter.json", "deep"), ("adapter.safetensors", "fifo")])
+def test_a_lora_adapter_nested_too_deeply_or_a_pipe_is_one_line(file, make, seeded, tmp_path, capsys):
+    """An adapter's manifest nested 100,000 deep was a RecursionError traceback from
+    `finetune merge` (and the app's import); a named pipe as its weights waited forever."""
+    from finetune.lora import LoRAConfig, apply_lora, save_adapter
+    from gpt.checkpoint import load_model
+
+    model, _ = load_model(seeded["model"])
+    apply_lora(model, LoRAConfig(rank=2))
+    adapter = save_adapter(model, tmp_path / "adapter")
+    (adapter / file).unlink()
+    if make == "deep":
+        (adapter / file).write_text(deep_json(), encoding="utf-8")
+    else:
+        os.mkfifo(adapter / file)
+    with within(30, adapter / file):
+        code, err = cli(
+            ["finetune", "merge", "--base", seeded["model"], "--adapter", str(adapter), "--out", seeded["out"]], capsys
+        )
+    line = one_line(err)
+    assert code == 1 and f"{adapter / file}: " in line and not Path(seeded["out"]).exists()
+    assert ("nested too deeply" if make == "deep" else "a named pipe, not a regular file") in line
