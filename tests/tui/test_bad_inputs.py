@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import sqlite3
 import subprocess
 import sys
-import threading
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -149,29 +150,21 @@ def test_a_bad_model_directory_is_refused_by_every_importer(name, seeded, tmp_pa
 @contextlib.contextmanager
 def within(seconds: float, *pipes: Path):
     """Fail, instead of hanging the test run, where the block waits on one of `pipes` (named
-    pipes) longer: each is then opened for writing and closed, again and again, which lets a
-    reader waiting there go on (reading nothing), and the test fails. A signal cannot do it:
-    safetensors' open retries when interrupted."""
-    done, waited = threading.Event(), []
-
-    def release():
-        if done.wait(seconds):
-            return
-        waited.append(seconds)
-        while not done.is_set():
-            for pipe in pipes:
-                with contextlib.suppress(OSError):  # no reader there yet
-                    os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
-            done.wait(0.1)
-
-    helper = threading.Thread(target=release, daemon=True)
-    helper.start()
+    pipes) longer: another process then opens each for writing and closes it, again and again,
+    which lets a reader waiting there go on (reading nothing), and the test fails. Not a signal
+    or a thread of this process: safetensors holds the GIL, and retries, while it opens a file."""
+    waited = Path(tempfile.mkdtemp()) / "waited"
+    opens = " ".join(f": > {shlex.quote(str(pipe))};" for pipe in pipes)
+    script = f"sleep {seconds}; touch {shlex.quote(str(waited))}; while :; do {opens} sleep 0.1; done"
+    releaser = subprocess.Popen(["sh", "-c", script])
     try:
         yield
     finally:
-        done.set()
-        helper.join()
-    assert not waited, f"still waiting on {pipes} after {seconds} s"
+        releaser.kill()
+        releaser.wait()
+        hung = waited.exists()
+        shutil.rmtree(waited.parent)
+    assert not hung, f"still waiting on {pipes} after {seconds} s"
 
 
 @pytest.mark.parametrize(
