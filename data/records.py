@@ -28,6 +28,16 @@ def _loads(text: str | None, default: Any = None) -> Any:
     return default if text is None else json.loads(text)
 
 
+def storable_text(value: str, what: str) -> str:
+    """`value`, if UTF-8 (so SQLite) can hold it: a lone surrogate (JSON's "\\ud800", a broken
+    paste) is no character, and would fail deep in sqlite3 instead of here, by name."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise KettleError(f"{what} holds a lone surrogate {value[exc.start]!a} (not a character)") from None
+    return value
+
+
 def clean_tags(tags: Iterable[str]) -> list[str]:
     """Tags as stored: stripped, without blanks or repeats, in the order given."""
     if isinstance(tags, str):
@@ -36,7 +46,7 @@ def clean_tags(tags: Iterable[str]) -> list[str]:
     for tag in tags:
         if not isinstance(tag, str):
             raise KettleError(f"a tag must be a string, got {tag!r}")
-        tag = tag.strip()
+        tag = storable_text(tag, "a tag").strip()
         if tag and tag not in out:
             out.append(tag)
     return out

@@ -106,9 +106,38 @@ def execute_each(db: sqlite_utils.Database, script: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Views: they hold no data, so one that is missing (a hand-run DROP VIEW, a tool that "cleaned"
+# the file) is made again from its definition when the store opens, instead of every read
+# that needs it failing.
+
+CURRENT_LABELS_VIEW = """CREATE VIEW current_labels AS
+    SELECT l.* FROM labels l
+    JOIN (SELECT message_id, MAX(id) AS id FROM labels GROUP BY message_id) newest
+    ON l.id = newest.id;"""
+VIEWS = {"current_labels": CURRENT_LABELS_VIEW}
+
+
+def missing_views(db: sqlite_utils.Database) -> list[str]:
+    """The views a migrated database should have and lacks."""
+    present = set(db.view_names())
+    return [name for name in VIEWS if name not in present]
+
+
+def restore_views(db: sqlite_utils.Database, *, temporary: bool = False) -> list[str]:
+    """Make the missing views again; `temporary`: for this connection only (TEMP views), where
+    the file cannot be written. Returns their names."""
+    missing = missing_views(db)
+    for name in missing:
+        sql = VIEWS[name]
+        db.execute(sql.replace("CREATE VIEW", "CREATE TEMP VIEW", 1) if temporary else sql)
+    return missing
+
+
+# ---------------------------------------------------------------------------------------------
 # The migrations, in order.
 
-CORE_SCHEMA = """
+CORE_SCHEMA = (
+    """
 CREATE TABLE conversations (
     id INTEGER PRIMARY KEY,
     title TEXT NOT NULL DEFAULT '',
@@ -171,10 +200,9 @@ END;
 CREATE TRIGGER labels_no_delete BEFORE DELETE ON labels BEGIN
     SELECT RAISE(ABORT, 'labels are append-only: add a clearing label row');
 END;
-CREATE VIEW current_labels AS
-    SELECT l.* FROM labels l
-    JOIN (SELECT message_id, MAX(id) AS id FROM labels GROUP BY message_id) newest
-    ON l.id = newest.id;
+"""
+    + CURRENT_LABELS_VIEW
+    + """
 
 CREATE TABLE snapshots (
     id INTEGER PRIMARY KEY,
@@ -256,6 +284,7 @@ CREATE TABLE run_metrics (
 );
 CREATE INDEX idx_run_metrics ON run_metrics(run_id, step);
 """
+)
 
 
 @migration

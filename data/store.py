@@ -55,6 +55,7 @@ from data.records import (
     Snapshot,
     canonical_json,
     clean_tags,
+    storable_text,
 )
 from gpt.errors import KettleError
 from gpt.files import atomic_file, process_alive, remove_stale_temporaries
@@ -64,6 +65,7 @@ MODEL_KINDS = ("imported", "downloaded", "pretrained", "finetuned", "starter")
 RUN_STATUSES = ("queued", "running", "finished", "failed", "cancelled")
 FINISHED_RUN_STATUSES = ("finished", "failed", "cancelled")
 BUSY_TIMEOUT_S = 10.0
+SQLITE_MAX_INTEGER = 2**63 - 1
 # Fields of a generation result (gpt.engine.GenerationResult) recorded on an assistant message.
 GENERATION_FIELDS = ("finish_reason", "prompt_tokens", "new_tokens", "dropped_tokens", "ttft_s", "tokens_per_s", "seed")
 
@@ -98,8 +100,9 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
 
 
 def _fts_query(text: str) -> str:
-    """Plain words -> an FTS5 query that matches all of them; user text is never FTS syntax."""
-    words = text.split()
+    """Plain words -> an FTS5 query that matches all of them; user text is never FTS syntax. A
+    NUL separates words (inside a quoted FTS5 string it would end the query: a syntax error)."""
+    words = text.replace("\0", " ").split()
     return " ".join('"' + w.replace('"', '""') + '"' for w in words)
 
 
@@ -156,6 +159,7 @@ def open_store(path: str | Path | None = None, *, read_only: bool = False) -> St
             store._check_current()
         else:
             store._migrate()
+        store._restore_views(read_only)
     except sqlite3.DatabaseError as exc:
         conn.close()
         raise KettleError(f"{path}: cannot open the Kettle database: {exc}") from exc
@@ -204,6 +208,17 @@ class Store:
         with self.transaction():  # re-checked under the write lock: another process may have won
             self._refuse_newer()
             schema.migrate(self.db)
+
+    def _restore_views(self, read_only: bool) -> None:
+        """A missing view (they hold no data) is made again: in the file, or where it cannot
+        be written, for this connection only."""
+        if not schema.missing_views(self.db):
+            return
+        if read_only:
+            schema.restore_views(self.db, temporary=True)
+            return
+        with self.transaction():  # re-checked under the write lock: another process may have won
+            schema.restore_views(self.db)
 
     def _refuse_newer(self) -> None:
         if newer := schema.unknown(self.db):
@@ -314,6 +329,8 @@ class Store:
     ) -> Conversation:
         """A new conversation; one of `pending_import` (see `begin_import`) stays hidden until
         that import finishes."""
+        storable_text(title, "the title")
+        storable_text(system_prompt, "the system prompt")
         now = time.time()
         row = {
             "title": title,
@@ -372,6 +389,9 @@ class Store:
         model: str | None = _UNSET,
     ) -> Conversation:
         """Change a conversation's settings; arguments left out keep their value."""
+        for value, what in ((title, "the title"), (system_prompt, "the system prompt")):
+            if isinstance(value, str):
+                storable_text(value, what)
         changes = {
             k: v
             for k, v in (
@@ -482,6 +502,7 @@ class Store:
             raise KettleError(f"message role must be one of {', '.join(ROLES)}, got {role!r}")
         if not isinstance(content, str):
             raise KettleError(f"message content must be a string, got {type(content).__name__}")
+        storable_text(content, "the message")
         gen = {}
         if generation is not None:
             source = generation if isinstance(generation, dict) else vars(generation)
@@ -654,10 +675,14 @@ class Store:
             raise KettleError(f"score must be a whole number from 1 to 5, got {score!r}")
         if ideal is not _UNSET and ideal is not None and not isinstance(ideal, str):
             raise KettleError("the corrected answer must be text")
+        if isinstance(ideal, str):
+            storable_text(ideal, "the corrected answer")
         if excluded is not _UNSET and not isinstance(excluded, bool):
             raise KettleError(f"excluded must be true or false, got {excluded!r}")
         if note is not _UNSET and not isinstance(note, str):
             raise KettleError("a note must be text")
+        if isinstance(note, str):
+            storable_text(note, "the note")
         with self.transaction():
             msg = self.message(message_id)
             if ideal not in (_UNSET, None) and msg.role != "assistant":
@@ -1110,8 +1135,9 @@ class Store:
         """Messages containing all the words of `query` (plain words, stemmed; no FTS syntax),
         or whose current corrected answer does (its snippet starts with "✎ "), newest first (as
         chat apps do, and it stays fast however many messages match); deleted conversations are
-        left out."""
-        fts = _fts_query(query)
+        left out. A `limit` past SQLite's integers is no limit."""
+        fts = _fts_query(storable_text(query, "the search"))
+        limit = min(limit, SQLITE_MAX_INTEGER)
         if not fts:
             return []
         corrected = self._rows(

@@ -6,12 +6,15 @@ import json
 from pathlib import Path
 
 from gpt.errors import KettleError
+from gpt.files import read_regular_text
 
 
 def read_manifest(path: Path, key: str, *, version: int, what: str) -> dict:
     """The JSON manifest of one of the directories fine-tuning writes, checked for its format."""
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(read_regular_text(path))
+    except RecursionError:
+        raise KettleError(f"{path}: unreadable (JSON nested too deeply), so {path.parent} is not {what}") from None
     except (OSError, ValueError) as exc:
         reason = "missing" if isinstance(exc, FileNotFoundError) else f"unreadable ({exc})"
         raise KettleError(f"{path}: {reason}, so {path.parent} is not {what}") from None

@@ -39,7 +39,7 @@ from finetune import read_manifest
 from gpt.checkpoint import save_weights
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
-from gpt.files import atomic_directory
+from gpt.files import atomic_directory, check_regular, read_regular_text
 from gpt.model import GPT
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -255,7 +255,7 @@ def recorded_base(directory: Path) -> str | None:
     base_model_name_or_path), unchecked: a hint for finding it."""
     for name, key in ((ADAPTER_CONFIG, "base"), (PEFT_CONFIG, "base_model_name_or_path")):
         try:
-            value = json.loads((directory / name).read_text(encoding="utf-8")).get(key)
+            value = json.loads(read_regular_text(directory / name)).get(key)
         except (OSError, ValueError, RecursionError, AttributeError):
             continue  # loading the adapter says what is wrong with it
         if isinstance(value, str) and value:
@@ -301,6 +301,7 @@ def load_adapter(model: GPT, directory: str | Path) -> GPT:
 
 def _tensor_names(path: Path, hint: str = "") -> list[str]:
     try:
+        check_regular(path)  # safetensors would wait forever on a named pipe
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
     except SafetensorError as exc:
@@ -332,7 +333,7 @@ def _peft_adapter(directory: Path) -> tuple[LoRAConfig, Path, dict[str, str]]:
     PEFT's is refused, naming the key or tensor."""
     source = directory / PEFT_CONFIG
     try:
-        data = json.loads(source.read_text(encoding="utf-8"))
+        data = json.loads(read_regular_text(source))
     except (OSError, ValueError, RecursionError) as exc:
         raise KettleError(f"{source}: cannot read ({exc})") from None
     if not isinstance(data, dict):

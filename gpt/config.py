@@ -8,6 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt.errors import KettleError
+from gpt.files import read_regular_text
+
+# The most weights a config may describe: over 600 times GPT-2 XL's 1.6 billion. A config.json
+# past it is a typo or an attack, and building even a storage-less model of it overflows
+# PyTorch's size arithmetic (a RuntimeError) or tries to allocate terabytes.
+MAX_WEIGHTS = 10**12
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,22 @@ class GPTConfig:
             or not 0.0 <= self.dropout < 1.0
         ):
             raise KettleError(f"config: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.weight_count > MAX_WEIGHTS:
+            sizes = ", ".join(
+                f"{name} {getattr(self, name)}" for name in ("vocab_size", "context_length", "n_layer", "n_embd")
+            )
+            raise KettleError(
+                f"config: {sizes} make a model of about {self.weight_count:.1e} weights; "
+                f"Kettle builds at most {MAX_WEIGHTS:.0e}"
+            )
+
+    @property
+    def weight_count(self) -> int:
+        """The weights of the model's matrices (embeddings, attention, MLP, an untied head): all
+        but its biases and norms, counted without building it."""
+        block = 4 * self.n_embd**2 + 2 * self.n_embd * self.mlp_width
+        embeddings = (self.vocab_size * (1 if self.tie_embeddings else 2) + self.context_length) * self.n_embd
+        return embeddings + self.n_layer * block
 
     @property
     def head_dim(self) -> int:
@@ -81,10 +103,12 @@ class GPTConfig:
     def from_file(cls, path: str | Path) -> "GPTConfig":
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_regular_text(path))
         except FileNotFoundError:
             raise KettleError(f"{path}: config file not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except RecursionError:
+            raise KettleError(f"{path}: cannot read config (JSON nested too deeply)") from None
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON or UTF-8
             raise KettleError(f"{path}: cannot read config ({exc})") from None
         return cls.from_dict(data, source=str(path))
 

@@ -3,6 +3,9 @@
 A write in progress is a hidden temporary beside its target (`.NAME.XXXX.tmp`), locked (flock)
 by the process writing it for as long as it writes. What a killed process leaves behind is
 unlocked: `remove_stale_temporaries` clears it on the next start of whatever owns the folder.
+
+Reading what a user hands over (a model's files, a settings file) goes through `read_regular_text`
+or `check_regular`: a named pipe there would block its reader forever, a device never ends.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -235,3 +239,46 @@ def made_until_error(path: str | Path):
         if top is not None:
             shutil.rmtree(top, ignore_errors=True)
         raise
+
+
+class NotARegularFile(OSError):
+    """A path that names a directory, a named pipe, a device or a socket where a file's bytes
+    are read: the message says which."""
+
+
+def _kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "something other than a file"
+
+
+def _refuse_irregular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise NotARegularFile(f"{_kind(mode)}, not a regular file")
+
+
+def check_regular(path: str | Path) -> None:
+    """Raise NotARegularFile unless `path` (its symlinks followed) is a regular file, for a
+    reader that opens the file itself (safetensors); FileNotFoundError where nothing is."""
+    _refuse_irregular(os.stat(path).st_mode)
+
+
+def read_regular_text(path: str | Path) -> str:
+    """The UTF-8 text of `path`, which must be a regular file: it is opened without waiting
+    (O_NONBLOCK: a named pipe opens at once) and checked before a byte is read, so nothing
+    stalls on a pipe that has no writer."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        _refuse_irregular(os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    with open(fd, "rb") as f:
+        return f.read().decode("utf-8")

@@ -21,10 +21,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from gpt.chat_template import TEXT_HEADERS, jinja_chat_template, stop_token_ids, uses_special_tokens
-from gpt.checkpoint import DTYPES, check_block_count, dtype_name, expected_tensors, load_model, save_model, save_weights
+from gpt.checkpoint import (
+    DTYPES,
+    check_block_count,
+    dtype_name,
+    expected_tensors,
+    finite,
+    load_model,
+    save_model,
+    save_weights,
+)
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
-from gpt.files import atomic_directory
+from gpt.files import atomic_directory, check_regular, read_regular_text
 from gpt.model import GPT
 from gpt.tokenizer import (
     END_OF_TEXT,
@@ -154,7 +163,7 @@ def is_hf_dir(directory: Path) -> bool:
     """Whether `directory` holds a config.json that is not Kettle's (an object without
     kettle_format): a Hugging Face directory, for import_hf to convert and check."""
     try:
-        data = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        data = json.loads(read_regular_text(directory / "config.json"))
     except (OSError, ValueError, RecursionError):
         return False  # not one to convert; the Kettle checks say what is wrong
     return isinstance(data, dict) and "kettle_format" not in data
@@ -168,7 +177,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
         raise KettleError(f"{hf_dir}: no such directory")
     config_file = hf_dir / "config.json"
     try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
+        data = json.loads(read_regular_text(config_file))
     except FileNotFoundError:
         raise KettleError(f"{config_file}: missing (a Hugging Face GPT-2 directory has config.json)") from None
     except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
@@ -211,7 +220,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
         state = {}
         for f, stored_name, path in names.values():
             with _reading(path):
-                state[stored_name] = f.get_tensor(stored_name)
+                state[stored_name] = finite(path, stored_name, f.get_tensor(stored_name))
     state = hf_state_to_kettle(state, tied=config.tie_embeddings)
     dtypes = {t.dtype for t in state.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 and state["wte.weight"].dtype in DTYPES.values() else torch.float32
@@ -226,7 +235,7 @@ def _weight_files(hf_dir: Path) -> list[Path]:
     """The safetensors files holding the weights: model.safetensors, or the shards its index
     names (files in `hf_dir` itself, never a path out of it)."""
     weights, index = hf_dir / "model.safetensors", hf_dir / WEIGHTS_INDEX
-    if weights.is_file():
+    if weights.exists():  # not a regular file: _open_weights says so
         return [weights]
     if not index.exists():
         hint = (
@@ -236,13 +245,13 @@ def _weight_files(hf_dir: Path) -> list[Path]:
         )
         raise KettleError(f"{weights}: missing{hint}")
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = json.loads(read_regular_text(index))["weight_map"]
     except (OSError, ValueError, RecursionError, KeyError, TypeError) as exc:
         raise KettleError(f"{index}: cannot read a weight_map from it ({exc!r})") from None
     files = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else None
     if not files or not all(isinstance(n, str) and n == Path(n).name and n.endswith(".safetensors") for n in files):
         raise KettleError(f"{index}: weight_map must map tensor names to .safetensors files in {hf_dir}")
-    missing = [n for n in files if not (hf_dir / n).is_file()]
+    missing = [n for n in files if not (hf_dir / n).exists()]
     if missing:
         raise KettleError(f"{hf_dir / missing[0]}: missing (listed in {index.name})")
     return [hf_dir / n for n in files]
@@ -261,8 +270,10 @@ def _reading(path: Path):
 
 @contextlib.contextmanager
 def _open_weights(path: Path):
-    with _reading(path), safe_open(str(path), framework="pt") as f:
-        yield f
+    with _reading(path):
+        check_regular(path)  # safetensors would wait forever on a named pipe
+        with safe_open(str(path), framework="pt") as f:
+            yield f
 
 
 def _tokenizer(hf_dir: Path) -> Tokenizer:
@@ -273,7 +284,7 @@ def _tokenizer(hf_dir: Path) -> Tokenizer:
     if not path.exists():
         return gpt2_tokenizer()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_regular_text(path))
     except (OSError, ValueError, RecursionError):
         data = None  # load_tokenizer_file says what is wrong with it
     if isinstance(data, dict) and "model" in data:

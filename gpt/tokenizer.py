@@ -19,6 +19,7 @@ import regex  # tiktoken's own dependency: it reads the pattern syntax tiktoken'
 import tiktoken
 
 from gpt.errors import KettleError
+from gpt.files import read_regular_text
 
 TOKENIZER_FILE = "kettle-tokenizer.json"
 # Kettle's earlier name for that file, which is Hugging Face's: still read, never written.
@@ -117,7 +118,7 @@ def load_tokenizer_file(path: str | Path) -> Tokenizer:
     encodes any text and decodes every id (tiktoken itself accepts much that fails later)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_regular_text(path))
     except FileNotFoundError:
         raise KettleError(f"{path}: tokenizer file not found") from None
     except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
@@ -285,7 +286,7 @@ def from_hf_tokenizer(path: str | Path, prefixes: Sequence[str] = ()) -> Tokeniz
     tokenizer when that is what it holds. Anything else is refused, naming what Kettle cannot run."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_regular_text(path))
     except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
         raise KettleError(f"{path}: cannot read ({exc})") from None
     model = data.get("model") if isinstance(data, dict) else None

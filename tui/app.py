@@ -32,7 +32,7 @@ from textual.signal import Signal
 from textual.widgets import LoadingIndicator, Static
 
 from data.paths import config_path, kettle_home
-from gpt.files import atomic_write_text
+from gpt.files import atomic_write_text, read_regular_text
 from tui.errors import error_text
 from tui.screens.table import SCREENS, load
 
@@ -49,9 +49,13 @@ def load_config(path: Path | None = None) -> tuple[dict, str | None]:
     if not path.exists():
         return {}, None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(read_regular_text(path))
+    except RecursionError:
+        return {}, f"{path}: JSON nested too deeply to read; using default settings"
+    except ValueError as exc:  # bad JSON or UTF-8
         return {}, f"{path}: not valid JSON ({exc}); using default settings"
+    except OSError as exc:  # a folder, a named pipe (read_regular_text refuses to wait on one)
+        return {}, f"{path}: cannot read it ({exc.strerror or exc}); using default settings"
     if not isinstance(data, dict):
         return {}, f"{path}: expected a JSON object; using default settings"
     return data, None

@@ -642,3 +642,61 @@ def test_a_reading_command_upgrades_an_older_database_it_can_write(numbered_db):
     with open_store(numbered_db, read_only=True) as store:
         assert store.applied_migrations() == [fn.__name__ for fn in schema.MIGRATIONS]
         assert store.verify_snapshot(store.snapshots()[0].id)
+
+
+def test_a_nul_in_a_search_separates_words_instead_of_breaking_the_query(store):
+    """A NUL inside FTS5's quoted word ended the query: "unterminated string" from sqlite."""
+    chat(store, answer="The capital is Paris.")
+    assert [h.role for h in store.search("capital\x00paris")] == ["assistant"]
+    assert store.search("\x00") == [] and store.search("paris\x00") != []
+
+
+def test_a_search_limit_past_sqlites_integers_is_no_limit(store):
+    """limit=10**20 was an OverflowError from sqlite3 (`kettle data search --limit`)."""
+    chat(store)
+    assert len(store.search("capital", limit=10**20)) == 1
+
+
+@pytest.mark.parametrize(
+    "write, says",
+    [
+        (lambda s, conv, bot: s.set_label(bot.id, tags=["ok", "\ud800"]), "a tag holds a lone surrogate '\\ud800'"),
+        (lambda s, conv, bot: s.set_label(bot.id, note="fine \udfff"), "the note holds a lone surrogate"),
+        (lambda s, conv, bot: s.set_label(bot.id, ideal="\udc80"), "the corrected answer holds"),
+        (lambda s, conv, bot: s.add_message(conv.id, "user", content="\ud83d"), "the message holds"),
+        (lambda s, conv, bot: s.create_conversation("\ud800"), "the title holds"),
+        (lambda s, conv, bot: s.update_conversation(conv.id, system_prompt="\ud800"), "the system prompt holds"),
+        (lambda s, conv, bot: s.search("paris \ud800"), "the search holds"),
+    ],
+)
+def test_text_holding_a_lone_surrogate_is_refused_by_name(store, write, says):
+    """A lone surrogate (JSON's "\\ud800", a broken paste) reached sqlite3 as a
+    UnicodeEncodeError from deep inside it; now the store names the field, and writes nothing."""
+    conv, _, bot = chat(store)
+    before = list(store.conn.iterdump())
+    with pytest.raises(KettleError, match=says.replace("\\", "\\\\")) as refused:
+        write(store, conv, bot)
+    assert "(not a character)" in str(refused.value)
+    assert list(store.conn.iterdump()) == before
+
+
+def test_a_missing_current_labels_view_is_made_again(tmp_path):
+    """Without its view (a hand-run DROP VIEW), `data stats`, `data export` and every label
+    read failed with "no such table: current_labels". A view holds no data: the store makes it
+    again, in the file when it may write, else for the reading connection only."""
+    path = tmp_path / "k.db"
+    with open_store(path) as s:
+        _, _, bot = chat(s)
+        s.set_label(bot.id, thumb=1)
+        s.set_label(bot.id, score=4)
+    with sqlite3.connect(path) as con:
+        con.execute("DROP VIEW current_labels")
+    views = "SELECT name FROM sqlite_master WHERE type = 'view'"
+    with open_store(path, read_only=True) as s:
+        assert (s.stats()["thumbs_up"], s.stats()["scored"], s.label(bot.id).score) == (1, 1, 4)
+    with sqlite3.connect(path) as con:
+        assert con.execute(views).fetchall() == []  # reading changed nothing
+    with open_store(path) as s:
+        assert s.label(bot.id).thumb == 1 and len(s.dataset()[0]) == 1
+    with sqlite3.connect(path) as con:
+        assert con.execute(views).fetchall() == [("current_labels",)]

@@ -115,3 +115,17 @@ def test_errors_in_a_real_process_are_one_line(tmp_path, model_dir):
     )
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [f"kettle: error: {tmp_path / 'missing'}: no such directory"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_only_weights_holding_nan_or_infinity_are_refused(dtype):
+    """The check sums each tensor first: a sum that overflows (float16's 65,504 is soon passed)
+    must not refuse weights that are all finite."""
+    from gpt.checkpoint import finite
+
+    large = torch.full((100_000,), 60_000.0).to(dtype)
+    assert finite("w.safetensors", "ln_f.weight", large) is large
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        weights = torch.zeros(1000, dtype=dtype).index_fill(0, torch.tensor([7]), bad)
+        with pytest.raises(KettleError, match="w.safetensors: tensor wte.weight holds NaN or infinite values"):
+            finite("w.safetensors", "wte.weight", weights)

@@ -19,6 +19,7 @@ import base64
 import codecs
 import gzip
 import json
+import math
 import pickle
 import shutil
 import struct
@@ -321,7 +322,13 @@ def model_dirs() -> list[tuple[str, dict[str, bytes] | bytes, str]]:
             k(conf=config_with(n_layer=200_000)),
             "holds 2 transformer blocks, config.json says n_layer 200000",
         ),
-        ("vocab-size-10-to-12", k(conf=config_with(vocab_size=10**12)), "tensor wte.weight has shape"),
+        (
+            "vocab-size-10-to-12",
+            k(conf=config_with(vocab_size=10**12)),
+            "config.json: vocab_size 1000000000000, context_length 8, n_layer 2, n_embd 4 make a model of about",
+        ),
+        ("n-embd-10-to-12", k(conf=config_with(n_embd=10**12)), "n_embd 1000000000000 make a model of about 2.4e+25"),
+        ("n-inner-10-to-12", k(conf=config_with(n_inner=10**12)), "Kettle builds at most 1e+12"),
         ("config-a-directory", {"config.json/" + KEEP: b"", "model.safetensors": weights}, "config.json: cannot read"),
         ("weights-missing", k(weights=None), "model.safetensors: missing"),
         ("weights-empty", k(weights=b""), "corrupt or truncated safetensors file"),
@@ -371,7 +378,17 @@ def model_dirs() -> list[tuple[str, dict[str, bytes] | bytes, str]]:
                 "model.safetensors/" + KEEP: b"",
                 TOKENIZER_FILE: kettle[TOKENIZER_FILE],
             },
-            "model.safetensors: missing",
+            "model.safetensors: cannot read (a directory, not a regular file)",
+        ),
+        (
+            "weights-nan",
+            k(weights=_weights(state | {"h.1.attn.c_attn.weight": state["h.1.attn.c_attn.weight"] / 0})),
+            "tensor h.1.attn.c_attn.weight holds NaN or infinite values",
+        ),
+        (
+            "weights-one-infinity",
+            k(weights=_weights(state | {"ln_f.bias": state["ln_f.bias"].index_fill(0, torch.tensor([1]), math.inf)})),
+            "tensor ln_f.bias holds NaN or infinite values",
         ),
         (
             "weights-one-block",
@@ -447,6 +464,7 @@ def model_dirs() -> list[tuple[str, dict[str, bytes] | bytes, str]]:
         ),
         ("hf-vocab-size-string", h(conf=hf_with(vocab_size="261")), "vocab_size must be a positive integer"),
         ("hf-n-embd-not-divisible", h(conf=hf_with(n_head=3)), "must be divisible by n_head"),
+        ("hf-n-embd-10-to-12", h(conf=hf_with(n_embd=10**12, n_head=1)), "n_embd 1000000000000 make a model of"),
         ("hf-tie-yes", h(conf=hf_with(tie_word_embeddings="yes")), "tie_embeddings must be true or false"),
         (
             "hf-only-pytorch-bin",
@@ -458,6 +476,11 @@ def model_dirs() -> list[tuple[str, dict[str, bytes] | bytes, str]]:
             "hf-weights-not-transposed",
             h(weights=_weights(hf_state | {"transformer.h.0.attn.c_attn.weight": state["h.0.attn.c_attn.weight"]})),
             "transformer.h.0.attn.c_attn.weight has shape [12, 4], config.json implies [4, 12]",
+        ),
+        (
+            "hf-weights-nan",
+            h(weights=_weights(hf_state | {"transformer.wte.weight": hf_state["transformer.wte.weight"] * math.nan})),
+            "model.safetensors: tensor transformer.wte.weight holds NaN or infinite values",
         ),
         (
             "hf-weights-missing-tensor",

@@ -10,11 +10,15 @@ store's tables, the model and run directories exactly as they were.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -112,30 +116,86 @@ def test_a_record_over_16_mib_is_refused_in_one_line(name, seeded, tmp_path, cap
     assert state() == before
 
 
-@pytest.mark.parametrize("name", sorted(CORPUS["models"]))
-def test_a_bad_model_directory_is_refused_by_every_importer(name, seeded, tmp_path, capsys):
-    from gpt.hf import is_hf_dir
+def refused_by_every_importer(path: Path, out: Path, capsys) -> tuple[str, str, str]:
+    """(generate's line, import-hf's, the app's import's error) for a model directory that
+    each refuses in one line naming it, with nothing changed."""
     from tui.screens.models import import_model
 
-    path = ROOT / "models" / name
-    out = tmp_path / "converted"
     before = state()
     code, err = cli(["generate", str(path), "Hi", "--max-new-tokens", "1", "--device", "cpu"], capsys)
     generate = one_line(err)
-    assert code == 1 and name in generate
+    assert code == 1 and path.name in generate
     code, err = cli(["import-hf", str(path), str(out)], capsys)
     import_hf = one_line(err)
-    assert code == 1 and name in import_hf and not out.exists()
+    assert code == 1 and path.name in import_hf and not out.exists()
     code, err = cli(["export-gguf", str(path), str(out / "m.gguf")], capsys)
-    assert code == 1 and name in one_line(err) and not out.exists()
+    assert code == 1 and path.name in one_line(err) and not out.exists()
     with open_store() as store, pytest.raises(KettleError) as refused:
         import_model(store, str(path))
-    assert name in str(refused.value)
+    assert path.name in str(refused.value)
     assert state() == before
+    return generate, import_hf, str(refused.value)
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS["models"]))
+def test_a_bad_model_directory_is_refused_by_every_importer(name, seeded, tmp_path, capsys):
+    from gpt.hf import is_hf_dir
+
+    path = ROOT / "models" / name
+    generate, import_hf, app = refused_by_every_importer(path, tmp_path / "converted", capsys)
     # What each check is for, said by the importer it is for; the app checks as they do.
     assert CORPUS["models"][name] in (import_hf if name.startswith("hf-") else generate)
     if path.is_dir():
-        assert f"kettle: error: {refused.value}" == (import_hf if is_hf_dir(path) else generate)
+        assert f"kettle: error: {app}" == (import_hf if is_hf_dir(path) else generate)
+
+
+@contextlib.contextmanager
+def within(seconds: float, *pipes: Path):
+    """Fail, instead of hanging the test run, where the block waits on one of `pipes` (named
+    pipes) longer: another process then opens each for writing and closes it, again and again,
+    which lets a reader waiting there go on (reading nothing), and the test fails. Not a signal
+    or a thread of this process: safetensors holds the GIL, and retries, while it opens a file."""
+    waited = Path(tempfile.mkdtemp()) / "waited"
+    opens = " ".join(f": > {shlex.quote(str(pipe))};" for pipe in pipes)
+    script = f"sleep {seconds}; touch {shlex.quote(str(waited))}; while :; do {opens} sleep 0.1; done"
+    releaser = subprocess.Popen(["sh", "-c", script])
+    try:
+        yield
+    finally:
+        releaser.kill()
+        releaser.wait()
+        hung = waited.exists()
+        shutil.rmtree(waited.parent)
+    assert not hung, f"still waiting on {pipes} after {seconds} s"
+
+
+@pytest.mark.parametrize(
+    "kind, name",
+    [
+        ("kettle", "config.json"),
+        ("kettle", "model.safetensors"),
+        ("kettle", "kettle-tokenizer.json"),
+        ("hf", "config.json"),
+        ("hf", "model.safetensors"),
+        ("hf", "tokenizer.json"),
+    ],
+)
+def test_a_named_pipe_in_a_model_directory_is_refused_at_once(kind, name, seeded, tmp_path, capsys):
+    """A named pipe (FIFO) as a model's file: reading it waited forever for a writer (config.json,
+    the tokenizer) or called it missing (the weights). Git keeps no pipe, so it is made here."""
+    from gpt.hf import export_hf
+
+    path = tmp_path / kind
+    if kind == "kettle":
+        shutil.copytree(seeded["model"], path)
+    else:
+        export_hf(seeded["model"], path)
+    (path / name).unlink()
+    os.mkfifo(path / name)
+    with within(30, path / name):
+        lines = refused_by_every_importer(path, tmp_path / "converted", capsys)
+    assert f"{path / name}: " in lines[0 if kind == "kettle" else 1]
+    assert "a named pipe, not a regular file" in lines[0 if kind == "kettle" else 1]
 
 
 @pytest.mark.parametrize("case", CORPUS["flags"], ids=lambda case: " ".join(case["argv"]))
@@ -228,3 +288,80 @@ async def test_an_unusable_key_keeps_its_default_and_the_app_can_always_quit(app
         assert len(warnings) == 2  # app.help's f1,f12 is fine
         await pilot.press("ctrl+q")
         await wait_until(pilot, lambda: app._exit, "the app to quit")
+
+
+def deep_json() -> str:
+    return "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("make", ["deep", "fifo"])
+def test_an_unreadable_settings_file_is_one_warning_naming_it(make, capsys):
+    """$KETTLE_HOME/config.json nested 100,000 deep was a RecursionError traceback at the
+    start of `kettle serve` and the app; a named pipe there made both wait forever."""
+    path = config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if make == "deep":
+        path.write_text(deep_json(), encoding="utf-8")
+    else:
+        os.mkfifo(path)
+    with within(30, path):
+        code, err = cli(["serve", "--port", "0", "no-such-model"], capsys)
+    warning, error = err.rstrip("\n").split("\n")
+    assert warning.startswith(f"kettle: warning: {path}: ") and warning.endswith("using default settings")
+    assert ("nested too deeply" if make == "deep" else "a named pipe, not a regular file") in warning
+    assert code == 1 and error.startswith("kettle: error: ") and "no-such-model" in error
+
+
+@pytest.mark.parametrize("make", ["deep", "fifo"])
+def test_an_unreadable_model_config_flag_is_one_line(make, seeded, tmp_path, capsys):
+    """`kettle pretrain --config FILE` nested too deeply was a RecursionError traceback."""
+    path = tmp_path / "shape.json"
+    if make == "deep":
+        path.write_text(deep_json(), encoding="utf-8")
+    else:
+        os.mkfifo(path)
+    with within(30, path):
+        code, err = cli(["pretrain", "--data", seeded["text"], "--config", str(path), "--out", seeded["out"]], capsys)
+    line = one_line(err)
+    assert code == 1 and f"{path}: cannot read config" in line
+    assert ("nested too deeply" if make == "deep" else "a named pipe, not a regular file") in line
+
+
+async def test_the_app_starts_past_a_settings_file_nested_too_deeply(kettle_home):
+    from test_app import SIZE, wait_until
+
+    from tui.app import KettleApp
+
+    config_path().parent.mkdir(parents=True, exist_ok=True)
+    config_path().write_text(deep_json(), encoding="utf-8")
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        # Its first key focused: the screen is mounted, not only chosen (quitting mid-mount fails).
+        await wait_until(pilot, lambda: getattr(app.focused, "id", None) == "brew", "the welcome screen")
+        warnings = [n.message for n in app._notifications if n.severity == "warning"]
+        assert warnings == [f"{config_path()}: JSON nested too deeply to read; using default settings"]
+    assert config_path().read_text(encoding="utf-8") == deep_json()  # the user's file, kept to fix by hand
+
+
+@pytest.mark.parametrize("file, make", [("adapter.json", "deep"), ("adapter.safetensors", "fifo")])
+def test_a_lora_adapter_nested_too_deeply_or_a_pipe_is_one_line(file, make, seeded, tmp_path, capsys):
+    """An adapter's manifest nested 100,000 deep was a RecursionError traceback from
+    `finetune merge` (and the app's import); a named pipe as its weights waited forever."""
+    from finetune.lora import LoRAConfig, apply_lora, save_adapter
+    from gpt.checkpoint import load_model
+
+    model, _ = load_model(seeded["model"])
+    apply_lora(model, LoRAConfig(rank=2))
+    adapter = save_adapter(model, tmp_path / "adapter")
+    (adapter / file).unlink()
+    if make == "deep":
+        (adapter / file).write_text(deep_json(), encoding="utf-8")
+    else:
+        os.mkfifo(adapter / file)
+    with within(30, adapter / file):
+        code, err = cli(
+            ["finetune", "merge", "--base", seeded["model"], "--adapter", str(adapter), "--out", seeded["out"]], capsys
+        )
+    line = one_line(err)
+    assert code == 1 and f"{adapter / file}: " in line and not Path(seeded["out"]).exists()
+    assert ("nested too deeply" if make == "deep" else "a named pipe, not a regular file") in line

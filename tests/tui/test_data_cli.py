@@ -133,3 +133,31 @@ def test_export_force_replaces_only_a_regular_file(tmp_path, capsys):
     assert fifo.is_fifo() and link.is_symlink() and dangling.is_symlink() and folder.is_dir()
     assert target.read_text() == "keep me" and Path("/dev/null").is_char_device()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.json", "folder", "link.json", "pipe", "target.json"]
+
+
+def test_search_takes_any_limit(capsys):
+    """--limit 100000000000000000000 was an OverflowError traceback from sqlite3."""
+    with open_store() as store:
+        conv = store.create_conversation("tea")
+        store.add_message(conv.id, "user", content="How do I brew tea in a kettle?")
+    assert main(["data", "search", "kettle", "--limit", str(10**20)]) == 0
+    assert "[kettle]" in capsys.readouterr().out
+
+
+def test_stats_and_export_work_on_a_database_that_lost_its_view(kettle_home, tmp_path, capsys):
+    """A database without its current_labels view: `data stats` and `data export` were
+    tracebacks ("no such table: current_labels"); the view holds no data and is made again."""
+    import sqlite3
+
+    with open_store() as store:
+        conv = store.create_conversation("tea")
+        question = store.add_message(conv.id, "user", content="Tea?")
+        answer = store.add_message(conv.id, "assistant", content="Boil water.", parent_id=question.id)
+        store.set_label(answer.id, thumb=1)
+    with sqlite3.connect(kettle_home / "kettle.db") as con:
+        con.execute("DROP VIEW current_labels")
+    assert main(["data", "stats", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["thumbs_up"] == 1
+    out = tmp_path / "out.jsonl"
+    assert main(["data", "export", "--format", "openai", str(out)]) == 0
+    assert json.loads(out.read_text(encoding="utf-8"))["messages"][-1]["content"] == "Boil water."

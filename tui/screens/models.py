@@ -116,7 +116,7 @@ def import_model(store: Store, source: str) -> tuple[ModelVersion, bool]:
         merge_adapter(base, path, out_dir=out)
         return register(store, out, kind="imported")
     if not is_hf_dir(path):
-        check_model_dir(path)
+        check_model_dir(path, values=True)
         return register(store, path.resolve(), kind="imported")
     out = models_dir() / unique_name(store, path.resolve().name)
     import_hf(path, out)
