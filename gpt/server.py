@@ -181,6 +181,10 @@ class ChatRequest(_GenerationRequest):
     response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # ignored: without tools it means nothing
     chat_template_kwargs: dict[str, Any] | None = None  # ignored: Kettle has one chat format
+    # Kettle's extensions: grounding in the store's passages (on unless false), or in the
+    # passages given here instead (best first); the response names those used in "sources".
+    ground: bool = True
+    references: list[str] | None = None
 
 
 class CompletionRequest(_GenerationRequest):
@@ -432,8 +436,11 @@ def create_app(
     allow_origins: Iterable[str] = (),
     allow_hosts: Iterable[str] = (),
     routers: Iterable[APIRouter] = (),
+    retrieve: Callable[[list[dict]], list[dict]] | None = None,
 ) -> FastAPI:
     """The HTTP API over `service`. With `api_key`, every /v1 and /api request must present it.
+    `retrieve` (conversation -> passages, each {"kind", "source", "name", "text", "reference"},
+    best first) grounds chat answers, as `kettle serve` gives data.memory's over the store.
     `allow_origins` and `allow_hosts` (as parse_origin and parse_host return them) are let in
     beside this server's own addresses (see the module docstring). `routers` add endpoints
     behind the same gates (gpt.ollama's, which builds on this module)."""
@@ -566,6 +573,12 @@ def create_app(
         messages = chat_messages(req)
         model = await _check_model(service, req.model)
         top = (req.top_logprobs or 0) if req.logprobs else None
+        if req.references is not None:
+            sources = [{"kind": "given", "text": text, "reference": text} for text in req.references]
+        elif req.ground and retrieve is not None:
+            sources = await asyncio.to_thread(retrieve, messages)
+        else:
+            sources = []
         return await _respond(
             request,
             service,
@@ -574,7 +587,8 @@ def create_app(
             params=params,
             req=req,
             model=model,
-            options={"truncate": req.truncate, "logprobs": top},
+            options={"truncate": req.truncate, "logprobs": top, "references": [s["reference"] for s in sources]},
+            sources=sources,
         )
 
     @app.post("/v1/completions")
@@ -794,6 +808,7 @@ async def _respond(
     req: _GenerationRequest,
     model: str,
     options: dict,
+    sources: list[dict] = (),
 ):
     """One choice per payload and per n (OpenAI's index order: prompt by prompt, n each), sent
     a batch's worth at a time (_Runs): the service decodes them together as rows of one batch,
@@ -813,6 +828,7 @@ async def _respond(
     wants_tokens = options.get("logprobs") is not None or options.get("echo")
     tokenizer = (await _tokenizer(service, model))[0] if wants_tokens else None
     reply = _Reply(prefix + request_id, model, kind, include_usage, options, tokenizer, n)
+    reply.sources = [{k: v for k, v in s.items() if k != "reference"} for s in sources]
     go = service.stream_chat if kind == "chat" else service.complete
 
     def start(i: int) -> _Run:
@@ -977,6 +993,7 @@ class _Reply:
         self.options, self.tokenizer, self.n = options, tokenizer, n
         self.created = int(time.time())
         self.object = "chat.completion" if kind == "chat" else "text_completion"
+        self.sources: list[dict] = []  # the passages offered to a grounded answer, best first
 
     def whole(self, dones: list[Done], rows: list) -> dict:
         choices = []
@@ -1008,6 +1025,7 @@ class _Reply:
             "choices": choices,
             "usage": _usage(dones, self.n),
             "kettle": _kettle_extra(dones[0]),
+            **self._sources(dones[0]),
         }
 
     def chunk(self, index: int, text: str = "", *, role: bool = False, done: Done | None = None, echo=None) -> dict:
@@ -1031,7 +1049,12 @@ class _Reply:
         }
         if done:
             chunk["kettle"] = _kettle_extra(done)
+            chunk.update(self._sources(done))
         return chunk
+
+    def _sources(self, done: Done) -> dict:
+        """Kettle's extension, which OpenAI's clients ignore: the passages the answer saw."""
+        return {"sources": self.sources[: done.references_used]} if self.kind == "chat" else {}
 
     def _echo(self, prompt) -> str:
         """The prompt as sent, when echo asks for it."""
@@ -1171,6 +1194,7 @@ def build_server(
     allow_hosts: Iterable[str] = (),
     routers: Iterable[APIRouter] = (),
     request_timeout: float = REQUEST_TIMEOUT_S,
+    retrieve: Callable[[list[dict]], list[dict]] | None = None,
 ):
     """A uvicorn server for the API (create_app's arguments; `request_timeout`: seconds a
     connection has to send a whole request, see REQUEST_TIMEOUT_S); run it with
@@ -1178,7 +1202,9 @@ def build_server(
     `server.should_exit = True`."""
     import uvicorn
 
-    app = create_app(service, api_key, allow_origins=allow_origins, allow_hosts=allow_hosts, routers=routers)
+    app = create_app(
+        service, api_key, allow_origins=allow_origins, allow_hosts=allow_hosts, routers=routers, retrieve=retrieve
+    )
     config = uvicorn.Config(
         app, log_level=log_level, timeout_graceful_shutdown=5, http=_protocol_with_deadline(request_timeout)
     )

@@ -736,3 +736,41 @@ def test_each_model_is_listed_once(tiny_gpt2_vocab_model_dir):
         assert ids == ["mine"]
     finally:
         running.stop()
+
+
+def test_chat_is_grounded_in_the_store_by_default_and_names_its_sources(chat_model_dir, kettle_home):
+    """kettle serve's grounding: a reworded question gets the user's correction from the store,
+    the response says so in "sources" (which OpenAI's client ignores); "ground": false answers
+    from the model alone; "references" grounds in passages of the client's own."""
+    import openai
+
+    from data.store import open_store
+    from tui.commands.serve import store_retriever
+
+    answer = "Call my_list.reverse() to reverse it in place."
+    with open_store() as store:
+        conv = store.create_conversation("lists")
+        user = store.add_message(conv.id, "user", content="How do I reverse a list?")
+        bot = store.add_message(conv.id, "assistant", content="No idea.", parent_id=user.id)
+        store.set_label(bot.id, ideal=answer)
+    store = open_store()
+    running = RunningServer(InProcessService(str(chat_model_dir)), None, retrieve=store_retriever(store))
+    try:
+        question = {"messages": [{"role": "user", "content": "How can I reverse a Python list?"}], "temperature": 0}
+        body = http(running, "POST", "/v1/chat/completions", json={**question, "max_tokens": 30}).json()
+        assert body["choices"][0]["message"]["content"] == answer
+        assert body["sources"][0]["kind"] == "correction" and body["sources"][0]["ref"] == bot.id
+        plain = http(running, "POST", "/v1/chat/completions", json={**question, "max_tokens": 30, "ground": False})
+        assert plain.json()["choices"][0]["message"]["content"] != answer and plain.json()["sources"] == []
+        given = {**question, "max_tokens": 30, "ground": False, "references": ["Q?\nUse reversed(xs)."]}
+        assert http(running, "POST", "/v1/chat/completions", json=given).json()["choices"][0]["message"]["content"] == (
+            "Use reversed(xs)."
+        )
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="none")
+        model = client.models.list().data[0].id
+        chunks = list(client.chat.completions.create(model=model, stream=True, max_tokens=30, **question))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer
+        assert chunks[-1].model_extra["sources"][0]["kind"] == "correction"
+    finally:
+        running.stop()
+        store.close()

@@ -113,6 +113,7 @@ def serve_command(args) -> int:
     import logging
 
     from data.registry import StoreCatalog
+    from data.store import open_store
     from gpt.ollama import router
     from gpt.server import LOCAL_NAMES, build_server, listen
     from gpt.service import MAX_LOADED, InProcessService
@@ -127,6 +128,7 @@ def serve_command(args) -> int:
     sock = listen(args.host, port)  # before loading: a taken port fails at once
     # The server's model is its own: a switch (POST /v1/models/switch) never becomes the app's
     # active model, which is the user's choice in the app.
+    store = open_store()  # grounding's memory (data.memory), read by every chat request
     service = InProcessService(
         args.model,
         catalog=StoreCatalog(),
@@ -152,10 +154,31 @@ def serve_command(args) -> int:
                 flush=True,
             )
         ollama = router(service)  # Ollama's API beside OpenAI's, on every port
-        build_server(service, key, allow_origins=allow_origins, allow_hosts=allow_hosts, routers=[ollama]).run(
-            sockets=[sock]
-        )
+        build_server(
+            service,
+            key,
+            allow_origins=allow_origins,
+            allow_hosts=allow_hosts,
+            routers=[ollama],
+            retrieve=store_retriever(store),
+        ).run(sockets=[sock])
     finally:
         service.close()
         sock.close()
+        store.close()
     return 0
+
+
+def store_retriever(store):
+    """The server's grounding: a conversation's passages from the store (data.memory), Python's
+    documentation indexed first if it is not yet."""
+    from data import memory
+
+    if not memory.has_python_docs(store):
+        print("kettle: indexing Python's documentation (once)...", file=sys.stderr, flush=True)
+        memory.index_python_docs(store)
+
+    def retrieve(messages: list[dict]) -> list[dict]:
+        return [{**p.to_dict(), "reference": p.reference} for p in memory.references_for(store, messages)]
+
+    return retrieve
