@@ -60,7 +60,8 @@ def _find_model_dir(name_or_path: str | Path) -> Path:
 
 def _check_registered(path: Path, name_or_path: str | Path) -> None:
     """Refuse a fine-tune's model directory under KETTLE_HOME/models that its run never registered."""
-    if path.resolve().parent != models_dir().resolve() or not (path / RUN_RECORD).is_file() or not db_path().exists():
+    # the run's record first: a folder without one never makes KETTLE_HOME (models_dir creates it)
+    if not (path / RUN_RECORD).is_file() or path.resolve().parent != models_dir().resolve() or not db_path().exists():
         return
     with open_store(read_only=True) as store:
         run_id = unregistered_run(store, path)
