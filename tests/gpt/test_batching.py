@@ -152,7 +152,8 @@ def test_n_choices_are_rows_of_one_batch_over_one_prefill(long_context_model_dir
         while not server.started:
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.01)
-        body = {"model": "long", "messages": CHAT, "n": 4, "seed": 5, "max_tokens": 10, "temperature": 1.0, "top_k": 40}
+        # 60 tokens each: the last rows join the first before it is done, however busy the machine
+        body = {"model": "long", "messages": CHAT, "n": 4, "seed": 5, "max_tokens": 60, "temperature": 1.0, "top_k": 40}
         r = httpx.post(f"http://127.0.0.1:{sock.getsockname()[1]}/v1/chat/completions", json=body, timeout=60)
     finally:
         server.should_exit = True
@@ -165,5 +166,5 @@ def test_n_choices_are_rows_of_one_batch_over_one_prefill(long_context_model_dir
     assert max(b for b, t in shapes if t == 1) == 4  # the choices decode together
     engine = Engine.load(long_context_model_dir)
     for j, choice in enumerate(choices):
-        expected = engine.generate_chat(CHAT, SamplingParams(temperature=1.0, top_k=40, seed=5 + j, max_new_tokens=10))
+        expected = engine.generate_chat(CHAT, SamplingParams(temperature=1.0, top_k=40, seed=5 + j, max_new_tokens=60))
         assert choice["message"]["content"] == expected.text

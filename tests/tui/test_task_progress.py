@@ -28,7 +28,7 @@ print()
 print("starter: pretrained; {eta_text(4)}: the held-out measurement, then instruction tuning", flush=True)
 time.sleep(2.5)
 print({LONG!r}, flush=True)
-time.sleep(0.3)
+time.sleep(1.5)  # the test reads the log before the dialog closes
 """
 
 
@@ -62,9 +62,13 @@ async def test_the_brews_dialog_counts_down_the_whole_brew_and_keeps_moving_afte
         first = bar.progress
         await pilot.pause(1.2)
         assert 0 < first < bar.progress < 1  # it moves while the command prints nothing
+        # read while the dialog is up: it closes once the command has ended
+        log = modal.query_one("#task-log", RichLog)
+
+        def lines():
+            return [strip.text.rstrip() for strip in log.lines]
+
+        await wait_until(pilot, lambda: "w59" in " ".join(lines()), "the long line", timeout=20)
+        assert max(map(len, lines())) <= log.size.width  # the long line whole, wrapped at the dialog's width
         await wait_until(pilot, lambda: results, "the command's end", timeout=20)
         assert results == [True]
-        log = modal.query_one("#task-log", RichLog)
-        lines = [strip.text.rstrip() for strip in log.lines]
-        assert "w59" in " ".join(lines)  # the long line whole, wrapped at the dialog's width
-        assert max(map(len, lines)) <= log.size.width

@@ -33,8 +33,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def starter_command(args) -> int:
+    from data import memory
+    from data.store import open_store
     from finetune.starter import brew_starter
+    from tui.commands.docs import index_python
 
     result = brew_starter(out=args.out, device=args.device, force=args.force, seed=args.seed)
     print(result.summary())
+    with open_store() as store:  # what the starter answers grounded questions from (a few seconds)
+        if not memory.has_python_docs(store):
+            index_python(store)
+    print("Python's documentation is indexed: grounded answers can use it")
     return 0

@@ -14,7 +14,6 @@ from textual.containers import Horizontal, Vertical
 from textual.markup import escape
 from textual.screen import Screen
 from textual.widgets import Input, Static
-from textual.worker import get_current_worker
 
 from data import memory
 from data.records import Conversation, Label, Message
@@ -433,16 +432,10 @@ class ChatScreen(Screen):
 
     async def references(self, chat: list[dict]) -> list:
         """The passages for the newest question: the user's corrections and approved answers,
-        their documents, and Python's documentation (indexed in the background the first time:
-        the first answers go on without it)."""
-        if not await self.app.db(memory.has_python_docs, self.store):
-            self.index_python_docs()
+        their documents, and Python's documentation once indexed (by the brew, `kettle docs
+        python` or the Docs screen, each in a process of its own: ast.parse on a thread beside
+        the app's raised SystemError in CPython 3.11)."""
         return await self.app.db(memory.references_for, self.store, chat)
-
-    @work(thread=True, exclusive=True, group="python-docs")
-    def index_python_docs(self) -> None:
-        worker = get_current_worker()
-        memory.index_python_docs(self.store, stopped=lambda: worker.is_cancelled)
 
     def _save_answer(
         self, conversation_id: int, parent_id: int, *, text: str, params: SamplingParams, result, model

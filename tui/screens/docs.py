@@ -22,6 +22,7 @@ class DocsScreen(Screen):
     BINDINGS = [
         Binding("delete", "remove", "Remove", id="docs.remove"),
         Binding("ctrl+r", "reindex", "Re-index all", id="docs.reindex"),
+        Binding("ctrl+y", "index_python", "Index Python's docs", id="docs.python"),
     ]
 
     def compose(self):
@@ -59,7 +60,7 @@ class DocsScreen(Screen):
         python_line = (
             f"Python's documentation: {len(python):,} modules, {sum(s.n_passages for s in python):,} passages"
             if python
-            else "Python's documentation is indexed with the first grounded answer"
+            else "Python's documentation is not indexed yet: ctrl+y indexes it (the brew does too)"
         )
         self.query_one("#docs-status", Static).update(f"{python_line}; {len(files):,} of your files")
 
@@ -104,6 +105,15 @@ class DocsScreen(Screen):
         gone = await self.app.db(memory.remove_documents, self.app.store, path)
         self.app.notify(f"removed {path}" if gone else f"{path} was not indexed")
         self.refresh_sources()
+
+    @work(exclusive=True, group="docs-index")
+    @guarded
+    async def action_index_python(self) -> None:
+        """`kettle docs python` in a process of its own (it parses every standard module)."""
+        from tui.screens.modals import TaskModal
+
+        if await self.app.push_screen_wait(TaskModal("Indexing Python's documentation", ["docs", "python"])):
+            self.refresh_sources()
 
     def action_reindex(self) -> None:
         table = self.query_one("#docs-table", DataTable)

@@ -90,7 +90,10 @@ SCREENS = (
         key="f8",
         command="Documents",
         about="What answers are grounded in: add, see and remove documents",
-        commands=(("Docs: re-index", "Re-read the files that changed since they were added (ctrl+r)", "reindex"),),
+        commands=(
+            ("Docs: re-index", "Re-read the files that changed since they were added (ctrl+r)", "reindex"),
+            ("Docs: index Python's documentation", "Names, signatures, docstrings (ctrl+y)", "index_python"),
+        ),
     ),
     ScreenEntry("welcome", "Welcome", screen="tui.screens.welcome:WelcomeScreen"),
 )
