@@ -473,7 +473,9 @@ async def test_a_correction_answers_the_question_reworded_at_once_with_its_sourc
         answer = await ask(pilot, app, "How can I reverse a Python list?")
         assert answer.content == "Call my_list.reverse() to reverse it in place."
         assert answer.sources[0].kind == "correction"  # first; Python's documentation may follow
-        assert "your correction: How do I reverse a list?" in str(answer.query_one(".message-footer").render())
+        footer = answer.query_one(".message-footer")
+        assert "your correction: How do I reverse a list?" in str(footer.render())
+        assert footer.size.height == 2  # the sources' line is shown, not cut off
         stored = app.store.current_thread(app.screen.conversation.id)[-1]
         assert memory.answer_sources(app.store, stored.id)[0].text == answer.content
         answer.focus()
