@@ -521,6 +521,13 @@ def grounded_pairs(plain: list[list[dict]], *, heldout: set[str], seed: int = 0)
     return pairs
 
 
+def plain(pairs: list[list[dict]]) -> list[list[dict]]:
+    """The pairs without a passage in their question (grounded_pairs makes the others)."""
+    from gpt.chat_template import REFERENCE
+
+    return [p for p in pairs if not p[0]["content"].startswith(REFERENCE)]
+
+
 def _asked_name(question: str) -> str:
     """The name a templated question asks about ("What does str.upper do?" -> "str.upper")."""
     for template in QUESTIONS + EXAMPLE_QUESTIONS:
@@ -589,7 +596,10 @@ def instruct_stage(brew) -> None:
         out,
         tokenizer=tokenizer,
         overwrite=True,
-        extra_files={REPLAY_FILE: replay_text(train_pairs, heldout_pairs)},
+        # the plain pairs only: a fine-tune of a few short corrections replaying passages of ~150
+        # tokens measured its base's skills 18.9% worse (the gate's replay loss) where the plain
+        # ones rose 3-9%, and the copy bias, not the weights, does most of a grounded answer's work
+        extra_files={REPLAY_FILE: replay_text(plain(train_pairs), plain(heldout_pairs))},
     )
     brew.model_dir = out
     question = [{"role": "user", "content": "What does str.upper do?"}]
