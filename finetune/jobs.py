@@ -566,10 +566,6 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
         display.close()
     if dist.main:
         checkpoints.save()  # stopped: to resume; finished: so a failed model write costs no training
-    # From here to the end a SIGTERM (Ctrl+X, `cancel_run`) is only noted: the default action
-    # killed a run cancelled while it measured its new model (one that learned early, say), and
-    # it was reported as killed, not cancelled. It is honoured until the model is written.
-    late = StopFlag().__enter__()
     if not finished:
         if dist.main:
             store.update_run(run_id, status="cancelled", step=trainer.step)
@@ -629,9 +625,6 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
         "source": source,
         "mode": "lora" if config.lora else "full",
     }
-    if late.requested:  # cancelled once trained: the checkpoint is saved, resume writes the model
-        store.update_run(run_id, status="cancelled", step=trainer.step)
-        return
     _write_model(
         out,
         model,
