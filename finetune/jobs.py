@@ -382,7 +382,22 @@ def execute(
             (run_dir(run_id) / FAILURE_FILE).unlink(missing_ok=True)  # an earlier attempt's
             store.update_run(run_id, status="running", pid=os.getpid(), error="")
         try:
-            _run(store, run_id, spec=spec, resume=resume, progress=progress, on_step=on_step, dist=dist, device=device)
+            # SIGTERM (Ctrl+X) stays a request to stop for the whole run, not only its training
+            # loop: a run that learned early and was measuring its model was killed instead
+            from finetune.train import StopFlag
+
+            with StopFlag() as cancel:
+                _run(
+                    store,
+                    run_id,
+                    spec=spec,
+                    resume=resume,
+                    progress=progress,
+                    on_step=on_step,
+                    dist=dist,
+                    device=device,
+                    cancel=cancel,
+                )
         except KettleError as exc:
             _fail(store, run_id, reason=str(exc), dist=dist)
             raise
@@ -457,7 +472,7 @@ def _last_words(run_id: int) -> str | None:
         return None
 
 
-def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bool, on_step, dist, device):
+def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bool, on_step, dist, device, cancel=None):
     from finetune.train import Display, StopFlag, append_metrics, load_checkpoint, read_metrics, truncate_metrics
     from gpt.checkpoint import load_model
 
@@ -625,6 +640,9 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
         "source": source,
         "mode": "lora" if config.lora else "full",
     }
+    if cancel is not None and cancel.requested:  # after training: the checkpoint is saved, resume writes it
+        store.update_run(run_id, status="cancelled", step=trainer.step)
+        return
     _write_model(
         out,
         model,
