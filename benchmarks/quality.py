@@ -90,6 +90,42 @@ CORRECTIONS = [
         ["How can I join a list of strings together?", "What joins a list of strings?"],
     ),
 ]
+# Five more, for a second fine-tune on top of the first (the lessons must accumulate).
+MORE_CORRECTIONS = [
+    (
+        "How do I remove duplicates from a list?",
+        "Use list(dict.fromkeys(my_list)) to keep the order, or set(my_list) if order does not matter.",
+        ["How can I drop duplicate items from a list?", "remove duplicates from a python list"],
+    ),
+    (
+        "What does enumerate give?",
+        "enumerate(items) gives pairs of an index and an item, starting at 0.",
+        ["What does enumerate return?", "What is enumerate for?"],
+    ),
+    (
+        "How do I copy a list?",
+        "Call my_list.copy() or write my_list[:] for a shallow copy.",
+        ["How can I make a copy of a list?", "What's the way to copy a Python list?"],
+    ),
+    (
+        "What is a set?",
+        "A set is an unordered collection of unique items, written like {1, 2, 3}.",
+        ["What's a set in Python?", "Explain what a set is."],
+    ),
+    (
+        "How do I get the last item of a list?",
+        "Index it with -1: my_list[-1] is the last item.",
+        ["How can I get a list's last element?", "What gives the last item in a list?"],
+    ),
+]
+# Earlier turns of an ongoing chat, before a correction is asked again in it.
+CHAT_BEFORE = [
+    "Hi! Can you help me with Python?",
+    "What does print do?",
+    "How do I write a loop over numbers?",
+    "What is a variable?",
+    "Thanks. One more thing.",
+]
 UNRELATED = [
     "What is the capital of France?",
     "Who painted the Mona Lisa?",
@@ -140,6 +176,123 @@ def heldout_questions(n: int = 40, seed: int = 0) -> list[tuple[str, str]]:
     return found[:n]
 
 
+def looping(text: str) -> bool:
+    """A word 3-gram repeated three times or more: an answer that goes round in circles."""
+    words = text.split()
+    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    return any(grams.count(g) >= 3 for g in set(grams))
+
+
+def leaked(text: str, corrections: list[str], own: str) -> bool:
+    """Five consecutive words of a correction in an answer to another question (and not in
+    that question's own trained answer)."""
+    words = text.split()
+    own_words = " ".join(own.split())
+    for correction in corrections:
+        c = correction.split()
+        for i in range(len(c) - 4):
+            run = " ".join(c[i : i + 5])
+            if run in " ".join(words) and run not in own_words:
+                return True
+    return False
+
+
+def finetune_figures(model_dir: Path, corrections: list, *, name: str, lora: bool, chat_params) -> Path:
+    """Fine-tune `model_dir` on `corrections` with the product's defaults (finetune.jobs, in this
+    process; grounding plays no part in it) and print what comes back; the new model's folder."""
+    import json
+
+    from data.store import open_store
+    from finetune.jobs import JobSpec, create_run, execute
+    from gpt.engine import Engine
+    from gpt.sampling import SamplingParams
+
+    data = Path(os.environ["KETTLE_HOME"]) / f"{name}.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            for q, a, _ in corrections
+        ),
+        encoding="utf-8",
+    )
+    sft = {"lora": {"rank": 8}} if lora else {}
+    with open_store() as store:
+        run = create_run(store, JobSpec(model=str(model_dir), data=str(data), name=name, sft=sft, activate=False))
+    start = time.perf_counter()
+    execute(run.id, progress=False)
+    seconds = time.perf_counter() - start
+    from data.paths import models_dir
+    from data.registry import RUN_RECORD
+
+    out = models_dir() / name
+    metrics = json.loads((out / RUN_RECORD).read_text(encoding="utf-8"))["metrics"]
+    print(
+        f"fine-tune {name} ({'LoRA' if lora else 'full'}): {seconds:.0f} s, {metrics.get('steps')} steps, "
+        f"gate {metrics.get('gate')} {metrics.get('gate_reasons') or ''}"
+    )
+    engine = Engine.load(out)
+    greedy = SamplingParams(temperature=0, max_new_tokens=80)
+    exact = [
+        engine.generate_chat([{"role": "user", "content": q}], greedy).text.strip() == a for q, a, _ in corrections
+    ]
+    print(f"  exact: {sum(exact)}/{len(corrections)}")
+    reworded = [
+        (r, engine.generate_chat([{"role": "user", "content": r}], greedy).text.strip(), a)
+        for _, a, rewordings in corrections
+        for r in rewordings
+    ]
+    print(f"  reworded: {sum(got == a for _, got, a in reworded)}/{len(reworded)}")
+    for r, got, _ in [x for x in reworded if x[1] != x[2]][:3]:
+        print(f"    miss: {r!r} -> {got[:70]!r}")
+    in_chat = 0
+    for q, a, _ in corrections:
+        messages = []
+        for before in CHAT_BEFORE:
+            messages.append({"role": "user", "content": before})
+            messages.append({"role": "assistant", "content": engine.generate_chat(messages, chat_params).text})
+        messages.append({"role": "user", "content": q})
+        in_chat += engine.generate_chat(messages, greedy).text.strip() == a
+    print(f"  asked in an ongoing 6-turn chat (earlier answers sampled as the chat does): {in_chat}/{len(corrections)}")
+    sampled = sum(
+        engine.generate_chat(
+            [{"role": "user", "content": q}], chat_params.replace(seed=seed, max_new_tokens=80)
+        ).text.strip()
+        == a
+        for seed in range(3)
+        for q, a, _ in corrections
+    )
+    print(f"  at the chat's default sampling, 3 seeds: {sampled}/{3 * len(corrections)}")
+    return out
+
+
+def unrelated_figures(base: Path, tuned: Path, corrections: list[str], n: int = 180) -> None:
+    """Answers to the base's own questions (none of them a correction) before and after."""
+    from finetune.replay import read_replay
+    from gpt.engine import Engine
+    from gpt.sampling import SamplingParams
+
+    replay = read_replay(base)
+    questions = random.Random(1).sample(replay["heldout"] + replay["train"], n)
+    greedy = SamplingParams(temperature=0, max_new_tokens=64)
+    old, new = Engine.load(base), Engine.load(tuned)
+    loops = [0, 0]
+    leaks, kept, right = 0, 0, 0
+    for c in questions:
+        want = first_sentence_of(c[-1]["content"])
+        before = old.generate_chat(c[:-1], greedy).text
+        after = new.generate_chat(c[:-1], greedy).text
+        loops[0] += looping(before)
+        loops[1] += looping(after)
+        leaks += leaked(after, corrections, c[-1]["content"]) and not leaked(before, corrections, c[-1]["content"])
+        if first_sentence_of(before) == want:
+            right += 1
+            kept += first_sentence_of(after) == want
+    print(
+        f"  unrelated ({n} of the base's own questions): looping {loops[0]} -> {loops[1]}, "
+        f"leaks {leaks}, the base's right answers kept {kept}/{right}"
+    )
+
+
 def answer(engine, question: str, *, ground: bool, params):
     from tui.commands.generate import ground as ground_messages
 
@@ -156,8 +309,9 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--files", type=int, default=1000, help="generated Markdown files in the speed section")
     parser.add_argument("--only", nargs="*", help="sections to run (default: all)")
+    parser.add_argument("--lora", action="store_true", help="fine-tune with LoRA in the finetune section")
     args = parser.parse_args()
-    sections = set(args.only or ["own", "heldout", "corrections", "unrelated", "speed"])
+    sections = set(args.only or ["own", "heldout", "corrections", "unrelated", "speed", "finetune"])
 
     from data.registry import resolve_model_dir
 
@@ -174,11 +328,12 @@ def main() -> None:
     greedy = SamplingParams(temperature=0, max_new_tokens=64)
     print(f"model {model_dir}; scratch KETTLE_HOME {home}")
 
-    with open_store() as store:
-        start = time.perf_counter()
-        memory.index_python_docs(store)
-        index_s = time.perf_counter() - start
-    print(f"indexed the installed Python's documentation in {index_s:.1f} s")
+    if sections & {"heldout", "corrections", "unrelated", "speed"}:  # the ones that ground answers
+        with open_store() as store:
+            start = time.perf_counter()
+            memory.index_python_docs(store)
+            index_s = time.perf_counter() - start
+        print(f"indexed the installed Python's documentation in {index_s:.1f} s")
 
     if "own" in sections:
         from finetune.replay import read_replay
@@ -238,6 +393,22 @@ def main() -> None:
                     grounded, _ = answer(engine, question, ground=True, params=greedy)
                     changed += plain.text != grounded.text
         print(f"unrelated questions: a passage retrieved for {retrieved}/{len(UNRELATED)}, answers changed {changed}")
+
+    if "finetune" in sections:
+        from gpt.sampling import get_preset
+
+        chat = get_preset("balanced").replace(seed=0, max_new_tokens=48)
+        first = finetune_figures(model_dir, CORRECTIONS, name="q-ft1", lora=args.lora, chat_params=chat)
+        unrelated_figures(model_dir, first, [a for _, a, _ in CORRECTIONS])
+        second = finetune_figures(first, MORE_CORRECTIONS, name="q-ft2", lora=args.lora, chat_params=chat)
+        from gpt.engine import Engine
+        from gpt.sampling import SamplingParams
+
+        engine = Engine.load(second)
+        greedy = SamplingParams(temperature=0, max_new_tokens=80)
+        both = CORRECTIONS + MORE_CORRECTIONS
+        back = sum(engine.generate_chat([{"role": "user", "content": q}], greedy).text.strip() == a for q, a, _ in both)
+        print(f"  after the second fine-tune, all corrections so far: {back}/{len(both)}")
 
     if "speed" in sections:
         docs = Path(home) / "notes"

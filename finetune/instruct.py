@@ -87,6 +87,7 @@ class SFTConfig:
 class Example:
     input_ids: list[int]
     labels: list[int]  # the next token where the loss counts, IGNORE elsewhere
+    source: int | None = None  # its conversation's position in what `prepare` was given
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -141,6 +142,7 @@ def prepare(
         if example is None:
             skipped += 1
             continue
+        example.source = i
         examples.append(example)
     if not examples:
         raise KettleError(
@@ -249,10 +251,10 @@ REPLAY_RATIO = {"full": 4, "lora": 1}
 REPLAY_MIN = {"full": 32, "lora": 4}
 
 
-def resolve(config: SFTConfig, n_train: int, *, model: GPTConfig, n_replay: int = 0) -> SFTConfig:
+def resolve(config: SFTConfig, n_train: int, *, model: GPTConfig, n_replay: int = 0, n_variants: int = 0) -> SFTConfig:
     """A copy of `config` with every None filled in from the model's and the dataset's sizes
-    (module docstring). `n_train` counts the user's training examples, `n_replay` the replay
-    examples available."""
+    (module docstring). `n_train` counts the user's training examples, `n_variants` the other
+    forms of them trained beside (finetune.lessons), `n_replay` the replay examples available."""
     c = dataclasses.replace(config)
     context_length = model.context_length
     c.max_length = c.max_length or context_length
@@ -265,11 +267,14 @@ def resolve(config: SFTConfig, n_train: int, *, model: GPTConfig, n_replay: int 
         )
     if c.replay is None:
         method = "lora" if c.lora else "full"
-        c.replay = min(n_replay, max(REPLAY_MIN[method], REPLAY_RATIO[method] * n_train))
+        # one more for each other form of a lesson: the forms teach the same answers again, and
+        # replaying as much per form as per lesson made a fine-tune of 10 corrections 4x slower
+        c.replay = min(n_replay, max(REPLAY_MIN[method], REPLAY_RATIO[method] * n_train + n_variants))
     # The batch counts the user's examples (two at least: one alone pulls each update its own
     # way, and the base's skills suffer); replay examples ride along in proportion.
-    c.max_batch_size = c.max_batch_size or max(1, min(n_train, 32, max(2, n_train // 8)))
-    steps_per_epoch = max(1, math.ceil(n_train / c.max_batch_size))
+    n_all = n_train + n_variants
+    c.max_batch_size = c.max_batch_size or max(1, min(n_all, 32, max(2, n_all // 8)))
+    steps_per_epoch = max(1, math.ceil(n_all / c.max_batch_size))
     if c.epochs is None:
         c.epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(STEP_BUDGET / steps_per_epoch)))
     if c.lr is None:

@@ -70,6 +70,7 @@ from finetune.instruct import (
     recalled,
     resolve,
 )
+from finetune.lessons import LESSONS_FILE, last_question, lessons_text
 from finetune.verdict import judge, summary_lines
 from gpt.errors import KettleError
 from gpt.files import atomic_directory, atomic_write_text, remove_stale_temporaries
@@ -121,9 +122,11 @@ def check_spec(store: Store, spec: JobSpec) -> None:
     split_examples(conversations, tokenizer, sft, config=config)
 
 
-def split_examples(conversations: list[list[dict]], tokenizer, sft: SFTConfig, *, config) -> tuple[list, list, dict]:
-    """The conversations as (training examples, held-out examples, stats) under the settings;
-    refused when none is left to train on."""
+def split_examples(
+    conversations: list[list[dict]], tokenizer, sft: SFTConfig, *, config
+) -> tuple[list, list, dict, list[list[dict]]]:
+    """The conversations as (training examples, held-out examples, stats, the training
+    conversations) under the settings; refused when none is left to train on."""
     examples, stats = prepare(
         conversations, tokenizer, max_length=sft.max_length or config.context_length, vocab_size=config.vocab_size
     )
@@ -133,7 +136,7 @@ def split_examples(conversations: list[list[dict]], tokenizer, sft: SFTConfig, *
         raise KettleError(
             f"no training examples left after holding out {len(val)} of {len(examples)} (--val-fraction {fraction:g})"
         )
-    return train, val, stats
+    return train, val, stats, [conversations[e.source] for e in train]
 
 
 def run_dir(run_id: int) -> Path:
@@ -297,27 +300,32 @@ def _record_conversation(record) -> list[dict]:
     return messages
 
 
-# The tokenised parts of a run's data.json: the user's examples (trained on, held out) and the
-# base's replay data (mixed in, held out to measure what the base knew).
-PARTS = ("train", "val", "replay", "replay_heldout")
+# The tokenised parts of a run's data.json: the user's examples (trained on, held out), the
+# lessons its base's lineage learned (trained again, checked), the other forms of every lesson
+# (finetune.lessons: reworded, in a chat) and the base's replay data (mixed in, held out to
+# measure what the base knew).
+PARTS = ("train", "val", "lessons", "variants", "replay", "replay_heldout")
 
 
-def _save_examples(path: Path, tokenizer, *, parts: dict[str, list[Example]], stats: dict, source: dict) -> None:
+def _save_examples(
+    path: Path, tokenizer, *, parts: dict[str, list[Example]], stats: dict, source: dict, lessons: list
+) -> None:
     data = {
         "tokenizer": tokenizer.name,
         "n_vocab": tokenizer.n_vocab,
         "stats": stats,
         "source": source,
-        **{name: [[e.input_ids, e.labels] for e in parts[name]] for name in PARTS},
+        "lesson_conversations": lessons,
+        **{name: [[e.input_ids, e.labels, e.source] for e in parts[name]] for name in PARTS},
     }
     atomic_write_text(path, json.dumps(data, separators=(",", ":")))
 
 
 def _load_examples(path: Path, tokenizer, *, vocab_size: int):
-    """({part: examples}, stats, source) from the run's data.json, checked against the model."""
+    """({part: examples}, stats, source, lessons) from the run's data.json, checked against the model."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        parts = {name: [Example(ids, labels) for ids, labels in data.get(name, [])] for name in PARTS}
+        parts = {name: [Example(*row) for row in data.get(name, [])] for name in PARTS}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise KettleError(f"{path}: the run's tokenised data cannot be read ({exc})") from None
     if data.get("tokenizer") != tokenizer.name or data.get("n_vocab") != tokenizer.n_vocab:
@@ -327,7 +335,40 @@ def _load_examples(path: Path, tokenizer, *, vocab_size: int):
             f"uses {tokenizer.name} ({tokenizer.n_vocab} tokens)"
         )
     check_vocabulary([e for part in parts.values() for e in part], vocab_size)
-    return parts, data.get("stats", {}), data.get("source", {})
+    return parts, data.get("stats", {}), data.get("source", {}), data.get("lesson_conversations", [])
+
+
+def _as_the_chat_asks(model, tokenizer, taught: list[list[dict]], base_path: Path) -> dict:
+    """finetune.lessons.as_the_chat_asks with the chat's default sampling and the base's own
+    conversations as the earlier turns."""
+    from finetune.lessons import as_the_chat_asks
+    from finetune.replay import read_replay
+    from gpt.sampling import CHAT_PRESET, get_preset
+
+    pool = (read_replay(base_path) or {}).get("train", []) or taught
+    return as_the_chat_asks(model, tokenizer, taught, pool, params=get_preset(CHAT_PRESET))
+
+
+def _lesson_examples(
+    base_path: Path, taught: list[list[dict]], tokenizer, *, max_length: int, vocab_size: int, seed: int
+) -> tuple[list[list[dict]], dict[str, list[Example]]]:
+    """(every lesson the new model will know: its lineage's and `taught`, {"lessons": the
+    lineage's examples, "variants": every lesson's other forms}) (finetune.lessons)."""
+    from finetune.lessons import merge, read_lessons, variants
+    from finetune.replay import read_replay
+
+    lessons = merge(read_lessons(base_path), taught)
+    earlier = lessons[: len(lessons) - len(taught)]
+    pool = (read_replay(base_path) or {}).get("train", [])
+
+    def encode(conversations: list[list[dict]]) -> list[Example]:
+        try:
+            return prepare(conversations, tokenizer, max_length=max_length, vocab_size=vocab_size)[0]
+        except KettleError:  # none left (or none fits this model): train without them
+            return []
+
+    forms = variants(lessons, pool + lessons, seed=seed)
+    return lessons, {"lessons": encode(earlier) if earlier else [], "variants": encode(forms) if forms else []}
 
 
 def _replay_examples(base_path: Path, tokenizer, *, max_length: int, vocab_size: int) -> dict[str, list[Example]]:
@@ -509,20 +550,26 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
     max_length = sft.max_length or model.config.context_length
     data_path = rdir / "data.json"
     if resume and data_path.exists():
-        parts, stats, source = _load_examples(data_path, tokenizer, vocab_size=model.config.vocab_size)
+        parts, stats, source, lessons = _load_examples(data_path, tokenizer, vocab_size=model.config.vocab_size)
     else:
         conversations, source = load_conversations(store, spec)
-        train, val, stats = split_examples(conversations, tokenizer, sft, config=model.config)
+        train, val, stats, taught = split_examples(conversations, tokenizer, sft, config=model.config)
+        vocab = model.config.vocab_size
+        lessons, lesson_parts = _lesson_examples(
+            base_path, taught, tokenizer, max_length=max_length, vocab_size=vocab, seed=sft.seed
+        )
         parts = {
             "train": train,
             "val": val,
-            **_replay_examples(base_path, tokenizer, max_length=max_length, vocab_size=model.config.vocab_size),
+            **lesson_parts,
+            **_replay_examples(base_path, tokenizer, max_length=max_length, vocab_size=vocab),
         }
         if dist.main:
-            _save_examples(data_path, tokenizer, parts=parts, stats=stats, source=source)
-    train, val, replay, replay_heldout = (parts[name] for name in PARTS)
-    stats = {**stats, "train": len(train), "held_out": len(val)}
-    config = resolve(sft, len(train), model=model.config, n_replay=len(replay))
+            _save_examples(data_path, tokenizer, parts=parts, stats=stats, source=source, lessons=lessons)
+    train, val, earlier, forms, replay, replay_heldout = (parts[name] for name in PARTS)
+    stats = {**stats, "train": len(train), "held_out": len(val), "lessons": len(earlier), "variants": len(forms)}
+    taught_all = train + earlier + forms
+    config = resolve(sft, len(train) + len(earlier), model=model.config, n_replay=len(replay), n_variants=len(forms))
     config.val_fraction = len(val) / (len(train) + len(val))
 
     # The base's figures, before any training (a resumed run's model is still the base here).
@@ -530,8 +577,9 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
     parent_loss = evaluate_loss(model, val, pad_id=pad, device=device) if val else None
     replay_before = evaluate_loss(model, replay_heldout, pad_id=pad, device=device) if replay_heldout else None
     recall_base = sum(recalled(model, train, pad_id=pad, device=device))
+    lessons_base = recalled(model, earlier, pad_id=pad, device=device)
     train_before = evaluate_loss(model, train, pad_id=pad, device=device)
-    trainer = SFTTrainer(model, train, val, config, pad, device, dist, replay=replay)
+    trainer = SFTTrainer(model, taught_all, val, config, pad, device, dist, replay=replay)
     checkpoint_path = rdir / CHECKPOINT_DIR
     metrics_path = rdir / "metrics.jsonl"
     if resume and checkpoint_path.exists():
@@ -590,6 +638,8 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
     new_loss = evaluate_loss(model, val, pad_id=pad, device=device) if val else None
     replay_after = evaluate_loss(model, replay_heldout, pad_id=pad, device=device) if replay_heldout else None
     recall = sum(recalled(model, train, pad_id=pad, device=device))
+    lessons_after = recalled(model, earlier, pad_id=pad, device=device)
+    asked = _as_the_chat_asks(model, tokenizer, lessons[len(lessons) - len(train) :], base_path)
     train_after = evaluate_loss(model, train, pad_id=pad, device=device)
     if not dist.main:
         return
@@ -600,6 +650,16 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
         "recall_base": recall_base,
         "recall": recall,
         "recall_of": len(train),
+        "lessons_of": len(earlier),
+        "lessons_recall_base": sum(lessons_base),
+        "lessons_recall": sum(lessons_after),
+        # the lineage's corrections this model no longer gives back (their questions)
+        "lessons_forgotten": [
+            last_question(lessons[e.source])
+            for e, before, after in zip(earlier, lessons_base, lessons_after)
+            if before and not after
+        ],
+        **asked,
         "train_loss_before": train_before,
         "train_loss_after": train_after,
         "learned_epoch": trainer.learned_epoch,
@@ -654,6 +714,7 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
         hparams=hparams,
         metrics=metrics,
         metrics_path=metrics_path,
+        lessons=lessons,
     )
     try:
         _register(store, run_id, spec=spec, out=out, parent_id=parent_id, hparams=hparams, metrics=metrics)
@@ -716,7 +777,7 @@ class _Checkpoints:
 
 
 def _write_model(
-    out: Path, model, *, tokenizer, trainer, name, base_name, run_id, hparams, metrics, metrics_path: Path
+    out: Path, model, *, tokenizer, trainer, name, base_name, run_id, hparams, metrics, metrics_path: Path, lessons
 ) -> None:
     """The model directory with its card, loss curve and (LoRA) adapter, in one atomic rename."""
     from finetune.lora import lora_layers, merge_lora, save_adapter
@@ -728,6 +789,8 @@ def _write_model(
         base_replay = Path(hparams["base"], REPLAY_FILE)
         if base_replay.is_file():  # the base's skills stay replayable for the next fine-tune
             shutil.copyfile(base_replay, tmp / REPLAY_FILE)
+        if lessons:  # its lineage's corrections and this run's, for the next fine-tune to keep
+            (tmp / LESSONS_FILE).write_text(lessons_text(lessons), encoding="utf-8")
         if lora_layers(model):
             save_adapter(model, tmp / "adapter", base=hparams["base"])
             merge_lora(model)

@@ -39,6 +39,7 @@ class Plan:
     train_tokens: int  # tokens in one pass over the examples
     config: GPTConfig  # the base's shape (the fine-tuning defaults follow it)
     n_replay: int  # the base's own instruction examples that can be mixed in (replay)
+    n_lessons: int = 0  # the corrections its lineage learned (trained again: finetune.lessons)
 
 
 def default_method(n_params: int, device: str) -> str:
@@ -50,21 +51,24 @@ def estimate_seconds(plan: Plan, method: str, *, epochs: int | None) -> tuple[fl
     """(seconds, optimizer steps) for the run the sheet would start, from the fine-tuning
     defaults (finetune.instruct.resolve) and a rough device speed."""
     from finetune.instruct import SFTConfig, resolve
+    from finetune.lessons import FORMS
     from finetune.lora import LoRAConfig
 
-    n = max(1, plan.n_examples)
+    n = max(1, plan.n_examples + plan.n_lessons)
     config = resolve(
         SFTConfig(epochs=epochs, lora=LoRAConfig() if method == "lora" else None),
         n,
         model=plan.config,
         n_replay=plan.n_replay,
+        n_variants=FORMS * n,
     )
+    n *= 1 + FORMS  # every lesson in its other forms too
     steps = config.epochs * math.ceil(n / config.max_batch_size)  # replay rides in the batches
     # forward + backward = 6 FLOPs per parameter per token (LoRA still runs the full backward
     # through the activations, so it saves memory more than time: count it as 2/3); small
     # models are bound by the per-step overhead instead; plus starting the process. Replay
     # examples are counted as long as the user's.
-    tokens = plan.train_tokens * (n + config.replay) / n
+    tokens = plan.train_tokens / max(1, plan.n_examples) * (n + config.replay)
     flops = 6 * plan.n_params * tokens * config.epochs * (2 / 3 if method == "lora" else 1)
     return START_S + steps * STEP_OVERHEAD_S + flops / TRAIN_FLOPS[plan.device], steps
 
@@ -72,6 +76,7 @@ def estimate_seconds(plan: Plan, method: str, *, epochs: int | None) -> tuple[fl
 def make_plan(store: Store, base_name: str | None, *, snapshot_id: int | None = None) -> Plan:
     """The plan for fine-tuning `base_name` (default: the active model) on snapshot
     `snapshot_id` (default: the labels as they are now), on the device a run would pick."""
+    from finetune.lessons import read_lessons
     from finetune.replay import read_replay
     from gpt.chat_template import render_training
     from gpt.checkpoint import expected_tensors, read_meta
@@ -106,4 +111,5 @@ def make_plan(store: Store, base_name: str | None, *, snapshot_id: int | None = 
         tokens,
         config,
         len(replay["train"]) if replay else 0,
+        len(read_lessons(base.path)),
     )

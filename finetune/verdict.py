@@ -6,6 +6,7 @@ what it knew? One judgement, one wording, for the command line, the model card a
 - the base's skills: the loss on the held-out part of the base's own instruction data (replay),
   before and after; up by more than FORGET_TOLERANCE means it forgot them.
 - held-out loss: on a held-out share of the user's examples, when there are enough of them.
+- the lineage's corrections (finetune.lessons): those its base gave back, and whether it still does.
 
 The gate regresses a model that forgot its base's skills, gives back fewer corrections than its
 base did, does worse on the held-out examples, or fits its own training examples worse than the
@@ -26,6 +27,13 @@ def judge(metrics: dict) -> tuple[str, list[str]]:
             f"it gives back fewer of your corrections than its base "
             f"({m['recall']} vs {m['recall_base']} of {m['recall_of']})"
         )
+    if m.get("lessons_forgotten"):
+        forgotten = m["lessons_forgotten"]
+        reasons.append(
+            f"it forgot {len(forgotten)} of the corrections its base had learned: "
+            + "; ".join(repr(q) for q in forgotten[:5])
+            + (f" and {len(forgotten) - 5} more" if len(forgotten) > 5 else "")
+        )
     before, after = m.get("replay_loss_before"), m.get("replay_loss_after")
     if before is not None and after is not None and after > before * (1 + FORGET_TOLERANCE):
         reasons.append(f"it forgot part of its base's skills (their loss rose {after / before - 1:.1%})")
@@ -44,6 +52,21 @@ def summary_lines(metrics: dict) -> list[str]:
         lines.append(
             f"your corrections: {m['recall']} of {m['recall_of']} now come back "
             f"(greedy, exact; the base gave back {m['recall_base']})"
+        )
+    if m.get("chat_sampled_of"):
+        lines.append(
+            f"asked as the chat asks: {m['chat_sampled']} of {m['chat_sampled_of']} at its default sampling "
+            f"(3 seeds), {m['chat_in_context']} of {m['chat_in_context_of']} after earlier turns"
+        )
+        missed: dict[str, list[str]] = {}
+        for miss in m.get("chat_missed", []):
+            missed.setdefault(miss["question"], []).append(miss["asked"])
+        for question, how in missed.items():
+            lines.append(f"  did not come back: {question!r} ({', '.join(how)})")
+    if m.get("lessons_of"):
+        lines.append(
+            f"earlier corrections (its lineage's): {m['lessons_recall']} of {m['lessons_of']} come back "
+            f"(the base gave back {m['lessons_recall_base']})"
         )
     if m.get("replay_loss_before") is not None:
         change = m["replay_loss_after"] / m["replay_loss_before"] - 1

@@ -198,6 +198,9 @@ PRESETS: dict[str, SamplingParams] = {
 }
 
 
+CHAT_PRESET = "balanced"  # what a new chat samples with, unless config.json says otherwise
+
+
 def get_preset(name: str) -> SamplingParams:
     try:
         preset = PRESETS[name]
