@@ -40,6 +40,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import sqlite3
 import subprocess
@@ -350,16 +351,20 @@ def _as_the_chat_asks(model, tokenizer, taught: list[list[dict]], base_path: Pat
 
 
 def _lesson_examples(
-    base_path: Path, taught: list[list[dict]], tokenizer, *, max_length: int, vocab_size: int, seed: int
+    base_path: Path, taught: list[list[dict]], model, tokenizer, *, max_length: int, seed: int
 ) -> tuple[list[list[dict]], dict[str, list[Example]]]:
     """(every lesson the new model will know: its lineage's and `taught`, {"lessons": the
     lineage's examples, "variants": every lesson's other forms}) (finetune.lessons)."""
-    from finetune.lessons import merge, read_lessons, variants
+    from finetune.lessons import chatter, last_question, merge, read_lessons, variants
     from finetune.replay import read_replay
+    from gpt.sampling import CHAT_PRESET, get_preset
 
+    vocab_size = model.config.vocab_size
     lessons = merge(read_lessons(base_path), taught)
     earlier = lessons[: len(lessons) - len(taught)]
     pool = (read_replay(base_path) or {}).get("train", [])
+    questions = [q for c in random.Random(seed).sample(pool, min(len(pool), 8)) if (q := last_question(c))]
+    said = chatter(model, tokenizer, questions, params=get_preset(CHAT_PRESET)) if lessons else []
 
     def encode(conversations: list[list[dict]]) -> list[Example]:
         try:
@@ -367,7 +372,7 @@ def _lesson_examples(
         except KettleError:  # none left (or none fits this model): train without them
             return []
 
-    forms = variants(lessons, pool + lessons, seed=seed)
+    forms = variants(lessons, pool + lessons, chatter=said, seed=seed)
     return lessons, {"lessons": encode(earlier) if earlier else [], "variants": encode(forms) if forms else []}
 
 
@@ -556,7 +561,7 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
         train, val, stats, taught = split_examples(conversations, tokenizer, sft, config=model.config)
         vocab = model.config.vocab_size
         lessons, lesson_parts = _lesson_examples(
-            base_path, taught, tokenizer, max_length=max_length, vocab_size=vocab, seed=sft.seed
+            base_path, taught, model, tokenizer, max_length=max_length, seed=sft.seed
         )
         parts = {
             "train": train,

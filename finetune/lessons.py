@@ -26,8 +26,13 @@ from pathlib import Path
 
 LESSONS_FILE = "lessons.jsonl"
 REWORDINGS = 6  # forms of each lesson's question trained beside the question itself
-IN_CONTEXT = 3  # ... and times it is trained after earlier exchanges of a chat
-CONTEXT_TURNS = (1, 3)  # how many earlier exchanges come before it
+IN_CONTEXT = 4  # ... and times it is trained after earlier exchanges of a chat
+CONTEXT_TURNS = (1, 4)  # how many earlier exchanges come before it
+# Earlier turns as a chat holds them: the base's own answers, sampled as the chat samples. Trained
+# after clean question-answer pairs only, 0 of 10 corrections came back in a 6-turn chat whose
+# earlier answers were the starter's (half-right, some looping "1010..."): it copied the loop.
+CHATTER = 8
+OPENERS = ("Hi!", "Hello, can you help me with Python?", "Thanks!", "Thank you, that helps.", "One more question.")
 FORMS = REWORDINGS + IN_CONTEXT
 
 # Families of questions: a pattern that finds the subject, and the forms that ask the same.
@@ -197,10 +202,13 @@ def in_context(lesson: list[dict], earlier: list[list[dict]], *, question: str |
     return system + head + body
 
 
-def variants(lessons: list[list[dict]], pool: list[list[dict]], *, seed: int = 0) -> list[list[dict]]:
+def variants(
+    lessons: list[list[dict]], pool: list[list[dict]], *, chatter: list[list[dict]] = (), seed: int = 0
+) -> list[list[dict]]:
     """The training forms of every lesson beside the lesson itself: REWORDINGS alone and
-    IN_CONTEXT after 1-3 exchanges from `pool` (other conversations: the base's own and the
-    other lessons), half of them reworded too."""
+    IN_CONTEXT after 1-4 earlier exchanges, half of them reworded too. The earlier exchanges
+    come from `chatter` (the base's sampled answers) and `pool` (other conversations: the
+    base's own lessons and the other corrections), alike."""
     out = []
     for lesson in lessons:
         question = last_question(lesson)
@@ -214,7 +222,10 @@ def variants(lessons: list[list[dict]], pool: list[list[dict]], *, seed: int = 0
         for i in range(IN_CONTEXT):
             if not others:
                 break
-            earlier = rng.sample(others, min(len(others), rng.randint(*CONTEXT_TURNS)))
+            earlier = [
+                rng.choice(chatter) if chatter and rng.random() < 0.5 else rng.choice(others)
+                for _ in range(rng.randint(*CONTEXT_TURNS))
+            ]
             form = forms[REWORDINGS + i] if i % 2 and len(forms) > REWORDINGS + i else None
             out.append(in_context(lesson, earlier, question=form))
     return out
@@ -249,6 +260,21 @@ def read_lessons(model_dir: str | Path) -> list[list[dict]]:
 
 def lessons_text(lessons: list[list[dict]]) -> str:
     return "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in lessons)
+
+
+def chatter(model, tokenizer, questions: list[str], *, params) -> list[list[dict]]:
+    """CHATTER exchanges as a chat with this model holds them: OPENERS and `questions` with its
+    answers sampled at `params` (the chat's default), each seeded."""
+    from gpt.engine import Engine
+
+    engine = Engine(model, tokenizer)
+    asked = list(OPENERS) + questions[: max(0, CHATTER - len(OPENERS))]
+    out = []
+    for i, question in enumerate(asked[:CHATTER]):
+        messages = [{"role": "user", "content": question}]
+        answer = engine.generate_chat(messages, params.replace(seed=i, max_new_tokens=48)).text
+        out.append(messages + [{"role": "assistant", "content": answer}])
+    return out
 
 
 CHECKED = 10  # lessons the verdict asks as the chat does (each costs SEEDS + 1 generations)

@@ -94,7 +94,9 @@ def test_a_fine_tune_trains_every_form_and_keeps_its_lineages_lessons(store, tmp
     # Asked as the chat asks (sampled, after earlier turns); three epochs teach a random model
     # nothing, so the card names each correction that did not come back.
     assert "asked as the chat asks: 0 of 6 at its default sampling (3 seeds), 0 of 2 after earlier turns" in card
-    assert "did not come back: 'what is a kettle' (sampled, seed 0, sampled, seed 1, sampled, seed 2, in a chat)" in card
+    assert (
+        "did not come back: 'what is a kettle' (sampled, seed 0, sampled, seed 1, sampled, seed 2, in a chat)" in card
+    )
 
 
 def test_forgetting_a_lineage_lesson_fails_the_gate_by_name():
