@@ -74,6 +74,8 @@ WHAT_DOES = (
     "Tell me what {} does.",
     "How does {} work?",
     "what does {} do",
+    "What does the {} function do?",
+    "What is the point of {}?",
 )
 FAMILIES = (
     (
@@ -87,8 +89,9 @@ FAMILIES = (
     ),
     (
         re.compile(
-            r"^(?:what (?:does|do|did) (.+?) (?:do|give|return|produce|mean|output)|"
-            r"what(?:'s| is) (.+?) (?:used )?for)" + _END,
+            r"^(?:what (?:does|do|did) (?:the )?(.+?)(?: function| method)? "
+            r"(?:do|give|return|produce|mean|output|check|compute|yield|make)|"
+            r"what(?:'s| is) (?:the )?(.+?)(?: function| method)? (?:used )?for)" + _END,
             re.IGNORECASE,
         ),
         WHAT_DOES,
@@ -115,6 +118,13 @@ SYNONYMS = (
     ("remove", "delete"),
     ("join", "combine"),
     ("number", "count"),
+    ("copy", "duplicate"),
+    ("item", "element"),
+    ("last", "final"),
+    ("split", "break up"),
+    ("sort", "order"),
+    ("file", "text file"),
+    ("key", "entry"),
 )
 
 
