@@ -13,6 +13,8 @@ from textual import events
 
 from data import memory
 from data.paths import config_path
+from gpt.engine import Engine
+from gpt.sampling import get_preset
 from tui.app import KettleApp
 from tui.widgets.chat import MessageView
 
@@ -340,6 +342,23 @@ async def test_presets_and_system_prompt_are_saved_per_conversation(short_answer
             pilot, lambda: app.screen.query_one("#param-temperature").value == "0.2", "the conversation's settings"
         )
         assert app.screen.query_one("#system-prompt").text == "Be brief."
+
+
+async def test_the_as_trained_preset_answers_greedily_as_the_engine_does(short_answers, chat_model_dir):
+    """The preset a fine-tune's verdict reads answers with: chosen in the panel, the chat's
+    settings are greedy with no penalty, and its answer is the engine's greedy one."""
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await pilot.press("ctrl+s")
+        app.screen.query_one("#preset").value = "as-trained"
+        await wait_until(pilot, lambda: app.screen.params.temperature == 0, "the preset's settings")
+        assert app.screen.params == get_preset("as-trained").replace(seed=7)  # the chat's seed stays
+        assert app.screen.query_one("#param-repetition_penalty").value == "1.0"
+        app.screen.query_one("#prompt").focus()
+        answer = await ask(pilot, app, "hi")
+    want = Engine.load(chat_model_dir).generate_chat([{"role": "user", "content": "hi"}], get_preset("as-trained"))
+    assert answer.content == want.text and answer.message.new_tokens == want.new_tokens
 
 
 async def test_chat_list_search_rename_and_delete_with_confirmation(short_answers):
