@@ -221,7 +221,7 @@ class ChatScreen(Screen):
         chat = await self.app.db(current_chat, self.store, self.conversation, self.system_prompt)
         try:
             use = await service.context_use(chat, self.params)
-        except KettleError:  # a server's model: its tokenizer is not in this process
+        except KettleError:  # a server's model (its tokenizer is there), or one that did not load (said elsewhere)
             meter.update("")
             return
         meter.set_class(use.dropped > 0, "-dropping")
