@@ -11,7 +11,9 @@ which the ollama client sends from $OLLAMA_API_KEY):
                           (Ollama's Go template of Kettle's chat format) and stop tokens
     POST /api/chat        answer messages; NDJSON stream of {"message": {"content": delta}} lines
                           by default, then a line with "done": true and the counts and durations;
-                          "stream": false for one object
+                          "stream": false for one object. Grounded as the OpenAI API's chat is
+                          (gpt.server.Grounding: "ground", "references"; the passages used in
+                          the last object's "sources")
     POST /api/generate    the same for a prompt (with `system`, as a one-turn chat; `raw`: the
                           text continued as it is); an empty prompt only loads the model
 
@@ -44,7 +46,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gpt.errors import KettleError
 from gpt.sampling import SamplingParams
-from gpt.server import APIError, _event_error, _Run, parse_body
+from gpt.server import APIError, Grounding, _event_error, _Run, grounding, parse_body, used_sources
 from gpt.service import Delta, Done, Error, GenerationService, ModelInfo
 
 log = logging.getLogger("kettle.server")
@@ -112,7 +114,7 @@ class _Generation(_Body):
     top_logprobs: int | None = None
 
 
-class ChatBody(_Generation):
+class ChatBody(_Generation, Grounding):
     messages: list[OllamaMessage] = []
     tools: list[Any] | None = None
 
@@ -186,9 +188,19 @@ def router(service: GenerationService) -> APIRouter:
         if not messages:  # Ollama: an empty chat loads the model
             return _loaded(name, "message", body.stream)
         params = await _params(service, body.options, name)
+        sources = await grounding(request, body, messages)
         request_id = uuid.uuid4().hex
-        events = service.stream_chat(messages, params, model=name, request_id=request_id, truncate=True)
-        return await _answer(request, service, (request_id, events), name, "message", body.stream, load_s)
+        events = service.stream_chat(
+            messages,
+            params,
+            model=name,
+            request_id=request_id,
+            truncate=True,
+            references=[s["reference"] for s in sources],
+        )
+        return await _answer(
+            request, service, (request_id, events), name, "message", body.stream, load_s, sources=sources
+        )
 
     @api.post("/api/generate")
     @_ollama_errors
@@ -335,7 +347,9 @@ def _loaded(name: str, key: str, stream: bool):
     return StreamingResponse(iter([_line(last)]), media_type=NDJSON) if stream else last
 
 
-def _final(name: str, key: str, text: str, done: Done, *, started: float, load_s: float) -> dict:
+def _final(name: str, key: str, text: str, done: Done, *, started: float, load_s: float, sources: list[dict]) -> dict:
+    """The answer's last object: Ollama's counts and durations, and for a chat the passages
+    it was grounded in (Kettle's "sources", as in the OpenAI API; Ollama's clients ignore it)."""
     r = done.result
     total = time.perf_counter() - started + load_s
     decode_s = (r.new_tokens - 1) / r.tokens_per_s if r.tokens_per_s else 0.0
@@ -349,12 +363,16 @@ def _final(name: str, key: str, text: str, done: Done, *, started: float, load_s
         "prompt_eval_duration": int(r.ttft_s * 1e9),
         "eval_count": r.new_tokens,
         "eval_duration": int(decode_s * 1e9),
+        **({"sources": used_sources(sources, done)} if key == "message" else {}),
     }
 
 
-async def _answer(request: Request, service, job: tuple, name: str, key: str, stream: bool, load_s: float):
+async def _answer(
+    request: Request, service, job: tuple, name: str, key: str, stream: bool, load_s: float, sources: list[dict] = ()
+):
     """Ollama's answer from a request's (id, events): NDJSON lines while they come, or one
-    object. A client that goes away cancels the generation (gpt.server's _Run)."""
+    object; `sources`: the passages offered to a chat answer (gpt.server.grounding). A client
+    that goes away cancels the generation (gpt.server's _Run)."""
     started = time.perf_counter()
     request_id, events = job
     run = _Run(service, request, "chat" if key == "message" else "complete", request_id, events)
@@ -372,7 +390,7 @@ async def _answer(request: Request, service, job: tuple, name: str, key: str, st
             if isinstance(event, Error):
                 yield _line({"error": _event_error(event, "chat").message})
             else:
-                yield _line(_final(name, key, "", event, started=started, load_s=load_s))
+                yield _line(_final(name, key, "", event, started=started, load_s=load_s, sources=sources))
         finally:
             run.stop()
 
@@ -387,7 +405,7 @@ async def _answer(request: Request, service, job: tuple, name: str, key: str, st
         run.stop()
     if isinstance(event, Error):
         raise _event_error(event, "chat")
-    return _final(name, key, "".join(text), event, started=started, load_s=load_s)
+    return _final(name, key, "".join(text), event, started=started, load_s=load_s, sources=sources)
 
 
 # --- what Ollama says about a model --------------------------------------------------------------

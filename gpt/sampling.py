@@ -195,6 +195,9 @@ PRESETS: dict[str, SamplingParams] = {
     "balanced": SamplingParams(temperature=0.7, top_p=0.9, repetition_penalty=1.1),
     # min-p keeps high temperatures coherent: it cuts the tail relative to the best token.
     "creative": SamplingParams(temperature=1.0, top_p=0.98, min_p=0.05, repetition_penalty=1.05),
+    # Greedy with every other control off (no penalty, no filter): how a fine-tune's verdict
+    # reads answers (finetune.instruct.recalled), so a learned correction comes back word for word.
+    "as-trained": SamplingParams(temperature=0),
 }
 
 

@@ -168,7 +168,35 @@ class _GenerationRequest(_SamplingFields):
     service_tier: str | None = None
 
 
-class ChatRequest(_GenerationRequest):
+class Grounding(BaseModel):
+    """Kettle's grounding extension of a chat request, the same in OpenAI's API and Ollama's:
+    the answer is grounded in the passages the server's retriever finds for the newest question
+    (create_app's `retrieve`; on unless "ground" is false), or in the client's own "references"
+    instead (best first). The response names the passages the answer saw in "sources" (used_sources),
+    a field both APIs' clients ignore."""
+
+    ground: bool = True
+    references: list[str] | None = None
+
+
+async def grounding(request: Request, body: Grounding, messages: list[dict]) -> list[dict]:
+    """The passages to ground the answer to `messages` in, best first, each {"kind", "source",
+    "name", "text", "reference"} as the retriever gives them (see Grounding)."""
+    if body.references is not None:
+        return [{"kind": "given", "text": text, "reference": text} for text in body.references]
+    retrieve = request.app.state.retrieve
+    if body.ground and retrieve is not None:
+        return await asyncio.to_thread(retrieve, messages)
+    return []
+
+
+def used_sources(sources: list[dict], done: Done) -> list[dict]:
+    """A response's "sources": the passages the answer saw (the best that fitted, as Done
+    says), without the form they took in the prompt."""
+    return [{k: v for k, v in s.items() if k != "reference"} for s in sources[: done.references_used]]
+
+
+class ChatRequest(_GenerationRequest, Grounding):
     max_items: ClassVar[dict[str, int]] = {"messages": MAX_MESSAGES}
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
@@ -181,10 +209,6 @@ class ChatRequest(_GenerationRequest):
     response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # ignored: without tools it means nothing
     chat_template_kwargs: dict[str, Any] | None = None  # ignored: Kettle has one chat format
-    # Kettle's extensions: grounding in the store's passages (on unless false), or in the
-    # passages given here instead (best first); the response names those used in "sources".
-    ground: bool = True
-    references: list[str] | None = None
 
 
 class CompletionRequest(_GenerationRequest):
@@ -440,7 +464,8 @@ def create_app(
 ) -> FastAPI:
     """The HTTP API over `service`. With `api_key`, every /v1 and /api request must present it.
     `retrieve` (conversation -> passages, each {"kind", "source", "name", "text", "reference"},
-    best first) grounds chat answers, as `kettle serve` gives data.memory's over the store.
+    best first) grounds chat answers, as `kettle serve` gives data.memory's over the store: in
+    OpenAI's API and the routers' (Ollama's), which find it as the app's state (`grounding`).
     `allow_origins` and `allow_hosts` (as parse_origin and parse_host return them) are let in
     beside this server's own addresses (see the module docstring). `routers` add endpoints
     behind the same gates (gpt.ollama's, which builds on this module)."""
@@ -451,6 +476,7 @@ def create_app(
         redoc_url=None,
         openapi_url=None,
     )
+    app.state.retrieve = retrieve
     origins, hosts = frozenset(allow_origins), frozenset(allow_hosts)
 
     def check_access(request: Request) -> None:
@@ -573,12 +599,7 @@ def create_app(
         messages = chat_messages(req)
         model = await _check_model(service, req.model)
         top = (req.top_logprobs or 0) if req.logprobs else None
-        if req.references is not None:
-            sources = [{"kind": "given", "text": text, "reference": text} for text in req.references]
-        elif req.ground and retrieve is not None:
-            sources = await asyncio.to_thread(retrieve, messages)
-        else:
-            sources = []
+        sources = await grounding(request, req, messages)
         return await _respond(
             request,
             service,
@@ -828,7 +849,7 @@ async def _respond(
     wants_tokens = options.get("logprobs") is not None or options.get("echo")
     tokenizer = (await _tokenizer(service, model))[0] if wants_tokens else None
     reply = _Reply(prefix + request_id, model, kind, include_usage, options, tokenizer, n)
-    reply.sources = [{k: v for k, v in s.items() if k != "reference"} for s in sources]
+    reply.sources = sources
     go = service.stream_chat if kind == "chat" else service.complete
 
     def start(i: int) -> _Run:
@@ -1054,7 +1075,7 @@ class _Reply:
 
     def _sources(self, done: Done) -> dict:
         """Kettle's extension, which OpenAI's clients ignore: the passages the answer saw."""
-        return {"sources": self.sources[: done.references_used]} if self.kind == "chat" else {}
+        return {"sources": used_sources(self.sources, done)} if self.kind == "chat" else {}
 
     def _echo(self, prompt) -> str:
         """The prompt as sent, when echo asks for it."""

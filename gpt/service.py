@@ -77,6 +77,15 @@ class Error:
 Event = Delta | Done | Error
 
 
+@dataclass(frozen=True)
+class ContextUse:
+    """How much of a model's context window a conversation takes (GenerationService.context_use)."""
+
+    tokens: int  # the prompt the model would see, after trimming
+    dropped: int  # the conversation's tokens left out to fit (its oldest messages first)
+    context: int  # the model's context length
+
+
 class GenerationService(ABC):
     """The one way the app and the command line generate text (see the module docstring)."""
 
@@ -152,6 +161,18 @@ class GenerationService(ABC):
         None: the active one), loaded if need be; only a service with the model in this
         process has them."""
         raise KettleError("tokenizing needs the model in this process")
+
+    async def context_use(
+        self, messages: list[dict], params: SamplingParams, *, model: str | None = None
+    ) -> ContextUse:
+        """How much of `model`'s context window (None: the active one's) `messages` take as the
+        prompt stream_chat builds for them (Engine.chat_prompt: the answer's budget kept free,
+        the oldest messages dropped to fit), leaving out the passages grounding adds to a newest
+        question. Built off the worker (the engine's prompt building only reads), so the
+        answers in flight keep decoding; needs the model in this process, as `tokenizer`."""
+        _, engine = await self.tokenizer(model)
+        ids, dropped = await asyncio.to_thread(engine.chat_prompt, messages, _checked(params))
+        return ContextUse(len(ids), dropped, engine.context_length)
 
 
 # --- model names -----------------------------------------------------------------------------------

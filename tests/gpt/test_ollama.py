@@ -5,6 +5,7 @@ engine gives for the same settings."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -162,6 +163,56 @@ def test_a_request_naming_another_listed_model_loads_it(tiny_model_dir, tiny_gpt
         assert httpx.get(running.url + "/v1/models").json()["data"][0]["id"] == "tiny"
     finally:
         running.stop()
+
+
+def test_chat_is_grounded_in_the_store_as_the_openai_api_is(chat_model_dir, kettle_home):
+    """/api/chat grounds as /v1/chat/completions does (gpt.server.Grounding): a reworded question
+    gets the user's correction from the store, the passage named in the last object's "sources",
+    whole or streamed, where the ollama client reads the answer and ignores it; "ground": false
+    answers from the model alone; "references" grounds in passages of the client's own."""
+    from data.store import open_store
+    from tui.commands.serve import store_retriever
+
+    answer = "Call my_list.reverse() to reverse it in place."
+    with open_store() as store:
+        conv = store.create_conversation("lists")
+        user = store.add_message(conv.id, "user", content="How do I reverse a list?")
+        bot = store.add_message(conv.id, "assistant", content="No idea.", parent_id=user.id)
+        store.set_label(bot.id, ideal=answer)
+    store = open_store()
+    service = InProcessService(str(chat_model_dir))
+    running = RunningServer(service, None, routers=[router(service)], retrieve=store_retriever(store))
+    try:
+        ask = {
+            "messages": [{"role": "user", "content": "How can I reverse a Python list?"}],
+            "options": {"temperature": 0, "num_predict": 30},
+            "stream": False,
+        }
+
+        def chat(**body) -> dict:
+            return httpx.post(running.url + "/api/chat", json={**ask, **body}, timeout=60).json()
+
+        grounded = chat()
+        assert grounded["message"]["content"] == answer
+        source = grounded["sources"][0]
+        assert source["kind"] == "correction" and source["ref"] == bot.id and "reference" not in source
+        plain = chat(ground=False)
+        assert plain["message"]["content"] != answer and plain["sources"] == []
+        given = chat(ground=False, references=["Q?\nUse reversed(xs)."])
+        assert given["message"]["content"] == "Use reversed(xs)." and given["sources"][0]["kind"] == "given"
+
+        with httpx.stream("POST", running.url + "/api/chat", json={**ask, "stream": True}, timeout=60) as response:
+            lines = [json.loads(line) for line in response.iter_lines() if line]
+        assert "".join(line["message"]["content"] for line in lines) == answer
+        assert lines[-1]["done"] and lines[-1]["sources"] == grounded["sources"]
+        assert not any("sources" in line for line in lines[:-1])
+        client = ollama.Client(host=running.url)
+        name = client.list().models[0].model
+        chunks = list(client.chat(model=name, messages=ask["messages"], options=ask["options"], stream=True))
+        assert "".join(c.message.content for c in chunks) == answer and chunks[-1].done
+    finally:
+        running.stop()
+        store.close()
 
 
 def test_oterm_finds_and_chats_with_the_model_over_its_native_ollama_connection(server, engine, monkeypatch):

@@ -1,8 +1,10 @@
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
+from conftest import ROOT
 
 from gpt.errors import KettleError
 from gpt.sampling import (
@@ -195,6 +197,11 @@ def test_presets_are_valid_and_copies():
     assert PRESETS["creative"].stop == []
     with pytest.raises(KettleError, match="unknown sampling preset"):
         get_preset("wild")
+
+
+def test_the_readme_names_the_presets_the_app_offers():
+    listed = re.search(r"presets ((?:[\w-]+ / )*[\w-]+)", (ROOT / "README.md").read_text(encoding="utf-8"))
+    assert listed.group(1).split(" / ") == list(PRESETS)
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "ties", "one token dominates a flat tail"])

@@ -13,6 +13,11 @@ from textual import events
 
 from data import memory
 from data.paths import config_path
+from data.store import open_store
+from gpt.chat_template import render_prompt
+from gpt.engine import Engine
+from gpt.sampling import get_preset
+from gpt.tokenizer import load_tokenizer
 from tui.app import KettleApp
 from tui.widgets.chat import MessageView
 
@@ -340,6 +345,67 @@ async def test_presets_and_system_prompt_are_saved_per_conversation(short_answer
             pilot, lambda: app.screen.query_one("#param-temperature").value == "0.2", "the conversation's settings"
         )
         assert app.screen.query_one("#system-prompt").text == "Be brief."
+
+
+async def test_the_as_trained_preset_answers_greedily_as_the_engine_does(short_answers, chat_model_dir):
+    """The preset a fine-tune's verdict reads answers with: chosen in the panel, the chat's
+    settings are greedy with no penalty, and its answer is the engine's greedy one."""
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await pilot.press("ctrl+s")
+        app.screen.query_one("#preset").value = "as-trained"
+        await wait_until(pilot, lambda: app.screen.params.temperature == 0, "the preset's settings")
+        assert app.screen.params == get_preset("as-trained").replace(seed=7)  # the chat's seed stays
+        assert app.screen.query_one("#param-repetition_penalty").value == "1.0"
+        app.screen.query_one("#prompt").focus()
+        answer = await ask(pilot, app, "hi")
+    want = Engine.load(chat_model_dir).generate_chat([{"role": "user", "content": "hi"}], get_preset("as-trained"))
+    assert answer.content == want.text and answer.message.new_tokens == want.new_tokens
+
+
+async def test_the_context_meter_counts_the_conversation_and_shows_what_no_longer_fits(short_answers, tiny_model_dir):
+    """The chat's meter: the conversation's prompt tokens (the chat format, the model's own
+    tokenizer) of the model's context, after each turn; on a model with a shorter context
+    (switched to on the models screen) the oldest turn no longer fits, and the meter says so."""
+    with open_store() as store:
+        store.add_model_version("short", tiny_model_dir, kind="imported")  # context 128, the chat model's 4,096
+    tokenizer = load_tokenizer(tiny_model_dir)  # both models have it
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        meter = app.screen.query_one("#context-meter")
+
+        async def shows(text: str) -> None:
+            await wait_until(pilot, lambda: str(meter.render()) == text, lambda: f"{text!r}, not {meter.render()}")
+
+        await shows(f"ctx {len(render_prompt([], tokenizer))}/4,096")  # the answer's header alone
+        # A long question, put in the prompt at once (typed key by key it takes seconds).
+        app.screen.query_one("#prompt").text = (
+            "Which colours did the painter choose for the portrait of his wife, and why did the "
+            "critics in London and Paris disagree so loudly about the frame, the light and the hands, "
+            "when the sketches he kept in the studio upstairs show quite another picture of her?"
+        )
+        first = await ask(pilot, app, "")
+        await shows(f"ctx {len(render_prompt(app.store.chat_messages(first.message_id), tokenizer))}/4,096")
+        second = await ask(pilot, app, "hi")
+        chat = app.store.chat_messages(second.message_id)
+        full, newest = len(render_prompt(chat, tokenizer)), len(render_prompt(chat[2:], tokenizer))
+        await shows(f"ctx {full}/4,096")
+        assert not meter.has_class("-dropping")
+        budget = 128 - app.screen.params.max_new_tokens  # the prompt's room beside the answer's
+        assert newest <= budget < full  # the first turn no longer fits on the short model
+
+        await pilot.press("f4")
+        table = app.screen.query_one("#models-table")
+        await wait_until(pilot, lambda: table.row_count == 2, "the models")
+        table.focus()
+        table.move_cursor(row=0)  # short, the newest
+        await pilot.press("a")
+        await wait_until(pilot, lambda: app.service.active_model.name == "short", "the switch")
+        await pilot.press("f2")
+        await shows(f"ctx {newest}/128 · {full - newest:,} oldest dropped to fit")
+        assert meter.has_class("-dropping")
 
 
 async def test_chat_list_search_rename_and_delete_with_confirmation(short_answers):

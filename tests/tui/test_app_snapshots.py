@@ -116,6 +116,11 @@ def test_chat_screen(snap_compare, frozen):
         await chat_ready(pilot)
         pilot.app.screen.open_conversation(frozen)
         await wait_until(pilot, lambda: len(pilot.app.screen.query("MessageView")) == 2, "the chat")
+        await wait_until(
+            pilot,
+            lambda: all(w.is_finished for w in pilot.app.workers if w.group == "chat-context"),
+            "the context meter",
+        )
         pilot.app.screen.query("MessageView")[1].focus()
         await pilot.pause(0.2)
 

@@ -139,6 +139,9 @@ def serve_command(args) -> int:
     )
     try:
         info = service.load()
+        # Before the line that says the server is up: indexing Python's documentation the first
+        # time takes seconds, and requests sent meanwhile would wait unanswered.
+        retrieve = store_retriever(store)
         host, port = sock.getsockname()[:2]
         url_host = f"[{host}]" if ":" in host else host
         print(
@@ -160,7 +163,7 @@ def serve_command(args) -> int:
             allow_origins=allow_origins,
             allow_hosts=allow_hosts,
             routers=[ollama],
-            retrieve=store_retriever(store),
+            retrieve=retrieve,
         ).run(sockets=[sock])
     finally:
         service.close()

@@ -66,6 +66,14 @@ def read_thread(store: Store, conversation_id: int) -> ThreadData:
     return ThreadData(conv, thread, store.labels([m.id for m in thread]), positions, sources)
 
 
+def current_chat(store: Store, conversation: Conversation | None, system_prompt: str) -> list[dict]:
+    """The shown branch as a model reads it (Store.chat_messages); a new chat: its system prompt."""
+    thread = store.current_thread(conversation.id) if conversation is not None else []
+    if thread:
+        return store.chat_messages(thread[-1].id)
+    return [{"role": "system", "content": system_prompt}] if system_prompt else []
+
+
 def title_from(text: str) -> str:
     line = " ".join(text.split())
     return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1] + "…"
@@ -131,7 +139,9 @@ class ChatScreen(Screen):
             yield ConversationList(id="sidebar")
             with Vertical(id="chat-main"):
                 yield MessageList(id="messages")
-                yield Static("", id="chat-status")
+                with Horizontal(id="chat-status-row"):
+                    yield Static("", id="chat-status")
+                    yield Static("", id="context-meter")
                 yield PromptArea(id="prompt", placeholder="Message Kettle…  (Enter sends, Ctrl+J new line)")
             yield SamplingPanel(id="sampling")
         yield KettleFooter()
@@ -147,7 +157,8 @@ class ChatScreen(Screen):
         self.query_one("#prompt").focus()
         self.refresh_list()
         self.show_status()
-        self.app.model_changed.subscribe(self, lambda _name: self.show_status())
+        self.measure_context()
+        self.app.model_changed.subscribe(self, self._model_changed)
         self.app.mode_change_signal.subscribe(self, self._mode_changed, immediate=True)
         self.mention_running_jobs()
 
@@ -157,6 +168,10 @@ class ChatScreen(Screen):
         regenerated answer. Called as the mode switches, before the next key is delivered."""
         if self.app.screen is self:
             self.set_focus(self.query_one(PromptArea))
+
+    def _model_changed(self, _name: str) -> None:
+        self.show_status()
+        self.measure_context()  # another model: another tokenizer and context length
 
     def on_screen_resume(self) -> None:
         self.show_status()
@@ -191,6 +206,28 @@ class ChatScreen(Screen):
             model = self.app.model_name() if hasattr(self.app, "model_name") else ""
             text = f"[b]{escape(model)}[/]  [dim]Shift+Tab: to the messages (↑↓ move, u/d/1-5/c/t/n label) · F1 keys[/]"
         self.query_one("#chat-status", Static).update(text)
+
+    @work(exclusive=True, group="chat-context")
+    @guarded
+    async def measure_context(self) -> None:
+        """Show how much of the model's context window the shown conversation takes, counted as
+        its prompt is built (GenerationService.context_use), and how many of its oldest tokens
+        no longer fit: the model answers without them."""
+        meter = self.query_one("#context-meter", Static)
+        service = self.app.service
+        if service is None or self.app.load_failed:
+            meter.update("")
+            return
+        chat = await self.app.db(current_chat, self.store, self.conversation, self.system_prompt)
+        try:
+            use = await service.context_use(chat, self.params)
+        except KettleError:  # a server's model (its tokenizer is there), or one that did not load (said elsewhere)
+            meter.update("")
+            return
+        meter.set_class(use.dropped > 0, "-dropping")
+        meter.update(
+            f"ctx {use.tokens:,}/{use.context:,}" + (f" · {use.dropped:,} oldest dropped to fit" if use.dropped else "")
+        )
 
     # -- the conversation list --------------------------------------------------------------
 
@@ -265,6 +302,7 @@ class ChatScreen(Screen):
         self.params = self.default_params
         self.system_prompt = ""
         self.query_one(SamplingPanel).show(self.params, "")
+        self.measure_context()
 
     # -- showing a conversation -------------------------------------------------------------
 
@@ -314,6 +352,7 @@ class ChatScreen(Screen):
         if new:
             await messages.mount_all(new)
             messages.anchor()
+        self.measure_context()  # a turn added, another branch or chat shown
 
     # -- sending and generating -------------------------------------------------------------
 
@@ -591,6 +630,7 @@ class ChatScreen(Screen):
                 params={**event.params.to_dict(), GROUND: grounding(self.conversation)},
                 system_prompt=event.system_prompt,
             )
+        self.measure_context()  # the system prompt and the answer's budget (max_new_tokens) count
 
     # -- keys -------------------------------------------------------------------------------------
 
