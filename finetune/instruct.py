@@ -21,7 +21,8 @@ training example comes back exactly under greedy decoding (`recalled`), plus a m
 epoch cap. With the base's own instruction data (finetune.replay), each epoch mixes in a fresh
 slice of it (REPLAY_RATIO times the user's examples, spread over the batches), so the model keeps
 what it knew. Early stopping on a
-held-out share of the user's examples (only with many of them) restores the best weights.
+held-out share of the user's examples (only with many of them) restores the best weights; without
+one, the run ends with the weights of its epoch that gave back the most examples.
 """
 
 from __future__ import annotations
@@ -412,6 +413,10 @@ class SFTTrainer:
         self.stopped_early = False
         self.learned_epoch: int | None = None  # the first epoch after which every example came back
         self.anneal: tuple[int, int, float] | None = None  # (from step, to step, from lr) once learned
+        # Without a held-out share, the epoch that gave back the most training examples (the
+        # later of a tie): {"recalled", "epoch", "state"}, and how many the last epoch gave back.
+        self.best_recall: dict | None = None
+        self.last_recall: int | None = None
         self.tokens = 0
         self.elapsed = 0.0
 
@@ -496,12 +501,12 @@ class SFTTrainer:
     def _end_of_epoch(self, epoch: int) -> None:
         """With `until_learned`: once every training example comes back, train LEARNED_MARGIN of
         the epochs so far again with the rate falling linearly to zero (so the answers settle
-        instead of being pushed about by the last large updates), then stop."""
+        instead of being pushed about by the last large updates), then stop. Recall is checked
+        after every epoch, the margin's too: annealing once lost a correction (10 of 10 at epoch
+        25, 9 at the end), and the run ends with its best epoch's weights (restore_best)."""
         if not self.config.until_learned:
             return
-        if self.anneal is not None:
-            self.stopped_early = self.step >= self.anneal[1]
-        elif all(
+        back = sum(
             recalled(
                 self.model,
                 self.train_examples,
@@ -509,7 +514,15 @@ class SFTTrainer:
                 device=self.device,
                 batch_tokens=self.config.batch_tokens,
             )
-        ):
+        )
+        self.last_recall = back
+        # Ties go to the later epoch: the rate falls through the margin, its answers have settled.
+        # With a held-out share, the best validation picks the weights instead (restore_best).
+        if not self.val_examples and (self.best_recall is None or back >= self.best_recall["recalled"]):
+            self.best_recall = {"recalled": back, "epoch": epoch, "state": trainable_state(self.model)}
+        if self.anneal is not None:
+            self.stopped_early = self.step >= self.anneal[1]
+        elif back == len(self.train_examples):
             self.learned_epoch = epoch
             margin = max(1, math.ceil(epoch * LEARNED_MARGIN))
             end = min(self.total_steps, self.step + margin * self.steps_per_epoch)
@@ -517,9 +530,14 @@ class SFTTrainer:
             self.stopped_early = self.step >= end
 
     def restore_best(self) -> None:
-        """Load the weights of the best validation so far (a no-op without validation)."""
+        """Load the weights of the best validation so far; without validation, those of the
+        epoch that gave back the most training examples when the last epoch gave back fewer
+        (a run never ends having lost a correction it had learned)."""
         if self.best_state is not None:
             load_trainable_state(self.model, self.best_state)
+        elif self.best_recall is not None and self.last_recall < self.best_recall["recalled"]:
+            load_trainable_state(self.model, self.best_recall["state"])
+            self.last_recall = self.best_recall["recalled"]
 
     def _train_step(self, batch: list[Example]) -> float:
         ids, labels = collate(batch, self.pad_id)
@@ -567,6 +585,8 @@ class SFTTrainer:
             "stopped_early": self.stopped_early,
             "learned_epoch": self.learned_epoch,
             "anneal": self.anneal,
+            "best_recall": self.best_recall,
+            "last_recall": self.last_recall,
             "tokens": self.tokens,
             "elapsed": self.elapsed,
             "rng": [rng_state()],
@@ -580,5 +600,6 @@ class SFTTrainer:
         self.bad_evals, self.stopped_early = state["bad_evals"], state["stopped_early"]
         self.learned_epoch = state.get("learned_epoch")
         self.anneal = tuple(state["anneal"]) if state.get("anneal") else None
+        self.best_recall, self.last_recall = state.get("best_recall"), state.get("last_recall")
         self.tokens, self.elapsed = state["tokens"], state["elapsed"]
         set_rng_state(state["rng"][0])

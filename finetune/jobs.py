@@ -10,7 +10,8 @@ What a run writes while it goes (the app polls `store.run(id)` and `store.run_me
   runs.log_path (the process's output); runs.output_model_id (the registered model version).
 - run_metrics rows: {"loss", "lr", "tokens_per_s", "eta_s", "epoch"} at most about once a second
   and at the last step, with "val_loss" added at each validation; at the end
-  the verdict's figures (gate losses, corrections recalled, replay losses).
+  the verdict's figures (gate losses, corrections recalled, replay losses; the model version's
+  metrics also hold "probe", finetune.probe's scores of answers to the base's own questions).
 - The run directory KETTLE_HOME/runs/finetune-<id>/: data.json (the tokenised examples and the
   base's replay data, so a resume never depends on the data file still being there),
   checkpoint/ (finetune.train's resume checkpoint), metrics.jsonl, log.txt.
@@ -72,6 +73,7 @@ from finetune.instruct import (
     resolve,
 )
 from finetune.lessons import LESSONS_FILE, last_question, lessons_text
+from finetune.probe import Probe
 from finetune.verdict import judge, summary_lines
 from gpt.errors import KettleError
 from gpt.files import atomic_directory, atomic_write_text, remove_stale_temporaries
@@ -584,6 +586,8 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
     recall_base = sum(recalled(model, train, pad_id=pad, device=device))
     lessons_base = recalled(model, earlier, pad_id=pad, device=device)
     train_before = evaluate_loss(model, train, pad_id=pad, device=device)
+    probe = Probe(tokenizer, heldout=replay_heldout, train=replay, corrections=train + earlier)
+    probe_before = probe.answers(model) if dist.main else []  # only the main rank scores
     trainer = SFTTrainer(model, taught_all, val, config, pad, device, dist, replay=replay)
     checkpoint_path = rdir / CHECKPOINT_DIR
     metrics_path = rdir / "metrics.jsonl"
@@ -668,6 +672,8 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
         "train_loss_before": train_before,
         "train_loss_after": train_after,
         "learned_epoch": trainer.learned_epoch,
+        "best_recall_epoch": trainer.best_recall and trainer.best_recall["epoch"],  # whose weights it kept
+        "probe": probe.score(probe_before, probe.answers(model)),
         "replay_examples": config.replay,
         "replay_loss_before": replay_before,
         "replay_loss_after": replay_after,

@@ -7,15 +7,31 @@ what it knew? One judgement, one wording, for the command line, the model card a
   before and after; up by more than FORGET_TOLERANCE means it forgot them.
 - held-out loss: on a held-out share of the user's examples, when there are enough of them.
 - the lineage's corrections (finetune.lessons): those its base gave back, and whether it still does.
+- unrelated answers: greedy answers to a fixed probe of the base's own questions, before and after
+  (finetune.probe): how many loop, how many took up a correction's wording (leaks), and how many
+  the base answered right and the new model no longer does (lost).
 
 The gate regresses a model that forgot its base's skills, gives back fewer corrections than its
-base did, does worse on the held-out examples, or fits its own training examples worse than the
-base did (training that went wrong); a regressed model is never activated on its own.
+base did, does worse on the held-out examples, fits its own training examples worse than the
+base did (training that went wrong), forgot a correction its lineage had learned, or answers
+unrelated questions worse: more of them loop, any takes up a correction's wording, or it lost
+more than LOST_TOLERANCE of the answers its base had right. Losses alone passed a fine-tune whose loops went 10 -> 22 and whose corrections leaked
+into 10 of 180 unrelated answers. A regressed model is never activated on its own; the reasons
+name the questions and what the model now answers.
 """
 
 from __future__ import annotations
 
 FORGET_TOLERANCE = 0.10
+# Leaks tolerated: none. A leak is a run of a correction's words that neither the base's answer
+# nor the expected one held, in the answer to a question no correction asks: an answer taken
+# from the wrong correction, never a right one, and one is already what a user would notice.
+LEAK_TOLERANCE = 0
+# Lost answers tolerated: this share of those the base had right, and at least one (a greedy
+# first sentence can flip on a near tie without the model having forgotten anything).
+LOST_TOLERANCE = 0.05
+SHOWN_EXAMPLES = 2  # named in a reason
+SHOWN_CHARS = 60  # of a question or an answer, in a reason
 
 
 def judge(metrics: dict) -> tuple[str, list[str]]:
@@ -41,7 +57,34 @@ def judge(metrics: dict) -> tuple[str, list[str]]:
         reasons.append("it does worse than its base on your held-out examples")
     if m.get("train_loss_before") is not None and m["train_loss_after"] > m["train_loss_before"]:
         reasons.append("it fits the very examples it was trained on worse than its base did")
+    p = m.get("probe")
+    if p:
+        n, examples = p["questions"], p["examples"]
+        if p["loops_after"] > p["loops_before"]:
+            reasons.append(
+                f"more of its answers to unrelated questions loop ({p['loops_before']} -> "
+                f"{p['loops_after']} of {n}): {_named(examples['loops'])}"
+            )
+        if p["leaks"] > LEAK_TOLERANCE:
+            reasons.append(
+                f"your corrections' wording leaks into answers to unrelated questions "
+                f"({p['leaks']} of {n}): {_named(examples['leaks'])}"
+            )
+        if p["lost"] > max(1, LOST_TOLERANCE * p["right_before"]):
+            reasons.append(
+                f"it lost answers its base got right ({p['lost']} of {p['right_before']}): {_named(examples['lost'])}"
+            )
     return ("regressed" if reasons else "passed"), reasons
+
+
+def _named(examples: dict[str, str]) -> str:
+    """A few of a probe's examples as 'question' -> 'what it answers now', each trimmed."""
+    return ", ".join(f"{_trim(q)!r} -> {_trim(a)!r}" for q, a in list(examples.items())[:SHOWN_EXAMPLES])
+
+
+def _trim(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1].rstrip() + "…"
 
 
 def summary_lines(metrics: dict) -> list[str]:
@@ -79,6 +122,12 @@ def summary_lines(metrics: dict) -> list[str]:
         lines.append("the base's skills: not checked, it has no instruction data of its own to replay (replay.jsonl)")
     if m.get("gate_parent_loss") is not None:
         lines.append(f"held-out loss on your examples: {m['gate_parent_loss']:.3f} (base) -> {m['gate_new_loss']:.3f}")
+    p = m.get("probe")
+    if p:
+        lines.append(
+            f"unrelated answers: loops {p['loops_before']} -> {p['loops_after']}, leaks {p['leaks']}, "
+            f"lost {p['lost']} of {p['right_before']} (greedy, {p['questions']} of the base's own questions)"
+        )
     gate, reasons = judge(m)
     lines.append(f"regression gate: {gate}" + (f": {'; '.join(reasons)}" if reasons else ""))
     return lines

@@ -263,7 +263,7 @@ def test_separate_process_records_progress_and_stops_on_cancel(store, base):
         assert store.run(run_id).status in ("queued", "running"), open(store.run(run_id).log_path).read()
         time.sleep(0.1)
     run = store.run(run_id)
-    assert run.status == "running" and run.pid and run.total_steps == 400 * 10  # 20 examples, 2 a batch
+    assert run.status == "running" and run.pid and run.total_steps % 400 == 0  # 400 epochs
     if glibc():  # it started with the allocator setting that keeps a training step's memory down
         assert allocator.TUNABLE.encode() in open(f"/proc/{run.pid}/environ", "rb").read()
     assert cancel_run(store, run_id)
@@ -286,3 +286,44 @@ def test_a_run_whose_process_died_is_marked_failed(store, base):
     assert reap_dead_runs(store) == [run.id]
     assert store.run(run.id).status == "failed" and "killed" in store.run(run.id).error
     assert not cancel_run(store, run.id)
+
+
+def test_the_gate_reads_answers_to_the_bases_own_questions(store, tmp_path, make_model_dir):
+    """A base taught its own questions, fine-tuned hard on one correction whose answer loops, with
+    none of its own examples replayed: the correction takes over its other answers. The losses
+    alone would not name them; the probe counts the loops, leaks and lost answers, and the gate's
+    reasons name the questions and what the model now answers."""
+    from finetune.instruct import SFTConfig, SFTTrainer, prepare, resolve
+    from finetune.replay import REPLAY_FILE, replay_text
+    from gpt.checkpoint import save_model
+
+    def qa(question, answer):
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+    taught = [qa(f"What is a {t}?", f"A {t} is item number {i} in my kitchen.") for i, t in enumerate(TOPICS[:8])]
+    unseen = [qa(f"What is a {t}?", f"A {t} is item number {i + 8} in my kitchen.") for i, t in enumerate(TOPICS[8:12])]
+    path = make_model_dir(tmp_path / "taught", context_length=64, n_embd=64)
+    model, tokenizer = load_model(path)
+    examples, _ = prepare(taught, tokenizer, max_length=64, vocab_size=512)
+    config = resolve(SFTConfig(lr=3e-3), len(examples), model=model.config)
+    assert SFTTrainer(model, examples, [], config, pad_id=tokenizer.eot_id).run()
+    save_model(model, path, tokenizer=tokenizer, overwrite=True, extra_files={REPLAY_FILE: replay_text(taught, unseen)})
+    store.add_model_version("taught", path, kind="pretrained")
+
+    conv = store.create_conversation()
+    q = store.add_message(conv.id, "user", content="What is a tuple?")
+    a = store.add_message(conv.id, "assistant", content="I do not know.", parent_id=q.id)
+    store.set_label(a.id, ideal="A tuple is a tuple is a tuple is a tuple.")
+    snap = store.create_snapshot(name="one").id
+    run = _run(store, JobSpec(model="taught", snapshot_id=snap, sft={"replay": 0, "lr": 1e-2}))
+    m = store.model_version(run.output_model_id).metrics
+    p = m["probe"]
+    assert m["recall"] == 1 and p["questions"] == 12 and p["right_before"] >= 6
+    assert p["loops_after"] > p["loops_before"] and p["leaks"] >= 1 and p["lost"] >= 2
+    assert m["gate"] == "regressed"
+    for kind, says in (("loops", "loop"), ("leaks", "leaks into"), ("lost", "lost answers")):
+        question = next(iter(p["examples"][kind]))
+        reason = next(r for r in m["gate_reasons"] if says in r)
+        assert f"{question!r} -> " in reason and "a tuple is a tuple" in reason.lower()
+    card = (models_dir() / f"taught-ft{run.id}" / "card.md").read_text()
+    assert f"unrelated answers: loops {p['loops_before']} -> {p['loops_after']}, leaks {p['leaks']}" in card

@@ -98,3 +98,41 @@ def test_early_stopping_restores_the_best_weights(trained_tokenizer):
     assert evaluate_loss(model, val, pad_id=trained_tokenizer.eot_id, device="cpu") == pytest.approx(
         trainer.best_val, rel=1e-5
     )
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_a_run_that_loses_its_corrections_in_the_margin_ends_with_its_best_weights(mode, trained_tokenizer, tmp_path):
+    """Every update after the answers came back is wrecked (noise on the trained weights, as a
+    bad anneal would do): the run still ends with all of them, also when it was stopped in the
+    margin and resumed from its checkpoint by a new trainer."""
+    from finetune.instruct import load_trainable_state, trainable_state
+    from finetune.train import load_checkpoint, save_checkpoint
+
+    examples, _ = prepare(CORRECTED[:4], trained_tokenizer, max_length=64, vocab_size=512)
+    lora = LoRAConfig() if mode == "lora" else None
+    pad = trained_tokenizer.eot_id
+
+    def trainer_for(model):
+        config = resolve(SFTConfig(lora=lora, lr=1e-2 if lora else 3e-3), len(examples), model=model.config)
+        return SFTTrainer(model, examples, [], config, pad_id=pad)
+
+    def wreck_the_margin(trainer):
+        def on_progress(p):
+            if trainer.learned_epoch is not None:
+                noisy = {k: v + torch.randn_like(v) for k, v in trainable_state(trainer.model).items()}
+                load_trainable_state(trainer.model, noisy)
+
+        return on_progress
+
+    model = _tiny_model()
+    first = trainer_for(model)
+    stopped = first.run(should_stop=lambda: first.learned_epoch is not None, on_progress=wreck_the_margin(first))
+    assert stopped is False and first.learned_epoch is not None
+    save_checkpoint(tmp_path / "ckpt", first.state_dict(), state={"step": first.step})
+
+    model = _tiny_model()
+    resumed = trainer_for(model)
+    resumed.load_state_dict(load_checkpoint(tmp_path / "ckpt", torch.device("cpu"))[0])
+    assert resumed.run(on_progress=wreck_the_margin(resumed)) is True
+    assert resumed.stopped_early and all(recalled(model, examples, pad_id=pad, device="cpu"))
+    assert resumed.best_recall["epoch"] == resumed.learned_epoch  # the noise never gave them all back again

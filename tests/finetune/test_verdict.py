@@ -51,3 +51,57 @@ def test_a_change_near_the_tolerance_shows_its_decimal():
     gate, reasons = judge(m)
     assert gate == "regressed" and "rose 10.4%" in reasons[0]
     assert any("2.500 -> 2.760 (+10.4%;" in line for line in summary_lines(m))
+
+
+PROBE = {
+    "questions": 48,
+    "loops_before": 3,
+    "loops_after": 3,
+    "leaks": 0,
+    "right_before": 21,
+    "lost": 0,
+    "examples": {"loops": {}, "leaks": {}, "lost": {}},
+}
+
+
+def test_unrelated_answers_are_shown_and_worse_ones_regress_naming_them():
+    m = {**BASE, "probe": PROBE}
+    assert judge(m) == ("passed", [])
+    assert "unrelated answers: loops 3 -> 3, leaks 0, lost 0 of 21 (greedy, 48 of the base's own questions)" in (
+        summary_lines(m)
+    )
+    oct_ = {"What does oct do?": "Return a single immutable sequence, written with parentheses like (1, 2, 3)."}
+    gate, reasons = judge({**BASE, "probe": {**PROBE, "leaks": 1, "examples": {**PROBE["examples"], "leaks": oct_}}})
+    assert (gate, reasons) == (
+        "regressed",
+        [
+            "your corrections' wording leaks into answers to unrelated questions (1 of 48): "
+            "'What does oct do?' -> 'Return a single immutable sequence, written with parenthese…'"
+        ],
+    )
+    loops = {"What does len do?": "Return the number of items of the number of items of the number of items."}
+    m = {**BASE, "probe": {**PROBE, "loops_after": 4, "examples": {**PROBE["examples"], "loops": loops}}}
+    gate, reasons = judge(m)
+    assert gate == "regressed" and reasons[0].startswith(
+        "more of its answers to unrelated questions loop (3 -> 4 of 48)"
+    )
+    assert "'What does len do?' -> 'Return the number of items of the number" in reasons[0]
+    assert summary_lines(m)[-1] == f"regression gate: regressed: {reasons[0]}"
+
+
+def test_a_lost_answer_regresses_past_five_percent_of_those_the_base_had_right_and_one():
+    lost = {"What does abs do?": "Return the number.", "What does len do?": "Return the length of the length."}
+
+    def gate(n_lost, right):
+        probe = {**PROBE, "lost": n_lost, "right_before": right, "examples": {**PROBE["examples"], "lost": lost}}
+        return judge({**BASE, "probe": probe})
+
+    assert gate(1, 10)[0] == "passed"  # one flipped first sentence is tolerated
+    assert gate(2, 21) == (
+        "regressed",
+        [
+            "it lost answers its base got right (2 of 21): 'What does abs do?' -> 'Return the number.', "
+            "'What does len do?' -> 'Return the length of the length.'"
+        ],
+    )
+    assert gate(2, 40)[0] == "passed" and gate(3, 40)[0] == "regressed"

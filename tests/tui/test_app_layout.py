@@ -33,6 +33,15 @@ FINETUNE_METRICS = {
     "replay_loss_after": 2.6,
     "best_val_loss": None,
     "steps": 12,
+    "probe": {
+        "questions": 48,
+        "loops_before": 3,
+        "loops_after": 3,
+        "leaks": 0,
+        "right_before": 21,
+        "lost": 0,
+        "examples": {"loops": {}, "leaks": {}, "lost": {}},
+    },
 }
 
 
@@ -111,6 +120,7 @@ async def test_the_switch_button_is_on_screen_at_80x24(app_model):
         shown = screen_text(app)
         # the run, its verdict and the button together, with nothing to scroll
         assert f"Run {done}: finished" in shown and "regression gate: passed" in shown
+        assert "unrelated answers: loops 3 -> 3, leaks 0, lost 0 of 21" in shown
         assert "Switch to the new model" in shown
 
 
@@ -248,3 +258,4 @@ async def test_the_models_screen_shows_a_finetunes_held_out_loss_and_verdict(app
         assert "held-out loss 2.600" in detail
         assert "your corrections: 1 of 1 now come back" in detail
         assert "2.500 -> 2.600 (+4.0%" in detail and "regression gate: passed" in detail
+        assert "unrelated answers: loops 3 -> 3, leaks 0, lost 0 of 21" in detail
