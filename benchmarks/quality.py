@@ -15,6 +15,12 @@ Every answer is greedy (temperature 0) unless said otherwise. Sections:
   words with grounding: the answer equals the correction.
 - unrelated: 20 questions about things not in the index (not Python): how many retrieve a
   passage, and how many answers grounding changed.
+- untaught: 10 questions no instruction data asks, answered verbatim with grounding (the
+  chat's default) and without, for a reader to judge.
+- finetune: 10 corrections fine-tuned with the product's defaults (--lora for LoRA): exact,
+  reworded (2 each), asked in an ongoing 6-turn chat, at the chat's default sampling (3 seeds);
+  answers to 180 of the base's own questions before and after (looping, leaked wording, right
+  answers kept); then 5 more fine-tuned on top: how many of all 15 come back.
 - speed: time to first token with grounding (retrieval included) over without, on an index of
   the installed Python's documentation plus --files generated Markdown files; the time to index
   Python's documentation.
@@ -125,6 +131,19 @@ CHAT_BEFORE = [
     "How do I write a loop over numbers?",
     "What is a variable?",
     "Thanks. One more thing.",
+]
+# Questions no instruction data asks (the starter's templates ask "What does X do?" of names).
+UNTAUGHT = [
+    "How do I measure how long my code takes to run?",
+    "What is the difference between a list and a tuple?",
+    "How can I read a CSV file?",
+    "How do I make an HTTP request?",
+    "How do I parse JSON text into Python objects?",
+    "How do I format a number with two decimal places?",
+    "How do I find all files in a folder?",
+    "How can I get today's date?",
+    "How do I generate a random number?",
+    "How do I check the type of a variable?",
 ]
 UNRELATED = [
     "What is the capital of France?",
@@ -311,7 +330,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="sections to run (default: all)")
     parser.add_argument("--lora", action="store_true", help="fine-tune with LoRA in the finetune section")
     args = parser.parse_args()
-    sections = set(args.only or ["own", "heldout", "corrections", "unrelated", "speed", "finetune"])
+    sections = set(args.only or ["own", "heldout", "corrections", "untaught", "unrelated", "speed", "finetune"])
 
     from data.registry import resolve_model_dir
 
@@ -328,7 +347,7 @@ def main() -> None:
     greedy = SamplingParams(temperature=0, max_new_tokens=64)
     print(f"model {model_dir}; scratch KETTLE_HOME {home}")
 
-    if sections & {"heldout", "corrections", "unrelated", "speed"}:  # the ones that ground answers
+    if sections & {"heldout", "corrections", "untaught", "unrelated", "speed"}:  # the ones that ground answers
         with open_store() as store:
             start = time.perf_counter()
             memory.index_python_docs(store)
@@ -381,6 +400,13 @@ def main() -> None:
             print(f"corrections, reworded, not fine-tuned: {right}/{2 * len(CORRECTIONS)} exact {label}")
             for question, text in misses[:3]:
                 print(f"    miss: {question!r} -> {text!r}")
+
+    if "untaught" in sections:
+        for question in UNTAUGHT:
+            for ground in (True, False):
+                result, sources = answer(engine, question, ground=ground, params=greedy)
+                label = f"grounded ({len(sources)} sources)" if ground else "ungrounded"
+                print(f"untaught {question!r}, {label}:\n    {result.text!r}")
 
     if "unrelated" in sections:
         retrieved = changed = 0

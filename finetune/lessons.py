@@ -232,10 +232,7 @@ def variants(
         for i in range(IN_CONTEXT):
             if not others:
                 break
-            earlier = [
-                rng.choice(chatter) if chatter and rng.random() < 0.5 else rng.choice(others)
-                for _ in range(rng.randint(*CONTEXT_TURNS))
-            ]
+            earlier = [_earlier_turn(rng, lesson, lessons, chatter, others) for _ in range(rng.randint(*CONTEXT_TURNS))]
             form = forms[REWORDINGS + i] if i % 2 and len(forms) > REWORDINGS + i else None
             out.append(in_context(lesson, earlier, question=form))
     return out
@@ -270,6 +267,24 @@ def read_lessons(model_dir: str | Path) -> list[list[dict]]:
 
 def lessons_text(lessons: list[list[dict]]) -> str:
     return "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in lessons)
+
+
+def _earlier_turn(rng: random.Random, lesson, lessons, chatter, others) -> list[dict]:
+    """One exchange before a lesson is asked in a chat: the base's sampled answer to something,
+    another lesson asked and answered, or another lesson's answer given to something else (a
+    fine-tuned model's chat holds those: the starter, fine-tuned on 10 corrections, answered
+    "Thanks. One more thing." with one of them, and then "What does range(5) give?" with
+    "range(5) gives the numbers 42." copied from it), or one of the base's own pairs."""
+    siblings = [c for c in lessons if c is not lesson and len(c) >= 2]
+    roll = rng.random()
+    if roll < 0.3 and chatter:
+        return rng.choice(chatter)
+    if roll < 0.55 and siblings:
+        return rng.choice(siblings)[-2:]
+    if roll < 0.8 and siblings:
+        question = rng.choice(chatter or others)[0]
+        return [question, rng.choice(siblings)[-1]]
+    return rng.choice(others)
 
 
 def chatter(model, tokenizer, questions: list[str], *, params) -> list[list[dict]]:

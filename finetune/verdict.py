@@ -11,13 +11,13 @@ what it knew? One judgement, one wording, for the command line, the model card a
   (finetune.probe): how many loop, how many took up a correction's wording (leaks), and how many
   the base answered right and the new model no longer does (lost).
 
-The gate regresses a model that forgot its base's skills, gives back fewer corrections than its
-base did, does worse on the held-out examples, fits its own training examples worse than the
-base did (training that went wrong), forgot a correction its lineage had learned, or answers
-unrelated questions worse: more of them loop, any takes up a correction's wording, or it lost
-more than LOST_TOLERANCE of the answers its base had right. Losses alone passed a fine-tune whose loops went 10 -> 22 and whose corrections leaked
-into 10 of 180 unrelated answers. A regressed model is never activated on its own; the reasons
-name the questions and what the model now answers.
+The gate regresses a model that forgot its base's skills, gives back fewer corrections than its base
+did, does worse on the held-out examples, fits its own training examples worse than the base did
+(training that went wrong), forgot a correction its lineage had learned, or answers unrelated
+questions worse: more of them loop, any takes up a correction's wording, or it lost more than
+LOST_TOLERANCE of the answers its base had right. Losses alone passed a fine-tune whose loops went
+10 -> 22 and whose corrections leaked into 10 of 180 unrelated answers. A regressed model is never
+activated on its own; the reasons name the questions and what the model now answers.
 """
 
 from __future__ import annotations
