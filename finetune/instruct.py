@@ -385,8 +385,14 @@ class SFTTrainer:
         device="cpu",
         dist=None,
         replay: list[Example] = (),
+        contexts: list[Example] = (),
+        contexts_per_epoch: int = 0,
     ):
         self.config, self.pad_id, self.device = config, pad_id, torch.device(device)
+        # Examples trained `contexts_per_epoch` at a time, a fresh sample each epoch: lessons
+        # asked after ever other earlier turns (finetune.lessons), so that the model learns to
+        # answer whatever came before instead of learning the few chats it was shown.
+        self.contexts, self.contexts_per_epoch = list(contexts), min(contexts_per_epoch, len(contexts))
         if config.lora and not lora_layers(model):
             apply_lora(model, config.lora)
         self.model = model.to(self.device)
@@ -423,8 +429,9 @@ class SFTTrainer:
     def _epoch_batches(self, epoch: int) -> list[list[Example]]:
         """This rank's batches of `epoch` (a pure function of the seed and the epoch)."""
         if self._batches[0] != epoch:
+            fresh = random.Random(self.config.seed + epoch).sample(self.contexts, self.contexts_per_epoch)
             batches = make_batches(
-                self.train_examples,
+                self.train_examples + fresh,
                 self.config.batch_tokens,
                 max_batch_size=self.config.max_batch_size,
                 seed=self.config.seed + epoch,

@@ -72,7 +72,7 @@ from finetune.instruct import (
     recalled,
     resolve,
 )
-from finetune.lessons import LESSONS_FILE, last_question, lessons_text
+from finetune.lessons import IN_CONTEXT, LESSONS_FILE, last_question, lessons_text
 from finetune.probe import Probe
 from finetune.verdict import judge, summary_lines
 from gpt.errors import KettleError
@@ -305,9 +305,9 @@ def _record_conversation(record) -> list[dict]:
 
 # The tokenised parts of a run's data.json: the user's examples (trained on, held out), the
 # lessons its base's lineage learned (trained again, checked), the other forms of every lesson
-# (finetune.lessons: reworded, in a chat) and the base's replay data (mixed in, held out to
-# measure what the base knew).
-PARTS = ("train", "val", "lessons", "variants", "replay", "replay_heldout")
+# (finetune.lessons: reworded; asked in chats, a few of them each epoch) and the base's replay
+# data (mixed in, held out to measure what the base knew).
+PARTS = ("train", "val", "lessons", "variants", "contexts", "replay", "replay_heldout")
 
 
 def _save_examples(
@@ -356,7 +356,8 @@ def _lesson_examples(
     base_path: Path, taught: list[list[dict]], model, tokenizer, *, max_length: int, seed: int
 ) -> tuple[list[list[dict]], dict[str, list[Example]]]:
     """(every lesson the new model will know: its lineage's and `taught`, {"lessons": the
-    lineage's examples, "variants": every lesson's other forms}) (finetune.lessons)."""
+    lineage's examples, "variants": every lesson reworded, "contexts": every lesson asked in
+    chats}) (finetune.lessons)."""
     from finetune.lessons import chatter, last_question, merge, read_lessons, variants
     from finetune.replay import read_replay
     from gpt.sampling import CHAT_PRESET, get_preset
@@ -374,8 +375,12 @@ def _lesson_examples(
         except KettleError:  # none left (or none fits this model): train without them
             return []
 
-    forms = variants(lessons, pool + lessons, chatter=said, seed=seed)
-    return lessons, {"lessons": encode(earlier) if earlier else [], "variants": encode(forms) if forms else []}
+    alone, chats = variants(lessons, pool, chatter=said, seed=seed)
+    return lessons, {
+        "lessons": encode(earlier) if earlier else [],
+        "variants": encode(alone) if alone else [],
+        "contexts": encode(chats) if chats else [],
+    }
 
 
 def _replay_examples(base_path: Path, tokenizer, *, max_length: int, vocab_size: int) -> dict[str, list[Example]]:
@@ -573,10 +578,13 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
         }
         if dist.main:
             _save_examples(data_path, tokenizer, parts=parts, stats=stats, source=source, lessons=lessons)
-    train, val, earlier, forms, replay, replay_heldout = (parts[name] for name in PARTS)
+    train, val, earlier, forms, chats, replay, replay_heldout = (parts[name] for name in PARTS)
     stats = {**stats, "train": len(train), "held_out": len(val), "lessons": len(earlier), "variants": len(forms)}
     taught_all = train + earlier + forms
-    config = resolve(sft, len(train) + len(earlier), model=model.config, n_replay=len(replay), n_variants=len(forms))
+    per_epoch = min(len(chats), IN_CONTEXT * (len(train) + len(earlier)))  # each lesson IN_CONTEXT times
+    config = resolve(
+        sft, len(train) + len(earlier), model=model.config, n_replay=len(replay), n_variants=len(forms) + per_epoch
+    )
     config.val_fraction = len(val) / (len(train) + len(val))
 
     # The base's figures, before any training (a resumed run's model is still the base here).
@@ -588,7 +596,9 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
     train_before = evaluate_loss(model, train, pad_id=pad, device=device)
     probe = Probe(tokenizer, heldout=replay_heldout, train=replay, corrections=train + earlier)
     probe_before = probe.answers(model) if dist.main else []  # only the main rank scores
-    trainer = SFTTrainer(model, taught_all, val, config, pad, device, dist, replay=replay)
+    trainer = SFTTrainer(
+        model, taught_all, val, config, pad, device, dist, replay=replay, contexts=chats, contexts_per_epoch=per_epoch
+    )
     checkpoint_path = rdir / CHECKPOINT_DIR
     metrics_path = rdir / "metrics.jsonl"
     if resume and checkpoint_path.exists():

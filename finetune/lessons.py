@@ -26,14 +26,16 @@ from pathlib import Path
 
 LESSONS_FILE = "lessons.jsonl"
 REWORDINGS = 6  # forms of each lesson's question trained beside the question itself
-IN_CONTEXT = 4  # ... and times it is trained after earlier exchanges of a chat
+IN_CONTEXT = 4  # ... and times each epoch it is trained after earlier exchanges of a chat
+CHATS = 24  # chats made for each lesson, IN_CONTEXT of them sampled afresh each epoch: trained
+# in the same 4 chats every epoch, 1 of 10 corrections came back in a new 6-turn chat
 CONTEXT_TURNS = (1, 4)  # how many earlier exchanges come before it
 # Earlier turns as a chat holds them: the base's own answers, sampled as the chat samples. Trained
 # after clean question-answer pairs only, 0 of 10 corrections came back in a 6-turn chat whose
 # earlier answers were the starter's (half-right, some looping "1010..."): it copied the loop.
 CHATTER = 8
 OPENERS = ("Hi!", "Hello, can you help me with Python?", "Thanks!", "Thank you, that helps.", "One more question.")
-FORMS = REWORDINGS + IN_CONTEXT
+FORMS = REWORDINGS + IN_CONTEXT  # examples of each lesson an epoch trains beside the lesson
 
 # Families of questions: a pattern that finds the subject, and the forms that ask the same.
 _END = r"\s*[?.!]*\s*$"
@@ -214,28 +216,24 @@ def in_context(lesson: list[dict], earlier: list[list[dict]], *, question: str |
 
 def variants(
     lessons: list[list[dict]], pool: list[list[dict]], *, chatter: list[list[dict]] = (), seed: int = 0
-) -> list[list[dict]]:
-    """The training forms of every lesson beside the lesson itself: REWORDINGS alone and
-    IN_CONTEXT after 1-4 earlier exchanges, half of them reworded too. The earlier exchanges
-    come from `chatter` (the base's sampled answers) and `pool` (other conversations: the
-    base's own lessons and the other corrections), alike."""
-    out = []
+) -> tuple[list[list[dict]], list[list[dict]]]:
+    """The other forms of every lesson: (REWORDINGS of it asked alone, CHATS of it asked after
+    1-4 earlier exchanges, half of them reworded too). The earlier exchanges come from `chatter`
+    (the base's sampled answers), the other lessons and `pool` (the base's own conversations)."""
+    alone, chats = [], []
     for lesson in lessons:
         question = last_question(lesson)
         if question is None:
             continue
         rng = random.Random(f"{seed}:{question}:context")
-        forms = rewordings(question, FORMS, seed=seed)
-        for form in forms[:REWORDINGS]:
-            out.append(in_context(lesson, [], question=form))
+        forms = rewordings(question, REWORDINGS + CHATS, seed=seed)
+        alone += [in_context(lesson, [], question=form) for form in forms[:REWORDINGS]]
         others = [c for c in pool if c is not lesson and len(c) == 2] or [c for c in lessons if c is not lesson]
-        for i in range(IN_CONTEXT):
-            if not others:
-                break
+        for i in range(CHATS if others else 0):
             earlier = [_earlier_turn(rng, lesson, lessons, chatter, others) for _ in range(rng.randint(*CONTEXT_TURNS))]
             form = forms[REWORDINGS + i] if i % 2 and len(forms) > REWORDINGS + i else None
-            out.append(in_context(lesson, earlier, question=form))
-    return out
+            chats.append(in_context(lesson, earlier, question=form))
+    return alone, chats
 
 
 def last_question(conversation: list[dict]) -> str | None:

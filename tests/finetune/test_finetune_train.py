@@ -136,3 +136,22 @@ def test_a_run_that_loses_its_corrections_in_the_margin_ends_with_its_best_weigh
     assert resumed.run(on_progress=wreck_the_margin(resumed)) is True
     assert resumed.stopped_early and all(recalled(model, examples, pad_id=pad, device="cpu"))
     assert resumed.best_recall["epoch"] == resumed.learned_epoch  # the noise never gave them all back again
+
+
+def test_chats_are_sampled_afresh_each_epoch_and_the_same_on_resume(trained_tokenizer):
+    examples, _ = prepare(CORRECTED[:4], trained_tokenizer, max_length=64, vocab_size=512)
+    chats, _ = prepare(CORRECTED[4:], trained_tokenizer, max_length=64, vocab_size=512)
+    config = resolve(SFTConfig(lr=1e-3, epochs=3, max_batch_size=4), len(examples), model=_tiny_model().config)
+
+    def trainer():
+        pad = trained_tokenizer.eot_id
+        return SFTTrainer(_tiny_model(), examples, [], config, pad_id=pad, contexts=chats, contexts_per_epoch=4)
+
+    def epoch(t, n):
+        return sorted(tuple(e.input_ids) for batch in t._epoch_batches(n) for e in batch)
+
+    first = trainer()
+    assert first.steps_per_epoch == 2  # 4 examples and 4 of the 16 chats, 4 a batch
+    chats_seen = [set(epoch(first, n)) - {tuple(e.input_ids) for e in examples} for n in range(3)]
+    assert all(len(seen) == 4 for seen in chats_seen) and chats_seen[0] != chats_seen[1]
+    assert [epoch(trainer(), n) for n in range(3)] == [epoch(first, n) for n in range(3)]  # a resume

@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 
 from finetune.jobs import JobSpec, create_run, execute, run_dir
-from finetune.lessons import FORMS, LESSONS_FILE, in_context, merge, read_lessons, rewordings, subject, variants
+from finetune.lessons import (
+    CHATS,
+    LESSONS_FILE,
+    REWORDINGS,
+    in_context,
+    merge,
+    read_lessons,
+    rewordings,
+    subject,
+    variants,
+)
 from finetune.verdict import judge, summary_lines
 
 
@@ -47,9 +57,10 @@ def test_in_context_puts_earlier_exchanges_first_as_context_only():
     assert [m["role"] for m in chat] == ["user", "assistant", "user", "assistant"]
     assert chat[1]["weight"] == 0 and "weight" not in chat[3]  # only the lesson's answer is learned
     assert chat[2]["content"] == "Explain a tuple." and lesson[0]["content"] == "What is a tuple?"
-    forms = variants([lesson], [earlier[0], earlier[0]])
-    assert len(forms) == FORMS and all(f[-1] == lesson[-1] for f in forms)
-    assert sum(len(f) > 2 for f in forms) >= 1  # some are asked after earlier turns
+    alone, chats = variants([lesson], [earlier[0], earlier[0]])
+    assert len(alone) == REWORDINGS and all(len(f) == 2 and f[-1] == lesson[-1] for f in alone)
+    assert len(chats) == CHATS and all(len(f) > 2 and f[-1] == lesson[-1] for f in chats)
+    assert len({json.dumps(c) for c in chats}) > CHATS // 2  # many different chats
 
 
 def test_a_newer_correction_of_the_same_question_replaces_the_older():
@@ -75,7 +86,8 @@ def test_a_fine_tune_trains_every_form_and_keeps_its_lineages_lessons(store, tmp
     run = create_run(store, JobSpec(model=str(base), data=str(first_data), name="one", sft=FAST, device="cpu"))
     execute(run.id, progress=False)
     data = json.loads((run_dir(run.id) / "data.json").read_text())
-    assert len(data["train"]) == 2 and len(data["variants"]) == 2 * FORMS and data["lessons"] == []
+    assert len(data["train"]) == 2 and data["lessons"] == []
+    assert len(data["variants"]) == 2 * REWORDINGS and len(data["contexts"]) == 2 * CHATS
     one = store.find_model_version("one")
     assert [c[0]["content"] for c in read_lessons(one.path)] == ["What is a kettle?", "What is a mug?"]
 
@@ -85,7 +97,7 @@ def test_a_fine_tune_trains_every_form_and_keeps_its_lineages_lessons(store, tmp
     execute(run.id, progress=False)
     data = json.loads((run_dir(run.id) / "data.json").read_text())
     assert len(data["lessons"]) == 1  # the mug: the old kettle answer is replaced, not trained
-    assert len(data["variants"]) == 3 * FORMS
+    assert len(data["variants"]) == 3 * REWORDINGS
     two = store.find_model_version("two")
     answers = [c[-1]["content"] for c in read_lessons(two.path)]
     assert answers == ["A cup.", "A pot for tea.", "It fries."]
