@@ -387,12 +387,16 @@ class SFTTrainer:
         replay: list[Example] = (),
         contexts: list[Example] = (),
         contexts_per_epoch: int = 0,
+        anchors: list[Example] = (),
     ):
         self.config, self.pad_id, self.device = config, pad_id, torch.device(device)
         # Examples trained `contexts_per_epoch` at a time, a fresh sample each epoch: lessons
         # asked after ever other earlier turns (finetune.lessons), so that the model learns to
         # answer whatever came before instead of learning the few chats it was shown.
         self.contexts, self.contexts_per_epoch = list(contexts), min(contexts_per_epoch, len(contexts))
+        # Examples trained every epoch but never required back (the base's own conversations
+        # asked most like the lessons: finetune.lessons.neighbours).
+        self.anchors = list(anchors)
         if config.lora and not lora_layers(model):
             apply_lora(model, config.lora)
         self.model = model.to(self.device)
@@ -431,7 +435,7 @@ class SFTTrainer:
         if self._batches[0] != epoch:
             fresh = random.Random(self.config.seed + epoch).sample(self.contexts, self.contexts_per_epoch)
             batches = make_batches(
-                self.train_examples + fresh,
+                self.train_examples + fresh + self.anchors,
                 self.config.batch_tokens,
                 max_batch_size=self.config.max_batch_size,
                 seed=self.config.seed + epoch,

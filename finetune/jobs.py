@@ -305,9 +305,10 @@ def _record_conversation(record) -> list[dict]:
 
 # The tokenised parts of a run's data.json: the user's examples (trained on, held out), the
 # lessons its base's lineage learned (trained again, checked), the other forms of every lesson
-# (finetune.lessons: reworded; asked in chats, a few of them each epoch) and the base's replay
-# data (mixed in, held out to measure what the base knew).
-PARTS = ("train", "val", "lessons", "variants", "contexts", "replay", "replay_heldout")
+# (finetune.lessons: reworded; asked in chats, a few of them each epoch), the base's own
+# conversations asked most like them (anchors) and the base's replay data (mixed in, held out to
+# measure what the base knew).
+PARTS = ("train", "val", "lessons", "variants", "contexts", "anchors", "replay", "replay_heldout")
 
 
 def _save_examples(
@@ -358,7 +359,7 @@ def _lesson_examples(
     """(every lesson the new model will know: its lineage's and `taught`, {"lessons": the
     lineage's examples, "variants": every lesson reworded, "contexts": every lesson asked in
     chats}) (finetune.lessons)."""
-    from finetune.lessons import chatter, last_question, merge, read_lessons, variants
+    from finetune.lessons import chatter, last_question, merge, neighbours, read_lessons, variants
     from finetune.replay import read_replay
     from gpt.sampling import CHAT_PRESET, get_preset
 
@@ -380,6 +381,7 @@ def _lesson_examples(
         "lessons": encode(earlier) if earlier else [],
         "variants": encode(alone) if alone else [],
         "contexts": encode(chats) if chats else [],
+        "anchors": encode(near) if (near := neighbours(lessons, pool)) else [],
     }
 
 
@@ -578,12 +580,16 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
         }
         if dist.main:
             _save_examples(data_path, tokenizer, parts=parts, stats=stats, source=source, lessons=lessons)
-    train, val, earlier, forms, chats, replay, replay_heldout = (parts[name] for name in PARTS)
+    train, val, earlier, forms, chats, anchors, replay, replay_heldout = (parts[name] for name in PARTS)
     stats = {**stats, "train": len(train), "held_out": len(val), "lessons": len(earlier), "variants": len(forms)}
     taught_all = train + earlier + forms
     per_epoch = min(len(chats), IN_CONTEXT * (len(train) + len(earlier)))  # each lesson IN_CONTEXT times
     config = resolve(
-        sft, len(train) + len(earlier), model=model.config, n_replay=len(replay), n_variants=len(forms) + per_epoch
+        sft,
+        len(train) + len(earlier),
+        model=model.config,
+        n_replay=len(replay),
+        n_variants=len(forms) + per_epoch + len(anchors),
     )
     config.val_fraction = len(val) / (len(train) + len(val))
 
@@ -597,7 +603,17 @@ def _run(store: Store, run_id: int, *, spec: JobSpec, resume: bool, progress: bo
     probe = Probe(tokenizer, heldout=replay_heldout, train=replay, corrections=train + earlier)
     probe_before = probe.answers(model) if dist.main else []  # only the main rank scores
     trainer = SFTTrainer(
-        model, taught_all, val, config, pad, device, dist, replay=replay, contexts=chats, contexts_per_epoch=per_epoch
+        model,
+        taught_all,
+        val,
+        config,
+        pad,
+        device,
+        dist,
+        replay=replay,
+        contexts=chats,
+        contexts_per_epoch=per_epoch,
+        anchors=anchors,
     )
     checkpoint_path = rdir / CHECKPOINT_DIR
     metrics_path = rdir / "metrics.jsonl"

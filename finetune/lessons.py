@@ -236,6 +236,24 @@ def variants(
     return alone, chats
 
 
+NEIGHBOURS = 8  # the base's own conversations trained beside each lesson every epoch
+
+
+def neighbours(lessons: list[list[dict]], pool: list[list[dict]]) -> list[list[dict]]:
+    """For each lesson, the NEIGHBOURS conversations of `pool` (the base's own) whose questions
+    share the most words with it: asked alike, answered otherwise. Trained every epoch, they keep
+    a lesson to its own question: with its rewordings alone, a lesson's answer leaked into 16 of
+    180 of the base's own questions ("How do I get a 2-tuple ...?" -> "Call str.sort(...)")."""
+    words = [set(re.findall(r"\w+", (last_question(c) or "").lower())) for c in pool]
+    chosen: dict[int, None] = {}
+    for lesson in lessons:
+        asked = set(re.findall(r"\w+", (last_question(lesson) or "").lower()))
+        ranked = sorted(range(len(pool)), key=lambda i: -len(asked & words[i]) / (1 + len(words[i])))
+        for i in ranked[:NEIGHBOURS]:
+            chosen.setdefault(i)
+    return [pool[i] for i in chosen]
+
+
 def last_question(conversation: list[dict]) -> str | None:
     """The last user turn before the conversation's answer."""
     users = [m["content"] for m in conversation if m["role"] == "user"]
