@@ -293,13 +293,16 @@ def unrelated_figures(base: Path, tuned: Path, corrections: list[str], n: int = 
     )
 
 
-def ask(engine, store, question: str, *, ground: bool, params) -> tuple[list[dict], dict[str, float]]:
-    """A one-turn chat as the chat screen and the server build it from their open store: with
-    `ground`, the passages data.memory.references_for finds, fitted into the turn by
-    Engine.ground; and how long those two steps took ("retrieval", "fitting")."""
+def ask(
+    engine, store, question: str, *, ground: bool, params, history: list[dict] = ()
+) -> tuple[list[dict], dict[str, float]]:
+    """A chat's next request (a one-turn chat without `history`) as the chat screen and the
+    server build it from their open store: with `ground`, the passages
+    data.memory.references_for finds, fitted into the newest turn by Engine.ground; and how
+    long those two steps took ("retrieval", "fitting")."""
     from data import memory
 
-    messages = [{"role": "user", "content": question}]
+    messages = [*history, {"role": "user", "content": question}]
     steps = {}
     if ground:
         start = time.perf_counter()
@@ -314,19 +317,22 @@ def answer(engine, store, question: str, *, ground: bool, params):
     return engine.generate_chat(ask(engine, store, question, ground=ground, params=params)[0], params)
 
 
-def first_token(engine, store, question: str, *, ground: bool, params) -> dict[str, float]:
+def first_token(
+    engine, store, question: str, *, ground: bool, params, history: list[dict] = ()
+) -> tuple[dict[str, float], list[dict]]:
     """How long a request takes to its first token, step by step: ask's, "prompt" (rendering it
     and the copy bias), "prefill" (the engine's own time to the first token); "total" their sum,
-    "tokens" the prompt's length. The passages get the room `params` leave them, as in a chat."""
-    messages, steps = ask(engine, store, question, ground=ground, params=params)
+    "tokens" the prompt's length and "cached" how many of them the engine had. The passages get
+    the room `params` leave them, as in a chat. And the messages sent (to answer in full)."""
+    messages, steps = ask(engine, store, question, ground=ground, params=params, history=history)
     start = time.perf_counter()
     stream = engine.stream_chat(messages, params.replace(max_new_tokens=1))
     steps["prompt"] = time.perf_counter() - start
     *_, result = stream
     steps["prefill"] = result.ttft_s
     steps["total"] = sum(steps.values())
-    steps["tokens"] = result.prompt_tokens
-    return steps
+    steps["tokens"], steps["cached"] = result.prompt_tokens, result.cached_tokens
+    return steps, messages
 
 
 def main() -> None:
@@ -454,11 +460,28 @@ def main() -> None:
             for question in questions:
                 # alternating, in turns first, so that a busy machine slows both alike
                 for ground in (False, True) if i % 2 == 0 else (True, False):
-                    steps[ground].append(first_token(engine, store, question, ground=ground, params=chat))
+                    steps[ground].append(first_token(engine, store, question, ground=ground, params=chat)[0])
+        # Later turns of chats: each chat on an engine of its own, as the server's slots keep
+        # them, its turns answered in full, alternating with the other's
+        engines = {False: engine, True: Engine.load(model_dir)}
+        later = {False: [], True: []}
+        names = [name for name, _ in heldout_questions(32, seed=2)]
+        for c in range(8):
+            chats = {False: [], True: []}
+            for turn in range(4):
+                question = f"What does {names[4 * c + turn]} do?"
+                for ground in (False, True) if (c + turn) % 2 == 0 else (True, False):
+                    took, sent = first_token(
+                        engines[ground], store, question, ground=ground, params=chat, history=chats[ground]
+                    )
+                    if turn:
+                        later[ground].append(took)
+                    reply = engines[ground].generate_chat(sent, chat).text
+                    chats[ground] += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
 
-        def median(ground: bool, step: str) -> float:
-            values = sorted(s[step] for s in steps[ground])
-            return values[len(values) // 2] * (1 if step == "tokens" else 1000)
+        def median(ground: bool, step: str, runs: dict = steps) -> float:
+            values = sorted(s[step] for s in runs[ground])
+            return values[len(values) // 2] * (1 if step in ("tokens", "cached") else 1000)
 
         on, off = median(True, "total"), median(False, "total")
         print(
@@ -474,6 +497,12 @@ def main() -> None:
             f"  without: prompt {median(False, 'prompt'):.2f} ms, prefill to the first token "
             f"{median(False, 'prefill'):.2f} ms ({median(False, 'tokens'):.0f} prompt tokens); the prefills alone: "
             f"{median(True, 'prefill') / median(False, 'prefill'):.2f}x"
+        )
+        on, off = median(True, "total", later), median(False, "total", later)
+        print(
+            f"  turns 2-4 of 8 chats: {on:.1f} ms with grounding, {off:.1f} ms without: {on / off:.2f}x; prompt "
+            f"tokens cached {median(True, 'cached', later):.0f} of {median(True, 'tokens', later):.0f} with grounding, "
+            f"{median(False, 'cached', later):.0f} of {median(False, 'tokens', later):.0f} without"
         )
     store.close()
 
