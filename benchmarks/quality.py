@@ -17,7 +17,8 @@ Every answer is greedy (temperature 0) unless said otherwise. Sections:
   passage, and how many answers grounding changed.
 - speed: time to first token with grounding (retrieval included) over without, on an index of
   the installed Python's documentation plus --files generated Markdown files, with the chat's
-  sampling settings, step by step; the time to index Python's documentation.
+  sampling settings: a chat's first turn step by step, then later turns of chats; the time to
+  index Python's documentation.
 
 Everything runs in a temporary KETTLE_HOME through the product's own code paths, as the chat
 screen and the server take them: one store held open, data.memory.references_for, Engine.ground.
