@@ -443,8 +443,7 @@ def _documents(store, words: list[str]) -> list[Passage]:
     }
     weights = _weights(_rows_of(store, "doc_passages"), {w: len(rows) for w, rows in holding.items()})
     total = sum(weights.values()) or 1.0
-    # the share of the words' weight each candidate holds (stemmed by FTS5), summed in the
-    # words' order
+    # the share of the words' weight each candidate holds (its words stemmed by FTS5)
     cover = {pid: sum(weight for w, weight in weights.items() if pid in holding[w]) / total for pid in ids}
     found = passages(store, [pid for pid in ids if cover[pid] >= DOC_COVERAGE])
     out = []
