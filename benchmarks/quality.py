@@ -22,11 +22,12 @@ Every answer is greedy (temperature 0) unless said otherwise. Sections:
   answers to 180 of the base's own questions before and after (looping, leaked wording, right
   answers kept); then 5 more fine-tuned on top: how many of all 15 come back.
 - speed: time to first token with grounding (retrieval included) over without, on an index of
-  the installed Python's documentation plus --files generated Markdown files; the time to index
-  Python's documentation.
+  the installed Python's documentation plus --files generated Markdown files, with the chat's
+  sampling settings: a chat's first turn step by step, then later turns of chats; the time to
+  index Python's documentation.
 
-Everything runs in a temporary KETTLE_HOME through the product's own code paths (data.memory,
-gpt.engine's grounding, tui.commands.generate.ground).
+Everything runs in a temporary KETTLE_HOME through the product's own code paths, as the chat
+screen and the server take them: one store held open, data.memory.references_for, Engine.ground.
 """
 
 from __future__ import annotations
@@ -312,15 +313,46 @@ def unrelated_figures(base: Path, tuned: Path, corrections: list[str], n: int = 
     )
 
 
-def answer(engine, question: str, *, ground: bool, params):
-    from tui.commands.generate import ground as ground_messages
+def ask(
+    engine, store, question: str, *, ground: bool, params, history: list[dict] = ()
+) -> tuple[list[dict], dict[str, float]]:
+    """A chat's next request (a one-turn chat without `history`) as the chat screen and the
+    server build it from their open store: with `ground`, the passages
+    data.memory.references_for finds, fitted into the newest turn by Engine.ground; and how
+    long those two steps took ("retrieval", "fitting")."""
+    from data import memory
 
-    messages = [{"role": "user", "content": question}]
-    sources = []
+    messages = [*history, {"role": "user", "content": question}]
+    steps = {}
     if ground:
-        messages, sources = ground_messages(engine, messages, params)
-    result = engine.generate_chat(messages, params)
-    return result, sources
+        start = time.perf_counter()
+        found = memory.references_for(store, messages)
+        steps["retrieval"] = time.perf_counter() - start
+        messages, _ = engine.ground(messages, [p.reference for p in found], params)
+        steps["fitting"] = time.perf_counter() - start - steps["retrieval"]
+    return messages, steps
+
+
+def answer(engine, store, question: str, *, ground: bool, params):
+    return engine.generate_chat(ask(engine, store, question, ground=ground, params=params)[0], params)
+
+
+def first_token(
+    engine, store, question: str, *, ground: bool, params, history: list[dict] = ()
+) -> tuple[dict[str, float], list[dict]]:
+    """How long a request takes to its first token, step by step: ask's, "prompt" (rendering it
+    and the copy bias), "prefill" (the engine's own time to the first token); "total" their sum,
+    "tokens" the prompt's length and "cached" how many of them the engine had. The passages get
+    the room `params` leave them, as in a chat. And the messages sent (to answer in full)."""
+    messages, steps = ask(engine, store, question, ground=ground, params=params, history=history)
+    start = time.perf_counter()
+    stream = engine.stream_chat(messages, params.replace(max_new_tokens=1))
+    steps["prompt"] = time.perf_counter() - start
+    *_, result = stream
+    steps["prefill"] = result.ttft_s
+    steps["total"] = sum(steps.values())
+    steps["tokens"], steps["cached"] = result.prompt_tokens, result.cached_tokens
+    return steps, messages
 
 
 def main() -> None:
@@ -346,12 +378,12 @@ def main() -> None:
     engine = Engine.load(model_dir)
     greedy = SamplingParams(temperature=0, max_new_tokens=64)
     print(f"model {model_dir}; scratch KETTLE_HOME {home}")
+    store = open_store()  # one, held open, as the chat screen and the server hold theirs
 
     if sections & {"heldout", "corrections", "untaught", "unrelated", "speed"}:  # the ones that ground answers
-        with open_store() as store:
-            start = time.perf_counter()
-            memory.index_python_docs(store)
-            index_s = time.perf_counter() - start
+        start = time.perf_counter()
+        memory.index_python_docs(store)
+        index_s = time.perf_counter() - start
         print(f"indexed the installed Python's documentation in {index_s:.1f} s")
 
     if "own" in sections:
@@ -370,7 +402,7 @@ def main() -> None:
         for ground in (False, True):
             right, misses = 0, []
             for name, sentence in questions:
-                result, _ = answer(engine, f"What does {name} do?", ground=ground, params=greedy)
+                result = answer(engine, store, f"What does {name} do?", ground=ground, params=greedy)
                 if first_sentence_of(result.text) == sentence:
                     right += 1
                 else:
@@ -381,17 +413,16 @@ def main() -> None:
                 print(f"    miss: {name} -> {text!r}")
 
     if "corrections" in sections:
-        with open_store() as store:
-            for question, correction, _ in CORRECTIONS:
-                conv = store.create_conversation(question)
-                user = store.add_message(conv.id, "user", content=question)
-                bot = store.add_message(conv.id, "assistant", content="I am not sure.", parent_id=user.id)
-                store.set_label(bot.id, ideal=correction)
+        for question, correction, _ in CORRECTIONS:
+            conv = store.create_conversation(question)
+            user = store.add_message(conv.id, "user", content=question)
+            bot = store.add_message(conv.id, "assistant", content="I am not sure.", parent_id=user.id)
+            store.set_label(bot.id, ideal=correction)
         for ground in (False, True):
             right, misses = 0, []
             for _, correction, rewordings in CORRECTIONS:
                 for question in rewordings:
-                    result, _ = answer(engine, question, ground=ground, params=greedy)
+                    result = answer(engine, store, question, ground=ground, params=greedy)
                     if result.text.strip() == correction:
                         right += 1
                     else:
@@ -404,20 +435,20 @@ def main() -> None:
     if "untaught" in sections:
         for question in UNTAUGHT:
             for ground in (True, False):
-                result, sources = answer(engine, question, ground=ground, params=greedy)
-                label = f"grounded ({len(sources)} sources)" if ground else "ungrounded"
+                messages, _ = ask(engine, store, question, ground=ground, params=greedy)
+                result = engine.generate_chat(messages, greedy)
+                label = "grounded" if ground else "ungrounded"
                 print(f"untaught {question!r}, {label}:\n    {result.text!r}")
 
     if "unrelated" in sections:
         retrieved = changed = 0
-        with open_store() as store:
-            for question in UNRELATED:
-                found = memory.references_for(store, [{"role": "user", "content": question}])
-                retrieved += bool(found)
-                if found:
-                    plain, _ = answer(engine, question, ground=False, params=greedy)
-                    grounded, _ = answer(engine, question, ground=True, params=greedy)
-                    changed += plain.text != grounded.text
+        for question in UNRELATED:
+            found = memory.references_for(store, [{"role": "user", "content": question}])
+            retrieved += bool(found)
+            if found:
+                plain = answer(engine, store, question, ground=False, params=greedy)
+                grounded = answer(engine, store, question, ground=True, params=greedy)
+                changed += plain.text != grounded.text
         print(f"unrelated questions: a passage retrieved for {retrieved}/{len(UNRELATED)}, answers changed {changed}")
 
     if "finetune" in sections:
@@ -444,24 +475,64 @@ def main() -> None:
         for i in range(args.files):
             body = "\n\n".join(" ".join(rng.choices(words, k=60)) for _ in range(4))
             (docs / f"note-{i:04d}.md").write_text(f"# Note {i}\n\n{body}\n", encoding="utf-8")
-        with open_store() as store:
-            start = time.perf_counter()
-            memory.index_documents(store, memory.doc_files(docs))
-            files_s = time.perf_counter() - start
+        start = time.perf_counter()
+        memory.index_documents(store, memory.doc_files(docs))
+        files_s = time.perf_counter() - start
         print(f"indexed {args.files} Markdown files in {files_s:.1f} s")
+        from gpt.sampling import CHAT_PRESET, get_preset
+
+        chat = get_preset(CHAT_PRESET).replace(seed=0)  # a chat's answer budget leaves the passages their room
         questions = [f"What does {name} do?" for name, _ in heldout_questions(10, seed=1)]
-        timing = {False: [], True: []}
-        for _ in range(3):
+        steps = {False: [], True: []}
+        for i in range(10):  # a request takes milliseconds: enough of them for a median a busy machine leaves be
             for question in questions:
-                for ground in (False, True):  # alternating, so a busy machine slows both alike
-                    start = time.perf_counter()
-                    result, _ = answer(engine, question, ground=ground, params=greedy.replace(max_new_tokens=1))
-                    timing[ground].append(time.perf_counter() - start)
-        off, on = (sorted(t)[len(t) // 2] for t in (timing[False], timing[True]))
+                # alternating, in turns first, so that a busy machine slows both alike
+                for ground in (False, True) if i % 2 == 0 else (True, False):
+                    steps[ground].append(first_token(engine, store, question, ground=ground, params=chat)[0])
+        # Later turns of chats: each chat on an engine of its own, as the server's slots keep
+        # them, its turns answered in full, alternating with the other's
+        engines = {False: engine, True: Engine.load(model_dir)}
+        later = {False: [], True: []}
+        names = [name for name, _ in heldout_questions(32, seed=2)]
+        for c in range(8):
+            chats = {False: [], True: []}
+            for turn in range(4):
+                question = f"What does {names[4 * c + turn]} do?"
+                for ground in (False, True) if (c + turn) % 2 == 0 else (True, False):
+                    took, sent = first_token(
+                        engines[ground], store, question, ground=ground, params=chat, history=chats[ground]
+                    )
+                    if turn:
+                        later[ground].append(took)
+                    reply = engines[ground].generate_chat(sent, chat).text
+                    chats[ground] += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+
+        def median(ground: bool, step: str, runs: dict = steps) -> float:
+            values = sorted(s[step] for s in runs[ground])
+            return values[len(values) // 2] * (1 if step in ("tokens", "cached") else 1000)
+
+        on, off = median(True, "total"), median(False, "total")
         print(
-            f"time to first token (median, retrieval included): {on * 1000:.0f} ms with grounding, "
-            f"{off * 1000:.0f} ms without: {on / off:.2f}x"
+            f"time to first token (median, retrieval included): {on:.1f} ms with grounding, "
+            f"{off:.1f} ms without: {on / off:.2f}x"
         )
+        print(
+            f"  with grounding: retrieval {median(True, 'retrieval'):.2f} ms, fitting the passages "
+            f"{median(True, 'fitting'):.2f} ms, prompt and copy bias {median(True, 'prompt'):.2f} ms, "
+            f"prefill to the first token {median(True, 'prefill'):.2f} ms ({median(True, 'tokens'):.0f} prompt tokens)"
+        )
+        print(
+            f"  without: prompt {median(False, 'prompt'):.2f} ms, prefill to the first token "
+            f"{median(False, 'prefill'):.2f} ms ({median(False, 'tokens'):.0f} prompt tokens); the prefills alone: "
+            f"{median(True, 'prefill') / median(False, 'prefill'):.2f}x"
+        )
+        on, off = median(True, "total", later), median(False, "total", later)
+        print(
+            f"  turns 2-4 of 8 chats: {on:.1f} ms with grounding, {off:.1f} ms without: {on / off:.2f}x; prompt "
+            f"tokens cached {median(True, 'cached', later):.0f} of {median(True, 'tokens', later):.0f} with grounding, "
+            f"{median(False, 'cached', later):.0f} of {median(False, 'tokens', later):.0f} without"
+        )
+    store.close()
 
 
 if __name__ == "__main__":

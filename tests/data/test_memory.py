@@ -124,3 +124,30 @@ def test_an_answer_keeps_the_passages_it_was_grounded_in(store):
     [kept] = memory.answer_sources(store, bot.id)
     assert (kept.kind, kept.text, kept.ref) == ("correction", "Call my_list.reverse().", found[0].ref)
     assert memory.answer_sources(store, user.id) == []
+
+
+def test_retrieval_reads_nothing_of_the_store_the_question_does_not_match(tmp_path):
+    """What a retrieval costs grows with what holds the question's words, not with the rest of
+    the store (a user's whole documentation and chat history): counted in SQLite's virtual
+    machine steps, which a busy machine does not blur as it does time."""
+
+    def steps(others: int) -> int:
+        with open_store(tmp_path / f"{others}.db") as store:
+            memory.put_source(store, "file", "/kettle.md", [("K", "The kettle whistles as water boils.")], sha256="a")
+            tea = [(f"Tea {i}", f"Steep green tea for {i} minutes.") for i in range(others)]
+            memory.put_source(store, "file", "/tea.md", tea, sha256="b")
+            with store.transaction():
+                chat = store.create_conversation("tea")
+                for i in range(others):
+                    store.add_message(chat.id, "user", content=f"Is oolong number {i} good?")
+            correct(store, "Why does my kettle whistle?", "No idea.", "Steam escapes through its spout.")
+            counted = []
+            store.conn.set_progress_handler(lambda: counted.append(1), 1)  # None: go on
+            found = memory.retrieve(store, "Why does the kettle whistle?")
+            store.conn.set_progress_handler(None, 1)
+            assert [(p.kind, p.name) for p in found] == [("correction", "Why does my kettle whistle?"), ("file", "K")]
+            return len(counted)
+
+    # counting the rows of the passages' and the messages' FTS indexes read each one's text:
+    # 2,457 steps beside 20 of each, 35,981 beside 2,000
+    assert steps(2000) < 1.1 * steps(20)
