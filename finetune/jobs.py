@@ -359,7 +359,7 @@ def _lesson_examples(
     """(every lesson the new model will know: its lineage's and `taught`, {"lessons": the
     lineage's examples, "variants": every lesson reworded, "contexts": every lesson asked in
     chats}) (finetune.lessons)."""
-    from finetune.lessons import chatter, last_question, merge, neighbours, read_lessons, variants
+    from finetune.lessons import CHATTER, OPENERS, chatter, last_question, merge, neighbours, read_lessons, variants
     from finetune.replay import read_replay
     from gpt.sampling import CHAT_PRESET, get_preset
 
@@ -367,8 +367,13 @@ def _lesson_examples(
     lessons = merge(read_lessons(base_path), taught)
     earlier = lessons[: len(lessons) - len(taught)]
     pool = (read_replay(base_path) or {}).get("train", [])
-    questions = [q for c in random.Random(seed).sample(pool, min(len(pool), 8)) if (q := last_question(c))]
-    said = chatter(model, tokenizer, questions, params=get_preset(CHAT_PRESET)) if lessons else []
+    own = [q for c in random.Random(seed).sample(pool, min(len(pool), CHATTER)) if (q := last_question(c))]
+    asked = list(OPENERS) + own[: CHATTER - len(OPENERS)]
+    said = chatter(model, tokenizer, asked, params=get_preset(CHAT_PRESET)) if lessons else []
+    # What the base says to a chat's small talk, kept (trained every epoch, never required
+    # back): fine-tuned on 10 corrections, the starter answered "Hi! Can you help me with
+    # Python?" with one of them, and every later answer of that chat copied from it.
+    small_talk = chatter(model, tokenizer, list(OPENERS), params=get_preset("as-trained")) if lessons else []
 
     def encode(conversations: list[list[dict]]) -> list[Example]:
         try:
@@ -381,7 +386,7 @@ def _lesson_examples(
         "lessons": encode(earlier) if earlier else [],
         "variants": encode(alone) if alone else [],
         "contexts": encode(chats) if chats else [],
-        "anchors": encode(near) if (near := neighbours(lessons, pool)) else [],
+        "anchors": encode(near) if (near := neighbours(lessons, pool) + small_talk) else [],
     }
 
 

@@ -29,12 +29,21 @@ REWORDINGS = 6  # forms of each lesson's question trained beside the question it
 IN_CONTEXT = 4  # ... and times each epoch it is trained after earlier exchanges of a chat
 CHATS = 24  # chats made for each lesson, IN_CONTEXT of them sampled afresh each epoch: trained
 # in the same 4 chats every epoch, 1 of 10 corrections came back in a new 6-turn chat
-CONTEXT_TURNS = (1, 4)  # how many earlier exchanges come before it
+CONTEXT_TURNS = (1, 6)  # how many earlier exchanges come before it
 # Earlier turns as a chat holds them: the base's own answers, sampled as the chat samples. Trained
 # after clean question-answer pairs only, 0 of 10 corrections came back in a 6-turn chat whose
 # earlier answers were the starter's (half-right, some looping "1010..."): it copied the loop.
-CHATTER = 8
-OPENERS = ("Hi!", "Hello, can you help me with Python?", "Thanks!", "Thank you, that helps.", "One more question.")
+OPENERS = (
+    "Hi!",
+    "Hello, can you help me with Python?",
+    "Thanks!",
+    "Thank you, that helps.",
+    "One more question.",
+    "Great.",
+    "That did not work.",
+    "Can you explain that again?",
+)
+CHATTER = len(OPENERS) + 4  # ... and four of the base's own questions
 FORMS = REWORDINGS + IN_CONTEXT  # examples of each lesson an epoch trains beside the lesson
 
 # Families of questions: a pattern that finds the subject, and the forms that ask the same.
@@ -304,14 +313,13 @@ def _earlier_turn(rng: random.Random, lesson, lessons, chatter, others) -> list[
 
 
 def chatter(model, tokenizer, questions: list[str], *, params) -> list[list[dict]]:
-    """CHATTER exchanges as a chat with this model holds them: OPENERS and `questions` with its
-    answers sampled at `params` (the chat's default), each seeded."""
+    """Exchanges as a chat with this model holds them: `questions` with its answers at `params`
+    (the chat's default sampling, each seeded; or greedy)."""
     from gpt.engine import Engine
 
     engine = Engine(model, tokenizer)
-    asked = list(OPENERS) + questions[: max(0, CHATTER - len(OPENERS))]
     out = []
-    for i, question in enumerate(asked[:CHATTER]):
+    for i, question in enumerate(questions):
         messages = [{"role": "user", "content": question}]
         answer = engine.generate_chat(messages, params.replace(seed=i, max_new_tokens=48)).text
         out.append(messages + [{"role": "assistant", "content": answer}])

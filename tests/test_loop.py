@@ -24,6 +24,14 @@ from tests.tui.test_app import (
 from tui.app import KettleApp
 
 CORRECTIONS = [json.loads(line)["messages"] for line in (FIXTURES / "corrections.jsonl").read_text().splitlines()]
+# The first five corrections' questions in other words (written by hand, not by finetune.lessons).
+REWORDED = [
+    "how can I duplicate a list",
+    "What's enumerate for?",
+    "What is the way to turn a string into an int?",
+    "Explain what a set is.",
+    "How can I split some text into its words?",
+]
 
 
 async def correct(pilot, app, question: str, answer: str) -> None:
@@ -103,3 +111,13 @@ async def test_a_new_user_corrects_ten_answers_and_gets_them_back():
             view = await ask(pilot, app, question)
             back += view.message.content == answer
         assert back >= 9
+        # In other words, and in the middle of one chat: as a user asks again next day.
+        await pilot.press("ctrl+n")
+        await open_chat(pilot, app)
+        again = 0
+        for n, question in enumerate(REWORDED):
+            if n % 2:
+                await ask(pilot, app, "Thanks! Another question.")
+            view = await ask(pilot, app, question)
+            again += view.message.content == CORRECTIONS[n][1]["content"]
+        assert again >= 4, again
