@@ -4,7 +4,8 @@ what it knew? One judgement, one wording, for the command line, the model card a
 - "your corrections: k of n now come back": of the examples trained on, how many the model gives
   back exactly under greedy decoding (finetune.instruct.recalled), before (the base) and after.
 - the base's skills: the loss on the held-out part of the base's own instruction data (replay),
-  before and after; up by more than FORGET_TOLERANCE means it forgot them.
+  before and after; up by more than FORGET_TOLERANCE means it forgot them, unless the probe's
+  answers stand for them (ANSWERS_STAND_FOR_SKILLS).
 - held-out loss: on a held-out share of the user's examples, when there are enough of them.
 - the lineage's corrections (finetune.lessons): those its base gave back, and whether it still does.
 - unrelated answers: greedy answers to a fixed probe of the base's own questions, before and after
@@ -30,6 +31,11 @@ LEAK_TOLERANCE = 0
 # Lost answers tolerated: this share of those the base had right, and at least one (a greedy
 # first sentence can flip on a near tie without the model having forgotten anything).
 LOST_TOLERANCE = 0.05
+# With this many answers its base had right in the probe, those answers stand for the base's
+# skills and the held-out replay loss is shown, not gated: on the starter that knows its own
+# lessons, a fine-tune of 10 corrections kept 167 of 167 of its right answers (29 of 29 in the
+# probe) and leaked 1 in 180, while the loss on 19 held-out questions it never answered rose 35-49%.
+ANSWERS_STAND_FOR_SKILLS = 10
 SHOWN_EXAMPLES = 2  # named in a reason
 SHOWN_CHARS = 60  # of a question or an answer, in a reason
 
@@ -51,7 +57,7 @@ def judge(metrics: dict) -> tuple[str, list[str]]:
             + (f" and {len(forgotten) - 5} more" if len(forgotten) > 5 else "")
         )
     before, after = m.get("replay_loss_before"), m.get("replay_loss_after")
-    if before is not None and after is not None and after > before * (1 + FORGET_TOLERANCE):
+    if not answers_read(m) and before is not None and after is not None and after > before * (1 + FORGET_TOLERANCE):
         reasons.append(f"it forgot part of its base's skills (their loss rose {after / before - 1:.1%})")
     if m.get("gate_parent_loss") is not None and m["gate_new_loss"] > m["gate_parent_loss"]:
         reasons.append("it does worse than its base on your held-out examples")
@@ -75,6 +81,12 @@ def judge(metrics: dict) -> tuple[str, list[str]]:
                 f"it lost answers its base got right ({p['lost']} of {p['right_before']}): {_named(examples['lost'])}"
             )
     return ("regressed" if reasons else "passed"), reasons
+
+
+def answers_read(metrics: dict) -> bool:
+    """Whether the probe's answers stand for the base's skills (ANSWERS_STAND_FOR_SKILLS)."""
+    probe = metrics.get("probe")
+    return bool(probe) and probe["right_before"] >= ANSWERS_STAND_FOR_SKILLS
 
 
 def _named(examples: dict[str, str]) -> str:
@@ -116,7 +128,7 @@ def summary_lines(metrics: dict) -> list[str]:
         lines.append(
             f"the base's skills: held-out loss {m['replay_loss_before']:.3f} -> "
             f"{m['replay_loss_after']:.3f} ({change:+.1%}; {m['replay_examples']} of its "
-            f"own examples mixed into each epoch)"
+            f"own examples mixed into each epoch" + ("; its answers below decide)" if answers_read(m) else ")")
         )
     elif "replay_examples" in m:
         lines.append("the base's skills: not checked, it has no instruction data of its own to replay (replay.jsonl)")

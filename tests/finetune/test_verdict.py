@@ -105,3 +105,16 @@ def test_a_lost_answer_regresses_past_five_percent_of_those_the_base_had_right_a
         ],
     )
     assert gate(2, 40)[0] == "passed" and gate(3, 40)[0] == "regressed"
+
+
+def test_answers_the_base_had_right_stand_for_its_skills_once_there_are_enough():
+    probe = {"questions": 48, "loops_before": 0, "loops_after": 0, "leaks": 0, "lost": 0, "examples": {}}
+    rose = {**BASE, "replay_loss_after": 2.9}  # +45% on held-out questions the base never answered
+    assert judge({**rose, "probe": {**probe, "right_before": 29}}) == ("passed", [])
+    assert "its answers below decide" in " ".join(summary_lines({**rose, "probe": {**probe, "right_before": 29}}))
+    # too few right answers to stand for anything: the loss decides, as without a probe
+    gate, reasons = judge({**rose, "probe": {**probe, "right_before": 3}})
+    assert gate == "regressed" and "forgot part of its base's skills" in reasons[0]
+    lost = {**probe, "right_before": 29, "lost": 3, "examples": {"lost": {"What does len do?": "A tuple."}}}
+    gate, reasons = judge({**rose, "probe": lost})
+    assert gate == "regressed" and "'What does len do?'" in reasons[0]
