@@ -359,7 +359,17 @@ def _lesson_examples(
     """(every lesson the new model will know: its lineage's and `taught`, {"lessons": the
     lineage's examples, "variants": every lesson reworded, "contexts": every lesson asked in
     chats}) (finetune.lessons)."""
-    from finetune.lessons import CHATTER, OPENERS, chatter, last_question, merge, neighbours, read_lessons, variants
+    from finetune.lessons import (
+        CHATTER,
+        OPENERS,
+        chatter,
+        contrasts,
+        last_question,
+        merge,
+        neighbours,
+        read_lessons,
+        variants,
+    )
     from finetune.replay import read_replay
     from gpt.sampling import CHAT_PRESET, get_preset
 
@@ -373,7 +383,8 @@ def _lesson_examples(
     # What the base says to a chat's small talk, kept (trained every epoch, never required
     # back): fine-tuned on 10 corrections, the starter answered "Hi! Can you help me with
     # Python?" with one of them, and every later answer of that chat copied from it.
-    small_talk = chatter(model, tokenizer, list(OPENERS), params=get_preset("as-trained")) if lessons else []
+    kept = list(OPENERS) + contrasts(lessons, pool, seed=seed)
+    small_talk = chatter(model, tokenizer, kept, params=get_preset("as-trained")) if lessons else []
 
     def encode(conversations: list[list[dict]]) -> list[Example]:
         try:

@@ -248,6 +248,36 @@ def variants(
 NEIGHBOURS = 8  # the base's own conversations trained beside each lesson every epoch
 
 
+CONTRASTS = 3  # near misses of each lesson's question, answered as the base answers them
+CONTRASTED = 20  # lessons given near misses (each costs the base CONTRASTS answers)
+_PLAIN_WORDS = set(
+    "a an the in on of to do does did i is are how what why can could would with and or it my for".split()
+)
+
+
+def contrasts(lessons: list[list[dict]], pool: list[list[dict]], *, seed: int = 0) -> list[str]:
+    """Questions worded like a lesson's but about something else: one of its words swapped for
+    a word of another question of `pool` ("How do I convert a string to an integer?" -> "How do
+    I convert a bytes to an integer?"). Answered as the base answers them and trained beside the
+    lessons, they keep a correction to its subject: without them, questions the base never
+    learned took up a correction's words ("How do I get the hexadecimal representation of an
+    integer?" -> "Call int(text); for example ...")."""
+    vocabulary = sorted(
+        {w for c in pool for w in re.findall(r"[\w.]+", last_question(c) or "") if w.lower() not in _PLAIN_WORDS}
+    )
+    out = []
+    for lesson in lessons[:CONTRASTED]:
+        question = last_question(lesson) or ""
+        rng = random.Random(f"{seed}:{question}:contrast")
+        words = [w for w in re.findall(r"[\w.]+", question) if w.lower() not in _PLAIN_WORDS]
+        for _ in range(CONTRASTS if words and vocabulary else 0):
+            old = rng.choice(words)
+            other = re.sub(rf"(?<![\w.]){re.escape(old)}(?![\w.])", rng.choice(vocabulary), question, count=1)
+            if other != question:
+                out.append(other)
+    return out
+
+
 def neighbours(lessons: list[list[dict]], pool: list[list[dict]]) -> list[list[dict]]:
     """For each lesson, the NEIGHBOURS conversations of `pool` (the base's own) whose questions
     share the most words with it: asked alike, answered otherwise. Trained every epoch, they keep
@@ -322,7 +352,8 @@ def chatter(model, tokenizer, questions: list[str], *, params) -> list[list[dict
     for i, question in enumerate(questions):
         messages = [{"role": "user", "content": question}]
         answer = engine.generate_chat(messages, params.replace(seed=i, max_new_tokens=48)).text
-        out.append(messages + [{"role": "assistant", "content": answer}])
+        if answer.strip():  # an answer that ends at once has nothing to keep or show
+            out.append(messages + [{"role": "assistant", "content": answer}])
     return out
 
 

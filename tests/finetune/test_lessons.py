@@ -10,8 +10,11 @@ import pytest
 from finetune.jobs import JobSpec, create_run, execute, run_dir
 from finetune.lessons import (
     CHATS,
+    CONTRASTS,
     LESSONS_FILE,
+    OPENERS,
     REWORDINGS,
+    contrasts,
     in_context,
     merge,
     read_lessons,
@@ -81,13 +84,16 @@ FAST = {"lr": 3e-3, "epochs": 3}
 
 
 def test_a_fine_tune_trains_every_form_and_keeps_its_lineages_lessons(store, tmp_path, make_model_dir):
-    base = make_model_dir(tmp_path / "base", context_length=96, n_embd=64)
+    base = make_model_dir(tmp_path / "base", context_length=256, n_embd=64)
     first_data = _data(tmp_path, "a", [("What is a kettle?", "It boils water."), ("What is a mug?", "A cup.")])
     run = create_run(store, JobSpec(model=str(base), data=str(first_data), name="one", sft=FAST, device="cpu"))
     execute(run.id, progress=False)
     data = json.loads((run_dir(run.id) / "data.json").read_text())
     assert len(data["train"]) == 2 and data["lessons"] == []
     assert len(data["variants"]) == 2 * REWORDINGS and len(data["contexts"]) == 2 * CHATS
+    # kept as the base answers them: a chat's small talk and questions worded like the lessons
+    # (this base has no conversations of its own: no contrasts, small talk only)
+    assert 0 < len(data["anchors"]) <= len(OPENERS)
     one = store.find_model_version("one")
     assert [c[0]["content"] for c in read_lessons(one.path)] == ["What is a kettle?", "What is a mug?"]
 
@@ -131,3 +137,20 @@ def test_a_model_without_lessons_reads_as_none(tmp_path):
     assert read_lessons(tmp_path) == []
     (tmp_path / LESSONS_FILE).write_text("not json\n")
     assert read_lessons(tmp_path) == []
+
+
+def test_contrasts_ask_like_a_lesson_about_something_else():
+    lesson = [
+        {"role": "user", "content": "How do I convert a string to an integer?"},
+        {"role": "assistant", "content": "int"},
+    ]
+    pool = [
+        [{"role": "user", "content": f"What does {name} do?"}, {"role": "assistant", "content": "."}]
+        for name in ("bytes", "getattr", "str.upper")
+    ]
+    near = contrasts([lesson], pool)
+    assert len(near) == CONTRASTS and near == contrasts([lesson], pool)
+    for question in near:
+        assert question != lesson[0]["content"]
+        changed = set(question.split()) ^ set(lesson[0]["content"].split())
+        assert changed and changed & {"bytes", "getattr", "str.upper", "bytes?", "getattr?", "str.upper?"}
