@@ -251,7 +251,10 @@ def test_out_of_memory_fails_cleanly_and_resume_checks_the_vocabulary(store, bas
 
 def test_separate_process_records_progress_and_stops_on_cancel(store, base):
     spec = JobSpec(
-        model="base", snapshot_id=_snapshot(store), device="cpu", sft={"lr": 3e-3, "epochs": 400, "val_fraction": 0.0, "until_learned": False},
+        model="base",
+        snapshot_id=_snapshot(store),
+        device="cpu",
+        sft={"lr": 3e-3, "epochs": 400, "val_fraction": 0.0, "until_learned": False},
     )  # trains all 400 epochs unless cancelled: one that learns early may be past its loop when cancelled
     run_id = start_finetune(spec, store)
     deadline = time.monotonic() + 60
