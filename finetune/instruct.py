@@ -17,11 +17,11 @@ the tokens (`padding_waste`), where random batches waste half.
 Defaults derive from the model's size and the dataset's (`resolve`). The learning rate scales
 inversely with the model's width (a 128-wide starter takes a rate ~6x GPT-2's); LoRA takes a
 larger one than full fine-tuning. A few examples get many passes: the run stops once every
-training example comes back exactly under greedy decoding (`recalled`), plus a margin, or at the
-epoch cap. With the base's own instruction data (finetune.replay), each epoch mixes in a fresh
-slice of it (REPLAY_RATIO times the user's examples, spread over the batches), so the model keeps
-what it knew. Early stopping on a
-held-out share of the user's examples (only with many of them) restores the best weights.
+training example (or `learned_share` of many) comes back exactly under greedy decoding
+(`recalled`), plus a margin, or at the epoch cap. With the base's own instruction data
+(finetune.replay), each epoch mixes in a fresh slice of it (REPLAY_RATIO times the user's examples,
+spread over the batches), so the model keeps what it knew. Early stopping on a held-out share of
+the user's examples (only with many of them) restores the best weights.
 """
 
 from __future__ import annotations
@@ -66,7 +66,12 @@ class SFTConfig:
     seed: int = 1337
     lora: LoRAConfig | None = None
     replay: int | None = None  # replay examples mixed into each epoch (None: REPLAY_RATIO per example)
-    until_learned: bool = True  # stop once every training example comes back (plus a margin)
+    until_learned: bool = True  # stop once the training examples come back (plus a margin)
+    learned_share: float = 1.0  # ... this share of them: every one, or most of many
+    # Replay examples ride in every batch (a few corrections: each update also recalls the base's
+    # skills), or, off, are length-bucketed with the training examples (the starter's long
+    # grounded examples beside its short lessons would pad every batch to their length).
+    replay_spread: bool = True
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -287,6 +292,8 @@ def resolve(config: SFTConfig, n_train: int, *, model: GPTConfig, n_replay: int 
         raise KettleError(f"--lr must be positive, got {c.lr}")
     if c.replay < 0:
         raise KettleError(f"--replay must be 0 or more, got {c.replay}")
+    if not 0 < c.learned_share <= 1:
+        raise KettleError(f"learned_share must be in (0, 1], got {c.learned_share}")
     return c
 
 
@@ -405,7 +412,8 @@ class SFTTrainer:
         self.history: list[dict] = []  # {"step", "loss"} and {"step", "val_loss"} rows
         self.best_val, self.best_state, self.bad_evals = math.inf, None, 0
         self.stopped_early = False
-        self.learned_epoch: int | None = None  # the first epoch after which every example came back
+        self.learned_epoch: int | None = None  # the first epoch after which the examples came back
+        self.recall_history: list[tuple[int, int]] = []  # (epoch, examples back) until learned
         self.anneal: tuple[int, int, float] | None = None  # (from step, to step, from lr) once learned
         self.tokens = 0
         self.elapsed = 0.0
@@ -431,6 +439,12 @@ class SFTTrainer:
         that every update both teaches the user's examples and recalls the base's."""
         k = min(self.config.replay, len(self.replay_examples))
         pool = random.Random(self.config.seed + epoch).sample(self.replay_examples, k)
+        if not self.config.replay_spread:
+            batches = batches + make_batches(
+                pool, self.config.batch_tokens, max_batch_size=self.config.max_batch_size, seed=self.config.seed + epoch
+            )
+            random.Random(self.config.seed + epoch).shuffle(batches)
+            return batches
         per_example = k / len(self.train_examples)
         out, done = [], 0
         for batch in batches:
@@ -489,22 +503,24 @@ class SFTTrainer:
         return True
 
     def _end_of_epoch(self, epoch: int) -> None:
-        """With `until_learned`: once every training example comes back, train LEARNED_MARGIN of
-        the epochs so far again with the rate falling linearly to zero (so the answers settle
-        instead of being pushed about by the last large updates), then stop."""
+        """With `until_learned`: once the training examples come back (`learned_share` of them),
+        train LEARNED_MARGIN of the epochs so far again with the rate falling linearly to zero
+        (so the answers settle instead of being pushed about by the last large updates), then
+        stop."""
         if not self.config.until_learned:
             return
         if self.anneal is not None:
             self.stopped_early = self.step >= self.anneal[1]
-        elif all(
-            recalled(
-                self.model,
-                self.train_examples,
-                pad_id=self.pad_id,
-                device=self.device,
-                batch_tokens=self.config.batch_tokens,
-            )
-        ):
+            return
+        back = recalled(
+            self.model,
+            self.train_examples,
+            pad_id=self.pad_id,
+            device=self.device,
+            batch_tokens=self.config.batch_tokens,
+        )
+        self.recall_history.append((epoch, sum(back)))
+        if sum(back) >= self.config.learned_share * len(back):
             self.learned_epoch = epoch
             margin = max(1, math.ceil(epoch * LEARNED_MARGIN))
             end = min(self.total_steps, self.step + margin * self.steps_per_epoch)
@@ -561,6 +577,7 @@ class SFTTrainer:
             "bad_evals": self.bad_evals,
             "stopped_early": self.stopped_early,
             "learned_epoch": self.learned_epoch,
+            "recall_history": self.recall_history,
             "anneal": self.anneal,
             "tokens": self.tokens,
             "elapsed": self.elapsed,
@@ -574,6 +591,7 @@ class SFTTrainer:
         self.best_val, self.best_state = state["best_val"], state["best_state"]
         self.bad_evals, self.stopped_early = state["bad_evals"], state["stopped_early"]
         self.learned_epoch = state.get("learned_epoch")
+        self.recall_history = [tuple(row) for row in state.get("recall_history", [])]
         self.anneal = tuple(state["anneal"]) if state.get("anneal") else None
         self.tokens, self.elapsed = state["tokens"], state["elapsed"]
         set_rng_state(state["rng"][0])
