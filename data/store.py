@@ -965,23 +965,29 @@ class Store:
         hparams: dict | None = None,
         metrics: dict | None = None,
         activate_if_none: bool = True,
+        status: str | None = None,
+        note: str | None = None,
     ) -> tuple[ModelVersion, bool]:
         """Record a model directory as a version, or merge `metrics` into the version already
-        recorded for that path. The name is the directory's (or `name`), made unique with -2, -3...
-        Returns (version, whether it became the active model because none was)."""
+        recorded for that path (and set `status` and `note`, when given). The name is the
+        directory's (or `name`), made unique with -2, -3... Returns (version, whether it became the
+        active model because none was: never one whose status is not "ok", e.g. a starter that
+        failed its own check)."""
         path = Path(path).expanduser().resolve()
         with self.transaction():
             version = next((v for v in self.model_versions() if Path(v.path).resolve() == path), None)
             if version is not None:
-                if metrics:
-                    version = self.update_model_version(version.id, metrics=metrics)
+                if metrics or status or note is not None:
+                    version = self.update_model_version(version.id, metrics=metrics, status=status, note=note)
             else:
                 wanted = name or path.name
                 unique, n = wanted, 2
                 while self.find_model_version(unique) is not None:
                     unique, n = f"{wanted}-{n}", n + 1
-                version = self.add_model_version(unique, path, kind=kind, hparams=hparams, metrics=metrics)
-            activated = activate_if_none and self.active_model() is None
+                version = self.add_model_version(
+                    unique, path, kind=kind, hparams=hparams, metrics=metrics, status=status or "ok", note=note or ""
+                )
+            activated = activate_if_none and version.status == "ok" and self.active_model() is None
             if activated:
                 self.activate_model(version.id)
         return version, activated

@@ -17,12 +17,12 @@ the tokens (`padding_waste`), where random batches waste half.
 Defaults derive from the model's size and the dataset's (`resolve`). The learning rate scales
 inversely with the model's width (a 128-wide starter takes a rate ~6x GPT-2's); LoRA takes a
 larger one than full fine-tuning. A few examples get many passes: the run stops once every
-training example comes back exactly under greedy decoding (`recalled`), plus a margin, or at the
-epoch cap. With the base's own instruction data (finetune.replay), each epoch mixes in a fresh
-slice of it (REPLAY_RATIO times the user's examples, spread over the batches), so the model keeps
-what it knew. Early stopping on a
-held-out share of the user's examples (only with many of them) restores the best weights; without
-one, the run ends with the weights of its epoch that gave back the most examples.
+training example (or `learned_share` of many) comes back exactly under greedy decoding
+(`recalled`), plus a margin, or at the epoch cap. With the base's own instruction data
+(finetune.replay), each epoch mixes in a fresh slice of it (REPLAY_RATIO times the user's examples,
+spread over the batches), so the model keeps what it knew. Early stopping on a held-out share of
+the user's examples (only with many of them) restores the best weights; without one, the run ends
+with the weights of its epoch that gave back the most examples.
 """
 
 from __future__ import annotations
@@ -67,7 +67,12 @@ class SFTConfig:
     seed: int = 1337
     lora: LoRAConfig | None = None
     replay: int | None = None  # replay examples mixed into each epoch (None: REPLAY_RATIO per example)
-    until_learned: bool = True  # stop once every training example comes back (plus a margin)
+    until_learned: bool = True  # stop once the training examples come back (plus a margin)
+    learned_share: float = 1.0  # ... this share of them: every one, or most of many
+    # Replay examples ride in every batch (a few corrections: each update also recalls the base's
+    # skills), or, off, are length-bucketed with the training examples (the starter's long
+    # grounded examples beside its short lessons would pad every batch to their length).
+    replay_spread: bool = True
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -293,6 +298,8 @@ def resolve(config: SFTConfig, n_train: int, *, model: GPTConfig, n_replay: int 
         raise KettleError(f"--lr must be positive, got {c.lr}")
     if c.replay < 0:
         raise KettleError(f"--replay must be 0 or more, got {c.replay}")
+    if not 0 < c.learned_share <= 1:
+        raise KettleError(f"learned_share must be in (0, 1], got {c.learned_share}")
     return c
 
 
@@ -421,7 +428,8 @@ class SFTTrainer:
         self.history: list[dict] = []  # {"step", "loss"} and {"step", "val_loss"} rows
         self.best_val, self.best_state, self.bad_evals = math.inf, None, 0
         self.stopped_early = False
-        self.learned_epoch: int | None = None  # the first epoch after which every example came back
+        self.learned_epoch: int | None = None  # the first epoch after which the examples came back
+        self.recall_history: list[tuple[int, int]] = []  # (epoch, examples back) until learned
         self.anneal: tuple[int, int, float] | None = None  # (from step, to step, from lr) once learned
         # Without a held-out share, the epoch that gave back the most training examples (the
         # later of a tie): {"recalled", "epoch", "state"}, and how many the last epoch gave back.
@@ -452,6 +460,12 @@ class SFTTrainer:
         that every update both teaches the user's examples and recalls the base's."""
         k = min(self.config.replay, len(self.replay_examples))
         pool = random.Random(self.config.seed + epoch).sample(self.replay_examples, k)
+        if not self.config.replay_spread:
+            batches = batches + make_batches(
+                pool, self.config.batch_tokens, max_batch_size=self.config.max_batch_size, seed=self.config.seed + epoch
+            )
+            random.Random(self.config.seed + epoch).shuffle(batches)
+            return batches
         per_example = k / len(self.train_examples)
         out, done = [], 0
         for batch in batches:
@@ -510,11 +524,12 @@ class SFTTrainer:
         return True
 
     def _end_of_epoch(self, epoch: int) -> None:
-        """With `until_learned`: once every training example comes back, train LEARNED_MARGIN of
-        the epochs so far again with the rate falling linearly to zero (so the answers settle
-        instead of being pushed about by the last large updates), then stop. Recall is checked
-        after every epoch, the margin's too: annealing once lost a correction (10 of 10 at epoch
-        25, 9 at the end), and the run ends with its best epoch's weights (restore_best)."""
+        """With `until_learned`: once the training examples come back (`learned_share` of them),
+        train LEARNED_MARGIN of the epochs so far again with the rate falling linearly to zero
+        (so the answers settle instead of being pushed about by the last large updates), then
+        stop. Recall is checked after every epoch, the margin's too: annealing once lost a
+        correction (10 of 10 at epoch 25, 9 at the end), and the run ends with its best epoch's
+        weights (restore_best)."""
         if not self.config.until_learned:
             return
         back = sum(
@@ -533,7 +548,9 @@ class SFTTrainer:
             self.best_recall = {"recalled": back, "epoch": epoch, "state": trainable_state(self.model)}
         if self.anneal is not None:
             self.stopped_early = self.step >= self.anneal[1]
-        elif back == len(self.train_examples):
+            return
+        self.recall_history.append((epoch, back))
+        if back >= self.config.learned_share * len(self.train_examples):
             self.learned_epoch = epoch
             margin = max(1, math.ceil(epoch * LEARNED_MARGIN))
             end = min(self.total_steps, self.step + margin * self.steps_per_epoch)
@@ -595,6 +612,7 @@ class SFTTrainer:
             "bad_evals": self.bad_evals,
             "stopped_early": self.stopped_early,
             "learned_epoch": self.learned_epoch,
+            "recall_history": self.recall_history,
             "anneal": self.anneal,
             "best_recall": self.best_recall,
             "last_recall": self.last_recall,
@@ -610,6 +628,7 @@ class SFTTrainer:
         self.best_val, self.best_state = state["best_val"], state["best_state"]
         self.bad_evals, self.stopped_early = state["bad_evals"], state["stopped_early"]
         self.learned_epoch = state.get("learned_epoch")
+        self.recall_history = [tuple(row) for row in state.get("recall_history", [])]
         self.anneal = tuple(state["anneal"]) if state.get("anneal") else None
         self.best_recall, self.last_recall = state.get("best_recall"), state.get("last_recall")
         self.tokens, self.elapsed = state["tokens"], state["elapsed"]

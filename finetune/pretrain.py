@@ -86,6 +86,13 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = off
     loader: str = "random"  # random windows, or the book's sliding windows
     stride: int | None = None  # sliding windows: distance between starts (default: context)
+    # Sequence-length warm-up: the first `short_share` of the steps train on windows of
+    # `short_context` tokens (a divisor of the context; as many tokens a step), the rest on the
+    # full context. Attention's cost grows with the window, and what short windows teach carries
+    # over; the full-length steps train the later positions, whose embeddings start as the
+    # trained ones stretched over the context (stretch_positions).
+    short_context: int | None = None
+    short_share: float = 0.0
     val_fraction: float = 0.1
     text_field: str = "text"  # JSONL corpora: the field holding the text
     eval_every: int = 100
@@ -109,6 +116,10 @@ class TrainConfig:
             raise KettleError(f"unknown loader {self.loader!r} (choose random or sliding)")
         if not 0.0 <= self.val_fraction < 1.0:
             raise KettleError(f"val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.short_context is not None and self.short_context <= 0:
+            raise KettleError(f"short-context must be positive, got {self.short_context}")
+        if not 0.0 <= self.short_share <= 1.0:
+            raise KettleError(f"short-share must be in [0, 1], got {self.short_share}")
 
     @property
     def optimizer(self) -> OptimizerSettings:
@@ -155,6 +166,19 @@ def step_tokens(cfg: TrainConfig, train_tokens: int) -> int:
 def accumulation_steps(cfg: TrainConfig, context: int, *, world_size: int, train_tokens: int) -> int:
     per_pass = cfg.micro_batch_size * context * world_size
     return max(1, math.ceil(step_tokens(cfg, train_tokens) / per_pass))
+
+
+@torch.no_grad()
+def stretch_positions(model: GPT, trained: int) -> None:
+    """The position embeddings of the whole context made from the first `trained` ones, linearly
+    interpolated (as a vision transformer's are for a larger image): a model trained on short
+    windows then meets positions that look like ones it knows, not random ones, on its first
+    full-length step."""
+    wpe = model.wpe.weight
+    stretched = torch.nn.functional.interpolate(
+        wpe[:trained].T[None].float(), size=wpe.shape[0], mode="linear", align_corners=True
+    )
+    wpe.copy_(stretched[0].T.to(wpe.dtype))
 
 
 # --- the run directory --------------------------------------------------------------------------
@@ -374,6 +398,10 @@ def pretrain(
                 "--resume, or delete that folder to start over"
             )
     cfg.validate()
+    if cfg.short_context and config.context_length % cfg.short_context:
+        raise KettleError(
+            f"short-context {cfg.short_context} does not divide the context length {config.context_length}"
+        )
     corpus.check_corpus(data)  # a missing, empty or binary corpus fails before any work
     dist, device = init_distributed(cfg.device)
     display = Display(progress and dist.main, cfg.max_steps, cfg.max_time, display_label, console)
@@ -438,6 +466,20 @@ def _train(data, out, *, run_dir, config, cfg, tokenizer, resume, dist, device, 
         accum_steps=accum,
     )
     tokens_per_step = loader.step_batch * context
+    short_until, short_loader = 0, None
+    if cfg.short_context and cfg.short_share and cfg.short_context < context:
+        short_until = round(cfg.max_steps * cfg.short_share)
+        short_loader = corpus.WindowLoader(
+            train_stream,
+            cfg.micro_batch_size * (context // cfg.short_context),
+            cfg.short_context,
+            cfg.stride,
+            mode=cfg.loader,
+            seed=cfg.seed,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            accum_steps=accum,
+        )
 
     prepare_training(device)
     torch.manual_seed(cfg.seed + dist.rank)
@@ -539,8 +581,11 @@ def _train(data, out, *, run_dir, config, cfg, tokenizer, resume, dist, device, 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
+            if short_loader is not None and step == short_until:
+                stretch_positions(raw_model, cfg.short_context)
+            windows = short_loader if step < short_until else loader
             for micro in range(accum):
-                x, y = loader.batch(step, micro)
+                x, y = windows.batch(step, micro)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = dist.enabled and micro < accum - 1
                 with model.no_sync() if sync else contextlib.nullcontext(), autocast(device):
@@ -556,7 +601,11 @@ def _train(data, out, *, run_dir, config, cfg, tokenizer, resume, dist, device, 
             step += 1
             dt = time.perf_counter() - t0
             tps = tokens_per_step / dt
-            mfu = raw_model.estimate_mfu(tps, seq_len=context, peak_flops=peak * dist.world_size) if peak else None
+            mfu = (
+                raw_model.estimate_mfu(tps, seq_len=windows.max_length, peak_flops=peak * dist.world_size)
+                if peak
+                else None
+            )
             log(
                 {
                     "step": step,
@@ -564,6 +613,7 @@ def _train(data, out, *, run_dir, config, cfg, tokenizer, resume, dist, device, 
                     "lr": lr,
                     "tokens": step * tokens_per_step,
                     "tokens_per_s": tps,
+                    "window": windows.max_length,  # the loss steps down where the windows lengthen
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     **({"mfu": mfu} if mfu is not None else {}),
                 }

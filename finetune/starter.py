@@ -7,22 +7,23 @@ Whole modules are held out (with their tests) as the validation split, on which 
 bits per byte. A tokenizer and a small GPT are trained on it for a fixed amount of work chosen by
 the device kind, from a fixed seed: the same seed on the same kind of device gives the same model,
 however busy the machine is (it only takes longer, and the ETA says how much). The result is
-registered as a model (the active one if none is).
+registered as a model (the active one if none is, and if it passes its own check: below).
 
 The work is a list of stages, each a function of the shared `Brew` state that may replace
 `brew.model_dir` with the model it produced. A later stage (e.g. instruction tuning) is added by
 appending a `Stage` to `STAGES`; `brew_starter` then saves and registers what the last stage made.
 
-The instruction stage: the starter model's instruction stage: it learns to answer questions about Python.
-
-Question/answer pairs are made offline from the documentation the starter was pretrained on:
-"What does str.upper do?" is answered with the first sentence of `str.upper`'s docstring. The
-builtins come first (their docstrings are in the interpreter), then the functions and classes of
-commonly used standard-library modules (from `stdlib_docstrings`, the pretraining
-corpus), with how-to questions made from the same first sentences ("How do I get a copy of the
-string converted to uppercase?") and examples with code from the docstrings' doctests. The
-pretrained model is fine-tuned on them in the chat format for a fixed number of epochs; the pairs
-go with the model (replay.jsonl) so that fine-tuning it later can replay them.
+The instruction stage teaches the model to answer questions about Python. Its plain lessons are
+made offline from the documentation it was pretrained on, about the few hundred names Python code
+calls most (`lesson_names`: builtins, methods of the everyday builtin types, functions of commonly
+used modules): "What does str.upper do?" is answered with the first sentence of `str.upper`'s
+docstring, with how-to questions made from the same first sentences ("How do I get a copy of the
+string converted to uppercase?") and examples with code from the docstrings' doctests. Every other
+name is answered from its documentation, retrieved at answer time: grounded pairs (a passage beside
+the question) teach the model to copy from one. The model trains until it gives its lessons back
+(at most an epoch cap), then the brew asks it every lesson; a starter that answers fewer than
+OWN_LESSONS_REQUIRED of them is registered as failed and never made active. The lessons go with
+the model (replay.jsonl) so that fine-tuning it later can replay them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import builtins
 import functools
 import hashlib
 import json
+import math
 import random
 import re
 import shutil
@@ -41,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from data.pydocs import SKIP_PARTS, builtin_docs, docstrings, stdlib_docstrings
+from data.pydocs import SKIP_PARTS, builtin_docs, docstrings
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
 from gpt.files import atomic_directory, check_writable
@@ -102,12 +104,18 @@ CORPUS_SEED = 0
 # few CPU minutes are ~1e13-5e13 FLOPs, for which a model of about a million parameters learns
 # fastest (Chinchilla: N ~ sqrt(C / 120)); a wider one learns less in the same time.
 MODEL_SHAPES = {
-    "cpu": GPTConfig(vocab_size=4096, context_length=256, n_layer=4, n_head=4, n_embd=128, qkv_bias=False),
+    "cpu": GPTConfig(vocab_size=4096, context_length=1024, n_layer=4, n_head=4, n_embd=128, qkv_bias=False),
     "mps": GPTConfig(vocab_size=4096, context_length=256, n_layer=6, n_head=6, n_embd=384, qkv_bias=False),
     "cuda": GPTConfig(vocab_size=8192, context_length=512, n_layer=8, n_head=8, n_embd=512, qkv_bias=False),
 }
 # Small batches on CPU: more updates beat less noisy ones at this scale.
 BATCH_TOKENS = {"cpu": 4096, "mps": 16384, "cuda": 65536}
+# Sequence-length warm-up (finetune.pretrain): windows of SHORT_CONTEXT tokens for all but the last
+# FULL_CONTEXT_SHARE of the steps. On CPU a step of 4 windows of 1,024 tokens costs 1.3x one of 16
+# of 256 (attention grows with the window); the full-length steps train the positions past 256,
+# so that a long chat or a grounded question with its passages stays in the text it has learnt.
+SHORT_CONTEXT = 256
+FULL_CONTEXT_SHARE = 0.25
 # The pretraining work, fixed per device kind, so that the starter is the same model on a busy
 # machine (which takes longer, and says so) as on an idle one: on CPU, 900 steps of 4,096
 # tokens (3.7M tokens, ~half a pass over the corpus) take ~6.5 minutes on 2 idle cores.
@@ -188,10 +196,13 @@ def pretrain_stage(brew: Brew) -> None:
     kind = pick_device(brew.device).type
     config = MODEL_SHAPES.get(kind, MODEL_SHAPES["cpu"])
     steps = PRETRAIN_STEPS.get(kind, PRETRAIN_STEPS["cpu"])
+    batch_tokens = BATCH_TOKENS.get(kind, 8192)
     cfg = TrainConfig(
         max_steps=steps,
-        batch_tokens=BATCH_TOKENS.get(kind, 8192),
-        micro_batch_size=16,
+        batch_tokens=batch_tokens,
+        micro_batch_size=max(1, min(16, batch_tokens // config.context_length)),
+        short_context=SHORT_CONTEXT if config.context_length % SHORT_CONTEXT == 0 else None,
+        short_share=1 - FULL_CONTEXT_SHARE,
         lr=3e-3,
         warmup_steps=20,
         min_lr_ratio=0.05,
@@ -348,9 +359,22 @@ GROUNDED_ANSWERS = 400
 GROUNDED_UNRELATED = 150
 GROUNDED_CHARS = 420  # a passage as long as the starter's context leaves room for
 HELDOUT_SHARE = 0.05
-INSTRUCT_LR = 1e-3
-INSTRUCT_EPOCHS = 4
-MAX_PAIRS = 3000
+INSTRUCT_LR = 2e-3
+# The instruction stage trains until LEARNED_SHARE of the lessons come back exactly (the end of
+# turn included, the stricter check), at most INSTRUCT_EPOCHS epochs; each epoch also trains on
+# GROUNDED_PER_EPOCH of the grounded pairs. A starter that then answers less than
+# OWN_LESSONS_REQUIRED of its lessons (first sentence, greedy) is not activated.
+INSTRUCT_EPOCHS = 40
+LEARNED_SHARE = 0.95
+GROUNDED_PER_EPOCH = 160
+OWN_LESSONS_REQUIRED = 0.9
+SAMPLE_LESSON = "str.upper"  # the lesson the brew shows its answer to
+# The plain lessons (answered from the weights, with no passage beside the question) are what a
+# 1.3M-parameter model learns by heart within the brew: the names people ask about most
+# (lesson_names), each asked one way, with how-tos and examples for some. Every other name is
+# answered from its documentation, retrieved at answer time (grounded_pairs teach the copying).
+LESSON_NAMES = 300
+LESSON_TYPES = ("str", "list", "dict", "set", "tuple", "int", "float")
 SIGNATURE = re.compile(r"^[\w.]+\(.*\)")
 
 
@@ -390,55 +414,110 @@ def stdlib_docs() -> list[tuple[str, str]]:
     return docs
 
 
-def python_qa_pairs(limit: int = MAX_PAIRS, seed: int = 0) -> list[list[dict]]:
-    """Chat conversations "What does X do?" -> the first sentence of X's docstring."""
-    rng = random.Random(seed)
-    pairs, seen = [], set()
+def lesson_docs() -> list[tuple[str, str]]:
+    """(name, docstring) of what a plain lesson may be about, in the documentation's order: the
+    builtin functions and types, the methods of LESSON_TYPES, and the module-level functions and
+    classes of COMMON_MODULES, each with a first sentence to answer with."""
+    modules = set(COMMON_MODULES) | {"os.path"}
+    out, seen = [], set()
     for name, doc in builtin_docs() + stdlib_docs():
-        answer = first_sentence(doc)
-        if answer is None or name in seen or "__" in name:
+        owner = name.rpartition(".")[0]
+        if name in seen or "__" in name or (owner and owner not in LESSON_TYPES and owner not in modules):
             continue
-        seen.add(name)
+        if first_sentence(doc):
+            seen.add(name)
+            out.append((name, doc))
+    return out
+
+
+def lesson_names() -> tuple[str, ...]:
+    """The LESSON_NAMES names of lesson_docs called in the most files of the standard library:
+    what Python code uses most, and so what people ask about most."""
+    return _most_called()[:LESSON_NAMES]
+
+
+@functools.lru_cache(maxsize=1)
+def _most_called() -> tuple[str, ...]:
+    """lesson_docs' names that the standard library calls, most files first (ties in the
+    documentation's order)."""
+    names = [name for name, _ in lesson_docs()]
+    files = calling_files(names)
+    return tuple(name for name in sorted(names, key=lambda name: -files[name]) if files[name])
+
+
+CALL = re.compile(r"(\w+)\.(\w+)\(")
+BARE_CALL = re.compile(r"(?<![\w.])(\w+)\(")
+FROM_IMPORT = re.compile(r"^\s*from ([\w.]+) import", re.MULTILINE)
+
+
+def calling_files(names: Iterable[str]) -> dict[str, int]:
+    """How many source files of the standard library call each name: a builtin as `len(`, a
+    method of a builtin type as `.upper(` on anything, a module's name as `json.dumps(` (the
+    module's last part: `path.join(`) or as `dumps(` in a file that imports from json."""
+    names = list(names)
+    counts = dict.fromkeys(names, 0)
+    for doc in python_corpus():
+        if doc.group == "builtins" or doc.group.startswith("topic:"):  # help() and the reference
+            continue
+        calls, bare = set(CALL.findall(doc.text)), set(BARE_CALL.findall(doc.text))
+        methods, imported = {attr for _, attr in calls}, set(FROM_IMPORT.findall(doc.text))
+        for name in names:
+            owner, _, attr = name.rpartition(".")
+            if not owner:
+                found = name in bare
+            elif owner in LESSON_TYPES:
+                found = attr in methods
+            else:
+                found = (owner.rpartition(".")[2], attr) in calls or (owner in imported and attr in bare)
+            counts[name] += found
+    return counts
+
+
+def _lessons(names: Iterable[str] | None) -> list[tuple[str, str]]:
+    """lesson_docs for `names` (default: lesson_names()), in the order of `names`."""
+    docs = dict(lesson_docs())
+    return [(name, docs[name]) for name in (lesson_names() if names is None else names) if name in docs]
+
+
+def python_qa_pairs(names: Iterable[str] | None = None, seed: int = 0) -> list[list[dict]]:
+    """Chat conversations "What does X do?" -> the first sentence of X's docstring, for each of
+    `names` (default: lesson_names())."""
+    rng = random.Random(seed)
+    pairs = []
+    for name, doc in _lessons(names):
         question = rng.choice(QUESTIONS).format(name)
-        pairs.append([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
-        if len(pairs) >= limit:
-            break
+        pairs.append([{"role": "user", "content": question}, {"role": "assistant", "content": first_sentence(doc)}])
     return pairs
 
 
-def howto_pairs(seed: int = 0) -> list[list[dict]]:
+def howto_pairs(names: Iterable[str] | None = None, seed: int = 0) -> list[list[dict]]:
     """ "How do I get a copy of the string converted to uppercase?" -> "Call str.upper(): it
-    returns a copy of ..." for docstrings whose first sentence starts with a verb of HOWTO_VERBS."""
+    returns a copy of ..." for those of `names` whose first sentence starts with a verb of
+    HOWTO_VERBS."""
     rng = random.Random(seed)
-    pairs, seen = [], set()
-    for name, doc in builtin_docs() + stdlib_docs():
+    pairs, asked = [], set()
+    for name, doc in _lessons(names):
         sentence = first_sentence(doc)
-        if sentence is None or "__" in name or name in seen:
-            continue
         verb, _, rest = sentence.partition(" ")
-        if verb not in HOWTO_VERBS or not rest:
+        question = f"How do I {HOWTO_VERBS.get(verb)} {rest.rstrip('.')}?"
+        if verb not in HOWTO_VERBS or not rest or question in asked:  # list.index's is tuple.index's
             continue
-        seen.add(name)
-        question = f"How do I {HOWTO_VERBS[verb]} {rest.rstrip('.')}?"
+        asked.add(question)
         answer = f"Call {name}(): {sentence[0].lower()}{sentence[1:]}"
         pairs.append([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
     rng.shuffle(pairs)
     return pairs
 
 
-def example_pairs(seed: int = 0) -> list[list[dict]]:
-    """ "Show me an example of bin." -> a short answer with the docstring's doctest as code."""
+def example_pairs(names: Iterable[str] | None = None, seed: int = 0) -> list[list[dict]]:
+    """ "Show me an example of bin." -> a short answer with the docstring's doctest as code, for
+    those of `names` whose docstring has one."""
     import doctest
 
     rng = random.Random(seed)
     parser = doctest.DocTestParser()
-    documented = builtin_docs() + [
-        (h.removeprefix("class ").split("(")[0], d) for h, _, d in (t.partition("\n\n") for t in stdlib_docstrings())
-    ]
-    pairs, seen = [], set()
-    for name, doc in documented:
-        if not doc or name in seen or "__" in name:
-            continue
+    pairs = []
+    for name, doc in _lessons(names):
         try:
             examples = parser.get_examples(doc)
         except ValueError:
@@ -446,10 +525,8 @@ def example_pairs(seed: int = 0) -> list[list[dict]]:
         examples = [e for e in examples if "\n" not in e.source.strip() and len(e.source) + len(e.want) < 120][:3]
         if not any(e.want for e in examples):
             continue
-        seen.add(name)
         code = "".join(f">>> {e.source}{e.want}" for e in examples)
-        lead = first_sentence(doc)
-        answer = (f"{lead} " if lead else "") + f"For example:\n\n```python\n{code}```"
+        answer = f"{first_sentence(doc)} For example:\n\n```python\n{code}```"
         question = rng.choice(EXAMPLE_QUESTIONS).format(name)
         pairs.append([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
     return pairs
@@ -458,7 +535,7 @@ def example_pairs(seed: int = 0) -> list[list[dict]]:
 def instruction_pairs(seed: int = 0, *, heldout: Iterable[str] | None = None) -> list[list[dict]]:
     """Everything the instruction stage teaches: what X does, how to do Y, examples of Z, and
     the same kinds of question answered from a passage put beside them (grounded_pairs)."""
-    plain = python_qa_pairs(seed=seed) + howto_pairs(seed) + example_pairs(seed)
+    plain = python_qa_pairs(seed=seed) + howto_pairs(seed=seed) + example_pairs(seed=seed)
     if heldout is None:
         heldout = held_out_groups(python_corpus())
     return plain + grounded_pairs(plain, heldout=set(heldout), seed=seed)
@@ -469,8 +546,8 @@ def grounded_pairs(plain: list[list[dict]], *, heldout: set[str], seed: int = 0)
     as data.memory retrieves them at answer time, so that the model copies from a passage when
     one is there and answers from its weights when none is:
 
-    - names the plain questions never ask about (modules outside COMMON_MODULES, never the
-      validation modules), with their documentation: the answer is only in the passage;
+    - names the plain questions never ask about (never those of the validation modules), with
+      their documentation: the answer is only in the passage;
     - plain questions with their own documentation beside them;
     - a question asked before and its answer (a user's correction, as memory holds it), asked
       again in other words;
@@ -493,7 +570,7 @@ def grounded_pairs(plain: list[list[dict]], *, heldout: set[str], seed: int = 0)
             passage = _cut(passage, GROUNDED_CHARS)
             passages.setdefault(name, passage)
             answer = first_sentence(text.partition("\n\n")[2])
-            if answer and group not in heldout and module.split(".")[0] not in COMMON_MODULES and name not in asked:
+            if answer and group not in heldout and name not in asked:
                 unseen.append((name, passage, answer))
     for name, doc in builtin_docs():
         if doc and (chunk := python_chunk(f"{name}\n\n{doc}")):
@@ -558,8 +635,11 @@ def _cut(text: str, limit: int) -> str:
 
 
 def instruct_stage(brew) -> None:
-    """Fine-tune `brew.model_dir` on the Python Q/A pairs (fixed work, the brew's seed); the
-    pairs go with the model as its replay data (finetune.replay), a held-out share marked so."""
+    """Teach `brew.model_dir` its plain lessons until it gives LEARNED_SHARE of them back (at most
+    INSTRUCT_EPOCHS epochs, the brew's seed: the same model however busy the machine), each epoch
+    with a fresh slice of the grounded pairs (which teach copying from a passage; they are not
+    learnt by heart); then measure how many lessons it answers (own_lessons). The plain pairs go
+    with the model as its replay data (finetune.replay), a held-out share marked so."""
     import torch
 
     from finetune.instruct import SFTConfig, SFTTrainer, evaluate_loss, holdout, prepare, resolve
@@ -567,23 +647,34 @@ def instruct_stage(brew) -> None:
     from finetune.train import Display
     from gpt.checkpoint import load_model, save_model
     from gpt.device import pick_device
-    from gpt.engine import Engine
-    from gpt.sampling import SamplingParams
 
     device = pick_device(brew.device)
     model, tokenizer = load_model(brew.model_dir, device=device, dtype=torch.float32)
     pairs = instruction_pairs(heldout=brew.notes.get("heldout_groups"))
     train_pairs, heldout_pairs = holdout(pairs, HELDOUT_SHARE, seed=brew.seed)
-    context = model.config.context_length
-    train, stats = prepare(train_pairs, tokenizer, max_length=context, vocab_size=model.config.vocab_size)
-    val, _ = prepare(heldout_pairs, tokenizer, max_length=context, vocab_size=model.config.vocab_size)
+    lessons = plain(train_pairs)
+    taught = {id(pair) for pair in lessons}
+    grounded_train = [pair for pair in train_pairs if id(pair) not in taught]
+    context, vocab = model.config.context_length, model.config.vocab_size
+    train, _ = prepare(lessons, tokenizer, max_length=context, vocab_size=vocab)
+    mix, _ = prepare(grounded_train, tokenizer, max_length=context, vocab_size=vocab)
+    val, _ = prepare(heldout_pairs, tokenizer, max_length=context, vocab_size=vocab)
     config = resolve(
-        SFTConfig(lr=INSTRUCT_LR, epochs=INSTRUCT_EPOCHS, seed=brew.seed, until_learned=False),
+        SFTConfig(
+            lr=INSTRUCT_LR,
+            epochs=INSTRUCT_EPOCHS,
+            seed=brew.seed,
+            learned_share=LEARNED_SHARE,
+            replay=GROUNDED_PER_EPOCH,
+            replay_spread=False,
+        ),
         len(train),
         model=model.config,
+        n_replay=len(mix),
     )
     torch.manual_seed(brew.seed)
-    trainer = SFTTrainer(model, train, val, config, tokenizer.eot_id, device)
+    # no validation examples: early stopping on held-out names would stop the lessons being learnt
+    trainer = SFTTrainer(model, train, [], config, tokenizer.eot_id, device, replay=mix)
     before = evaluate_loss(model, val, pad_id=tokenizer.eot_id, device=device)
     display = Display(True, trainer.total_steps, None, "starter: instruction tuning", brew.console)
     try:
@@ -599,24 +690,65 @@ def instruct_stage(brew) -> None:
         # the plain pairs only: a fine-tune of a few short corrections replaying passages of ~150
         # tokens measured its base's skills 18.9% worse (the gate's replay loss) where the plain
         # ones rose 3-9%, and the copy bias, not the weights, does most of a grounded answer's work
-        extra_files={REPLAY_FILE: replay_text(plain(train_pairs), plain(heldout_pairs))},
+        extra_files={REPLAY_FILE: replay_text(lessons, plain(heldout_pairs))},
     )
     brew.model_dir = out
-    question = [{"role": "user", "content": "What does str.upper do?"}]
-    answer = Engine(model, tokenizer).generate_chat(question, SamplingParams(temperature=0, max_new_tokens=40))
     after = evaluate_loss(model, val, pad_id=tokenizer.eot_id, device=device)
+    brew.console.print(f"starter: asking it its {len(lessons)} lessons…")
+    answers = own_lessons(model, tokenizer, lessons)
+    right = [answer == lead_sentence(pair[1]["content"]) for pair, answer in zip(lessons, answers)]
+    shown = next((i for i, pair in enumerate(lessons) if _asked_name(pair[0]["content"]) == SAMPLE_LESSON), 0)
+    question, answer = lessons[shown][0]["content"], answers[shown]
     brew.notes.update(
-        instruct_pairs=stats["examples"] + len(val),
+        instruct_pairs=len(pairs),
+        instruct_lessons=len(lessons),
         instruct_steps=trainer.step,
+        instruct_epochs=math.ceil(trainer.step / trainer.steps_per_epoch),
+        instruct_learned_epoch=trainer.learned_epoch,
         instruct_val_loss_before=before,
         instruct_val_loss=after,
-        answer_sample=answer.text,
+        own_lessons=sum(right),
+        own_lessons_asked=len(lessons),
+        answer_sample=f"{question} -> {answer}",
     )
     brew.console.print(
-        f"instruction tuning: {stats['examples'] + len(val)} Python Q/A pairs, "
-        f"{trainer.step} steps, held-out loss {before:.2f} -> {after:.2f}; "
-        f"'What does str.upper do?' -> {answer.text!r}"
+        f"instruction tuning: {len(lessons)} lessons and {len(mix)} grounded pairs, {trainer.step} steps "
+        f"({brew.notes['instruct_epochs']} epochs), held-out loss {before:.2f} -> {after:.2f}\n"
+        f"own lessons: {own_lessons_text(brew.notes)}; "
+        f"{question!r} -> {answer!r} ({'right' if right[shown] else 'wrong'})"
     )
+
+
+def own_lessons(model, tokenizer, lessons: list[list[dict]]) -> list[str]:
+    """The first sentence of the model's greedy answer to each lesson's question, ungrounded."""
+    from gpt.engine import Engine
+    from gpt.sampling import SamplingParams
+
+    engine = Engine(model, tokenizer)
+    answers = []
+    for pair in lessons:
+        # the lesson's first sentence and a few tokens more: enough to see it end, or not
+        room = len(tokenizer.encode(lead_sentence(pair[1]["content"]))) + 4
+        answer = engine.generate_chat(pair[:1], SamplingParams(temperature=0, max_new_tokens=room))
+        answers.append(lead_sentence(answer.text))
+    return answers
+
+
+def lead_sentence(text: str) -> str:
+    """An answer's first sentence, as the own-lessons check compares them."""
+    return re.split(r"(?<=[.!?])\s", " ".join(text.split()), maxsplit=1)[0]
+
+
+def own_lessons_text(notes: dict) -> str:
+    """ "367/380 (97%)": how many of its plain lessons a brewed starter answers."""
+    right, asked = notes["own_lessons"], notes["own_lessons_asked"]
+    return f"{right}/{asked} ({right / asked:.0%})"
+
+
+def passed_own_check(notes: dict) -> bool:
+    """Whether a brew answers OWN_LESSONS_REQUIRED of its own lessons (one without an
+    instruction stage has nothing to check)."""
+    return "own_lessons" not in notes or notes["own_lessons"] >= OWN_LESSONS_REQUIRED * notes["own_lessons_asked"]
 
 
 STAGES: list[Stage] = [
@@ -632,6 +764,7 @@ class StarterResult:
     seconds: float
     notes: dict
     activated: bool
+    refused: str = ""  # why it was not activated, when it failed its own check
 
     def summary(self) -> str:
         n = self.notes
@@ -647,6 +780,8 @@ class StarterResult:
             )
         if n.get("sample"):
             lines.append(f"sample: {n['sample']!r}")
+        if "own_lessons" in n:
+            lines.append(f"own lessons: {own_lessons_text(n)}; {n['answer_sample']}")
         if self.activated:
             lines.append("it is now the active model")
         return "\n".join(lines)
@@ -679,22 +814,46 @@ def brew_starter(
     brew = Brew(work, device, console or Console(stderr=True), seed=seed)
     for stage in stages:
         brew.console.rule(f"starter: {stage.name}")
+        stage_started = time.monotonic()
         stage.run(brew)
+        brew.notes[f"{stage.name}_seconds"] = round(time.monotonic() - stage_started, 1)  # the ETA's figures
     if brew.model_dir is None:
         raise KettleError("the starter stages produced no model")
-    with atomic_directory(out, overwrite=force) as tmp:
-        shutil.copytree(brew.model_dir, tmp, dirs_exist_ok=True)
+    from data.store import open_store
+
+    passed = passed_own_check(brew.notes)
+    refused = (
+        ""
+        if passed
+        else f"the starter answers only {own_lessons_text(brew.notes)} of its own lessons, below the "
+        f"{OWN_LESSONS_REQUIRED:.0%} it must: it is not made active"
+    )
+    with open_store() as store:
+        active = store.active_model()
+    # --force on the active starter: the model chatted with is not replaced by a failed one
+    keep_active = not passed and active is not None and Path(active.path).resolve() == out.resolve()
+    if keep_active:
+        out = brew.model_dir
+        refused += f" (the active starter is kept; this one is in {out})"
+    else:
+        with atomic_directory(out, overwrite=force) as tmp:
+            shutil.copytree(brew.model_dir, tmp, dirs_exist_ok=True)
     seconds = time.monotonic() - started
     brew.notes["seconds"] = round(seconds, 1)
     if "eta_at" in brew.notes:  # how far off the estimate was, for the record
         brew.notes["eta_actual_s"] = round(time.monotonic() - brew.notes.pop("eta_at"), 1)
-    from data.store import open_store
-
-    with open_store() as store:
-        _, activated = store.register_model(
-            out, "starter", metrics=brew.notes, hparams={"stages": [s.name for s in stages], "seed": seed}
-        )
-    return StarterResult(out, seconds, brew.notes, activated)
+    activated = False
+    if not keep_active:
+        with open_store() as store:
+            _, activated = store.register_model(
+                out,
+                "starter",
+                metrics=brew.notes,
+                hparams={"stages": [s.name for s in stages], "seed": seed},
+                status="ok" if passed else "failed",
+                note=refused,
+            )
+    return StarterResult(out, seconds, brew.notes, activated, refused)
 
 
 # --- the corpus ---------------------------------------------------------------------------------

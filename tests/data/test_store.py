@@ -331,6 +331,17 @@ def test_model_versions_lineage_and_activation(store):
         store.add_model_version("orphan", "/x", kind="finetuned", parent_id=999)
 
 
+def test_a_model_registered_as_failed_is_never_made_active_on_its_own(store, tmp_path):
+    """A starter that failed its own check: recorded, not chatted with; brewed again and passing,
+    the same directory's version becomes ok and, with no model active, the active one."""
+    version, activated = store.register_model(tmp_path / "starter", "starter", status="failed", note="too few")
+    assert not activated and store.active_model() is None
+    assert (version.status, version.note) == ("failed", "too few")
+    version, activated = store.register_model(tmp_path / "starter", "starter", metrics={"own": 9}, status="ok", note="")
+    assert activated and store.active_model().id == version.id
+    assert (version.status, version.note, version.metrics) == ("ok", "", {"own": 9})
+
+
 def test_run_lifecycle_and_metrics(store, tmp_path):
     run = store.create_run("lora", config={"r": 8}, total_steps=3, log_path=tmp_path / "log")
     assert run.status == "queued" and run.started_at is None

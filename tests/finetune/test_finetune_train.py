@@ -82,6 +82,37 @@ def test_tiny_model_reproduces_twenty_corrected_answers_on_the_defaults(mode, tr
     assert _exact_share(model, trained_tokenizer) >= 0.9
 
 
+def test_until_learned_stops_at_a_share_beside_replay_batched_on_its_own(trained_tokenizer):
+    """The starter's instruction stage: lessons learnt until most come back, each epoch beside a
+    fresh slice of longer examples that are batched by length on their own (spread over every
+    batch, they would pad each to their length) and never counted as lessons."""
+    model = _tiny_model()
+    examples, _ = prepare(CORRECTED, trained_tokenizer, max_length=64, vocab_size=512)
+    stories = [
+        [
+            {"role": "user", "content": f"Tell me about the {t}."},
+            {"role": "assistant", "content": f"The {t} has stood on shelf {i} since the spring; " * 2},
+        ]
+        for i, t in enumerate(TOPICS)
+    ]
+    replay, _ = prepare(stories, trained_tokenizer, max_length=64, vocab_size=512)
+    config = resolve(
+        SFTConfig(lr=3e-3, epochs=60, learned_share=0.75, replay=8, replay_spread=False),
+        len(examples),
+        model=model.config,
+        n_replay=len(replay),
+    )
+    trainer = SFTTrainer(model, examples, [], config, pad_id=trained_tokenizer.eot_id, replay=replay)
+    lessons = {id(e) for e in examples}
+    for batch in trainer._epoch_batches(0):
+        assert len({id(e) in lessons for e in batch}) == 1
+    assert trainer.run() is True
+    epochs, back = zip(*trainer.recall_history)
+    assert back[-1] >= 15 > max(back[:-1]) and trainer.learned_epoch == epochs[-1]
+    assert trainer.step < trainer.total_steps  # the margin after it, and no further
+    assert sum(recalled(model, examples, pad_id=trained_tokenizer.eot_id, device="cpu")) >= 15
+
+
 def test_early_stopping_restores_the_best_weights(trained_tokenizer):
     model = _tiny_model()
     examples, _ = prepare(CORRECTED, trained_tokenizer, max_length=64, vocab_size=512)

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.pretrain import TrainConfig, pretrain
+from finetune.pretrain import TrainConfig, pretrain, stretch_positions
 from finetune.train import lr_at, make_optimizer, read_metrics
 from gpt.checkpoint import load_model
 from gpt.config import GPTConfig, get_preset
+from gpt.errors import KettleError
+from gpt.model import GPT
 from gpt.tokenizer import TOKENIZER_FILE
 from tui.cli import main
 
@@ -122,6 +124,36 @@ def test_resume_extends_a_finished_run(tmp_path, verdict_file, trained_tokenizer
     assert json.loads((tmp_path / "m" / "training.json").read_text())["steps"] == 6
 
 
+def test_short_windows_first_then_the_full_context(tmp_path, verdict_file, trained_tokenizer):
+    """Sequence-length warm-up: the first half of the steps on windows of 8 tokens, the rest on
+    the model's 32, as many tokens a step; a window that does not divide the context is refused."""
+    result = pretrain(
+        verdict_file,
+        tmp_path / "model",
+        config=TINY,
+        cfg=train_cfg(short_context=8, short_share=0.5),
+        tokenizer=trained_tokenizer,
+        progress=False,
+    )
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"]: r["window"] for r in rows if "window" in r} == {s: 8 if s <= 4 else 32 for s in range(1, 9)}
+    assert result.tokens == 8 * 128 and result.val_loss < result.initial_val_loss
+    assert load_model(result.out)[0].config.context_length == 32
+    with pytest.raises(KettleError, match="does not divide"):
+        pretrain(verdict_file, tmp_path / "other", config=TINY, cfg=train_cfg(short_context=12, short_share=0.5))
+
+
+def test_positions_trained_on_short_windows_are_stretched_over_the_context():
+    """What the first full-length step meets: the trained positions spread over the whole context
+    (each fifth is one of the four trained, those between lie between), not untrained ones."""
+    model = GPT(GPTConfig(vocab_size=64, context_length=16, n_layer=1, n_head=1, n_embd=8))
+    trained = model.wpe.weight[:4].detach().clone()
+    stretch_positions(model, 4)
+    stretched = model.wpe.weight.detach()
+    assert torch.allclose(stretched[::5], trained)
+    assert torch.allclose(stretched[2], (3 * trained[0] + 2 * trained[1]) / 5, atol=1e-6)
+
+
 def test_schedule_and_weight_decay_groups():
     cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
     assert lr_at(0, cfg.optimizer, max_steps=100) == pytest.approx(1e-4)
@@ -132,7 +164,6 @@ def test_schedule_and_weight_decay_groups():
     assert lr_at(10, timed.optimizer, max_steps=1000, max_time=60.0, elapsed=60.0) == pytest.approx(
         1e-4
     )  # the clock ran out first
-    from gpt.model import GPT
 
     optimizer = make_optimizer(GPT(TINY), TrainConfig().optimizer, device=torch.device("cpu"))
     decayed, plain = optimizer.param_groups

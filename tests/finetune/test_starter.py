@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from data.pydocs import stdlib_docstrings
 from finetune import starter
 from gpt.checkpoint import load_model
 from gpt.config import GPTConfig
@@ -27,7 +28,7 @@ def test_docstrings_are_read_without_importing(tmp_path):
     (root / "pkg" / "__init__.py").write_text('"""The pkg package: a module docstring over forty characters."""\n')
     (root / "test" / "test_loud.py").write_text("def test_x():\n    '''Tests are not docs.'''\n")
     (root / "broken.py").write_text("def (:\n")
-    docs = starter.stdlib_docstrings(root)
+    docs = stdlib_docstrings(root)
     assert "loud.shout(text, *, times=2)\n\nReturn text in capitals, times times." in docs
     assert "class loud.Horn\n\nA horn." in docs
     assert "loud.Horn.blow(self, volume=1)\n\nBlow the horn." in docs

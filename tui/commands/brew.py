@@ -44,4 +44,7 @@ def starter_command(args) -> int:
         if not memory.has_python_docs(store):
             index_python(store)
     print("Python's documentation is indexed: grounded answers can use it")
+    if result.refused:  # the last line: the app shows it as the brew's failure
+        print(result.refused)
+        return 1
     return 0

@@ -18,7 +18,7 @@ from data.paths import kettle_home, models_dir
 from data.records import ModelVersion
 from data.registry import resolve_model_dir, unique_name
 from data.store import Store
-from finetune.starter import BREW_TIME, parse_eta
+from finetune.starter import BREW_TIME, own_lessons_text, parse_eta
 from finetune.verdict import summary_lines
 from gpt.errors import KettleError
 from tui.errors import error_text, guarded
@@ -67,6 +67,8 @@ def describe(store: Store, version: ModelVersion, *, active_id: int | None) -> s
     loss = loss_of(version)
     if loss is not None:
         lines.append(f"[dim]held-out loss[/] {loss:.3f}")
+    if "own_lessons" in version.metrics:  # a starter: how many of its lessons it answers
+        lines.append(f"[dim]own lessons[/] {own_lessons_text(version.metrics)}")
     if "gate" in version.metrics:  # a fine-tune: its verdict, as the sheet and its card word it
         lines += ["[dim]verdict[/]", *(f"  {escape(line)}" for line in summary_lines(version.metrics))]
     for key in (  # what the verdict does not already say
