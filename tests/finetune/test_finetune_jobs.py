@@ -307,7 +307,9 @@ def test_the_gate_reads_answers_to_the_bases_own_questions(store, tmp_path, make
     examples, _ = prepare(taught, tokenizer, max_length=64, vocab_size=512)
     config = resolve(SFTConfig(lr=3e-3), len(examples), model=model.config)
     assert SFTTrainer(model, examples, [], config, pad_id=tokenizer.eot_id).run()
-    save_model(model, path, tokenizer=tokenizer, overwrite=True, extra_files={REPLAY_FILE: replay_text(taught, unseen)})
+    # Its taught questions in the held-out split: a fine-tune trains the replay's training split
+    # (and those most like its corrections, finetune.lessons) and keeps those answers.
+    save_model(model, path, tokenizer=tokenizer, overwrite=True, extra_files={REPLAY_FILE: replay_text(unseen, taught)})
     store.add_model_version("taught", path, kind="pretrained")
 
     conv = store.create_conversation()
