@@ -51,18 +51,20 @@ def estimate_seconds(plan: Plan, method: str, *, epochs: int | None) -> tuple[fl
     """(seconds, optimizer steps) for the run the sheet would start, from the fine-tuning
     defaults (finetune.instruct.resolve) and a rough device speed."""
     from finetune.instruct import SFTConfig, resolve
-    from finetune.lessons import FORMS
+    from finetune.lessons import CONTRASTS, FORMS, NEIGHBOURS, OPENERS
     from finetune.lora import LoRAConfig
 
     n = max(1, plan.n_examples + plan.n_lessons)
+    # every lesson in its other forms too, and what keeps it to its question (finetune.lessons)
+    kept = (NEIGHBOURS + CONTRASTS) * n + len(OPENERS) if plan.n_replay else len(OPENERS)
     config = resolve(
         SFTConfig(epochs=epochs, lora=LoRAConfig() if method == "lora" else None),
         n,
         model=plan.config,
         n_replay=plan.n_replay,
-        n_variants=FORMS * n,
+        n_variants=FORMS * n + kept,
     )
-    n *= 1 + FORMS  # every lesson in its other forms too
+    n += FORMS * n + kept
     steps = config.epochs * math.ceil(n / config.max_batch_size)  # replay rides in the batches
     # forward + backward = 6 FLOPs per parameter per token (LoRA still runs the full backward
     # through the activations, so it saves memory more than time: count it as 2/3); small
