@@ -590,6 +590,12 @@ def grounded_pairs(plain: list[list[dict]], *, heldout: set[str], seed: int = 0)
         pairs.append(ask(passages[_asked_name(pair[0]["content"])], pair[0]["content"], pair[1]["content"]))
     for pair in rng.sample(plain, min(len(plain), GROUNDED_ANSWERS)):
         question, answer = pair[0]["content"], pair[1]["content"]
+        if rng.random() < 0.5:
+            # a user's correction says otherwise than the weights: the passage wins. Taught only
+            # passages that agreed with its lessons, the starter answered "How can I reverse a
+            # Python list?" beside the user's correction with its lesson "Reverse *IN PLACE*."
+            # (1-10 of 20 reworded corrections came back; the starter before it, 20)
+            answer = rng.choice(plain)[1]["content"]
         pairs.append(ask(f"{_reworded(question, rng)}\n{answer}", question, answer))
     for pair in rng.sample(plain, min(len(plain), GROUNDED_UNRELATED)):
         unrelated = [{"role": "user", "content": pair[0]["content"]}, pair[1]]

@@ -163,3 +163,23 @@ def test_the_brew_says_its_eta_again_as_the_speed_changes_and_after_pretraining(
     assert abs(said[4] - 3 * (900 - 640 + starter.LATER_STAGES_STEPS)) <= 3  # 3 s a step since 490
     assert abs(said[-1] - 3 * starter.LATER_STAGES_STEPS) <= 3  # what is left after pretraining
     assert starter.parse_eta(starter.eta_text(45)) == 45 and starter.parse_eta("loss 2.1 eta 0:03") is None
+
+
+def test_grounded_corrections_teach_the_passage_over_the_lesson():
+    """A user's correction contradicts what the starter learnt: half of the correction-shaped
+    grounded pairs answer with the passage's answer, not the lesson's, so the model follows the
+    passage (taught only agreeing ones, it answered from its lessons beside a correction)."""
+    from gpt.chat_template import QUESTION
+
+    plain = [
+        [{"role": "user", "content": f"How do I do task {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+        for i in range(40)
+    ]
+    lesson = {p[0]["content"]: p[1]["content"] for p in plain}
+    overruled = 0
+    for pair in starter.grounded_pairs(plain, heldout=set(), seed=0):
+        question = pair[0]["content"].rpartition(QUESTION)[2]
+        if question in lesson and pair[1]["content"] != lesson[question]:
+            assert any(pair[1]["content"] in r for r in pair[0]["references"])  # the passage's
+            overruled += 1
+    assert overruled >= 5
