@@ -501,7 +501,7 @@ async def test_remote_service_matches_in_process(server, long_context_model_dir)
                 done = event
         assert done.result.finish_reason == "cancelled" and done.result.text
         started = time.monotonic()
-        # seeded: unseeded, it may sample the end token first
+        # seeded: unseeded, it may sample the end token first and end at once
         quick = [e async for e in remote.complete("Hi", SamplingParams(max_new_tokens=2, seed=99))]
         assert quick[-1].result.new_tokens == 2 and time.monotonic() - started < 5
     finally:
