@@ -371,7 +371,7 @@ def _lesson_examples(
         variants,
     )
     from finetune.replay import read_replay
-    from gpt.sampling import CHAT_PRESET, get_preset
+    from gpt.sampling import AS_TRAINED, CHAT_PRESET, get_preset
 
     vocab_size = model.config.vocab_size
     lessons = merge(read_lessons(base_path), taught)
@@ -384,7 +384,7 @@ def _lesson_examples(
     # back): fine-tuned on 10 corrections, the starter answered "Hi! Can you help me with
     # Python?" with one of them, and every later answer of that chat copied from it.
     kept = list(OPENERS) + contrasts(lessons, pool, seed=seed)
-    small_talk = chatter(model, tokenizer, kept, params=get_preset("as-trained")) if lessons else []
+    small_talk = chatter(model, tokenizer, kept, params=get_preset(AS_TRAINED)) if lessons else []
 
     def encode(conversations: list[list[dict]]) -> list[Example]:
         try:

@@ -454,25 +454,12 @@ def _train(data, out, *, run_dir, config, cfg, tokenizer, resume, dist, device, 
     val_stream = corpus.TokenStream(run_dir / "shards", "val")
     context = config.context_length
     accum = accumulation_steps(cfg, context, world_size=dist.world_size, train_tokens=len(train_stream))
-    loader = corpus.WindowLoader(
-        train_stream,
-        cfg.micro_batch_size,
-        context,
-        cfg.stride,
-        mode=cfg.loader,
-        seed=cfg.seed,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        accum_steps=accum,
-    )
-    tokens_per_step = loader.step_batch * context
-    short_until, short_loader = 0, None
-    if cfg.short_context and cfg.short_share and cfg.short_context < context:
-        short_until = round(cfg.max_steps * cfg.short_share)
-        short_loader = corpus.WindowLoader(
+
+    def windows(batch: int, length: int) -> corpus.WindowLoader:
+        return corpus.WindowLoader(
             train_stream,
-            cfg.micro_batch_size * (context // cfg.short_context),
-            cfg.short_context,
+            batch,
+            length,
             cfg.stride,
             mode=cfg.loader,
             seed=cfg.seed,
@@ -480,6 +467,13 @@ def _train(data, out, *, run_dir, config, cfg, tokenizer, resume, dist, device, 
             world_size=dist.world_size,
             accum_steps=accum,
         )
+
+    loader = windows(cfg.micro_batch_size, context)
+    tokens_per_step = loader.step_batch * context
+    short_until, short_loader = 0, None
+    if cfg.short_context and cfg.short_share and cfg.short_context < context:
+        short_until = round(cfg.max_steps * cfg.short_share)
+        short_loader = windows(cfg.micro_batch_size * (context // cfg.short_context), cfg.short_context)
 
     prepare_training(device)
     torch.manual_seed(cfg.seed + dist.rank)

@@ -189,6 +189,7 @@ def _params() -> tuple[Param, ...]:
 PARAMS = _params()
 
 
+AS_TRAINED = "as-trained"
 PRESETS: dict[str, SamplingParams] = {
     # Close to deterministic: good for facts, code and checking a fine-tune.
     "precise": SamplingParams(temperature=0.2, top_k=40, top_p=0.9, repetition_penalty=1.1),
@@ -197,7 +198,7 @@ PRESETS: dict[str, SamplingParams] = {
     "creative": SamplingParams(temperature=1.0, top_p=0.98, min_p=0.05, repetition_penalty=1.05),
     # Greedy with every other control off (no penalty, no filter): how a fine-tune's verdict
     # reads answers (finetune.instruct.recalled), so a learned correction comes back word for word.
-    "as-trained": SamplingParams(temperature=0),
+    AS_TRAINED: SamplingParams(temperature=0),
 }
 
 

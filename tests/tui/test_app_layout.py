@@ -15,6 +15,7 @@ from test_chat_markdown import screen_text
 
 from data.paths import kettle_home
 from data.store import open_store
+from tests.finetune.test_verdict import PROBE
 from tui.app import KettleApp
 
 PLACES = ["f1 Help", "f2 Chat", "f3 Dataset", "f4 Models", "f5 Fine-tune", "f6 Compare"]
@@ -33,15 +34,7 @@ FINETUNE_METRICS = {
     "replay_loss_after": 2.6,
     "best_val_loss": None,
     "steps": 12,
-    "probe": {
-        "questions": 48,
-        "loops_before": 3,
-        "loops_after": 3,
-        "leaks": 0,
-        "right_before": 21,
-        "lost": 0,
-        "examples": {"loops": {}, "leaks": {}, "lost": {}},
-    },
+    "probe": PROBE,
 }
 
 
