@@ -13,7 +13,7 @@ import sys
 
 import httpx
 import pytest
-from test_server import RunningServer
+from test_server import RunningServer, store_with_correction
 
 from gpt.engine import Engine
 from gpt.ollama import router
@@ -170,16 +170,10 @@ def test_chat_is_grounded_in_the_store_as_the_openai_api_is(chat_model_dir, kett
     gets the user's correction from the store, the passage named in the last object's "sources",
     whole or streamed, where the ollama client reads the answer and ignores it; "ground": false
     answers from the model alone; "references" grounds in passages of the client's own."""
-    from data.store import open_store
     from tui.commands.serve import store_retriever
 
     answer = "Call my_list.reverse() to reverse it in place."
-    with open_store() as store:
-        conv = store.create_conversation("lists")
-        user = store.add_message(conv.id, "user", content="How do I reverse a list?")
-        bot = store.add_message(conv.id, "assistant", content="No idea.", parent_id=user.id)
-        store.set_label(bot.id, ideal=answer)
-    store = open_store()
+    store, corrected = store_with_correction("How do I reverse a list?", answer)
     service = InProcessService(str(chat_model_dir))
     running = RunningServer(service, None, routers=[router(service)], retrieve=store_retriever(store))
     try:
@@ -195,7 +189,7 @@ def test_chat_is_grounded_in_the_store_as_the_openai_api_is(chat_model_dir, kett
         grounded = chat()
         assert grounded["message"]["content"] == answer
         source = grounded["sources"][0]
-        assert source["kind"] == "correction" and source["ref"] == bot.id and "reference" not in source
+        assert source["kind"] == "correction" and source["ref"] == corrected and "reference" not in source
         plain = chat(ground=False)
         assert plain["message"]["content"] != answer and plain["sources"] == []
         given = chat(ground=False, references=["Q?\nUse reversed(xs)."])

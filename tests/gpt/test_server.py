@@ -78,6 +78,19 @@ def http(server, method, path, **kw):
     return httpx.request(method, server.url + path, headers=headers, **{"timeout": 30, **kw})
 
 
+def store_with_correction(question: str, answer: str):
+    """The store (open) after a user corrected the answer to `question` with `answer`, and the
+    corrected message's id."""
+    from data.store import open_store
+
+    store = open_store()
+    conv = store.create_conversation("lists")
+    user = store.add_message(conv.id, "user", content=question)
+    bot = store.add_message(conv.id, "assistant", content="No idea.", parent_id=user.id)
+    store.set_label(bot.id, ideal=answer)
+    return store, bot.id
+
+
 def test_openai_client_chat_and_completions_streaming_and_not(client, long_context_model_dir):
     engine = Engine.load(long_context_model_dir)
     args = dict(temperature=0.9, top_p=0.95, seed=7, max_tokens=10)
@@ -745,22 +758,16 @@ def test_chat_is_grounded_in_the_store_by_default_and_names_its_sources(chat_mod
     from the model alone; "references" grounds in passages of the client's own."""
     import openai
 
-    from data.store import open_store
     from tui.commands.serve import store_retriever
 
     answer = "Call my_list.reverse() to reverse it in place."
-    with open_store() as store:
-        conv = store.create_conversation("lists")
-        user = store.add_message(conv.id, "user", content="How do I reverse a list?")
-        bot = store.add_message(conv.id, "assistant", content="No idea.", parent_id=user.id)
-        store.set_label(bot.id, ideal=answer)
-    store = open_store()
+    store, corrected = store_with_correction("How do I reverse a list?", answer)
     running = RunningServer(InProcessService(str(chat_model_dir)), None, retrieve=store_retriever(store))
     try:
         question = {"messages": [{"role": "user", "content": "How can I reverse a Python list?"}], "temperature": 0}
         body = http(running, "POST", "/v1/chat/completions", json={**question, "max_tokens": 30}).json()
         assert body["choices"][0]["message"]["content"] == answer
-        assert body["sources"][0]["kind"] == "correction" and body["sources"][0]["ref"] == bot.id
+        assert body["sources"][0]["kind"] == "correction" and body["sources"][0]["ref"] == corrected
         plain = http(running, "POST", "/v1/chat/completions", json={**question, "max_tokens": 30, "ground": False})
         assert plain.json()["choices"][0]["message"]["content"] != answer and plain.json()["sources"] == []
         given = {**question, "max_tokens": 30, "ground": False, "references": ["Q?\nUse reversed(xs)."]}
