@@ -336,13 +336,22 @@ def _flat_nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.T
 # wander off after a few words (0 of 20 first sentences exact), +15 copies (15 of 20).
 COPY_BIAS = 15.0
 COPY_MATCH = 8  # the longest tail of the answer looked up in the passages
+# An answer that so far is the best passage's beginning, word for word, keeps copying it: the
+# starter that knows its lessons left a correction for its own lesson half way ("Call len(): return
+# the number of items." beside "Call len(my_list); it returns ..."), and began with its lesson where
+# the correction was best and the lesson's documentation second ("Reverse *IN PLACE*."). With the
+# best passage's first token and its continuation at +30: 10 corrections asked reworded, not yet
+# fine-tuned, 20/20 greedy and 40/40 sampled (balanced, 2 seeds), where +15 gave 9/20; held-out
+# names 37/40 (34).
+FOLLOW_BIAS = 30.0
 
 
 class CopyBias:
     """Leans a grounded answer toward copying from its passages, as a pointer-generator copies:
-    its first token toward each passage body's first (the best passage most), then each next
-    token toward what follows, in a passage, the longest tail of the answer found there (two
-    tokens at least, so that one common word does not jump elsewhere). Never across a sentence's
+    its first token toward each passage body's first (the best passage most); while the answer
+    is word for word a passage's beginning, toward that passage's next token (FOLLOW_BIAS); else
+    each next token toward what follows, in a passage, the longest tail of the answer found there
+    (two tokens at least, so that one common word does not jump elsewhere). Never across a sentence's
     or a line's end: there it only nudges the model toward ending its answer, and at the end of
     a passage pushes it to (a correction copied whole is the whole answer).
 
@@ -360,8 +369,18 @@ class CopyBias:
         if not answer:
             for rank, body in enumerate(self.bodies):
                 if body:
-                    logits[body[0]] += COPY_BIAS / (1 + rank)
+                    logits[body[0]] += FOLLOW_BIAS if rank == 0 else COPY_BIAS / (1 + rank)
             return logits
+        n = len(answer)
+        for body, open_ in zip(self.bodies, self.open):
+            if body[:n] == answer:  # copying this passage from its beginning
+                if n == len(body):
+                    logits[self.stops] += FOLLOW_BIAS
+                elif open_[n]:
+                    logits[body[n]] += FOLLOW_BIAS
+                else:  # a sentence or line ends here: the model chooses to go on or stop
+                    logits[self.stops] += COPY_BIAS / 3
+                return logits
         for m in range(min(COPY_MATCH, len(answer)), min(2, len(answer)) - 1, -1):
             tail = answer[-m:]
             ends = [
