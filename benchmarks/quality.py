@@ -328,7 +328,7 @@ def ask(
         start = time.perf_counter()
         found = memory.references_for(store, messages)
         steps["retrieval"] = time.perf_counter() - start
-        messages, _ = engine.ground(messages, [p.reference for p in found], params)
+        messages, _ = engine.ground(messages, [p.reference for p in found], params, taught=memory.taught_count(found))
         steps["fitting"] = time.perf_counter() - start - steps["retrieval"]
     return messages, steps
 

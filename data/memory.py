@@ -70,6 +70,11 @@ class Passage:
     score: float  # the share of the question's word weight it holds
 
     @property
+    def taught(self) -> bool:
+        """An answer the user gave or approved: the model copies it whole (gpt.sampling.CopyBias)."""
+        return self.kind in ("correction", "answer")
+
+    @property
     def reference(self) -> str:
         """The passage as the model reads it: an answer with the question it answers."""
         return f"{self.name}\n{self.text}" if self.kind in ("correction", "answer") else self.text
@@ -373,7 +378,7 @@ def retrieve(store, question: str, *, recent: Iterable[str] = (), limit: int = 3
         return []
     # what the user taught comes first; then the documentation closest to the best match: a
     # passage about the exact name asked for outranks one that only mentions it
-    answers = sorted(_answers(store, words), key=lambda p: (-p.score, p.kind != "correction", -p.ref))
+    answers = sorted(_answers(store, words, symbols), key=lambda p: (-p.score, p.kind != "correction", -p.ref))
     docs: dict[int, Passage] = {}
     for p in _named(store, symbols, words) + _documents(store, words):
         if p.ref not in docs or docs[p.ref].score < p.score:
@@ -386,6 +391,11 @@ def retrieve(store, question: str, *, recent: Iterable[str] = (), limit: int = 3
             seen.add(p.text)
             out.append(p)
     return out[:limit]
+
+
+def taught_count(found: list[Passage]) -> int:
+    """How many of the passages, the first ones, the user taught (retrieve puts them first)."""
+    return next((i for i, p in enumerate(found) if not p.taught), len(found))
 
 
 def references_for(store, messages: list[dict], *, limit: int = 3) -> list[Passage]:
@@ -474,9 +484,10 @@ def _named(store, symbols: list[str], words: list[str]) -> list[Passage]:
     return out
 
 
-def _answers(store, words: list[str]) -> list[Passage]:
+def _answers(store, words: list[str], symbols: list[str] = ()) -> list[Passage]:
     """Questions asked before whose answer would train now: a correction, an approved answer, or
-    an imported one; the passage is that question and the answer as it would train."""
+    an imported one; the passage is that question and the answer as it would train. A question
+    naming code ("tuple.count") matches only questions naming the same."""
     if not words:
         return []
     rows = store._rows(
@@ -529,8 +540,12 @@ def _answers(store, words: list[str]) -> list[Passage]:
     def share(part: set[str], whole: set[str]) -> float:
         return sum(weight[w] for w in part) / (sum(weight[w] for w in whole) or 1.0)
 
+    named = {s.lower().removesuffix("()") for s in symbols}
     out = []
     for qid, p in chosen.items():
+        # "What is a tuple?" answers nothing about tuple.count, though it holds a good share of it
+        if not named <= {s.lower().removesuffix("()") for s in query_terms(p.name)[1]}:
+            continue
         held = asked & stored[qid]
         forward, backward = share(held, asked), share(held, stored[qid])
         # most of each in the other, or all of one and a good part of the other ("What numbers

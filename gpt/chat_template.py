@@ -112,8 +112,9 @@ REFERENCE = "Reference:\n"
 QUESTION = "\n\nQuestion: "
 
 
-def grounded(messages: list[dict], references: list[str]) -> list[dict]:
-    """The conversation with `references` in the newest user turn; as it is with none."""
+def grounded(messages: list[dict], references: list[str], *, taught: int = 0) -> list[dict]:
+    """The conversation with `references` in the newest user turn; as it is with none. `taught`:
+    how many of them, the first ones, are answers the user taught (copied whole: CopyBias)."""
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     if not references or not users:
         return messages
@@ -121,7 +122,12 @@ def grounded(messages: list[dict], references: list[str]) -> list[dict]:
     content = REFERENCE + "\n\n".join(references) + QUESTION + messages[last]["content"]
     # the passages ride along too, for the copy bias (gpt.engine.Engine.copy_bias); only
     # "content" is ever rendered
-    turn = {**messages[last], "content": content, "references": list(references)}
+    turn = {
+        **messages[last],
+        "content": content,
+        "references": list(references),
+        "taught": min(taught, len(references)),
+    }
     return [*messages[:last], turn, *messages[last + 1 :]]
 
 

@@ -167,9 +167,12 @@ class Engine:
 
     # --- chat ------------------------------------------------------------------------------------
 
-    def ground(self, messages: list[dict], references: list[str], params: SamplingParams) -> tuple[list[dict], int]:
-        """The conversation with as many `references` (best first) as leave room for the newest
-        question and the answer, and how many went in (gpt.chat_template.grounded)."""
+    def ground(
+        self, messages: list[dict], references: list[str], params: SamplingParams, *, taught: int = 0
+    ) -> tuple[list[dict], int]:
+        """The conversation with as many `references` (best first; the first `taught` of them the
+        user's own answers) as leave room for the newest question and the answer, and how many
+        went in (gpt.chat_template.grounded)."""
         validate_messages(messages)
         users = [m for m in messages if m["role"] == "user"]
         if not references or not users:
@@ -181,7 +184,7 @@ class Engine:
         )
         budget = min(self.prompt_budget(params) - own, self.context_length // 2)
         kept = fit_references(references, self.tokenizer, budget)
-        return grounded(messages, kept), len(kept)
+        return grounded(messages, kept, taught=taught), len(kept)
 
     def copy_bias(self, messages: list[dict]) -> CopyBias | None:
         """The copy bias of a grounded conversation (its newest turn carries "references"): each
@@ -210,7 +213,7 @@ class Engine:
                     for j in range(len(ids))
                 ]
             )
-        return CopyBias(bodies, open_, self.stop_ids)
+        return CopyBias(bodies, open_, self.stop_ids, taught=messages[-1].get("taught", 0))
 
     def chat_prompt(self, messages: list[dict], params: SamplingParams) -> tuple[list[int], int]:
         """The chat prompt's token ids trimmed to the window, and how many tokens were dropped."""

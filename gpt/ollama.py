@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gpt.errors import KettleError
 from gpt.sampling import SamplingParams
-from gpt.server import APIError, Grounding, _event_error, _Run, grounding, parse_body, used_sources
+from gpt.server import APIError, Grounding, _event_error, _Run, grounded_options, grounding, parse_body, used_sources
 from gpt.service import Delta, Done, Error, GenerationService, ModelInfo
 
 log = logging.getLogger("kettle.server")
@@ -196,7 +196,7 @@ def router(service: GenerationService) -> APIRouter:
             model=name,
             request_id=request_id,
             truncate=True,
-            references=[s["reference"] for s in sources],
+            **grounded_options(sources),
         )
         return await _answer(
             request, service, (request_id, events), name, "message", body.stream, load_s, sources=sources

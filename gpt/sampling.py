@@ -336,44 +336,47 @@ def _flat_nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.T
 # wander off after a few words (0 of 20 first sentences exact), +15 copies (15 of 20).
 COPY_BIAS = 15.0
 COPY_MATCH = 8  # the longest tail of the answer looked up in the passages
-# An answer that so far is the best passage's beginning, word for word, keeps copying it: the
-# starter that knows its lessons left a correction for its own lesson half way ("Call len(): return
-# the number of items." beside "Call len(my_list); it returns ..."), and began with its lesson where
-# the correction was best and the lesson's documentation second ("Reverse *IN PLACE*."). With the
-# best passage's first token and its continuation at +30: 10 corrections asked reworded, not yet
-# fine-tuned, 20/20 greedy and 40/40 sampled (balanced, 2 seeds), where +15 gave 9/20; held-out
-# names 37/40 (34).
+# A passage the user taught (a correction, an approved answer: the first `taught` passages) is
+# copied whole: its first token leads, and an answer that so far is its beginning, word for word,
+# keeps copying it. At COPY_BIAS the starter that knows its lessons left a correction for its own
+# lesson half way ("Call len(): return the number of items." beside "Call len(my_list); it returns
+# ..."), or began with the lesson's documentation ranked second ("Reverse *IN PLACE*."). At +30: 10
+# corrections asked reworded, not yet fine-tuned, 20/20 greedy and 40/40 sampled (balanced, 2
+# seeds), where +15 gave 9/20; in a 6-turn chat 10/10. Documentation keeps COPY_BIAS: followed as
+# hard, the starter's answers to its own lessons, grounded, were no better (59 vs 60 of 120).
 FOLLOW_BIAS = 30.0
 
 
 class CopyBias:
     """Leans a grounded answer toward copying from its passages, as a pointer-generator copies:
-    its first token toward each passage body's first (the best passage most); while the answer
-    is word for word a passage's beginning, toward that passage's next token (FOLLOW_BIAS); else
-    each next token toward what follows, in a passage, the longest tail of the answer found there
-    (two tokens at least, so that one common word does not jump elsewhere). Never across a sentence's
+    its first token toward each passage body's first (the best passage most, a taught one at
+    FOLLOW_BIAS); while the answer is word for word a taught passage's beginning, toward that
+    passage's next token (FOLLOW_BIAS); else each next token toward what follows, in a passage,
+    the longest tail of the answer found there (two tokens at least, so that one common word does
+    not jump elsewhere). Never across a sentence's
     or a line's end: there it only nudges the model toward ending its answer, and at the end of
     a passage pushes it to (a correction copied whole is the whole answer).
 
     bodies: each passage's answer part as token ids (gpt.engine.Engine.copy_bias makes them);
     open_: open_[b][j] is False where bodies[b][j] begins a new sentence or line; stops: the
-    tokens that end an answer."""
+    tokens that end an answer; taught: how many of the passages, the first ones, the user taught."""
 
-    def __init__(self, bodies: list[list[int]], open_: list[list[bool]], stops: set[int]):
+    def __init__(self, bodies: list[list[int]], open_: list[list[bool]], stops: set[int], *, taught: int = 0):
         self.bodies = bodies
         self.open = open_
         self.stops = sorted(stops)
+        self.taught = taught
 
     def apply(self, logits: torch.Tensor, answer: list[int]) -> torch.Tensor:
         logits = logits.clone()
         if not answer:
             for rank, body in enumerate(self.bodies):
                 if body:
-                    logits[body[0]] += FOLLOW_BIAS if rank == 0 else COPY_BIAS / (1 + rank)
+                    logits[body[0]] += (FOLLOW_BIAS if rank < self.taught else COPY_BIAS) / (1 + rank)
             return logits
         n = len(answer)
-        for body, open_ in zip(self.bodies, self.open):
-            if body[:n] == answer:  # copying this passage from its beginning
+        for body, open_ in zip(self.bodies[: self.taught], self.open):
+            if body[:n] == answer:  # copying this taught passage from its beginning
                 if n == len(body):
                     logits[self.stops] += FOLLOW_BIAS
                 elif open_[n]:

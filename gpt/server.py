@@ -76,7 +76,7 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -172,18 +172,23 @@ class Grounding(BaseModel):
     """Kettle's grounding extension of a chat request, the same in OpenAI's API and Ollama's:
     the answer is grounded in the passages the server's retriever finds for the newest question
     (create_app's `retrieve`; on unless "ground" is false), or in the client's own "references"
-    instead (best first). The response names the passages the answer saw in "sources" (used_sources),
-    a field both APIs' clients ignore."""
+    instead (best first; the first "taught" of them answers the user taught, which an answer copies
+    whole). The response names the passages the answer saw in "sources" (used_sources), a field both
+    APIs' clients ignore."""
 
     ground: bool = True
     references: list[str] | None = None
+    taught: int = Field(default=0, ge=0)
 
 
 async def grounding(request: Request, body: Grounding, messages: list[dict]) -> list[dict]:
     """The passages to ground the answer to `messages` in, best first, each {"kind", "source",
-    "name", "text", "reference"} as the retriever gives them (see Grounding)."""
+    "name", "text", "reference", "taught"} as the retriever gives them (see Grounding)."""
     if body.references is not None:
-        return [{"kind": "given", "text": text, "reference": text} for text in body.references]
+        return [
+            {"kind": "given", "text": text, "reference": text, "taught": i < body.taught}
+            for i, text in enumerate(body.references)
+        ]
     retrieve = request.app.state.retrieve
     if body.ground and retrieve is not None:
         return await asyncio.to_thread(retrieve, messages)
@@ -193,7 +198,14 @@ async def grounding(request: Request, body: Grounding, messages: list[dict]) -> 
 def used_sources(sources: list[dict], done: Done) -> list[dict]:
     """A response's "sources": the passages the answer saw (the best that fitted, as Done
     says), without the form they took in the prompt."""
-    return [{k: v for k, v in s.items() if k != "reference"} for s in sources[: done.references_used]]
+    return [{k: v for k, v in s.items() if k not in ("reference", "taught")} for s in sources[: done.references_used]]
+
+
+def grounded_options(sources: list[dict]) -> dict:
+    """A service request's grounding options: the passages as the model reads them, and how many
+    of them, the first ones, the user taught."""
+    taught = next((i for i, s in enumerate(sources) if not s.get("taught")), len(sources))
+    return {"references": [s["reference"] for s in sources], "taught": taught}
 
 
 class ChatRequest(_GenerationRequest, Grounding):
@@ -608,7 +620,7 @@ def create_app(
             params=params,
             req=req,
             model=model,
-            options={"truncate": req.truncate, "logprobs": top, "references": [s["reference"] for s in sources]},
+            options={"truncate": req.truncate, "logprobs": top, **grounded_options(sources)},
             sources=sources,
         )
 

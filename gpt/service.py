@@ -276,19 +276,29 @@ class InProcessService(GenerationService):
     # -- the interface ----------------------------------------------------------------------------
 
     def stream_chat(
-        self, messages, params, *, model=None, request_id=None, truncate=True, logprobs=None, references=None
+        self,
+        messages,
+        params,
+        *,
+        model=None,
+        request_id=None,
+        truncate=True,
+        logprobs=None,
+        references=None,
+        taught=0,
     ):
         """Also `model` (a name list_models lists; None: the served one) and `logprobs`: each
         answer token's log-probability and the N most likely (GenerationResult.logprobs), which
         only the in-process service returns; `references`: passages to ground the answer in
-        (best first; Engine.ground keeps those that fit, and Done says how many)."""
+        (best first; Engine.ground keeps those that fit, and Done says how many), the first
+        `taught` of them answers the user taught."""
         return self._events(
             "chat",
             messages,
             model=model,
             params=params,
             request_id=request_id,
-            options={"truncate": truncate, "logprobs": logprobs, "references": references},
+            options={"truncate": truncate, "logprobs": logprobs, "references": references, "taught": taught},
         )
 
     def complete(
@@ -553,7 +563,8 @@ def _prompt(engine: Engine, job: _Job) -> tuple[list[int], int, dict]:
     options = dict(job.options)
     truncate = options.pop("truncate", True)
     if job.kind == "chat":
-        messages, options["references_used"] = engine.ground(job.payload, options.pop("references") or [], job.params)
+        references, taught = options.pop("references") or [], options.pop("taught", 0)
+        messages, options["references_used"] = engine.ground(job.payload, references, job.params, taught=taught)
         ids, dropped = engine.chat_ids(messages, job.params, truncate=truncate)
         options["copy"] = engine.copy_bias(messages)
         return ids, dropped, options
@@ -614,10 +625,10 @@ class RemoteService(GenerationService):
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Task]] = {}
         self._lock = threading.Lock()
 
-    def stream_chat(self, messages, params, *, model=None, request_id=None, truncate=True, references=None):
+    def stream_chat(self, messages, params, *, model=None, request_id=None, truncate=True, references=None, taught=0):
         body = {"messages": messages, "truncate": truncate} | ({"model": model} if model else {})
         if references is not None:  # the passages to ground in, chosen here (Kettle's extension)
-            body["references"] = references
+            body |= {"references": references, "taught": taught}
         return self._stream("/v1/chat/completions", body, params=params, request_id=request_id)
 
     def complete(self, prompt, params, *, model=None, request_id=None, truncate=True):

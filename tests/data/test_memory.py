@@ -102,6 +102,18 @@ def test_a_correction_is_retrieved_reworded_at_once_and_nothing_for_other_questi
     assert memory.retrieve(store, "reverse a list") == []
 
 
+def test_a_question_about_a_named_member_is_not_answered_by_a_correction_about_its_owner(store):
+    """ "What does tuple.count do?" holds all of "What is a tuple?" and more: the correction about
+    tuples answered it (a leak of the user's wording into an unrelated answer)."""
+    correct(store, "What is a tuple?", "A list.", "A tuple is an immutable sequence.")
+    correct(store, "What does str.split do?", "Joins.", "str.split cuts a string at a separator.")
+    for question in ("What does tuple.count do?", "What is tuple.index for?", "What does str.join do?"):
+        assert [p for p in memory.retrieve(store, question) if p.taught] == [], question
+    [hit] = memory.retrieve(store, "What's a tuple in Python?")
+    assert hit.taught and memory.taught_count([hit]) == 1
+    assert memory.retrieve(store, "what is str.split() for")[0].text.startswith("str.split cuts")
+
+
 def test_python_documentation_by_name_and_a_threshold_for_the_rest(store):
     report = memory.index_python_docs(store)
     assert report.added > 100 and report.passages > 1000

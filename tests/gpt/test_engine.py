@@ -527,6 +527,11 @@ def test_a_grounded_answer_copies_its_passage_and_stops_at_its_end(chat_model_di
         result = engine.generate_chat(messages, params)
         assert (result.text, result.finish_reason) == (answer, "stop")
     assert engine.generate_chat(question, SamplingParams(temperature=0, max_new_tokens=40)).text != answer
+    # a taught passage (the user's correction) is marked as such for the copy bias, as far as it fits
+    fits = SamplingParams(max_new_tokens=40)
+    messages, _ = engine.ground(question, [f"Reverse?\n{answer}", "list.reverse\n\nReverse."], fits, taught=1)
+    assert (messages[-1]["taught"], engine.copy_bias(messages).taught) == (1, 1)
+    assert engine.copy_bias(engine.ground(question, ["list.reverse\n\nReverse."], fits)[0]).taught == 0
     # a documented name: the answer part is the documentation after its signature line, its
     # wrapped lines joined, and the first sentence comes back
     doc = "textwrap.dedent(text)\n\nRemove any common leading whitespace from\nevery line in `text`."

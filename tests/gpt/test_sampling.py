@@ -320,12 +320,12 @@ def test_the_table_loads_without_torch():
 
 def test_a_grounded_answer_keeps_copying_its_best_passage_over_what_the_model_prefers():
     """A model that learned its own answer (a lesson) prefers it by a wide margin, and a second
-    passage (the lesson's documentation) begins with that answer's word: the best passage (the
-    user's correction) is still begun and copied to its end, under greedy and sampled choice."""
+    passage (the lesson's documentation) begins with that answer's word: the best passage, the
+    user's correction, is still begun and copied to its end, under greedy and sampled choice."""
     from gpt.sampling import CopyBias
 
     correction, lesson_doc, stop = [11, 12, 13, 14], [21, 22], 0
-    copy = CopyBias([correction, lesson_doc], [[False, True, True, True], [False, True]], {stop})
+    copy = CopyBias([correction, lesson_doc], [[False, True, True, True], [False, True]], {stop}, taught=1)
     prefers = {21: 10.0, 12: -6.0, 31: 12.0}  # its lesson's first word; off the correction's second
     for params in (SamplingParams(temperature=0), SamplingParams(seed=1, temperature=0.7)):
         sampler = Sampler(params, 40, "cpu", [], params.seed or 0, copy=copy)

@@ -20,7 +20,7 @@ from data.registry import StoreCatalog
 from gpt.engine import Engine
 from gpt.errors import KettleError
 from gpt.sampling import SamplingParams
-from gpt.server import build_server, listen
+from gpt.server import Grounding, build_server, grounded_options, grounding, listen
 from gpt.service import Delta, Done, Error, InProcessService, RemoteService
 
 KEY = "sk-test-kettle"
@@ -774,6 +774,12 @@ def test_chat_is_grounded_in_the_store_by_default_and_names_its_sources(chat_mod
         assert http(running, "POST", "/v1/chat/completions", json=given).json()["choices"][0]["message"]["content"] == (
             "Use reversed(xs)."
         )
+        assert http(running, "POST", "/v1/chat/completions", json={**given, "taught": -1}).status_code == 400
+        # the store's correction is the user's own answer, copied whole; a client's passages are
+        # taught as far as it says
+        assert grounded_options(store_retriever(store)(question["messages"]))["taught"] == 1
+        given_two = Grounding(references=["Q?\nUse reversed(xs).", "list.reverse\n\nReverse."], taught=1)
+        assert grounded_options(asyncio.run(grounding(None, given_two, [])))["taught"] == 1
         client = openai.OpenAI(base_url=running.url + "/v1", api_key="none")
         model = client.models.list().data[0].id
         chunks = list(client.chat.completions.create(model=model, stream=True, max_tokens=30, **question))

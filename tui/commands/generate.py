@@ -117,5 +117,5 @@ def ground(engine, messages: list[dict], params):
         if not memory.has_python_docs(store):
             index_python(store)
         found = memory.references_for(store, messages)
-    grounded, used = engine.ground(messages, [p.reference for p in found], params)
+    grounded, used = engine.ground(messages, [p.reference for p in found], params, taught=memory.taught_count(found))
     return grounded, found[:used]

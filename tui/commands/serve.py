@@ -182,6 +182,9 @@ def store_retriever(store):
         memory.index_python_docs(store)
 
     def retrieve(messages: list[dict]) -> list[dict]:
-        return [{**p.to_dict(), "reference": p.reference} for p in memory.references_for(store, messages)]
+        return [
+            {**p.to_dict(), "reference": p.reference, "taught": p.taught}
+            for p in memory.references_for(store, messages)
+        ]
 
     return retrieve

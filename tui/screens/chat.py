@@ -420,7 +420,11 @@ class ChatScreen(Screen):
         started = last_frame = time.monotonic()
         try:
             async for event in service.stream_chat(
-                chat, params, request_id=request_id, references=[p.reference for p in found]
+                chat,
+                params,
+                request_id=request_id,
+                references=[p.reference for p in found],
+                taught=memory.taught_count(found),
             ):
                 if self.stop_requested:  # also an Esc from before the service knew the request
                     service.cancel(request_id)
