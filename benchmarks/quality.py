@@ -217,9 +217,20 @@ def leaked(text: str, corrections: list[str], own: str) -> bool:
     return False
 
 
-def finetune_figures(model_dir: Path, corrections: list, *, name: str, lora: bool, chat_params) -> Path:
+def teach(store, corrections: list) -> None:
+    """Each correction as the user makes it in the chat: a question, a wrong answer, corrected."""
+    for question, correction, _ in corrections:
+        conv = store.create_conversation(question)
+        user = store.add_message(conv.id, "user", content=question)
+        bot = store.add_message(conv.id, "assistant", content="I am not sure.", parent_id=user.id)
+        store.set_label(bot.id, ideal=correction)
+
+
+def finetune_figures(model_dir: Path, corrections: list, *, name: str, lora: bool, chat_params, store) -> Path:
     """Fine-tune `model_dir` on `corrections` with the product's defaults (finetune.jobs, in this
-    process; grounding plays no part in it) and print what comes back; the new model's folder."""
+    process; grounding plays no part in it) and print what comes back from the weights alone, then
+    as the app answers by default (grounded in `store`, where the corrections are taught); the new
+    model's folder."""
     import json
 
     from data.store import open_store
@@ -236,8 +247,8 @@ def finetune_figures(model_dir: Path, corrections: list, *, name: str, lora: boo
         encoding="utf-8",
     )
     sft = {"lora": {"rank": 8}} if lora else {}
-    with open_store() as store:
-        run = create_run(store, JobSpec(model=str(model_dir), data=str(data), name=name, sft=sft, activate=False))
+    with open_store() as runs:
+        run = create_run(runs, JobSpec(model=str(model_dir), data=str(data), name=name, sft=sft, activate=False))
     start = time.perf_counter()
     execute(run.id, progress=False)
     seconds = time.perf_counter() - start
@@ -282,6 +293,29 @@ def finetune_figures(model_dir: Path, corrections: list, *, name: str, lora: boo
         for q, a, _ in corrections
     )
     print(f"  at the chat's default sampling, 3 seeds: {sampled}/{3 * len(corrections)}")
+    teach(store, corrections)
+    asked = {"reworded": 0, "in_chat": 0, "sampled": 0}
+    for _, a, rewordings in corrections:
+        for r in rewordings:
+            asked["reworded"] += answer(engine, store, r, ground=True, params=greedy).text.strip() == a
+            for seed in range(3 if r == rewordings[0] else 0):
+                sampled = chat_params.replace(seed=seed, max_new_tokens=80)
+                asked["sampled"] += answer(engine, store, r, ground=True, params=sampled).text.strip() == a
+        history = []
+        for before in CHAT_BEFORE:
+            sent, _ = ask(engine, store, before, ground=True, params=chat_params, history=history)
+            history += [
+                {"role": "user", "content": before},
+                {"role": "assistant", "content": engine.generate_chat(sent, chat_params).text},
+            ]
+        sent, _ = ask(engine, store, rewordings[0], ground=True, params=greedy, history=history)
+        asked["in_chat"] += engine.generate_chat(sent, greedy).text.strip() == a
+    n = len(corrections)
+    print(
+        f"  as the app answers (grounded in the store): reworded {asked['reworded']}/{2 * n}, reworded in an "
+        f"ongoing 6-turn chat {asked['in_chat']}/{n}, reworded at the chat's default sampling, 3 seeds "
+        f"{asked['sampled']}/{3 * n}"
+    )
     return out
 
 
@@ -413,11 +447,7 @@ def main() -> None:
                 print(f"    miss: {name} -> {text!r}")
 
     if "corrections" in sections:
-        for question, correction, _ in CORRECTIONS:
-            conv = store.create_conversation(question)
-            user = store.add_message(conv.id, "user", content=question)
-            bot = store.add_message(conv.id, "assistant", content="I am not sure.", parent_id=user.id)
-            store.set_label(bot.id, ideal=correction)
+        teach(store, CORRECTIONS)
         for ground in (False, True):
             right, misses = 0, []
             for _, correction, rewordings in CORRECTIONS:
@@ -455,17 +485,22 @@ def main() -> None:
         from gpt.sampling import get_preset
 
         chat = get_preset("balanced").replace(seed=0, max_new_tokens=48)
-        first = finetune_figures(model_dir, CORRECTIONS, name="q-ft1", lora=args.lora, chat_params=chat)
+        # a store of the fine-tunes' own, as the user's would hold them: Python's documentation
+        # and each correction as it was made (the corrections section's are not here)
+        taught = open_store(Path(home) / "finetune.db")
+        memory.index_python_docs(taught)
+        first = finetune_figures(model_dir, CORRECTIONS, name="q-ft1", lora=args.lora, chat_params=chat, store=taught)
         unrelated_figures(model_dir, first, [a for _, a, _ in CORRECTIONS])
-        second = finetune_figures(first, MORE_CORRECTIONS, name="q-ft2", lora=args.lora, chat_params=chat)
-        from gpt.engine import Engine
-        from gpt.sampling import SamplingParams
-
+        second = finetune_figures(first, MORE_CORRECTIONS, name="q-ft2", lora=args.lora, chat_params=chat, store=taught)
         engine = Engine.load(second)
-        greedy = SamplingParams(temperature=0, max_new_tokens=80)
         both = CORRECTIONS + MORE_CORRECTIONS
         back = sum(engine.generate_chat([{"role": "user", "content": q}], greedy).text.strip() == a for q, a, _ in both)
-        print(f"  after the second fine-tune, all corrections so far: {back}/{len(both)}")
+        grounded = sum(answer(engine, taught, q, ground=True, params=greedy).text.strip() == a for q, a, _ in both)
+        print(
+            f"  after the second fine-tune, all corrections so far: {back}/{len(both)} from the weights alone, "
+            f"{grounded}/{len(both)} as the app answers"
+        )
+        taught.close()
 
     if "speed" in sections:
         docs = Path(home) / "notes"
