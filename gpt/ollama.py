@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from gpt.errors import KettleError
@@ -140,9 +140,10 @@ def router(service: GenerationService) -> APIRouter:
     create_app(routers=...)."""
     api = APIRouter()
 
-    @api.get("/")
+    @api.api_route("/", methods=["GET", "HEAD"])
     async def root():
-        return JSONResponse("Ollama is running")  # what clients probe for, as Ollama answers
+        # what clients probe for (the `ollama` CLI's heartbeat with HEAD), as Ollama answers it
+        return PlainTextResponse("Ollama is running")
 
     @api.get("/api/version")
     async def version():

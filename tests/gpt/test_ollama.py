@@ -146,6 +146,15 @@ def test_list_show_ps_version_and_the_context_length_everywhere(client, server, 
     assert caught.value.status_code == 401
 
 
+def test_the_root_says_ollama_is_running_as_ollama_does(server):
+    """Clients probe the root (the `ollama` CLI's heartbeat with HEAD, others compare GET's text):
+    it answered a JSON string, quoted, and refused HEAD with a 405."""
+    got = httpx.get(server.url + "/")
+    assert (got.status_code, got.text) == (200, "Ollama is running")
+    assert got.headers["content-type"] == "text/plain; charset=utf-8"
+    assert httpx.head(server.url + "/").status_code == 200
+
+
 def test_a_request_naming_another_listed_model_loads_it(tiny_model_dir, tiny_gpt2_vocab_model_dir):
     from data.paths import models_dir
     from data.registry import StoreCatalog
