@@ -412,3 +412,31 @@ def m006_pending_imports(db: sqlite_utils.Database) -> None:
     # One statement at a time: executescript() would commit the migration's transaction.
     for statement in PENDING_IMPORTS_SCHEMA:
         db.execute(statement)
+
+
+# Tables whose rows are history: REPLACE (INSERT OR REPLACE, or UPDATE OR REPLACE onto another
+# row's id) deletes the row it collides with without firing its DELETE trigger, so each of them
+# refuses an insert over an existing id, and those whose other columns may change refuse a new id.
+HISTORY_TABLES = ("conversations", "messages", "labels", "snapshots", "snapshot_rows")
+
+
+@migration
+def m007_no_replaced_history(db: sqlite_utils.Database) -> None:
+    # `REPLACE INTO snapshots` from the sqlite3 shell rewrote a sealed snapshot's count and hash
+    # and unsealed it, so a plain INSERT then added rows to it; `REPLACE INTO messages` rewrote
+    # a message the UPDATE trigger guards. (labels, snapshots and snapshot_rows already refuse
+    # every UPDATE of their id.)
+    for table in HISTORY_TABLES:
+        db.execute(
+            f"""CREATE TRIGGER {table}_no_replace BEFORE INSERT ON {table}
+            WHEN EXISTS (SELECT 1 FROM {table} WHERE id = NEW.id) BEGIN
+                SELECT RAISE(ABORT, '{table} rows are never replaced');
+            END"""
+        )
+    for table in ("conversations", "messages"):
+        db.execute(
+            f"""CREATE TRIGGER {table}_no_renumber BEFORE UPDATE OF id ON {table}
+            WHEN NEW.id IS NOT OLD.id BEGIN
+                SELECT RAISE(ABORT, '{table} are never renumbered');
+            END"""
+        )

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from gpt.errors import KettleError
@@ -83,6 +83,7 @@ IGNORED_OPTIONS = (
 )
 # Samplers Kettle does not have, each with the value at which it does nothing.
 INERT_OPTIONS = {"mirostat": 0, "typical_p": 1.0, "tfs_z": 1.0}
+KNOWN_OPTIONS = {*OPTIONS, *IGNORED_OPTIONS, *INERT_OPTIONS, "repeat_last_n"}
 # num_predict -1 (until the context is full) and -2 (fill the context) are one case here.
 UNTIL_FULL = (-1, -2)
 NDJSON = "application/x-ndjson"
@@ -140,9 +141,10 @@ def router(service: GenerationService) -> APIRouter:
     create_app(routers=...)."""
     api = APIRouter()
 
-    @api.get("/")
+    @api.api_route("/", methods=["GET", "HEAD"])
     async def root():
-        return JSONResponse("Ollama is running")  # what clients probe for, as Ollama answers
+        # what clients probe for (the `ollama` CLI's heartbeat with HEAD), as Ollama answers it
+        return PlainTextResponse("Ollama is running")
 
     @api.get("/api/version")
     async def version():
@@ -275,8 +277,8 @@ async def _params(service: GenerationService, options: dict | None, model: str) 
     """Ollama's options as Kettle's SamplingParams; a bad one is a 400 naming it."""
     fields = {}
     for key, value in (options or {}).items():
-        if key in IGNORED_OPTIONS:
-            continue
+        if key in IGNORED_OPTIONS or (value is None and key in KNOWN_OPTIONS):
+            continue  # a null option is one not given, as Ollama reads it
         if key in INERT_OPTIONS:
             if value != INERT_OPTIONS[key]:
                 raise APIError(

@@ -610,6 +610,42 @@ def test_a_snapshot_refuses_every_change_from_the_sqlite3_shell(store):
     assert store.conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 2
 
 
+def test_a_replace_from_the_sqlite3_shell_changes_no_snapshot_and_no_history(store):
+    """REPLACE (INSERT OR REPLACE) deletes the row it collides with without firing DELETE triggers:
+    `REPLACE INTO snapshots` rewrote a sealed snapshot's count and hash and unsealed it, so a plain
+    INSERT then added rows to it; a row moved to an unsealed snapshot left the sealed one."""
+    _, user, bot = chat(store)
+    label = store.set_label(bot.id, ideal="Paris.")
+    snap = store.create_snapshot()
+    shell = sqlite3.connect(store.path)  # foreign_keys off, as the sqlite3 shell has it
+    row_id = shell.execute("SELECT id FROM snapshot_rows").fetchone()[0]
+    shell.execute("INSERT INTO snapshots (filter, content_hash, n_examples, n_pairs, created_at, sealed)"
+                  " VALUES ('{}', 'new', 0, 0, 0, 0)")  # fmt: skip
+    new = shell.execute("SELECT MAX(id) FROM snapshots").fetchone()[0]
+    for sql in (
+        f"REPLACE INTO snapshots (id, filter, content_hash, n_examples, n_pairs, created_at, sealed)"
+        f" VALUES ({snap.id}, '{{}}', 'forged', 7, 0, 0, 0)",
+        f"REPLACE INTO snapshot_rows (id, snapshot_id, kind, position, data)"
+        f" VALUES ({row_id}, {new}, 'example', 0, '{{}}')",
+        f"REPLACE INTO conversations (id, created_at, updated_at) VALUES ({bot.conversation_id}, 0, 0)",
+        f"REPLACE INTO messages (id, conversation_id, role, content, created_at)"
+        f" VALUES ({user.id}, {bot.conversation_id}, 'user', 'Capital of Spain?', 0)",
+        f"REPLACE INTO labels (id, message_id, ideal, created_at) VALUES ({label.id}, {bot.id}, 'Lyon.', 0)",
+        f"UPDATE messages SET id = 999 WHERE id = {user.id}",
+        f"UPDATE conversations SET id = 999 WHERE id = {bot.conversation_id}",
+    ):
+        with pytest.raises(sqlite3.IntegrityError, match="immutable|never replaced|never renumbered"):
+            shell.execute(sql)
+    shell.close()
+    assert store.verify_snapshot(snap.id) and len(store.snapshot_examples(snap.id)) == 1
+    assert [s.content_hash for s in store.snapshots() if s.id == snap.id] == [snap.content_hash]
+    assert (
+        store.conn.execute("SELECT content FROM messages WHERE id = ?", (user.id,)).fetchone()[0]
+        == "Capital of France?"
+    )
+    assert store.conn.execute("SELECT ideal FROM current_labels").fetchone()[0] == "Paris."
+
+
 def test_a_snapshot_whose_rows_were_changed_is_an_error_on_read(store):
     _, _, bot = chat(store)
     store.set_label(bot.id, ideal="Paris.")

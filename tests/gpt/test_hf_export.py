@@ -119,6 +119,34 @@ def test_the_assistant_tokens_mask_is_kettles_training_mask(kind, exports, kettl
     assert out["assistant_masks"] == [int(m) for m in mask] and sum(mask) > 2
 
 
+@pytest.mark.parametrize("kind", ["trained", "gpt2"])
+def test_trl_assistant_only_loss_trains_on_kettles_answers(kind, exports, kettle_dirs, tmp_path):
+    """TRL's SFTTrainer with assistant_only_loss=True on the export as it is (it refused a chat
+    template without {% generation %} markers): it trains on render_training's loss mask."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from gpt.chat_template import render_training
+
+    _, tokenizer = load_model(kettle_dirs[kind])
+    messages = CHATS["multi"] + [{"role": "assistant", "content": "Done."}]
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path), assistant_only_loss=True, max_steps=1, per_device_train_batch_size=2,
+        use_cpu=True, report_to=[], save_strategy="no", max_length=512,
+    )  # fmt: skip
+    trainer = trl.SFTTrainer(
+        model=transformers.AutoModelForCausalLM.from_pretrained(exports[kind], dtype=torch.float32),
+        args=args,
+        train_dataset=Dataset.from_list([{"messages": messages}] * 2),
+        processing_class=transformers.AutoTokenizer.from_pretrained(exports[kind]),
+    )
+    row = trainer.train_dataset[0]
+    ids, mask = render_training(messages, tokenizer)
+    assert row["input_ids"] == ids
+    assert [label != -100 for label in row["labels"]] == mask and sum(mask) > 2
+    assert torch.isfinite(torch.tensor(trainer.train().training_loss))
+
+
 def test_the_export_holds_the_models_own_special_ids(exports, kettle_dirs):
     _, tokenizer = load_model(kettle_dirs["trained"])
     config = json.loads((exports["trained"] / "config.json").read_text())

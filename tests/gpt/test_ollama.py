@@ -99,6 +99,22 @@ def test_options_map_onto_kettle_sampling(client, engine):
     assert until_full.response == engine.generate("Hi", greedy(engine.context_length)).text
 
 
+def test_a_null_option_is_one_not_given_as_ollama_reads_it(server, engine):
+    """Ollama skips an option whose value is null; Kettle answered 400 ("top_k must be an integer,
+    got None") to a client that sends every option it knows, the unset ones as null."""
+    nulls = dict.fromkeys(("top_k", "top_p", "stop", "seed", "repeat_penalty", "mirostat", "num_ctx", "repeat_last_n"))
+    body = {
+        "model": "tiny",
+        "prompt": "Hi",
+        "raw": True,
+        "stream": False,
+        "options": {"temperature": 0, "num_predict": 6, **nulls},
+    }
+    got = httpx.post(server.url + "/api/generate", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert got.status_code == 200, got.text
+    assert got.json()["response"] == engine.generate("Hi", greedy(6)).text
+
+
 @pytest.mark.parametrize(
     "call, status, says",
     [
@@ -144,6 +160,15 @@ def test_list_show_ps_version_and_the_context_length_everywhere(client, server, 
     with pytest.raises(ollama.ResponseError) as caught:
         ollama.Client(host=server.url).list()
     assert caught.value.status_code == 401
+
+
+def test_the_root_says_ollama_is_running_as_ollama_does(server):
+    """Clients probe the root (the `ollama` CLI's heartbeat with HEAD, others compare GET's text):
+    it answered a JSON string, quoted, and refused HEAD with a 405."""
+    got = httpx.get(server.url + "/")
+    assert (got.status_code, got.text) == (200, "Ollama is running")
+    assert got.headers["content-type"] == "text/plain; charset=utf-8"
+    assert httpx.head(server.url + "/").status_code == 200
 
 
 def test_a_request_naming_another_listed_model_loads_it(tiny_model_dir, tiny_gpt2_vocab_model_dir):
