@@ -33,7 +33,9 @@ def engine(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    running = serve(InProcessService(str(tiny_model_dir)), KEY)
+    service = InProcessService(str(tiny_model_dir))
+    service.load()  # as kettle serve does before it listens: /api/ps lists it from the start
+    running = serve(service, KEY)
     yield running
     running.stop()
 
