@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import builtins
 import sysconfig
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -64,6 +65,11 @@ def stdlib_docstrings(root: str | Path | None = None) -> list[str]:
     return [text for _module, texts in module_docstrings(root) for text in texts]
 
 
+# CPython 3.11's parser is not safe to run from two threads at once: two indexers in one process
+# (the app's and a server's) failed with "SystemError: AST constructor recursion depth mismatch".
+_PARSING = threading.Lock()
+
+
 def module_docstrings(root: str | Path | None = None) -> Iterator[tuple[str, list[str]]]:
     """stdlib_docstrings module by module: (module name, its docstrings), in path order."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
@@ -75,7 +81,9 @@ def module_docstrings(root: str | Path | None = None) -> Iterator[tuple[str, lis
         if module.split(".")[-1].startswith("_") and not rel.name == "__init__.py":
             continue
         try:
-            tree = ast.parse(path.read_bytes(), filename=str(path))
+            source = path.read_bytes()
+            with _PARSING:
+                tree = ast.parse(source, filename=str(path))
         except (SyntaxError, ValueError, OSError):
             continue
         yield module, docstrings(tree, module)
