@@ -93,8 +93,8 @@ async def test_a_new_user_corrects_ten_answers_and_gets_them_back():
                 await pilot.press("f2")
         screen = await fine_tune(pilot, app, "10 examples")
         m = screen.output.metrics
-        assert m["recall"] >= 9 and m["recall_of"] == 10 and m["gate"] == "passed"
-        assert m["replay_loss_after"] <= 1.10 * m["replay_loss_before"]
+        # the gate read the probe's answers: no more loops, no leak, the base's answers kept
+        assert m["recall"] >= 9 and m["recall_of"] == 10 and m["gate"] == "passed", m.get("gate_reasons")
         result = str(screen.query_one("#finetune-result").render())
         assert f"your corrections: {m['recall']} of 10 now come back" in result
         await pilot.press("ctrl+w")
