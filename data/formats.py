@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import stat
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from data.datasets import chat_problem
 from data.records import DataFilter, content_hash
 from gpt.errors import KettleError
-from gpt.files import atomic_write_text, sha256_file
+from gpt.files import atomic_write_text, check_target, sha256_file, shown
 
 if TYPE_CHECKING:  # data.store brings sqlite_utils (~1 s): the CLI's parser reads FORMATS from here
     from data.store import Store
@@ -473,12 +471,6 @@ def parse_file(path: str | Path, fmt: str | None = None) -> tuple[str, list[Reco
     return fmt, records, ignored
 
 
-def shown(path: str | Path) -> str:
-    """`path` as text SQLite and any output can hold: a file name that is not UTF-8 reaches
-    Python as lone surrogates, which become \\x escapes here."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
 def import_file(
     store: Store,
     path: str | Path,
@@ -706,31 +698,6 @@ def convert(examples: list[dict], pairs: list[dict], *, fmt: str) -> tuple[list[
         else:
             out.append(record)
     return out, skipped
-
-
-def check_target(out: str | Path) -> None:
-    """A KettleError unless `out` is absent or a regular file: an export replaces it by a
-    rename, which would put a file where a device, a FIFO, a symbolic link or a folder was."""
-    try:
-        mode = os.lstat(out).st_mode
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise KettleError(f"{out}: cannot write: {exc.strerror or exc}") from exc
-    if stat.S_ISREG(mode):
-        return
-    kind = (
-        "a symbolic link"
-        if stat.S_ISLNK(mode)
-        else "a folder"
-        if stat.S_ISDIR(mode)
-        else "a named pipe (FIFO)"
-        if stat.S_ISFIFO(mode)
-        else "a device"
-        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-        else "not a regular file"
-    )
-    raise KettleError(f"{shown(out)} is {kind}; an export only replaces a regular file: choose another path")
 
 
 def export_file(
