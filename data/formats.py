@@ -354,6 +354,8 @@ def _alpaca(obj: dict) -> tuple[str, list[Node]]:
         meta["input"] = _string(obj, "input")
         if meta["input"]:
             text = f"{instruction}\n\n{meta['input']}"
+    if not text.strip() and not any(m["content"].strip() for m in messages if m["role"] == "user"):
+        raise _Bad("'instruction' and 'input' are empty: an answer answers a question")
     parent = len(nodes) - 1 if nodes else None
     nodes.append(Node("user", text, parent, meta=meta))
     nodes.append(Node("assistant", output, len(nodes) - 1, {"ideal": output}))
@@ -385,6 +387,8 @@ def _conversation(messages: list[dict], name: str) -> list[dict]:
         raise _Bad(f"{name!r} {problem}")
     if not any(m["role"] == "assistant" for m in messages):
         raise _Bad(f"{name!r} has no assistant message")
+    if not any(m["content"].strip() for m in messages if m["role"] == "user"):
+        raise _Bad(f"{name!r} has only empty questions: an answer answers a question")
     return messages
 
 
