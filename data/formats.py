@@ -672,7 +672,7 @@ def without_context(example: dict) -> dict:
     return {**example, "messages": kept}
 
 
-def _learnable(items: list[dict], messages: Callable[[dict], list], what: str, skipped: Counter) -> list[dict]:
+def learnable(items: list[dict], messages: Callable[[dict], list], what: str, skipped: Counter) -> list[dict]:
     """`items` less those whose messages no model can learn from (an older Kettle's snapshot
     may hold them), counted in `skipped` as data.datasets.render_dataset counts them."""
     kept = []
@@ -687,8 +687,8 @@ def _learnable(items: list[dict], messages: Callable[[dict], list], what: str, s
 def convert(examples: list[dict], pairs: list[dict], *, fmt: str) -> tuple[list[dict], Counter]:
     """Examples (and pairs) in the one chat format -> records of `fmt`, and skip reasons."""
     skipped: Counter = Counter()
-    examples = _learnable(examples, lambda e: e["messages"], "", skipped)
-    pairs = _learnable(pairs, lambda p: p["prompt"], "a preference pair whose prompt ", skipped)
+    examples = learnable(examples, lambda e: e["messages"], "", skipped)
+    pairs = learnable(pairs, lambda p: p["prompt"], "a preference pair whose prompt ", skipped)
     to_record = FORMAT_TABLE[fmt].render
     if to_record is None:
         if examples and not pairs:
