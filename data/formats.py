@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import stat
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from data.datasets import chat_problem
 from data.records import DataFilter, content_hash
 from gpt.errors import KettleError
-from gpt.files import atomic_write_text, sha256_file
+from gpt.files import atomic_write_text, check_target, sha256_file, shown
 
 if TYPE_CHECKING:  # data.store brings sqlite_utils (~1 s): the CLI's parser reads FORMATS from here
     from data.store import Store
@@ -356,6 +354,8 @@ def _alpaca(obj: dict) -> tuple[str, list[Node]]:
         meta["input"] = _string(obj, "input")
         if meta["input"]:
             text = f"{instruction}\n\n{meta['input']}"
+    if not text.strip() and not any(m["content"].strip() for m in messages if m["role"] == "user"):
+        raise _Bad("'instruction' and 'input' are empty: an answer answers a question")
     parent = len(nodes) - 1 if nodes else None
     nodes.append(Node("user", text, parent, meta=meta))
     nodes.append(Node("assistant", output, len(nodes) - 1, {"ideal": output}))
@@ -387,6 +387,8 @@ def _conversation(messages: list[dict], name: str) -> list[dict]:
         raise _Bad(f"{name!r} {problem}")
     if not any(m["role"] == "assistant" for m in messages):
         raise _Bad(f"{name!r} has no assistant message")
+    if not any(m["content"].strip() for m in messages if m["role"] == "user"):
+        raise _Bad(f"{name!r} has only empty questions: an answer answers a question")
     return messages
 
 
@@ -471,12 +473,6 @@ def parse_file(path: str | Path, fmt: str | None = None) -> tuple[str, list[Reco
             ignored[key] += 1
         records.append(Record(line, system, nodes, external_id))
     return fmt, records, ignored
-
-
-def shown(path: str | Path) -> str:
-    """`path` as text SQLite and any output can hold: a file name that is not UTF-8 reaches
-    Python as lone surrogates, which become \\x escapes here."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def import_file(
@@ -676,7 +672,7 @@ def without_context(example: dict) -> dict:
     return {**example, "messages": kept}
 
 
-def _learnable(items: list[dict], messages: Callable[[dict], list], what: str, skipped: Counter) -> list[dict]:
+def learnable(items: list[dict], messages: Callable[[dict], list], what: str, skipped: Counter) -> list[dict]:
     """`items` less those whose messages no model can learn from (an older Kettle's snapshot
     may hold them), counted in `skipped` as data.datasets.render_dataset counts them."""
     kept = []
@@ -691,8 +687,8 @@ def _learnable(items: list[dict], messages: Callable[[dict], list], what: str, s
 def convert(examples: list[dict], pairs: list[dict], *, fmt: str) -> tuple[list[dict], Counter]:
     """Examples (and pairs) in the one chat format -> records of `fmt`, and skip reasons."""
     skipped: Counter = Counter()
-    examples = _learnable(examples, lambda e: e["messages"], "", skipped)
-    pairs = _learnable(pairs, lambda p: p["prompt"], "a preference pair whose prompt ", skipped)
+    examples = learnable(examples, lambda e: e["messages"], "", skipped)
+    pairs = learnable(pairs, lambda p: p["prompt"], "a preference pair whose prompt ", skipped)
     to_record = FORMAT_TABLE[fmt].render
     if to_record is None:
         if examples and not pairs:
@@ -706,31 +702,6 @@ def convert(examples: list[dict], pairs: list[dict], *, fmt: str) -> tuple[list[
         else:
             out.append(record)
     return out, skipped
-
-
-def check_target(out: str | Path) -> None:
-    """A KettleError unless `out` is absent or a regular file: an export replaces it by a
-    rename, which would put a file where a device, a FIFO, a symbolic link or a folder was."""
-    try:
-        mode = os.lstat(out).st_mode
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise KettleError(f"{out}: cannot write: {exc.strerror or exc}") from exc
-    if stat.S_ISREG(mode):
-        return
-    kind = (
-        "a symbolic link"
-        if stat.S_ISLNK(mode)
-        else "a folder"
-        if stat.S_ISDIR(mode)
-        else "a named pipe (FIFO)"
-        if stat.S_ISFIFO(mode)
-        else "a device"
-        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-        else "not a regular file"
-    )
-    raise KettleError(f"{shown(out)} is {kind}; an export only replaces a regular file: choose another path")
 
 
 def export_file(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
+import unicodedata
 from pathlib import Path
 
 from data.paths import db_path, models_dir
@@ -100,7 +101,7 @@ def check_model_name(name: str, *, flag: str = "--name") -> None:
         size = None
     problem = (
         "it is blank"
-        if not name.strip()
+        if all(unicodedata.category(c)[0] in "ZC" for c in name)  # spaces, zero-width and control only
         else "it is not valid UTF-8"
         if size is None
         else "it has a slash"
@@ -110,7 +111,7 @@ def check_model_name(name: str, *, flag: str = "--name") -> None:
         else "it starts or ends with a space"
         if name != name.strip()
         else "it holds a control character"
-        if any(ord(c) < 32 or ord(c) == 127 for c in name)
+        if any(unicodedata.category(c) == "Cc" for c in name)
         else f"it is {size} bytes long, more than {MAX_NAME_BYTES}"
         if size > MAX_NAME_BYTES
         else None

@@ -1181,24 +1181,33 @@ class Store:
         ]
 
     def stats(self) -> dict[str, int]:
-        """Counts for `kettle data stats`."""
+        """Counts for `kettle data stats` and the dataset screen. What an unfinished import wrote
+        (hidden until it finishes; a killed one's until the next import clears it) is not
+        counted: it is no conversation, message or label of the user's yet."""
+        # a database opened read-only may predate m006_pending_imports: then nothing is pending
+        pending = "pending_import_id" in {row[1] for row in self.conn.execute("PRAGMA table_info(conversations)")}
+        hidden = "SELECT NULL WHERE 0"
+        if pending:
+            hidden = "SELECT id FROM conversations WHERE pending_import_id IS NOT NULL"
+        hidden_messages = f"SELECT id FROM messages WHERE conversation_id IN ({hidden})"
         return self._row(
             "SELECT"
             " (SELECT COUNT(*) FROM conversations WHERE deleted_at IS NULL) AS conversations,"
-            " (SELECT COUNT(*) FROM conversations WHERE deleted_at IS NOT NULL)"
+            f" (SELECT COUNT(*) FROM conversations WHERE deleted_at IS NOT NULL AND id NOT IN ({hidden}))"
             "   AS deleted_conversations,"
-            " (SELECT COUNT(*) FROM messages) AS messages,"
-            " (SELECT COUNT(*) FROM messages WHERE role = 'assistant') AS assistant_messages,"
+            f" (SELECT COUNT(*) FROM messages WHERE id NOT IN ({hidden_messages})) AS messages,"
+            " (SELECT COUNT(*) FROM messages WHERE role = 'assistant'"
+            f"   AND id NOT IN ({hidden_messages})) AS assistant_messages,"
             " COALESCE(SUM(l.thumb = 1), 0) AS thumbs_up,"
             " COALESCE(SUM(l.thumb = -1), 0) AS thumbs_down,"
             " COUNT(l.score) AS scored,"
             " COUNT(l.ideal) AS corrected,"
             " COALESCE(SUM(l.excluded), 0) AS excluded,"
-            " (SELECT COUNT(*) FROM labels) AS label_rows,"
+            f" (SELECT COUNT(*) FROM labels WHERE message_id NOT IN ({hidden_messages})) AS label_rows,"
             " (SELECT COUNT(*) FROM snapshots) AS snapshots,"
             " (SELECT COUNT(*) FROM model_versions) AS model_versions,"
             " (SELECT COUNT(*) FROM runs) AS runs"
-            " FROM current_labels l"
+            f" FROM current_labels l WHERE l.message_id NOT IN ({hidden_messages})"
         )
 
     def backup(self, out: str | Path) -> Path:

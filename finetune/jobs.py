@@ -48,6 +48,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -274,12 +275,14 @@ def resolve_base(store: Store, model: str) -> tuple[Path, int | None, str]:
 
 def load_conversations(store: Store, spec: JobSpec) -> tuple[list[list[dict]], dict]:
     """The training conversations and a description of where they came from (for the card)."""
+    from data.formats import learnable, parse_file
+
     if spec.snapshot_id is not None:
         snap = store.snapshot(spec.snapshot_id)
-        examples = store.snapshot_examples(snap.id)
+        skipped: Counter = Counter()  # what an older Kettle's snapshot may hold, as its export skips
+        examples = learnable(store.snapshot_examples(snap.id), lambda e: e["messages"], "", skipped)
         source = {"snapshot_id": snap.id, "snapshot_name": snap.name, "hash": snap.content_hash}
-        return [e["messages"] for e in examples], source
-    from data.formats import parse_file
+        return [e["messages"] for e in examples], source | ({"skipped": dict(skipped)} if skipped else {})
 
     path = Path(spec.data)
     fmt, records, _ = parse_file(path)

@@ -96,7 +96,12 @@ def make_plan(store: Store, base_name: str | None, *, snapshot_id: int | None = 
     if snapshot is None:
         conversations = [e["example"]["messages"] for e in store.dataset(DataFilter())[0]]
     else:
-        conversations = [e["messages"] for e in store.snapshot_examples(snapshot.id)]
+        from collections import Counter
+
+        from data.formats import learnable
+
+        examples = learnable(store.snapshot_examples(snapshot.id), lambda e: e["messages"], "", Counter())
+        conversations = [e["messages"] for e in examples]  # as the run takes them (jobs.load_conversations)
     tokenizer = load_tokenizer(base.path)
     tokens = sum(min(len(render_training(messages, tokenizer)[0]), config.context_length) for messages in conversations)
     device = pick_device().type

@@ -46,7 +46,7 @@ from typing import Callable, Iterable
 from data.pydocs import SKIP_PARTS, builtin_docs, docstrings
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
-from gpt.files import atomic_directory, check_writable
+from gpt.files import atomic_directory, check_target, check_writable
 
 # Modules whose functions people ask about most (the instruction data's questions): never held out.
 COMMON_MODULES = (
@@ -810,8 +810,9 @@ def brew_starter(
 
     stages = STAGES if stages is None else stages
     out = Path(out).expanduser() if out else models_dir() / "starter"
-    if out.exists() and not force:
+    if (out.exists() or out.is_symlink()) and not force:
         raise KettleError(f"{out}: a starter model already exists (--force replaces it)")
+    check_target(out, folder=True)  # --force replaces a folder, never a file or a device
     check_writable(out)  # before the brew, not once its minutes are spent
     started = time.monotonic()
     work = runs_dir() / f"starter-{time.strftime('%Y%m%d-%H%M%S')}"

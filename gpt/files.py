@@ -100,8 +100,9 @@ def atomic_directory(path: str | Path, overwrite: bool = False):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:
         raise FileExistsError(path)
+    check_target(path, folder=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
     lock = os.open(tmp, os.O_RDONLY)
     try:
@@ -220,6 +221,43 @@ def check_writable(path: str | Path) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".kettle-check.", suffix=TEMP_SUFFIX, dir=folder))
     except OSError as exc:
         raise KettleError(f"{path}: cannot be written ({folder}: {exc.strerror or exc})") from None
+
+
+def shown(path: str | Path) -> str:
+    """`path` as text SQLite and any output can hold: a file name that is not UTF-8 reaches
+    Python as lone surrogates, which become \\x escapes here."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def check_target(out: str | Path, *, folder: bool = False) -> None:
+    """A KettleError unless `out` is absent or a regular file (with `folder`, a folder): a
+    result replaces it by a rename, which would put a file or a folder where a device, a FIFO,
+    a symbolic link (not what it points to) or the other kind of entry was."""
+    from gpt.errors import KettleError
+
+    try:
+        mode = os.lstat(out).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise KettleError(f"{shown(out)}: cannot write: {exc.strerror or exc}") from exc
+    if stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode):
+        return
+    kind = (
+        "a symbolic link"
+        if stat.S_ISLNK(mode)
+        else "a folder"
+        if stat.S_ISDIR(mode)
+        else "a regular file"
+        if stat.S_ISREG(mode)
+        else "a named pipe (FIFO)"
+        if stat.S_ISFIFO(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "not a regular file"
+    )
+    replaces = "a model directory only replaces a folder" if folder else "an export only replaces a regular file"
+    raise KettleError(f"{shown(out)} is {kind}; {replaces}: choose another path")
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from gpt.chat_template import (
 )
 from gpt.checkpoint import check_model_dir, load_model
 from gpt.errors import KettleError
-from gpt.files import atomic_file
+from gpt.files import atomic_file, check_target
 from gpt.model import GPT
 from gpt.tokenizer import LLAMA3_SPLIT_PATTERN, SPLIT_PATTERN, Tokenizer, byte_level_bpe
 
@@ -74,8 +74,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, *, weights: str = "f16",
     out = Path(out)
     modelfile = out.parent / MODELFILE
     for path in (out, modelfile):
-        if path.is_dir():
-            raise KettleError(f"{path}: is a directory")
+        check_target(path)  # --force replaces a file, never a device, a FIFO or a link's target
         if path.exists() and not overwrite:
             raise KettleError(f"{path}: already exists (--force replaces it)")
     if any(c in out.name for c in '"\n\r'):

@@ -706,6 +706,18 @@ BAD_SHAPES = [
         None,
         r"line 1: 'messages' starts with an answer, not a question",
     ),
+    (  # an empty question, as the DPO text form's is refused
+        "openai-empty-question.jsonl",
+        _jsonl(OPENAI[0], {"messages": [{"role": "user", "content": " "}] + ANSWER}),
+        None,
+        r"line 2: 'messages' has only empty questions",
+    ),
+    (
+        "alpaca-empty-question.json",
+        json.dumps([ALPACA[0], {"instruction": "", "input": "", "output": "5"}], indent=1).encode(),
+        None,
+        r"line 7: 'instruction' and 'input' are empty",
+    ),
 ]
 
 

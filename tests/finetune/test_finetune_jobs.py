@@ -230,6 +230,36 @@ def test_the_app_start_refuses_what_the_run_would_refuse_and_records_nothing(sto
     assert store.runs() == [] and not runs_dir(create=False).exists()
 
 
+def test_an_older_snapshot_holding_an_example_no_model_can_learn_from_trains_without_it(store, base):
+    """A snapshot an older Kettle sealed with an answer before any question (issue 22, item 1):
+    its export skips that example, but a fine-tune trained on an answer to nothing, and on an
+    empty example refused the whole snapshot ("a training conversation needs at least one
+    assistant message"), in the sheet's estimate too."""
+    from data.records import canonical_json, content_hash
+    from finetune.jobs import check_spec, load_conversations
+    from finetune.plan import make_plan
+
+    good = store.snapshot_examples(_snapshot(store, n=4))
+    examples = [*good, {"messages": [{"role": "assistant", "content": "Hello."}]}, {"messages": []}]
+    with store.transaction():  # as an older Kettle could write it: whole, sealed, its hash right
+        sid = store.conn.execute(
+            "INSERT INTO snapshots (name, filter, content_hash, n_examples, n_pairs, created_at, sealed)"
+            " VALUES ('old', '{}', ?, ?, 0, 0, 0)",
+            (content_hash({"examples": examples, "pairs": []}), len(examples)),
+        ).lastrowid
+        store.conn.executemany(
+            "INSERT INTO snapshot_rows (snapshot_id, kind, position, data) VALUES (?, 'example', ?, ?)",
+            [(sid, i, canonical_json(e)) for i, e in enumerate(examples)],
+        )
+        store.conn.execute("UPDATE snapshots SET sealed = 1 WHERE id = ?", (sid,))
+    spec = JobSpec(model="base", snapshot_id=sid, sft=FAST)
+    check_spec(store, spec)
+    conversations, source = load_conversations(store, spec)
+    assert conversations == [e["messages"] for e in good]
+    assert source["skipped"] == {"starts with an answer, not a question": 1, "holds no messages": 1}
+    assert make_plan(store, "base", snapshot_id=sid).n_examples == len(good)
+
+
 def test_out_of_memory_fails_cleanly_and_resume_checks_the_vocabulary(store, base, tiny_gpt2_vocab_model_dir):
     spec = JobSpec(model=str(base), snapshot_id=_snapshot(store), sft=FAST)
     run = create_run(store, spec)

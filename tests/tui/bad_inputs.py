@@ -555,6 +555,8 @@ def flags() -> list[tuple[list[str], int, str]]:
         (FT + ["--name", "a/b"], 1, "use a plain name without slashes"),
         (FT + ["--name", ""], 1, "use a plain name without slashes"),
         (FT + ["--name", " "], 1, "--name ' ': it is blank"),
+        (FT + ["--name", "\u200b\u3000"], 1, r"--name '\u200b\u3000': it is blank"),
+        (FT + ["--name", "a\x9bb"], 1, r"--name 'a\x9bb': it holds a control character"),
         (FT + ["--name", "a" * 300], 1, "it is 300 bytes long, more than 200"),
         (FT + ["--name", "tiny"], 1, "a model named 'tiny' already exists"),
         (FT + ["--max-length", "1"], 1, "all 1 examples are longer than the context of 1 tokens"),

@@ -365,3 +365,34 @@ def test_a_lora_adapter_nested_too_deeply_or_a_pipe_is_one_line(file, make, seed
     line = one_line(err)
     assert code == 1 and f"{adapter / file}: " in line and not Path(seeded["out"]).exists()
     assert ("nested too deeply" if make == "deep" else "a named pipe, not a regular file") in line
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link", "file", "folder"])
+def test_force_replaces_only_the_kind_of_entry_it_writes(kind, tiny_model_dir, tmp_path, capsys):
+    """export-gguf writes a file, export-hf and brew a folder: --force put one where a FIFO, a
+    symbolic link (the link gone, its target kept), a device (/dev/null became a file as root)
+    or the other kind of entry was; a brew found out only after its minutes of training."""
+    target = tmp_path / "target"
+    (tmp_path / "pointed-at").write_text("keep")
+    {
+        "fifo": lambda: os.mkfifo(target),
+        "link": lambda: target.symlink_to(tmp_path / "pointed-at"),
+        "file": lambda: target.write_text("keep"),
+        "folder": lambda: target.mkdir(),
+    }[kind]()
+    before = os.lstat(target)
+    commands = {
+        "export-gguf": (["export-gguf", str(tiny_model_dir), str(target), "--force"], kind == "file"),
+        "export-hf": (["export-hf", str(tiny_model_dir), str(target), "--force"], kind == "folder"),
+        "brew": (["brew", "starter", "--out", str(target), "--force"], kind == "folder"),
+    }
+    for name, (argv, writes) in commands.items():
+        if writes:
+            continue
+        code, err = cli(argv, capsys)
+        assert code == 1, name
+        line = one_line(err)
+        assert f"{target} is a " in line and "choose another path" in line, line
+        after = os.lstat(target)
+        assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino), name
+    assert (tmp_path / "pointed-at").read_text() == "keep"
