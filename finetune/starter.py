@@ -46,7 +46,7 @@ from typing import Callable, Iterable
 from data.pydocs import SKIP_PARTS, builtin_docs, docstrings
 from gpt.config import GPTConfig
 from gpt.errors import KettleError
-from gpt.files import atomic_directory, check_target, check_writable
+from gpt.files import atomic_directory, check_ours, check_target, check_writable
 
 # Modules whose functions people ask about most (the instruction data's questions): never held out.
 COMMON_MODULES = (
@@ -813,6 +813,10 @@ def brew_starter(
     if (out.exists() or out.is_symlink()) and not force:
         raise KettleError(f"{out}: a starter model already exists (--force replaces it)")
     check_target(out, folder=True)  # --force replaces a folder, never a file or a device
+    if out.is_dir():
+        from gpt.checkpoint import CONFIG_FILE
+
+        check_ours(out, [CONFIG_FILE])  # a model's, never a folder of the user's, before the brew
     check_writable(out)  # before the brew, not once its minutes are spent
     started = time.monotonic()
     work = runs_dir() / f"starter-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -111,6 +111,7 @@ def atomic_directory(path: str | Path, overwrite: bool = False):
             fsync_tree(tmp)
             old = None
             if path.exists():
+                check_ours(path, os.listdir(tmp))
                 old = path.with_name(f".{path.name}.old-{os.getpid()}")
                 os.replace(path, old)
             os.replace(tmp, path)
@@ -227,6 +228,23 @@ def shown(path: str | Path) -> str:
     """`path` as text SQLite and any output can hold: a file name that is not UTF-8 reaches
     Python as lone surrogates, which become \\x escapes here."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def check_ours(folder: str | Path, names) -> None:
+    """A KettleError unless the existing `folder` is empty or holds one of `names` (what the
+    folder replacing it holds): --force replaces what Kettle wrote there before, never a folder of
+    the user's (`--out ~/Documents --force` would have removed it whole)."""
+    from gpt.errors import KettleError
+
+    try:
+        held = os.listdir(folder)
+    except OSError as exc:
+        raise KettleError(f"{shown(folder)}: cannot read: {exc.strerror or exc}") from exc
+    if held and not set(held) & set(names):
+        raise KettleError(
+            f"{shown(folder)} holds files that are not a model's ({sorted(held)[0]!r}); "
+            "--force replaces only a folder Kettle wrote: choose another path"
+        )
 
 
 def check_target(out: str | Path, *, folder: bool = False) -> None:

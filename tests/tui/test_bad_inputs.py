@@ -367,6 +367,29 @@ def test_a_lora_adapter_nested_too_deeply_or_a_pipe_is_one_line(file, make, seed
     assert ("nested too deeply" if make == "deep" else "a named pipe, not a regular file") in line
 
 
+def test_force_never_replaces_a_folder_of_the_users(tiny_model_dir, tmp_path, capsys):
+    """`--out ~/Documents --force` removed the folder whole and put a model there: --force
+    replaces only a folder Kettle wrote (one holding what the new one holds), an empty one, or
+    one from an earlier export of the same kind; a brew says so before its minutes of training."""
+    documents = tmp_path / "Documents"
+    documents.mkdir()
+    (documents / "thesis.md").write_text("mine")
+    for argv in (
+        ["export-hf", str(tiny_model_dir), str(documents), "--force"],
+        ["brew", "starter", "--out", str(documents), "--force"],
+    ):
+        code, err = cli(argv, capsys)
+        line = one_line(err)
+        assert code == 1 and "not a model's ('thesis.md')" in line and "choose another path" in line, line
+        assert sorted(os.listdir(documents)) == ["thesis.md"] and (documents / "thesis.md").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    again = tmp_path / "export"
+    for _ in range(2):  # an earlier export of the same model is replaced
+        assert cli(["export-hf", str(tiny_model_dir), str(again), "--force"], capsys)[0] == 0
+    (tmp_path / "empty").mkdir()
+    assert cli(["export-hf", str(tiny_model_dir), str(tmp_path / "empty"), "--force"], capsys)[0] == 0
+
+
 @pytest.mark.parametrize("kind", ["fifo", "link", "file", "folder"])
 def test_force_replaces_only_the_kind_of_entry_it_writes(kind, tiny_model_dir, tmp_path, capsys):
     """export-gguf writes a file, export-hf and brew a folder: --force put one where a FIFO, a
