@@ -234,10 +234,15 @@ def padding_waste(batches: list[list[Example]]) -> float:
 
 # --- settings ------------------------------------------------------------------------------------
 
-# Rates at GPT-2's width (768), scaled by 768 / n_embd for other widths (measured on the starter,
-# 128 wide: 20 corrections come back after ~28 epochs of full fine-tuning at 1.5e-3, and its
-# skills stay; LoRA moves the weights less per step and takes 6e-3).
-FULL_LR_AT_768 = 2.5e-4
+# Rates at GPT-2's width (768), scaled by 768 / n_embd for other widths. Full fine-tuning at
+# 6.25e-5 (3.75e-4 on the starter, 128 wide): on two brewed starters that know their lessons, one
+# correction at 4x this rate came back and cost the base 46-53 of its 168 right answers to
+# unrelated questions (the gate: 1-4 leaks and 10-12 lost of 48), at 2x 13-15, at this rate 6-7
+# (gate passed on both), at half of it 7-9; ten corrections at this rate: 10/10 back, reworded 14/20
+# (15 at 4x), right answers kept 168/168 (167), leaks in 180 answers 0-1 (0-1). LoRA moves the
+# weights less per step and takes 6e-3 at 128 wide (not remeasured: at a quarter of it one
+# correction still cost 15-27 right answers).
+FULL_LR_AT_768 = 6.25e-5
 LORA_LR_AT_768 = 1e-3
 # Epochs: enough for STEP_BUDGET optimizer steps, within [MIN_EPOCHS, MAX_EPOCHS]. A few examples
 # need many passes each (memorising an answer takes ~20-30 of them); `until_learned` ends the

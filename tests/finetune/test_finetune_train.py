@@ -73,8 +73,9 @@ def test_tiny_model_reproduces_twenty_corrected_answers_on_the_defaults(mode, tr
     assert trainer.run() is True
     back = recalled(model, examples, pad_id=trained_tokenizer.eot_id, device="cpu")
     assert sum(back) >= 18
-    if mode == "full":  # it stopped once every answer came back, well before the epoch cap
-        assert all(back) and trainer.learned_epoch is not None and trainer.step < trainer.total_steps
+    if mode == "full":  # every answer came back before the epoch cap (a random base, at the rate
+        # that keeps a trained one's skills, takes most of the cap: 53 of 60 epochs)
+        assert all(back) and trainer.learned_epoch is not None and trainer.learned_epoch < config.epochs
     if mode == "lora":
         assert lora_layers(model)
         assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
