@@ -53,6 +53,9 @@ ALIASES = {
     "number": ("num", "nums"),
     "character": ("char", "chars"),
     "object": ("obj", "objs"),
+    # words people put for a correction's own ("drop duplicate items" for "remove duplicates")
+    "remove": ("drop", "delete"),
+    "item": ("element", "elements", "entry", "entries"),
 }
 CANONICAL = {alias: word for word, aliases in ALIASES.items() for alias in aliases}
 WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*|\d+")

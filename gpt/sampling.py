@@ -337,25 +337,28 @@ def _flat_nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.T
 COPY_BIAS = 15.0
 COPY_MATCH = 8  # the longest tail of the answer looked up in the passages
 # A passage the user taught (a correction, an approved answer: the first `taught` passages) is
-# copied whole: its first token leads, and an answer that so far is its beginning, word for word,
-# keeps copying it. At COPY_BIAS the starter that knows its lessons left a correction for its own
-# lesson half way ("Call len(): return the number of items." beside "Call len(my_list); it returns
-# ..."), or began with the lesson's documentation ranked second ("Reverse *IN PLACE*."). At +30: 10
-# corrections asked reworded, not yet fine-tuned, 20/20 greedy and 40/40 sampled (balanced, 2
-# seeds), where +15 gave 9/20; in a 6-turn chat 10/10. Documentation keeps COPY_BIAS: followed as
-# hard, the starter's answers to its own lessons, grounded, were no better (59 vs 60 of 120).
+# copied whole: its first token leads (FOLLOW_BIAS), and an answer that so far is its beginning,
+# word for word, goes on with it to its end and stops there, nothing else drawn. At COPY_BIAS the
+# starter that knows its lessons left a correction for its own lesson half way ("Call len():
+# return the number of items." beside "Call len(my_list); it returns ...") or began with the
+# lesson's documentation ranked second ("Reverse *IN PLACE*."): 9 of 20 corrections asked reworded
+# came back; with the lead and the follow at +30, 20/20 greedy and 40/40 sampled, 10/10 in a 6-turn
+# chat. Followed at +30, a model fine-tuned twice outweighed it ("Call list.copy(): remove and ..."
+# beside "Call my_list.copy() or ..."): 5 new corrections asked reworded 8/10, sampled 9/15.
+# Documentation keeps COPY_BIAS: followed as hard, the starter's answers to its own lessons,
+# grounded, were no better (59 vs 60 of 120).
 FOLLOW_BIAS = 30.0
 
 
 class CopyBias:
     """Leans a grounded answer toward copying from its passages, as a pointer-generator copies:
     its first token toward each passage body's first (the best passage most, a taught one at
-    FOLLOW_BIAS); while the answer is word for word a taught passage's beginning, toward that
-    passage's next token (FOLLOW_BIAS); else each next token toward what follows, in a passage,
-    the longest tail of the answer found there (two tokens at least, so that one common word does
-    not jump elsewhere). Never across a sentence's
-    or a line's end: there it only nudges the model toward ending its answer, and at the end of
-    a passage pushes it to (a correction copied whole is the whole answer).
+    FOLLOW_BIAS); while the answer is word for word a taught passage's beginning, that passage's
+    next token and nothing else, and at its end only the end of the answer (a correction copied
+    whole is the whole answer); else each next token toward what follows, in a passage, the
+    longest tail of the answer found there (two tokens at least, so that one common word does not
+    jump elsewhere), never across a sentence's or a line's end: there it only nudges the model
+    toward ending its answer, and at the end of a passage pushes it to.
 
     bodies: each passage's answer part as token ids (gpt.engine.Engine.copy_bias makes them);
     open_: open_[b][j] is False where bodies[b][j] begins a new sentence or line; stops: the
@@ -368,6 +371,8 @@ class CopyBias:
         self.taught = taught
 
     def apply(self, logits: torch.Tensor, answer: list[int]) -> torch.Tensor:
+        import torch
+
         logits = logits.clone()
         if not answer:
             for rank, body in enumerate(self.bodies):
@@ -375,15 +380,12 @@ class CopyBias:
                     logits[body[0]] += (FOLLOW_BIAS if rank < self.taught else COPY_BIAS) / (1 + rank)
             return logits
         n = len(answer)
-        for body, open_ in zip(self.bodies[: self.taught], self.open):
-            if body[:n] == answer:  # copying this taught passage from its beginning
-                if n == len(body):
-                    logits[self.stops] += FOLLOW_BIAS
-                elif open_[n]:
-                    logits[body[n]] += FOLLOW_BIAS
-                else:  # a sentence or line ends here: the model chooses to go on or stop
-                    logits[self.stops] += COPY_BIAS / 3
-                return logits
+        for body in self.bodies[: self.taught]:
+            if body[:n] == answer:  # copying this taught passage from its beginning: on to its end
+                keep = self.stops if n == len(body) else [body[n]]
+                only = torch.full_like(logits, float("-inf"))
+                only[keep] = logits[keep]
+                return only
         for m in range(min(COPY_MATCH, len(answer)), min(2, len(answer)) - 1, -1):
             tail = answer[-m:]
             ends = [

@@ -109,6 +109,10 @@ def test_a_question_about_a_named_member_is_not_answered_by_a_correction_about_i
     correct(store, "What does str.split do?", "Joins.", "str.split cuts a string at a separator.")
     for question in ("What does tuple.count do?", "What is tuple.index for?", "What does str.join do?"):
         assert [p for p in memory.retrieve(store, question) if p.taught] == [], question
+    correct(store, "How do I remove duplicates from a list?", "Sort it.", "Use list(dict.fromkeys(xs)).")
+    correct(store, "How do I get the last item of a list?", "xs[0].", "Index it with -1: xs[-1].")
+    assert memory.retrieve(store, "How can I drop duplicate items from a list?")[0].text.startswith("Use list(dict")
+    assert memory.retrieve(store, "How can I get a list's last element?")[0].text.startswith("Index it with -1")
     [hit] = memory.retrieve(store, "What's a tuple in Python?")
     assert hit.taught and memory.taught_count([hit]) == 1
     assert memory.retrieve(store, "what is str.split() for")[0].text.startswith("str.split cuts")

@@ -321,18 +321,20 @@ def test_the_table_loads_without_torch():
 def test_a_grounded_answer_keeps_copying_its_best_passage_over_what_the_model_prefers():
     """A model that learned its own answer (a lesson) prefers it by a wide margin, and a second
     passage (the lesson's documentation) begins with that answer's word: the best passage, the
-    user's correction, is still begun and copied to its end, under greedy and sampled choice."""
+    user's correction, is still begun and copied to its end, however much the model would rather
+    say something else once it has begun, under greedy and sampled choice."""
     from gpt.sampling import CopyBias
 
     correction, lesson_doc, stop = [11, 12, 13, 14], [21, 22], 0
     copy = CopyBias([correction, lesson_doc], [[False, True, True, True], [False, True]], {stop}, taught=1)
-    prefers = {21: 10.0, 12: -6.0, 31: 12.0}  # its lesson's first word; off the correction's second
+    first = {21: 10.0}  # its lesson's first word
+    then = {12: -6.0, 31: 50.0}  # far off the correction's second
     for params in (SamplingParams(temperature=0), SamplingParams(seed=1, temperature=0.7)):
         sampler = Sampler(params, 40, "cpu", [], params.seed or 0, copy=copy)
         answer = []
         for _ in range(6):
             logits = torch.zeros(40)
-            for token, value in prefers.items():
+            for token, value in (then if answer else first).items():
                 logits[token] = value
             token = int(sampler(logits))
             if token == stop:
