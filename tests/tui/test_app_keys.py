@@ -197,3 +197,19 @@ async def test_keys_right_after_saving_a_dialog_act_on_what_it_made(app_model):
         await settle(pilot, app)
         assert app.focused is views(app)[-1]
         assert app.clipboard == views(app)[-1].content
+
+
+async def test_escape_on_a_message_goes_back_to_the_prompt(app_model):
+    """After a correction the answer keeps the focus (its keys label it); Esc there, with nothing
+    being written, returns to the prompt, so the next question is typed as a question."""
+    write_config(sampling={"max_new_tokens": 6, "seed": 7})
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        await ask(pilot, app, "hi")
+        view = await focus_answer(pilot, app)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert isinstance(app.focused, PromptArea)
+        await type_text(pilot, "that")
+        assert app.focused.text == "that" and view.label is None and app.store.label(view.message_id) is None

@@ -114,6 +114,7 @@ class ChatScreen(Screen):
         Binding("ctrl+f", "search", "Search", id="chat.search"),
         Binding("ctrl+b", "toggle_sidebar", "Chats", show=False, id="chat.sidebar"),
         Binding("escape", "stop", "Stop", priority=True, id="chat.stop"),
+        Binding("escape", "to_prompt", "Back to the prompt", priority=True, id="chat.to_prompt"),
         Binding("ctrl+l", "focus_messages", "Messages", show=False, id="chat.messages"),
         Binding("ctrl+o", "focus_prompt", "Prompt", show=False, id="chat.prompt"),
         Binding("ctrl+g", "toggle_grounding", "Grounding", priority=True, id="chat.grounding"),
@@ -496,14 +497,22 @@ class ChatScreen(Screen):
         )
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
-        if action == "stop":
-            return self.generating  # otherwise Esc keeps its usual meaning
+        if action == "stop":  # otherwise Esc keeps its usual meaning
+            return self.generating
+        if action == "to_prompt":
+            return not self.generating and isinstance(self.focused, MessageView)
         return True
 
     def action_stop(self) -> None:
         if self.request_id is not None:
             self.stop_requested = True
             self.app.service.cancel(self.request_id)
+
+    def action_to_prompt(self) -> None:
+        """Esc on a message, nothing being written: a user who typed a question there after a
+        correction got its letters taken as label keys ('t' opened the tags, the rest of the
+        question became a tag)."""
+        self.query_one(PromptArea).focus()
 
     # -- message actions ----------------------------------------------------------------------
 
