@@ -49,13 +49,20 @@ ALIASES = {
     "dictionary": ("dict", "dicts"),
     "string": ("str", "strs"),
     "integer": ("int", "ints"),
-    "length": ("len",),
     "number": ("num", "nums"),
     "character": ("char", "chars"),
     "object": ("obj", "objs"),
-    # words people put for a correction's own ("drop duplicate items" for "remove duplicates")
+    # words people put for a correction's own ("drop duplicate items" for "remove duplicates",
+    # "flip a list around" for "reverse a list")
     "remove": ("drop", "delete"),
     "item": ("element", "elements", "entry", "entries"),
+    "reverse": ("flip", "invert"),
+    "join": ("combine", "concatenate", "concat"),
+    "convert": ("transform",),
+    "check": ("verify",),
+    "last": ("final",),
+    "copy": ("clone",),
+    "length": ("len", "size"),
 }
 CANONICAL = {alias: word for word, aliases in ALIASES.items() for alias in aliases}
 WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*|\d+")

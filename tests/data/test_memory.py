@@ -113,6 +113,8 @@ def test_a_question_about_a_named_member_is_not_answered_by_a_correction_about_i
     correct(store, "How do I get the last item of a list?", "xs[0].", "Index it with -1: xs[-1].")
     assert memory.retrieve(store, "How can I drop duplicate items from a list?")[0].text.startswith("Use list(dict")
     assert memory.retrieve(store, "How can I get a list's last element?")[0].text.startswith("Index it with -1")
+    correct(store, "How do I reverse a list?", "Sort it.", "Call xs.reverse().")
+    assert memory.retrieve(store, "What's the way to flip a list around?")[0].text == "Call xs.reverse()."
     [hit] = memory.retrieve(store, "What's a tuple in Python?")
     assert hit.taught and memory.taught_count([hit]) == 1
     assert memory.retrieve(store, "what is str.split() for")[0].text.startswith("str.split cuts")
