@@ -390,7 +390,9 @@ def retrieve(store, question: str, *, recent: Iterable[str] = (), limit: int = 3
     # passage about the exact name asked for outranks one that only mentions it
     answers = sorted(_answers(store, words, symbols), key=lambda p: (-p.score, p.kind != "correction", -p.ref))
     docs: dict[int, Passage] = {}
-    for p in _named(store, symbols, words) + _documents(store, words):
+    # names as the question spells them: "len" is documented as len, though it asks about length
+    spelled = [w for w in (t.lower() for t in WORD.findall(question)) if w not in STOPWORDS]
+    for p in _named(store, symbols, spelled if len(words) == 1 else words) + _documents(store, words, spelled):
         if p.ref not in docs or docs[p.ref].score < p.score:
             docs[p.ref] = p
     ranked = sorted(docs.values(), key=lambda p: -p.score)
@@ -444,7 +446,7 @@ def _column(store, sql: str, params: tuple) -> list:
         return [row[0] for row in store.conn.execute(sql, params)]
 
 
-def _documents(store, words: list[str]) -> list[Passage]:
+def _documents(store, words: list[str], spelled: list[str] = ()) -> list[Passage]:
     if not words:
         return []
     ids = _column(
@@ -470,7 +472,8 @@ def _documents(store, words: list[str]) -> list[Passage]:
     for rank, pid in enumerate(ids):
         if (p := found.get(pid)) is not None:
             last = p.name.lower().rsplit(".", 1)[-1]
-            bonus = NAMED if last in words or p.name.lower() in words else 0.0
+            named = {*words, *spelled}
+            bonus = NAMED if last in named or p.name.lower() in named else 0.0
             out.append(Passage(p.kind, p.source, p.name, p.text, p.ref, cover[pid] + bonus - rank * 1e-4))
     return out
 

@@ -128,6 +128,8 @@ def test_python_documentation_by_name_and_a_threshold_for_the_rest(store):
     assert (hit.kind, hit.source, hit.name) == ("python", "python:textwrap", "textwrap.dedent")
     assert "common leading whitespace" in hit.text
     assert memory.retrieve(store, "What does getattr do?")[0].name == "getattr"
+    # a name that is also another word's short form ("len" for length) is looked up as written
+    assert memory.retrieve(store, "What does len do?")[0].name == "len"
     for question in ("Who painted the Mona Lisa?", "What is a good recipe for pancakes?", "How tall is Everest?"):
         assert memory.retrieve(store, question) == [], question
 
