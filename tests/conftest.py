@@ -114,3 +114,22 @@ def app_model(chat_model_dir, kettle_home) -> str:
     with open_store() as store:
         store.activate_model(store.add_model_version("tiny", path, kind="imported").id)
     return "tiny"
+
+
+def old_snapshot(store, examples: list[dict]) -> int:
+    """A snapshot of `examples` as an older Kettle could write it (no checks on what it holds):
+    whole, sealed, its hash right; its id."""
+    from data.records import canonical_json, content_hash
+
+    with store.transaction():
+        sid = store.conn.execute(
+            "INSERT INTO snapshots (name, filter, content_hash, n_examples, n_pairs, created_at, sealed)"
+            " VALUES ('old', '{}', ?, ?, 0, 0, 0)",
+            (content_hash({"examples": examples, "pairs": []}), len(examples)),
+        ).lastrowid
+        store.conn.executemany(
+            "INSERT INTO snapshot_rows (snapshot_id, kind, position, data) VALUES (?, 'example', ?, ?)",
+            [(sid, i, canonical_json(e)) for i, e in enumerate(examples)],
+        )
+        store.conn.execute("UPDATE snapshots SET sealed = 1 WHERE id = ?", (sid,))
+    return sid

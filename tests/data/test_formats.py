@@ -7,10 +7,10 @@ import json
 import pytest
 
 from data.formats import MAX_LINE_BYTES, export_file, import_file
-from data.records import DataFilter, canonical_json, content_hash
+from data.records import DataFilter
 from data.store import Store, open_store
 from gpt.errors import KettleError
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, old_snapshot
 from tui.cli import main
 
 ALPACA = [
@@ -769,16 +769,6 @@ def test_an_older_snapshot_holding_an_unlearnable_example_exports_without_it(sto
     good = store.snapshot_examples(store.create_snapshot().id)
     bad = {"messages": [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Hi"}] + ANSWER}
     examples = [*good, bad]
-    with store.transaction():  # as an older Kettle could write it: whole, sealed, its hash right
-        sid = store.conn.execute(
-            "INSERT INTO snapshots (name, filter, content_hash, n_examples, n_pairs, created_at, sealed)"
-            " VALUES ('old', '{}', ?, ?, 0, 0, 0)",
-            (content_hash({"examples": examples, "pairs": []}), len(examples)),
-        ).lastrowid
-        store.conn.executemany(
-            "INSERT INTO snapshot_rows (snapshot_id, kind, position, data) VALUES (?, 'example', ?, ?)",
-            [(sid, i, canonical_json(e)) for i, e in enumerate(examples)],
-        )
-        store.conn.execute("UPDATE snapshots SET sealed = 1 WHERE id = ?", (sid,))
+    sid = old_snapshot(store, examples)
     report = export_file(store, tmp_path / "out.jsonl", fmt="openai", snapshot_id=sid)
     assert report.written == 2 and report.skipped == {"starts with an answer, not a question": 1}

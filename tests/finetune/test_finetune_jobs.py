@@ -25,6 +25,7 @@ from finetune.jobs import (
 )
 from gpt.checkpoint import load_model
 from gpt.errors import KettleError
+from tests.conftest import old_snapshot
 
 
 def glibc() -> bool:
@@ -235,23 +236,12 @@ def test_an_older_snapshot_holding_an_example_no_model_can_learn_from_trains_wit
     its export skips that example, but a fine-tune trained on an answer to nothing, and on an
     empty example refused the whole snapshot ("a training conversation needs at least one
     assistant message"), in the sheet's estimate too."""
-    from data.records import canonical_json, content_hash
     from finetune.jobs import check_spec, load_conversations
     from finetune.plan import make_plan
 
     good = store.snapshot_examples(_snapshot(store, n=4))
     examples = [*good, {"messages": [{"role": "assistant", "content": "Hello."}]}, {"messages": []}]
-    with store.transaction():  # as an older Kettle could write it: whole, sealed, its hash right
-        sid = store.conn.execute(
-            "INSERT INTO snapshots (name, filter, content_hash, n_examples, n_pairs, created_at, sealed)"
-            " VALUES ('old', '{}', ?, ?, 0, 0, 0)",
-            (content_hash({"examples": examples, "pairs": []}), len(examples)),
-        ).lastrowid
-        store.conn.executemany(
-            "INSERT INTO snapshot_rows (snapshot_id, kind, position, data) VALUES (?, 'example', ?, ?)",
-            [(sid, i, canonical_json(e)) for i, e in enumerate(examples)],
-        )
-        store.conn.execute("UPDATE snapshots SET sealed = 1 WHERE id = ?", (sid,))
+    sid = old_snapshot(store, examples)
     spec = JobSpec(model="base", snapshot_id=sid, sft=FAST)
     check_spec(store, spec)
     conversations, source = load_conversations(store, spec)
