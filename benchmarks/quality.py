@@ -6,8 +6,9 @@ our own (none of them in any training data).
 MODEL is a model directory or a name under KETTLE_HOME/models (the brewed starter: `starter`).
 Every answer is greedy (temperature 0) unless said otherwise. Sections:
 
-- own: the model's own instruction questions (its replay data's training share, ungrounded):
-  the first sentence of the answer equals the trained answer's.
+- own: 120 of the model's own instruction questions (both shares of its replay data), without
+  grounding and with it (its documentation and its lessons in memory, as the app answers): the
+  first sentence of the answer equals the trained answer's.
 - heldout: "What does X do?" about 40 names of the standard-library modules held out of the
   starter's training (pretraining validation split), with grounding and without: the first
   sentence equals the first sentence of X's docstring.
@@ -406,6 +407,7 @@ def main() -> None:
 
     from data import memory
     from data.store import open_store
+    from finetune.replay import lessons
     from gpt.engine import Engine
     from gpt.sampling import SamplingParams
 
@@ -414,22 +416,25 @@ def main() -> None:
     print(f"model {model_dir}; scratch KETTLE_HOME {home}")
     store = open_store()  # one, held open, as the chat screen and the server hold theirs
 
-    if sections & {"heldout", "corrections", "untaught", "unrelated", "speed"}:  # the ones that ground answers
+    if sections & {"own", "heldout", "corrections", "untaught", "unrelated", "speed"}:  # the ones that ground answers
         start = time.perf_counter()
         memory.index_python_docs(store)
         index_s = time.perf_counter() - start
         print(f"indexed the installed Python's documentation in {index_s:.1f} s")
+    # what the model was taught is memory too, as the app, the brew and the server keep it
+    memory.index_lessons(store, model_dir.name, lessons(model_dir))
 
     if "own" in sections:
-        from finetune.replay import read_replay
-
-        plain = [c for c in read_replay(model_dir)["train"] if not c[0]["content"].startswith("Reference:")]
-        sample = random.Random(0).sample(plain, min(40, len(plain)))
-        right = sum(
-            first_sentence_of(engine.generate_chat(c[:-1], greedy).text) == first_sentence_of(c[-1]["content"])
-            for c in sample
-        )
-        print(f"own lessons: {right}/{len(sample)} first sentences exact (greedy, ungrounded)")
+        taught = lessons(model_dir)  # both splits: the questions it trained on and those it was checked on
+        sample = random.Random(0).sample(taught, min(120, len(taught)))
+        for ground in (False, True):
+            right = sum(
+                first_sentence_of(answer(engine, store, question, ground=ground, params=greedy).text)
+                == first_sentence_of(taught_answer)
+                for question, taught_answer in sample
+            )
+            label = "with grounding, as the app answers" if ground else "ungrounded"
+            print(f"own lessons: {right}/{len(sample)} first sentences exact (greedy, {label})")
 
     if "heldout" in sections:
         questions = heldout_questions()

@@ -8,6 +8,8 @@ Two kinds of passage:
   ones in), so a killed indexer leaves each source whole or absent, never half-indexed.
 - **Answers that would train** (corrected, approved, imported), with their questions: read live
   from the messages and their current labels, so a correction is memory the moment it is saved.
+- **A model's own lessons** (the instruction data a starter was taught, in `lessons`): the
+  answers it learnt, so that beside its documentation it still answers as it was taught.
 
 `retrieve` finds the passages for a question: exact name matches for code symbols ("str.upper"),
 then BM25 candidates re-scored by how much of the question's rarer words they hold, with a
@@ -16,6 +18,7 @@ threshold so that a question about nothing in the store retrieves nothing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -68,12 +71,15 @@ CANONICAL = {alias: word for word, aliases in ALIASES.items() for alias in alias
 WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*|\d+")
 
 
+ASKED = ("correction", "answer", "lesson")  # passages that are a question and its answer
+
+
 @dataclass(frozen=True)
 class Passage:
     """One retrieved passage: where it comes from and its text."""
 
-    kind: str  # "correction" | "answer" | "python" | "file"
-    source: str  # a file's path, "python:json", or "message 12"
+    kind: str  # "correction" | "answer" | "lesson" | "python" | "file"
+    source: str  # a file's path, "python:json", "message 12", or the model whose lesson it is
     name: str  # the symbol or heading it is about, or the question an answer answers
     text: str
     ref: int  # doc_passages.id, or the answer's message id
@@ -87,7 +93,7 @@ class Passage:
     @property
     def reference(self) -> str:
         """The passage as the model reads it: an answer with the question it answers."""
-        return f"{self.name}\n{self.text}" if self.kind in ("correction", "answer") else self.text
+        return f"{self.name}\n{self.text}" if self.kind in ASKED else self.text
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("kind", "source", "name", "text", "ref", "score")}
@@ -389,6 +395,8 @@ def retrieve(store, question: str, *, recent: Iterable[str] = (), limit: int = 3
     # what the user taught comes first; then the documentation closest to the best match: a
     # passage about the exact name asked for outranks one that only mentions it
     answers = sorted(_answers(store, words, symbols), key=lambda p: (-p.score, p.kind != "correction", -p.ref))
+    # then what the model was taught itself, before the documentation it was taught from
+    answers += sorted(_lessons(store, words, symbols), key=lambda p: (-p.score, p.ref))
     docs: dict[int, Passage] = {}
     # names as the question spells them: "len" is documented as len, though it asks about length
     spelled = [w for w in (t.lower() for t in WORD.findall(question)) if w not in STOPWORDS]
@@ -536,31 +544,37 @@ def _answers(store, words: list[str], symbols: list[str] = ()) -> list[Passage]:
             chosen[a["question_id"]] = Passage(kind, f"message {a['id']}", a["question"], text, a["id"], 0.0)
     if not chosen:
         return []
-    # both ways: the old question must hold what this one asks, and this one what the old one
-    # asked ("sort a list" is not "reverse a list", however common "list" is)
-    asked = {_stem(w) for w in words}
-    stored = {qid: {_stem(w) for w in query_terms(p.name)[0]} for qid, p in chosen.items()}
+    # counted among the user's messages: a word most questions hold weighs little
     vocabulary = sorted(set(words) | {w for p in chosen.values() for w in query_terms(p.name)[0]})
     counts = {
         w: store._row("SELECT COUNT(*) AS n FROM messages_fts WHERE messages_fts MATCH ?", (_fts_any([w]),))["n"]
         for w in vocabulary
     }
-    weights = _weights(_rows_of(store, "messages"), counts)
-    weight = {}
-    for w in vocabulary:
-        weight[_stem(w)] = max(weight.get(_stem(w), 0.0), weights[w])
+    candidates = [(p, query_terms(p.name)) for p in chosen.values()]
+    return _asking_alike(words, symbols, candidates, _weights(_rows_of(store, "messages"), counts))
 
-    def share(part: set[str], whole: set[str]) -> float:
-        return sum(weight[w] for w in part) / (sum(weight[w] for w in whole) or 1.0)
 
+def _asking_alike(
+    words: list[str], symbols: list[str], candidates: Iterable[tuple[Passage, tuple]], weights: dict[str, float]
+) -> list[Passage]:
+    """The candidates (passages whose name is the question they answer, each with its question's
+    query_terms) whose question asks what this one does, scored by how much of each the other
+    holds, weighed by `weights` (a word's weight; one missing weighs most). Both ways: the old
+    question must hold what this one asks, and this one what the old one asked ("sort a list" is
+    not "reverse a list", however common "list" is)."""
     named = {s.lower().removesuffix("()") for s in symbols}
+    # "What is a tuple?" answers nothing about tuple.count, though it holds a good share of it
+    terms = [(p, w) for p, (w, s) in candidates if named <= {x.lower().removesuffix("()") for x in s}]
+    heaviest = max(weights.values(), default=1.0)
+    weight: dict[str, float] = {}
+    for w in {*words, *(w for _, their in terms for w in their)}:
+        weight[_stem(w)] = max(weight.get(_stem(w), 0.0), weights.get(w, heaviest))
+    asked = {_stem(w) for w in words}
     out = []
-    for qid, p in chosen.items():
-        # "What is a tuple?" answers nothing about tuple.count, though it holds a good share of it
-        if not named <= {s.lower().removesuffix("()") for s in query_terms(p.name)[1]}:
-            continue
-        held = asked & stored[qid]
-        forward, backward = share(held, asked), share(held, stored[qid])
+    for p, their_words in terms:
+        stored = {_stem(w) for w in their_words}
+        held = asked & stored
+        forward, backward = _share(held, asked, weight), _share(held, stored, weight)
         # most of each in the other, or all of one and a good part of the other ("What numbers
         # does range(5) produce?" holds all of "What does range(5) give?")
         both = min(forward, backward) >= MIN_COVERAGE
@@ -570,6 +584,60 @@ def _answers(store, words: list[str], symbols: list[str] = ()) -> list[Passage]:
     return out
 
 
+def _share(part: set[str], whole: set[str], weight: dict[str, float]) -> float:
+    return sum(weight[w] for w in part) / (sum(weight[w] for w in whole) or 1.0)
+
+
+def index_lessons(store, model: str, lessons: Iterable[tuple[str, str]]) -> int:
+    """Keep a model's lessons ((question, answer) pairs) as memory; how many were new (one a
+    model already brought is kept once)."""
+    rows = [(model, q.strip(), a.strip()) for q, a in lessons if q.strip() and a.strip()]
+    with store.transaction():
+        before = store.conn.total_changes
+        store.conn.executemany("INSERT OR IGNORE INTO lessons (model, question, answer) VALUES (?, ?, ?)", rows)
+        return store.conn.total_changes - before
+
+
+@dataclass(frozen=True)
+class _LessonIndex:
+    """The lessons held in memory, read once per change of the table (a few hundred rows)."""
+
+    version: tuple
+    lessons: list[tuple[Passage, tuple]]  # each with its question's query_terms
+    stems: list[set[str]]  # the stems of each one's words
+    weights: dict[str, float]
+
+
+_lesson_indexes: dict[str, _LessonIndex] = {}
+
+
+def _lessons(store, words: list[str], symbols: list[str]) -> list[Passage]:
+    """The model's own lessons that ask what the question does (as a correction must)."""
+    version = tuple(store._row("SELECT COUNT(*) AS n, MAX(id) AS last FROM lessons").values())
+    if not version[0] or not words:
+        return []
+    index = _lesson_indexes.get(store.path)
+    if index is None or index.version != version:
+        lessons = [
+            (
+                Passage("lesson", r["model"], r["question"], r["answer"], r["id"], 0.0),
+                query_terms(r["question"]),
+            )
+            for r in store._rows("SELECT id, model, question, answer FROM lessons ORDER BY id")
+        ]
+        counts: dict[str, int] = {}
+        for _, (terms, _) in lessons:
+            for w in set(terms):
+                counts[w] = counts.get(w, 0) + 1
+        stems = [{_stem(w) for w in terms} for _, (terms, _) in lessons]
+        index = _LessonIndex(version, lessons, stems, _weights(len(lessons), counts))
+        _lesson_indexes[store.path] = index
+    wanted = {_stem(w) for w in words}
+    candidates = [lesson for lesson, stems in zip(index.lessons, index.stems) if wanted & stems]
+    return _asking_alike(words, symbols, candidates, index.weights)
+
+
+@functools.lru_cache(maxsize=65536)
 def _stem(word: str) -> str:
     """A crude stem, the same on both sides of a comparison: plurals, -ing/-ed forms and a final
     e ("reverse", "reversed", "reversing" -> "revers")."""

@@ -440,3 +440,20 @@ def m007_no_replaced_history(db: sqlite_utils.Database) -> None:
                 SELECT RAISE(ABORT, '{table} are never renumbered');
             END"""
         )
+
+
+@migration
+def m008_lessons(db: sqlite_utils.Database) -> None:
+    # A model's own lessons (the instruction data a starter was taught, kept beside its weights)
+    # as memory: grounded in its documentation, the starter answered its own "How do I ...?"
+    # lessons in the documentation's words ("Return a copy ..." for "Call str.replace(): return
+    # a copy ..."). One row per distinct lesson; `model` names the model that brought it first.
+    db.execute(
+        """CREATE TABLE lessons (
+            id INTEGER PRIMARY KEY,
+            model TEXT NOT NULL,
+            question TEXT NOT NULL,
+            answer TEXT NOT NULL,
+            UNIQUE (question, answer)
+        )"""
+    )

@@ -44,3 +44,20 @@ def read_replay(model_dir: str | Path) -> dict[str, list[list[dict]]] | None:
     except (ValueError, KeyError, TypeError):
         return None
     return out if out["train"] else None
+
+
+def lessons(model_dir: str | Path) -> list[tuple[str, str]]:
+    """The (question, answer) pairs a model was taught, both splits, as data.memory keeps them:
+    one-turn conversations whose question carries no passage (none for a model without a file)."""
+    from gpt.chat_template import REFERENCE
+
+    replay = read_replay(model_dir) or {}
+    return [
+        (c[0]["content"], c[1]["content"])
+        for split in SPLITS
+        for c in replay.get(split, [])
+        if len(c) == 2
+        and c[0]["role"] == "user"
+        and c[1]["role"] == "assistant"
+        and not c[0]["content"].startswith(REFERENCE)
+    ]

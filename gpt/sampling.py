@@ -335,6 +335,7 @@ def _flat_nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.T
 # does X do?" about names it never learned, with X's documentation beside it: +5 logits let it
 # wander off after a few words (0 of 20 first sentences exact), +15 copies (15 of 20).
 COPY_BIAS = 15.0
+LEAD_BIAS = COPY_BIAS
 COPY_MATCH = 8  # the longest tail of the answer looked up in the passages
 # A passage the user taught (a correction, an approved answer: the first `taught` passages) is
 # copied whole: its first token leads (FOLLOW_BIAS), and an answer that so far is its beginning,
@@ -377,7 +378,7 @@ class CopyBias:
         if not answer:
             for rank, body in enumerate(self.bodies):
                 if body:
-                    logits[body[0]] += (FOLLOW_BIAS if rank < self.taught else COPY_BIAS) / (1 + rank)
+                    logits[body[0]] += (FOLLOW_BIAS if rank < self.taught else LEAD_BIAS) / (1 + rank)
             return logits
         n = len(answer)
         for body in self.bodies[: self.taught]:
@@ -389,17 +390,21 @@ class CopyBias:
         for m in range(min(COPY_MATCH, len(answer)), min(2, len(answer)) - 1, -1):
             tail = answer[-m:]
             ends = [
-                (body, open_, j)
-                for body, open_ in zip(self.bodies, self.open)
+                (rank, body, open_, j)
+                for rank, (body, open_) in enumerate(zip(self.bodies, self.open))
                 for j in range(m, len(body) + 1)
                 if body[j - 1] == tail[-1] and body[j - m : j] == tail
             ]
             if not ends:
                 continue
-            follow = {body[j] for body, open_, j in ends if j < len(body) and open_[j]}
-            for token in follow:
-                logits[token] += COPY_BIAS
-            if any(j == len(body) for body, _, j in ends):
+            # where passages alike part ("Call str.is" numeric / alnum), the better one leads
+            follow: dict[int, float] = {}
+            for rank, body, open_, j in ends:
+                if j < len(body) and open_[j]:
+                    follow[body[j]] = max(follow.get(body[j], 0.0), COPY_BIAS / (1 + rank))
+            for token, bias in follow.items():
+                logits[token] += bias
+            if any(j == len(body) for _, body, _, j in ends):
                 logits[self.stops] += COPY_BIAS
             elif not follow:  # a sentence or line ends here in the passage
                 logits[self.stops] += COPY_BIAS / 3

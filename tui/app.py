@@ -282,12 +282,25 @@ class KettleApp(App):
         if load is None:
             return
         self.load_failed = False
+        await self.remember_lessons()
         try:
             await asyncio.to_thread(load)
         except Exception as exc:  # noqa: BLE001
             self.load_failed = True
             self.notify(error_text(exc), title="The model did not load", severity="error", timeout=15)
         self.model_changed.publish(self.model_name())
+
+    async def remember_lessons(self) -> None:
+        """Index the lessons the model about to answer carries (data.memory): before its weights
+        load, so that the first question already finds them (a few milliseconds)."""
+        from tui.commands.docs import remember_lessons
+
+        try:
+            info = await asyncio.to_thread(lambda: self.service.active_model)
+            if info is not None and info.path and self.store is not None:
+                await self.db(remember_lessons, self.store, info.name, info.path)
+        except Exception as exc:  # noqa: BLE001 (the load that follows says what is wrong)
+            log.warning("indexing the model's lessons failed: %s", exc)
 
     def model_name(self) -> str:
         if self.service is None:

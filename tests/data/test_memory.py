@@ -171,3 +171,31 @@ def test_retrieval_reads_nothing_of_the_store_the_question_does_not_match(tmp_pa
     # counting the rows of the passages' and the messages' FTS indexes read each one's text:
     # 2,457 steps beside 20 of each, 35,981 beside 2,000
     assert steps(2000) < 1.1 * steps(20)
+
+
+def test_a_models_lessons_answer_its_questions_asked_again_in_other_words(store):
+    """Beside its documentation the starter answered its own "How do I ...?" lessons in the
+    documentation's words ("Return a copy ..." for "Call str.replace(): return a copy ...")."""
+    lessons = [
+        ("How do I get a copy with all occurrences of substring old replaced by new?", "Call str.replace(): return."),
+        ("How do I get True if the string is a numeric string, False otherwise?", "Call str.isnumeric()."),
+        ("How do I get True if the string is an alpha-numeric string, False otherwise?", "Call str.isalnum()."),
+        ("How do I remove all items from list?", "Call list.clear(): remove all items from list."),
+    ]
+    assert memory.index_lessons(store, "starter", lessons) == 4
+    assert memory.index_lessons(store, "starter-ft", [lessons[0], ("  ", "blank")]) == 0  # kept once
+    [hit] = memory.retrieve(store, "how can i remove all the items from a list")
+    assert (hit.kind, hit.taught, hit.source) == ("lesson", False, "starter")
+    assert hit.reference == f"{lessons[3][0]}\n{lessons[3][1]}"
+    # the closest lesson first: two alike part only on "alpha"
+    found = memory.retrieve(store, "How do I get True if a string is numeric, False otherwise?")
+    assert [p.text for p in found[:2]] == ["Call str.isnumeric().", "Call str.isalnum()."]
+    for other in ("How do I sort a list?", "What is the capital of France?", "How do I remove a file?"):
+        assert [p for p in memory.retrieve(store, other) if p.kind == "lesson"] == [], other
+    # a lesson learnt later is memory at once, and the user's correction comes before any lesson
+    memory.index_lessons(store, "starter", [("How do I sort a list?", "Call list.sort().")])
+    assert memory.retrieve(store, "how can I sort a list")[0].text == "Call list.sort()."
+    correct(store, "How do I sort a list?", "Call list.sort().", "Call sorted(xs) for a new list.")
+    found = memory.retrieve(store, "How can I sort a list?")
+    assert [(p.kind, p.taught) for p in found] == [("correction", True), ("lesson", False)]
+    assert memory.taught_count(found) == 1

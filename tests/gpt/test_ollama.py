@@ -202,7 +202,7 @@ def test_chat_is_grounded_in_the_store_as_the_openai_api_is(chat_model_dir, kett
     answer = "Call my_list.reverse() to reverse it in place."
     store, corrected = store_with_correction("How do I reverse a list?", answer)
     service = InProcessService(str(chat_model_dir))
-    running = RunningServer(service, None, routers=[router(service)], retrieve=store_retriever(store))
+    running = RunningServer(service, None, routers=[router(service)], retrieve=store_retriever(store, service.load()))
     try:
         ask = {
             "messages": [{"role": "user", "content": "How can I reverse a Python list?"}],

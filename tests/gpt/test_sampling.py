@@ -341,3 +341,16 @@ def test_a_grounded_answer_keeps_copying_its_best_passage_over_what_the_model_pr
                 break
             answer.append(token)
         assert answer == correction
+
+
+def test_where_two_passages_alike_part_the_better_ranked_one_is_followed():
+    """The starter's lessons on str.isnumeric and str.isalnum both begin "Call str.is": with the
+    one asked about retrieved first, the answer went on as the other, which the model preferred."""
+    from gpt.sampling import CopyBias
+
+    best, alike = [1, 2, 3, 4], [1, 2, 3, 5]
+    copy = CopyBias([best, alike], [[False, True, True, True]] * 2, {0})
+    logits = torch.zeros(8)
+    logits[5] = 3.0  # the model would rather go on as the second passage
+    assert int(copy.apply(logits, [1, 2, 3]).argmax()) == 4
+    assert int(copy.apply(logits, [9, 2, 3]).argmax()) == 4  # a tail found in both, however begun

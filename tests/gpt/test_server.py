@@ -762,7 +762,8 @@ def test_chat_is_grounded_in_the_store_by_default_and_names_its_sources(chat_mod
 
     answer = "Call my_list.reverse() to reverse it in place."
     store, corrected = store_with_correction("How do I reverse a list?", answer)
-    running = RunningServer(InProcessService(str(chat_model_dir)), None, retrieve=store_retriever(store))
+    service = InProcessService(str(chat_model_dir))
+    running = RunningServer(service, None, retrieve=store_retriever(store, service.load()))
     try:
         question = {"messages": [{"role": "user", "content": "How can I reverse a Python list?"}], "temperature": 0}
         body = http(running, "POST", "/v1/chat/completions", json={**question, "max_tokens": 30}).json()
@@ -777,7 +778,7 @@ def test_chat_is_grounded_in_the_store_by_default_and_names_its_sources(chat_mod
         assert http(running, "POST", "/v1/chat/completions", json={**given, "taught": -1}).status_code == 400
         # the store's correction is the user's own answer, copied whole; a client's passages are
         # taught as far as it says
-        assert grounded_options(store_retriever(store)(question["messages"]))["taught"] == 1
+        assert grounded_options(store_retriever(store, service.load())(question["messages"]))["taught"] == 1
         given_two = Grounding(references=["Q?\nUse reversed(xs).", "list.reverse\n\nReverse."], taught=1)
         assert grounded_options(asyncio.run(grounding(None, given_two, [])))["taught"] == 1
         client = openai.OpenAI(base_url=running.url + "/v1", api_key="none")

@@ -552,3 +552,20 @@ async def test_a_correction_answers_the_question_reworded_at_once_with_its_sourc
         await pilot.press("ctrl+g")
         plain = await ask(pilot, app, "How can I reverse a Python list?")
         assert plain.content != answer.content and plain.sources == []
+
+
+async def test_the_models_own_lessons_are_memory_in_the_chat(short_answers):
+    """The lessons the active model carries (its replay file) are indexed when it loads: asked in
+    other words, the answer is grounded in the lesson and names it."""
+    from data.paths import models_dir
+    from finetune.replay import REPLAY_FILE, replay_text
+
+    lesson = [{"role": "user", "content": "How do I descale a kettle?"}]
+    lesson.append({"role": "assistant", "content": "Boil citric acid in it."})
+    (models_dir() / "tiny" / REPLAY_FILE).write_text(replay_text([lesson], []))
+    app = KettleApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_chat(pilot, app)
+        answer = await ask(pilot, app, "How can I descale my kettle?")
+        assert [(p.kind, p.source, p.text) for p in answer.sources] == [("lesson", "tiny", "Boil citric acid in it.")]
+        assert "tiny's lesson: How do I descale a kettle?" in str(answer.query_one(".message-footer").render())

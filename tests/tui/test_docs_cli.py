@@ -49,3 +49,20 @@ def test_generate_grounds_a_chat_answer_unless_told_not_to(tiny_model_dir, kettl
         return int(re.search(r"prompt (\d+) tokens", err).group(1))
 
     assert prompt_tokens(grounded) > prompt_tokens(plain) + 5  # the correction is in the prompt
+
+
+def test_generate_answers_a_models_own_lesson_from_memory(tiny_model_dir, kettle_home, tmp_path, capsys):
+    """The lessons a model carries (its replay file) are memory where it answers: asked again in
+    other words, the lesson is the passage beside the question."""
+    import shutil
+
+    from finetune.replay import REPLAY_FILE, replay_text
+
+    model = tmp_path / "taught"
+    shutil.copytree(tiny_model_dir, model)
+    lesson = [{"role": "user", "content": "How do I descale a kettle?"}]
+    lesson.append({"role": "assistant", "content": "Boil citric acid in it."})
+    (model / REPLAY_FILE).write_text(replay_text([lesson], []))
+    args = ["generate", str(model), "how can I descale my kettle", "--chat", "--max-new-tokens", "2"]
+    assert main(args) == 0
+    assert "[source: lesson taught · How do I descale a kettle?]" in capsys.readouterr().err

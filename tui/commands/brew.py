@@ -33,17 +33,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def starter_command(args) -> int:
-    from data import memory
     from data.store import open_store
     from finetune.starter import brew_starter
-    from tui.commands.docs import index_python
+    from tui.commands.docs import remember
 
     result = brew_starter(out=args.out, device=args.device, force=args.force, seed=args.seed)
     print(result.summary())
     with open_store() as store:  # what the starter answers grounded questions from (a few seconds)
-        if not memory.has_python_docs(store):
-            index_python(store)
-    print("Python's documentation is indexed: grounded answers can use it")
+        remember(store, result.out.name, result.out)
+    print("Python's documentation and the starter's lessons are indexed: grounded answers can use them")
     if result.refused:  # the last line: the app shows it as the brew's failure
         print(result.refused)
         return 1

@@ -103,6 +103,28 @@ def python_command(args) -> int:
     return 0
 
 
+def remember(store, name: str, model_dir, *, bar: bool = True) -> None:
+    """What a model's grounded answers draw on: the installed Python's documentation (indexed
+    the first time, with a progress bar unless `bar` is False) and the model's own lessons."""
+    from data import memory
+
+    if not memory.has_python_docs(store):
+        if bar:
+            index_python(store)
+        else:
+            memory.index_python_docs(store)
+    remember_lessons(store, name, model_dir)
+
+
+def remember_lessons(store, name: str, model_dir) -> int:
+    """Index the lessons of the model in `model_dir` (none when it has no replay file, or its
+    files are on another machine); how many were new."""
+    from data import memory
+    from finetune.replay import lessons
+
+    return memory.index_lessons(store, name, lessons(model_dir))
+
+
 def index_python(store):
     """Index the installed Python's documentation with a progress bar."""
     from data import memory

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from gpt.sampling import PARAMS, PRESETS
 from tui.commands import flags
@@ -68,13 +69,14 @@ def generate_command(args) -> int:
         raise KettleError("--system needs --chat")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = sampling_params(args)
-    engine = Engine.load(resolve_model_dir(args.model), device=args.device, quantize=args.quantize)
+    model_dir = resolve_model_dir(args.model)
+    engine = Engine.load(model_dir, device=args.device, quantize=args.quantize)
     sources = []
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": prompt})
         if args.ground:
-            messages, sources = ground(engine, messages, params)
+            messages, sources = ground(engine, messages, params, model_dir)
         stream = engine.stream_chat(messages, params)
     else:
         stream = engine.stream(prompt, params)
@@ -106,16 +108,15 @@ def generate_command(args) -> int:
     return 0
 
 
-def ground(engine, messages: list[dict], params):
+def ground(engine, messages: list[dict], params, model_dir):
     """The conversation with the passages that answer its newest question, and those passages
-    (Python's documentation is indexed on first use)."""
+    (Python's documentation is indexed on first use, the model's lessons when new)."""
     from data import memory
     from data.store import open_store
-    from tui.commands.docs import index_python
+    from tui.commands.docs import remember
 
     with open_store() as store:
-        if not memory.has_python_docs(store):
-            index_python(store)
+        remember(store, Path(model_dir).name, model_dir)
         found = memory.references_for(store, messages)
     grounded, used = engine.ground(messages, [p.reference for p in found], params, taught=memory.taught_count(found))
     return grounded, found[:used]

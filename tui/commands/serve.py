@@ -141,7 +141,7 @@ def serve_command(args) -> int:
         info = service.load()
         # Before the line that says the server is up: indexing Python's documentation the first
         # time takes seconds, and requests sent meanwhile would wait unanswered.
-        retrieve = store_retriever(store)
+        retrieve = store_retriever(store, info)
         host, port = sock.getsockname()[:2]
         url_host = f"[{host}]" if ":" in host else host
         print(
@@ -172,14 +172,16 @@ def serve_command(args) -> int:
     return 0
 
 
-def store_retriever(store):
+def store_retriever(store, model):
     """The server's grounding: a conversation's passages from the store (data.memory), Python's
-    documentation indexed first if it is not yet."""
+    documentation indexed first if it is not yet, and the lessons of the `model` it serves
+    (a gpt.catalog.ModelInfo)."""
     from data import memory
+    from tui.commands.docs import remember
 
     if not memory.has_python_docs(store):
         print("kettle: indexing Python's documentation (once)...", file=sys.stderr, flush=True)
-        memory.index_python_docs(store)
+    remember(store, model.name, model.path, bar=False)
 
     def retrieve(messages: list[dict]) -> list[dict]:
         return [

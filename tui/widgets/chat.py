@@ -113,6 +113,8 @@ def source_name(passage) -> str:
     """A retrieved passage in a few words: which correction, document or name it is."""
     if passage.kind in ("correction", "answer"):
         return f"your {passage.kind}: {' '.join(passage.name.split())[:60]}"
+    if passage.kind == "lesson":
+        return f"{passage.source}'s lesson: {' '.join(passage.name.split())[:60]}"
     if passage.kind == "python":
         return f"Python docs: {passage.name}"
     where = passage.source.rsplit("/", 1)[-1]
