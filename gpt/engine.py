@@ -413,8 +413,9 @@ class Engine:
                     if logits is None:
                         logits, cached = self._prefill(ids)
                         sampler = Sampler(params, logits.size(-1), self.device, ids, seed, copy=copy)
-                        # a draft knows nothing of the copy bias: a grounded answer is not speculated
-                        if self.speculation is not None and copy is None and (params.greedy or self.speculate_sampled):
+                        # the drafts are checked with the request's own sampler, copy bias
+                        # and all: a grounded answer, which copies its passages, is speculated
+                        if self.speculation is not None and (params.greedy or self.speculate_sampled):
                             speculator = Speculator(
                                 self,
                                 self.speculation.begin(self, ids, params=params, sampler=sampler),

@@ -191,3 +191,26 @@ def test_rounds_shrink_after_rejected_drafts_and_grow_after_kept_ones(engine, ve
     engine.speculation = right
     assert engine.generate(prompt, GREEDY).token_ids == truth
     assert right.asked[1:3] == [6, 6]  # all 4 offered were kept: two more asked next round
+
+
+def test_a_grounded_answer_is_speculated_and_its_tokens_are_the_plain_loops(engine):
+    """A grounded answer copies its passage (gpt.sampling.CopyBias): prompt lookup drafts it,
+    and the drafts are checked with the copy bias applied, so the tokens are those of plain
+    decoding with the bias, greedy; sampled too, where the bias forces a taught passage."""
+    from gpt.chat_template import grounded
+
+    passage = "Call my_list.reverse() to reverse the list in place, or reversed(xs) for a new one."
+    question = [{"role": "user", "content": "How can I reverse a list?"}]
+    for taught in (0, 1):
+        messages = grounded(question, [f"How do I reverse a list?\n{passage}"], taught=taught)
+        fast = engine.generate_chat(messages, GREEDY)
+        speculation, engine.speculation = engine.speculation, None
+        try:
+            slow = engine.generate_chat(messages, GREEDY)
+        finally:
+            engine.speculation = speculation
+        assert fast.token_ids == slow.token_ids and fast.accepted_tokens > 10, taught
+        assert fast.text.startswith(passage[:40])
+    engine.speculate_sampled = True
+    sampled = engine.generate_chat(messages, SamplingParams(temperature=0.7, seed=3, max_new_tokens=40))
+    assert sampled.text.startswith(passage[:60]) and sampled.accepted_tokens > 10  # taught: copied whole
