@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 import os
 import re
@@ -592,10 +593,17 @@ def index_lessons(store, model: str, lessons: Iterable[tuple[str, str]]) -> int:
     """Keep a model's lessons ((question, answer) pairs) as memory; how many were new (one a
     model already brought is kept once)."""
     rows = [(model, q.strip(), a.strip()) for q, a in lessons if q.strip() and a.strip()]
+    digest = hashlib.sha256(json.dumps([r[1:] for r in rows]).encode()).hexdigest()
+    if not rows or store._row("SELECT 1 AS x FROM lesson_sets WHERE sha256 = ?", (digest,)):
+        return 0  # read before: a model's file is read once, however often it answers
     with store.transaction():
         before = store.conn.total_changes
         store.conn.executemany("INSERT OR IGNORE INTO lessons (model, question, answer) VALUES (?, ?, ?)", rows)
-        return store.conn.total_changes - before
+        added = store.conn.total_changes - before
+        store.conn.execute(
+            "INSERT INTO lesson_sets (sha256, model, added_at) VALUES (?, ?, ?)", (digest, model, time.time())
+        )
+        return added
 
 
 @dataclass(frozen=True)
@@ -604,7 +612,7 @@ class _LessonIndex:
 
     version: tuple
     lessons: list[tuple[Passage, tuple]]  # each with its question's query_terms
-    stems: list[set[str]]  # the stems of each one's words
+    holding: dict[str, list[int]]  # a stem -> the lessons whose question holds it
     weights: dict[str, float]
 
 
@@ -629,12 +637,14 @@ def _lessons(store, words: list[str], symbols: list[str]) -> list[Passage]:
         for _, (terms, _) in lessons:
             for w in set(terms):
                 counts[w] = counts.get(w, 0) + 1
-        stems = [{_stem(w) for w in terms} for _, (terms, _) in lessons]
-        index = _LessonIndex(version, lessons, stems, _weights(len(lessons), counts))
+        holding: dict[str, list[int]] = {}
+        for i, (_, (terms, _)) in enumerate(lessons):
+            for stem in {_stem(w) for w in terms}:
+                holding.setdefault(stem, []).append(i)
+        index = _LessonIndex(version, lessons, holding, _weights(len(lessons), counts))
         _lesson_indexes[store.path] = index
-    wanted = {_stem(w) for w in words}
-    candidates = [lesson for lesson, stems in zip(index.lessons, index.stems) if wanted & stems]
-    return _asking_alike(words, symbols, candidates, index.weights)
+    found = sorted({i for w in words for i in index.holding.get(_stem(w), ())})
+    return _asking_alike(words, symbols, [index.lessons[i] for i in found], index.weights)
 
 
 @functools.lru_cache(maxsize=65536)

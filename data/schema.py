@@ -447,7 +447,8 @@ def m008_lessons(db: sqlite_utils.Database) -> None:
     # A model's own lessons (the instruction data a starter was taught, kept beside its weights)
     # as memory: grounded in its documentation, the starter answered its own "How do I ...?"
     # lessons in the documentation's words ("Return a copy ..." for "Call str.replace(): return
-    # a copy ..."). One row per distinct lesson; `model` names the model that brought it first.
+    # a copy ..."). One row per distinct lesson; `model` names the model that brought it first;
+    # `lesson_sets` the sets already read (a model's whole file, by digest), read once.
     db.execute(
         """CREATE TABLE lessons (
             id INTEGER PRIMARY KEY,
@@ -457,3 +458,4 @@ def m008_lessons(db: sqlite_utils.Database) -> None:
             UNIQUE (question, answer)
         )"""
     )
+    db.execute("CREATE TABLE lesson_sets (sha256 TEXT PRIMARY KEY, model TEXT NOT NULL, added_at REAL NOT NULL)")
