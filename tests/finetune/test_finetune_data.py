@@ -133,13 +133,14 @@ def test_defaults_follow_the_model_and_the_dataset():
     # Small models take much larger rates; LoRA a larger one than full fine-tuning.
     assert resolve(SFTConfig(), 20, model=starter).lr == pytest.approx(6 * resolve(SFTConfig(), 20, model=gpt2).lr)
     assert resolve(SFTConfig(), 20, model=gpt2).lr < resolve(SFTConfig(lora=LoRAConfig()), 20, model=gpt2).lr
-    # Replay each epoch: 4 of the base's examples per user example (1 under LoRA); none without.
+    # Replay each epoch: 4 of the base's examples per user example, LoRA too (with 1, one
+    # correction cost the starter a third of its right answers); none without.
     assert resolve(SFTConfig(), 20, model=starter, n_replay=1500).replay == 80
-    assert resolve(SFTConfig(lora=LoRAConfig()), 20, model=starter, n_replay=1500).replay == 20
+    assert resolve(SFTConfig(lora=LoRAConfig()), 20, model=starter, n_replay=1500).replay == 80
     assert resolve(SFTConfig(), 20, model=starter, n_replay=5).replay == 5
     # A first correction or two still get a floor of the base's own examples beside them.
     assert resolve(SFTConfig(), 1, model=starter, n_replay=1500).replay == 32
-    assert resolve(SFTConfig(lora=LoRAConfig()), 2, model=starter, n_replay=1500).replay == 4
+    assert resolve(SFTConfig(lora=LoRAConfig()), 2, model=starter, n_replay=1500).replay == 32
     assert resolve(SFTConfig(), 1, model=starter, n_replay=10).replay == 10
     assert resolve(SFTConfig(), 20, model=starter).replay == 0
     assert resolve(SFTConfig(replay=0), 20, model=starter, n_replay=1500).replay == 0
