@@ -560,16 +560,15 @@ def _asking_alike(
 ) -> list[Passage]:
     """The candidates (passages whose name is the question they answer, each with its question's
     query_terms) whose question asks what this one does, scored by how much of each the other
-    holds, weighed by `weights` (a word's weight; one missing weighs most). Both ways: the old
+    holds, weighed by `weights` (each word's, theirs and the question's). Both ways: the old
     question must hold what this one asks, and this one what the old one asked ("sort a list" is
     not "reverse a list", however common "list" is)."""
     named = {s.lower().removesuffix("()") for s in symbols}
     # "What is a tuple?" answers nothing about tuple.count, though it holds a good share of it
     terms = [(p, w) for p, (w, s) in candidates if named <= {x.lower().removesuffix("()") for x in s}]
-    heaviest = max(weights.values(), default=1.0)
     weight: dict[str, float] = {}
     for w in {*words, *(w for _, their in terms for w in their)}:
-        weight[_stem(w)] = max(weight.get(_stem(w), 0.0), weights.get(w, heaviest))
+        weight[_stem(w)] = max(weight.get(_stem(w), 0.0), weights[w])
     asked = {_stem(w) for w in words}
     out = []
     for p, their_words in terms:
@@ -613,7 +612,7 @@ class _LessonIndex:
     version: tuple
     lessons: list[tuple[Passage, tuple]]  # each with its question's query_terms
     holding: dict[str, list[int]]  # a stem -> the lessons whose question holds it
-    weights: dict[str, float]
+    counts: dict[str, int]  # a word -> how many lessons' questions hold it
 
 
 _lesson_indexes: dict[str, _LessonIndex] = {}
@@ -641,10 +640,12 @@ def _lessons(store, words: list[str], symbols: list[str]) -> list[Passage]:
         for i, (_, (terms, _)) in enumerate(lessons):
             for stem in {_stem(w) for w in terms}:
                 holding.setdefault(stem, []).append(i)
-        index = _LessonIndex(version, lessons, holding, _weights(len(lessons), counts))
+        index = _LessonIndex(version, lessons, holding, counts)
         _lesson_indexes[store.path] = index
-    found = sorted({i for w in words for i in index.holding.get(_stem(w), ())})
-    return _asking_alike(words, symbols, [index.lessons[i] for i in found], index.weights)
+    found = [index.lessons[i] for i in sorted({i for w in words for i in index.holding.get(_stem(w), ())})]
+    vocabulary = {*words, *(w for _, (their, _) in found for w in their)}
+    weights = _weights(len(index.lessons), {w: index.counts.get(w, 0) for w in vocabulary})
+    return _asking_alike(words, symbols, found, weights)
 
 
 @functools.lru_cache(maxsize=65536)
