@@ -367,7 +367,6 @@ def _lesson_examples(
         OPENERS,
         chatter,
         contrasts,
-        family_anchors,
         last_question,
         merge,
         neighbours,
@@ -401,9 +400,7 @@ def _lesson_examples(
         "lessons": encode(earlier) if earlier else [],
         "variants": encode(alone) if alone else [],
         "contexts": encode(chats) if chats else [],
-        "anchors": encode(near)
-        if (near := neighbours(lessons, pool) + family_anchors(lessons, pool, seed=seed) + small_talk)
-        else [],
+        "anchors": encode(near) if (near := neighbours(lessons, pool) + small_talk) else [],
     }
 
 

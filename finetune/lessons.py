@@ -252,7 +252,6 @@ def variants(
 
 
 NEIGHBOURS = 8  # the base's own conversations trained beside each lesson every epoch
-FAMILY_ANCHORS = 4  # ... and of its family of questions, asked in that family's other words
 
 
 CONTRASTS = 3  # near misses of each lesson's question, answered as the base answers them
@@ -298,34 +297,6 @@ def neighbours(lessons: list[list[dict]], pool: list[list[dict]]) -> list[list[d
         for i in ranked[:NEIGHBOURS]:
             chosen.setdefault(i)
     return [pool[i] for i in chosen]
-
-
-def family_anchors(lessons: list[list[dict]], pool: list[list[dict]], *, seed: int = 0) -> list[list[dict]]:
-    """For each lesson, FAMILY_ANCHORS of `pool` (the base's own one-turn conversations) asked in
-    the lesson's family ("What is X?", "Explain X.", ...), each asked in another of that family's
-    wordings and answered as the base answers it. The lesson's own rewordings teach that a wording
-    of its family brings its answer; these, that the subject decides: fine-tuned on 10 corrections,
-    the starter answered "Explain json.loads in one sentence." with the lambda correction
-    trained as "Explain a lambda." (a leak in 1-2 of 48 of its own questions)."""
-    families: dict[tuple, list[list[dict]]] = {}
-    for conversation in pool:
-        question = last_question(conversation)
-        found = subject(question) if question and len(conversation) == 2 else None
-        if found:
-            families.setdefault(found[1], []).append(conversation)
-    out, chosen = [], set()
-    for lesson in lessons:
-        question = last_question(lesson) or ""
-        found = subject(question)
-        mates = [c for c in families.get(found[1], []) if last_question(c) != question] if found else []
-        rng = random.Random(f"{seed}:{question}:family")
-        for mate in rng.sample(mates, min(FAMILY_ANCHORS, len(mates))):
-            if id(mate) in chosen:
-                continue
-            chosen.add(id(mate))
-            asked = last_question(mate) or ""
-            out.append(in_context(mate, [], question=(rewordings(asked, 1, seed=seed) or [asked])[0]))
-    return out
 
 
 def last_question(conversation: list[dict]) -> str | None:

@@ -15,7 +15,6 @@ from finetune.lessons import (
     OPENERS,
     REWORDINGS,
     contrasts,
-    family_anchors,
     in_context,
     merge,
     read_lessons,
@@ -157,21 +156,3 @@ def test_contrasts_ask_like_a_lesson_about_something_else():
         assert question != lesson[0]["content"]
         changed = set(question.split()) ^ set(lesson[0]["content"].split())
         assert changed and changed & {"bytes", "getattr", "str.upper", "bytes?", "getattr?", "str.upper?"}
-
-
-def test_family_anchors_ask_the_bases_own_questions_of_a_lessons_family_in_its_other_words():
-    """Trained as "Explain a lambda.", a correction took over "Explain json.loads in one
-    sentence."; the base's own questions of the same family, asked in its other wordings and
-    answered as the base answers them, keep the answer to the subject."""
-    lesson = [{"role": "user", "content": "What is a lambda?"}, {"role": "assistant", "content": "A small function."}]
-    pool = [
-        [{"role": "user", "content": f"Explain {name} in one sentence."}, {"role": "assistant", "content": name}]
-        for name in ("json.loads", "enum.auto", "str.upper", "getattr", "zip", "map")
-    ]
-    pool.append([{"role": "user", "content": "How do I sort a list?"}, {"role": "assistant", "content": "sorted"}])
-    anchors = family_anchors([lesson], pool, seed=0)
-    assert len(anchors) == 4 and anchors == family_anchors([lesson], pool, seed=0)
-    for anchor in anchors:
-        name = anchor[-1]["content"]
-        assert name in anchor[0]["content"] and anchor[0]["content"] != f"Explain {name} in one sentence."
-        assert anchor[-1]["content"] != "sorted"  # another family's question is no anchor
