@@ -789,3 +789,20 @@ def test_chat_is_grounded_in_the_store_by_default_and_names_its_sources(chat_mod
     finally:
         running.stop()
         store.close()
+
+
+def test_every_connection_sends_its_writes_at_once(open_server):
+    """TCP_NODELAY on the server's side of each connection: asyncio sets it only where a
+    socket's protocol number says TCP, and socket.create_server's say 0, so each request after
+    the first on a kept-alive connection (as OpenAI's and Ollama's clients keep theirs) waited
+    ~44 ms for the client's delayed ACK before the end of its response went out."""
+    import socket
+
+    with httpx.Client(base_url=open_server.url, timeout=30) as client:
+        for _ in range(3):  # one connection, kept alive
+            assert client.get("/health").status_code == 200
+        connections = list(open_server.server.server_state.connections)
+        assert connections
+        for protocol in connections:
+            sock = protocol.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), "Nagle's delay is on"
