@@ -52,12 +52,15 @@ def lessons(model_dir: str | Path) -> list[tuple[str, str]]:
     from gpt.chat_template import REFERENCE
 
     replay = read_replay(model_dir) or {}
-    return [
-        (c[0]["content"], c[1]["content"])
-        for split in SPLITS
-        for c in replay.get(split, [])
-        if len(c) == 2
-        and c[0]["role"] == "user"
-        and c[1]["role"] == "assistant"
-        and not c[0]["content"].startswith(REFERENCE)
-    ]
+    out = []
+    for split in SPLITS:
+        for c in replay.get(split, []):
+            # a file written elsewhere may hold anything: what is not a plain exchange is skipped
+            if not (isinstance(c, list) and len(c) == 2 and all(isinstance(m, dict) for m in c)):
+                continue
+            question, text = c[0].get("content"), c[1].get("content")
+            if (c[0].get("role"), c[1].get("role")) != ("user", "assistant"):
+                continue
+            if isinstance(question, str) and isinstance(text, str) and not question.startswith(REFERENCE):
+                out.append((question, text))
+    return out

@@ -66,3 +66,27 @@ def test_generate_answers_a_models_own_lesson_from_memory(tiny_model_dir, kettle
     args = ["generate", str(model), "how can I descale my kettle", "--chat", "--max-new-tokens", "2"]
     assert main(args) == 0
     assert "[source: lesson taught · How do I descale a kettle?]" in capsys.readouterr().err
+
+
+def test_a_lesson_file_holding_anything_else_is_read_for_what_it_holds(tiny_model_dir, kettle_home, tmp_path, capsys):
+    """A replay file written elsewhere (content parts, odd roles, a bare string): what is not
+    a plain question and answer is skipped, and the answer is still given."""
+    import json
+    import shutil
+
+    from finetune.replay import REPLAY_FILE
+
+    model = tmp_path / "odd"
+    shutil.copytree(tiny_model_dir, model)
+    good = [{"role": "user", "content": "How do I descale a kettle?"}, {"role": "assistant", "content": "Citric acid."}]
+    odd = [
+        [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}, {"role": "assistant", "content": "Hello"}],
+        [{"role": "system", "content": "x"}, {"role": "assistant", "content": "y"}],
+        ["not a message", "either"],
+        good,
+    ]
+    lines = [json.dumps({"messages": m, "split": "train"}) for m in odd]
+    (model / REPLAY_FILE).write_text("\n".join(lines) + "\n")
+    args = ["generate", str(model), "how can I descale my kettle", "--chat", "--max-new-tokens", "2"]
+    assert main(args) == 0
+    assert "[source: lesson odd · How do I descale a kettle?]" in capsys.readouterr().err
