@@ -566,6 +566,11 @@ async def test_the_models_own_lessons_are_memory_in_the_chat(short_answers):
     app = KettleApp()
     async with app.run_test(size=SIZE) as pilot:
         await open_chat(pilot, app)
+
+        def indexed():  # at start, in the background, as a user would be typing
+            return app.store._row("SELECT COUNT(*) AS n FROM lessons")["n"] == 1
+
+        await wait_until(pilot, indexed, "the model's lessons indexed")
         answer = await ask(pilot, app, "How can I descale my kettle?")
         assert [(p.kind, p.source, p.text) for p in answer.sources] == [("lesson", "tiny", "Boil citric acid in it.")]
         assert "tiny's lesson: How do I descale a kettle?" in str(answer.query_one(".message-footer").render())
