@@ -47,6 +47,9 @@ STOPWORDS = frozenset(
     use using used get about into python pythons function method way some any one thing something mean means
     make let lets know like just also often best good quickly easily really actually exactly simply ways
     if whether has have had than then so such into onto very more most other same only too there""".split()
+    # small talk: "Hi!" found bisect's `hi` parameter and "thanks" a docstring thanking its author
+    + """hi hello hey hiya thanks thank thx cheers bye goodbye ok okay yes yeah yep nope sorry cool great nice
+    awesome welcome morning evening night up""".split()
 )
 # Short names people use for the same thing: one word for each, on both sides of a comparison.
 ALIASES = {
@@ -339,8 +342,8 @@ def passages(store, ids: list[int]) -> dict[int, Passage]:
         return {}
     rows = store._rows(
         "SELECT p.id, p.name, p.text, s.kind, s.path FROM doc_passages p JOIN doc_sources s ON s.id = p.source_id"
-        f" WHERE p.id IN ({','.join('?' * len(ids))})",
-        tuple(ids),
+        f" WHERE p.id IN ({','.join('?' * len(ids))}) AND s.path != ?",
+        (*ids, f"python:{PYTHON_LAST}"),  # an older Kettle wrote a passage for it: never an answer's
     )
     return {r["id"]: Passage(r["kind"], r["path"], r["name"], r["text"], r["id"], 1.0) for r in rows}
 
@@ -677,9 +680,7 @@ def index_python_docs(
 
     modules = [("builtins", [f"{name}\n\n{doc}" for name, doc in builtin_docs() if doc])]
     modules += list(module_docstrings())
-    modules.append(
-        (PYTHON_LAST, [f"{PYTHON_LAST}\n\nThe end of Python's documentation: every module before it is indexed."])
-    )
+    modules.append((PYTHON_LAST, []))  # no passage: only its source, which has_python_docs looks for
     report = IndexReport()
     known = {r["path"]: r["sha256"] for r in store._rows("SELECT path, sha256 FROM doc_sources WHERE kind = 'python'")}
     for i, (module, texts) in enumerate(modules):
@@ -690,12 +691,12 @@ def index_python_docs(
         digest = hashlib.sha256("\0".join([sys.version, *(f"{n}\0{t}" for n, t in chunks)]).encode()).hexdigest()
         path = f"python:{module}"
         if known.get(path) == digest:
-            report.unchanged += 1
+            report.unchanged += module != PYTHON_LAST
         else:
             put_source(store, "python", path, chunks, sha256=digest)
             report.passages += len(chunks)
-            report.updated += path in known
-            report.added += path not in known
+            report.updated += path in known and module != PYTHON_LAST
+            report.added += path not in known and module != PYTHON_LAST
         if progress:
             progress(i + 1, len(modules), module)
     return report

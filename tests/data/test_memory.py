@@ -132,6 +132,17 @@ def test_python_documentation_by_name_and_a_threshold_for_the_rest(store):
     assert memory.retrieve(store, "What does len do?")[0].name == "len"
     for question in ("Who painted the Mona Lisa?", "What is a good recipe for pancakes?", "How tall is Everest?"):
         assert memory.retrieve(store, question) == [], question
+    # small talk is about nothing in the store: "Hi!" found bisect's `hi` parameter, "thanks" a
+    # docstring thanking its author
+    for question in ("Hi!", "hello", "thanks", "thank you!", "ok", "bye", "What's up?", "Hello, how are you?"):
+        assert memory.retrieve(store, question) == [], question
+    # the mark that the documentation is whole is no passage, and the counts say what is there
+    assert memory.retrieve(store, "Is every module indexed in the documentation?") == []
+    marker = f"{memory.PYTHON_LAST}\n\nThe end of Python's documentation: every module before it is indexed."
+    memory.put_source(store, "python", f"python:{memory.PYTHON_LAST}", [memory.python_chunk(marker)], sha256="old")
+    assert memory.retrieve(store, "Is every module indexed in the documentation?") == []  # as an older Kettle wrote it
+    sources = memory.doc_sources(store, kind="python")
+    assert (len(sources), sum(s.n_passages for s in sources)) == (report.added, report.passages)
 
 
 def test_an_answer_keeps_the_passages_it_was_grounded_in(store):
