@@ -32,6 +32,7 @@ import collections
 import contextlib
 import itertools
 import random
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,7 @@ from typing import Iterator
 import torch
 
 from gpt.chat_template import (
+    QUESTION,
     fit_references,
     grounded,
     header_ids,
@@ -194,12 +196,16 @@ class Engine:
         if not references:
             return None
         bodies, open_ = [], []
-        for reference in references:
+        taught = messages[-1].get("taught", 0)
+        asked = _content_words(messages[-1]["content"].rpartition(QUESTION)[2])
+        for rank, reference in enumerate(references):
             head, _, rest = reference.partition("\n")
             # lines wrapped inside a paragraph (docstrings are) joined, as an answer writes them;
             # each paragraph encoded on its own, so that its last sentence's end is a token of
             # its own (not ".\n\n"), which an answer that stops there writes
             paragraphs = [" ".join(p.split()) for p in (rest or head).split("\n\n") if p.strip()]
+            if rank >= taught:  # a document: from the sentence that answers the question
+                paragraphs = _from_answering_sentence(paragraphs, asked)
             ids = []
             for i, paragraph in enumerate(paragraphs):
                 ids += (self.tokenizer.encode("\n\n") if i else []) + self.tokenizer.encode(paragraph)
@@ -213,7 +219,7 @@ class Engine:
                     for j in range(len(ids))
                 ]
             )
-        return CopyBias(bodies, open_, self.stop_ids, taught=messages[-1].get("taught", 0))
+        return CopyBias(bodies, open_, self.stop_ids, taught=taught)
 
     def chat_prompt(self, messages: list[dict], params: SamplingParams) -> tuple[list[int], int]:
         """The chat prompt's token ids trimmed to the window, and how many tokens were dropped."""
@@ -588,6 +594,37 @@ def _entry(token: int, log_probs: torch.Tensor, *, top: int) -> TokenLogprob:
     return TokenLogprob(
         token, float(log_probs[token]), [(int(i), float(v)) for v, i in zip(values, ids) if v > float("-inf")]
     )
+
+
+# Words a question is made of whatever it asks, left out when finding the sentence of a passage
+# that answers it.
+_ASKING = frozenset(
+    "how what why when where which who whom does did should would could can the and for with you your that this "
+    "from into about have has are was were will not use get make need want there their them they its it's "
+    "is do i a an of to in on or be my me".split()
+)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9`\"'(])")
+
+
+def _content_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9_]+", text.lower()) if len(w) > 1 and w not in _ASKING}
+
+
+def _from_answering_sentence(paragraphs: list[str], asked: set[str]) -> list[str]:
+    """`paragraphs` from the sentence that holds the most of the question's words, where that is
+    two words at least and more than the first sentence holds; as they are otherwise. A document
+    says what it says in its own order: asked "How long should I steep zorblax tea?" beside a
+    note whose first sentence warns about boiling water, the answer copied the warning."""
+    sentences = [(i, s) for i, p in enumerate(paragraphs) for s in _SENTENCE_END.split(p)]
+    if len(sentences) < 2 or not asked:
+        return paragraphs
+    held = [len(asked & _content_words(s)) for _, s in sentences]
+    best = max(range(len(held)), key=lambda j: (held[j], -j))
+    if best == 0 or held[best] < 2 or held[best] <= held[0]:
+        return paragraphs
+    at, sentence = sentences[best]
+    rest = paragraphs[at]
+    return [rest[rest.index(sentence) :], *paragraphs[at + 1 :]]
 
 
 def _joined(segments: list[list[int]]) -> list[int]:

@@ -335,7 +335,6 @@ def _flat_nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.T
 # does X do?" about names it never learned, with X's documentation beside it: +5 logits let it
 # wander off after a few words (0 of 20 first sentences exact), +15 copies (15 of 20).
 COPY_BIAS = 15.0
-LEAD_BIAS = COPY_BIAS
 COPY_MATCH = 8  # the longest tail of the answer looked up in the passages
 # A passage the user taught (a correction, an approved answer: the first `taught` passages) is
 # copied whole: its first token leads (FOLLOW_BIAS), and an answer that so far is its beginning,
@@ -378,7 +377,7 @@ class CopyBias:
         if not answer:
             for rank, body in enumerate(self.bodies):
                 if body:
-                    logits[body[0]] += (FOLLOW_BIAS if rank < self.taught else LEAD_BIAS) / (1 + rank)
+                    logits[body[0]] += (FOLLOW_BIAS if rank < self.taught else COPY_BIAS) / (1 + rank)
             return logits
         n = len(answer)
         for body in self.bodies[: self.taught]:

@@ -5,7 +5,7 @@ import torch
 
 from gpt.chat_template import render_message, render_prompt
 from gpt.device import pick_device
-from gpt.engine import Engine, GenerationResult, TextStream
+from gpt.engine import Engine, GenerationResult, TextStream, _content_words, _from_answering_sentence
 from gpt.errors import KettleError
 from gpt.sampling import SamplingParams
 from gpt.tokenizer import gpt2_tokenizer
@@ -540,3 +540,27 @@ def test_a_grounded_answer_copies_its_passage_and_stops_at_its_end(chat_model_di
     )
     text = engine.generate_chat(messages, SamplingParams(temperature=0, max_new_tokens=40)).text
     assert text == "Remove any common leading whitespace from every line in `text`."
+
+
+def test_a_grounded_answer_copies_the_sentence_of_a_document_that_answers(chat_model_dir):
+    """A document says what it says in its own order: asked how long to steep a tea beside a
+    note whose first sentence warns about boiling water, the answer copied the warning (seen in
+    tmux). A model that knows nothing answers with the sentence holding the question's words."""
+    engine = Engine.load(chat_model_dir, device="cpu")
+    note = (
+        "Zorblax tea\nNever use boiling water: it makes zorblax tea bitter. Steep zorblax tea for seven "
+        "minutes at 80 degrees. Serve it with honey."
+    )
+    greedy = SamplingParams(temperature=0, max_new_tokens=40)
+    question = [{"role": "user", "content": "How long should I steep zorblax tea?"}]
+    messages, _ = engine.ground(question, [note], greedy)
+    assert engine.generate_chat(messages, greedy).text.startswith("Steep zorblax tea for seven minutes at 80 degrees.")
+    # where no later sentence holds more of the question than the first, the passage is as it is
+    paragraphs = [note.partition("\n")[2]]
+    assert _from_answering_sentence(paragraphs, _content_words("What is zorblax tea?")) == paragraphs
+    assert _from_answering_sentence(paragraphs, _content_words("How long to steep it?")) == paragraphs  # one word
+    # what the user taught is copied whole, from its beginning, whatever the question's words
+    messages, _ = engine.ground(
+        [{"role": "user", "content": "How long should I steep zorblax tea?"}], [note], greedy, taught=1
+    )
+    assert engine.generate_chat(messages, greedy).text.startswith("Never use boiling water")
