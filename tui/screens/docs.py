@@ -27,8 +27,8 @@ class DocsScreen(Screen):
 
     def compose(self):
         yield Static(
-            "[b]Docs[/]  [dim]what answers are grounded in: your corrections, Python's documentation, "
-            "and the files you add here[/]",
+            "[b]Docs[/]  [dim]what answers are grounded in: your corrections, the model's own lessons, "
+            "Python's documentation, and the files you add here[/]",
             classes="screen-title",
         )
         with Horizontal(id="docs-add"):
