@@ -19,6 +19,7 @@ from gpt.engine import Engine
 from gpt.sampling import get_preset
 from gpt.tokenizer import load_tokenizer
 from tui.app import KettleApp
+from tui.screens.chat import grounding
 from tui.widgets.chat import MessageView
 
 SIZE = (140, 44)
@@ -552,6 +553,13 @@ async def test_a_correction_answers_the_question_reworded_at_once_with_its_sourc
         await pilot.press("ctrl+g")
         plain = await ask(pilot, app, "How can I reverse a Python list?")
         assert plain.content != answer.content and plain.sources == []
+        # off before a new chat's first question: that chat is answered from the model alone
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        await pilot.press("ctrl+g")
+        assert app._notifications and "Grounding off" in list(app._notifications)[-1].message
+        fresh = await ask(pilot, app, "How can I reverse a Python list?")
+        assert fresh.sources == [] and not grounding(app.screen.conversation)
 
 
 async def test_the_models_own_lessons_are_memory_in_the_chat(short_answers):

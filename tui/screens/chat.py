@@ -123,6 +123,7 @@ class ChatScreen(Screen):
     def __init__(self):
         super().__init__()
         self.conversation: Conversation | None = None
+        self.ground_new = True  # grounding for the chat the next first question starts
         self.default_params = get_preset("balanced")
         self.params = self.default_params
         self.system_prompt = ""
@@ -299,6 +300,7 @@ class ChatScreen(Screen):
 
     def _clear(self) -> None:
         self.conversation = None
+        self.ground_new = True
         self.query_one(MessageList).remove_children()
         self.params = self.default_params
         self.system_prompt = ""
@@ -380,7 +382,7 @@ class ChatScreen(Screen):
                     self.store.create_conversation,
                     title_from(text),
                     self.system_prompt,
-                    params=self.params.to_dict(),
+                    params={**self.params.to_dict(), GROUND: self.ground_new},
                     model=None,
                 )
             shown = self.query_one(MessageList).views()
@@ -649,12 +651,12 @@ class ChatScreen(Screen):
 
     async def action_toggle_grounding(self) -> None:
         """Answer this chat from the model alone, or beside the passages memory finds."""
-        if self.conversation is None:
-            self.notify("Grounding is on for a new chat; ask something first to turn it off for it.", timeout=4)
-            return
-        on = not grounding(self.conversation)
-        params = {**self.params.to_dict(), GROUND: on}
-        self.conversation = await self.app.db(self.store.update_conversation, self.conversation.id, params=params)
+        if self.conversation is None:  # kept for the chat its first question starts
+            on = self.ground_new = not self.ground_new
+        else:
+            on = not grounding(self.conversation)
+            params = {**self.params.to_dict(), GROUND: on}
+            self.conversation = await self.app.db(self.store.update_conversation, self.conversation.id, params=params)
         self.notify(
             "Grounding on: answers use your corrections and documents, sources shown"
             if on
