@@ -115,6 +115,10 @@ def test_a_question_about_a_named_member_is_not_answered_by_a_correction_about_i
     assert memory.retrieve(store, "How can I get a list's last element?")[0].text.startswith("Index it with -1")
     correct(store, "How do I reverse a list?", "Sort it.", "Call xs.reverse().")
     assert memory.retrieve(store, "What's the way to flip a list around?")[0].text == "Call xs.reverse()."
+    # seen in try-the-loop: "dedupe" for removing duplicates, "turn" for convert
+    assert memory.retrieve(store, "dedupe a list in python")[0].text.startswith("Use list(dict")
+    correct(store, "How do I convert a string to an integer?", "str().", "Call int(text).")
+    assert memory.retrieve(store, "How can I turn a string into an int?")[0].text == "Call int(text)."
     [hit] = memory.retrieve(store, "What's a tuple in Python?")
     assert hit.taught and memory.taught_count([hit]) == 1
     assert memory.retrieve(store, "what is str.split() for")[0].text.startswith("str.split cuts")
