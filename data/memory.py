@@ -610,6 +610,12 @@ def index_lessons(store, model: str, lessons: Iterable[tuple[str, str]]) -> int:
         return added
 
 
+def lesson_counts(store) -> dict[str, int]:
+    """How many lessons memory holds, by the model that brought them."""
+    rows = store._rows("SELECT model, COUNT(*) AS n FROM lessons GROUP BY model ORDER BY model")
+    return {r["model"]: r["n"] for r in rows}
+
+
 @dataclass(frozen=True)
 class _LessonIndex:
     """The lessons held in memory, read once per change of the table (a few hundred rows)."""

@@ -66,6 +66,8 @@ def test_generate_answers_a_models_own_lesson_from_memory(tiny_model_dir, kettle
     args = ["generate", str(model), "how can I descale my kettle", "--chat", "--max-new-tokens", "2"]
     assert main(args) == 0
     assert "[source: lesson taught · How do I descale a kettle?]" in capsys.readouterr().err
+    assert main(["docs", "list"]) == 0
+    assert "taught's lessons: 1" in capsys.readouterr().out
 
 
 def test_a_lesson_file_holding_anything_else_is_read_for_what_it_holds(tiny_model_dir, kettle_home, tmp_path, capsys):

@@ -68,11 +68,14 @@ def list_command(args) -> int:
     with open_store(read_only=True) as store:
         files = memory.doc_sources(store, kind="file")
         python = memory.doc_sources(store, kind="python")
+        lessons = memory.lesson_counts(store)
     if python:
         print(f"Python's documentation: {len(python):,} modules, {sum(s.n_passages for s in python):,} passages")
+    for model, n in lessons.items():
+        print(f"{model}'s lessons: {n:,}")
     for source in files:
         print(f"{source.n_passages:>6,} passages  {source.path}")
-    if not files and not python:
+    if not files and not python and not lessons:
         print("no documents yet: `kettle docs add PATH`")
     return 0
 
