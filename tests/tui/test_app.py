@@ -173,7 +173,7 @@ async def test_label_an_answer_up_and_score_it(short_answers):
         assert "#tone" in header and "✉ note" in header
         # every key is also a command in the palette (Ctrl+P)
         view.focus()
-        down = next(c for c in app.get_system_commands(app.screen) if c.title == "Message: Down")
+        down = next(c for c in app.get_system_commands(app.screen) if c.title == "Message: Bad")
         down.callback()
         await wait_until(pilot, lambda: view.label.thumb == -1, "the palette's vote")
 
@@ -548,6 +548,7 @@ async def test_a_correction_answers_the_question_reworded_at_once_with_its_sourc
         answer.focus()
         await pilot.press("o")
         await wait_until(pilot, lambda: app.screen.__class__.__name__ == "ChoiceModal", "the sources")
+        assert str(app.screen.query_one(".dialog-hint").render()) == "Esc closes"  # nothing to choose there
         await pilot.press("escape")
         app.screen.query_one("#prompt").focus()
         await pilot.press("ctrl+g")

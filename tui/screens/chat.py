@@ -553,7 +553,7 @@ class ChatScreen(Screen):
                 self.notify("This answer was not grounded in any passage.", timeout=4)
                 return
             choices = [(str(i), f"{source_name(p)}\n{p.text[:600]}") for i, p in enumerate(view.sources)]
-            await self.app.push_screen(ChoiceModal("Where this answer came from", choices))
+            await self.app.push_screen(ChoiceModal("Where this answer came from", choices, hint="Esc closes"))
         elif what == "regenerate":
             if not self.claim():
                 return

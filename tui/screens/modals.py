@@ -119,15 +119,15 @@ class ChoiceModal(ModalScreen[str | None]):
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="modal.cancel")]
 
-    def __init__(self, title: str, options: list[tuple[str, str]]):
+    def __init__(self, title: str, options: list[tuple[str, str]], *, hint: str = "Enter chooses · Esc cancels"):
         super().__init__()
-        self.title_text, self.options = title, options
+        self.title_text, self.options, self.hint = title, options, hint
 
     def compose(self):
         with Vertical(classes="dialog"):
             yield Static(f"[b]{self.title_text}[/]", classes="dialog-title")
             yield OptionList(*[Option(text, id=oid) for oid, text in self.options], id="choices")
-            yield Static("[dim]Enter chooses · Esc cancels[/]", classes="dialog-hint")
+            yield Static(f"[dim]{self.hint}[/]", classes="dialog-hint")
 
     @on(OptionList.OptionSelected)
     def _chosen(self, event: OptionList.OptionSelected) -> None:

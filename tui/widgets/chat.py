@@ -150,8 +150,8 @@ class MessageView(Vertical, can_focus=True):
     # pressed faster than the screen answers reach what the previous one opened or showed (the
     # editor after c, the alternative after a left arrow), not the message they were aimed past.
     BINDINGS = [
-        Binding("u", "thumb(1)", "Up", priority=True, id="message.up"),
-        Binding("d", "thumb(-1)", "Down", priority=True, id="message.down"),
+        Binding("u", "thumb(1)", "Good", priority=True, id="message.up"),
+        Binding("d", "thumb(-1)", "Bad", priority=True, id="message.down"),
         *[
             Binding(str(n), f"score({n})", f"Score {n}", show=False, priority=True, id=f"message.score{n}")
             for n in range(1, 6)
