@@ -1185,8 +1185,7 @@ def _no_delay(transport) -> None:
 def _protocol_with_deadline(timeout: float):
     """uvicorn's h11 protocol, without Nagle's delay (_no_delay), closing a connection that has not
     sent a whole request (head and body) `timeout` seconds after it opened or its previous response
-    ended. A request received
-    whole disarms it: a long answer, streamed or not, is never cut."""
+    ended. A request received whole disarms it: a long answer, streamed or not, is never cut."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
