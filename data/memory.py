@@ -40,16 +40,20 @@ NAMED = 1.0  # added to a passage about the very name the question asks about
 MARGIN = 0.2  # documentation passages kept: those within this of the best one
 CANDIDATES = 30  # BM25 candidates re-scored per index
 # Words that say how a question is asked, not what it is about.
-STOPWORDS = frozenset(
+# Small talk: about nothing in the store ("Hi!" found bisect's `hi` parameter, "thanks" a docstring
+# thanking its author), and no follow-up of the chat's last question either (mid-chat, "Hi!" was
+# answered with the correction the question before it had found)
+SMALL_TALK = frozenset(
+    """hi hello hey hiya thanks thank thx cheers bye goodbye ok okay yes yeah yep nope sorry cool great nice
+    awesome welcome morning evening night up""".split()
+)
+STOPWORDS = SMALL_TALK | frozenset(
     """a an the of to in on for with by at from as and or not no is are was were be been being do does did
     doing done can could should would will shall may might must i me my we our you your it its this that these
     those there here what which who whom whose when where why how please tell explain show give want need
     use using used get about into python pythons function method way some any one thing something mean means
     make let lets know like just also often best good quickly easily really actually exactly simply ways
     if whether has have had than then so such into onto very more most other same only too there""".split()
-    # small talk: "Hi!" found bisect's `hi` parameter and "thanks" a docstring thanking its author
-    + """hi hello hey hiya thanks thank thx cheers bye goodbye ok okay yes yeah yep nope sorry cool great nice
-    awesome welcome morning evening night up""".split()
 )
 # Short names people use for the same thing: one word for each, on both sides of a comparison.
 ALIASES = {
@@ -389,9 +393,10 @@ def retrieve(store, question: str, *, recent: Iterable[str] = (), limit: int = 3
     """The passages that answer `question` best, corrections first, at most `limit`; none when
     nothing in the store holds enough of what the question is about. `recent` (the user's
     earlier turns, newest last) is searched only when the question names nothing itself
-    ("and how do I undo it?")."""
+    ("and how do I undo it?"), and is no small talk ("Thanks!")."""
     words, symbols = query_terms(question)
-    if not words and not symbols:
+    small_talk = SMALL_TALK & {w.lower() for w in WORD.findall(question)}
+    if not words and not symbols and not small_talk:
         for earlier in reversed(list(recent)):
             words, symbols = query_terms(earlier)
             if words or symbols:

@@ -140,6 +140,9 @@ def test_python_documentation_by_name_and_a_threshold_for_the_rest(store):
     # docstring thanking its author
     for question in ("Hi!", "hello", "thanks", "thank you!", "ok", "bye", "What's up?", "Hello, how are you?"):
         assert memory.retrieve(store, question) == [], question
+        # nor is it a follow-up of the chat's last question (which "and how is it used?" is)
+        assert memory.retrieve(store, question, recent=["What does textwrap.dedent do?"]) == [], question
+    assert memory.retrieve(store, "and how is it used?", recent=["What does textwrap.dedent do?"])
     # the mark that the documentation is whole is no passage, and the counts say what is there
     assert memory.retrieve(store, "Is every module indexed in the documentation?") == []
     marker = f"{memory.PYTHON_LAST}\n\nThe end of Python's documentation: every module before it is indexed."
