@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import platformdirs
-
-
-def kettle_home() -> Path:
-    """`KETTLE_HOME` if set, else the platform's user data folder; created on first use."""
-    root = os.environ.get("KETTLE_HOME") or platformdirs.user_data_dir("kettle", appauthor=False)
-    path = Path(root).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+from gpt.files import kettle_home  # noqa: F401  (owned by gpt/, which may not import data/)
 
 
 def db_path() -> Path:

@@ -147,9 +147,12 @@ class Engine:
     ) -> "Engine":
         """`quantize` ("int8", gpt.quantize) runs on the CPU, which is then the default device."""
         from gpt.checkpoint import load_model
+        from gpt.quantize import decoding_layout
 
         device = pick_device("cpu" if quantize and device is None else device)
         model, tokenizer = load_model(model_dir, device, dtype=dtype or pick_dtype(device), quantize=quantize)
+        if device.type == "cpu" and not quantize and model.wte.weight.dtype == torch.float32:
+            decoding_layout(model)
         return cls(model, tokenizer, name=Path(model_dir).name)
 
     def compile_decode(self, backend: str = "inductor") -> None:

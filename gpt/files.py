@@ -20,9 +20,19 @@ import stat
 import tempfile
 from pathlib import Path
 
+import platformdirs
+
 TEMP_SUFFIX = ".tmp"
 # What atomic_directory moves aside while it swaps a directory in: .NAME.old-PID
 MOVED_ASIDE = re.compile(r"^\.(?P<name>.+)\.old-(?P<pid>\d+)$")
+
+
+def kettle_home() -> Path:
+    """`KETTLE_HOME` if set, else the platform's user data folder; created on first use."""
+    root = os.environ.get("KETTLE_HOME") or platformdirs.user_data_dir("kettle", appauthor=False)
+    path = Path(root).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def fsync_dir(path: str | Path) -> None:

@@ -289,7 +289,7 @@ class GPT(nn.Module):
         return state
 
     def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
+        n = sum({_elements(p): p.numel() for p in self.parameters()}.values())
         return n - self.wpe.weight.numel() if non_embedding else n
 
     def hidden_states(
@@ -396,6 +396,14 @@ class GPT(nn.Module):
 # Rows of logits made at once by head_cross_entropy: 2**24 fp32 values (64 MB; 333 rows of
 # GPT-2's vocabulary), enough for the matrix products to run at full speed.
 LOSS_CHUNK_ELEMENTS = 2**24
+
+
+def _elements(p: torch.Tensor):
+    """Which elements `p` holds: a tied table counts once, also where one side is a transposed
+    view of the other (gpt.quantize's decoding layout)."""
+    if p.device.type == "meta":
+        return id(p)
+    return p.untyped_storage().data_ptr(), p.storage_offset(), p.numel()
 
 
 def head_cross_entropy(

@@ -1,0 +1,95 @@
+"""The native CPU kernel (gpt/native.py, gpt/kernels.c) and the decoding layout that uses it
+(gpt/quantize.py): built once per machine into KETTLE_HOME, the product nn.Linear computes, the
+same greedy tokens as the model as trained; without a compiler, PyTorch's kernels do the work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt import native
+from gpt.checkpoint import load_model, save_model
+from gpt.engine import Engine
+from gpt.quantize import DecodeLinear
+from gpt.sampling import SamplingParams
+
+
+@pytest.fixture
+def fresh_build():
+    """The kernel looked up again (the process caches it), as a new process would."""
+    native._library.cache_clear()
+    yield
+    native._library.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def sharp_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model, its weights spread wide so that greedy decoding has clear winners: float
+    sums in another order differ in their last bits, which must not decide a near tie."""
+    model, tokenizer = load_model(tiny_model_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.3)
+    return save_model(model, tmp_path_factory.mktemp("sharp") / "model", tokenizer=tokenizer)
+
+
+def as_trained(model_dir):
+    """An engine on the model's nn.Linear layers, as training left them."""
+    return Engine(*load_model(model_dir))
+
+
+def greedy(engine, n=40):
+    engine.speculation = None
+    r = engine.generate([5, 6, 7, 8], SamplingParams(max_new_tokens=n, temperature=0.0, seed=0))
+    return r.token_ids
+
+
+def test_native_linear_computes_nn_linears_product(fresh_build, kettle_home):
+    linear = native.linear_kernel()
+    if linear is None:
+        pytest.skip("no native kernel on this machine (no C compiler, or no AVX2)")
+    generator = torch.Generator().manual_seed(0)
+    # widths that leave remainders after 16-, 8- and 1-wide steps, row counts past a block of 8
+    for m, n, k in [(1, 1, 1), (7, 3, 2), (9, 17, 1), (13, 33, 3), (50, 100, 16), (8, 16, 1), (260, 250, 5)]:
+        weight, x, bias = (torch.randn(*s, generator=generator) for s in ((m, n), (k, n), (m,)))
+        for b in (bias, None):
+            assert torch.allclose(linear(x, weight, b), F.linear(x, weight, b), atol=1e-5 * n, rtol=1e-4)
+    built = list((kettle_home / "cache" / "kernels").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"  # nothing half-built left beside it
+    stamp = built[0].stat().st_mtime_ns
+    native._library.cache_clear()
+    assert native.linear_kernel() is not None and built[0].stat().st_mtime_ns == stamp  # built once
+
+
+def test_an_engine_decodes_the_models_own_tokens_through_the_native_kernel(fresh_build, sharp_dir):
+    expected = greedy(as_trained(sharp_dir))
+    engine = Engine.load(sharp_dir)
+    if native.linear_kernel() is None:
+        pytest.skip("no native kernel on this machine (no C compiler, or no AVX2)")
+    layers = [m for m in engine.model.modules() if isinstance(m, (nn.Linear, DecodeLinear))]
+    assert layers and all(isinstance(m, DecodeLinear) and m.native is not None for m in layers)
+    assert greedy(engine) == expected and len(set(expected)) > 8
+    assert engine.model.num_params() == as_trained(sharp_dir).model.num_params()  # what Ollama's show says
+
+
+def test_without_a_compiler_pytorch_decodes_the_same_tokens(fresh_build, sharp_dir, kettle_home, monkeypatch):
+    monkeypatch.setenv("CC", str(kettle_home / "no-such-compiler"))
+    assert native.linear_kernel() is None
+    engine = Engine.load(sharp_dir)
+    head = engine.model.lm_head
+    assert isinstance(head, DecodeLinear) and head.native is None and head.transposed
+    # one table: the embedding reads the head's transposed weight
+    assert engine.model.wte.weight.data_ptr() == head.weight.data_ptr()
+    assert greedy(engine) == greedy(as_trained(sharp_dir))
+    assert engine.model.num_params() == as_trained(sharp_dir).model.num_params()
+    kernels = kettle_home / "cache" / "kernels"
+    assert not kernels.exists() or not any(kernels.iterdir())  # a failed build leaves nothing
+
+
+def test_kettle_native_0_turns_the_kernel_off(fresh_build, monkeypatch):
+    monkeypatch.setenv("KETTLE_NATIVE", "0")
+    assert native.linear_kernel() is None
