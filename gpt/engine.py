@@ -127,10 +127,11 @@ class Engine:
         self.threads: int | None = None
         # Speculative decoding (gpt.speculative), or None for one token per forward pass. On by
         # default where it measured faster, greedy answers on the CPU: prompt lookup with rounds
-        # that adapt their length (benchmarks/speculative.py, side by side with plain decoding)
-        # decoded answers that copy their prompt 3.36x as fast at the tiny shape (the starter's)
-        # and 2.44x at GPT-2 124M, answers that copy nothing 1.04x and 1.16x. Sampled answers
-        # (speculate_sampled) and GPUs were not measured, so they decode one token at a time.
+        # that adapt their length and pause after rejected drafts (benchmarks/speculative.py,
+        # side by side with plain decoding, the native kernel's decoding) decoded answers that
+        # copy their prompt 2.17-2.31x as fast at the tiny shape (the starter's), answers that
+        # copy nothing 1.01x (0.87x without the pause). Sampled answers (speculate_sampled):
+        # 0.98-1.43x copying, 0.86-0.91x not; GPUs unmeasured: one token at a time.
         self.speculation: PromptLookup | DraftModel | None = PromptLookup() if self.device.type == "cpu" else None
         self.speculate_sampled = False
         self._compiled: CompiledStep | None = None

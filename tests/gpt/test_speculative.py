@@ -214,3 +214,33 @@ def test_a_grounded_answer_is_speculated_and_its_tokens_are_the_plain_loops(engi
     engine.speculate_sampled = True
     sampled = engine.generate_chat(messages, SamplingParams(temperature=0.7, seed=3, max_new_tokens=40))
     assert sampled.text.startswith(passage[:60]) and sampled.accepted_tokens > 10  # taught: copied whole
+
+
+class WrongDrafts:
+    """A drafter whose every draft is one token off the one the model decides next."""
+
+    def __init__(self, expected: list[int]):
+        self.expected = expected
+
+    def begin(self, engine, prompt_ids, *, params, sampler):
+        self.decided = 0
+        return self
+
+    def extend(self, tokens):
+        self.decided += len(tokens)
+
+    def propose(self, k):
+        return [self.expected[self.decided] + 1], None
+
+
+def test_rejected_drafts_pause_drafting_and_a_kept_one_resumes_it(engine):
+    prompt = [5, 6, 7, 8, 9]
+    expected = plain(engine, prompt, GREEDY.replace(max_new_tokens=80)).token_ids
+    engine.speculation = WrongDrafts(expected)
+    r = engine.generate(prompt, GREEDY.replace(max_new_tokens=80))
+    assert r.token_ids == expected
+    # rounds after 1, 2, 4, 8, 16, 32 plain steps: seven drafts in 80 tokens, not one a token
+    assert r.accepted_tokens == 0 and r.drafted_tokens <= 7
+    engine.speculation = PromptLookup()
+    copying = engine.generate([5, 6, 7, 8, 9] * 6, GREEDY)  # drafts kept: no pause
+    assert copying.accepted_tokens > 0 and copying.drafted_tokens > 7
