@@ -68,7 +68,8 @@ async def test_answers_keep_a_reading_width_on_a_wide_terminal(app_model):
         await open_chat(pilot, app)
         app.screen.open_conversation(conv.id)
         await wait_until(pilot, lambda: len(views(app)) == 2, "the chat")
-        await pilot.pause(0.1)
+        # laid out: a fixed pause was not enough on a loaded machine (width 0)
+        await wait_until(pilot, lambda: views(app)[1].body.content_region.width > 0, "the answer laid out")
         body = views(app)[1].body
         assert 60 <= body.content_region.width <= 100
         # the text beside the message's border
