@@ -57,6 +57,12 @@ async def test_the_footer_shows_f1_to_f6_first(app_model, width):
             assert all(place in shown for place in PLACES), shown
 
 
+def body_width(app) -> int:
+    """The answer's text width, 0 until its body is mounted and laid out."""
+    bodies = views(app)[1].query(".message-body")
+    return bodies.first().content_region.width if bodies else 0
+
+
 async def test_answers_keep_a_reading_width_on_a_wide_terminal(app_model):
     write_config(sampling={"max_new_tokens": 8, "seed": 1})
     with open_store() as store:
@@ -69,7 +75,7 @@ async def test_answers_keep_a_reading_width_on_a_wide_terminal(app_model):
         app.screen.open_conversation(conv.id)
         await wait_until(pilot, lambda: len(views(app)) == 2, "the chat")
         # laid out: a fixed pause was not enough on a loaded machine (width 0)
-        await wait_until(pilot, lambda: views(app)[1].body.content_region.width > 0, "the answer laid out")
+        await wait_until(pilot, lambda: body_width(app) > 0, "the answer laid out")
         body = views(app)[1].body
         assert 60 <= body.content_region.width <= 100
         # the text beside the message's border
