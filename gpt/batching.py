@@ -31,6 +31,7 @@ import torch
 import gpt.engine
 from gpt.engine import GenerationResult, TextStream, TokenLogprob, _entry
 from gpt.model import RowCache, common_prefix
+from gpt.native import native_step
 from gpt.sampling import MAX_SEED, CopyBias, Sampler, SamplingParams
 
 MAX_BATCH = 16
@@ -190,6 +191,7 @@ class Batch:
         self.cache = BatchedKVCache(model.config, engine.device, dtype, self.capacity)
         self.rows: list[_Row] = []  # rows[i] is in slot i
         self._threads_before: int | None = None
+        self._native = None  # gpt.native's step for the cache's tensors; False: it cannot run
 
     @property
     def full(self) -> bool:
@@ -247,10 +249,13 @@ class Batch:
             # the CPU decodes text and checks stop strings.
             cache = self.cache
             lengths = [len(cache.ids[s]) for s in range(len(self.rows))]
-            x = torch.stack([row.token for row in self.rows]).view(-1, 1)
-            pos = torch.tensor(lengths, device=cache.device)
-            logits = self.engine.model(x, RowCache(cache.k, cache.v, pos=pos, span=max(lengths) + 1), last_only=True)
-            logits = logits[:, -1, : self.engine.tokenizer.n_vocab]
+            if len(self.rows) == 1 and (step := self._native_step()) is not None:  # one call, row 0
+                logits = step(int(self.rows[0].token), lengths[0])[None, : self.engine.tokenizer.n_vocab]
+            else:
+                x = torch.stack([row.token for row in self.rows]).view(-1, 1)
+                pos = torch.tensor(lengths, device=cache.device)
+                rows = RowCache(cache.k, cache.v, pos=pos, span=max(lengths) + 1)
+                logits = self.engine.model(x, rows, last_only=True)[:, -1, : self.engine.tokenizer.n_vocab]
             for slot, row in enumerate(self.rows):
                 row.logits = logits[slot]
                 tid = int(row.token)
@@ -258,6 +263,14 @@ class Batch:
                 row.take(tid, stop_ids)
         for row in [r for r in self.rows if r.finish]:
             self._leave(row)
+
+    def _native_step(self):
+        """gpt.native's whole step on this batch's cache tensors (rebuilt when they grow), or None."""
+        if self.engine.device.type != "cpu":
+            return None
+        if self._native is None or (self._native and self._native.k is not self.cache.k):
+            self._native = native_step(self.engine.model, self.cache.k, self.cache.v) or False
+        return self._native or None
 
     def fail(self, message: str) -> None:
         """Drop every row after a step failed (a bug), telling each request `message`."""

@@ -54,6 +54,7 @@ from gpt.chat_template import (
 from gpt.device import pick_device, pick_dtype
 from gpt.errors import KettleError
 from gpt.model import GPT, KVCache, RowCache, common_prefix
+from gpt.native import NativeStep, native_step
 from gpt.sampling import MAX_SEED, CopyBias, Sampler, SamplingParams
 from gpt.speculative import DraftModel, PromptLookup, Speculator
 from gpt.threads import fit_threads
@@ -135,6 +136,7 @@ class Engine:
         self.speculation: PromptLookup | DraftModel | None = PromptLookup() if self.device.type == "cpu" else None
         self.speculate_sampled = False
         self._compiled: CompiledStep | None = None
+        self._native: tuple[KVCache, NativeStep | None] | None = None  # gpt.native's step for the cache
         self._compile_backend: str | None = None  # set by compile_decode
 
     @classmethod
@@ -383,6 +385,13 @@ class Engine:
         """The logits [V] for the token after `x` (fed through the cache). Only the tokenizer's
         ids: a model's vocabulary may be larger (padded for speed, or a small corpus gave the
         tokenizer fewer merges than asked), and an id it cannot decode must never be drawn."""
+        if x.size(1) == 1 and self._compile_backend is None and self.device.type == "cpu":
+            if self._native is None or self._native[0] is not self._cache:
+                self._native = (self._cache, native_step(self.model, self._cache.k, self._cache.v))
+            if self._native[1] is not None:  # the whole step in one native call
+                logits = self._native[1](int(x), self._cache.pos)
+                self._cache.pos += 1
+                return logits[: self.tokenizer.n_vocab]
         if self._compile_backend is None or x.size(1) != 1:
             return self.model(x, self._cache, last_only=True)[0, -1, : self.tokenizer.n_vocab]
         if self._compiled is None or self._compiled.cache is not self._cache:

@@ -7,6 +7,7 @@
  * for eight rows, the eight sums reduced together. PyTorch's kernel (MKL's sgemv) reads the same
  * weights at 12-18 GB/s on this project's CPU, this at 23-34 (benchmarks/llama_cpp.py). */
 #include <immintrin.h>
+#include <math.h>
 
 #if defined(__AVX512F__)
 #define KETTLE_SIMD 512
@@ -100,4 +101,103 @@ void kettle_linear(const float *W, const float *X, const float *b, float *Y, lon
             Y[row * m + o] = s + (b ? b[o] : 0.0f);
         }
     }
+}
+
+/* ---- kettle_step: a whole batch-1 decoding step of a GPT-2 model in one call -------------------
+ * What gpt.model computes for one new token (embeddings, every block, the final norm, the output
+ * head), with the keys and values written into and read from gpt.model's KVCache tensors
+ * ([n_layer, rows, n_head, max_len, head_dim], row 0): at the starter's shape PyTorch's ops
+ * and Python between them cost twice the arithmetic, here they cost one call. */
+
+struct kettle_dims {
+    long n_layer, n_embd, n_head, hidden, vocab, max_len, cache_layer_stride;
+    float eps;
+};
+
+/* A layer's weights, in gpt.model's order; biases may be NULL. */
+enum { LN1_W, LN1_B, ATTN_W, ATTN_B, PROJ_W, PROJ_B, LN2_W, LN2_B, FC_W, FC_B, OUT_W, OUT_B, PER_LAYER };
+
+#if KETTLE_SIMD
+
+static void kettle_layer_norm(const float *x, const float *w, const float *b, float *out, long n, float eps) {
+    float mean = 0.0f, var = 0.0f;
+    for (long i = 0; i < n; i++) mean += x[i];
+    mean /= (float)n;
+    for (long i = 0; i < n; i++) var += (x[i] - mean) * (x[i] - mean);
+    float inv = 1.0f / sqrtf(var / (float)n + eps);
+    for (long i = 0; i < n; i++) out[i] = (x[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
+}
+
+static float kettle_dot(const float *a, const float *b, long n) {
+    long i = 0;
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s[8], total = 0.0f;
+    _mm256_storeu_ps(s, acc);
+    for (int j = 0; j < 8; j++) total += s[j];
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+/* Adds `from` into `into` (the residual stream). */
+static void kettle_add(float *into, const float *from, long n) {
+    for (long i = 0; i < n; i++) into[i] += from[i];
+}
+
+#endif
+
+/* logits [vocab] after `token` at position `pos`; scratch holds 6 * n_embd + hidden + max_len
+ * floats. Returns 0, or -1 where the build has no SIMD (the caller checks kettle_simd first). */
+int kettle_step(const struct kettle_dims *d, const float *const *weights, const float *wte, const float *wpe,
+                const float *lnf_w, const float *lnf_b, const float *head, float *k_cache, float *v_cache,
+                long token, long pos, float *logits, float *scratch) {
+#if KETTLE_SIMD
+    const long C = d->n_embd, H = d->n_head, hd = C / H;
+    float *x = scratch, *h = x + C, *qkv = h + C, *y = qkv + 3 * C, *u = y + C, *att = u + d->hidden;
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (long i = 0; i < C; i++) x[i] = wte[token * C + i] + wpe[pos * C + i];
+    for (long l = 0; l < d->n_layer; l++) {
+        const float *const *w = weights + l * PER_LAYER;
+        float *K = k_cache + l * d->cache_layer_stride, *V = v_cache + l * d->cache_layer_stride;
+        kettle_layer_norm(x, w[LN1_W], w[LN1_B], h, C, d->eps);
+        kettle_linear(w[ATTN_W], h, w[ATTN_B], qkv, 3 * C, C, 1);
+        for (long head_i = 0; head_i < H; head_i++) {
+            float *k = K + (head_i * d->max_len) * hd, *v = V + (head_i * d->max_len) * hd;
+            const float *q = qkv + head_i * hd;
+            for (long j = 0; j < hd; j++) {
+                k[pos * hd + j] = qkv[C + head_i * hd + j];
+                v[pos * hd + j] = qkv[2 * C + head_i * hd + j];
+            }
+            float top = -INFINITY, total = 0.0f;
+            for (long t = 0; t <= pos; t++) {
+                att[t] = kettle_dot(q, k + t * hd, hd) * scale;
+                if (att[t] > top) top = att[t];
+            }
+            for (long t = 0; t <= pos; t++) total += (att[t] = expf(att[t] - top));
+            float *out = y + head_i * hd;
+            for (long j = 0; j < hd; j++) out[j] = 0.0f;
+            for (long t = 0; t <= pos; t++) {
+                const float p = att[t] / total, *vt = v + t * hd;
+                for (long j = 0; j < hd; j++) out[j] += p * vt[j];
+            }
+        }
+        kettle_linear(w[PROJ_W], y, w[PROJ_B], h, C, C, 1);
+        kettle_add(x, h, C);
+        kettle_layer_norm(x, w[LN2_W], w[LN2_B], h, C, d->eps);
+        kettle_linear(w[FC_W], h, w[FC_B], u, d->hidden, C, 1);
+        for (long i = 0; i < d->hidden; i++) {  /* GELU, tanh approximation (GPT-2's) */
+            const float z = u[i];
+            u[i] = 0.5f * z * (1.0f + tanhf(0.7978845608028654f * (z + 0.044715f * z * z * z)));
+        }
+        kettle_linear(w[OUT_W], u, w[OUT_B], h, C, d->hidden, 1);
+        kettle_add(x, h, C);
+    }
+    kettle_layer_norm(x, lnf_w, lnf_b, h, C, d->eps);
+    kettle_linear(head, h, 0, logits, d->vocab, C, 1);
+    return 0;
+#else
+    (void)d; (void)weights; (void)wte; (void)wpe; (void)lnf_w; (void)lnf_b; (void)head; (void)k_cache;
+    (void)v_cache; (void)token; (void)pos; (void)logits; (void)scratch;
+    return -1;
+#endif
 }

@@ -46,7 +46,7 @@ def _build(source: bytes, target: Path) -> None:
         src, out = Path(tmp) / "kernels.c", Path(tmp) / target.name
         src.write_bytes(source)
         done = subprocess.run(
-            [compiler, "-O3", "-march=native", "-shared", "-fPIC", "-o", str(out), str(src)],
+            [compiler, "-O3", "-march=native", "-shared", "-fPIC", "-o", str(out), str(src), "-lm"],
             capture_output=True,
             timeout=120,
         )
@@ -72,6 +72,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     library.kettle_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
     library.kettle_linear.restype = None
+    library.kettle_step.restype = ctypes.c_int
     return library
 
 
@@ -91,3 +92,117 @@ def linear_kernel():
         return y
 
     return linear
+
+
+class _Dims(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_long)
+        for name in ("n_layer", "n_embd", "n_head", "hidden", "vocab", "max_len", "cache_layer_stride")
+    ] + [("eps", ctypes.c_float)]
+
+
+# A block's tensors in the order kettle_step reads them (its enum).
+_BLOCK = (
+    "ln_1.weight",
+    "ln_1.bias",
+    "attn.c_attn.weight",
+    "attn.c_attn.bias",
+    "attn.c_proj.weight",
+    "attn.c_proj.bias",
+    "ln_2.weight",
+    "ln_2.bias",
+    "mlp.c_fc.weight",
+    "mlp.c_fc.bias",
+    "mlp.c_proj.weight",
+    "mlp.c_proj.bias",
+)
+
+
+class NativeStep:
+    """A batch-1 decoding step of `model` on the keys and values `k`, `v` ([n_layer, rows,
+    n_head, max_len, head_dim] as gpt.model's KVCache and gpt.batching's cache hold them; row 0)
+    in one native call (kernels.c's kettle_step): the logits [vocab] after one token at a
+    position, its keys and values written there. Build it with `native_step`, which says where it
+    cannot run."""
+
+    def __init__(self, library: ctypes.CDLL, model, k: torch.Tensor, v: torch.Tensor):
+        config = model.config
+        self._run, self.max_len = library.kettle_step, k.size(3)
+        self._tensors = []  # kept alive: the native side holds their addresses
+
+        def address(t: torch.Tensor | None) -> int | None:
+            if t is None:
+                return None
+            self._tensors.append(t)
+            return t.data_ptr()
+
+        blocks = [block.get_parameter(name) if _has(block, name) else None for block in model.h for name in _BLOCK]
+        self._weights = (ctypes.c_void_p * len(blocks))(*[address(t) for t in blocks])
+        self._dims = _Dims(
+            config.n_layer,
+            config.n_embd,
+            config.n_head,
+            config.mlp_width,
+            model.lm_head.out_features,
+            self.max_len,
+            k.stride(0),
+            model.h[0].ln_1.eps,
+        )
+        self._globals = [
+            address(t) for t in (model.wte.weight, model.wpe.weight, model.ln_f.weight, model.ln_f.bias)
+        ] + [address(model.lm_head.weight)]
+        self._scratch = torch.empty(6 * config.n_embd + config.mlp_width + self.max_len)
+        self.k, self._k, self._v = k, address(k), address(v)
+
+    def __call__(self, token: int, pos: int) -> torch.Tensor:
+        if not 0 <= pos < self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, {pos + 1} needed")
+        logits = torch.empty(self._dims.vocab)
+        wte, wpe, lnf_w, lnf_b, head = self._globals
+        self._run(
+            ctypes.byref(self._dims),
+            self._weights,
+            ctypes.c_void_p(wte),
+            ctypes.c_void_p(wpe),
+            ctypes.c_void_p(lnf_w),
+            ctypes.c_void_p(lnf_b),
+            ctypes.c_void_p(head),
+            ctypes.c_void_p(self._k),
+            ctypes.c_void_p(self._v),
+            ctypes.c_long(token),
+            ctypes.c_long(pos),
+            ctypes.c_void_p(logits.data_ptr()),
+            ctypes.c_void_p(self._scratch.data_ptr()),
+        )
+        return logits
+
+
+def _has(module: torch.nn.Module, name: str) -> bool:
+    try:
+        return module.get_parameter(name) is not None
+    except AttributeError:
+        return False
+
+
+def native_step(model, k: torch.Tensor, v: torch.Tensor) -> NativeStep | None:
+    """The whole decoding step in one native call on the cache tensors `k`, `v` (see
+    NativeStep), where it computes exactly gpt.model's: fp32 on the CPU, every linear layer on
+    the native kernel in nn.Linear's layout (gpt.quantize's decoding layout; not int8, not a LoRA
+    wrapper), LayerNorms, contiguous cache tensors. Else None: the step runs through PyTorch
+    (the native kernel still multiplies)."""
+    from gpt.quantize import DecodeLinear
+
+    library = _library()
+    if library is None or k.dtype != torch.float32 or k.device.type != "cpu":
+        return None
+    linears = [m for block in model.h for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
+    if not all(type(m) is DecodeLinear and m.native is not None for m in [*linears, model.lm_head]):
+        return None
+    norms = [model.ln_f, *(n for block in model.h for n in (block.ln_1, block.ln_2))]
+    if not all(type(n) is torch.nn.LayerNorm and n.weight is not None for n in norms):
+        return None
+    if not (k.is_contiguous() and v.is_contiguous() and k.shape == v.shape and k.size(1) >= 1):
+        return None
+    if len({n.eps for n in norms}) != 1 or model.wte.weight.dtype != torch.float32:
+        return None
+    return NativeStep(library, model, k, v)

@@ -230,9 +230,16 @@ def test_cancel_stops_within_one_token(engine):
 
 
 def count_prefill(engine):
-    """Records how many tokens each forward pass feeds the model."""
+    """Records how many tokens each forward pass feeds the model (through PyTorch or in one
+    native step: both are Engine._next_logits)."""
     fed = []
-    engine.model.register_forward_pre_hook(lambda module, args: fed.append(args[0].shape[1]))
+    feed = engine._next_logits
+
+    def counted(x):
+        fed.append(x.shape[1])
+        return feed(x)
+
+    engine._next_logits = counted
     return fed
 
 

@@ -4,12 +4,15 @@ same greedy tokens as the model as trained; without a compiler, PyTorch's kernel
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt import native
+from gpt.batching import Batch, Request
 from gpt.checkpoint import load_model, save_model
 from gpt.engine import Engine
 from gpt.quantize import DecodeLinear
@@ -73,6 +76,7 @@ def test_an_engine_decodes_the_models_own_tokens_through_the_native_kernel(fresh
     layers = [m for m in engine.model.modules() if isinstance(m, (nn.Linear, DecodeLinear))]
     assert layers and all(isinstance(m, DecodeLinear) and m.native is not None for m in layers)
     assert greedy(engine) == expected and len(set(expected)) > 8
+    assert isinstance(engine._native[1], native.NativeStep)  # the whole step in one call
     assert engine.model.num_params() == as_trained(sharp_dir).model.num_params()  # what Ollama's show says
 
 
@@ -93,3 +97,25 @@ def test_without_a_compiler_pytorch_decodes_the_same_tokens(fresh_build, sharp_d
 def test_kettle_native_0_turns_the_kernel_off(fresh_build, monkeypatch):
     monkeypatch.setenv("KETTLE_NATIVE", "0")
     assert native.linear_kernel() is None
+
+
+def test_the_services_batch_decodes_one_row_in_one_native_step_and_several_through_pytorch(fresh_build, sharp_dir):
+    expected = greedy(as_trained(sharp_dir))
+    engine = Engine.load(sharp_dir)
+    engine.stop_ids = set()
+
+    def serve(rows: int) -> tuple[Batch, list]:
+        batch, done = Batch(engine), []
+        for _ in range(rows):
+            params = SamplingParams(max_new_tokens=len(expected), temperature=0.0, seed=0)
+            batch.add(Request([5, 6, 7, 8], 0, params, threading.Event(), lambda t: None, done.append, print))
+        while batch.rows:
+            batch.step()
+        return batch, done
+
+    alone, done = serve(1)
+    if native.linear_kernel() is None:
+        pytest.skip("no native kernel on this machine (no C compiler, or no AVX2)")
+    assert isinstance(alone._native, native.NativeStep) and done[0].token_ids == expected
+    together, done = serve(2)  # a batched step: PyTorch's ops, the native kernel's products
+    assert [r.token_ids for r in done] == [expected, expected]

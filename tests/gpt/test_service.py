@@ -14,6 +14,7 @@ from data.registry import StoreCatalog
 from gpt.catalog import PathCatalog
 from gpt.engine import Engine
 from gpt.errors import KettleError
+from gpt.native import NativeStep
 from gpt.sampling import SamplingParams
 from gpt.service import Delta, Done, Error, InProcessService
 
@@ -27,8 +28,9 @@ def service(long_context_model_dir):
     svc.close()
 
 
-def count_forward_calls(service) -> list[int]:
-    """Counts the model's forward passes (one per decoded token) by observing the real model."""
+def count_forward_calls(service, monkeypatch) -> list[int]:
+    """Counts the model's forward passes (one per decoded token) by observing the real model,
+    through PyTorch or in one native step (gpt.native)."""
     service.load()
     calls = [0]
 
@@ -36,6 +38,13 @@ def count_forward_calls(service) -> list[int]:
         calls[0] += 1
 
     service._engine.model.register_forward_pre_hook(hook)
+    step = NativeStep.__call__
+
+    def counted(self, token, pos):
+        calls[0] += 1
+        return step(self, token, pos)
+
+    monkeypatch.setattr(NativeStep, "__call__", counted)
     return calls
 
 
@@ -64,8 +73,8 @@ async def test_streams_deltas_that_add_up_to_the_engines_answer(service, long_co
     assert "".join(e.text for e in raw[:-1]) == raw[-1].result.text
 
 
-async def test_cancel_stops_within_one_token(service):
-    calls = count_forward_calls(service)
+async def test_cancel_stops_within_one_token(service, monkeypatch):
+    calls = count_forward_calls(service, monkeypatch)
     params = SamplingParams(temperature=0, max_new_tokens=1000)
     seen, done = 0, None
     async for event in service.stream_chat(CHAT, params, request_id="r1"):
@@ -100,8 +109,8 @@ async def test_the_event_loop_keeps_running_while_the_model_generates(service):
     assert events[-1].result.finish_reason == "cancelled" and events[-1].result.new_tokens < 1000
 
 
-async def test_leaving_the_loop_early_cancels(service):
-    calls = count_forward_calls(service)
+async def test_leaving_the_loop_early_cancels(service, monkeypatch):
+    calls = count_forward_calls(service, monkeypatch)
     events = service.stream_chat(CHAT, SamplingParams(temperature=0, max_new_tokens=1000))
     async for _ in events:
         break
