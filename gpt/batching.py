@@ -249,8 +249,8 @@ class Batch:
             # the CPU decodes text and checks stop strings.
             cache = self.cache
             lengths = [len(cache.ids[s]) for s in range(len(self.rows))]
-            if len(self.rows) == 1 and (step := self._native_step()) is not None:  # one call, row 0
-                logits = step(int(self.rows[0].token), lengths[0])[None, : self.engine.tokenizer.n_vocab]
+            if (step := self._native_step()) is not None:  # the whole step in one call
+                logits = step([int(row.token) for row in self.rows], lengths)[:, : self.engine.tokenizer.n_vocab]
             else:
                 x = torch.stack([row.token for row in self.rows]).view(-1, 1)
                 pos = torch.tensor(lengths, device=cache.device)

@@ -389,9 +389,9 @@ class Engine:
             if self._native is None or self._native[0] is not self._cache:
                 self._native = (self._cache, native_step(self.model, self._cache.k, self._cache.v))
             if self._native[1] is not None:  # the whole step in one native call
-                logits = self._native[1](int(x), self._cache.pos)
+                logits = self._native[1]([int(x)], [self._cache.pos])
                 self._cache.pos += 1
-                return logits[: self.tokenizer.n_vocab]
+                return logits[0, : self.tokenizer.n_vocab]
         if self._compile_backend is None or x.size(1) != 1:
             return self.model(x, self._cache, last_only=True)[0, -1, : self.tokenizer.n_vocab]
         if self._compiled is None or self._compiled.cache is not self._cache:

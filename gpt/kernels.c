@@ -146,58 +146,68 @@ static void kettle_add(float *into, const float *from, long n) {
 
 #endif
 
-/* logits [vocab] after `token` at position `pos`; scratch holds 6 * n_embd + hidden + max_len
- * floats. Returns 0, or -1 where the build has no SIMD (the caller checks kettle_simd first). */
+/* logits [rows, vocab] after tokens[r] at positions[r], row r's keys and values in the cache's
+ * row r (cache_row_stride floats apart); scratch holds rows * (6 * n_embd + hidden) + max_len
+ * floats. Every row's products read each weight once (kettle_linear). Returns 0, or -1 where the
+ * build has no SIMD (the caller checks kettle_simd first). */
 int kettle_step(const struct kettle_dims *d, const float *const *weights, const float *wte, const float *wpe,
                 const float *lnf_w, const float *lnf_b, const float *head, float *k_cache, float *v_cache,
-                long token, long pos, float *logits, float *scratch) {
+                long cache_row_stride, const long *tokens, const long *positions, long rows, float *logits,
+                float *scratch) {
 #if KETTLE_SIMD
-    const long C = d->n_embd, H = d->n_head, hd = C / H;
-    float *x = scratch, *h = x + C, *qkv = h + C, *y = qkv + 3 * C, *u = y + C, *att = u + d->hidden;
+    const long C = d->n_embd, H = d->n_head, hd = C / H, F = d->hidden;
+    float *x = scratch, *h = x + rows * C, *qkv = h + rows * C, *y = qkv + rows * 3 * C, *u = y + rows * C;
+    float *att = u + rows * F;
     const float scale = 1.0f / sqrtf((float)hd);
-    for (long i = 0; i < C; i++) x[i] = wte[token * C + i] + wpe[pos * C + i];
+    for (long r = 0; r < rows; r++)
+        for (long i = 0; i < C; i++) x[r * C + i] = wte[tokens[r] * C + i] + wpe[positions[r] * C + i];
     for (long l = 0; l < d->n_layer; l++) {
         const float *const *w = weights + l * PER_LAYER;
-        float *K = k_cache + l * d->cache_layer_stride, *V = v_cache + l * d->cache_layer_stride;
-        kettle_layer_norm(x, w[LN1_W], w[LN1_B], h, C, d->eps);
-        kettle_linear(w[ATTN_W], h, w[ATTN_B], qkv, 3 * C, C, 1);
-        for (long head_i = 0; head_i < H; head_i++) {
-            float *k = K + (head_i * d->max_len) * hd, *v = V + (head_i * d->max_len) * hd;
-            const float *q = qkv + head_i * hd;
-            for (long j = 0; j < hd; j++) {
-                k[pos * hd + j] = qkv[C + head_i * hd + j];
-                v[pos * hd + j] = qkv[2 * C + head_i * hd + j];
-            }
-            float top = -INFINITY, total = 0.0f;
-            for (long t = 0; t <= pos; t++) {
-                att[t] = kettle_dot(q, k + t * hd, hd) * scale;
-                if (att[t] > top) top = att[t];
-            }
-            for (long t = 0; t <= pos; t++) total += (att[t] = expf(att[t] - top));
-            float *out = y + head_i * hd;
-            for (long j = 0; j < hd; j++) out[j] = 0.0f;
-            for (long t = 0; t <= pos; t++) {
-                const float p = att[t] / total, *vt = v + t * hd;
-                for (long j = 0; j < hd; j++) out[j] += p * vt[j];
+        for (long r = 0; r < rows; r++) kettle_layer_norm(x + r * C, w[LN1_W], w[LN1_B], h + r * C, C, d->eps);
+        kettle_linear(w[ATTN_W], h, w[ATTN_B], qkv, 3 * C, C, rows);
+        for (long r = 0; r < rows; r++) {
+            const long pos = positions[r];
+            float *K = k_cache + l * d->cache_layer_stride + r * cache_row_stride;
+            float *V = v_cache + l * d->cache_layer_stride + r * cache_row_stride;
+            const float *row_qkv = qkv + r * 3 * C;
+            for (long head_i = 0; head_i < H; head_i++) {
+                float *k = K + (head_i * d->max_len) * hd, *v = V + (head_i * d->max_len) * hd;
+                const float *q = row_qkv + head_i * hd;
+                for (long j = 0; j < hd; j++) {
+                    k[pos * hd + j] = row_qkv[C + head_i * hd + j];
+                    v[pos * hd + j] = row_qkv[2 * C + head_i * hd + j];
+                }
+                float top = -INFINITY, total = 0.0f;
+                for (long t = 0; t <= pos; t++) {
+                    att[t] = kettle_dot(q, k + t * hd, hd) * scale;
+                    if (att[t] > top) top = att[t];
+                }
+                for (long t = 0; t <= pos; t++) total += (att[t] = expf(att[t] - top));
+                float *out = y + r * C + head_i * hd;
+                for (long j = 0; j < hd; j++) out[j] = 0.0f;
+                for (long t = 0; t <= pos; t++) {
+                    const float p = att[t] / total, *vt = v + t * hd;
+                    for (long j = 0; j < hd; j++) out[j] += p * vt[j];
+                }
             }
         }
-        kettle_linear(w[PROJ_W], y, w[PROJ_B], h, C, C, 1);
-        kettle_add(x, h, C);
-        kettle_layer_norm(x, w[LN2_W], w[LN2_B], h, C, d->eps);
-        kettle_linear(w[FC_W], h, w[FC_B], u, d->hidden, C, 1);
-        for (long i = 0; i < d->hidden; i++) {  /* GELU, tanh approximation (GPT-2's) */
+        kettle_linear(w[PROJ_W], y, w[PROJ_B], h, C, C, rows);
+        kettle_add(x, h, rows * C);
+        for (long r = 0; r < rows; r++) kettle_layer_norm(x + r * C, w[LN2_W], w[LN2_B], h + r * C, C, d->eps);
+        kettle_linear(w[FC_W], h, w[FC_B], u, F, C, rows);
+        for (long i = 0; i < rows * F; i++) { /* GELU, tanh approximation (GPT-2's) */
             const float z = u[i];
             u[i] = 0.5f * z * (1.0f + tanhf(0.7978845608028654f * (z + 0.044715f * z * z * z)));
         }
-        kettle_linear(w[OUT_W], u, w[OUT_B], h, C, d->hidden, 1);
-        kettle_add(x, h, C);
+        kettle_linear(w[OUT_W], u, w[OUT_B], h, C, F, rows);
+        kettle_add(x, h, rows * C);
     }
-    kettle_layer_norm(x, lnf_w, lnf_b, h, C, d->eps);
-    kettle_linear(head, h, 0, logits, d->vocab, C, 1);
+    for (long r = 0; r < rows; r++) kettle_layer_norm(x + r * C, lnf_w, lnf_b, h + r * C, C, d->eps);
+    kettle_linear(head, h, 0, logits, d->vocab, C, rows);
     return 0;
 #else
     (void)d; (void)weights; (void)wte; (void)wpe; (void)lnf_w; (void)lnf_b; (void)head; (void)k_cache;
-    (void)v_cache; (void)token; (void)pos; (void)logits; (void)scratch;
+    (void)v_cache; (void)cache_row_stride; (void)tokens; (void)positions; (void)rows; (void)logits; (void)scratch;
     return -1;
 #endif
 }

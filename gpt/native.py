@@ -119,22 +119,21 @@ _BLOCK = (
 
 
 class NativeStep:
-    """A batch-1 decoding step of `model` on the keys and values `k`, `v` ([n_layer, rows,
-    n_head, max_len, head_dim] as gpt.model's KVCache and gpt.batching's cache hold them; row 0)
-    in one native call (kernels.c's kettle_step): the logits [vocab] after one token at a
-    position, its keys and values written there. Build it with `native_step`, which says where it
-    cannot run."""
+    """A decoding step of `model` for a few rows on the keys and values `k`, `v` ([n_layer,
+    rows, n_head, max_len, head_dim] as gpt.model's KVCache and gpt.batching's cache hold them)
+    in one native call (kernels.c's kettle_step): the logits [rows, vocab] after each row's token
+    at its position, its keys and values written there (row r in the cache's row r). Build it
+    with `native_step`, which says where it cannot run."""
 
     def __init__(self, library: ctypes.CDLL, model, k: torch.Tensor, v: torch.Tensor):
         config = model.config
-        self._run, self.max_len = library.kettle_step, k.size(3)
+        self._run, self.k, self.max_len = library.kettle_step, k, k.size(3)
         self._tensors = []  # kept alive: the native side holds their addresses
 
-        def address(t: torch.Tensor | None) -> int | None:
-            if t is None:
-                return None
-            self._tensors.append(t)
-            return t.data_ptr()
+        def address(t: torch.Tensor | None) -> ctypes.c_void_p:
+            if t is not None:
+                self._tensors.append(t)
+            return ctypes.c_void_p(None if t is None else t.data_ptr())
 
         blocks = [block.get_parameter(name) if _has(block, name) else None for block in model.h for name in _BLOCK]
         self._weights = (ctypes.c_void_p * len(blocks))(*[address(t) for t in blocks])
@@ -148,29 +147,27 @@ class NativeStep:
             k.stride(0),
             model.h[0].ln_1.eps,
         )
-        self._globals = [
-            address(t) for t in (model.wte.weight, model.wpe.weight, model.ln_f.weight, model.ln_f.bias)
-        ] + [address(model.lm_head.weight)]
-        self._scratch = torch.empty(6 * config.n_embd + config.mlp_width + self.max_len)
-        self.k, self._k, self._v = k, address(k), address(v)
+        self._row_floats = 6 * config.n_embd + config.mlp_width
+        self._scratch = torch.empty(0)
+        tables = (model.wte.weight, model.wpe.weight, model.ln_f.weight, model.ln_f.bias, model.lm_head.weight)
+        self._arguments = [address(t) for t in tables] + [address(k), address(v), ctypes.c_long(k.stride(1))]
 
-    def __call__(self, token: int, pos: int) -> torch.Tensor:
-        if not 0 <= pos < self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions, {pos + 1} needed")
-        logits = torch.empty(self._dims.vocab)
-        wte, wpe, lnf_w, lnf_b, head = self._globals
+    def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        rows = len(tokens)
+        if not 1 <= rows <= self.k.size(1) or len(positions) != rows:
+            raise ValueError(f"{rows} rows for a cache of {self.k.size(1)}")
+        if not all(0 <= p < self.max_len for p in positions):
+            raise ValueError(f"KV cache holds {self.max_len} positions, {max(positions) + 1} needed")
+        if self._scratch.numel() < rows * self._row_floats + self.max_len:
+            self._scratch = torch.empty(rows * self._row_floats + self.max_len)
+        logits = torch.empty(rows, self._dims.vocab)
         self._run(
             ctypes.byref(self._dims),
             self._weights,
-            ctypes.c_void_p(wte),
-            ctypes.c_void_p(wpe),
-            ctypes.c_void_p(lnf_w),
-            ctypes.c_void_p(lnf_b),
-            ctypes.c_void_p(head),
-            ctypes.c_void_p(self._k),
-            ctypes.c_void_p(self._v),
-            ctypes.c_long(token),
-            ctypes.c_long(pos),
+            *self._arguments,
+            (ctypes.c_long * rows)(*tokens),
+            (ctypes.c_long * rows)(*positions),
+            ctypes.c_long(rows),
             ctypes.c_void_p(logits.data_ptr()),
             ctypes.c_void_p(self._scratch.data_ptr()),
         )

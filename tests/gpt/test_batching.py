@@ -12,6 +12,7 @@ import torch
 
 from gpt.batching import row_bytes
 from gpt.engine import Engine
+from gpt.native import NativeStep
 from gpt.sampling import SamplingParams
 from gpt.server import build_server, listen
 from gpt.service import Delta, Done, InProcessService
@@ -35,12 +36,19 @@ REQUESTS = [
 ]
 
 
-def batch_shapes(service) -> list[tuple[int, int]]:
+def batch_shapes(service, monkeypatch) -> list[tuple[int, int]]:
     """The input shape of every forward pass of the service's real model: [1, T] prefills,
-    [B, 1] batched steps."""
+    [B, 1] batched steps (through PyTorch, or in one native step: gpt.native)."""
     service.load()
     shapes = []
     service._engine.model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    step = NativeStep.__call__
+
+    def recorded(self, tokens, positions):
+        shapes.append((len(tokens), 1))
+        return step(self, tokens, positions)
+
+    monkeypatch.setattr(NativeStep, "__call__", recorded)
     return shapes
 
 
@@ -58,10 +66,10 @@ def alone(engine, kind, payload, params):
     return go(payload, SamplingParams(**params))
 
 
-async def test_rows_join_and_leave_and_keep_the_tokens_they_get_alone(long_context_model_dir):
+async def test_rows_join_and_leave_and_keep_the_tokens_they_get_alone(long_context_model_dir, monkeypatch):
     service = InProcessService(str(long_context_model_dir))
     try:
-        shapes = batch_shapes(service)
+        shapes = batch_shapes(service, monkeypatch)
         results: dict[int, list] = {}
         first_rows = asyncio.Event()
 
@@ -101,7 +109,9 @@ async def test_rows_join_and_leave_and_keep_the_tokens_they_get_alone(long_conte
     assert steps[0] == 1 and steps[-1] < max(steps)  # rows joined one decoding alone, and left
 
 
-async def test_the_batch_and_the_kv_budget_bound_the_rows_and_the_rest_wait_in_order(long_context_model_dir):
+async def test_the_batch_and_the_kv_budget_bound_the_rows_and_the_rest_wait_in_order(
+    long_context_model_dir, monkeypatch
+):
     from gpt.checkpoint import read_meta
 
     config = read_meta(long_context_model_dir)[1]
@@ -109,7 +119,7 @@ async def test_the_batch_and_the_kv_budget_bound_the_rows_and_the_rest_wait_in_o
         str(long_context_model_dir), kv_budget=2 * row_bytes(config, torch.float32) + 1
     )  # two rows fit
     try:
-        shapes = batch_shapes(service)
+        shapes = batch_shapes(service, monkeypatch)
         order = []
 
         async def run(i):
@@ -140,9 +150,9 @@ async def test_the_next_turn_reuses_the_cached_prefix(long_context_model_dir):
     assert second.token_ids == alone(Engine.load(long_context_model_dir), "chat", turn, params).token_ids
 
 
-def test_n_choices_are_rows_of_one_batch_over_one_prefill(long_context_model_dir):
+def test_n_choices_are_rows_of_one_batch_over_one_prefill(long_context_model_dir, monkeypatch):
     service = InProcessService(str(long_context_model_dir))
-    shapes = batch_shapes(service)
+    shapes = batch_shapes(service, monkeypatch)
     server = build_server(service, None, log_level="warning")
     sock = listen("127.0.0.1", 0)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -99,7 +99,7 @@ def test_kettle_native_0_turns_the_kernel_off(fresh_build, monkeypatch):
     assert native.linear_kernel() is None
 
 
-def test_the_services_batch_decodes_one_row_in_one_native_step_and_several_through_pytorch(fresh_build, sharp_dir):
+def test_the_services_batch_decodes_its_rows_in_one_native_step(fresh_build, sharp_dir):
     expected = greedy(as_trained(sharp_dir))
     engine = Engine.load(sharp_dir)
     engine.stop_ids = set()
@@ -117,5 +117,5 @@ def test_the_services_batch_decodes_one_row_in_one_native_step_and_several_throu
     if native.linear_kernel() is None:
         pytest.skip("no native kernel on this machine (no C compiler, or no AVX2)")
     assert isinstance(alone._native, native.NativeStep) and done[0].token_ids == expected
-    together, done = serve(2)  # a batched step: PyTorch's ops, the native kernel's products
-    assert [r.token_ids for r in done] == [expected, expected]
+    together, done = serve(3)  # three rows, each at its own position, in one call a step
+    assert isinstance(together._native, native.NativeStep) and [r.token_ids for r in done] == [expected] * 3

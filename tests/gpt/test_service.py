@@ -40,9 +40,9 @@ def count_forward_calls(service, monkeypatch) -> list[int]:
     service._engine.model.register_forward_pre_hook(hook)
     step = NativeStep.__call__
 
-    def counted(self, token, pos):
+    def counted(self, tokens, positions):
         calls[0] += 1
-        return step(self, token, pos)
+        return step(self, tokens, positions)
 
     monkeypatch.setattr(NativeStep, "__call__", counted)
     return calls
