@@ -112,6 +112,7 @@ def main(argv=None):
     from gpt.config import get_preset
     from gpt.engine import Engine
     from gpt.model import GPT
+    from gpt.quantize import decoding_layout
     from gpt.sampling import SamplingParams
     from gpt.speculative import PromptLookup
     from gpt.tokenizer import gpt2_tokenizer, train_tokenizer
@@ -137,7 +138,8 @@ def main(argv=None):
         trained = f"{steps} steps" if steps else f"{args.max_train_steps} steps, answers NOT fully learnt"
         if args.model is not None:
             save_model(model, args.model)
-    engine = Engine(model.eval(), tokenizer, name=args.shape)
+    # laid out for decoding as Engine.load lays out a model folder's weights (gpt.quantize)
+    engine = Engine(decoding_layout(model.eval()), tokenizer, name=args.shape)
     engine.stop_ids = set()  # fixed length: every run decodes --new-tokens
     engine.threads = args.threads
     samplings = {
@@ -157,6 +159,10 @@ def main(argv=None):
     )
     modes = {"plain": None, "prompt lookup": PromptLookup()}
     engine.speculate_sampled = True  # for the sampled rows; "plain" has no speculation at all
+    engine.speculation = PromptLookup()
+    engine.generate(pairs["copy"][0], samplings["greedy"].replace(max_new_tokens=2))
+    decided = engine._drafts_pay
+    engine._drafts_pay = True  # measured here whatever the engine decided
     for name, (prompt, answer) in pairs.items():
         for sampling, params in samplings.items():
             best, tokens, stats = {}, {}, {}
@@ -185,6 +191,11 @@ def main(argv=None):
                 f"(target {'>= 2' if name == 'copy' else '>= 1.0'}x); drafted {stats['prompt lookup'].drafted_tokens}, "
                 f"accepted {stats['prompt lookup'].accepted_tokens}{same}"
             )
+
+    print(
+        f"the engine's own decision on this machine and shape (Engine._checking_drafts_pays): "
+        f"{'speculate' if decided else 'decode one token a step'}"
+    )
 
 
 if __name__ == "__main__":

@@ -147,12 +147,15 @@ static void kettle_add(float *into, const float *from, long n) {
 #endif
 
 /* logits [rows, vocab] after tokens[r] at positions[r], row r's keys and values in the cache's
- * row r (cache_row_stride floats apart); scratch holds rows * (6 * n_embd + hidden) + max_len
- * floats. Every row's products read each weight once (kettle_linear). Returns 0, or -1 where the
- * build has no SIMD (the caller checks kettle_simd first). */
+ * row slots[r] (rows cache_row_stride floats apart); scratch holds rows * (6 * n_embd + hidden)
+ * + max_len floats. Every row's products read each weight once (kettle_linear). Rows are taken in
+ * order, each writing its keys and values before it attends: several rows in one slot at
+ * consecutive positions are a causal pass over them (a speculative round's check). Returns 0, or
+ * -1 where the build has no SIMD (the caller checks kettle_simd first). */
 int kettle_step(const struct kettle_dims *d, const float *const *weights, const float *wte, const float *wpe,
                 const float *lnf_w, const float *lnf_b, const float *head, float *k_cache, float *v_cache,
-                long cache_row_stride, const long *tokens, const long *positions, long rows, float *logits,
+                long cache_row_stride, const long *tokens, const long *positions, const long *slots, long rows,
+                float *logits,
                 float *scratch) {
 #if KETTLE_SIMD
     const long C = d->n_embd, H = d->n_head, hd = C / H, F = d->hidden;
@@ -167,8 +170,8 @@ int kettle_step(const struct kettle_dims *d, const float *const *weights, const 
         kettle_linear(w[ATTN_W], h, w[ATTN_B], qkv, 3 * C, C, rows);
         for (long r = 0; r < rows; r++) {
             const long pos = positions[r];
-            float *K = k_cache + l * d->cache_layer_stride + r * cache_row_stride;
-            float *V = v_cache + l * d->cache_layer_stride + r * cache_row_stride;
+            float *K = k_cache + l * d->cache_layer_stride + slots[r] * cache_row_stride;
+            float *V = v_cache + l * d->cache_layer_stride + slots[r] * cache_row_stride;
             const float *row_qkv = qkv + r * 3 * C;
             for (long head_i = 0; head_i < H; head_i++) {
                 float *k = K + (head_i * d->max_len) * hd, *v = V + (head_i * d->max_len) * hd;
@@ -207,7 +210,7 @@ int kettle_step(const struct kettle_dims *d, const float *const *weights, const 
     return 0;
 #else
     (void)d; (void)weights; (void)wte; (void)wpe; (void)lnf_w; (void)lnf_b; (void)head; (void)k_cache;
-    (void)v_cache; (void)cache_row_stride; (void)tokens; (void)positions; (void)rows; (void)logits; (void)scratch;
+    (void)v_cache; (void)cache_row_stride; (void)tokens; (void)positions; (void)slots; (void)rows; (void)logits; (void)scratch;
     return -1;
 #endif
 }

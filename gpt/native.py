@@ -152,10 +152,13 @@ class NativeStep:
         tables = (model.wte.weight, model.wpe.weight, model.ln_f.weight, model.ln_f.bias, model.lm_head.weight)
         self._arguments = [address(t) for t in tables] + [address(k), address(v), ctypes.c_long(k.stride(1))]
 
-    def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def __call__(self, tokens: list[int], positions: list[int], slots: list[int] | None = None) -> torch.Tensor:
+        """`slots`: the cache row of each token (default: token r in row r); tokens in one slot at
+        consecutive positions attend to each other causally (a speculative round's check)."""
         rows = len(tokens)
-        if not 1 <= rows <= self.k.size(1) or len(positions) != rows:
-            raise ValueError(f"{rows} rows for a cache of {self.k.size(1)}")
+        slots = list(range(rows)) if slots is None else slots
+        if not rows or len(positions) != rows or len(slots) != rows or not all(0 <= s < self.k.size(1) for s in slots):
+            raise ValueError(f"{rows} rows in slots {slots} of a cache of {self.k.size(1)}")
         if not all(0 <= p < self.max_len for p in positions):
             raise ValueError(f"KV cache holds {self.max_len} positions, {max(positions) + 1} needed")
         if self._scratch.numel() < rows * self._row_floats + self.max_len:
@@ -167,6 +170,7 @@ class NativeStep:
             *self._arguments,
             (ctypes.c_long * rows)(*tokens),
             (ctypes.c_long * rows)(*positions),
+            (ctypes.c_long * rows)(*slots),
             ctypes.c_long(rows),
             ctypes.c_void_p(logits.data_ptr()),
             ctypes.c_void_p(self._scratch.data_ptr()),

@@ -191,7 +191,7 @@ class Speculator:
         cache = engine._cache
         start = cache.pos
         x = torch.tensor([[last] + drafts], dtype=torch.long, device=engine.device)
-        logits = engine.model(x, cache)[0, :, : engine.tokenizer.n_vocab]
+        logits = engine._check_logits(x)
         decided = []
         for i, row in enumerate(logits):
             log_probs = sampler.log_probs(row) if self.want_logprobs else None

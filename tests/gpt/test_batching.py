@@ -44,9 +44,9 @@ def batch_shapes(service, monkeypatch) -> list[tuple[int, int]]:
     service._engine.model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
     step = NativeStep.__call__
 
-    def recorded(self, tokens, positions):
-        shapes.append((len(tokens), 1))
-        return step(self, tokens, positions)
+    def recorded(self, tokens, positions, slots=None):
+        shapes.append((len(tokens), 1) if slots is None else (1, len(tokens)))  # rows, or one row's tokens
+        return step(self, tokens, positions, slots)
 
     monkeypatch.setattr(NativeStep, "__call__", recorded)
     return shapes

@@ -3,6 +3,7 @@ import threading
 import pytest
 import torch
 
+from gpt import native
 from gpt.chat_template import render_message, render_prompt
 from gpt.device import pick_device
 from gpt.engine import Engine, GenerationResult, TextStream, _content_words, _from_answering_sentence
@@ -357,7 +358,7 @@ def test_device_choice():
         pick_device("toaster")
 
 
-def test_kettle_generate_command(tiny_model_dir, capsys):
+def test_kettle_generate_command(tiny_model_dir, capsys, monkeypatch):
     from tui.cli import main
 
     argv = [
@@ -416,10 +417,16 @@ def test_kettle_generate_command(tiny_model_dir, capsys):
     )
     assert capsys.readouterr().out == chat.text + "\n"
     # A greedy answer on the CPU is speculated (Engine.speculation): its figures say how many of
-    # the drafted tokens the model kept.
-    repeated = "It was a dream. " * 8
-    assert main(["generate", str(tiny_model_dir), repeated, "--temperature", "0", "--max-new-tokens", "24"]) == 0
-    greedy = Engine.load(tiny_model_dir).generate(repeated, SamplingParams(temperature=0, max_new_tokens=24))
+    # the drafted tokens the model kept. Through PyTorch's step (no native kernel), where checking
+    # drafts always pays; the native step decides by measuring (test_speculative.py).
+    monkeypatch.setenv("KETTLE_NATIVE", "0")
+    native._library.cache_clear()
+    try:
+        repeated = "It was a dream. " * 8
+        assert main(["generate", str(tiny_model_dir), repeated, "--temperature", "0", "--max-new-tokens", "24"]) == 0
+        greedy = Engine.load(tiny_model_dir).generate(repeated, SamplingParams(temperature=0, max_new_tokens=24))
+    finally:
+        native._library.cache_clear()
     assert greedy.drafted_tokens
     assert f"speculative drafts kept {greedy.accepted_tokens}/{greedy.drafted_tokens}" in capsys.readouterr().err
 

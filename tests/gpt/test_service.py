@@ -40,9 +40,9 @@ def count_forward_calls(service, monkeypatch) -> list[int]:
     service._engine.model.register_forward_pre_hook(hook)
     step = NativeStep.__call__
 
-    def counted(self, tokens, positions):
+    def counted(self, tokens, positions, slots=None):
         calls[0] += 1
-        return step(self, tokens, positions)
+        return step(self, tokens, positions, slots)
 
     monkeypatch.setattr(NativeStep, "__call__", counted)
     return calls

@@ -19,17 +19,24 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=40)
 def engine(long_context_model_dir):
     engine = Engine.load(long_context_model_dir, device="cpu")
     engine.stop_ids = set()  # random weights: run to the token limit
+    engine._drafts_pay = True  # how speculation works, wherever the engine would decide it pays
     return engine
 
 
-def test_a_cpu_engine_speculates_greedy_answers_by_default(engine, long_context_model_dir):
-    # Where it measured faster (Engine.__init__): greedy decoding on the CPU, with what the
-    # answer's figures report; the tokens are plain decoding's.
+def test_a_cpu_engine_speculates_greedy_answers_where_checking_drafts_pays(engine, long_context_model_dir):
+    # Engine.__init__: greedy decoding on the CPU, where a check of the drafts costs little more
+    # than a step (measured at the first request, Engine._checking_drafts_pays); the answer's
+    # figures report the drafts; the tokens are plain decoding's either way.
     assert isinstance(Engine.load(long_context_model_dir, device="cpu").speculation, PromptLookup)
-    prompt = [5, 6, 7, 8, 9] * 6
+    prompt = [5, 6, 7, 8, 9] * 6  # drafts on offer
+    engine._drafts_pay = None
     r = engine.generate(prompt, GREEDY)
-    assert r.drafted_tokens > 0 and 0 <= r.accepted_tokens <= r.drafted_tokens
-    assert r.token_ids == plain(engine, prompt, GREEDY).token_ids
+    assert isinstance(engine._drafts_pay, bool)
+    for pays in (engine._drafts_pay, not engine._drafts_pay):
+        engine._drafts_pay = pays
+        r = engine.generate(prompt, GREEDY)
+        assert (r.drafted_tokens > 0) == pays and 0 <= r.accepted_tokens <= r.drafted_tokens
+        assert r.token_ids == plain(engine, prompt, GREEDY).token_ids
 
 
 def draft_model(engine, seed=1, **changes):
