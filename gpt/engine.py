@@ -106,7 +106,7 @@ class GenerationResult:
 # A speculative round checks up to MAX_DRAFTS drafts (PromptLookup's max_draft); it pays where such
 # a check costs at most CHECK_PAYS one-token steps (Engine._checking_drafts_pays).
 MAX_DRAFTS = PromptLookup.max_draft
-CHECK_PAYS = 2.5
+CHECK_PAYS = 4.0
 
 
 class Engine:
@@ -417,10 +417,11 @@ class Engine:
         """Whether a speculative round's check (the last token and MAX_DRAFTS drafts in one
         pass) costs at most CHECK_PAYS steps of one token, measured once on this machine and
         model, with the cache just prefilled (positions past it are written, then forgotten).
-        Where a step streams weights from memory (GPT-2 124M, the native step, here: 1.1x a
-        step) speculation pays; where the weights sit in the cache and the step is arithmetic
-        (the starter's shape: 5x) a round costs what the tokens it keeps would have, and prompt
-        lookup measured 1.17x on an answer that copies, 0.88x on one that does not."""
+        Where a step streams weights from memory (GPT-2 124M, 4 x 256 with GPT-2's vocabulary,
+        the native step here: a check costs 2.9 and 2.5 steps) a round that keeps 7 drafts is
+        2.5-3x as fast as its tokens one by one; where the weights sit in the CPU's cache (the
+        starter's shape: 6.2 steps) prompt lookup measured 1.23x on an answer that copies its
+        prompt and 0.90x on one that does not (benchmarks/speculative.py)."""
         if self._drafts_pay is None:
             step, pos = self._native_step(), self._cache.pos
             if step is None or pos + MAX_DRAFTS + 1 > self._cache.max_len:

@@ -191,13 +191,12 @@ def native_step(model, k: torch.Tensor, v: torch.Tensor) -> NativeStep | None:
     the native kernel in nn.Linear's layout (gpt.quantize's decoding layout; not int8, not a LoRA
     wrapper), LayerNorms, contiguous cache tensors. Else None: the step runs through PyTorch
     (the native kernel still multiplies)."""
-    from gpt.quantize import DecodeLinear
-
     library = _library()
     if library is None or k.dtype != torch.float32 or k.device.type != "cpu":
         return None
     linears = [m for block in model.h for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
-    if not all(type(m) is DecodeLinear and m.native is not None for m in [*linears, model.lm_head]):
+    # gpt.quantize's DecodeLinear on this kernel (which imports this module: named by what it holds)
+    if not all(getattr(m, "native", None) is not None for m in [*linears, model.lm_head]):
         return None
     norms = [model.ln_f, *(n for block in model.h for n in (block.ln_1, block.ln_2))]
     if not all(type(n) is torch.nn.LayerNorm and n.weight is not None for n in norms):
