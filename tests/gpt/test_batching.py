@@ -19,20 +19,22 @@ from gpt.service import Delta, Done, InProcessService
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story."}]
 # Different prompts, lengths and sampling settings (greedy, seeded draws, penalties, a stop string).
+# Long enough that every request is still decoding when the last one joins, however fast a step
+# (a native step a token decodes the tiny model's tokens in a fraction of a millisecond).
 REQUESTS = [
-    ("complete", "I had always thought", dict(temperature=0, max_new_tokens=40)),
-    ("chat", CHAT, dict(temperature=0.8, top_k=50, seed=7, max_new_tokens=30)),
+    ("complete", "I had always thought", dict(temperature=0, max_new_tokens=400)),
+    ("chat", CHAT, dict(temperature=0.8, top_k=50, seed=7, max_new_tokens=300)),
     (
         "complete",
         "She",
-        dict(temperature=1.0, top_p=0.9, repetition_penalty=1.3, presence_penalty=0.5, seed=3, max_new_tokens=12),
+        dict(temperature=1.0, top_p=0.9, repetition_penalty=1.3, presence_penalty=0.5, seed=3, max_new_tokens=120),
     ),
     (
         "chat",
         [{"role": "user", "content": "Hello there, how are you today?"}],
-        dict(temperature=0.7, min_p=0.05, frequency_penalty=0.4, seed=99, max_new_tokens=25, stop=["e"]),
+        dict(temperature=0.7, min_p=0.05, frequency_penalty=0.4, seed=99, max_new_tokens=250, stop=["e"]),
     ),
-    ("complete", [5, 6, 7, 8, 9, 10], dict(temperature=0, max_new_tokens=8)),
+    ("complete", [5, 6, 7, 8, 9, 10], dict(temperature=0, max_new_tokens=80)),
 ]
 
 
@@ -162,8 +164,17 @@ def test_n_choices_are_rows_of_one_batch_over_one_prefill(long_context_model_dir
         while not server.started:
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.01)
-        # 60 tokens each: the last rows join the first before it is done, however busy the machine
-        body = {"model": "long", "messages": CHAT, "n": 4, "seed": 5, "max_tokens": 60, "temperature": 1.0, "top_k": 40}
+        # 1,000 tokens each: the last rows join the first before it is done, however busy the machine
+        # (60 were done in one native step a token before the fourth choice was queued, on CI)
+        body = {
+            "model": "long",
+            "messages": CHAT,
+            "n": 4,
+            "seed": 5,
+            "max_tokens": 1000,
+            "temperature": 1.0,
+            "top_k": 40,
+        }
         r = httpx.post(f"http://127.0.0.1:{sock.getsockname()[1]}/v1/chat/completions", json=body, timeout=60)
     finally:
         server.should_exit = True
@@ -176,5 +187,7 @@ def test_n_choices_are_rows_of_one_batch_over_one_prefill(long_context_model_dir
     assert max(b for b, t in shapes if t == 1) == 4  # the choices decode together
     engine = Engine.load(long_context_model_dir)
     for j, choice in enumerate(choices):
-        expected = engine.generate_chat(CHAT, SamplingParams(temperature=1.0, top_k=40, seed=5 + j, max_new_tokens=60))
+        expected = engine.generate_chat(
+            CHAT, SamplingParams(temperature=1.0, top_k=40, seed=5 + j, max_new_tokens=1000)
+        )
         assert choice["message"]["content"] == expected.text
