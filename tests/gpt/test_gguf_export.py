@@ -48,6 +48,9 @@ NODE_LLAMA_CPP = "3.22.1"
 CHECK_SCRIPT = Path(__file__).with_name("llama_cpp_check.mjs")
 QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does len() do?"}]
 NEW_TOKENS = 64
+# Logits closer than this, relative to the larger, are a tie to float sums in another order
+# (kettle_greedy): at 0.0033 apart on 12.46 Kettle took one token and llama.cpp the other.
+CLEAR = 1e-3
 
 
 def sharpened(model: GPT, seed: int) -> GPT:
@@ -131,17 +134,23 @@ def varied_texts() -> list[str]:
     return texts
 
 
-def kettle_greedy(model_dir: Path) -> tuple[list[int], list[int]]:
-    """(prompt ids, the NEW_TOKENS greedy tokens after it): Kettle's model in f32, every step
-    over the whole sequence, drawing only ids its tokenizer has, stop tokens included."""
+def kettle_greedy(model_dir: Path) -> tuple[list[int], list[int], int]:
+    """(prompt ids, the NEW_TOKENS greedy tokens after it, how many of them are clear choices):
+    Kettle's model in f32, every step over the whole sequence, drawing only ids its tokenizer
+    has, stop tokens included. A choice is clear while the best logit leads the next by more
+    than float sums in another order can move them (CLEAR); from the first that is not on,
+    another implementation may rightly take the other token."""
     model, tokenizer = load_model(model_dir, dtype=torch.float32)
     prompt = render_prompt(QUESTION, tokenizer)
-    ids = list(prompt)
+    ids, clear = list(prompt), NEW_TOKENS
     with torch.no_grad():
-        for _ in range(NEW_TOKENS):
+        for step in range(NEW_TOKENS):
             logits = model(torch.tensor([ids]), last_only=True)[0, -1, : tokenizer.n_vocab]
+            top = logits.topk(2).values
+            if clear == NEW_TOKENS and top[0] - top[1] < CLEAR * top.abs().max():
+                clear = step
             ids.append(int(logits.argmax()))
-    return prompt, ids[len(prompt) :]
+    return prompt, ids[len(prompt) :], clear
 
 
 # --- the file, read back with the gguf package ---------------------------------------------
@@ -397,8 +406,8 @@ def test_llama_cpp_encodes_and_decodes_as_kettle(models, exported, tmp_path):
     specs = []
     for name, model_dir in models.items():
         _, tokenizer = load_model(model_dir)
-        prompt, greedy = kettle_greedy(model_dir)
-        kettle[name] = ([tokenizer.encode(t) for t in texts], greedy, prompt)
+        prompt, greedy, clear = kettle_greedy(model_dir)
+        kettle[name] = ([tokenizer.encode(t) for t in texts], greedy, prompt, clear)
         chat = tokenizer.decode(prompt)  # the Modelfile's template renders this text (tested above)
         specs += [
             {
@@ -418,7 +427,7 @@ def test_llama_cpp_encodes_and_decodes_as_kettle(models, exported, tmp_path):
     )
     results = iter(json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))["models"])
     for name in models:
-        ids, greedy, prompt = kettle[name]
+        ids, greedy, prompt, clear = kettle[name]
         for type in TYPES:
             got = next(results)
             assert got["chat_ids"] == prompt  # the rendered chat prompt is Kettle's prompt ids
@@ -428,5 +437,5 @@ def test_llama_cpp_encodes_and_decodes_as_kettle(models, exported, tmp_path):
             print(
                 f"{name} {type}: ids {sum(same)}/200, greedy {agree}/{NEW_TOKENS}, {got['tokens_per_second']:.0f} tok/s"
             )
-            if type == "f32":
-                assert got["greedy"] == greedy and len(set(greedy)) > 8  # Kettle's tokens, and not one repeated
+            if type == "f32":  # Kettle's tokens up to a near tie (if any), and not one repeated
+                assert got["greedy"][:clear] == greedy[:clear] and clear >= 8 and len(set(greedy)) > 8, clear
