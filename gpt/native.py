@@ -3,9 +3,9 @@
 The source is compiled for this CPU (-march=native) into KETTLE_HOME/cache/kernels, once per
 source and CPU, atomically (a half-written library is never loaded), and loaded with ctypes: no
 Python headers, no PyTorch headers, so a build takes well under a second. Where there is no C
-compiler, the build fails, or the CPU has neither AVX-512 nor AVX2 with FMA, `gemv_kernel()` is
-None and callers keep PyTorch's kernels: the kernels make decoding faster, never possible.
-`KETTLE_NATIVE=0` turns them off (to compare, or to rule them out).
+compiler, the build fails, or the CPU has neither AVX-512 nor AVX2 with FMA, `linear_kernel()`
+and `native_step()` are None and callers keep PyTorch's kernels: the kernels make decoding
+faster, never possible. `KETTLE_NATIVE=0` turns them off (to compare, or to rule them out).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from gpt.files import kettle_home
+from gpt.files import fsync_dir, kettle_home
 
 SOURCE = Path(__file__).with_name("kernels.c")
 
@@ -52,7 +52,16 @@ def _build(source: bytes, target: Path) -> None:
         )
         if done.returncode:
             raise OSError(done.stderr.decode(errors="replace").strip().splitlines()[-1:] or "the build failed")
+        with open(out, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(out, target)
+        fsync_dir(target.parent)
+
+
+def _target(source: bytes) -> Path:
+    """Where the library built from `source` for this CPU lives."""
+    digest = hashlib.sha256(source + _cpu_signature().encode()).hexdigest()[:16]
+    return kettle_home() / "cache" / "kernels" / f"kernels-{digest}.so"
 
 
 @functools.cache
@@ -60,12 +69,16 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("KETTLE_NATIVE", "1") == "0":
         return None
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + _cpu_signature().encode()).hexdigest()[:16]
-    target = kettle_home() / "cache" / "kernels" / f"kernels-{digest}.so"
+    target = _target(source)
     try:
         if not target.exists():
             _build(source, target)
-        library = ctypes.CDLL(str(target))
+        try:
+            library = ctypes.CDLL(str(target))
+        except OSError:  # damaged (a disk that lost it): built again, once
+            target.unlink(missing_ok=True)
+            _build(source, target)
+            library = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError):
         return None
     if library.kettle_simd() == 0:  # a plain loop: PyTorch's kernels are faster

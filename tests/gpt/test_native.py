@@ -119,3 +119,17 @@ def test_the_services_batch_decodes_its_rows_in_one_native_step(fresh_build, sha
     assert isinstance(alone._native, native.NativeStep) and done[0].token_ids == expected
     together, done = serve(3)  # three rows, each at its own position, in one call a step
     assert isinstance(together._native, native.NativeStep) and [r.token_ids for r in done] == [expected] * 3
+
+
+def test_a_damaged_kernel_file_is_built_again(fresh_build, tmp_path, monkeypatch):
+    if native.linear_kernel() is None:
+        pytest.skip("no native kernel on this machine (no C compiler, or no AVX2)")
+    monkeypatch.setenv("KETTLE_HOME", str(tmp_path / "another-home"))  # a library not loaded yet
+    native._library.cache_clear()
+    target = native._target(native.SOURCE.read_bytes())
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"")  # what a crash before the disk held it could leave
+    linear = native.linear_kernel()
+    assert linear is not None and target.stat().st_size > 0
+    x, weight = torch.randn(2, 5), torch.randn(3, 5)
+    assert torch.allclose(linear(x, weight, None), F.linear(x, weight), atol=1e-5)
