@@ -132,13 +132,13 @@ class Engine:
         # erratic (0.7 ms a token on one thread, 2-60 ms on two, for a 1M-parameter model beside
         # a training job on 2 cores).
         self.threads: int | None = None
-        # Speculative decoding (gpt.speculative), or None for one token per forward pass. On by
-        # default where it measured faster, greedy answers on the CPU: prompt lookup with rounds
-        # that adapt their length and pause after rejected drafts (benchmarks/speculative.py,
-        # side by side with plain decoding, the native kernel's decoding) decoded answers that
-        # copy their prompt 2.17-2.31x as fast at the tiny shape (the starter's), answers that
-        # copy nothing 1.01x (0.87x without the pause). Sampled answers (speculate_sampled):
-        # 0.98-1.43x copying, 0.86-0.91x not; GPUs unmeasured: one token at a time.
+        # Speculative decoding (gpt.speculative), or None for one token per forward pass. Greedy
+        # answers on the CPU, where checking drafts pays (_checking_drafts_pays, measured at the
+        # first request): prompt lookup with rounds that adapt their length and pause after
+        # rejected drafts. Through PyTorch's step (no native kernel; benchmarks/speculative.py)
+        # it decoded answers that copy their prompt 2.17-2.31x as fast at the starter's shape,
+        # answers that copy nothing 1.01x (0.87x without the pause). Sampled answers
+        # (speculate_sampled): 0.98-1.43x copying, 0.86-0.91x not; GPUs unmeasured: one token a step.
         self.speculation: PromptLookup | DraftModel | None = PromptLookup() if self.device.type == "cpu" else None
         self.speculate_sampled = False
         self._compiled: CompiledStep | None = None
