@@ -148,7 +148,7 @@ class NativeStep:
                 self._tensors.append(t)
             return ctypes.c_void_p(None if t is None else t.data_ptr())
 
-        blocks = [block.get_parameter(name) if _has(block, name) else None for block in model.h for name in _BLOCK]
+        blocks = [_parameter(block, name) for block in model.h for name in _BLOCK]
         self._weights = (ctypes.c_void_p * len(blocks))(*[address(t) for t in blocks])
         self._dims = _Dims(
             config.n_layer,
@@ -191,11 +191,10 @@ class NativeStep:
         return logits
 
 
-def _has(module: torch.nn.Module, name: str) -> bool:
-    try:
-        return module.get_parameter(name) is not None
-    except AttributeError:
-        return False
+def _parameter(module: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """The parameter at the dotted `name`, or None where there is none (a layer without a bias)."""
+    owner, _, attribute = name.rpartition(".")
+    return getattr(module.get_submodule(owner), attribute)
 
 
 def native_step(model, k: torch.Tensor, v: torch.Tensor) -> NativeStep | None:
