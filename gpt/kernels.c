@@ -3,9 +3,12 @@
  *
  * kettle_linear: nn.Linear's product for a few rows (a decoding step: one, a speculative round's
  * check or the service's batch: a few), on one thread. At batch 1 decoding is a matrix-vector
- * product for every weight matrix, bound by how fast the weights stream from memory: eight rows at a time, each with its own accumulator, one load of x
- * for eight rows, the eight sums reduced together. PyTorch's kernel (MKL's sgemv) reads the same
- * weights at 12-18 GB/s on this project's CPU, this at 23-34 (benchmarks/llama_cpp.py). */
+ * product for every weight matrix, bound by how fast the weights stream from memory: eight rows
+ * at a time, each with its own accumulator, one load of x for eight rows, the eight sums reduced
+ * together, the next eight rows prefetched while these are multiplied (one thread alone keeps too
+ * few reads in flight: 6 -> 11 GB/s for int8 weights on this project's Xeon). PyTorch's kernel
+ * (MKL's sgemv) reads the same weights at 12-18 GB/s on this project's EPYC, this at 23-34
+ * (benchmarks/llama_cpp.py). */
 #include <immintrin.h>
 #include <math.h>
 
@@ -45,6 +48,7 @@ static inline __attribute__((always_inline)) void kettle_rows8(
     for (; i + 16 <= n; i += 16) {
         __m512 v0 = _mm512_loadu_ps(x0 + i), v1 = two ? _mm512_loadu_ps(x1 + i) : v0;
         for (int r = 0; r < 8; r++) {
+            _mm_prefetch((const char *)(w + (8 + r) * n + i), _MM_HINT_T0); /* the next eight rows */
             __m512 wv = _mm512_loadu_ps(w + r * n + i);
             z0[r] = _mm512_fmadd_ps(wv, v0, z0[r]);
             if (two) z1[r] = _mm512_fmadd_ps(wv, v1, z1[r]);
@@ -60,6 +64,7 @@ static inline __attribute__((always_inline)) void kettle_rows8(
     for (; i + 8 <= n; i += 8) {
         __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = two ? _mm256_loadu_ps(x1 + i) : v0;
         for (int r = 0; r < 8; r++) {
+            if (!(i & 15)) _mm_prefetch((const char *)(w + (8 + r) * n + i), _MM_HINT_T0);
             __m256 wv = _mm256_loadu_ps(w + r * n + i);
             a0[r] = _mm256_fmadd_ps(wv, v0, a0[r]);
             if (two) a1[r] = _mm256_fmadd_ps(wv, v1, a1[r]);
@@ -103,6 +108,91 @@ void kettle_linear(const float *W, const float *X, const float *b, float *Y, lon
     }
 }
 
+/* kettle_linear_q8: the same product with int8 weights, one fp32 scale per row of W (gpt.quantize's
+ * Int8Linear): a quarter of fp32's bytes stream from memory. Each weight is widened to fp32 in a
+ * register and multiplied by the fp32 activations (weight-only int8: the activations keep their
+ * precision), the row's scale applied once to its sum. */
+#if KETTLE_SIMD
+static inline __attribute__((always_inline)) void kettle_rows8_q8(
+    const signed char *w, const float *scale, long n, const float *b, const float *x0, float *y0, const float *x1,
+    float *y1, const int two) {
+    __m256 a0[8], a1[8];
+    long i = 0;
+#if KETTLE_SIMD == 512
+    __m512 z0[8], z1[8];
+    for (int r = 0; r < 8; r++) z0[r] = z1[r] = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        __m512 v0 = _mm512_loadu_ps(x0 + i), v1 = two ? _mm512_loadu_ps(x1 + i) : v0;
+        for (int r = 0; r < 8; r++) {
+            if (!(i & 63)) _mm_prefetch((const char *)(w + (8 + r) * n + i), _MM_HINT_T0);
+            __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + r * n + i))));
+            z0[r] = _mm512_fmadd_ps(wv, v0, z0[r]);
+            if (two) z1[r] = _mm512_fmadd_ps(wv, v1, z1[r]);
+        }
+    }
+    for (int r = 0; r < 8; r++) {
+        a0[r] = kettle_half_sum(z0[r]);
+        a1[r] = two ? kettle_half_sum(z1[r]) : a0[r];
+    }
+#else
+    for (int r = 0; r < 8; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+#endif
+    for (; i + 8 <= n; i += 8) {
+        __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = two ? _mm256_loadu_ps(x1 + i) : v0;
+        for (int r = 0; r < 8; r++) {
+            if (!(i & 63)) _mm_prefetch((const char *)(w + (8 + r) * n + i), _MM_HINT_T0);
+            __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * n + i))));
+            a0[r] = _mm256_fmadd_ps(wv, v0, a0[r]);
+            if (two) a1[r] = _mm256_fmadd_ps(wv, v1, a1[r]);
+        }
+    }
+    float s0[8], s1[8];
+    _mm256_storeu_ps(s0, kettle_sum8(a0));
+    if (two) _mm256_storeu_ps(s1, kettle_sum8(a1));
+    for (int r = 0; r < 8; r++) {
+        for (long j = i; j < n; j++) {
+            s0[r] += (float)w[r * n + j] * x0[j];
+            if (two) s1[r] += (float)w[r * n + j] * x1[j];
+        }
+        y0[r] = s0[r] * scale[r] + (b ? b[r] : 0.0f);
+        if (two) y1[r] = s1[r] * scale[r] + (b ? b[r] : 0.0f);
+    }
+}
+#endif
+
+void kettle_linear_q8(const signed char *W, const float *scale, const float *X, const float *b, float *Y, long m,
+                      long n, long k) {
+    long o = 0;
+#if KETTLE_SIMD
+    for (; o + 8 <= m; o += 8) {
+        const signed char *w = W + o * n;
+        const float *bias = b ? b + o : 0;
+        long row = 0;
+        for (; row + 2 <= k; row += 2)
+            kettle_rows8_q8(w, scale + o, n, bias, X + row * n, Y + row * m + o, X + (row + 1) * n,
+                            Y + (row + 1) * m + o, 1);
+        if (row < k) kettle_rows8_q8(w, scale + o, n, bias, X + row * n, Y + row * m + o, 0, 0, 0);
+    }
+#endif
+    for (; o < m; o++) {
+        const signed char *w = W + o * n;
+        for (long row = 0; row < k; row++) {
+            float s = 0.0f;
+            for (long i = 0; i < n; i++) s += (float)w[i] * X[row * n + i];
+            Y[row * m + o] = s * scale[o] + (b ? b[o] : 0.0f);
+        }
+    }
+}
+
+/* A layer's product by whichever kernel its weights need: int8 where it has scales, else fp32. */
+static void kettle_matmul(const void *W, const float *scale, const float *X, const float *b, float *Y, long m, long n,
+                          long k) {
+    if (scale)
+        kettle_linear_q8((const signed char *)W, scale, X, b, Y, m, n, k);
+    else
+        kettle_linear((const float *)W, X, b, Y, m, n, k);
+}
+
 /* ---- kettle_step: a whole batch-1 decoding step of a GPT-2 model in one call -------------------
  * What gpt.model computes for one new token (embeddings, every block, the final norm, the output
  * head), with the keys and values written into and read from gpt.model's KVCache tensors
@@ -114,7 +204,8 @@ struct kettle_dims {
     float eps;
 };
 
-/* A layer's weights, in gpt.model's order; biases may be NULL. */
+/* A layer's weights, in gpt.model's order; biases may be NULL. `scales` has the same layout: an int8
+ * matrix's row scales at its weight's place, NULL for fp32 weights (and everywhere else). */
 enum { LN1_W, LN1_B, ATTN_W, ATTN_B, PROJ_W, PROJ_B, LN2_W, LN2_B, FC_W, FC_B, OUT_W, OUT_B, PER_LAYER };
 
 #if KETTLE_SIMD
@@ -148,12 +239,13 @@ static void kettle_add(float *into, const float *from, long n) {
 
 /* logits [rows, vocab] after tokens[r] at positions[r], row r's keys and values in the cache's
  * row slots[r] (rows cache_row_stride floats apart); scratch holds rows * (6 * n_embd + hidden)
- * + max_len floats. Every row's products read each weight once (kettle_linear). Rows are taken in
+ * + max_len floats. Every row's products read each weight once (kettle_matmul). Rows are taken in
  * order, each writing its keys and values before it attends: several rows in one slot at
  * consecutive positions are a causal pass over them (a speculative round's check). Returns 0, or
  * -1 where the build has no SIMD (the caller checks kettle_simd first). */
-int kettle_step(const struct kettle_dims *d, const float *const *weights, const float *wte, const float *wpe,
-                const float *lnf_w, const float *lnf_b, const float *head, float *k_cache, float *v_cache,
+int kettle_step(const struct kettle_dims *d, const void *const *weights, const float *const *scales, const float *wte,
+                const float *wpe, const float *lnf_w, const float *lnf_b, const void *head, const float *head_scale,
+                float *k_cache, float *v_cache,
                 long cache_row_stride, const long *tokens, const long *positions, const long *slots, long rows,
                 float *logits,
                 float *scratch) {
@@ -165,9 +257,10 @@ int kettle_step(const struct kettle_dims *d, const float *const *weights, const 
     for (long r = 0; r < rows; r++)
         for (long i = 0; i < C; i++) x[r * C + i] = wte[tokens[r] * C + i] + wpe[positions[r] * C + i];
     for (long l = 0; l < d->n_layer; l++) {
-        const float *const *w = weights + l * PER_LAYER;
+        const float *const *w = (const float *const *)weights + l * PER_LAYER;
+        const float *const *sc = scales + l * PER_LAYER; /* int8 layers' row scales, or NULL */
         for (long r = 0; r < rows; r++) kettle_layer_norm(x + r * C, w[LN1_W], w[LN1_B], h + r * C, C, d->eps);
-        kettle_linear(w[ATTN_W], h, w[ATTN_B], qkv, 3 * C, C, rows);
+        kettle_matmul(w[ATTN_W], sc[ATTN_W], h, w[ATTN_B], qkv, 3 * C, C, rows);
         for (long r = 0; r < rows; r++) {
             const long pos = positions[r];
             float *K = k_cache + l * d->cache_layer_stride + slots[r] * cache_row_stride;
@@ -194,22 +287,22 @@ int kettle_step(const struct kettle_dims *d, const float *const *weights, const 
                 }
             }
         }
-        kettle_linear(w[PROJ_W], y, w[PROJ_B], h, C, C, rows);
+        kettle_matmul(w[PROJ_W], sc[PROJ_W], y, w[PROJ_B], h, C, C, rows);
         kettle_add(x, h, rows * C);
         for (long r = 0; r < rows; r++) kettle_layer_norm(x + r * C, w[LN2_W], w[LN2_B], h + r * C, C, d->eps);
-        kettle_linear(w[FC_W], h, w[FC_B], u, F, C, rows);
+        kettle_matmul(w[FC_W], sc[FC_W], h, w[FC_B], u, F, C, rows);
         for (long i = 0; i < rows * F; i++) { /* GELU, tanh approximation (GPT-2's) */
             const float z = u[i];
             u[i] = 0.5f * z * (1.0f + tanhf(0.7978845608028654f * (z + 0.044715f * z * z * z)));
         }
-        kettle_linear(w[OUT_W], u, w[OUT_B], h, C, F, rows);
+        kettle_matmul(w[OUT_W], sc[OUT_W], u, w[OUT_B], h, C, F, rows);
         kettle_add(x, h, rows * C);
     }
     for (long r = 0; r < rows; r++) kettle_layer_norm(x + r * C, lnf_w, lnf_b, h + r * C, C, d->eps);
-    kettle_linear(head, h, 0, logits, d->vocab, C, rows);
+    kettle_matmul(head, head_scale, h, 0, logits, d->vocab, C, rows);
     return 0;
 #else
-    (void)d; (void)weights; (void)wte; (void)wpe; (void)lnf_w; (void)lnf_b; (void)head; (void)k_cache;
+    (void)d; (void)weights; (void)scales; (void)head_scale; (void)wte; (void)wpe; (void)lnf_w; (void)lnf_b; (void)head; (void)k_cache;
     (void)v_cache; (void)cache_row_stride; (void)tokens; (void)positions; (void)slots; (void)rows; (void)logits; (void)scratch;
     return -1;
 #endif

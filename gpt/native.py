@@ -85,6 +85,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     library.kettle_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
     library.kettle_linear.restype = None
+    library.kettle_linear_q8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3
+    library.kettle_linear_q8.restype = None
     library.kettle_step.restype = ctypes.c_int
     return library
 
@@ -102,6 +104,24 @@ def linear_kernel():
         (k, n), m = x.shape, weight.size(0)
         y = torch.empty(k, m, dtype=torch.float32)
         run(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k)
+        return y
+
+    return linear
+
+
+def int8_linear_kernel():
+    """`linear(x, weight, scale, bias) -> y`: the same for int8 weights [m, n] (contiguous) whose
+    row i stands for weight[i] * scale[i] (scale: fp32 [m]), x kept in fp32; or None."""
+    library = _library()
+    if library is None:
+        return None
+    run = library.kettle_linear_q8
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        (k, n), m = x.shape, weight.size(0)
+        y = torch.empty(k, m, dtype=torch.float32)
+        bias_at = None if bias is None else bias.data_ptr()
+        run(weight.data_ptr(), scale.data_ptr(), x.data_ptr(), bias_at, y.data_ptr(), m, n, k)
         return y
 
     return linear
@@ -150,6 +170,8 @@ class NativeStep:
 
         blocks = [_parameter(block, name) for block in model.h for name in _BLOCK]
         self._weights = (ctypes.c_void_p * len(blocks))(*[address(t) for t in blocks])
+        scales = [_scale(block, name) for block in model.h for name in _BLOCK]
+        self._scales = (ctypes.c_void_p * len(scales))(*[address(t) for t in scales])
         self._dims = _Dims(
             config.n_layer,
             config.n_embd,
@@ -162,7 +184,8 @@ class NativeStep:
         )
         self._row_floats = 6 * config.n_embd + config.mlp_width
         self._scratch = torch.empty(0)
-        tables = (model.wte.weight, model.wpe.weight, model.ln_f.weight, model.ln_f.bias, model.lm_head.weight)
+        head = model.lm_head
+        tables = (model.wte.weight, model.wpe.weight, model.ln_f.weight, model.ln_f.bias, head.weight, head.scale)
         self._arguments = [address(t) for t in tables] + [address(k), address(v), ctypes.c_long(k.stride(1))]
 
     def __call__(self, tokens: list[int], positions: list[int], slots: list[int] | None = None) -> torch.Tensor:
@@ -180,6 +203,7 @@ class NativeStep:
         self._run(
             ctypes.byref(self._dims),
             self._weights,
+            self._scales,
             *self._arguments,
             (ctypes.c_long * rows)(*tokens),
             (ctypes.c_long * rows)(*positions),
@@ -197,17 +221,25 @@ def _parameter(module: torch.nn.Module, name: str) -> torch.Tensor | None:
     return getattr(module.get_submodule(owner), attribute)
 
 
+def _scale(module: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """The row scales of the int8 layer whose weight is at the dotted `name`, or None (fp32
+    weights, or not a layer's weight)."""
+    owner, _, attribute = name.rpartition(".")
+    return getattr(module.get_submodule(owner), "scale", None) if attribute == "weight" else None
+
+
 def native_step(model, k: torch.Tensor, v: torch.Tensor) -> NativeStep | None:
     """The whole decoding step in one native call on the cache tensors `k`, `v` (see
     NativeStep), where it computes exactly gpt.model's: fp32 on the CPU, every linear layer on
-    the native kernel in nn.Linear's layout (gpt.quantize's decoding layout; not int8, not a LoRA
-    wrapper), LayerNorms, contiguous cache tensors. Else None: the step runs through PyTorch
+    the native kernel in nn.Linear's layout (gpt.quantize's decoding layout, or its int8 weights;
+    not a LoRA wrapper), LayerNorms, contiguous cache tensors. Else None: the step runs through PyTorch
     (the native kernel still multiplies)."""
     library = _library()
     if library is None or k.dtype != torch.float32 or k.device.type != "cpu":
         return None
     linears = [m for block in model.h for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
-    # gpt.quantize's DecodeLinear on this kernel (which imports this module: named by what it holds)
+    # gpt.quantize's DecodeLinear or Int8Linear on these kernels (it imports this module: named by
+    # what they hold)
     if not all(getattr(m, "native", None) is not None for m in [*linears, model.lm_head]):
         return None
     norms = [model.ln_f, *(n for block in model.h for n in (block.ln_1, block.ln_2))]

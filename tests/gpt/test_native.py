@@ -133,3 +133,39 @@ def test_a_damaged_kernel_file_is_built_again(fresh_build, tmp_path, monkeypatch
     assert linear is not None and target.stat().st_size > 0
     x, weight = torch.randn(2, 5), torch.randn(3, 5)
     assert torch.allclose(linear(x, weight, None), F.linear(x, weight), atol=1e-5)
+
+
+def test_native_int8_linear_multiplies_the_rounded_weights(fresh_build):
+    linear = native.int8_linear_kernel()
+    if linear is None:
+        pytest.skip("no native kernel on this machine (no C compiler, or no AVX2)")
+    generator = torch.Generator().manual_seed(0)
+    for m, n, k in [(1, 1, 1), (9, 17, 1), (13, 33, 3), (50, 100, 16), (260, 250, 5), (16, 80, 2)]:
+        weight = torch.randint(-127, 128, (m, n), generator=generator, dtype=torch.int8)
+        scale, x, bias = torch.rand(m, generator=generator), torch.randn(k, n, generator=generator), torch.randn(m)
+        expected = F.linear(x, weight.float() * scale[:, None])
+        assert torch.allclose(linear(x, weight, scale, None), expected, atol=1e-4 * n, rtol=1e-4)
+        assert torch.allclose(linear(x, weight, scale, bias), expected + bias, atol=1e-4 * n, rtol=1e-4)
+
+
+def rounded_to_int8(model_dir):
+    """An engine on nn.Linear layers whose weights are what int8 keeps of them (per row:
+    round(w / scale) * scale, the row's largest weight at 127), computed by PyTorch in fp32."""
+    model, tokenizer = load_model(model_dir)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                scale = (m.weight.abs().amax(dim=1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+                m.weight.copy_(torch.round(m.weight / scale).clamp(-127, 127) * scale)
+    return Engine(model, tokenizer)
+
+
+def test_int8_weights_decode_in_one_native_step_as_their_fp32_values_would(fresh_build, sharp_dir):
+    engine = Engine.load(sharp_dir, quantize="int8")
+    if native.int8_linear_kernel() is None:
+        pytest.skip("no native kernel on this machine (no C compiler, or no AVX2)")
+    got = greedy(engine)
+    assert isinstance(engine._native[1], native.NativeStep)  # the whole int8 step in one call
+    assert got == greedy(rounded_to_int8(sharp_dir)) and len(set(got)) > 8
+    # the untied head is int8 too; the embedding table stays fp32 (a lookup reads one row)
+    assert engine.model.lm_head.weight.dtype == torch.int8 and engine.model.wte.weight.dtype == torch.float32
