@@ -53,12 +53,14 @@ STOPWORDS = SMALL_TALK | frozenset(
     those there here what which who whom whose when where why how please tell explain show give want need
     use using used get about into python pythons function method way some any one thing something mean means
     make let lets know like just also often best good quickly easily really actually exactly simply ways
-    if whether has have had than then so such into onto very more most other same only too there""".split()
+    if whether has have had than then so such into onto very more most other same only too there
+    contain contains containing exist exists present certain particular specific given whole entire
+    access fetch obtain grab retrieve define describe""".split()
 )
 # Short names people use for the same thing: one word for each, on both sides of a comparison.
 ALIASES = {
     "dictionary": ("dict", "dicts"),
-    "string": ("str", "strs"),
+    "string": ("str", "strs", "text"),
     "integer": ("int", "ints"),
     "number": ("num", "nums"),
     "character": ("char", "chars"),
@@ -67,17 +69,43 @@ ALIASES = {
     # "flip a list around" for "reverse a list")
     "remove": ("drop", "delete"),
     "item": ("element", "elements", "entry", "entries"),
-    "reverse": ("flip", "invert"),
-    "join": ("combine", "concatenate", "concat"),
-    "convert": ("transform", "turn"),
-    "split": ("break",),
-    "duplicates": ("dedupe", "deduplicate", "dedup"),
-    "check": ("verify",),
+    "reverse": ("flip", "invert", "backwards", "backward", "reversed"),
+    "join": ("combine", "concatenate", "concat", "merge", "glue"),
+    "convert": ("transform", "turn", "change", "parse", "cast"),
+    "split": ("break", "separate", "separated", "cut", "divide", "chop"),
+    "duplicates": ("dedupe", "deduplicate", "dedup", "repeated", "repeats", "unique", "distinct"),
+    "check": ("verify", "test", "determine"),
+    "loop": ("iterate", "traverse", "loops"),
     "last": ("final",),
     "copy": ("clone",),
     "length": ("len", "size"),
 }
 CANONICAL = {alias: word for word, aliases in ALIASES.items() for alias in aliases}
+# Phrases that say one of those words in several ("get rid of" is "remove"), rewritten before a
+# question is split into words. "duplicate" alone is a verb ("duplicate a list": copy it); before
+# the things repeated it is the noun of "remove duplicates".
+PHRASES = [
+    (re.compile(pattern, re.IGNORECASE), replacement)
+    for pattern, replacement in (
+        (r"\bget rid of\b", "remove"),
+        (r"\btake out\b", "remove"),
+        (r"\b(?:one|a single) (\w+) at a time\b", r"\1 by \1"),
+        (r"\beach (line|word|item|element|character|key)\b", r"\1 by \1"),
+        (r"\bhow (?:long|big)\b", "length"),
+        (r"\bhow many (?:items|elements|entries|values|things)\b", "length"),
+        (r"\bnumber of (?:items|elements|entries|values)\b", "length"),
+        (r"\b(?:largest|biggest|highest) to (?:smallest|lowest)\b", "descending"),
+        (r"\b(?:high|big) to (?:low|small)\b", "descending"),
+        # sorted "backwards" is sorted in descending order, not a list reversed
+        (r"\b(sort\w*\b[^.?!]*?)\b(?:backwards?|in reverse order|in reverse|reversed)\b", r"\1 descending"),
+        (r"\bin reverse\b", "reverse"),
+        (r"\bduplicate(?= (?:items|elements|entries|values|words|lines|rows|numbers|ones)\b)", "duplicates"),
+        (r"\bduplicate\b", "copy"),
+        (r"\bgo(?:ing)? (?:through|over)\b", "loop"),
+        (r"\bput together\b", "join"),
+        (r"\b(?:find out|see|tell) (if|whether)\b", r"check \1"),
+    )
+]
 WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*|\d+")
 
 
@@ -379,6 +407,8 @@ def query_terms(text: str) -> tuple[list[str], list[str]]:
     """(words, symbols) of a question: the lower-cased words that say what it is about, and the
     dotted or underscored names in it that look like code ("str.upper", "os.path.join")."""
     words, symbols = [], []
+    for phrase, replacement in PHRASES:
+        text = phrase.sub(replacement, text)
     for token in WORD.findall(text):
         if "." in token or "_" in token.strip("_") or token.endswith("()"):
             symbols.append(token.strip("."))
@@ -408,6 +438,7 @@ def retrieve(store, question: str, *, recent: Iterable[str] = (), limit: int = 3
     answers = sorted(_answers(store, words, symbols), key=lambda p: (-p.score, p.kind != "correction", -p.ref))
     # then what the model was taught itself, before the documentation it was taught from
     answers += sorted(_lessons(store, words, symbols), key=lambda p: (-p.score, p.ref))
+    answers = [p for p in answers if not _opposite(question, p.name)]
     docs: dict[int, Passage] = {}
     # names as the question spells them: "len" is documented as len, though it asks about length
     spelled = [w for w in (t.lower() for t in WORD.findall(question)) if w not in STOPWORDS]
@@ -588,10 +619,35 @@ def _asking_alike(
         # most of each in the other, or all of one and a good part of the other ("What numbers
         # does range(5) produce?" holds all of "What does range(5) give?")
         both = min(forward, backward) >= MIN_COVERAGE
-        one_whole = max(forward, backward) >= 0.99 and min(forward, backward) >= PART_OF_WHOLE
+        # the old question wholly inside this one: this one asks more of the same; this one wholly
+        # inside the old one only when it says more than one thing ("What is a list?" is not
+        # "How do I copy a list?", however much of it "list" weighs)
+        one_whole = min(forward, backward) >= PART_OF_WHOLE and (backward >= 0.99 or forward >= 0.99 and len(asked) > 1)
         if both or one_whole:
             out.append(Passage(p.kind, p.source, p.name, p.text, p.ref, (forward + backward) / 2))
     return out
+
+
+DIRECTION = re.compile(r"\b([a-z]+)\s+(?:to|into)\s+(?:an?\s+|the\s+|some\s+)?([a-z]+)")
+
+
+def _direction(question: str) -> tuple[str, str] | None:
+    """What a question turns into what ("a string to an integer": (string, integer)), in the
+    words query_terms gives them, or None where it says no such thing."""
+    for phrase, replacement in PHRASES:
+        question = phrase.sub(replacement, question)
+    match = DIRECTION.search(question.lower())
+    if not match:
+        return None
+    a, b = (_stem(CANONICAL.get(w, w)) for w in match.groups())
+    return None if a in STOPWORDS or b in STOPWORDS or a == b else (a, b)
+
+
+def _opposite(question: str, other: str) -> bool:
+    """The two questions ask for the same two things the other way round ("an integer to a
+    string" against "a string to an integer"): the same words, not the same question."""
+    mine, theirs = _direction(question), _direction(other)
+    return mine is not None and theirs is not None and mine == theirs[::-1]
 
 
 def _share(part: set[str], whole: set[str], weight: dict[str, float]) -> float:

@@ -124,6 +124,41 @@ def test_a_question_about_a_named_member_is_not_answered_by_a_correction_about_i
     assert memory.retrieve(store, "what is str.split() for")[0].text.startswith("str.split cuts")
 
 
+def test_a_correction_is_found_asked_in_other_words_and_not_for_other_questions(store):
+    """Phrases and near synonyms people put for a correction's words ("backwards", "get rid of",
+    "one line at a time", "largest to smallest"); and questions sharing its words that ask
+    something else ("What is a list?", the conversion the other way round) find no correction."""
+    lessons = {
+        "How do I reverse a list?": "Call xs.reverse().",
+        "How do I remove duplicates from a list?": "Use list(dict.fromkeys(xs)).",
+        "How do I read a file line by line?": "Loop over open(path).",
+        "How do I sort a list in descending order?": "Call xs.sort(reverse=True).",
+        "How do I get the length of a list?": "Call len(xs).",
+        "How do I copy a list?": "Call xs.copy().",
+        "How do I split a string on commas?": 'Call text.split(",").',
+        "How do I convert a string to an integer?": "Call int(text).",
+        "How do I check if a key is in a dictionary?": "Use key in d.",
+    }
+    for question, answer in lessons.items():
+        correct(store, question, "I am not sure.", answer)
+    for reworded, question in [
+        ("How can I get a list backwards?", "How do I reverse a list?"),
+        ("How do I get rid of repeated items in a list?", "How do I remove duplicates from a list?"),
+        ("How do I read a file one line at a time?", "How do I read a file line by line?"),
+        ("How do I sort a list from largest to smallest?", "How do I sort a list in descending order?"),
+        ("sort a list backwards", "How do I sort a list in descending order?"),
+        ("How can I tell how long a list is?", "How do I get the length of a list?"),
+        ("How do I duplicate a list?", "How do I copy a list?"),
+        ("How do I separate text at each comma?", "How do I split a string on commas?"),
+        ("How can I see if a dict contains a certain key?", "How do I check if a key is in a dictionary?"),
+        ("change a string into an int", "How do I convert a string to an integer?"),
+    ]:
+        found = [p for p in memory.retrieve(store, reworded) if p.taught]
+        assert found and found[0].text == lessons[question], reworded
+    for other in ("What is a list?", "How do I convert an integer to a string?", "What is a string?"):
+        assert [p for p in memory.retrieve(store, other) if p.taught] == [], other
+
+
 def test_python_documentation_by_name_and_a_threshold_for_the_rest(store):
     report = memory.index_python_docs(store)
     assert report.added > 100 and report.passages > 1000
