@@ -9,12 +9,14 @@ Kettle's engine, a fixed number of new tokens, the two sides' runs alternating i
 a busy machine slows both alike; decode tokens/s = (n_new - 1) / (time for n_new - time for 1),
 on the wall clock and the process's CPU clock. Quality: held-out perplexity of a trained model
 (default: the brewed starter under $KETTLE_HOME, else /tmp/brewhome) on the Python modules the
-starter's brew holds out (finetune.starter), fp32 and int8, and how often both pick the same next token.
+starter's brew holds out (finetune.starter), fp32 and int8, and how often both pick the same next token;
+and int8 as decoding computes it (a few positions a call: gpt.native's weight-only int8 kernel).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -42,7 +44,8 @@ def decode_speed(shape: str, n_prompt: int, n_new: int, repeats: int) -> dict[st
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        save_model(GPT(get_preset(shape)), Path(tmp) / "model")
+        # GPT-2's vocabulary (its tokenizer is what a model folder without one uses)
+        save_model(GPT(dataclasses.replace(get_preset(shape), vocab_size=50257)), Path(tmp) / "model")
         engines = {
             name: Engine(*load_model(Path(tmp) / "model", quantize=q), name=name)
             for name, q in (("fp32", None), ("int8", "int8"))
@@ -90,6 +93,8 @@ def perplexity(model_dir: Path, max_tokens: int) -> dict:
     import torch
 
     from gpt.checkpoint import load_model
+    from gpt.model import KVCache
+    from gpt.quantize import NATIVE_ROWS
 
     models = {name: load_model(model_dir, quantize=q)[0] for name, q in (("fp32", None), ("int8", "int8"))}
     tokenizer = load_model(model_dir)[1]
@@ -106,11 +111,21 @@ def perplexity(model_dir: Path, max_tokens: int) -> dict:
             for name, lg in logits.items():
                 loss[name] += float(torch.nn.functional.cross_entropy(lg.flatten(0, 1), yb.flatten(), reduction="sum"))
             same += int((logits["fp32"].argmax(-1) == logits["int8"].argmax(-1)).sum())
+        # as decoding computes it: a few positions a call on the KV cache, so every int8 layer
+        # runs gpt.native's weight-only kernel (where the machine has it), not the prompt's
+        decoded, step = 0.0, NATIVE_ROWS
+        int8 = models["int8"]
+        for row in range(n):
+            cache = KVCache(int8.config, batch_size=1)
+            for start in range(0, context, step):
+                lg = int8(x[row : row + 1, start : start + step], cache)
+                decoded += float(torch.nn.functional.cross_entropy(lg[0], y[row, start : start + step], reduction="sum"))
     tokens = n * context
     return {
         "tokens": tokens,
         "agree": same / tokens,
         **{name: math.exp(total / tokens) for name, total in loss.items()},
+        "int8 decoding": math.exp(decoded / tokens),
     }
 
 
@@ -147,7 +162,8 @@ def main() -> None:
         print(
             f"held-out perplexity ({model_dir}, {p['tokens']:,} tokens): fp32 {p['fp32']:.4f}, "
             f"int8 {p['int8']:.4f} ({p['int8'] / p['fp32'] - 1:+.2%}); same next token "
-            f"{p['agree']:.1%}",
+            f"{p['agree']:.1%}; int8 as decoding computes it {p['int8 decoding']:.4f} "
+            f"({p['int8 decoding'] / p['fp32'] - 1:+.2%})",
             flush=True,
         )
     speed = decode_speed(args.shape, args.prompt_tokens, args.new_tokens, args.repeats)
