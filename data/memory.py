@@ -37,12 +37,16 @@ MIN_COVERAGE = 0.7  # share of the question's word weight an earlier question mu
 DOC_COVERAGE = 0.6  # share of the question's word weight a document passage must hold
 PART_OF_WHOLE = 0.35  # an earlier question wholly inside this one (or this in it) needs this share
 NAMED = 1.0  # added to a passage about the very name the question asks about
+EXACT_NAME = 0.01  # ... and this when the name is the passage's whole name, not its last part
 MARGIN = 0.2  # documentation passages kept: those within this of the best one
 CANDIDATES = 30  # BM25 candidates re-scored per index
 # Words that say how a question is asked, not what it is about.
 # Small talk: about nothing in the store ("Hi!" found bisect's `hi` parameter, "thanks" a docstring
 # thanking its author), and no follow-up of the chat's last question either (mid-chat, "Hi!" was
 # answered with the correction the question before it had found)
+# Words small talk is padded with ("thanks a lot", "bye for now", "how are you doing today"):
+# a question holding nothing else is small talk, not a search for "lot" or "today"
+FILLER = frozenset("lot lots much so today now doing u ur there buddy friend mate again all day tonight".split())
 SMALL_TALK = frozenset(
     """hi hello hey hiya thanks thank thx cheers bye goodbye ok okay yes yeah yep nope sorry cool great nice
     awesome welcome morning evening night up""".split()
@@ -81,6 +85,16 @@ ALIASES = {
     "length": ("len", "size"),
 }
 CANONICAL = {alias: word for word, aliases in ALIASES.items() for alias in aliases}
+# Small talk in other words is the same small talk: "hey there" is "Hi there!", "Good evening"
+# "Good morning!" (the starter learns a few forms of each; memory finds the nearest one)
+CHATTER_ALIASES = {
+    "hi": ("hello", "hey", "hiya", "howdy", "greetings", "morning", "evening", "afternoon", "yo"),
+    "thanks": ("thank", "thx", "cheers", "ty", "appreciate", "appreciated"),
+    "bye": ("goodbye", "later", "farewell", "cya", "night"),
+}
+CHATTER = {alias: word for word, aliases in CHATTER_ALIASES.items() for alias in aliases}
+CHATTER_MATCH = 0.5  # share of the words of both (Jaccard) a lesson's small talk must have
+PARTICLES = frozenset("a an the for so and very".split())  # not counted in that share
 # Phrases that say one of those words in several ("get rid of" is "remove"), rewritten before a
 # question is split into words. "duplicate" alone is a verb ("duplicate a list": copy it); before
 # the things repeated it is the noun of "remove duplicates".
@@ -426,6 +440,11 @@ def retrieve(store, question: str, *, recent: Iterable[str] = (), limit: int = 3
     ("and how do I undo it?"), and is no small talk ("Thanks!")."""
     words, symbols = query_terms(question)
     small_talk = SMALL_TALK & {w.lower() for w in WORD.findall(question)}
+    if not symbols and set(words) <= FILLER:
+        if chatter := _chatter(store, question):
+            return chatter[:limit]
+        if small_talk:
+            return []
     if not words and not symbols and not small_talk:
         for earlier in reversed(list(recent)):
             words, symbols = query_terms(earlier)
@@ -539,11 +558,13 @@ def _named(store, symbols: list[str], words: list[str]) -> list[Passage]:
         name = name.removesuffix("()")
         rows = store._rows(
             "SELECT p.id FROM doc_passages p JOIN doc_sources s ON s.id = p.source_id"
-            " WHERE s.kind = 'python' AND (p.name = ? OR p.name = ?) AND p.position = 0 ORDER BY p.id LIMIT 1",
+            " WHERE s.kind = 'python' AND (p.name = ? OR p.name = ?) ORDER BY p.position, p.id LIMIT 1",
             (name, "builtins." + name),
         )
         for p in passages(store, [r["id"] for r in rows]).values():
-            out.append(Passage(p.kind, p.source, p.name, p.text, p.ref, 1.0 + NAMED))
+            # above a member of the same name found by its words ("What is a list?": list, not
+            # imaplib.IMAP4.list)
+            out.append(Passage(p.kind, p.source, p.name, p.text, p.ref, 1.0 + NAMED + EXACT_NAME))
     return out
 
 
@@ -685,16 +706,36 @@ class _LessonIndex:
     lessons: list[tuple[Passage, tuple]]  # each with its question's query_terms
     holding: dict[str, list[int]]  # a stem -> the lessons whose question holds it
     counts: dict[str, int]  # a word -> how many lessons' questions hold it
+    chatter: list[tuple[Passage, frozenset]]  # lessons about nothing (small talk), their words
 
 
 _lesson_indexes: dict[str, _LessonIndex] = {}
 
 
-def _lessons(store, words: list[str], symbols: list[str]) -> list[Passage]:
-    """The model's own lessons that ask what the question does (as a correction must)."""
-    version = tuple(store._row("SELECT COUNT(*) AS n, MAX(id) AS last FROM lessons").values())
-    if not version[0] or not words:
+def _chatter_words(text: str) -> frozenset:
+    words = (CHATTER.get(w, w) for w in (t.lower() for t in WORD.findall(text)))
+    return frozenset(w for w in words if w not in FILLER and w not in PARTICLES)
+
+
+def _chatter(store, question: str) -> list[Passage]:
+    """For a question about nothing ("hey there", "How are you doing?"): the model's own lesson
+    of small talk whose words are most like it, or none."""
+    index = _lesson_index(store)
+    said = _chatter_words(question)
+    if index is None or not said:
         return []
+    scored = [(len(said & theirs) / len(said | theirs), p) for p, theirs in index.chatter]
+    score, best = max(scored, key=lambda sp: sp[0], default=(0.0, None))
+    if best is None or score < CHATTER_MATCH:
+        return []
+    return [Passage(best.kind, best.source, best.name, best.text, best.ref, score)]
+
+
+def _lesson_index(store) -> _LessonIndex | None:
+    """The lessons memory holds, indexed (read again when the table changed), or None."""
+    version = tuple(store._row("SELECT COUNT(*) AS n, MAX(id) AS last FROM lessons").values())
+    if not version[0]:
+        return None
     index = _lesson_indexes.get(store.path)
     if index is None or index.version != version:
         lessons = [
@@ -712,8 +753,17 @@ def _lessons(store, words: list[str], symbols: list[str]) -> list[Passage]:
         for i, (_, (terms, _)) in enumerate(lessons):
             for stem in {_stem(w) for w in terms}:
                 holding.setdefault(stem, []).append(i)
-        index = _LessonIndex(version, lessons, holding, counts)
+        chatter = [(p, _chatter_words(p.name)) for p, (terms, symbols) in lessons if not terms and not symbols]
+        index = _LessonIndex(version, lessons, holding, counts, chatter)
         _lesson_indexes[store.path] = index
+    return index
+
+
+def _lessons(store, words: list[str], symbols: list[str]) -> list[Passage]:
+    """The model's own lessons that ask what the question does (as a correction must)."""
+    index = _lesson_index(store)
+    if index is None or not words:
+        return []
     found = [index.lessons[i] for i in sorted({i for w in words for i in index.holding.get(_stem(w), ())})]
     vocabulary = {*words, *(w for _, (their, _) in found for w in their)}
     weights = _weights(len(index.lessons), {w: index.counts.get(w, 0) for w in vocabulary})

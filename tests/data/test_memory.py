@@ -178,6 +178,26 @@ def test_python_documentation_by_name_and_a_threshold_for_the_rest(store):
         # nor is it a follow-up of the chat's last question (which "and how is it used?" is)
         assert memory.retrieve(store, question, recent=["What does textwrap.dedent do?"]) == [], question
     assert memory.retrieve(store, "and how is it used?", recent=["What does textwrap.dedent do?"])
+    # a builtin by its own name, not a method of that name ("What is a list?" got imaplib.IMAP4.list)
+    assert [p.name for p in memory.retrieve(store, "What is a list?")][:1] == ["list"]
+    # small talk the model learned is its memory: the nearest form it was taught, padding aside;
+    # none taught, nothing (above), and never the documentation ("thanks a lot": shelve's "lot")
+    memory.index_lessons(
+        store,
+        "starter",
+        [("Hi!", "Hello! Ask me about Python."), ("Thanks!", "You're welcome."), ("How are you?", "I'm fine.")]
+        + [("Good morning!", "Hello! Ask me about Python."), ("What does getattr do?", "Get an attribute.")],
+    )
+    for said, taught in [
+        ("hey there", "Hi!"),
+        ("Good evening", "Good morning!"),
+        ("Thanks a lot!", "Thanks!"),
+        ("thank you so much", "Thanks!"),
+        ("How are you doing today?", "How are you?"),
+    ]:
+        assert [(p.kind, p.name) for p in memory.retrieve(store, said)] == [("lesson", taught)], said
+    for said in ("bye for now", "ok", "cheers, one more thing"):
+        assert memory.retrieve(store, said) == [], said
     # the mark that the documentation is whole is no passage, and the counts say what is there
     assert memory.retrieve(store, "Is every module indexed in the documentation?") == []
     marker = f"{memory.PYTHON_LAST}\n\nThe end of Python's documentation: every module before it is indexed."
