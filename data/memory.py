@@ -36,6 +36,7 @@ CHUNK_CHARS = 700  # a passage: a few paragraphs, small enough that three fit be
 MIN_COVERAGE = 0.7  # share of the question's word weight an earlier question must hold, both ways
 DOC_COVERAGE = 0.6  # share of the question's word weight a document passage must hold
 PART_OF_WHOLE = 0.35  # an earlier question wholly inside this one (or this in it) needs this share
+AS_SPECIFIC = 0.75  # a one-word question inside an earlier one: its word's weight against that one's top
 NAMED = 1.0  # added to a passage about the very name the question asks about
 EXACT_NAME = 0.01  # ... and this when the name is the passage's whole name, not its last part
 MARGIN = 0.2  # documentation passages kept: those within this of the best one
@@ -64,7 +65,7 @@ STOPWORDS = SMALL_TALK | frozenset(
 # Short names people use for the same thing: one word for each, on both sides of a comparison.
 ALIASES = {
     "dictionary": ("dict", "dicts"),
-    "string": ("str", "strs", "text"),
+    "string": ("str", "strs", "text", "sentence"),
     "integer": ("int", "ints"),
     "number": ("num", "nums"),
     "character": ("char", "chars"),
@@ -641,9 +642,13 @@ def _asking_alike(
         # does range(5) produce?" holds all of "What does range(5) give?")
         both = min(forward, backward) >= MIN_COVERAGE
         # the old question wholly inside this one: this one asks more of the same; this one wholly
-        # inside the old one only when it says more than one thing ("What is a list?" is not
-        # "How do I copy a list?", however much of it "list" weighs)
-        one_whole = min(forward, backward) >= PART_OF_WHOLE and (backward >= 0.99 or forward >= 0.99 and len(asked) > 1)
+        # inside the old one when it says more than one thing, or its one word is what the old
+        # one is most about ("What is isinstance for?" is "What does isinstance check?"; "What is
+        # a list?" is not "How do I copy a list?")
+        inside = forward >= 0.99 and (
+            len(asked) > 1 or min(weight[w] for w in asked) >= AS_SPECIFIC * max(weight[w] for w in stored)
+        )
+        one_whole = min(forward, backward) >= PART_OF_WHOLE and (backward >= 0.99 or inside)
         if both or one_whole:
             out.append(Passage(p.kind, p.source, p.name, p.text, p.ref, (forward + backward) / 2))
     return out

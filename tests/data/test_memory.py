@@ -138,6 +138,8 @@ def test_a_correction_is_found_asked_in_other_words_and_not_for_other_questions(
         "How do I split a string on commas?": 'Call text.split(",").',
         "How do I convert a string to an integer?": "Call int(text).",
         "How do I check if a key is in a dictionary?": "Use key in d.",
+        "What does isinstance check?": "Whether obj is an instance of cls.",
+        "How do I split a string into words?": "Call text.split().",
     }
     for question, answer in lessons.items():
         correct(store, question, "I am not sure.", answer)
@@ -152,6 +154,8 @@ def test_a_correction_is_found_asked_in_other_words_and_not_for_other_questions(
         ("How do I separate text at each comma?", "How do I split a string on commas?"),
         ("How can I see if a dict contains a certain key?", "How do I check if a key is in a dictionary?"),
         ("change a string into an int", "How do I convert a string to an integer?"),
+        ("what is isinstance for?", "What does isinstance check?"),  # one word, the one it is about
+        ("break a sentence into a list of words", "How do I split a string into words?"),
     ]:
         found = [p for p in memory.retrieve(store, reworded) if p.taught]
         assert found and found[0].text == lessons[question], reworded
