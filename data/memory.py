@@ -36,6 +36,9 @@ CHUNK_CHARS = 700  # a passage: a few paragraphs, small enough that three fit be
 MIN_COVERAGE = 0.7  # share of the question's word weight an earlier question must hold, both ways
 DOC_COVERAGE = 0.6  # share of the question's word weight a document passage must hold
 PART_OF_WHOLE = 0.35  # an earlier question wholly inside this one (or this in it) needs this share
+# a lesson compared with the question holds at least this share of its words' weight (below
+# PART_OF_WHOLE: the weights compared are the question's words' own, not yet their stems')
+LESSON_SHARE = 0.2
 AS_SPECIFIC = 0.75  # a one-word question inside an earlier one: its word's weight against that one's top
 NAMED = 1.0  # added to a passage about the very name the question asks about
 EXACT_NAME = 0.01  # ... and this when the name is the passage's whole name, not its last part
@@ -519,24 +522,31 @@ def _column(store, sql: str, params: tuple) -> list:
 def _documents(store, words: list[str], spelled: list[str] = ()) -> list[Passage]:
     if not words:
         return []
-    ids = _column(
-        store,
-        "SELECT rowid FROM doc_passages_fts WHERE doc_passages_fts MATCH ? ORDER BY bm25(doc_passages_fts) LIMIT ?",
-        (_fts_any(words), CANDIDATES),
-    )
-    if not ids:
-        return []
     # every row holding each word, one query a word: how many weighs the word, and which of the
     # candidates are among them is their coverage (FTS5 runs "MATCH ? AND rowid IN (...)" as one
     # match per candidate: 0.8 ms a word)
-    holding = {
-        w: set(_column(store, "SELECT rowid FROM doc_passages_fts WHERE doc_passages_fts MATCH ?", (_fts_any([w]),)))
-        for w in words
-    }
-    weights = _weights(_rows_of(store, "doc_passages"), {w: len(rows) for w, rows in holding.items()})
-    total = sum(weights.values()) or 1.0
+    total = _rows_of(store, "doc_passages")
+    holding = {w: _doc_holding(store, w, total) for w in words}
+    weights = _weights(total, {w: len(rows) for w, rows in holding.items()})
+    whole = sum(weights.values()) or 1.0
+    # A passage without any of the rarest words that make up more than 1 - DOC_COVERAGE of the
+    # weight cannot hold DOC_COVERAGE of it: only passages with one of those are candidates
+    # (ranking every passage with "string" or "convert" by BM25 took 2-3 ms a question).
+    needed, held = [], 0.0
+    for w in sorted(words, key=lambda w: -weights[w]):
+        needed.append(w)
+        held += weights[w]
+        if held > (1 - DOC_COVERAGE) * whole:
+            break
+    ids = _column(
+        store,
+        "SELECT rowid FROM doc_passages_fts WHERE doc_passages_fts MATCH ? ORDER BY bm25(doc_passages_fts) LIMIT ?",
+        (_fts_any(needed), CANDIDATES),
+    )
+    if not ids:
+        return []
     # the share of the words' weight each candidate holds (its words stemmed by FTS5)
-    cover = {pid: sum(weight for w, weight in weights.items() if pid in holding[w]) / total for pid in ids}
+    cover = {pid: sum(weight for w, weight in weights.items() if pid in holding[w]) / whole for pid in ids}
     found = passages(store, [pid for pid in ids if cover[pid] >= DOC_COVERAGE])
     out = []
     for rank, pid in enumerate(ids):
@@ -546,6 +556,27 @@ def _documents(store, words: list[str], spelled: list[str] = ()) -> list[Passage
             bonus = NAMED if last in named or p.name.lower() in named else 0.0
             out.append(Passage(p.kind, p.source, p.name, p.text, p.ref, cover[pid] + bonus - rank * 1e-4))
     return out
+
+
+_doc_holdings: dict[str, tuple[tuple, dict[str, frozenset]]] = {}
+HOLDINGS_KEPT = 512  # words whose rows are kept between questions, per store
+
+
+def _doc_holding(store, word: str, total: int) -> frozenset:
+    """Every document passage holding `word` (or an alias), kept until the passages change: a
+    common word ("string", "list") holds thousands, read again for every question it is in
+    (2-5 ms a question over Python's documentation)."""
+    version = (total, store._row("SELECT MAX(id) AS last FROM doc_passages")["last"])
+    kept_version, kept = _doc_holdings.get(store.path, (None, {}))
+    if kept_version != version:
+        kept = {}
+        _doc_holdings[store.path] = (version, kept)
+    if word not in kept:
+        if len(kept) >= HOLDINGS_KEPT:
+            kept.pop(next(iter(kept)))
+        query = "SELECT rowid FROM doc_passages_fts WHERE doc_passages_fts MATCH ?"
+        kept[word] = frozenset(_column(store, query, (_fts_any([word]),)))
+    return kept[word]
 
 
 def _named(store, symbols: list[str], words: list[str]) -> list[Passage]:
@@ -769,10 +800,23 @@ def _lessons(store, words: list[str], symbols: list[str]) -> list[Passage]:
     index = _lesson_index(store)
     if index is None or not words:
         return []
-    found = [index.lessons[i] for i in sorted({i for w in words for i in index.holding.get(_stem(w), ())})]
+    # only lessons holding a fair share of the question's weight can ask what it does: the
+    # others (hundreds for "string" or "list") are not compared one by one
+    asked = {_stem(w): index_weight(index, w) for w in words}
+    whole = sum(asked.values()) or 1.0
+    held: dict[int, float] = {}
+    for stem, weight in asked.items():
+        for i in index.holding.get(stem, ()):
+            held[i] = held.get(i, 0.0) + weight
+    found = [index.lessons[i] for i in sorted(i for i, w in held.items() if w >= LESSON_SHARE * whole)]
     vocabulary = {*words, *(w for _, (their, _) in found for w in their)}
     weights = _weights(len(index.lessons), {w: index.counts.get(w, 0) for w in vocabulary})
     return _asking_alike(words, symbols, found, weights)
+
+
+def index_weight(index: _LessonIndex, word: str) -> float:
+    """A word's weight among the lessons' questions (as _weights gives it)."""
+    return _weights(len(index.lessons), {word: index.counts.get(word, 0)})[word]
 
 
 @functools.lru_cache(maxsize=65536)
