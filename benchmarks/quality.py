@@ -429,13 +429,15 @@ def main() -> None:
         taught = lessons(model_dir)  # both splits: the questions it trained on and those it was checked on
         sample = random.Random(0).sample(taught, min(120, len(taught)))
         for ground in (False, True):
-            right = sum(
-                first_sentence_of(answer(engine, store, question, ground=ground, params=greedy).text)
-                == first_sentence_of(taught_answer)
-                for question, taught_answer in sample
-            )
+            misses = []
+            for question, taught_answer in sample:
+                got = answer(engine, store, question, ground=ground, params=greedy).text
+                if first_sentence_of(got) != first_sentence_of(taught_answer):
+                    misses.append((question, got[:80]))
             label = "with grounding, as the app answers" if ground else "ungrounded"
-            print(f"own lessons: {right}/{len(sample)} first sentences exact (greedy, {label})")
+            print(f"own lessons: {len(sample) - len(misses)}/{len(sample)} first sentences exact (greedy, {label})")
+            for question, text in misses:
+                print(f"    miss: {question!r} -> {text!r}")
 
     if "heldout" in sections:
         questions = heldout_questions()

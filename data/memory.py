@@ -50,7 +50,9 @@ CANDIDATES = 30  # BM25 candidates re-scored per index
 # answered with the correction the question before it had found)
 # Words small talk is padded with ("thanks a lot", "bye for now", "how are you doing today"):
 # a question holding nothing else is small talk, not a search for "lot" or "today"
-FILLER = frozenset("lot lots much so today now doing u ur there buddy friend mate again all day tonight".split())
+FILLER = frozenset(
+    "lot lots much so today now doing u ur there buddy friend mate again all day tonight help helps question".split()
+)
 SMALL_TALK = frozenset(
     """hi hello hey hiya thanks thank thx cheers bye goodbye ok okay yes yeah yep nope sorry cool great nice
     awesome welcome morning evening night up""".split()
@@ -749,8 +751,8 @@ _lesson_indexes: dict[str, _LessonIndex] = {}
 
 
 def _chatter_words(text: str) -> frozenset:
-    words = (CHATTER.get(w, w) for w in (t.lower() for t in WORD.findall(text)))
-    return frozenset(w for w in words if w not in FILLER and w not in PARTICLES)
+    words = {CHATTER.get(w, w) for w in (t.lower() for t in WORD.findall(text))} - PARTICLES
+    return frozenset(words - FILLER or words)  # "Help" alone is what it says
 
 
 def _chatter(store, question: str) -> list[Passage]:
@@ -785,11 +787,13 @@ def _lesson_index(store) -> _LessonIndex | None:
         for _, (terms, _) in lessons:
             for w in set(terms):
                 counts[w] = counts.get(w, 0) + 1
+        # small talk ("Hi!", "Hello, can you help me?") is found as small talk only
+        small_talk = {i for i, (_, (terms, symbols)) in enumerate(lessons) if set(terms) <= FILLER and not symbols}
         holding: dict[str, list[int]] = {}
         for i, (_, (terms, _)) in enumerate(lessons):
-            for stem in {_stem(w) for w in terms}:
+            for stem in {_stem(w) for w in terms} if i not in small_talk else ():
                 holding.setdefault(stem, []).append(i)
-        chatter = [(p, _chatter_words(p.name)) for p, (terms, symbols) in lessons if not terms and not symbols]
+        chatter = [(lessons[i][0], _chatter_words(lessons[i][0].name)) for i in sorted(small_talk)]
         index = _LessonIndex(version, lessons, holding, counts, chatter)
         _lesson_indexes[store.path] = index
     return index

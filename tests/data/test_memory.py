@@ -190,7 +190,8 @@ def test_python_documentation_by_name_and_a_threshold_for_the_rest(store):
         store,
         "starter",
         [("Hi!", "Hello! Ask me about Python."), ("Thanks!", "You're welcome."), ("How are you?", "I'm fine.")]
-        + [("Good morning!", "Hello! Ask me about Python."), ("What does getattr do?", "Get an attribute.")],
+        + [("Good morning!", "Hello! Ask me about Python."), ("What does getattr do?", "Get an attribute.")]
+        + [("Hello, can you help me?", "Hello! Ask me about Python."), ("What does help do?", "Start help.")],
     )
     for said, taught in [
         ("hey there", "Hi!"),
@@ -198,6 +199,8 @@ def test_python_documentation_by_name_and_a_threshold_for_the_rest(store):
         ("Thanks a lot!", "Thanks!"),
         ("thank you so much", "Thanks!"),
         ("How are you doing today?", "How are you?"),
+        ("Hi, could you help me?", "Hello, can you help me?"),  # not the documentation of help()
+        ("What does help do?", "What does help do?"),  # and help() not small talk
     ]:
         assert [(p.kind, p.name) for p in memory.retrieve(store, said)] == [("lesson", taught)], said
     for said in ("bye for now", "ok", "cheers, one more thing"):
