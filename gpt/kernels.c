@@ -34,12 +34,34 @@ static inline __m256 kettle_sum8(const __m256 *a) {
 }
 #endif
 
+/* The weight at `at` as fp32: an fp32 weight as it is, an int8 one (q8) widened, unscaled. */
+static inline __attribute__((always_inline)) float kettle_weight(const void *w, long at, const int q8) {
+    return q8 ? (float)((const signed char *)w)[at] : ((const float *)w)[at];
+}
+
 #if KETTLE_SIMD
-/* Eight rows of W (w, n wide) times one row x0, or two rows x0 and x1 (`two`: a constant where it
- * is inlined, so each case compiles to its own loop): each weight loaded once for both rows, so a
- * batch's step is bound by the multiplications, not the loads. */
+
+#if KETTLE_SIMD == 512
+static inline __attribute__((always_inline)) __m512 kettle_load16(const void *w, long at, const int q8) {
+    return q8 ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const signed char *)w + at))))
+              : _mm512_loadu_ps((const float *)w + at);
+}
+#endif
+
+static inline __attribute__((always_inline)) __m256 kettle_load8(const void *w, long at, const int q8) {
+    return q8 ? _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const signed char *)w + at))))
+              : _mm256_loadu_ps((const float *)w + at);
+}
+
+/* Eight rows of W (w, n wide; fp32, or int8 with `scale` per row when q8) times one row x0, or
+ * two rows x0 and x1 (`two`; `two` and `q8` are constants where this is inlined, so each case
+ * compiles to its own loop): each weight loaded once for both rows, so a batch's step is bound by
+ * the multiplications, not the loads. The next eight rows are prefetched once a cache line. */
 static inline __attribute__((always_inline)) void kettle_rows8(
-    const float *w, long n, const float *b, const float *x0, float *y0, const float *x1, float *y1, const int two) {
+    const void *w, const float *scale, long n, const float *b, const float *x0, float *y0, const float *x1, float *y1,
+    const int two, const int q8) {
+    const long line = q8 ? 64 : 16; /* weights a cache line holds */
+    const char *next = (const char *)w + 8 * n * (q8 ? 1 : 4);
     __m256 a0[8], a1[8];
     long i = 0;
 #if KETTLE_SIMD == 512
@@ -48,8 +70,8 @@ static inline __attribute__((always_inline)) void kettle_rows8(
     for (; i + 16 <= n; i += 16) {
         __m512 v0 = _mm512_loadu_ps(x0 + i), v1 = two ? _mm512_loadu_ps(x1 + i) : v0;
         for (int r = 0; r < 8; r++) {
-            _mm_prefetch((const char *)(w + (8 + r) * n + i), _MM_HINT_T0); /* the next eight rows */
-            __m512 wv = _mm512_loadu_ps(w + r * n + i);
+            if (!(i & (line - 1))) _mm_prefetch(next + (r * n + i) * (q8 ? 1 : 4), _MM_HINT_T0);
+            __m512 wv = kettle_load16(w, r * n + i, q8);
             z0[r] = _mm512_fmadd_ps(wv, v0, z0[r]);
             if (two) z1[r] = _mm512_fmadd_ps(wv, v1, z1[r]);
         }
@@ -64,8 +86,8 @@ static inline __attribute__((always_inline)) void kettle_rows8(
     for (; i + 8 <= n; i += 8) {
         __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = two ? _mm256_loadu_ps(x1 + i) : v0;
         for (int r = 0; r < 8; r++) {
-            if (!(i & 15)) _mm_prefetch((const char *)(w + (8 + r) * n + i), _MM_HINT_T0);
-            __m256 wv = _mm256_loadu_ps(w + r * n + i);
+            if (!(i & (line - 1))) _mm_prefetch(next + (r * n + i) * (q8 ? 1 : 4), _MM_HINT_T0);
+            __m256 wv = kettle_load8(w, r * n + i, q8);
             a0[r] = _mm256_fmadd_ps(wv, v0, a0[r]);
             if (two) a1[r] = _mm256_fmadd_ps(wv, v1, a1[r]);
         }
@@ -75,113 +97,51 @@ static inline __attribute__((always_inline)) void kettle_rows8(
     if (two) _mm256_storeu_ps(s1, kettle_sum8(a1));
     for (int r = 0; r < 8; r++) {
         for (long j = i; j < n; j++) {
-            s0[r] += w[r * n + j] * x0[j];
-            if (two) s1[r] += w[r * n + j] * x1[j];
+            s0[r] += kettle_weight(w, r * n + j, q8) * x0[j];
+            if (two) s1[r] += kettle_weight(w, r * n + j, q8) * x1[j];
         }
-        y0[r] = s0[r] + (b ? b[r] : 0.0f);
-        if (two) y1[r] = s1[r] + (b ? b[r] : 0.0f);
+        y0[r] = s0[r] * (q8 ? scale[r] : 1.0f) + (b ? b[r] : 0.0f);
+        if (two) y1[r] = s1[r] * (q8 ? scale[r] : 1.0f) + (b ? b[r] : 0.0f);
     }
 }
 #endif
 
-/* Y = X W^T + b for k rows X [k, n], W row-major [m, n], Y [k, m]: eight rows of W at a time,
- * multiplied by every row of X (two at a time) while they are in the cache, so that W streams
- * from memory once whatever k is. */
-void kettle_linear(const float *W, const float *X, const float *b, float *Y, long m, long n, long k) {
+/* Y = X W^T + b for k rows X [k, n], W row-major [m, n] (fp32, or int8 whose row o stands for
+ * W[o] * scale[o] when q8), Y [k, m]: eight rows of W at a time, multiplied by every row of X (two
+ * at a time) while they are in the cache, so that W streams from memory once whatever k is. */
+static inline __attribute__((always_inline)) void kettle_product(
+    const void *W, const float *scale, const float *X, const float *b, float *Y, long m, long n, long k, const int q8) {
     long o = 0;
 #if KETTLE_SIMD
     for (; o + 8 <= m; o += 8) {
-        const float *w = W + o * n, *bias = b ? b + o : 0;
+        const void *w = (const char *)W + o * n * (q8 ? 1 : 4);
+        const float *bias = b ? b + o : 0, *sc = q8 ? scale + o : 0;
         long row = 0;
         for (; row + 2 <= k; row += 2)
-            kettle_rows8(w, n, bias, X + row * n, Y + row * m + o, X + (row + 1) * n, Y + (row + 1) * m + o, 1);
-        if (row < k) kettle_rows8(w, n, bias, X + row * n, Y + row * m + o, 0, 0, 0);
+            kettle_rows8(w, sc, n, bias, X + row * n, Y + row * m + o, X + (row + 1) * n, Y + (row + 1) * m + o, 1, q8);
+        if (row < k) kettle_rows8(w, sc, n, bias, X + row * n, Y + row * m + o, 0, 0, 0, q8);
     }
 #endif
     for (; o < m; o++) {
-        const float *w = W + o * n;
         for (long row = 0; row < k; row++) {
             float s = 0.0f;
-            for (long i = 0; i < n; i++) s += w[i] * X[row * n + i];
-            Y[row * m + o] = s + (b ? b[o] : 0.0f);
+            for (long i = 0; i < n; i++) s += kettle_weight(W, o * n + i, q8) * X[row * n + i];
+            Y[row * m + o] = s * (q8 ? scale[o] : 1.0f) + (b ? b[o] : 0.0f);
         }
     }
+}
+
+void kettle_linear(const float *W, const float *X, const float *b, float *Y, long m, long n, long k) {
+    kettle_product(W, 0, X, b, Y, m, n, k, 0);
 }
 
 /* kettle_linear_q8: the same product with int8 weights, one fp32 scale per row of W (gpt.quantize's
  * Int8Linear): a quarter of fp32's bytes stream from memory. Each weight is widened to fp32 in a
  * register and multiplied by the fp32 activations (weight-only int8: the activations keep their
  * precision), the row's scale applied once to its sum. */
-#if KETTLE_SIMD
-static inline __attribute__((always_inline)) void kettle_rows8_q8(
-    const signed char *w, const float *scale, long n, const float *b, const float *x0, float *y0, const float *x1,
-    float *y1, const int two) {
-    __m256 a0[8], a1[8];
-    long i = 0;
-#if KETTLE_SIMD == 512
-    __m512 z0[8], z1[8];
-    for (int r = 0; r < 8; r++) z0[r] = z1[r] = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-        __m512 v0 = _mm512_loadu_ps(x0 + i), v1 = two ? _mm512_loadu_ps(x1 + i) : v0;
-        for (int r = 0; r < 8; r++) {
-            if (!(i & 63)) _mm_prefetch((const char *)(w + (8 + r) * n + i), _MM_HINT_T0);
-            __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + r * n + i))));
-            z0[r] = _mm512_fmadd_ps(wv, v0, z0[r]);
-            if (two) z1[r] = _mm512_fmadd_ps(wv, v1, z1[r]);
-        }
-    }
-    for (int r = 0; r < 8; r++) {
-        a0[r] = kettle_half_sum(z0[r]);
-        a1[r] = two ? kettle_half_sum(z1[r]) : a0[r];
-    }
-#else
-    for (int r = 0; r < 8; r++) a0[r] = a1[r] = _mm256_setzero_ps();
-#endif
-    for (; i + 8 <= n; i += 8) {
-        __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = two ? _mm256_loadu_ps(x1 + i) : v0;
-        for (int r = 0; r < 8; r++) {
-            if (!(i & 63)) _mm_prefetch((const char *)(w + (8 + r) * n + i), _MM_HINT_T0);
-            __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * n + i))));
-            a0[r] = _mm256_fmadd_ps(wv, v0, a0[r]);
-            if (two) a1[r] = _mm256_fmadd_ps(wv, v1, a1[r]);
-        }
-    }
-    float s0[8], s1[8];
-    _mm256_storeu_ps(s0, kettle_sum8(a0));
-    if (two) _mm256_storeu_ps(s1, kettle_sum8(a1));
-    for (int r = 0; r < 8; r++) {
-        for (long j = i; j < n; j++) {
-            s0[r] += (float)w[r * n + j] * x0[j];
-            if (two) s1[r] += (float)w[r * n + j] * x1[j];
-        }
-        y0[r] = s0[r] * scale[r] + (b ? b[r] : 0.0f);
-        if (two) y1[r] = s1[r] * scale[r] + (b ? b[r] : 0.0f);
-    }
-}
-#endif
-
 void kettle_linear_q8(const signed char *W, const float *scale, const float *X, const float *b, float *Y, long m,
                       long n, long k) {
-    long o = 0;
-#if KETTLE_SIMD
-    for (; o + 8 <= m; o += 8) {
-        const signed char *w = W + o * n;
-        const float *bias = b ? b + o : 0;
-        long row = 0;
-        for (; row + 2 <= k; row += 2)
-            kettle_rows8_q8(w, scale + o, n, bias, X + row * n, Y + row * m + o, X + (row + 1) * n,
-                            Y + (row + 1) * m + o, 1);
-        if (row < k) kettle_rows8_q8(w, scale + o, n, bias, X + row * n, Y + row * m + o, 0, 0, 0);
-    }
-#endif
-    for (; o < m; o++) {
-        const signed char *w = W + o * n;
-        for (long row = 0; row < k; row++) {
-            float s = 0.0f;
-            for (long i = 0; i < n; i++) s += (float)w[i] * X[row * n + i];
-            Y[row * m + o] = s * scale[o] + (b ? b[o] : 0.0f);
-        }
-    }
+    kettle_product(W, scale, X, b, Y, m, n, k, 1);
 }
 
 /* A layer's product by whichever kernel its weights need: int8 where it has scales, else fp32. */

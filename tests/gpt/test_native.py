@@ -99,9 +99,10 @@ def test_kettle_native_0_turns_the_kernel_off(fresh_build, monkeypatch):
     assert native.linear_kernel() is None
 
 
-def test_the_services_batch_decodes_its_rows_in_one_native_step(fresh_build, sharp_dir):
-    expected = greedy(as_trained(sharp_dir))
-    engine = Engine.load(sharp_dir)
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_the_services_batch_decodes_its_rows_in_one_native_step(fresh_build, sharp_dir, quantize):
+    expected = greedy(as_trained(sharp_dir) if quantize is None else rounded_to_int8(sharp_dir))
+    engine = Engine.load(sharp_dir, quantize=quantize)
     engine.stop_ids = set()
 
     def serve(rows: int) -> tuple[Batch, list]:
