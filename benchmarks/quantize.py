@@ -119,7 +119,9 @@ def perplexity(model_dir: Path, max_tokens: int) -> dict:
             cache = KVCache(int8.config, batch_size=1)
             for start in range(0, context, step):
                 lg = int8(x[row : row + 1, start : start + step], cache)
-                decoded += float(torch.nn.functional.cross_entropy(lg[0], y[row, start : start + step], reduction="sum"))
+                decoded += float(
+                    torch.nn.functional.cross_entropy(lg[0], y[row, start : start + step], reduction="sum")
+                )
     tokens = n * context
     return {
         "tokens": tokens,

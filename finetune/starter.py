@@ -542,8 +542,16 @@ INTRODUCTION = (
 )
 SMALL_TALK = {
     "Hello! What would you like to know about Python?": (
-        "Hi!", "Hi", "Hello!", "hello", "Hey!", "Hi there!", "Good morning!", "Hello, can you help me?",
-        "Hi! Can you help me with Python?", "Hey, I have a question.",
+        "Hi!",
+        "Hi",
+        "Hello!",
+        "hello",
+        "Hey!",
+        "Hi there!",
+        "Good morning!",
+        "Hello, can you help me?",
+        "Hi! Can you help me with Python?",
+        "Hey, I have a question.",
     ),
     "You're welcome.": ("Thanks!", "Thank you!", "thanks", "Thank you, that helps.", "Great, thanks!", "Cheers!"),
     "Goodbye!": ("Bye!", "Goodbye!", "bye", "See you later!"),
