@@ -470,7 +470,10 @@ def retrieve(store, question: str, *, recent: Iterable[str] = (), limit: int = 3
     for p in _named(store, symbols, spelled if len(words) == 1 else words) + _documents(store, words, spelled):
         if p.ref not in docs or docs[p.ref].score < p.score:
             docs[p.ref] = p
-    ranked = sorted(docs.values(), key=lambda p: -p.score)
+    # a method of another builtin type than the one asked about answers another question ("How
+    # do I reverse a string?" got list.reverse's "Reverse *IN PLACE*.")
+    answers = [p for p in answers if not _other_type(words, p)]
+    ranked = sorted((p for p in docs.values() if not _other_type(words, p)), key=lambda p: -p.score)
     ranked = [p for p in ranked if p.score >= ranked[0].score - MARGIN] if ranked else []
     out, seen = [], set()
     for p in answers + ranked:
@@ -478,6 +481,30 @@ def retrieve(store, question: str, *, recent: Iterable[str] = (), limit: int = 3
             seen.add(p.text)
             out.append(p)
     return out[:limit]
+
+
+# The builtin types a question names in words, and the names their methods go by.
+TYPE_NAMES = {
+    "string": "str",
+    "list": "list",
+    "dictionary": "dict",
+    "tuple": "tuple",
+    "set": "set",
+    "integer": "int",
+    "float": "float",
+    "bytes": "bytes",
+}
+BUILTIN_TYPES = {*TYPE_NAMES.values(), "bytearray", "frozenset", "memoryview", "complex"}
+
+
+def _other_type(words: list[str], passage: Passage) -> bool:
+    """The question names builtin types, and the passage is about methods of others only."""
+    asked = {TYPE_NAMES[w] for w in words if w in TYPE_NAMES} | {w for w in words if w in BUILTIN_TYPES}
+    if not asked:
+        return False
+    names = [passage.name] if passage.kind == "python" else query_terms(passage.name)[1]
+    owners = {n.split(".")[-2] for n in names if "." in n}
+    return bool(owners) and owners <= BUILTIN_TYPES and not owners & asked
 
 
 def taught_count(found: list[Passage]) -> int:

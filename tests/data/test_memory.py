@@ -184,6 +184,10 @@ def test_python_documentation_by_name_and_a_threshold_for_the_rest(store):
     assert memory.retrieve(store, "and how is it used?", recent=["What does textwrap.dedent do?"])
     # a builtin by its own name, not a method of that name ("What is a list?" got imaplib.IMAP4.list)
     assert [p.name for p in memory.retrieve(store, "What is a list?")][:1] == ["list"]
+    # nor a method of another builtin type than the one asked about ("Reverse *IN PLACE*.")
+    assert "list.reverse" in [p.name for p in memory.retrieve(store, "How do I reverse a list?")]
+    found = [p.name for p in memory.retrieve(store, "How do I reverse a string?")]
+    assert not {"list.reverse", "bytearray.reverse"} & set(found), found
     # small talk the model learned is its memory: the nearest form it was taught, padding aside;
     # none taught, nothing (above), and never the documentation ("thanks a lot": shelve's "lot")
     memory.index_lessons(
