@@ -128,7 +128,9 @@ class FinetuneScreen(Screen):
         with VerticalScroll(id="finetune-body"):
             with Vertical(id="finetune-progress-box"):
                 yield Static("", id="run-title")
-                yield ProgressBar(id="run-progress", show_eta=True)
+                # the run's own estimate (run-stats, "at most ... left": it stops once the answers
+                # come back) is the one shown; the bar's, from its own rate, contradicted it
+                yield ProgressBar(id="run-progress", show_eta=False)
                 yield Static("", id="run-stats")
                 # The buttons under the bar, then the verdict, then the chart: below them, at
                 # 80x24 Switch was below the fold (focus did not always scroll to it).
