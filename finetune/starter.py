@@ -533,42 +533,6 @@ def example_pairs(names: Iterable[str] | None = None, seed: int = 0) -> list[lis
     return pairs
 
 
-# What a new user says first, and between questions: answered by the model itself (memory finds
-# nothing for small talk). Without these "Hi!" got "Return the dictionary containing the current
-# scope's global object has possible."
-INTRODUCTION = (
-    "I am a small language model trained on this computer on Python's own documentation. Ask me "
-    "what a function does, how to do something in Python, or for an example."
-)
-SMALL_TALK = {
-    "Hello! What would you like to know about Python?": (
-        "Hi!",
-        "Hi",
-        "Hello!",
-        "hello",
-        "Hey!",
-        "Hi there!",
-        "Good morning!",
-        "Hello, can you help me?",
-        "Hi! Can you help me with Python?",
-        "Hey, I have a question.",
-    ),
-    "You're welcome.": ("Thanks!", "Thank you!", "thanks", "Thank you, that helps.", "Great, thanks!", "Cheers!"),
-    "Goodbye!": ("Bye!", "Goodbye!", "bye", "See you later!"),
-    "I'm fine, thanks. What would you like to know about Python?": ("How are you?", "How are you doing?"),
-    INTRODUCTION: ("Who are you?", "What are you?", "What can you do?", "What do you know?", "Help"),
-}
-
-
-def small_talk_pairs() -> list[list[dict]]:
-    """Greetings, thanks, goodbyes and "who are you?", each in several forms, one answer a kind."""
-    return [
-        [{"role": "user", "content": said}, {"role": "assistant", "content": answer}]
-        for answer, forms in SMALL_TALK.items()
-        for said in forms
-    ]
-
-
 def instruction_pairs(seed: int = 0, *, heldout: Iterable[str] | None = None) -> list[list[dict]]:
     """Everything the instruction stage teaches: what X does, how to do Y, examples of Z, and
     the same kinds of question answered from a passage put beside them (grounded_pairs)."""
@@ -695,7 +659,7 @@ def instruct_stage(brew) -> None:
     model, tokenizer = load_model(brew.model_dir, device=device, dtype=torch.float32)
     pairs = instruction_pairs(heldout=brew.notes.get("heldout_groups"))
     train_pairs, heldout_pairs = holdout(pairs, HELDOUT_SHARE, seed=brew.seed)
-    lessons = plain(train_pairs) + small_talk_pairs()  # all of it taught: none held out
+    lessons = plain(train_pairs)
     taught = {id(pair) for pair in lessons}
     grounded_train = [pair for pair in train_pairs if id(pair) not in taught]
     context, vocab = model.config.context_length, model.config.vocab_size
