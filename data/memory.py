@@ -92,7 +92,7 @@ ALIASES = {
 }
 CANONICAL = {alias: word for word, aliases in ALIASES.items() for alias in aliases}
 # Small talk in other words is the same small talk: "hey there" is "Hi there!", "Good evening"
-# "Good morning!" (the starter learns a few forms of each; memory finds the nearest one)
+# "Good morning!" (where a model's lessons hold a few forms of each, memory finds the nearest one)
 CHATTER_ALIASES = {
     "hi": ("hello", "hey", "hiya", "howdy", "greetings", "morning", "evening", "afternoon", "yo"),
     "thanks": ("thank", "thx", "cheers", "ty", "appreciate", "appreciated"),
@@ -423,13 +423,18 @@ def answer_sources(store, message_id: int) -> list[Passage]:
 # -- retrieval ----------------------------------------------------------------------------------
 
 
+def _rephrased(text: str) -> str:
+    """The text with PHRASES said in their one word."""
+    for phrase, replacement in PHRASES:
+        text = phrase.sub(replacement, text)
+    return text
+
+
 def query_terms(text: str) -> tuple[list[str], list[str]]:
     """(words, symbols) of a question: the lower-cased words that say what it is about, and the
     dotted or underscored names in it that look like code ("str.upper", "os.path.join")."""
     words, symbols = [], []
-    for phrase, replacement in PHRASES:
-        text = phrase.sub(replacement, text)
-    for token in WORD.findall(text):
+    for token in WORD.findall(_rephrased(text)):
         if "." in token or "_" in token.strip("_") or token.endswith("()"):
             symbols.append(token.strip("."))
         for part in re.split(r"[._]", token.lower()):
@@ -555,7 +560,8 @@ def _documents(store, words: list[str], spelled: list[str] = ()) -> list[Passage
     # candidates are among them is their coverage (FTS5 runs "MATCH ? AND rowid IN (...)" as one
     # match per candidate: 0.8 ms a word)
     total = _rows_of(store, "doc_passages")
-    holding = {w: _doc_holding(store, w, total) for w in words}
+    version = (total, store._row("SELECT MAX(id) AS last FROM doc_passages")["last"])
+    holding = {w: _doc_holding(store, w, version) for w in words}
     weights = _weights(total, {w: len(rows) for w, rows in holding.items()})
     whole = sum(weights.values()) or 1.0
     # A passage without any of the rarest words that make up more than 1 - DOC_COVERAGE of the
@@ -591,11 +597,10 @@ _doc_holdings: dict[str, tuple[tuple, dict[str, frozenset]]] = {}
 HOLDINGS_KEPT = 512  # words whose rows are kept between questions, per store
 
 
-def _doc_holding(store, word: str, total: int) -> frozenset:
+def _doc_holding(store, word: str, version: tuple) -> frozenset:
     """Every document passage holding `word` (or an alias), kept until the passages change: a
     common word ("string", "list") holds thousands, read again for every question it is in
-    (2-5 ms a question over Python's documentation)."""
-    version = (total, store._row("SELECT MAX(id) AS last FROM doc_passages")["last"])
+    (2-5 ms a question over Python's documentation). `version`: the passages' count and last id."""
     kept_version, kept = _doc_holdings.get(store.path, (None, {}))
     if kept_version != version:
         kept = {}
@@ -720,9 +725,7 @@ DIRECTION = re.compile(r"\b([a-z]+)\s+(?:to|into)\s+(?:an?\s+|the\s+|some\s+)?([
 def _direction(question: str) -> tuple[str, str] | None:
     """What a question turns into what ("a string to an integer": (string, integer)), in the
     words query_terms gives them, or None where it says no such thing."""
-    for phrase, replacement in PHRASES:
-        question = phrase.sub(replacement, question)
-    match = DIRECTION.search(question.lower())
+    match = DIRECTION.search(_rephrased(question).lower())
     if not match:
         return None
     a, b = (_stem(CANONICAL.get(w, w)) for w in match.groups())
@@ -833,7 +836,7 @@ def _lessons(store, words: list[str], symbols: list[str]) -> list[Passage]:
         return []
     # only lessons holding a fair share of the question's weight can ask what it does: the
     # others (hundreds for "string" or "list") are not compared one by one
-    asked = {_stem(w): index_weight(index, w) for w in words}
+    asked = {_stem(w): _lesson_weight(index, w) for w in words}
     whole = sum(asked.values()) or 1.0
     held: dict[int, float] = {}
     for stem, weight in asked.items():
@@ -845,7 +848,7 @@ def _lessons(store, words: list[str], symbols: list[str]) -> list[Passage]:
     return _asking_alike(words, symbols, found, weights)
 
 
-def index_weight(index: _LessonIndex, word: str) -> float:
+def _lesson_weight(index: _LessonIndex, word: str) -> float:
     """A word's weight among the lessons' questions (as _weights gives it)."""
     return _weights(len(index.lessons), {word: index.counts.get(word, 0)})[word]
 
